@@ -1,0 +1,372 @@
+//! PID 1 duties: standard descriptors, the filesystems an empty rootfs lacks, kernel modules,
+//! the kernel command line, and the readiness announcement to the host.
+
+use core::ffi::CStr;
+
+use ferry_wire::{encode_agent_frame, AgentFrame, AgentHello, Limits, ReadyReport, MAGIC};
+use rustix::fd::OwnedFd;
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use rustix::mount::MountFlags;
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
+
+use crate::listen::ListenAddr;
+use crate::sys::{self, VsockAddr};
+use crate::{clock, log};
+
+/// Parses a decimal `u32`.
+pub fn parse_u32(digits: &[u8]) -> Option<u32> {
+    if digits.is_empty() || digits.len() > 10 {
+        return None;
+    }
+    let mut value: u64 = 0;
+    for d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        value = value * 10 + u64::from(d - b'0');
+    }
+    u32::try_from(value).ok()
+}
+
+/// Makes sure descriptors 0, 1 and 2 are open, so no socket or pipe of ours is ever mistaken
+/// for a standard stream (and `dup2` onto them never aliases).
+pub fn ensure_std_fds() {
+    for _ in 0..3 {
+        let fd = rustix::fs::open(
+            c"/dev/console",
+            OFlags::RDWR | OFlags::NOCTTY,
+            Mode::empty(),
+        )
+        .or_else(|_| rustix::fs::open(c"/dev/null", OFlags::RDWR, Mode::empty()))
+        .or_else(|_| rustix::pipe::pipe().map(|(r, _)| r));
+        match fd {
+            Ok(fd) if rustix::fd::AsRawFd::as_raw_fd(&fd) <= 2 => core::mem::forget(fd),
+            // Already at 3 or above: 0..2 were open all along.
+            _ => break,
+        }
+    }
+}
+
+/// Mounts what an empty rootfs lacks, where it is not mounted already.
+pub fn mount_filesystems() {
+    let mounts: [(&CStr, &CStr, &CStr, MountFlags, Option<&CStr>); 6] = [
+        (
+            c"proc",
+            c"/proc",
+            c"proc",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            None,
+        ),
+        (
+            c"sysfs",
+            c"/sys",
+            c"sysfs",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            None,
+        ),
+        (
+            c"devtmpfs",
+            c"/dev",
+            c"devtmpfs",
+            MountFlags::NOSUID,
+            Some(c"mode=0755"),
+        ),
+        (
+            c"devpts",
+            c"/dev/pts",
+            c"devpts",
+            MountFlags::NOSUID | MountFlags::NOEXEC,
+            Some(c"gid=5,mode=0620,ptmxmode=0666"),
+        ),
+        (
+            c"tmpfs",
+            c"/run",
+            c"tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            Some(c"mode=0755"),
+        ),
+        (
+            c"tmpfs",
+            c"/tmp",
+            c"tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            Some(c"mode=1777"),
+        ),
+    ];
+    for (source, target, fstype, flags, data) in mounts {
+        let _ = rustix::fs::mkdir(target, Mode::from_raw_mode(0o755));
+        if is_mount_point(target) {
+            continue;
+        }
+        if let Err(errno) = rustix::mount::mount(source, target, fstype, flags, data) {
+            log::Line::new()
+                .push(b"mount ")
+                .push(target.to_bytes())
+                .push(b": errno ")
+                .num(errno.raw_os_error().unsigned_abs() as u64)
+                .emit();
+        }
+    }
+}
+
+/// A directory is a mount point when it lives on another device than its parent.
+fn is_mount_point(dir: &CStr) -> bool {
+    let bytes = dir.to_bytes();
+    let parent_len = bytes.iter().rposition(|b| *b == b'/').unwrap_or(0).max(1);
+    let mut parent = [0u8; 64];
+    let Some(slot) = parent.get_mut(..parent_len + 1) else {
+        return false;
+    };
+    slot[..parent_len].copy_from_slice(&bytes[..parent_len]);
+    let Ok(parent) = CStr::from_bytes_until_nul(&parent) else {
+        return false;
+    };
+    match (rustix::fs::stat(dir), rustix::fs::stat(parent)) {
+        (Ok(a), Ok(b)) => a.st_dev != b.st_dev,
+        _ => false,
+    }
+}
+
+/// What the kernel command line configured.
+pub struct BootConfig {
+    pub listen: Option<ListenAddr>,
+    pub ready_port: Option<u32>,
+    /// Time spent loading modules, in microseconds.
+    pub modules_us: u64,
+}
+
+/// Reads `/proc/cmdline` for `ferry.listen=`, `ferry.ready=` and `ferry.modules=` (falling back
+/// to `/etc/ferry/modules`, one name per line) and loads the modules, in order.
+pub fn read_kernel_cmdline() -> BootConfig {
+    let mut config = BootConfig {
+        listen: None,
+        ready_port: None,
+        modules_us: 0,
+    };
+    let mut buf = [0u8; 4096];
+    let cmdline = read_file(c"/proc/cmdline", &mut buf);
+    let mut modules: Option<&[u8]> = None;
+    for param in cmdline.split(|b| b.is_ascii_whitespace()) {
+        if let Some(value) = param.strip_prefix(b"ferry.listen=") {
+            config.listen = ListenAddr::parse(value);
+            if config.listen.is_none() {
+                log::Line::new()
+                    .push(b"bad ferry.listen=")
+                    .push(value)
+                    .emit();
+            }
+        } else if let Some(value) = param.strip_prefix(b"ferry.ready=") {
+            config.ready_port = parse_u32(value);
+        } else if let Some(value) = param.strip_prefix(b"ferry.modules=") {
+            modules = Some(value);
+        }
+    }
+    let started = clock::monotonic_us();
+    match modules {
+        Some(list) => load_modules(list.split(|b| *b == b',')),
+        None => {
+            let mut file = [0u8; 4096];
+            let list = read_file(c"/etc/ferry/modules", &mut file);
+            load_modules(list.split(|b| *b == b'\n').map(|l| l.trim_ascii()));
+        }
+    }
+    config.modules_us = clock::monotonic_us() - started;
+    config
+}
+
+fn read_file<'b>(path: &CStr, buf: &'b mut [u8]) -> &'b [u8] {
+    let Ok(fd) = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) else {
+        return &[];
+    };
+    let mut len = 0;
+    while len < buf.len() {
+        match rustix::io::read(&fd, &mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(Errno::INTR) => {}
+            Err(_) => break,
+        }
+    }
+    &buf[..len]
+}
+
+/// Loads `/lib/modules/NAME.ko` for each name with `finit_module`, naming any that fails.
+fn load_modules<'a>(names: impl Iterator<Item = &'a [u8]>) {
+    for name in names {
+        if name.is_empty() || name.starts_with(b"#") {
+            continue;
+        }
+        let mut path = [0u8; 128];
+        let prefix = b"/lib/modules/";
+        let total = prefix.len() + name.len() + 3;
+        let Some(slot) = path.get_mut(..total + 1) else {
+            log::Line::new()
+                .push(b"module name too long: ")
+                .push(name)
+                .emit();
+            continue;
+        };
+        slot[..prefix.len()].copy_from_slice(prefix);
+        slot[prefix.len()..total - 3].copy_from_slice(name);
+        slot[total - 3..total].copy_from_slice(b".ko");
+        slot[total] = 0;
+        let Ok(path) = CStr::from_bytes_with_nul(slot) else {
+            continue;
+        };
+        let result = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            .and_then(|fd| rustix::system::finit_module(&fd, c"", 0));
+        match result {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(errno) => {
+                log::Line::new()
+                    .push(b"module ")
+                    .push(name)
+                    .push(b" failed to load: errno ")
+                    .num(errno.raw_os_error().unsigned_abs() as u64)
+                    .emit();
+            }
+        }
+    }
+}
+
+/// Waits (bounded) until the vsock transport has given this guest a CID.
+fn wait_for_cid(timeout_ms: u64) -> Option<u32> {
+    let deadline = clock::monotonic_us() + timeout_ms * 1000;
+    loop {
+        if let Ok(dev) = rustix::fs::open(
+            c"/dev/vsock",
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            if let Ok(cid) = sys::vsock_local_cid(&dev) {
+                if cid != linux_raw_sys::vm_sockets::VMADDR_CID_ANY as u32 && cid > 2 {
+                    return Some(cid);
+                }
+            }
+        }
+        if clock::monotonic_us() >= deadline {
+            return None;
+        }
+        clock::sleep_ms(5);
+    }
+}
+
+/// Tells the host the agent is up: connects to CID 2 on `port` and sends a hello and a
+/// [`ReadyReport`]. Runs in a forked process so a host that never answers cannot stall PID 1.
+pub fn announce_ready(port: u32, listen: &ListenAddr, init_started_us: u64, modules_us: u64) {
+    match sys::fork() {
+        Ok(sys::Forked::Child) => {}
+        Ok(sys::Forked::Parent(_)) => return,
+        Err(errno) => return log::error(b"cannot fork readiness announcer", errno),
+    }
+    // Listening on vsock means nothing until the transport has a CID (bind succeeds without a
+    // device): readiness is declared only then.
+    let cid = if listen.vsock_port().is_some() {
+        match wait_for_cid(30_000) {
+            Some(cid) => cid,
+            None => {
+                log::Line::new()
+                    .push(b"no vsock CID after 30 s; not announcing")
+                    .emit();
+                sys::exit(1)
+            }
+        }
+    } else {
+        0
+    };
+    let listening_us = clock::boottime_us();
+    let mut buf = [0u8; 128];
+    let hello = AgentFrame::Hello(AgentHello {
+        magic: MAGIC,
+        version: ferry_wire::PROTOCOL_VERSION,
+        agent_version: crate::AGENT_VERSION,
+        limits: Limits::CURRENT,
+    });
+    let ready = AgentFrame::Ready(ReadyReport {
+        cid,
+        init_started_us,
+        modules_us,
+        listening_us,
+    });
+    let Ok(first) = encode_agent_frame(&hello, &mut buf) else {
+        sys::exit(1)
+    };
+    let Ok(second) = encode_agent_frame(&ready, &mut buf[first..]) else {
+        sys::exit(1)
+    };
+    for attempt in 0..50u32 {
+        match connect_host(port) {
+            Ok(sock) => {
+                let mut sent = 0;
+                while sent < first + second {
+                    match rustix::io::write(&sock, &buf[sent..first + second]) {
+                        Ok(n) => sent += n,
+                        Err(Errno::INTR) => {}
+                        Err(_) => break,
+                    }
+                }
+                if sent == first + second {
+                    sys::exit(0)
+                }
+            }
+            Err(errno) if attempt == 49 => {
+                log::error(b"cannot reach the host for readiness", errno)
+            }
+            Err(_) => {}
+        }
+        clock::sleep_ms(100);
+    }
+    sys::exit(1)
+}
+
+fn connect_host(port: u32) -> Result<OwnedFd, Errno> {
+    let sock = rustix::net::socket_with(
+        AddressFamily::VSOCK,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let host = linux_raw_sys::vm_sockets::VMADDR_CID_HOST;
+    rustix::net::connect(&sock, &VsockAddr::new(host, port))?;
+    Ok(sock)
+}
+
+/// Replaces this process with a fresh copy of the agent (PID 1's last resort after a panic).
+pub fn reexec_self() {
+    let Some(program) = sys::arg(0) else { return };
+    let mut argv_storage = [core::ptr::null(); 2];
+    let mut argv = sys::PtrArray::new(&mut argv_storage);
+    argv.push(program);
+    let mut envp_storage = [core::ptr::null(); 1];
+    let envp = sys::PtrArray::new(&mut envp_storage);
+    let _ = sys::execve(program, &argv, &envp);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_u32_edges() {
+        assert_eq!(parse_u32(b"0"), Some(0));
+        assert_eq!(parse_u32(b"4294967295"), Some(u32::MAX));
+        assert_eq!(parse_u32(b"4294967296"), None);
+        assert_eq!(parse_u32(b""), None);
+        assert_eq!(parse_u32(b"12a"), None);
+        assert_eq!(parse_u32(b"99999999999"), None);
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            ListenAddr::parse(b"vsock:1024").and_then(|a| a.vsock_port()),
+            Some(1024)
+        );
+        assert!(ListenAddr::parse(b"unix:/tmp/x.sock").is_some());
+        assert!(ListenAddr::parse(b"unix:").is_none());
+        assert!(ListenAddr::parse(b"tcp:1").is_none());
+        assert!(ListenAddr::parse(&[b"unix:".as_slice(), &[b'a'; 108]].concat()).is_none());
+        assert!(ListenAddr::parse(&[b"unix:".as_slice(), &[b'a'; 107]].concat()).is_some());
+    }
+}

@@ -1,0 +1,130 @@
+//! The listener: bind, accept, and fork one process per connection. It never reads from a
+//! client, so no client can slow it down.
+
+use core::ffi::CStr;
+
+use ferry_wire::{encode_agent_frame, AgentFrame, ErrorCode, ErrorFrame};
+use rustix::fd::OwnedFd;
+use rustix::io::Errno;
+use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::process::Signal;
+
+use crate::sys::{self, VsockAddr};
+use crate::{clock, conn, log};
+
+/// The longest Unix socket path (`sun_path` less its NUL).
+const MAX_UNIX_PATH: usize = 107;
+
+/// Where the agent listens.
+#[derive(Clone, Copy)]
+pub enum ListenAddr {
+    /// AF_VSOCK, any CID, this port.
+    Vsock(u32),
+    /// A Unix socket path (NUL-terminated in `path`).
+    Unix { path: [u8; MAX_UNIX_PATH + 1] },
+}
+
+impl ListenAddr {
+    /// Parses `vsock:PORT` or `unix:PATH`.
+    pub fn parse(spec: &[u8]) -> Option<Self> {
+        if let Some(port) = spec.strip_prefix(b"vsock:") {
+            return crate::init::parse_u32(port).map(ListenAddr::Vsock);
+        }
+        let path = spec.strip_prefix(b"unix:")?;
+        if path.is_empty() || path.len() > MAX_UNIX_PATH || path.contains(&0) {
+            return None;
+        }
+        let mut buf = [0u8; MAX_UNIX_PATH + 1];
+        buf[..path.len()].copy_from_slice(path);
+        Some(ListenAddr::Unix { path: buf })
+    }
+
+    /// The vsock port, if this is a vsock address.
+    pub fn vsock_port(&self) -> Option<u32> {
+        match self {
+            ListenAddr::Vsock(port) => Some(*port),
+            ListenAddr::Unix { .. } => None,
+        }
+    }
+}
+
+/// Creates the listening socket.
+pub fn bind(addr: &ListenAddr) -> Result<OwnedFd, Errno> {
+    let flags = SocketFlags::CLOEXEC;
+    let sock = match addr {
+        ListenAddr::Vsock(port) => {
+            let sock =
+                rustix::net::socket_with(AddressFamily::VSOCK, SocketType::STREAM, flags, None)?;
+            let any = linux_raw_sys::vm_sockets::VMADDR_CID_ANY as u32;
+            rustix::net::bind(&sock, &VsockAddr::new(any, *port))?;
+            sock
+        }
+        ListenAddr::Unix { path } => {
+            let path = CStr::from_bytes_until_nul(path).map_err(|_| Errno::INVAL)?;
+            let sock =
+                rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, flags, None)?;
+            // A socket file left by an earlier run would make bind fail; nothing else is removed.
+            if let Ok(stat) = rustix::fs::lstat(path) {
+                if rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Socket
+                {
+                    let _ = rustix::fs::unlink(path);
+                }
+            }
+            rustix::net::bind(&sock, &SocketAddrUnix::new(path)?)?;
+            sock
+        }
+    };
+    rustix::net::listen(&sock, 1024)?;
+    Ok(sock)
+}
+
+/// Accepts connections forever, each served by a forked process.
+pub fn serve_forever(listener: OwnedFd, is_init: bool) -> ! {
+    // With SIGCHLD ignored the kernel reaps our children (connection processes, and as PID 1 or
+    // subreaper every orphan) the moment they exit: no zombies, and no `wait` that could steal
+    // a status a connection process is waiting for.
+    if let Err(errno) = sys::set_signal_ignored(Signal::CHILD, true) {
+        log::error(b"cannot ignore SIGCHLD", errno);
+    }
+    if !is_init {
+        // Orphans of our commands come to us (and are reaped) instead of the system's init.
+        let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
+    }
+    loop {
+        let conn = match rustix::net::accept_with(&listener, SocketFlags::CLOEXEC) {
+            Ok(conn) => conn,
+            Err(Errno::INTR | Errno::CONNABORTED | Errno::AGAIN) => continue,
+            Err(errno @ (Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)) => {
+                log::error(b"accept", errno);
+                clock::sleep_ms(10);
+                continue;
+            }
+            Err(errno) => {
+                log::error(b"accept", errno);
+                clock::sleep_ms(100);
+                continue;
+            }
+        };
+        match sys::fork() {
+            Ok(sys::Forked::Child) => {
+                drop(listener);
+                conn::serve(conn)
+            }
+            Ok(sys::Forked::Parent(_)) => drop(conn),
+            Err(errno) => refuse_connection(&conn, errno),
+        }
+    }
+}
+
+/// Tells a client we could not take its connection, without ever blocking the listener.
+fn refuse_connection(conn: &OwnedFd, errno: Errno) {
+    let mut buf = [0u8; 96];
+    let frame = AgentFrame::Error(ErrorFrame {
+        code: ErrorCode::ResourceExhausted,
+        errno: errno.raw_os_error().unsigned_abs(),
+        message: "cannot fork a connection process",
+    });
+    if let Ok(len) = encode_agent_frame(&frame, &mut buf) {
+        let _ = rustix::net::send(conn, &buf[..len], SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
+    }
+}

@@ -1,0 +1,268 @@
+//! Framing: a little-endian `u32` body length, then a postcard body. Encoding writes into the
+//! caller's buffer; decoding borrows from it. No I/O, no allocation, no clock.
+
+use core::fmt;
+
+use serde::Serialize;
+
+use crate::limits::{DATA_OVERHEAD, HEADER_LEN, MAX_DATA, MAX_FRAME_BODY};
+use crate::msg::{AgentFrame, ClientFrame};
+
+/// Why a frame could not be encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncodeError {
+    /// The output buffer is too small for the frame.
+    BufferTooSmall,
+    /// The frame's body would exceed [`MAX_FRAME_BODY`]; the peer would refuse it.
+    TooLarge,
+}
+
+impl fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EncodeError::BufferTooSmall => "output buffer too small for frame",
+            EncodeError::TooLarge => "frame exceeds the protocol's size limit",
+        })
+    }
+}
+
+/// Why a frame body could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The body is not a valid encoding of any frame of this protocol version.
+    Malformed,
+    /// The body decoded but bytes were left over.
+    TrailingBytes,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DecodeError::Malformed => "malformed frame body",
+            DecodeError::TrailingBytes => "trailing bytes after frame body",
+        })
+    }
+}
+
+/// A frame's length prefix announced more than the limit. The stream cannot be trusted after
+/// this: close the connection (after an error frame, if you are the agent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameTooLarge {
+    /// The length the prefix announced.
+    pub declared: u32,
+}
+
+impl fmt::Display for FrameTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "frame of {} bytes exceeds the limit", self.declared)
+    }
+}
+
+/// Encodes a client frame (header and body) into `out`; returns the bytes written.
+pub fn encode_client_frame(frame: &ClientFrame<'_>, out: &mut [u8]) -> Result<usize, EncodeError> {
+    encode(frame, out)
+}
+
+/// Encodes an agent frame (header and body) into `out`; returns the bytes written.
+pub fn encode_agent_frame(frame: &AgentFrame<'_>, out: &mut [u8]) -> Result<usize, EncodeError> {
+    encode(frame, out)
+}
+
+fn encode<T: Serialize>(frame: &T, out: &mut [u8]) -> Result<usize, EncodeError> {
+    let body_space = out
+        .get_mut(HEADER_LEN..)
+        .ok_or(EncodeError::BufferTooSmall)?;
+    let body_len = match postcard::to_slice(frame, body_space) {
+        Ok(body) => body.len(),
+        Err(postcard::Error::SerializeBufferFull) => {
+            return Err(if body_space.len() >= MAX_FRAME_BODY {
+                EncodeError::TooLarge
+            } else {
+                EncodeError::BufferTooSmall
+            })
+        }
+        Err(_) => return Err(EncodeError::TooLarge),
+    };
+    if body_len > MAX_FRAME_BODY {
+        return Err(EncodeError::TooLarge);
+    }
+    out[..HEADER_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
+    Ok(HEADER_LEN + body_len)
+}
+
+/// Decodes a client frame body (without its length prefix).
+pub fn decode_client_frame(body: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
+    decode(body)
+}
+
+/// Decodes an agent frame body (without its length prefix).
+pub fn decode_agent_frame(body: &[u8]) -> Result<AgentFrame<'_>, DecodeError> {
+    decode(body)
+}
+
+fn decode<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeError> {
+    match postcard::take_from_bytes(body) {
+        Ok((frame, [])) => Ok(frame),
+        Ok(_) => Err(DecodeError::TrailingBytes),
+        Err(_) => Err(DecodeError::Malformed),
+    }
+}
+
+/// The data-carrying frames, for building them in place around a payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataKind {
+    /// [`ClientFrame::Stdin`].
+    Stdin,
+    /// [`AgentFrame::Stdout`].
+    Stdout,
+    /// [`AgentFrame::Stderr`].
+    Stderr,
+}
+
+impl DataKind {
+    /// The frame's variant tag: its postcard enum index, pinned by the golden tests.
+    const fn tag(self) -> u8 {
+        match self {
+            DataKind::Stdin => 2,
+            DataKind::Stdout => 2,
+            DataKind::Stderr => 3,
+        }
+    }
+}
+
+/// Where a payload must start in a buffer for [`frame_data_in_place`]: room for the length
+/// prefix, the tag and the length varint.
+pub const DATA_HEADROOM: usize = HEADER_LEN + DATA_OVERHEAD;
+
+/// Frames a payload without copying it. The payload sits at `buf[DATA_HEADROOM..][..len]`; the
+/// header is written just before it and the frame's start offset is returned: send
+/// `buf[start..DATA_HEADROOM + len]`. The bytes are exactly those [`encode_agent_frame`] (or
+/// [`encode_client_frame`] for stdin) would produce.
+pub fn frame_data_in_place(
+    buf: &mut [u8],
+    kind: DataKind,
+    len: usize,
+) -> Result<usize, EncodeError> {
+    if len > MAX_DATA {
+        return Err(EncodeError::TooLarge);
+    }
+    if buf.len() < DATA_HEADROOM + len {
+        return Err(EncodeError::BufferTooSmall);
+    }
+    let mut varint = [0u8; 3];
+    let varint_len = encode_varint(len as u32, &mut varint);
+    let body_len = 1 + varint_len + len;
+    let start = DATA_HEADROOM - (HEADER_LEN + 1 + varint_len);
+    buf[start..start + HEADER_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
+    buf[start + HEADER_LEN] = kind.tag();
+    buf[start + HEADER_LEN + 1..DATA_HEADROOM].copy_from_slice(&varint[..varint_len]);
+    Ok(start)
+}
+
+/// LEB128 as postcard writes it; `value` < 2^21 fits the 3 bytes given.
+fn encode_varint(mut value: u32, out: &mut [u8; 3]) -> usize {
+    let mut i = 0;
+    while i < out.len() {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out[i] = byte;
+            return i + 1;
+        }
+        out[i] = byte | 0x80;
+        i += 1;
+    }
+    out.len()
+}
+
+/// Cuts one frame off the front of `buf` without copying: `Ok(Some((body, consumed)))` when a
+/// whole frame is there, `Ok(None)` when more bytes are needed, and an error as soon as the
+/// length prefix exceeds `max_body` (at most [`MAX_FRAME_BODY`]).
+pub fn split_frame(buf: &[u8], max_body: usize) -> Result<Option<(&[u8], usize)>, FrameTooLarge> {
+    let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let declared = u32::from_le_bytes(*header);
+    if declared as usize > max_body.min(MAX_FRAME_BODY) {
+        return Err(FrameTooLarge { declared });
+    }
+    let total = HEADER_LEN + declared as usize;
+    Ok(buf.get(HEADER_LEN..total).map(|body| (body, total)))
+}
+
+/// What one [`Accumulator::feed`] produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Feed<'a> {
+    /// All input was taken; no frame is complete yet.
+    NeedMore,
+    /// A whole frame body; it stays valid until the next `feed`.
+    Frame(&'a [u8]),
+    /// A length prefix exceeded the limit; the stream is unusable from here on.
+    TooLarge(FrameTooLarge),
+}
+
+/// A push-based frame reader over a caller-owned buffer, for event loops that receive bytes in
+/// arbitrary pieces: feed it what arrived, get back how much it took and whether a frame is
+/// complete.
+#[derive(Debug)]
+pub struct Accumulator<'b> {
+    buf: &'b mut [u8],
+    filled: usize,
+    frame_returned: bool,
+    failed: Option<FrameTooLarge>,
+}
+
+impl<'b> Accumulator<'b> {
+    /// A reader that accepts bodies up to `buf.len() - HEADER_LEN` (and [`MAX_FRAME_BODY`]).
+    pub fn new(buf: &'b mut [u8]) -> Self {
+        Accumulator {
+            buf,
+            filled: 0,
+            frame_returned: false,
+            failed: None,
+        }
+    }
+
+    /// Takes bytes from `input`. Returns how many were consumed and what they completed; call
+    /// again with the rest of `input` after handling a frame.
+    pub fn feed(&mut self, input: &[u8]) -> (usize, Feed<'_>) {
+        if let Some(err) = self.failed {
+            return (0, Feed::TooLarge(err));
+        }
+        if self.frame_returned {
+            self.frame_returned = false;
+            self.filled = 0;
+        }
+        let max_body = self.buf.len().saturating_sub(HEADER_LEN);
+        let mut consumed = 0;
+        // Header first, so the body's length is known before anything else is buffered.
+        if self.filled < HEADER_LEN {
+            let take = (HEADER_LEN - self.filled).min(input.len());
+            self.buf[self.filled..self.filled + take].copy_from_slice(&input[..take]);
+            self.filled += take;
+            consumed += take;
+            if self.filled < HEADER_LEN {
+                return (consumed, Feed::NeedMore);
+            }
+        }
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&self.buf[..HEADER_LEN]);
+        let declared = u32::from_le_bytes(header);
+        if declared as usize > max_body.min(MAX_FRAME_BODY) {
+            let err = FrameTooLarge { declared };
+            self.failed = Some(err);
+            return (consumed, Feed::TooLarge(err));
+        }
+        let total = HEADER_LEN + declared as usize;
+        let take = (total - self.filled).min(input.len() - consumed);
+        self.buf[self.filled..self.filled + take]
+            .copy_from_slice(&input[consumed..consumed + take]);
+        self.filled += take;
+        consumed += take;
+        if self.filled < total {
+            return (consumed, Feed::NeedMore);
+        }
+        self.frame_returned = true;
+        (consumed, Feed::Frame(&self.buf[HEADER_LEN..total]))
+    }
+}

@@ -1,0 +1,56 @@
+//! Every bound the protocol enforces, as named constants derived from each other.
+
+/// The length prefix: a little-endian `u32` counting the body bytes that follow.
+pub const HEADER_LEN: usize = 4;
+
+/// The largest stdin/stdout/stderr chunk carried by one frame.
+pub const MAX_DATA: usize = 64 * 1024;
+
+/// The largest argv, counted as the sum of its NUL-terminated entries.
+pub const MAX_ARGV_BYTES: usize = 32 * 1024;
+/// The most argv entries one exec may carry.
+pub const MAX_ARGS: usize = 1024;
+/// The largest environment override list, counted like argv (`KEY=VALUE\0` entries).
+pub const MAX_ENV_BYTES: usize = 32 * 1024;
+/// The most environment entries one exec may carry.
+pub const MAX_ENV_VARS: usize = 1024;
+/// The longest working directory (Linux's `PATH_MAX`, NUL excluded).
+pub const MAX_PATH: usize = 4095;
+/// The longest human-readable message in an error frame.
+pub const MAX_MESSAGE: usize = 256;
+/// The longest agent version string.
+pub const MAX_VERSION_STRING: usize = 32;
+
+/// How many stdin bytes a client may have in flight before the agent grants more credit.
+/// It bounds what the agent buffers for one command's stdin.
+pub const STDIN_WINDOW: usize = 128 * 1024;
+
+/// Room every encoded exec request needs beyond its strings: tags, lengths, flags.
+const EXEC_OVERHEAD: usize = 64;
+/// Room a data frame needs beyond its payload: tag plus a length varint.
+pub const DATA_OVERHEAD: usize = 1 + 3;
+
+/// The largest frame body either side may send. Derived so that the largest valid exec request
+/// and the largest data chunk both fit.
+pub const MAX_FRAME_BODY: usize = max(
+    MAX_ARGV_BYTES + MAX_ENV_BYTES + MAX_PATH + EXEC_OVERHEAD,
+    MAX_DATA + DATA_OVERHEAD,
+);
+/// The largest frame on the wire, header included: size a receive buffer with this.
+pub const MAX_FRAME: usize = HEADER_LEN + MAX_FRAME_BODY;
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+// A 3-byte varint covers lengths below 2^21: every data chunk's length prefix fits DATA_OVERHEAD.
+const _: () = assert!(MAX_DATA < 1 << 21);
+const _: () = assert!(MAX_FRAME_BODY <= u32::MAX as usize);
+const _: () = assert!(MAX_FRAME_BODY >= MAX_DATA + DATA_OVERHEAD);
+// Credit must allow at least one full chunk, or stdin could never move.
+const _: () = assert!(STDIN_WINDOW >= MAX_DATA);
+const _: () = assert!(MAX_ARGV_BYTES >= MAX_ARGS && MAX_ENV_BYTES >= MAX_ENV_VARS);

@@ -1,0 +1,638 @@
+//! Golden byte vectors, round trips and garbage for the whole protocol.
+
+use proptest::prelude::*;
+
+use crate::limits::*;
+use crate::*;
+
+fn encode_agent(frame: &AgentFrame<'_>) -> Vec<u8> {
+    let mut buf = vec![0u8; MAX_FRAME];
+    let n = encode_agent_frame(frame, &mut buf).expect("encodes");
+    buf.truncate(n);
+    buf
+}
+
+fn encode_client(frame: &ClientFrame<'_>) -> Vec<u8> {
+    let mut buf = vec![0u8; MAX_FRAME];
+    let n = encode_client_frame(frame, &mut buf).expect("encodes");
+    buf.truncate(n);
+    buf
+}
+
+/// Checks the golden bytes both ways: encoding gives them, and they decode back to the frame.
+fn golden_client(frame: ClientFrame<'_>, expected: &[u8]) {
+    assert_eq!(encode_client(&frame), expected, "{frame:?}");
+    let (body, used) = split_frame(expected, MAX_FRAME_BODY).unwrap().unwrap();
+    assert_eq!(used, expected.len());
+    assert_eq!(decode_client_frame(body), Ok(frame));
+}
+
+fn golden_agent(frame: AgentFrame<'_>, expected: &[u8]) {
+    assert_eq!(encode_agent(&frame), expected, "{frame:?}");
+    let (body, used) = split_frame(expected, MAX_FRAME_BODY).unwrap().unwrap();
+    assert_eq!(used, expected.len());
+    assert_eq!(decode_agent_frame(body), Ok(frame));
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_client_hello() {
+    golden_client(ClientFrame::Hello(ClientHello::CURRENT), &[
+        7, 0, 0, 0,             // body length
+        0x00,                   // ClientFrame::Hello
+        b'F', b'R', b'R', b'Y', // magic
+        0x01,                   // min_version
+        0x01,                   // max_version
+    ]);
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_client_exec() {
+    let exec = ExecRequest {
+        argv: StrList::new(b"ls\0-l\0"),
+        env: StrList::new(b"A=1\0"),
+        clean_env: false,
+        cwd: Some(Bytes(b"/tmp")),
+        stdin: StdinMode::Pipe,
+    };
+    golden_client(ClientFrame::Exec(exec), &[
+        21, 0, 0, 0,                       // body length
+        0x01,                              // ClientFrame::Exec
+        6, b'l', b's', 0, b'-', b'l', 0,   // argv: length, packed NUL-terminated entries
+        4, b'A', b'=', b'1', 0,            // env: length, packed entries
+        0x00,                              // clean_env: false
+        0x01, 4, b'/', b't', b'm', b'p',   // cwd: Some, length, bytes
+        0x01,                              // stdin: StdinMode::Pipe
+    ]);
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_client_stdin_and_eof() {
+    golden_client(ClientFrame::Stdin(Bytes(b"hi")), &[
+        4, 0, 0, 0,     // body length
+        0x02,           // ClientFrame::Stdin
+        2, b'h', b'i',  // length, bytes
+    ]);
+    golden_client(ClientFrame::StdinEof, &[
+        1, 0, 0, 0,     // body length
+        0x03,           // ClientFrame::StdinEof
+    ]);
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_agent_hello() {
+    golden_agent(AgentFrame::Hello(AgentHello {
+        magic: MAGIC,
+        version: 1,
+        agent_version: "0.1.0",
+        limits: Limits::CURRENT,
+    }), &[
+        33, 0, 0, 0,                       // body length
+        0x00,                              // AgentFrame::Hello
+        b'F', b'R', b'R', b'Y',            // magic
+        0x01,                              // version
+        5, b'0', b'.', b'1', b'.', b'0',   // agent_version
+        0xBF, 0xA0, 0x04,                  // max_frame_body: 69695
+        0x80, 0x80, 0x04,                  // max_data: 65536
+        0x80, 0x80, 0x02,                  // max_argv_bytes: 32768
+        0x80, 0x08,                        // max_args: 1024
+        0x80, 0x80, 0x02,                  // max_env_bytes: 32768
+        0x80, 0x08,                        // max_env_vars: 1024
+        0xFF, 0x1F,                        // max_path: 4095
+        0x80, 0x80, 0x08,                  // stdin_window: 131072
+    ]);
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_agent_started_data_credit() {
+    golden_agent(AgentFrame::Started(Started { pid: 300 }), &[
+        3, 0, 0, 0,         // body length
+        0x01,               // AgentFrame::Started
+        0xAC, 0x02,         // pid: 300
+    ]);
+    golden_agent(AgentFrame::Stdout(Bytes(b"out")), &[
+        5, 0, 0, 0,         // body length
+        0x02,               // AgentFrame::Stdout
+        3, b'o', b'u', b't',
+    ]);
+    golden_agent(AgentFrame::Stderr(Bytes(b"err")), &[
+        5, 0, 0, 0,         // body length
+        0x03,               // AgentFrame::Stderr
+        3, b'e', b'r', b'r',
+    ]);
+    golden_agent(AgentFrame::StdinCredit(65536), &[
+        4, 0, 0, 0,         // body length
+        0x04,               // AgentFrame::StdinCredit
+        0x80, 0x80, 0x04,   // 65536
+    ]);
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_agent_exited() {
+    golden_agent(AgentFrame::Exited(Termination {
+        status: ExitStatus::Signal { number: 9, core_dumped: false },
+        duration_us: 1500,
+        output_dropped: true,
+    }), &[
+        7, 0, 0, 0,     // body length
+        0x05,           // AgentFrame::Exited
+        0x01,           // ExitStatus::Signal
+        9,              // number
+        0x00,           // core_dumped: false
+        0xDC, 0x0B,     // duration_us: 1500
+        0x01,           // output_dropped: true
+    ]);
+    golden_agent(AgentFrame::Exited(Termination {
+        status: ExitStatus::Code(3),
+        duration_us: 0,
+        output_dropped: false,
+    }), &[
+        5, 0, 0, 0,     // body length
+        0x05,           // AgentFrame::Exited
+        0x00,           // ExitStatus::Code
+        3,              // code
+        0x00,           // duration_us: 0
+        0x00,           // output_dropped: false
+    ]);
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_agent_error_and_ready() {
+    golden_agent(AgentFrame::Error(ErrorFrame {
+        code: ErrorCode::NotFound,
+        errno: 2,
+        message: "x",
+    }), &[
+        5, 0, 0, 0,     // body length
+        0x06,           // AgentFrame::Error
+        0x06,           // ErrorCode::NotFound
+        0x02,           // errno: ENOENT
+        1, b'x',        // message
+    ]);
+    golden_agent(AgentFrame::Ready(ReadyReport {
+        cid: 3,
+        init_started_us: 1000,
+        modules_us: 200,
+        listening_us: 1300,
+    }), &[
+        8, 0, 0, 0,     // body length
+        0x07,           // AgentFrame::Ready
+        0x03,           // cid
+        0xE8, 0x07,     // init_started_us: 1000
+        0xC8, 0x01,     // modules_us: 200
+        0x94, 0x0A,     // listening_us: 1300
+    ]);
+}
+
+/// Each error code's wire byte is its position; appending is the only allowed change.
+#[test]
+fn error_codes_are_pinned() {
+    use ErrorCode::*;
+    let all = [
+        UnsupportedVersion,
+        Malformed,
+        FrameTooLarge,
+        ProtocolViolation,
+        LimitExceeded,
+        InvalidRequest,
+        NotFound,
+        PermissionDenied,
+        ExecFormat,
+        BadCwd,
+        SpawnFailed,
+        ResourceExhausted,
+        Busy,
+        Internal,
+    ];
+    for (index, code) in all.into_iter().enumerate() {
+        let frame = AgentFrame::Error(ErrorFrame {
+            code,
+            errno: 0,
+            message: "",
+        });
+        assert_eq!(encode_agent(&frame)[5], index as u8, "{code:?}");
+        assert!(!code.as_str().is_empty());
+    }
+}
+
+#[test]
+fn data_in_place_matches_encoder() {
+    for len in [0usize, 1, 127, 128, 16383, 16384, MAX_DATA] {
+        let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        for (kind, agent_frame) in [
+            (DataKind::Stdout, AgentFrame::Stdout(Bytes(&payload))),
+            (DataKind::Stderr, AgentFrame::Stderr(Bytes(&payload))),
+        ] {
+            let mut buf = vec![0u8; DATA_HEADROOM + len];
+            buf[DATA_HEADROOM..].copy_from_slice(&payload);
+            let start = frame_data_in_place(&mut buf, kind, len).unwrap();
+            assert_eq!(
+                buf[start..],
+                encode_agent(&agent_frame)[..],
+                "{kind:?} {len}"
+            );
+        }
+        let mut buf = vec![0u8; DATA_HEADROOM + len];
+        buf[DATA_HEADROOM..].copy_from_slice(&payload);
+        let start = frame_data_in_place(&mut buf, DataKind::Stdin, len).unwrap();
+        assert_eq!(
+            buf[start..],
+            encode_client(&ClientFrame::Stdin(Bytes(&payload)))[..]
+        );
+    }
+}
+
+#[test]
+fn data_limit_edges() {
+    let mut buf = vec![0u8; DATA_HEADROOM + MAX_DATA + 1];
+    assert!(frame_data_in_place(&mut buf, DataKind::Stdout, MAX_DATA).is_ok());
+    assert_eq!(
+        frame_data_in_place(&mut buf, DataKind::Stdout, MAX_DATA + 1),
+        Err(EncodeError::TooLarge)
+    );
+    assert_eq!(
+        frame_data_in_place(&mut buf[..DATA_HEADROOM + 9], DataKind::Stdout, 10),
+        Err(EncodeError::BufferTooSmall)
+    );
+}
+
+#[test]
+fn encode_refuses_oversized_and_short_buffers() {
+    let big = vec![7u8; MAX_FRAME_BODY];
+    let mut out = vec![0u8; MAX_FRAME + 64];
+    assert_eq!(
+        encode_agent_frame(&AgentFrame::Stdout(Bytes(&big)), &mut out),
+        Err(EncodeError::TooLarge)
+    );
+    let mut small = [0u8; 6];
+    assert_eq!(
+        encode_agent_frame(&AgentFrame::Stdout(Bytes(b"abc")), &mut small),
+        Err(EncodeError::BufferTooSmall)
+    );
+    assert_eq!(
+        encode_client_frame(&ClientFrame::StdinEof, &mut [0u8; 3]),
+        Err(EncodeError::BufferTooSmall)
+    );
+}
+
+#[test]
+fn split_frame_edges() {
+    assert_eq!(split_frame(&[], MAX_FRAME_BODY), Ok(None));
+    assert_eq!(split_frame(&[1, 0, 0], MAX_FRAME_BODY), Ok(None));
+    assert_eq!(split_frame(&[1, 0, 0, 0], MAX_FRAME_BODY), Ok(None));
+    assert_eq!(
+        split_frame(&[1, 0, 0, 0, 9, 9], MAX_FRAME_BODY),
+        Ok(Some((&[9u8][..], 5)))
+    );
+    let at_limit = (MAX_FRAME_BODY as u32).to_le_bytes();
+    assert_eq!(split_frame(&at_limit, MAX_FRAME_BODY), Ok(None));
+    let over = (MAX_FRAME_BODY as u32 + 1).to_le_bytes();
+    assert_eq!(
+        split_frame(&over, MAX_FRAME_BODY),
+        Err(FrameTooLarge {
+            declared: MAX_FRAME_BODY as u32 + 1
+        })
+    );
+    assert_eq!(
+        split_frame(&[11, 0, 0, 0], 10),
+        Err(FrameTooLarge { declared: 11 })
+    );
+}
+
+#[test]
+fn accumulator_reassembles_split_input() {
+    let mut stream = encode_client(&ClientFrame::Hello(ClientHello::CURRENT));
+    stream.extend(encode_client(&ClientFrame::Stdin(Bytes(b"abc"))));
+    stream.extend(encode_client(&ClientFrame::StdinEof));
+    for piece in [1usize, 2, 3, 5, 7, stream.len()] {
+        let mut buf = [0u8; 64];
+        let mut acc = Accumulator::new(&mut buf);
+        let mut frames = Vec::new();
+        for chunk in stream.chunks(piece) {
+            let mut rest = chunk;
+            while !rest.is_empty() {
+                let (used, feed) = acc.feed(rest);
+                rest = &rest[used..];
+                match feed {
+                    Feed::NeedMore => assert!(rest.is_empty()),
+                    Feed::Frame(body) => frames.push(body.to_vec()),
+                    Feed::TooLarge(e) => panic!("{e}"),
+                }
+            }
+        }
+        let decoded: Vec<_> = frames
+            .iter()
+            .map(|b| decode_client_frame(b).unwrap())
+            .collect();
+        assert_eq!(
+            decoded,
+            [
+                ClientFrame::Hello(ClientHello::CURRENT),
+                ClientFrame::Stdin(Bytes(b"abc")),
+                ClientFrame::StdinEof
+            ],
+            "piece {piece}"
+        );
+    }
+}
+
+#[test]
+fn accumulator_rejects_oversized_and_stays_failed() {
+    let mut buf = [0u8; 16];
+    let mut acc = Accumulator::new(&mut buf);
+    assert_eq!(acc.feed(&[12, 0, 0, 0]).1, Feed::NeedMore);
+    let mut buf = [0u8; 16];
+    let mut acc = Accumulator::new(&mut buf);
+    let (used, feed) = acc.feed(&[13, 0, 0, 0, 1, 2]);
+    assert_eq!(
+        (used, feed),
+        (4, Feed::TooLarge(FrameTooLarge { declared: 13 }))
+    );
+    assert_eq!(acc.feed(&[1]).0, 0);
+}
+
+#[test]
+fn negotiation() {
+    assert_eq!(ClientHello::CURRENT.negotiate(), Some(PROTOCOL_VERSION));
+    let future = ClientHello {
+        magic: MAGIC,
+        min_version: 1,
+        max_version: 9,
+    };
+    assert_eq!(future.negotiate(), Some(PROTOCOL_VERSION));
+    let too_new = ClientHello {
+        magic: MAGIC,
+        min_version: 2,
+        max_version: 9,
+    };
+    assert_eq!(too_new.negotiate(), None);
+    let inverted = ClientHello {
+        magic: MAGIC,
+        min_version: 1,
+        max_version: 0,
+    };
+    assert_eq!(inverted.negotiate(), None);
+    let stranger = ClientHello {
+        magic: *b"HTTP",
+        ..ClientHello::CURRENT
+    };
+    assert_eq!(stranger.negotiate(), None);
+}
+
+fn exec_with<'a>(argv: &'a [u8], env: &'a [u8], cwd: Option<&'a [u8]>) -> ExecRequest<'a> {
+    ExecRequest {
+        argv: StrList::new(argv),
+        env: StrList::new(env),
+        clean_env: false,
+        cwd: cwd.map(Bytes),
+        stdin: StdinMode::Null,
+    }
+}
+
+fn packed(entry: &[u8], count: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for _ in 0..count {
+        out.extend_from_slice(entry);
+        out.push(0);
+    }
+    out
+}
+
+#[test]
+fn exec_validation_rules() {
+    let code = |r: Result<ValidExec<'_>, RequestError>| r.err().map(|e| e.code);
+    assert_eq!(code(exec_with(b"true\0", b"", None).validate()), None);
+    assert_eq!(
+        code(exec_with(b"", b"", None).validate()),
+        Some(ErrorCode::InvalidRequest)
+    );
+    assert_eq!(
+        code(exec_with(b"\0", b"", None).validate()),
+        Some(ErrorCode::InvalidRequest)
+    );
+    assert_eq!(
+        code(exec_with(b"true", b"", None).validate()),
+        Some(ErrorCode::InvalidRequest)
+    );
+    assert_eq!(
+        code(exec_with(b"true\0", b"NOEQ\0", None).validate()),
+        Some(ErrorCode::InvalidRequest)
+    );
+    assert_eq!(
+        code(exec_with(b"true\0", b"=v\0", None).validate()),
+        Some(ErrorCode::InvalidRequest)
+    );
+    assert_eq!(code(exec_with(b"true\0", b"K=\0", None).validate()), None);
+    assert_eq!(
+        code(exec_with(b"true\0", b"", Some(b"")).validate()),
+        Some(ErrorCode::InvalidRequest)
+    );
+    assert_eq!(
+        code(exec_with(b"true\0", b"", Some(b"/a\0b")).validate()),
+        Some(ErrorCode::InvalidRequest)
+    );
+    // Empty arguments after argv[0] are legitimate.
+    assert_eq!(code(exec_with(b"echo\0\0\0", b"", None).validate()), None);
+}
+
+#[test]
+fn exec_limits_at_their_edges() {
+    let code = |r: Result<ValidExec<'_>, RequestError>| r.err().map(|e| e.code);
+    // MAX_ARGS entries of one byte plus NUL: both the count and the byte limit hold exactly.
+    let at_count = packed(b"a", MAX_ARGS);
+    assert_eq!(code(exec_with(&at_count, b"", None).validate()), None);
+    let over_count = packed(b"a", MAX_ARGS + 1);
+    assert_eq!(
+        code(exec_with(&over_count, b"", None).validate()),
+        Some(ErrorCode::LimitExceeded)
+    );
+    // One entry exactly MAX_ARGV_BYTES long including its NUL, then one byte more.
+    let at_bytes = packed(&vec![b'x'; MAX_ARGV_BYTES - 1], 1);
+    assert_eq!(code(exec_with(&at_bytes, b"", None).validate()), None);
+    let over_bytes = packed(&vec![b'x'; MAX_ARGV_BYTES], 1);
+    assert_eq!(
+        code(exec_with(&over_bytes, b"", None).validate()),
+        Some(ErrorCode::LimitExceeded)
+    );
+    let env_at = packed(b"K=", MAX_ENV_VARS);
+    assert_eq!(code(exec_with(b"a\0", &env_at, None).validate()), None);
+    let env_over = packed(b"K=", MAX_ENV_VARS + 1);
+    assert_eq!(
+        code(exec_with(b"a\0", &env_over, None).validate()),
+        Some(ErrorCode::LimitExceeded)
+    );
+    let env_bytes_over = packed(
+        &[b"K=".as_slice(), &vec![b'v'; MAX_ENV_BYTES - 2]].concat(),
+        1,
+    );
+    assert_eq!(
+        code(exec_with(b"a\0", &env_bytes_over, None).validate()),
+        Some(ErrorCode::LimitExceeded)
+    );
+    let cwd_at = vec![b'd'; MAX_PATH];
+    assert_eq!(code(exec_with(b"a\0", b"", Some(&cwd_at)).validate()), None);
+    let cwd_over = vec![b'd'; MAX_PATH + 1];
+    assert_eq!(
+        code(exec_with(b"a\0", b"", Some(&cwd_over)).validate()),
+        Some(ErrorCode::LimitExceeded)
+    );
+}
+
+/// The largest valid request must fit in one frame, or the limits contradict each other.
+#[test]
+fn largest_valid_exec_fits_a_frame() {
+    let argv = packed(&vec![b'x'; MAX_ARGV_BYTES - 1], 1);
+    let env = packed(
+        &[b"K=".as_slice(), &vec![b'v'; MAX_ENV_BYTES - 3]].concat(),
+        1,
+    );
+    let cwd = vec![b'd'; MAX_PATH];
+    let exec = ExecRequest {
+        argv: StrList::new(&argv),
+        env: StrList::new(&env),
+        clean_env: true,
+        cwd: Some(Bytes(&cwd)),
+        stdin: StdinMode::Pipe,
+    };
+    assert!(exec.validate().is_ok());
+    let bytes = encode_client(&ClientFrame::Exec(exec));
+    assert!(bytes.len() <= MAX_FRAME);
+}
+
+#[test]
+fn str_list_entries() {
+    let list = StrList::new(b"a\0\0bc\0");
+    assert_eq!(list.entries().collect::<Vec<_>>(), [&b"a"[..], b"", b"bc"]);
+    assert_eq!(
+        list.entries_with_nul().collect::<Vec<_>>(),
+        [&b"a\0"[..], b"\0", b"bc\0"]
+    );
+    assert_eq!(list.len(), 3);
+    assert!(StrList::new(b"").is_empty());
+}
+
+#[test]
+fn shell_codes() {
+    assert_eq!(ExitStatus::Code(0).shell_code(), 0);
+    assert_eq!(ExitStatus::Code(255).shell_code(), 255);
+    assert_eq!(
+        ExitStatus::Signal {
+            number: 9,
+            core_dumped: false
+        }
+        .shell_code(),
+        137
+    );
+    assert_eq!(
+        ExitStatus::Signal {
+            number: 200,
+            core_dumped: false
+        }
+        .shell_code(),
+        255
+    );
+}
+
+fn arb_bytes() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(any::<u8>(), 0..300)
+}
+
+fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
+    (0u8..14).prop_map(|i| {
+        let body = [0x06, i, 0, 0];
+        match decode_agent_frame(&body) {
+            Ok(AgentFrame::Error(e)) => e.code,
+            other => panic!("{other:?}"),
+        }
+    })
+}
+
+proptest! {
+    #[test]
+    fn client_frames_round_trip(
+        which in 0u8..4, a in arb_bytes(), b in arb_bytes(), c in arb_bytes(),
+        v1 in any::<u16>(), v2 in any::<u16>(), flag in any::<bool>(), has_cwd in any::<bool>()
+    ) {
+        let frame = match which {
+            0 => ClientFrame::Hello(ClientHello { magic: MAGIC, min_version: v1, max_version: v2 }),
+            1 => ClientFrame::Exec(ExecRequest {
+                argv: StrList::new(&a), env: StrList::new(&b), clean_env: flag,
+                cwd: has_cwd.then_some(Bytes(&c)),
+                stdin: if flag { StdinMode::Pipe } else { StdinMode::Null },
+            }),
+            2 => ClientFrame::Stdin(Bytes(&a)),
+            _ => ClientFrame::StdinEof,
+        };
+        let bytes = encode_client(&frame);
+        let (body, used) = split_frame(&bytes, MAX_FRAME_BODY).unwrap().unwrap();
+        prop_assert_eq!(used, bytes.len());
+        prop_assert_eq!(decode_client_frame(body), Ok(frame));
+    }
+
+    #[test]
+    fn agent_frames_round_trip(
+        which in 0u8..8, a in arb_bytes(), s in "[a-z .]{0,32}", n in any::<u32>(),
+        big in any::<u64>(), small in any::<u8>(), flag in any::<bool>(), code in arb_error_code()
+    ) {
+        let frame = match which {
+            0 => AgentFrame::Hello(AgentHello {
+                magic: MAGIC, version: n as u16, agent_version: &s, limits: Limits::CURRENT,
+            }),
+            1 => AgentFrame::Started(Started { pid: n }),
+            2 => AgentFrame::Stdout(Bytes(&a)),
+            3 => AgentFrame::Stderr(Bytes(&a)),
+            4 => AgentFrame::StdinCredit(n),
+            5 => AgentFrame::Exited(Termination {
+                status: if flag { ExitStatus::Code(small) }
+                        else { ExitStatus::Signal { number: small, core_dumped: n % 2 == 0 } },
+                duration_us: big,
+                output_dropped: flag,
+            }),
+            6 => AgentFrame::Error(ErrorFrame { code, errno: n, message: &s }),
+            _ => AgentFrame::Ready(ReadyReport {
+                cid: n, init_started_us: big, modules_us: big / 2, listening_us: big / 3,
+            }),
+        };
+        let bytes = encode_agent(&frame);
+        let (body, used) = split_frame(&bytes, MAX_FRAME_BODY).unwrap().unwrap();
+        prop_assert_eq!(used, bytes.len());
+        prop_assert_eq!(decode_agent_frame(body), Ok(frame));
+    }
+
+    /// The decoders are total: any bytes give a frame or an error, never a panic.
+    #[test]
+    fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode_client_frame(&bytes);
+        let _ = decode_agent_frame(&bytes);
+        if let Ok(ClientFrame::Exec(exec)) = decode_client_frame(&bytes) {
+            let _ = exec.validate();
+        }
+        let mut buf = [0u8; 128];
+        let mut acc = Accumulator::new(&mut buf);
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let (used, feed) = acc.feed(rest);
+            if let Feed::TooLarge(_) = feed { break; }
+            if let Feed::Frame(body) = feed { let _ = decode_client_frame(body); }
+            rest = &rest[used..];
+        }
+        let _ = split_frame(&bytes, MAX_FRAME_BODY);
+    }
+
+    /// Every tag byte beyond the last variant is refused, not misread.
+    #[test]
+    fn unknown_tags_are_malformed(tag in 8u8..=255, rest in arb_bytes()) {
+        let mut body = vec![tag];
+        body.extend(rest);
+        prop_assert!(decode_agent_frame(&body).is_err());
+        if tag >= 4 {
+            prop_assert!(decode_client_frame(&body).is_err());
+        }
+    }
+}
