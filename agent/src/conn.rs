@@ -39,6 +39,8 @@ const PIPE_SIZE: usize = 1 << 20;
 const CREDIT_BATCH: usize = STDIN_WINDOW / 4;
 
 /// Serves one accepted connection and ends the process.
+// Kept out of line: its large stack frame must not be probed into the caller's.
+#[inline(never)]
 pub fn serve(sock: OwnedFd) -> ! {
     let Some(buffers) = sys::take_conn_buffers() else {
         sys::exit(70)
@@ -315,12 +317,9 @@ fn open_null() -> Result<OwnedFd, Errno> {
 
 /// Waits for `pid` to end (it has been killed or has failed before exec).
 fn reap(pid: Pid) {
-    loop {
-        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
-            Err(Errno::INTR) => {}
-            _ => break,
-        }
-    }
+    while let Err(Errno::INTR) =
+        rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())
+    {}
     crate::set_current_command(None);
 }
 
@@ -727,7 +726,6 @@ impl<'s, 'b> Pump<'s, 'b> {
         for i in 0..n {
             ready[slots[i]] = fds[i].revents();
         }
-        drop(fds);
 
         let any = PollFlags::IN | PollFlags::HUP | PollFlags::ERR;
         if ready[1].intersects(any) {

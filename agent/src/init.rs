@@ -138,13 +138,16 @@ pub struct BootConfig {
 
 /// Reads `/proc/cmdline` for `ferry.listen=`, `ferry.ready=` and `ferry.modules=` (falling back
 /// to `/etc/ferry/modules`, one name per line) and loads the modules, in order.
+// Kept out of line: its large stack frame must not be probed into the caller's.
+#[inline(never)]
 pub fn read_kernel_cmdline() -> BootConfig {
     let mut config = BootConfig {
         listen: None,
         ready_port: None,
         modules_us: 0,
     };
-    let mut buf = [0u8; 4096];
+    // x86's COMMAND_LINE_SIZE is 2048.
+    let mut buf = [0u8; 2048];
     let cmdline = read_file(c"/proc/cmdline", &mut buf);
     let mut modules: Option<&[u8]> = None;
     for param in cmdline.split(|b| b.is_ascii_whitespace()) {
@@ -166,7 +169,7 @@ pub fn read_kernel_cmdline() -> BootConfig {
     match modules {
         Some(list) => load_modules(list.split(|b| *b == b',')),
         None => {
-            let mut file = [0u8; 4096];
+            let mut file = [0u8; 2048];
             let list = read_file(c"/etc/ferry/modules", &mut file);
             load_modules(list.split(|b| *b == b'\n').map(|l| l.trim_ascii()));
         }
@@ -254,6 +257,8 @@ fn wait_for_cid(timeout_ms: u64) -> Option<u32> {
 
 /// Tells the host the agent is up: connects to CID 2 on `port` and sends a hello and a
 /// [`ReadyReport`]. Runs in a forked process so a host that never answers cannot stall PID 1.
+// Kept out of line: its large stack frame must not be probed into the caller's.
+#[inline(never)]
 pub fn announce_ready(port: u32, listen: &ListenAddr, init_started_us: u64, modules_us: u64) {
     match sys::fork() {
         Ok(sys::Forked::Child) => {}

@@ -8,6 +8,8 @@
 #![cfg_attr(not(test), no_std)]
 #![cfg_attr(not(test), no_main)]
 #![deny(unsafe_code)]
+// Unit tests build this crate with std and without the entry point that uses everything.
+#![cfg_attr(test, allow(dead_code, unused_imports))]
 
 mod clock;
 mod conn;

@@ -198,6 +198,8 @@ pub struct ChildStdio<'a> {
 ///
 /// NOTE: this runs between `fork` and `execve`: straight-line code, syscalls and byte copies on
 /// the stack only. Every descriptor the agent owns is close-on-exec, so only 0, 1 and 2 survive.
+// Kept out of line: its large stack frame must not be probed into the caller's.
+#[inline(never)]
 pub fn exec_child<const A: usize, const E: usize>(
     prepared: &Prepared<'_, A, E>,
     stdio: ChildStdio<'_>,

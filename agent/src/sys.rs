@@ -116,6 +116,7 @@ impl<'a, const N: usize> PtrArray<'a, N> {
     }
 
     /// The entries pushed so far.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }
@@ -272,6 +273,22 @@ pub fn stderr() -> rustix::fd::BorrowedFd<'static> {
     // SAFETY: as for `stdout`.
     unsafe { rustix::stdio::stderr() }
 }
+
+// The C runtime (crt1.o and libc.a on musl) provides `_start`, `memcpy` & co. The agent calls
+// nothing else of libc: every syscall goes through rustix's raw backend.
+#[cfg(all(not(test), target_env = "musl"))]
+#[link(name = "c", kind = "static")]
+extern "C" {}
+// A host (glibc) build links libc dynamically; it exists for `cargo build`, never ships.
+#[cfg(all(not(test), not(target_env = "musl")))]
+#[link(name = "c")]
+extern "C" {}
+
+/// Unoptimised builds of `core` reference the unwinder's personality routine even with
+/// `panic = "abort"`; nothing ever unwinds, so it is never called.
+#[cfg(not(test))]
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
 
 /// The C runtime's entry point: musl's crt calls this with the kernel's argv and envp.
 #[cfg(not(test))]
