@@ -1,0 +1,78 @@
+//! The entry point: a client bound to one agent. Every operation opens its own connection
+//! (the protocol carries one operation per connection), so a `Client` is cheap to share.
+
+use std::time::Duration;
+
+use ferry_wire::ClientFrame;
+
+use crate::command::Command;
+use crate::conn::{open_timed, AgentInfo, Connection};
+use crate::error::Error;
+use crate::exec::{Execution, Output};
+use crate::target::{ConnectOptions, Target};
+
+/// A client for one agent.
+#[derive(Debug, Clone)]
+pub struct Client {
+    target: Target,
+    options: ConnectOptions,
+}
+
+/// The answer to a health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// What the agent said about itself.
+    pub info: AgentInfo,
+    /// Connect plus hello round trip.
+    pub round_trip: Duration,
+}
+
+impl Client {
+    /// Connects to `target` with default options and checks that an agent answers.
+    pub fn connect(target: &Target) -> Result<Client, Error> {
+        Client::connect_with(target, ConnectOptions::default())
+    }
+
+    /// Connects to `target` and checks that an agent answers.
+    pub fn connect_with(target: &Target, options: ConnectOptions) -> Result<Client, Error> {
+        let client = Client::new(target, options);
+        client.health()?;
+        Ok(client)
+    }
+
+    /// A client that connects only when an operation runs (no up-front check): one connection
+    /// per operation instead of two, for callers that run one command.
+    pub fn new(target: &Target, options: ConnectOptions) -> Client {
+        Client {
+            target: target.clone(),
+            options,
+        }
+    }
+
+    /// The target this client talks to.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Opens a fresh connection and exchanges hellos: is the agent up, and how fast does it
+    /// answer?
+    pub fn health(&self) -> Result<Health, Error> {
+        let (_conn, info, round_trip) = open_timed(&self.target, &self.options)?;
+        Ok(Health { info, round_trip })
+    }
+
+    /// Starts `command` and returns it running: read its output as events, feed its stdin.
+    /// Failing to start (no such program, not executable, bad directory) is an
+    /// [`Error::Remote`] naming the cause.
+    pub fn spawn(&self, command: &Command) -> Result<Execution, Error> {
+        let (mut conn, info) = Connection::open(&self.target, &self.options)?;
+        let request = command.request(&info.limits)?;
+        conn.send(&ClientFrame::Exec(request))?;
+        Execution::start(conn, command.stdin_mode())
+    }
+
+    /// Runs `command` to the end and returns everything it printed and how it ended.
+    pub fn output(&self, command: &Command) -> Result<Output, Error> {
+        self.spawn(command)?.collect()
+    }
+}

@@ -1,0 +1,293 @@
+//! What to run: a builder in the spirit of `std::process::Command`, byte-exact (arguments and
+//! environment are raw bytes, as `execve` takes them).
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
+use ferry_wire::{Bytes, ExecRequest, Limits, StdinMode, StrList};
+
+use crate::error::Error;
+
+/// Where the remote command's stdin comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Stdin {
+    /// `/dev/null`: the command sees EOF at once.
+    #[default]
+    Null,
+    /// A pipe the caller feeds through [`crate::Execution::take_stdin`].
+    Pipe,
+    /// These bytes, then EOF (fed by the library as the agent grants credit).
+    Bytes(Vec<u8>),
+}
+
+/// A program to run in the guest, with its arguments, environment, directory and stdin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    argv: Vec<u8>,
+    env: Vec<u8>,
+    clean_env: bool,
+    cwd: Option<Vec<u8>>,
+    stdin: Stdin,
+    /// The first builder misuse (a NUL in an argument, a bad variable name), reported when the
+    /// command is run: builders do not return errors.
+    invalid: Option<String>,
+}
+
+impl Command {
+    /// A command running `program` (looked up in the guest's `PATH` unless it contains a '/'),
+    /// with `program` as `argv[0]`.
+    pub fn new(program: impl AsRef<OsStr>) -> Command {
+        let mut command = Command {
+            argv: Vec::new(),
+            env: Vec::new(),
+            clean_env: false,
+            cwd: None,
+            stdin: Stdin::Null,
+            invalid: None,
+        };
+        let program = program.as_ref().as_bytes();
+        if program.is_empty() {
+            command.reject("the program name is empty".into());
+        }
+        command.push_arg(program);
+        command
+    }
+
+    /// Appends an argument.
+    pub fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut Command {
+        self.push_arg(arg.as_ref().as_bytes());
+        self
+    }
+
+    /// Appends arguments.
+    pub fn args<I, S>(&mut self, args: I) -> &mut Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        for arg in args {
+            self.arg(arg);
+        }
+        self
+    }
+
+    /// Sets an environment variable for the command (over the agent's environment, or over
+    /// nothing after [`Command::env_clear`]).
+    pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Command {
+        let (key, value) = (key.as_ref().as_bytes(), value.as_ref().as_bytes());
+        if key.is_empty() || key.contains(&b'=') || key.contains(&0) {
+            self.reject(format!(
+                "invalid environment variable name {:?}",
+                String::from_utf8_lossy(key)
+            ));
+        } else if value.contains(&0) {
+            self.reject(format!(
+                "environment variable {} contains a NUL byte",
+                String::from_utf8_lossy(key)
+            ));
+        }
+        self.env.extend_from_slice(key);
+        self.env.push(b'=');
+        self.env.extend_from_slice(value);
+        self.env.push(0);
+        self
+    }
+
+    /// Sets environment variables.
+    pub fn envs<I, K, V>(&mut self, vars: I) -> &mut Command
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
+        for (key, value) in vars {
+            self.env(key, value);
+        }
+        self
+    }
+
+    /// Starts from an empty environment instead of the agent's.
+    pub fn env_clear(&mut self) -> &mut Command {
+        self.clean_env = true;
+        self
+    }
+
+    /// Runs the command in `dir` (a guest path).
+    pub fn current_dir(&mut self, dir: impl AsRef<OsStr>) -> &mut Command {
+        let dir = dir.as_ref().as_bytes();
+        if dir.is_empty() || dir.contains(&0) {
+            self.reject("the working directory is empty or contains a NUL byte".into());
+        }
+        self.cwd = Some(dir.to_vec());
+        self
+    }
+
+    /// Chooses where stdin comes from (default: [`Stdin::Null`]).
+    pub fn stdin(&mut self, stdin: Stdin) -> &mut Command {
+        self.stdin = stdin;
+        self
+    }
+
+    /// The configured stdin.
+    pub fn stdin_mode(&self) -> &Stdin {
+        &self.stdin
+    }
+
+    fn push_arg(&mut self, arg: &[u8]) {
+        if arg.contains(&0) {
+            self.reject(format!(
+                "argument {:?} contains a NUL byte",
+                String::from_utf8_lossy(arg)
+            ));
+        }
+        self.argv.extend_from_slice(arg);
+        self.argv.push(0);
+    }
+
+    fn reject(&mut self, why: String) {
+        self.invalid.get_or_insert(why);
+    }
+
+    /// The wire request, checked against the protocol's rules and the agent's announced limits
+    /// before anything is sent.
+    pub(crate) fn request(&self, limits: &Limits) -> Result<ExecRequest<'_>, Error> {
+        if let Some(why) = &self.invalid {
+            return Err(Error::InvalidRequest(why.clone()));
+        }
+        let count = |list: &[u8]| list.iter().filter(|b| **b == 0).count();
+        let over = |what: &str, value: usize, limit: u32| {
+            (value > limit as usize).then(|| {
+                Error::InvalidRequest(format!(
+                    "{what} is {value}, above the agent's limit of {limit}"
+                ))
+            })
+        };
+        if let Some(err) = over("argv size", self.argv.len(), limits.max_argv_bytes)
+            .or_else(|| over("argument count", count(&self.argv), limits.max_args))
+            .or_else(|| over("environment size", self.env.len(), limits.max_env_bytes))
+            .or_else(|| over("environment entries", count(&self.env), limits.max_env_vars))
+            .or_else(|| {
+                let cwd = self.cwd.as_ref().map_or(0, Vec::len);
+                over("working directory length", cwd, limits.max_path)
+            })
+        {
+            return Err(err);
+        }
+        let request = ExecRequest {
+            argv: StrList::new(&self.argv),
+            env: StrList::new(&self.env),
+            clean_env: self.clean_env,
+            cwd: self.cwd.as_deref().map(Bytes),
+            stdin: match self.stdin {
+                Stdin::Null => StdinMode::Null,
+                Stdin::Pipe | Stdin::Bytes(_) => StdinMode::Pipe,
+            },
+        };
+        // This library's own protocol limits, which may be tighter than an agent's.
+        request
+            .validate()
+            .map_err(|err| Error::InvalidRequest(err.message.into()))?;
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_wire::limits::{MAX_ARGS, MAX_ARGV_BYTES, MAX_ENV_VARS, MAX_PATH};
+
+    #[test]
+    fn builds_packed_lists() {
+        let mut command = Command::new("ls");
+        command
+            .arg("-l")
+            .args(["a b", ""])
+            .env("K", "v=w")
+            .env_clear()
+            .current_dir("/tmp")
+            .stdin(Stdin::Pipe);
+        let request = command.request(&Limits::CURRENT).unwrap();
+        assert_eq!(request.argv.as_bytes(), b"ls\0-l\0a b\0\0");
+        assert_eq!(request.env.as_bytes(), b"K=v=w\0");
+        assert!(request.clean_env);
+        assert_eq!(request.cwd, Some(Bytes(b"/tmp")));
+        assert_eq!(request.stdin, StdinMode::Pipe);
+    }
+
+    #[test]
+    fn misuse_is_reported_when_run() {
+        let cases: [fn(&mut Command); 6] = [
+            |c| {
+                c.arg("a\0b");
+            },
+            |c| {
+                c.env("", "v");
+            },
+            |c| {
+                c.env("A=B", "v");
+            },
+            |c| {
+                c.env("A", "v\0");
+            },
+            |c| {
+                c.current_dir("");
+            },
+            |c| {
+                c.current_dir("/a\0");
+            },
+        ];
+        for case in cases {
+            let mut command = Command::new("true");
+            case(&mut command);
+            assert!(matches!(
+                command.request(&Limits::CURRENT),
+                Err(Error::InvalidRequest(_))
+            ));
+        }
+        assert!(Command::new("").request(&Limits::CURRENT).is_err());
+    }
+
+    #[test]
+    fn limits_hold_exactly_at_their_edge() {
+        // argv: MAX_ARGS entries fit, one more does not.
+        let mut command = Command::new("x");
+        command.args(std::iter::repeat_n("y", MAX_ARGS - 1));
+        assert!(command.request(&Limits::CURRENT).is_ok());
+        command.arg("z");
+        assert!(command.request(&Limits::CURRENT).is_err());
+
+        // argv bytes: exactly MAX_ARGV_BYTES with NULs fits.
+        let mut command = Command::new("a".repeat(MAX_ARGV_BYTES - 1));
+        assert!(command.request(&Limits::CURRENT).is_ok());
+        command.arg("");
+        assert!(command.request(&Limits::CURRENT).is_err());
+
+        let mut command = Command::new("x");
+        for i in 0..MAX_ENV_VARS {
+            command.env(format!("V{i}"), "");
+        }
+        assert!(command.request(&Limits::CURRENT).is_ok());
+        command.env("W", "");
+        assert!(command.request(&Limits::CURRENT).is_err());
+
+        let mut command = Command::new("x");
+        command.current_dir("/".repeat(MAX_PATH));
+        assert!(command.request(&Limits::CURRENT).is_ok());
+        command.current_dir("/".repeat(MAX_PATH + 1));
+        assert!(command.request(&Limits::CURRENT).is_err());
+    }
+
+    #[test]
+    fn an_agents_tighter_limits_are_respected() {
+        let limits = Limits {
+            max_args: 2,
+            ..Limits::CURRENT
+        };
+        let mut command = Command::new("x");
+        command.arg("1");
+        assert!(command.request(&limits).is_ok());
+        command.arg("2");
+        let err = command.request(&limits).unwrap_err();
+        assert!(err.to_string().contains("argument count is 3"), "{err}");
+    }
+}

@@ -1,0 +1,201 @@
+//! One framed connection to the agent: the hello, then whole frames in and out.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use ferry_wire::limits::{MAX_FRAME, MAX_FRAME_BODY};
+use ferry_wire::{
+    decode_agent_frame, encode_client_frame, split_frame, AgentFrame, ClientFrame, ClientHello,
+    ErrorCode, Limits, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+
+use crate::error::{Error, RemoteError};
+use crate::target::{is_timeout, ConnectOptions, Target};
+
+/// Receive buffer: several full frames per `read` when output streams fast.
+const RECV_BUFFER: usize = 4 * MAX_FRAME;
+
+/// What the agent said about itself in its hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// The protocol version both sides speak on this connection.
+    pub protocol_version: u16,
+    /// The agent's own version.
+    pub agent_version: String,
+    /// The limits the agent enforces.
+    pub limits: Limits,
+}
+
+/// A connection past its hello.
+pub(crate) struct Connection {
+    stream: UnixStream,
+    recv: Box<[u8]>,
+    /// Unread bytes are `recv[start..end]`.
+    start: usize,
+    end: usize,
+    /// Bytes of the frame last returned by [`Connection::recv`], released on the next call.
+    returned: usize,
+    send: Vec<u8>,
+}
+
+impl Connection {
+    /// Connects and exchanges hellos, all within `options.connect_timeout`.
+    pub fn open(
+        target: &Target,
+        options: &ConnectOptions,
+    ) -> Result<(Connection, AgentInfo), Error> {
+        let stream = target.open(options)?;
+        let mut conn = Connection {
+            stream,
+            recv: vec![0u8; RECV_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            returned: 0,
+            send: vec![0u8; MAX_FRAME],
+        };
+        conn.send(&ClientFrame::Hello(ClientHello::CURRENT))?;
+        let info = match conn.recv("during the hello")? {
+            AgentFrame::Hello(hello) => {
+                if hello.magic != MAGIC {
+                    return Err(Error::Protocol("the peer is not a ferry agent".into()));
+                }
+                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
+                    return Err(Error::UnsupportedVersion {
+                        min: MIN_PROTOCOL_VERSION,
+                        max: PROTOCOL_VERSION,
+                        message: format!("the agent chose version {}", hello.version),
+                    });
+                }
+                AgentInfo {
+                    protocol_version: hello.version,
+                    agent_version: hello.agent_version.to_owned(),
+                    limits: hello.limits,
+                }
+            }
+            AgentFrame::Error(err) if err.code == ErrorCode::UnsupportedVersion => {
+                return Err(Error::UnsupportedVersion {
+                    min: MIN_PROTOCOL_VERSION,
+                    max: PROTOCOL_VERSION,
+                    message: err.message.to_owned(),
+                })
+            }
+            AgentFrame::Error(err) => return Err(remote(&err)),
+            other => return Err(unexpected(&other, "instead of a hello")),
+        };
+        // Past the hello an operation may run for as long as it likes.
+        conn.stream.set_read_timeout(None).map_err(Error::Io)?;
+        conn.stream.set_write_timeout(None).map_err(Error::Io)?;
+        Ok((conn, info))
+    }
+
+    /// Sends one frame, blocking until the kernel took all of it.
+    pub fn send(&mut self, frame: &ClientFrame<'_>) -> Result<(), Error> {
+        let len = encode_client_frame(frame, &mut self.send)
+            .map_err(|err| Error::InvalidRequest(err.to_string()))?;
+        self.stream.write_all(&self.send[..len]).map_err(io_error)
+    }
+
+    /// Receives the next whole frame; it borrows the receive buffer until the next call.
+    /// `during` names the phase for the error when the agent hangs up.
+    pub fn recv(&mut self, during: &'static str) -> Result<AgentFrame<'_>, Error> {
+        self.start += std::mem::take(&mut self.returned);
+        let frame_len = loop {
+            match split_frame(&self.recv[self.start..self.end], MAX_FRAME_BODY) {
+                Ok(Some((_, frame_len))) => break frame_len,
+                Ok(None) => {}
+                Err(err) => return Err(Error::Protocol(format!("the agent sent a {err}"))),
+            }
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            } else if self.recv.len() - self.start < MAX_FRAME {
+                // Not enough room behind a partial frame for the largest frame: move it forward.
+                self.recv.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let n = loop {
+                match self.stream.read(&mut self.recv[self.end..]) {
+                    Ok(n) => break n,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => return Err(io_error(err)),
+                }
+            };
+            if n == 0 {
+                return Err(if self.start == self.end {
+                    Error::Disconnected(during)
+                } else {
+                    Error::Protocol("the agent closed the connection mid-frame".into())
+                });
+            }
+            self.end += n;
+        };
+        self.returned = frame_len;
+        let body = &self.recv[self.start + ferry_wire::limits::HEADER_LEN..self.start + frame_len];
+        decode_agent_frame(body)
+            .map_err(|err| Error::Protocol(format!("undecodable frame from the agent: {err}")))
+    }
+
+    /// The frame [`Connection::recv`] returned last, decoded again (it is still buffered).
+    pub fn last_frame(&self) -> Result<AgentFrame<'_>, Error> {
+        let body =
+            &self.recv[self.start + ferry_wire::limits::HEADER_LEN..self.start + self.returned];
+        decode_agent_frame(body)
+            .map_err(|err| Error::Protocol(format!("undecodable frame from the agent: {err}")))
+    }
+
+    /// A second handle on the socket, for a writer on another thread.
+    pub fn try_clone_stream(&self) -> Result<UnixStream, Error> {
+        self.stream.try_clone().map_err(Error::Io)
+    }
+
+    /// Ends the connection in both directions: the agent sees a disconnect at once, even while
+    /// other handles on the socket exist.
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn io_error(err: io::Error) -> Error {
+    if is_timeout(&err) {
+        Error::Io(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the agent did not answer in time",
+        ))
+    } else {
+        Error::Io(err)
+    }
+}
+
+pub(crate) fn remote(err: &ferry_wire::ErrorFrame<'_>) -> Error {
+    Error::Remote(RemoteError {
+        code: err.code,
+        errno: (err.errno != 0).then_some(err.errno),
+        message: err.message.to_owned(),
+    })
+}
+
+pub(crate) fn unexpected(frame: &AgentFrame<'_>, context: &str) -> Error {
+    let name = match frame {
+        AgentFrame::Hello(_) => "a hello",
+        AgentFrame::Started(_) => "a started record",
+        AgentFrame::Stdout(_) => "stdout",
+        AgentFrame::Stderr(_) => "stderr",
+        AgentFrame::StdinCredit(_) => "stdin credit",
+        AgentFrame::Exited(_) => "a termination record",
+        AgentFrame::Error(_) => "an error",
+        AgentFrame::Ready(_) => "a readiness report",
+    };
+    Error::Protocol(format!("the agent sent {name} {context}"))
+}
+
+/// Opens a connection, measuring how long the hello round trip took.
+pub(crate) fn open_timed(
+    target: &Target,
+    options: &ConnectOptions,
+) -> Result<(Connection, AgentInfo, Duration), Error> {
+    let started = Instant::now();
+    let (conn, info) = Connection::open(target, options)?;
+    Ok((conn, info, started.elapsed()))
+}

@@ -1,0 +1,32 @@
+//! ferry's host library: run commands in a microVM through its ferry agent, over AF_VSOCK,
+//! hybrid vsock or a Unix socket. Blocking std API; every byte a command prints comes back in
+//! order, with exactly how it ended.
+//!
+//! ```no_run
+//! use ferry_host::{Client, Command, Target};
+//!
+//! let target: Target = "vsock://3:1024".parse()?;
+//! let client = Client::connect(&target)?;
+//! let output = client.output(Command::new("uname").arg("-a"))?;
+//! print!("{}", String::from_utf8_lossy(&output.stdout));
+//! # Ok::<(), ferry_host::Error>(())
+//! ```
+
+mod client;
+mod command;
+mod conn;
+mod error;
+mod exec;
+mod sys;
+mod target;
+
+pub use client::{Client, Health};
+pub use command::{Command, Stdin};
+pub use conn::AgentInfo;
+pub use error::{errno_name, Error, ErrorCode, RemoteError};
+pub use exec::{Event, Execution, Output, PumpError, StdinWriter, Termination};
+pub use ferry_wire::{ExitStatus, Limits};
+pub use target::{ConnectOptions, Target};
+
+#[cfg(test)]
+mod tests;
