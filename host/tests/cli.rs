@@ -1,0 +1,220 @@
+//! The `ferry` CLI against the shipped agent: streams, stdin, exit codes users script against.
+#![allow(clippy::unwrap_used)] // a test reports failure by panicking
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Command, Output, Stdio};
+
+use common::Agent;
+
+fn ferry(agent: &Agent) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    command.env("FERRY_CONNECT", agent.target_url());
+    command
+}
+
+fn run(agent: &Agent, args: &[&str]) -> Output {
+    ferry(agent)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn exec_streams_both_outputs_and_exits_with_the_remote_code() {
+    let agent = Agent::start();
+    let output = run(
+        &agent,
+        &[
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "printf 'a\\000b'; echo err >&2; exit 3",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(3));
+    assert_eq!(output.stdout, b"a\0b");
+    assert_eq!(output.stderr, b"err\n");
+}
+
+#[test]
+fn signal_deaths_exit_128_plus_n() {
+    let agent = Agent::start();
+    for (signal, code) in [("KILL", 137), ("TERM", 143), ("SEGV", 139)] {
+        let output = run(
+            &agent,
+            &["exec", "--", "sh", "-c", &format!("kill -{signal} $$")],
+        );
+        assert_eq!(output.status.code(), Some(code), "{signal}");
+    }
+}
+
+#[test]
+fn start_failures_exit_127_and_126_with_the_reason() {
+    let agent = Agent::start();
+    let output = run(&agent, &["exec", "--", "no-such-program-ferry"]);
+    assert_eq!(output.status.code(), Some(127));
+    assert!(
+        stderr(&output).contains("no-such-program-ferry"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(stderr(&output).contains("ENOENT"), "{}", stderr(&output));
+
+    let output = run(&agent, &["exec", "--", "/etc/passwd"]);
+    assert_eq!(output.status.code(), Some(126));
+    assert!(
+        stderr(&output).contains("permission denied"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = run(&agent, &["exec", "-w", "/no/such/dir", "--", "true"]);
+    assert_eq!(output.status.code(), Some(126));
+    assert!(
+        stderr(&output).contains("working directory"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn stdin_is_forwarded_only_with_dash_i() {
+    let agent = Agent::start();
+    let data: Vec<u8> = (0..(5 << 20)).map(|i: u32| (i % 253) as u8).collect();
+    let mut child = ferry(&agent)
+        .args(["exec", "-i", "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || stdin.write_all(&sent).unwrap());
+    let mut echoed = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut echoed)
+        .unwrap();
+    writer.join().unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(echoed == data);
+
+    // Without -i the command reads /dev/null, even when ours has data.
+    let mut child = ferry(&agent)
+        .args(["exec", "--", "wc", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"ignored").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.stdout, b"0\n");
+}
+
+#[test]
+fn env_workdir_and_clean_env() {
+    let agent = Agent::start();
+    let output = run(
+        &agent,
+        &[
+            "exec",
+            "-e",
+            "A=1",
+            "-e",
+            "B=x=y",
+            "--clean-env",
+            "-w",
+            "/tmp",
+            "--",
+            "/usr/bin/env",
+        ],
+    );
+    assert_eq!(output.stdout, b"A=1\nB=x=y\n");
+    let output = run(&agent, &["exec", "-w", "/", "--", "pwd"]);
+    assert_eq!(output.stdout, b"/\n");
+    // Arguments that look like flags belong to the remote program.
+    let output = run(
+        &agent,
+        &["exec", "--", "printf", "%s|", "-e", "--clean-env"],
+    );
+    assert_eq!(output.stdout, b"-e|--clean-env|");
+}
+
+#[test]
+fn a_closed_stdout_exits_141_and_stops_the_command() {
+    let agent = Agent::start();
+    let mut child = ferry(&agent)
+        .args(["exec", "--", "yes"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 4];
+    out.read_exact(&mut first).unwrap();
+    drop(out);
+    assert_eq!(child.wait().unwrap().code(), Some(141));
+}
+
+#[test]
+fn health_prints_versions() {
+    let agent = Agent::start();
+    let output = run(&agent, &["health"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.contains(&format!("ferry-agent {}", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    assert!(text.contains("protocol:   1"), "{text}");
+    // --connect overrides the environment.
+    let output = ferry(&agent)
+        .env("FERRY_CONNECT", "unix:///nonexistent")
+        .args(["--connect", &agent.target_url(), "health"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+}
+
+#[test]
+fn ferrys_own_errors_exit_255() {
+    let agent = Agent::start();
+    for args in [
+        &["--connect", "unix:///nonexistent/sock", "health"][..],
+        &["--connect", "tcp://1.2.3.4:5", "exec", "--", "true"],
+        &[
+            "--connect",
+            "unix:///nonexistent/sock",
+            "exec",
+            "--",
+            "true",
+        ],
+        &["exec"],
+        &["exec", "-e", "NOEQUALS", "--", "true"],
+        &["frobnicate"],
+    ] {
+        let output = run(&agent, args);
+        assert_eq!(
+            output.status.code(),
+            Some(255),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(!output.stderr.is_empty(), "{args:?}");
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .env_remove("FERRY_CONNECT")
+        .arg("health")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(255));
+}

@@ -1,0 +1,161 @@
+//! Starting the real, shipped agent binary on a Unix socket for integration tests.
+#![allow(dead_code)] // each test binary uses its own subset
+#![allow(clippy::unwrap_used)] // test support: a panic is how a test fails
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ferry_host::{Client, ConnectOptions, Target};
+
+/// The static musl agent: `FERRY_AGENT_BIN` (set by `cargo xtask test`), or built here once.
+pub fn agent_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        if let Some(path) = std::env::var_os("FERRY_AGENT_BIN") {
+            return PathBuf::from(path);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        // A target dir of its own: the outer `cargo test` may hold the workspace's lock.
+        let target_dir = root.join("target").join("test-agent");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(root)
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "--package",
+                "ferry-agent",
+                "--target",
+                "x86_64-unknown-linux-musl",
+                "--target-dir",
+            ])
+            .arg(&target_dir)
+            .status()
+            .expect("running cargo to build the agent");
+        assert!(status.success(), "building the agent failed");
+        target_dir.join("x86_64-unknown-linux-musl/release/ferry-agent")
+    })
+}
+
+/// A running agent on a private Unix socket, killed (with everything it started) on drop.
+pub struct Agent {
+    child: Child,
+    dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Agent {
+    pub fn start() -> Agent {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-it-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("agent.sock");
+        let child = Command::new(agent_binary())
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting the agent");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Agent { child, dir, socket }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn target(&self) -> Target {
+        Target::Unix(self.socket.clone())
+    }
+
+    pub fn target_url(&self) -> String {
+        self.target().to_string()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect_with(&self.target(), ConnectOptions::default()).expect("connecting")
+    }
+
+    /// Whether the agent process is still alive (not exited, not a zombie).
+    pub fn is_alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One line of `/proc/PID/status`, in KiB (`VmRSS`, `VmHWM`).
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The direct children of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Every process (zombies included) whose process group is `pgid`, with its state letter.
+pub fn group_members(pgid: u32) -> Vec<(u32, char)> {
+    let mut members = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command name: state, ppid, pgrp, …
+        let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid) {
+            let state = fields[0].chars().next().unwrap_or('?');
+            members.push((pid, state));
+        }
+    }
+    members
+}
+
+/// Waits until no process (zombie or not) is left in group `pgid`.
+pub fn wait_group_gone(pgid: u32, within: Duration) -> Result<(), Vec<(u32, char)>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let members = group_members(pgid);
+        if members.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(members);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
