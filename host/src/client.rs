@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ferry_wire::ClientFrame;
+use ferry_wire::{ClientFrame, Limits};
 
 use crate::command::Command;
 use crate::conn::{open_timed, AgentInfo, Connection};
@@ -65,9 +65,14 @@ impl Client {
     /// Failing to start (no such program, not executable, bad directory) is an
     /// [`Error::Remote`] naming the cause.
     pub fn spawn(&self, command: &Command) -> Result<Execution, Error> {
-        let (mut conn, info) = Connection::open(&self.target, &self.options)?;
-        let request = command.request(&info.limits)?;
-        conn.send(&ClientFrame::Exec(request))?;
+        // Checked against this library's limits before sending; an agent with tighter ones
+        // refuses with `LimitExceeded`.
+        let request = command.request(&Limits::CURRENT)?;
+        let (conn, _info) = Connection::open_with(
+            &self.target,
+            &self.options,
+            Some(&ClientFrame::Exec(request)),
+        )?;
         Execution::start(conn, command.stdin_mode())
     }
 

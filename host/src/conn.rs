@@ -45,6 +45,19 @@ impl Connection {
         target: &Target,
         options: &ConnectOptions,
     ) -> Result<(Connection, AgentInfo), Error> {
+        Connection::open_with(target, options, None)
+    }
+
+    /// Like [`Connection::open`], with `request` sent right behind the hello in the same write:
+    /// the agent reads frames in order, so the request costs no extra round trip. Sound while
+    /// this library speaks a single protocol version (the request's encoding cannot depend on
+    /// the outcome of the negotiation).
+    pub fn open_with(
+        target: &Target,
+        options: &ConnectOptions,
+        request: Option<&ClientFrame<'_>>,
+    ) -> Result<(Connection, AgentInfo), Error> {
+        const _: () = assert!(MIN_PROTOCOL_VERSION == PROTOCOL_VERSION);
         let stream = target.open(options)?;
         let mut conn = Connection {
             stream,
@@ -54,7 +67,15 @@ impl Connection {
             returned: 0,
             send: vec![0u8; MAX_FRAME],
         };
-        conn.send(&ClientFrame::Hello(ClientHello::CURRENT))?;
+        let mut len =
+            encode_client_frame(&ClientFrame::Hello(ClientHello::CURRENT), &mut conn.send)
+                .map_err(|err| Error::InvalidRequest(err.to_string()))?;
+        if let Some(request) = request {
+            conn.send.resize(len + MAX_FRAME, 0);
+            len += encode_client_frame(request, &mut conn.send[len..])
+                .map_err(|err| Error::InvalidRequest(err.to_string()))?;
+        }
+        conn.stream.write_all(&conn.send[..len]).map_err(io_error)?;
         let info = match conn.recv("during the hello")? {
             AgentFrame::Hello(hello) => {
                 if hello.magic != MAGIC {
@@ -87,13 +108,6 @@ impl Connection {
         conn.stream.set_read_timeout(None).map_err(Error::Io)?;
         conn.stream.set_write_timeout(None).map_err(Error::Io)?;
         Ok((conn, info))
-    }
-
-    /// Sends one frame, blocking until the kernel took all of it.
-    pub fn send(&mut self, frame: &ClientFrame<'_>) -> Result<(), Error> {
-        let len = encode_client_frame(frame, &mut self.send)
-            .map_err(|err| Error::InvalidRequest(err.to_string()))?;
-        self.stream.write_all(&self.send[..len]).map_err(io_error)
     }
 
     /// Receives the next whole frame; it borrows the receive buffer until the next call.

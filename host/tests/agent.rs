@@ -162,9 +162,10 @@ fn exit_codes_and_signal_deaths_are_exact() {
         assert_eq!(output.status.shell_code(), 128 + number);
     }
     // A core dump is reported as such when the kernel writes one (core_pattern permitting).
-    let output = client
-        .output(&sh("ulimit -c unlimited 2>/dev/null; kill -SEGV $$"))
-        .unwrap();
+    // In a scratch directory: a core file must not land in the source tree.
+    let mut segv = sh("ulimit -c unlimited 2>/dev/null; kill -SEGV $$");
+    segv.current_dir(agent.socket.parent().unwrap());
+    let output = client.output(&segv).unwrap();
     assert!(matches!(
         output.status,
         ExitStatus::Signal { number: 11, .. }

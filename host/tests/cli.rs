@@ -50,7 +50,15 @@ fn signal_deaths_exit_128_plus_n() {
     for (signal, code) in [("KILL", 137), ("TERM", 143), ("SEGV", 139)] {
         let output = run(
             &agent,
-            &["exec", "--", "sh", "-c", &format!("kill -{signal} $$")],
+            &[
+                "exec",
+                "-w",
+                "/tmp",
+                "--",
+                "sh",
+                "-c",
+                &format!("ulimit -c 0; kill -{signal} $$"),
+            ],
         );
         assert_eq!(output.status.code(), Some(code), "{signal}");
     }

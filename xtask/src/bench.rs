@@ -1,0 +1,383 @@
+//! `cargo xtask bench`: ferry's figures next to their baselines, measured in the same run, printed
+//! as one table and written to `BENCHMARKS.md`.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_host::{Client, ConnectOptions, Event, Target};
+
+use crate::build_agent::{build_agent, TARGET_BYTES};
+use crate::util::project_root;
+
+/// Knobs for one benchmark run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Exec round trips per side (ferry and the local baseline).
+    pub runs: usize,
+    /// Bytes streamed per throughput trial.
+    pub stream_bytes: u64,
+    /// Also boot the guest and measure over real virtio-vsock.
+    pub vm: bool,
+}
+
+/// One line of the table.
+pub struct Row {
+    pub metric: String,
+    pub ferry: String,
+    pub baseline: String,
+    pub ratio: String,
+    pub target: String,
+    pub verdict: Verdict,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Fail,
+    /// Reported, no target yet.
+    Info,
+}
+
+impl Verdict {
+    fn mark(self) -> &'static str {
+        match self {
+            Verdict::Pass => "ok",
+            Verdict::Fail => "MISSED",
+            Verdict::Info => "",
+        }
+    }
+
+    fn from(pass: bool) -> Verdict {
+        if pass {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        }
+    }
+}
+
+pub fn run_bench(options: &BenchOptions) -> Result<()> {
+    let agent_bin = build_agent()?;
+    let mut rows = Vec::new();
+    let size = std::fs::metadata(&agent_bin)?.len();
+    rows.push(Row {
+        metric: "agent binary (stripped, static)".into(),
+        ferry: format!("{size} B"),
+        baseline: String::new(),
+        ratio: String::new(),
+        target: format!("≤ {TARGET_BYTES} B"),
+        verdict: Verdict::from(size <= TARGET_BYTES),
+    });
+    local_rows(&agent_bin, options, &mut rows)?;
+    if options.vm {
+        crate::bench_vm::vm_rows(options, &mut rows)?;
+    }
+    let table = render(&rows, options);
+    print!("{table}");
+    let path = project_root().join("BENCHMARKS.md");
+    std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// The agent as an ordinary process on a Unix socket, killed on drop.
+struct LocalAgent {
+    child: Child,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl LocalAgent {
+    fn start(binary: &Path) -> Result<LocalAgent> {
+        let dir = project_root()
+            .join("target")
+            .join(format!("bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("agent.sock");
+        let child = Command::new(binary)
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let agent = LocalAgent { child, dir, socket };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !agent.socket.exists() {
+            if Instant::now() > deadline {
+                bail!("the agent did not start listening");
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        Ok(agent)
+    }
+
+    fn rss_kib(&self) -> Result<u64> {
+        status_kib(self.child.id(), "VmRSS")
+    }
+}
+
+impl Drop for LocalAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find(|line| line.starts_with(field))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> Result<()> {
+    let agent = LocalAgent::start(agent_bin)?;
+    // Let it settle into accept().
+    thread::sleep(Duration::from_millis(200));
+    let idle = agent.rss_kib()?;
+    rows.push(Row {
+        metric: "agent idle RSS (listening)".into(),
+        ferry: format!("{idle} KiB"),
+        baseline: String::new(),
+        ratio: String::new(),
+        target: "≤ 64 KiB".into(),
+        verdict: Verdict::from(idle <= 64),
+    });
+
+    let target = Target::Unix(agent.socket.clone());
+    let client = Client::new(&target, ConnectOptions::default());
+    let (ferry, local) = exec_round_trips(&client, Path::new("/bin/true"), options.runs)?;
+    let ratio = ferry.p50.as_secs_f64() / local.p50.as_secs_f64();
+    rows.push(Row {
+        metric: format!("exec /bin/true p50 ({} runs)", options.runs),
+        ferry: micros(ferry.p50),
+        baseline: format!("{} fork+exec+wait", micros(local.p50)),
+        ratio: format!("{ratio:.2}×"),
+        target: "≤ 1.25×".into(),
+        verdict: Verdict::from(ratio <= 1.25),
+    });
+    rows.push(Row {
+        metric: format!("exec /bin/true p99 ({} runs)", options.runs),
+        ferry: micros(ferry.p99),
+        baseline: format!("{} fork+exec+wait", micros(local.p99)),
+        ratio: format!("{:.2}×", ferry.p99.as_secs_f64() / local.p99.as_secs_f64()),
+        target: String::new(),
+        verdict: Verdict::Info,
+    });
+
+    let mut ferry_rates = Vec::new();
+    let mut raw_rates = Vec::new();
+    for _ in 0..3 {
+        ferry_rates.push(ferry_stream(&client, options.stream_bytes)?);
+        raw_rates.push(raw_socket_stream(options.stream_bytes)?);
+    }
+    let ferry_best = ferry_rates.iter().cloned().fold(0.0, f64::max);
+    let raw_best = raw_rates.iter().cloned().fold(0.0, f64::max);
+    let ratio = ferry_best / raw_best;
+    rows.push(Row {
+        metric: format!("stdout stream {} (best of 3)", bytes(options.stream_bytes)),
+        ferry: format!("{:.0} MB/s", ferry_best / 1e6),
+        baseline: format!("{:.0} MB/s raw Unix socket", raw_best / 1e6),
+        ratio: format!("{:.0}%", ratio * 100.0),
+        target: "≥ 60%".into(),
+        verdict: Verdict::from(ratio >= 0.60),
+    });
+
+    // Work happens in forked connection processes: the listener must not have grown.
+    let after = agent.rss_kib()?;
+    rows.push(Row {
+        metric: "agent RSS after the run".into(),
+        ferry: format!("{after} KiB"),
+        baseline: String::new(),
+        ratio: String::new(),
+        target: format!("= idle ({idle} KiB)"),
+        verdict: Verdict::from(after <= idle),
+    });
+    Ok(())
+}
+
+pub struct Percentiles {
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+pub fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
+    samples.sort();
+    let at = |q: usize| samples[(samples.len() * q / 100).min(samples.len() - 1)];
+    Percentiles {
+        p50: at(50),
+        p99: at(99),
+    }
+}
+
+/// Alternates ferry and local runs so drift on the machine hits both sides alike.
+fn exec_round_trips(
+    client: &Client,
+    program: &Path,
+    runs: usize,
+) -> Result<(Percentiles, Percentiles)> {
+    let command = ferry_host::Command::new(program);
+    let mut ferry = Vec::with_capacity(runs);
+    let mut local = Vec::with_capacity(runs);
+    let warmup = runs / 20 + 10;
+    for i in 0..runs + warmup {
+        let started = Instant::now();
+        let output = client.output(&command)?;
+        let ferry_time = started.elapsed();
+        if !output.success() {
+            bail!(
+                "{} failed through ferry: {:?}",
+                program.display(),
+                output.status
+            );
+        }
+        let started = Instant::now();
+        crate::sys::fork_exec_wait(program)?;
+        let local_time = started.elapsed();
+        if i >= warmup {
+            ferry.push(ferry_time);
+            local.push(local_time);
+        }
+    }
+    Ok((percentiles(ferry), percentiles(local)))
+}
+
+/// Streams `total` zero bytes from `head` through the agent; returns bytes per second.
+pub fn ferry_stream(client: &Client, total: u64) -> Result<f64> {
+    let mut command = ferry_host::Command::new("head");
+    command.args(["-c", &total.to_string(), "/dev/zero"]);
+    let started = Instant::now();
+    let mut execution = client.spawn(&command)?;
+    let mut received = 0u64;
+    loop {
+        match execution.next_event()? {
+            Some(Event::Stdout(data)) => received += data.len() as u64,
+            Some(Event::Stderr(data)) => bail!("stderr: {}", String::from_utf8_lossy(data)),
+            Some(Event::Exited(end)) if end.success() => break,
+            Some(Event::Exited(end)) => bail!("head failed: {:?}", end.status),
+            None => bail!("no termination record"),
+        }
+    }
+    let elapsed = started.elapsed();
+    if received != total {
+        bail!("received {received} of {total} bytes");
+    }
+    Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+/// The same producer and the same socket type without ferry: `head` into a pipe, a relay
+/// copying 64 KiB reads into a Unix socket, a reader counting. Bytes per second.
+fn raw_socket_stream(total: u64) -> Result<f64> {
+    let started = Instant::now();
+    let mut producer = Command::new("head")
+        .args(["-c", &total.to_string(), "/dev/zero"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting head")?;
+    let mut pipe = producer.stdout.take().context("head's stdout")?;
+    let (mut tx, mut rx) = UnixStream::pair()?;
+    let relay = thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = pipe.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            tx.write_all(&buf[..n])?;
+        }
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0u64;
+    loop {
+        let n = rx.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        received += n as u64;
+    }
+    relay
+        .join()
+        .map_err(|_| anyhow::anyhow!("relay thread panicked"))??;
+    producer.wait()?;
+    let elapsed = started.elapsed();
+    if received != total {
+        bail!("raw copy moved {received} of {total} bytes");
+    }
+    Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+pub fn micros(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+pub fn bytes(n: u64) -> String {
+    if n >= 1 << 30 && n.is_multiple_of(1 << 30) {
+        format!("{} GiB", n >> 30)
+    } else {
+        format!("{} MiB", n >> 20)
+    }
+}
+
+fn render(rows: &[Row], options: &BenchOptions) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# ferry benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Written by `cargo xtask bench{}` on {} ({} CPUs). Baselines run in the same process,",
+        if options.vm { " --vm" } else { "" },
+        machine(),
+        thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    let _ = writeln!(
+        out,
+        "interleaved with ferry's runs. Local rows: the agent as an ordinary process on a Unix"
+    );
+    let _ = writeln!(
+        out,
+        "socket. VM rows: the agent as PID 1 in QEMU (TCG) over virtio-vsock through vhost-device-vsock.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| metric | ferry | baseline | ratio | target | |\n|---|---|---|---|---|---|"
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            row.metric,
+            row.ferry,
+            row.baseline,
+            row.ratio,
+            row.target,
+            row.verdict.mark()
+        );
+    }
+    out
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_owned())
+        .unwrap_or_default();
+    format!("{cpu}, Linux {kernel}")
+}

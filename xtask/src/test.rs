@@ -1,0 +1,21 @@
+//! `cargo xtask test`: the whole suite, the way CI runs it.
+
+use anyhow::{Context, Result};
+
+use crate::build_agent::build_agent;
+use crate::util::{cargo, run};
+
+/// Builds the static agent, runs every crate's tests against that very binary, then (unless
+/// told not to) the QEMU end-to-end suite.
+pub fn run_test(skip_e2e: bool) -> Result<()> {
+    let agent = build_agent()?;
+    run(cargo()
+        .args(["test", "--workspace"])
+        .env("FERRY_AGENT_BIN", &agent))
+    .context("unit and integration tests")?;
+    if skip_e2e {
+        eprintln!("skipping the QEMU end-to-end suite (--skip-e2e)");
+        return Ok(());
+    }
+    crate::e2e_entry::run_default_e2e()
+}
