@@ -117,7 +117,12 @@ fn session(sock: BorrowedFd<'_>, buffers: &'static mut ConnBuffers) {
                     agent_version: crate::AGENT_VERSION,
                     limits: Limits::CURRENT,
                 });
-                if outbox.put(&hello).is_err() || outbox.flush_within(sock, deadline).is_err() {
+                if outbox.put(&hello).is_err() {
+                    return;
+                }
+                // A client that sent its request right behind the hello gets the hello with
+                // the answer to it: one wake-up instead of two.
+                if !inbox.has_frame() && outbox.flush_within(sock, deadline).is_err() {
                     return;
                 }
             }
@@ -193,7 +198,6 @@ fn refuse_read(sock: BorrowedFd<'_>, outbox: &mut Outbox<'_>, err: ReadError) {
 
 /// Sends an error frame (best effort, bounded in time); the connection closes after it.
 fn refuse(sock: BorrowedFd<'_>, outbox: &mut Outbox<'_>, failure: Failure) {
-    outbox.clear();
     let message = &failure.message[..failure.message.len().min(MAX_MESSAGE)];
     let frame = AgentFrame::Error(ErrorFrame {
         code: failure.code,
@@ -360,6 +364,14 @@ impl<'b> Inbox<'b> {
         }
     }
 
+    /// Whether a whole frame is already buffered.
+    fn has_frame(&self) -> bool {
+        matches!(
+            split_frame(&self.buf[self.start..self.end], MAX_FRAME_BODY),
+            Ok(Some(_))
+        )
+    }
+
     /// The next whole frame's body, as a range of `buf`.
     fn next(&mut self) -> Result<Option<Range<usize>>, ReadError> {
         match split_frame(&self.buf[self.start..self.end], MAX_FRAME_BODY) {
@@ -424,11 +436,14 @@ impl<'b> Outbox<'b> {
         self.end = 0;
     }
 
-    /// Queues a control frame; the outbox must be empty.
+    /// Queues a control frame behind whatever is still unsent (a hello held back to travel
+    /// with the next answer, or the rest of a partly sent frame before an error).
     fn put(&mut self, frame: &AgentFrame<'_>) -> Result<(), ferry_wire::EncodeError> {
-        let len = encode_agent_frame(frame, self.buf)?;
-        self.start = 0;
-        self.end = len;
+        if self.is_empty() {
+            self.clear();
+        }
+        let len = encode_agent_frame(frame, &mut self.buf[self.end..])?;
+        self.end += len;
         Ok(())
     }
 

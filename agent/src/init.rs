@@ -50,7 +50,7 @@ pub fn ensure_std_fds() {
 
 /// Mounts what an empty rootfs lacks, where it is not mounted already.
 pub fn mount_filesystems() {
-    let mounts: [(&CStr, &CStr, &CStr, MountFlags, Option<&CStr>); 6] = [
+    let mounts: [(&CStr, &CStr, &CStr, MountFlags, Option<&CStr>); 7] = [
         (
             c"proc",
             c"/proc",
@@ -81,6 +81,13 @@ pub fn mount_filesystems() {
         ),
         (
             c"tmpfs",
+            c"/dev/shm",
+            c"tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            Some(c"mode=1777"),
+        ),
+        (
+            c"tmpfs",
             c"/run",
             c"tmpfs",
             MountFlags::NOSUID | MountFlags::NODEV,
@@ -106,6 +113,28 @@ pub fn mount_filesystems() {
                 .push(b": errno ")
                 .num(errno.raw_os_error().unsigned_abs() as u64)
                 .emit();
+        }
+    }
+}
+
+/// The links udev or mdev would make and devtmpfs does not: `tee /dev/stderr`, bash's
+/// `<(...)` and friends need them. Existing entries are left alone.
+pub fn link_standard_devices() {
+    let links: [(&CStr, &CStr); 4] = [
+        (c"/proc/self/fd", c"/dev/fd"),
+        (c"/proc/self/fd/0", c"/dev/stdin"),
+        (c"/proc/self/fd/1", c"/dev/stdout"),
+        (c"/proc/self/fd/2", c"/dev/stderr"),
+    ];
+    for (target, link) in links {
+        match rustix::fs::symlink(target, link) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(errno) => log::Line::new()
+                .push(b"symlink ")
+                .push(link.to_bytes())
+                .push(b": errno ")
+                .num(errno.raw_os_error().unsigned_abs() as u64)
+                .emit(),
         }
     }
 }

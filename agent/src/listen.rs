@@ -4,6 +4,7 @@
 use core::ffi::CStr;
 
 use ferry_wire::{encode_agent_frame, AgentFrame, ErrorCode, ErrorFrame};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::fd::OwnedFd;
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
@@ -78,7 +79,11 @@ pub fn bind(addr: &ListenAddr) -> Result<OwnedFd, Errno> {
     Ok(sock)
 }
 
-/// Accepts connections forever, each served by a forked process.
+/// Serves connections forever, each in its own process.
+///
+/// The process is forked *before* its connection arrives: one spare waits in `accept` and
+/// reports through a pipe when it has taken a connection, and only then is the next spare
+/// forked. A client never waits for a fork, and the listener still never reads from a client.
 pub fn serve_forever(listener: OwnedFd, is_init: bool) -> ! {
     // With SIGCHLD ignored the kernel reaps our children (connection processes, and as PID 1 or
     // subreaper every orphan) the moment they exit: no zombies, and no `wait` that could steal
@@ -91,29 +96,94 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool) -> ! {
         let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
     }
     loop {
-        let conn = match rustix::net::accept_with(&listener, SocketFlags::CLOEXEC) {
-            Ok(conn) => conn,
-            Err(Errno::INTR | Errno::CONNABORTED | Errno::AGAIN) => continue,
+        let (taken, report) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
+            Ok(pipe) => pipe,
+            Err(errno) => {
+                log::error(b"cannot create a pipe", errno);
+                refuse_pending(&listener, errno);
+                continue;
+            }
+        };
+        let listener_pid = rustix::process::getpid();
+        match sys::fork() {
+            Ok(sys::Forked::Child) => {
+                drop(taken);
+                spare(listener, report, listener_pid)
+            }
+            Ok(sys::Forked::Parent(_)) => {
+                drop(report);
+                wait_until_taken(&taken);
+            }
+            Err(errno) => {
+                log::error(b"cannot fork a connection process", errno);
+                refuse_pending(&listener, errno);
+            }
+        }
+    }
+}
+
+/// A spare connection process: takes the next connection, tells the listener, serves it.
+fn spare(listener: OwnedFd, report: OwnedFd, listener_pid: rustix::process::Pid) -> ! {
+    // A spare must not outlive its listener (when the agent runs as an ordinary process and is
+    // stopped): it would keep accepting on a socket nobody manages. A connection already taken
+    // is served to its end, as before.
+    let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    if rustix::process::getppid() != Some(listener_pid) {
+        // The listener died before the death signal was armed.
+        sys::exit(0);
+    }
+    let conn = loop {
+        match rustix::net::accept_with(&listener, SocketFlags::CLOEXEC) {
+            Ok(conn) => break conn,
+            Err(Errno::INTR | Errno::CONNABORTED | Errno::AGAIN) => {}
             Err(errno @ (Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)) => {
                 log::error(b"accept", errno);
                 clock::sleep_ms(10);
-                continue;
             }
             Err(errno) => {
                 log::error(b"accept", errno);
                 clock::sleep_ms(100);
-                continue;
             }
-        };
-        match sys::fork() {
-            Ok(sys::Forked::Child) => {
-                drop(listener);
-                conn::serve(conn)
-            }
-            Ok(sys::Forked::Parent(_)) => drop(conn),
-            Err(errno) => refuse_connection(&conn, errno),
+        }
+    };
+    let _ = rustix::process::set_parent_process_death_signal(None);
+    // The listener forks the next spare on this byte (or on EOF, if we die first).
+    let _ = rustix::io::write(&report, &[1]);
+    drop(report);
+    drop(listener);
+    conn::serve(conn)
+}
+
+/// Blocks until the spare has taken a connection or died.
+fn wait_until_taken(taken: &OwnedFd) {
+    let mut byte = [0u8];
+    loop {
+        match rustix::io::read(taken, &mut byte) {
+            Ok(1) => return,
+            Err(Errno::INTR) => {}
+            // EOF: the spare died before accepting (killed, or a bug). Pause so a spare that
+            // keeps dying cannot turn into a fork storm.
+            Ok(_) | Err(_) => return clock::sleep_ms(10),
         }
     }
+}
+
+/// No connection process can be made: answers whoever is waiting, then pauses before the
+/// next attempt.
+fn refuse_pending(listener: &OwnedFd, errno: Errno) {
+    // No spare exists now, so nothing else accepts between the poll and the accept.
+    loop {
+        let mut fds = [PollFd::new(listener, PollFlags::IN)];
+        match poll(&mut fds, Some(&Timespec::default())) {
+            Ok(1..) if fds[0].revents().contains(PollFlags::IN) => {}
+            _ => break,
+        }
+        match rustix::net::accept_with(listener, SocketFlags::CLOEXEC) {
+            Ok(conn) => refuse_connection(&conn, errno),
+            Err(_) => break,
+        }
+    }
+    clock::sleep_ms(50);
 }
 
 /// Tells a client we could not take its connection, without ever blocking the listener.

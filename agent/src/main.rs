@@ -109,6 +109,7 @@ pub fn run() -> ! {
     let mut modules_us = 0;
     if is_init {
         init::mount_filesystems();
+        init::link_standard_devices();
         let boot = init::read_kernel_cmdline();
         modules_us = boot.modules_us;
         if let Some(listen) = boot.listen {

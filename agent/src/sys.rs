@@ -224,13 +224,17 @@ pub fn env_entry(i: usize) -> Option<&'static CStr> {
 /// Inherited environment entries beyond this many are not passed on.
 pub const MAX_INHERITED_ENV: usize = 1024;
 
+/// One data frame plus room for a control frame queued behind its unsent rest (an error frame
+/// is at most 269 bytes; a hello, 60).
+pub const OUT_BUFFER: usize = DATA_HEADROOM + MAX_DATA + 512;
+
 /// The memory one connection needs, in `.bss`: untouched pages cost nothing, so a connection
 /// that runs `/bin/true` faults in only what it uses.
 pub struct ConnBuffers {
     /// Frames from the client, cut in place.
     pub recv: [u8; MAX_FRAME],
-    /// The frame being sent to the client; data is read into it at `DATA_HEADROOM`.
-    pub out: [u8; DATA_HEADROOM + MAX_DATA],
+    /// The frames being sent to the client; data is read into it at `DATA_HEADROOM`.
+    pub out: [u8; OUT_BUFFER],
     /// Stdin bytes received but not yet written to the command: bounded by the credit window.
     pub stdin: [u8; STDIN_WINDOW],
     /// argv pointers for `execve`.
@@ -243,7 +247,7 @@ pub struct ConnBuffers {
 
 static mut CONN_BUFFERS: ConnBuffers = ConnBuffers {
     recv: [0; MAX_FRAME],
-    out: [0; DATA_HEADROOM + MAX_DATA],
+    out: [0; OUT_BUFFER],
     stdin: [0; STDIN_WINDOW],
     argv: [core::ptr::null(); MAX_ARGS + 1],
     envp: [core::ptr::null(); MAX_INHERITED_ENV + MAX_ENV_VARS + 1],

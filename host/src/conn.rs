@@ -58,7 +58,7 @@ impl Connection {
         request: Option<&ClientFrame<'_>>,
     ) -> Result<(Connection, AgentInfo), Error> {
         const _: () = assert!(MIN_PROTOCOL_VERSION == PROTOCOL_VERSION);
-        let stream = target.open(options)?;
+        let stream = target.open_stream(options)?;
         let mut conn = Connection {
             stream,
             recv: vec![0u8; RECV_BUFFER].into_boxed_slice(),

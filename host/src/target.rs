@@ -131,9 +131,10 @@ impl Default for ConnectOptions {
 const MAX_HANDSHAKE_LINE: usize = 64;
 
 impl Target {
-    /// Opens a stream to the agent (before the protocol hello). The stream's read and write
-    /// timeouts are left at `options.connect_timeout`; the caller clears them.
-    pub(crate) fn open(&self, options: &ConnectOptions) -> Result<UnixStream, Error> {
+    /// Opens a byte stream to the agent, hybrid-vsock handshake done and protocol hello not yet
+    /// sent: for callers that speak `ferry_wire` themselves (a VMM's event loop, a fuzzer). The
+    /// stream's read and write timeouts are left at `options.connect_timeout`.
+    pub fn open_stream(&self, options: &ConnectOptions) -> Result<UnixStream, Error> {
         let deadline = Instant::now() + options.connect_timeout;
         let connect_error = |source: io::Error| Error::Connect {
             target: self.to_string(),
@@ -353,7 +354,7 @@ pub(crate) mod tests {
     fn hvsock_handshake_leaves_agent_bytes_unread() {
         let (_dir, path) = fake_vmm(vec![Some(b"OK 1073741824\nFRRY")]);
         let target = Target::Hvsock { path, port: 1024 };
-        let mut stream = target.open(&options()).unwrap();
+        let mut stream = target.open_stream(&options()).unwrap();
         let mut rest = [0u8; 4];
         stream.read_exact(&mut rest).unwrap();
         assert_eq!(&rest, b"FRRY");
@@ -363,11 +364,11 @@ pub(crate) mod tests {
     fn hvsock_eof_is_retried_a_bounded_number_of_times() {
         let (_dir, path) = fake_vmm(vec![None, None, Some(b"OK 5\n")]);
         let target = Target::Hvsock { path, port: 1024 };
-        target.open(&options()).unwrap();
+        target.open_stream(&options()).unwrap();
 
         let (_dir, path) = fake_vmm(vec![None, None, None]);
         let target = Target::Hvsock { path, port: 1024 };
-        match target.open(&options()) {
+        match target.open_stream(&options()) {
             Err(Error::Connect { source, .. }) => {
                 assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof)
             }
@@ -385,7 +386,7 @@ pub(crate) mod tests {
         ] {
             let (_dir, path) = fake_vmm(vec![Some(reply)]);
             let target = Target::Hvsock { path, port: 1024 };
-            match target.open(&options()) {
+            match target.open_stream(&options()) {
                 Err(Error::HvsockRefused { .. }) => {}
                 other => panic!("{reply:?}: {other:?}"),
             }
@@ -402,7 +403,7 @@ pub(crate) mod tests {
             connect_timeout: Duration::from_millis(200),
             ..options()
         };
-        match target.open(&options) {
+        match target.open_stream(&options) {
             Err(Error::Connect { source, .. }) => {
                 assert_eq!(source.kind(), io::ErrorKind::TimedOut)
             }
@@ -414,7 +415,7 @@ pub(crate) mod tests {
     #[test]
     fn missing_unix_socket_is_a_connect_error() {
         let target = Target::Unix("/nonexistent/ferry.sock".into());
-        match target.open(&options()) {
+        match target.open_stream(&options()) {
             Err(Error::Connect { target, source }) => {
                 assert_eq!(target, "unix:///nonexistent/ferry.sock");
                 assert_eq!(source.kind(), io::ErrorKind::NotFound);

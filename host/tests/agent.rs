@@ -567,3 +567,30 @@ fn health_reports_versions_and_limits() {
     assert_eq!(health.info.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(health.info.limits, ferry_wire::Limits::CURRENT);
 }
+
+#[test]
+fn stopping_the_agent_leaves_no_spare_behind() {
+    let agent = Agent::start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let spare = loop {
+        if let Some(&pid) = children(agent.pid()).first() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no spare connection process");
+        thread::sleep(Duration::from_millis(5));
+    };
+    // A connection in progress is served to its end; an idle spare dies with the listener.
+    drop(agent);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::read_to_string(format!("/proc/{spare}/stat")) {
+            Err(_) => break,
+            Ok(stat) if stat.contains(") Z") => break,
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "spare {spare} outlived the agent"
+            ),
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -3,10 +3,16 @@
 mod bench;
 mod bench_vm;
 mod build_agent;
-mod e2e_entry;
+mod cpio;
+mod deps;
+mod e2e;
+mod initramfs;
+mod kernel;
+mod ready;
 mod sys;
 mod test;
 mod util;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -25,6 +31,36 @@ struct Cli {
 enum Command {
     /// Build the static agent (musl, no_std) and check its size against the budget.
     BuildAgent,
+    /// Build the guest image: a newc cpio with the agent as /init, the vsock modules and (unless
+    /// --minimal) a static busybox; fetches the Debian cloud kernel into target/ferry-vm/.
+    Initramfs {
+        /// Only the agent and the kernel modules: no busybox, no shell.
+        #[arg(long)]
+        minimal: bool,
+        /// Where to write the image (default target/ferry-vm/initramfs[-minimal].cpio).
+        #[arg(long, value_name = "PATH")]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Boot the agent as PID 1 in QEMU. With a command: run it in the guest through ferry, power
+    /// off, exit with its status. Without: print FERRY_CONNECT=... and run until Ctrl-C/SIGTERM.
+    Vm {
+        /// Boot the agent-only image (no busybox: `ferry health` works, `sh` does not).
+        #[arg(long)]
+        minimal: bool,
+        /// Give up when the agent has not announced itself this long after QEMU started.
+        #[arg(long, default_value_t = 60)]
+        ready_timeout_secs: u64,
+        /// The program to run in the guest, and its arguments (after `--`).
+        #[arg(last = true, value_name = "PROG")]
+        command: Vec<String>,
+    },
+    /// The QEMU end-to-end suite: install or check the tools, build, boot, run qemu-tests, then
+    /// check the agent-only image; everything torn down after.
+    E2e {
+        /// Wall-clock limit for the whole run.
+        #[arg(long, default_value_t = e2e::DEFAULT_E2E_TIMEOUT.as_secs())]
+        timeout_secs: u64,
+    },
     /// Everything CI runs: build the agent, run every crate's tests against it, then the QEMU
     /// end-to-end suite.
     Test {
@@ -52,6 +88,25 @@ fn main() -> Result<()> {
         Command::BuildAgent => {
             build_agent::build_agent()?;
         }
+        Command::Initramfs { minimal, out } => {
+            initramfs::build_initramfs(minimal, out.as_deref())?;
+        }
+        Command::Vm {
+            minimal,
+            ready_timeout_secs,
+            command,
+        } => {
+            let options = vm::VmOptions {
+                minimal,
+                ready_timeout: std::time::Duration::from_secs(ready_timeout_secs),
+                ..vm::VmOptions::default()
+            };
+            let code = e2e::run_vm(&options, &command)?;
+            std::process::exit(code);
+        }
+        Command::E2e { timeout_secs } => e2e::run_e2e(&e2e::E2eOptions {
+            timeout: std::time::Duration::from_secs(timeout_secs),
+        })?,
         Command::Test { skip_e2e } => test::run_test(skip_e2e)?,
         Command::Bench {
             runs,

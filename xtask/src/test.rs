@@ -17,5 +17,5 @@ pub fn run_test(skip_e2e: bool) -> Result<()> {
         eprintln!("skipping the QEMU end-to-end suite (--skip-e2e)");
         return Ok(());
     }
-    crate::e2e_entry::run_default_e2e()
+    crate::e2e::run_e2e(&crate::e2e::E2eOptions::default())
 }

@@ -1,0 +1,388 @@
+//! Readiness without polling the guest: the host listens before QEMU starts, and the agent, once
+//! listening and once the guest has a CID, connects to that port and sends its hello and a
+//! [`ReadyReport`].
+//!
+//! Listening first matters beyond speed: connecting to vhost-device-vsock before the guest's
+//! driver is up wedges the daemon (REFERENCE.md §4, pitfall 1).
+
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_wire::limits::MAX_FRAME_BODY;
+use ferry_wire::{decode_agent_frame, split_frame, AgentFrame, ReadyReport};
+
+/// What the agent announced, and how long it took to.
+#[derive(Debug, Clone)]
+pub struct ReadyInfo {
+    /// The agent's crate version, from its hello.
+    pub agent_version: String,
+    /// The protocol version the agent speaks.
+    pub protocol_version: u16,
+    /// The guest's own boot timings (`CLOCK_BOOTTIME` µs).
+    pub report: ReadyReport,
+    /// Host side: QEMU spawned → the agent's hello received.
+    pub boot_to_ready: Duration,
+}
+
+impl ReadyInfo {
+    /// Time inside the guest from the agent's `main` to its listener being ready, modules
+    /// included.
+    pub fn init_to_listening(&self) -> Duration {
+        Duration::from_micros(
+            self.report
+                .listening_us
+                .saturating_sub(self.report.init_started_us),
+        )
+    }
+
+    /// [`Self::init_to_listening`] without the module loading.
+    pub fn init_to_listening_without_modules(&self) -> Duration {
+        self.init_to_listening()
+            .saturating_sub(Duration::from_micros(self.report.modules_us))
+    }
+
+    /// One line for humans.
+    pub fn summary(&self) -> String {
+        format!(
+            "agent {} (protocol {}), guest CID {}: boot-to-ready {:.0} ms; in the guest: kernel → /init {:.0} ms, /init → listening {:.1} ms ({:.1} ms of it loading modules)",
+            self.agent_version,
+            self.protocol_version,
+            self.report.cid,
+            self.boot_to_ready.as_secs_f64() * 1e3,
+            self.report.init_started_us as f64 / 1e3,
+            self.init_to_listening().as_secs_f64() * 1e3,
+            self.report.modules_us as f64 / 1e3,
+        )
+    }
+}
+
+/// The host end of the readiness connection, bound before the guest starts.
+pub enum ReadyListener {
+    /// vhost-device-vsock's hybrid vsock: guest → host port P arrives on `<uds-path>_P`.
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+    },
+    /// In-kernel vhost-vsock: an AF_VSOCK listener on any CID.
+    Vsock(OwnedFd),
+}
+
+impl ReadyListener {
+    /// Listens on `path`, replacing a stale socket left there.
+    pub fn bind_unix(path: &Path) -> Result<ReadyListener> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("removing stale {}", path.display()))
+            }
+        }
+        let listener =
+            UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+        listener.set_nonblocking(true)?;
+        Ok(ReadyListener::Unix {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Listens on AF_VSOCK port `port` of any local CID.
+    pub fn bind_vsock(port: u32) -> Result<ReadyListener> {
+        let fd = vsock_listen(port).with_context(|| format!("listening on vsock port {port}"))?;
+        Ok(ReadyListener::Vsock(fd))
+    }
+
+    /// Waits until the agent connects and reads its hello and ready report. `spawned` is when
+    /// QEMU started; `check` runs between polls and aborts the wait with its error (QEMU died, the
+    /// user pressed Ctrl-C).
+    pub fn wait(
+        &self,
+        spawned: Instant,
+        deadline: Instant,
+        mut check: impl FnMut() -> Result<()>,
+    ) -> Result<ReadyInfo> {
+        loop {
+            if let Some(stream) = self.accept()? {
+                return read_announcement(stream, spawned, deadline);
+            }
+            check()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "the agent did not announce itself within {:.0} s",
+                    (deadline - spawned).as_secs_f64()
+                );
+            }
+            // Short enough not to blur the boot-to-ready figure.
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn accept(&self) -> Result<Option<UnixStream>> {
+        let accepted = match self {
+            ReadyListener::Unix { listener, .. } => listener.accept().map(|(stream, _)| stream),
+            ReadyListener::Vsock(fd) => vsock_accept(fd).map(UnixStream::from),
+        };
+        match accepted {
+            Ok(stream) => {
+                stream.set_nonblocking(false)?;
+                Ok(Some(stream))
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => Ok(None),
+            Err(err) => Err(err).context("accepting the readiness connection"),
+        }
+    }
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        if let ReadyListener::Unix { path, .. } = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Reads the two frames the agent sends on the readiness connection: its hello, then the report.
+fn read_announcement(
+    mut stream: UnixStream,
+    spawned: Instant,
+    deadline: Instant,
+) -> Result<ReadyInfo> {
+    // The frames follow the connect immediately; a generous floor covers a slow TCG guest.
+    let timeout = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(5));
+    stream.set_read_timeout(Some(timeout))?;
+    let mut reader = FrameReader::default();
+
+    let hello = reader
+        .next(&mut stream)
+        .context("reading the agent's hello")?;
+    let boot_to_ready = spawned.elapsed();
+    let (agent_version, protocol_version) = match decode_agent_frame(&hello) {
+        Ok(AgentFrame::Hello(hello)) => (hello.agent_version.to_owned(), hello.version),
+        Ok(other) => bail!("the agent opened the readiness connection with {other:?}"),
+        Err(err) => bail!("undecodable hello on the readiness connection: {err}"),
+    };
+    let ready = reader
+        .next(&mut stream)
+        .context("reading the agent's ready report")?;
+    let report = match decode_agent_frame(&ready) {
+        Ok(AgentFrame::Ready(report)) => report,
+        Ok(other) => bail!("expected the ready report, got {other:?}"),
+        Err(err) => bail!("undecodable ready report: {err}"),
+    };
+    Ok(ReadyInfo {
+        agent_version,
+        protocol_version,
+        report,
+        boot_to_ready,
+    })
+}
+
+/// Accumulates bytes from a stream and hands out whole frame bodies.
+#[derive(Default)]
+struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    fn next(&mut self, stream: &mut impl Read) -> Result<Vec<u8>> {
+        loop {
+            match split_frame(&self.buf, MAX_FRAME_BODY) {
+                Ok(Some((body, consumed))) => {
+                    let body = body.to_vec();
+                    self.buf.drain(..consumed);
+                    return Ok(body);
+                }
+                Ok(None) => {}
+                Err(err) => bail!("{err}"),
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                bail!("the connection closed mid-frame");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// `socket(AF_VSOCK)` + `bind(VMADDR_CID_ANY, port)` + `listen`, non-blocking.
+#[allow(unsafe_code)]
+fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with constant arguments; the result is checked before use.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_VSOCK,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value of it.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_port = port;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    // SAFETY: `addr` is a live sockaddr_vm and the length passed is its size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a bound socket we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), 4) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// `accept4` on a non-blocking AF_VSOCK listener; `WouldBlock` when nobody is waiting.
+#[allow(unsafe_code)]
+fn vsock_accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
+    // SAFETY: null address pointers are allowed (the peer address is not wanted).
+    let raw = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use ferry_wire::{encode_agent_frame, AgentHello, Limits, MAGIC, PROTOCOL_VERSION};
+
+    fn socket_path() -> PathBuf {
+        static N: AtomicU32 = AtomicU32::new(0);
+        std::env::temp_dir().join(format!(
+            "ferry-ready-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    fn announce(path: &Path, frames: &[AgentFrame<'_>]) {
+        let mut stream = UnixStream::connect(path).expect("connect");
+        let mut buf = [0u8; 256];
+        for frame in frames {
+            let n = encode_agent_frame(frame, &mut buf).expect("encode");
+            // Byte by byte: the reader must reassemble frames split across reads.
+            for byte in &buf[..n] {
+                stream.write_all(&[*byte]).expect("write");
+            }
+        }
+    }
+
+    #[test]
+    fn reads_hello_and_report() {
+        let path = socket_path();
+        let listener = ReadyListener::bind_unix(&path).expect("bind");
+        let report = ReadyReport {
+            cid: 3,
+            init_started_us: 900_000,
+            modules_us: 150_000,
+            listening_us: 1_060_000,
+        };
+        let writer = {
+            let path = path.clone();
+            thread::spawn(move || {
+                announce(
+                    &path,
+                    &[
+                        AgentFrame::Hello(AgentHello {
+                            magic: MAGIC,
+                            version: PROTOCOL_VERSION,
+                            agent_version: "9.9.9",
+                            limits: Limits::CURRENT,
+                        }),
+                        AgentFrame::Ready(report),
+                    ],
+                )
+            })
+        };
+        let start = Instant::now();
+        let info = listener
+            .wait(start, start + Duration::from_secs(10), || Ok(()))
+            .expect("ready");
+        writer.join().expect("writer thread");
+        assert_eq!(info.agent_version, "9.9.9");
+        assert_eq!(info.protocol_version, PROTOCOL_VERSION);
+        assert_eq!(info.report, report);
+        assert_eq!(info.init_to_listening(), Duration::from_millis(160));
+        assert_eq!(
+            info.init_to_listening_without_modules(),
+            Duration::from_millis(10)
+        );
+        drop(listener);
+        assert!(!path.exists(), "the socket is removed on drop");
+    }
+
+    #[test]
+    fn times_out_and_aborts() {
+        let path = socket_path();
+        let listener = ReadyListener::bind_unix(&path).expect("bind");
+        let start = Instant::now();
+        let err = listener
+            .wait(start, start + Duration::from_millis(30), || Ok(()))
+            .expect_err("nobody connects");
+        assert!(err.to_string().contains("did not announce"), "{err}");
+        let err = listener
+            .wait(start, start + Duration::from_secs(10), || {
+                bail!("qemu died")
+            })
+            .expect_err("check fails");
+        assert!(err.to_string().contains("qemu died"), "{err}");
+    }
+
+    #[test]
+    fn rejects_a_report_without_hello() {
+        let path = socket_path();
+        let listener = ReadyListener::bind_unix(&path).expect("bind");
+        let report = ReadyReport {
+            cid: 3,
+            init_started_us: 0,
+            modules_us: 0,
+            listening_us: 0,
+        };
+        let writer = {
+            let path = path.clone();
+            thread::spawn(move || announce(&path, &[AgentFrame::Ready(report)]))
+        };
+        let start = Instant::now();
+        let err = listener
+            .wait(start, start + Duration::from_secs(10), || Ok(()))
+            .expect_err("no hello");
+        writer.join().expect("writer thread");
+        assert!(
+            format!("{err:#}").contains("opened the readiness"),
+            "{err:#}"
+        );
+    }
+}
