@@ -38,13 +38,18 @@ const PIPE_SIZE: usize = 1 << 20;
 /// Credit is returned in batches so a byte-at-a-time writer does not cost a frame per byte.
 const CREDIT_BATCH: usize = STDIN_WINDOW / 4;
 
-/// Serves one accepted connection and ends the process.
-// Kept out of line: its large stack frame must not be probed into the caller's.
-#[inline(never)]
-pub fn serve(sock: OwnedFd) -> ! {
-    let Some(buffers) = sys::take_conn_buffers() else {
-        sys::exit(70)
-    };
+/// What a connection process sets up before its connection arrives, while it waits as a spare:
+/// off the path a client waits on. A pipe that cannot be made now is made (or its failure
+/// reported to the client) when the command starts.
+pub struct Prepared {
+    stdout: Option<(OwnedFd, OwnedFd)>,
+    stderr: Option<(OwnedFd, OwnedFd)>,
+    report: Option<(OwnedFd, OwnedFd)>,
+    null: Option<OwnedFd>,
+}
+
+/// Prepares a connection process; exits the process if its signals cannot be set up.
+pub fn prepare() -> Prepared {
     // Writing to a stdin pipe whose reader is gone must be EPIPE, not death. Our own children
     // are waited for explicitly (the listener leaves SIGCHLD ignored, which would auto-reap).
     if sys::set_signal_ignored(Signal::PIPE, true).is_err()
@@ -52,8 +57,35 @@ pub fn serve(sock: OwnedFd) -> ! {
     {
         sys::exit(71)
     }
-    session(sock.as_fd(), buffers);
+    Prepared {
+        stdout: output_pipe(),
+        stderr: output_pipe(),
+        report: new_pipe().ok(),
+        null: open_null().ok(),
+    }
+}
+
+/// Serves one accepted connection and ends the process.
+// Kept out of line: its large stack frame must not be probed into the caller's.
+#[inline(never)]
+pub fn serve(sock: OwnedFd, prepared: Prepared) -> ! {
+    let Some(buffers) = sys::take_conn_buffers() else {
+        sys::exit(70)
+    };
+    session(sock.as_fd(), buffers, prepared);
     sys::exit(0)
+}
+
+fn new_pipe() -> Result<(OwnedFd, OwnedFd), Errno> {
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+}
+
+/// A pipe for the command's output: large, with our (read) end non-blocking.
+fn output_pipe() -> Option<(OwnedFd, OwnedFd)> {
+    let (read, write) = new_pipe().ok()?;
+    let _ = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE);
+    rustix::io::ioctl_fionbio(&read, true).ok()?;
+    Some((read, write))
 }
 
 /// A failure to report to the client before closing.
@@ -91,7 +123,7 @@ enum ReadError {
     TooLarge,
 }
 
-fn session(sock: BorrowedFd<'_>, buffers: &'static mut ConnBuffers) {
+fn session(sock: BorrowedFd<'_>, buffers: &'static mut ConnBuffers, prepared: Prepared) {
     let ConnBuffers {
         recv,
         out,
@@ -165,7 +197,7 @@ fn session(sock: BorrowedFd<'_>, buffers: &'static mut ConnBuffers) {
         Ok(valid) => valid,
         Err(err) => return refuse(sock, &mut outbox, Failure::new(err.code, err.message)),
     };
-    let child = match start(&valid, argv, envp, cwd) {
+    let child = match start(&valid, argv, envp, cwd, prepared) {
         Ok(child) => child,
         Err(failure) => return refuse(sock, &mut outbox, failure),
     };
@@ -232,22 +264,32 @@ fn start<const A: usize, const E: usize>(
     argv: &mut [*const u8; A],
     envp: &mut [*const u8; E],
     cwd: &mut [u8],
+    ready: Prepared,
 ) -> Result<Child, Failure> {
     let inherited = (0..sys::MAX_INHERITED_ENV).map_while(sys::env_entry);
     let prepared = spawn::prepare(valid, inherited, argv, envp, cwd)
         .map_err(|e| Failure::new(e.code, e.message))?;
-    let pipe = || rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC);
-    let (stdout_r, stdout_w) = pipe().map_err(resource_failure)?;
-    let (stderr_r, stderr_w) = pipe().map_err(resource_failure)?;
+    let output = |pipe: Option<(OwnedFd, OwnedFd)>| {
+        pipe.or_else(output_pipe)
+            .ok_or_else(|| resource_failure(Errno::MFILE))
+    };
+    let (stdout_r, stdout_w) = output(ready.stdout)?;
+    let (stderr_r, stderr_w) = output(ready.stderr)?;
     let (stdin_w, stdin_r) = match valid.request().stdin {
         StdinMode::Pipe => {
-            let (r, w) = pipe().map_err(resource_failure)?;
+            let (r, w) = new_pipe().map_err(resource_failure)?;
+            rustix::io::ioctl_fionbio(&w, true).map_err(resource_failure)?;
             (Some(w), r)
         }
-        StdinMode::Null => (None, open_null().map_err(resource_failure)?),
+        StdinMode::Null => match ready.null {
+            Some(null) => (None, null),
+            None => (None, open_null().map_err(resource_failure)?),
+        },
     };
-    let (report_r, report_w) = pipe().map_err(resource_failure)?;
-    let _ = rustix::pipe::fcntl_setpipe_size(&stdout_w, PIPE_SIZE);
+    let (report_r, report_w) = match ready.report {
+        Some(pipe) => pipe,
+        None => new_pipe().map_err(resource_failure)?,
+    };
 
     let started_us = monotonic_us();
     let pid = match sys::fork().map_err(resource_failure)? {
@@ -289,12 +331,6 @@ fn start<const A: usize, const E: usize>(
             return Err(Failure::os(ErrorCode::Internal, errno, "pidfd_open failed"));
         }
     };
-    for fd in [Some(&stdout_r), Some(&stderr_r), stdin_w.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        rustix::io::ioctl_fionbio(fd, true).map_err(resource_failure)?;
-    }
     Ok(Child {
         pid,
         pidfd,

@@ -132,6 +132,7 @@ fn spare(listener: OwnedFd, report: OwnedFd, listener_pid: rustix::process::Pid)
         // The listener died before the death signal was armed.
         sys::exit(0);
     }
+    let prepared = conn::prepare();
     let conn = loop {
         match rustix::net::accept_with(&listener, SocketFlags::CLOEXEC) {
             Ok(conn) => break conn,
@@ -151,7 +152,7 @@ fn spare(listener: OwnedFd, report: OwnedFd, listener_pid: rustix::process::Pid)
     let _ = rustix::io::write(&report, &[1]);
     drop(report);
     drop(listener);
-    conn::serve(conn)
+    conn::serve(conn, prepared)
 }
 
 /// Blocks until the spare has taken a connection or died.

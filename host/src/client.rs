@@ -1,12 +1,13 @@
 //! The entry point: a client bound to one agent. Every operation opens its own connection
 //! (the protocol carries one operation per connection), so a `Client` is cheap to share.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_wire::{ClientFrame, Limits};
 
 use crate::command::Command;
-use crate::conn::{open_timed, AgentInfo, Connection};
+use crate::conn::{open_timed, AgentInfo, BufferPool, Connection};
 use crate::error::Error;
 use crate::exec::{Execution, Output};
 use crate::target::{ConnectOptions, Target};
@@ -16,6 +17,7 @@ use crate::target::{ConnectOptions, Target};
 pub struct Client {
     target: Target,
     options: ConnectOptions,
+    buffers: Arc<BufferPool>,
 }
 
 /// The answer to a health check.
@@ -46,6 +48,7 @@ impl Client {
         Client {
             target: target.clone(),
             options,
+            buffers: Arc::default(),
         }
     }
 
@@ -57,7 +60,8 @@ impl Client {
     /// Opens a fresh connection and exchanges hellos: is the agent up, and how fast does it
     /// answer?
     pub fn health(&self) -> Result<Health, Error> {
-        let (_conn, info, round_trip) = open_timed(&self.target, &self.options)?;
+        let (_conn, info, round_trip) =
+            open_timed(&self.target, &self.options, Some(&self.buffers))?;
         Ok(Health { info, round_trip })
     }
 
@@ -71,6 +75,7 @@ impl Client {
         let (conn, _info) = Connection::open_with(
             &self.target,
             &self.options,
+            Some(&self.buffers),
             Some(&ClientFrame::Exec(request)),
         )?;
         Execution::start(conn, command.stdin_mode())

@@ -1,13 +1,15 @@
 //! One framed connection to the agent: the hello, then whole frames in and out.
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_wire::limits::{MAX_FRAME, MAX_FRAME_BODY};
 use ferry_wire::{
     decode_agent_frame, encode_client_frame, split_frame, AgentFrame, ClientFrame, ClientHello,
-    ErrorCode, Limits, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    EncodeError, ErrorCode, Limits, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::error::{Error, RemoteError};
@@ -27,16 +29,70 @@ pub struct AgentInfo {
     pub limits: Limits,
 }
 
+/// Receive buffers kept between one client's connections (clones included): a fresh buffer
+/// costs an mmap, page faults and an munmap per operation.
+#[derive(Default)]
+pub(crate) struct BufferPool(Mutex<Vec<Box<[u8]>>>);
+
+/// Buffers a pool keeps: enough for a few operations running side by side.
+const POOLED_BUFFERS: usize = 4;
+
+impl BufferPool {
+    fn take(&self) -> Box<[u8]> {
+        let pooled = self.0.lock().ok().and_then(|mut buffers| buffers.pop());
+        pooled.unwrap_or_else(|| vec![0u8; RECV_BUFFER].into_boxed_slice())
+    }
+
+    fn give(&self, buffer: Box<[u8]>) {
+        if let Ok(mut buffers) = self.0.lock() {
+            if buffers.len() < POOLED_BUFFERS && buffer.len() == RECV_BUFFER {
+                buffers.push(buffer);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for BufferPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pooled = self.0.lock().map_or(0, |buffers| buffers.len());
+        write!(f, "BufferPool({pooled} buffers)")
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.give(std::mem::take(&mut self.recv));
+        }
+    }
+}
+
+/// An opening larger than this may not fit an empty socket buffer, so its write gets a deadline;
+/// anything smaller cannot block on a fresh connection.
+const UNTIMED_OPENING: usize = 16 * 1024;
+
+/// The hello, and the request behind it if there is one, encoded back to back into `buf`.
+fn encode_opening(request: Option<&ClientFrame<'_>>, buf: &mut [u8]) -> Result<usize, EncodeError> {
+    let mut len = encode_client_frame(&ClientFrame::Hello(ClientHello::CURRENT), buf)?;
+    if let Some(request) = request {
+        len += encode_client_frame(request, &mut buf[len..])?;
+    }
+    Ok(len)
+}
+
 /// A connection past its hello.
 pub(crate) struct Connection {
     stream: UnixStream,
     recv: Box<[u8]>,
+    /// Where `recv` goes back to when the connection ends.
+    pool: Option<Arc<BufferPool>>,
+    /// Until the hello has arrived: when to give up waiting for the agent.
+    hello_deadline: Option<Instant>,
     /// Unread bytes are `recv[start..end]`.
     start: usize,
     end: usize,
     /// Bytes of the frame last returned by [`Connection::recv`], released on the next call.
     returned: usize,
-    send: Vec<u8>,
 }
 
 impl Connection {
@@ -44,8 +100,9 @@ impl Connection {
     pub fn open(
         target: &Target,
         options: &ConnectOptions,
+        pool: Option<&Arc<BufferPool>>,
     ) -> Result<(Connection, AgentInfo), Error> {
-        Connection::open_with(target, options, None)
+        Connection::open_with(target, options, pool, None)
     }
 
     /// Like [`Connection::open`], with `request` sent right behind the hello in the same write:
@@ -55,27 +112,51 @@ impl Connection {
     pub fn open_with(
         target: &Target,
         options: &ConnectOptions,
+        pool: Option<&Arc<BufferPool>>,
         request: Option<&ClientFrame<'_>>,
     ) -> Result<(Connection, AgentInfo), Error> {
         const _: () = assert!(MIN_PROTOCOL_VERSION == PROTOCOL_VERSION);
-        let stream = target.open_stream(options)?;
+        let opened = target.open_raw(options)?;
         let mut conn = Connection {
-            stream,
-            recv: vec![0u8; RECV_BUFFER].into_boxed_slice(),
+            stream: opened.stream,
+            recv: match pool {
+                Some(pool) => pool.take(),
+                None => vec![0u8; RECV_BUFFER].into_boxed_slice(),
+            },
+            pool: pool.cloned(),
+            hello_deadline: Some(opened.deadline),
             start: 0,
             end: 0,
             returned: 0,
-            send: vec![0u8; MAX_FRAME],
         };
-        let mut len =
-            encode_client_frame(&ClientFrame::Hello(ClientHello::CURRENT), &mut conn.send)
-                .map_err(|err| Error::InvalidRequest(err.to_string()))?;
-        if let Some(request) = request {
-            conn.send.resize(len + MAX_FRAME, 0);
-            len += encode_client_frame(request, &mut conn.send[len..])
-                .map_err(|err| Error::InvalidRequest(err.to_string()))?;
+        // Most requests are a few hundred bytes: encode on the stack, and size a heap buffer for
+        // the largest frame only when one does not fit.
+        let mut small = [0u8; 2048];
+        let mut large = Vec::new();
+        let len = match encode_opening(request, &mut small) {
+            Err(EncodeError::BufferTooSmall) => {
+                large.resize(2 * MAX_FRAME, 0);
+                encode_opening(request, &mut large)
+            }
+            other => other,
         }
-        conn.stream.write_all(&conn.send[..len]).map_err(io_error)?;
+        .map_err(|err| Error::InvalidRequest(err.to_string()))?;
+        let opening = if large.is_empty() {
+            &small[..len]
+        } else {
+            &large[..len]
+        };
+        let timed_write = !opened.timeouts_set && opening.len() > UNTIMED_OPENING;
+        if timed_write {
+            let left = opened
+                .deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            conn.stream
+                .set_write_timeout(Some(left))
+                .map_err(Error::Io)?;
+        }
+        conn.stream.write_all(opening).map_err(io_error)?;
         let info = match conn.recv("during the hello")? {
             AgentFrame::Hello(hello) => {
                 if hello.magic != MAGIC {
@@ -105,8 +186,13 @@ impl Connection {
             other => return Err(unexpected(&other, "instead of a hello")),
         };
         // Past the hello an operation may run for as long as it likes.
-        conn.stream.set_read_timeout(None).map_err(Error::Io)?;
-        conn.stream.set_write_timeout(None).map_err(Error::Io)?;
+        conn.hello_deadline = None;
+        if opened.timeouts_set {
+            conn.stream.set_read_timeout(None).map_err(Error::Io)?;
+        }
+        if opened.timeouts_set || timed_write {
+            conn.stream.set_write_timeout(None).map_err(Error::Io)?;
+        }
         Ok((conn, info))
     }
 
@@ -128,6 +214,14 @@ impl Connection {
                 self.recv.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
+            }
+            if let Some(deadline) = self.hello_deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero()
+                    || !crate::sys::wait_readable(self.stream.as_fd(), left).map_err(Error::Io)?
+                {
+                    return Err(io_error(io::Error::from(io::ErrorKind::TimedOut)));
+                }
             }
             let n = loop {
                 match self.stream.read(&mut self.recv[self.end..]) {
@@ -208,8 +302,9 @@ pub(crate) fn unexpected(frame: &AgentFrame<'_>, context: &str) -> Error {
 pub(crate) fn open_timed(
     target: &Target,
     options: &ConnectOptions,
+    pool: Option<&Arc<BufferPool>>,
 ) -> Result<(Connection, AgentInfo, Duration), Error> {
     let started = Instant::now();
-    let (conn, info) = Connection::open(target, options)?;
+    let (conn, info) = Connection::open(target, options, pool)?;
     Ok((conn, info, started.elapsed()))
 }

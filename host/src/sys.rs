@@ -1,4 +1,5 @@
-//! The host library's only `unsafe`: opening an AF_VSOCK stream, which std has no type for.
+//! The host library's only `unsafe`: opening an AF_VSOCK stream, which std has no type for, and
+//! waiting for a socket with a deadline without changing its timeouts.
 //!
 //! The connected socket is handed out as a `UnixStream`: every method the library uses on it
 //! (read, write, shutdown, timeouts, try_clone) is an address-family-agnostic socket call.
@@ -59,4 +60,32 @@ pub fn connect_vsock(cid: u32, port: u32, timeout: Duration) -> io::Result<UnixS
         return Err(io::Error::last_os_error());
     }
     Ok(sock)
+}
+
+/// Waits until `fd` is readable (or hung up) or `timeout` passes; `Ok(false)` on timeout.
+pub fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // Rounded up, so a sub-millisecond remainder still waits instead of spinning.
+    let millis = timeout
+        .as_micros()
+        .div_ceil(1000)
+        .min(libc::c_int::MAX as u128) as libc::c_int;
+    loop {
+        // SAFETY: `pollfd` is a live, initialised pollfd and the count passed is 1.
+        let rc = unsafe { libc::poll(&mut pollfd, 1, millis) };
+        match rc {
+            0 => return Ok(false),
+            1.. => return Ok(true),
+            _ => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
 }

@@ -135,6 +135,24 @@ impl Target {
     /// sent: for callers that speak `ferry_wire` themselves (a VMM's event loop, a fuzzer). The
     /// stream's read and write timeouts are left at `options.connect_timeout`.
     pub fn open_stream(&self, options: &ConnectOptions) -> Result<UnixStream, Error> {
+        let opened = self.open_raw(options)?;
+        let remaining = remaining(opened.deadline).map_err(|source| Error::Connect {
+            target: self.to_string(),
+            source,
+        })?;
+        let stream = opened.stream;
+        stream
+            .set_read_timeout(Some(remaining))
+            .map_err(Error::Io)?;
+        stream
+            .set_write_timeout(Some(remaining))
+            .map_err(Error::Io)?;
+        Ok(stream)
+    }
+
+    /// Connects (and does the hybrid-vsock handshake) without touching the socket's timeouts
+    /// unless the handshake needed them: a connection's setup is a handful of syscalls.
+    pub(crate) fn open_raw(&self, options: &ConnectOptions) -> Result<Opened, Error> {
         let deadline = Instant::now() + options.connect_timeout;
         let connect_error = |source: io::Error| Error::Connect {
             target: self.to_string(),
@@ -154,15 +172,21 @@ impl Target {
                     },
                 })?,
         };
-        let remaining = remaining(deadline).map_err(connect_error)?;
-        stream
-            .set_read_timeout(Some(remaining))
-            .map_err(Error::Io)?;
-        stream
-            .set_write_timeout(Some(remaining))
-            .map_err(Error::Io)?;
-        Ok(stream)
+        Ok(Opened {
+            stream,
+            deadline,
+            timeouts_set: matches!(self, Target::Hvsock { .. }),
+        })
     }
+}
+
+/// A freshly connected stream, before the protocol hello.
+pub(crate) struct Opened {
+    pub stream: UnixStream,
+    /// When the connection (hello included) must be up.
+    pub deadline: Instant,
+    /// Whether read/write timeouts are set on the socket (the hybrid-vsock handshake sets them).
+    pub timeouts_set: bool,
 }
 
 fn remaining(deadline: Instant) -> io::Result<Duration> {

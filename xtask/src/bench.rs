@@ -121,6 +121,18 @@ impl LocalAgent {
     fn rss_kib(&self) -> Result<u64> {
         status_kib(self.child.id(), "VmRSS")
     }
+
+    /// The preforked spare's RSS (the listener's only child when no connection is open).
+    fn spare_rss_kib(&self) -> Result<u64> {
+        let pid = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))?;
+        let spare: u32 = children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("the agent has no spare connection process")?;
+        status_kib(spare, "VmRSS")
+    }
 }
 
 impl Drop for LocalAgent {
@@ -146,10 +158,12 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
     // Let it settle into accept().
     thread::sleep(Duration::from_millis(200));
     let idle = agent.rss_kib()?;
+    // The spare connection process, forked ahead of the next connection, waits in accept.
+    let spare = agent.spare_rss_kib()?;
     rows.push(Row {
         metric: "agent idle RSS (listening)".into(),
         ferry: format!("{idle} KiB"),
-        baseline: String::new(),
+        baseline: format!("+ {spare} KiB spare connection process"),
         ratio: String::new(),
         target: "≤ 64 KiB".into(),
         verdict: Verdict::from(idle <= 64),
@@ -157,7 +171,7 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
 
     let target = Target::Unix(agent.socket.clone());
     let client = Client::new(&target, ConnectOptions::default());
-    let (ferry, local) = exec_round_trips(&client, Path::new("/bin/true"), options.runs)?;
+    let (ferry, local, hello) = exec_round_trips(&client, Path::new("/bin/true"), options.runs)?;
     let ratio = ferry.p50.as_secs_f64() / local.p50.as_secs_f64();
     rows.push(Row {
         metric: format!("exec /bin/true p50 ({} runs)", options.runs),
@@ -172,6 +186,14 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
         ferry: micros(ferry.p99),
         baseline: format!("{} fork+exec+wait", micros(local.p99)),
         ratio: format!("{:.2}×", ferry.p99.as_secs_f64() / local.p99.as_secs_f64()),
+        target: String::new(),
+        verdict: Verdict::Info,
+    });
+    rows.push(Row {
+        metric: format!("connect + hello p50 / p99 ({} runs)", options.runs),
+        ferry: format!("{} / {}", micros(hello.p50), micros(hello.p99)),
+        baseline: "(the transport's share of an exec)".into(),
+        ratio: String::new(),
         target: String::new(),
         verdict: Verdict::Info,
     });
@@ -221,15 +243,16 @@ pub fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
     }
 }
 
-/// Alternates ferry and local runs so drift on the machine hits both sides alike.
+/// Alternates ferry, local and hello-only runs so drift on the machine hits all sides alike.
 fn exec_round_trips(
     client: &Client,
     program: &Path,
     runs: usize,
-) -> Result<(Percentiles, Percentiles)> {
+) -> Result<(Percentiles, Percentiles, Percentiles)> {
     let command = ferry_host::Command::new(program);
     let mut ferry = Vec::with_capacity(runs);
     let mut local = Vec::with_capacity(runs);
+    let mut hellos = Vec::with_capacity(runs);
     let warmup = runs / 20 + 10;
     for i in 0..runs + warmup {
         let started = Instant::now();
@@ -245,27 +268,37 @@ fn exec_round_trips(
         let started = Instant::now();
         crate::sys::fork_exec_wait(program)?;
         let local_time = started.elapsed();
+        let started = Instant::now();
+        client.health()?;
+        let hello_time = started.elapsed();
         if i >= warmup {
             ferry.push(ferry_time);
             local.push(local_time);
+            hellos.push(hello_time);
         }
     }
-    Ok((percentiles(ferry), percentiles(local)))
+    Ok((percentiles(ferry), percentiles(local), percentiles(hellos)))
 }
 
 /// Streams `total` zero bytes from `head` through the agent; returns bytes per second.
-pub fn ferry_stream(client: &Client, total: u64) -> Result<f64> {
+fn ferry_stream(client: &Client, total: u64) -> Result<f64> {
     let mut command = ferry_host::Command::new("head");
     command.args(["-c", &total.to_string(), "/dev/zero"]);
+    stream_rate(client, &command, total)
+}
+
+/// Runs `command`, which must print exactly `total` bytes on stdout, and returns bytes per second
+/// as the host received them.
+pub fn stream_rate(client: &Client, command: &ferry_host::Command, total: u64) -> Result<f64> {
     let started = Instant::now();
-    let mut execution = client.spawn(&command)?;
+    let mut execution = client.spawn(command)?;
     let mut received = 0u64;
     loop {
         match execution.next_event()? {
             Some(Event::Stdout(data)) => received += data.len() as u64,
             Some(Event::Stderr(data)) => bail!("stderr: {}", String::from_utf8_lossy(data)),
             Some(Event::Exited(end)) if end.success() => break,
-            Some(Event::Exited(end)) => bail!("head failed: {:?}", end.status),
+            Some(Event::Exited(end)) => bail!("{command:?} failed: {:?}", end.status),
             None => bail!("no termination record"),
         }
     }
