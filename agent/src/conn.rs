@@ -427,22 +427,29 @@ impl<'b> Inbox<'b> {
         sock: BorrowedFd<'_>,
         deadline_us: u64,
     ) -> Result<Range<usize>, ReadError> {
+        // Read before polling: a pipelining client's request is usually there already.
+        let mut readable = true;
         loop {
             if let Some(body) = self.next()? {
                 return Ok(body);
             }
-            if monotonic_us() >= deadline_us {
-                return Err(ReadError::TimedOut);
+            if !readable {
+                if monotonic_us() >= deadline_us {
+                    return Err(ReadError::TimedOut);
+                }
+                let mut fds = [PollFd::new(&sock, PollFlags::IN)];
+                match poll(&mut fds, Some(&timeout_until(deadline_us))) {
+                    Ok(_) | Err(Errno::INTR) => {}
+                    Err(_) => return Err(ReadError::Closed),
+                }
             }
-            let mut fds = [PollFd::new(&sock, PollFlags::IN)];
-            match poll(&mut fds, Some(&timeout_until(deadline_us))) {
-                Ok(_) | Err(Errno::INTR) => {}
-                Err(_) => return Err(ReadError::Closed),
-            }
+            let before = self.end - self.start;
             match self.fill(sock) {
                 Ok(true) => {}
                 Ok(false) | Err(_) => return Err(ReadError::Closed),
             }
+            // Nothing new (EAGAIN): wait for the socket next time round.
+            readable = self.end - self.start != before;
         }
     }
 }
