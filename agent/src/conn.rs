@@ -30,8 +30,9 @@ const FINAL_SEND_TIMEOUT_US: u64 = 30_000_000;
 /// After the command exits, how long output from processes that inherited its pipes is still
 /// awaited before an idle pipe is closed.
 const DRAIN_GRACE_US: u64 = 200_000;
-/// After the grace period, how much more output is forwarded before the pipes are closed and
-/// the rest is reported as dropped.
+/// After the command exits, how much more output is forwarded (grace period or not) before the
+/// pipes are closed and the rest is reported as dropped: what a full pipe held, with room to
+/// spare, but never an endless stream.
 const DRAIN_LIMIT: usize = 4 << 20;
 /// Larger pipes mean fewer wake-ups per byte when a command writes fast.
 const PIPE_SIZE: usize = 1 << 20;
@@ -708,7 +709,7 @@ impl<'s, 'b> Pump<'s, 'b> {
                 Ok(0) => *pipe = None,
                 Ok(n) => {
                     self.prefer_stderr = kind == DataKind::Stdout;
-                    if self.draining {
+                    if self.exit.is_some() {
                         self.drained_bytes += n;
                         if self.drained_bytes > DRAIN_LIMIT {
                             // Someone keeps the pipes busy long after the command ended.
