@@ -59,8 +59,8 @@ pub fn prepare() -> Prepared {
         sys::exit(71)
     }
     Prepared {
-        stdout: output_pipe(),
-        stderr: output_pipe(),
+        stdout: output_pipe().ok(),
+        stderr: output_pipe().ok(),
         report: new_pipe().ok(),
         null: open_null().ok(),
     }
@@ -82,11 +82,11 @@ fn new_pipe() -> Result<(OwnedFd, OwnedFd), Errno> {
 }
 
 /// A pipe for the command's output: large, with our (read) end non-blocking.
-fn output_pipe() -> Option<(OwnedFd, OwnedFd)> {
-    let (read, write) = new_pipe().ok()?;
+fn output_pipe() -> Result<(OwnedFd, OwnedFd), Errno> {
+    let (read, write) = new_pipe()?;
     let _ = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE);
-    rustix::io::ioctl_fionbio(&read, true).ok()?;
-    Some((read, write))
+    rustix::io::ioctl_fionbio(&read, true)?;
+    Ok((read, write))
 }
 
 /// A failure to report to the client before closing.
@@ -270,9 +270,10 @@ fn start<const A: usize, const E: usize>(
     let inherited = (0..sys::MAX_INHERITED_ENV).map_while(sys::env_entry);
     let prepared = spawn::prepare(valid, inherited, argv, envp, cwd)
         .map_err(|e| Failure::new(e.code, e.message))?;
-    let output = |pipe: Option<(OwnedFd, OwnedFd)>| {
-        pipe.or_else(output_pipe)
-            .ok_or_else(|| resource_failure(Errno::MFILE))
+    // One that could not be made while waiting is made now, and its errno reported.
+    let output = |pipe: Option<(OwnedFd, OwnedFd)>| match pipe {
+        Some(pipe) => Ok(pipe),
+        None => output_pipe().map_err(resource_failure),
     };
     let (stdout_r, stdout_w) = output(ready.stdout)?;
     let (stderr_r, stderr_w) = output(ready.stderr)?;

@@ -36,6 +36,20 @@ pub struct Row {
     pub verdict: Verdict,
 }
 
+impl Row {
+    /// A figure reported without a target.
+    pub fn info(metric: String, ferry: String, baseline: String) -> Row {
+        Row {
+            metric,
+            ferry,
+            baseline,
+            ratio: String::new(),
+            target: String::new(),
+            verdict: Verdict::Info,
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Pass,
@@ -53,7 +67,7 @@ impl Verdict {
         }
     }
 
-    fn from(pass: bool) -> Verdict {
+    pub fn from(pass: bool) -> Verdict {
         if pass {
             Verdict::Pass
         } else {
@@ -189,14 +203,11 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
         target: String::new(),
         verdict: Verdict::Info,
     });
-    rows.push(Row {
-        metric: format!("connect + hello p50 / p99 ({} runs)", options.runs),
-        ferry: format!("{} / {}", micros(hello.p50), micros(hello.p99)),
-        baseline: "(the transport's share of an exec)".into(),
-        ratio: String::new(),
-        target: String::new(),
-        verdict: Verdict::Info,
-    });
+    rows.push(Row::info(
+        format!("connect + hello p50 / p99 ({} runs)", options.runs),
+        format!("{} / {}", micros(hello.p50), micros(hello.p99)),
+        "(the transport's share of an exec)".into(),
+    ));
 
     let mut ferry_rates = Vec::new();
     let mut raw_rates = Vec::new();

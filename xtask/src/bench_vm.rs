@@ -54,20 +54,9 @@ fn millis(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
-fn info_row(metric: String, ferry: String, baseline: String) -> Row {
-    Row {
-        metric,
-        ferry,
-        baseline,
-        ratio: String::new(),
-        target: String::new(),
-        verdict: Verdict::Info,
-    }
-}
-
 fn boot_rows(minimal: &[ReadyInfo], full: &[ReadyInfo], rows: &mut Vec<Row>) {
     for (image, boots) in [("agent-only image", minimal), ("image with busybox", full)] {
-        rows.push(info_row(
+        rows.push(Row::info(
             format!("VM boot-to-ready, {image} (QEMU start → agent hello, median of {BOOTS})"),
             millis(median(boots.iter().map(|b| b.boot_to_ready).collect())),
             format!(
@@ -101,11 +90,7 @@ fn boot_rows(minimal: &[ReadyInfo], full: &[ReadyInfo], rows: &mut Vec<Row>) {
         baseline: format!("+ {} loading the vsock modules", millis(modules)),
         ratio: String::new(),
         target: "≤ 50 ms".into(),
-        verdict: if without_modules <= Duration::from_millis(50) {
-            Verdict::Pass
-        } else {
-            Verdict::Fail
-        },
+        verdict: Verdict::from(without_modules <= Duration::from_millis(50)),
     });
 }
 
@@ -121,11 +106,7 @@ fn guest_rows(vm: &Vm, rows: &mut Vec<Row>) -> Result<()> {
         baseline: format!("+ {spare_kib} KiB spare connection process"),
         ratio: String::new(),
         target: "≤ 64 KiB".into(),
-        verdict: if listener_kib <= 64 {
-            Verdict::Pass
-        } else {
-            Verdict::Fail
-        },
+        verdict: Verdict::from(listener_kib <= 64),
     });
 
     // Transport alone (connect + hello) next to a whole exec of /bin/true, interleaved.
@@ -218,11 +199,7 @@ fn guest_rows(vm: &Vm, rows: &mut Vec<Row>) -> Result<()> {
         baseline: String::new(),
         ratio: String::new(),
         target: format!("= idle ({listener_kib} KiB)"),
-        verdict: if after_kib <= listener_kib {
-            Verdict::Pass
-        } else {
-            Verdict::Fail
-        },
+        verdict: Verdict::from(after_kib <= listener_kib),
     });
     Ok(())
 }
