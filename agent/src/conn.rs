@@ -20,7 +20,8 @@ use rustix::net::{RecvFlags, SendFlags};
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions, WaitIdStatus};
 
 use crate::clock::{monotonic_us, timeout_until};
-use crate::spawn::{self, ChildStdio, REPORT_LEN};
+use crate::listen::Successor;
+use crate::spawn::{self, ChildFailure, ChildStdio};
 use crate::sys::{self, ConnBuffers};
 
 /// How long a client may take to send its hello and its request.
@@ -45,8 +46,8 @@ const CREDIT_BATCH: usize = STDIN_WINDOW / 4;
 pub struct Prepared {
     stdout: Option<(OwnedFd, OwnedFd)>,
     stderr: Option<(OwnedFd, OwnedFd)>,
-    report: Option<(OwnedFd, OwnedFd)>,
     null: Option<OwnedFd>,
+    stack: Option<sys::ChildStack>,
 }
 
 /// Prepares a connection process; exits the process if its signals cannot be set up.
@@ -61,19 +62,20 @@ pub fn prepare() -> Prepared {
     Prepared {
         stdout: output_pipe().ok(),
         stderr: output_pipe().ok(),
-        report: new_pipe().ok(),
         null: open_null().ok(),
+        stack: sys::ChildStack::new().ok(),
     }
 }
 
 /// Serves one accepted connection and ends the process.
 // Kept out of line: its large stack frame must not be probed into the caller's.
 #[inline(never)]
-pub fn serve(sock: OwnedFd, prepared: Prepared) -> ! {
+pub fn serve(sock: OwnedFd, prepared: Prepared, mut successor: Successor) -> ! {
     let Some(buffers) = sys::take_conn_buffers() else {
+        successor.release();
         sys::exit(70)
     };
-    session(sock.as_fd(), buffers, prepared);
+    session(sock.as_fd(), buffers, prepared, &mut successor);
     sys::exit(0)
 }
 
@@ -124,7 +126,12 @@ enum ReadError {
     TooLarge,
 }
 
-fn session(sock: BorrowedFd<'_>, buffers: &'static mut ConnBuffers, prepared: Prepared) {
+fn session(
+    sock: BorrowedFd<'_>,
+    buffers: &'static mut ConnBuffers,
+    prepared: Prepared,
+    successor: &mut Successor,
+) {
     let ConnBuffers {
         recv,
         out,
@@ -137,70 +144,19 @@ fn session(sock: BorrowedFd<'_>, buffers: &'static mut ConnBuffers, prepared: Pr
     let mut outbox = Outbox::new(out);
     let deadline = monotonic_us() + HANDSHAKE_TIMEOUT_US;
 
-    let body = match inbox.wait_frame(sock, deadline) {
-        Ok(body) => body,
-        Err(err) => return refuse_read(sock, &mut outbox, err),
-    };
-    match decode_client_frame(&inbox.buf[body]) {
-        Ok(ClientFrame::Hello(hello)) => match hello.negotiate() {
-            Some(version) => {
-                let hello = AgentFrame::Hello(AgentHello {
-                    magic: MAGIC,
-                    version,
-                    agent_version: crate::AGENT_VERSION,
-                    limits: Limits::CURRENT,
-                });
-                if outbox.put(&hello).is_err() {
-                    return;
-                }
-                // A client that sent its request right behind the hello gets the hello with
-                // the answer to it: one wake-up instead of two.
-                if !inbox.has_frame() && outbox.flush_within(sock, deadline).is_err() {
-                    return;
-                }
-            }
-            None => {
-                let failure = Failure::new(ErrorCode::UnsupportedVersion, "no common version");
-                return refuse(sock, &mut outbox, failure);
-            }
-        },
-        Ok(_) => {
-            let failure = Failure::new(ErrorCode::ProtocolViolation, "expected hello");
-            return refuse(sock, &mut outbox, failure);
-        }
-        Err(_) => {
-            return refuse(
-                sock,
-                &mut outbox,
-                Failure::new(ErrorCode::Malformed, "bad hello"),
-            )
-        }
-    }
-
-    let body = match inbox.wait_frame(sock, deadline) {
-        Ok(body) => body,
-        // A hello alone is a health check: closing after it is normal.
-        Err(ReadError::Closed) => return,
-        Err(err) => return refuse_read(sock, &mut outbox, err),
-    };
-    let exec = match decode_client_frame(&inbox.buf[body]) {
-        Ok(ClientFrame::Exec(exec)) => exec,
-        Ok(_) => {
-            let failure = Failure::new(ErrorCode::ProtocolViolation, "expected a request");
-            return refuse(sock, &mut outbox, failure);
-        }
-        Err(_) => {
-            let failure = Failure::new(ErrorCode::Malformed, "bad request frame");
-            return refuse(sock, &mut outbox, failure);
-        }
-    };
-    let valid = match exec.validate() {
-        Ok(valid) => valid,
-        Err(err) => return refuse(sock, &mut outbox, Failure::new(err.code, err.message)),
-    };
-    let child = match start(&valid, argv, envp, cwd, prepared) {
+    let started = (|| -> Result<Child, Option<Failure>> {
+        let body = handshake(sock, &mut inbox, &mut outbox, deadline, successor)?;
+        let valid = request(&inbox.buf[body])?;
+        // The next spare is forked while our child starts, off the path the client waits on.
+        Ok(start(&valid, argv, envp, cwd, prepared, || {
+            successor.release()
+        })?)
+    })();
+    successor.release();
+    let child = match started {
         Ok(child) => child,
-        Err(failure) => return refuse(sock, &mut outbox, failure),
+        Err(Some(failure)) => return refuse(sock, &mut outbox, failure),
+        Err(None) => return,
     };
     let started = AgentFrame::Started(Started {
         pid: child.pid.as_raw_nonzero().get() as u32,
@@ -213,19 +169,77 @@ fn session(sock: BorrowedFd<'_>, buffers: &'static mut ConnBuffers, prepared: Pr
     pump.run();
 }
 
-fn refuse_read(sock: BorrowedFd<'_>, outbox: &mut Outbox<'_>, err: ReadError) {
-    match err {
-        ReadError::Closed => {}
-        ReadError::TimedOut => refuse(
-            sock,
-            outbox,
-            Failure::new(ErrorCode::ProtocolViolation, "handshake timed out"),
-        ),
-        ReadError::TooLarge => refuse(
-            sock,
-            outbox,
-            Failure::new(ErrorCode::FrameTooLarge, "frame exceeds the limit"),
-        ),
+/// The hello exchange, then the request frame's body. `Err(None)`: the client left (a hello
+/// alone is a health check) and is owed nothing.
+fn handshake(
+    sock: BorrowedFd<'_>,
+    inbox: &mut Inbox<'_>,
+    outbox: &mut Outbox<'_>,
+    deadline: u64,
+    successor: &mut Successor,
+) -> Result<Range<usize>, Option<Failure>> {
+    let body = inbox.wait_frame(sock, deadline, successor)?;
+    match decode_client_frame(&inbox.buf[body]) {
+        Ok(ClientFrame::Hello(hello)) => {
+            let Some(version) = hello.negotiate() else {
+                let failure = Failure::new(ErrorCode::UnsupportedVersion, "no common version");
+                return Err(Some(failure));
+            };
+            let hello = AgentFrame::Hello(AgentHello {
+                magic: MAGIC,
+                version,
+                agent_version: crate::AGENT_VERSION,
+                limits: Limits::CURRENT,
+            });
+            outbox.put(&hello).map_err(|_| None)?;
+            // A client that sent its request right behind the hello gets the hello with the
+            // answer to it: one wake-up instead of two.
+            if !inbox.has_frame() {
+                successor.release();
+                outbox.flush_within(sock, deadline).map_err(|_| None)?;
+            }
+        }
+        Ok(_) => {
+            let failure = Failure::new(ErrorCode::ProtocolViolation, "expected hello");
+            return Err(Some(failure));
+        }
+        Err(_) => return Err(Some(Failure::new(ErrorCode::Malformed, "bad hello"))),
+    }
+    Ok(inbox.wait_frame(sock, deadline, successor)?)
+}
+
+/// Decodes and checks the request.
+fn request(body: &[u8]) -> Result<ValidExec<'_>, Option<Failure>> {
+    let exec = match decode_client_frame(body) {
+        Ok(ClientFrame::Exec(exec)) => exec,
+        Ok(_) => {
+            let failure = Failure::new(ErrorCode::ProtocolViolation, "expected a request");
+            return Err(Some(failure));
+        }
+        Err(_) => {
+            return Err(Some(Failure::new(
+                ErrorCode::Malformed,
+                "bad request frame",
+            )))
+        }
+    };
+    exec.validate()
+        .map_err(|err| Some(Failure::new(err.code, err.message)))
+}
+
+impl From<ReadError> for Option<Failure> {
+    fn from(err: ReadError) -> Self {
+        match err {
+            ReadError::Closed => None,
+            ReadError::TimedOut => Some(Failure::new(
+                ErrorCode::ProtocolViolation,
+                "handshake timed out",
+            )),
+            ReadError::TooLarge => Some(Failure::new(
+                ErrorCode::FrameTooLarge,
+                "frame exceeds the limit",
+            )),
+        }
     }
 }
 
@@ -266,6 +280,7 @@ fn start<const A: usize, const E: usize>(
     envp: &mut [*const u8; E],
     cwd: &mut [u8],
     ready: Prepared,
+    meanwhile: impl FnOnce(),
 ) -> Result<Child, Failure> {
     let inherited = (0..sys::MAX_INHERITED_ENV).map_while(sys::env_entry);
     let prepared = spawn::prepare(valid, inherited, argv, envp, cwd)
@@ -288,51 +303,28 @@ fn start<const A: usize, const E: usize>(
             None => (None, open_null().map_err(resource_failure)?),
         },
     };
-    let (report_r, report_w) = match ready.report {
-        Some(pipe) => pipe,
-        None => new_pipe().map_err(resource_failure)?,
+    let mut stack = match ready.stack {
+        Some(stack) => stack,
+        None => sys::ChildStack::new().map_err(resource_failure)?,
     };
 
+    let stdio = ChildStdio {
+        stdin: stdin_r.as_fd(),
+        stdout: stdout_w.as_fd(),
+        stderr: stderr_w.as_fd(),
+    };
+    let failure = ChildFailure::new();
     let started_us = monotonic_us();
-    let pid = match sys::fork().map_err(resource_failure)? {
-        sys::Forked::Child => spawn::exec_child(
-            &prepared,
-            ChildStdio {
-                stdin: stdin_r.as_fd(),
-                stdout: stdout_w.as_fd(),
-                stderr: stderr_w.as_fd(),
-            },
-            &report_w,
-        ),
-        sys::Forked::Parent(pid) => pid,
-    };
+    let child = || spawn::exec_child(&prepared, &stdio, &failure);
+    let sys::Spawned { pid, pidfd } =
+        sys::spawn(&mut stack, &child, meanwhile).map_err(resource_failure)?;
     crate::set_current_command(Some(pid));
-    drop((report_w, stdout_w, stderr_w, stdin_r));
-
-    // EOF on the report pipe means execve succeeded (it is close-on-exec).
-    let mut report = [0u8; REPORT_LEN];
-    let mut got = 0;
-    while got < REPORT_LEN {
-        match rustix::io::read(&report_r, &mut report[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(Errno::INTR) => {}
-            Err(_) => break,
-        }
-    }
-    if let Some((stage, errno)) = spawn::decode_report(&report[..got]) {
+    drop((stdout_w, stderr_w, stdin_r));
+    if let Some((stage, errno)) = failure.get() {
         reap(pid);
         let (code, message) = spawn::failure_code(stage, errno);
         return Err(Failure::os(code, errno, message));
     }
-    let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
-        Ok(fd) => fd,
-        Err(errno) => {
-            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
-            reap(pid);
-            return Err(Failure::os(ErrorCode::Internal, errno, "pidfd_open failed"));
-        }
-    };
     Ok(Child {
         pid,
         pidfd,
@@ -428,6 +420,7 @@ impl<'b> Inbox<'b> {
         &mut self,
         sock: BorrowedFd<'_>,
         deadline_us: u64,
+        successor: &mut Successor,
     ) -> Result<Range<usize>, ReadError> {
         // Read before polling: a pipelining client's request is usually there already.
         let mut readable = true;
@@ -439,6 +432,8 @@ impl<'b> Inbox<'b> {
                 if monotonic_us() >= deadline_us {
                     return Err(ReadError::TimedOut);
                 }
+                // Never keep the next client waiting on this one.
+                successor.release();
                 let mut fds = [PollFd::new(&sock, PollFlags::IN)];
                 match poll(&mut fds, Some(&timeout_until(deadline_us))) {
                     Ok(_) | Err(Errno::INTR) => {}

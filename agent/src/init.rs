@@ -291,7 +291,7 @@ fn wait_for_cid(timeout_ms: u64) -> Option<u32> {
 pub fn announce_ready(port: u32, listen: &ListenAddr, init_started_us: u64, modules_us: u64) {
     match sys::fork() {
         Ok(sys::Forked::Child) => {}
-        Ok(sys::Forked::Parent(_)) => return,
+        Ok(sys::Forked::Parent) => return,
         Err(errno) => return log::error(b"cannot fork readiness announcer", errno),
     }
     // Listening on vsock means nothing until the transport has a CID (bind succeeds without a

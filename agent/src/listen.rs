@@ -110,7 +110,7 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool) -> ! {
                 drop(taken);
                 spare(listener, report, listener_pid)
             }
-            Ok(sys::Forked::Parent(_)) => {
+            Ok(sys::Forked::Parent) => {
                 drop(report);
                 wait_until_taken(&taken);
             }
@@ -148,11 +148,29 @@ fn spare(listener: OwnedFd, report: OwnedFd, listener_pid: rustix::process::Pid)
         }
     };
     let _ = rustix::process::set_parent_process_death_signal(None);
-    // The listener forks the next spare on this byte (or on EOF, if we die first).
-    let _ = rustix::io::write(&report, &[1]);
-    drop(report);
     drop(listener);
-    conn::serve(conn, prepared)
+    conn::serve(conn, prepared, Successor(Some(report)))
+}
+
+/// A connection process's promise to tell the listener it has taken its connection, so the
+/// listener forks the next spare. Kept as late as possible, to be done while the command
+/// starts (waking the listener is a cross-CPU wake-up, and its fork competes for a CPU), but
+/// never past anything that waits on a client: the next client must never wait on this one.
+pub struct Successor(Option<OwnedFd>);
+
+impl Successor {
+    /// Sends the byte (once); the listener also takes EOF, should this process die first.
+    pub fn release(&mut self) {
+        if let Some(report) = self.0.take() {
+            let _ = rustix::io::write(&report, &[1]);
+        }
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// Blocks until the spare has taken a connection or died.

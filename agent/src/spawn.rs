@@ -1,10 +1,12 @@
-//! Starting a command: argv/envp prepared before `fork`, and the child's straight-line path from
-//! `fork` to `execve`.
+//! Starting a command: argv/envp prepared before the child is made, and the child's
+//! straight-line path from `clone` to `execve`.
 
 use core::ffi::CStr;
 
+use core::sync::atomic::{AtomicU64, Ordering};
 use ferry_wire::{Bytes, ErrorCode, ValidExec};
-use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::fd::BorrowedFd;
 use rustix::io::Errno;
 use rustix::process::Signal;
 
@@ -13,7 +15,7 @@ use crate::sys::{self, PtrArray};
 /// The `PATH` searched when the command's environment has none.
 pub const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Pointer arrays and paths for `execve`, ready before `fork` so the child only copies bytes.
+/// Pointer arrays and paths for `execve`, ready before `clone` so the child only copies bytes.
 pub struct Prepared<'a, const A: usize, const E: usize> {
     program: &'a CStr,
     argv: PtrArray<'a, A>,
@@ -136,7 +138,7 @@ impl<const A: usize, const E: usize> Prepared<'_, A, E> {
     }
 }
 
-/// The stage at which the child failed, reported through the exec-status pipe.
+/// The stage at which the child failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum FailedStage {
@@ -148,20 +150,33 @@ pub enum FailedStage {
     Exec = 3,
 }
 
-/// What the parent learns from the exec-status pipe: nothing (EOF) means `execve` succeeded.
-pub fn decode_report(report: &[u8]) -> Option<(FailedStage, Errno)> {
-    let (&stage, errno) = report.split_first()?;
-    let errno = i32::from_le_bytes(errno.try_into().ok()?);
-    let stage = match stage {
-        1 => FailedStage::Setup,
-        2 => FailedStage::Cwd,
-        _ => FailedStage::Exec,
-    };
-    Some((stage, Errno::from_raw_os_error(errno)))
-}
+/// Where the child, which shares the parent's memory until `execve`, leaves the reason it
+/// failed. Nothing written means `execve` succeeded.
+pub struct ChildFailure(AtomicU64);
 
-/// The size of a report on the exec-status pipe.
-pub const REPORT_LEN: usize = 5;
+impl ChildFailure {
+    pub const fn new() -> Self {
+        ChildFailure(AtomicU64::new(0))
+    }
+
+    fn set(&self, stage: FailedStage, errno: Errno) {
+        let errno = errno.raw_os_error() as u32;
+        self.0
+            .store((stage as u64) << 32 | u64::from(errno), Ordering::Release);
+    }
+
+    /// What the child left, read once it has left our memory.
+    pub fn get(&self) -> Option<(FailedStage, Errno)> {
+        let word = self.0.load(Ordering::Acquire);
+        let stage = match word >> 32 {
+            0 => return None,
+            1 => FailedStage::Setup,
+            2 => FailedStage::Cwd,
+            _ => FailedStage::Exec,
+        };
+        Some((stage, Errno::from_raw_os_error(word as u32 as i32)))
+    }
+}
 
 /// Maps a child failure to the error a client sees.
 pub fn failure_code(stage: FailedStage, errno: Errno) -> (ErrorCode, &'static str) {
@@ -193,17 +208,19 @@ pub struct ChildStdio<'a> {
     pub stderr: BorrowedFd<'a>,
 }
 
-/// The child's side of `fork`: a new session, standard descriptors, default signal state, the
+/// The child's side of `clone`: a new session, standard descriptors, default signal state, the
 /// working directory, then `execve`. Never returns.
 ///
-/// NOTE: this runs between `fork` and `execve`: straight-line code, syscalls and byte copies on
-/// the stack only. Every descriptor the agent owns is close-on-exec, so only 0, 1 and 2 survive.
+/// NOTE: this runs between `clone` and `execve` in the parent's memory (see `sys::spawn`):
+/// straight-line code, syscalls, and byte copies on its own stack only; its one write to shared
+/// memory is `failure`. Every descriptor the agent owns is close-on-exec, so only 0, 1 and 2
+/// survive.
 // Kept out of line: its large stack frame must not be probed into the caller's.
 #[inline(never)]
 pub fn exec_child<const A: usize, const E: usize>(
     prepared: &Prepared<'_, A, E>,
-    stdio: ChildStdio<'_>,
-    report: &OwnedFd,
+    stdio: &ChildStdio<'_>,
+    failure: &ChildFailure,
 ) -> ! {
     let setup = (|| {
         rustix::process::setsid()?;
@@ -216,17 +233,17 @@ pub fn exec_child<const A: usize, const E: usize>(
         sys::unblock_all_signals()
     })();
     if let Err(errno) = setup {
-        fail(report, FailedStage::Setup, errno);
+        fail(failure, FailedStage::Setup, errno);
     }
     if let Some(cwd) = prepared.cwd {
         if let Err(errno) = rustix::process::chdir(cwd) {
-            fail(report, FailedStage::Cwd, errno);
+            fail(failure, FailedStage::Cwd, errno);
         }
     }
     let program = prepared.program.to_bytes();
     if program.contains(&b'/') {
         let errno = sys::execve(prepared.program, &prepared.argv, &prepared.envp);
-        fail(report, FailedStage::Exec, errno);
+        fail(failure, FailedStage::Exec, errno);
     }
     // execvpe's rules: try each PATH entry; remember EACCES; stop at errors other than
     // "not here".
@@ -248,18 +265,15 @@ pub fn exec_child<const A: usize, const E: usize>(
         match sys::execve(candidate, &prepared.argv, &prepared.envp) {
             Errno::ACCESS | Errno::PERM => denied = true,
             Errno::NOENT | Errno::NOTDIR | Errno::NAMETOOLONG | Errno::LOOP => {}
-            errno => fail(report, FailedStage::Exec, errno),
+            errno => fail(failure, FailedStage::Exec, errno),
         }
     }
     let errno = if denied { Errno::ACCESS } else { Errno::NOENT };
-    fail(report, FailedStage::Exec, errno)
+    fail(failure, FailedStage::Exec, errno)
 }
 
-fn fail(report: &OwnedFd, stage: FailedStage, errno: Errno) -> ! {
-    let mut message = [0u8; REPORT_LEN];
-    message[0] = stage as u8;
-    message[1..].copy_from_slice(&errno.raw_os_error().to_le_bytes());
-    let _ = rustix::io::write(report.as_fd(), &message);
+fn fail(failure: &ChildFailure, stage: FailedStage, errno: Errno) -> ! {
+    failure.set(stage, errno);
     sys::exit(127)
 }
 
@@ -333,15 +347,13 @@ mod tests {
     }
 
     #[test]
-    fn reports_round_trip() {
-        let mut message = [0u8; REPORT_LEN];
-        message[0] = FailedStage::Cwd as u8;
-        message[1..].copy_from_slice(&Errno::NOENT.raw_os_error().to_le_bytes());
-        assert_eq!(
-            decode_report(&message),
-            Some((FailedStage::Cwd, Errno::NOENT))
-        );
-        assert_eq!(decode_report(&[]), None);
+    fn failures_round_trip() {
+        let failure = ChildFailure::new();
+        assert_eq!(failure.get(), None);
+        failure.set(FailedStage::Cwd, Errno::NOENT);
+        assert_eq!(failure.get(), Some((FailedStage::Cwd, Errno::NOENT)));
+        failure.set(FailedStage::Setup, Errno::BADF);
+        assert_eq!(failure.get(), Some((FailedStage::Setup, Errno::BADF)));
         assert_eq!(
             failure_code(FailedStage::Exec, Errno::NOENT).0,
             ErrorCode::NotFound

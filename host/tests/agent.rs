@@ -553,7 +553,14 @@ fn a_silent_client_delays_nobody() {
     let _silent = UnixStream::connect(&agent.socket).unwrap();
     let mut partial = UnixStream::connect(&agent.socket).unwrap();
     partial.write_all(&[9, 0]).unwrap();
+    // Answered hello, no request: its process waits for the request frame.
+    let mut hello_only = UnixStream::connect(&agent.socket).unwrap();
+    let mut buf = [0u8; 64];
+    let n = encode_client_frame(&ClientFrame::Hello(ClientHello::CURRENT), &mut buf).unwrap();
+    hello_only.write_all(&buf[..n]).unwrap();
+    // A command that runs for a while, started by a connection that never reads.
     let client = agent.client();
+    let _running = client.spawn(Command::new("sleep").arg("30")).unwrap();
     let started = Instant::now();
     for _ in 0..10 {
         assert!(client.output(&Command::new("true")).unwrap().success());
