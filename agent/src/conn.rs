@@ -578,6 +578,21 @@ struct Pump<'s, 'b> {
     draining: bool,
     drained_bytes: usize,
     dropped: bool,
+    retired: Retired,
+}
+
+/// Descriptors that are done with (a pipe at EOF, a reaped pidfd), closed when the connection
+/// ends rather than on the way to the termination record: each `close` is a syscall the
+/// client would wait for.
+#[derive(Default)]
+struct Retired([Option<OwnedFd>; 3]);
+
+impl Retired {
+    fn keep(&mut self, fd: Option<OwnedFd>) {
+        if let Some(slot) = self.0.iter_mut().find(|slot| slot.is_none()) {
+            *slot = fd;
+        }
+    }
 }
 
 impl<'s, 'b> Pump<'s, 'b> {
@@ -612,6 +627,7 @@ impl<'s, 'b> Pump<'s, 'b> {
             draining: false,
             drained_bytes: 0,
             dropped: false,
+            retired: Retired::default(),
         }
     }
 
@@ -702,7 +718,7 @@ impl<'s, 'b> Pump<'s, 'b> {
                 continue;
             }
             match self.outbox.read_data(fd, kind) {
-                Ok(0) => *pipe = None,
+                Ok(0) => self.retired.keep(pipe.take()),
                 Ok(n) => {
                     self.prefer_stderr = kind == DataKind::Stdout;
                     if self.exit.is_some() {
@@ -816,7 +832,7 @@ impl<'s, 'b> Pump<'s, 'b> {
         );
         let Ok(Some(status)) = status else { return };
         self.exit = Some((exit_status(&status), monotonic_us()));
-        self.pidfd = None;
+        self.retired.keep(self.pidfd.take());
         crate::set_current_command(None);
         // Nobody is left to read stdin that matters: discard it and free the client's credit.
         self.close_stdin_discarding();
