@@ -195,8 +195,13 @@ fn handshake(
             // A client that sent its request right behind the hello gets the hello with the
             // answer to it: one wake-up instead of two.
             if !inbox.has_frame() {
-                successor.release();
-                outbox.flush_within(sock, deadline).map_err(|_| None)?;
+                // A fresh socket takes a hello without blocking; should it not, the next
+                // spare is not kept waiting on this client.
+                outbox.flush(sock).map_err(|_| None)?;
+                if !outbox.is_empty() {
+                    successor.release();
+                    outbox.flush_within(sock, deadline).map_err(|_| None)?;
+                }
             }
         }
         Ok(_) => {

@@ -79,11 +79,18 @@ pub fn bind(addr: &ListenAddr) -> Result<OwnedFd, Errno> {
     Ok(sock)
 }
 
+/// Spare connection processes kept waiting in `accept`. One is being replaced after each
+/// connection; the other takes the next client meanwhile, so back-to-back connections never
+/// wait for a `fork`. A spare costs a few KiB of private memory (its pages are shared with the
+/// listener until written).
+const SPARES: usize = 2;
+
 /// Serves connections forever, each in its own process.
 ///
-/// The process is forked *before* its connection arrives: one spare waits in `accept` and
-/// reports through a pipe when it has taken a connection, and only then is the next spare
-/// forked. A client never waits for a fork, and the listener still never reads from a client.
+/// Processes are forked *before* their connection arrives: [`SPARES`] spares wait in `accept`,
+/// and each tells the listener through its own pipe once it has taken a connection (see
+/// [`Successor`]); only then is its replacement forked. A client never waits for a fork, and
+/// the listener still never reads from a client.
 pub fn serve_forever(listener: OwnedFd, is_init: bool) -> ! {
     // With SIGCHLD ignored the kernel reaps our children (connection processes, and as PID 1 or
     // subreaper every orphan) the moment they exit: no zombies, and no `wait` that could steal
@@ -95,29 +102,44 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool) -> ! {
         // Orphans of our commands come to us (and are reaped) instead of the system's init.
         let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
     }
+    let listener_pid = rustix::process::getpid();
+    // The read end of each spare's report pipe; `None` while that spare is to be replaced.
+    let mut spares: [Option<OwnedFd>; SPARES] = Default::default();
     loop {
-        let (taken, report) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
-            Ok(pipe) => pipe,
-            Err(errno) => {
-                log::error(b"cannot create a pipe", errno);
+        let mut failure = None;
+        for slot in spares.iter_mut().filter(|slot| slot.is_none()) {
+            match fork_spare() {
+                Ok(Forked::Spare(report)) => spare(listener, report, listener_pid),
+                Ok(Forked::Listener(taken)) => *slot = Some(taken),
+                Err(errno) => failure = Some(errno),
+            }
+        }
+        if let Some(errno) = failure {
+            if spares.iter().all(Option::is_none) {
+                // Nobody accepts: answer whoever waits, then pause before trying again.
                 refuse_pending(&listener, errno);
                 continue;
             }
-        };
-        let listener_pid = rustix::process::getpid();
-        match sys::fork() {
-            Ok(sys::Forked::Child) => {
-                drop(taken);
-                spare(listener, report, listener_pid)
-            }
-            Ok(sys::Forked::Parent) => {
-                drop(report);
-                wait_until_taken(&taken);
-            }
-            Err(errno) => {
-                log::error(b"cannot fork a connection process", errno);
-                refuse_pending(&listener, errno);
-            }
+        }
+        wait_until_taken(&mut spares, failure.is_some());
+    }
+}
+
+/// Each side of [`fork_spare`], with its end of the report pipe.
+enum Forked {
+    Spare(OwnedFd),
+    Listener(OwnedFd),
+}
+
+fn fork_spare() -> Result<Forked, Errno> {
+    let (taken, report) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .inspect_err(|&errno| log::error(b"cannot create a pipe", errno))?;
+    match sys::fork() {
+        Ok(sys::Forked::Child) => Ok(Forked::Spare(report)),
+        Ok(sys::Forked::Parent) => Ok(Forked::Listener(taken)),
+        Err(errno) => {
+            log::error(b"cannot fork a connection process", errno);
+            Err(errno)
         }
     }
 }
@@ -173,16 +195,45 @@ impl Drop for Successor {
     }
 }
 
-/// Blocks until the spare has taken a connection or died.
-fn wait_until_taken(taken: &OwnedFd) {
-    let mut byte = [0u8];
-    loop {
-        match rustix::io::read(taken, &mut byte) {
-            Ok(1) => return,
-            Err(Errno::INTR) => {}
+/// Blocks until a spare has taken a connection or died, and empties its slot. `retry_soon`: a
+/// slot is empty after a failed fork, so return after a pause to try again.
+fn wait_until_taken(spares: &mut [Option<OwnedFd>; SPARES], retry_soon: bool) {
+    let mut ready = [false; SPARES];
+    {
+        let Some(any) = spares.iter().flatten().next() else {
+            return;
+        };
+        let mut fds: [PollFd<'_>; SPARES] =
+            core::array::from_fn(|_| PollFd::new(any, PollFlags::IN));
+        let mut slots = [0; SPARES];
+        let mut n = 0;
+        for (index, fd) in spares.iter().enumerate() {
+            if let Some(fd) = fd {
+                fds[n] = PollFd::new(fd, PollFlags::IN);
+                slots[n] = index;
+                n += 1;
+            }
+        }
+        let pause = Timespec {
+            tv_sec: 0,
+            tv_nsec: 50_000_000,
+        };
+        if poll(&mut fds[..n], retry_soon.then_some(&pause)).is_err() {
+            return;
+        }
+        for (fd, &index) in fds[..n].iter().zip(&slots) {
+            ready[index] = !fd.revents().is_empty();
+        }
+    }
+    for (slot, _) in spares.iter_mut().zip(ready).filter(|(_, ready)| *ready) {
+        let mut byte = [0u8];
+        let taken = slot
+            .take()
+            .is_some_and(|pipe| matches!(rustix::io::read(&pipe, &mut byte), Ok(1)));
+        if !taken {
             // EOF: the spare died before accepting (killed, or a bug). Pause so a spare that
             // keeps dying cannot turn into a fork storm.
-            Ok(_) | Err(_) => return clock::sleep_ms(10),
+            clock::sleep_ms(10);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The agent's one unsafe corner: the vsock address type, fork/exec and signal dispositions
-//! (rustix's semver-exempt `runtime` module, pinned in the workspace manifest), the kernel's
-//! argv/envp, and the per-connection buffers. Everything else in the agent is safe code.
+//! (rustix's semver-exempt `runtime` module, pinned in the workspace manifest), `spawn` (a
+//! `clone` sharing our memory, with its child stack), the kernel's argv/envp, and the
+//! per-connection buffers. Everything else in the agent is safe code.
 #![allow(unsafe_code)]
 
 use core::ffi::c_void;

@@ -136,16 +136,99 @@ impl LocalAgent {
         status_kib(self.child.id(), "VmRSS")
     }
 
-    /// The preforked spare's RSS (the listener's only child when no connection is open).
-    fn spare_rss_kib(&self) -> Result<u64> {
+    /// The preforked spares (the listener's children while no connection is open).
+    fn spares(&self) -> Result<Vec<u32>> {
         let pid = self.child.id();
         let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))?;
-        let spare: u32 = children
+        let spares: Vec<u32> = children
             .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-            .context("the agent has no spare connection process")?;
-        status_kib(spare, "VmRSS")
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if spares.is_empty() {
+            bail!("the agent has no spare connection process");
+        }
+        Ok(spares)
+    }
+}
+
+/// Idle memory of a listener and its spares, from `smaps_rollup`. RSS counts a page in every
+/// process that maps it; a spare shares almost all of its pages with the listener, so its
+/// private memory and the processes' summed PSS say what the spares really cost.
+pub struct IdleMemory {
+    pub listener_rss: u64,
+    pub spare_rss: u64,
+    pub spare_private: u64,
+    pub spares: usize,
+    pub total_pss: u64,
+}
+
+impl IdleMemory {
+    /// From `(pid, Rss, Pss, private)` lines, the listener's first.
+    pub fn from_rollups(rollups: &[(u32, Rollup)]) -> Result<IdleMemory> {
+        let ((_, listener), spares) = rollups.split_first().context("no listener")?;
+        Ok(IdleMemory {
+            listener_rss: listener.rss,
+            spare_rss: spares.iter().map(|(_, r)| r.rss).max().unwrap_or(0),
+            spare_private: spares.iter().map(|(_, r)| r.private).max().unwrap_or(0),
+            spares: spares.len(),
+            total_pss: rollups.iter().map(|(_, r)| r.pss).sum(),
+        })
+    }
+
+    pub fn row(&self, metric: &str) -> Row {
+        Row {
+            metric: metric.into(),
+            ferry: format!("{} KiB", self.listener_rss),
+            baseline: format!(
+                "+ {} spare connection processes, {} KiB RSS / {} KiB private each; {} KiB PSS in all",
+                self.spares, self.spare_rss, self.spare_private, self.total_pss
+            ),
+            ratio: String::new(),
+            target: "≤ 64 KiB".into(),
+            verdict: Verdict::from(self.listener_rss <= 64),
+        }
+    }
+}
+
+/// The fields of `/proc/PID/smaps_rollup` the idle-memory row needs, in KiB.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rollup {
+    pub rss: u64,
+    pub pss: u64,
+    /// Private_Clean + Private_Dirty.
+    pub private: u64,
+}
+
+impl Rollup {
+    pub fn parse(text: &str) -> Result<Rollup> {
+        let mut rollup = Rollup::default();
+        let mut seen = 0;
+        for line in text.lines() {
+            let mut fields = line.split_whitespace();
+            let (Some(name), Some(kib)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            let Ok(kib) = kib.parse::<u64>() else {
+                continue;
+            };
+            match name {
+                "Rss:" => rollup.rss = kib,
+                "Pss:" => rollup.pss = kib,
+                "Private_Clean:" | "Private_Dirty:" => rollup.private += kib,
+                _ => continue,
+            }
+            seen += 1;
+        }
+        if seen < 4 {
+            bail!("incomplete smaps_rollup: {text:?}");
+        }
+        Ok(rollup)
+    }
+
+    fn of(pid: u32) -> Result<Rollup> {
+        Rollup::parse(&std::fs::read_to_string(format!(
+            "/proc/{pid}/smaps_rollup"
+        ))?)
     }
 }
 
@@ -172,16 +255,11 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
     // Let it settle into accept().
     thread::sleep(Duration::from_millis(200));
     let idle = agent.rss_kib()?;
-    // The spare connection process, forked ahead of the next connection, waits in accept.
-    let spare = agent.spare_rss_kib()?;
-    rows.push(Row {
-        metric: "agent idle RSS (listening)".into(),
-        ferry: format!("{idle} KiB"),
-        baseline: format!("+ {spare} KiB spare connection process"),
-        ratio: String::new(),
-        target: "≤ 64 KiB".into(),
-        verdict: Verdict::from(idle <= 64),
-    });
+    let mut rollups = vec![(agent.child.id(), Rollup::of(agent.child.id())?)];
+    for spare in agent.spares()? {
+        rollups.push((spare, Rollup::of(spare)?));
+    }
+    rows.push(IdleMemory::from_rollups(&rollups)?.row("agent idle RSS (listening)"));
 
     let target = Target::Unix(agent.socket.clone());
     let client = Client::new(&target, ConnectOptions::default());
@@ -424,4 +502,42 @@ fn machine() -> String {
         .map(|k| k.trim().to_owned())
         .unwrap_or_default();
     format!("{cpu}, Linux {kernel}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smaps_rollup_fields_are_summed() {
+        let text =
+            "00400000-7ffc [rollup]\nRss:                  64 kB\nPss:                  30 kB\n\
+                    Pss_Dirty:            12 kB\nShared_Clean:         44 kB\n\
+                    Private_Clean:         1 kB\nPrivate_Dirty:         4 kB\n";
+        let rollup = Rollup::parse(text).unwrap();
+        assert_eq!(
+            rollup,
+            Rollup {
+                rss: 64,
+                pss: 30,
+                private: 5
+            }
+        );
+        assert!(Rollup::parse("Rss: 4 kB\n").is_err());
+        let spare = Rollup {
+            rss: 56,
+            pss: 18,
+            private: 4,
+        };
+        let idle = IdleMemory::from_rollups(&[(1, rollup), (2, spare), (3, spare)]).unwrap();
+        assert_eq!(
+            (
+                idle.listener_rss,
+                idle.spare_rss,
+                idle.spares,
+                idle.total_pss
+            ),
+            (64, 56, 2, 66)
+        );
+    }
 }

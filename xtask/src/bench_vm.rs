@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ferry_host::{Client, Command, ConnectOptions, Target};
 
-use crate::bench::{bytes, micros, percentiles, stream_rate, BenchOptions, Row, Verdict};
+use crate::bench::{
+    bytes, micros, percentiles, stream_rate, BenchOptions, IdleMemory, Rollup, Row, Verdict,
+};
 use crate::ready::ReadyInfo;
 use crate::vm::{Vm, VmOptions};
 
@@ -98,16 +100,10 @@ fn guest_rows(vm: &Vm, rows: &mut Vec<Row>) -> Result<()> {
     let target: Target = vm.target().parse()?;
     let client = Client::new(&target, ConnectOptions::default());
 
-    // Idle memory: PID 1 (the listener) and the spare connection process waiting in accept.
-    let (listener_kib, spare_kib) = guest_idle_rss(&client)?;
-    rows.push(Row {
-        metric: "VM agent idle RSS, PID 1 (listener)".into(),
-        ferry: format!("{listener_kib} KiB"),
-        baseline: format!("+ {spare_kib} KiB spare connection process"),
-        ratio: String::new(),
-        target: "≤ 64 KiB".into(),
-        verdict: Verdict::from(listener_kib <= 64),
-    });
+    // Idle memory: PID 1 (the listener) and the spare connection processes waiting in accept.
+    let idle = guest_idle_memory(&client)?;
+    let listener_kib = idle.listener_rss;
+    rows.push(idle.row("VM agent idle RSS, PID 1 (listener)"));
 
     // Transport alone (connect + hello) next to a whole exec of /bin/true, interleaved.
     let command = Command::new("/bin/true");
@@ -192,7 +188,7 @@ fn guest_rows(vm: &Vm, rows: &mut Vec<Row>) -> Result<()> {
     });
 
     // Streams ran in connection processes: PID 1 must not have grown.
-    let (after_kib, _) = guest_idle_rss(&client)?;
+    let after_kib = guest_idle_memory(&client)?.listener_rss;
     rows.push(Row {
         metric: "VM agent PID 1 RSS after the run".into(),
         ferry: format!("{after_kib} KiB"),
@@ -204,31 +200,28 @@ fn guest_rows(vm: &Vm, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// Resident memory of PID 1 and of the spare (the agent's child of PID 1 that is not serving
-/// this very request), in KiB, from `smaps_rollup`: it walks the page tables, where the 6.1
+/// Idle memory of PID 1 and of the spares (the agent's children of PID 1 other than the one
+/// serving this very request), from `smaps_rollup`: it walks the page tables, where the 6.1
 /// guest kernel's `VmRSS` lags behind by up to 64 page faults per task.
-fn guest_idle_rss(client: &Client) -> Result<(u64, u64)> {
+fn guest_idle_memory(client: &Client) -> Result<IdleMemory> {
     // $PPID is the connection process serving this exec.
     let script = "for p in 1 $(cat /proc/1/task/1/children); do \
                   [ \"$p\" = \"$PPID\" ] && continue; \
                   [ \"$p\" != 1 ] && [ \"$(cat /proc/$p/comm)\" != \"$(cat /proc/1/comm)\" ] && continue; \
-                  echo \"$p $(grep '^Rss:' /proc/$p/smaps_rollup)\"; done";
+                  echo \"== $p\"; cat /proc/$p/smaps_rollup; done";
     let output = client.output(Command::new("sh").args(["-c", script]))?;
     let text = String::from_utf8_lossy(&output.stdout);
-    let mut listener = None;
-    let mut spare = 0;
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (Some(pid), Some(kib)) = (fields.first(), fields.get(2)) else {
-            continue;
-        };
-        let kib: u64 = kib.parse().with_context(|| format!("Rss in {line:?}"))?;
-        if *pid == "1" {
-            listener = Some(kib);
-        } else {
-            spare = spare.max(kib);
-        }
+    let mut rollups = Vec::new();
+    for section in text.split("== ").filter(|s| !s.trim().is_empty()) {
+        let (pid, rollup) = section.split_once('\n').unwrap_or((section, ""));
+        let pid: u32 = pid
+            .trim()
+            .parse()
+            .with_context(|| format!("pid in {section:?}"))?;
+        rollups.push((pid, Rollup::parse(rollup)?));
     }
-    let listener = listener.with_context(|| format!("no Rss for PID 1 in {text:?}"))?;
-    Ok((listener, spare))
+    if rollups.first().map(|(pid, _)| *pid) != Some(1) {
+        bail!("no smaps_rollup for PID 1 in {text:?}");
+    }
+    IdleMemory::from_rollups(&rollups)
 }
