@@ -572,4 +572,19 @@ mod tests {
         rustix::process::kill_process(spawned.pid, Signal::KILL).unwrap();
         assert_eq!(wait_exit_code(&spawned), None);
     }
+
+    #[test]
+    fn spawn_returns_when_the_child_dies_of_a_core_dumping_signal() {
+        // A core-dumping death may skip clearing the tid word: the pidfd recheck catches it.
+        let mut stack = ChildStack::new().unwrap();
+        let child = || {
+            // The test harness (std) handles SIGSEGV; the agent has no handlers.
+            let _ = set_signal_ignored(Signal::SEGV, false);
+            let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::SEGV);
+        };
+        let started = std::time::Instant::now();
+        let spawned = spawn(&mut stack, &child, || {}).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(wait_exit_code(&spawned), None);
+    }
 }
