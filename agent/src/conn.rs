@@ -148,9 +148,7 @@ fn session(
         let body = handshake(sock, &mut inbox, &mut outbox, deadline, successor)?;
         let valid = request(&inbox.buf[body])?;
         // The next spare is forked while our child starts, off the path the client waits on.
-        Ok(start(&valid, argv, envp, cwd, prepared, || {
-            successor.release()
-        })?)
+        start(&valid, argv, envp, cwd, prepared, || successor.release()).map_err(Some)
     })();
     successor.release();
     let child = match started {

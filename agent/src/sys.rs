@@ -225,7 +225,6 @@ extern "C" fn child_entry<F: Fn()>(arg: *mut c_void) -> ! {
 /// # Safety
 /// `stack_top` must be the 16-byte-aligned top of memory that nothing else uses while the
 /// child runs, and `entry(arg)` must be sound to call there (see [`spawn`]).
-#[cfg(target_arch = "x86_64")]
 unsafe fn clone_on_stack(
     flags: usize,
     stack_top: *mut u8,
@@ -238,6 +237,7 @@ unsafe fn clone_on_stack(
     // SAFETY: the caller's contract. The syscall clobbers rcx and r11 only; r12 and r13 survive
     // it in the child, which calls `entry(arg)` with rsp at the aligned top of its stack and a
     // zeroed frame pointer, and never comes back here.
+    #[cfg(target_arch = "x86_64")]
     unsafe {
         core::arch::asm!(
             "syscall",
@@ -260,23 +260,11 @@ unsafe fn clone_on_stack(
             lateout("r11") _,
         );
     }
-    ret
-}
-
-/// As on x86_64; arm64's `clone` takes `(flags, stack, parent_tid, tls, child_tid)`.
-#[cfg(target_arch = "aarch64")]
-unsafe fn clone_on_stack(
-    flags: usize,
-    stack_top: *mut u8,
-    pidfd: *mut i32,
-    child_tid: *const AtomicU32,
-    entry: extern "C" fn(*mut c_void) -> !,
-    arg: *mut c_void,
-) -> isize {
-    let ret: isize;
-    // SAFETY: the caller's contract. `svc` preserves every register but x0; the child calls
-    // `entry(arg)` with sp at the aligned top of its stack and zeroed frame and link registers,
-    // and never comes back here.
+    // SAFETY: the caller's contract. arm64's `clone` takes `(flags, stack, parent_tid, tls,
+    // child_tid)`, and `svc` preserves every register but x0; the child calls `entry(arg)` with
+    // sp at the aligned top of its stack and zeroed frame and link registers, and never comes
+    // back here.
+    #[cfg(target_arch = "aarch64")]
     unsafe {
         core::arch::asm!(
             "svc 0",

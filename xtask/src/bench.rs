@@ -48,6 +48,19 @@ impl Row {
             verdict: Verdict::Info,
         }
     }
+
+    /// A process's RSS after the runs, which must not exceed its idle RSS (work happens in
+    /// connection processes).
+    pub fn not_grown(metric: &str, after_kib: u64, idle_kib: u64) -> Row {
+        Row {
+            metric: metric.into(),
+            ferry: format!("{after_kib} KiB"),
+            baseline: String::new(),
+            ratio: String::new(),
+            target: format!("= idle ({idle_kib} KiB)"),
+            verdict: Verdict::from(after_kib <= idle_kib),
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -306,15 +319,11 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
     });
 
     // Work happens in forked connection processes: the listener must not have grown.
-    let after = agent.rss_kib()?;
-    rows.push(Row {
-        metric: "agent RSS after the run".into(),
-        ferry: format!("{after} KiB"),
-        baseline: String::new(),
-        ratio: String::new(),
-        target: format!("= idle ({idle} KiB)"),
-        verdict: Verdict::from(after <= idle),
-    });
+    rows.push(Row::not_grown(
+        "agent RSS after the run",
+        agent.rss_kib()?,
+        idle,
+    ));
     Ok(())
 }
 

@@ -189,14 +189,11 @@ fn guest_rows(vm: &Vm, rows: &mut Vec<Row>) -> Result<()> {
 
     // Streams ran in connection processes: PID 1 must not have grown.
     let after_kib = guest_idle_memory(&client)?.listener_rss;
-    rows.push(Row {
-        metric: "VM agent PID 1 RSS after the run".into(),
-        ferry: format!("{after_kib} KiB"),
-        baseline: String::new(),
-        ratio: String::new(),
-        target: format!("= idle ({listener_kib} KiB)"),
-        verdict: Verdict::from(after_kib <= listener_kib),
-    });
+    rows.push(Row::not_grown(
+        "VM agent PID 1 RSS after the run",
+        after_kib,
+        listener_kib,
+    ));
     Ok(())
 }
 
