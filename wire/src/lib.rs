@@ -12,18 +12,20 @@ mod bytes;
 mod frame;
 pub mod limits;
 mod msg;
+mod recv;
 
 pub use bytes::Bytes;
 pub use frame::{
     decode_agent_frame, decode_client_frame, encode_agent_frame, encode_client_frame,
-    frame_data_in_place, split_frame, Accumulator, DataKind, DecodeError, EncodeError, Feed,
-    FrameTooLarge, DATA_HEADROOM,
+    frame_data_in_place, split_frame, DataKind, DecodeError, EncodeError, FrameTooLarge,
+    DATA_HEADROOM,
 };
 pub use msg::{
     AgentFrame, AgentHello, ClientFrame, ClientHello, ErrorCode, ErrorFrame, ExecRequest,
     ExitStatus, Limits, ReadyReport, RequestError, Started, StdinMode, StrList, Termination,
     ValidExec, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
+pub use recv::{RecvBuf, RecvError};
 
 #[cfg(test)]
 mod tests;

@@ -306,58 +306,6 @@ fn split_frame_edges() {
 }
 
 #[test]
-fn accumulator_reassembles_split_input() {
-    let mut stream = encode_client(&ClientFrame::Hello(ClientHello::CURRENT));
-    stream.extend(encode_client(&ClientFrame::Stdin(Bytes(b"abc"))));
-    stream.extend(encode_client(&ClientFrame::StdinEof));
-    for piece in [1usize, 2, 3, 5, 7, stream.len()] {
-        let mut buf = [0u8; 64];
-        let mut acc = Accumulator::new(&mut buf);
-        let mut frames = Vec::new();
-        for chunk in stream.chunks(piece) {
-            let mut rest = chunk;
-            while !rest.is_empty() {
-                let (used, feed) = acc.feed(rest);
-                rest = &rest[used..];
-                match feed {
-                    Feed::NeedMore => assert!(rest.is_empty()),
-                    Feed::Frame(body) => frames.push(body.to_vec()),
-                    Feed::TooLarge(e) => panic!("{e}"),
-                }
-            }
-        }
-        let decoded: Vec<_> = frames
-            .iter()
-            .map(|b| decode_client_frame(b).unwrap())
-            .collect();
-        assert_eq!(
-            decoded,
-            [
-                ClientFrame::Hello(ClientHello::CURRENT),
-                ClientFrame::Stdin(Bytes(b"abc")),
-                ClientFrame::StdinEof
-            ],
-            "piece {piece}"
-        );
-    }
-}
-
-#[test]
-fn accumulator_rejects_oversized_and_stays_failed() {
-    let mut buf = [0u8; 16];
-    let mut acc = Accumulator::new(&mut buf);
-    assert_eq!(acc.feed(&[12, 0, 0, 0]).1, Feed::NeedMore);
-    let mut buf = [0u8; 16];
-    let mut acc = Accumulator::new(&mut buf);
-    let (used, feed) = acc.feed(&[13, 0, 0, 0, 1, 2]);
-    assert_eq!(
-        (used, feed),
-        (4, Feed::TooLarge(FrameTooLarge { declared: 13 }))
-    );
-    assert_eq!(acc.feed(&[1]).0, 0);
-}
-
-#[test]
 fn negotiation() {
     assert_eq!(ClientHello::CURRENT.negotiate(), Some(PROTOCOL_VERSION));
     let future = ClientHello {
@@ -612,15 +560,6 @@ proptest! {
         let _ = decode_agent_frame(&bytes);
         if let Ok(ClientFrame::Exec(exec)) = decode_client_frame(&bytes) {
             let _ = exec.validate();
-        }
-        let mut buf = [0u8; 128];
-        let mut acc = Accumulator::new(&mut buf);
-        let mut rest = &bytes[..];
-        while !rest.is_empty() {
-            let (used, feed) = acc.feed(rest);
-            if let Feed::TooLarge(_) = feed { break; }
-            if let Feed::Frame(body) = feed { let _ = decode_client_frame(body); }
-            rest = &rest[used..];
         }
         let _ = split_frame(&bytes, MAX_FRAME_BODY);
     }
