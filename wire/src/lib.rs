@@ -13,6 +13,7 @@ mod frame;
 pub mod limits;
 mod msg;
 mod recv;
+pub mod session;
 
 pub use bytes::Bytes;
 pub use frame::{

@@ -1,0 +1,561 @@
+//! The agent's side of a conversation: answer the hello, take one request, account stdin credit,
+//! and end with exactly one final frame after all output.
+
+use crate::frame::{decode_client_frame, encode_agent_frame, frame_data_in_place, split_frame};
+use crate::limits::{MAX_FRAME_BODY, MAX_MESSAGE, STDIN_WINDOW};
+use crate::msg::{
+    AgentFrame, AgentHello, ClientFrame, ErrorCode, ErrorFrame, ExitStatus, Limits, ReadyReport,
+    Started, StdinMode, Termination, ValidExec, MAGIC, PROTOCOL_VERSION,
+};
+use crate::DataKind;
+
+use super::{truncate_str, FrameKind, Input, Micros, Phase, SessionError};
+
+/// The agent's timing and output policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The agent's own version, sent in its hello (at most [`crate::limits::MAX_VERSION_STRING`]).
+    pub agent_version: &'static str,
+    /// The limits announced in the hello and enforced.
+    pub limits: Limits,
+    /// How long a client may take to send its hello and its request.
+    pub handshake_timeout: Micros,
+    /// How long the final frame (an error, the termination record) may wait for a client that
+    /// does not read.
+    pub final_send_timeout: Micros,
+    /// After the command exits, how long output from processes that inherited its pipes is
+    /// still awaited before idle pipes are closed.
+    pub drain_grace: Micros,
+    /// After the command exits, how many more output bytes are forwarded before the rest is
+    /// dropped (and the termination record says so): what a full pipe held, with room to spare,
+    /// but never an endless stream.
+    pub drain_limit: usize,
+}
+
+impl AgentConfig {
+    /// ferry's policy.
+    pub const DEFAULT: AgentConfig = AgentConfig {
+        agent_version: "",
+        limits: Limits::CURRENT,
+        handshake_timeout: 30_000_000,
+        final_send_timeout: 30_000_000,
+        drain_grace: 200_000,
+        drain_limit: 4 << 20,
+    };
+}
+
+/// Credit is returned in batches so a byte-at-a-time writer does not cost a frame per byte.
+const CREDIT_BATCH: usize = STDIN_WINDOW / 4;
+
+/// A failure the agent reports to the client in an error frame before closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// The errno behind it, 0 when none applies.
+    pub errno: u32,
+    /// For people; cut to [`MAX_MESSAGE`] bytes on the wire.
+    pub message: &'static str,
+}
+
+impl Refusal {
+    /// A refusal without an errno.
+    pub const fn new(code: ErrorCode, message: &'static str) -> Refusal {
+        Refusal {
+            code,
+            errno: 0,
+            message,
+        }
+    }
+
+    /// A refusal caused by the OS error `errno`.
+    pub const fn os(code: ErrorCode, errno: u32, message: &'static str) -> Refusal {
+        Refusal {
+            code,
+            errno,
+            message,
+        }
+    }
+}
+
+/// What the client asked of the agent. Data borrows from the input.
+#[derive(Debug, Clone, Copy)]
+pub enum AgentEvent<'a> {
+    /// The client's hello was answered (queued for [`AgentSession::poll_transmit`]).
+    Hello,
+    /// Run this validated request; answer with [`AgentSession::started`] or
+    /// [`AgentSession::refuse`].
+    Exec(ValidExec<'a>),
+    /// Bytes for the command's stdin, within credit. Report them with
+    /// [`AgentSession::stdin_consumed`] once written (or discarded).
+    Stdin(&'a [u8]),
+    /// The client will send no more stdin: close the pipe once what is buffered is written.
+    StdinEof,
+}
+
+/// How the driver should treat the command's output pipes now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputPhase {
+    /// The command runs: read the pipes when they are readable.
+    Open,
+    /// The command exited, its grace period runs: keep reading while readable.
+    Grace,
+    /// Past the grace period: read what is there, close a pipe as soon as it is idle.
+    Drain,
+    /// Past the drain limit: close the pipes; the termination record says output was dropped.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitHello,
+    AwaitRequest,
+    /// The request was handed to the driver; `started` or `refuse` comes next.
+    Starting,
+    Running,
+    /// The final frame is queued or being sent.
+    Closing,
+    /// Nothing more to do (the client left, or the final send timed out).
+    Closed,
+}
+
+/// The agent's protocol state: no buffers, no I/O, no clock.
+///
+/// ```text
+///  AwaitHello ─Hello─► AwaitRequest ─Exec─► Starting ─started─► Running ─child_exited…finish─► Closing
+///       └──────────── any breach, refuse, handshake timeout ─────────────────────────────────► Closing
+/// ```
+#[derive(Debug, Clone)]
+pub struct AgentSession {
+    config: AgentConfig,
+    state: State,
+    /// Handshake deadline before the request; final-send deadline while closing.
+    deadline: Option<Micros>,
+    // Queued frames, sent by `poll_transmit` in this order.
+    hello: Option<u16>,
+    error: Option<Refusal>,
+    started: Option<u32>,
+    exited: Option<Termination>,
+    stdin_piped: bool,
+    stdin_eof: bool,
+    /// Stdin bytes received and not yet credited back.
+    in_window: usize,
+    /// Of those, bytes consumed (written or discarded) and owed back as credit.
+    owed: usize,
+    started_at: Micros,
+    exit: Option<(ExitStatus, Micros)>,
+    drained: usize,
+    dropped: bool,
+}
+
+impl AgentSession {
+    /// A session awaiting the client's hello; the handshake deadline starts at `now`.
+    pub fn new(config: AgentConfig, now: Micros) -> AgentSession {
+        AgentSession {
+            config,
+            state: State::AwaitHello,
+            deadline: Some(now.saturating_add(config.handshake_timeout)),
+            hello: None,
+            error: None,
+            started: None,
+            exited: None,
+            stdin_piped: false,
+            stdin_eof: false,
+            in_window: 0,
+            owed: 0,
+            started_at: now,
+            exit: None,
+            drained: 0,
+            dropped: false,
+        }
+    }
+
+    /// Where the conversation stands.
+    pub fn phase(&self) -> Phase {
+        match self.state {
+            State::AwaitHello => Phase::Hello,
+            State::AwaitRequest => Phase::Idle,
+            State::Starting => Phase::Starting,
+            State::Running => Phase::Running,
+            State::Closing | State::Closed => Phase::Done,
+        }
+    }
+
+    /// Whether the connection is ending: send what [`AgentSession::poll_transmit`] gives, then
+    /// close. Client input is ignored from here on.
+    pub fn is_closing(&self) -> bool {
+        matches!(self.state, State::Closing | State::Closed)
+    }
+
+    /// Whether nothing is left to send: close now.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed || (self.state == State::Closing && !self.has_queued())
+    }
+
+    /// Whether frames are queued for [`AgentSession::poll_transmit`].
+    pub fn has_queued(&self) -> bool {
+        self.hello.is_some()
+            || self.error.is_some()
+            || self.started.is_some()
+            || self.exited.is_some()
+            || self.credit_due()
+    }
+
+    /// Whether the command was given a stdin pipe that the client has not closed.
+    pub fn stdin_open(&self) -> bool {
+        self.stdin_piped && !self.stdin_eof
+    }
+
+    /// When the driver must call [`AgentSession::handle_timeout`] at the latest.
+    pub fn poll_timeout(&self) -> Option<Micros> {
+        match (self.state, self.exit) {
+            (State::Running, Some((_, ended))) => {
+                Some(ended.saturating_add(self.config.drain_grace))
+            }
+            (State::Running | State::Starting | State::Closed, _) => None,
+            _ => self.deadline,
+        }
+    }
+
+    /// Checks the deadlines against `now`. An expired handshake queues an error frame for the
+    /// client; an expired final send closes the session.
+    pub fn handle_timeout(&mut self, now: Micros) -> Result<(), SessionError> {
+        let expired = self.deadline.is_some_and(|deadline| now >= deadline);
+        match self.state {
+            State::AwaitHello | State::AwaitRequest if expired => {
+                let phase = self.phase();
+                let refusal = Refusal::new(ErrorCode::ProtocolViolation, "handshake timed out");
+                self.close_with(refusal, now);
+                Err(SessionError::TimedOut { phase })
+            }
+            State::Closing if expired => {
+                self.state = State::Closed;
+                Err(SessionError::TimedOut { phase: Phase::Done })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Parses at most one frame from the front of `input`. A breach of the protocol queues an
+    /// error frame for the client and is returned: kill the command, send, close.
+    pub fn handle_input<'a>(
+        &mut self,
+        input: &'a [u8],
+        now: Micros,
+    ) -> Result<Input<AgentEvent<'a>>, SessionError> {
+        let split = match split_frame(input, MAX_FRAME_BODY) {
+            Ok(split) => split,
+            Err(err) if !self.is_closing() => {
+                let refusal = Refusal::new(ErrorCode::FrameTooLarge, "frame exceeds the limit");
+                self.close_with(refusal, now);
+                return Err(err.into());
+            }
+            // Closing: nothing more is read, so nothing more can be wrong.
+            Err(_) => return Ok(Input::NEED_MORE),
+        };
+        let Some((body, consumed)) = split else {
+            return Ok(Input::NEED_MORE);
+        };
+        if self.is_closing() {
+            return Ok(Input {
+                consumed,
+                event: None,
+            });
+        }
+        let event = match decode_client_frame(body) {
+            Ok(frame) => self.handle_frame(frame),
+            Err(_) => Err((
+                Refusal::new(ErrorCode::Malformed, "bad frame"),
+                SessionError::Malformed,
+            )),
+        };
+        match event {
+            Ok(event) => Ok(Input {
+                consumed,
+                event: Some(event),
+            }),
+            Err((refusal, err)) => {
+                self.close_with(refusal, now);
+                Err(err)
+            }
+        }
+    }
+
+    fn handle_frame<'a>(
+        &mut self,
+        frame: ClientFrame<'a>,
+    ) -> Result<AgentEvent<'a>, (Refusal, SessionError)> {
+        let unexpected = |message| {
+            (
+                Refusal::new(ErrorCode::ProtocolViolation, message),
+                SessionError::Unexpected {
+                    frame: FrameKind::of_client(&frame),
+                    phase: self.phase(),
+                },
+            )
+        };
+        match (self.state, frame) {
+            (State::AwaitHello, ClientFrame::Hello(hello)) => {
+                let Some(version) = hello.negotiate() else {
+                    let refusal = Refusal::new(ErrorCode::UnsupportedVersion, "no common version");
+                    let err = if hello.magic == MAGIC {
+                        SessionError::UnsupportedVersion { chosen: 0 }
+                    } else {
+                        SessionError::NotFerry
+                    };
+                    return Err((refusal, err));
+                };
+                self.hello = Some(version);
+                self.state = State::AwaitRequest;
+                Ok(AgentEvent::Hello)
+            }
+            (State::AwaitHello, _) => Err(unexpected("expected hello")),
+            (State::AwaitRequest, ClientFrame::Exec(exec)) => {
+                let valid = exec.validate().map_err(|err| {
+                    let message = err.message;
+                    (
+                        Refusal::new(err.code, message),
+                        SessionError::InvalidRequest { message },
+                    )
+                })?;
+                self.state = State::Starting;
+                self.deadline = None;
+                self.stdin_piped = exec.stdin == StdinMode::Pipe;
+                Ok(AgentEvent::Exec(valid))
+            }
+            (State::AwaitRequest, _) => Err(unexpected("expected a request")),
+            (State::Starting | State::Running, ClientFrame::Stdin(data)) if self.stdin_open() => {
+                if self.in_window + data.0.len() > self.window() {
+                    return Err((
+                        Refusal::new(ErrorCode::ProtocolViolation, "stdin beyond credit"),
+                        SessionError::CreditExceeded,
+                    ));
+                }
+                self.in_window += data.0.len();
+                Ok(AgentEvent::Stdin(data.0))
+            }
+            (State::Starting | State::Running, ClientFrame::StdinEof) if self.stdin_open() => {
+                self.stdin_eof = true;
+                Ok(AgentEvent::StdinEof)
+            }
+            _ => Err(unexpected("unexpected frame")),
+        }
+    }
+
+    fn window(&self) -> usize {
+        (self.config.limits.stdin_window as usize).min(STDIN_WINDOW)
+    }
+
+    /// The client closed the connection. `Ok` when nothing was owed to it (before a request: a
+    /// hello alone is a health check; or while closing); otherwise a disconnect, which ends the
+    /// command.
+    pub fn handle_eof(&mut self) -> Result<(), SessionError> {
+        let phase = self.phase();
+        let state = core::mem::replace(&mut self.state, State::Closed);
+        match state {
+            State::AwaitHello | State::AwaitRequest | State::Closing | State::Closed => Ok(()),
+            State::Starting | State::Running => Err(SessionError::Disconnected {
+                phase,
+                mid_frame: false,
+            }),
+        }
+    }
+
+    /// The requested command was executed as `pid`; `started_at` is when spawning began (the
+    /// termination record's duration counts from it).
+    pub fn started(&mut self, pid: u32, started_at: Micros) -> Result<(), SessionError> {
+        if self.state != State::Starting {
+            return Err(SessionError::InvalidState);
+        }
+        self.state = State::Running;
+        self.started = Some(pid);
+        self.started_at = started_at;
+        Ok(())
+    }
+
+    /// Ends the conversation with an error frame (a request that could not run, a failure in the
+    /// agent). Not after the final frame is queued.
+    pub fn refuse(&mut self, refusal: Refusal, now: Micros) -> Result<(), SessionError> {
+        if self.is_closing() {
+            return Err(SessionError::InvalidState);
+        }
+        self.close_with(refusal, now);
+        Ok(())
+    }
+
+    fn close_with(&mut self, refusal: Refusal, now: Micros) {
+        self.error = Some(refusal);
+        // Nothing else is owed once the conversation failed.
+        self.started = None;
+        self.in_window = 0;
+        self.owed = 0;
+        self.enter_closing(now);
+    }
+
+    fn enter_closing(&mut self, now: Micros) {
+        self.state = State::Closing;
+        self.deadline = Some(now.saturating_add(self.config.final_send_timeout));
+    }
+
+    /// `n` stdin bytes were written to the command (or discarded because nobody reads them):
+    /// they are owed back to the client as credit.
+    pub fn stdin_consumed(&mut self, n: usize) {
+        self.owed = (self.owed + n).min(self.in_window);
+    }
+
+    /// The command exited at `now`. Output still flows until the driver calls
+    /// [`AgentSession::finish`], as [`AgentSession::output_phase`] directs.
+    pub fn child_exited(&mut self, status: ExitStatus, now: Micros) -> Result<(), SessionError> {
+        if self.state != State::Running || self.exit.is_some() {
+            return Err(SessionError::InvalidState);
+        }
+        self.exit = Some((status, now));
+        Ok(())
+    }
+
+    /// How the driver should treat the output pipes at `now`.
+    pub fn output_phase(&self, now: Micros) -> OutputPhase {
+        match self.exit {
+            _ if self.dropped && self.drained > self.config.drain_limit => OutputPhase::Closed,
+            None => OutputPhase::Open,
+            Some((_, ended)) if now < ended.saturating_add(self.config.drain_grace) => {
+                OutputPhase::Grace
+            }
+            Some(_) => OutputPhase::Drain,
+        }
+    }
+
+    /// Frames `len` output bytes that the driver read to `buf[DATA_HEADROOM..]` without a copy;
+    /// returns where the frame starts (send `buf[start..DATA_HEADROOM + len]`). Only while the
+    /// command runs (or drains), never after the final frame.
+    pub fn frame_output(
+        &mut self,
+        buf: &mut [u8],
+        kind: DataKind,
+        len: usize,
+    ) -> Result<usize, SessionError> {
+        if self.state != State::Running || kind == DataKind::Stdin {
+            return Err(SessionError::InvalidState);
+        }
+        let start = frame_data_in_place(buf, kind, len)?;
+        if self.exit.is_some() {
+            self.drained += len;
+            if self.drained > self.config.drain_limit {
+                // Someone keeps the pipes busy long after the command ended.
+                self.dropped = true;
+            }
+        }
+        Ok(start)
+    }
+
+    /// Some output was lost (a pipe failed, or was closed while it still held data).
+    pub fn note_output_dropped(&mut self) {
+        self.dropped = true;
+    }
+
+    /// The output is done (pipes closed): queue the termination record, the last frame.
+    pub fn finish(&mut self, now: Micros) -> Result<(), SessionError> {
+        let (State::Running, Some((status, ended))) = (self.state, self.exit) else {
+            return Err(SessionError::InvalidState);
+        };
+        self.exited = Some(Termination {
+            status,
+            duration_us: ended.saturating_sub(self.started_at),
+            output_dropped: self.dropped,
+        });
+        self.enter_closing(now);
+        Ok(())
+    }
+
+    fn credit_due(&self) -> bool {
+        !self.is_closing_with_error()
+            && (self.owed >= CREDIT_BATCH || (self.owed > 0 && self.owed == self.in_window))
+    }
+
+    fn is_closing_with_error(&self) -> bool {
+        self.error.is_some()
+    }
+
+    /// Writes the queued control frames into `out`, in the protocol's order (hello, started,
+    /// credit, then the final frame); returns the bytes written, 0 when nothing is queued. What
+    /// does not fit stays queued.
+    pub fn poll_transmit(&mut self, out: &mut [u8]) -> Result<usize, SessionError> {
+        let mut written = 0;
+        loop {
+            let Some(frame) = self.next_queued() else {
+                return Ok(written);
+            };
+            let rest = out.get_mut(written..).unwrap_or(&mut []);
+            match encode_agent_frame(&frame, rest) {
+                Ok(n) => written += n,
+                Err(_) if written > 0 => return Ok(written),
+                Err(err) => return Err(err.into()),
+            }
+            self.dequeue();
+        }
+    }
+
+    fn next_queued(&self) -> Option<AgentFrame<'static>> {
+        if let Some(version) = self.hello {
+            return Some(AgentFrame::Hello(self.agent_hello(version)));
+        }
+        if let Some(refusal) = self.error {
+            return Some(AgentFrame::Error(ErrorFrame {
+                code: refusal.code,
+                errno: refusal.errno,
+                message: truncate_str(refusal.message, MAX_MESSAGE),
+            }));
+        }
+        if let Some(pid) = self.started {
+            return Some(AgentFrame::Started(Started { pid }));
+        }
+        if self.credit_due() {
+            return Some(AgentFrame::StdinCredit(self.owed as u32));
+        }
+        self.exited.map(AgentFrame::Exited)
+    }
+
+    fn dequeue(&mut self) {
+        if self.hello.take().is_some() {
+        } else if self.error.take().is_some() {
+            // The error is the last frame: drop anything else.
+            self.exited = None;
+        } else if self.started.take().is_some() {
+        } else if self.credit_due() {
+            self.in_window -= self.owed;
+            self.owed = 0;
+        } else {
+            self.exited = None;
+        }
+    }
+
+    fn agent_hello(&self, version: u16) -> AgentHello<'static> {
+        AgentHello {
+            magic: MAGIC,
+            version,
+            agent_version: truncate_str(
+                self.config.agent_version,
+                crate::limits::MAX_VERSION_STRING,
+            ),
+            limits: self.config.limits,
+        }
+    }
+}
+
+/// The readiness announcement an agent sends on the connection it opens to its host (see
+/// ARCHITECTURE.md): its hello, then the report. Returns the bytes written.
+pub fn encode_ready_announcement(
+    agent_version: &str,
+    report: ReadyReport,
+    out: &mut [u8],
+) -> Result<usize, SessionError> {
+    let hello = AgentFrame::Hello(AgentHello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        agent_version: truncate_str(agent_version, crate::limits::MAX_VERSION_STRING),
+        limits: Limits::CURRENT,
+    });
+    let n = encode_agent_frame(&hello, out)?;
+    let rest = out.get_mut(n..).unwrap_or(&mut []);
+    Ok(n + encode_agent_frame(&AgentFrame::Ready(report), rest)?)
+}
