@@ -329,7 +329,10 @@ impl ClientSession {
             phase,
         };
         let event = match (frame, phase) {
-            (AgentFrame::Hello(hello), Phase::Hello) if self.hello_sent => {
+            // The hello answers ours, whether or not a request was pipelined behind it.
+            (AgentFrame::Hello(hello), Phase::Hello | Phase::Starting)
+                if self.hello_sent && self.agent.is_none() =>
+            {
                 if hello.magic != MAGIC {
                     return Err(SessionError::NotFerry);
                 }

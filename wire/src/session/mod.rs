@@ -285,3 +285,8 @@ pub(crate) fn truncate_str(text: &str, max: usize) -> &str {
     }
     text.get(..end).unwrap_or("")
 }
+
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
