@@ -113,9 +113,10 @@ impl ClientSession {
         match (self.agent, self.operation) {
             _ if self.failed => Phase::Done,
             (_, Operation::Done) => Phase::Done,
+            // Until the agent's hello, whatever was pipelined behind ours.
+            (None, _) => Phase::Hello,
             (_, Operation::Running) => Phase::Running,
             (_, Operation::ExecSent) => Phase::Starting,
-            (None, Operation::None) => Phase::Hello,
             (Some(_), Operation::None) => Phase::Idle,
         }
     }

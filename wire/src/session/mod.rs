@@ -290,3 +290,5 @@ pub(crate) fn truncate_str(text: &str, max: usize) -> &str {
 mod sim;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod transcripts;
