@@ -100,7 +100,7 @@ const TRANSCRIPTS: &[Transcript] = &[
     },
     Transcript {
         name: "exec_signal_death",
-        request: exec(b"sleep\0100\0", StdinMode::Null),
+        request: exec(b"sleep\0infinity\0", StdinMode::Null),
         sends: &[],
         acts: &[
             Act::Start(9),
