@@ -4,8 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_wire::{ClientFrame, Limits};
-
 use crate::command::Command;
 use crate::conn::{open_timed, AgentInfo, BufferPool, Connection};
 use crate::error::Error;
@@ -69,15 +67,16 @@ impl Client {
     /// Failing to start (no such program, not executable, bad directory) is an
     /// [`Error::Remote`] naming the cause.
     pub fn spawn(&self, command: &Command) -> Result<Execution, Error> {
-        // Checked against this library's limits before sending; an agent with tighter ones
-        // refuses with `LimitExceeded`.
-        let request = command.request(&Limits::CURRENT)?;
+        // The session checks the request against the protocol's limits before anything is
+        // sent; an agent with tighter ones refuses with `LimitExceeded`.
+        let request = command.request()?;
         let (conn, _info) = Connection::open_with(
             &self.target,
             &self.options,
             Some(&self.buffers),
-            Some(&ClientFrame::Exec(request)),
-        )?;
+            Some(&request),
+        )
+        .map_err(|err| command.explain(err))?;
         Execution::start(conn, command.stdin_mode())
     }
 

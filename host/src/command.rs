@@ -4,7 +4,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
-use ferry_wire::{Bytes, ExecRequest, Limits, StdinMode, StrList};
+use ferry_wire::{Bytes, ExecRequest, StdinMode, StrList};
 
 use crate::error::Error;
 
@@ -148,32 +148,13 @@ impl Command {
         self.invalid.get_or_insert(why);
     }
 
-    /// The wire request, checked against the protocol's rules and the agent's announced limits
-    /// before anything is sent.
-    pub(crate) fn request(&self, limits: &Limits) -> Result<ExecRequest<'_>, Error> {
+    /// The wire request. Builder misuse is reported here; the protocol's rules and limits
+    /// are the session's to check.
+    pub(crate) fn request(&self) -> Result<ExecRequest<'_>, Error> {
         if let Some(why) = &self.invalid {
             return Err(Error::InvalidRequest(why.clone()));
         }
-        let count = |list: &[u8]| list.iter().filter(|b| **b == 0).count();
-        let over = |what: &str, value: usize, limit: u32| {
-            (value > limit as usize).then(|| {
-                Error::InvalidRequest(format!(
-                    "{what} is {value}, above the agent's limit of {limit}"
-                ))
-            })
-        };
-        if let Some(err) = over("argv size", self.argv.len(), limits.max_argv_bytes)
-            .or_else(|| over("argument count", count(&self.argv), limits.max_args))
-            .or_else(|| over("environment size", self.env.len(), limits.max_env_bytes))
-            .or_else(|| over("environment entries", count(&self.env), limits.max_env_vars))
-            .or_else(|| {
-                let cwd = self.cwd.as_ref().map_or(0, Vec::len);
-                over("working directory length", cwd, limits.max_path)
-            })
-        {
-            return Err(err);
-        }
-        let request = ExecRequest {
+        Ok(ExecRequest {
             argv: StrList::new(&self.argv),
             env: StrList::new(&self.env),
             clean_env: self.clean_env,
@@ -182,12 +163,25 @@ impl Command {
                 Stdin::Null => StdinMode::Null,
                 Stdin::Pipe | Stdin::Bytes(_) => StdinMode::Pipe,
             },
+        })
+    }
+
+    /// Adds this command's sizes to a refusal of the request, so the reader sees what was
+    /// too large.
+    pub(crate) fn explain(&self, err: Error) -> Error {
+        let Error::InvalidRequest(why) = err else {
+            return err;
         };
-        // This library's own protocol limits, which may be tighter than an agent's.
-        request
-            .validate()
-            .map_err(|err| Error::InvalidRequest(err.message.into()))?;
-        Ok(request)
+        let entries = |list: &[u8]| list.iter().filter(|b| **b == 0).count();
+        Error::InvalidRequest(format!(
+            "{why} (argv: {} entries, {} bytes; environment: {} entries, {} bytes; \
+             working directory: {} bytes)",
+            entries(&self.argv),
+            self.argv.len(),
+            entries(&self.env),
+            self.env.len(),
+            self.cwd.as_ref().map_or(0, Vec::len),
+        ))
     }
 }
 
@@ -195,6 +189,16 @@ impl Command {
 mod tests {
     use super::*;
     use ferry_wire::limits::{MAX_ARGS, MAX_ARGV_BYTES, MAX_ENV_VARS, MAX_PATH};
+    use ferry_wire::session::ClientSession;
+
+    /// What `Client::spawn` does before it connects: the builder's request, through a session.
+    fn check(command: &Command) -> Result<(), Error> {
+        let request = command.request()?;
+        let mut session = ClientSession::new(0, None);
+        crate::conn::Opening::encode(&mut session, Some(&request))
+            .map_err(|e| command.explain(e))?;
+        Ok(())
+    }
 
     #[test]
     fn builds_packed_lists() {
@@ -206,7 +210,7 @@ mod tests {
             .env_clear()
             .current_dir("/tmp")
             .stdin(Stdin::Pipe);
-        let request = command.request(&Limits::CURRENT).unwrap();
+        let request = command.request().unwrap();
         assert_eq!(request.argv.as_bytes(), b"ls\0-l\0a b\0\0");
         assert_eq!(request.env.as_bytes(), b"K=v=w\0");
         assert!(request.clean_env);
@@ -239,12 +243,9 @@ mod tests {
         for case in cases {
             let mut command = Command::new("true");
             case(&mut command);
-            assert!(matches!(
-                command.request(&Limits::CURRENT),
-                Err(Error::InvalidRequest(_))
-            ));
+            assert!(matches!(check(&command), Err(Error::InvalidRequest(_))));
         }
-        assert!(Command::new("").request(&Limits::CURRENT).is_err());
+        assert!(Command::new("").request().is_err());
     }
 
     #[test]
@@ -252,42 +253,36 @@ mod tests {
         // argv: MAX_ARGS entries fit, one more does not.
         let mut command = Command::new("x");
         command.args(std::iter::repeat_n("y", MAX_ARGS - 1));
-        assert!(command.request(&Limits::CURRENT).is_ok());
+        assert!(check(&command).is_ok());
         command.arg("z");
-        assert!(command.request(&Limits::CURRENT).is_err());
+        assert!(check(&command).is_err());
 
         // argv bytes: exactly MAX_ARGV_BYTES with NULs fits.
         let mut command = Command::new("a".repeat(MAX_ARGV_BYTES - 1));
-        assert!(command.request(&Limits::CURRENT).is_ok());
+        assert!(check(&command).is_ok());
         command.arg("");
-        assert!(command.request(&Limits::CURRENT).is_err());
+        assert!(check(&command).is_err());
 
         let mut command = Command::new("x");
         for i in 0..MAX_ENV_VARS {
             command.env(format!("V{i}"), "");
         }
-        assert!(command.request(&Limits::CURRENT).is_ok());
+        assert!(check(&command).is_ok());
         command.env("W", "");
-        assert!(command.request(&Limits::CURRENT).is_err());
+        assert!(check(&command).is_err());
 
         let mut command = Command::new("x");
         command.current_dir("/".repeat(MAX_PATH));
-        assert!(command.request(&Limits::CURRENT).is_ok());
+        assert!(check(&command).is_ok());
         command.current_dir("/".repeat(MAX_PATH + 1));
-        assert!(command.request(&Limits::CURRENT).is_err());
+        assert!(check(&command).is_err());
     }
 
     #[test]
-    fn an_agents_tighter_limits_are_respected() {
-        let limits = Limits {
-            max_args: 2,
-            ..Limits::CURRENT
-        };
+    fn a_refusal_names_the_sizes() {
         let mut command = Command::new("x");
-        command.arg("1");
-        assert!(command.request(&limits).is_ok());
-        command.arg("2");
-        let err = command.request(&limits).unwrap_err();
-        assert!(err.to_string().contains("argument count is 3"), "{err}");
+        command.args(std::iter::repeat_n("y", MAX_ARGS));
+        let err = check(&command).unwrap_err().to_string();
+        assert!(err.contains("argv: 1025 entries, 2050 bytes"), "{err}");
     }
 }

@@ -1,18 +1,24 @@
-//! One framed connection to the agent: the hello, then whole frames in and out.
+//! One connection to the agent, driving `ferry_wire`'s [`ClientSession`]: this file moves bytes
+//! between the socket, the receive buffer and the session, and turns the session's events and
+//! errors into the library's types. Every protocol rule (frame order, versions, stdin credit,
+//! the hello's deadline) is the session's.
 
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
-use ferry_wire::limits::{MAX_FRAME, MAX_FRAME_BODY};
+use ferry_wire::limits::MAX_FRAME;
+use ferry_wire::session::{ClientEvent, ClientSession, Micros, SessionError};
 use ferry_wire::{
-    decode_agent_frame, encode_client_frame, split_frame, AgentFrame, ClientFrame, ClientHello,
-    EncodeError, ErrorCode, Limits, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    ErrorFrame, ExecRequest, Limits, RecvBuf, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::error::{Error, RemoteError};
+use crate::exec::Termination;
 use crate::target::{is_timeout, ConnectOptions, Target};
 
 /// Receive buffer: several full frames per `read` when output streams fast.
@@ -59,40 +65,144 @@ impl std::fmt::Debug for BufferPool {
     }
 }
 
-impl Drop for Connection {
-    fn drop(&mut self) {
-        if let Some(pool) = self.pool.take() {
-            pool.give(std::mem::take(&mut self.recv));
+/// What the reading side and a stdin writer on another thread share: the socket and the one
+/// session. The reader locks the session only while it hands it input (events borrow the
+/// receive buffer, not the session); a writer locks it to frame stdin within credit.
+pub(crate) struct Shared {
+    stream: UnixStream,
+    state: Mutex<State>,
+    /// Signalled when the session's stdin state may have changed (credit, the end), for a
+    /// writer waiting in [`Shared::send_stdin`].
+    credit_changed: Condvar,
+    /// Held from framing to the end of the write, so frames from two threads never interleave
+    /// and go out in the order the session framed them.
+    writing: Mutex<()>,
+}
+
+struct State {
+    session: ClientSession,
+    /// The connection is being dropped: writers fail instead of waiting.
+    closed: bool,
+    /// The thread that last asked for the command's events. A writer on that thread must not
+    /// wait for credit: only that thread's next read would bring it.
+    reader: Option<ThreadId>,
+    /// Writers blocked on `credit_changed` (a notification costs a syscall; skip it when none).
+    waiting: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is a plain value updated in place; a panic elsewhere does not tear it.
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn lock_writing(&self) -> MutexGuard<'_, ()> {
+        self.writing
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Wakes writers waiting for credit, if there are any.
+    fn wake_writers(&self, state: &State) {
+        if state.waiting > 0 {
+            self.credit_changed.notify_all();
         }
     }
-}
 
-/// An opening larger than this may not fit an empty socket buffer, so its write gets a deadline;
-/// anything smaller cannot block on a fresh connection.
-const UNTIMED_OPENING: usize = 16 * 1024;
-
-/// The hello, and the request behind it if there is one, encoded back to back into `buf`.
-fn encode_opening(request: Option<&ClientFrame<'_>>, buf: &mut [u8]) -> Result<usize, EncodeError> {
-    let mut len = encode_client_frame(&ClientFrame::Hello(ClientHello::CURRENT), buf)?;
-    if let Some(request) = request {
-        len += encode_client_frame(request, &mut buf[len..])?;
+    /// Sends one stdin frame with as much of `data` as the session allows; with `wait`, waits
+    /// for credit first. `Ok(0)` without `wait`: no credit now.
+    pub fn send_stdin(&self, data: &[u8], frame: &mut [u8], wait: bool) -> io::Result<usize> {
+        loop {
+            let writing = self.lock_writing();
+            let mut state = self.lock();
+            if state.closed {
+                return Err(broken_pipe());
+            }
+            let sent = state.session.send_stdin(data, frame).map_err(stdin_error)?;
+            if sent.taken > 0 {
+                drop(state);
+                (&self.stream).write_all(&frame[..sent.written])?;
+                return Ok(sent.taken);
+            }
+            if !wait {
+                return Ok(0);
+            }
+            if state.reader == Some(thread::current().id()) {
+                // NOTE: waiting here would wait forever: credit arrives through this thread's
+                // next read. Refused instead of deadlocked.
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "no stdin credit, and this thread is the one that receives it: \
+                     write the command's stdin from another thread than its events",
+                ));
+            }
+            // Wait without blocking other writers; the state lock is held until the wait
+            // begins, so no grant is missed.
+            drop(writing);
+            state.waiting += 1;
+            let mut state = self
+                .credit_changed
+                .wait(state)
+                .unwrap_or_else(|poison| poison.into_inner());
+            state.waiting -= 1;
+        }
     }
-    Ok(len)
+
+    /// Ends stdin: the session queues EOF and the frame is sent.
+    pub fn close_stdin(&self, frame: &mut [u8]) -> io::Result<()> {
+        let _writing = self.lock_writing();
+        let mut state = self.lock();
+        if state.closed || !state.session.stdin_open() {
+            return Err(broken_pipe());
+        }
+        state.session.close_stdin().map_err(stdin_error)?;
+        let len = state.session.poll_transmit(frame).map_err(stdin_error)?;
+        drop(state);
+        (&self.stream).write_all(&frame[..len])
+    }
+
+    /// The connection is going away: writers stop waiting and fail from now on.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        self.wake_writers(&state);
+    }
+
+    /// Ends the connection in both directions: the agent sees a disconnect at once, even while
+    /// a stdin writer still holds the socket.
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
 }
 
-/// A connection past its hello.
+/// What a connection received, owned: output is a range of the receive buffer, borrowed by
+/// [`Connection::chunk`] (so a caller can loop over receives without holding a borrow).
+#[derive(Debug)]
+pub(crate) enum Received {
+    Hello(AgentInfo),
+    Started(u32),
+    Stdout(Range<usize>),
+    Stderr(Range<usize>),
+    /// Stdin credit came back (writers were woken).
+    Credit,
+    Exited(Termination),
+}
+
+/// A connection and its receive buffer; the reading side.
 pub(crate) struct Connection {
-    stream: UnixStream,
-    recv: Box<[u8]>,
-    /// Where `recv` goes back to when the connection ends.
+    shared: Arc<Shared>,
+    recv: RecvBuf<Box<[u8]>>,
+    /// Where the receive buffer goes back to when the connection ends.
     pool: Option<Arc<BufferPool>>,
-    /// Until the hello has arrived: when to give up waiting for the agent.
-    hello_deadline: Option<Instant>,
-    /// Unread bytes are `recv[start..end]`.
-    start: usize,
-    end: usize,
-    /// Bytes of the frame last returned by [`Connection::recv`], released on the next call.
-    returned: usize,
+    /// Bytes at the front of `recv` that the last [`Received`] borrowed, dropped on the next
+    /// receive.
+    handed_out: usize,
+    /// Zero on the session's clock.
+    epoch: Instant,
+    /// This side's copy of [`State::reader`], so noting the same reader again costs no lock.
+    reader: Option<ThreadId>,
 }
 
 impl Connection {
@@ -105,164 +215,326 @@ impl Connection {
         Connection::open_with(target, options, pool, None)
     }
 
-    /// Like [`Connection::open`], with `request` sent right behind the hello in the same write:
-    /// the agent reads frames in order, so the request costs no extra round trip. Sound while
-    /// this library speaks a single protocol version (the request's encoding cannot depend on
-    /// the outcome of the negotiation).
+    /// Like [`Connection::open`], with an exec request behind the hello: the session encodes
+    /// both, and they go out in one write, so the request costs no extra round trip.
     pub fn open_with(
         target: &Target,
         options: &ConnectOptions,
         pool: Option<&Arc<BufferPool>>,
-        request: Option<&ClientFrame<'_>>,
+        request: Option<&ExecRequest<'_>>,
     ) -> Result<(Connection, AgentInfo), Error> {
-        const _: () = assert!(MIN_PROTOCOL_VERSION == PROTOCOL_VERSION);
         let opened = target.open_raw(options)?;
+        let epoch = Instant::now();
+        let hello_timeout = opened.deadline.saturating_duration_since(epoch);
+        let mut session = ClientSession::new(0, Some(micros(hello_timeout)));
+        // Encoded before anything else is set up: a refused request costs no more.
+        let opening = Opening::encode(&mut session, request)?;
         let mut conn = Connection {
-            stream: opened.stream,
-            recv: match pool {
+            shared: Arc::new(Shared {
+                stream: opened.stream,
+                state: Mutex::new(State {
+                    session,
+                    closed: false,
+                    reader: None,
+                    waiting: 0,
+                }),
+                credit_changed: Condvar::new(),
+                writing: Mutex::new(()),
+            }),
+            recv: RecvBuf::new(match pool {
                 Some(pool) => pool.take(),
                 None => vec![0u8; RECV_BUFFER].into_boxed_slice(),
-            },
+            }),
             pool: pool.cloned(),
-            hello_deadline: Some(opened.deadline),
-            start: 0,
-            end: 0,
-            returned: 0,
+            handed_out: 0,
+            epoch,
+            reader: None,
         };
-        // Most requests are a few hundred bytes: encode on the stack, and size a heap buffer for
-        // the largest frame only when one does not fit.
-        let mut small = [0u8; 2048];
-        let mut large = Vec::new();
-        let len = match encode_opening(request, &mut small) {
-            Err(EncodeError::BufferTooSmall) => {
-                large.resize(2 * MAX_FRAME, 0);
-                encode_opening(request, &mut large)
-            }
-            other => other,
-        }
-        .map_err(|err| Error::InvalidRequest(err.to_string()))?;
-        let opening = if large.is_empty() {
-            &small[..len]
-        } else {
-            &large[..len]
-        };
-        let timed_write = !opened.timeouts_set && opening.len() > UNTIMED_OPENING;
+        let mut stream = &conn.shared.stream;
+        let timed_write = !opened.timeouts_set && opening.bytes().len() > UNTIMED_OPENING;
         if timed_write {
             let left = opened
                 .deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1));
-            conn.stream
-                .set_write_timeout(Some(left))
-                .map_err(Error::Io)?;
+            stream.set_write_timeout(Some(left)).map_err(Error::Io)?;
         }
-        conn.stream.write_all(opening).map_err(io_error)?;
-        let info = match conn.recv("during the hello")? {
-            AgentFrame::Hello(hello) => {
-                if hello.magic != MAGIC {
-                    return Err(Error::Protocol("the peer is not a ferry agent".into()));
-                }
-                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
-                    return Err(Error::UnsupportedVersion {
-                        min: MIN_PROTOCOL_VERSION,
-                        max: PROTOCOL_VERSION,
-                        message: format!("the agent chose version {}", hello.version),
-                    });
-                }
-                AgentInfo {
-                    protocol_version: hello.version,
-                    agent_version: hello.agent_version.to_owned(),
-                    limits: hello.limits,
-                }
-            }
-            AgentFrame::Error(err) if err.code == ErrorCode::UnsupportedVersion => {
-                return Err(Error::UnsupportedVersion {
-                    min: MIN_PROTOCOL_VERSION,
-                    max: PROTOCOL_VERSION,
-                    message: err.message.to_owned(),
-                })
-            }
-            AgentFrame::Error(err) => return Err(remote(&err)),
-            other => return Err(unexpected(&other, "instead of a hello")),
+        stream.write_all(opening.bytes()).map_err(io_error)?;
+        let info = match conn.receive()? {
+            Received::Hello(info) => info,
+            other => return Err(out_of_order(&other, "instead of a hello")),
         };
         // Past the hello an operation may run for as long as it likes.
-        conn.hello_deadline = None;
+        let stream = &conn.shared.stream;
         if opened.timeouts_set {
-            conn.stream.set_read_timeout(None).map_err(Error::Io)?;
+            stream.set_read_timeout(None).map_err(Error::Io)?;
         }
         if opened.timeouts_set || timed_write {
-            conn.stream.set_write_timeout(None).map_err(Error::Io)?;
+            stream.set_write_timeout(None).map_err(Error::Io)?;
         }
         Ok((conn, info))
     }
 
-    /// Receives the next whole frame; it borrows the receive buffer until the next call.
-    /// `during` names the phase for the error when the agent hangs up.
-    pub fn recv(&mut self, during: &'static str) -> Result<AgentFrame<'_>, Error> {
-        self.start += std::mem::take(&mut self.returned);
-        let frame_len = loop {
-            match split_frame(&self.recv[self.start..self.end], MAX_FRAME_BODY) {
-                Ok(Some((_, frame_len))) => break frame_len,
-                Ok(None) => {}
-                Err(err) => return Err(Error::Protocol(format!("the agent sent a {err}"))),
-            }
-            if self.start == self.end {
-                self.start = 0;
-                self.end = 0;
-            } else if self.recv.len() - self.start < MAX_FRAME {
-                // Not enough room behind a partial frame for the largest frame: move it forward.
-                self.recv.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            if let Some(deadline) = self.hello_deadline {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero()
-                    || !crate::sys::wait_readable(self.stream.as_fd(), left).map_err(Error::Io)?
-                {
-                    return Err(io_error(io::Error::from(io::ErrorKind::TimedOut)));
-                }
-            }
-            let n = loop {
-                match self.stream.read(&mut self.recv[self.end..]) {
-                    Ok(n) => break n,
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                    Err(err) => return Err(io_error(err)),
+    /// What the reader and a stdin writer share.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Notes that the calling thread reads this connection's events (see [`State::reader`]).
+    pub fn note_reader(&mut self) {
+        let id = thread::current().id();
+        if self.reader != Some(id) {
+            self.reader = Some(id);
+            self.shared.lock().reader = Some(id);
+        }
+    }
+
+    /// Output bytes a [`Received`] named; valid until the next receive.
+    pub fn chunk(&self, range: Range<usize>) -> &[u8] {
+        self.recv.data().get(range).unwrap_or_default()
+    }
+
+    /// Receives until the session reports something, reading from the socket when it needs
+    /// more bytes (within the session's deadline while it has one).
+    pub fn receive(&mut self) -> Result<Received, Error> {
+        self.recv.consume(std::mem::take(&mut self.handed_out));
+        loop {
+            let mut state = self.shared.lock();
+            let input = self.recv.data();
+            let taken = match state.session.handle_input(input) {
+                Ok(taken) => taken,
+                Err(err) => {
+                    self.shared.wake_writers(&state);
+                    return Err(session_error(err));
                 }
             };
-            if n == 0 {
-                return Err(if self.start == self.end {
-                    Error::Disconnected(during)
-                } else {
-                    Error::Protocol("the agent closed the connection mid-frame".into())
-                });
+            let Some(event) = taken.event else {
+                drop(state);
+                match taken.consumed {
+                    0 => self.fill()?,
+                    consumed => self.recv.consume(consumed),
+                }
+                continue;
+            };
+            let received = match event {
+                ClientEvent::HelloAccepted(info) => Received::Hello(AgentInfo {
+                    protocol_version: info.protocol_version,
+                    agent_version: info.agent_version.to_owned(),
+                    limits: info.limits,
+                }),
+                ClientEvent::Started { pid } => Received::Started(pid),
+                ClientEvent::Stdout(data) => Received::Stdout(within(input, data)),
+                ClientEvent::Stderr(data) => Received::Stderr(within(input, data)),
+                ClientEvent::StdinCredit { .. } => Received::Credit,
+                ClientEvent::Exited(end) => {
+                    // Bytes already here behind the termination record go to the session too
+                    // (it refuses them); nothing more is read for them.
+                    let rest = input.get(taken.consumed..).unwrap_or_default();
+                    if let Err(err) = state.session.handle_input(rest) {
+                        self.shared.wake_writers(&state);
+                        return Err(session_error(err));
+                    }
+                    Received::Exited(Termination {
+                        status: end.status,
+                        duration: Duration::from_micros(end.duration_us),
+                        output_dropped: end.output_dropped,
+                    })
+                }
+                ClientEvent::Refused(err) => {
+                    self.shared.wake_writers(&state);
+                    return Err(refused(&err));
+                }
+            };
+            if matches!(received, Received::Credit | Received::Exited(_)) {
+                self.shared.wake_writers(&state);
             }
-            self.end += n;
+            self.handed_out = taken.consumed;
+            return Ok(received);
+        }
+    }
+
+    /// Reads more bytes into the receive buffer; the session decides what an end of stream or
+    /// a passed deadline means.
+    fn fill(&mut self) -> Result<(), Error> {
+        loop {
+            let deadline = self.shared.lock().session.poll_timeout();
+            if let Some(deadline) = deadline {
+                let left = Duration::from_micros(deadline.saturating_sub(self.now()));
+                let fd = self.shared.stream.as_fd();
+                if left.is_zero() || !crate::sys::wait_readable(fd, left).map_err(Error::Io)? {
+                    let mut state = self.shared.lock();
+                    if let Err(err) = state.session.handle_timeout(self.now()) {
+                        self.shared.wake_writers(&state);
+                        return Err(session_error(err));
+                    }
+                    // Woken a little early: wait out the rest.
+                    continue;
+                }
+            }
+            let spare = self.recv.spare().map_err(|err| session_error(err.into()))?;
+            let n = match (&self.shared.stream).read(spare) {
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(io_error(err)),
+            };
+            if n > 0 {
+                self.recv.commit(n);
+                return Ok(());
+            }
+            let mut state = self.shared.lock();
+            let phase = state.session.phase();
+            let ended = state.session.handle_eof(self.recv.data().len());
+            self.shared.wake_writers(&state);
+            return Err(match ended {
+                Err(err) => session_error(err),
+                // A clean end where this library still expected an event.
+                Ok(()) => Error::Disconnected(phase.as_str()),
+            });
+        }
+    }
+
+    fn now(&self) -> Micros {
+        micros(self.epoch.elapsed())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.shared.close();
+        if let Some(pool) = self.pool.take() {
+            let recv = std::mem::replace(&mut self.recv, RecvBuf::new(Box::default()));
+            pool.give(recv.into_inner());
+        }
+    }
+}
+
+/// An opening larger than this may not fit an empty socket buffer, so its write gets a deadline;
+/// anything smaller cannot block on a fresh connection.
+const UNTIMED_OPENING: usize = 16 * 1024;
+
+/// The bytes a connection opens with: the session's hello, and the request behind it.
+pub(crate) struct Opening {
+    small: [u8; 2048],
+    large: Vec<u8>,
+    len: usize,
+}
+
+impl Opening {
+    /// Asks the session for the opening. Most requests are a few hundred bytes: encoded on the
+    /// stack, with a heap buffer sized for the largest frames only when one does not fit.
+    pub fn encode(
+        session: &mut ClientSession,
+        request: Option<&ExecRequest<'_>>,
+    ) -> Result<Opening, Error> {
+        let mut opening = Opening {
+            small: [0u8; 2048],
+            large: Vec::new(),
+            len: 0,
         };
-        self.returned = frame_len;
-        let body = &self.recv[self.start + ferry_wire::limits::HEADER_LEN..self.start + frame_len];
-        decode_agent_frame(body)
-            .map_err(|err| Error::Protocol(format!("undecodable frame from the agent: {err}")))
+        let encode = |session: &mut ClientSession, out: &mut [u8]| match request {
+            Some(request) => session.start_exec(request, out),
+            None => session.poll_transmit(out),
+        };
+        opening.len = match encode(session, &mut opening.small) {
+            Err(SessionError::BufferTooSmall) => {
+                opening.large.resize(2 * MAX_FRAME, 0);
+                encode(session, &mut opening.large)
+            }
+            other => other,
+        }
+        .map_err(session_error)?;
+        Ok(opening)
     }
 
-    /// The frame [`Connection::recv`] returned last, decoded again (it is still buffered).
-    pub fn last_frame(&self) -> Result<AgentFrame<'_>, Error> {
-        let body =
-            &self.recv[self.start + ferry_wire::limits::HEADER_LEN..self.start + self.returned];
-        decode_agent_frame(body)
-            .map_err(|err| Error::Protocol(format!("undecodable frame from the agent: {err}")))
+    pub fn bytes(&self) -> &[u8] {
+        let buf = if self.large.is_empty() {
+            &self.small[..]
+        } else {
+            &self.large[..]
+        };
+        buf.get(..self.len).unwrap_or_default()
     }
+}
 
-    /// A second handle on the socket, for a writer on another thread.
-    pub fn try_clone_stream(&self) -> Result<UnixStream, Error> {
-        self.stream.try_clone().map_err(Error::Io)
-    }
+/// Where `part` (a slice the session cut from `whole`) lies in `whole`.
+fn within(whole: &[u8], part: &[u8]) -> Range<usize> {
+    let start = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
+    start..start + part.len()
+}
 
-    /// Ends the connection in both directions: the agent sees a disconnect at once, even while
-    /// other handles on the socket exist.
-    pub fn shutdown(&self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+fn micros(duration: Duration) -> Micros {
+    duration.as_micros().try_into().unwrap_or(Micros::MAX)
+}
+
+/// The library's error for what the session refused.
+pub(crate) fn session_error(err: SessionError) -> Error {
+    match err {
+        SessionError::Malformed => Error::Protocol("undecodable frame from the agent".into()),
+        SessionError::FrameTooLarge { declared } => Error::Protocol(format!(
+            "the agent sent a frame of {declared} bytes, above the protocol's limit"
+        )),
+        SessionError::Unexpected { frame, phase } => {
+            Error::Protocol(format!("the agent sent {frame} {phase}"))
+        }
+        SessionError::NotFerry => Error::Protocol("the peer is not a ferry agent".into()),
+        SessionError::UnsupportedVersion { chosen } => Error::UnsupportedVersion {
+            min: MIN_PROTOCOL_VERSION,
+            max: PROTOCOL_VERSION,
+            message: format!("the agent chose version {chosen}"),
+        },
+        SessionError::CreditExceeded => {
+            Error::Protocol("the agent returned more stdin credit than was in flight".into())
+        }
+        SessionError::Disconnected {
+            mid_frame: false,
+            phase,
+        } => Error::Disconnected(phase.as_str()),
+        SessionError::Disconnected {
+            mid_frame: true,
+            phase,
+        } => Error::Protocol(format!("the agent closed the connection mid-frame {phase}")),
+        SessionError::TimedOut { .. } => io_error(io::Error::from(io::ErrorKind::TimedOut)),
+        SessionError::InvalidRequest { message } => Error::InvalidRequest(message.into()),
+        err @ (SessionError::InvalidState | SessionError::BufferTooSmall) => {
+            Error::Protocol(format!("the library misused its session: {err}"))
+        }
     }
+}
+
+/// The library's error for an error frame: a version refusal or the agent's failure.
+fn refused(err: &ErrorFrame<'_>) -> Error {
+    if ClientSession::is_version_refusal(err) {
+        return Error::UnsupportedVersion {
+            min: MIN_PROTOCOL_VERSION,
+            max: PROTOCOL_VERSION,
+            message: err.message.to_owned(),
+        };
+    }
+    Error::Remote(RemoteError {
+        code: err.code,
+        errno: (err.errno != 0).then_some(err.errno),
+        message: err.message.to_owned(),
+    })
+}
+
+/// A [`Received`] the session delivered where this library's calls cannot be: a bug here.
+pub(crate) fn out_of_order(received: &Received, context: &str) -> Error {
+    Error::Protocol(format!("internal: {received:?} {context}"))
+}
+
+/// A stdin write the session refused: the command's stdin is closed or the operation is over.
+fn stdin_error(err: SessionError) -> io::Error {
+    match err {
+        SessionError::InvalidState => broken_pipe(),
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+pub(crate) fn broken_pipe() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::BrokenPipe,
+        "the remote command has ended; its stdin is closed",
+    )
 }
 
 fn io_error(err: io::Error) -> Error {
@@ -274,28 +546,6 @@ fn io_error(err: io::Error) -> Error {
     } else {
         Error::Io(err)
     }
-}
-
-pub(crate) fn remote(err: &ferry_wire::ErrorFrame<'_>) -> Error {
-    Error::Remote(RemoteError {
-        code: err.code,
-        errno: (err.errno != 0).then_some(err.errno),
-        message: err.message.to_owned(),
-    })
-}
-
-pub(crate) fn unexpected(frame: &AgentFrame<'_>, context: &str) -> Error {
-    let name = match frame {
-        AgentFrame::Hello(_) => "a hello",
-        AgentFrame::Started(_) => "a started record",
-        AgentFrame::Stdout(_) => "stdout",
-        AgentFrame::Stderr(_) => "stderr",
-        AgentFrame::StdinCredit(_) => "stdin credit",
-        AgentFrame::Exited(_) => "a termination record",
-        AgentFrame::Error(_) => "an error",
-        AgentFrame::Ready(_) => "a readiness report",
-    };
-    Error::Protocol(format!("the agent sent {name} {context}"))
 }
 
 /// Opens a connection, measuring how long the hello round trip took.

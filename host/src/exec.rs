@@ -1,14 +1,13 @@
 //! A running remote command: its output as events, its stdin as a credit-bounded writer.
 
 use std::io::{self, Write};
-use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_wire::limits::{MAX_DATA, STDIN_WINDOW};
-use ferry_wire::{encode_client_frame, AgentFrame, ClientFrame, ExitStatus};
+use ferry_wire::limits::MAX_FRAME;
+use ferry_wire::ExitStatus;
 
-use crate::conn::{remote, unexpected, Connection};
+use crate::conn::{out_of_order, Connection, Received, Shared};
 use crate::error::Error;
 
 /// How a command ended.
@@ -65,59 +64,6 @@ pub enum Event<'a> {
     Exited(Termination),
 }
 
-/// What [`Execution::advance`] stopped at.
-enum Next {
-    /// A stdout or stderr frame, still in the receive buffer.
-    Data,
-    Exited(Termination),
-}
-
-/// Stdin credit shared between the event reader (which receives grants) and the writer.
-#[derive(Debug)]
-struct Credit {
-    state: Mutex<CreditState>,
-    granted: Condvar,
-}
-
-#[derive(Debug)]
-struct CreditState {
-    /// Bytes the writer may still send.
-    available: usize,
-    /// Bytes sent and not yet credited back.
-    in_flight: usize,
-    /// The operation is over (ended, failed or dropped): writes fail with `BrokenPipe`.
-    ended: bool,
-}
-
-impl Credit {
-    fn lock(&self) -> MutexGuard<'_, CreditState> {
-        // A writer thread that panicked mid-update leaves consistent counters (plain stores).
-        self.state
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-    }
-
-    fn grant(&self, n: u32) -> Result<(), Error> {
-        let mut state = self.lock();
-        let n = n as usize;
-        if n > state.in_flight {
-            return Err(Error::Protocol(format!(
-                "the agent granted {n} bytes of stdin credit with {} in flight",
-                state.in_flight
-            )));
-        }
-        state.in_flight -= n;
-        state.available += n;
-        self.granted.notify_all();
-        Ok(())
-    }
-
-    fn end(&self) {
-        self.lock().ended = true;
-        self.granted.notify_all();
-    }
-}
-
 /// A command running in the guest. Read its output with [`Execution::next_event`] (or collect
 /// it); feed its stdin from any thread through [`Execution::take_stdin`].
 ///
@@ -126,7 +72,6 @@ impl Credit {
 pub struct Execution {
     conn: Connection,
     pid: u32,
-    credit: Arc<Credit>,
     stdin: Option<StdinWriter>,
     /// Bytes from [`crate::Stdin::Bytes`] still to be fed, and how far feeding got.
     feed: Option<(Vec<u8>, usize)>,
@@ -145,43 +90,28 @@ impl std::fmt::Debug for Execution {
 impl Execution {
     /// Waits for the agent's `Started` (or its refusal) on a connection that sent an exec.
     pub(crate) fn start(mut conn: Connection, stdin: &crate::Stdin) -> Result<Execution, Error> {
-        let pid = match conn.recv("before the command started")? {
-            AgentFrame::Started(started) => started.pid,
-            AgentFrame::Error(err) => return Err(remote(&err)),
-            other => return Err(unexpected(&other, "instead of a started record")),
+        let pid = match conn.receive()? {
+            Received::Started(pid) => pid,
+            other => return Err(out_of_order(&other, "before the command started")),
         };
-        let credit = Arc::new(Credit {
-            state: Mutex::new(CreditState {
-                available: STDIN_WINDOW,
-                in_flight: 0,
-                ended: false,
-            }),
-            granted: Condvar::new(),
-        });
         let writer = match stdin {
             crate::Stdin::Null => None,
             crate::Stdin::Pipe | crate::Stdin::Bytes(_) => Some(StdinWriter {
-                stream: conn.try_clone_stream()?,
-                credit: Arc::clone(&credit),
-                frame: vec![0u8; ferry_wire::limits::MAX_FRAME],
+                shared: Arc::clone(conn.shared()),
+                frame: vec![0u8; MAX_FRAME],
                 closed: false,
             }),
         };
         let mut execution = Execution {
             conn,
             pid,
-            credit,
-            stdin: None,
+            stdin: writer,
             feed: None,
             done: false,
         };
-        match stdin {
-            crate::Stdin::Bytes(bytes) => {
-                execution.stdin = writer;
-                execution.feed = Some((bytes.clone(), 0));
-                execution.feed_stdin()?;
-            }
-            _ => execution.stdin = writer,
+        if let crate::Stdin::Bytes(bytes) = stdin {
+            execution.feed = Some((bytes.clone(), 0));
+            execution.feed_stdin()?;
         }
         Ok(execution)
     }
@@ -194,6 +124,10 @@ impl Execution {
     /// The command's stdin, once, when it was started with [`crate::Stdin::Pipe`]. Write from
     /// another thread than the one reading events: a write waits for credit, and credit comes
     /// back through [`Execution::next_event`]. Dropping or closing it sends EOF.
+    ///
+    /// A write that would have to wait for credit on the thread that last called
+    /// [`Execution::next_event`] (for example from inside a [`Execution::pump`] callback) fails
+    /// with [`io::ErrorKind::WouldBlock`] instead: nothing else would bring the credit.
     pub fn take_stdin(&mut self) -> Option<StdinWriter> {
         if self.feed.is_some() {
             return None;
@@ -207,50 +141,42 @@ impl Execution {
         if self.done {
             return Ok(None);
         }
-        match self.advance() {
-            Ok(Next::Data) => {}
-            Ok(Next::Exited(end)) => {
-                self.finish();
-                return Ok(Some(Event::Exited(end)));
-            }
+        self.conn.note_reader();
+        let received = match self.advance() {
+            Ok(received) => received,
             Err(err) => {
                 self.finish();
                 return Err(err);
             }
-        }
-        // The data frame `advance` stopped at is still buffered; borrow it for the caller.
-        match self.conn.last_frame() {
-            Ok(AgentFrame::Stdout(data)) => Ok(Some(Event::Stdout(data.0))),
-            Ok(AgentFrame::Stderr(data)) => Ok(Some(Event::Stderr(data.0))),
-            Ok(_) | Err(_) => {
-                self.done = true;
-                self.credit.end();
-                Err(Error::Protocol("lost track of the current frame".into()))
+        };
+        let event = match received {
+            Received::Stdout(range) => Event::Stdout(self.conn.chunk(range)),
+            Received::Stderr(range) => Event::Stderr(self.conn.chunk(range)),
+            Received::Exited(end) => {
+                self.finish();
+                Event::Exited(end)
             }
-        }
+            other => {
+                self.finish();
+                return Err(out_of_order(&other, "while the command was running"));
+            }
+        };
+        Ok(Some(event))
     }
 
+    /// The operation is over (ended or failed): a stdin writer fails from now on.
     fn finish(&mut self) {
         self.done = true;
-        self.credit.end();
+        self.conn.shared().close();
     }
 
-    /// Receives frames until one is for the caller, handling credit grants on the way.
-    fn advance(&mut self) -> Result<Next, Error> {
+    /// Receives until something is for the caller, feeding stdin as credit comes back.
+    fn advance(&mut self) -> Result<Received, Error> {
         loop {
             self.feed_stdin()?;
-            match self.conn.recv("while the command was running")? {
-                AgentFrame::StdinCredit(n) => self.credit.grant(n)?,
-                AgentFrame::Stdout(_) | AgentFrame::Stderr(_) => return Ok(Next::Data),
-                AgentFrame::Exited(end) => {
-                    return Ok(Next::Exited(Termination {
-                        status: end.status,
-                        duration: Duration::from_micros(end.duration_us),
-                        output_dropped: end.output_dropped,
-                    }))
-                }
-                AgentFrame::Error(err) => return Err(remote(&err)),
-                other => return Err(unexpected(&other, "while the command was running")),
+            match self.conn.receive()? {
+                Received::Credit => {}
+                other => return Ok(other),
             }
         }
     }
@@ -334,22 +260,28 @@ pub enum PumpError {
 
 impl Drop for Execution {
     fn drop(&mut self) {
-        self.credit.end();
         if !self.done {
             // The agent kills the command's process group when the connection drops.
-            self.conn.shutdown();
+            self.conn.shared().shutdown();
         }
     }
 }
 
 /// The remote command's stdin. Writes block only for credit (the agent's bounded buffer);
 /// [`StdinWriter::close`] or dropping it sends EOF.
-#[derive(Debug)]
 pub struct StdinWriter {
-    stream: UnixStream,
-    credit: Arc<Credit>,
+    shared: Arc<Shared>,
+    /// Where a frame is built; it goes out whole, in one write.
     frame: Vec<u8>,
     closed: bool,
+}
+
+impl std::fmt::Debug for StdinWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StdinWriter")
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StdinWriter {
@@ -358,12 +290,7 @@ impl StdinWriter {
         if std::mem::replace(&mut self.closed, true) {
             return Ok(());
         }
-        if self.credit.lock().ended {
-            return Err(broken_pipe());
-        }
-        let len = encode_client_frame(&ClientFrame::StdinEof, &mut self.frame)
-            .map_err(|err| io::Error::other(err.to_string()))?;
-        (&self.stream).write_all(&self.frame[..len])
+        self.shared.close_stdin(&mut self.frame)
     }
 
     /// Sends up to one chunk within the available credit; with `wait`, blocks until there is
@@ -378,41 +305,8 @@ impl StdinWriter {
         if data.is_empty() {
             return Ok(0);
         }
-        let n = {
-            let mut state = self.credit.lock();
-            while state.available == 0 && !state.ended && wait {
-                state = self
-                    .credit
-                    .granted
-                    .wait(state)
-                    .unwrap_or_else(|poison| poison.into_inner());
-            }
-            if state.ended {
-                return Err(broken_pipe());
-            }
-            let n = data.len().min(state.available).min(MAX_DATA);
-            state.available -= n;
-            state.in_flight += n;
-            n
-        };
-        if n == 0 {
-            return Ok(0);
-        }
-        let start =
-            ferry_wire::frame_data_in_place(&mut self.frame, ferry_wire::DataKind::Stdin, n)
-                .map_err(|err| io::Error::other(err.to_string()))?;
-        self.frame[ferry_wire::DATA_HEADROOM..ferry_wire::DATA_HEADROOM + n]
-            .copy_from_slice(&data[..n]);
-        (&self.stream).write_all(&self.frame[start..ferry_wire::DATA_HEADROOM + n])?;
-        Ok(n)
+        self.shared.send_stdin(data, &mut self.frame, wait)
     }
-}
-
-fn broken_pipe() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::BrokenPipe,
-        "the remote command has ended; its stdin is closed",
-    )
 }
 
 impl Write for StdinWriter {

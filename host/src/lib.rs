@@ -26,6 +26,7 @@ pub use conn::AgentInfo;
 pub use error::{errno_name, Error, ErrorCode, RemoteError};
 pub use exec::{Event, Execution, Output, PumpError, StdinWriter, Termination};
 pub use ferry_wire::{ExitStatus, Limits};
+pub use sys::vsock;
 pub use target::{ConnectOptions, Target};
 
 #[cfg(test)]

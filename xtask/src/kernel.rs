@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::util::{project_root, run};
 
@@ -204,254 +204,137 @@ fn read_prefix(path: &Path, len: usize) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// The LZ4 legacy frame magic, little-endian in the stream.
+/// The LZ4 legacy frame magic (`lz4 -l`, the kernel's format), little-endian in the stream.
 const LZ4_LEGACY_MAGIC: [u8; 4] = 0x184C_2102u32.to_le_bytes();
-/// Legacy frames cut the input into 8 MiB blocks.
-const LZ4_LEGACY_BLOCK: usize = 8 << 20;
-/// `LZ4_compressBound(8 MiB)`: no legacy block's compressed size can exceed it.
-const LZ4_LEGACY_BOUND: usize = LZ4_LEGACY_BLOCK + LZ4_LEGACY_BLOCK / 255 + 16;
 
-/// Finds the LZ4 payload in a bzImage, decompresses it and trims it to the ELF it holds.
+/// Decompresses the bzImage's LZ4 payload: the uncompressed kernel, an ELF.
 pub fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>> {
-    let mut start = 0;
-    let mut last_error = anyhow!("no LZ4 legacy magic in the image (is it LZ4-compressed?)");
-    while let Some(found) = find(&bzimage[start..], &LZ4_LEGACY_MAGIC) {
-        let at = start + found;
-        // The magic could occur by chance in the setup code: the right hit decodes to an ELF.
-        match lz4_legacy_decode(&bzimage[at..]) {
-            Ok(out) if out.starts_with(b"\x7fELF") => {
-                let len = elf_len(&out)?;
-                let mut out = out;
-                out.truncate(len);
-                return Ok(out);
-            }
-            Ok(_) => last_error = anyhow!("the LZ4 stream at offset {at} does not hold an ELF"),
-            Err(err) => last_error = err.context(format!("LZ4 stream at offset {at}")),
-        }
-        start = at + 1;
-    }
-    Err(last_error)
+    let (stream, size) = bzimage_payload(bzimage)?;
+    ensure!(
+        stream.starts_with(&LZ4_LEGACY_MAGIC),
+        "the bzImage payload is not an LZ4 legacy stream (is the kernel LZ4-compressed?)"
+    );
+    let mut payload = lz4_legacy_decode(stream, size)?;
+    let len = elf_len(&payload).context("the decompressed payload is not an ELF64 kernel")?;
+    payload.truncate(len);
+    Ok(payload)
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// The length of the ELF at the start of `bytes`: the furthest of its header tables, its
+/// sections' and its segments' file ranges. A relocatable x86 kernel's payload is `vmlinux.bin`
+/// followed by its relocation table (`vmlinux.relocs`, 0.8 MB in Debian's 6.1), which only the
+/// bzImage's own decompressor uses: `vmlinux` is the ELF alone.
+fn elf_len(bytes: &[u8]) -> Result<usize> {
+    use object::read::elf::FileHeader;
+    use object::{Object, ObjectSection, ObjectSegment};
+    let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(bytes)?;
+    let (header, endian) = (elf.elf_header(), elf.endian());
+    let table = |offset: u64, count: usize, entry: u16| {
+        offset.saturating_add((count as u64).saturating_mul(u64::from(entry)))
+    };
+    let tables = [
+        table(
+            header.e_phoff(endian),
+            elf.elf_program_headers().len(),
+            header.e_phentsize(endian),
+        ),
+        table(
+            header.e_shoff(endian),
+            elf.elf_section_table().len(),
+            header.e_shentsize(endian),
+        ),
+    ];
+    // Sections without file contents (SHT_NOBITS: .bss) have no file range.
+    let sections = elf.sections().filter_map(|section| section.file_range());
+    let segments = elf.segments().map(|segment| segment.file_range());
+    let end = sections
+        .chain(segments)
+        .map(|(offset, size)| offset.saturating_add(size))
+        .chain(tables)
+        .chain([u64::from(header.e_ehsize(endian))])
+        .max()
+        .unwrap_or(0);
+    ensure!(
+        end <= bytes.len() as u64,
+        "the ELF claims {end} bytes, the payload has {}",
+        bytes.len()
+    );
+    Ok(end as usize)
 }
 
-/// Decodes an LZ4 legacy frame (`lz4 -l`, the kernel's format): the magic, then blocks of a
-/// `u32` LE compressed size and an independent LZ4 block. The stream has no end marker; it ends
-/// where the input ends or, inside a bzImage, at the first size that cannot be a block (the
-/// kernel appends the uncompressed length there).
-pub fn lz4_legacy_decode(input: &[u8]) -> Result<Vec<u8>> {
-    let mut rest = input
-        .strip_prefix(&LZ4_LEGACY_MAGIC)
-        .context("no LZ4 legacy magic")?;
-    let mut out = Vec::new();
-    while let Some((size, tail)) = rest.split_first_chunk::<4>() {
-        if *size == LZ4_LEGACY_MAGIC {
-            // Concatenated frames: just another header.
-            rest = tail;
-            continue;
-        }
-        let size = u32::from_le_bytes(*size) as usize;
-        if size == 0 || size > LZ4_LEGACY_BOUND || size > tail.len() {
-            break;
-        }
-        let block_start = out.len();
-        lz4_block_decode(&tail[..size], &mut out)
-            .with_context(|| format!("LZ4 block at output offset {block_start}"))?;
-        rest = &tail[size..];
-    }
-    ensure!(!out.is_empty(), "empty LZ4 stream");
+/// The compressed kernel in a bzImage and the uncompressed size the kernel build appends to it
+/// (a `u32` LE after the stream). Found through the setup header (x86 boot protocol 2.08 and
+/// later): `payload_offset` and `payload_length` count from the end of the real-mode setup code,
+/// `setup_sects` 512-byte sectors after the boot sector. Knowing the stream's exact end means
+/// the decoder stops at it instead of reading the bytes that follow as LZ4 blocks.
+///
+/// Hand-written (two fields at fixed offsets): the crate that knows the setup header, rust-vmm's
+/// `linux-loader`, reads it as part of loading a kernel into guest memory, with `vm-memory`.
+fn bzimage_payload(bzimage: &[u8]) -> Result<(&[u8], u32)> {
+    ensure!(
+        bzimage.get(0x202..0x206) == Some(b"HdrS"),
+        "not a bzImage (no HdrS setup header)"
+    );
+    let version = le_u16(bzimage, 0x206)?;
+    ensure!(
+        version >= 0x0208,
+        "boot protocol {}.{:02} predates the payload fields",
+        version >> 8,
+        version & 0xff
+    );
+    // 0 means 4, for images older than the field.
+    let setup_sects = match bzimage[0x1f1] {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let offset = (setup_sects + 1) * 512 + le_u32(bzimage, 0x248)? as usize;
+    let length = le_u32(bzimage, 0x24c)? as usize;
+    let payload = offset
+        .checked_add(length)
+        .and_then(|end| bzimage.get(offset..end))
+        .with_context(|| format!("the payload ({length} bytes at {offset}) runs past the image"))?;
+    let (stream, size) = payload
+        .split_last_chunk::<4>()
+        .context("the payload has no room for its size")?;
+    Ok((stream, u32::from_le_bytes(*size)))
+}
+
+/// Decodes a whole LZ4 legacy stream that must come to `size` bytes.
+fn lz4_legacy_decode(stream: &[u8], size: u32) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(size as usize);
+    lz4_flex::frame::FrameDecoder::new(stream)
+        .read_to_end(&mut out)
+        .context("decompressing the LZ4 payload")?;
+    ensure!(
+        out.len() == size as usize,
+        "the LZ4 payload decompressed to {} bytes, the image says {size}",
+        out.len()
+    );
     Ok(out)
 }
 
-/// Decodes one LZ4 block, appending to `out`. Matches may only reach back into this block's
-/// output: legacy-frame blocks are independent.
-fn lz4_block_decode(block: &[u8], out: &mut Vec<u8>) -> Result<()> {
-    let base = out.len();
-    let mut i = 0;
-    let byte = |i: usize| block.get(i).copied().context("truncated LZ4 block");
-    loop {
-        let token = byte(i)?;
-        i += 1;
-        let mut literals = usize::from(token >> 4);
-        if literals == 15 {
-            loop {
-                let more = byte(i)?;
-                i += 1;
-                literals += usize::from(more);
-                if more != 255 {
-                    break;
-                }
-            }
-        }
-        let lit = block
-            .get(i..i + literals)
-            .context("LZ4 literals run past the block")?;
-        out.extend_from_slice(lit);
-        i += literals;
-        if i == block.len() {
-            // The last sequence has literals only.
-            return Ok(());
-        }
-        let offset = usize::from(u16::from_le_bytes([byte(i)?, byte(i + 1)?]));
-        i += 2;
-        let mut length = usize::from(token & 15);
-        if length == 15 {
-            loop {
-                let more = byte(i)?;
-                i += 1;
-                length += usize::from(more);
-                if more != 255 {
-                    break;
-                }
-            }
-        }
-        length += 4;
-        ensure!(
-            offset != 0 && offset <= out.len() - base,
-            "LZ4 match offset {offset} out of range"
-        );
-        ensure!(
-            out.len() - base + length <= LZ4_LEGACY_BLOCK,
-            "LZ4 block decodes past 8 MiB"
-        );
-        let from = out.len() - offset;
-        if offset >= length {
-            out.extend_from_within(from..from + length);
-        } else {
-            // Overlapping copy: each byte may be one this match just wrote.
-            for k in 0..length {
-                let b = out[from + k];
-                out.push(b);
-            }
-        }
-    }
-}
-
-/// An ELF64 file's true length: the furthest of its section header table, its program headers'
-/// file ranges and its sections' file ranges.
-fn elf_len(elf: &[u8]) -> Result<usize> {
-    let header = Elf64::parse(elf)?;
-    let mut end = header.shoff + header.shnum * header.shentsize;
-    end = end.max(header.phoff + header.phnum * header.phentsize);
-    for i in 0..header.phnum {
-        let ph = header.phoff + i * header.phentsize;
-        let offset = le_u64(elf, ph + 8)? as usize;
-        let filesz = le_u64(elf, ph + 32)? as usize;
-        end = end.max(offset + filesz);
-    }
-    for section in header.sections(elf)? {
-        // SHT_NOBITS (.bss) occupies no file space.
-        if section.kind != 8 {
-            end = end.max(section.offset + section.size);
-        }
-    }
-    ensure!(
-        end <= elf.len(),
-        "ELF claims {end} bytes, have {}",
-        elf.len()
-    );
-    Ok(end)
-}
-
-/// The few ELF64 header fields we read.
-struct Elf64 {
-    phoff: usize,
-    phentsize: usize,
-    phnum: usize,
-    shoff: usize,
-    shentsize: usize,
-    shnum: usize,
-    shstrndx: usize,
-}
-
-struct Section {
-    name: usize,
-    kind: u32,
-    offset: usize,
-    size: usize,
-}
-
-impl Elf64 {
-    fn parse(elf: &[u8]) -> Result<Elf64> {
-        ensure!(elf.starts_with(b"\x7fELF"), "not an ELF file");
-        ensure!(elf.get(4) == Some(&2), "not a 64-bit ELF");
-        ensure!(elf.get(5) == Some(&1), "not a little-endian ELF");
-        Ok(Elf64 {
-            phoff: le_u64(elf, 0x20)? as usize,
-            shoff: le_u64(elf, 0x28)? as usize,
-            phentsize: usize::from(le_u16(elf, 0x36)?),
-            phnum: usize::from(le_u16(elf, 0x38)?),
-            shentsize: usize::from(le_u16(elf, 0x3A)?),
-            shnum: usize::from(le_u16(elf, 0x3C)?),
-            shstrndx: usize::from(le_u16(elf, 0x3E)?),
-        })
-    }
-
-    fn sections(&self, elf: &[u8]) -> Result<Vec<Section>> {
-        (0..self.shnum)
-            .map(|i| {
-                let sh = self.shoff + i * self.shentsize;
-                Ok(Section {
-                    name: le_u32(elf, sh)? as usize,
-                    kind: le_u32(elf, sh + 4)?,
-                    offset: le_u64(elf, sh + 24)? as usize,
-                    size: le_u64(elf, sh + 32)? as usize,
-                })
-            })
-            .collect()
-    }
-
-    /// The contents of the section called `wanted`, if there is one.
-    fn section<'e>(&self, elf: &'e [u8], wanted: &str) -> Result<Option<&'e [u8]>> {
-        let sections = self.sections(elf)?;
-        let names = sections
-            .get(self.shstrndx)
-            .context("ELF section-name table index out of range")?;
-        let names = slice(elf, names.offset, names.size)?;
-        for section in &sections {
-            let name = names.get(section.name..).unwrap_or_default();
-            let name = name.split(|b| *b == 0).next().unwrap_or_default();
-            if name == wanted.as_bytes() {
-                return Ok(Some(slice(elf, section.offset, section.size)?));
-            }
-        }
-        Ok(None)
-    }
-}
-
-fn slice(bytes: &[u8], offset: usize, len: usize) -> Result<&[u8]> {
-    offset
-        .checked_add(len)
-        .and_then(|end| bytes.get(offset..end))
-        .with_context(|| format!("ELF range {offset}+{len} past the end of the file"))
-}
-
 fn le_u16(bytes: &[u8], at: usize) -> Result<u16> {
-    let b = slice(bytes, at, 2)?;
-    Ok(u16::from_le_bytes([b[0], b[1]]))
+    let b = bytes.get(at..).and_then(|b| b.first_chunk::<2>());
+    Ok(u16::from_le_bytes(*b.context("truncated setup header")?))
 }
 
 fn le_u32(bytes: &[u8], at: usize) -> Result<u32> {
-    let b = slice(bytes, at, 4)?;
-    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-}
-
-fn le_u64(bytes: &[u8], at: usize) -> Result<u64> {
-    let b = slice(bytes, at, 8)?;
-    let mut a = [0u8; 8];
-    a.copy_from_slice(b);
-    Ok(u64::from_le_bytes(a))
+    let b = bytes.get(at..).and_then(|b| b.first_chunk::<4>());
+    Ok(u32::from_le_bytes(*b.context("truncated setup header")?))
 }
 
 /// The `depends=` list from a module's `.modinfo` section (NUL-separated `key=value` strings).
 pub fn module_depends(ko: &[u8]) -> Result<Vec<String>> {
-    let elf = Elf64::parse(ko)?;
+    use object::{Object, ObjectSection};
+    let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(ko)
+        .context("not an ELF64 module")?;
     let modinfo = elf
-        .section(ko, ".modinfo")?
+        .section_by_name(".modinfo")
         .context("no .modinfo section")?;
-    Ok(parse_modinfo_depends(modinfo))
+    Ok(parse_modinfo_depends(
+        modinfo.data().context("reading .modinfo")?,
+    ))
 }
 
 fn parse_modinfo_depends(modinfo: &[u8]) -> Vec<String> {
@@ -646,33 +529,97 @@ mod tests {
     ];
 
     #[test]
-    fn lz4_decodes_known_vectors() {
+    fn lz4_flex_reads_the_kernels_legacy_format() {
+        // Vectors from the lz4 tool itself, not from the crate that decodes them.
+        let hello = b"hello hello hello hello hello world, abcabcabcabcabcabc!\n";
         assert_eq!(
-            lz4_legacy_decode(&LZ4_HELLO).expect("valid vector"),
-            b"hello hello hello hello hello world, abcabcabcabcabcabc!\n"
+            lz4_legacy_decode(&LZ4_HELLO, hello.len() as u32).expect("valid"),
+            hello
         );
+        let alphabet = b"abcdefghijklmnopqrstuvwxyz";
         assert_eq!(
-            lz4_legacy_decode(&LZ4_ALPHABET).expect("valid vector"),
-            b"abcdefghijklmnopqrstuvwxyz"
+            lz4_legacy_decode(&LZ4_ALPHABET, 26).expect("valid"),
+            alphabet
         );
+        assert!(
+            lz4_legacy_decode(&LZ4_ALPHABET, 27).is_err(),
+            "size mismatch"
+        );
+        let mut bad = LZ4_HELLO;
+        bad[15] = 0x40; // offset 64: before the block's start
+        assert!(lz4_legacy_decode(&bad, hello.len() as u32).is_err());
+        assert!(lz4_legacy_decode(&LZ4_HELLO[..20], 5).is_err(), "truncated");
+    }
+
+    /// An ELF64 (x86-64): its header, one PT_LOAD program header covering the whole file, and
+    /// the "code" it loads.
+    fn tiny_elf() -> Vec<u8> {
+        let code = 300;
+        let len = 64 + 56 + code;
+        let mut elf = vec![0u8; 64 + 56];
+        elf[..8].copy_from_slice(b"\x7fELF\x02\x01\x01\x00");
+        elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        elf[20..24].copy_from_slice(&1u32.to_le_bytes()); // EV_CURRENT
+        elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        elf[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        elf[58..60].copy_from_slice(&64u16.to_le_bytes()); // e_shentsize
+        elf[64..68].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD, from offset 0
+        elf[96..104].copy_from_slice(&(len as u64).to_le_bytes()); // p_filesz
+        elf[104..112].copy_from_slice(&(len as u64).to_le_bytes()); // p_memsz
+        elf.resize(len, 0x90);
+        elf
+    }
+
+    /// A bzImage laid out as the boot protocol says: setup sectors, then the protected-mode
+    /// code with the payload (an LZ4 legacy stream + the uncompressed size) in its middle.
+    fn bzimage(content: &[u8]) -> Vec<u8> {
+        let block = lz4_flex::block::compress(content);
+        let mut payload = LZ4_LEGACY_MAGIC.to_vec();
+        payload.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        payload.extend_from_slice(&block);
+        payload.extend_from_slice(&(content.len() as u32).to_le_bytes());
+
+        let setup_sects = 2;
+        let mut image = vec![0u8; (setup_sects + 1) * 512];
+        image[0x1f1] = setup_sects as u8;
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        let payload_offset = 100u32;
+        image[0x248..0x24c].copy_from_slice(&payload_offset.to_le_bytes());
+        image[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        image.extend_from_slice(&[0xcc; 100]); // decompressor code before the payload
+        image.extend_from_slice(&payload);
+        // What follows the payload looks like one more small block: it must not be read.
+        image.extend_from_slice(&[4, 0, 0, 0, 0x40, 1, 2, 3, 0xcc, 0xcc]);
+        image
     }
 
     #[test]
-    fn lz4_stops_at_the_appended_length() {
-        // bzImage payloads end with the uncompressed size, which is not a plausible block.
-        let mut stream = LZ4_ALPHABET.to_vec();
-        stream.extend_from_slice(&26u32.to_le_bytes());
+    fn vmlinux_comes_from_the_payload_the_setup_header_names() {
+        let elf = tiny_elf();
+        let mut payload = elf.clone();
+        payload.extend_from_slice(&[0xee; 200]); // vmlinux.relocs: not part of the ELF
         assert_eq!(
-            lz4_legacy_decode(&stream).expect("valid vector"),
-            b"abcdefghijklmnopqrstuvwxyz"
+            extract_vmlinux(&bzimage(&payload)).expect("valid image"),
+            elf
         );
-    }
 
-    #[test]
-    fn lz4_rejects_bad_offsets() {
-        let mut stream = LZ4_HELLO;
-        stream[15] = 0x40; // offset 64: before the block's start
-        assert!(lz4_legacy_decode(&stream).is_err());
+        let err = extract_vmlinux(&bzimage(b"not an ELF at all, just text")).expect_err("no ELF");
+        assert!(format!("{err:#}").contains("not an ELF64"), "{err:#}");
+
+        let mut image = bzimage(&elf);
+        image[0x24c] += 1; // the payload's length: now its size field is off by a byte
+        assert!(extract_vmlinux(&image).is_err());
+
+        let mut image = bzimage(&elf);
+        image[0x206] = 0x07; // boot protocol 2.07: no payload fields
+        assert!(extract_vmlinux(&image).is_err());
+
+        assert!(extract_vmlinux(&elf).is_err(), "no setup header");
+        assert!(extract_vmlinux(&[]).is_err());
     }
 
     #[test]

@@ -6,15 +6,16 @@
 //! driver is up wedges the daemon (REFERENCE.md §4, pitfall 1).
 
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use ferry_wire::limits::MAX_FRAME_BODY;
-use ferry_wire::{decode_agent_frame, split_frame, AgentFrame, ReadyReport};
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_host::vsock;
+use ferry_wire::limits::MAX_FRAME;
+use ferry_wire::{decode_agent_frame, AgentFrame, ReadyReport, RecvBuf, RecvError};
 
 /// What the agent announced, and how long it took to.
 #[derive(Debug, Clone)]
@@ -93,7 +94,8 @@ impl ReadyListener {
 
     /// Listens on AF_VSOCK port `port` of any local CID.
     pub fn bind_vsock(port: u32) -> Result<ReadyListener> {
-        let fd = vsock_listen(port).with_context(|| format!("listening on vsock port {port}"))?;
+        let fd = vsock::listen(vsock::CID_ANY, port)
+            .with_context(|| format!("listening on vsock port {port}"))?;
         Ok(ReadyListener::Vsock(fd))
     }
 
@@ -125,7 +127,7 @@ impl ReadyListener {
     fn accept(&self) -> Result<Option<UnixStream>> {
         let accepted = match self {
             ReadyListener::Unix { listener, .. } => listener.accept().map(|(stream, _)| stream),
-            ReadyListener::Vsock(fd) => vsock_accept(fd).map(UnixStream::from),
+            ReadyListener::Vsock(fd) => vsock::accept(fd.as_fd()),
         };
         match accepted {
             Ok(stream) => {
@@ -158,21 +160,17 @@ fn read_announcement(
         .saturating_duration_since(Instant::now())
         .max(Duration::from_secs(5));
     stream.set_read_timeout(Some(timeout))?;
-    let mut reader = FrameReader::default();
+    let mut recv = RecvBuf::new(vec![0u8; MAX_FRAME]);
 
-    let hello = reader
-        .next(&mut stream)
-        .context("reading the agent's hello")?;
+    let hello = next_frame(&mut recv, &mut stream).context("reading the agent's hello")?;
     let boot_to_ready = spawned.elapsed();
-    let (agent_version, protocol_version) = match decode_agent_frame(&hello) {
+    let (agent_version, protocol_version) = match decode_agent_frame(hello) {
         Ok(AgentFrame::Hello(hello)) => (hello.agent_version.to_owned(), hello.version),
         Ok(other) => bail!("the agent opened the readiness connection with {other:?}"),
         Err(err) => bail!("undecodable hello on the readiness connection: {err}"),
     };
-    let ready = reader
-        .next(&mut stream)
-        .context("reading the agent's ready report")?;
-    let report = match decode_agent_frame(&ready) {
+    let ready = next_frame(&mut recv, &mut stream).context("reading the agent's ready report")?;
+    let report = match decode_agent_frame(ready) {
         Ok(AgentFrame::Ready(report)) => report,
         Ok(other) => bail!("expected the ready report, got {other:?}"),
         Err(err) => bail!("undecodable ready report: {err}"),
@@ -185,90 +183,20 @@ fn read_announcement(
     })
 }
 
-/// Accumulates bytes from a stream and hands out whole frame bodies.
-#[derive(Default)]
-struct FrameReader {
-    buf: Vec<u8>,
-}
-
-impl FrameReader {
-    fn next(&mut self, stream: &mut impl Read) -> Result<Vec<u8>> {
-        loop {
-            match split_frame(&self.buf, MAX_FRAME_BODY) {
-                Ok(Some((body, consumed))) => {
-                    let body = body.to_vec();
-                    self.buf.drain(..consumed);
-                    return Ok(body);
-                }
-                Ok(None) => {}
-                Err(err) => bail!("{err}"),
-            }
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk)?;
-            if n == 0 {
-                bail!("the connection closed mid-frame");
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
+/// The next whole frame body from `stream`, read straight into `recv`'s spare room.
+fn next_frame<'b>(recv: &'b mut RecvBuf<Vec<u8>>, stream: &mut impl Read) -> Result<&'b [u8]> {
+    // `RecvError` is no_std and not a `std::error::Error`: its message is the error.
+    let recv_error = |err: RecvError| anyhow!("{err}");
+    while !recv.has_frame() {
+        let n = stream.read(recv.spare().map_err(recv_error)?)?;
+        if n == 0 {
+            bail!("the connection closed mid-frame");
         }
+        recv.commit(n);
     }
-}
-
-/// `socket(AF_VSOCK)` + `bind(VMADDR_CID_ANY, port)` + `listen`, non-blocking.
-#[allow(unsafe_code)]
-fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall with constant arguments; the result is checked before use.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_VSOCK,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value of it.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_port = port;
-    addr.svm_cid = libc::VMADDR_CID_ANY;
-    // SAFETY: `addr` is a live sockaddr_vm and the length passed is its size.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_vm).cast(),
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a bound socket we own.
-    if unsafe { libc::listen(fd.as_raw_fd(), 4) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
-/// `accept4` on a non-blocking AF_VSOCK listener; `WouldBlock` when nobody is waiting.
-#[allow(unsafe_code)]
-fn vsock_accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
-    // SAFETY: null address pointers are allowed (the peer address is not wanted).
-    let raw = unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_CLOEXEC,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: accept4 returned a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    recv.next_frame()
+        .map_err(recv_error)?
+        .context("no frame although one is buffered")
 }
 
 #[cfg(test)]
@@ -359,6 +287,41 @@ mod tests {
             })
             .expect_err("check fails");
         assert!(err.to_string().contains("qemu died"), "{err}");
+    }
+
+    /// Sends `bytes` on a readiness connection and returns the error reading it ends with.
+    fn announcement_error(bytes: Vec<u8>) -> String {
+        let path = socket_path();
+        let listener = ReadyListener::bind_unix(&path).expect("bind");
+        let writer = {
+            let path = path.clone();
+            thread::spawn(move || {
+                let mut stream = UnixStream::connect(&path).expect("connect");
+                stream.write_all(&bytes).expect("write");
+            })
+        };
+        let start = Instant::now();
+        let err = listener
+            .wait(start, start + Duration::from_secs(10), || Ok(()))
+            .expect_err("no announcement");
+        writer.join().expect("writer thread");
+        format!("{err:#}")
+    }
+
+    #[test]
+    fn a_connection_closed_mid_frame_is_an_error() {
+        // A header announcing 10 bytes, then 3 of them.
+        let err = announcement_error(vec![10, 0, 0, 0, 1, 2, 3]);
+        assert!(err.contains("closed mid-frame"), "{err}");
+        let err = announcement_error(Vec::new());
+        assert!(err.contains("closed mid-frame"), "{err}");
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_at_its_header() {
+        let err = announcement_error(u32::MAX.to_le_bytes().to_vec());
+        assert!(err.contains("reading the agent's hello"), "{err}");
+        assert!(err.contains("exceeds the limit"), "{err}");
     }
 
     #[test]
