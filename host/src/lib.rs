@@ -19,6 +19,8 @@ mod error;
 mod exec;
 mod sys;
 mod target;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 pub use client::{Client, Health};
 pub use command::{Command, Stdin};

@@ -1,0 +1,567 @@
+//! Embedding ferry in a VMM: one exec driven from a single non-blocking epoll loop (through mio),
+//! with nothing but `ferry_wire`'s [`ClientSession`], a [`RecvBuf`] and the socket. No threads,
+//! no async runtime, no `ferry_host` beyond parsing the target.
+//!
+//! ```text
+//! cargo run -p ferry-host --example epoll_exec -- [-n] TARGET -- PROG ARGS…
+//! ```
+//!
+//! TARGET is `unix://PATH`, `vsock://CID:PORT` or `hvsock://PATH:PORT`. The command's stdout and
+//! stderr are copied to ours; our stdin is forwarded to the command within the credit the agent
+//! grants (`-n`: the command's stdin is /dev/null). Exit status as the `ferry` CLI's: the remote
+//! code, 128+N for signal N, 127 not found, 126 cannot execute, 255 for our own errors.
+//!
+//! The loop owns everything; the session owns every protocol rule. Each turn: sleep until the
+//! socket or our stdin is ready or the session's deadline (`poll_timeout`) passes; hand what
+//! arrived to the session and act on its events; send what is queued. Our stdin is read only
+//! while the session has credit and nothing waits to be sent, so the agent's bounded buffer is
+//! the only buffer on the way in.
+//!
+//! mio's epoll is edge-triggered: the socket is read and written until it would block, and our
+//! stdin (left blocking, as it may be the terminal our shell shares) is read once per
+//! readiness and then re-armed.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use ferry_host::Target;
+use ferry_wire::limits::{MAX_DATA, MAX_FRAME};
+use ferry_wire::session::{ClientEvent, ClientSession, Input, Micros};
+use ferry_wire::{ErrorCode, ExecRequest, RecvBuf, StdinMode, StrList, DATA_HEADROOM};
+use mio::net::UnixStream;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+/// Connect, hybrid-vsock handshake and the agent's hello must be done within this.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest reply line a hybrid-vsock socket may send (`OK 1073741824\n` is 14 bytes).
+const MAX_HANDSHAKE_LINE: usize = 64;
+
+/// Poll tokens.
+const SOCKET: Token = Token(0);
+const STDIN: Token = Token(1);
+
+/// Exit status for our own failures, as the CLI's.
+const EXIT_FERRY: u8 = 255;
+const EXIT_NOT_FOUND: u8 = 127;
+const EXIT_CANNOT_EXECUTE: u8 = 126;
+/// Our stdout was closed under us: the shell's status for death by SIGPIPE.
+const EXIT_BROKEN_PIPE: u8 = 128 + 13;
+
+fn main() -> ExitCode {
+    match parse_args().and_then(|args| run(&args)) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("epoll_exec: {err}");
+            ExitCode::from(EXIT_FERRY)
+        }
+    }
+}
+
+struct Args {
+    target: Target,
+    /// `argv` packed as `execve` wants it: NUL-terminated entries.
+    argv: Vec<u8>,
+    program: String,
+    forward_stdin: bool,
+}
+
+fn parse_args() -> Result<Args, Failure> {
+    let usage = || Failure::from("usage: epoll_exec [-n] TARGET -- PROG ARGS…");
+    let mut args = std::env::args_os().skip(1).peekable();
+    let forward_stdin = args.next_if(|arg| arg == "-n").is_none();
+    let target = args.next().ok_or_else(usage)?;
+    let target: Target = target
+        .to_str()
+        .ok_or_else(usage)?
+        .parse()
+        .map_err(|err| Failure(format!("{err}")))?;
+    if args.next().is_none_or(|sep| sep != "--") {
+        return Err(usage());
+    }
+    let mut argv = Vec::new();
+    let mut program = None;
+    for arg in args {
+        use std::os::unix::ffi::OsStrExt;
+        program.get_or_insert_with(|| arg.to_string_lossy().into_owned());
+        argv.extend_from_slice(arg.as_bytes());
+        argv.push(0);
+    }
+    Ok(Args {
+        target,
+        argv,
+        program: program.ok_or_else(usage)?,
+        forward_stdin,
+    })
+}
+
+/// Where the connection stands. The session takes over once the transport is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// A non-blocking `connect` in progress: writable means done (or failed).
+    Connecting,
+    /// Hybrid vsock: `CONNECT <port>\n` queued or sent, waiting for `OK <n>\n`.
+    Handshake,
+    /// The byte stream to the agent.
+    Open,
+}
+
+/// Our stdin, as the loop sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LocalStdin {
+    /// Not forwarded (or forwarded to its end).
+    Closed,
+    /// A pipe, tty or socket: epoll says when a read will not block. `armed`: registered and
+    /// its readiness not yet taken.
+    Pollable { armed: bool },
+    /// A regular file or /dev/null (epoll refuses those): reads never block.
+    AlwaysReady,
+}
+
+struct Exec {
+    poll: Poll,
+    socket: UnixStream,
+    transport: Transport,
+    hvsock_port: Option<u32>,
+    /// The protocol: hello, the exec, credit, the end. Its clock is µs since `epoch`.
+    session: ClientSession,
+    epoch: Instant,
+    /// The hello and the exec request, encoded up front, sent once the transport is open.
+    opening: Vec<u8>,
+    /// Bytes to send; `out[sent..]` is still queued.
+    out: Vec<u8>,
+    sent: usize,
+    recv: RecvBuf<Vec<u8>>,
+    /// The handshake's reply line so far.
+    reply: Vec<u8>,
+    /// Our fds 0, 1 and 2, duplicated: unbuffered, and 0 stays blocking.
+    stdin_file: File,
+    stdout: File,
+    stderr: File,
+    stdin: LocalStdin,
+    /// Stdin chunks are read straight into this at `DATA_HEADROOM` and framed in place.
+    stdin_frame: Vec<u8>,
+    program: String,
+}
+
+fn run(args: &Args) -> Result<u8, Failure> {
+    let epoch = Instant::now();
+    let mut session = ClientSession::new(0, Some(micros(HELLO_TIMEOUT)));
+    let request = ExecRequest {
+        argv: StrList::new(&args.argv),
+        env: StrList::new(&[]),
+        clean_env: false,
+        cwd: None,
+        stdin: if args.forward_stdin {
+            StdinMode::Pipe
+        } else {
+            StdinMode::Null
+        },
+    };
+    // Hello and request in one write: the exec costs one round trip. A request the protocol
+    // refuses fails here, before any connection.
+    let mut opening = vec![0u8; 2 * MAX_FRAME];
+    let len = session
+        .start_exec(&request, &mut opening)
+        .map_err(|err| Failure(format!("invalid request: {err}")))?;
+    opening.truncate(len);
+
+    let poll = Poll::new()?;
+    let mut socket = connect(&args.target)?;
+    // Edge-triggered: the first writable edge says the connect finished.
+    poll.registry()
+        .register(&mut socket, SOCKET, Interest::READABLE | Interest::WRITABLE)?;
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| -> Result<File, Failure> {
+        Ok(File::from(fd.try_clone_to_owned()?))
+    };
+    let stdin_file = dup(io::stdin().as_fd())?;
+    let stdin = if args.forward_stdin {
+        let fd = stdin_file.as_raw_fd();
+        match poll
+            .registry()
+            .register(&mut SourceFd(&fd), STDIN, Interest::READABLE)
+        {
+            Ok(()) => LocalStdin::Pollable { armed: true },
+            Err(err) if err.raw_os_error() == Some(libc::EPERM) => LocalStdin::AlwaysReady,
+            Err(err) => return Err(err.into()),
+        }
+    } else {
+        LocalStdin::Closed
+    };
+    let mut exec = Exec {
+        poll,
+        socket,
+        transport: Transport::Connecting,
+        hvsock_port: match &args.target {
+            Target::Hvsock { port, .. } => Some(*port),
+            _ => None,
+        },
+        session,
+        epoch,
+        opening,
+        out: Vec::new(),
+        sent: 0,
+        recv: RecvBuf::new(vec![0u8; 4 * MAX_FRAME]),
+        reply: Vec::new(),
+        stdin_file,
+        stdout: dup(io::stdout().as_fd())?,
+        stderr: dup(io::stderr().as_fd())?,
+        stdin,
+        stdin_frame: vec![0u8; DATA_HEADROOM + MAX_DATA],
+        program: args.program.clone(),
+    };
+    exec.run()
+}
+
+impl Exec {
+    /// The loop: returns the exit status once the session reports the command's end.
+    fn run(&mut self) -> Result<u8, Failure> {
+        let mut events = Events::with_capacity(8);
+        loop {
+            self.arm_stdin()?;
+            let stdin_ready_now = self.stdin == LocalStdin::AlwaysReady && self.wants_stdin();
+            // Sleep until something is ready, or until the session's deadline.
+            let timeout = if stdin_ready_now {
+                Some(Duration::ZERO)
+            } else {
+                self.session
+                    .poll_timeout()
+                    .map(|deadline| Duration::from_micros(deadline.saturating_sub(self.now())))
+            };
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err.into()),
+            }
+            // The session decides whether its deadline has passed.
+            self.session
+                .handle_timeout(self.now())
+                .map_err(|err| Failure(format!("{err}")))?;
+            for event in events.iter() {
+                match event.token() {
+                    SOCKET => {
+                        if event.is_writable() {
+                            self.on_writable()?;
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            if let Some(code) = self.on_readable()? {
+                                return Ok(code);
+                            }
+                        }
+                    }
+                    STDIN => {
+                        // The edge is taken; it is re-armed when stdin is wanted again.
+                        self.stdin = LocalStdin::Pollable { armed: false };
+                        self.on_stdin()?;
+                    }
+                    _ => {}
+                }
+            }
+            if stdin_ready_now {
+                self.on_stdin()?;
+            }
+        }
+    }
+
+    fn now(&self) -> Micros {
+        micros(self.epoch.elapsed())
+    }
+
+    /// Stdin is read only while credit is available and nothing waits to be sent: the agent's
+    /// bounded buffer is the only buffer, and a slow command slows our reads.
+    fn wants_stdin(&self) -> bool {
+        self.stdin != LocalStdin::Closed
+            && self.transport == Transport::Open
+            && self.sent == self.out.len()
+            && self.session.stdin_credit() > 0
+    }
+
+    /// Re-arms our stdin's readiness when it is wanted again (`EPOLL_CTL_MOD` reports it at
+    /// once if input is waiting).
+    fn arm_stdin(&mut self) -> Result<(), Failure> {
+        if self.stdin == (LocalStdin::Pollable { armed: false }) && self.wants_stdin() {
+            let fd = self.stdin_file.as_raw_fd();
+            self.poll
+                .registry()
+                .reregister(&mut SourceFd(&fd), STDIN, Interest::READABLE)?;
+            self.stdin = LocalStdin::Pollable { armed: true };
+        }
+        Ok(())
+    }
+
+    fn on_writable(&mut self) -> Result<(), Failure> {
+        if self.transport == Transport::Connecting {
+            // Done connecting, one way or the other.
+            if let Some(err) = self.socket.take_error()? {
+                return Err(Failure(format!("cannot connect: {err}")));
+            }
+            match self.hvsock_port {
+                Some(port) => {
+                    self.transport = Transport::Handshake;
+                    self.out
+                        .extend_from_slice(format!("CONNECT {port}\n").as_bytes());
+                }
+                None => self.open(),
+            }
+        }
+        self.flush()
+    }
+
+    fn open(&mut self) {
+        self.transport = Transport::Open;
+        self.out.append(&mut self.opening);
+    }
+
+    /// Sends what is queued until the socket would block (its next writable edge resumes).
+    fn flush(&mut self) -> Result<(), Failure> {
+        while self.sent < self.out.len() {
+            // NOTE: the Rust runtime ignores SIGPIPE, so an agent that hung up is an EPIPE
+            // here; an embedder that does not ignore it sends with MSG_NOSIGNAL.
+            match (&self.socket).write(&self.out[self.sent..]) {
+                Ok(n) => self.sent += n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(err) => return Err(Failure(format!("sending to the agent: {err}"))),
+            }
+        }
+        self.out.clear();
+        self.sent = 0;
+        Ok(())
+    }
+
+    /// Reads until the socket would block, handing what arrived to the session frame by frame.
+    fn on_readable(&mut self) -> Result<Option<u8>, Failure> {
+        loop {
+            if self.transport == Transport::Handshake {
+                if !self.receive_handshake()? {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let spare = self
+                .recv
+                .spare()
+                .map_err(|err| Failure(format!("receive buffer: {err}")))?;
+            match (&self.socket).read(spare) {
+                Ok(0) => {
+                    // The session says whether an end of stream here is an error.
+                    let left = self.recv.data().len();
+                    self.session
+                        .handle_eof(left)
+                        .map_err(|err| Failure(format!("{err}")))?;
+                    return Err(Failure::from("the agent closed the connection"));
+                }
+                Ok(n) => self.recv.commit(n),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(err) => return Err(Failure(format!("receiving from the agent: {err}"))),
+            }
+            if let Some(code) = self.handle_input()? {
+                return Ok(Some(code));
+            }
+        }
+    }
+
+    /// Hands every whole frame in the receive buffer to the session.
+    fn handle_input(&mut self) -> Result<Option<u8>, Failure> {
+        loop {
+            let Input { consumed, event } = self
+                .session
+                .handle_input(self.recv.data())
+                .map_err(|err| Failure(format!("{err}")))?;
+            let exit = match event {
+                None if consumed == 0 => return Ok(None),
+                // The output borrows the receive buffer: written out before it is consumed.
+                Some(ClientEvent::Stdout(data)) => write_out(&mut self.stdout, data)?,
+                Some(ClientEvent::Stderr(data)) => write_out(&mut self.stderr, data)?,
+                Some(ClientEvent::Exited(end)) => Some(end.status.shell_code()),
+                Some(ClientEvent::Refused(err)) => {
+                    let code = match err.code {
+                        ErrorCode::NotFound => EXIT_NOT_FOUND,
+                        ErrorCode::PermissionDenied
+                        | ErrorCode::ExecFormat
+                        | ErrorCode::BadCwd
+                        | ErrorCode::SpawnFailed
+                        | ErrorCode::ResourceExhausted => EXIT_CANNOT_EXECUTE,
+                        _ => EXIT_FERRY,
+                    };
+                    eprintln!(
+                        "epoll_exec: {}: {} (errno {})",
+                        self.program, err.message, err.errno
+                    );
+                    Some(code)
+                }
+                // Hello, started, credit: the session has noted them (credit makes
+                // `wants_stdin` true again).
+                None
+                | Some(ClientEvent::HelloAccepted(_))
+                | Some(ClientEvent::Started { .. })
+                | Some(ClientEvent::StdinCredit { .. }) => None,
+            };
+            self.recv.consume(consumed);
+            if exit.is_some() {
+                return Ok(exit);
+            }
+        }
+    }
+
+    /// Hybrid vsock: reads the reply line; bytes after it already belong to the agent. `false`
+    /// when the socket would block.
+    fn receive_handshake(&mut self) -> Result<bool, Failure> {
+        let mut buf = [0u8; MAX_HANDSHAKE_LINE];
+        let n = match (&self.socket).read(&mut buf) {
+            // A VMM closes the connection when nothing listens on the port (yet); a production
+            // embedder retries a few times with a growing pause.
+            Ok(0) => {
+                return Err(Failure::from(
+                    "the VMM closed the connection during the CONNECT handshake",
+                ))
+            }
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(err) => return Err(err.into()),
+        };
+        let got = &buf[..n];
+        let Some(newline) = got.iter().position(|b| *b == b'\n') else {
+            self.reply.extend_from_slice(got);
+            if self.reply.len() > MAX_HANDSHAKE_LINE {
+                return Err(Failure::from("the VMM sent an overlong handshake reply"));
+            }
+            return Ok(true);
+        };
+        self.reply.extend_from_slice(&got[..newline]);
+        match self.reply.strip_prefix(b"OK ") {
+            Some(n) if !n.is_empty() && n.iter().all(u8::is_ascii_digit) => {}
+            _ => {
+                return Err(Failure(format!(
+                    "the VMM refused the vsock connection: {:?}",
+                    String::from_utf8_lossy(&self.reply)
+                )))
+            }
+        }
+        let rest = &got[newline + 1..];
+        if self.recv.feed(rest) != Ok(rest.len()) {
+            return Err(Failure::from("receive buffer too small"));
+        }
+        self.open();
+        self.flush()?;
+        Ok(true)
+    }
+
+    /// Forwards one read of our stdin as one stdin frame, within credit; EOF closes the
+    /// command's stdin.
+    fn on_stdin(&mut self) -> Result<(), Failure> {
+        if !self.wants_stdin() {
+            return Ok(());
+        }
+        let take = self.session.stdin_credit().min(MAX_DATA);
+        let buf = &mut self.stdin_frame[DATA_HEADROOM..DATA_HEADROOM + take];
+        // Our stdin stays blocking; readiness (or a regular file) says one read will not block.
+        match self.stdin_file.read(buf) {
+            Ok(0) => {
+                self.stop_stdin()?;
+                self.session
+                    .close_stdin()
+                    .map_err(|err| Failure(format!("{err}")))?;
+                let mut eof = [0u8; 16];
+                let len = self
+                    .session
+                    .poll_transmit(&mut eof)
+                    .map_err(|err| Failure(format!("{err}")))?;
+                self.out.extend_from_slice(&eof[..len]);
+            }
+            Ok(n) => {
+                // Framed where it was read: the header goes into the headroom before it.
+                let start = self
+                    .session
+                    .frame_stdin_in_place(&mut self.stdin_frame, n)
+                    .map_err(|err| Failure(format!("{err}")))?;
+                self.out
+                    .extend_from_slice(&self.stdin_frame[start..DATA_HEADROOM + n]);
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(err) => {
+                eprintln!("epoll_exec: reading stdin: {err}");
+                self.stop_stdin()?;
+                let _ = self.session.close_stdin();
+                return Ok(());
+            }
+        }
+        self.flush()
+    }
+
+    fn stop_stdin(&mut self) -> Result<(), Failure> {
+        if let LocalStdin::Pollable { .. } = self.stdin {
+            let fd = self.stdin_file.as_raw_fd();
+            self.poll.registry().deregister(&mut SourceFd(&fd))?;
+        }
+        self.stdin = LocalStdin::Closed;
+        Ok(())
+    }
+}
+
+/// Starts a non-blocking connect to the target; the socket's first writable edge ends it.
+fn connect(target: &Target) -> Result<UnixStream, Failure> {
+    let connect_error = |err: io::Error| Failure(format!("cannot connect to {target}: {err}"));
+    match target {
+        Target::Unix(path) | Target::Hvsock { path, .. } => {
+            UnixStream::connect(path).map_err(connect_error)
+        }
+        Target::Vsock { cid, port } => {
+            // std and mio have no AF_VSOCK; socket2 does. The socket travels as a
+            // `UnixStream`: read, write, readiness and SO_ERROR do not care about the family.
+            use socket2::{Domain, SockAddr, Socket, Type};
+            let socket = Socket::new(Domain::VSOCK, Type::STREAM.nonblocking(), None)
+                .map_err(connect_error)?;
+            match socket.connect(&SockAddr::vsock(*cid, *port)) {
+                Ok(()) => {}
+                Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(err) => return Err(connect_error(err)),
+            }
+            let stream = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(socket));
+            Ok(UnixStream::from_std(stream))
+        }
+    }
+}
+
+/// Copies a chunk of output to our stdout or stderr; `Some(141)` when it was closed. Our own
+/// fds stay blocking: a VMM would queue the bytes instead and stop reading the socket while
+/// its queue is full.
+fn write_out(to: &mut File, data: &[u8]) -> Result<Option<u8>, Failure> {
+    match to.write_all(data) {
+        Ok(()) => Ok(None),
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(Some(EXIT_BROKEN_PIPE)),
+        Err(err) => Err(Failure(format!("writing output: {err}"))),
+    }
+}
+
+fn micros(duration: Duration) -> Micros {
+    duration.as_micros().try_into().unwrap_or(Micros::MAX)
+}
+
+/// Why the example gives up (exit status 255).
+#[derive(Debug)]
+struct Failure(String);
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(text: &str) -> Self {
+        Failure(text.to_owned())
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(err: io::Error) -> Self {
+        Failure(err.to_string())
+    }
+}

@@ -1,0 +1,297 @@
+//! The connection an execution and its stdin writer share: the socket, the protocol session, and
+//! the frame on its way out. The execution alone reads; either side may write.
+//!
+//! Every protocol decision is [`ClientSession`]'s. What lives here is plumbing: a lock around
+//! the session (the writer spends credit, the reader receives it), the unsent bytes of the last
+//! frame, and who to wake when the socket takes bytes again or when credit comes back.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
+
+use ::tokio::net::UnixStream;
+use ::tokio::time::Instant;
+use ferry_wire::limits::MAX_FRAME;
+use ferry_wire::session::{ClientSession, Micros, Phase, SessionError};
+use ferry_wire::{ErrorFrame, ExecRequest, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+
+pub(super) use crate::conn::session_error;
+use crate::{Error, RemoteError};
+
+/// One connection to the agent, shared by an [`super::Execution`] and its
+/// [`super::StdinWriter`].
+pub(super) struct Conn {
+    pub(super) stream: UnixStream,
+    state: Mutex<State>,
+    /// The waker handed to the socket's write readiness: it wakes whichever sides are waiting
+    /// for the socket to take bytes (tokio keeps one waker per direction and socket).
+    write_wakers: Arc<WriteWakers>,
+    /// The origin of the session's clock.
+    epoch: Instant,
+}
+
+/// What the lock protects.
+pub(super) struct State {
+    pub(super) session: ClientSession,
+    /// Encoded frames; `out[sent..]` is not yet taken by the socket. At most one frame beyond
+    /// the opening: nothing is encoded while bytes wait.
+    out: Vec<u8>,
+    sent: usize,
+    /// A stdin writer waiting for credit.
+    credit_waker: Option<Waker>,
+    /// The reader's task, to be woken when a writer leaves bytes it cannot send itself.
+    reader_waker: Option<Waker>,
+    /// The operation is over (it ended, failed, or its execution was dropped).
+    pub(super) ended: bool,
+}
+
+/// The two sides that may wait for the socket to become writable.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Side {
+    Reader = 0,
+    Writer = 1,
+}
+
+#[derive(Default)]
+struct WriteWakers(Mutex<[Option<Waker>; 2]>);
+
+impl WriteWakers {
+    fn register(&self, side: Side, waker: &Waker) {
+        let mut slots = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        match &mut slots[side as usize] {
+            Some(old) if old.will_wake(waker) => {}
+            slot => *slot = Some(waker.clone()),
+        }
+    }
+}
+
+impl Wake for WriteWakers {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let taken = {
+            let mut slots = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+            std::mem::take(&mut *slots)
+        };
+        for waker in taken.into_iter().flatten() {
+            waker.wake();
+        }
+    }
+}
+
+/// A session with its opening encoded, before the socket exists: a request the session refuses
+/// costs no connection, and the hello's deadline counts from before the connect.
+pub(super) struct Opening {
+    session: ClientSession,
+    out: Vec<u8>,
+    epoch: Instant,
+}
+
+impl Opening {
+    /// The hello, and `request` behind it (one write, no extra round trip), with the agent's
+    /// hello due within `timeout`.
+    pub(super) fn new(
+        timeout: std::time::Duration,
+        request: Option<&ExecRequest<'_>>,
+    ) -> Result<Opening, Error> {
+        let epoch = Instant::now();
+        let hello_timeout = timeout.as_micros().try_into().unwrap_or(Micros::MAX);
+        let mut opening = Opening {
+            session: ClientSession::new(0, Some(hello_timeout)),
+            out: Vec::new(),
+            epoch,
+        };
+        let encode = |session: &mut ClientSession, out: &mut [u8]| match request {
+            Some(request) => session.start_exec(request, out),
+            None => session.poll_transmit(out),
+        };
+        // Most requests are a few hundred bytes; the largest take two full frames.
+        for room in [2048, 2 * MAX_FRAME] {
+            opening.out.resize(room, 0);
+            match encode(&mut opening.session, &mut opening.out) {
+                Err(SessionError::BufferTooSmall) => continue,
+                Err(err) => return Err(session_error(err)),
+                Ok(len) => {
+                    opening.out.truncate(len);
+                    return Ok(opening);
+                }
+            }
+        }
+        Err(session_error(SessionError::BufferTooSmall))
+    }
+
+    /// When the connection, the handshake and the agent's hello must be done.
+    pub(super) fn deadline(&self, timeout: std::time::Duration) -> Instant {
+        self.epoch + timeout
+    }
+}
+
+impl Conn {
+    /// A connection over `stream`, its opening queued.
+    pub(super) fn new(stream: UnixStream, opening: Opening) -> Conn {
+        Conn {
+            stream,
+            state: Mutex::new(State {
+                session: opening.session,
+                out: opening.out,
+                sent: 0,
+                credit_waker: None,
+                reader_waker: None,
+                ended: false,
+            }),
+            write_wakers: Arc::default(),
+            epoch: opening.epoch,
+        }
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update under this lock is a few plain stores: a panic cannot leave it torn.
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// The session's clock.
+    pub(super) fn now(&self) -> Micros {
+        self.epoch.elapsed().as_micros().min(Micros::MAX as u128) as Micros
+    }
+
+    /// The point on tokio's clock that a session deadline names.
+    pub(super) fn instant(&self, at: Micros) -> Instant {
+        self.epoch + std::time::Duration::from_micros(at)
+    }
+
+    /// Ends the connection in both directions: the agent sees a disconnect at once (and kills
+    /// the command's process group), even while a stdin writer still holds the socket.
+    pub(super) fn shutdown(&self) {
+        let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl State {
+    /// Lets `encode` write into up to `room` bytes at the end of the queue; keeps what it wrote.
+    pub(super) fn queue<T>(
+        &mut self,
+        room: usize,
+        encode: impl FnOnce(&mut ClientSession, &mut [u8]) -> Result<(T, usize), SessionError>,
+    ) -> Result<T, SessionError> {
+        let start = self.out.len();
+        self.out.resize(start + room, 0);
+        let result = encode(&mut self.session, &mut self.out[start..]);
+        let written = result.as_ref().map_or(0, |(_, written)| *written);
+        self.out.truncate(start + written);
+        result.map(|(value, _)| value)
+    }
+
+    /// Whether bytes wait to be sent.
+    pub(super) fn has_unsent(&self) -> bool {
+        self.sent < self.out.len()
+    }
+
+    /// Marks the operation over and wakes a writer waiting for credit (it then fails with
+    /// `BrokenPipe`).
+    pub(super) fn end(&mut self) {
+        self.ended = true;
+        if let Some(waker) = self.credit_waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Parks a writer until the reader receives credit.
+    pub(super) fn wait_for_credit(&mut self, waker: &Waker) {
+        match &self.credit_waker {
+            Some(old) if old.will_wake(waker) => {}
+            _ => self.credit_waker = Some(waker.clone()),
+        }
+    }
+
+    /// Credit arrived: wake the writer.
+    pub(super) fn credit_granted(&mut self) {
+        if let Some(waker) = self.credit_waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Remembers the reader's task (see [`State::hand_to_reader`]).
+    pub(super) fn set_reader(&mut self, waker: &Waker) {
+        match &self.reader_waker {
+            Some(old) if old.will_wake(waker) => {}
+            _ => self.reader_waker = Some(waker.clone()),
+        }
+    }
+
+    /// A writer left bytes the socket would not take yet and may not come back for them (it
+    /// returned, or was dropped): the reader, which polls anyway, sends them.
+    pub(super) fn hand_to_reader(&mut self) {
+        if self.has_unsent() {
+            if let Some(waker) = &self.reader_waker {
+                waker.wake_by_ref();
+            }
+        }
+    }
+
+    /// Sends what is queued. `Pending` registers `cx` (as `side`) for the socket's write
+    /// readiness. On an error the queue is dropped: the connection is broken, and the reader
+    /// learns how it ended.
+    pub(super) fn poll_send(
+        &mut self,
+        conn: &Conn,
+        side: Side,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.has_unsent() {
+            return Poll::Ready(Ok(()));
+        }
+        conn.write_wakers.register(side, cx.waker());
+        let waker = Waker::from(Arc::clone(&conn.write_wakers));
+        let mut shared_cx = Context::from_waker(&waker);
+        while self.sent < self.out.len() {
+            match conn.stream.poll_write_ready(&mut shared_cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(self.drop_unsent(err))),
+                Poll::Ready(Ok(())) => {}
+            }
+            match conn.stream.try_write(&self.out[self.sent..]) {
+                Ok(n) => self.sent += n,
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(err) => return Poll::Ready(Err(self.drop_unsent(err))),
+            }
+        }
+        self.out.clear();
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    fn drop_unsent(&mut self, err: io::Error) -> io::Error {
+        self.out.clear();
+        self.sent = 0;
+        err
+    }
+}
+
+/// The agent's refusal (an error frame) as the library's error.
+pub(super) fn refusal(err: &ErrorFrame<'_>) -> Error {
+    if ClientSession::is_version_refusal(err) {
+        return Error::UnsupportedVersion {
+            min: MIN_PROTOCOL_VERSION,
+            max: PROTOCOL_VERSION,
+            message: err.message.to_owned(),
+        };
+    }
+    Error::Remote(RemoteError {
+        code: err.code,
+        errno: (err.errno != 0).then_some(err.errno),
+        message: err.message.to_owned(),
+    })
+}
+
+/// A disconnect the session took as a clean end where this driver expected more.
+pub(super) fn disconnected(phase: Phase) -> Error {
+    Error::Disconnected(phase.as_str())
+}

@@ -1,0 +1,143 @@
+//! Opening a target without blocking: a Unix socket, AF_VSOCK (a non-blocking connect through
+//! socket2, so no unsafe code here), or hybrid vsock with its `CONNECT <port>\n` → `OK <n>\n`
+//! handshake. Same rules as the blocking transport: one deadline over connect and handshake, a
+//! handshake that ends in EOF retried a bounded number of times with a doubling pause.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use ::tokio::net::UnixStream;
+use ::tokio::time::{sleep, timeout_at, Instant};
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::{ConnectOptions, Error, Target};
+
+/// The longest reply line a hybrid-vsock socket may send (`OK 1073741824\n` is 14 bytes).
+const MAX_HANDSHAKE_LINE: usize = 64;
+
+/// Opens a byte stream to the agent by `deadline`, hybrid-vsock handshake done, nothing of the
+/// protocol sent.
+pub(super) async fn open(
+    target: &Target,
+    options: &ConnectOptions,
+    deadline: Instant,
+) -> Result<UnixStream, Error> {
+    let connect_error = |source: io::Error| Error::Connect {
+        target: target.to_string(),
+        source,
+    };
+    let timed_out = |what: &str| connect_error(io::Error::new(io::ErrorKind::TimedOut, what));
+    match target {
+        Target::Unix(path) => timeout_at(deadline, UnixStream::connect(path))
+            .await
+            .map_err(|_| timed_out("connect timed out"))?
+            .map_err(connect_error),
+        Target::Vsock { cid, port } => timeout_at(deadline, connect_vsock(*cid, *port))
+            .await
+            .map_err(|_| timed_out("connect timed out"))?
+            .map_err(connect_error),
+        Target::Hvsock { path, port } => {
+            let mut delay = options.hvsock_retry_delay;
+            let mut attempt = 0;
+            loop {
+                let result = timeout_at(deadline, hvsock_attempt(path, *port)).await;
+                match result {
+                    Err(_) => return Err(timed_out("no reply to the CONNECT handshake")),
+                    Ok(Ok(stream)) => return Ok(stream),
+                    Ok(Err(Handshake::Io(err)))
+                        if err.kind() == io::ErrorKind::UnexpectedEof
+                            && attempt < options.hvsock_retries =>
+                    {
+                        attempt += 1;
+                        if Instant::now() + delay >= deadline {
+                            return Err(timed_out("connect timed out"));
+                        }
+                        sleep(delay).await;
+                        delay = delay.saturating_mul(2);
+                    }
+                    Ok(Err(Handshake::Io(err))) => return Err(connect_error(err)),
+                    Ok(Err(Handshake::Refused(reply))) => {
+                        return Err(Error::HvsockRefused {
+                            target: target.to_string(),
+                            reply,
+                        })
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A non-blocking AF_VSOCK connect, awaited through the socket's write readiness.
+async fn connect_vsock(cid: u32, port: u32) -> io::Result<UnixStream> {
+    let socket = Socket::new(Domain::VSOCK, Type::STREAM.nonblocking(), None)?;
+    match socket.connect(&SockAddr::vsock(cid, port)) {
+        Ok(()) => {}
+        Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(err) => return Err(err),
+    }
+    // NOTE: a vsock socket travels as a `UnixStream`: the calls made on it (read, write,
+    // readiness, SO_ERROR, shutdown) are address-family agnostic; its address methods are not.
+    let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(OwnedFd::from(socket)))?;
+    stream.writable().await?;
+    match stream.take_error()? {
+        Some(err) => Err(err),
+        None => Ok(stream),
+    }
+}
+
+enum Handshake {
+    Io(io::Error),
+    /// The VMM answered something other than `OK <n>`.
+    Refused(String),
+}
+
+/// Hybrid vsock: connect the Unix socket, send `CONNECT <port>\n`, expect `OK <n>\n`.
+async fn hvsock_attempt(path: &Path, port: u32) -> Result<UnixStream, Handshake> {
+    let stream = UnixStream::connect(path).await.map_err(Handshake::Io)?;
+    let line = format!("CONNECT {port}\n");
+    let mut sent = 0;
+    while sent < line.len() {
+        stream.writable().await.map_err(Handshake::Io)?;
+        match stream.try_write(&line.as_bytes()[sent..]) {
+            Ok(n) => sent += n,
+            Err(err) if is_retry(&err) => {}
+            Err(err) => return Err(Handshake::Io(err)),
+        }
+    }
+    // Byte by byte: anything after the newline already belongs to the agent.
+    let mut reply = Vec::with_capacity(16);
+    loop {
+        stream.readable().await.map_err(Handshake::Io)?;
+        let mut byte = [0u8];
+        match stream.try_read(&mut byte) {
+            Ok(0) => {
+                return Err(Handshake::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the VMM closed the connection during the CONNECT handshake",
+                )))
+            }
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if reply.len() < MAX_HANDSHAKE_LINE => reply.push(byte[0]),
+            Ok(_) => return Err(Handshake::Refused(lossy(&reply) + "…")),
+            Err(err) if is_retry(&err) => {}
+            Err(err) => return Err(Handshake::Io(err)),
+        }
+    }
+    match reply.strip_prefix(b"OK ") {
+        Some(n) if !n.is_empty() && n.iter().all(u8::is_ascii_digit) => Ok(stream),
+        _ => Err(Handshake::Refused(lossy(&reply))),
+    }
+}
+
+fn is_retry(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
