@@ -10,7 +10,9 @@ use crate::util::{cargo, run};
 pub fn run_test(skip_e2e: bool) -> Result<()> {
     let agent = build_agent()?;
     run(cargo()
-        .args(["test", "--workspace"])
+        // The async API's tests need its feature; `--all-features` would also switch on the
+        // QEMU scenarios, which `e2e` runs against a booted guest.
+        .args(["test", "--workspace", "--features", "ferry-host/tokio"])
         .env("FERRY_AGENT_BIN", &agent))
     .context("unit and integration tests")?;
     if skip_e2e {
