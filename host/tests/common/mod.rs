@@ -66,7 +66,7 @@ impl Agent {
             .spawn()
             .expect("starting the agent");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
+        while !is_listening(&socket) {
             assert!(
                 Instant::now() < deadline,
                 "the agent did not start listening"
@@ -78,6 +78,11 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The agent's private directory (it holds the socket), canonical, removed on drop.
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.dir.canonicalize().unwrap()
     }
 
     pub fn target(&self) -> Target {
@@ -106,11 +111,20 @@ impl Drop for Agent {
     }
 }
 
-/// One line of `/proc/PID/status`, in KiB (`VmRSS`, `VmHWM`).
-pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+/// Whether a Unix socket bound to `path` is listening (`__SO_ACCEPTCON` in `/proc/net/unix`).
+/// The socket file appears at `bind`, before `listen`, and a connect in between is refused; a
+/// probe connection would use up one of the agent's spares.
+fn is_listening(path: &Path) -> bool {
+    const ACCEPTING: &str = "00010000";
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let path = path.to_string_lossy();
+    table.lines().any(|line| {
+        // Num RefCount Protocol Flags Type St Inode Path
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(3) == Some(&ACCEPTING) && fields.get(7) == Some(&path.as_ref())
+    })
 }
 
 /// The direct children of `pid`.

@@ -1,0 +1,209 @@
+//! Commands and their outcomes: what a command starts with, and every way it can end.
+
+use std::time::Duration;
+
+use ferry_host::{Command, Error, ErrorCode, ExitStatus};
+
+use super::{parse_stat, sh, stdout_of, write_file, Fixture};
+
+pub fn health_reports_versions_and_limits(fixture: &Fixture) {
+    let health = fixture.client().health().unwrap();
+    assert_eq!(health.info.protocol_version, ferry_wire::PROTOCOL_VERSION);
+    // The agent shares the workspace's version with every crate that includes this suite.
+    assert_eq!(health.info.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(health.info.limits, ferry_wire::Limits::CURRENT);
+}
+
+pub fn a_command_leads_a_session_of_its_own(fixture: &Fixture) {
+    let client = fixture.client();
+    let output = client.output(Command::new("uname").arg("-a")).unwrap();
+    assert_eq!(output.status, ExitStatus::Code(0));
+    let uname = String::from_utf8(output.stdout).unwrap();
+    assert!(uname.starts_with("Linux "), "{uname}");
+    assert!(output.stderr.is_empty());
+    assert!(!output.output_dropped);
+
+    // The pid reported is the program's own, and it leads its session and process group (which
+    // is what lets the agent kill everything it started).
+    let output = client
+        .output(Command::new("cat").arg("/proc/self/stat"))
+        .unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    let stat = parse_stat(text.trim_end()).unwrap();
+    assert_eq!(stat.pid, output.pid, "{stat:?}");
+    assert_eq!(stat.pgid, output.pid, "{stat:?}");
+    assert_eq!(stat.session, output.pid, "{stat:?}");
+    let output = client.output(&sh("echo $$")).unwrap();
+    assert_eq!(output.stdout, format!("{}\n", output.pid).as_bytes());
+}
+
+pub fn commands_start_with_default_signal_state(fixture: &Fixture) {
+    // The agent ignores SIGCHLD (the listener) and SIGPIPE (a connection process) for itself;
+    // ignored dispositions and the signal mask survive execve, so a command would inherit them
+    // unless the agent resets them. What the agent was itself started with ignored (a guest's
+    // init: nothing) passes through, as it would through any service.
+    let client = fixture.client();
+    let mask = |pid: &str, field: &str| {
+        let status = stdout_of(
+            &client,
+            Command::new("cat").arg(format!("/proc/{pid}/status")),
+        );
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'));
+        let line = line.unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+        u64::from_str_radix(line.trim(), 16).unwrap()
+    };
+    let bit = |signal: u32| 1u64 << (signal - 1);
+    let agents_own = bit(13) | bit(17);
+    let listener = fixture.listener_pid.to_string();
+    let inherited = mask(&listener, "SigIgn") & !agents_own;
+    let ignored = mask("self", "SigIgn");
+    assert_eq!(ignored, inherited, "ignored: {ignored:#x}");
+    assert_eq!(mask("self", "SigBlk"), 0);
+}
+
+pub fn exit_codes_and_signal_deaths_are_exact(fixture: &Fixture) {
+    let client = fixture.client();
+    for code in [0u8, 1, 2, 126, 127, 128, 255] {
+        let output = client.output(&sh(&format!("exit {code}"))).unwrap();
+        assert_eq!(output.status, ExitStatus::Code(code));
+        assert_eq!(output.status.shell_code(), code);
+    }
+    // PIPE and HUP: a shell cannot undo a disposition it was started with ignored, so these
+    // also show the command did not inherit the agent's.
+    let signals = [
+        ("TERM", 15u8),
+        ("KILL", 9),
+        ("INT", 2),
+        ("USR1", 10),
+        ("PIPE", 13),
+        ("HUP", 1),
+    ];
+    for (signal, number) in signals {
+        let output = client.output(&sh(&format!("kill -{signal} $$"))).unwrap();
+        let expected = ExitStatus::Signal {
+            number,
+            core_dumped: false,
+        };
+        assert_eq!(output.status, expected, "{signal}");
+        assert_eq!(output.status.shell_code(), 128 + number);
+    }
+    // A core dump is reported as such when the kernel writes one (core_pattern permitting). In
+    // the scratch directory: a core file must not land anywhere that matters.
+    let mut segv = sh("ulimit -c unlimited 2>/dev/null; kill -SEGV $$");
+    segv.current_dir(&fixture.scratch);
+    let output = client.output(&segv).unwrap();
+    assert!(
+        matches!(output.status, ExitStatus::Signal { number: 11, .. }),
+        "{:?}",
+        output.status
+    );
+    // Duration is measured by the agent's monotonic clock.
+    let output = client.output(&sh("sleep 0.3")).unwrap();
+    let duration = output.duration;
+    assert!(duration >= Duration::from_millis(290), "{duration:?}");
+    assert!(duration < Duration::from_secs(5), "{duration:?}");
+}
+
+pub fn shell_pipelines_and_their_status(fixture: &Fixture) {
+    let client = fixture.client();
+    let output = stdout_of(&client, &sh("printf 'b\\na\\nc\\n' | sort | tr a-z A-Z"));
+    assert_eq!(output, "A\nB\nC\n");
+    // A pipeline's status is its last command's.
+    assert_eq!(
+        client.output(&sh("true | false")).unwrap().status,
+        ExitStatus::Code(1)
+    );
+    assert_eq!(
+        client.output(&sh("false | true")).unwrap().status,
+        ExitStatus::Code(0)
+    );
+    // The writer of a pipe whose reader left dies of SIGPIPE, and the pipeline goes on.
+    assert_eq!(stdout_of(&client, &sh("yes | head -n 2")), "y\ny\n");
+    // Statuses of nested shells and redirections between the two output streams.
+    let output = client
+        .output(&sh(
+            "sh -c 'exit 3'; echo $?; echo to-err 1>&2; (echo via-err 1>&2) 2>&1",
+        ))
+        .unwrap();
+    assert!(output.success());
+    assert_eq!(output.stdout, b"3\nvia-err\n");
+    assert_eq!(output.stderr, b"to-err\n");
+}
+
+pub fn env_and_cwd(fixture: &Fixture) {
+    let client = fixture.client();
+    let mut command = Command::new("env");
+    command
+        .env("FERRY_TEST", "a b=c\u{e9}")
+        .env("PATH", "/usr/bin:/bin");
+    let env = stdout_of(&client, &command);
+    assert!(env.lines().any(|l| l == "FERRY_TEST=a b=c\u{e9}"), "{env}");
+    assert!(env.lines().any(|l| l == "PATH=/usr/bin:/bin"), "{env}");
+    // Inherited: the agent's own environment is there too.
+    assert!(env.lines().count() > 2, "{env}");
+
+    // A clean environment holds exactly what was asked for, whether the program is named by
+    // path or found on the default search path.
+    for program in ["/usr/bin/env", "env"] {
+        let mut command = Command::new(program);
+        command.env_clear().env("ONLY", "1");
+        assert_eq!(stdout_of(&client, &command), "ONLY=1\n", "{program}");
+    }
+
+    let mut command = sh("echo \"$FERRY_TEST\"; pwd");
+    command
+        .env("FERRY_TEST", "x y")
+        .current_dir(&fixture.scratch);
+    let expected = format!("x y\n{}\n", fixture.scratch.display());
+    assert_eq!(stdout_of(&client, &command), expected);
+    let mut command = Command::new("pwd");
+    command.current_dir("/");
+    assert_eq!(stdout_of(&client, &command), "/\n");
+}
+
+pub fn start_failures_name_their_cause(fixture: &Fixture) {
+    let client = fixture.client();
+    let not_executable = fixture.scratch_path("not-executable");
+    write_file(&client, &not_executable, b"#!/bin/sh\necho hi\n", 0o644);
+    let bad_format = fixture.scratch_path("bad-format");
+    write_file(&client, &bad_format, b"\x7fELF\0\0\0\0", 0o755);
+
+    let mut bad_cwd = Command::new("true");
+    bad_cwd.current_dir("/no/such/dir");
+    let cases = [
+        (
+            Command::new("no-such-program-ferry"),
+            ErrorCode::NotFound,
+            2,
+        ),
+        (Command::new("/no/such/path"), ErrorCode::NotFound, 2),
+        (
+            Command::new(&not_executable),
+            ErrorCode::PermissionDenied,
+            13,
+        ),
+        (
+            Command::new(&fixture.scratch),
+            ErrorCode::PermissionDenied,
+            13,
+        ),
+        (Command::new(&bad_format), ErrorCode::ExecFormat, 8),
+        (bad_cwd, ErrorCode::BadCwd, 2),
+    ];
+    for (command, code, errno) in cases {
+        match client.output(&command) {
+            Err(Error::Remote(remote)) => {
+                assert_eq!(remote.code, code, "{command:?}");
+                assert_eq!(remote.errno, Some(errno), "{command:?}");
+            }
+            other => panic!("{command:?}: {other:?}"),
+        }
+    }
+    // Refused locally, before anything is sent.
+    assert!(matches!(
+        client.output(&Command::new("a\0b")),
+        Err(Error::InvalidRequest(_))
+    ));
+}

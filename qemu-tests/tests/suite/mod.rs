@@ -1,0 +1,258 @@
+//! The scenario suite: one list of end-to-end scenarios, run against the real agent over every
+//! transport it serves.
+//!
+//! Two runners include this module and call [`scenario_tests!`] with a fixture of their own:
+//! `host/tests/agent.rs` (the shipped agent on a private Unix socket, a fresh agent per scenario;
+//! plain `cargo test`) and `qemu-tests/tests/scenarios.rs` (the agent as PID 1 in QEMU over real
+//! virtio-vsock, one guest for the whole run; `cargo xtask e2e`). A scenario sees the agent's
+//! machine only through the agent itself: it lists processes, reads `/proc`, and writes files by
+//! running commands, so the same code checks the host and the guest.
+//!
+//! Included with `#[path]` rather than shared through a crate: `qemu-tests` depends on
+//! `ferry-host`, and a dev-dependency back would make a cycle. The module must stay at the crate
+//! root as `suite` (the macro names it so), and uses nothing but std, `ferry_host` and
+//! `ferry_wire`.
+#![allow(clippy::unwrap_used)] // a scenario reports failure by panicking
+
+pub mod exec;
+pub mod lifecycle;
+pub mod raw;
+pub mod streams;
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferry_host::{Client, Command, ConnectOptions, Stdin, Target};
+
+/// The agent a scenario runs against, and what differs between the places it runs.
+pub struct Fixture {
+    /// Where the agent listens.
+    pub target: Target,
+    /// The agent's listener, as its own machine numbers it (1 when it is a guest's init).
+    pub listener_pid: u32,
+    /// A directory on the agent's machine that exists and is this scenario's alone.
+    pub scratch: PathBuf,
+    /// How hard the heavy scenarios push.
+    pub scale: Scale,
+    /// Whatever keeps the agent running until the scenario ends (the Unix-socket runner's agent
+    /// process); dropped after it.
+    #[allow(dead_code)] // held, never read
+    pub keep_alive: Option<Box<dyn Any>>,
+}
+
+/// The sizes that differ between a host and an emulated guest.
+#[derive(Debug, Clone, Copy)]
+pub struct Scale {
+    /// Bytes the bulk-output scenario streams.
+    pub bulk_bytes: u64,
+    /// Commands the concurrency scenario runs at once.
+    pub parallel_execs: usize,
+}
+
+impl Fixture {
+    /// A client for the agent. Connecting is lazy: each operation opens its own connection.
+    pub fn client(&self) -> Client {
+        Client::new(&self.target, ConnectOptions::default())
+    }
+
+    /// A path inside [`Fixture::scratch`].
+    pub fn scratch_path(&self, name: &str) -> PathBuf {
+        self.scratch.join(name)
+    }
+}
+
+/// Generates one `#[test]` per shared scenario. `$fixture` is a `fn(&'static str) -> Fixture`,
+/// called with the scenario's name at the start of each test.
+///
+/// NOTE: a scenario function left out of this list is dead code, which clippy (`-D warnings`)
+/// rejects: a scenario cannot silently stop running.
+macro_rules! scenario_tests {
+    ($fixture:path) => {
+        $crate::suite::scenario_tests!(@each $fixture;
+            exec::health_reports_versions_and_limits,
+            exec::a_command_leads_a_session_of_its_own,
+            exec::commands_start_with_default_signal_state,
+            exec::exit_codes_and_signal_deaths_are_exact,
+            exec::shell_pipelines_and_their_status,
+            exec::env_and_cwd,
+            exec::start_failures_name_their_cause,
+            streams::binary_output_is_byte_exact_on_both_streams,
+            streams::bulk_output_streams_with_bounded_agent_memory,
+            streams::stdin_streams_concurrently_with_output,
+            streams::stdin_is_null_unless_asked_and_eof_is_delivered,
+            lifecycle::dropping_an_execution_kills_its_whole_group,
+            lifecycle::a_daemonized_child_holding_stdout_does_not_hang_the_exec,
+            lifecycle::a_daemon_that_keeps_writing_is_cut_off,
+            lifecycle::orphans_are_reaped_by_the_listener,
+            lifecycle::many_execs_run_side_by_side,
+            lifecycle::a_silent_client_delays_nobody,
+            raw::a_hello_only_connection_is_answered_and_closed,
+            raw::a_pipelined_hello_and_exec_run_to_the_end,
+            raw::stdin_credit_is_returned_as_the_command_reads,
+            raw::bad_frames_are_refused_and_the_agent_keeps_serving,
+            raw::noise_of_any_size_is_refused_or_dropped,
+            raw::requests_out_of_place_are_refused,
+            raw::stdin_beyond_credit_is_refused,
+        );
+    };
+    (@each $fixture:path; $($module:ident :: $name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let fixture = $fixture(stringify!($name));
+                $crate::suite::$module::$name(&fixture);
+            }
+        )*
+    };
+}
+pub(crate) use scenario_tests;
+
+/// `/bin/sh -c SCRIPT`.
+pub fn sh(script: &str) -> Command {
+    let mut command = Command::new("/bin/sh");
+    command.arg("-c").arg(script);
+    command
+}
+
+/// Bytes of every value, NUL and invalid UTF-8 included, in a sequence that exposes reordering.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i ^ (i >> 8) ^ (i >> 16)) as u8).collect()
+}
+
+/// Runs `command` and returns its stdout, failing the scenario unless it exits 0.
+pub fn stdout_of(client: &Client, command: &Command) -> String {
+    let output = client.output(command).unwrap();
+    assert!(
+        output.success(),
+        "{command:?}: {:?}, stderr {:?}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Writes `bytes` to `path` on the agent's machine (through the agent) with permissions `mode`.
+pub fn write_file(client: &Client, path: &Path, bytes: &[u8], mode: u32) {
+    let mut command = sh("cat > \"$1\" && chmod \"$2\" \"$1\"");
+    command
+        .arg("sh")
+        .arg(path)
+        .arg(format!("{mode:o}"))
+        .stdin(Stdin::Bytes(bytes.to_vec()));
+    stdout_of(client, &command);
+}
+
+/// One process on the agent's machine, as `/proc/PID/stat` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    pub comm: String,
+    pub state: char,
+    pub ppid: u32,
+    pub pgid: u32,
+    pub session: u32,
+}
+
+/// Parses one `/proc/PID/stat` line. The command name may hold spaces and parentheses, so the
+/// fields after it are found from the last `)`.
+pub fn parse_stat(line: &str) -> Option<Process> {
+    let open = line.find(" (")?;
+    let close = line.rfind(')')?;
+    let pid = line[..open].trim().parse().ok()?;
+    let comm = line.get(open + 2..close)?.to_owned();
+    let mut rest = line.get(close + 1..)?.split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    let pgid = rest.next()?.parse().ok()?;
+    let session = rest.next()?.parse().ok()?;
+    Some(Process {
+        pid,
+        comm,
+        state,
+        ppid,
+        pgid,
+        session,
+    })
+}
+
+/// Every process on the agent's machine, by pid, read through an exec of `cat` (which itself
+/// shows up in the list).
+pub fn processes(client: &Client) -> BTreeMap<u32, Process> {
+    // Processes may exit between the glob and the read: those errors are expected and ignored.
+    let text = stdout_of(client, &sh("cat /proc/[0-9]*/stat 2>/dev/null; true"));
+    text.lines()
+        .map(|line| {
+            let process = parse_stat(line);
+            let process = process.unwrap_or_else(|| panic!("unparsable /proc stat line {line:?}"));
+            (process.pid, process)
+        })
+        .collect()
+}
+
+/// The processes (zombies included) in process group `pgid`.
+pub fn group_members(client: &Client, pgid: u32) -> Vec<Process> {
+    processes(client)
+        .into_values()
+        .filter(|p| p.pgid == pgid)
+        .collect()
+}
+
+/// Waits until no process (zombie or not) is left in group `pgid`; the ones left at the deadline
+/// otherwise.
+pub fn wait_group_gone(client: &Client, pgid: u32, within: Duration) -> Result<(), Vec<Process>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = group_members(client, pgid);
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(left);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills every process in group `pgid` and waits until they are gone (reaped, not zombies).
+pub fn kill_group(client: &Client, pgid: u32) {
+    // `kill -9 -PGID`: the one spelling dash and busybox ash both take.
+    let output = client.output(&sh(&format!("kill -9 -{pgid}"))).unwrap();
+    assert!(output.status.shell_code() <= 1, "{output:?}");
+    if let Err(left) = wait_group_gone(client, pgid, Duration::from_secs(10)) {
+        panic!("group {pgid} survived kill -9: {left:?}");
+    }
+}
+
+/// A field (in KiB) of `/proc/PID/status` on the agent's machine, such as `VmHWM`.
+pub fn status_kib(client: &Client, pid: u32, field: &str) -> u64 {
+    let text = stdout_of(
+        client,
+        Command::new("cat").arg(format!("/proc/{pid}/status")),
+    );
+    text.lines()
+        .find_map(|line| {
+            let value = line.strip_prefix(field)?.strip_prefix(':')?;
+            value.trim().trim_end_matches("kB").trim().parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status: {text}"))
+}
+
+#[test]
+fn stat_lines_with_awkward_names_parse() {
+    let line = "42 (a (b) c) S 1 42 40 0 -1 4194560 100";
+    assert_eq!(
+        parse_stat(line),
+        Some(Process {
+            pid: 42,
+            comm: "a (b) c".into(),
+            state: 'S',
+            ppid: 1,
+            pgid: 42,
+            session: 40,
+        })
+    );
+    assert_eq!(parse_stat("1 (init) Z 0 1"), None);
+    assert_eq!(parse_stat("garbage"), None);
+}

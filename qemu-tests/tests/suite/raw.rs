@@ -1,0 +1,490 @@
+//! The protocol at the byte level, below the library: what a client of its own, a confused one or
+//! a hostile one gets from the agent. Valid conversations are driven by `ferry_wire`'s
+//! [`ClientSession`], which checks every frame the agent sends against the protocol; the rest is
+//! raw bytes, and what comes back is cut into frames by [`RecvBuf`].
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use ferry_host::ConnectOptions;
+use ferry_wire::limits::{MAX_DATA, MAX_FRAME, MAX_FRAME_BODY};
+use ferry_wire::session::{ClientEvent, ClientSession, SessionError};
+use ferry_wire::{
+    decode_agent_frame, encode_client_frame, AgentFrame, Bytes, ClientFrame, ClientHello,
+    ErrorCode, ExecRequest, ExitStatus, RecvBuf, StdinMode, StrList,
+};
+
+use super::{pattern, Fixture};
+
+/// What the agent sent, owned, in the terms a scenario checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Hello { version: u16 },
+    Started,
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    StdinCredit,
+    Exited(ExitStatus),
+    Refused(ErrorCode),
+    Ready,
+}
+
+impl From<AgentFrame<'_>> for Seen {
+    fn from(frame: AgentFrame<'_>) -> Seen {
+        match frame {
+            AgentFrame::Hello(hello) => Seen::Hello {
+                version: hello.version,
+            },
+            AgentFrame::Started(_) => Seen::Started,
+            AgentFrame::Stdout(data) => Seen::Stdout(data.0.to_vec()),
+            AgentFrame::Stderr(data) => Seen::Stderr(data.0.to_vec()),
+            AgentFrame::StdinCredit(_) => Seen::StdinCredit,
+            AgentFrame::Exited(end) => Seen::Exited(end.status),
+            AgentFrame::Error(err) => Seen::Refused(err.code),
+            AgentFrame::Ready(_) => Seen::Ready,
+        }
+    }
+}
+
+impl From<ClientEvent<'_>> for Seen {
+    fn from(event: ClientEvent<'_>) -> Seen {
+        match event {
+            ClientEvent::HelloAccepted(info) => Seen::Hello {
+                version: info.protocol_version,
+            },
+            ClientEvent::Started { .. } => Seen::Started,
+            ClientEvent::Stdout(data) => Seen::Stdout(data.to_vec()),
+            ClientEvent::Stderr(data) => Seen::Stderr(data.to_vec()),
+            ClientEvent::StdinCredit { .. } => Seen::StdinCredit,
+            ClientEvent::Exited(end) => Seen::Exited(end.status),
+            ClientEvent::Refused(err) => Seen::Refused(err.code),
+        }
+    }
+}
+
+const HELLO: Seen = Seen::Hello {
+    version: ferry_wire::PROTOCOL_VERSION,
+};
+
+/// One connection to the agent, driven by hand.
+struct Raw {
+    stream: UnixStream,
+    recv: RecvBuf<Vec<u8>>,
+}
+
+impl Raw {
+    fn open(fixture: &Fixture) -> Raw {
+        let stream = fixture
+            .target
+            .open_stream(&ConnectOptions::default())
+            .unwrap();
+        // Bounds, not expectations: a scenario that waits this long has failed.
+        let patience = Some(Duration::from_secs(20));
+        stream.set_read_timeout(patience).unwrap();
+        stream.set_write_timeout(patience).unwrap();
+        Raw {
+            stream,
+            recv: RecvBuf::new(vec![0; MAX_FRAME]),
+        }
+    }
+
+    /// Sends `bytes`. The agent may close before reading everything: a failed write is an
+    /// answer too, so it is not an error here.
+    fn send(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    fn send_frame(&mut self, frame: &ClientFrame<'_>) {
+        self.send(&encode(frame));
+    }
+
+    /// Hangs up our side, as a client that is done would.
+    fn hang_up(&self) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+
+    /// Reads once into the receive buffer; 0 when the agent has closed. A reset counts as
+    /// closed: the agent hung up with our unread bytes in its buffer, and what it sent before
+    /// that is still delivered first.
+    fn fill(&mut self) -> usize {
+        let spare = self
+            .recv
+            .spare()
+            .expect("the agent sent a frame larger than the protocol's");
+        match self.stream.read(spare) {
+            Ok(n) => {
+                self.recv.commit(n);
+                n
+            }
+            Err(err) if err.kind() == ErrorKind::ConnectionReset => 0,
+            Err(err) => panic!("the agent neither answered nor closed: {err}"),
+        }
+    }
+
+    /// The next whole frame, or `None` once the agent has closed (between frames: a partial
+    /// frame at the end fails the scenario).
+    fn next_frame(&mut self) -> Option<Seen> {
+        loop {
+            let next = self.recv.next_frame();
+            let next = next.expect("the agent sent a frame larger than the protocol's");
+            if let Some(body) = next {
+                let frame = decode_agent_frame(body).expect("the agent sent an undecodable frame");
+                return Some(frame.into());
+            }
+            if self.fill() == 0 {
+                let left = self.recv.data().len();
+                assert_eq!(left, 0, "the agent closed mid-frame");
+                return None;
+            }
+        }
+    }
+
+    /// Everything the agent sends until it closes the connection.
+    fn frames_until_closed(&mut self) -> Vec<Seen> {
+        std::iter::from_fn(|| self.next_frame()).collect()
+    }
+
+    /// The next event of `session`, or `None` once the agent has closed; the session checks
+    /// every frame against the protocol, and that the close came when it could.
+    fn next_event(&mut self, session: &mut ClientSession) -> Result<Option<Seen>, SessionError> {
+        loop {
+            let input = session.handle_input(self.recv.data())?;
+            if input.consumed > 0 {
+                let seen = input.event.map(Seen::from);
+                self.recv.consume(input.consumed);
+                match seen {
+                    Some(seen) => return Ok(Some(seen)),
+                    None => continue,
+                }
+            }
+            if self.fill() == 0 {
+                session.handle_eof(self.recv.data().len())?;
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Every event of `session` until the agent closes.
+    fn events_until_closed(&mut self, session: &mut ClientSession) -> Vec<Seen> {
+        let mut events = Vec::new();
+        while let Some(event) = self.next_event(session).unwrap() {
+            events.push(event);
+        }
+        events
+    }
+}
+
+fn encode(frame: &ClientFrame<'_>) -> Vec<u8> {
+    let mut buf = vec![0u8; MAX_FRAME];
+    let n = encode_client_frame(frame, &mut buf).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn hello() -> Vec<u8> {
+    encode(&ClientFrame::Hello(ClientHello::CURRENT))
+}
+
+/// An exec of `argv` (NUL-terminated entries).
+fn exec(argv: &[u8], stdin: StdinMode) -> ExecRequest<'_> {
+    ExecRequest {
+        argv: StrList::new(argv),
+        env: StrList::default(),
+        clean_env: false,
+        cwd: None,
+        stdin,
+    }
+}
+
+/// The agent still serves a client that plays by the rules.
+fn assert_still_serving(fixture: &Fixture, after: &str) {
+    if let Err(err) = fixture.client().health() {
+        panic!("after {after}: the agent no longer answers: {err}");
+    }
+}
+
+/// Stdout and stderr of `events`, each concatenated.
+fn outputs(events: &[Seen]) -> (Vec<u8>, Vec<u8>) {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    for event in events {
+        match event {
+            Seen::Stdout(data) => stdout.extend_from_slice(data),
+            Seen::Stderr(data) => stderr.extend_from_slice(data),
+            _ => {}
+        }
+    }
+    (stdout, stderr)
+}
+
+pub fn a_hello_only_connection_is_answered_and_closed(fixture: &Fixture) {
+    let mut raw = Raw::open(fixture);
+    let mut session = ClientSession::new(0, None);
+    let mut out = [0u8; 64];
+    let n = session.poll_transmit(&mut out).unwrap();
+    raw.send(&out[..n]);
+    // The hello is answered on its own: the agent does not wait for a request to send it.
+    assert_eq!(raw.next_event(&mut session).unwrap(), Some(HELLO));
+    assert_eq!(
+        session.agent_limits(),
+        Some(ferry_wire::Limits::CURRENT),
+        "the limits the agent announced"
+    );
+    // A client that is done (a health check) hangs up; the agent closes without a word, which
+    // the session accepts as a clean end.
+    raw.hang_up();
+    assert_eq!(raw.next_event(&mut session).unwrap(), None);
+}
+
+pub fn a_pipelined_hello_and_exec_run_to_the_end(fixture: &Fixture) {
+    let mut raw = Raw::open(fixture);
+    let mut session = ClientSession::new(0, None);
+    let mut out = vec![0u8; MAX_FRAME];
+    let request = ExecRequest {
+        env: StrList::new(b"FERRY_RAW=env works\0"),
+        ..exec(
+            b"/bin/sh\0-c\0echo \"$FERRY_RAW\"; echo err >&2; exit 3\0",
+            StdinMode::Null,
+        )
+    };
+    // Hello and request in one write, before the agent has said anything.
+    let n = session.start_exec(&request, &mut out).unwrap();
+    raw.send(&out[..n]);
+    let events = raw.events_until_closed(&mut session);
+    assert_eq!(events[..2], [HELLO, Seen::Started], "{events:?}");
+    assert_eq!(events.last(), Some(&Seen::Exited(ExitStatus::Code(3))));
+    assert_eq!(
+        outputs(&events),
+        (b"env works\n".to_vec(), b"err\n".to_vec())
+    );
+    assert!(session.is_finished());
+}
+
+pub fn stdin_credit_is_returned_as_the_command_reads(fixture: &Fixture) {
+    // A single-threaded client that sends only within credit and reads when it has none: it
+    // makes progress only if the agent returns credit as `cat` consumes.
+    let mut raw = Raw::open(fixture);
+    let mut session = ClientSession::new(0, None);
+    let mut out = vec![0u8; MAX_FRAME];
+    let n = session
+        .start_exec(&exec(b"cat\0", StdinMode::Pipe), &mut out)
+        .unwrap();
+    raw.send(&out[..n]);
+    let data = pattern(1 << 20);
+    let mut rest = &data[..];
+    let mut events = Vec::new();
+    while !rest.is_empty() {
+        if session.stdin_credit() == 0 {
+            let event = raw.next_event(&mut session).unwrap();
+            events.push(event.expect("the agent closed with stdin still open"));
+            continue;
+        }
+        let sent = session.send_stdin(rest, &mut out).unwrap();
+        raw.send(&out[..sent.written]);
+        rest = &rest[sent.taken..];
+    }
+    session.close_stdin().unwrap();
+    let n = session.poll_transmit(&mut out).unwrap();
+    raw.send(&out[..n]);
+    events.extend(raw.events_until_closed(&mut session));
+    assert_eq!(events[..2], [HELLO, Seen::Started]);
+    assert_eq!(events.last(), Some(&Seen::Exited(ExitStatus::Code(0))));
+    assert!(events.contains(&Seen::StdinCredit));
+    let (stdout, stderr) = outputs(&events);
+    assert!(stdout == data, "echo differs");
+    assert!(stderr.is_empty());
+}
+
+pub fn bad_frames_are_refused_and_the_agent_keeps_serving(fixture: &Fixture) {
+    let oversized = ((MAX_FRAME_BODY + 1) as u32).to_le_bytes().to_vec();
+    let hello_with = |hello: ClientHello| encode(&ClientFrame::Hello(hello));
+    let cases: Vec<(&str, Vec<u8>, bool, ErrorCode)> = vec![
+        (
+            "http request",
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            false,
+            ErrorCode::FrameTooLarge,
+        ),
+        (
+            "garbage hello",
+            vec![3, 0, 0, 0, 0, 0xff, 0xff],
+            false,
+            ErrorCode::Malformed,
+        ),
+        (
+            "oversized hello",
+            oversized.clone(),
+            false,
+            ErrorCode::FrameTooLarge,
+        ),
+        (
+            "huge length",
+            vec![0xff; 4],
+            false,
+            ErrorCode::FrameTooLarge,
+        ),
+        (
+            "exec before hello",
+            encode(&ClientFrame::Exec(exec(b"true\0", StdinMode::Null))),
+            false,
+            ErrorCode::ProtocolViolation,
+        ),
+        (
+            "wrong magic",
+            hello_with(ClientHello {
+                magic: *b"SSH-",
+                ..ClientHello::CURRENT
+            }),
+            false,
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            "future version",
+            hello_with(ClientHello {
+                min_version: 50,
+                max_version: 60,
+                ..ClientHello::CURRENT
+            }),
+            false,
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            "garbage request",
+            vec![3, 0, 0, 0, 1, 0xff, 0xff],
+            true,
+            ErrorCode::Malformed,
+        ),
+        (
+            "oversized request",
+            oversized,
+            true,
+            ErrorCode::FrameTooLarge,
+        ),
+        (
+            "stdin as request",
+            vec![2, 0, 0, 0, 2, 0],
+            true,
+            ErrorCode::ProtocolViolation,
+        ),
+        (
+            "empty argv",
+            vec![6, 0, 0, 0, 1, 0, 0, 0, 0, 1],
+            true,
+            ErrorCode::InvalidRequest,
+        ),
+    ];
+    for (name, bytes, hello_first, expected) in cases {
+        let mut raw = Raw::open(fixture);
+        if hello_first {
+            raw.send(&hello());
+        }
+        raw.send(&bytes);
+        // Exactly one error frame (after the hello, if one was sent), then the agent closes.
+        let mut answer = raw.frames_until_closed();
+        if hello_first {
+            assert_eq!(answer.first(), Some(&HELLO), "{name}: {answer:?}");
+            answer.remove(0);
+        }
+        assert_eq!(answer, [Seen::Refused(expected)], "{name}");
+        assert_still_serving(fixture, name);
+    }
+}
+
+pub fn noise_of_any_size_is_refused_or_dropped(fixture: &Fixture) {
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for len in [1usize, 3, 4, 5, 17, 100, 4096, 70_000] {
+        let noise: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        for hello_first in [false, true] {
+            let mut raw = Raw::open(fixture);
+            if hello_first {
+                raw.send(&hello());
+            }
+            raw.send(&noise);
+            // Short noise leaves the agent waiting for the rest of a frame: hang up, as a
+            // client would, and the agent must notice. (vhost-device-vsock turns a half-close
+            // into a full one, so an answer may be lost; what does arrive must be whole frames
+            // and nothing but the hello and an error.)
+            raw.hang_up();
+            let answer = raw.frames_until_closed();
+            let rest = match answer.split_first() {
+                Some((first, rest)) if hello_first && *first == HELLO => rest,
+                _ => &answer[..],
+            };
+            assert!(
+                matches!(rest, [] | [Seen::Refused(_)]),
+                "{len} bytes of noise, hello first: {hello_first}: {answer:?}"
+            );
+        }
+        assert_still_serving(fixture, &format!("{len} bytes of noise"));
+    }
+}
+
+pub fn requests_out_of_place_are_refused(fixture: &Fixture) {
+    let sleep = encode(&ClientFrame::Exec(exec(b"sleep\x005\0", StdinMode::Null)));
+    let piped_sleep = encode(&ClientFrame::Exec(exec(b"sleep\x005\0", StdinMode::Pipe)));
+    let stdin = encode(&ClientFrame::Stdin(Bytes(b"x")));
+    let cases = [
+        (
+            "a second request",
+            [
+                sleep.clone(),
+                encode(&ClientFrame::Exec(exec(b"true\0", StdinMode::Null))),
+            ],
+        ),
+        ("stdin without a pipe", [sleep, stdin.clone()]),
+        (
+            "stdin after its end",
+            [
+                piped_sleep,
+                [encode(&ClientFrame::StdinEof), stdin].concat(),
+            ],
+        ),
+        ("a second hello", [hello(), Vec::new()]),
+    ];
+    for (name, frames) in cases {
+        let mut raw = Raw::open(fixture);
+        // All in one write: whether the command has started when the agent reads the culprit
+        // is up to the agent.
+        raw.send(&[hello(), frames.concat()].concat());
+        let answer = raw.frames_until_closed();
+        let expected = Seen::Refused(ErrorCode::ProtocolViolation);
+        assert_eq!(answer.last(), Some(&expected), "{name}: {answer:?}");
+        let before = &answer[..answer.len() - 1];
+        assert!(
+            matches!(before, [first] | [first, Seen::Started] if *first == HELLO),
+            "{name}: {answer:?}"
+        );
+        assert_still_serving(fixture, name);
+    }
+}
+
+pub fn stdin_beyond_credit_is_refused(fixture: &Fixture) {
+    let mut raw = Raw::open(fixture);
+    raw.send(&hello());
+    // A command that never reads: once its pipe is full no credit comes back.
+    raw.send_frame(&ClientFrame::Exec(exec(b"sleep\x0030\0", StdinMode::Pipe)));
+    assert_eq!(raw.next_frame(), Some(HELLO));
+    assert_eq!(raw.next_frame(), Some(Seen::Started));
+    // Far more than the window plus the largest pipe, without waiting for credit.
+    let chunk = encode(&ClientFrame::Stdin(Bytes(&[b's'; MAX_DATA])));
+    for _ in 0..(4 << 20) / MAX_DATA {
+        raw.send(&chunk);
+    }
+    let answer = raw.frames_until_closed();
+    let expected = Seen::Refused(ErrorCode::ProtocolViolation);
+    assert_eq!(answer.last(), Some(&expected), "{answer:?}");
+    let before = &answer[..answer.len() - 1];
+    assert!(
+        before.iter().all(|seen| *seen == Seen::StdinCredit),
+        "{answer:?}"
+    );
+    assert_still_serving(fixture, "stdin beyond credit");
+}
