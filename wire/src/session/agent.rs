@@ -144,6 +144,8 @@ pub struct AgentSession {
     owed: usize,
     started_at: Micros,
     exit: Option<(ExitStatus, Micros)>,
+    /// The end of the post-exit grace period was handled: that deadline is spent.
+    grace_over: bool,
     drained: usize,
     dropped: bool,
 }
@@ -165,6 +167,7 @@ impl AgentSession {
             owed: 0,
             started_at: now,
             exit: None,
+            grace_over: false,
             drained: 0,
             dropped: false,
         }
@@ -209,7 +212,7 @@ impl AgentSession {
     /// When the driver must call [`AgentSession::handle_timeout`] at the latest.
     pub fn poll_timeout(&self) -> Option<Micros> {
         match (self.state, self.exit) {
-            (State::Running, Some((_, ended))) => {
+            (State::Running, Some((_, ended))) if !self.grace_over => {
                 Some(ended.saturating_add(self.config.drain_grace))
             }
             (State::Running | State::Starting | State::Closed, _) => None,
@@ -231,6 +234,14 @@ impl AgentSession {
             State::Closing if expired => {
                 self.state = State::Closed;
                 Err(SessionError::TimedOut { phase: Phase::Done })
+            }
+            // The grace period's end needs nothing but `output_phase`; once handled, its
+            // deadline is no longer reported (a driver polling with it would spin).
+            State::Running => {
+                if let Some((_, ended)) = self.exit {
+                    self.grace_over |= now >= ended.saturating_add(self.config.drain_grace);
+                }
+                Ok(())
             }
             _ => Ok(()),
         }
