@@ -30,7 +30,7 @@ pub fn timeout_until(deadline_us: u64) -> Timespec {
 
 /// Sleeps for `ms` milliseconds (a poll on nothing).
 pub fn sleep_ms(ms: u64) {
-    let deadline = monotonic_us() + ms * 1_000;
+    let deadline = monotonic_us().saturating_add(ms.saturating_mul(1_000));
     while monotonic_us() < deadline {
         let _ = rustix::event::poll(&mut [], Some(&timeout_until(deadline)));
     }

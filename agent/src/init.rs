@@ -3,31 +3,17 @@
 
 use core::ffi::CStr;
 
-use ferry_wire::{encode_agent_frame, AgentFrame, AgentHello, Limits, ReadyReport, MAGIC};
+use ferry_wire::session::encode_ready_announcement;
+use ferry_wire::ReadyReport;
 use rustix::fd::OwnedFd;
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 use rustix::mount::MountFlags;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
-use crate::listen::ListenAddr;
+use crate::config::{KernelParams, ListenAddr};
 use crate::sys::{self, VsockAddr};
-use crate::{clock, log};
-
-/// Parses a decimal `u32`.
-pub fn parse_u32(digits: &[u8]) -> Option<u32> {
-    if digits.is_empty() || digits.len() > 10 {
-        return None;
-    }
-    let mut value: u64 = 0;
-    for d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        value = value * 10 + u64::from(d - b'0');
-    }
-    u32::try_from(value).ok()
-}
+use crate::{clock, cstr, log};
 
 /// Makes sure descriptors 0, 1 and 2 are open, so no socket or pipe of ours is ever mistaken
 /// for a standard stream (and `dup2` onto them never aliases).
@@ -141,19 +127,21 @@ pub fn link_standard_devices() {
 
 /// A directory is a mount point when it lives on another device than its parent.
 fn is_mount_point(dir: &CStr) -> bool {
-    let bytes = dir.to_bytes();
-    let parent_len = bytes.iter().rposition(|b| *b == b'/').unwrap_or(0).max(1);
-    let mut parent = [0u8; 64];
-    let Some(slot) = parent.get_mut(..parent_len + 1) else {
-        return false;
-    };
-    slot[..parent_len].copy_from_slice(&bytes[..parent_len]);
-    let Ok(parent) = CStr::from_bytes_until_nul(&parent) else {
+    let mut buf = [0u8; 64];
+    let Some(parent) = cstr::join(&mut buf, &[parent_dir(dir.to_bytes())]) else {
         return false;
     };
     match (rustix::fs::stat(dir), rustix::fs::stat(parent)) {
         (Ok(a), Ok(b)) => a.st_dev != b.st_dev,
         _ => false,
+    }
+}
+
+/// The directory holding `path` (`/` for anything at the top, or without a slash).
+fn parent_dir(path: &[u8]) -> &[u8] {
+    match path.iter().rposition(|b| *b == b'/') {
+        Some(0) | None => b"/",
+        Some(slash) => path.get(..slash).unwrap_or(b"/"),
     }
 }
 
@@ -177,25 +165,18 @@ pub fn read_kernel_cmdline() -> BootConfig {
     };
     // x86's COMMAND_LINE_SIZE is 2048.
     let mut buf = [0u8; 2048];
-    let cmdline = read_file(c"/proc/cmdline", &mut buf);
-    let mut modules: Option<&[u8]> = None;
-    for param in cmdline.split(|b| b.is_ascii_whitespace()) {
-        if let Some(value) = param.strip_prefix(b"ferry.listen=") {
-            config.listen = ListenAddr::parse(value);
-            if config.listen.is_none() {
-                log::Line::new()
-                    .push(b"bad ferry.listen=")
-                    .push(value)
-                    .emit();
-            }
-        } else if let Some(value) = param.strip_prefix(b"ferry.ready=") {
-            config.ready_port = parse_u32(value);
-        } else if let Some(value) = param.strip_prefix(b"ferry.modules=") {
-            modules = Some(value);
-        }
+    let params = KernelParams::parse(read_file(c"/proc/cmdline", &mut buf));
+    match params.listen {
+        Some(Ok(listen)) => config.listen = Some(listen),
+        Some(Err(value)) => log::Line::new()
+            .push(b"bad ferry.listen=")
+            .push(value)
+            .emit(),
+        None => {}
     }
+    config.ready_port = params.ready_port;
     let started = clock::monotonic_us();
-    match modules {
+    match params.modules {
         Some(list) => load_modules(list.split(|b| *b == b',')),
         None => {
             let mut file = [0u8; 2048];
@@ -203,24 +184,27 @@ pub fn read_kernel_cmdline() -> BootConfig {
             load_modules(list.split(|b| *b == b'\n').map(|l| l.trim_ascii()));
         }
     }
-    config.modules_us = clock::monotonic_us() - started;
+    config.modules_us = clock::monotonic_us().saturating_sub(started);
     config
 }
 
+/// Reads as much of the file at `path` as fits `buf`; nothing when it cannot be opened.
 fn read_file<'b>(path: &CStr, buf: &'b mut [u8]) -> &'b [u8] {
     let Ok(fd) = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) else {
         return &[];
     };
     let mut len = 0;
-    while len < buf.len() {
-        match rustix::io::read(&fd, &mut buf[len..]) {
+    while let Some(rest @ [_, ..]) = buf.get_mut(len..) {
+        let room = rest.len();
+        match rustix::io::read(&fd, rest) {
             Ok(0) => break,
-            Ok(n) => len += n,
+            Ok(n) => len += n.min(room),
             Err(Errno::INTR) => {}
             Err(_) => break,
         }
     }
-    &buf[..len]
+    let buf: &'b [u8] = buf;
+    buf.get(..len).unwrap_or(&[])
 }
 
 /// Loads `/lib/modules/NAME.ko` for each name with `finit_module`, naming any that fails.
@@ -229,21 +213,12 @@ fn load_modules<'a>(names: impl Iterator<Item = &'a [u8]>) {
         if name.is_empty() || name.starts_with(b"#") {
             continue;
         }
-        let mut path = [0u8; 128];
-        let prefix = b"/lib/modules/";
-        let total = prefix.len() + name.len() + 3;
-        let Some(slot) = path.get_mut(..total + 1) else {
+        let mut buf = [0u8; 128];
+        let Some(path) = module_path(&mut buf, name) else {
             log::Line::new()
                 .push(b"module name too long: ")
                 .push(name)
                 .emit();
-            continue;
-        };
-        slot[..prefix.len()].copy_from_slice(prefix);
-        slot[prefix.len()..total - 3].copy_from_slice(name);
-        slot[total - 3..total].copy_from_slice(b".ko");
-        slot[total] = 0;
-        let Ok(path) = CStr::from_bytes_with_nul(slot) else {
             continue;
         };
         let result = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
@@ -262,9 +237,14 @@ fn load_modules<'a>(names: impl Iterator<Item = &'a [u8]>) {
     }
 }
 
+/// `/lib/modules/NAME.ko` in `buf`; `None` when it does not fit (or `name` holds a NUL).
+fn module_path<'b>(buf: &'b mut [u8], name: &[u8]) -> Option<&'b CStr> {
+    cstr::join(buf, &[b"/lib/modules/", name, b".ko"])
+}
+
 /// Waits (bounded) until the vsock transport has given this guest a CID.
 fn wait_for_cid(timeout_ms: u64) -> Option<u32> {
-    let deadline = clock::monotonic_us() + timeout_ms * 1000;
+    let deadline = clock::monotonic_us().saturating_add(timeout_ms.saturating_mul(1000));
     loop {
         if let Ok(dev) = rustix::fs::open(
             c"/dev/vsock",
@@ -289,7 +269,11 @@ fn wait_for_cid(timeout_ms: u64) -> Option<u32> {
 // Kept out of line: its large stack frame must not be probed into the caller's.
 #[inline(never)]
 pub fn announce_ready(port: u32, listen: &ListenAddr, init_started_us: u64, modules_us: u64) {
-    match sys::fork() {
+    // SAFETY: the agent is single-threaded and installs no signal handlers; the child runs the
+    // agent's own code (see `sys::fork`).
+    #[allow(unsafe_code)]
+    let forked = unsafe { sys::fork() };
+    match forked {
         Ok(sys::Forked::Child) => {}
         Ok(sys::Forked::Parent) => return,
         Err(errno) => return log::error(b"cannot fork readiness announcer", errno),
@@ -310,37 +294,21 @@ pub fn announce_ready(port: u32, listen: &ListenAddr, init_started_us: u64, modu
         0
     };
     let listening_us = clock::boottime_us();
-    let mut buf = [0u8; 128];
-    let hello = AgentFrame::Hello(AgentHello {
-        magic: MAGIC,
-        version: ferry_wire::PROTOCOL_VERSION,
-        agent_version: crate::AGENT_VERSION,
-        limits: Limits::CURRENT,
-    });
-    let ready = AgentFrame::Ready(ReadyReport {
+    let report = ReadyReport {
         cid,
         init_started_us,
         modules_us,
         listening_us,
-    });
-    let Ok(first) = encode_agent_frame(&hello, &mut buf) else {
+    };
+    let mut buf = [0u8; 128];
+    let Ok(len) = encode_ready_announcement(crate::AGENT_VERSION, report, &mut buf) else {
         sys::exit(1)
     };
-    let Ok(second) = encode_agent_frame(&ready, &mut buf[first..]) else {
-        sys::exit(1)
-    };
+    let announcement = buf.get(..len).unwrap_or(&[]);
     for attempt in 0..50u32 {
         match connect_host(port) {
             Ok(sock) => {
-                let mut sent = 0;
-                while sent < first + second {
-                    match rustix::io::write(&sock, &buf[sent..first + second]) {
-                        Ok(n) => sent += n,
-                        Err(Errno::INTR) => {}
-                        Err(_) => break,
-                    }
-                }
-                if sent == first + second {
+                if send_all(&sock, announcement) {
                     sys::exit(0)
                 }
             }
@@ -352,6 +320,18 @@ pub fn announce_ready(port: u32, listen: &ListenAddr, init_started_us: u64, modu
         clock::sleep_ms(100);
     }
     sys::exit(1)
+}
+
+/// Writes all of `bytes` (blocking); whether they all went out.
+fn send_all(sock: &OwnedFd, mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        match rustix::io::write(sock, bytes) {
+            Ok(n) => bytes = bytes.get(n..).unwrap_or(&[]),
+            Err(Errno::INTR) => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 fn connect_host(port: u32) -> Result<OwnedFd, Errno> {
@@ -369,10 +349,10 @@ fn connect_host(port: u32) -> Result<OwnedFd, Errno> {
 /// Replaces this process with a fresh copy of the agent (PID 1's last resort after a panic).
 pub fn reexec_self() {
     let Some(program) = sys::arg(0) else { return };
-    let mut argv_storage = [core::ptr::null(); 2];
+    let mut argv_storage = sys::PtrStorage::<2>::new();
     let mut argv = sys::PtrArray::new(&mut argv_storage);
     argv.push(program);
-    let mut envp_storage = [core::ptr::null(); 1];
+    let mut envp_storage = sys::PtrStorage::<1>::new();
     let envp = sys::PtrArray::new(&mut envp_storage);
     let _ = sys::execve(program, &argv, &envp);
 }
@@ -382,25 +362,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parse_u32_edges() {
-        assert_eq!(parse_u32(b"0"), Some(0));
-        assert_eq!(parse_u32(b"4294967295"), Some(u32::MAX));
-        assert_eq!(parse_u32(b"4294967296"), None);
-        assert_eq!(parse_u32(b""), None);
-        assert_eq!(parse_u32(b"12a"), None);
-        assert_eq!(parse_u32(b"99999999999"), None);
+    fn parents_of_paths() {
+        assert_eq!(parent_dir(b"/proc"), b"/");
+        assert_eq!(parent_dir(b"/dev/pts"), b"/dev");
+        assert_eq!(parent_dir(b"/dev/shm/"), b"/dev/shm");
+        assert_eq!(parent_dir(b"relative"), b"/");
+        assert_eq!(parent_dir(b""), b"/");
+        assert_eq!(parent_dir(b"/"), b"/");
     }
 
     #[test]
-    fn listen_addresses() {
+    fn module_paths() {
+        let mut buf = [0u8; 128];
         assert_eq!(
-            ListenAddr::parse(b"vsock:1024").and_then(|a| a.vsock_port()),
-            Some(1024)
+            module_path(&mut buf, b"vsock"),
+            Some(c"/lib/modules/vsock.ko")
         );
-        assert!(ListenAddr::parse(b"unix:/tmp/x.sock").is_some());
-        assert!(ListenAddr::parse(b"unix:").is_none());
-        assert!(ListenAddr::parse(b"tcp:1").is_none());
-        assert!(ListenAddr::parse(&[b"unix:".as_slice(), &[b'a'; 108]].concat()).is_none());
-        assert!(ListenAddr::parse(&[b"unix:".as_slice(), &[b'a'; 107]].concat()).is_some());
+        // 13 + 111 + 3 + NUL = 128 fits; one more byte does not.
+        let longest = [b'm'; 111];
+        assert!(module_path(&mut buf, &longest).is_some());
+        assert!(module_path(&mut buf, &[b'm'; 112]).is_none());
+        assert!(module_path(&mut buf, &[b'm'; 5000]).is_none());
+        assert!(module_path(&mut buf, b"a\0b").is_none());
+    }
+
+    #[test]
+    fn read_file_fills_at_most_the_buffer() {
+        let mut buf = [0u8; 4];
+        assert_eq!(read_file(c"/proc/self/cmdline", &mut buf).len(), 4);
+        assert!(read_file(c"/no/such/file", &mut buf).is_empty());
+        let mut empty = [0u8; 0];
+        assert!(read_file(c"/proc/self/cmdline", &mut empty).is_empty());
     }
 }

@@ -10,44 +10,10 @@ use rustix::io::Errno;
 use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 use rustix::process::Signal;
 
+use crate::config::ListenAddr;
+use crate::successor::Successor;
 use crate::sys::{self, VsockAddr};
 use crate::{clock, conn, log};
-
-/// The longest Unix socket path (`sun_path` less its NUL).
-const MAX_UNIX_PATH: usize = 107;
-
-/// Where the agent listens.
-#[derive(Clone, Copy)]
-pub enum ListenAddr {
-    /// AF_VSOCK, any CID, this port.
-    Vsock(u32),
-    /// A Unix socket path (NUL-terminated in `path`).
-    Unix { path: [u8; MAX_UNIX_PATH + 1] },
-}
-
-impl ListenAddr {
-    /// Parses `vsock:PORT` or `unix:PATH`.
-    pub fn parse(spec: &[u8]) -> Option<Self> {
-        if let Some(port) = spec.strip_prefix(b"vsock:") {
-            return crate::init::parse_u32(port).map(ListenAddr::Vsock);
-        }
-        let path = spec.strip_prefix(b"unix:")?;
-        if path.is_empty() || path.len() > MAX_UNIX_PATH || path.contains(&0) {
-            return None;
-        }
-        let mut buf = [0u8; MAX_UNIX_PATH + 1];
-        buf[..path.len()].copy_from_slice(path);
-        Some(ListenAddr::Unix { path: buf })
-    }
-
-    /// The vsock port, if this is a vsock address.
-    pub fn vsock_port(&self) -> Option<u32> {
-        match self {
-            ListenAddr::Vsock(port) => Some(*port),
-            ListenAddr::Unix { .. } => None,
-        }
-    }
-}
 
 /// Creates the listening socket.
 pub fn bind(addr: &ListenAddr) -> Result<OwnedFd, Errno> {
@@ -103,19 +69,24 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool) -> ! {
         let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
     }
     let listener_pid = rustix::process::getpid();
-    // The read end of each spare's report pipe; `None` while that spare is to be replaced.
-    let mut spares: [Option<OwnedFd>; SPARES] = Default::default();
+    // The read end of each waiting spare's report pipe.
+    let mut spares = Spares::new();
     loop {
         let mut failure = None;
-        for slot in spares.iter_mut().filter(|slot| slot.is_none()) {
+        while !spares.is_full() {
             match fork_spare() {
                 Ok(Forked::Spare(report)) => spare(listener, report, listener_pid),
-                Ok(Forked::Listener(taken)) => *slot = Some(taken),
-                Err(errno) => failure = Some(errno),
+                Ok(Forked::Listener(taken)) => {
+                    let _ = spares.push(taken);
+                }
+                Err(errno) => {
+                    failure = Some(errno);
+                    break;
+                }
             }
         }
         if let Some(errno) = failure {
-            if spares.iter().all(Option::is_none) {
+            if spares.is_empty() {
                 // Nobody accepts: answer whoever waits, then pause before trying again.
                 refuse_pending(&listener, errno);
                 continue;
@@ -124,6 +95,9 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool) -> ! {
         wait_until_taken(&mut spares, failure.is_some());
     }
 }
+
+/// The read ends of the waiting spares' report pipes.
+type Spares = heapless::Vec<OwnedFd, SPARES>;
 
 /// Each side of [`fork_spare`], with its end of the report pipe.
 enum Forked {
@@ -134,7 +108,11 @@ enum Forked {
 fn fork_spare() -> Result<Forked, Errno> {
     let (taken, report) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .inspect_err(|&errno| log::error(b"cannot create a pipe", errno))?;
-    match sys::fork() {
+    // SAFETY: the agent is single-threaded and installs no signal handlers; the child runs the
+    // agent's own code (see `sys::fork`).
+    #[allow(unsafe_code)]
+    let forked = unsafe { sys::fork() };
+    match forked {
         Ok(sys::Forked::Child) => Ok(Forked::Spare(report)),
         Ok(sys::Forked::Parent) => Ok(Forked::Listener(taken)),
         Err(errno) => {
@@ -171,71 +149,45 @@ fn spare(listener: OwnedFd, report: OwnedFd, listener_pid: rustix::process::Pid)
     };
     let _ = rustix::process::set_parent_process_death_signal(None);
     drop(listener);
-    conn::serve(conn, prepared, Successor(Some(report)))
+    conn::serve(conn, prepared, Successor::new(report))
 }
 
-/// A connection process's promise to tell the listener it has taken its connection, so the
-/// listener forks the next spare. Kept as late as possible, to be done while the command
-/// starts (waking the listener is a cross-CPU wake-up, and its fork competes for a CPU), but
-/// never past anything that waits on a client: the next client must never wait on this one.
-pub struct Successor(Option<OwnedFd>);
-
-impl Successor {
-    /// Sends the byte (once); the listener also takes EOF, should this process die first.
-    pub fn release(&mut self) {
-        if let Some(report) = self.0.take() {
-            let _ = rustix::io::write(&report, &[1]);
-        }
+/// Blocks until a spare has taken a connection or died, and drops it from `spares`.
+/// `retry_soon`: a spare is missing after a failed fork, so return after a pause to try again.
+fn wait_until_taken(spares: &mut Spares, retry_soon: bool) {
+    if spares.is_empty() {
+        return;
     }
-}
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
-
-/// Blocks until a spare has taken a connection or died, and empties its slot. `retry_soon`: a
-/// slot is empty after a failed fork, so return after a pause to try again.
-fn wait_until_taken(spares: &mut [Option<OwnedFd>; SPARES], retry_soon: bool) {
-    let mut ready = [false; SPARES];
+    let mut ready = heapless::Vec::<bool, SPARES>::new();
     {
-        let Some(any) = spares.iter().flatten().next() else {
-            return;
-        };
-        let mut fds: [PollFd<'_>; SPARES] =
-            core::array::from_fn(|_| PollFd::new(any, PollFlags::IN));
-        let mut slots = [0; SPARES];
-        let mut n = 0;
-        for (index, fd) in spares.iter().enumerate() {
-            if let Some(fd) = fd {
-                fds[n] = PollFd::new(fd, PollFlags::IN);
-                slots[n] = index;
-                n += 1;
-            }
+        let mut fds = heapless::Vec::<PollFd<'_>, SPARES>::new();
+        for fd in spares.iter() {
+            let _ = fds.push(PollFd::new(fd, PollFlags::IN));
         }
         let pause = Timespec {
             tv_sec: 0,
             tv_nsec: 50_000_000,
         };
-        if poll(&mut fds[..n], retry_soon.then_some(&pause)).is_err() {
+        if poll(&mut fds, retry_soon.then_some(&pause)).is_err() {
             return;
         }
-        for (fd, &index) in fds[..n].iter().zip(&slots) {
-            ready[index] = !fd.revents().is_empty();
+        for fd in &fds {
+            let _ = ready.push(!fd.revents().is_empty());
         }
     }
-    for (slot, _) in spares.iter_mut().zip(ready).filter(|(_, ready)| *ready) {
+    let mut ready = ready.into_iter();
+    spares.retain(|report| {
+        if ready.next() != Some(true) {
+            return true;
+        }
         let mut byte = [0u8];
-        let taken = slot
-            .take()
-            .is_some_and(|pipe| matches!(rustix::io::read(&pipe, &mut byte), Ok(1)));
-        if !taken {
+        if !matches!(rustix::io::read(report, &mut byte), Ok(1)) {
             // EOF: the spare died before accepting (killed, or a bug). Pause so a spare that
             // keeps dying cannot turn into a fork storm.
             clock::sleep_ms(10);
         }
-    }
+        false
+    });
 }
 
 /// No connection process can be made: answers whoever is waiting, then pauses before the
@@ -264,7 +216,10 @@ fn refuse_connection(conn: &OwnedFd, errno: Errno) {
         errno: errno.raw_os_error().unsigned_abs(),
         message: "cannot fork a connection process",
     });
-    if let Ok(len) = encode_agent_frame(&frame, &mut buf) {
-        let _ = rustix::net::send(conn, &buf[..len], SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
+    if let Some(frame) = encode_agent_frame(&frame, &mut buf)
+        .ok()
+        .and_then(|len| buf.get(..len))
+    {
+        let _ = rustix::net::send(conn, frame, SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
     }
 }

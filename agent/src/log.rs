@@ -3,16 +3,17 @@
 
 /// A message under construction; longer messages are cut, never split.
 pub struct Line {
-    buf: [u8; 256],
-    len: usize,
+    /// The text so far; one byte is always left for the newline.
+    buf: heapless::Vec<u8, { Line::CAPACITY }>,
 }
 
 impl Line {
+    const CAPACITY: usize = 256;
+
     /// A line starting with the agent's name.
     pub fn new() -> Self {
         let mut line = Line {
-            buf: [0; 256],
-            len: 0,
+            buf: heapless::Vec::new(),
         };
         line.push(b"ferry-agent: ");
         line
@@ -20,33 +21,34 @@ impl Line {
 
     /// Appends bytes.
     pub fn push(&mut self, bytes: &[u8]) -> &mut Self {
-        let room = self.buf.len() - 1 - self.len;
-        let take = bytes.len().min(room);
-        self.buf[self.len..self.len + take].copy_from_slice(&bytes[..take]);
-        self.len += take;
+        let room = (Self::CAPACITY - 1).saturating_sub(self.buf.len());
+        let take = bytes.get(..room).unwrap_or(bytes);
+        let _ = self.buf.extend_from_slice(take);
         self
     }
 
     /// Appends a number in decimal.
     pub fn num(&mut self, mut value: u64) -> &mut Self {
+        // u64::MAX has 20 digits.
         let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (value % 10) as u8;
+        let mut first = digits.len();
+        for (at, digit) in digits.iter_mut().enumerate().rev() {
+            *digit = b'0' + (value % 10) as u8;
             value /= 10;
+            first = at;
             if value == 0 {
                 break;
             }
         }
-        self.push(&digits[i..])
+        self.push(digits.get(first..).unwrap_or(&[]))
     }
 
     /// Writes the line, newline-terminated, to stderr (the console when PID 1). Best effort:
     /// there is nowhere to report a failing console.
     pub fn emit(&mut self) {
-        self.buf[self.len] = b'\n';
-        let _ = rustix::io::write(crate::sys::stderr(), &self.buf[..self.len + 1]);
+        let _ = self.buf.push(b'\n');
+        let _ = rustix::io::write(crate::sys::stderr(), &self.buf);
+        self.buf.pop();
     }
 }
 
@@ -67,13 +69,12 @@ mod tests {
     fn numbers_and_truncation() {
         let mut line = Line::new();
         line.num(0).push(b" ").num(18446744073709551615);
-        assert_eq!(
-            &line.buf[..line.len],
-            b"ferry-agent: 0 18446744073709551615"
-        );
+        assert_eq!(&line.buf[..], b"ferry-agent: 0 18446744073709551615");
         let long = [b'x'; 400];
         let mut line = Line::new();
         line.push(&long);
-        assert_eq!(line.len, 255);
+        assert_eq!(line.buf.len(), 255);
+        line.num(7);
+        assert_eq!(line.buf.len(), 255, "cut, never split");
     }
 }

@@ -2,9 +2,19 @@
 //! virtio-vsock (or a Unix socket for tests).
 //!
 //! Panic contract: the build is `panic = "abort"`, and a panic in PID 1 would be a kernel panic.
-//! The request path therefore has no `unwrap`, no unchecked indexing that input can reach, and
-//! runs in a per-connection process, so a crash there ends one connection, never the listener.
-//! If the listener itself ever panics as PID 1, the panic handler re-executes the agent.
+//! So nothing reachable may panic: no `unwrap`, no slicing or indexing that can fall outside its
+//! slice, no arithmetic that can overflow, on anything from the environment, argv, the kernel
+//! command line or the wire (`get`, `strip_prefix`, `checked_*` and `saturating_*` instead;
+//! frames are parsed by `ferry_wire`, which is total on any bytes). As a second line, the
+//! request path runs in a per-connection process, so a crash there ends one connection, never
+//! the listener; and if the listener itself ever panics as PID 1, the panic handler
+//! re-executes the agent.
+//!
+//! The parts: `init` (PID 1's duties), `config` (arguments and the kernel command line),
+//! `listen` (bind, spares, accept), `successor` (a spare's promise to the listener), `conn`
+//! (one connection: a driver over `ferry_wire`'s agent session), `spawn` (argv/envp and the
+//! child's path to `execve`), `crash` (what a crash takes down), `sys` (every `unsafe`
+//! syscall wrapper), and the small helpers `clock`, `cstr` and `log`.
 #![cfg_attr(not(test), no_std)]
 #![cfg_attr(not(test), no_main)]
 #![deny(unsafe_code)]
@@ -12,16 +22,18 @@
 #![cfg_attr(test, allow(dead_code, unused_imports))]
 
 mod clock;
+mod config;
 mod conn;
+mod crash;
+mod cstr;
 mod init;
 mod listen;
 mod log;
 mod spawn;
+mod successor;
 mod sys;
 
-use core::sync::atomic::{AtomicI32, Ordering};
-
-use rustix::process::{Pid, Signal};
+use config::ListenAddr;
 
 /// The agent's version, announced in every hello.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -29,21 +41,10 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The port `--listen` defaults to, in vsock's namespace.
 pub const DEFAULT_VSOCK_PORT: u32 = 1024;
 
-/// The process group of the command this process is running, so a crash kills it too.
-static CURRENT_COMMAND: AtomicI32 = AtomicI32::new(0);
-
-/// Records (or clears) the command whose group a crash of this process must kill.
-pub fn set_current_command(pid: Option<Pid>) {
-    let raw = pid.map_or(0, |p| p.as_raw_nonzero().get());
-    CURRENT_COMMAND.store(raw, Ordering::Relaxed);
-}
-
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
-    if let Some(pid) = Pid::from_raw(CURRENT_COMMAND.load(Ordering::Relaxed)) {
-        let _ = rustix::process::kill_process_group(pid, Signal::KILL);
-    }
+    crash::kill_current_command();
     log::Line::new().push(b"panic").emit();
     if rustix::process::getpid().is_init() {
         // PID 1 must not die: start over as a fresh agent (mounts and modules are kept).
@@ -54,7 +55,7 @@ fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
 
 /// What the command line asked for.
 struct Options {
-    listen: listen::ListenAddr,
+    listen: ListenAddr,
     ready_port: Option<u32>,
 }
 
@@ -63,38 +64,43 @@ const USAGE: &[u8] =
   defaults: --listen vsock:1024; as PID 1 also reads ferry.listen=, ferry.ready= and\n\
   ferry.modules= from the kernel command line\n";
 
-fn parse_args(is_init: bool, options: &mut Options) -> Result<(), &'static [u8]> {
-    let mut i = 1;
-    while let Some(arg) = sys::arg(i) {
-        let arg = arg.to_bytes();
-        i += 1;
+/// What an argument asked for beyond [`Options`].
+#[derive(Debug, PartialEq, Eq)]
+enum Request {
+    /// Serve, with these options.
+    Serve,
+    /// Print the version and exit.
+    Version,
+    /// Print the usage and exit.
+    Help,
+}
+
+/// Applies the arguments after the program's name to `options`.
+fn parse_args<'a>(
+    args: impl IntoIterator<Item = &'a [u8]>,
+    is_init: bool,
+    options: &mut Options,
+) -> Result<Request, &'static [u8]> {
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
         match arg {
-            b"--listen" | b"--ready-port" => {
-                let value = sys::arg(i).ok_or(b"missing value".as_slice())?.to_bytes();
-                i += 1;
-                if arg == b"--listen" {
-                    options.listen =
-                        listen::ListenAddr::parse(value).ok_or(b"bad --listen".as_slice())?;
-                } else {
-                    options.ready_port =
-                        Some(init::parse_u32(value).ok_or(b"bad --ready-port".as_slice())?);
-                }
+            b"--listen" => {
+                let value = args.next().ok_or(b"missing value".as_slice())?;
+                options.listen = ListenAddr::parse(value).ok_or(b"bad --listen".as_slice())?;
             }
-            b"--version" => {
-                let _ = rustix::io::write(crate::sys::stdout(), AGENT_VERSION.as_bytes());
-                let _ = rustix::io::write(crate::sys::stdout(), b"\n");
-                sys::exit(0)
+            b"--ready-port" => {
+                let value = args.next().ok_or(b"missing value".as_slice())?;
+                let port = config::parse_u32(value).ok_or(b"bad --ready-port".as_slice())?;
+                options.ready_port = Some(port);
             }
-            b"--help" | b"-h" => {
-                let _ = rustix::io::write(crate::sys::stdout(), USAGE);
-                sys::exit(0)
-            }
+            b"--version" => return Ok(Request::Version),
+            b"--help" | b"-h" => return Ok(Request::Help),
             // The kernel hands init whatever it did not recognise: ignore it as PID 1.
             _ if is_init => {}
             _ => return Err(b"unknown argument"),
         }
     }
-    Ok(())
+    Ok(Request::Serve)
 }
 
 /// The agent proper, called from the C runtime's `main` with argv/envp recorded.
@@ -103,7 +109,7 @@ pub fn run() -> ! {
     let is_init = rustix::process::getpid().is_init();
     init::ensure_std_fds();
     let mut options = Options {
-        listen: listen::ListenAddr::Vsock(DEFAULT_VSOCK_PORT),
+        listen: ListenAddr::Vsock(DEFAULT_VSOCK_PORT),
         ready_port: None,
     };
     let mut modules_us = 0;
@@ -117,10 +123,23 @@ pub fn run() -> ! {
         }
         options.ready_port = boot.ready_port;
     }
-    if let Err(message) = parse_args(is_init, &mut options) {
-        log::Line::new().push(message).emit();
-        let _ = rustix::io::write(crate::sys::stderr(), USAGE);
-        sys::exit(2)
+    let args = sys::args().map(|arg| arg.to_bytes());
+    match parse_args(args, is_init, &mut options) {
+        Ok(Request::Serve) => {}
+        Ok(Request::Version) => {
+            let _ = rustix::io::write(sys::stdout(), AGENT_VERSION.as_bytes());
+            let _ = rustix::io::write(sys::stdout(), b"\n");
+            sys::exit(0)
+        }
+        Ok(Request::Help) => {
+            let _ = rustix::io::write(sys::stdout(), USAGE);
+            sys::exit(0)
+        }
+        Err(message) => {
+            log::Line::new().push(message).emit();
+            let _ = rustix::io::write(sys::stderr(), USAGE);
+            sys::exit(2)
+        }
     }
     let listener = loop {
         match listen::bind(&options.listen) {
@@ -140,4 +159,38 @@ pub fn run() -> ! {
         init::announce_ready(port, &options.listen, init_started_us, modules_us);
     }
     listen::serve_forever(listener, is_init)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str], is_init: bool) -> Result<(Request, Options), &'static [u8]> {
+        let mut options = Options {
+            listen: ListenAddr::Vsock(DEFAULT_VSOCK_PORT),
+            ready_port: None,
+        };
+        let request = parse_args(args.iter().map(|a| a.as_bytes()), is_init, &mut options)?;
+        Ok((request, options))
+    }
+
+    #[test]
+    fn arguments() {
+        let (request, options) =
+            parse(&["--listen", "vsock:5", "--ready-port", "9"], false).unwrap();
+        assert_eq!(request, Request::Serve);
+        assert_eq!(options.listen, ListenAddr::Vsock(5));
+        assert_eq!(options.ready_port, Some(9));
+        assert_eq!(parse(&["--version"], false).unwrap().0, Request::Version);
+        assert_eq!(parse(&["-h"], false).unwrap().0, Request::Help);
+        assert!(parse(&["--listen"], false).is_err(), "a missing value");
+        assert!(parse(&["--ready-port"], false).is_err());
+        assert!(parse(&["--ready-port", "99999999999"], false).is_err());
+        assert!(parse(&["--listen", "tcp:1"], false).is_err());
+        assert!(parse(&["--bogus"], false).is_err());
+        // As PID 1, the kernel's leftovers are ignored.
+        let (request, options) = parse(&["splash", "--listen", "vsock:6"], true).unwrap();
+        assert_eq!(request, Request::Serve);
+        assert_eq!(options.listen, ListenAddr::Vsock(6));
+    }
 }

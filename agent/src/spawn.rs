@@ -2,15 +2,16 @@
 //! straight-line path from `clone` to `execve`.
 
 use core::ffi::CStr;
-
 use core::sync::atomic::{AtomicU64, Ordering};
-use ferry_wire::{Bytes, ErrorCode, ValidExec};
 
+use ferry_wire::session::Refusal;
+use ferry_wire::{Bytes, ErrorCode, ValidExec};
 use rustix::fd::BorrowedFd;
 use rustix::io::Errno;
 use rustix::process::Signal;
 
-use crate::sys::{self, PtrArray};
+use crate::cstr;
+use crate::sys::{self, PtrArray, PtrStorage};
 
 /// The `PATH` searched when the command's environment has none.
 pub const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -24,22 +25,15 @@ pub struct Prepared<'a, const A: usize, const E: usize> {
     search_path: &'a [u8],
 }
 
-/// Why a request could not be turned into an `execve` call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PrepareError {
-    pub code: ErrorCode,
-    pub message: &'static str,
-}
-
 /// Builds argv, the effective environment (inherited minus overridden keys, then the overrides,
 /// or the overrides alone for a clean environment) and the cwd.
 pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
     exec: &ValidExec<'a>,
-    inherited: impl Iterator<Item = &'e CStr> + Clone,
-    argv_storage: &'a mut [*const u8; A],
-    envp_storage: &'a mut [*const u8; E],
+    inherited: impl Iterator<Item = &'e CStr>,
+    argv_storage: &'a mut PtrStorage<A>,
+    envp_storage: &'a mut PtrStorage<E>,
     cwd_storage: &'a mut [u8],
-) -> Result<Prepared<'a, A, E>, PrepareError> {
+) -> Result<Prepared<'a, A, E>, Refusal> {
     let request = exec.request();
     let mut argv = PtrArray::new(argv_storage);
     let mut program = None;
@@ -47,7 +41,7 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
         let arg = CStr::from_bytes_with_nul(entry).map_err(|_| invalid("argv entry"))?;
         program.get_or_insert(arg);
         if !argv.push(arg) {
-            return Err(limit());
+            return Err(LIMIT);
         }
     }
     let program = program.ok_or(invalid("argv is empty"))?;
@@ -57,7 +51,7 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
     let mut envp = PtrArray::new(envp_storage);
     let mut search_path = None;
     if !request.clean_env {
-        for entry in inherited.clone() {
+        for entry in inherited {
             let bytes = entry.to_bytes();
             if overridden(bytes) {
                 continue;
@@ -65,39 +59,28 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
             if !envp.push(entry) {
                 break; // the inherited environment is ours, not the caller's: cap it silently
             }
-            if key(bytes) == b"PATH" {
-                search_path = Some(&bytes[5..]);
-            }
+            search_path = path_value(bytes).or(search_path);
         }
     }
-    let entries = overrides.entries_with_nul();
-    for (index, entry) in entries.enumerate() {
+    for (index, entry) in overrides.entries_with_nul().enumerate() {
         // A later override of the same key wins; earlier ones are skipped.
         let later = overrides
             .entries()
-            .skip(index + 1)
+            .skip(index.saturating_add(1))
             .any(|o| key(o) == key(entry));
         if later {
             continue;
         }
         let var = CStr::from_bytes_with_nul(entry).map_err(|_| invalid("env entry"))?;
         if !envp.push(var) {
-            return Err(limit());
+            return Err(LIMIT);
         }
-        let bytes = var.to_bytes();
-        if key(bytes) == b"PATH" {
-            search_path = Some(&bytes[5..]);
-        }
+        search_path = path_value(var.to_bytes()).or(search_path);
     }
 
     let cwd = match request.cwd {
         None => None,
-        Some(Bytes(dir)) => {
-            let with_nul = cwd_storage.get_mut(..dir.len() + 1).ok_or_else(limit)?;
-            with_nul[..dir.len()].copy_from_slice(dir);
-            with_nul[dir.len()] = 0;
-            Some(CStr::from_bytes_with_nul(with_nul).map_err(|_| invalid("cwd"))?)
-        }
+        Some(Bytes(dir)) => Some(cstr::join(cwd_storage, &[dir]).ok_or(LIMIT)?),
     };
     Ok(Prepared {
         program,
@@ -108,27 +91,26 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
     })
 }
 
+/// An environment entry's key: what precedes its first `=`, or all of it (an inherited entry
+/// need not have one).
 fn key(entry: &[u8]) -> &[u8] {
     let entry = entry.strip_suffix(&[0]).unwrap_or(entry);
-    match entry.iter().position(|b| *b == b'=') {
-        Some(eq) => &entry[..eq],
-        None => entry,
-    }
+    entry.split(|b| *b == b'=').next().unwrap_or(entry)
 }
 
-fn invalid(message: &'static str) -> PrepareError {
-    PrepareError {
-        code: ErrorCode::InvalidRequest,
-        message,
-    }
+/// The value of a `PATH=…` entry; `None` for any other entry, `PATH` without `=` included.
+fn path_value(entry: &[u8]) -> Option<&[u8]> {
+    entry.strip_prefix(b"PATH=")
 }
 
-fn limit() -> PrepareError {
-    PrepareError {
-        code: ErrorCode::LimitExceeded,
-        message: "request exceeds the agent's limits",
-    }
+fn invalid(message: &'static str) -> Refusal {
+    Refusal::new(ErrorCode::InvalidRequest, message)
 }
+
+const LIMIT: Refusal = Refusal::new(
+    ErrorCode::LimitExceeded,
+    "request exceeds the agent's limits",
+);
 
 impl<const A: usize, const E: usize> Prepared<'_, A, E> {
     /// How many environment entries the command will get.
@@ -179,8 +161,8 @@ impl ChildFailure {
 }
 
 /// Maps a child failure to the error a client sees.
-pub fn failure_code(stage: FailedStage, errno: Errno) -> (ErrorCode, &'static str) {
-    match stage {
+pub fn refusal(stage: FailedStage, errno: Errno) -> Refusal {
+    let (code, message) = match stage {
         FailedStage::Setup => (
             ErrorCode::SpawnFailed,
             "cannot set up the command's process",
@@ -198,7 +180,8 @@ pub fn failure_code(stage: FailedStage, errno: Errno) -> (ErrorCode, &'static st
             Errno::TOOBIG => (ErrorCode::LimitExceeded, "argument list too long"),
             _ => (ErrorCode::SpawnFailed, "execve failed"),
         },
-    }
+    };
+    Refusal::os(code, errno.raw_os_error().unsigned_abs(), message)
 }
 
 /// The command's standard descriptors, as the parent prepared them.
@@ -213,7 +196,8 @@ pub struct ChildStdio<'a> {
 ///
 /// NOTE: this runs between `clone` and `execve` in the parent's memory (see `sys::spawn`):
 /// straight-line code, syscalls, and byte copies on its own stack only; its one write to shared
-/// memory is `failure`. Every descriptor the agent owns is close-on-exec, so only 0, 1 and 2
+/// memory is `failure`. Nothing here may panic: the handler would run in this child, on memory
+/// the parent is using. Every descriptor the agent owns is close-on-exec, so only 0, 1 and 2
 /// survive.
 // Kept out of line: its large stack frame must not be probed into the caller's.
 #[inline(never)]
@@ -251,15 +235,8 @@ pub fn exec_child<const A: usize, const E: usize>(
     let mut denied = false;
     for dir in prepared.search_path.split(|b| *b == b':') {
         let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
-        let total = dir.len() + 1 + program.len() + 1;
-        let Some(candidate) = path.get_mut(..total) else {
-            continue;
-        };
-        candidate[..dir.len()].copy_from_slice(dir);
-        candidate[dir.len()] = b'/';
-        candidate[dir.len() + 1..total - 1].copy_from_slice(program);
-        candidate[total - 1] = 0;
-        let Ok(candidate) = CStr::from_bytes_with_nul(candidate) else {
+        // Too long for a path, or not a string: not a candidate.
+        let Some(candidate) = cstr::join(&mut path, &[dir, b"/", program]) else {
             continue;
         };
         match sys::execve(candidate, &prepared.argv, &prepared.envp) {
@@ -298,8 +275,8 @@ mod tests {
     fn env_merge_overrides_and_path() {
         let inherited = [c"HOME=/root", c"PATH=/bin", c"TERM=linux"];
         let request = exec(b"ls\0-l\0", b"PATH=/opt/bin\0X=1\0X=2\0", false);
-        let mut argv = [core::ptr::null(); 8];
-        let mut envp = [core::ptr::null(); 8];
+        let mut argv = PtrStorage::<8>::new();
+        let mut envp = PtrStorage::<8>::new();
         let mut cwd = [0u8; 16];
         let prepared = prepare(
             &request,
@@ -321,8 +298,8 @@ mod tests {
     fn clean_env_has_only_overrides_and_default_path() {
         let inherited = [c"HOME=/root", c"PATH=/bin"];
         let request = exec(b"true\0", b"A=b\0", true);
-        let mut argv = [core::ptr::null(); 8];
-        let mut envp = [core::ptr::null(); 8];
+        let mut argv = PtrStorage::<8>::new();
+        let mut envp = PtrStorage::<8>::new();
         let mut cwd = [0u8; 16];
         let prepared = prepare(
             &request,
@@ -339,8 +316,8 @@ mod tests {
     #[test]
     fn storage_limits_are_errors() {
         let request = exec(b"a\0b\0c\0", b"", true);
-        let mut argv = [core::ptr::null(); 3];
-        let mut envp = [core::ptr::null(); 8];
+        let mut argv = PtrStorage::<3>::new();
+        let mut envp = PtrStorage::<8>::new();
         let mut cwd = [0u8; 16];
         let err = prepare(&request, [].into_iter(), &mut argv, &mut envp, &mut cwd).err();
         assert_eq!(err.map(|e| e.code), Some(ErrorCode::LimitExceeded));
@@ -354,17 +331,165 @@ mod tests {
         assert_eq!(failure.get(), Some((FailedStage::Cwd, Errno::NOENT)));
         failure.set(FailedStage::Setup, Errno::BADF);
         assert_eq!(failure.get(), Some((FailedStage::Setup, Errno::BADF)));
+    }
+
+    #[test]
+    fn child_failures_map_to_error_codes() {
+        let cases = [
+            (FailedStage::Exec, Errno::NOENT, ErrorCode::NotFound),
+            (FailedStage::Exec, Errno::NOTDIR, ErrorCode::NotFound),
+            (FailedStage::Exec, Errno::NOEXEC, ErrorCode::ExecFormat),
+            (
+                FailedStage::Exec,
+                Errno::ACCESS,
+                ErrorCode::PermissionDenied,
+            ),
+            (FailedStage::Exec, Errno::ISDIR, ErrorCode::PermissionDenied),
+            (
+                FailedStage::Exec,
+                Errno::NOMEM,
+                ErrorCode::ResourceExhausted,
+            ),
+            (FailedStage::Exec, Errno::TOOBIG, ErrorCode::LimitExceeded),
+            (FailedStage::Exec, Errno::IO, ErrorCode::SpawnFailed),
+            (FailedStage::Cwd, Errno::NOENT, ErrorCode::BadCwd),
+            (FailedStage::Setup, Errno::BADF, ErrorCode::SpawnFailed),
+        ];
+        for (stage, errno, code) in cases {
+            let refusal = refusal(stage, errno);
+            assert_eq!(refusal.code, code, "{stage:?} {errno:?}");
+            assert_eq!(refusal.errno, errno.raw_os_error() as u32);
+        }
+    }
+
+    #[test]
+    fn keys_and_path_values_are_total() {
+        assert_eq!(key(b"A=b=c"), b"A");
+        assert_eq!(key(b"A=b\0"), b"A");
+        assert_eq!(key(b"PATH"), b"PATH");
+        assert_eq!(key(b"PATH\0"), b"PATH");
+        assert_eq!(key(b"=x"), b"");
+        assert_eq!(key(b""), b"");
         assert_eq!(
-            failure_code(FailedStage::Exec, Errno::NOENT).0,
-            ErrorCode::NotFound
+            path_value(b"PATH=/bin:/usr/bin"),
+            Some(b"/bin:/usr/bin".as_slice())
         );
-        assert_eq!(
-            failure_code(FailedStage::Exec, Errno::NOEXEC).0,
-            ErrorCode::ExecFormat
-        );
-        assert_eq!(
-            failure_code(FailedStage::Exec, Errno::ACCESS).0,
-            ErrorCode::PermissionDenied
-        );
+        assert_eq!(path_value(b"PATH="), Some(b"".as_slice()));
+        assert_eq!(path_value(b"PATH"), None);
+        assert_eq!(path_value(b"PATHX=/bin"), None);
+        assert_eq!(path_value(b"PAT"), None);
+    }
+
+    #[test]
+    fn an_inherited_path_without_a_value_is_not_a_search_path() {
+        // Used to slice `&entry[5..]` of a 4-byte entry: a panic on any exec.
+        let inherited = [c"PATH", c"HOME=/root"];
+        let request = exec(b"true\0", b"", false);
+        let mut argv = PtrStorage::<8>::new();
+        let mut envp = PtrStorage::<8>::new();
+        let mut cwd = [0u8; 16];
+        let prepared = prepare(
+            &request,
+            inherited.iter().copied(),
+            &mut argv,
+            &mut envp,
+            &mut cwd,
+        )
+        .unwrap();
+        assert_eq!(prepared.search_path, DEFAULT_PATH);
+        assert_eq!(prepared.env_len(), 2, "passed on as it came");
+
+        let inherited = [c"PATH=", c"PATH"];
+        let prepared = prepare(
+            &request,
+            inherited.iter().copied(),
+            &mut argv,
+            &mut envp,
+            &mut cwd,
+        )
+        .unwrap();
+        assert_eq!(prepared.search_path, b"");
+    }
+
+    #[test]
+    fn a_cwd_too_long_for_its_buffer_is_a_limit() {
+        let request = exec(b"true\0", b"", true);
+        let mut argv = PtrStorage::<8>::new();
+        let mut envp = PtrStorage::<8>::new();
+        let mut cwd = [0u8; 4];
+        let err = prepare(&request, [].into_iter(), &mut argv, &mut envp, &mut cwd).err();
+        assert_eq!(err.map(|e| e.code), Some(ErrorCode::LimitExceeded));
+    }
+
+    /// Runs `exec_child` for real through `sys::spawn`; the command's exit code, or the failure
+    /// it left.
+    fn run(argv: &[u8], inherited: &[&CStr]) -> Result<Option<i32>, (FailedStage, Errno)> {
+        use rustix::fd::AsFd;
+        let request = ExecRequest {
+            argv: StrList::new(argv),
+            env: StrList::default(),
+            clean_env: false,
+            cwd: None,
+            stdin: StdinMode::Null,
+        }
+        .validate()
+        .unwrap();
+        let mut argv = PtrStorage::<8>::new();
+        let mut envp = PtrStorage::<8>::new();
+        let mut cwd = [0u8; 16];
+        let prepared = prepare(
+            &request,
+            inherited.iter().copied(),
+            &mut argv,
+            &mut envp,
+            &mut cwd,
+        )
+        .unwrap();
+        let null = rustix::fs::open(
+            c"/dev/null",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        let stdio = ChildStdio {
+            stdin: null.as_fd(),
+            stdout: null.as_fd(),
+            stderr: null.as_fd(),
+        };
+        let failure = ChildFailure::new();
+        let child = || exec_child(&prepared, &stdio, &failure);
+        let mut stack = sys::ChildStack::new().unwrap();
+        // SAFETY: `exec_child` is straight-line syscalls and copies on its own stack, reading
+        // what it borrows; the harness's threads do not touch any of it.
+        #[allow(unsafe_code)]
+        let spawned = unsafe { sys::spawn(&mut stack, &child, || {}) }.unwrap();
+        let status = rustix::process::waitid(
+            rustix::process::WaitId::PidFd(spawned.pidfd.as_fd()),
+            rustix::process::WaitIdOptions::EXITED,
+        )
+        .unwrap()
+        .unwrap();
+        match failure.get() {
+            Some(failed) => Err(failed),
+            None => Ok(status.exit_status()),
+        }
+    }
+
+    #[test]
+    fn the_child_searches_path_like_execvpe() {
+        let code = run(b"sh\0-c\0exit 7\0", &[c"PATH=/nonexistent::/bin:/usr/bin"]);
+        assert_eq!(code, Ok(Some(7)));
+        // No usable PATH at all: the default one.
+        let code = run(b"sh\0-c\0exit 8\0", &[c"PATH"]);
+        assert_eq!(code, Ok(Some(8)));
+        let code = run(b"no-such-command-here\0", &[c"PATH=/bin"]);
+        assert_eq!(code, Err((FailedStage::Exec, Errno::NOENT)));
+        let code = run(b"/no/such/program\0", &[]);
+        assert_eq!(code, Err((FailedStage::Exec, Errno::NOENT)));
+        // A directory entry longer than any path is skipped, not a failure.
+        let long = [b"PATH=/".as_slice(), &[b'x'; 5000], b":/bin\0"].concat();
+        let long = CStr::from_bytes_with_nul(&long).unwrap();
+        let code = run(b"sh\0-c\0exit 9\0", &[long]);
+        assert_eq!(code, Ok(Some(9)));
     }
 }

@@ -80,12 +80,20 @@ pub enum Forked {
 
 /// `fork()` — duplicate this process.
 ///
-/// Sound because the agent is single-threaded and keeps no libc state (no allocator, no stdio
-/// buffers): the child's copy of memory is consistent. Code in the child before `execve` stays
-/// async-signal-safe anyway (see `spawn.rs`).
-pub fn fork() -> io::Result<Forked> {
-    // SAFETY: see above; rustix's `kernel_fork` requires no other threads that could hold locks,
-    // and the agent never creates threads.
+/// # Safety
+/// The process must be single-threaded, with no signal handler installed: the child starts
+/// from a copy of memory in which another thread could have held a lock or been halfway
+/// through an update, and a handler could have been interrupted halfway through its own. With
+/// neither, and no libc state (no allocator, no stdio buffers), the child's copy is consistent
+/// and it may run any of the agent's code. In a process that breaks either rule, the child may
+/// do only straight-line, async-signal-safe work (syscalls; no allocation, no locks) before
+/// `execve` or `_exit`.
+///
+/// NOTE: the agent never creates threads and installs no handlers (only `SIG_IGN` and
+/// `SIG_DFL`, see [`set_signal_ignored`]); keep it that way or every caller breaks.
+pub unsafe fn fork() -> io::Result<Forked> {
+    // SAFETY: the caller's contract is rustix's `kernel_fork`'s: a single-threaded process
+    // without handlers has no lock or half-done update for the child to trip on.
     match unsafe { runtime::kernel_fork() }? {
         runtime::Fork::Child(_) => Ok(Forked::Child),
         runtime::Fork::ParentOf(_) => Ok(Forked::Parent),
@@ -150,12 +158,20 @@ const SPAWN_RECHECK: Timespec = Timespec {
 /// faults follow, which makes this several times cheaper than `fork` on the exec path.
 /// `meanwhile` runs here while the child starts; `spawn` returns once the child has called
 /// `execve` successfully or exited, i.e. when it no longer uses our memory (the kernel clears
-/// and wakes the `CLONE_CHILD_CLEARTID` word at exactly that point).
+/// and wakes the `CLONE_CHILD_CLEARTID` word at exactly that point). The child has its own
+/// descriptor table and signal dispositions (copies of ours), not our threads.
 ///
-/// `child` should end in `execve` or `exit` (returning exits with 127), must not unwind, and
-/// may only make syscalls and write to memory it borrows for that purpose (atomics): it runs
-/// with our memory but in another process, with its own descriptors and signal dispositions.
-pub fn spawn<F: Fn() + Sync>(
+/// # Safety
+/// Until it calls `execve` or exits, the child runs in our memory, beside `meanwhile`:
+/// - The process must be single-threaded and have no signal handler installed: a handler
+///   would run our code in the child, on its stack, against memory we are using, and another
+///   thread could change what the child reads.
+/// - `child` may do only straight-line, async-signal-safe work: syscalls, byte copies on its
+///   own stack, reads of what it borrows, and writes to atomics it borrows to report back. No
+///   allocation, no locks, no unwinding, and no access to memory this process may change
+///   meanwhile.
+/// - `child` should end in `execve` or `exit`; returning exits with 127.
+pub unsafe fn spawn<F: Fn() + Sync>(
     stack: &mut ChildStack,
     child: &F,
     meanwhile: impl FnOnce(),
@@ -291,10 +307,13 @@ unsafe fn clone_on_stack(
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 compile_error!("ferry-agent's spawn supports x86_64 and aarch64");
 
+/// Room for a [`PtrArray`] of up to `N - 1` entries and its NULL.
+pub type PtrStorage<const N: usize> = heapless::Vec<*const u8, N>;
+
 /// A NULL-terminated array of pointers to NUL-terminated strings, as `execve` takes them.
 pub struct PtrArray<'a, const N: usize> {
-    ptrs: &'a mut [*const u8; N],
-    len: usize,
+    /// Always ends with the NULL.
+    ptrs: &'a mut PtrStorage<N>,
 }
 
 // SAFETY: a `PtrArray` is, in effect, `&'a [&'a CStr]`: it only ever reads the strings its
@@ -303,29 +322,28 @@ unsafe impl<const N: usize> Sync for PtrArray<'_, N> {}
 
 impl<'a, const N: usize> PtrArray<'a, N> {
     /// An empty array over `storage` (one slot is always kept for the NULL).
-    pub fn new(storage: &'a mut [*const u8; N]) -> Self {
-        storage[0] = core::ptr::null();
-        PtrArray {
-            ptrs: storage,
-            len: 0,
-        }
+    pub fn new(storage: &'a mut PtrStorage<N>) -> Self {
+        const { assert!(N > 0, "no room for the NULL") };
+        storage.clear();
+        let _ = storage.push(ptr::null());
+        PtrArray { ptrs: storage }
     }
 
     /// Appends a string; `false` when full.
     pub fn push(&mut self, entry: &'a CStr) -> bool {
-        if self.len + 1 >= N {
+        if self.ptrs.is_full() {
             return false;
         }
-        self.ptrs[self.len] = entry.as_ptr().cast();
-        self.len += 1;
-        self.ptrs[self.len] = core::ptr::null();
+        self.ptrs.pop();
+        let _ = self.ptrs.push(entry.as_ptr().cast());
+        let _ = self.ptrs.push(ptr::null());
         true
     }
 
     /// The entries pushed so far.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.len
+        self.ptrs.len() - 1
     }
 
     fn as_ptr(&self) -> *const *const u8 {
@@ -407,29 +425,54 @@ pub fn arg(i: usize) -> Option<&'static CStr> {
     }
 }
 
-/// The `i`th entry of the environment the agent was started with.
-pub fn env_entry(i: usize) -> Option<&'static CStr> {
-    let envp = ENVP.load(Ordering::Relaxed);
-    if envp.is_null() {
-        return None;
+/// The command-line arguments after the program's name.
+pub fn args() -> impl Iterator<Item = &'static CStr> {
+    (1..ARGC.load(Ordering::Relaxed)).map_while(arg)
+}
+
+/// The environment the agent was started with, entry by entry.
+pub fn environment() -> Environment {
+    Environment {
+        next: ENVP.load(Ordering::Relaxed).cast_const(),
     }
-    let mut j = 0;
-    // SAFETY: `set_process_args`' contract: `envp` is NULL-terminated, so walking up to `i` stops
-    // at the terminator at the latest, and each entry is a valid C string for the process's life.
-    unsafe {
-        while j < i {
-            if (*envp.add(j)).is_null() {
+}
+
+/// An iterator over the agent's own environment (see [`environment`]).
+#[derive(Clone)]
+pub struct Environment {
+    /// The next entry's slot in `envp`; null once the terminator was reached.
+    next: *const *const u8,
+}
+
+impl Iterator for Environment {
+    type Item = &'static CStr;
+
+    fn next(&mut self) -> Option<&'static CStr> {
+        if self.next.is_null() {
+            return None;
+        }
+        // SAFETY: `set_process_args`' contract: `envp` is NULL-terminated and every entry is a
+        // valid C string for the process's life. `next` points into the array: it starts at
+        // its first slot and stops at the terminator, never past it.
+        unsafe {
+            let entry = *self.next;
+            if entry.is_null() {
+                self.next = ptr::null();
                 return None;
             }
-            j += 1;
+            self.next = self.next.add(1);
+            Some(CStr::from_ptr(entry.cast()))
         }
-        let ptr = *envp.add(i);
-        (!ptr.is_null()).then(|| CStr::from_ptr(ptr.cast()))
     }
 }
 
 /// Inherited environment entries beyond this many are not passed on.
 pub const MAX_INHERITED_ENV: usize = 1024;
+
+/// Room for argv's pointers and their NULL.
+pub const ARGV_SLOTS: usize = MAX_ARGS + 1;
+/// Room for envp's pointers (the inherited environment, then the request's) and their NULL.
+pub const ENVP_SLOTS: usize = MAX_INHERITED_ENV + MAX_ENV_VARS + 1;
 
 /// One data frame plus room for a control frame queued behind its unsent rest (an error frame
 /// is at most 269 bytes; a hello, 60).
@@ -445,9 +488,9 @@ pub struct ConnBuffers {
     /// Stdin bytes received but not yet written to the command: bounded by the credit window.
     pub stdin: [u8; STDIN_WINDOW],
     /// argv pointers for `execve`.
-    pub argv: [*const u8; MAX_ARGS + 1],
+    pub argv: PtrStorage<ARGV_SLOTS>,
     /// envp pointers for `execve`.
-    pub envp: [*const u8; MAX_INHERITED_ENV + MAX_ENV_VARS + 1],
+    pub envp: PtrStorage<ENVP_SLOTS>,
     /// The working directory, NUL-terminated.
     pub cwd: [u8; MAX_PATH + 1],
 }
@@ -456,8 +499,8 @@ static mut CONN_BUFFERS: ConnBuffers = ConnBuffers {
     recv: [0; MAX_FRAME],
     out: [0; OUT_BUFFER],
     stdin: [0; STDIN_WINDOW],
-    argv: [core::ptr::null(); MAX_ARGS + 1],
-    envp: [core::ptr::null(); MAX_INHERITED_ENV + MAX_ENV_VARS + 1],
+    argv: PtrStorage::new(),
+    envp: PtrStorage::new(),
     cwd: [0; MAX_PATH + 1],
 };
 static CONN_BUFFERS_TAKEN: AtomicBool = AtomicBool::new(false);
@@ -525,6 +568,19 @@ mod tests {
     }
 
     #[test]
+    fn ptr_arrays_stay_null_terminated() {
+        let mut storage = PtrStorage::<3>::new();
+        let mut array = PtrArray::new(&mut storage);
+        assert!(array.push(c"a"));
+        assert!(array.push(c"b"));
+        assert!(!array.push(c"c"), "the last slot is the NULL's");
+        assert_eq!(array.len(), 2);
+        assert_eq!(storage.last(), Some(&ptr::null()));
+        let array = PtrArray::new(&mut storage);
+        assert_eq!(array.len(), 0);
+    }
+
+    #[test]
     fn spawn_returns_after_the_child_leaves_our_memory() {
         let mut stack = ChildStack::new().unwrap();
         let seen = AtomicU32::new(0);
@@ -535,7 +591,9 @@ mod tests {
             seen.store(7, Ordering::Release);
             exit(3)
         };
-        let spawned = spawn(&mut stack, &child, || meanwhile_ran = true).unwrap();
+        // SAFETY: the child sleeps, stores to an atomic it borrows and exits. The test harness
+        // has other threads and handlers, but none touches what the child uses.
+        let spawned = unsafe { spawn(&mut stack, &child, || meanwhile_ran = true) }.unwrap();
         assert!(meanwhile_ran);
         assert_eq!(seen.load(Ordering::Acquire), 7);
         assert_eq!(wait_exit_code(&spawned), Some(3));
@@ -544,7 +602,8 @@ mod tests {
     #[test]
     fn spawn_returns_at_execve_not_at_exit() {
         let mut stack = ChildStack::new().unwrap();
-        let (mut argv_storage, mut envp_storage) = ([ptr::null(); 4], [ptr::null(); 1]);
+        let mut argv_storage = PtrStorage::<4>::new();
+        let mut envp_storage = PtrStorage::<1>::new();
         let mut argv = PtrArray::new(&mut argv_storage);
         for arg in [c"/bin/sh", c"-c", c"sleep 5"] {
             assert!(argv.push(arg));
@@ -555,7 +614,8 @@ mod tests {
             exit(127)
         };
         let started = std::time::Instant::now();
-        let spawned = spawn(&mut stack, &child, || {}).unwrap();
+        // SAFETY: the child only calls execve and exit, reading the arrays it borrows.
+        let spawned = unsafe { spawn(&mut stack, &child, || {}) }.unwrap();
         assert!(started.elapsed() < std::time::Duration::from_secs(4));
         rustix::process::kill_process(spawned.pid, Signal::KILL).unwrap();
         assert_eq!(wait_exit_code(&spawned), None);
@@ -571,7 +631,8 @@ mod tests {
             let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::SEGV);
         };
         let started = std::time::Instant::now();
-        let spawned = spawn(&mut stack, &child, || {}).unwrap();
+        // SAFETY: the child only makes syscalls; the harness's SIGSEGV handler is reset first.
+        let spawned = unsafe { spawn(&mut stack, &child, || {}) }.unwrap();
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
         assert_eq!(wait_exit_code(&spawned), None);
     }

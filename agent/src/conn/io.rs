@@ -1,0 +1,172 @@
+//! The connection's socket and its two buffers: client frames in, through a `RecvBuf` over the
+//! static receive buffer, and one frame at a time out. Bytes only: what they mean is the
+//! session's business.
+
+use ferry_wire::limits::MAX_DATA;
+use ferry_wire::session::{AgentSession, Micros};
+use ferry_wire::{DataKind, RecvBuf, DATA_HEADROOM};
+use rustix::event::{poll, PollFd, PollFlags};
+use rustix::fd::BorrowedFd;
+use rustix::io::Errno;
+use rustix::net::{RecvFlags, SendFlags};
+
+use crate::clock;
+
+/// The socket, what came from the client, and what goes to it.
+pub struct Link<'s, 'b> {
+    pub sock: BorrowedFd<'s>,
+    /// Client frames, cut in place by the session.
+    pub inbox: RecvBuf<&'b mut [u8]>,
+    pub outbox: Outbox<'b>,
+}
+
+/// What a receive that does not block found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// Bytes arrived.
+    Data,
+    /// Nothing for now.
+    Nothing,
+    /// The client closed the connection, or it broke.
+    Closed,
+}
+
+impl<'s, 'b> Link<'s, 'b> {
+    pub fn new(sock: BorrowedFd<'s>, recv: &'b mut [u8], out: &'b mut [u8]) -> Self {
+        Link {
+            sock,
+            inbox: RecvBuf::new(recv),
+            outbox: Outbox::new(out),
+        }
+    }
+
+    /// Receives what the socket has, without blocking.
+    pub fn receive(&mut self) -> Received {
+        // The session cuts every whole frame off before the next receive and refuses a header
+        // larger than the buffer, so there is always room; were there none, the stream could
+        // not go on.
+        let Ok(spare) = self.inbox.spare() else {
+            return Received::Closed;
+        };
+        match rustix::net::recv(self.sock, spare, RecvFlags::DONTWAIT) {
+            Ok((0, _)) => Received::Closed,
+            Ok((n, _)) => {
+                self.inbox.commit(n);
+                Received::Data
+            }
+            Err(Errno::AGAIN | Errno::INTR) => Received::Nothing,
+            Err(_) => Received::Closed,
+        }
+    }
+
+    /// Sends what the outbox holds, as far as the socket takes it without blocking.
+    pub fn flush(&mut self) -> Result<(), Errno> {
+        self.outbox.flush(self.sock)
+    }
+
+    /// Blocks until the socket is ready for `flags` (or has hung up), a signal arrives, or
+    /// `deadline` passes.
+    pub fn wait(&self, flags: PollFlags, deadline: Option<Micros>) -> Result<(), Errno> {
+        let mut fds = [PollFd::from_borrowed_fd(self.sock, flags)];
+        let timeout = deadline.map(clock::timeout_until);
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(_) | Err(Errno::INTR) => Ok(()),
+            Err(errno) => Err(errno),
+        }
+    }
+}
+
+/// The one frame in flight; output is read straight into it behind room for its header.
+pub struct Outbox<'b> {
+    buf: &'b mut [u8],
+    start: usize,
+    end: usize,
+}
+
+/// What reading a pipe into the outbox gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// A data frame is ready to send.
+    Framed,
+    /// The pipe is at EOF.
+    Eof,
+    /// The pipe is empty for now.
+    Empty,
+    /// The pipe failed (what it held is lost).
+    Failed,
+}
+
+impl<'b> Outbox<'b> {
+    pub fn new(buf: &'b mut [u8]) -> Self {
+        Outbox {
+            buf,
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Whether everything was sent.
+    pub fn is_empty(&self) -> bool {
+        self.start >= self.end
+    }
+
+    /// Whether there is something to send: what is still unsent, else the control frames the
+    /// session has queued (in its order), taken now.
+    pub fn refill(&mut self, session: &mut AgentSession) -> bool {
+        if !self.is_empty() {
+            return true;
+        }
+        // An error leaves the frame queued: it cannot fit this buffer, which holds any control
+        // frame many times over.
+        let n = session.poll_transmit(self.buf).unwrap_or(0);
+        self.start = 0;
+        self.end = n.min(self.buf.len());
+        n > 0
+    }
+
+    /// Reads up to one chunk of `kind` output from `pipe` into the empty outbox and has the
+    /// session frame it in place.
+    pub fn read_output(
+        &mut self,
+        pipe: BorrowedFd<'_>,
+        kind: DataKind,
+        session: &mut AgentSession,
+    ) -> Output {
+        let Some(space) = self.buf.get_mut(DATA_HEADROOM..DATA_HEADROOM + MAX_DATA) else {
+            return Output::Failed;
+        };
+        let n = loop {
+            match rustix::io::read(pipe, &mut *space) {
+                Ok(0) => return Output::Eof,
+                Ok(n) => break n.min(MAX_DATA),
+                Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => return Output::Empty,
+                Err(_) => return Output::Failed,
+            }
+        };
+        match session.frame_output(self.buf, kind, n) {
+            Ok(start) => {
+                self.start = start;
+                self.end = DATA_HEADROOM + n;
+                Output::Framed
+            }
+            Err(_) => Output::Failed,
+        }
+    }
+
+    /// Sends what it can without blocking.
+    fn flush(&mut self, sock: BorrowedFd<'_>) -> Result<(), Errno> {
+        while let Some(pending @ [_, ..]) = self.buf.get(self.start..self.end) {
+            let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+            match rustix::net::send(sock, pending, flags) {
+                Ok(n) => self.start += n.min(pending.len()),
+                Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => return Ok(()),
+                Err(errno) => return Err(errno),
+            }
+        }
+        self.start = 0;
+        self.end = 0;
+        Ok(())
+    }
+}

@@ -1,0 +1,184 @@
+//! One connection, in its own process: a thin driver over [`AgentSession`], which holds every
+//! rule of the protocol (the hello and version, which frame when, the handshake and final-send
+//! deadlines, stdin credit, the post-exit drain, the order of the final frames). This module
+//! moves bytes between the socket, the command's pipes and the session, and starts the command.
+//!
+//! - `mod.rs` — the conversation: handshake, start, pump, final frames.
+//! - `io.rs` — the socket with its receive buffer and its one-frame outbox.
+//! - `start.rs` — what a spare prepares, the command's pipes, `clone` and `execve`, reaping.
+//! - `pump.rs` — the running command's `poll` loop.
+
+mod io;
+mod pump;
+mod start;
+
+use ferry_wire::session::{AgentConfig, AgentEvent, AgentSession};
+use rustix::event::PollFlags;
+use rustix::fd::{AsFd, OwnedFd};
+
+use self::io::{Link, Received};
+pub use self::start::{prepare, Prepared};
+use self::start::{Child, Storage};
+use crate::clock;
+use crate::successor::Successor;
+use crate::sys::{self, ConnBuffers};
+
+/// ferry's protocol policy, with this agent's version in its hello.
+const CONFIG: AgentConfig = AgentConfig {
+    agent_version: crate::AGENT_VERSION,
+    ..AgentConfig::DEFAULT
+};
+
+/// Serves one accepted connection and ends the process.
+// Kept out of line: its large stack frame must not be probed into the caller's.
+#[inline(never)]
+pub fn serve(sock: OwnedFd, prepared: Prepared, mut successor: Successor) -> ! {
+    let Some(buffers) = sys::take_conn_buffers() else {
+        successor.release();
+        sys::exit(70)
+    };
+    converse(sock.as_fd(), buffers, prepared, &mut successor);
+    sys::exit(0)
+}
+
+/// How the handshake ended.
+enum Handshake {
+    /// The command runs; the session has its `Started` queued.
+    Started(Child),
+    /// The session has an error frame queued (a breach, a refused request, a timeout).
+    Refused,
+    /// The client left before asking for anything (a hello alone is a health check), or the
+    /// socket failed: nothing is owed.
+    Gone,
+}
+
+/// How the conversation's active part ended: what is left before the connection closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The session has its last frame queued (the termination record, or an error): send it.
+    Closing,
+    /// The client is gone: nothing more can reach it.
+    ClientGone,
+}
+
+fn converse(
+    sock: rustix::fd::BorrowedFd<'_>,
+    buffers: &'static mut ConnBuffers,
+    prepared: Prepared,
+    successor: &mut Successor,
+) {
+    let ConnBuffers {
+        recv,
+        out,
+        stdin,
+        argv,
+        envp,
+        cwd,
+    } = buffers;
+    let mut session = AgentSession::new(CONFIG, clock::monotonic_us());
+    let mut link = Link::new(sock, recv, out);
+    let storage = Storage { argv, envp, cwd };
+    let handshake = handshake(&mut link, &mut session, storage, prepared, successor);
+    successor.release();
+    let (end, retired) = match handshake {
+        Handshake::Started(child) => pump::run(&mut link, &mut session, child, stdin),
+        Handshake::Refused => (End::Closing, pump::Retired::new()),
+        Handshake::Gone => (End::ClientGone, pump::Retired::new()),
+    };
+    if end == End::Closing {
+        send_final(&mut link, &mut session);
+    }
+    // Finished pipes and the reaped pidfd close only now, after the final frame.
+    drop(retired);
+}
+
+/// The hello exchange and the request, up to the command's start.
+fn handshake(
+    link: &mut Link<'_, '_>,
+    session: &mut AgentSession,
+    storage: Storage<'_>,
+    prepared: Prepared,
+    successor: &mut Successor,
+) -> Handshake {
+    loop {
+        let now = clock::monotonic_us();
+        loop {
+            let Ok(input) = session.handle_input(link.inbox.data(), now) else {
+                return Handshake::Refused;
+            };
+            let consumed = input.consumed;
+            match input.event {
+                None if consumed == 0 => break,
+                Some(AgentEvent::Exec(valid)) => {
+                    // The next spare is forked while our child starts, off the path the client
+                    // waits on.
+                    let started = start::start(&valid, storage, prepared, || successor.release());
+                    link.inbox.consume(consumed);
+                    return match started {
+                        Ok(child) => match session.started(child.wire_pid(), child.started_us) {
+                            Ok(()) => Handshake::Started(child),
+                            Err(_) => {
+                                start::kill(child.pid, false);
+                                Handshake::Gone
+                            }
+                        },
+                        Err(refusal) => {
+                            let _ = session.refuse(refusal, clock::monotonic_us());
+                            Handshake::Refused
+                        }
+                    };
+                }
+                // The hello is answered by the session (queued); it yields nothing else
+                // before a request.
+                _ => {}
+            }
+            link.inbox.consume(consumed);
+        }
+        // No whole request is buffered, so the hello cannot travel with its answer: send it now.
+        link.outbox.refill(session);
+        if link.flush().is_err() {
+            return Handshake::Gone;
+        }
+        // Read before polling: a pipelining client's request is usually there already.
+        match link.receive() {
+            Received::Data => continue,
+            Received::Nothing => {}
+            Received::Closed => {
+                let _ = session.handle_eof();
+                return Handshake::Gone;
+            }
+        }
+        // Nothing to do but wait for the client: never keep the next one waiting on this one.
+        successor.release();
+        let flags = if link.outbox.is_empty() {
+            PollFlags::IN
+        } else {
+            PollFlags::IN | PollFlags::OUT
+        };
+        if link.wait(flags, session.poll_timeout()).is_err() {
+            return Handshake::Gone;
+        }
+        if session.handle_timeout(clock::monotonic_us()).is_err() {
+            return Handshake::Refused;
+        }
+    }
+}
+
+/// Sends what the session still has to say, behind whatever is unsent, for as long as it
+/// allows; the connection closes after it.
+fn send_final(link: &mut Link<'_, '_>, session: &mut AgentSession) {
+    while link.outbox.refill(session) {
+        if link.flush().is_err() {
+            return;
+        }
+        if link.outbox.is_empty() {
+            continue;
+        }
+        if link.wait(PollFlags::OUT, session.poll_timeout()).is_err() {
+            return;
+        }
+        if session.handle_timeout(clock::monotonic_us()).is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Starting the requested command: the pipes and the child's stack (made ahead of time, while
+//! the process waits as a spare), then `clone` and `execve`; and reaping it.
+
+use ferry_wire::session::Refusal;
+use ferry_wire::{ErrorCode, ExitStatus, StdinMode, ValidExec};
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::io::Errno;
+use rustix::process::{Pid, Signal, WaitIdStatus};
+
+use crate::spawn::{self, ChildFailure, ChildStdio};
+use crate::sys::{self, PtrStorage, ARGV_SLOTS, ENVP_SLOTS};
+use crate::{clock, crash};
+
+/// Larger pipes mean fewer wake-ups per byte when a command writes fast.
+const PIPE_SIZE: usize = 1 << 20;
+
+/// What a connection process sets up before its connection arrives, while it waits as a spare:
+/// off the path a client waits on. A pipe that cannot be made now is made (or its failure
+/// reported to the client) when the command starts.
+pub struct Prepared {
+    stdout: Option<(OwnedFd, OwnedFd)>,
+    stderr: Option<(OwnedFd, OwnedFd)>,
+    null: Option<OwnedFd>,
+    stack: Option<sys::ChildStack>,
+}
+
+/// Prepares a connection process; exits the process if its signals cannot be set up.
+pub fn prepare() -> Prepared {
+    // Writing to a stdin pipe whose reader is gone must be EPIPE, not death. Our own children
+    // are waited for explicitly (the listener leaves SIGCHLD ignored, which would auto-reap).
+    if sys::set_signal_ignored(Signal::PIPE, true).is_err()
+        || sys::set_signal_ignored(Signal::CHILD, false).is_err()
+    {
+        sys::exit(71)
+    }
+    Prepared {
+        stdout: output_pipe().ok(),
+        stderr: output_pipe().ok(),
+        null: open_null().ok(),
+        stack: sys::ChildStack::new().ok(),
+    }
+}
+
+/// Where `execve`'s arguments are built: the connection's static buffers.
+pub struct Storage<'b> {
+    pub argv: &'b mut PtrStorage<ARGV_SLOTS>,
+    pub envp: &'b mut PtrStorage<ENVP_SLOTS>,
+    pub cwd: &'b mut [u8],
+}
+
+/// A started command and the parent's ends of its pipes.
+pub struct Child {
+    pub pid: Pid,
+    pub pidfd: OwnedFd,
+    /// `None` when its stdin is `/dev/null`.
+    pub stdin: Option<OwnedFd>,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// When spawning began, on the monotonic clock.
+    pub started_us: u64,
+}
+
+impl Child {
+    /// The pid as the wire carries it.
+    pub fn wire_pid(&self) -> u32 {
+        self.pid.as_raw_nonzero().get().unsigned_abs()
+    }
+}
+
+/// Starts the command `valid` asks for with what `ready` prepared; `meanwhile` runs while the
+/// child starts. The refusal is what the client is told.
+pub fn start(
+    valid: &ValidExec<'_>,
+    storage: Storage<'_>,
+    ready: Prepared,
+    meanwhile: impl FnOnce(),
+) -> Result<Child, Refusal> {
+    let inherited = sys::environment().take(sys::MAX_INHERITED_ENV);
+    let prepared = spawn::prepare(valid, inherited, storage.argv, storage.envp, storage.cwd)?;
+    // One that could not be made while waiting is made now, and its errno reported.
+    let output = |pipe: Option<(OwnedFd, OwnedFd)>| match pipe {
+        Some(pipe) => Ok(pipe),
+        None => output_pipe().map_err(resource_failure),
+    };
+    let (stdout_r, stdout_w) = output(ready.stdout)?;
+    let (stderr_r, stderr_w) = output(ready.stderr)?;
+    let (stdin_w, stdin_r) = match valid.request().stdin {
+        StdinMode::Pipe => {
+            let (r, w) = new_pipe().map_err(resource_failure)?;
+            rustix::io::ioctl_fionbio(&w, true).map_err(resource_failure)?;
+            (Some(w), r)
+        }
+        StdinMode::Null => match ready.null {
+            Some(null) => (None, null),
+            None => (None, open_null().map_err(resource_failure)?),
+        },
+    };
+    let mut stack = match ready.stack {
+        Some(stack) => stack,
+        None => sys::ChildStack::new().map_err(resource_failure)?,
+    };
+
+    let stdio = ChildStdio {
+        stdin: stdin_r.as_fd(),
+        stdout: stdout_w.as_fd(),
+        stderr: stderr_w.as_fd(),
+    };
+    let failure = ChildFailure::new();
+    let started_us = clock::monotonic_us();
+    let child = || spawn::exec_child(&prepared, &stdio, &failure);
+    // SAFETY: the agent is single-threaded and installs no signal handlers. `exec_child` is
+    // straight-line, async-signal-safe work (see its NOTE): syscalls, copies into a buffer on
+    // its own stack, reads of `prepared` and `stdio`, and one store to the atomic `failure`;
+    // `meanwhile` touches none of them.
+    #[allow(unsafe_code)]
+    let spawned = unsafe { sys::spawn(&mut stack, &child, meanwhile) };
+    let sys::Spawned { pid, pidfd } = spawned.map_err(resource_failure)?;
+    crash::set_current_command(Some(pid));
+    drop((stdout_w, stderr_w, stdin_r));
+    if let Some((stage, errno)) = failure.get() {
+        reap(pid);
+        return Err(spawn::refusal(stage, errno));
+    }
+    Ok(Child {
+        pid,
+        pidfd,
+        stdin: stdin_w,
+        stdout: stdout_r,
+        stderr: stderr_r,
+        started_us,
+    })
+}
+
+/// Kills the command's whole process group and, unless `reaped` already, waits for the command
+/// itself; the rest of the group is reaped by the listener (a subreaper, or PID 1).
+pub fn kill(pid: Pid, reaped: bool) {
+    let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+    if !reaped {
+        reap(pid);
+    }
+    crash::set_current_command(None);
+}
+
+/// Waits for `pid` to end (it has been killed or has failed before exec).
+pub fn reap(pid: Pid) {
+    while let Err(Errno::INTR) =
+        rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())
+    {}
+    crash::set_current_command(None);
+}
+
+/// How the kernel's status of an ended child reads on the wire.
+pub fn exit_status(status: &WaitIdStatus) -> ExitStatus {
+    to_exit_status(
+        status.exit_status(),
+        status.terminating_signal(),
+        status.dumped(),
+    )
+}
+
+fn to_exit_status(code: Option<i32>, signal: Option<i32>, core_dumped: bool) -> ExitStatus {
+    match code {
+        // The kernel reports the low 8 bits of the code, as `exit` takes it.
+        Some(code) => ExitStatus::Code(code as u8),
+        None => ExitStatus::Signal {
+            number: signal.unwrap_or(0) as u8,
+            core_dumped,
+        },
+    }
+}
+
+fn resource_failure(errno: Errno) -> Refusal {
+    Refusal::os(
+        ErrorCode::ResourceExhausted,
+        errno.raw_os_error().unsigned_abs(),
+        "cannot create pipes or process",
+    )
+}
+
+fn new_pipe() -> Result<(OwnedFd, OwnedFd), Errno> {
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+}
+
+/// A pipe for the command's output: large, with our (read) end non-blocking.
+fn output_pipe() -> Result<(OwnedFd, OwnedFd), Errno> {
+    let (read, write) = new_pipe()?;
+    let _ = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE);
+    rustix::io::ioctl_fionbio(&read, true)?;
+    Ok((read, write))
+}
+
+fn open_null() -> Result<OwnedFd, Errno> {
+    use rustix::fs::{open, Mode, OFlags};
+    match open(
+        c"/dev/null",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => Ok(fd),
+        // No /dev/null (an empty rootfs before devtmpfs): a pipe whose writer is gone reads
+        // as EOF just the same.
+        Err(_) => new_pipe().map(|(r, _)| r),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_statuses() {
+        assert_eq!(to_exit_status(Some(0), None, false), ExitStatus::Code(0));
+        assert_eq!(
+            to_exit_status(Some(255), None, false),
+            ExitStatus::Code(255)
+        );
+        assert_eq!(
+            to_exit_status(Some(256 + 3), None, false),
+            ExitStatus::Code(3)
+        );
+        assert_eq!(
+            to_exit_status(None, Some(9), false),
+            ExitStatus::Signal {
+                number: 9,
+                core_dumped: false
+            }
+        );
+        assert_eq!(
+            to_exit_status(None, Some(11), true),
+            ExitStatus::Signal {
+                number: 11,
+                core_dumped: true
+            }
+        );
+        // Neither (cannot happen for an exited child): signal 0 rather than a panic.
+        assert_eq!(
+            to_exit_status(None, None, false),
+            ExitStatus::Signal {
+                number: 0,
+                core_dumped: false
+            }
+        );
+    }
+
+    #[test]
+    fn exit_status_of_real_processes() {
+        use rustix::process::{WaitId, WaitIdOptions};
+        let status_of = |script: &str| {
+            let mut child = std::process::Command::new("/bin/sh")
+                .args(["-c", script])
+                .spawn()
+                .unwrap();
+            let pid = Pid::from_raw(child.id() as i32).unwrap();
+            // Read the status without reaping; std reaps it next.
+            let options = WaitIdOptions::EXITED | WaitIdOptions::NOWAIT;
+            let status = rustix::process::waitid(WaitId::Pid(pid), options)
+                .unwrap()
+                .unwrap();
+            child.wait().unwrap();
+            exit_status(&status)
+        };
+        assert_eq!(status_of("exit 42"), ExitStatus::Code(42));
+        assert_eq!(
+            status_of("kill -KILL $$"),
+            ExitStatus::Signal {
+                number: 9,
+                core_dumped: false
+            }
+        );
+    }
+}
