@@ -3,7 +3,8 @@
 
 use core::ffi::CStr;
 
-use ferry_wire::{encode_agent_frame, AgentFrame, ErrorCode, ErrorFrame};
+use ferry_wire::session::{AgentConfig, AgentSession, Refusal};
+use ferry_wire::ErrorCode;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::fd::OwnedFd;
 use rustix::io::Errno;
@@ -210,16 +211,45 @@ fn refuse_pending(listener: &OwnedFd, errno: Errno) {
 
 /// Tells a client we could not take its connection, without ever blocking the listener.
 fn refuse_connection(conn: &OwnedFd, errno: Errno) {
+    // The session words the refusal; its clock is not needed for one frame sent at once.
+    let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
+    let refusal = Refusal::os(
+        ErrorCode::ResourceExhausted,
+        errno.raw_os_error().unsigned_abs(),
+        "cannot fork a connection process",
+    );
     let mut buf = [0u8; 96];
-    let frame = AgentFrame::Error(ErrorFrame {
-        code: ErrorCode::ResourceExhausted,
-        errno: errno.raw_os_error().unsigned_abs(),
-        message: "cannot fork a connection process",
-    });
-    if let Some(frame) = encode_agent_frame(&frame, &mut buf)
-        .ok()
-        .and_then(|len| buf.get(..len))
-    {
+    let _ = session.refuse(refusal, 0);
+    let len = session.poll_transmit(&mut buf).unwrap_or(0);
+    if let Some(frame @ [_, ..]) = buf.get(..len) {
         let _ = rustix::net::send(conn, frame, SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_wire::{decode_agent_frame, split_frame, AgentFrame};
+
+    #[test]
+    fn a_refused_connection_gets_one_error_frame() {
+        let (agent, client) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        refuse_connection(&agent, Errno::AGAIN);
+        drop(agent);
+        let mut buf = [0u8; 256];
+        let n = rustix::io::read(&client, &mut buf).unwrap();
+        let (body, used) = split_frame(&buf[..n], 256).unwrap().unwrap();
+        assert_eq!(used, n, "one frame, nothing else");
+        let AgentFrame::Error(error) = decode_agent_frame(body).unwrap() else {
+            panic!("not an error frame");
+        };
+        assert_eq!(error.code, ErrorCode::ResourceExhausted);
+        assert_eq!(error.errno, Errno::AGAIN.raw_os_error() as u32);
     }
 }
