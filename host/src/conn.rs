@@ -371,7 +371,11 @@ impl Connection {
                     continue;
                 }
             }
-            let spare = self.recv.spare().map_err(|err| session_error(err.into()))?;
+            // Room for the largest frame on every read, so none is cut short by the buffer's end.
+            let spare = self
+                .recv
+                .spare_at_least(MAX_FRAME)
+                .map_err(|err| session_error(err.into()))?;
             let n = match (&self.shared.stream).read(spare) {
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,

@@ -139,6 +139,20 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> RecvBuf<B> {
         Ok(self.buf.as_mut().get_mut(end..).unwrap_or(&mut []))
     }
 
+    /// Like [`RecvBuf::spare`], and also moves the buffered bytes to the front whenever fewer
+    /// than `min` bytes of room are left behind them. A driver reading a socket into a buffer of
+    /// several frames passes [`crate::limits::MAX_FRAME`], so no read is cut short by the end of
+    /// the buffer (that would cost an extra small read on every pass through it).
+    pub fn spare_at_least(&mut self, min: usize) -> Result<&mut [u8], RecvError> {
+        self.release();
+        if self.start > 0 && self.buf.as_ref().len() - self.end < min {
+            self.buf.as_mut().copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        self.spare()
+    }
+
     /// Records that `n` bytes were received into [`RecvBuf::spare`] (clamped to its length).
     pub fn commit(&mut self, n: usize) {
         let capacity = self.buf.as_ref().len();
@@ -315,6 +329,16 @@ mod tests {
         assert_eq!(recv.data().len(), 8);
         recv.consume(100);
         assert!(recv.is_empty());
+    }
+
+    #[test]
+    fn spare_at_least_moves_a_partial_frame_forward_only_when_room_is_short() {
+        let mut recv = RecvBuf::new([0u8; 16]);
+        assert_eq!(recv.feed(&[2, 0, 0, 0, 1, 2, 9, 0]), Ok(8));
+        assert_eq!(recv.next_frame(), Ok(Some(&[1u8, 2][..])));
+        assert_eq!(recv.spare_at_least(8).map(|s| s.len()), Ok(8));
+        assert_eq!(recv.spare_at_least(12).map(|s| s.len()), Ok(14));
+        assert_eq!(recv.data(), [9, 0]);
     }
 
     proptest! {
