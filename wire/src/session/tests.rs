@@ -310,6 +310,29 @@ mod edges {
         assert!(session.is_closed());
     }
 
+    /// A driver that polls with the grace deadline must not spin once it has passed.
+    #[test]
+    fn agent_grace_deadline_is_reported_until_handled() {
+        let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
+        let bytes = [hello(), client_frame(ClientFrame::Exec(EXEC))].concat();
+        let first = session.handle_input(&bytes, 0).unwrap().consumed;
+        session.handle_input(&bytes[first..], 0).unwrap();
+        session.started(5, 0).unwrap();
+        assert_eq!(
+            session.poll_timeout(),
+            None,
+            "a running command has no deadline"
+        );
+        session.child_exited(ExitStatus::Code(0), 1_000).unwrap();
+        let grace_end = 1_000 + AgentConfig::DEFAULT.drain_grace;
+        assert_eq!(session.poll_timeout(), Some(grace_end));
+        session.handle_timeout(grace_end - 1).unwrap();
+        assert_eq!(session.poll_timeout(), Some(grace_end));
+        session.handle_timeout(grace_end).unwrap();
+        assert_eq!(session.poll_timeout(), None);
+        assert_eq!(session.output_phase(grace_end), OutputPhase::Drain);
+    }
+
     #[test]
     fn agent_hello_only_is_a_health_check_and_a_disconnect_mid_command_is_not() {
         let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
