@@ -1,6 +1,7 @@
 //! The shipped agent binary on a Unix socket: the scenario suite (shared with the QEMU run, see
 //! `qemu-tests/tests/suite/`), each scenario against a fresh agent, plus what only an agent run as
-//! a service has.
+//! a service has. The suite's exec cases run through the blocking API, the epoll example and,
+//! with `--features tokio` (as `cargo xtask test` runs it), the async API.
 #![allow(clippy::unwrap_used)] // a test reports failure by panicking
 
 mod common;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use ferry_host::Command;
 use suite::{processes, stdout_of, Fixture, Scale};
 
-/// The shared guest, with a scratch directory of the scenario's own under its `/tmp`.
+/// The shared guest, with an empty scratch directory of the scenario's own under its `/tmp`.
 fn guest(scenario: &'static str) -> Fixture {
     let fixture = Fixture {
         target: qemu_tests::target().unwrap(),
@@ -24,9 +24,11 @@ fn guest(scenario: &'static str) -> Fixture {
         },
         keep_alive: None,
     };
-    let mut mkdir = Command::new("mkdir");
-    mkdir.arg("-p").arg(&fixture.scratch);
-    stdout_of(&fixture.client(), &mkdir);
+    // Emptied first: a guest outlives one run of the suite when it is booted by hand
+    // (`cargo xtask vm`) and the tests are run against it again.
+    let mut fresh = suite::sh("rm -rf \"$1\" && mkdir -p \"$1\"");
+    fresh.arg("sh").arg(&fixture.scratch);
+    stdout_of(&fixture.client(), &fresh);
     fixture
 }
 

@@ -50,6 +50,21 @@ pub fn build_ferry_cli() -> Result<PathBuf> {
     Ok(project_root().join("target").join("release").join("ferry"))
 }
 
+/// Builds the embedding example (`host/examples/epoll_exec.rs`, dev profile), one of the QEMU
+/// suite's drivers, and returns its path.
+fn build_epoll_example() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "ferry-host",
+        "--example",
+        "epoll_exec",
+    ]))
+    .context("building the epoll_exec example")?;
+    Ok(project_root().join("target/debug/examples/epoll_exec"))
+}
+
 /// `cargo xtask vm [--minimal] [-- PROG ARGS...]`. Returns the exit code for the process: the
 /// command's status, or 0 after an interactive session ends with Ctrl-C/SIGTERM.
 pub fn run_vm(options: &VmOptions, argv: &[String]) -> Result<i32> {
@@ -168,6 +183,8 @@ pub fn run_e2e(options: &E2eOptions) -> Result<()> {
     install_signal_handlers();
     ensure_tools()?;
     let ferry = build_ferry_cli()?;
+    // Built before the boot, so the guest does not idle through a compile.
+    let example = build_epoll_example()?;
 
     // The full image: busybox is there for the scenarios that run sh, cat, uname...
     let vm = Vm::boot(&VmOptions {
@@ -176,7 +193,7 @@ pub fn run_e2e(options: &E2eOptions) -> Result<()> {
     })?;
     eprintln!("e2e: {}", vm.ready().summary());
     let full_ready = vm.ready().clone();
-    let suite = run_suite(&vm, deadline);
+    let suite = run_suite(&vm, &example, deadline);
     if let Err(err) = suite {
         let err = anyhow!("{err:#}\n{}", save_console(&vm, "e2e-console.log"));
         let _ = vm.shutdown();
@@ -219,12 +236,14 @@ fn remaining(deadline: Instant) -> Result<Duration> {
     Ok(left)
 }
 
-/// `cargo test -p qemu-tests --features qemu` against the booted guest.
-fn run_suite(vm: &Vm, deadline: Instant) -> Result<()> {
+/// `cargo test -p qemu-tests --features qemu` against the booted guest, with the prebuilt
+/// example for the suite's example driver.
+fn run_suite(vm: &Vm, example: &Path, deadline: Instant) -> Result<()> {
     let mut command = cargo();
     command
         .args(["test", "-p", "qemu-tests", "--features", "qemu"])
-        .env("FERRY_CONNECT", vm.target());
+        .env("FERRY_CONNECT", vm.target())
+        .env("FERRY_EXAMPLE_BIN", example);
     // Its own group, so the deadline kills the test binaries cargo started too.
     die_with_parent(&mut command, true);
     let child = command.spawn().context("starting cargo test")?;

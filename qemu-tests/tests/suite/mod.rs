@@ -8,12 +8,20 @@
 //! machine only through the agent itself: it lists processes, reads `/proc`, and writes files by
 //! running commands, so the same code checks the host and the guest.
 //!
+//! The exec cases (`cases.rs`) run once per driver: the blocking API, the async API and the
+//! embedding example (`drivers.rs`), so all three are held to the same outcomes on both
+//! transports.
+//!
 //! Included with `#[path]` rather than shared through a crate: `qemu-tests` depends on
 //! `ferry-host`, and a dev-dependency back would make a cycle. The module must stay at the crate
-//! root as `suite` (the macro names it so), and uses nothing but std, `ferry_host` and
-//! `ferry_wire`.
+//! root as `suite` (the macro names it so), and uses nothing but std, `ferry_host`,
+//! `ferry_wire`, and for the async driver `tokio` behind a feature named `tokio` (each including
+//! crate has one).
 #![allow(clippy::unwrap_used)] // a scenario reports failure by panicking
 
+pub mod cases;
+pub mod drivers;
+pub mod epoll_exec;
 pub mod exec;
 pub mod lifecycle;
 pub mod raw;
@@ -63,24 +71,23 @@ impl Fixture {
     }
 }
 
-/// Generates one `#[test]` per shared scenario. `$fixture` is a `fn(&'static str) -> Fixture`,
-/// called with the scenario's name at the start of each test.
+/// Generates one `#[test]` per shared scenario, and one per exec case per driver (in modules
+/// `via_blocking`, `via_tokio` and `via_example`). `$fixture` names a `fn(&'static str) ->
+/// Fixture` at the crate root, called with the test's name at the start of each test.
 ///
-/// NOTE: a scenario function left out of this list is dead code, which clippy (`-D warnings`)
-/// rejects: a scenario cannot silently stop running.
+/// NOTE: a scenario or case left out of these lists is dead code, which clippy (`-D warnings`)
+/// rejects: a scenario cannot silently stop running. The async driver's cases exist only with
+/// the crate's `tokio` feature (`cargo xtask test` and the `qemu` switch turn it on).
 macro_rules! scenario_tests {
-    ($fixture:path) => {
+    ($fixture:ident) => {
         $crate::suite::scenario_tests!(@each $fixture;
             exec::health_reports_versions_and_limits,
             exec::a_command_leads_a_session_of_its_own,
             exec::commands_start_with_default_signal_state,
-            exec::exit_codes_and_signal_deaths_are_exact,
+            exec::core_dumps_and_durations_are_reported,
             exec::shell_pipelines_and_their_status,
             exec::env_and_cwd,
-            exec::start_failures_name_their_cause,
-            streams::binary_output_is_byte_exact_on_both_streams,
             streams::bulk_output_streams_with_bounded_agent_memory,
-            streams::stdin_streams_concurrently_with_output,
             streams::stdin_is_null_unless_asked_and_eof_is_delivered,
             lifecycle::dropping_an_execution_kills_its_whole_group,
             lifecycle::a_daemonized_child_holding_stdout_does_not_hang_the_exec,
@@ -96,13 +103,56 @@ macro_rules! scenario_tests {
             raw::requests_out_of_place_are_refused,
             raw::stdin_beyond_credit_is_refused,
         );
+        $crate::suite::scenario_tests!(@cases $fixture;
+            every driver:
+                binary_output_is_byte_exact_on_both_streams,
+                stdin_round_trips_byte_exact_within_credit,
+                exit_codes_are_exact,
+                signal_deaths_are_exact,
+                a_missing_program_is_not_found,
+                what_cannot_be_executed_names_its_cause,
+                invalid_requests_are_refused_locally;
+            // The example takes no working directory (`cwd` is always the agent's).
+            library drivers:
+                a_missing_working_directory_is_refused;
+        );
     };
-    (@each $fixture:path; $($module:ident :: $name:ident),* $(,)?) => {
+    (@each $fixture:ident; $($module:ident :: $name:ident),* $(,)?) => {
         $(
             #[test]
             fn $name() {
                 let fixture = $fixture(stringify!($name));
                 $crate::suite::$module::$name(&fixture);
+            }
+        )*
+    };
+    (@cases $fixture:ident;
+        every driver: $($case:ident),* $(,)?;
+        library drivers: $($library_case:ident),* $(,)?;
+    ) => {
+        /// The exec cases through `ferry_host::Client`.
+        mod via_blocking {
+            $crate::suite::scenario_tests!(@driver $fixture, via_blocking, Blocking;
+                $($case,)* $($library_case,)*);
+        }
+        /// The exec cases through `ferry_host::tokio::Client`.
+        #[cfg(feature = "tokio")]
+        mod via_tokio {
+            $crate::suite::scenario_tests!(@driver $fixture, via_tokio, Async;
+                $($case,)* $($library_case,)*);
+        }
+        /// The exec cases through `examples/epoll_exec.rs`, run as a program.
+        mod via_example {
+            $crate::suite::scenario_tests!(@driver $fixture, via_example, Example; $($case,)*);
+        }
+    };
+    (@driver $fixture:ident, $module:ident, $driver:ident; $($case:ident,)*) => {
+        $(
+            #[test]
+            fn $case() {
+                // Named by driver and case: a scenario's scratch directory is its own.
+                let fixture = super::$fixture(concat!(stringify!($module), "/", stringify!($case)));
+                $crate::suite::cases::$case(&fixture, $crate::suite::drivers::Driver::$driver);
             }
         )*
     };

@@ -1,23 +1,12 @@
-//! Bytes in and out: exactness, volume, memory bounds, stdin credit from the library's side.
+//! Bytes in and out through the blocking API: volume, memory bounds, what stdin is when none is
+//! asked for. Byte exactness and stdin within credit are exec cases (`cases.rs`), checked through
+//! every driver.
 
-use std::io::Write;
-use std::thread;
 use std::time::Instant;
 
-use ferry_host::{Command, Event, ExitStatus, Stdin};
+use ferry_host::{Command, Event, Stdin};
 
-use super::{parse_stat, pattern, sh, status_kib, stdout_of, Fixture};
-
-pub fn binary_output_is_byte_exact_on_both_streams(fixture: &Fixture) {
-    let data = pattern(3 << 20);
-    let mut command = sh("tee /dev/stderr");
-    command.stdin(Stdin::Bytes(data.clone()));
-    let output = fixture.client().output(&command).unwrap();
-    assert_eq!(output.status, ExitStatus::Code(0));
-    assert!(output.stdout == data, "stdout differs");
-    assert!(output.stderr == data, "stderr differs");
-    assert!(!output.output_dropped);
-}
+use super::{parse_stat, sh, status_kib, stdout_of, Fixture};
 
 pub fn bulk_output_streams_with_bounded_agent_memory(fixture: &Fixture) {
     let total = fixture.scale.bulk_bytes;
@@ -80,34 +69,6 @@ pub fn bulk_output_streams_with_bounded_agent_memory(fixture: &Fixture) {
         listener_kib <= 1024,
         "listener peaked at {listener_kib} KiB"
     );
-}
-
-pub fn stdin_streams_concurrently_with_output(fixture: &Fixture) {
-    let data = pattern(16 << 20);
-    let mut command = Command::new("cat");
-    command.stdin(Stdin::Pipe);
-    let mut execution = fixture.client().spawn(&command).unwrap();
-    let mut writer = execution.take_stdin().unwrap();
-    let sent = data.clone();
-    let feeder = thread::spawn(move || {
-        // Odd-sized writes, so frames and credit never line up with anything.
-        for chunk in sent.chunks(7919) {
-            writer.write_all(chunk).unwrap();
-        }
-        writer.close().unwrap();
-    });
-    let mut echoed = Vec::with_capacity(data.len());
-    let end = loop {
-        match execution.next_event().unwrap() {
-            Some(Event::Stdout(chunk)) => echoed.extend_from_slice(chunk),
-            Some(Event::Stderr(chunk)) => panic!("{:?}", String::from_utf8_lossy(chunk)),
-            Some(Event::Exited(end)) => break end,
-            None => panic!("no termination record"),
-        }
-    };
-    feeder.join().unwrap();
-    assert!(end.success());
-    assert!(echoed == data, "echo differs");
 }
 
 pub fn stdin_is_null_unless_asked_and_eof_is_delivered(fixture: &Fixture) {
