@@ -506,7 +506,7 @@ pub(crate) fn session_error(err: SessionError) -> Error {
 }
 
 /// The library's error for an error frame: a version refusal or the agent's failure.
-fn refused(err: &ErrorFrame<'_>) -> Error {
+pub(crate) fn refused(err: &ErrorFrame<'_>) -> Error {
     if ClientSession::is_version_refusal(err) {
         return Error::UnsupportedVersion {
             min: MIN_PROTOCOL_VERSION,

@@ -13,10 +13,10 @@ use ::tokio::net::UnixStream;
 use ::tokio::time::Instant;
 use ferry_wire::limits::MAX_FRAME;
 use ferry_wire::session::{ClientSession, Micros, Phase, SessionError};
-use ferry_wire::{ErrorFrame, ExecRequest, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use ferry_wire::ExecRequest;
 
 pub(super) use crate::conn::session_error;
-use crate::{Error, RemoteError};
+use crate::Error;
 
 /// One connection to the agent, shared by an [`super::Execution`] and its
 /// [`super::StdinWriter`].
@@ -275,21 +275,8 @@ impl State {
     }
 }
 
-/// The agent's refusal (an error frame) as the library's error.
-pub(super) fn refusal(err: &ErrorFrame<'_>) -> Error {
-    if ClientSession::is_version_refusal(err) {
-        return Error::UnsupportedVersion {
-            min: MIN_PROTOCOL_VERSION,
-            max: PROTOCOL_VERSION,
-            message: err.message.to_owned(),
-        };
-    }
-    Error::Remote(RemoteError {
-        code: err.code,
-        errno: (err.errno != 0).then_some(err.errno),
-        message: err.message.to_owned(),
-    })
-}
+/// The agent's refusal (an error frame) as the library's error: the blocking driver's mapping.
+pub(super) use crate::conn::refused as refusal;
 
 /// A disconnect the session took as a clean end where this driver expected more.
 pub(super) fn disconnected(phase: Phase) -> Error {
