@@ -3,12 +3,12 @@
 //! no async runtime, no `ferry_host` beyond parsing the target.
 //!
 //! ```text
-//! cargo run -p ferry-host --example epoll_exec -- [-n] TARGET -- PROG ARGS…
+//! cargo run -p ferry-host --example epoll_exec -- [-n] [-C DIR] TARGET -- PROG ARGS…
 //! ```
 //!
 //! TARGET is `unix://PATH`, `vsock://CID:PORT` or `hvsock://PATH:PORT`. The command's stdout and
 //! stderr are copied to ours; our stdin is forwarded to the command within the credit the agent
-//! grants (`-n`: the command's stdin is /dev/null). Exit status as the `ferry` CLI's: the remote
+//! grants (`-n`: the command's stdin is /dev/null; `-C DIR`: it runs in DIR). Exit status as the `ferry` CLI's: the remote
 //! code, 128+N for signal N, 127 not found, 126 cannot execute, 255 for our own errors.
 //!
 //! The loop owns everything; the session owns every protocol rule. Each turn: sleep until the
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use ferry_host::Target;
 use ferry_wire::limits::{MAX_DATA, MAX_FRAME};
 use ferry_wire::session::{ClientEvent, ClientSession, Input, Micros};
-use ferry_wire::{ErrorCode, ExecRequest, RecvBuf, StdinMode, StrList, DATA_HEADROOM};
+use ferry_wire::{Bytes, ErrorCode, ExecRequest, RecvBuf, StdinMode, StrList, DATA_HEADROOM};
 use mio::net::UnixStream;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -68,12 +68,25 @@ struct Args {
     argv: Vec<u8>,
     program: String,
     forward_stdin: bool,
+    /// The command's working directory (the agent's when `None`).
+    cwd: Option<Vec<u8>>,
 }
 
 fn parse_args() -> Result<Args, Failure> {
-    let usage = || Failure::from("usage: epoll_exec [-n] TARGET -- PROG ARGS…");
+    use std::os::unix::ffi::OsStrExt;
+    let usage = || Failure::from("usage: epoll_exec [-n] [-C DIR] TARGET -- PROG ARGS…");
     let mut args = std::env::args_os().skip(1).peekable();
-    let forward_stdin = args.next_if(|arg| arg == "-n").is_none();
+    let mut forward_stdin = true;
+    let mut cwd = None;
+    loop {
+        if args.next_if(|arg| arg == "-n").is_some() {
+            forward_stdin = false;
+        } else if args.next_if(|arg| arg == "-C").is_some() {
+            cwd = Some(args.next().ok_or_else(usage)?.as_bytes().to_vec());
+        } else {
+            break;
+        }
+    }
     let target = args.next().ok_or_else(usage)?;
     let target: Target = target
         .to_str()
@@ -86,7 +99,6 @@ fn parse_args() -> Result<Args, Failure> {
     let mut argv = Vec::new();
     let mut program = None;
     for arg in args {
-        use std::os::unix::ffi::OsStrExt;
         program.get_or_insert_with(|| arg.to_string_lossy().into_owned());
         argv.extend_from_slice(arg.as_bytes());
         argv.push(0);
@@ -96,6 +108,7 @@ fn parse_args() -> Result<Args, Failure> {
         argv,
         program: program.ok_or_else(usage)?,
         forward_stdin,
+        cwd,
     })
 }
 
@@ -155,7 +168,7 @@ fn run(args: &Args) -> Result<u8, Failure> {
         argv: StrList::new(&args.argv),
         env: StrList::new(&[]),
         clean_env: false,
-        cwd: None,
+        cwd: args.cwd.as_deref().map(Bytes),
         stdin: if args.forward_stdin {
             StdinMode::Pipe
         } else {

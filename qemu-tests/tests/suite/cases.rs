@@ -109,7 +109,6 @@ pub fn what_cannot_be_executed_names_its_cause(fixture: &Fixture, driver: Driver
     }
 }
 
-/// For the library drivers only: the example has no option for a working directory.
 pub fn a_missing_working_directory_is_refused(fixture: &Fixture, driver: Driver) {
     let outcome = driver.run(fixture, &Request::new(&["true"]).cwd("/no/such/dir"));
     outcome.assert_end(Expected::Refused {

@@ -300,15 +300,13 @@ fn run_async(fixture: &Fixture, request: &Request<'_>) -> Outcome {
 }
 
 fn run_example(fixture: &Fixture, request: &Request<'_>) -> Outcome {
-    // NOTE: a case that sets one is listed for the library drivers only (see `scenario_tests!`).
-    assert!(
-        request.cwd.is_none(),
-        "epoll_exec has no option for a working directory"
-    );
     let target = fixture.target.to_string();
     let mut args = Vec::new();
     if request.stdin.is_none() {
         args.push("-n");
+    }
+    if let Some(cwd) = request.cwd {
+        args.extend(["-C", cwd]);
     }
     args.extend([target.as_str(), "--"]);
     args.extend(request.argv);

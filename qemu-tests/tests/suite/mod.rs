@@ -111,10 +111,8 @@ macro_rules! scenario_tests {
                 signal_deaths_are_exact,
                 a_missing_program_is_not_found,
                 what_cannot_be_executed_names_its_cause,
+                a_missing_working_directory_is_refused,
                 invalid_requests_are_refused_locally;
-            // The example takes no working directory (`cwd` is always the agent's).
-            library drivers:
-                a_missing_working_directory_is_refused;
         );
     };
     (@each $fixture:ident; $($module:ident :: $name:ident),* $(,)?) => {
@@ -128,18 +126,15 @@ macro_rules! scenario_tests {
     };
     (@cases $fixture:ident;
         every driver: $($case:ident),* $(,)?;
-        library drivers: $($library_case:ident),* $(,)?;
     ) => {
         /// The exec cases through `ferry_host::Client`.
         mod via_blocking {
-            $crate::suite::scenario_tests!(@driver $fixture, via_blocking, Blocking;
-                $($case,)* $($library_case,)*);
+            $crate::suite::scenario_tests!(@driver $fixture, via_blocking, Blocking; $($case,)*);
         }
         /// The exec cases through `ferry_host::tokio::Client`.
         #[cfg(feature = "tokio")]
         mod via_tokio {
-            $crate::suite::scenario_tests!(@driver $fixture, via_tokio, Async;
-                $($case,)* $($library_case,)*);
+            $crate::suite::scenario_tests!(@driver $fixture, via_tokio, Async; $($case,)*);
         }
         /// The exec cases through `examples/epoll_exec.rs`, run as a program.
         mod via_example {
