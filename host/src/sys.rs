@@ -1,9 +1,5 @@
-//! The host library's only `unsafe`: AF_VSOCK streams, which std has no type for, and waiting for
-//! a socket with a deadline without changing its timeouts.
-//!
-//! A vsock stream is handed out as a `UnixStream`: every method used on it (read, write, shutdown,
-//! timeouts, try_clone, set_nonblocking) is an address-family-agnostic socket call. Its address
-//! methods (`peer_addr`, `local_addr`) are not: they expect a `sockaddr_un` and fail.
+//! The host library's sockets beyond std: AF_VSOCK streams (std has no type for them), and the
+//! only `unsafe`, waiting for a socket with a deadline without changing its timeouts.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -12,121 +8,75 @@ use std::time::Duration;
 
 pub(crate) use vsock::connect as connect_vsock;
 
-/// AF_VSOCK for std code: connect, listen, accept. The one std-side home of the vsock address;
-/// the no_std agent has its own (`agent/src/sys.rs`, through rustix).
+/// AF_VSOCK for std code: connect, listen, accept. The one std-side home of vsock sockets, built
+/// on socket2's address type (no unsafe code here); the no_std agent has its own
+/// (`agent/src/sys.rs`, through rustix).
+///
+/// NOTE: a vsock socket travels as a `UnixStream`: every call made on it (read, write,
+/// readiness, `SO_ERROR`, shutdown, timeouts, `try_clone`) is address-family agnostic; its address
+/// methods (`peer_addr`, `local_addr`) are not and fail.
 pub mod vsock {
     use std::io;
-    use std::mem;
-    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+    use std::os::fd::{BorrowedFd, OwnedFd};
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
+
+    use socket2::{Domain, SockAddr, Socket, Type};
 
     /// Binds on every local CID (`VMADDR_CID_ANY`).
     pub const CID_ANY: u32 = libc::VMADDR_CID_ANY;
 
-    /// `SO_VM_SOCKETS_CONNECT_TIMEOUT` (`_OLD`, a `struct timeval`, on 64-bit Linux).
-    const SO_VM_SOCKETS_CONNECT_TIMEOUT: libc::c_int = 6;
+    /// The one place a vsock address is built.
+    fn address(cid: u32, port: u32) -> SockAddr {
+        SockAddr::vsock(cid, port)
+    }
 
-    /// Connects an AF_VSOCK stream to `cid:port`, giving up after `timeout`. Blocking,
-    /// close-on-exec.
+    /// An AF_VSOCK stream socket (socket2 makes it close-on-exec).
+    fn socket(nonblocking: bool) -> io::Result<Socket> {
+        let kind = if nonblocking {
+            Type::STREAM.nonblocking()
+        } else {
+            Type::STREAM
+        };
+        Socket::new(Domain::VSOCK, kind, None)
+    }
+
+    /// Connects an AF_VSOCK stream to `cid:port`, giving up after `timeout`. The stream is
+    /// blocking and close-on-exec.
     pub fn connect(cid: u32, port: u32, timeout: Duration) -> io::Result<UnixStream> {
-        let sock = socket(0)?;
-        let tv = libc::timeval {
-            tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
-            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-        };
-        // SAFETY: `tv` is a live timeval and the length passed is its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::AF_VSOCK,
-                SO_VM_SOCKETS_CONNECT_TIMEOUT,
-                (&tv as *const libc::timeval).cast(),
-                mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        check(rc)?;
-        let addr = sockaddr(cid, port);
-        // SAFETY: `addr` is a live sockaddr_vm and the length passed is its size.
-        let rc = unsafe {
-            libc::connect(
-                sock.as_raw_fd(),
-                (&addr as *const libc::sockaddr_vm).cast(),
-                mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-            )
-        };
-        check(rc)?;
-        Ok(UnixStream::from(sock))
+        let sock = socket(false)?;
+        sock.connect_timeout(&address(cid, port), timeout.max(Duration::from_millis(1)))?;
+        Ok(UnixStream::from(OwnedFd::from(sock)))
+    }
+
+    /// Starts a non-blocking connect to `cid:port`: the stream is non-blocking, and its first
+    /// writable readiness ends the connect (then check `take_error`). For event loops.
+    pub fn connect_nonblocking(cid: u32, port: u32) -> io::Result<UnixStream> {
+        let sock = socket(true)?;
+        match sock.connect(&address(cid, port)) {
+            Ok(()) => {}
+            Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(err) => return Err(err),
+        }
+        Ok(UnixStream::from(OwnedFd::from(sock)))
     }
 
     /// Listens on `cid:port` ([`CID_ANY`] for every local CID). The listener is non-blocking
     /// and close-on-exec: [`accept`] answers `WouldBlock` while nobody is waiting, so a caller
     /// can check other things between tries.
     pub fn listen(cid: u32, port: u32) -> io::Result<OwnedFd> {
-        let sock = socket(libc::SOCK_NONBLOCK)?;
-        let addr = sockaddr(cid, port);
-        // SAFETY: `addr` is a live sockaddr_vm and the length passed is its size.
-        let rc = unsafe {
-            libc::bind(
-                sock.as_raw_fd(),
-                (&addr as *const libc::sockaddr_vm).cast(),
-                mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-            )
-        };
-        check(rc)?;
-        // SAFETY: plain syscall on a bound socket we own; the result is checked.
-        check(unsafe { libc::listen(sock.as_raw_fd(), 4) })?;
-        Ok(sock)
+        let sock = socket(true)?;
+        sock.bind(&address(cid, port))?;
+        sock.listen(4)?;
+        Ok(OwnedFd::from(sock))
     }
 
     /// Takes one connection from a [`listen`]er; `WouldBlock` when nobody is waiting. The
     /// connection is blocking and close-on-exec.
     pub fn accept(listener: BorrowedFd<'_>) -> io::Result<UnixStream> {
-        // SAFETY: null address pointers are allowed (the peer's address is not wanted); the
-        // result is checked before use.
-        let raw = unsafe {
-            libc::accept4(
-                listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
-            )
-        };
-        check(raw)?;
-        // SAFETY: accept4 returned a fresh descriptor that nothing else owns.
-        Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(raw) }))
-    }
-
-    /// The one place a vsock address is built.
-    fn sockaddr(cid: u32, port: u32) -> libc::sockaddr_vm {
-        // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value of it.
-        let mut addr: libc::sockaddr_vm = unsafe { mem::zeroed() };
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_cid = cid;
-        addr.svm_port = port;
-        addr
-    }
-
-    /// An AF_VSOCK stream socket, close-on-exec, with `flags` (`SOCK_NONBLOCK`) added.
-    fn socket(flags: libc::c_int) -> io::Result<OwnedFd> {
-        // SAFETY: plain syscall with constant arguments; the result is checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_VSOCK,
-                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | flags,
-                0,
-            )
-        };
-        check(fd)?;
-        // SAFETY: `fd` was just returned by socket() and is owned by nobody else.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
-
-    fn check(rc: libc::c_int) -> io::Result<()> {
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        let (conn, _peer) = socket2::SockRef::from(&listener).accept()?;
+        conn.set_nonblocking(false)?;
+        Ok(UnixStream::from(OwnedFd::from(conn)))
     }
 
     #[cfg(test)]
@@ -137,12 +87,9 @@ pub mod vsock {
 
         #[test]
         fn the_address_is_the_family_cid_and_port() {
-            let addr = sockaddr(CID_ANY, 1024);
-            assert_eq!(addr.svm_family, libc::AF_VSOCK as libc::sa_family_t);
-            assert_eq!(addr.svm_cid, u32::MAX);
-            assert_eq!(addr.svm_port, 1024);
-            assert_eq!(addr.svm_reserved1, 0);
-            assert_eq!(addr.svm_zero, [0; 4]);
+            let addr = address(CID_ANY, 1024);
+            assert_eq!(addr.family(), libc::AF_VSOCK as libc::sa_family_t);
+            assert_eq!(addr.as_vsock_address(), Some((u32::MAX, 1024)));
         }
 
         #[test]

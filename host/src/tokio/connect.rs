@@ -1,15 +1,13 @@
-//! Opening a target without blocking: a Unix socket, AF_VSOCK (a non-blocking connect through
-//! socket2, so no unsafe code here), or hybrid vsock with its `CONNECT <port>\n` → `OK <n>\n`
+//! Opening a target without blocking: a Unix socket, AF_VSOCK (`crate::vsock`'s non-blocking
+//! connect), or hybrid vsock with its `CONNECT <port>\n` → `OK <n>\n`
 //! handshake. Same rules as the blocking transport: one deadline over connect and handshake, a
 //! handshake that ends in EOF retried a bounded number of times with a doubling pause.
 
 use std::io;
-use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use ::tokio::net::UnixStream;
 use ::tokio::time::{sleep, timeout_at, Instant};
-use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::{ConnectOptions, Error, Target};
 
@@ -71,15 +69,7 @@ pub(super) async fn open(
 
 /// A non-blocking AF_VSOCK connect, awaited through the socket's write readiness.
 async fn connect_vsock(cid: u32, port: u32) -> io::Result<UnixStream> {
-    let socket = Socket::new(Domain::VSOCK, Type::STREAM.nonblocking(), None)?;
-    match socket.connect(&SockAddr::vsock(cid, port)) {
-        Ok(()) => {}
-        Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(err) => return Err(err),
-    }
-    // NOTE: a vsock socket travels as a `UnixStream`: the calls made on it (read, write,
-    // readiness, SO_ERROR, shutdown) are address-family agnostic; its address methods are not.
-    let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(OwnedFd::from(socket)))?;
+    let stream = UnixStream::from_std(crate::vsock::connect_nonblocking(cid, port)?)?;
     stream.writable().await?;
     match stream.take_error()? {
         Some(err) => Err(err),
