@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_host::vsock;
 use ferry_wire::limits::MAX_FRAME;
-use ferry_wire::{decode_agent_frame, AgentFrame, ReadyReport, RecvBuf, RecvError};
+use ferry_wire::session::{ReadyEvent, ReadyReceiver, SessionError};
+use ferry_wire::{ReadyReport, RecvBuf};
 
 /// What the agent announced, and how long it took to.
 #[derive(Debug, Clone)]
@@ -149,7 +150,8 @@ impl Drop for ReadyListener {
     }
 }
 
-/// Reads the two frames the agent sends on the readiness connection: its hello, then the report.
+/// Reads the announcement on the readiness connection (its hello, then the report) through
+/// `ferry_wire`'s `ReadyReceiver`, which holds the rules.
 fn read_announcement(
     mut stream: UnixStream,
     spawned: Instant,
@@ -161,42 +163,46 @@ fn read_announcement(
         .max(Duration::from_secs(5));
     stream.set_read_timeout(Some(timeout))?;
     let mut recv = RecvBuf::new(vec![0u8; MAX_FRAME]);
-
-    let hello = next_frame(&mut recv, &mut stream).context("reading the agent's hello")?;
-    let boot_to_ready = spawned.elapsed();
-    let (agent_version, protocol_version) = match decode_agent_frame(hello) {
-        Ok(AgentFrame::Hello(hello)) => (hello.agent_version.to_owned(), hello.version),
-        Ok(other) => bail!("the agent opened the readiness connection with {other:?}"),
-        Err(err) => bail!("undecodable hello on the readiness connection: {err}"),
-    };
-    let ready = next_frame(&mut recv, &mut stream).context("reading the agent's ready report")?;
-    let report = match decode_agent_frame(ready) {
-        Ok(AgentFrame::Ready(report)) => report,
-        Ok(other) => bail!("expected the ready report, got {other:?}"),
-        Err(err) => bail!("undecodable ready report: {err}"),
-    };
-    Ok(ReadyInfo {
-        agent_version,
-        protocol_version,
-        report,
-        boot_to_ready,
-    })
-}
-
-/// The next whole frame body from `stream`, read straight into `recv`'s spare room.
-fn next_frame<'b>(recv: &'b mut RecvBuf<Vec<u8>>, stream: &mut impl Read) -> Result<&'b [u8]> {
-    // `RecvError` is no_std and not a `std::error::Error`: its message is the error.
-    let recv_error = |err: RecvError| anyhow!("{err}");
-    while !recv.has_frame() {
-        let n = stream.read(recv.spare().map_err(recv_error)?)?;
-        if n == 0 {
-            bail!("the connection closed mid-frame");
+    let mut receiver = ReadyReceiver::new();
+    // `RecvError` and `SessionError` are no_std, not `std::error::Error`: their message is the error.
+    let session_error = |err: SessionError| anyhow!("readiness connection: {err}");
+    let mut hello = None;
+    loop {
+        let input = receiver.handle_input(recv.data()).map_err(session_error)?;
+        match input.event {
+            Some(ReadyEvent::Hello(info)) => {
+                hello = Some((
+                    info.agent_version.to_owned(),
+                    info.protocol_version,
+                    spawned.elapsed(),
+                ));
+            }
+            Some(ReadyEvent::Ready(report)) => {
+                let (agent_version, protocol_version, boot_to_ready) =
+                    hello.context("a report without a hello")?;
+                return Ok(ReadyInfo {
+                    agent_version,
+                    protocol_version,
+                    report,
+                    boot_to_ready,
+                });
+            }
+            None if input.consumed == 0 => {
+                let spare = recv.spare().map_err(|err| anyhow!("{err}"))?;
+                let n = stream.read(spare).context("reading the announcement")?;
+                if n == 0 {
+                    receiver
+                        .handle_eof(recv.data().len())
+                        .map_err(session_error)?;
+                    bail!("the readiness connection closed before the report");
+                }
+                recv.commit(n);
+                continue;
+            }
+            None => {}
         }
-        recv.commit(n);
+        recv.consume(input.consumed);
     }
-    recv.next_frame()
-        .map_err(recv_error)?
-        .context("no frame although one is buffered")
 }
 
 #[cfg(test)]
@@ -205,7 +211,7 @@ mod tests {
     use std::io::Write;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    use ferry_wire::{encode_agent_frame, AgentHello, Limits, MAGIC, PROTOCOL_VERSION};
+    use ferry_wire::{encode_agent_frame, AgentFrame, AgentHello, Limits, MAGIC, PROTOCOL_VERSION};
 
     fn socket_path() -> PathBuf {
         static N: AtomicU32 = AtomicU32::new(0);
@@ -312,15 +318,18 @@ mod tests {
     fn a_connection_closed_mid_frame_is_an_error() {
         // A header announcing 10 bytes, then 3 of them.
         let err = announcement_error(vec![10, 0, 0, 0, 1, 2, 3]);
-        assert!(err.contains("closed mid-frame"), "{err}");
+        assert!(err.contains("closed the connection mid-frame"), "{err}");
         let err = announcement_error(Vec::new());
-        assert!(err.contains("closed mid-frame"), "{err}");
+        assert!(
+            err.contains("closed the connection during the hello"),
+            "{err}"
+        );
     }
 
     #[test]
     fn an_oversized_frame_is_refused_at_its_header() {
         let err = announcement_error(u32::MAX.to_le_bytes().to_vec());
-        assert!(err.contains("reading the agent's hello"), "{err}");
+        assert!(err.contains("readiness connection"), "{err}");
         assert!(err.contains("exceeds the limit"), "{err}");
     }
 
@@ -344,7 +353,7 @@ mod tests {
             .expect_err("no hello");
         writer.join().expect("writer thread");
         assert!(
-            format!("{err:#}").contains("opened the readiness"),
+            format!("{err:#}").contains("unexpected frame: a readiness report during the hello"),
             "{err:#}"
         );
     }

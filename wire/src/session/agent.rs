@@ -4,8 +4,8 @@
 use crate::frame::{decode_client_frame, encode_agent_frame, frame_data_in_place, split_frame};
 use crate::limits::{MAX_FRAME_BODY, MAX_MESSAGE, STDIN_WINDOW};
 use crate::msg::{
-    AgentFrame, AgentHello, ClientFrame, ErrorCode, ErrorFrame, ExitStatus, Limits, ReadyReport,
-    Started, StdinMode, Termination, ValidExec, MAGIC, PROTOCOL_VERSION,
+    AgentFrame, AgentHello, ClientFrame, ErrorCode, ErrorFrame, ExitStatus, Limits, Started,
+    StdinMode, Termination, ValidExec, MAGIC,
 };
 use crate::DataKind;
 
@@ -551,22 +551,4 @@ impl AgentSession {
             limits: self.config.limits,
         }
     }
-}
-
-/// The readiness announcement an agent sends on the connection it opens to its host (see
-/// ARCHITECTURE.md): its hello, then the report. Returns the bytes written.
-pub fn encode_ready_announcement(
-    agent_version: &str,
-    report: ReadyReport,
-    out: &mut [u8],
-) -> Result<usize, SessionError> {
-    let hello = AgentFrame::Hello(AgentHello {
-        magic: MAGIC,
-        version: PROTOCOL_VERSION,
-        agent_version: truncate_str(agent_version, crate::limits::MAX_VERSION_STRING),
-        limits: Limits::CURRENT,
-    });
-    let n = encode_agent_frame(&hello, out)?;
-    let rest = out.get_mut(n..).unwrap_or(&mut []);
-    Ok(n + encode_agent_frame(&AgentFrame::Ready(report), rest)?)
 }

@@ -17,13 +17,13 @@
 
 mod agent;
 mod client;
+mod ready;
 
 use core::fmt;
 
-pub use agent::{
-    encode_ready_announcement, AgentConfig, AgentEvent, AgentSession, OutputPhase, Refusal,
-};
+pub use agent::{AgentConfig, AgentEvent, AgentSession, OutputPhase, Refusal};
 pub use client::{AgentInfo, ClientEvent, ClientSession, StdinSent};
+pub use ready::{encode_ready_announcement, ReadyEvent, ReadyReceiver};
 
 use crate::msg::{AgentFrame, ClientFrame};
 use crate::recv::RecvError;
@@ -217,7 +217,9 @@ impl fmt::Display for SessionError {
             SessionError::FrameTooLarge { declared } => {
                 write!(f, "frame of {declared} bytes exceeds the limit")
             }
-            SessionError::Unexpected { frame, phase } => write!(f, "unexpected {frame} {phase}"),
+            SessionError::Unexpected { frame, phase } => {
+                write!(f, "unexpected frame: {frame} {phase}")
+            }
             SessionError::NotFerry => f.write_str("the peer is not a ferry peer (bad magic)"),
             SessionError::UnsupportedVersion { chosen: 0 } => {
                 f.write_str("no common protocol version")
