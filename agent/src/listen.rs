@@ -31,19 +31,46 @@ pub fn bind(addr: &ListenAddr) -> Result<OwnedFd, Errno> {
             let path = CStr::from_bytes_until_nul(path).map_err(|_| Errno::INVAL)?;
             let sock =
                 rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, flags, None)?;
-            // A socket file left by an earlier run would make bind fail; nothing else is removed.
-            if let Ok(stat) = rustix::fs::lstat(path) {
-                if rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Socket
-                {
-                    let _ = rustix::fs::unlink(path);
-                }
+            let addr = SocketAddrUnix::new(path)?;
+            // Whoever can connect can run commands as the agent's user: the socket is the
+            // owner's alone (0600), whatever umask the agent was started with. The umask is
+            // restored at once, so commands still inherit the agent's own.
+            let umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+            let mut bound = rustix::net::bind(&sock, &addr);
+            // A socket file left by an earlier run makes bind fail: it is removed only when
+            // nobody listens on it. A live agent's socket is never taken over (that agent would
+            // keep running, unreachable): this one fails instead.
+            if bound == Err(Errno::ADDRINUSE) && is_stale_socket(path, &addr) {
+                let _ = rustix::fs::unlink(path);
+                bound = rustix::net::bind(&sock, &addr);
             }
-            rustix::net::bind(&sock, &SocketAddrUnix::new(path)?)?;
+            rustix::process::umask(umask);
+            bound?;
             sock
         }
     };
     rustix::net::listen(&sock, 1024)?;
     Ok(sock)
+}
+
+/// Whether `path` is a socket file nobody listens on: a connection to it is refused. Anything
+/// else (a listener, even one whose backlog is full; a file that is not a socket; no
+/// permission to tell) is left alone. If another agent is listening there, it sees this probe
+/// as a client that left without a word. (Two agents starting at once on the same stale file
+/// can still both remove it; the first one's socket is then lost. Not worth a lock file.)
+fn is_stale_socket(path: &CStr, addr: &SocketAddrUnix) -> bool {
+    let is_socket = rustix::fs::lstat(path).is_ok_and(|stat| {
+        rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Socket
+    });
+    if !is_socket {
+        return false;
+    }
+    let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+    let Ok(probe) = rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, flags, None)
+    else {
+        return false;
+    };
+    rustix::net::connect(&probe, addr) == Err(Errno::CONNREFUSED)
 }
 
 /// Spare connection processes kept waiting in `accept`. One is being replaced after each
@@ -76,7 +103,12 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool) -> ! {
         let mut failure = None;
         while !spares.is_full() {
             match fork_spare() {
-                Ok(Forked::Spare(report)) => spare(listener, report, listener_pid),
+                Ok(Forked::Spare(report)) => {
+                    // The other spares' report pipes are the listener's: a spare (and the
+                    // connection it becomes) holds only its own.
+                    spares.clear();
+                    spare(listener, report, listener_pid)
+                }
                 Ok(Forked::Listener(taken)) => {
                     let _ = spares.push(taken);
                 }

@@ -123,6 +123,8 @@ pub fn run() -> ! {
         }
         options.ready_port = boot.ready_port;
     }
+    // After the mounts: the descriptors are listed in /proc.
+    sys::seal_inherited_fds();
     let args = sys::args().map(|arg| arg.to_bytes());
     match parse_args(args, is_init, &mut options) {
         Ok(Request::Serve) => {}
@@ -150,7 +152,13 @@ pub fn run() -> ! {
                 clock::sleep_ms(500);
             }
             Err(errno) => {
-                log::error(b"cannot listen", errno);
+                let what: &[u8] = if errno == rustix::io::Errno::ADDRINUSE {
+                    // For a Unix socket: another agent listens on that path.
+                    b"cannot listen: the address is in use"
+                } else {
+                    b"cannot listen"
+                };
+                log::error(what, errno);
                 sys::exit(1)
             }
         }

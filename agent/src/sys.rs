@@ -515,6 +515,38 @@ pub fn take_conn_buffers() -> Option<&'static mut ConnBuffers> {
     Some(unsafe { &mut *core::ptr::addr_of_mut!(CONN_BUFFERS) })
 }
 
+/// Marks every descriptor above 2 close-on-exec. The agent's own are close-on-exec from the
+/// start, but whoever started it may have leaked some into it (a shell's redirection, a
+/// supervisor's pipe), and a command must inherit exactly 0, 1 and 2. They stay open for the
+/// agent, which never uses them: only `execve` drops them. Listed from `/proc/self/fd`; without
+/// procfs nothing is done (as PID 1 the kernel hands over 0, 1 and 2 only).
+pub fn seal_inherited_fds() {
+    use rustix::fd::AsRawFd;
+    use rustix::fs::{Mode, OFlags, RawDir};
+
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let Ok(dir) = rustix::fs::open(c"/proc/self/fd", flags, Mode::empty()) else {
+        return;
+    };
+    let listing = dir.as_raw_fd();
+    let mut buf = [core::mem::MaybeUninit::<u8>::uninit(); 512];
+    let mut entries = RawDir::new(&dir, &mut buf);
+    while let Some(Ok(entry)) = entries.next() {
+        // "." and ".." are not numbers.
+        let Some(fd) = crate::config::parse_u32(entry.file_name().to_bytes()) else {
+            continue;
+        };
+        let Ok(fd) = i32::try_from(fd) else { continue };
+        if fd <= 2 || fd == listing {
+            continue;
+        }
+        // SAFETY: `fd` was just listed as open, and nothing closes it before this call (the
+        // agent is single-threaded and owns none of these); it is borrowed for this call only.
+        let fd = unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = io::fcntl_setfd(fd, io::FdFlags::CLOEXEC);
+    }
+}
+
 /// Descriptor 1.
 pub fn stdout() -> rustix::fd::BorrowedFd<'static> {
     // SAFETY: `init::ensure_std_fds` runs first thing and keeps 0, 1 and 2 open for good; the

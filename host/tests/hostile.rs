@@ -1,0 +1,1121 @@
+//! The shipped agent binary against a hostile client on its Unix socket, and against a hostile
+//! environment (an odd umask, leaked descriptors, a second agent on the same path). Each test is
+//! an attack that was tried; what the agent must do about it is the assertion. The plain protocol
+//! breaches (bad frames before and at the request, noise, stdin far beyond credit) are scenarios
+//! in `qemu-tests/tests/suite/raw.rs`; these are the ones that need the agent's process tree, its
+//! timing or its launch under our control.
+#![allow(clippy::unwrap_used)] // a test reports failure by panicking
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{agent_binary, children, group_members, wait_group_gone, Agent};
+use ferry_wire::limits::{
+    MAX_ARGS, MAX_ARGV_BYTES, MAX_DATA, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_FRAME, MAX_PATH,
+    STDIN_WINDOW,
+};
+use ferry_wire::{
+    decode_agent_frame, encode_client_frame, AgentFrame, Bytes, ClientFrame, ClientHello,
+    ErrorCode, ExecRequest, ExitStatus, RecvBuf, StdinMode, StrList, Termination,
+};
+
+// ---------------------------------------------------------------------------------------------
+// A client driven by hand.
+
+/// What the agent sent, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Hello,
+    Started(u32),
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Credit(u32),
+    Exited(Termination),
+    Error(ErrorCode, String),
+    Ready,
+}
+
+impl From<AgentFrame<'_>> for Seen {
+    fn from(frame: AgentFrame<'_>) -> Seen {
+        match frame {
+            AgentFrame::Hello(_) => Seen::Hello,
+            AgentFrame::Started(started) => Seen::Started(started.pid),
+            AgentFrame::Stdout(data) => Seen::Stdout(data.0.to_vec()),
+            AgentFrame::Stderr(data) => Seen::Stderr(data.0.to_vec()),
+            AgentFrame::StdinCredit(n) => Seen::Credit(n),
+            AgentFrame::Exited(end) => Seen::Exited(end),
+            AgentFrame::Error(err) => Seen::Error(err.code, err.message.to_owned()),
+            AgentFrame::Ready(_) => Seen::Ready,
+        }
+    }
+}
+
+/// One connection, raw bytes out, whole frames in.
+struct Raw {
+    stream: UnixStream,
+    recv: RecvBuf<Vec<u8>>,
+}
+
+/// How long any single read may wait: a test that waits this long has failed.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+impl Raw {
+    fn open(socket: &Path) -> Raw {
+        let stream = UnixStream::connect(socket).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.set_write_timeout(Some(PATIENCE)).unwrap();
+        Raw {
+            stream,
+            recv: RecvBuf::new(vec![0; MAX_FRAME]),
+        }
+    }
+
+    /// Sends `bytes`; the agent may have closed already, which is an answer too.
+    fn send(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    fn send_frame(&mut self, frame: &ClientFrame<'_>) {
+        self.send(&encode(frame));
+    }
+
+    /// Reads once; 0 at the end of the stream (a reset counts: what the agent sent before it
+    /// is delivered first). `None` when nothing came within `wait`.
+    fn fill(&mut self, wait: Duration) -> Option<usize> {
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+        let spare = self
+            .recv
+            .spare()
+            .expect("a frame beyond the protocol's limit");
+        let read = self.stream.read(spare);
+        self.stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        match read {
+            Ok(n) => {
+                self.recv.commit(n);
+                Some(n)
+            }
+            Err(err) if err.kind() == ErrorKind::ConnectionReset => Some(0),
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
+            Err(err) => panic!("reading from the agent: {err}"),
+        }
+    }
+
+    /// The next frame within `wait`: `Ok(Some)`, `Ok(None)` when the agent closed between
+    /// frames, `Err(())` when nothing (more) came in time.
+    fn next_within(&mut self, wait: Duration) -> Result<Option<Seen>, ()> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let next = self.recv.next_frame().expect("a frame beyond the limit");
+            if let Some(body) = next {
+                let frame = decode_agent_frame(body).expect("an undecodable frame from the agent");
+                return Ok(Some(frame.into()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.fill(left.max(Duration::from_millis(1))) {
+                Some(0) => {
+                    assert!(self.recv.data().is_empty(), "the agent closed mid-frame");
+                    return Ok(None);
+                }
+                Some(_) => {}
+                None => return Err(()),
+            }
+        }
+    }
+
+    /// The next frame, or `None` once the agent has closed.
+    fn next(&mut self) -> Option<Seen> {
+        self.next_within(PATIENCE)
+            .expect("the agent neither answered nor closed")
+    }
+
+    /// Everything until the agent closes.
+    fn until_closed(&mut self) -> Vec<Seen> {
+        std::iter::from_fn(|| self.next()).collect()
+    }
+
+    /// Hello and `Started`, in that order; the command's pid (its process group).
+    fn started(&mut self) -> u32 {
+        assert_eq!(self.next(), Some(Seen::Hello));
+        match self.next() {
+            Some(Seen::Started(pid)) => pid,
+            other => panic!("expected Started, got {other:?}"),
+        }
+    }
+}
+
+fn encode(frame: &ClientFrame<'_>) -> Vec<u8> {
+    let mut buf = vec![0u8; MAX_FRAME];
+    let n = encode_client_frame(frame, &mut buf).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn hello() -> Vec<u8> {
+    encode(&ClientFrame::Hello(ClientHello::CURRENT))
+}
+
+/// An exec of `argv` (NUL-terminated entries).
+fn exec(argv: &[u8], stdin: StdinMode) -> ExecRequest<'_> {
+    ExecRequest {
+        argv: StrList::new(argv),
+        env: StrList::default(),
+        clean_env: false,
+        cwd: None,
+        stdin,
+    }
+}
+
+/// Hello and an exec of `sh -c script`, as one write would carry them.
+fn sh_request(script: &str, stdin: StdinMode) -> Vec<u8> {
+    let argv = format!("/bin/sh\0-c\0{script}\0");
+    let request = encode(&ClientFrame::Exec(exec(argv.as_bytes(), stdin)));
+    [hello(), request].concat()
+}
+
+fn stdout_of(seen: &[Seen]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for frame in seen {
+        if let Seen::Stdout(data) = frame {
+            out.extend_from_slice(data);
+        }
+    }
+    out
+}
+
+fn termination(seen: &[Seen]) -> Termination {
+    match seen.last() {
+        Some(Seen::Exited(end)) => *end,
+        _ => panic!("no termination record last: {seen:?}"),
+    }
+}
+
+/// Asserts that nobody is left in process group `pgid` within `within`.
+fn assert_group_gone(pgid: u32, within: Duration, what: &str) {
+    if let Err(left) = wait_group_gone(pgid, within) {
+        panic!("{what}: processes left in group {pgid}: {left:?}");
+    }
+}
+
+/// `/proc/<pid>/stat` fields after the command name: state, ppid, pgrp, …
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+fn parent_of(pid: u32) -> u32 {
+    stat_fields(pid).unwrap()[1].parse().unwrap()
+}
+
+/// User plus system CPU time of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let fields = stat_fields(pid).unwrap();
+    // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {field} for {pid}"));
+    line.trim().trim_end_matches(" kB").parse().unwrap()
+}
+
+/// The descriptors `pid` has open, by number.
+fn open_fds(pid: u32) -> Vec<u32> {
+    let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    fds
+}
+
+/// Waits until `pid` has exactly `count` children (its spares, once connections are done).
+fn wait_children(pid: u32, count: usize, within: Duration) -> Vec<u32> {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = children(pid);
+        if now.len() == count || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    done()
+}
+
+/// The agent still runs a command for a client that plays by the rules, promptly.
+fn assert_serving(socket: &Path, after: &str) {
+    let started = Instant::now();
+    let mut raw = Raw::open(socket);
+    raw.send(&sh_request("echo ok", StdinMode::Null));
+    let seen = raw.until_closed();
+    assert_eq!(stdout_of(&seen), b"ok\n", "after {after}: {seen:?}");
+    assert!(
+        termination(&seen).status == ExitStatus::Code(0),
+        "after {after}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "after {after}: an exec took {took:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// An agent started the way an operator might: through a shell, with its umask and its open
+// descriptors.
+
+struct Launched {
+    child: Child,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+fn scratch_dir(tag: &str) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "ferry-hostile-{tag}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts the agent on `socket` through `sh -c "<prelude> exec agent --listen unix:socket"`: the
+/// agent is the shell's pid, with whatever the prelude set up.
+fn spawn_agent(prelude: &str, socket: &Path) -> Child {
+    Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("{prelude}\nexec \"$0\" --listen \"unix:$1\""))
+        .arg(agent_binary())
+        .arg(socket)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// An agent process killed (with its spares) when the test ends, however it ends.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether a Unix socket bound to `path` is listening (`__SO_ACCEPTCON` in `/proc/net/unix`):
+/// a probe connection would take one of the agent's spares.
+fn is_listening(path: &Path) -> bool {
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let path = path.to_string_lossy();
+    table.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(3) == Some(&"00010000") && fields.get(7) == Some(&path.as_ref())
+    })
+}
+
+impl Launched {
+    fn start(prelude: &str) -> Launched {
+        let dir = scratch_dir("launched");
+        let socket = dir.join("agent.sock");
+        let mut child = spawn_agent(prelude, &socket);
+        let ok = wait_until(Duration::from_secs(10), || {
+            is_listening(&socket) || child.try_wait().unwrap().is_some()
+        });
+        assert!(ok && is_listening(&socket), "the agent did not start");
+        Launched { child, dir, socket }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `script` on the agent at `socket` and returns its stdout (it must exit 0).
+fn run(socket: &Path, script: &str) -> String {
+    let mut raw = Raw::open(socket);
+    raw.send(&sh_request(script, StdinMode::Null));
+    let seen = raw.until_closed();
+    assert_eq!(
+        termination(&seen).status,
+        ExitStatus::Code(0),
+        "{script}: {seen:?}"
+    );
+    String::from_utf8(stdout_of(&seen)).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Garbage and truncation at every phase.
+
+/// Every prefix of a valid hello + request, then a half-close: no prefix short of the whole
+/// request starts anything, and the agent says at most its hello. (The half-close is read as
+/// the client leaving: before a request nothing is owed to it.)
+#[test]
+fn every_truncation_of_the_request_starts_nothing() {
+    let agent = Agent::start();
+    let whole = sh_request("echo started", StdinMode::Null);
+    let hello_len = hello().len();
+    for cut in 0..whole.len() {
+        let mut raw = Raw::open(&agent.socket);
+        raw.send(&whole[..cut]);
+        raw.stream.shutdown(Shutdown::Write).unwrap();
+        let seen = raw.until_closed();
+        let expected: &[Seen] = if cut >= hello_len {
+            &[Seen::Hello]
+        } else {
+            &[]
+        };
+        assert_eq!(seen, expected, "cut after {cut} of {} bytes", whole.len());
+    }
+    // And a frame that announces more than it carries, then a full close.
+    let mut raw = Raw::open(&agent.socket);
+    raw.send(&hello());
+    raw.send(&[0x00, 0x00, 0x01, 0x00]);
+    raw.send(&[0x01; 30_000]);
+    drop(raw);
+    assert_serving(&agent.socket, "truncated requests");
+    // Each of those connection processes is gone: only the spares are left.
+    let left = wait_children(agent.pid(), 2, Duration::from_secs(5));
+    assert_eq!(left.len(), 2, "connection processes left: {left:?}");
+}
+
+/// After `Started`, a bad frame ends the conversation with one error frame and kills the
+/// command's whole group, whatever kind of bad it is.
+#[test]
+fn garbage_after_started_is_refused_and_kills_the_group() {
+    let agent = Agent::start();
+    let cases: [(&str, Vec<u8>, ErrorCode); 5] = [
+        (
+            "undecodable",
+            vec![3, 0, 0, 0, 9, 9, 9],
+            ErrorCode::Malformed,
+        ),
+        ("empty body", vec![0, 0, 0, 0], ErrorCode::Malformed),
+        (
+            "huge length",
+            vec![0xff, 0xff, 0xff, 0x7f],
+            ErrorCode::FrameTooLarge,
+        ),
+        ("a second hello", hello(), ErrorCode::ProtocolViolation),
+        (
+            // A valid stdin frame with bytes after it inside its body.
+            "trailing bytes",
+            [vec![19, 0, 0, 0, 2, 1, b'x'], vec![0xaa; 16]].concat(),
+            ErrorCode::Malformed,
+        ),
+    ];
+    for (name, garbage, code) in cases {
+        let mut raw = Raw::open(&agent.socket);
+        // Stdin is piped so that a Stdin frame is in place (the "trailing bytes" case).
+        raw.send(&sh_request("sleep 30 & echo up; wait", StdinMode::Pipe));
+        let pgid = raw.started();
+        assert_eq!(raw.next(), Some(Seen::Stdout(b"up\n".to_vec())), "{name}");
+        raw.send(&garbage);
+        let seen = raw.until_closed();
+        let last = seen.last().cloned();
+        assert!(
+            matches!(&last, Some(Seen::Error(c, _)) if *c == code),
+            "{name}: {seen:?}"
+        );
+        assert!(
+            seen[..seen.len() - 1]
+                .iter()
+                .all(|s| matches!(s, Seen::Credit(_))),
+            "{name}: {seen:?}"
+        );
+        assert_group_gone(pgid, Duration::from_secs(5), name);
+    }
+    assert_serving(&agent.socket, "garbage after Started");
+}
+
+/// A frame cut off after `Started` (mid-header or mid-body), then the client goes (half-close
+/// or close): a disconnect, so the command's group dies and no final frame is owed.
+#[test]
+fn a_frame_cut_off_after_started_is_a_disconnect() {
+    let agent = Agent::start();
+    let stdin_frame = encode(&ClientFrame::Stdin(Bytes(&[b'x'; 1000])));
+    for (name, cut, half_close) in [
+        ("mid-header, half-close", 2, true),
+        ("mid-body, half-close", 500, true),
+        ("mid-header, close", 3, false),
+        ("mid-body, close", 999, false),
+    ] {
+        let mut raw = Raw::open(&agent.socket);
+        raw.send(&sh_request("exec sleep 30", StdinMode::Pipe));
+        let pgid = raw.started();
+        raw.send(&stdin_frame[..cut]);
+        if half_close {
+            raw.stream.shutdown(Shutdown::Write).unwrap();
+            assert_eq!(raw.until_closed(), [], "{name}");
+        } else {
+            drop(raw);
+        }
+        assert_group_gone(pgid, Duration::from_secs(5), name);
+    }
+    assert_serving(&agent.socket, "frames cut off");
+}
+
+/// Anything after the final frame goes nowhere: the agent has closed, and the next client is
+/// served as usual.
+#[test]
+fn input_after_the_final_frame_is_never_read() {
+    let agent = Agent::start();
+    let mut raw = Raw::open(&agent.socket);
+    raw.send(&sh_request("echo done", StdinMode::Null));
+    raw.started();
+    let mut seen = Vec::new();
+    while !matches!(seen.last(), Some(Seen::Exited(_))) {
+        seen.push(raw.next().expect("closed before the termination record"));
+    }
+    // More garbage than any buffer of the agent's, and a valid-looking request.
+    raw.send(&vec![0x5a; 256 << 10]);
+    raw.send(&sh_request("echo again", StdinMode::Null));
+    assert_eq!(raw.until_closed(), [], "frames after the final one");
+    assert_serving(&agent.socket, "input after the final frame");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A reader that stops.
+
+/// A client asks for a flood and stops reading: the command is slowed (blocked on its pipe),
+/// the agent's memory does not grow; the client resumes and gets the stream; then it leaves
+/// mid-stream and the command's group dies (a quiet `sleep` in it too, which the pipes closing
+/// would not end), with nothing leaked in the listener.
+#[test]
+fn a_stalled_reader_slows_a_flood_without_growing_the_agent() {
+    let agent = Agent::start();
+    let listener_fds = open_fds(agent.pid());
+    for flood in ["sleep 30 & exec yes", "sleep 30 & exec cat /dev/zero"] {
+        let mut raw = Raw::open(&agent.socket);
+        raw.send(&sh_request(flood, StdinMode::Null));
+        let pgid = raw.started();
+        let connection = parent_of(pgid);
+        // Stalled: the socket buffers and the pipe fill, then the command blocks in write(2).
+        let blocked = wait_until(Duration::from_secs(5), || {
+            let before = cpu_ticks(pgid);
+            std::thread::sleep(Duration::from_millis(300));
+            cpu_ticks(pgid) == before && stat_fields(pgid).unwrap()[0] == "S"
+        });
+        assert!(
+            blocked,
+            "{flood}: still running at full speed with no reader"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let rss = status_kib(connection, "VmRSS");
+        assert!(rss < 1024, "{flood}: connection process at {rss} KiB");
+        assert_eq!(
+            stat_fields(connection).unwrap()[0],
+            "S",
+            "{flood}: agent spinning"
+        );
+        // Resumed: the stream flows again.
+        let mut received = 0usize;
+        while received < 16 << 20 {
+            match raw.next() {
+                Some(Seen::Stdout(data)) => received += data.len(),
+                other => panic!("{flood}: {other:?}"),
+            }
+        }
+        let rss = status_kib(connection, "VmHWM");
+        assert!(
+            rss < 1024,
+            "{flood}: connection process peaked at {rss} KiB"
+        );
+        // Gone mid-stream: the group dies, the connection process ends.
+        drop(raw);
+        assert_group_gone(pgid, Duration::from_secs(5), flood);
+        assert!(
+            wait_until(Duration::from_secs(5), || stat_fields(connection).is_none()),
+            "{flood}: the connection process lingers"
+        );
+    }
+    assert_eq!(
+        open_fds(agent.pid()),
+        listener_fds,
+        "the listener's descriptors"
+    );
+}
+
+/// A command killed by a signal while its output still waits in the pipe for a stalled
+/// reader: all of it arrives, and then the signal, with nothing reported dropped.
+#[test]
+fn a_command_killed_while_its_output_drains_reports_everything() {
+    let agent = Agent::start();
+    // Killed by its own hand once everything is written.
+    let mut raw = Raw::open(&agent.socket);
+    raw.send(&sh_request(
+        "head -c 700000 /dev/zero; kill -KILL $$",
+        StdinMode::Null,
+    ));
+    raw.started();
+    std::thread::sleep(Duration::from_millis(600));
+    let seen = raw.until_closed();
+    assert_eq!(stdout_of(&seen).len(), 700_000);
+    let end = termination(&seen);
+    let killed = ExitStatus::Signal {
+        number: 9,
+        core_dumped: false,
+    };
+    assert_eq!((end.status, end.output_dropped), (killed, false));
+
+    // Killed from outside while it floods a reader that does not read.
+    let mut raw = Raw::open(&agent.socket);
+    raw.send(&sh_request("exec yes", StdinMode::Null));
+    let pgid = raw.started();
+    std::thread::sleep(Duration::from_millis(300));
+    let status = Command::new("kill")
+        .args(["-TERM", &pgid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(600));
+    let seen = raw.until_closed();
+    let out = stdout_of(&seen);
+    assert!(out.len() > 64 << 10, "only {} bytes", out.len());
+    assert!(
+        out.chunks(2).all(|c| c == b"y\n" || c == b"y"),
+        "not yes's output"
+    );
+    let end = termination(&seen);
+    let terminated = ExitStatus::Signal {
+        number: 15,
+        core_dumped: false,
+    };
+    assert_eq!((end.status, end.output_dropped), (terminated, false));
+}
+
+/// Daemons keep the command's stdout after the command exits, one flooding it, and the client
+/// stops reading and then leaves before the termination record: the client's leaving is a
+/// disconnect even though the group's leader is gone and reaped, and the daemons die with the
+/// group (the quiet one too, which the pipes closing would not end).
+#[test]
+fn leaving_while_a_daemon_holds_the_output_kills_the_daemon() {
+    let agent = Agent::start();
+    let mut raw = Raw::open(&agent.socket);
+    // One daemon floods until the reader's stall blocks it; the other only holds stdout.
+    raw.send(&sh_request(
+        "sleep 30 & yes & echo leader done",
+        StdinMode::Null,
+    ));
+    let pgid = raw.started();
+    assert!(
+        wait_until(Duration::from_secs(5), || stat_fields(pgid)
+            .is_none_or(|f| f[0] == "Z")),
+        "the leader did not exit"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let members = group_members(pgid);
+    assert!(
+        members.len() >= 2,
+        "the daemons are gone already: {members:?}"
+    );
+    drop(raw);
+    assert_group_gone(
+        pgid,
+        Duration::from_secs(5),
+        "after leaving during the drain",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Half-close.
+
+/// The contract: the client's end of stream before the final frame is a disconnect, and a
+/// disconnect kills the command's group. A half-close (`shutdown(SHUT_WR)`) is an end of stream
+/// like any other, whether it follows the request or the end of stdin: the agent cannot tell
+/// it from a client that is gone (and vhost-device-vsock turns one into the other). A client
+/// that wants the rest of its command's output sends `StdinEof` and keeps its socket open.
+#[test]
+fn a_half_close_before_the_final_frame_is_a_disconnect() {
+    let agent = Agent::start();
+    let script = "cat; sleep 3; echo late";
+    let cases: [(&str, Vec<u8>); 2] = [
+        ("right after the request", Vec::new()),
+        (
+            "after stdin's end",
+            [
+                encode(&ClientFrame::Stdin(Bytes(b"abc"))),
+                encode(&ClientFrame::StdinEof),
+            ]
+            .concat(),
+        ),
+    ];
+    for (name, after) in cases {
+        let started = Instant::now();
+        let mut raw = Raw::open(&agent.socket);
+        raw.send(&[sh_request(script, StdinMode::Pipe), after].concat());
+        raw.stream.shutdown(Shutdown::Write).unwrap();
+        let pgid = raw.started();
+        let seen = raw.until_closed();
+        assert!(
+            seen.iter()
+                .all(|s| matches!(s, Seen::Stdout(_) | Seen::Credit(_))),
+            "{name}: a final frame after a half-close: {seen:?}"
+        );
+        assert_group_gone(pgid, Duration::from_secs(2), name);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "{name}: took {took:?}");
+    }
+    // The same stdin without the half-close: the whole run.
+    let mut raw = Raw::open(&agent.socket);
+    raw.send(&sh_request("cat; sleep 1; echo late", StdinMode::Pipe));
+    raw.send_frame(&ClientFrame::Stdin(Bytes(b"abc")));
+    raw.send_frame(&ClientFrame::StdinEof);
+    raw.started();
+    let seen = raw.until_closed();
+    assert_eq!(stdout_of(&seen), b"abclate\n");
+    assert_eq!(termination(&seen).status, ExitStatus::Code(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow and many clients.
+
+/// A slowloris: the hello and request one byte a second. Dribbling does not extend the
+/// handshake deadline (30 s from the connection, no knob to shorten it), nobody else waits
+/// meanwhile, and at the deadline the client is told and closed.
+#[test]
+fn a_slowloris_handshake_times_out_and_delays_nobody() {
+    let agent = Agent::start();
+    let request = sh_request("echo never", StdinMode::Null);
+    let socket = agent.socket.clone();
+    let connected = Instant::now();
+    let mut slow = Raw::open(&socket);
+    let mut answer = Vec::new();
+    let mut sent = 0;
+    let mut execs = 0;
+    let ended = loop {
+        if sent < request.len() {
+            slow.send(&request[sent..sent + 1]);
+            sent += 1;
+        }
+        // Meanwhile others are served promptly.
+        if execs < 10 {
+            assert_serving(&socket, "a slowloris connected");
+            execs += 1;
+        }
+        match slow.next_within(Duration::from_secs(1)) {
+            Ok(Some(seen)) => answer.push(seen),
+            Ok(None) => break connected.elapsed(),
+            Err(()) => {}
+        }
+        assert!(
+            connected.elapsed() < Duration::from_secs(34),
+            "never timed out"
+        );
+    };
+    assert!(sent < request.len(), "the whole request went through");
+    let timed_out = Seen::Error(ErrorCode::ProtocolViolation, "handshake timed out".into());
+    assert_eq!(answer, [Seen::Hello, timed_out]);
+    assert!(ended > Duration::from_secs(29), "ended after {ended:?}");
+}
+
+/// Hundreds of connections at once, each with a request, and hundreds that say nothing: all
+/// requests are served, the silent ones delay nobody, and once they are gone the listener has
+/// the descriptors and the spares it started with.
+#[test]
+fn hundreds_of_connections_at_once() {
+    const MANY: usize = 300;
+    let agent = Agent::start();
+    let listener = agent.pid();
+    wait_children(listener, 2, Duration::from_secs(5));
+    let fds = open_fds(listener);
+    let mut busy: Vec<Raw> = (0..MANY).map(|_| Raw::open(&agent.socket)).collect();
+    for (i, raw) in busy.iter_mut().enumerate() {
+        raw.send(&sh_request(&format!("echo {i}"), StdinMode::Null));
+    }
+    let silent: Vec<Raw> = (0..MANY).map(|_| Raw::open(&agent.socket)).collect();
+    for (i, raw) in busy.iter_mut().enumerate() {
+        let seen = raw.until_closed();
+        assert_eq!(stdout_of(&seen), format!("{i}\n").as_bytes(), "{seen:?}");
+    }
+    assert_serving(&agent.socket, "hundreds of silent connections");
+    drop(busy);
+    drop(silent);
+    let left = wait_children(listener, 2, Duration::from_secs(10));
+    assert_eq!(left.len(), 2, "connection processes left: {}", left.len());
+    assert_eq!(open_fds(listener), fds, "the listener's descriptors");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stdin.
+
+/// A command that never reads: its pipe fills, then credit stops. Exactly the credit left is
+/// accepted; one byte more is a breach, answered with an error, and the command's group dies.
+#[test]
+fn stdin_exactly_at_the_credit_edge_and_one_byte_beyond() {
+    let agent = Agent::start();
+    let mut raw = Raw::open(&agent.socket);
+    raw.send(&sh_request("exec sleep 30", StdinMode::Pipe));
+    let pgid = raw.started();
+    let mut sent = 0usize;
+    let mut credited = 0usize;
+    // The whole window at once, then whatever credit comes back (what fit the pipe), until
+    // it stops: the pipe is full.
+    for _ in 0..STDIN_WINDOW / MAX_DATA {
+        raw.send_frame(&ClientFrame::Stdin(Bytes(&[b's'; MAX_DATA])));
+        sent += MAX_DATA;
+    }
+    loop {
+        match raw.next_within(Duration::from_millis(500)) {
+            Ok(Some(Seen::Credit(n))) => credited += n as usize,
+            Err(()) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    let credit = STDIN_WINDOW - (sent - credited);
+    assert!(credited > 0 && credit > 0, "no credit came back");
+    // Exactly at the edge, in pieces of up to a chunk: taken without a word.
+    let mut left = credit;
+    while left > 0 {
+        let n = left.min(MAX_DATA);
+        raw.send_frame(&ClientFrame::Stdin(Bytes(&vec![b'e'; n])));
+        left -= n;
+    }
+    assert_eq!(
+        raw.next_within(Duration::from_millis(500)),
+        Err(()),
+        "the agent answered stdin within credit"
+    );
+    assert!(!group_members(pgid).is_empty(), "the command died");
+    // One byte beyond.
+    raw.send_frame(&ClientFrame::Stdin(Bytes(b"!")));
+    let seen = raw.until_closed();
+    let beyond = Seen::Error(ErrorCode::ProtocolViolation, "stdin beyond credit".into());
+    assert_eq!(seen, [beyond]);
+    assert_group_gone(pgid, Duration::from_secs(5), "after stdin beyond credit");
+}
+
+/// A command that closes its stdin at once and keeps running: what the client sends can no
+/// longer be written (EPIPE), so it is discarded and credited back, and credit keeps flowing
+/// for as much as the client cares to send.
+#[test]
+fn stdin_closed_by_the_command_keeps_credit_flowing() {
+    let agent = Agent::start();
+    let mut raw = Raw::open(&agent.socket);
+    raw.send(&sh_request(
+        "exec 0<&-; sleep 3; echo done",
+        StdinMode::Pipe,
+    ));
+    raw.started();
+    let started = Instant::now();
+    let total = 16usize << 20;
+    let (mut sent, mut credit, mut credited) = (0usize, STDIN_WINDOW, 0usize);
+    let chunk = vec![b'x'; MAX_DATA];
+    while sent < total {
+        if credit == 0 {
+            match raw.next() {
+                Some(Seen::Credit(n)) => {
+                    (credit, credited) = (credit + n as usize, credited + n as usize)
+                }
+                other => panic!("after {sent} bytes: {other:?}"),
+            }
+            continue;
+        }
+        let n = credit.min(MAX_DATA);
+        raw.send_frame(&ClientFrame::Stdin(Bytes(&chunk[..n])));
+        (sent, credit) = (sent + n, credit - n);
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "16 MiB of stdin took {took:?}"
+    );
+    raw.send_frame(&ClientFrame::StdinEof);
+    let seen = raw.until_closed();
+    assert!(
+        seen.iter().all(|s| !matches!(s, Seen::Error(..))),
+        "{seen:?}"
+    );
+    // Every byte is credited back before the end, the ones discarded at EPIPE included.
+    for frame in &seen {
+        if let Seen::Credit(n) = frame {
+            credited += *n as usize;
+        }
+    }
+    assert_eq!(credited, sent, "credit never returned");
+    assert_eq!(stdout_of(&seen), b"done\n");
+    assert_eq!(termination(&seen).status, ExitStatus::Code(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits.
+
+/// `count` NUL-terminated entries of exactly `total` bytes, `head` first, each entry made by
+/// `entry(index, length without NUL)`.
+fn list(
+    head: &[&str],
+    count: usize,
+    total: usize,
+    entry: impl Fn(usize, usize) -> String,
+) -> Vec<u8> {
+    let mut out: Vec<u8> = head
+        .iter()
+        .flat_map(|h| [h.as_bytes(), b"\0"].concat())
+        .collect();
+    let rest = count - head.len();
+    for i in 0..rest {
+        let left = total - out.len();
+        let share = left / (rest - i);
+        out.extend_from_slice(entry(i, share - 1).as_bytes());
+        out.push(0);
+    }
+    assert_eq!(
+        (out.len(), out.iter().filter(|b| **b == 0).count()),
+        (total, count)
+    );
+    out
+}
+
+/// argv and env at exactly their limits (bytes and entries at once) run; one byte or one entry
+/// more is refused before anything runs; a working directory of exactly `MAX_PATH` bytes passes
+/// the limit (and then does not exist), one more does not.
+#[test]
+fn argv_env_and_cwd_at_the_limits_and_one_over() {
+    let agent = Agent::start();
+    let script = "echo $# ${#1}; env | grep -c '^HOSTILE_'";
+    let argv = |extra_byte: usize, extra_entry: usize| {
+        let head = ["/bin/sh", "-c", script, "sh"];
+        list(
+            &head,
+            MAX_ARGS + extra_entry,
+            MAX_ARGV_BYTES + extra_byte,
+            |_, n| "a".repeat(n),
+        )
+    };
+    let env = |extra_byte: usize, extra_entry: usize| {
+        list(
+            &[],
+            MAX_ENV_VARS + extra_entry,
+            MAX_ENV_BYTES + extra_byte,
+            |i, n| {
+                let key = format!("HOSTILE_{i:04}=");
+                format!("{key}{}", "v".repeat(n - key.len()))
+            },
+        )
+    };
+    let attempt = |argv: &[u8], env: &[u8], cwd: Option<&[u8]>| {
+        let request = ExecRequest {
+            env: StrList::new(env),
+            cwd: cwd.map(Bytes),
+            ..exec(argv, StdinMode::Null)
+        };
+        let mut raw = Raw::open(&agent.socket);
+        raw.send(&[hello(), encode(&ClientFrame::Exec(request))].concat());
+        raw.until_closed()
+    };
+    let at_limit = attempt(&argv(0, 0), &env(0, 0), None);
+    let expected = format!(
+        "{} {}\n{}\n",
+        MAX_ARGS - 4,
+        MAX_ARGV_BYTES / MAX_ARGS - 1,
+        MAX_ENV_VARS
+    );
+    assert_eq!(String::from_utf8(stdout_of(&at_limit)).unwrap(), expected);
+    assert_eq!(termination(&at_limit).status, ExitStatus::Code(0));
+    let limit = Seen::Error(
+        ErrorCode::LimitExceeded,
+        "request exceeds the agent's limits".into(),
+    );
+    for (name, argv, env) in [
+        ("argv a byte over", argv(1, 0), env(0, 0)),
+        ("argv an entry over", argv(0, 1), env(0, 0)),
+        ("env a byte over", argv(0, 0), env(1, 0)),
+        ("env an entry over", argv(0, 0), env(0, 1)),
+    ] {
+        assert_eq!(
+            attempt(&argv, &env, None),
+            [Seen::Hello, limit.clone()],
+            "{name}"
+        );
+    }
+    let cwd = |len: usize| format!("/{}", "d".repeat(len - 1)).into_bytes();
+    let true_argv = b"true\0";
+    let seen = attempt(true_argv, b"", Some(&cwd(MAX_PATH)));
+    assert!(
+        matches!(&seen[..], [Seen::Hello, Seen::Error(ErrorCode::BadCwd, _)]),
+        "{seen:?}"
+    );
+    assert_eq!(
+        attempt(true_argv, b"", Some(&cwd(MAX_PATH + 1))),
+        [Seen::Hello, limit]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent's own environment.
+
+/// A command inherits exactly 0, 1 and 2, even when whoever started the agent leaked
+/// descriptors into it (here fds 7 and 9, open without close-on-exec).
+#[test]
+fn commands_inherit_only_the_standard_descriptors() {
+    let agent = Launched::start("exec 7</dev/null 9<>/dev/null");
+    let listener_fds = open_fds(agent.pid());
+    assert!(
+        listener_fds.contains(&7),
+        "the leak was not set up: {listener_fds:?}"
+    );
+    // The shell's own descriptors, listed by a child that opens nothing of its own in there.
+    let fds = run(&agent.socket, "ls /proc/$$/fd");
+    assert_eq!(fds, "0\n1\n2\n");
+    let fds = run(&agent.socket, "exec ls /proc/self/fd");
+    assert_eq!(fds, "0\n1\n2\n3\n", "ls's own directory is 3");
+}
+
+/// An odd umask: the socket is the owner's alone whatever the umask (whoever can connect can
+/// run commands as the agent's user), and commands inherit the agent's umask, as any child
+/// does.
+#[test]
+fn the_socket_is_private_whatever_the_umask() {
+    for (umask, expected) in [("000", "0000"), ("077", "0077"), ("027", "0027")] {
+        let agent = Launched::start(&format!("umask {umask}"));
+        let meta = std::fs::symlink_metadata(&agent.socket).unwrap();
+        assert!(meta.file_type().is_socket());
+        let mode = meta.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "umask {umask}: socket mode {mode:o}");
+        assert_eq!(
+            run(&agent.socket, "umask").trim(),
+            expected,
+            "umask {umask}"
+        );
+    }
+}
+
+/// A second agent on a path where one listens: it must fail, saying why, and leave the first
+/// one's socket alone (not unlink it and listen in its place). A socket file nobody listens on
+/// (an agent that was killed) is taken over, as before.
+#[test]
+fn a_second_agent_on_a_live_socket_fails_and_leaves_it_alone() {
+    let first = Agent::start();
+    let inode = std::fs::symlink_metadata(&first.socket).unwrap().ino();
+    let mut second = Spawned(spawn_agent("", &first.socket));
+    let exited = wait_until(Duration::from_secs(5), || {
+        second.0.try_wait().unwrap().is_some()
+    });
+    assert!(
+        exited,
+        "the second agent is running on the first one's path"
+    );
+    let status = second.0.wait().unwrap();
+    assert!(!status.success(), "{status:?}");
+    let mut said = String::new();
+    second
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut said)
+        .unwrap();
+    assert!(said.contains("cannot listen"), "it said {said:?}");
+    assert_eq!(
+        std::fs::symlink_metadata(&first.socket).unwrap().ino(),
+        inode,
+        "the first agent's socket was replaced"
+    );
+    assert_serving(&first.socket, "a second agent tried the same path");
+    // The first agent's connection processes only: the probe's, if any, has ended.
+    assert_eq!(
+        wait_children(first.pid(), 2, Duration::from_secs(5)).len(),
+        2
+    );
+
+    // Killed without a chance to clean up: its socket file stays, and a new agent takes it.
+    let dir = scratch_dir("stale");
+    let socket = dir.join("agent.sock");
+    let killed = Spawned(spawn_agent("", &socket));
+    assert!(wait_until(Duration::from_secs(10), || is_listening(
+        &socket
+    )));
+    drop(killed);
+    // Its spares die with it (their parent-death signal); until then they still listen, and
+    // a new agent would rightly refuse the path.
+    assert!(wait_until(Duration::from_secs(5), || !is_listening(
+        &socket
+    )));
+    assert!(
+        std::fs::symlink_metadata(&socket).is_ok(),
+        "the socket file went with it"
+    );
+    let next = Spawned(spawn_agent("", &socket));
+    let listening = wait_until(Duration::from_secs(10), || is_listening(&socket));
+    assert!(listening, "a stale socket file blocked a new agent");
+    assert_serving(&socket, "taking over a stale socket");
+    drop(next);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What each connection process holds, beyond the agent's own 0, 1 and 2: its socket, the read
+/// ends of the command's stdout and stderr, and the command's pidfd; nothing of the listener's
+/// (a spare forked while another waited used to keep that one's report pipe).
+#[test]
+fn a_connection_process_holds_only_its_own_descriptors() {
+    let agent = Agent::start();
+    let target = |pid: &str, fd: u32| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok();
+    // What this test process leaked into the agent (whoever started it may have leaked some into
+    // it): the agent has them too, as they were, and they are not the question here.
+    let ours: Vec<_> = open_fds(std::process::id())
+        .into_iter()
+        .map(|fd| (fd, target("self", fd)))
+        .collect();
+    let kinds = |pid: u32| {
+        let mut kinds: Vec<String> = open_fds(pid)
+            .into_iter()
+            .filter(|fd| *fd > 2)
+            .filter(|fd| !ours.contains(&(*fd, target(&pid.to_string(), *fd))))
+            .filter_map(|fd| target(&pid.to_string(), fd))
+            .map(|target| {
+                let target = target.to_string_lossy().into_owned();
+                target.split(':').next().unwrap_or_default().to_owned()
+            })
+            .collect();
+        kinds.sort();
+        kinds
+    };
+    // Several at once, so spares are forked while others wait.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut raw = Raw::open(&agent.socket);
+        raw.send(&sh_request("exec sleep 5", StdinMode::Null));
+        let pgid = raw.started();
+        let connection = parent_of(pgid);
+        assert_eq!(
+            kinds(connection),
+            ["anon_inode", "pipe", "pipe", "socket"],
+            "connection process {connection}"
+        );
+        held.push(raw);
+    }
+    drop(held);
+}
