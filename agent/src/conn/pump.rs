@@ -326,6 +326,9 @@ impl Pump<'_, '_, '_> {
         match self.link.receive() {
             Received::Data => self.handle_frames(),
             Received::Nothing => Ok(()),
+            // Any end of the client's stream before the final frame is a disconnect, a
+            // half-close after stdin's end included (see `AgentSession::handle_eof`): the
+            // command's group is killed, even if only its output was left to send.
             Received::Closed => {
                 let _ = self.session.handle_eof();
                 Err(self.kill(End::ClientGone))

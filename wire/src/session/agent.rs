@@ -360,6 +360,11 @@ impl AgentSession {
     /// The client closed the connection. `Ok` when nothing was owed to it (before a request: a
     /// hello alone is a health check; or while closing); otherwise a disconnect, which ends the
     /// command.
+    ///
+    /// Any end of the client's stream counts, a half-close (`shutdown(SHUT_WR)`) included, even
+    /// after [`ClientFrame::StdinEof`]: the agent cannot tell it from a client that is gone, and
+    /// some transports (vhost-device-vsock) turn one into the other. A client that wants the
+    /// rest of its command's output ends stdin with `StdinEof` and keeps its side open.
     pub fn handle_eof(&mut self) -> Result<(), SessionError> {
         let phase = self.phase();
         let state = core::mem::replace(&mut self.state, State::Closed);

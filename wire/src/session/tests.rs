@@ -602,4 +602,39 @@ mod edges {
             })
         );
     }
+
+    #[test]
+    fn agent_end_of_stream_after_stdin_eof_is_a_disconnect_too() {
+        // A half-close after the end of stdin reads as an end of stream like any other: the
+        // command is owed to nobody, so it ends (the agent kills its group).
+        let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
+        let bytes = [
+            hello(),
+            client_frame(ClientFrame::Exec(EXEC)),
+            client_frame(ClientFrame::Stdin(Bytes(b"abc"))),
+            client_frame(ClientFrame::StdinEof),
+        ]
+        .concat();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let input = session.handle_input(rest, 0).unwrap();
+            if let Some(AgentEvent::Exec(_)) = input.event {
+                session.started(5, 0).unwrap();
+            }
+            rest = &rest[input.consumed..];
+        }
+        assert!(!session.stdin_open());
+        session.poll_transmit(&mut vec![0u8; MAX_FRAME]).unwrap();
+        session.child_exited(ExitStatus::Code(0), 10).unwrap();
+        assert_eq!(
+            session.handle_eof(),
+            Err(SessionError::Disconnected {
+                phase: Phase::Running,
+                mid_frame: false
+            }),
+            "even with the command exited and only its output left to send"
+        );
+        assert!(session.is_closed());
+        assert_eq!(session.poll_transmit(&mut [0u8; 64]), Ok(0), "nothing owed");
+    }
 }
