@@ -206,11 +206,24 @@ impl Execution {
     }
 
     /// Reads to the end, handing each chunk to `on_output` (`true` for stderr). An error from
-    /// the callback ends the command (like a closed pipe would) and is returned.
+    /// the callback ends the command (like a closed pipe would) and is returned. A stdin pipe
+    /// that was not taken is closed first: nothing could write to it afterwards.
     pub fn pump(
         mut self,
         mut on_output: impl FnMut(bool, &[u8]) -> io::Result<()>,
     ) -> Result<Termination, PumpError> {
+        // Nothing can write to a stdin pipe nobody took once the execution is consumed here:
+        // close it, or a command that reads to EOF (`cat`, `sort`) would wait forever.
+        if self.feed.is_none() {
+            if let Some(mut untaken) = self.stdin.take() {
+                match untaken.close() {
+                    Err(err) if err.kind() != io::ErrorKind::BrokenPipe => {
+                        return Err(PumpError::Ferry(Error::Io(err)))
+                    }
+                    _ => {}
+                }
+            }
+        }
         while let Some(event) = self.next_event()? {
             match event {
                 Event::Stdout(data) => on_output(false, data).map_err(PumpError::Sink)?,

@@ -119,6 +119,11 @@ fn fake(script: impl FnOnce(&mut Peer) + Send + 'static) -> (Client, Dir, thread
     let listener = UnixListener::bind(&path).unwrap();
     let handle = thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
+        // A client that never sends what the script waits for fails the test instead of
+        // hanging it.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let mut peer = Peer {
             stream,
             // Sized like the agent's: one largest frame.
@@ -163,6 +168,22 @@ fn collects_output_in_order_with_the_termination_record() {
     assert_eq!(output.status, ExitStatus::Code(7));
     assert_eq!(output.duration, Duration::from_micros(1500));
     assert_eq!(output.pid, 42);
+}
+
+/// `output()` of a command with a stdin pipe nobody can write to (the execution is consumed):
+/// the pipe is closed, so a command that reads to EOF ends instead of waiting forever.
+#[test]
+fn collecting_closes_a_stdin_pipe_nobody_took() {
+    let mut command = Command::new("cat");
+    command.stdin(Stdin::Pipe);
+    let output = run_command(&command, |peer| {
+        peer.hello();
+        peer.started();
+        assert_eq!(peer.recv(), Some(Sent::StdinEof));
+        peer.exited(0);
+    })
+    .unwrap();
+    assert_eq!(output.status, ExitStatus::Code(0));
 }
 
 #[test]
