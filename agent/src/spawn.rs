@@ -271,21 +271,39 @@ mod tests {
         .unwrap()
     }
 
+    /// The buffers [`prepare`] fills: `A` argv slots, eight envp slots and `C` bytes of cwd.
+    struct Storage<const A: usize, const C: usize> {
+        argv: PtrStorage<A>,
+        envp: PtrStorage<8>,
+        cwd: [u8; C],
+    }
+
+    impl<const A: usize, const C: usize> Storage<A, C> {
+        fn new() -> Self {
+            Storage {
+                argv: PtrStorage::new(),
+                envp: PtrStorage::new(),
+                cwd: [0; C],
+            }
+        }
+
+        /// [`prepare`]s `request` in these buffers, with `inherited` as the agent's environment.
+        fn prepare<'a>(
+            &'a mut self,
+            request: &ValidExec<'a>,
+            inherited: &[&'a CStr],
+        ) -> Result<Prepared<'a, A, 8>, Refusal> {
+            let Storage { argv, envp, cwd } = self;
+            prepare(request, inherited.iter().copied(), argv, envp, cwd)
+        }
+    }
+
     #[test]
     fn env_merge_overrides_and_path() {
         let inherited = [c"HOME=/root", c"PATH=/bin", c"TERM=linux"];
         let request = exec(b"ls\0-l\0", b"PATH=/opt/bin\0X=1\0X=2\0", false);
-        let mut argv = PtrStorage::<8>::new();
-        let mut envp = PtrStorage::<8>::new();
-        let mut cwd = [0u8; 16];
-        let prepared = prepare(
-            &request,
-            inherited.iter().copied(),
-            &mut argv,
-            &mut envp,
-            &mut cwd,
-        )
-        .unwrap();
+        let mut storage = Storage::<8, 16>::new();
+        let prepared = storage.prepare(&request, &inherited).unwrap();
         assert_eq!(prepared.program, c"ls");
         assert_eq!(prepared.argv.len(), 2);
         // HOME, TERM inherited; PATH replaced; X once (the later value).
@@ -298,17 +316,8 @@ mod tests {
     fn clean_env_has_only_overrides_and_default_path() {
         let inherited = [c"HOME=/root", c"PATH=/bin"];
         let request = exec(b"true\0", b"A=b\0", true);
-        let mut argv = PtrStorage::<8>::new();
-        let mut envp = PtrStorage::<8>::new();
-        let mut cwd = [0u8; 16];
-        let prepared = prepare(
-            &request,
-            inherited.iter().copied(),
-            &mut argv,
-            &mut envp,
-            &mut cwd,
-        )
-        .unwrap();
+        let mut storage = Storage::<8, 16>::new();
+        let prepared = storage.prepare(&request, &inherited).unwrap();
         assert_eq!(prepared.env_len(), 1);
         assert_eq!(prepared.search_path, DEFAULT_PATH);
     }
@@ -316,10 +325,8 @@ mod tests {
     #[test]
     fn storage_limits_are_errors() {
         let request = exec(b"a\0b\0c\0", b"", true);
-        let mut argv = PtrStorage::<3>::new();
-        let mut envp = PtrStorage::<8>::new();
-        let mut cwd = [0u8; 16];
-        let err = prepare(&request, [].into_iter(), &mut argv, &mut envp, &mut cwd).err();
+        let mut storage = Storage::<3, 16>::new();
+        let err = storage.prepare(&request, &[]).err();
         assert_eq!(err.map(|e| e.code), Some(ErrorCode::LimitExceeded));
     }
 
@@ -385,39 +392,21 @@ mod tests {
         // Used to slice `&entry[5..]` of a 4-byte entry: a panic on any exec.
         let inherited = [c"PATH", c"HOME=/root"];
         let request = exec(b"true\0", b"", false);
-        let mut argv = PtrStorage::<8>::new();
-        let mut envp = PtrStorage::<8>::new();
-        let mut cwd = [0u8; 16];
-        let prepared = prepare(
-            &request,
-            inherited.iter().copied(),
-            &mut argv,
-            &mut envp,
-            &mut cwd,
-        )
-        .unwrap();
+        let mut storage = Storage::<8, 16>::new();
+        let prepared = storage.prepare(&request, &inherited).unwrap();
         assert_eq!(prepared.search_path, DEFAULT_PATH);
         assert_eq!(prepared.env_len(), 2, "passed on as it came");
 
         let inherited = [c"PATH=", c"PATH"];
-        let prepared = prepare(
-            &request,
-            inherited.iter().copied(),
-            &mut argv,
-            &mut envp,
-            &mut cwd,
-        )
-        .unwrap();
+        let prepared = storage.prepare(&request, &inherited).unwrap();
         assert_eq!(prepared.search_path, b"");
     }
 
     #[test]
     fn a_cwd_too_long_for_its_buffer_is_a_limit() {
         let request = exec(b"true\0", b"", true);
-        let mut argv = PtrStorage::<8>::new();
-        let mut envp = PtrStorage::<8>::new();
-        let mut cwd = [0u8; 4];
-        let err = prepare(&request, [].into_iter(), &mut argv, &mut envp, &mut cwd).err();
+        let mut storage = Storage::<8, 4>::new();
+        let err = storage.prepare(&request, &[]).err();
         assert_eq!(err.map(|e| e.code), Some(ErrorCode::LimitExceeded));
     }
 
@@ -434,17 +423,8 @@ mod tests {
         }
         .validate()
         .unwrap();
-        let mut argv = PtrStorage::<8>::new();
-        let mut envp = PtrStorage::<8>::new();
-        let mut cwd = [0u8; 16];
-        let prepared = prepare(
-            &request,
-            inherited.iter().copied(),
-            &mut argv,
-            &mut envp,
-            &mut cwd,
-        )
-        .unwrap();
+        let mut storage = Storage::<8, 16>::new();
+        let prepared = storage.prepare(&request, inherited).unwrap();
         let null = rustix::fs::open(
             c"/dev/null",
             rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,

@@ -7,25 +7,28 @@
 #![allow(clippy::unwrap_used)] // a test reports failure by panicking
 
 mod common;
+#[path = "../../qemu-tests/tests/suite/frames.rs"]
+mod frames;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::Read;
 use std::net::Shutdown;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{agent_binary, children, group_members, wait_group_gone, Agent};
+use common::{
+    agent_binary, children, fresh_dir, group_members, is_listening, wait_group_gone, Agent,
+};
 use ferry_wire::limits::{
-    MAX_ARGS, MAX_ARGV_BYTES, MAX_DATA, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_FRAME, MAX_PATH,
-    STDIN_WINDOW,
+    MAX_ARGS, MAX_ARGV_BYTES, MAX_DATA, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_PATH, STDIN_WINDOW,
 };
 use ferry_wire::{
-    decode_agent_frame, encode_client_frame, AgentFrame, Bytes, ClientFrame, ClientHello,
-    ErrorCode, ExecRequest, ExitStatus, RecvBuf, StdinMode, StrList, Termination,
+    AgentFrame, Bytes, ClientFrame, ErrorCode, ExecRequest, ExitStatus, StdinMode, StrList,
+    Termination,
 };
+use frames::{encode, exec, hello};
 
 // ---------------------------------------------------------------------------------------------
 // A client driven by hand.
@@ -59,117 +62,23 @@ impl From<AgentFrame<'_>> for Seen {
 }
 
 /// One connection, raw bytes out, whole frames in.
-struct Raw {
-    stream: UnixStream,
-    recv: RecvBuf<Vec<u8>>,
-}
+type Raw = frames::Raw<Seen>;
 
 /// How long any single read may wait: a test that waits this long has failed.
 const PATIENCE: Duration = Duration::from_secs(15);
 
 impl Raw {
     fn open(socket: &Path) -> Raw {
-        let stream = UnixStream::connect(socket).unwrap();
-        stream.set_read_timeout(Some(PATIENCE)).unwrap();
-        stream.set_write_timeout(Some(PATIENCE)).unwrap();
-        Raw {
-            stream,
-            recv: RecvBuf::new(vec![0; MAX_FRAME]),
-        }
-    }
-
-    /// Sends `bytes`; the agent may have closed already, which is an answer too.
-    fn send(&mut self, bytes: &[u8]) {
-        let _ = self.stream.write_all(bytes);
-    }
-
-    fn send_frame(&mut self, frame: &ClientFrame<'_>) {
-        self.send(&encode(frame));
-    }
-
-    /// Reads once; 0 at the end of the stream (a reset counts: what the agent sent before it
-    /// is delivered first). `None` when nothing came within `wait`.
-    fn fill(&mut self, wait: Duration) -> Option<usize> {
-        self.stream.set_read_timeout(Some(wait)).unwrap();
-        let spare = self
-            .recv
-            .spare()
-            .expect("a frame beyond the protocol's limit");
-        let read = self.stream.read(spare);
-        self.stream.set_read_timeout(Some(PATIENCE)).unwrap();
-        match read {
-            Ok(n) => {
-                self.recv.commit(n);
-                Some(n)
-            }
-            Err(err) if err.kind() == ErrorKind::ConnectionReset => Some(0),
-            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
-            Err(err) => panic!("reading from the agent: {err}"),
-        }
-    }
-
-    /// The next frame within `wait`: `Ok(Some)`, `Ok(None)` when the agent closed between
-    /// frames, `Err(())` when nothing (more) came in time.
-    fn next_within(&mut self, wait: Duration) -> Result<Option<Seen>, ()> {
-        let deadline = Instant::now() + wait;
-        loop {
-            let next = self.recv.next_frame().expect("a frame beyond the limit");
-            if let Some(body) = next {
-                let frame = decode_agent_frame(body).expect("an undecodable frame from the agent");
-                return Ok(Some(frame.into()));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.fill(left.max(Duration::from_millis(1))) {
-                Some(0) => {
-                    assert!(self.recv.data().is_empty(), "the agent closed mid-frame");
-                    return Ok(None);
-                }
-                Some(_) => {}
-                None => return Err(()),
-            }
-        }
-    }
-
-    /// The next frame, or `None` once the agent has closed.
-    fn next(&mut self) -> Option<Seen> {
-        self.next_within(PATIENCE)
-            .expect("the agent neither answered nor closed")
-    }
-
-    /// Everything until the agent closes.
-    fn until_closed(&mut self) -> Vec<Seen> {
-        std::iter::from_fn(|| self.next()).collect()
+        Raw::new(UnixStream::connect(socket).unwrap(), PATIENCE)
     }
 
     /// Hello and `Started`, in that order; the command's pid (its process group).
     fn started(&mut self) -> u32 {
-        assert_eq!(self.next(), Some(Seen::Hello));
-        match self.next() {
+        assert_eq!(self.next_frame(), Some(Seen::Hello));
+        match self.next_frame() {
             Some(Seen::Started(pid)) => pid,
             other => panic!("expected Started, got {other:?}"),
         }
-    }
-}
-
-fn encode(frame: &ClientFrame<'_>) -> Vec<u8> {
-    let mut buf = vec![0u8; MAX_FRAME];
-    let n = encode_client_frame(frame, &mut buf).unwrap();
-    buf.truncate(n);
-    buf
-}
-
-fn hello() -> Vec<u8> {
-    encode(&ClientFrame::Hello(ClientHello::CURRENT))
-}
-
-/// An exec of `argv` (NUL-terminated entries).
-fn exec(argv: &[u8], stdin: StdinMode) -> ExecRequest<'_> {
-    ExecRequest {
-        argv: StrList::new(argv),
-        env: StrList::default(),
-        clean_env: false,
-        cwd: None,
-        stdin,
     }
 }
 
@@ -269,7 +178,7 @@ fn assert_serving(socket: &Path, after: &str) {
     let started = Instant::now();
     let mut raw = Raw::open(socket);
     raw.send(&sh_request("echo ok", StdinMode::Null));
-    let seen = raw.until_closed();
+    let seen = raw.frames_until_closed();
     assert_eq!(stdout_of(&seen), b"ok\n", "after {after}: {seen:?}");
     assert!(
         termination(&seen).status == ExitStatus::Code(0),
@@ -290,18 +199,6 @@ struct Launched {
     child: Child,
     dir: PathBuf,
     socket: PathBuf,
-}
-
-fn scratch_dir(tag: &str) -> PathBuf {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "ferry-hostile-{tag}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Starts the agent on `socket` through `sh -c "<prelude> exec agent --listen unix:socket"`: the
@@ -328,20 +225,9 @@ impl Drop for Spawned {
     }
 }
 
-/// Whether a Unix socket bound to `path` is listening (`__SO_ACCEPTCON` in `/proc/net/unix`):
-/// a probe connection would take one of the agent's spares.
-fn is_listening(path: &Path) -> bool {
-    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
-    let path = path.to_string_lossy();
-    table.lines().any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields.get(3) == Some(&"00010000") && fields.get(7) == Some(&path.as_ref())
-    })
-}
-
 impl Launched {
     fn start(prelude: &str) -> Launched {
-        let dir = scratch_dir("launched");
+        let dir = fresh_dir("ferry-hostile-launched");
         let socket = dir.join("agent.sock");
         let mut child = spawn_agent(prelude, &socket);
         let ok = wait_until(Duration::from_secs(10), || {
@@ -368,7 +254,7 @@ impl Drop for Launched {
 fn run(socket: &Path, script: &str) -> String {
     let mut raw = Raw::open(socket);
     raw.send(&sh_request(script, StdinMode::Null));
-    let seen = raw.until_closed();
+    let seen = raw.frames_until_closed();
     assert_eq!(
         termination(&seen).status,
         ExitStatus::Code(0),
@@ -392,7 +278,7 @@ fn every_truncation_of_the_request_starts_nothing() {
         let mut raw = Raw::open(&agent.socket);
         raw.send(&whole[..cut]);
         raw.stream.shutdown(Shutdown::Write).unwrap();
-        let seen = raw.until_closed();
+        let seen = raw.frames_until_closed();
         let expected: &[Seen] = if cut >= hello_len {
             &[Seen::Hello]
         } else {
@@ -442,9 +328,13 @@ fn garbage_after_started_is_refused_and_kills_the_group() {
         // Stdin is piped so that a Stdin frame is in place (the "trailing bytes" case).
         raw.send(&sh_request("sleep 30 & echo up; wait", StdinMode::Pipe));
         let pgid = raw.started();
-        assert_eq!(raw.next(), Some(Seen::Stdout(b"up\n".to_vec())), "{name}");
+        assert_eq!(
+            raw.next_frame(),
+            Some(Seen::Stdout(b"up\n".to_vec())),
+            "{name}"
+        );
         raw.send(&garbage);
-        let seen = raw.until_closed();
+        let seen = raw.frames_until_closed();
         let last = seen.last().cloned();
         assert!(
             matches!(&last, Some(Seen::Error(c, _)) if *c == code),
@@ -479,7 +369,7 @@ fn a_frame_cut_off_after_started_is_a_disconnect() {
         raw.send(&stdin_frame[..cut]);
         if half_close {
             raw.stream.shutdown(Shutdown::Write).unwrap();
-            assert_eq!(raw.until_closed(), [], "{name}");
+            assert_eq!(raw.frames_until_closed(), [], "{name}");
         } else {
             drop(raw);
         }
@@ -498,12 +388,15 @@ fn input_after_the_final_frame_is_never_read() {
     raw.started();
     let mut seen = Vec::new();
     while !matches!(seen.last(), Some(Seen::Exited(_))) {
-        seen.push(raw.next().expect("closed before the termination record"));
+        seen.push(
+            raw.next_frame()
+                .expect("closed before the termination record"),
+        );
     }
     // More garbage than any buffer of the agent's, and a valid-looking request.
     raw.send(&vec![0x5a; 256 << 10]);
     raw.send(&sh_request("echo again", StdinMode::Null));
-    assert_eq!(raw.until_closed(), [], "frames after the final one");
+    assert_eq!(raw.frames_until_closed(), [], "frames after the final one");
     assert_serving(&agent.socket, "input after the final frame");
 }
 
@@ -544,7 +437,7 @@ fn a_stalled_reader_slows_a_flood_without_growing_the_agent() {
         // Resumed: the stream flows again.
         let mut received = 0usize;
         while received < 16 << 20 {
-            match raw.next() {
+            match raw.next_frame() {
                 Some(Seen::Stdout(data)) => received += data.len(),
                 other => panic!("{flood}: {other:?}"),
             }
@@ -582,7 +475,7 @@ fn a_command_killed_while_its_output_drains_reports_everything() {
     ));
     raw.started();
     std::thread::sleep(Duration::from_millis(600));
-    let seen = raw.until_closed();
+    let seen = raw.frames_until_closed();
     assert_eq!(stdout_of(&seen).len(), 700_000);
     let end = termination(&seen);
     let killed = ExitStatus::Signal {
@@ -602,7 +495,7 @@ fn a_command_killed_while_its_output_drains_reports_everything() {
         .unwrap();
     assert!(status.success());
     std::thread::sleep(Duration::from_millis(600));
-    let seen = raw.until_closed();
+    let seen = raw.frames_until_closed();
     let out = stdout_of(&seen);
     assert!(out.len() > 64 << 10, "only {} bytes", out.len());
     assert!(
@@ -679,7 +572,7 @@ fn a_half_close_before_the_final_frame_is_a_disconnect() {
         raw.send(&[sh_request(script, StdinMode::Pipe), after].concat());
         raw.stream.shutdown(Shutdown::Write).unwrap();
         let pgid = raw.started();
-        let seen = raw.until_closed();
+        let seen = raw.frames_until_closed();
         assert!(
             seen.iter()
                 .all(|s| matches!(s, Seen::Stdout(_) | Seen::Credit(_))),
@@ -695,7 +588,7 @@ fn a_half_close_before_the_final_frame_is_a_disconnect() {
     raw.send_frame(&ClientFrame::Stdin(Bytes(b"abc")));
     raw.send_frame(&ClientFrame::StdinEof);
     raw.started();
-    let seen = raw.until_closed();
+    let seen = raw.frames_until_closed();
     assert_eq!(stdout_of(&seen), b"abclate\n");
     assert_eq!(termination(&seen).status, ExitStatus::Code(0));
 }
@@ -726,7 +619,7 @@ fn a_slowloris_handshake_times_out_and_delays_nobody() {
             assert_serving(&socket, "a slowloris connected");
             execs += 1;
         }
-        match slow.next_within(Duration::from_secs(1)) {
+        match slow.next_frame_within(Duration::from_secs(1)) {
             Ok(Some(seen)) => answer.push(seen),
             Ok(None) => break connected.elapsed(),
             Err(()) => {}
@@ -758,7 +651,7 @@ fn hundreds_of_connections_at_once() {
     }
     let silent: Vec<Raw> = (0..MANY).map(|_| Raw::open(&agent.socket)).collect();
     for (i, raw) in busy.iter_mut().enumerate() {
-        let seen = raw.until_closed();
+        let seen = raw.frames_until_closed();
         assert_eq!(stdout_of(&seen), format!("{i}\n").as_bytes(), "{seen:?}");
     }
     assert_serving(&agent.socket, "hundreds of silent connections");
@@ -789,7 +682,7 @@ fn stdin_exactly_at_the_credit_edge_and_one_byte_beyond() {
         sent += MAX_DATA;
     }
     loop {
-        match raw.next_within(Duration::from_millis(500)) {
+        match raw.next_frame_within(Duration::from_millis(500)) {
             Ok(Some(Seen::Credit(n))) => credited += n as usize,
             Err(()) => break,
             other => panic!("{other:?}"),
@@ -805,14 +698,14 @@ fn stdin_exactly_at_the_credit_edge_and_one_byte_beyond() {
         left -= n;
     }
     assert_eq!(
-        raw.next_within(Duration::from_millis(500)),
+        raw.next_frame_within(Duration::from_millis(500)),
         Err(()),
         "the agent answered stdin within credit"
     );
     assert!(!group_members(pgid).is_empty(), "the command died");
     // One byte beyond.
     raw.send_frame(&ClientFrame::Stdin(Bytes(b"!")));
-    let seen = raw.until_closed();
+    let seen = raw.frames_until_closed();
     let beyond = Seen::Error(ErrorCode::ProtocolViolation, "stdin beyond credit".into());
     assert_eq!(seen, [beyond]);
     assert_group_gone(pgid, Duration::from_secs(5), "after stdin beyond credit");
@@ -836,7 +729,7 @@ fn stdin_closed_by_the_command_keeps_credit_flowing() {
     let chunk = vec![b'x'; MAX_DATA];
     while sent < total {
         if credit == 0 {
-            match raw.next() {
+            match raw.next_frame() {
                 Some(Seen::Credit(n)) => {
                     (credit, credited) = (credit + n as usize, credited + n as usize)
                 }
@@ -854,7 +747,7 @@ fn stdin_closed_by_the_command_keeps_credit_flowing() {
         "16 MiB of stdin took {took:?}"
     );
     raw.send_frame(&ClientFrame::StdinEof);
-    let seen = raw.until_closed();
+    let seen = raw.frames_until_closed();
     assert!(
         seen.iter().all(|s| !matches!(s, Seen::Error(..))),
         "{seen:?}"
@@ -934,7 +827,7 @@ fn argv_env_and_cwd_at_the_limits_and_one_over() {
         };
         let mut raw = Raw::open(&agent.socket);
         raw.send(&[hello(), encode(&ClientFrame::Exec(request))].concat());
-        raw.until_closed()
+        raw.frames_until_closed()
     };
     let at_limit = attempt(&argv(0, 0), &env(0, 0), None);
     let expected = format!(
@@ -1052,7 +945,7 @@ fn a_second_agent_on_a_live_socket_fails_and_leaves_it_alone() {
     );
 
     // Killed without a chance to clean up: its socket file stays, and a new agent takes it.
-    let dir = scratch_dir("stale");
+    let dir = fresh_dir("ferry-hostile-stale");
     let socket = dir.join("agent.sock");
     let killed = Spawned(spawn_agent("", &socket));
     assert!(wait_until(Duration::from_secs(10), || is_listening(

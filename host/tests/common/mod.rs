@@ -41,6 +41,19 @@ pub fn agent_binary() -> &'static Path {
     })
 }
 
+/// A new, empty directory of this test's own under the temp dir: `PREFIX-PID-N`.
+pub fn fresh_dir(prefix: &str) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A running agent on a private Unix socket, killed (with everything it started) on drop.
 pub struct Agent {
     child: Child,
@@ -50,14 +63,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn start() -> Agent {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "ferry-it-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("ferry-it");
         let socket = dir.join("agent.sock");
         let child = Command::new(agent_binary())
             .arg("--listen")
@@ -114,7 +120,7 @@ impl Drop for Agent {
 /// Whether a Unix socket bound to `path` is listening (`__SO_ACCEPTCON` in `/proc/net/unix`).
 /// The socket file appears at `bind`, before `listen`, and a connect in between is refused; a
 /// probe connection would use up one of the agent's spares.
-fn is_listening(path: &Path) -> bool {
+pub fn is_listening(path: &Path) -> bool {
     const ACCEPTING: &str = "00010000";
     let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
         return false;

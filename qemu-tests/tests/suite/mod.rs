@@ -16,13 +16,15 @@
 //! `ferry-host`, and a dev-dependency back would make a cycle. The module must stay at the crate
 //! root as `suite` (the macro names it so), and uses nothing but std, `ferry_host`,
 //! `ferry_wire`, and for the async driver `tokio` behind a feature named `tokio` (each including
-//! crate has one).
+//! crate has one). `frames.rs` is also included on its own, by `host/tests/hostile.rs`: it uses
+//! nothing of the rest of the suite.
 #![allow(clippy::unwrap_used)] // a scenario reports failure by panicking
 
 pub mod cases;
 pub mod drivers;
 pub mod epoll_exec;
 pub mod exec;
+pub mod frames;
 pub mod lifecycle;
 pub mod raw;
 pub mod streams;

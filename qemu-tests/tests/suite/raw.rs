@@ -1,21 +1,21 @@
 //! The protocol at the byte level, below the library: what a client of its own, a confused one or
 //! a hostile one gets from the agent. Valid conversations are driven by `ferry_wire`'s
 //! [`ClientSession`], which checks every frame the agent sends against the protocol; the rest is
-//! raw bytes, and what comes back is cut into frames by [`RecvBuf`].
+//! raw bytes, and what comes back is cut into frames by [`frames::Raw`] (shared with
+//! `host/tests/hostile.rs`).
 
-use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use ferry_host::ConnectOptions;
 use ferry_wire::limits::{MAX_DATA, MAX_FRAME, MAX_FRAME_BODY};
 use ferry_wire::session::{ClientEvent, ClientSession, SessionError};
 use ferry_wire::{
-    decode_agent_frame, encode_client_frame, AgentFrame, Bytes, ClientFrame, ClientHello,
-    ErrorCode, ExecRequest, ExitStatus, RecvBuf, StdinMode, StrList,
+    AgentFrame, Bytes, ClientFrame, ClientHello, ErrorCode, ExecRequest, ExitStatus, StdinMode,
+    StrList,
 };
 
+use super::frames::{self, encode, exec, hello};
 use super::{pattern, Fixture};
 
 /// What the agent sent, owned, in the terms a scenario checks.
@@ -69,10 +69,10 @@ const HELLO: Seen = Seen::Hello {
 };
 
 /// One connection to the agent, driven by hand.
-struct Raw {
-    stream: UnixStream,
-    recv: RecvBuf<Vec<u8>>,
-}
+type Raw = frames::Raw<Seen>;
+
+/// Bounds, not expectations: a scenario that waits this long has failed.
+const PATIENCE: Duration = Duration::from_secs(20);
 
 impl Raw {
     fn open(fixture: &Fixture) -> Raw {
@@ -80,70 +80,12 @@ impl Raw {
             .target
             .open_stream(&ConnectOptions::default())
             .unwrap();
-        // Bounds, not expectations: a scenario that waits this long has failed.
-        let patience = Some(Duration::from_secs(20));
-        stream.set_read_timeout(patience).unwrap();
-        stream.set_write_timeout(patience).unwrap();
-        Raw {
-            stream,
-            recv: RecvBuf::new(vec![0; MAX_FRAME]),
-        }
-    }
-
-    /// Sends `bytes`. The agent may close before reading everything: a failed write is an
-    /// answer too, so it is not an error here.
-    fn send(&mut self, bytes: &[u8]) {
-        let _ = self.stream.write_all(bytes);
-    }
-
-    fn send_frame(&mut self, frame: &ClientFrame<'_>) {
-        self.send(&encode(frame));
+        Raw::new(stream, PATIENCE)
     }
 
     /// Hangs up our side, as a client that is done would.
     fn hang_up(&self) {
         let _ = self.stream.shutdown(Shutdown::Write);
-    }
-
-    /// Reads once into the receive buffer; 0 when the agent has closed. A reset counts as
-    /// closed: the agent hung up with our unread bytes in its buffer, and what it sent before
-    /// that is still delivered first.
-    fn fill(&mut self) -> usize {
-        let spare = self
-            .recv
-            .spare()
-            .expect("the agent sent a frame larger than the protocol's");
-        match self.stream.read(spare) {
-            Ok(n) => {
-                self.recv.commit(n);
-                n
-            }
-            Err(err) if err.kind() == ErrorKind::ConnectionReset => 0,
-            Err(err) => panic!("the agent neither answered nor closed: {err}"),
-        }
-    }
-
-    /// The next whole frame, or `None` once the agent has closed (between frames: a partial
-    /// frame at the end fails the scenario).
-    fn next_frame(&mut self) -> Option<Seen> {
-        loop {
-            let next = self.recv.next_frame();
-            let next = next.expect("the agent sent a frame larger than the protocol's");
-            if let Some(body) = next {
-                let frame = decode_agent_frame(body).expect("the agent sent an undecodable frame");
-                return Some(frame.into());
-            }
-            if self.fill() == 0 {
-                let left = self.recv.data().len();
-                assert_eq!(left, 0, "the agent closed mid-frame");
-                return None;
-            }
-        }
-    }
-
-    /// Everything the agent sends until it closes the connection.
-    fn frames_until_closed(&mut self) -> Vec<Seen> {
-        std::iter::from_fn(|| self.next_frame()).collect()
     }
 
     /// The next event of `session`, or `None` once the agent has closed; the session checks
@@ -159,7 +101,8 @@ impl Raw {
                     None => continue,
                 }
             }
-            if self.fill() == 0 {
+            let read = self.fill(PATIENCE);
+            if read.expect("the agent neither answered nor closed") == 0 {
                 session.handle_eof(self.recv.data().len())?;
                 return Ok(None);
             }
@@ -173,28 +116,6 @@ impl Raw {
             events.push(event);
         }
         events
-    }
-}
-
-fn encode(frame: &ClientFrame<'_>) -> Vec<u8> {
-    let mut buf = vec![0u8; MAX_FRAME];
-    let n = encode_client_frame(frame, &mut buf).unwrap();
-    buf.truncate(n);
-    buf
-}
-
-fn hello() -> Vec<u8> {
-    encode(&ClientFrame::Hello(ClientHello::CURRENT))
-}
-
-/// An exec of `argv` (NUL-terminated entries).
-fn exec(argv: &[u8], stdin: StdinMode) -> ExecRequest<'_> {
-    ExecRequest {
-        argv: StrList::new(argv),
-        env: StrList::default(),
-        clean_env: false,
-        cwd: None,
-        stdin,
     }
 }
 

@@ -154,6 +154,15 @@ mod edges {
         }))
     }
 
+    /// An agent session that has taken the hello and [`EXEC`], the command not started yet.
+    fn agent_given_exec() -> AgentSession {
+        let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
+        let bytes = [hello(), client_frame(ClientFrame::Exec(EXEC))].concat();
+        let first = session.handle_input(&bytes, 0).unwrap().consumed;
+        session.handle_input(&bytes[first..], 0).unwrap();
+        session
+    }
+
     /// Feeds `bytes` to an agent session; returns the error and what it sends in answer.
     fn agent_refuses(bytes: &[u8]) -> (SessionError, Option<ErrorCode>) {
         let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
@@ -313,10 +322,7 @@ mod edges {
     /// A driver that polls with the grace deadline must not spin once it has passed.
     #[test]
     fn agent_grace_deadline_is_reported_until_handled() {
-        let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
-        let bytes = [hello(), client_frame(ClientFrame::Exec(EXEC))].concat();
-        let first = session.handle_input(&bytes, 0).unwrap().consumed;
-        session.handle_input(&bytes[first..], 0).unwrap();
+        let mut session = agent_given_exec();
         session.started(5, 0).unwrap();
         assert_eq!(
             session.poll_timeout(),
@@ -338,10 +344,7 @@ mod edges {
         let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
         session.handle_input(&hello(), 0).unwrap();
         assert_eq!(session.handle_eof(), Ok(()));
-        let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
-        let bytes = [hello(), client_frame(ClientFrame::Exec(EXEC))].concat();
-        let first = session.handle_input(&bytes, 0).unwrap().consumed;
-        session.handle_input(&bytes[first..], 0).unwrap();
+        let mut session = agent_given_exec();
         session.started(5, 0).unwrap();
         assert!(matches!(
             session.handle_eof(),
@@ -351,10 +354,7 @@ mod edges {
 
     #[test]
     fn agent_final_frame_comes_last_and_only_once() {
-        let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
-        let bytes = [hello(), client_frame(ClientFrame::Exec(EXEC))].concat();
-        let first = session.handle_input(&bytes, 0).unwrap().consumed;
-        session.handle_input(&bytes[first..], 0).unwrap();
+        let mut session = agent_given_exec();
         let mut buf = vec![0u8; MAX_FRAME];
         assert_eq!(
             session.frame_output(&mut buf, crate::DataKind::Stdout, 1),

@@ -1,0 +1,133 @@
+//! The protocol by hand: a client's frames as bytes, and a connection that cuts what the agent
+//! sends into whole frames through [`RecvBuf`]. For the suite's raw scenarios (`raw.rs`) and for
+//! `host/tests/hostile.rs`, which includes this file on its own with `#[path]`: it must use
+//! nothing but std and `ferry_wire`, and nothing else of the suite.
+#![allow(clippy::unwrap_used)] // a test reports failure by panicking
+
+use std::io::{ErrorKind, Read, Write};
+use std::marker::PhantomData;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use ferry_wire::limits::MAX_FRAME;
+use ferry_wire::{
+    decode_agent_frame, encode_client_frame, AgentFrame, ClientFrame, ClientHello, ExecRequest,
+    RecvBuf, StdinMode, StrList,
+};
+
+/// `frame` as it goes on the wire, length prefix included.
+pub fn encode(frame: &ClientFrame<'_>) -> Vec<u8> {
+    let mut buf = vec![0u8; MAX_FRAME];
+    let n = encode_client_frame(frame, &mut buf).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+/// The current client hello, encoded.
+pub fn hello() -> Vec<u8> {
+    encode(&ClientFrame::Hello(ClientHello::CURRENT))
+}
+
+/// An exec of `argv` (NUL-terminated entries).
+pub fn exec(argv: &[u8], stdin: StdinMode) -> ExecRequest<'_> {
+    ExecRequest {
+        argv: StrList::new(argv),
+        env: StrList::default(),
+        clean_env: false,
+        cwd: None,
+        stdin,
+    }
+}
+
+/// One connection to the agent, driven by hand: raw bytes out, whole frames in, each turned into
+/// `S`, the includer's own record of what the agent sent.
+pub struct Raw<S> {
+    pub stream: UnixStream,
+    pub recv: RecvBuf<Vec<u8>>,
+    /// How long any read waits unless told otherwise: a test that waits this long has failed.
+    patience: Duration,
+    seen: PhantomData<fn() -> S>,
+}
+
+impl<S> Raw<S> {
+    /// Wraps a connected `stream`; reads and writes wait at most `patience`.
+    pub fn new(stream: UnixStream, patience: Duration) -> Raw<S> {
+        stream.set_read_timeout(Some(patience)).unwrap();
+        stream.set_write_timeout(Some(patience)).unwrap();
+        Raw {
+            stream,
+            recv: RecvBuf::new(vec![0; MAX_FRAME]),
+            patience,
+            seen: PhantomData,
+        }
+    }
+
+    /// Sends `bytes`. The agent may close before reading everything: a failed write is an
+    /// answer too, so it is not an error here.
+    pub fn send(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    pub fn send_frame(&mut self, frame: &ClientFrame<'_>) {
+        self.send(&encode(frame));
+    }
+
+    /// Reads once into the receive buffer; 0 at the end of the stream. A reset counts as the
+    /// end: the agent hung up with our unread bytes in its buffer, and what it sent before that
+    /// is still delivered first. `None` when nothing came within `wait`.
+    pub fn fill(&mut self, wait: Duration) -> Option<usize> {
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+        let spare = self
+            .recv
+            .spare()
+            .expect("the agent sent a frame larger than the protocol's");
+        let read = self.stream.read(spare);
+        self.stream.set_read_timeout(Some(self.patience)).unwrap();
+        match read {
+            Ok(n) => {
+                self.recv.commit(n);
+                Some(n)
+            }
+            Err(err) if err.kind() == ErrorKind::ConnectionReset => Some(0),
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
+            Err(err) => panic!("reading from the agent: {err}"),
+        }
+    }
+}
+
+impl<S: for<'a> From<AgentFrame<'a>>> Raw<S> {
+    /// The next whole frame within `wait`: `Ok(Some)`, `Ok(None)` when the agent closed between
+    /// frames (a partial frame at the end fails the test), `Err(())` when nothing (more) came in
+    /// time.
+    pub fn next_frame_within(&mut self, wait: Duration) -> Result<Option<S>, ()> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let next = self.recv.next_frame();
+            let next = next.expect("the agent sent a frame larger than the protocol's");
+            if let Some(body) = next {
+                let frame = decode_agent_frame(body).expect("the agent sent an undecodable frame");
+                return Ok(Some(frame.into()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.fill(left.max(Duration::from_millis(1))) {
+                Some(0) => {
+                    assert!(self.recv.data().is_empty(), "the agent closed mid-frame");
+                    return Ok(None);
+                }
+                Some(_) => {}
+                None => return Err(()),
+            }
+        }
+    }
+
+    /// The next whole frame, or `None` once the agent has closed.
+    pub fn next_frame(&mut self) -> Option<S> {
+        self.next_frame_within(self.patience)
+            .expect("the agent neither answered nor closed")
+    }
+
+    /// Everything the agent sends until it closes the connection.
+    pub fn frames_until_closed(&mut self) -> Vec<S> {
+        std::iter::from_fn(|| self.next_frame()).collect()
+    }
+}
