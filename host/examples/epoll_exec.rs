@@ -355,9 +355,10 @@ impl Exec {
                 }
                 continue;
             }
+            // Room for the largest frame behind what is buffered: no read cut short.
             let spare = self
                 .recv
-                .spare()
+                .spare_at_least(MAX_FRAME)
                 .map_err(|err| Failure(format!("receive buffer: {err}")))?;
             match (&self.socket).read(spare) {
                 Ok(0) => {

@@ -199,7 +199,9 @@ impl Receiver {
                     continue;
                 }
             }
-            let spare = self.recv.spare().map_err(|err| session_error(err.into()))?;
+            // Room for the largest frame behind what is buffered: no read cut short.
+            let spare =
+                (self.recv.spare_at_least(MAX_FRAME)).map_err(|err| session_error(err.into()))?;
             match conn.stream.poll_read_ready(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(Error::Io(err))),
