@@ -40,6 +40,10 @@ use mio::{Events, Interest, Poll, Token};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest reply line a hybrid-vsock socket may send (`OK 1073741824\n` is 14 bytes).
 const MAX_HANDSHAKE_LINE: usize = 64;
+/// A hybrid-vsock handshake that ends in EOF (nothing accepts on the port yet, or a VMM that
+/// drops connections spuriously) is retried this many times, the pause doubling from the first.
+const HANDSHAKE_RETRIES: u32 = 5;
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// Poll tokens.
 const SOCKET: Token = Token(0);
@@ -139,7 +143,11 @@ struct Exec {
     poll: Poll,
     socket: UnixStream,
     transport: Transport,
+    target: Target,
     hvsock_port: Option<u32>,
+    /// Hybrid vsock: handshakes that ended in EOF so far, and when to try again.
+    handshake_retries: u32,
+    retry_at: Option<Instant>,
     /// The protocol: hello, the exec, credit, the end. Its clock is µs since `epoch`.
     session: ClientSession,
     epoch: Instant,
@@ -209,6 +217,9 @@ fn run(args: &Args) -> Result<u8, Failure> {
         poll,
         socket,
         transport: Transport::Connecting,
+        target: args.target.clone(),
+        handshake_retries: 0,
+        retry_at: None,
         hvsock_port: match &args.target {
             Target::Hvsock { port, .. } => Some(*port),
             _ => None,
@@ -241,19 +252,33 @@ impl Exec {
             let timeout = if stdin_ready_now {
                 Some(Duration::ZERO)
             } else {
-                self.session
+                let session = self
+                    .session
                     .poll_timeout()
-                    .map(|deadline| Duration::from_micros(deadline.saturating_sub(self.now())))
+                    .map(|deadline| Duration::from_micros(deadline.saturating_sub(self.now())));
+                let retry = self
+                    .retry_at
+                    .map(|at| at.saturating_duration_since(Instant::now()));
+                match (session, retry) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
             };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => return Err(err.into()),
             }
-            // The session decides whether its deadline has passed.
+            // The session decides whether its deadline has passed (the hello's covers connect,
+            // handshake and retries alike).
             self.session
                 .handle_timeout(self.now())
                 .map_err(|err| Failure(format!("{err}")))?;
+            if self.retry_at.is_some_and(|at| Instant::now() >= at) {
+                self.retry_at = None;
+                self.reconnect()?;
+                continue;
+            }
             for event in events.iter() {
                 match event.token() {
                     SOCKET => {
@@ -322,6 +347,21 @@ impl Exec {
             }
         }
         self.flush()
+    }
+
+    /// A fresh connection for another handshake attempt.
+    fn reconnect(&mut self) -> Result<(), Failure> {
+        self.socket = connect(&self.target)?;
+        self.poll.registry().register(
+            &mut self.socket,
+            SOCKET,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        self.transport = Transport::Connecting;
+        self.reply.clear();
+        self.out.clear();
+        self.sent = 0;
+        Ok(())
     }
 
     fn open(&mut self) {
@@ -428,11 +468,18 @@ impl Exec {
     fn receive_handshake(&mut self) -> Result<bool, Failure> {
         let mut buf = [0u8; MAX_HANDSHAKE_LINE];
         let n = match (&self.socket).read(&mut buf) {
-            // A VMM closes the connection when nothing listens on the port (yet); a production
-            // embedder retries a few times with a growing pause.
+            // A VMM closes the connection when nothing listens on the port (yet), and some drop
+            // one spuriously: try again a few times, the pause growing, as ferry_host does.
+            Ok(0) if self.handshake_retries < HANDSHAKE_RETRIES => {
+                let pause = FIRST_RETRY_PAUSE * 2u32.pow(self.handshake_retries);
+                self.handshake_retries += 1;
+                self.retry_at = Some(Instant::now() + pause);
+                self.poll.registry().deregister(&mut self.socket)?;
+                return Ok(false);
+            }
             Ok(0) => {
                 return Err(Failure::from(
-                    "the VMM closed the connection during the CONNECT handshake",
+                    "the VMM closed the connection during the CONNECT handshake, every time",
                 ))
             }
             Ok(n) => n,

@@ -101,6 +101,44 @@ fn hybrid_vsock_handshake_through_a_fake_vmm() {
     assert!(stderr.contains("ERR no listener"), "{stderr}");
 }
 
+/// A VMM that drops the first handshakes (nothing accepts on the port yet) and then connects:
+/// the example retries, as the library does; one that never accepts fails it with 255.
+#[test]
+fn a_handshake_ended_by_eof_is_retried() {
+    let agent = Agent::start();
+    let path = agent.socket.parent().unwrap().join("late.vsock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let agent_socket = agent.socket.clone();
+    thread::spawn(move || {
+        for (attempt, stream) in listener.incoming().enumerate() {
+            let mut stream = stream.unwrap();
+            let mut line = Vec::new();
+            let mut byte = [0u8];
+            while stream.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            // Port 1024 comes up on the third attempt; port 9 never does.
+            if line != b"CONNECT 1024" || attempt < 2 {
+                continue; // dropped: EOF for the client
+            }
+            stream.write_all(b"OK 7\n").unwrap();
+            let agent = UnixStream::connect(&agent_socket).unwrap();
+            splice(stream.try_clone().unwrap(), agent.try_clone().unwrap());
+            splice(agent, stream);
+        }
+    });
+    let target = format!("hvsock://{}:1024", path.display());
+    let output = exec_at(&target, &["echo", "late"], None);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert_eq!(output.stdout, b"late\n");
+
+    let target = format!("hvsock://{}:9", path.display());
+    let output = exec_at(&target, &["true"], None);
+    assert_eq!(output.status.code(), Some(255), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("every time"), "{stderr}");
+}
+
 /// Copies `from` to `to` on a thread until EOF, then half-closes `to`.
 fn splice(mut from: UnixStream, mut to: UnixStream) {
     thread::spawn(move || {
