@@ -243,10 +243,24 @@ impl RequestError {
 }
 
 impl<'a> ExecRequest<'a> {
-    /// Checks every structural rule and limit once; the result carries the proof.
+    /// Checks every structural rule and this crate's limits once; the result carries the proof.
     pub fn validate(self) -> Result<ValidExec<'a>, RequestError> {
-        self.argv.check(MAX_ARGV_BYTES, MAX_ARGS)?;
-        self.env.check(MAX_ENV_BYTES, MAX_ENV_VARS)?;
+        self.validate_within(&Limits::CURRENT)
+    }
+
+    /// Like [`ExecRequest::validate`], within `limits` (an agent's announced or configured ones);
+    /// a limit above this crate's own counts as this crate's, so a `ValidExec` always fits the
+    /// buffers sized by [`crate::limits`].
+    pub fn validate_within(self, limits: &Limits) -> Result<ValidExec<'a>, RequestError> {
+        let within = |limit: u32, ours: usize| (limit as usize).min(ours);
+        self.argv.check(
+            within(limits.max_argv_bytes, MAX_ARGV_BYTES),
+            within(limits.max_args, MAX_ARGS),
+        )?;
+        self.env.check(
+            within(limits.max_env_bytes, MAX_ENV_BYTES),
+            within(limits.max_env_vars, MAX_ENV_VARS),
+        )?;
         match self.argv.entries().next() {
             None => return Err(RequestError::invalid("argv is empty")),
             Some([]) => return Err(RequestError::invalid("argv[0] is empty")),
@@ -261,7 +275,7 @@ impl<'a> ExecRequest<'a> {
             }
         }
         if let Some(Bytes(cwd)) = self.cwd {
-            if cwd.len() > MAX_PATH {
+            if cwd.len() > within(limits.max_path, MAX_PATH) {
                 return Err(RequestError::LIMIT);
             }
             if cwd.is_empty() || cwd.contains(&0) {

@@ -322,7 +322,7 @@ impl AgentSession {
             }
             (State::AwaitHello, _) => Err(unexpected("expected hello")),
             (State::AwaitRequest, ClientFrame::Exec(exec)) => {
-                let valid = exec.validate().map_err(|err| {
+                let valid = exec.validate_within(&self.config.limits).map_err(|err| {
                     let message = err.message;
                     (
                         Refusal::new(err.code, message),

@@ -6,7 +6,7 @@ use crate::msg::{
     AgentFrame, ClientFrame, ClientHello, ErrorCode, ErrorFrame, ExecRequest, Limits, StdinMode,
     Termination, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
-use crate::{DataKind, DATA_HEADROOM};
+use crate::{Bytes, DataKind, DATA_HEADROOM};
 
 use super::{FrameKind, Input, Micros, Phase, SessionError};
 
@@ -180,12 +180,20 @@ impl ClientSession {
     }
 
     fn transmit_hello(&mut self, out: &mut [u8]) -> Result<usize, SessionError> {
+        let n = self.encode_pending_hello(out)?;
+        self.hello_sent = true;
+        Ok(n)
+    }
+
+    /// The hello, if it was not sent yet, encoded into `out` (the session is unchanged).
+    fn encode_pending_hello(&self, out: &mut [u8]) -> Result<usize, SessionError> {
         if self.hello_sent {
             return Ok(0);
         }
-        let n = encode_client_frame(&ClientFrame::Hello(ClientHello::CURRENT), out)?;
-        self.hello_sent = true;
-        Ok(n)
+        Ok(encode_client_frame(
+            &ClientFrame::Hello(ClientHello::CURRENT),
+            out,
+        )?)
     }
 
     /// Starts `request`: validates it against this crate's limits and the agent's (when known),
@@ -203,20 +211,15 @@ impl ClientSession {
         if self.operation != Operation::None || self.failed {
             return Err(SessionError::InvalidState);
         }
-        let valid = request
-            .validate()
+        // Within the agent's limits once its hello is in (tighter ones than ours are legal).
+        let limits = self.agent_limits().unwrap_or(Limits::CURRENT);
+        request
+            .validate_within(&limits)
             .map_err(|err| SessionError::InvalidRequest {
                 message: err.message,
             })?;
-        if let Some(limits) = self.agent_limits() {
-            check_against(valid.request(), &limits)?;
-        }
-        // Encode the request first so a refusal leaves the session as it was.
-        let hello_len = if self.hello_sent {
-            0
-        } else {
-            encode_client_frame(&ClientFrame::Hello(ClientHello::CURRENT), out)?
-        };
+        // The session changes only once both frames are encoded: a refusal leaves it as it was.
+        let hello_len = self.encode_pending_hello(out)?;
         let rest = out.get_mut(hello_len..).unwrap_or(&mut []);
         let exec_len = encode_client_frame(&ClientFrame::Exec(*request), rest)?;
         self.hello_sent = true;
@@ -239,19 +242,13 @@ impl ClientSession {
                 written: 0,
             });
         }
-        let (Some(payload), Some(data)) = (
-            out.get_mut(DATA_HEADROOM..DATA_HEADROOM + take),
-            data.get(..take),
-        ) else {
-            return Err(SessionError::BufferTooSmall);
-        };
-        payload.copy_from_slice(data);
-        let start = frame_data_in_place(out, DataKind::Stdin, take)?;
-        out.copy_within(start..DATA_HEADROOM + take, 0);
+        let chunk = data.get(..take).ok_or(SessionError::BufferTooSmall)?;
+        // One copy of the data, straight to its place in the frame.
+        let written = encode_client_frame(&ClientFrame::Stdin(Bytes(chunk)), out)?;
         self.charge(take);
         Ok(StdinSent {
             taken: take,
-            written: DATA_HEADROOM + take - start,
+            written,
         })
     }
 
@@ -412,22 +409,6 @@ impl ClientSession {
     pub fn is_version_refusal(err: &ErrorFrame<'_>) -> bool {
         err.code == ErrorCode::UnsupportedVersion
     }
-}
-
-/// A request checked against the limits an agent announced (tighter ones than ours are legal).
-fn check_against(request: &ExecRequest<'_>, limits: &Limits) -> Result<(), SessionError> {
-    let over = |len: usize, max: u32| len > max as usize;
-    if over(request.argv.as_bytes().len(), limits.max_argv_bytes)
-        || over(request.argv.len(), limits.max_args)
-        || over(request.env.as_bytes().len(), limits.max_env_bytes)
-        || over(request.env.len(), limits.max_env_vars)
-        || over(request.cwd.map_or(0, |cwd| cwd.0.len()), limits.max_path)
-    {
-        return Err(SessionError::InvalidRequest {
-            message: "request exceeds the agent's limits",
-        });
-    }
-    Ok(())
 }
 
 const _: () = assert!(DATA_HEADROOM > HEADER_LEN);

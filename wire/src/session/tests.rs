@@ -637,4 +637,74 @@ mod edges {
         assert!(session.is_closed());
         assert_eq!(session.poll_transmit(&mut [0u8; 64]), Ok(0), "nothing owed");
     }
+
+    /// The limits an agent is configured with are the ones it enforces (and announces), not
+    /// only this crate's; one above this crate's own counts as this crate's.
+    #[test]
+    fn agent_enforces_its_configured_limits() {
+        let tight = AgentConfig {
+            limits: Limits {
+                max_args: 2,
+                ..Limits::CURRENT
+            },
+            ..AgentConfig::DEFAULT
+        };
+        let request = |argv: &'static [u8]| {
+            let bytes = [
+                hello(),
+                client_frame(ClientFrame::Exec(ExecRequest {
+                    argv: StrList::new(argv),
+                    ..EXEC
+                })),
+            ]
+            .concat();
+            let mut session = AgentSession::new(tight, 0);
+            let first = session.handle_input(&bytes, 0).unwrap().consumed;
+            session
+                .handle_input(&bytes[first..], 0)
+                .map(|input| input.event.is_some())
+        };
+        assert_eq!(request(b"a\0b\0"), Ok(true));
+        assert!(matches!(
+            request(b"a\0b\0c\0"),
+            Err(SessionError::InvalidRequest { .. })
+        ));
+        let generous = Limits {
+            max_path: u32::MAX,
+            ..Limits::CURRENT
+        };
+        let long_cwd = vec![b'd'; crate::limits::MAX_PATH + 1];
+        let exec = ExecRequest {
+            cwd: Some(crate::Bytes(&long_cwd)),
+            ..EXEC
+        };
+        assert!(exec.validate_within(&generous).is_err(), "ours still bound");
+    }
+
+    /// A client told of tighter limits checks its request against them before sending.
+    #[test]
+    fn client_checks_requests_against_the_agents_limits() {
+        let mut session = ClientSession::new(0, None);
+        let tight = agent_frame(AgentFrame::Hello(AgentHello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            agent_version: "t",
+            limits: Limits {
+                max_args: 1,
+                ..Limits::CURRENT
+            },
+        }));
+        let mut out = vec![0u8; 256];
+        session.poll_transmit(&mut out).unwrap();
+        session.handle_input(&tight).unwrap();
+        let two = ExecRequest {
+            argv: StrList::new(b"a\0b\0"),
+            ..EXEC
+        };
+        assert!(matches!(
+            session.start_exec(&two, &mut out),
+            Err(SessionError::InvalidRequest { .. })
+        ));
+        assert!(session.start_exec(&EXEC, &mut out).is_ok());
+    }
 }
