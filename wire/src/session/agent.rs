@@ -507,7 +507,7 @@ impl AgentSession {
                 Err(_) if written > 0 => return Ok(written),
                 Err(err) => return Err(err.into()),
             }
-            self.dequeue();
+            self.dequeue(&frame);
         }
     }
 
@@ -531,29 +531,36 @@ impl AgentSession {
         self.exited.map(AgentFrame::Exited)
     }
 
-    fn dequeue(&mut self) {
-        if self.hello.take().is_some() {
-        } else if self.error.take().is_some() {
-            // The error is the last frame: drop anything else.
-            self.exited = None;
-        } else if self.started.take().is_some() {
-        } else if self.credit_due() {
-            self.in_window -= self.owed;
-            self.owed = 0;
-        } else {
-            self.exited = None;
+    /// `sent` (what [`AgentSession::next_queued`] gave) is encoded: it is no longer owed.
+    fn dequeue(&mut self, sent: &AgentFrame<'_>) {
+        match sent {
+            AgentFrame::Hello(_) => self.hello = None,
+            AgentFrame::Error(_) => {
+                // The error is the last frame: drop anything else.
+                self.error = None;
+                self.exited = None;
+            }
+            AgentFrame::Started(_) => self.started = None,
+            AgentFrame::StdinCredit(_) => {
+                self.in_window -= self.owed;
+                self.owed = 0;
+            }
+            AgentFrame::Exited(_) => self.exited = None,
+            AgentFrame::Stdout(_) | AgentFrame::Stderr(_) | AgentFrame::Ready(_) => {}
         }
     }
 
     fn agent_hello(&self, version: u16) -> AgentHello<'static> {
-        AgentHello {
-            magic: MAGIC,
-            version,
-            agent_version: truncate_str(
-                self.config.agent_version,
-                crate::limits::MAX_VERSION_STRING,
-            ),
-            limits: self.config.limits,
-        }
+        agent_hello(version, self.config.agent_version, self.config.limits)
+    }
+}
+
+/// The agent's hello, on an exec connection or in the readiness announcement.
+pub(super) fn agent_hello(version: u16, agent_version: &str, limits: Limits) -> AgentHello<'_> {
+    AgentHello {
+        magic: MAGIC,
+        version,
+        agent_version: truncate_str(agent_version, crate::limits::MAX_VERSION_STRING),
+        limits,
     }
 }

@@ -3,12 +3,10 @@
 //! then closes. Both ends of it live here.
 
 use crate::frame::{decode_agent_frame, encode_agent_frame, split_frame};
-use crate::limits::{MAX_FRAME_BODY, MAX_VERSION_STRING};
-use crate::msg::{
-    AgentFrame, AgentHello, Limits, ReadyReport, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-};
+use crate::limits::MAX_FRAME_BODY;
+use crate::msg::{AgentFrame, Limits, ReadyReport, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
-use super::{truncate_str, AgentInfo, FrameKind, Input, Phase, SessionError};
+use super::{AgentInfo, FrameKind, Input, Phase, SessionError};
 
 /// The announcement an agent sends: its hello, then the report. Returns the bytes written.
 pub fn encode_ready_announcement(
@@ -16,12 +14,11 @@ pub fn encode_ready_announcement(
     report: ReadyReport,
     out: &mut [u8],
 ) -> Result<usize, SessionError> {
-    let hello = AgentFrame::Hello(AgentHello {
-        magic: MAGIC,
-        version: PROTOCOL_VERSION,
-        agent_version: truncate_str(agent_version, MAX_VERSION_STRING),
-        limits: Limits::CURRENT,
-    });
+    let hello = AgentFrame::Hello(super::agent::agent_hello(
+        PROTOCOL_VERSION,
+        agent_version,
+        Limits::CURRENT,
+    ));
     let n = encode_agent_frame(&hello, out)?;
     let rest = out.get_mut(n..).unwrap_or(&mut []);
     Ok(n + encode_agent_frame(&AgentFrame::Ready(report), rest)?)
@@ -123,6 +120,7 @@ impl ReadyReceiver {
 mod tests {
     use super::*;
     use crate::limits::MAX_FRAME;
+    use crate::msg::AgentHello;
 
     const REPORT: ReadyReport = ReadyReport {
         cid: 3,
