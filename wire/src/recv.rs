@@ -122,21 +122,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> RecvBuf<B> {
     /// Room to receive into. The buffered bytes are moved to the front when that makes room. An
     /// error when no room can be made: the frame at the front can never fit.
     pub fn spare(&mut self) -> Result<&mut [u8], RecvError> {
-        self.release();
-        let capacity = self.buf.as_ref().len();
-        if self.end == capacity {
-            if self.start == 0 {
-                if self.has_frame() {
-                    return Err(RecvError::FrameWaiting);
-                }
-                return Err(self.stuck());
-            }
-            self.buf.as_mut().copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        let end = self.end;
-        Ok(self.buf.as_mut().get_mut(end..).unwrap_or(&mut []))
+        self.spare_at_least(1)
     }
 
     /// Like [`RecvBuf::spare`], and also moves the buffered bytes to the front whenever fewer
@@ -145,12 +131,20 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> RecvBuf<B> {
     /// the buffer (that would cost an extra small read on every pass through it).
     pub fn spare_at_least(&mut self, min: usize) -> Result<&mut [u8], RecvError> {
         self.release();
-        if self.start > 0 && self.buf.as_ref().len() - self.end < min {
+        let capacity = self.buf.as_ref().len();
+        if self.start > 0 && capacity - self.end < min {
             self.buf.as_mut().copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
-        self.spare()
+        if self.end == capacity {
+            if self.has_frame() {
+                return Err(RecvError::FrameWaiting);
+            }
+            return Err(self.stuck());
+        }
+        let end = self.end;
+        Ok(self.buf.as_mut().get_mut(end..).unwrap_or(&mut []))
     }
 
     /// Records that `n` bytes were received into [`RecvBuf::spare`] (clamped to its length).
