@@ -317,26 +317,33 @@ impl Pump<'_, '_, '_> {
             self.retired.keep(pidfd);
         }
         crash::set_current_command(None);
-        // Nobody is left to read stdin: what is buffered is discarded, and its credit returned.
-        let discarded = self.stdin.close();
-        self.session.stdin_consumed(discarded);
+        // Nobody is left to read stdin.
+        self.discard_stdin();
     }
 
     fn write_stdin(&mut self) {
         match self.stdin.write() {
             Ok(n) => {
                 self.session.stdin_consumed(n);
-                if self.stdin.buffered() == 0 && !self.session.stdin_open() {
-                    self.stdin.close();
-                }
+                self.close_stdin_if_done();
             }
             Err(Errno::AGAIN | Errno::INTR) => {}
             // EPIPE: the command closed its stdin. Whatever was left will never be read.
-            Err(_) => {
-                let discarded = self.stdin.close();
-                self.session.stdin_consumed(discarded);
-            }
+            Err(_) => self.discard_stdin(),
         }
+    }
+
+    /// Closes stdin once everything buffered is written and the client has ended it.
+    fn close_stdin_if_done(&mut self) {
+        if self.stdin.buffered() == 0 && !self.session.stdin_open() {
+            self.stdin.close();
+        }
+    }
+
+    /// Closes stdin, discarding what is buffered and returning its credit.
+    fn discard_stdin(&mut self) {
+        let discarded = self.stdin.close();
+        self.session.stdin_consumed(discarded);
     }
 
     fn receive(&mut self) -> Result<(), End> {
@@ -375,11 +382,7 @@ impl Pump<'_, '_, '_> {
                         return Err(self.kill(End::Closing));
                     }
                 }
-                Some(AgentEvent::StdinEof) => {
-                    if self.stdin.buffered() == 0 {
-                        self.stdin.close();
-                    }
-                }
+                Some(AgentEvent::StdinEof) => self.close_stdin_if_done(),
                 // The session takes a hello and a request only before the command, and
                 // refuses them here.
                 None | Some(AgentEvent::Hello | AgentEvent::Exec(_)) => {}
