@@ -164,13 +164,7 @@ impl Target {
                 sys::connect_vsock(*cid, *port, options.connect_timeout).map_err(connect_error)?
             }
             Target::Hvsock { path, port } => hvsock_connect(path, *port, options, deadline)
-                .map_err(|err| match err {
-                    HandshakeError::Io(source) => connect_error(source),
-                    HandshakeError::Refused(reply) => Error::HvsockRefused {
-                        target: self.to_string(),
-                        reply,
-                    },
-                })?,
+                .map_err(|err| err.into_error(self))?,
         };
         Ok(Opened {
             stream,
@@ -196,10 +190,68 @@ fn remaining(deadline: Instant) -> io::Result<Duration> {
     }
 }
 
-enum HandshakeError {
+/// How a hybrid-vsock handshake failed (both the blocking and the async transport).
+pub(crate) enum HandshakeError {
     Io(io::Error),
     /// The VMM answered something other than `OK <n>`.
     Refused(String),
+}
+
+impl HandshakeError {
+    /// The library's error for a handshake with `target` that failed.
+    pub(crate) fn into_error(self, target: &Target) -> Error {
+        match self {
+            HandshakeError::Io(source) => Error::Connect {
+                target: target.to_string(),
+                source,
+            },
+            HandshakeError::Refused(reply) => Error::HvsockRefused {
+                target: target.to_string(),
+                reply,
+            },
+        }
+    }
+
+    /// Whether the VMM closed the connection instead of replying: worth another attempt.
+    pub(crate) fn is_eof(&self) -> bool {
+        matches!(self, HandshakeError::Io(err) if err.kind() == io::ErrorKind::UnexpectedEof)
+    }
+}
+
+/// The hybrid-vsock request for `port`.
+pub(crate) fn hvsock_request(port: u32) -> String {
+    format!("CONNECT {port}\n")
+}
+
+/// The VMM's reply to `CONNECT`, read one byte at a time: anything after the newline already
+/// belongs to the agent.
+#[derive(Default)]
+pub(crate) struct HandshakeReply {
+    line: Vec<u8>,
+}
+
+impl HandshakeReply {
+    /// Takes the next byte read (`None`: the VMM closed the connection). `None` while the line
+    /// goes on; then whether the VMM accepted.
+    pub(crate) fn push(&mut self, byte: Option<u8>) -> Option<Result<(), HandshakeError>> {
+        match byte {
+            None => Some(Err(HandshakeError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the VMM closed the connection during the CONNECT handshake",
+            )))),
+            Some(b'\n') => Some(match self.line.strip_prefix(b"OK ") {
+                Some(n) if !n.is_empty() && n.iter().all(u8::is_ascii_digit) => Ok(()),
+                _ => Err(HandshakeError::Refused(lossy(&self.line))),
+            }),
+            Some(_) if self.line.len() >= MAX_HANDSHAKE_LINE => {
+                Some(Err(HandshakeError::Refused(lossy(&self.line) + "…")))
+            }
+            Some(byte) => {
+                self.line.push(byte);
+                None
+            }
+        }
+    }
 }
 
 /// Hybrid vsock: connect the Unix socket, send `CONNECT <port>\n`, expect `OK <n>\n`. An EOF
@@ -215,10 +267,7 @@ fn hvsock_connect(
     let mut attempt = 0;
     loop {
         match hvsock_attempt(path, port, deadline) {
-            Err(HandshakeError::Io(err))
-                if err.kind() == io::ErrorKind::UnexpectedEof
-                    && attempt < options.hvsock_retries =>
-            {
+            Err(err) if err.is_eof() && attempt < options.hvsock_retries => {
                 attempt += 1;
                 let left = remaining(deadline).map_err(HandshakeError::Io)?;
                 thread::sleep(delay.min(left));
@@ -236,23 +285,15 @@ fn hvsock_attempt(path: &Path, port: u32, deadline: Instant) -> Result<UnixStrea
     stream.set_read_timeout(Some(left)).map_err(io)?;
     stream.set_write_timeout(Some(left)).map_err(io)?;
     stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .write_all(hvsock_request(port).as_bytes())
         .map_err(io)?;
-    // Byte by byte: anything after the newline already belongs to the agent.
-    let mut line = Vec::with_capacity(16);
+    let mut reply = HandshakeReply::default();
     loop {
         let mut byte = [0u8];
-        match stream.read(&mut byte) {
-            Ok(0) => {
-                return Err(io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the VMM closed the connection during the CONNECT handshake",
-                )))
-            }
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) if line.len() < MAX_HANDSHAKE_LINE => line.push(byte[0]),
-            Ok(_) => return Err(HandshakeError::Refused(lossy(&line) + "…")),
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+        let read = match stream.read(&mut byte) {
+            Ok(0) => None,
+            Ok(_) => Some(byte[0]),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
             Err(err) if is_timeout(&err) => {
                 return Err(io(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -260,11 +301,10 @@ fn hvsock_attempt(path: &Path, port: u32, deadline: Instant) -> Result<UnixStrea
                 )))
             }
             Err(err) => return Err(io(err)),
+        };
+        if let Some(verdict) = reply.push(read) {
+            return verdict.map(|()| stream);
         }
-    }
-    match line.strip_prefix(b"OK ") {
-        Some(n) if !n.is_empty() && n.iter().all(u8::is_ascii_digit) => Ok(stream),
-        _ => Err(HandshakeError::Refused(lossy(&line))),
     }
 }
 

@@ -9,10 +9,8 @@ use std::path::Path;
 use ::tokio::net::UnixStream;
 use ::tokio::time::{sleep, timeout_at, Instant};
 
+use crate::target::{hvsock_request, HandshakeError, HandshakeReply};
 use crate::{ConnectOptions, Error, Target};
-
-/// The longest reply line a hybrid-vsock socket may send (`OK 1073741824\n` is 14 bytes).
-const MAX_HANDSHAKE_LINE: usize = 64;
 
 /// Opens a byte stream to the agent by `deadline`, hybrid-vsock handshake done, nothing of the
 /// protocol sent.
@@ -43,10 +41,7 @@ pub(super) async fn open(
                 match result {
                     Err(_) => return Err(timed_out("no reply to the CONNECT handshake")),
                     Ok(Ok(stream)) => return Ok(stream),
-                    Ok(Err(Handshake::Io(err)))
-                        if err.kind() == io::ErrorKind::UnexpectedEof
-                            && attempt < options.hvsock_retries =>
-                    {
+                    Ok(Err(err)) if err.is_eof() && attempt < options.hvsock_retries => {
                         attempt += 1;
                         if Instant::now() + delay >= deadline {
                             return Err(timed_out("connect timed out"));
@@ -54,13 +49,7 @@ pub(super) async fn open(
                         sleep(delay).await;
                         delay = delay.saturating_mul(2);
                     }
-                    Ok(Err(Handshake::Io(err))) => return Err(connect_error(err)),
-                    Ok(Err(Handshake::Refused(reply))) => {
-                        return Err(Error::HvsockRefused {
-                            target: target.to_string(),
-                            reply,
-                        })
-                    }
+                    Ok(Err(err)) => return Err(err.into_error(target)),
                 }
             }
         }
@@ -77,47 +66,33 @@ async fn connect_vsock(cid: u32, port: u32) -> io::Result<UnixStream> {
     }
 }
 
-enum Handshake {
-    Io(io::Error),
-    /// The VMM answered something other than `OK <n>`.
-    Refused(String),
-}
-
 /// Hybrid vsock: connect the Unix socket, send `CONNECT <port>\n`, expect `OK <n>\n`.
-async fn hvsock_attempt(path: &Path, port: u32) -> Result<UnixStream, Handshake> {
-    let stream = UnixStream::connect(path).await.map_err(Handshake::Io)?;
-    let line = format!("CONNECT {port}\n");
+async fn hvsock_attempt(path: &Path, port: u32) -> Result<UnixStream, HandshakeError> {
+    let io = HandshakeError::Io;
+    let stream = UnixStream::connect(path).await.map_err(io)?;
+    let line = hvsock_request(port);
     let mut sent = 0;
     while sent < line.len() {
-        stream.writable().await.map_err(Handshake::Io)?;
+        stream.writable().await.map_err(io)?;
         match stream.try_write(&line.as_bytes()[sent..]) {
             Ok(n) => sent += n,
             Err(err) if is_retry(&err) => {}
-            Err(err) => return Err(Handshake::Io(err)),
+            Err(err) => return Err(io(err)),
         }
     }
-    // Byte by byte: anything after the newline already belongs to the agent.
-    let mut reply = Vec::with_capacity(16);
+    let mut reply = HandshakeReply::default();
     loop {
-        stream.readable().await.map_err(Handshake::Io)?;
+        stream.readable().await.map_err(io)?;
         let mut byte = [0u8];
-        match stream.try_read(&mut byte) {
-            Ok(0) => {
-                return Err(Handshake::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the VMM closed the connection during the CONNECT handshake",
-                )))
-            }
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) if reply.len() < MAX_HANDSHAKE_LINE => reply.push(byte[0]),
-            Ok(_) => return Err(Handshake::Refused(lossy(&reply) + "…")),
-            Err(err) if is_retry(&err) => {}
-            Err(err) => return Err(Handshake::Io(err)),
+        let read = match stream.try_read(&mut byte) {
+            Ok(0) => None,
+            Ok(_) => Some(byte[0]),
+            Err(err) if is_retry(&err) => continue,
+            Err(err) => return Err(io(err)),
+        };
+        if let Some(verdict) = reply.push(read) {
+            return verdict.map(|()| stream);
         }
-    }
-    match reply.strip_prefix(b"OK ") {
-        Some(n) if !n.is_empty() && n.iter().all(u8::is_ascii_digit) => Ok(stream),
-        _ => Err(Handshake::Refused(lossy(&reply))),
     }
 }
 
@@ -126,8 +101,4 @@ fn is_retry(err: &io::Error) -> bool {
         err.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
     )
-}
-
-fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
