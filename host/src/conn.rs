@@ -35,6 +35,17 @@ pub struct AgentInfo {
     pub limits: Limits,
 }
 
+impl AgentInfo {
+    /// The agent's hello, as both drivers report it.
+    pub(crate) fn from_wire(info: &ferry_wire::session::AgentInfo<'_>) -> AgentInfo {
+        AgentInfo {
+            protocol_version: info.protocol_version,
+            agent_version: info.agent_version.to_owned(),
+            limits: info.limits,
+        }
+    }
+}
+
 /// Receive buffers kept between one client's connections (clones included): a fresh buffer
 /// costs an mmap, page faults and an munmap per operation.
 #[derive(Default)]
@@ -317,11 +328,7 @@ impl Connection {
                 continue;
             };
             let received = match event {
-                ClientEvent::HelloAccepted(info) => Received::Hello(AgentInfo {
-                    protocol_version: info.protocol_version,
-                    agent_version: info.agent_version.to_owned(),
-                    limits: info.limits,
-                }),
+                ClientEvent::HelloAccepted(info) => Received::Hello(AgentInfo::from_wire(&info)),
                 ClientEvent::Started { pid } => Received::Started(pid),
                 ClientEvent::Stdout(data) => Received::Stdout(within(input, data)),
                 ClientEvent::Stderr(data) => Received::Stderr(within(input, data)),
@@ -334,11 +341,7 @@ impl Connection {
                         self.shared.wake_writers(&state);
                         return Err(session_error(err));
                     }
-                    Received::Exited(Termination {
-                        status: end.status,
-                        duration: Duration::from_micros(end.duration_us),
-                        output_dropped: end.output_dropped,
-                    })
+                    Received::Exited(Termination::from_wire(end))
                 }
                 ClientEvent::Refused(err) => {
                     self.shared.wake_writers(&state);
@@ -461,12 +464,13 @@ impl Opening {
 }
 
 /// Where `part` (a slice the session cut from `whole`) lies in `whole`.
-fn within(whole: &[u8], part: &[u8]) -> Range<usize> {
+pub(crate) fn within(whole: &[u8], part: &[u8]) -> Range<usize> {
     let start = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
     start..start + part.len()
 }
 
-fn micros(duration: Duration) -> Micros {
+/// A duration on the session's clock.
+pub(crate) fn micros(duration: Duration) -> Micros {
     duration.as_micros().try_into().unwrap_or(Micros::MAX)
 }
 

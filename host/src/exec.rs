@@ -27,6 +27,15 @@ impl Termination {
     pub fn success(&self) -> bool {
         self.status == ExitStatus::Code(0)
     }
+
+    /// The agent's termination record, as both drivers report it.
+    pub(crate) fn from_wire(end: ferry_wire::Termination) -> Termination {
+        Termination {
+            status: end.status,
+            duration: Duration::from_micros(end.duration_us),
+            output_dropped: end.output_dropped,
+        }
+    }
 }
 
 /// Everything a command printed, and how it ended.
@@ -50,6 +59,18 @@ impl Output {
     /// Whether it exited with code 0.
     pub fn success(&self) -> bool {
         self.status == ExitStatus::Code(0)
+    }
+
+    /// What a collect gathered, once the command ended.
+    pub(crate) fn new(end: Termination, stdout: Vec<u8>, stderr: Vec<u8>, pid: u32) -> Output {
+        Output {
+            status: end.status,
+            stdout,
+            stderr,
+            duration: end.duration,
+            output_dropped: end.output_dropped,
+            pid,
+        }
     }
 }
 
@@ -249,14 +270,7 @@ impl Execution {
                 PumpError::Ferry(err) => err,
                 PumpError::Sink(err) => Error::Io(err),
             })?;
-        Ok(Output {
-            status: end.status,
-            stdout,
-            stderr,
-            duration: end.duration,
-            output_dropped: end.output_dropped,
-            pid,
-        })
+        Ok(Output::new(end, stdout, stderr, pid))
     }
 }
 

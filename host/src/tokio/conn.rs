@@ -15,6 +15,7 @@ use ferry_wire::limits::MAX_FRAME;
 use ferry_wire::session::{ClientSession, Micros, Phase, SessionError};
 use ferry_wire::ExecRequest;
 
+use crate::conn::micros;
 pub(super) use crate::conn::session_error;
 use crate::Error;
 
@@ -97,7 +98,7 @@ impl Opening {
         request: Option<&ExecRequest<'_>>,
     ) -> Result<Opening, Error> {
         let epoch = Instant::now();
-        let hello_timeout = timeout.as_micros().try_into().unwrap_or(Micros::MAX);
+        let hello_timeout = micros(timeout);
         let mut opening = Opening {
             session: ClientSession::new(0, Some(hello_timeout)),
             out: Vec::new(),
@@ -155,7 +156,7 @@ impl Conn {
 
     /// The session's clock.
     pub(super) fn now(&self) -> Micros {
-        self.epoch.elapsed().as_micros().min(Micros::MAX as u128) as Micros
+        micros(self.epoch.elapsed())
     }
 
     /// The point on tokio's clock that a session deadline names.

@@ -11,7 +11,6 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
-use std::time::Duration;
 
 use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use ::tokio::time::{sleep_until, Sleep};
@@ -20,6 +19,7 @@ use ferry_wire::session::{ClientEvent, Input};
 use ferry_wire::RecvBuf;
 
 use super::conn::{disconnected, refusal, session_error, Conn, Side, State};
+use crate::conn::{broken_pipe, within};
 use crate::{AgentInfo, Error, Event, Output, Termination};
 
 /// Receive buffer: several full frames per read when output streams fast.
@@ -92,11 +92,7 @@ pub struct StdinWriter {
 pub(super) enum Step {
     Hello(AgentInfo),
     Started(u32),
-    Data {
-        stderr: bool,
-        start: usize,
-        len: usize,
-    },
+    Data { stderr: bool, range: Range<usize> },
     Exited(Termination),
 }
 
@@ -146,11 +142,7 @@ impl Receiver {
                 None => None,
                 Some(ClientEvent::HelloAccepted(info)) => {
                     self.hello_timer = None;
-                    Some(Step::Hello(AgentInfo {
-                        protocol_version: info.protocol_version,
-                        agent_version: info.agent_version.to_owned(),
-                        limits: info.limits,
-                    }))
+                    Some(Step::Hello(AgentInfo::from_wire(&info)))
                 }
                 Some(ClientEvent::Started { pid }) => Some(Step::Started(pid)),
                 Some(ClientEvent::Stdout(chunk)) => Some(data_step(data, chunk, false)),
@@ -159,11 +151,7 @@ impl Receiver {
                     state.credit_granted();
                     None
                 }
-                Some(ClientEvent::Exited(end)) => Some(Step::Exited(Termination {
-                    status: end.status,
-                    duration: Duration::from_micros(end.duration_us),
-                    output_dropped: end.output_dropped,
-                })),
+                Some(ClientEvent::Exited(end)) => Some(Step::Exited(Termination::from_wire(end))),
                 Some(ClientEvent::Refused(err)) => return Poll::Ready(Err(refusal(&err))),
             };
             if consumed > 0 {
@@ -237,9 +225,7 @@ impl Receiver {
 fn data_step(input: &[u8], chunk: &[u8], stderr: bool) -> Step {
     Step::Data {
         stderr,
-        // The chunk borrows the input: its offset in it, without unsafe pointer arithmetic.
-        start: chunk.as_ptr() as usize - input.as_ptr() as usize,
-        len: chunk.len(),
+        range: within(input, chunk),
     }
 }
 
@@ -357,16 +343,7 @@ impl Execution {
             match self.next_event().await? {
                 Some(Event::Stdout(data)) => stdout.extend_from_slice(data),
                 Some(Event::Stderr(data)) => stderr.extend_from_slice(data),
-                Some(Event::Exited(end)) => {
-                    return Ok(Output {
-                        status: end.status,
-                        stdout,
-                        stderr,
-                        duration: end.duration,
-                        output_dropped: end.output_dropped,
-                        pid: self.pid,
-                    })
-                }
+                Some(Event::Exited(end)) => return Ok(Output::new(end, stdout, stderr, self.pid)),
                 None => return Err(Error::Disconnected("while the command was running")),
             }
         }
@@ -402,8 +379,8 @@ impl Execution {
 
     fn event(&self, step: Option<Step>) -> Option<Event<'_>> {
         Some(match step? {
-            Step::Data { stderr, start, len } => {
-                let data = self.receiver.recv.data().get(start..start + len)?;
+            Step::Data { stderr, range } => {
+                let data = self.receiver.recv.data().get(range)?;
                 if stderr {
                     Event::Stderr(data)
                 } else {
@@ -515,14 +492,14 @@ impl AsyncRead for OutputReader {
                 return Poll::Ready(Ok(()));
             }
             match ready!(this.execution.poll_next_step(cx)) {
-                Ok(Some(Step::Data { stderr, start, len })) => {
+                Ok(Some(Step::Data { stderr, range })) => {
                     let wanted = match this.streams {
                         OutputStreams::Stdout => !stderr,
                         OutputStreams::Stderr => stderr,
                         OutputStreams::Both => true,
                     };
                     if wanted {
-                        this.chunk = start..start + len;
+                        this.chunk = range;
                     }
                 }
                 Ok(Some(Step::Exited(end))) => {
@@ -554,13 +531,6 @@ fn into_io(err: Error) -> io::Error {
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, err)
-}
-
-fn broken_pipe() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::BrokenPipe,
-        "the remote command has ended; its stdin is closed",
-    )
 }
 
 impl StdinWriter {
