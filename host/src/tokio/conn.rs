@@ -11,7 +11,6 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use ::tokio::net::UnixStream;
 use ::tokio::time::Instant;
-use ferry_wire::limits::MAX_FRAME;
 use ferry_wire::session::{ClientSession, Micros, Phase, SessionError};
 use ferry_wire::ExecRequest;
 
@@ -92,35 +91,21 @@ pub(super) struct Opening {
 
 impl Opening {
     /// The hello, and `request` behind it (one write, no extra round trip), with the agent's
-    /// hello due within `timeout`.
+    /// hello due within `timeout`. Encoded as the blocking driver does.
     pub(super) fn new(
         timeout: std::time::Duration,
         request: Option<&ExecRequest<'_>>,
     ) -> Result<Opening, Error> {
         let epoch = Instant::now();
-        let hello_timeout = micros(timeout);
-        let mut opening = Opening {
-            session: ClientSession::new(0, Some(hello_timeout)),
-            out: Vec::new(),
+        let mut session = ClientSession::new(0, Some(micros(timeout)));
+        let out = crate::conn::Opening::encode(&mut session, request)?
+            .bytes()
+            .to_vec();
+        Ok(Opening {
+            session,
+            out,
             epoch,
-        };
-        let encode = |session: &mut ClientSession, out: &mut [u8]| match request {
-            Some(request) => session.start_exec(request, out),
-            None => session.poll_transmit(out),
-        };
-        // Most requests are a few hundred bytes; the largest take two full frames.
-        for room in [2048, 2 * MAX_FRAME] {
-            opening.out.resize(room, 0);
-            match encode(&mut opening.session, &mut opening.out) {
-                Err(SessionError::BufferTooSmall) => continue,
-                Err(err) => return Err(session_error(err)),
-                Ok(len) => {
-                    opening.out.truncate(len);
-                    return Ok(opening);
-                }
-            }
-        }
-        Err(session_error(SessionError::BufferTooSmall))
+        })
     }
 
     /// When the connection, the handshake and the agent's hello must be done.
