@@ -14,9 +14,9 @@ use std::task::{ready, Context, Poll, Waker};
 
 use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use ::tokio::time::{sleep_until, Sleep};
-use ferry_wire::limits::MAX_FRAME;
+use ferry_wire::limits::{MAX_DATA, MAX_FRAME};
 use ferry_wire::session::{ClientEvent, Input};
-use ferry_wire::RecvBuf;
+use ferry_wire::{RecvBuf, DATA_HEADROOM};
 
 use super::conn::{disconnected, refusal, session_error, Conn, Side, State};
 use crate::conn::{broken_pipe, within};
@@ -253,7 +253,7 @@ fn feed_stdin(state: &mut State, conn: &Conn, feed: &mut Option<Feed>, cx: &mut 
             return;
         }
         let rest = &current.bytes[current.sent..];
-        match state.queue(MAX_FRAME, |session, out| {
+        match state.queue(stdin_room(rest.len()), |session, out| {
             session
                 .send_stdin(rest, out)
                 .map(|sent| (sent.taken, sent.written))
@@ -571,7 +571,7 @@ impl AsyncWrite for StdinWriter {
             return Poll::Pending;
         }
         let taken = state
-            .queue(MAX_FRAME, |session, out| {
+            .queue(stdin_room(data.len()), |session, out| {
                 session
                     .send_stdin(data, out)
                     .map(|sent| (sent.taken, sent.written))
@@ -606,6 +606,12 @@ impl AsyncWrite for StdinWriter {
         }
         state.poll_send(conn, Side::Writer, cx)
     }
+}
+
+/// Room for one stdin frame of up to `len` bytes: the queue zero-fills what it offers, so a
+/// small write is not charged for a full frame.
+fn stdin_room(len: usize) -> usize {
+    DATA_HEADROOM + len.min(MAX_DATA)
 }
 
 /// Queues the session's stdin EOF.
