@@ -47,7 +47,8 @@ impl AgentInfo {
 }
 
 /// Receive buffers kept between one client's connections (clones included): a fresh buffer
-/// costs an mmap, page faults and an munmap per operation.
+/// costs an mmap, page faults and an munmap per operation. Both the blocking and the async
+/// client keep one.
 #[derive(Default)]
 pub(crate) struct BufferPool(Mutex<Vec<Box<[u8]>>>);
 
@@ -55,12 +56,12 @@ pub(crate) struct BufferPool(Mutex<Vec<Box<[u8]>>>);
 const POOLED_BUFFERS: usize = 4;
 
 impl BufferPool {
-    fn take(&self) -> Box<[u8]> {
+    pub fn take(&self) -> Box<[u8]> {
         let pooled = self.0.lock().ok().and_then(|mut buffers| buffers.pop());
         pooled.unwrap_or_else(|| vec![0u8; RECV_BUFFER].into_boxed_slice())
     }
 
-    fn give(&self, buffer: Box<[u8]>) {
+    pub fn give(&self, buffer: Box<[u8]>) {
         if let Ok(mut buffers) = self.0.lock() {
             if buffers.len() < POOLED_BUFFERS && buffer.len() == RECV_BUFFER {
                 buffers.push(buffer);

@@ -19,11 +19,8 @@ use ferry_wire::session::{ClientEvent, Input};
 use ferry_wire::{RecvBuf, DATA_HEADROOM};
 
 use super::conn::{disconnected, refusal, session_error, Conn, Side, State};
-use crate::conn::{broken_pipe, within};
+use crate::conn::{broken_pipe, within, BufferPool};
 use crate::{AgentInfo, Error, Event, Output, Termination};
-
-/// Receive buffer: several full frames per read when output streams fast.
-const RECV_BUFFER: usize = 4 * MAX_FRAME;
 
 /// Room for the frames a session queues by itself (a stdin EOF).
 const CONTROL_ROOM: usize = 64;
@@ -102,6 +99,8 @@ pub(super) enum Step {
 pub(super) struct Receiver {
     conn: Arc<Conn>,
     recv: RecvBuf<Box<[u8]>>,
+    /// Where the receive buffer goes back to when the receiver is dropped.
+    pool: Arc<BufferPool>,
     /// Bytes of the frame behind the data step returned last, dropped on the next step.
     returned: usize,
     hello_timer: Option<Pin<Box<Sleep>>>,
@@ -114,10 +113,11 @@ struct Feed {
 }
 
 impl Receiver {
-    pub(super) fn new(conn: Arc<Conn>) -> Receiver {
+    pub(super) fn new(conn: Arc<Conn>, pool: &Arc<BufferPool>) -> Receiver {
         Receiver {
             conn,
-            recv: RecvBuf::new(vec![0u8; RECV_BUFFER].into_boxed_slice()),
+            recv: RecvBuf::new(pool.take()),
+            pool: Arc::clone(pool),
             returned: 0,
             hello_timer: None,
             feed: None,
@@ -222,6 +222,13 @@ impl Receiver {
     }
 }
 
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let recv = std::mem::replace(&mut self.recv, RecvBuf::new(Box::default()));
+        self.pool.give(recv.into_inner());
+    }
+}
+
 fn data_step(input: &[u8], chunk: &[u8], stderr: bool) -> Step {
     Step::Data {
         stderr,
@@ -272,9 +279,13 @@ fn feed_stdin(state: &mut State, conn: &Conn, feed: &mut Option<Feed>, cx: &mut 
 
 impl Execution {
     /// Waits for the agent's `Started` (or its refusal) on a connection whose exec is queued.
-    pub(super) async fn start(conn: Arc<Conn>, stdin: &crate::Stdin) -> Result<Execution, Error> {
+    pub(super) async fn start(
+        conn: Arc<Conn>,
+        pool: &Arc<BufferPool>,
+        stdin: &crate::Stdin,
+    ) -> Result<Execution, Error> {
         let mut execution = Execution {
-            receiver: Receiver::new(Arc::clone(&conn)),
+            receiver: Receiver::new(Arc::clone(&conn), pool),
             pid: 0,
             stdin: None,
             done: false,

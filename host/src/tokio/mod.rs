@@ -44,6 +44,7 @@ use ::tokio::time::Instant;
 
 pub use exec::{Execution, OutputReader, OutputStreams, OwnedEvent, StdinWriter};
 
+use crate::conn::BufferPool;
 use crate::{Command, ConnectOptions, Error, Health, Output, Target};
 use conn::{Conn, Opening};
 
@@ -52,6 +53,7 @@ use conn::{Conn, Opening};
 pub struct Client {
     target: Target,
     options: ConnectOptions,
+    buffers: Arc<BufferPool>,
 }
 
 impl Client {
@@ -72,6 +74,7 @@ impl Client {
         Client {
             target: target.clone(),
             options,
+            buffers: Arc::default(),
         }
     }
 
@@ -87,7 +90,7 @@ impl Client {
         let conn = self
             .open(Opening::new(self.options.connect_timeout, None)?)
             .await?;
-        let info = exec::Receiver::new(conn).hello().await?;
+        let info = exec::Receiver::new(conn, &self.buffers).hello().await?;
         // A hello-only conversation ends when the connection is dropped, here.
         Ok(Health {
             info,
@@ -105,7 +108,7 @@ impl Client {
         let opening = Opening::new(self.options.connect_timeout, Some(&request))
             .map_err(|err| command.explain(err))?;
         let conn = self.open(opening).await?;
-        Execution::start(conn, command.stdin_mode()).await
+        Execution::start(conn, &self.buffers, command.stdin_mode()).await
     }
 
     /// Runs `command` to the end and returns everything it printed and how it ended.
