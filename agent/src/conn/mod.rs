@@ -80,16 +80,20 @@ fn converse(
     let storage = Storage { argv, envp, cwd };
     let handshake = handshake(&mut link, &mut session, storage, prepared, successor);
     successor.release();
+    let mut spent_stack = None;
     let (end, retired) = match handshake {
-        Handshake::Started(child) => pump::run(&mut link, &mut session, child, stdin),
-        Handshake::Refused => (End::Closing, pump::Retired::default()),
-        Handshake::Gone => (End::ClientGone, pump::Retired::default()),
+        Handshake::Started(mut child) => {
+            spent_stack = child.spent_stack.take();
+            pump::run(&mut link, &mut session, child, stdin)
+        }
+        Handshake::Refused => (End::Closing, pump::Retired::new()),
+        Handshake::Gone => (End::ClientGone, pump::Retired::new()),
     };
     if end == End::Closing {
         send_final(&mut link, &mut session);
     }
     // Finished pipes, the reaped pidfd and the child's stack go only now, after the final frame.
-    drop(retired);
+    drop((retired, spent_stack));
 }
 
 /// The hello exchange and the request, up to the command's start.

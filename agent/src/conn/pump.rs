@@ -16,28 +16,14 @@ use rustix::process::{Pid, WaitId, WaitIdOptions};
 use super::io::{Link, Output, Received};
 use super::start::{self, Child};
 use super::End;
-use crate::{clock, crash, sys};
+use crate::{clock, crash};
 
-/// What is done with (a pipe at EOF, a reaped pidfd, the stack the child ran on until its
-/// `execve`), released after the final frame rather than on the way to it: each `close` or
-/// `munmap` is a syscall the client would wait for.
-#[derive(Default)]
-pub struct Retired {
-    fds: heapless::Vec<OwnedFd, 3>,
-    /// Held only to be dropped (unmapped) with the rest.
-    _stack: Option<sys::ChildStack>,
-}
+/// Descriptors that are done with (a pipe at EOF, a reaped pidfd), closed after the final
+/// frame rather than on the way to it: each `close` is a syscall the client would wait for.
+pub type Retired = heapless::Vec<OwnedFd, 3>;
 
-impl Retired {
-    /// Keeps `fd` open until this is dropped.
-    fn keep(&mut self, fd: OwnedFd) {
-        // Never full: a place each for stdout, stderr and the pidfd.
-        let _ = self.fds.push(fd);
-    }
-}
-
-/// Runs `child` to its end (or the client's); returns what is left to do, and what to release
-/// once it is done.
+/// Runs `child` to its end (or the client's); returns what is left to do, and the descriptors
+/// to close once it is done.
 pub fn run(
     link: &mut Link<'_, '_>,
     session: &mut AgentSession,
@@ -54,10 +40,7 @@ pub fn run(
         pid: child.pid,
         pidfd: Some(child.pidfd),
         exited: false,
-        retired: Retired {
-            fds: heapless::Vec::new(),
-            _stack: Some(child.spent_stack),
-        },
+        retired: Retired::new(),
     };
     let end = pump.run();
     (end, pump.retired)
@@ -230,7 +213,7 @@ impl Pump<'_, '_, '_> {
                 }
                 Output::Eof => {
                     if let Some(fd) = pipe.fd.take() {
-                        self.retired.keep(fd);
+                        let _ = self.retired.push(fd);
                     }
                 }
                 Output::Empty => {
@@ -314,7 +297,7 @@ impl Pump<'_, '_, '_> {
             .child_exited(start::exit_status(&status), clock::monotonic_us());
         self.exited = true;
         if let Some(pidfd) = self.pidfd.take() {
-            self.retired.keep(pidfd);
+            let _ = self.retired.push(pidfd);
         }
         crash::set_current_command(None);
         // Nobody is left to read stdin.

@@ -58,9 +58,9 @@ pub struct Child {
     pub stderr: OwnedFd,
     /// When spawning began, on the monotonic clock.
     pub started_us: u64,
-    /// The stack the child ran on until its `execve`, no longer used: retired with the
-    /// finished descriptors (see `pump::Retired`), unmapped after the final frame.
-    pub spent_stack: sys::ChildStack,
+    /// The stack the child ran on until its `execve`, no longer used. Unmapped after the final
+    /// frame, like the retired descriptors: an `munmap` is a syscall the client would wait for.
+    pub spent_stack: Option<sys::ChildStack>,
 }
 
 impl Child {
@@ -131,7 +131,7 @@ pub fn start(
         stdout: stdout_r,
         stderr: stderr_r,
         started_us,
-        spent_stack: stack,
+        spent_stack: Some(stack),
     })
 }
 
