@@ -321,9 +321,11 @@ impl Connection {
                 }
             };
             let Some(event) = taken.event else {
+                // Read under this lock: `fill` needs no second one per read.
+                let deadline = state.session.poll_timeout();
                 drop(state);
                 match taken.consumed {
-                    0 => self.fill()?,
+                    0 => self.fill(deadline)?,
                     consumed => self.recv.consume(consumed),
                 }
                 continue;
@@ -357,11 +359,10 @@ impl Connection {
         }
     }
 
-    /// Reads more bytes into the receive buffer; the session decides what an end of stream or
-    /// a passed deadline means.
-    fn fill(&mut self) -> Result<(), Error> {
+    /// Reads more bytes into the receive buffer, by the session's `deadline` if it has one; the
+    /// session decides what an end of stream or a passed deadline means.
+    fn fill(&mut self, deadline: Option<Micros>) -> Result<(), Error> {
         loop {
-            let deadline = self.shared.lock().session.poll_timeout();
             if let Some(deadline) = deadline {
                 let left = Duration::from_micros(deadline.saturating_sub(self.now()));
                 let fd = self.shared.stream.as_fd();
@@ -371,7 +372,8 @@ impl Connection {
                         self.shared.wake_writers(&state);
                         return Err(session_error(err));
                     }
-                    // Woken a little early: wait out the rest.
+                    // Woken a little early: wait out the rest (the deadline stands until input
+                    // comes).
                     continue;
                 }
             }
