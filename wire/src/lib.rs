@@ -4,7 +4,9 @@
 //! Sans-IO by construction: this crate never touches a socket, never allocates and never reads a
 //! clock, so a VMM can drive it from its own event loop. A frame is a little-endian `u32` body
 //! length followed by a postcard body ([`ClientFrame`] or [`AgentFrame`]). Every connection opens
-//! with [`ClientFrame::Hello`] → [`AgentFrame::Hello`]; then one operation runs. Every bound is a
+//! with [`AgentFrame::Hello`] (the agent speaks first: its hello carries a challenge) →
+//! [`ClientFrame::Hello`] and [`ClientFrame::Auth`] → [`AgentFrame::Authenticated`]; then one
+//! operation runs. Every bound is a
 //! named constant in [`limits`].
 //!
 //! - [`session::ClientSession`] and [`session::AgentSession`] hold every rule of the
@@ -19,12 +21,24 @@
 //! One exec, both ends in memory (a real driver moves these bytes over a socket):
 //!
 //! ```
-//! use ferry_wire::session::{AgentConfig, AgentEvent, AgentSession, ClientEvent, ClientSession};
+//! use ferry_wire::session::{
+//!     AgentAuth, AgentConfig, AgentEvent, AgentSession, ClientAuth, ClientEvent, ClientSession,
+//!     Secret,
+//! };
 //! use ferry_wire::{limits::MAX_FRAME, ExecRequest, ExitStatus, StdinMode, StrList};
 //!
-//! let mut client = ClientSession::new(0, Some(5_000_000));
-//! let mut agent = AgentSession::new(AgentConfig::DEFAULT, 0);
+//! let secret = Secret::new(b"a per-VM secret of 16+ bytes").unwrap();
+//! // Both nonces come from the OS's random source, fresh for every connection.
+//! let auth = ClientAuth { nonce: [1; 32], secret: Some(secret.clone()) };
+//! let mut client = ClientSession::new(0, Some(5_000_000), auth);
+//! let auth = AgentAuth { nonce: [2; 32], secret: Some(secret) };
+//! let mut agent = AgentSession::new(AgentConfig::DEFAULT, 0, auth);
 //! let (mut to_agent, mut to_client) = (vec![0u8; MAX_FRAME], vec![0u8; MAX_FRAME]);
+//!
+//! // The agent speaks first: its hello carries the challenge.
+//! let n = agent.poll_transmit(&mut to_client)?;
+//! let step = client.handle_input(&to_client[..n])?;
+//! assert!(matches!(step.event, Some(ClientEvent::HelloAccepted(_))));
 //!
 //! let request = ExecRequest {
 //!     argv: StrList::new(b"true\0"),
@@ -32,8 +46,9 @@
 //!     clean_env: false,
 //!     cwd: None,
 //!     stdin: StdinMode::Null,
+//!     user: None,
 //! };
-//! let n = client.start_exec(&request, &mut to_agent)?; // hello + exec, one write
+//! let n = client.start_exec(&request, &mut to_agent)?; // hello + proof + exec, one write
 //!
 //! let mut input = &to_agent[..n];
 //! while !input.is_empty() {
@@ -46,7 +61,7 @@
 //! }
 //! agent.child_exited(ExitStatus::Code(0), 900)?;
 //! agent.finish(900)?;
-//! let n = agent.poll_transmit(&mut to_client)?; // hello, started, exited
+//! let n = agent.poll_transmit(&mut to_client)?; // the agent's proof, started, exited
 //!
 //! let mut input = &to_client[..n];
 //! let mut status = None;
@@ -58,7 +73,7 @@
 //!     input = &input[step.consumed..];
 //! }
 //! assert_eq!(status, Some(ExitStatus::Code(0)));
-//! assert!(client.is_finished() && agent.is_closed());
+//! assert!(client.is_authenticated() && client.is_finished() && agent.is_closed());
 //! # Ok::<(), ferry_wire::session::SessionError>(())
 //! ```
 #![cfg_attr(not(test), no_std)]
@@ -78,9 +93,10 @@ pub use frame::{
     DATA_HEADROOM,
 };
 pub use msg::{
-    AgentFrame, AgentHello, ClientFrame, ClientHello, ErrorCode, ErrorFrame, ExecRequest,
-    ExitStatus, Limits, ReadyReport, RequestError, Started, StdinMode, StrList, Termination,
-    ValidExec, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    AgentFrame, AgentHello, AgentProof, Bounds, ClientFrame, ClientHello, ClientProof, DoneReport,
+    ErrorCode, ErrorFrame, ExecRequest, ExitStatus, Limits, ReadyReport, RequestError, Security,
+    Started, StdinMode, StrList, Termination, ValidExec, MAGIC, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 pub use recv::{RecvBuf, RecvError};
 

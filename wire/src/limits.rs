@@ -18,6 +18,16 @@ pub const MAX_ENV_VARS: usize = 1024;
 pub const MAX_PATH: usize = 4095;
 /// The longest human-readable message in an error frame.
 pub const MAX_MESSAGE: usize = 256;
+/// The longest user specification in a request (`NAME[:GROUP]`).
+pub const MAX_USER: usize = 64;
+/// The agent's per-connection challenge, and the client's.
+pub const NONCE_LEN: usize = 32;
+/// An HMAC-SHA-256 proof.
+pub const MAC_LEN: usize = 32;
+/// The shortest secret an agent or a client accepts.
+pub const MIN_SECRET: usize = 16;
+/// The longest secret (a secret file larger than this is refused, not cut).
+pub const MAX_SECRET: usize = 4096;
 /// The longest agent version string.
 pub const MAX_VERSION_STRING: usize = 32;
 
@@ -33,7 +43,7 @@ pub const DATA_OVERHEAD: usize = 1 + 3;
 /// The largest frame body either side may send. Derived so that the largest valid exec request
 /// and the largest data chunk both fit.
 pub const MAX_FRAME_BODY: usize = max(
-    MAX_ARGV_BYTES + MAX_ENV_BYTES + MAX_PATH + EXEC_OVERHEAD,
+    MAX_ARGV_BYTES + MAX_ENV_BYTES + MAX_PATH + MAX_USER + EXEC_OVERHEAD,
     MAX_DATA + DATA_OVERHEAD,
 );
 /// The largest frame on the wire, header included: size a receive buffer with this.

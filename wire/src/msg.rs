@@ -14,14 +14,14 @@ use crate::limits::*;
 /// Opens every hello, so a peer that speaks something else is told apart from a version mismatch.
 pub const MAGIC: [u8; 4] = *b"FRRY";
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest protocol version this crate still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// Everything a client sends to the agent.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientFrame<'a> {
-    /// The first frame of every connection.
+    /// The client's first frame, in answer to the agent's hello.
     Hello(ClientHello),
     /// Run a program. One connection carries one operation.
     #[serde(borrow)]
@@ -30,6 +30,13 @@ pub enum ClientFrame<'a> {
     Stdin(Bytes<'a>),
     /// The client will send no more stdin; the agent closes the pipe once it has drained.
     StdinEof,
+    /// Right after [`ClientFrame::Hello`], unless the agent is insecure: the proof that the
+    /// client knows the agent's secret (see `session::auth`).
+    #[serde(borrow)]
+    Auth(ClientProof<'a>),
+    /// End every command the agent runs (all processes in its commands' cgroup), whoever
+    /// started them. Answered with [`AgentFrame::Done`].
+    KillAll,
 }
 
 /// Everything the agent sends to a client.
@@ -53,6 +60,69 @@ pub enum AgentFrame<'a> {
     Error(ErrorFrame<'a>),
     /// Sent once, on the readiness connection, after the agent's hello (see ARCHITECTURE.md).
     Ready(ReadyReport),
+    /// The client's proof was right; this is the agent's own proof of the secret, which the
+    /// client checks before it believes anything else.
+    Authenticated(AgentProof),
+    /// An operation without output finished (e.g. [`ClientFrame::KillAll`]); the last frame.
+    Done(DoneReport),
+}
+
+/// The client's proof of the secret: an HMAC-SHA-256 over the conversation so far.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientProof<'a> {
+    /// A fresh random value of the client's, so the agent's proof is fresh for it too.
+    pub nonce: [u8; NONCE_LEN],
+    /// [`crate::session::auth`]'s client proof; any other length is simply wrong.
+    #[serde(borrow)]
+    pub mac: Bytes<'a>,
+}
+
+/// The agent's proof of the secret.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentProof {
+    /// [`crate::session::auth`]'s agent proof.
+    pub mac: [u8; MAC_LEN],
+}
+
+/// What an operation without output did.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DoneReport {
+    /// How many processes it affected, when known (0 otherwise).
+    pub count: u32,
+}
+
+/// Whether an agent checks who connects.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// Every connection proves the per-VM secret before any request.
+    Authenticated,
+    /// The agent was started with `--insecure`: anyone who reaches it may run anything it allows.
+    Insecure,
+}
+
+/// How the agent bounds commands, beyond the protocol's [`Limits`] (0: no limit).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Bounds {
+    /// Seconds a command may run before it is killed.
+    pub max_runtime_s: u64,
+    /// Output bytes (stdout and stderr together) a command may produce before it is killed.
+    pub max_output: u64,
+    /// The largest file a command may write.
+    pub max_file_size: u64,
+    /// Connections the agent serves at once; beyond it, [`ErrorCode::Busy`].
+    pub max_connections: u32,
+    /// Milliseconds a client has for its hello, proof and request.
+    pub handshake_timeout_ms: u32,
+    /// Memory all commands together may use (their cgroup's `memory.max`).
+    pub memory_max: u64,
+    /// Processes all commands together may have (their cgroup's `pids.max`).
+    pub pids_max: u32,
+    /// Whether commands run in a cgroup of their own (else rlimits alone bound them).
+    pub cgroup: bool,
+    /// The uid and gid commands run as unless a request names another user.
+    pub default_uid: u32,
+    /// See `default_uid`.
+    pub default_gid: u32,
 }
 
 /// The client's opening frame: the range of protocol versions it speaks.
@@ -85,17 +155,27 @@ impl ClientHello {
     }
 }
 
-/// The agent's answer to a hello: what it speaks and the limits it enforces.
+/// The agent's opening frame, sent as soon as it accepts: what it speaks, a fresh challenge,
+/// and the limits it enforces.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AgentHello<'a> {
     /// Must be [`MAGIC`].
     pub magic: [u8; 4],
-    /// The negotiated protocol version.
+    /// The oldest protocol version the agent speaks.
+    pub min_version: u16,
+    /// The newest; both sides speak the highest version both support.
     pub version: u16,
     /// The agent's own version (its crate version), at most [`MAX_VERSION_STRING`] bytes.
     pub agent_version: &'a str,
     /// The limits the agent enforces.
     pub limits: Limits,
+    /// Fresh random bytes for this connection alone: the client's proof covers them, so a
+    /// proof is worthless on any other connection.
+    pub nonce: [u8; NONCE_LEN],
+    /// Whether a proof is required.
+    pub security: Security,
+    /// How the agent bounds commands.
+    pub bounds: Bounds,
 }
 
 /// The limits an agent enforces, announced in its hello so a client can stay within them.
@@ -117,6 +197,8 @@ pub struct Limits {
     pub max_path: u32,
     /// The initial stdin credit of every exec.
     pub stdin_window: u32,
+    /// The longest user specification (`USER[:GROUP]`) a request may carry.
+    pub max_user: u32,
 }
 
 impl Limits {
@@ -130,6 +212,7 @@ impl Limits {
         max_env_vars: MAX_ENV_VARS as u32,
         max_path: MAX_PATH as u32,
         stdin_window: STDIN_WINDOW as u32,
+        max_user: MAX_USER as u32,
     };
 }
 
@@ -148,6 +231,9 @@ pub struct ExecRequest<'a> {
     pub cwd: Option<Bytes<'a>>,
     /// Where the command's stdin comes from.
     pub stdin: StdinMode,
+    /// Run as this user instead of the agent's default: `NAME[:GROUP]` or `UID[:GID]`, resolved
+    /// in the guest. The agent's policy decides who may be asked for.
+    pub user: Option<Bytes<'a>>,
 }
 
 /// Where a command's stdin comes from.
@@ -274,6 +360,14 @@ impl<'a> ExecRequest<'a> {
                 Some(_) => {}
             }
         }
+        if let Some(Bytes(user)) = self.user {
+            if user.len() > within(limits.max_user, MAX_USER) {
+                return Err(RequestError::LIMIT);
+            }
+            if user.is_empty() || user.contains(&0) {
+                return Err(RequestError::invalid("user is empty or contains NUL"));
+            }
+        }
         if let Some(Bytes(cwd)) = self.cwd {
             if cwd.len() > within(limits.max_path, MAX_PATH) {
                 return Err(RequestError::LIMIT);
@@ -374,6 +468,11 @@ pub enum ErrorCode {
     Busy,
     /// A bug or an unexpected system failure in the agent.
     Internal,
+    /// The client did not prove the secret (a missing, wrong, replayed or misplaced proof:
+    /// which, the agent does not say).
+    Unauthenticated,
+    /// The operation is not available here (e.g. no cgroup to kill commands by).
+    Unsupported,
 }
 
 impl ErrorCode {
@@ -394,6 +493,8 @@ impl ErrorCode {
             ErrorCode::ResourceExhausted => "resources exhausted",
             ErrorCode::Busy => "agent busy",
             ErrorCode::Internal => "internal agent error",
+            ErrorCode::Unauthenticated => "authentication failed",
+            ErrorCode::Unsupported => "not supported by this agent",
         }
     }
 }

@@ -1,14 +1,18 @@
-//! The agent's side of a conversation: answer the hello, take one request, account stdin credit,
-//! and end with exactly one final frame after all output.
+//! The agent's side of a conversation: open with a hello and a challenge, check the client's
+//! proof, take one request, account stdin credit, and end with exactly one final frame after all
+//! output.
 
 use crate::frame::{decode_client_frame, encode_agent_frame, frame_data_in_place, split_frame};
-use crate::limits::{MAX_FRAME_BODY, MAX_MESSAGE, STDIN_WINDOW};
+use crate::limits::HEADER_LEN;
+use crate::limits::{MAC_LEN, MAX_FRAME_BODY, MAX_MESSAGE, NONCE_LEN, STDIN_WINDOW};
 use crate::msg::{
-    AgentFrame, AgentHello, ClientFrame, ErrorCode, ErrorFrame, ExitStatus, Limits, Started,
-    StdinMode, Termination, ValidExec, MAGIC,
+    AgentFrame, AgentHello, AgentProof, Bounds, ClientFrame, DoneReport, ErrorCode, ErrorFrame,
+    ExitStatus, Limits, Security, Started, StdinMode, Termination, ValidExec, MAGIC,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use crate::DataKind;
 
+use super::auth::{Secret, Transcript};
 use super::{truncate_str, FrameKind, Input, Micros, Phase, SessionError};
 
 /// The agent's timing and output policy.
@@ -18,6 +22,8 @@ pub struct AgentConfig {
     pub agent_version: &'static str,
     /// The limits announced in the hello and enforced.
     pub limits: Limits,
+    /// How commands are bounded, announced in the hello (the driver enforces them).
+    pub bounds: Bounds,
     /// How long a client may take to send its hello and its request.
     pub handshake_timeout: Micros,
     /// How long the final frame (an error, the termination record) may wait for a client that
@@ -37,12 +43,38 @@ impl AgentConfig {
     pub const DEFAULT: AgentConfig = AgentConfig {
         agent_version: "",
         limits: Limits::CURRENT,
-        handshake_timeout: 30_000_000,
+        bounds: Bounds {
+            max_runtime_s: 0,
+            max_output: 0,
+            max_file_size: 0,
+            max_connections: 64,
+            handshake_timeout_ms: 5_000,
+            memory_max: 0,
+            pids_max: 0,
+            cgroup: false,
+            default_uid: 65534,
+            default_gid: 65534,
+        },
+        handshake_timeout: 5_000_000,
         final_send_timeout: 30_000_000,
         drain_grace: 200_000,
         drain_limit: 4 << 20,
     };
 }
+
+/// What authenticates one connection on the agent's side.
+#[derive(Debug, Clone)]
+pub struct AgentAuth {
+    /// Fresh random bytes for this connection alone (`getrandom`): never reuse them.
+    pub nonce: [u8; NONCE_LEN],
+    /// The per-VM secret every client must prove; `None` for an insecure agent (announced in
+    /// its hello).
+    pub secret: Option<Secret>,
+}
+
+/// The refusal of every failed authentication, whatever failed: a client learns nothing about
+/// which part of its proof was wrong.
+const UNAUTHENTICATED: Refusal = Refusal::new(ErrorCode::Unauthenticated, "authentication failed");
 
 /// Credit is returned in batches so a byte-at-a-time writer does not cost a frame per byte.
 const CREDIT_BATCH: usize = STDIN_WINDOW / 4;
@@ -81,8 +113,13 @@ impl Refusal {
 /// What the client asked of the agent. Data borrows from the input.
 #[derive(Debug, Clone, Copy)]
 pub enum AgentEvent<'a> {
-    /// The client's hello was answered (queued for [`AgentSession::poll_transmit`]).
+    /// The client's hello was accepted (a proof comes next, unless the agent is insecure).
     Hello,
+    /// The client proved the secret; the agent's own proof is queued.
+    Authenticated,
+    /// End every command the agent runs; answer with [`AgentSession::done`] or
+    /// [`AgentSession::refuse`].
+    KillAll,
     /// Run this validated request; answer with [`AgentSession::started`] or
     /// [`AgentSession::refuse`].
     Exec(ValidExec<'a>),
@@ -109,7 +146,11 @@ pub enum OutputPhase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     AwaitHello,
+    /// The client's hello is in; its proof must come next.
+    AwaitAuth,
     AwaitRequest,
+    /// An operation without output (kill-all) was handed to the driver; `done` or `refuse`.
+    Operating,
     /// The request was handed to the driver; `started` or `refuse` comes next.
     Starting,
     Running,
@@ -122,8 +163,9 @@ enum State {
 /// The agent's protocol state: no buffers, no I/O, no clock.
 ///
 /// ```text
-///  AwaitHello ─Hello─► AwaitRequest ─Exec─► Starting ─started─► Running ─child_exited…finish─► Closing
-///       └──────────── any breach, refuse, handshake timeout ─────────────────────────────────► Closing
+///  (hello queued) AwaitHello ─Hello─► AwaitAuth ─Auth─► AwaitRequest ─Exec─► Starting ─started─► Running
+///        (insecure agent: Hello ──────────────────────►)    └─KillAll─► Operating ─done─► Closing
+///  Running ─child_exited…finish─► Closing;  any breach, refuse, handshake timeout ─► Closing
 /// ```
 #[derive(Debug, Clone)]
 pub struct AgentSession {
@@ -131,11 +173,16 @@ pub struct AgentSession {
     state: State,
     /// Handshake deadline before the request; final-send deadline while closing.
     deadline: Option<Micros>,
+    nonce: [u8; NONCE_LEN],
+    secret: Option<Secret>,
+    transcript: Transcript,
     // Queued frames, sent by `poll_transmit` in this order.
-    hello: Option<u16>,
+    hello: bool,
+    authenticated: Option<[u8; MAC_LEN]>,
     error: Option<Refusal>,
     started: Option<u32>,
     exited: Option<Termination>,
+    done: Option<DoneReport>,
     stdin_piped: bool,
     stdin_eof: bool,
     /// Stdin bytes received and not yet credited back.
@@ -151,16 +198,22 @@ pub struct AgentSession {
 }
 
 impl AgentSession {
-    /// A session awaiting the client's hello; the handshake deadline starts at `now`.
-    pub fn new(config: AgentConfig, now: Micros) -> AgentSession {
-        AgentSession {
+    /// A session for a connection just accepted: its hello (with `auth.nonce`) is queued, and
+    /// the handshake deadline starts at `now`.
+    pub fn new(config: AgentConfig, now: Micros, auth: AgentAuth) -> AgentSession {
+        let mut session = AgentSession {
             config,
             state: State::AwaitHello,
             deadline: Some(now.saturating_add(config.handshake_timeout)),
-            hello: None,
+            nonce: auth.nonce,
+            secret: auth.secret,
+            transcript: Transcript::default(),
+            hello: true,
+            authenticated: None,
             error: None,
             started: None,
             exited: None,
+            done: None,
             stdin_piped: false,
             stdin_eof: false,
             in_window: 0,
@@ -170,15 +223,33 @@ impl AgentSession {
             grace_over: false,
             drained: 0,
             dropped: false,
+        };
+        // The transcript starts with our hello, hashed now, so the order of hashing never
+        // depends on when the driver sends it. It always fits: its strings are bounded.
+        let mut body = [0u8; AGENT_HELLO_MAX];
+        if let Ok(n) = encode_agent_frame(&AgentFrame::Hello(session.agent_hello()), &mut body) {
+            session
+                .transcript
+                .update(body.get(HEADER_LEN..n).unwrap_or(&[]));
+        }
+        session
+    }
+
+    /// Whether clients must prove the secret.
+    pub fn security(&self) -> Security {
+        if self.secret.is_some() {
+            Security::Authenticated
+        } else {
+            Security::Insecure
         }
     }
 
     /// Where the conversation stands.
     pub fn phase(&self) -> Phase {
         match self.state {
-            State::AwaitHello => Phase::Hello,
+            State::AwaitHello | State::AwaitAuth => Phase::Hello,
             State::AwaitRequest => Phase::Idle,
-            State::Starting => Phase::Starting,
+            State::Starting | State::Operating => Phase::Starting,
             State::Running => Phase::Running,
             State::Closing | State::Closed => Phase::Done,
         }
@@ -197,8 +268,10 @@ impl AgentSession {
 
     /// Whether frames are queued for [`AgentSession::poll_transmit`].
     pub fn has_queued(&self) -> bool {
-        self.hello.is_some()
+        self.hello
+            || self.authenticated.is_some()
             || self.error.is_some()
+            || self.done.is_some()
             || self.started.is_some()
             || self.exited.is_some()
             || self.credit_due()
@@ -215,7 +288,7 @@ impl AgentSession {
             (State::Running, Some((_, ended))) if !self.grace_over => {
                 Some(ended.saturating_add(self.config.drain_grace))
             }
-            (State::Running | State::Starting | State::Closed, _) => None,
+            (State::Running | State::Starting | State::Operating | State::Closed, _) => None,
             _ => self.deadline,
         }
     }
@@ -225,7 +298,7 @@ impl AgentSession {
     pub fn handle_timeout(&mut self, now: Micros) -> Result<(), SessionError> {
         let expired = self.deadline.is_some_and(|deadline| now >= deadline);
         match self.state {
-            State::AwaitHello | State::AwaitRequest if expired => {
+            State::AwaitHello | State::AwaitAuth | State::AwaitRequest if expired => {
                 let phase = self.phase();
                 let refusal = Refusal::new(ErrorCode::ProtocolViolation, "handshake timed out");
                 self.close_with(refusal, now);
@@ -256,6 +329,10 @@ impl AgentSession {
     ) -> Result<Input<AgentEvent<'a>>, SessionError> {
         let split = match split_frame(input, MAX_FRAME_BODY) {
             Ok(split) => split,
+            Err(_) if self.state == State::AwaitAuth => {
+                self.close_with(UNAUTHENTICATED, now);
+                return Err(SessionError::Unauthenticated);
+            }
             Err(err) if !self.is_closing() => {
                 let refusal = Refusal::new(ErrorCode::FrameTooLarge, "frame exceeds the limit");
                 self.close_with(refusal, now);
@@ -274,7 +351,11 @@ impl AgentSession {
             });
         }
         let event = match decode_client_frame(body) {
-            Ok(frame) => self.handle_frame(frame),
+            Ok(frame) => self.handle_frame(frame, body),
+            // Before the proof, anything but a right one is refused alike.
+            Err(_) if self.state == State::AwaitAuth => {
+                Err((UNAUTHENTICATED, SessionError::Unauthenticated))
+            }
             Err(_) => Err((
                 Refusal::new(ErrorCode::Malformed, "bad frame"),
                 SessionError::Malformed,
@@ -295,6 +376,7 @@ impl AgentSession {
     fn handle_frame<'a>(
         &mut self,
         frame: ClientFrame<'a>,
+        body: &[u8],
     ) -> Result<AgentEvent<'a>, (Refusal, SessionError)> {
         let unexpected = |message| {
             (
@@ -307,7 +389,7 @@ impl AgentSession {
         };
         match (self.state, frame) {
             (State::AwaitHello, ClientFrame::Hello(hello)) => {
-                let Some(version) = hello.negotiate() else {
+                let Some(_version) = hello.negotiate() else {
                     let refusal = Refusal::new(ErrorCode::UnsupportedVersion, "no common version");
                     let err = if hello.magic == MAGIC {
                         SessionError::UnsupportedVersion { chosen: 0 }
@@ -316,11 +398,35 @@ impl AgentSession {
                     };
                     return Err((refusal, err));
                 };
-                self.hello = Some(version);
-                self.state = State::AwaitRequest;
+                self.transcript.update(body);
+                self.state = if self.secret.is_some() {
+                    State::AwaitAuth
+                } else {
+                    State::AwaitRequest
+                };
                 Ok(AgentEvent::Hello)
             }
             (State::AwaitHello, _) => Err(unexpected("expected hello")),
+            (State::AwaitAuth, ClientFrame::Auth(proof)) => {
+                let transcript = self.transcript.digest();
+                let proven = self.secret.as_ref().is_some_and(|secret| {
+                    secret.verify_client_proof(&transcript, &proof.nonce, proof.mac.0)
+                });
+                let secret = self.secret.as_ref().filter(|_| proven);
+                let Some(secret) = secret else {
+                    return Err((UNAUTHENTICATED, SessionError::Unauthenticated));
+                };
+                self.authenticated = Some(secret.agent_proof(&transcript, &proof.nonce));
+                self.state = State::AwaitRequest;
+                Ok(AgentEvent::Authenticated)
+            }
+            // A request, a second hello, garbage: before the proof, all alike.
+            (State::AwaitAuth, _) => Err((UNAUTHENTICATED, SessionError::Unauthenticated)),
+            (State::AwaitRequest, ClientFrame::KillAll) => {
+                self.state = State::Operating;
+                self.deadline = None;
+                Ok(AgentEvent::KillAll)
+            }
             (State::AwaitRequest, ClientFrame::Exec(exec)) => {
                 let valid = exec.validate_within(&self.config.limits).map_err(|err| {
                     let message = err.message;
@@ -369,11 +475,17 @@ impl AgentSession {
         let phase = self.phase();
         let state = core::mem::replace(&mut self.state, State::Closed);
         match state {
-            State::AwaitHello | State::AwaitRequest | State::Closing | State::Closed => Ok(()),
-            State::Starting | State::Running => Err(SessionError::Disconnected {
-                phase,
-                mid_frame: false,
-            }),
+            State::AwaitHello
+            | State::AwaitAuth
+            | State::AwaitRequest
+            | State::Closing
+            | State::Closed => Ok(()),
+            State::Starting | State::Operating | State::Running => {
+                Err(SessionError::Disconnected {
+                    phase,
+                    mid_frame: false,
+                })
+            }
         }
     }
 
@@ -399,10 +511,22 @@ impl AgentSession {
         Ok(())
     }
 
+    /// The operation asked for by [`AgentEvent::KillAll`] is done; `count` processes were
+    /// affected (0 when unknown). Queues the last frame.
+    pub fn done(&mut self, count: u32, now: Micros) -> Result<(), SessionError> {
+        if self.state != State::Operating {
+            return Err(SessionError::InvalidState);
+        }
+        self.done = Some(DoneReport { count });
+        self.enter_closing(now);
+        Ok(())
+    }
+
     fn close_with(&mut self, refusal: Refusal, now: Micros) {
         self.error = Some(refusal);
         // Nothing else is owed once the conversation failed.
         self.started = None;
+        self.authenticated = None;
         self.in_window = 0;
         self.owed = 0;
         self.enter_closing(now);
@@ -512,8 +636,11 @@ impl AgentSession {
     }
 
     fn next_queued(&self) -> Option<AgentFrame<'static>> {
-        if let Some(version) = self.hello {
-            return Some(AgentFrame::Hello(self.agent_hello(version)));
+        if self.hello {
+            return Some(AgentFrame::Hello(self.agent_hello()));
+        }
+        if let Some(mac) = self.authenticated {
+            return Some(AgentFrame::Authenticated(AgentProof { mac }));
         }
         if let Some(refusal) = self.error {
             return Some(AgentFrame::Error(ErrorFrame {
@@ -528,13 +655,18 @@ impl AgentSession {
         if self.credit_due() {
             return Some(AgentFrame::StdinCredit(self.owed as u32));
         }
+        if let Some(report) = self.done {
+            return Some(AgentFrame::Done(report));
+        }
         self.exited.map(AgentFrame::Exited)
     }
 
     /// `sent` (what [`AgentSession::next_queued`] gave) is encoded: it is no longer owed.
     fn dequeue(&mut self, sent: &AgentFrame<'_>) {
         match sent {
-            AgentFrame::Hello(_) => self.hello = None,
+            AgentFrame::Hello(_) => self.hello = false,
+            AgentFrame::Authenticated(_) => self.authenticated = None,
+            AgentFrame::Done(_) => self.done = None,
             AgentFrame::Error(_) => {
                 // The error is the last frame: drop anything else.
                 self.error = None;
@@ -550,17 +682,36 @@ impl AgentSession {
         }
     }
 
-    fn agent_hello(&self, version: u16) -> AgentHello<'static> {
-        agent_hello(version, self.config.agent_version, self.config.limits)
+    fn agent_hello(&self) -> AgentHello<'static> {
+        agent_hello(
+            self.config.agent_version,
+            self.config.limits,
+            self.config.bounds,
+            self.nonce,
+            self.security(),
+        )
     }
 }
 
+/// The largest agent hello body: its strings are bounded, the rest is fixed or a varint.
+const AGENT_HELLO_MAX: usize = 256;
+
 /// The agent's hello, on an exec connection or in the readiness announcement.
-pub(super) fn agent_hello(version: u16, agent_version: &str, limits: Limits) -> AgentHello<'_> {
+pub(super) fn agent_hello(
+    agent_version: &str,
+    limits: Limits,
+    bounds: Bounds,
+    nonce: [u8; NONCE_LEN],
+    security: Security,
+) -> AgentHello<'_> {
     AgentHello {
         magic: MAGIC,
-        version,
+        min_version: MIN_PROTOCOL_VERSION,
+        version: PROTOCOL_VERSION,
         agent_version: truncate_str(agent_version, crate::limits::MAX_VERSION_STRING),
         limits,
+        nonce,
+        security,
+        bounds,
     }
 }

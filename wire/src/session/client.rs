@@ -1,13 +1,16 @@
-//! The client's side of a conversation: hello, one operation, its output, stdin within credit.
+//! The client's side of a conversation: the agent's hello, our hello and proof, the agent's
+//! proof, one operation, its output, stdin within credit.
 
 use crate::frame::{decode_agent_frame, encode_client_frame, frame_data_in_place, split_frame};
-use crate::limits::{HEADER_LEN, MAX_DATA, MAX_FRAME_BODY};
+use crate::limits::{HEADER_LEN, MAC_LEN, MAX_DATA, MAX_FRAME_BODY, NONCE_LEN};
 use crate::msg::{
-    AgentFrame, ClientFrame, ClientHello, ErrorCode, ErrorFrame, ExecRequest, Limits, StdinMode,
-    Termination, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    AgentFrame, Bounds, ClientFrame, ClientHello, ClientProof, DoneReport, ErrorCode, ErrorFrame,
+    ExecRequest, Limits, Security, StdinMode, Termination, MAGIC, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use crate::{Bytes, DataKind, DATA_HEADROOM};
 
+use super::auth::{Secret, Transcript};
 use super::{FrameKind, Input, Micros, Phase, SessionError};
 
 /// What the agent said about itself in its hello.
@@ -19,13 +22,33 @@ pub struct AgentInfo<'a> {
     pub agent_version: &'a str,
     /// The limits the agent enforces.
     pub limits: Limits,
+    /// Whether the agent requires a proof of the secret.
+    pub security: Security,
+    /// How the agent bounds commands.
+    pub bounds: Bounds,
+}
+
+/// What authenticates one connection on the client's side.
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    /// Fresh random bytes for this connection alone: the agent's proof covers them.
+    pub nonce: [u8; NONCE_LEN],
+    /// The agent's secret. `None` talks only to an insecure agent; with a secret, only to an
+    /// agent that proves it.
+    pub secret: Option<Secret>,
 }
 
 /// What the agent did, as the client session reports it. Data borrows from the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientEvent<'a> {
-    /// The agent answered the hello; operations may run.
+    /// The agent's hello arrived and suits us; our hello (and proof) are queued, and an
+    /// operation may be started. From an insecure agent, nothing more comes before it.
     HelloAccepted(AgentInfo<'a>),
+    /// The agent proved the secret: it is the agent the secret belongs to. Comes before
+    /// anything the agent says about an operation.
+    Authenticated,
+    /// An operation without output finished (a kill-all); the last event.
+    Done(DoneReport),
     /// The command was executed.
     Started {
         /// Its pid in the guest (also its session and process group id).
@@ -61,6 +84,8 @@ enum Operation {
     None,
     /// An exec request was sent; `Started` or an error comes next.
     ExecSent,
+    /// A kill-all was sent; `Done` or an error comes next.
+    KillSent,
     Running,
     Done,
 }
@@ -68,13 +93,21 @@ enum Operation {
 /// The client's protocol state: no buffers, no I/O, no clock.
 ///
 /// ```text
-///  new ──► hello queued ──► [poll_transmit / start_exec write it] ──► HelloAccepted ──┐
-///                                           start_exec (may be pipelined) ───────────┤
-///                             Started ─► Stdout/Stderr/StdinCredit … ─► Exited │ Refused
+///  new ──► agent's hello ─► HelloAccepted (our hello + proof queued) ─► start_exec (one write:
+///  hello, proof, request) ─► Authenticated ─► Started ─► Stdout/Stderr/StdinCredit … ─► Exited
+///                                          (any time: Refused, the last event)
 /// ```
 #[derive(Debug, Clone)]
 pub struct ClientSession {
+    nonce: [u8; NONCE_LEN],
+    secret: Option<Secret>,
+    transcript: Transcript,
+    /// Our hello (and proof, when secure) are owed to the agent.
+    hello_queued: bool,
     hello_sent: bool,
+    proof: Option<[u8; MAC_LEN]>,
+    /// The agent proved the secret (or is insecure and we have no secret).
+    authenticated: bool,
     /// The agent's hello, once it came: negotiated version and limits.
     agent: Option<(u16, Limits)>,
     hello_deadline: Option<Micros>,
@@ -92,11 +125,18 @@ pub struct ClientSession {
 }
 
 impl ClientSession {
-    /// A session whose hello is queued. With `hello_timeout`, the agent's hello must arrive
-    /// within that many microseconds of `now`.
-    pub fn new(now: Micros, hello_timeout: Option<Micros>) -> ClientSession {
+    /// A session for a connection just made: it awaits the agent's hello. With
+    /// `hello_timeout`, the handshake (the agent's hello, and its proof once we sent ours) must
+    /// be done within that many microseconds of `now`.
+    pub fn new(now: Micros, hello_timeout: Option<Micros>, auth: ClientAuth) -> ClientSession {
         ClientSession {
+            nonce: auth.nonce,
+            secret: auth.secret,
+            transcript: Transcript::default(),
+            hello_queued: false,
             hello_sent: false,
+            proof: None,
+            authenticated: false,
             agent: None,
             hello_deadline: hello_timeout.map(|t| now.saturating_add(t)),
             operation: Operation::None,
@@ -113,12 +153,18 @@ impl ClientSession {
         match (self.agent, self.operation) {
             _ if self.failed => Phase::Done,
             (_, Operation::Done) => Phase::Done,
-            // Until the agent's hello, whatever was pipelined behind ours.
             (None, _) => Phase::Hello,
             (_, Operation::Running) => Phase::Running,
-            (_, Operation::ExecSent) => Phase::Starting,
+            (_, Operation::ExecSent | Operation::KillSent) => Phase::Starting,
+            (Some(_), Operation::None) if !self.authenticated => Phase::Hello,
             (Some(_), Operation::None) => Phase::Idle,
         }
+    }
+
+    /// Whether the handshake is complete: the agent proved the secret (or, without a secret,
+    /// its hello came from an insecure agent).
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated
     }
 
     /// Whether the conversation is over: nothing more will be sent or accepted.
@@ -147,7 +193,7 @@ impl ClientSession {
 
     /// When the driver must call [`ClientSession::handle_timeout`] at the latest.
     pub fn poll_timeout(&self) -> Option<Micros> {
-        if self.agent.is_none() && !self.failed {
+        if !self.authenticated && !self.failed {
             self.hello_deadline
         } else {
             None
@@ -167,8 +213,9 @@ impl ClientSession {
         }
     }
 
-    /// Writes the frames the session has queued (the hello, a stdin EOF) into `out`; returns the
-    /// bytes written, 0 when nothing is queued. Call after every command and before waiting.
+    /// Writes the frames the session has queued (our hello and proof, a stdin EOF) into `out`;
+    /// returns the bytes written, 0 when nothing is queued. Call after every event and command
+    /// and before waiting.
     pub fn poll_transmit(&mut self, out: &mut [u8]) -> Result<usize, SessionError> {
         let mut written = self.transmit_hello(out)?;
         if self.eof_queued && self.stdin_open {
@@ -181,51 +228,78 @@ impl ClientSession {
 
     fn transmit_hello(&mut self, out: &mut [u8]) -> Result<usize, SessionError> {
         let n = self.encode_pending_hello(out)?;
-        self.hello_sent = true;
+        self.hello_sent |= self.hello_queued;
         Ok(n)
     }
 
-    /// The hello, if it was not sent yet, encoded into `out` (the session is unchanged).
+    /// Our hello and proof, if owed and not sent yet, encoded into `out` (the session is
+    /// unchanged).
     fn encode_pending_hello(&self, out: &mut [u8]) -> Result<usize, SessionError> {
-        if self.hello_sent {
+        if self.hello_sent || !self.hello_queued {
             return Ok(0);
         }
-        Ok(encode_client_frame(
-            &ClientFrame::Hello(ClientHello::CURRENT),
-            out,
-        )?)
+        let mut n = encode_client_frame(&ClientFrame::Hello(ClientHello::CURRENT), out)?;
+        if let Some(mac) = &self.proof {
+            let proof = ClientFrame::Auth(ClientProof {
+                nonce: self.nonce,
+                mac: Bytes(mac),
+            });
+            n += encode_client_frame(&proof, out.get_mut(n..).unwrap_or(&mut []))?;
+        }
+        Ok(n)
     }
 
-    /// Starts `request`: validates it against this crate's limits and the agent's (when known),
-    /// and encodes it into `out` — behind the hello if that is still queued, so a driver can
-    /// send both in one write and the exec costs no extra round trip. Returns the bytes written.
-    ///
-    /// NOTE: pipelining before the agent's hello is sound while this crate speaks one protocol
-    /// version: the request's encoding cannot depend on the negotiation.
+    /// Starts `request`, once the agent's hello is in: validates it against this crate's limits
+    /// and the agent's, and encodes it into `out` behind our hello and proof if those are still
+    /// queued, so a driver sends all three in one write and the exec costs one round trip.
+    /// Returns the bytes written.
     pub fn start_exec(
         &mut self,
         request: &ExecRequest<'_>,
         out: &mut [u8],
     ) -> Result<usize, SessionError> {
-        const _: () = assert!(MIN_PROTOCOL_VERSION == PROTOCOL_VERSION);
-        if self.operation != Operation::None || self.failed {
-            return Err(SessionError::InvalidState);
-        }
-        // Within the agent's limits once its hello is in (tighter ones than ours are legal).
-        let limits = self.agent_limits().unwrap_or(Limits::CURRENT);
+        let limits = self.operation_allowed()?;
+        // Within the agent's limits (tighter ones than ours are legal).
         request
             .validate_within(&limits)
             .map_err(|err| SessionError::InvalidRequest {
                 message: err.message,
             })?;
-        // The session changes only once both frames are encoded: a refusal leaves it as it was.
-        let hello_len = self.encode_pending_hello(out)?;
-        let rest = out.get_mut(hello_len..).unwrap_or(&mut []);
-        let exec_len = encode_client_frame(&ClientFrame::Exec(*request), rest)?;
-        self.hello_sent = true;
+        let n = self.start_operation(&ClientFrame::Exec(*request), out)?;
         self.operation = Operation::ExecSent;
         self.stdin_open = request.stdin == StdinMode::Pipe;
-        Ok(hello_len + exec_len)
+        Ok(n)
+    }
+
+    /// Asks the agent to end every command it runs, once the agent's hello is in; like
+    /// [`ClientSession::start_exec`] otherwise. [`ClientEvent::Done`] or a refusal follows.
+    pub fn start_kill_all(&mut self, out: &mut [u8]) -> Result<usize, SessionError> {
+        self.operation_allowed()?;
+        let n = self.start_operation(&ClientFrame::KillAll, out)?;
+        self.operation = Operation::KillSent;
+        Ok(n)
+    }
+
+    /// The agent's limits, when an operation may start now.
+    fn operation_allowed(&self) -> Result<Limits, SessionError> {
+        if self.operation != Operation::None || self.failed {
+            return Err(SessionError::InvalidState);
+        }
+        self.agent_limits().ok_or(SessionError::InvalidState)
+    }
+
+    /// Encodes our pending hello and proof, then `frame`. The session changes only once all
+    /// are encoded: a refusal leaves it as it was.
+    fn start_operation(
+        &mut self,
+        frame: &ClientFrame<'_>,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let hello_len = self.encode_pending_hello(out)?;
+        let rest = out.get_mut(hello_len..).unwrap_or(&mut []);
+        let len = encode_client_frame(frame, rest)?;
+        self.hello_sent = true;
+        Ok(hello_len + len)
     }
 
     /// Encodes one stdin frame with as much of `data` as credit, [`MAX_DATA`] and `out` allow.
@@ -307,7 +381,9 @@ impl ClientSession {
             return Ok(Input::NEED_MORE);
         };
         let frame = decode_agent_frame(body).map_err(|_| self.fail(SessionError::Malformed))?;
-        let event = self.handle_frame(frame).map_err(|err| self.fail(err))?;
+        let event = self
+            .handle_frame(frame, body)
+            .map_err(|err| self.fail(err))?;
         Ok(Input { consumed, event })
     }
 
@@ -320,6 +396,7 @@ impl ClientSession {
     fn handle_frame<'a>(
         &mut self,
         frame: AgentFrame<'a>,
+        body: &[u8],
     ) -> Result<Option<ClientEvent<'a>>, SessionError> {
         let phase = self.phase();
         let unexpected = SessionError::Unexpected {
@@ -327,30 +404,59 @@ impl ClientSession {
             phase,
         };
         let event = match (frame, phase) {
-            // The hello answers ours, whether or not a request was pipelined behind it.
-            (AgentFrame::Hello(hello), Phase::Hello | Phase::Starting)
-                if self.hello_sent && self.agent.is_none() =>
-            {
+            // The agent speaks first.
+            (AgentFrame::Hello(hello), Phase::Hello) if self.agent.is_none() => {
                 if hello.magic != MAGIC {
                     return Err(SessionError::NotFerry);
                 }
-                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
+                let low = hello.min_version.max(MIN_PROTOCOL_VERSION);
+                let version = hello.version.min(PROTOCOL_VERSION);
+                if low > version {
                     return Err(SessionError::UnsupportedVersion {
                         chosen: hello.version,
                     });
                 }
+                match (hello.security, &self.secret) {
+                    (Security::Authenticated, None) => return Err(SessionError::SecretRequired),
+                    (Security::Insecure, Some(_)) => return Err(SessionError::AgentInsecure),
+                    _ => {}
+                }
+                self.transcript.update(body);
+                self.queue_hello_and_proof()?;
+                self.authenticated = hello.security == Security::Insecure;
                 // Credit opens with the window the agent announced, never beyond our own.
-                self.credit = (hello.limits.stdin_window as usize)
-                    .min(crate::limits::STDIN_WINDOW)
-                    .saturating_sub(self.in_flight);
-                self.agent = Some((hello.version, hello.limits));
+                self.credit = (hello.limits.stdin_window as usize).min(crate::limits::STDIN_WINDOW);
+                self.agent = Some((version, hello.limits));
                 ClientEvent::HelloAccepted(AgentInfo {
-                    protocol_version: hello.version,
+                    protocol_version: version,
                     agent_version: hello.agent_version,
                     limits: hello.limits,
+                    security: hello.security,
+                    bounds: hello.bounds,
                 })
             }
-            (AgentFrame::Started(started), Phase::Starting) if self.agent.is_some() => {
+            // The agent's proof answers ours; nothing about an operation is believed before it.
+            (AgentFrame::Authenticated(proof), Phase::Hello | Phase::Starting)
+                if self.hello_sent && !self.authenticated && self.agent.is_some() =>
+            {
+                let proven = self.secret.as_ref().is_some_and(|secret| {
+                    secret.verify_agent_proof(&self.transcript.digest(), &self.nonce, &proof.mac)
+                });
+                if !proven {
+                    return Err(SessionError::Unauthenticated);
+                }
+                self.authenticated = true;
+                ClientEvent::Authenticated
+            }
+            (AgentFrame::Done(report), Phase::Starting)
+                if self.authenticated && self.operation == Operation::KillSent =>
+            {
+                self.operation = Operation::Done;
+                ClientEvent::Done(report)
+            }
+            (AgentFrame::Started(started), Phase::Starting)
+                if self.authenticated && self.operation == Operation::ExecSent =>
+            {
                 self.operation = Operation::Running;
                 ClientEvent::Started { pid: started.pid }
             }
@@ -372,11 +478,12 @@ impl ClientSession {
                 self.stdin_open = false;
                 ClientEvent::Exited(end)
             }
-            // An error may end any phase but the finished one; it is the connection's last frame.
+            // An error may end any phase but the finished one (a busy agent says so instead of
+            // its hello); it is the connection's last frame.
             (
                 AgentFrame::Error(err),
                 Phase::Hello | Phase::Idle | Phase::Starting | Phase::Running,
-            ) if self.hello_sent => {
+            ) => {
                 self.failed = true;
                 self.stdin_open = false;
                 ClientEvent::Refused(err)
@@ -384,6 +491,21 @@ impl ClientSession {
             _ => return Err(unexpected),
         };
         Ok(Some(event))
+    }
+
+    /// Hashes our hello into the transcript and computes our proof over it.
+    fn queue_hello_and_proof(&mut self) -> Result<(), SessionError> {
+        let mut hello = [0u8; 32];
+        let n = encode_client_frame(&ClientFrame::Hello(ClientHello::CURRENT), &mut hello)?;
+        self.transcript
+            .update(hello.get(HEADER_LEN..n).unwrap_or(&[]));
+        let transcript = self.transcript.digest();
+        self.proof = self
+            .secret
+            .as_ref()
+            .map(|secret| secret.client_proof(&transcript, &self.nonce));
+        self.hello_queued = true;
+        Ok(())
     }
 
     /// The agent closed the connection (`input_left` unconsumed bytes remained). `Ok` when the

@@ -16,13 +16,15 @@
 //! client before the connection closes).
 
 mod agent;
+mod auth;
 mod client;
 mod ready;
 
 use core::fmt;
 
-pub use agent::{AgentConfig, AgentEvent, AgentSession, OutputPhase, Refusal};
-pub use client::{AgentInfo, ClientEvent, ClientSession, StdinSent};
+pub use agent::{AgentAuth, AgentConfig, AgentEvent, AgentSession, OutputPhase, Refusal};
+pub use auth::{Secret, SecretError};
+pub use client::{AgentInfo, ClientAuth, ClientEvent, ClientSession, StdinSent};
 pub use ready::{encode_ready_announcement, ReadyEvent, ReadyReceiver};
 
 use crate::msg::{AgentFrame, ClientFrame};
@@ -74,6 +76,14 @@ pub enum FrameKind {
     Error,
     /// [`AgentFrame::Ready`].
     Ready,
+    /// [`ClientFrame::Auth`].
+    Auth,
+    /// [`ClientFrame::KillAll`].
+    KillAll,
+    /// [`AgentFrame::Authenticated`].
+    Authenticated,
+    /// [`AgentFrame::Done`].
+    Done,
 }
 
 impl FrameKind {
@@ -91,6 +101,10 @@ impl FrameKind {
             FrameKind::Exited => "a termination record",
             FrameKind::Error => "an error",
             FrameKind::Ready => "a readiness report",
+            FrameKind::Auth => "a proof",
+            FrameKind::KillAll => "a kill-all request",
+            FrameKind::Authenticated => "the agent's proof",
+            FrameKind::Done => "a done record",
         }
     }
 
@@ -100,6 +114,8 @@ impl FrameKind {
             ClientFrame::Exec(_) => FrameKind::Exec,
             ClientFrame::Stdin(_) => FrameKind::Stdin,
             ClientFrame::StdinEof => FrameKind::StdinEof,
+            ClientFrame::Auth(_) => FrameKind::Auth,
+            ClientFrame::KillAll => FrameKind::KillAll,
         }
     }
 
@@ -113,6 +129,8 @@ impl FrameKind {
             AgentFrame::Exited(_) => FrameKind::Exited,
             AgentFrame::Error(_) => FrameKind::Error,
             AgentFrame::Ready(_) => FrameKind::Ready,
+            AgentFrame::Authenticated(_) => FrameKind::Authenticated,
+            AgentFrame::Done(_) => FrameKind::Done,
         }
     }
 }
@@ -208,6 +226,13 @@ pub enum SessionError {
         /// What was wrong.
         message: &'static str,
     },
+    /// Authentication failed: the client's proof was missing or wrong (on the agent's side),
+    /// or the agent's proof was wrong (on the client's: it is not the agent it claims to be).
+    Unauthenticated,
+    /// The agent requires authentication and the client has no secret.
+    SecretRequired,
+    /// The client has a secret and the agent runs insecure: it cannot prove who it is.
+    AgentInsecure,
 }
 
 impl fmt::Display for SessionError {
@@ -242,6 +267,14 @@ impl fmt::Display for SessionError {
             SessionError::InvalidState => f.write_str("not allowed in the session's state"),
             SessionError::BufferTooSmall => f.write_str("buffer too small for the frame"),
             SessionError::InvalidRequest { message } => write!(f, "invalid request: {message}"),
+            SessionError::Unauthenticated => f.write_str("authentication failed"),
+            SessionError::SecretRequired => {
+                f.write_str("the agent requires authentication and no secret was given")
+            }
+            SessionError::AgentInsecure => f.write_str(
+                "the agent runs without authentication (--insecure) but a secret was given: \
+                 it cannot prove who it is",
+            ),
         }
     }
 }

@@ -4,20 +4,31 @@
 
 use crate::frame::{decode_agent_frame, encode_agent_frame, split_frame};
 use crate::limits::MAX_FRAME_BODY;
-use crate::msg::{AgentFrame, Limits, ReadyReport, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use crate::msg::{
+    AgentFrame, ReadyReport, Security, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+
+use super::AgentConfig;
 
 use super::{AgentInfo, FrameKind, Input, Phase, SessionError};
 
 /// The announcement an agent sends: its hello, then the report. Returns the bytes written.
+///
+/// NOTE: the announcement is not authenticated (the agent proves nothing and has no nonce to
+/// give); it carries boot timings only, and the host learns nothing from it that it relies on
+/// for security. Its `security` says what the agent's connections require.
 pub fn encode_ready_announcement(
-    agent_version: &str,
+    config: &AgentConfig,
+    security: Security,
     report: ReadyReport,
     out: &mut [u8],
 ) -> Result<usize, SessionError> {
     let hello = AgentFrame::Hello(super::agent::agent_hello(
-        PROTOCOL_VERSION,
-        agent_version,
-        Limits::CURRENT,
+        config.agent_version,
+        config.limits,
+        config.bounds,
+        [0; crate::limits::NONCE_LEN],
+        security,
     ));
     let n = encode_agent_frame(&hello, out)?;
     let rest = out.get_mut(n..).unwrap_or(&mut []);
@@ -67,16 +78,19 @@ impl ReadyReceiver {
                 if hello.magic != MAGIC {
                     return Err(SessionError::NotFerry);
                 }
-                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
+                let version = hello.version.min(PROTOCOL_VERSION);
+                if hello.min_version.max(MIN_PROTOCOL_VERSION) > version {
                     return Err(SessionError::UnsupportedVersion {
                         chosen: hello.version,
                     });
                 }
                 self.hello_seen = true;
                 ReadyEvent::Hello(AgentInfo {
-                    protocol_version: hello.version,
+                    protocol_version: version,
                     agent_version: hello.agent_version,
                     limits: hello.limits,
+                    security: hello.security,
+                    bounds: hello.bounds,
                 })
             }
             AgentFrame::Ready(report) if self.hello_seen && !self.done => {
