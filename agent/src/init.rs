@@ -268,7 +268,13 @@ fn wait_for_cid(timeout_ms: u64) -> Option<u32> {
 /// [`ReadyReport`]. Runs in a forked process so a host that never answers cannot stall PID 1.
 // Kept out of line: its large stack frame must not be probed into the caller's.
 #[inline(never)]
-pub fn announce_ready(port: u32, listen: &ListenAddr, init_started_us: u64, modules_us: u64) {
+pub fn announce_ready(
+    port: u32,
+    listen: &ListenAddr,
+    init_started_us: u64,
+    modules_us: u64,
+    serving: &crate::auth::Serving,
+) {
     // SAFETY: the agent is single-threaded and installs no signal handlers; the child runs the
     // agent's own code (see `sys::fork`).
     #[allow(unsafe_code)]
@@ -300,10 +306,10 @@ pub fn announce_ready(port: u32, listen: &ListenAddr, init_started_us: u64, modu
         modules_us,
         listening_us,
     };
-    let mut buf = [0u8; 128];
-    let Ok(len) = encode_ready_announcement(crate::AGENT_VERSION, report, &mut buf) else {
-        sys::exit(1)
-    };
+    let mut buf = [0u8; 512];
+    let announced =
+        encode_ready_announcement(&serving.config, serving.security(), report, &mut buf);
+    let Ok(len) = announced else { sys::exit(1) };
     let announcement = buf.get(..len).unwrap_or(&[]);
     for attempt in 0..50u32 {
         match connect_host(port) {

@@ -3,7 +3,7 @@
 
 use core::ffi::CStr;
 
-use ferry_wire::session::{AgentConfig, AgentSession, Refusal};
+use ferry_wire::session::{encode_refusal, Refusal};
 use ferry_wire::ErrorCode;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::fd::OwnedFd;
@@ -11,6 +11,7 @@ use rustix::io::Errno;
 use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 use rustix::process::Signal;
 
+use crate::auth::Serving;
 use crate::config::ListenAddr;
 use crate::successor::Successor;
 use crate::sys::{self, VsockAddr};
@@ -85,7 +86,7 @@ const SPARES: usize = 2;
 /// and each tells the listener through its own pipe once it has taken a connection (see
 /// [`Successor`]); only then is its replacement forked. A client never waits for a fork, and
 /// the listener still never reads from a client.
-pub fn serve_forever(listener: OwnedFd, is_init: bool) -> ! {
+pub fn serve_forever(listener: OwnedFd, is_init: bool, serving: &Serving) -> ! {
     // With SIGCHLD ignored the kernel reaps our children (connection processes, and as PID 1 or
     // subreaper every orphan) the moment they exit: no zombies, and no `wait` that could steal
     // a status a connection process is waiting for.
@@ -107,7 +108,7 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool) -> ! {
                     // The other spares' report pipes are the listener's: a spare (and the
                     // connection it becomes) holds only its own.
                     spares.clear();
-                    spare(listener, report, listener_pid)
+                    spare(listener, report, listener_pid, serving)
                 }
                 Ok(Forked::Listener(taken)) => {
                     let _ = spares.push(taken);
@@ -156,7 +157,12 @@ fn fork_spare() -> Result<Forked, Errno> {
 }
 
 /// A spare connection process: takes the next connection, tells the listener, serves it.
-fn spare(listener: OwnedFd, report: OwnedFd, listener_pid: rustix::process::Pid) -> ! {
+fn spare(
+    listener: OwnedFd,
+    report: OwnedFd,
+    listener_pid: rustix::process::Pid,
+    serving: &Serving,
+) -> ! {
     // A spare must not outlive its listener (when the agent runs as an ordinary process and is
     // stopped): it would keep accepting on a socket nobody manages. A connection already taken
     // is served to its end, as before.
@@ -182,7 +188,7 @@ fn spare(listener: OwnedFd, report: OwnedFd, listener_pid: rustix::process::Pid)
     };
     let _ = rustix::process::set_parent_process_death_signal(None);
     drop(listener);
-    conn::serve(conn, prepared, Successor::new(report))
+    conn::serve(conn, prepared, Successor::new(report), serving)
 }
 
 /// Blocks until a spare has taken a connection or died, and drops it from `spares`.
@@ -243,16 +249,13 @@ fn refuse_pending(listener: &OwnedFd, errno: Errno) {
 
 /// Tells a client we could not take its connection, without ever blocking the listener.
 fn refuse_connection(conn: &OwnedFd, errno: Errno) {
-    // The session words the refusal; its clock is not needed for one frame sent at once.
-    let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
     let refusal = Refusal::os(
         ErrorCode::ResourceExhausted,
         errno.raw_os_error().unsigned_abs(),
         "cannot fork a connection process",
     );
     let mut buf = [0u8; 96];
-    let _ = session.refuse(refusal, 0);
-    let len = session.poll_transmit(&mut buf).unwrap_or(0);
+    let len = encode_refusal(&refusal, &mut buf).unwrap_or(0);
     if let Some(frame @ [_, ..]) = buf.get(..len) {
         let _ = rustix::net::send(conn, frame, SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
     }

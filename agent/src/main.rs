@@ -21,6 +21,7 @@
 // Unit tests build this crate with std and without the entry point that uses everything.
 #![cfg_attr(test, allow(dead_code, unused_imports))]
 
+mod auth;
 mod clock;
 mod config;
 mod conn;
@@ -57,6 +58,9 @@ fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
 struct Options {
     listen: ListenAddr,
     ready_port: Option<u32>,
+    // TODO(merge): from the policy.
+    secret_file: Option<&'static [u8]>,
+    insecure: bool,
 }
 
 const USAGE: &[u8] =
@@ -76,8 +80,8 @@ enum Request {
 }
 
 /// Applies the arguments after the program's name to `options`.
-fn parse_args<'a>(
-    args: impl IntoIterator<Item = &'a [u8]>,
+fn parse_args(
+    args: impl IntoIterator<Item = &'static [u8]>,
     is_init: bool,
     options: &mut Options,
 ) -> Result<Request, &'static [u8]> {
@@ -93,6 +97,10 @@ fn parse_args<'a>(
                 let port = config::parse_u32(value).ok_or(b"bad --ready-port".as_slice())?;
                 options.ready_port = Some(port);
             }
+            b"--secret-file" => {
+                options.secret_file = Some(args.next().ok_or(b"missing value".as_slice())?);
+            }
+            b"--insecure" => options.insecure = true,
             b"--version" => return Ok(Request::Version),
             b"--help" | b"-h" => return Ok(Request::Help),
             // The kernel hands init whatever it did not recognise: ignore it as PID 1.
@@ -111,6 +119,8 @@ pub fn run() -> ! {
     let mut options = Options {
         listen: ListenAddr::Vsock(DEFAULT_VSOCK_PORT),
         ready_port: None,
+        secret_file: None,
+        insecure: false,
     };
     let mut modules_us = 0;
     if is_init {
@@ -143,6 +153,38 @@ pub fn run() -> ! {
             sys::exit(2)
         }
     }
+    let mut path = [0u8; 256];
+    let secret = match options.secret_file {
+        Some(file) => match cstr::join(&mut path, &[file]) {
+            Some(path) => match auth::load_secret(path) {
+                Ok(secret) => Some(secret),
+                Err(err) => {
+                    log::Line::new().push(err.as_bytes()).emit();
+                    sys::exit(2)
+                }
+            },
+            None => sys::exit(2),
+        },
+        None if options.insecure => {
+            log::Line::new()
+                .push(b"running without authentication (--insecure)")
+                .emit();
+            None
+        }
+        None => {
+            log::Line::new()
+                .push(b"no secret: give --secret-file PATH, or --insecure")
+                .emit();
+            sys::exit(2)
+        }
+    };
+    let serving = auth::Serving {
+        config: ferry_wire::session::AgentConfig {
+            agent_version: AGENT_VERSION,
+            ..ferry_wire::session::AgentConfig::DEFAULT
+        },
+        secret,
+    };
     let listener = loop {
         match listen::bind(&options.listen) {
             Ok(listener) => break listener,
@@ -164,9 +206,9 @@ pub fn run() -> ! {
         }
     };
     if let Some(port) = options.ready_port {
-        init::announce_ready(port, &options.listen, init_started_us, modules_us);
+        init::announce_ready(port, &options.listen, init_started_us, modules_us, &serving);
     }
-    listen::serve_forever(listener, is_init)
+    listen::serve_forever(listener, is_init, &serving)
 }
 
 #[cfg(test)]

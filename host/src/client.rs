@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::command::Command;
-use crate::conn::{open_timed, AgentInfo, BufferPool, Connection};
+use crate::conn::{open_timed, AgentInfo, BufferPool, Connection, Operation, Received};
 use crate::error::Error;
 use crate::exec::{Execution, Output};
 use crate::target::{ConnectOptions, Target};
@@ -74,10 +74,30 @@ impl Client {
             &self.target,
             &self.options,
             Some(&self.buffers),
-            Some(&request),
+            Operation::Exec(&request),
         )
         .map_err(|err| command.explain(err))?;
         Execution::start(conn, command.stdin_mode())
+    }
+
+    /// Ends every command the agent runs (every process in its commands' cgroup), whoever
+    /// started them: the way back from a fork bomb or a runaway daemon. Returns how many
+    /// processes were signalled when the agent knows (0 otherwise). An agent without a cgroup
+    /// for its commands refuses with [`crate::ErrorCode::Unsupported`].
+    pub fn kill_all(&self) -> Result<u32, Error> {
+        let (mut conn, _info) = Connection::open_with(
+            &self.target,
+            &self.options,
+            Some(&self.buffers),
+            Operation::KillAll,
+        )?;
+        match conn.receive()? {
+            Received::Done(count) => Ok(count),
+            other => Err(crate::conn::out_of_order(
+                &other,
+                "instead of a done record",
+            )),
+        }
     }
 
     /// Runs `command` to the end and returns everything it printed and how it ended.

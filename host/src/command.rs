@@ -28,6 +28,7 @@ pub struct Command {
     clean_env: bool,
     cwd: Option<Vec<u8>>,
     stdin: Stdin,
+    user: Option<Vec<u8>>,
     /// The first builder misuse (a NUL in an argument, a bad variable name), reported when the
     /// command is run: builders do not return errors.
     invalid: Option<String>,
@@ -43,6 +44,7 @@ impl Command {
             clean_env: false,
             cwd: None,
             stdin: Stdin::Null,
+            user: None,
             invalid: None,
         };
         let program = program.as_ref().as_bytes();
@@ -128,6 +130,17 @@ impl Command {
         self
     }
 
+    /// Runs the command as `user` (`NAME[:GROUP]` or `UID[:GID]`, resolved in the guest)
+    /// instead of the agent's default user. The agent's policy decides whether that is allowed.
+    pub fn user(&mut self, user: impl AsRef<OsStr>) -> &mut Command {
+        let user = user.as_ref().as_bytes();
+        if user.is_empty() || user.contains(&0) {
+            self.reject("the user is empty or contains a NUL byte".into());
+        }
+        self.user = Some(user.to_vec());
+        self
+    }
+
     /// The configured stdin.
     pub fn stdin_mode(&self) -> &Stdin {
         &self.stdin
@@ -163,6 +176,7 @@ impl Command {
                 Stdin::Null => StdinMode::Null,
                 Stdin::Pipe | Stdin::Bytes(_) => StdinMode::Pipe,
             },
+            user: self.user.as_deref().map(Bytes),
         })
     }
 
@@ -189,14 +203,13 @@ impl Command {
 mod tests {
     use super::*;
     use ferry_wire::limits::{MAX_ARGS, MAX_ARGV_BYTES, MAX_ENV_VARS, MAX_PATH};
-    use ferry_wire::session::ClientSession;
 
-    /// What `Client::spawn` does before it connects: the builder's request, through a session.
+    /// What `Client::spawn` does before it connects: the builder's request, validated.
     fn check(command: &Command) -> Result<(), Error> {
         let request = command.request()?;
-        let mut session = ClientSession::new(0, None);
-        crate::conn::Opening::encode(&mut session, Some(&request))
-            .map_err(|e| command.explain(e))?;
+        request
+            .validate()
+            .map_err(|e| command.explain(Error::InvalidRequest(e.message.into())))?;
         Ok(())
     }
 

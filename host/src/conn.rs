@@ -12,9 +12,10 @@ use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use ferry_wire::limits::MAX_FRAME;
-use ferry_wire::session::{ClientEvent, ClientSession, Micros, SessionError};
+use ferry_wire::session::{ClientAuth, ClientEvent, ClientSession, Micros, Phase, SessionError};
 use ferry_wire::{
-    ErrorFrame, ExecRequest, Limits, RecvBuf, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Bounds, ErrorCode, ErrorFrame, ExecRequest, Limits, RecvBuf, Security, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 
 use crate::error::{Error, RemoteError};
@@ -33,6 +34,11 @@ pub struct AgentInfo {
     pub agent_version: String,
     /// The limits the agent enforces.
     pub limits: Limits,
+    /// Whether the agent requires the secret ([`Security::Insecure`]: anyone who reaches it
+    /// may run commands).
+    pub security: Security,
+    /// How the agent bounds commands.
+    pub bounds: Bounds,
 }
 
 impl AgentInfo {
@@ -42,8 +48,28 @@ impl AgentInfo {
             protocol_version: info.protocol_version,
             agent_version: info.agent_version.to_owned(),
             limits: info.limits,
+            security: info.security,
+            bounds: info.bounds,
         }
     }
+}
+
+/// A fresh session for one connection: a fresh nonce, and the secret if the caller has one.
+pub(crate) fn new_session(
+    options: &ConnectOptions,
+    hello_timeout: Duration,
+) -> Result<ClientSession, Error> {
+    let mut nonce = [0u8; ferry_wire::limits::NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|err| {
+        Error::Io(io::Error::other(format!(
+            "no random bytes for a nonce: {err}"
+        )))
+    })?;
+    let auth = ClientAuth {
+        nonce,
+        secret: options.secret.clone(),
+    };
+    Ok(ClientSession::new(0, Some(micros(hello_timeout)), auth))
 }
 
 /// Receive buffers kept between one client's connections (clones included): a fresh buffer
@@ -194,6 +220,9 @@ impl Shared {
 #[derive(Debug)]
 pub(crate) enum Received {
     Hello(AgentInfo),
+    /// The agent proved the secret (reported only when no operation waits behind it).
+    Authenticated,
+    Done(u32),
     Started(u32),
     Stdout(Range<usize>),
     Stderr(Range<usize>),
@@ -218,29 +247,35 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Connects and exchanges hellos, all within `options.connect_timeout`.
+    /// Connects and completes the handshake (the agent's hello, ours, both proofs), all within
+    /// `options.connect_timeout`.
     pub fn open(
         target: &Target,
         options: &ConnectOptions,
         pool: Option<&Arc<BufferPool>>,
     ) -> Result<(Connection, AgentInfo), Error> {
-        Connection::open_with(target, options, pool, None)
+        Connection::open_with(target, options, pool, Operation::None)
     }
 
-    /// Like [`Connection::open`], with an exec request behind the hello: the session encodes
-    /// both, and they go out in one write, so the request costs no extra round trip.
+    /// Like [`Connection::open`], with an operation behind our hello and proof: the session
+    /// encodes all of them, and they go out in one write, so the operation costs no extra
+    /// round trip. The agent's proof is then checked as the operation's first answer.
     pub fn open_with(
         target: &Target,
         options: &ConnectOptions,
         pool: Option<&Arc<BufferPool>>,
-        request: Option<&ExecRequest<'_>>,
+        operation: Operation<'_, '_>,
     ) -> Result<(Connection, AgentInfo), Error> {
+        if let Operation::Exec(request) = operation {
+            // Refused before a connection is made: a bad request costs nothing.
+            request
+                .validate()
+                .map_err(|err| Error::InvalidRequest(err.message.into()))?;
+        }
         let opened = target.open_raw(options)?;
         let epoch = Instant::now();
         let hello_timeout = opened.deadline.saturating_duration_since(epoch);
-        let mut session = ClientSession::new(0, Some(micros(hello_timeout)));
-        // Encoded before anything else is set up: a refused request costs no more.
-        let opening = Opening::encode(&mut session, request)?;
+        let session = new_session(options, hello_timeout)?;
         let mut conn = Connection {
             shared: Arc::new(Shared {
                 stream: opened.stream,
@@ -262,6 +297,12 @@ impl Connection {
             epoch,
             reader: None,
         };
+        // The agent speaks first: its hello carries the challenge our proof answers.
+        let info = match conn.receive()? {
+            Received::Hello(info) => info,
+            other => return Err(out_of_order(&other, "instead of a hello")),
+        };
+        let opening = Opening::encode(&mut conn.shared.lock().session, operation)?;
         let mut stream = &conn.shared.stream;
         let timed_write = !opened.timeouts_set && opening.bytes().len() > UNTIMED_OPENING;
         if timed_write {
@@ -272,11 +313,14 @@ impl Connection {
             stream.set_write_timeout(Some(left)).map_err(Error::Io)?;
         }
         stream.write_all(opening.bytes()).map_err(io_error)?;
-        let info = match conn.receive()? {
-            Received::Hello(info) => info,
-            other => return Err(out_of_order(&other, "instead of a hello")),
-        };
-        // Past the hello an operation may run for as long as it likes.
+        if operation == Operation::None && info.security == Security::Authenticated {
+            // Nothing else would bring the agent's proof: wait for it here.
+            match conn.receive()? {
+                Received::Authenticated => {}
+                other => return Err(out_of_order(&other, "instead of the agent's proof")),
+            }
+        }
+        // Past the handshake an operation may run for as long as it likes.
         let stream = &conn.shared.stream;
         if opened.timeouts_set {
             stream.set_read_timeout(None).map_err(Error::Io)?;
@@ -332,6 +376,14 @@ impl Connection {
             };
             let received = match event {
                 ClientEvent::HelloAccepted(info) => Received::Hello(AgentInfo::from_wire(&info)),
+                // An operation behind the proof reports its own first event.
+                ClientEvent::Authenticated if state.session.phase() == Phase::Starting => {
+                    drop(state);
+                    self.recv.consume(taken.consumed);
+                    continue;
+                }
+                ClientEvent::Authenticated => Received::Authenticated,
+                ClientEvent::Done(report) => Received::Done(report.count),
                 ClientEvent::Started { pid } => Received::Started(pid),
                 ClientEvent::Stdout(data) => Received::Stdout(within(input, data)),
                 ClientEvent::Stderr(data) => Received::Stderr(within(input, data)),
@@ -422,7 +474,18 @@ impl Drop for Connection {
 /// anything smaller cannot block on a fresh connection.
 const UNTIMED_OPENING: usize = 16 * 1024;
 
-/// The bytes a connection opens with: the session's hello, and the request behind it.
+/// What a connection carries behind the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Operation<'r, 'a> {
+    /// Nothing: a health check.
+    None,
+    /// Run a command.
+    Exec(&'r ExecRequest<'a>),
+    /// End every command the agent runs.
+    KillAll,
+}
+
+/// The bytes a connection opens with: our hello and proof, and the request behind them.
 pub(crate) struct Opening {
     small: [u8; 2048],
     large: Vec<u8>,
@@ -434,16 +497,17 @@ impl Opening {
     /// stack, with a heap buffer sized for the largest frames only when one does not fit.
     pub fn encode(
         session: &mut ClientSession,
-        request: Option<&ExecRequest<'_>>,
+        operation: Operation<'_, '_>,
     ) -> Result<Opening, Error> {
         let mut opening = Opening {
             small: [0u8; 2048],
             large: Vec::new(),
             len: 0,
         };
-        let encode = |session: &mut ClientSession, out: &mut [u8]| match request {
-            Some(request) => session.start_exec(request, out),
-            None => session.poll_transmit(out),
+        let encode = |session: &mut ClientSession, out: &mut [u8]| match operation {
+            Operation::Exec(request) => session.start_exec(request, out),
+            Operation::KillAll => session.start_kill_all(out),
+            Operation::None => session.poll_transmit(out),
         };
         opening.len = match encode(session, &mut opening.small) {
             Err(SessionError::BufferTooSmall) => {
@@ -506,6 +570,13 @@ pub(crate) fn session_error(err: SessionError) -> Error {
         } => Error::Protocol(format!("the agent closed the connection mid-frame {phase}")),
         SessionError::TimedOut { .. } => io_error(io::Error::from(io::ErrorKind::TimedOut)),
         SessionError::InvalidRequest { message } => Error::InvalidRequest(message.into()),
+        SessionError::Unauthenticated => Error::Unauthenticated(
+            "the agent could not prove that it holds the secret: it is not the agent it claims \
+             to be, or the secrets differ"
+                .into(),
+        ),
+        SessionError::SecretRequired => Error::SecretRequired,
+        SessionError::AgentInsecure => Error::AgentInsecure,
         err @ (SessionError::InvalidState | SessionError::BufferTooSmall) => {
             Error::Protocol(format!("the library misused its session: {err}"))
         }
@@ -514,6 +585,11 @@ pub(crate) fn session_error(err: SessionError) -> Error {
 
 /// The library's error for an error frame: a version refusal or the agent's failure.
 pub(crate) fn refused(err: &ErrorFrame<'_>) -> Error {
+    if err.code == ErrorCode::Unauthenticated {
+        return Error::Unauthenticated(
+            "the agent refused our proof: the secret is not this agent's".into(),
+        );
+    }
     if ClientSession::is_version_refusal(err) {
         return Error::UnsupportedVersion {
             min: MIN_PROTOCOL_VERSION,

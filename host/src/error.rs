@@ -57,6 +57,29 @@ pub enum Error {
     /// The agent refused or failed the operation.
     #[error("{0}")]
     Remote(RemoteError),
+    /// Authentication failed: the agent refused our proof, or could not prove its own.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The agent requires authentication and no secret was given.
+    #[error(
+        "the agent requires authentication: give its secret (--secret-file or FERRY_SECRET_FILE)"
+    )]
+    SecretRequired,
+    /// A secret was given and the agent runs without authentication (`--insecure`): it cannot
+    /// prove who it is, so nothing is sent to it.
+    #[error(
+        "the agent runs without authentication (--insecure) but a secret was given: \
+         refusing to talk to an agent that cannot prove who it is"
+    )]
+    AgentInsecure,
+    /// A secret file cannot be used.
+    #[error("secret file {}: {reason}", path.display())]
+    Secret {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why not.
+        reason: String,
+    },
 }
 
 /// A failure the agent reported in an error frame.

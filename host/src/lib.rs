@@ -17,6 +17,7 @@ mod command;
 mod conn;
 mod error;
 mod exec;
+mod secret;
 mod sys;
 mod target;
 #[cfg(feature = "tokio")]
@@ -27,7 +28,8 @@ pub use command::{Command, Stdin};
 pub use conn::AgentInfo;
 pub use error::{errno_name, Error, ErrorCode, RemoteError};
 pub use exec::{Event, Execution, Output, PumpError, StdinWriter, Termination};
-pub use ferry_wire::{ExitStatus, Limits};
+pub use ferry_wire::{Bounds, ExitStatus, Limits, Security};
+pub use secret::{read_secret_file, secret_from_env, Secret, SECRET_FILE_ENV};
 pub use sys::vsock;
 pub use target::{ConnectOptions, Target};
 

@@ -13,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
+use crate::secret::Secret;
 use crate::sys;
 
 /// An agent's address, as written on the command line: `unix://PATH`, `vsock://CID:PORT` or
@@ -106,7 +107,7 @@ impl fmt::Display for Target {
 }
 
 /// How hard to try when opening a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ConnectOptions {
     /// Bound on connecting, the hybrid-vsock handshake and the protocol hello together.
     pub connect_timeout: Duration,
@@ -115,6 +116,10 @@ pub struct ConnectOptions {
     pub hvsock_retries: u32,
     /// The pause before the first retry; it doubles with each one.
     pub hvsock_retry_delay: Duration,
+    /// The agent's secret ([`crate::read_secret_file`]). With one, the client proves it on
+    /// every connection and talks only to an agent that proves it too; without one, only to an
+    /// agent started `--insecure`.
+    pub secret: Option<Secret>,
 }
 
 impl Default for ConnectOptions {
@@ -123,6 +128,7 @@ impl Default for ConnectOptions {
             connect_timeout: Duration::from_secs(10),
             hvsock_retries: 5,
             hvsock_retry_delay: Duration::from_millis(20),
+            secret: None,
         }
     }
 }

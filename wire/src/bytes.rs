@@ -42,3 +42,34 @@ impl<'de: 'a, 'a> Deserialize<'de> for Bytes<'a> {
         deserializer.deserialize_bytes(BorrowedBytes)
     }
 }
+
+/// A fixed-size byte array that serializes like [`Bytes`] (length varint + raw bytes): one call
+/// instead of serde's element-by-element tuple code, which costs the agent kilobytes. Any other
+/// length does not decode.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ByteArray<const N: usize>(pub [u8; N]);
+
+impl<const N: usize> fmt::Debug for ByteArray<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in &self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl<const N: usize> Serialize for ByteArray<N> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de, const N: usize> Deserialize<'de> for ByteArray<N> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let Bytes(bytes) = Bytes::deserialize(deserializer)?;
+        bytes
+            .try_into()
+            .map(ByteArray)
+            .map_err(|_| serde::de::Error::custom("wrong length"))
+    }
+}

@@ -86,7 +86,7 @@ mod msg;
 mod recv;
 pub mod session;
 
-pub use bytes::Bytes;
+pub use bytes::{ByteArray, Bytes};
 pub use frame::{
     decode_agent_frame, decode_client_frame, encode_agent_frame, encode_client_frame,
     frame_data_in_place, split_frame, DataKind, DecodeError, EncodeError, FrameTooLarge,

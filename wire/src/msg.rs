@@ -8,7 +8,7 @@ use core::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::bytes::Bytes;
+use crate::bytes::{ByteArray, Bytes};
 use crate::limits::*;
 
 /// Opens every hello, so a peer that speaks something else is told apart from a version mismatch.
@@ -71,7 +71,7 @@ pub enum AgentFrame<'a> {
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientProof<'a> {
     /// A fresh random value of the client's, so the agent's proof is fresh for it too.
-    pub nonce: [u8; NONCE_LEN],
+    pub nonce: ByteArray<NONCE_LEN>,
     /// [`crate::session::auth`]'s client proof; any other length is simply wrong.
     #[serde(borrow)]
     pub mac: Bytes<'a>,
@@ -81,7 +81,7 @@ pub struct ClientProof<'a> {
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AgentProof {
     /// [`crate::session::auth`]'s agent proof.
-    pub mac: [u8; MAC_LEN],
+    pub mac: ByteArray<MAC_LEN>,
 }
 
 /// What an operation without output did.
@@ -171,7 +171,7 @@ pub struct AgentHello<'a> {
     pub limits: Limits,
     /// Fresh random bytes for this connection alone: the client's proof covers them, so a
     /// proof is worthless on any other connection.
-    pub nonce: [u8; NONCE_LEN],
+    pub nonce: ByteArray<NONCE_LEN>,
     /// Whether a proof is required.
     pub security: Security,
     /// How the agent bounds commands.

@@ -41,8 +41,8 @@ fn golden_client_hello() {
         7, 0, 0, 0,             // body length
         0x00,                   // ClientFrame::Hello
         b'F', b'R', b'R', b'Y', // magic
-        0x01,                   // min_version
-        0x01,                   // max_version
+        0x02,                   // min_version
+        0x02,                   // max_version
     ]);
 }
 
@@ -55,15 +55,36 @@ fn golden_client_exec() {
         clean_env: false,
         cwd: Some(Bytes(b"/tmp")),
         stdin: StdinMode::Pipe,
+        user: None,
     };
     golden_client(ClientFrame::Exec(exec), &[
-        21, 0, 0, 0,                       // body length
+        22, 0, 0, 0,                       // body length
         0x01,                              // ClientFrame::Exec
         6, b'l', b's', 0, b'-', b'l', 0,   // argv: length, packed NUL-terminated entries
         4, b'A', b'=', b'1', 0,            // env: length, packed entries
         0x00,                              // clean_env: false
         0x01, 4, b'/', b't', b'm', b'p',   // cwd: Some, length, bytes
         0x01,                              // stdin: StdinMode::Pipe
+        0x00,                              // user: None
+    ]);
+    let exec = ExecRequest {
+        argv: StrList::new(b"id\0"),
+        env: StrList::new(b""),
+        clean_env: true,
+        cwd: None,
+        stdin: StdinMode::Null,
+        user: Some(Bytes(b"nobody:users")),
+    };
+    golden_client(ClientFrame::Exec(exec), &[
+        22, 0, 0, 0,                       // body length
+        0x01,                              // ClientFrame::Exec
+        3, b'i', b'd', 0,                  // argv: length, packed NUL-terminated entries
+        0,                                 // env: empty
+        0x01,                              // clean_env: true
+        0x00,                              // cwd: None
+        0x00,                              // stdin: StdinMode::Null
+        0x01, 12,                          // user: Some, length
+        b'n', b'o', b'b', b'o', b'd', b'y', b':', b'u', b's', b'e', b'r', b's',
     ]);
 }
 
@@ -83,26 +104,117 @@ fn golden_client_stdin_and_eof() {
 
 #[rustfmt::skip]
 #[test]
+fn golden_client_auth_and_kill_all() {
+    golden_client(ClientFrame::Auth(ClientProof { nonce: ByteArray([1; NONCE_LEN]), mac: Bytes(&[0xAB; MAC_LEN]) }), &[
+        67, 0, 0, 0,            // body length
+        0x04,                   // ClientFrame::Auth
+        32,                     // nonce: length (a ByteArray: exactly 32 decodes)
+        1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+        1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+        32,                     // mac: length (a byte string: any length decodes)
+        0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB,
+        0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB, 0xAB,
+    ]);
+    // A proof of the wrong length still decodes: the session refuses it like a wrong one.
+    golden_client(ClientFrame::Auth(ClientProof { nonce: ByteArray([1; NONCE_LEN]), mac: Bytes(b"") }), &[
+        35, 0, 0, 0,            // body length
+        0x04,                   // ClientFrame::Auth
+        32,                     // nonce: length (a ByteArray: exactly 32 decodes)
+        1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+        1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+        0,                      // mac: empty
+    ]);
+    golden_client(ClientFrame::KillAll, &[
+        1, 0, 0, 0,             // body length
+        0x05,                   // ClientFrame::KillAll
+    ]);
+}
+
+/// A hello as an agent sends it: every field of limits and bounds, a nonce, the security mode.
+const GOLDEN_BOUNDS: Bounds = Bounds {
+    max_runtime_s: 300,
+    max_output: 1_000_000,
+    max_file_size: 0,
+    max_connections: 64,
+    handshake_timeout_ms: 5_000,
+    memory_max: 0,
+    pids_max: 0,
+    cgroup: true,
+    default_uid: 65534,
+    default_gid: 65534,
+};
+
+#[rustfmt::skip]
+#[test]
 fn golden_agent_hello() {
     golden_agent(AgentFrame::Hello(AgentHello {
         magic: MAGIC,
-        version: 1,
+        min_version: 2,
+        version: 2,
         agent_version: "0.1.0",
         limits: Limits::CURRENT,
+        nonce: ByteArray([7; NONCE_LEN]),
+        security: Security::Authenticated,
+        bounds: GOLDEN_BOUNDS,
     }), &[
-        33, 0, 0, 0,                       // body length
+        87, 0, 0, 0,                       // body length
         0x00,                              // AgentFrame::Hello
         b'F', b'R', b'R', b'Y',            // magic
-        0x01,                              // version
+        0x02,                              // min_version
+        0x02,                              // version
         5, b'0', b'.', b'1', b'.', b'0',   // agent_version
-        0xBF, 0xA0, 0x04,                  // max_frame_body: 69695
-        0x80, 0x80, 0x04,                  // max_data: 65536
-        0x80, 0x80, 0x02,                  // max_argv_bytes: 32768
-        0x80, 0x08,                        // max_args: 1024
-        0x80, 0x80, 0x02,                  // max_env_bytes: 32768
-        0x80, 0x08,                        // max_env_vars: 1024
-        0xFF, 0x1F,                        // max_path: 4095
-        0x80, 0x80, 0x08,                  // stdin_window: 131072
+        0xFF, 0xA0, 0x04,                  // limits.max_frame_body: 69759
+        0x80, 0x80, 0x04,                  // limits.max_data: 65536
+        0x80, 0x80, 0x02,                  // limits.max_argv_bytes: 32768
+        0x80, 0x08,                        // limits.max_args: 1024
+        0x80, 0x80, 0x02,                  // limits.max_env_bytes: 32768
+        0x80, 0x08,                        // limits.max_env_vars: 1024
+        0xFF, 0x1F,                        // limits.max_path: 4095
+        0x80, 0x80, 0x08,                  // limits.stdin_window: 131072
+        0x40,                              // limits.max_user: 64
+        32,                                // nonce: length (a ByteArray: exactly 32 decodes)
+        7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
+        7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
+        0x00,                              // security: Security::Authenticated
+        0xAC, 0x02,                        // bounds.max_runtime_s: 300
+        0xC0, 0x84, 0x3D,                  // bounds.max_output: 1000000
+        0x00,                              // bounds.max_file_size: 0 (no limit)
+        0x40,                              // bounds.max_connections: 64
+        0x88, 0x27,                        // bounds.handshake_timeout_ms: 5000
+        0x00,                              // bounds.memory_max: 0 (no limit)
+        0x00,                              // bounds.pids_max: 0 (no limit)
+        0x01,                              // bounds.cgroup: true
+        0xFE, 0xFF, 0x03,                  // bounds.default_uid: 65534
+        0xFE, 0xFF, 0x03,                  // bounds.default_gid: 65534
+    ]);
+    // An insecure agent, the rest alike: only the security byte differs.
+    let insecure = encode_agent(&AgentFrame::Hello(AgentHello {
+        magic: MAGIC,
+        min_version: 2,
+        version: 2,
+        agent_version: "0.1.0",
+        limits: Limits::CURRENT,
+        nonce: ByteArray([7; NONCE_LEN]),
+        security: Security::Insecure,
+        bounds: GOLDEN_BOUNDS,
+    }));
+    assert_eq!(insecure[4 + 1 + 4 + 2 + 6 + 23 + 1 + 32], 0x01, "security: Security::Insecure");
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_agent_authenticated_and_done() {
+    golden_agent(AgentFrame::Authenticated(AgentProof { mac: ByteArray([0xCD; MAC_LEN]) }), &[
+        34, 0, 0, 0,            // body length
+        0x08,                   // AgentFrame::Authenticated
+        32,                     // mac: length (a ByteArray: exactly 32 decodes)
+        0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD,
+        0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD, 0xCD,
+    ]);
+    golden_agent(AgentFrame::Done(DoneReport { count: 300 }), &[
+        3, 0, 0, 0,             // body length
+        0x09,                   // AgentFrame::Done
+        0xAC, 0x02,             // count: 300
     ]);
 }
 
@@ -209,6 +321,8 @@ fn error_codes_are_pinned() {
         ResourceExhausted,
         Busy,
         Internal,
+        Unauthenticated,
+        Unsupported,
     ];
     for (index, code) in all.into_iter().enumerate() {
         let frame = AgentFrame::Error(ErrorFrame {
@@ -218,6 +332,84 @@ fn error_codes_are_pinned() {
         });
         assert_eq!(encode_agent(&frame)[5], index as u8, "{code:?}");
         assert!(!code.as_str().is_empty());
+    }
+}
+
+/// Each frame variant's first body byte is its position: append only, never reorder.
+#[test]
+fn variant_tags_are_pinned() {
+    let proof = [0u8; MAC_LEN];
+    let client = [
+        ClientFrame::Hello(ClientHello::CURRENT),
+        ClientFrame::Exec(exec_with(b"a\0", b"", None)),
+        ClientFrame::Stdin(Bytes(b"")),
+        ClientFrame::StdinEof,
+        ClientFrame::Auth(ClientProof {
+            nonce: ByteArray([0; NONCE_LEN]),
+            mac: Bytes(&proof),
+        }),
+        ClientFrame::KillAll,
+    ];
+    for (index, frame) in client.iter().enumerate() {
+        assert_eq!(encode_client(frame)[HEADER_LEN], index as u8, "{frame:?}");
+    }
+    let hello = AgentHello {
+        magic: MAGIC,
+        min_version: MIN_PROTOCOL_VERSION,
+        version: PROTOCOL_VERSION,
+        agent_version: "",
+        limits: Limits::CURRENT,
+        nonce: ByteArray([0; NONCE_LEN]),
+        security: Security::Authenticated,
+        bounds: Bounds::default(),
+    };
+    let agent = [
+        AgentFrame::Hello(hello),
+        AgentFrame::Started(Started { pid: 1 }),
+        AgentFrame::Stdout(Bytes(b"")),
+        AgentFrame::Stderr(Bytes(b"")),
+        AgentFrame::StdinCredit(1),
+        AgentFrame::Exited(Termination {
+            status: ExitStatus::Code(0),
+            duration_us: 0,
+            output_dropped: false,
+        }),
+        AgentFrame::Error(ErrorFrame {
+            code: ErrorCode::Internal,
+            errno: 0,
+            message: "",
+        }),
+        AgentFrame::Ready(ReadyReport {
+            cid: 0,
+            init_started_us: 0,
+            modules_us: 0,
+            listening_us: 0,
+        }),
+        AgentFrame::Authenticated(AgentProof {
+            mac: ByteArray(proof),
+        }),
+        AgentFrame::Done(DoneReport { count: 0 }),
+    ];
+    for (index, frame) in agent.iter().enumerate() {
+        assert_eq!(encode_agent(frame)[HEADER_LEN], index as u8, "{frame:?}");
+    }
+    // The security mode's byte, at the end of the hello's fixed part.
+    for (index, security) in [Security::Authenticated, Security::Insecure]
+        .into_iter()
+        .enumerate()
+    {
+        let bytes = encode_agent(&AgentFrame::Hello(AgentHello { security, ..hello }));
+        let at = HEADER_LEN + 1 + 4 + 1 + 1 + 1 + 23 + 1 + NONCE_LEN;
+        assert_eq!(bytes[at], index as u8, "{security:?}");
+    }
+    // And the stdin modes (the exec's last field before the user).
+    for (index, stdin) in [StdinMode::Null, StdinMode::Pipe].into_iter().enumerate() {
+        let exec = ExecRequest {
+            stdin,
+            ..exec_with(b"a\0", b"", None)
+        };
+        let bytes = encode_client(&ClientFrame::Exec(exec));
+        assert_eq!(bytes[bytes.len() - 2], index as u8, "{stdin:?}");
     }
 }
 
@@ -316,14 +508,21 @@ fn negotiation() {
     assert_eq!(future.negotiate(), Some(PROTOCOL_VERSION));
     let too_new = ClientHello {
         magic: MAGIC,
-        min_version: 2,
+        min_version: PROTOCOL_VERSION + 1,
         max_version: 9,
     };
     assert_eq!(too_new.negotiate(), None);
-    let inverted = ClientHello {
+    // Protocol 1 (the client spoke first, no authentication) is no longer spoken.
+    let too_old = ClientHello {
         magic: MAGIC,
         min_version: 1,
-        max_version: 0,
+        max_version: 1,
+    };
+    assert_eq!(too_old.negotiate(), None);
+    let inverted = ClientHello {
+        magic: MAGIC,
+        min_version: 2,
+        max_version: 1,
     };
     assert_eq!(inverted.negotiate(), None);
     let stranger = ClientHello {
@@ -340,6 +539,7 @@ fn exec_with<'a>(argv: &'a [u8], env: &'a [u8], cwd: Option<&'a [u8]>) -> ExecRe
         clean_env: false,
         cwd: cwd.map(Bytes),
         stdin: StdinMode::Null,
+        user: None,
     }
 }
 
@@ -441,16 +641,63 @@ fn largest_valid_exec_fits_a_frame() {
         1,
     );
     let cwd = vec![b'd'; MAX_PATH];
+    let user = vec![b'u'; MAX_USER];
     let exec = ExecRequest {
         argv: StrList::new(&argv),
         env: StrList::new(&env),
         clean_env: true,
         cwd: Some(Bytes(&cwd)),
         stdin: StdinMode::Pipe,
+        user: Some(Bytes(&user)),
     };
     assert!(exec.validate().is_ok());
     let bytes = encode_client(&ClientFrame::Exec(exec));
     assert!(bytes.len() <= MAX_FRAME);
+}
+
+#[test]
+fn exec_user_rules_and_limit() {
+    let code = |r: Result<ValidExec<'_>, RequestError>| r.err().map(|e| e.code);
+    let with_user = |user: &'static [u8]| ExecRequest {
+        user: Some(Bytes(user)),
+        ..exec_with(b"id\0", b"", None)
+    };
+    assert_eq!(code(with_user(b"nobody").validate()), None);
+    assert_eq!(code(with_user(b"1000:1000").validate()), None);
+    assert_eq!(
+        code(with_user(b"").validate()),
+        Some(ErrorCode::InvalidRequest)
+    );
+    assert_eq!(
+        code(with_user(b"ro\0ot").validate()),
+        Some(ErrorCode::InvalidRequest)
+    );
+    let at = vec![b'u'; MAX_USER];
+    let over = vec![b'u'; MAX_USER + 1];
+    let exec = |user: &[u8]| {
+        code(
+            ExecRequest {
+                user: Some(Bytes(user)),
+                ..exec_with(b"id\0", b"", None)
+            }
+            .validate(),
+        )
+    };
+    assert_eq!(exec(&at), None);
+    assert_eq!(exec(&over), Some(ErrorCode::LimitExceeded));
+    // An agent that announces a tighter bound enforces it.
+    let tight = Limits {
+        max_user: 4,
+        ..Limits::CURRENT
+    };
+    let five = ExecRequest {
+        user: Some(Bytes(b"users")),
+        ..exec_with(b"id\0", b"", None)
+    };
+    assert_eq!(
+        five.validate_within(&tight).err().map(|e| e.code),
+        Some(ErrorCode::LimitExceeded)
+    );
 }
 
 #[test]
@@ -492,7 +739,7 @@ fn arb_bytes() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
-    (0u8..14).prop_map(|i| {
+    (0u8..16).prop_map(|i| {
         let body = [0x06, i, 0, 0];
         match decode_agent_frame(&body) {
             Ok(AgentFrame::Error(e)) => e.code,
@@ -504,8 +751,9 @@ fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
 proptest! {
     #[test]
     fn client_frames_round_trip(
-        which in 0u8..4, a in arb_bytes(), b in arb_bytes(), c in arb_bytes(),
-        v1 in any::<u16>(), v2 in any::<u16>(), flag in any::<bool>(), has_cwd in any::<bool>()
+        which in 0u8..6, a in arb_bytes(), b in arb_bytes(), c in arb_bytes(),
+        v1 in any::<u16>(), v2 in any::<u16>(), flag in any::<bool>(), has_cwd in any::<bool>(),
+        has_user in any::<bool>(), nonce in any::<[u8; NONCE_LEN]>()
     ) {
         let frame = match which {
             0 => ClientFrame::Hello(ClientHello { magic: MAGIC, min_version: v1, max_version: v2 }),
@@ -513,9 +761,12 @@ proptest! {
                 argv: StrList::new(&a), env: StrList::new(&b), clean_env: flag,
                 cwd: has_cwd.then_some(Bytes(&c)),
                 stdin: if flag { StdinMode::Pipe } else { StdinMode::Null },
+                user: has_user.then_some(Bytes(&b)),
             }),
             2 => ClientFrame::Stdin(Bytes(&a)),
-            _ => ClientFrame::StdinEof,
+            3 => ClientFrame::StdinEof,
+            4 => ClientFrame::Auth(ClientProof { nonce: ByteArray(nonce), mac: Bytes(&c) }),
+            _ => ClientFrame::KillAll,
         };
         let bytes = encode_client(&frame);
         let (body, used) = split_frame(&bytes, MAX_FRAME_BODY).unwrap().unwrap();
@@ -525,12 +776,20 @@ proptest! {
 
     #[test]
     fn agent_frames_round_trip(
-        which in 0u8..8, a in arb_bytes(), s in "[a-z .]{0,32}", n in any::<u32>(),
-        big in any::<u64>(), small in any::<u8>(), flag in any::<bool>(), code in arb_error_code()
+        which in 0u8..10, a in arb_bytes(), s in "[a-z .]{0,32}", n in any::<u32>(),
+        big in any::<u64>(), small in any::<u8>(), flag in any::<bool>(), code in arb_error_code(),
+        nonce in any::<[u8; NONCE_LEN]>()
     ) {
         let frame = match which {
             0 => AgentFrame::Hello(AgentHello {
-                magic: MAGIC, version: n as u16, agent_version: &s, limits: Limits::CURRENT,
+                magic: MAGIC, min_version: small as u16, version: n as u16, agent_version: &s,
+                limits: Limits { max_user: n, ..Limits::CURRENT }, nonce: ByteArray(nonce),
+                security: if flag { Security::Authenticated } else { Security::Insecure },
+                bounds: Bounds {
+                    max_runtime_s: big, max_output: big / 2, max_file_size: big / 3,
+                    max_connections: n, handshake_timeout_ms: n / 2, memory_max: big / 5,
+                    pids_max: n / 3, cgroup: flag, default_uid: n / 5, default_gid: n / 7,
+                },
             }),
             1 => AgentFrame::Started(Started { pid: n }),
             2 => AgentFrame::Stdout(Bytes(&a)),
@@ -543,9 +802,11 @@ proptest! {
                 output_dropped: flag,
             }),
             6 => AgentFrame::Error(ErrorFrame { code, errno: n, message: &s }),
-            _ => AgentFrame::Ready(ReadyReport {
+            7 => AgentFrame::Ready(ReadyReport {
                 cid: n, init_started_us: big, modules_us: big / 2, listening_us: big / 3,
             }),
+            8 => AgentFrame::Authenticated(AgentProof { mac: ByteArray(nonce) }),
+            _ => AgentFrame::Done(DoneReport { count: n }),
         };
         let bytes = encode_agent(&frame);
         let (body, used) = split_frame(&bytes, MAX_FRAME_BODY).unwrap().unwrap();
@@ -566,12 +827,12 @@ proptest! {
 
     /// Every tag byte beyond the last variant is refused, not misread.
     #[test]
-    fn unknown_tags_are_malformed(tag in 8u8..=255, rest in arb_bytes()) {
+    fn unknown_tags_are_malformed(tag in 6u8..=255, rest in arb_bytes()) {
         let mut body = vec![tag];
         body.extend(rest);
-        prop_assert!(decode_agent_frame(&body).is_err());
-        if tag >= 4 {
-            prop_assert!(decode_client_frame(&body).is_err());
+        prop_assert!(decode_client_frame(&body).is_err());
+        if tag >= 10 {
+            prop_assert!(decode_agent_frame(&body).is_err());
         }
     }
 }

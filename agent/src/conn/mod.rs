@@ -12,32 +12,48 @@ mod io;
 mod pump;
 mod start;
 
-use ferry_wire::session::{AgentConfig, AgentEvent, AgentSession};
+use ferry_wire::session::{AgentAuth, AgentEvent, AgentSession, Refusal, SessionError};
+use ferry_wire::ErrorCode;
 use rustix::event::PollFlags;
 use rustix::fd::{AsFd, OwnedFd};
 
 use self::io::{Link, Received};
 pub use self::start::{prepare, Prepared};
 use self::start::{Child, Storage};
-use crate::clock;
+use crate::auth::{self, Serving};
 use crate::successor::Successor;
 use crate::sys::{self, ConnBuffers};
-
-/// ferry's protocol policy, with this agent's version in its hello.
-const CONFIG: AgentConfig = AgentConfig {
-    agent_version: crate::AGENT_VERSION,
-    ..AgentConfig::DEFAULT
-};
+use crate::{clock, log};
 
 /// Serves one accepted connection and ends the process.
 // Kept out of line: its large stack frame must not be probed into the caller's.
 #[inline(never)]
-pub fn serve(sock: OwnedFd, prepared: Prepared, mut successor: Successor) -> ! {
+pub fn serve(sock: OwnedFd, prepared: Prepared, mut successor: Successor, serving: &Serving) -> ! {
     let Some(buffers) = sys::take_conn_buffers() else {
         successor.release();
         sys::exit(70)
     };
-    converse(sock.as_fd(), buffers, prepared, &mut successor);
+    let nonce = match auth::nonce() {
+        Ok(nonce) => nonce,
+        Err(errno) => {
+            // Without a fresh nonce no proof could be trusted: nothing is served.
+            successor.release();
+            log::error(b"no random bytes for a nonce", errno);
+            sys::exit(71)
+        }
+    };
+    let auth = AgentAuth {
+        nonce,
+        secret: serving.secret.clone(),
+    };
+    converse(
+        sock.as_fd(),
+        buffers,
+        prepared,
+        &mut successor,
+        serving,
+        auth,
+    );
     sys::exit(0)
 }
 
@@ -66,6 +82,8 @@ fn converse(
     buffers: &'static mut ConnBuffers,
     prepared: Prepared,
     successor: &mut Successor,
+    serving: &Serving,
+    auth: AgentAuth,
 ) {
     let ConnBuffers {
         recv,
@@ -75,7 +93,7 @@ fn converse(
         envp,
         cwd,
     } = buffers;
-    let mut session = AgentSession::new(CONFIG, clock::monotonic_us());
+    let mut session = AgentSession::new(serving.config, clock::monotonic_us(), auth);
     let mut link = Link::new(sock, recv, out);
     let storage = Storage { argv, envp, cwd };
     let handshake = handshake(&mut link, &mut session, storage, prepared, successor);
@@ -107,8 +125,18 @@ fn handshake(
     loop {
         let now = clock::monotonic_us();
         loop {
-            let Ok(input) = session.handle_input(link.inbox.data(), now) else {
-                return Handshake::Refused;
+            let input = match session.handle_input(link.inbox.data(), now) {
+                Ok(input) => input,
+                Err(err) => {
+                    if err == SessionError::Unauthenticated {
+                        // One line, and nothing about which part of the proof was wrong.
+                        log::Line::new()
+                            .push(b"authentication failed: ")
+                            .push(auth::peer_label(link.sock))
+                            .emit();
+                    }
+                    return Handshake::Refused;
+                }
             };
             let consumed = input.consumed;
             match input.event {
@@ -132,8 +160,24 @@ fn handshake(
                         }
                     };
                 }
-                // The hello is answered by the session (queued); it yields nothing else
-                // before a request.
+                Some(AgentEvent::KillAll) => {
+                    link.inbox.consume(consumed);
+                    let now = clock::monotonic_us();
+                    let _ = match auth::kill_all_commands() {
+                        Ok(count) => session.done(count, now),
+                        Err(errno) => session.refuse(
+                            Refusal::os(
+                                ErrorCode::Unsupported,
+                                errno.raw_os_error().unsigned_abs(),
+                                "no cgroup holds the commands: nothing to kill them by",
+                            ),
+                            now,
+                        ),
+                    };
+                    return Handshake::Refused;
+                }
+                // The hello and the proof are handled by the session (our proof is queued);
+                // they yield nothing else before a request.
                 _ => {}
             }
             link.inbox.consume(consumed);

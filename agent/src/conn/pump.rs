@@ -366,9 +366,15 @@ impl Pump<'_, '_, '_> {
                     }
                 }
                 Some(AgentEvent::StdinEof) => self.close_stdin_if_done(),
-                // The session takes a hello and a request only before the command, and
-                // refuses them here.
-                None | Some(AgentEvent::Hello | AgentEvent::Exec(_)) => {}
+                // The session takes the handshake and a request only before the command,
+                // and refuses them here.
+                None
+                | Some(
+                    AgentEvent::Hello
+                    | AgentEvent::Authenticated
+                    | AgentEvent::Exec(_)
+                    | AgentEvent::KillAll,
+                ) => {}
             }
             self.link.inbox.consume(consumed);
         }

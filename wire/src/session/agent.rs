@@ -10,7 +10,7 @@ use crate::msg::{
     ExitStatus, Limits, Security, Started, StdinMode, Termination, ValidExec, MAGIC,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
-use crate::DataKind;
+use crate::{ByteArray, DataKind};
 
 use super::auth::{Secret, Transcript};
 use super::{truncate_str, FrameKind, Input, Micros, Phase, SessionError};
@@ -410,13 +410,13 @@ impl AgentSession {
             (State::AwaitAuth, ClientFrame::Auth(proof)) => {
                 let transcript = self.transcript.digest();
                 let proven = self.secret.as_ref().is_some_and(|secret| {
-                    secret.verify_client_proof(&transcript, &proof.nonce, proof.mac.0)
+                    secret.verify_client_proof(&transcript, &proof.nonce.0, proof.mac.0)
                 });
                 let secret = self.secret.as_ref().filter(|_| proven);
                 let Some(secret) = secret else {
                     return Err((UNAUTHENTICATED, SessionError::Unauthenticated));
                 };
-                self.authenticated = Some(secret.agent_proof(&transcript, &proof.nonce));
+                self.authenticated = Some(secret.agent_proof(&transcript, &proof.nonce.0));
                 self.state = State::AwaitRequest;
                 Ok(AgentEvent::Authenticated)
             }
@@ -524,9 +524,10 @@ impl AgentSession {
 
     fn close_with(&mut self, refusal: Refusal, now: Micros) {
         self.error = Some(refusal);
-        // Nothing else is owed once the conversation failed.
+        // Nothing else is owed once the conversation failed, but a proof already earned is
+        // still sent (it comes before the error): the client can then tell a refusal from
+        // this agent from an impostor's, whatever the driver's schedule was.
         self.started = None;
-        self.authenticated = None;
         self.in_window = 0;
         self.owed = 0;
         self.enter_closing(now);
@@ -640,7 +641,9 @@ impl AgentSession {
             return Some(AgentFrame::Hello(self.agent_hello()));
         }
         if let Some(mac) = self.authenticated {
-            return Some(AgentFrame::Authenticated(AgentProof { mac }));
+            return Some(AgentFrame::Authenticated(AgentProof {
+                mac: ByteArray(mac),
+            }));
         }
         if let Some(refusal) = self.error {
             return Some(AgentFrame::Error(ErrorFrame {
@@ -693,6 +696,18 @@ impl AgentSession {
     }
 }
 
+/// Encodes `refusal` as the one frame of a connection the agent will not serve (busy, out of
+/// processes or descriptors): sent instead of a hello, then the connection is closed. A client
+/// session takes it as [`super::ClientEvent::Refused`] before any hello.
+pub fn encode_refusal(refusal: &Refusal, out: &mut [u8]) -> Result<usize, SessionError> {
+    let frame = AgentFrame::Error(ErrorFrame {
+        code: refusal.code,
+        errno: refusal.errno,
+        message: truncate_str(refusal.message, MAX_MESSAGE),
+    });
+    Ok(encode_agent_frame(&frame, out)?)
+}
+
 /// The largest agent hello body: its strings are bounded, the rest is fixed or a varint.
 const AGENT_HELLO_MAX: usize = 256;
 
@@ -710,7 +725,7 @@ pub(super) fn agent_hello(
         version: PROTOCOL_VERSION,
         agent_version: truncate_str(agent_version, crate::limits::MAX_VERSION_STRING),
         limits,
-        nonce,
+        nonce: ByteArray(nonce),
         security,
         bounds,
     }

@@ -8,7 +8,7 @@ use crate::msg::{
     ExecRequest, Limits, Security, StdinMode, Termination, MAGIC, MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
 };
-use crate::{Bytes, DataKind, DATA_HEADROOM};
+use crate::{ByteArray, Bytes, DataKind, DATA_HEADROOM};
 
 use super::auth::{Secret, Transcript};
 use super::{FrameKind, Input, Micros, Phase, SessionError};
@@ -241,7 +241,7 @@ impl ClientSession {
         let mut n = encode_client_frame(&ClientFrame::Hello(ClientHello::CURRENT), out)?;
         if let Some(mac) = &self.proof {
             let proof = ClientFrame::Auth(ClientProof {
-                nonce: self.nonce,
+                nonce: ByteArray(self.nonce),
                 mac: Bytes(mac),
             });
             n += encode_client_frame(&proof, out.get_mut(n..).unwrap_or(&mut []))?;
@@ -440,7 +440,7 @@ impl ClientSession {
                 if self.hello_sent && !self.authenticated && self.agent.is_some() =>
             {
                 let proven = self.secret.as_ref().is_some_and(|secret| {
-                    secret.verify_agent_proof(&self.transcript.digest(), &self.nonce, &proof.mac)
+                    secret.verify_agent_proof(&self.transcript.digest(), &self.nonce, &proof.mac.0)
                 });
                 if !proven {
                     return Err(SessionError::Unauthenticated);

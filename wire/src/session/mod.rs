@@ -22,7 +22,9 @@ mod ready;
 
 use core::fmt;
 
-pub use agent::{AgentAuth, AgentConfig, AgentEvent, AgentSession, OutputPhase, Refusal};
+pub use agent::{
+    encode_refusal, AgentAuth, AgentConfig, AgentEvent, AgentSession, OutputPhase, Refusal,
+};
 pub use auth::{Secret, SecretError};
 pub use client::{AgentInfo, ClientAuth, ClientEvent, ClientSession, StdinSent};
 pub use ready::{encode_ready_announcement, ReadyEvent, ReadyReceiver};

@@ -133,8 +133,8 @@ impl ReadyReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limits::MAX_FRAME;
-    use crate::msg::AgentHello;
+    use crate::limits::{MAX_FRAME, NONCE_LEN};
+    use crate::msg::{AgentHello, Bounds, Limits};
 
     const REPORT: ReadyReport = ReadyReport {
         cid: 3,
@@ -146,7 +146,12 @@ mod tests {
     #[test]
     fn an_announcement_reads_back_in_any_pieces() {
         let mut out = vec![0u8; MAX_FRAME];
-        let n = encode_ready_announcement("0.1.0", REPORT, &mut out).unwrap();
+        let config = AgentConfig {
+            agent_version: "0.1.0",
+            ..AgentConfig::DEFAULT
+        };
+        let n =
+            encode_ready_announcement(&config, Security::Authenticated, REPORT, &mut out).unwrap();
         let bytes = &out[..n];
         for piece in 1..=n {
             let mut receiver = ReadyReceiver::new();
@@ -157,7 +162,15 @@ mod tests {
                 loop {
                     let input = receiver.handle_input(&buffered).unwrap();
                     match input.event {
-                        Some(ReadyEvent::Hello(info)) => events.push(info.protocol_version as u64),
+                        Some(ReadyEvent::Hello(info)) => {
+                            // The hello says what the agent's connections require, and the
+                            // configured limits and bounds.
+                            assert_eq!(info.security, Security::Authenticated);
+                            assert_eq!(info.agent_version, "0.1.0");
+                            assert_eq!(info.limits, config.limits);
+                            assert_eq!(info.bounds, config.bounds);
+                            events.push(info.protocol_version as u64)
+                        }
                         Some(ReadyEvent::Ready(report)) => events.push(report.listening_us),
                         None => break,
                     }
@@ -186,15 +199,57 @@ mod tests {
                 phase: Phase::Hello
             })
         );
-        let foreign = frame(AgentFrame::Hello(AgentHello {
+        let hello = AgentHello {
             magic: *b"NOPE",
+            min_version: MIN_PROTOCOL_VERSION,
             version: PROTOCOL_VERSION,
             agent_version: "",
             limits: Limits::CURRENT,
-        }));
+            nonce: crate::ByteArray([0; NONCE_LEN]),
+            security: Security::Insecure,
+            bounds: Bounds::default(),
+        };
+        let foreign = frame(AgentFrame::Hello(hello));
         assert_eq!(
             ReadyReceiver::new().handle_input(&foreign),
             Err(SessionError::NotFerry)
+        );
+        // An agent that speaks only newer versions, or only older ones.
+        for (min_version, version) in [(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3), (1, 1)] {
+            let other = frame(AgentFrame::Hello(AgentHello {
+                magic: MAGIC,
+                min_version,
+                version,
+                ..hello
+            }));
+            assert_eq!(
+                ReadyReceiver::new().handle_input(&other),
+                Err(SessionError::UnsupportedVersion { chosen: version })
+            );
+        }
+        // One that also speaks newer versions is fine: both speak ours.
+        let newer = frame(AgentFrame::Hello(AgentHello {
+            magic: MAGIC,
+            min_version: MIN_PROTOCOL_VERSION,
+            version: PROTOCOL_VERSION + 1,
+            ..hello
+        }));
+        let mut receiver = ReadyReceiver::new();
+        let input = receiver.handle_input(&newer).unwrap();
+        assert!(matches!(
+            input.event,
+            Some(ReadyEvent::Hello(AgentInfo {
+                protocol_version: PROTOCOL_VERSION,
+                ..
+            }))
+        ));
+        // A second hello is out of order.
+        assert_eq!(
+            receiver.handle_input(&newer),
+            Err(SessionError::Unexpected {
+                frame: FrameKind::Hello,
+                phase: Phase::Idle
+            })
         );
         let receiver = ReadyReceiver::new();
         assert_eq!(

@@ -5,14 +5,15 @@
 //!
 //! Every conversation must end — no deadlock, no livelock — with exactly the outcome the model
 //! predicts, whatever the schedule. This is where the protocol's edge cases are tested without
-//! processes.
+//! processes. Each conversation runs against a secure agent (both ends share a secret, fresh
+//! nonces per run) or an insecure one (neither has a secret).
 
 use std::collections::VecDeque;
 use std::vec::Vec;
 
 use super::*;
-use crate::limits::{MAX_DATA, MAX_FRAME};
-use crate::msg::{ErrorCode, ExecRequest, ExitStatus, StdinMode, StrList};
+use crate::limits::{MAX_DATA, MAX_FRAME, NONCE_LEN};
+use crate::msg::{ErrorCode, ExecRequest, ExitStatus, Security, StdinMode, StrList};
 use crate::recv::RecvBuf;
 use crate::{DataKind, DATA_HEADROOM};
 
@@ -74,6 +75,17 @@ pub enum Program {
     /// Exits 0 at once, but something it left behind keeps writing `flood` bytes to stdout
     /// afterwards: the drain limit cuts it.
     Flood { flood: usize },
+    /// Not a program: the client asks for a kill-all, the agent reports `count` processes.
+    KillAll { count: u32 },
+}
+
+/// Whether the agent checks who connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Both ends know the same secret: the client proves it, then the agent does.
+    Secure,
+    /// Neither has a secret; the agent announces it runs insecure.
+    Insecure,
 }
 
 /// One conversation: the program and, for stdin-reading ones, what the client sends.
@@ -81,6 +93,7 @@ pub enum Program {
 pub struct Scenario {
     pub program: Program,
     pub stdin: Option<Vec<u8>>,
+    pub mode: Mode,
 }
 
 /// How a conversation ended, as the client saw it.
@@ -101,14 +114,16 @@ pub enum End {
     },
     /// The agent's error frame.
     Refused(ErrorCode),
+    /// The kill-all's report.
+    Done(u32),
 }
 
 /// The agent's policy in the simulation: a small drain limit so floods are cheap.
 pub const SIM_DRAIN_LIMIT: usize = 100_000;
 
 impl Scenario {
-    pub fn random(rng: &mut Rng) -> Scenario {
-        let program = match rng.below(7) {
+    pub fn random(rng: &mut Rng, mode: Mode) -> Scenario {
+        let program = match rng.below(8) {
             0 | 1 => {
                 let out = rng.size(100_000);
                 let err = if rng.chance(50) { rng.size(20_000) } else { 0 };
@@ -131,8 +146,11 @@ impl Scenario {
                     Program::Missing
                 }
             }
-            _ => Program::Flood {
+            6 => Program::Flood {
                 flood: SIM_DRAIN_LIMIT + rng.size(100_000),
+            },
+            _ => Program::KillAll {
+                count: rng.below(10) as u32,
             },
         };
         let stdin = match program {
@@ -142,7 +160,11 @@ impl Scenario {
             }
             _ => None,
         };
-        Scenario { program, stdin }
+        Scenario {
+            program,
+            stdin,
+            mode,
+        }
     }
 
     /// What the client must see, whatever the schedule. For a flood, the output is checked
@@ -188,6 +210,7 @@ impl Scenario {
                 },
                 true,
             ),
+            Program::KillAll { count } => (Vec::new(), Vec::new(), End::Done(*count), false),
         };
         Outcome {
             started,
@@ -195,10 +218,6 @@ impl Scenario {
             stderr,
             end,
         }
-    }
-
-    fn argv(&self) -> &'static [u8] {
-        scenario_argv(&self.program)
     }
 }
 
@@ -210,6 +229,7 @@ fn scenario_argv(program: &Program) -> &'static [u8] {
         Program::Killed { .. } => b"killed\0",
         Program::Missing => b"missing\0",
         Program::Flood { .. } => b"flood\0",
+        Program::KillAll { .. } => b"",
     }
 }
 
@@ -268,8 +288,13 @@ struct Client {
     recv: RecvBuf<Vec<u8>>,
     out: Outbox,
     frame: Vec<u8>,
+    /// The operation, started once the agent's hello is in.
+    program: Program,
+    stdin_mode: StdinMode,
     stdin: Option<(Vec<u8>, usize)>,
     outcome: Outcome,
+    /// The agent proved the secret (secure), or announced it has none (insecure).
+    authenticated: bool,
     ended: Option<Result<(), SessionError>>,
 }
 
@@ -384,7 +409,7 @@ impl Command {
                 core_dumped: false,
             }),
             Program::Flood { .. } => Some(ExitStatus::Code(0)),
-            Program::Missing => None,
+            Program::Missing | Program::KillAll { .. } => None,
         }
     }
 
@@ -399,8 +424,13 @@ impl Command {
 pub struct Run {
     pub outcome: Outcome,
     pub client_end: Result<(), SessionError>,
+    /// Whether the client session reported the agent authenticated by the end.
+    pub authenticated: bool,
     pub steps: usize,
 }
+
+/// The secret both ends of a secure simulated pair share.
+const SIM_SECRET: &[u8] = b"the simulated VM's secret";
 
 /// Runs one conversation under the schedule drawn from `seed`.
 pub fn run(scenario: &Scenario, seed: u64, max_steps: usize) -> Result<Run, String> {
@@ -419,11 +449,38 @@ pub fn run(scenario: &Scenario, seed: u64, max_steps: usize) -> Result<Run, Stri
         capacity: 16 + rng.size(256 * 1024),
         ..Wire::default()
     };
+    // Fresh nonces for every run, as from the OS's random source.
+    let mut nonce = || -> [u8; NONCE_LEN] {
+        let mut nonce = [0u8; NONCE_LEN];
+        for chunk in nonce.chunks_mut(8) {
+            chunk.copy_from_slice(&rng.next().to_le_bytes());
+        }
+        nonce
+    };
+    let secret = match scenario.mode {
+        Mode::Secure => Some(Secret::new(SIM_SECRET).map_err(|e| format!("secret: {e}"))?),
+        Mode::Insecure => None,
+    };
+    let client_auth = ClientAuth {
+        nonce: nonce(),
+        secret: secret.clone(),
+    };
+    let agent_auth = AgentAuth {
+        nonce: nonce(),
+        secret,
+    };
+    let stdin_mode = if scenario.stdin.is_some() {
+        StdinMode::Pipe
+    } else {
+        StdinMode::Null
+    };
     let mut client = Client {
-        session: ClientSession::new(now, Some(60_000_000)),
+        session: ClientSession::new(now, Some(60_000_000), client_auth),
         recv: RecvBuf::new(vec![0u8; 2 * MAX_FRAME]),
         out: Outbox::default(),
         frame: vec![0u8; MAX_FRAME],
+        program: scenario.program.clone(),
+        stdin_mode,
         stdin: scenario.stdin.clone().map(|bytes| (bytes, 0)),
         outcome: Outcome {
             started: false,
@@ -431,10 +488,11 @@ pub fn run(scenario: &Scenario, seed: u64, max_steps: usize) -> Result<Run, Stri
             stderr: Vec::new(),
             end: End::Refused(ErrorCode::Internal),
         },
+        authenticated: false,
         ended: None,
     };
     let mut agent = Agent {
-        session: AgentSession::new(config, now),
+        session: AgentSession::new(config, now, agent_auth),
         recv: RecvBuf::new(vec![0u8; MAX_FRAME]),
         out: Outbox::default(),
         frame: vec![0u8; MAX_FRAME],
@@ -443,25 +501,8 @@ pub fn run(scenario: &Scenario, seed: u64, max_steps: usize) -> Result<Run, Stri
         closed: false,
     };
 
-    // The client pipelines hello and exec, as the host library does.
-    let stdin_mode = if scenario.stdin.is_some() {
-        StdinMode::Pipe
-    } else {
-        StdinMode::Null
-    };
-    let request = ExecRequest {
-        argv: StrList::new(scenario.argv()),
-        env: StrList::default(),
-        clean_env: false,
-        cwd: None,
-        stdin: stdin_mode,
-    };
-    let n = client
-        .session
-        .start_exec(&request, &mut client.frame)
-        .map_err(|e| format!("start_exec: {e}"))?;
-    client.out.buf.extend_from_slice(&client.frame[..n]);
-
+    // The agent speaks first; the client starts its operation once the agent's hello is in
+    // (see `client_step`).
     // Stalls: a side skips its turns for a while.
     let mut client_stall = 0usize;
     let mut agent_stall = 0usize;
@@ -471,6 +512,7 @@ pub fn run(scenario: &Scenario, seed: u64, max_steps: usize) -> Result<Run, Stri
             return Ok(Run {
                 outcome: client.outcome,
                 client_end: client.ended.unwrap_or(Ok(())),
+                authenticated: client.authenticated,
                 steps: step,
             });
         }
@@ -570,8 +612,34 @@ fn client_step(
         match input.event {
             None if consumed == 0 => break,
             None => {}
-            Some(ClientEvent::HelloAccepted(_)) | Some(ClientEvent::StdinCredit { .. }) => {}
-            Some(ClientEvent::Started { .. }) => client.outcome.started = true,
+            Some(ClientEvent::HelloAccepted(info)) => {
+                let security = match announced_security(&client.session, &info) {
+                    Ok(security) => security,
+                    Err(err) => return Err(err),
+                };
+                client.authenticated = security == Security::Insecure;
+                start_operation(client, rng)?;
+            }
+            Some(ClientEvent::Authenticated) => {
+                if client.authenticated {
+                    return Err("the agent proved itself twice".into());
+                }
+                client.authenticated = true;
+            }
+            Some(ClientEvent::StdinCredit { .. }) => {}
+            Some(ClientEvent::Started { .. }) => {
+                if !client.authenticated {
+                    return Err("started before the agent proved itself".into());
+                }
+                client.outcome.started = true
+            }
+            Some(ClientEvent::Done(report)) => {
+                if !client.authenticated {
+                    return Err("done before the agent proved itself".into());
+                }
+                client.outcome.end = End::Done(report.count);
+                client.ended = Some(Ok(()));
+            }
             Some(ClientEvent::Stdout(data)) => client.outcome.stdout.extend_from_slice(data),
             Some(ClientEvent::Stderr(data)) => client.outcome.stderr.extend_from_slice(data),
             Some(ClientEvent::Exited(end)) => {
@@ -595,6 +663,46 @@ fn client_step(
         let left = client.recv.data().len();
         client.ended = Some(client.session.handle_eof(left));
     }
+    Ok(())
+}
+
+/// The security the agent announced, checked against what the session reports.
+fn announced_security(session: &ClientSession, info: &AgentInfo<'_>) -> Result<Security, String> {
+    if info.protocol_version != crate::PROTOCOL_VERSION {
+        return Err(format!("negotiated v{}", info.protocol_version));
+    }
+    if session.is_authenticated() != (info.security == Security::Insecure) {
+        return Err("authenticated before the agent's proof".into());
+    }
+    Ok(info.security)
+}
+
+/// Starts the scenario's operation behind our hello (and proof), as the host library does: in
+/// one write, or (at random) after our hello went out on its own.
+fn start_operation(client: &mut Client, rng: &mut Rng) -> Result<(), String> {
+    if rng.chance(30) {
+        let n = client
+            .session
+            .poll_transmit(&mut client.frame)
+            .map_err(|e| format!("client poll_transmit: {e}"))?;
+        client.out.buf.extend_from_slice(&client.frame[..n]);
+    }
+    let n = match client.program {
+        Program::KillAll { .. } => client.session.start_kill_all(&mut client.frame),
+        ref program => {
+            let request = ExecRequest {
+                argv: StrList::new(scenario_argv(program)),
+                env: StrList::default(),
+                clean_env: false,
+                cwd: None,
+                stdin: client.stdin_mode,
+                user: None,
+            };
+            client.session.start_exec(&request, &mut client.frame)
+        }
+    }
+    .map_err(|e| format!("starting the operation: {e}"))?;
+    client.out.buf.extend_from_slice(&client.frame[..n]);
     Ok(())
 }
 
@@ -632,7 +740,14 @@ fn agent_step(
             let consumed = input.consumed;
             match input.event {
                 None if consumed == 0 => break,
-                None | Some(AgentEvent::Hello) => {}
+                None | Some(AgentEvent::Hello) | Some(AgentEvent::Authenticated) => {}
+                Some(AgentEvent::KillAll) => match agent.program {
+                    Program::KillAll { count } => agent
+                        .session
+                        .done(count, now)
+                        .map_err(|e| format!("done: {e}"))?,
+                    _ => return Err("the agent received a kill-all".into()),
+                },
                 Some(AgentEvent::Exec(valid)) => {
                     let program = agent.program.clone();
                     if valid.request().argv.as_bytes() != scenario_argv(&program) {

@@ -1,7 +1,7 @@
 //! The sessions against each other: the simulated pair over thousands of random schedules, and
 //! the edges one at a time.
 
-use super::sim::{self, End, Program, Rng, Scenario, SIM_DRAIN_LIMIT};
+use super::sim::{self, End, Mode, Program, Rng, Scenario, SIM_DRAIN_LIMIT};
 
 /// How many randomized conversations one test run drives (`FERRY_SIM_RUNS` overrides).
 fn runs() -> u64 {
@@ -16,6 +16,14 @@ fn check(scenario: &Scenario, seed: u64) -> Result<usize, String> {
     let run = sim::run(scenario, seed, 2_000_000)?;
     run.client_end
         .map_err(|err| format!("the client session failed: {err}"))?;
+    // Every conversation that got as far as the agent's answer was authenticated: the proof
+    // comes before anything else the agent says, a refusal included.
+    if !run.authenticated {
+        return Err(format!(
+            "{:?}: the agent never proved itself",
+            scenario.mode
+        ));
+    }
     let expected = scenario.expected();
     let outcome = &run.outcome;
     if let Program::Flood { flood } = scenario.program {
@@ -53,13 +61,13 @@ fn ferry_max_data() -> usize {
     crate::limits::MAX_DATA
 }
 
-#[test]
-fn simulated_pair_ends_every_conversation_as_the_model_says() {
+/// Drives `runs()` random conversations in `mode`; returns the programs seen.
+fn simulate(mode: Mode, salt: u64) {
     let runs = runs();
     let mut steps = 0;
-    let mut seen = [0usize; 6];
+    let mut seen = [0usize; 7];
     for seed in 0..runs {
-        let scenario = Scenario::random(&mut Rng::new(seed ^ 0x5eed));
+        let scenario = Scenario::random(&mut Rng::new(seed ^ salt), mode);
         seen[match scenario.program {
             Program::Print { .. } => 0,
             Program::Cat => 1,
@@ -67,11 +75,12 @@ fn simulated_pair_ends_every_conversation_as_the_model_says() {
             Program::Killed { .. } => 3,
             Program::Missing => 4,
             Program::Flood { .. } => 5,
+            Program::KillAll { .. } => 6,
         }] += 1;
         match check(&scenario, seed) {
             Ok(n) => steps += n,
             Err(err) => panic!(
-                "seed {seed}: {err}\nscenario: {:?} with {} stdin bytes",
+                "{mode:?} seed {seed}: {err}\nscenario: {:?} with {} stdin bytes",
                 match &scenario.program {
                     Program::Print {
                         stdout,
@@ -85,29 +94,52 @@ fn simulated_pair_ends_every_conversation_as_the_model_says() {
         }
     }
     assert!(seen.iter().all(|n| *n > 0), "every program ran: {seen:?}");
-    eprintln!("{runs} conversations, {steps} scheduler steps, programs {seen:?}");
+    eprintln!("{mode:?}: {runs} conversations, {steps} scheduler steps, programs {seen:?}");
+}
+
+#[test]
+fn simulated_pair_ends_every_conversation_as_the_model_says() {
+    simulate(Mode::Secure, 0x5eed);
+}
+
+#[test]
+fn simulated_insecure_pair_ends_every_conversation_as_the_model_says() {
+    simulate(Mode::Insecure, 0x1_5eed);
 }
 
 /// The same conversation under different schedules ends the same way.
 #[test]
 fn schedules_do_not_change_results() {
-    let scenario = Scenario {
-        program: Program::Cat,
-        stdin: Some(Rng::new(7).bytes(300_000)),
-    };
-    for seed in 0..200 {
-        check(&scenario, seed).unwrap_or_else(|err| panic!("seed {seed}: {err}"));
-    }
-    let refused = Scenario {
-        program: Program::Missing,
-        stdin: None,
-    };
-    assert_eq!(
-        refused.expected().end,
-        End::Refused(crate::ErrorCode::NotFound)
-    );
-    for seed in 0..200 {
-        check(&refused, seed).unwrap_or_else(|err| panic!("seed {seed}: {err}"));
+    for mode in [Mode::Secure, Mode::Insecure] {
+        let scenario = Scenario {
+            program: Program::Cat,
+            stdin: Some(Rng::new(7).bytes(300_000)),
+            mode,
+        };
+        for seed in 0..200 {
+            check(&scenario, seed).unwrap_or_else(|err| panic!("{mode:?} seed {seed}: {err}"));
+        }
+        let refused = Scenario {
+            program: Program::Missing,
+            stdin: None,
+            mode,
+        };
+        assert_eq!(
+            refused.expected().end,
+            End::Refused(crate::ErrorCode::NotFound)
+        );
+        for seed in 0..200 {
+            check(&refused, seed).unwrap_or_else(|err| panic!("{mode:?} seed {seed}: {err}"));
+        }
+        let kill_all = Scenario {
+            program: Program::KillAll { count: 5 },
+            stdin: None,
+            mode,
+        };
+        assert_eq!(kill_all.expected().end, End::Done(5));
+        for seed in 0..200 {
+            check(&kill_all, seed).unwrap_or_else(|err| panic!("{mode:?} seed {seed}: {err}"));
+        }
     }
 }
 
@@ -115,57 +147,134 @@ mod edges {
     //! Each rule the sessions enforce, broken once, deliberately.
 
     use super::super::*;
-    use crate::limits::{MAX_DATA, MAX_FRAME, MAX_FRAME_BODY, STDIN_WINDOW};
+    use crate::limits::{MAX_DATA, MAX_FRAME, MAX_FRAME_BODY, NONCE_LEN, STDIN_WINDOW};
     use crate::msg::*;
     use crate::{encode_agent_frame, encode_client_frame, Bytes};
 
-    fn client_frame(frame: ClientFrame<'_>) -> Vec<u8> {
+    pub(in crate::session) const SECRET: &[u8] = b"the edges' per-VM secret";
+    pub(in crate::session) const AGENT_NONCE: [u8; NONCE_LEN] = [0xA5; NONCE_LEN];
+    pub(in crate::session) const CLIENT_NONCE: [u8; NONCE_LEN] = [0x5C; NONCE_LEN];
+
+    pub(in crate::session) fn secret() -> Secret {
+        Secret::new(SECRET).unwrap()
+    }
+
+    pub(in crate::session) fn client_frame(frame: ClientFrame<'_>) -> Vec<u8> {
         let mut out = vec![0u8; MAX_FRAME];
         let n = encode_client_frame(&frame, &mut out).unwrap();
         out.truncate(n);
         out
     }
 
-    fn agent_frame(frame: AgentFrame<'_>) -> Vec<u8> {
+    pub(in crate::session) fn agent_frame(frame: AgentFrame<'_>) -> Vec<u8> {
         let mut out = vec![0u8; MAX_FRAME];
         let n = encode_agent_frame(&frame, &mut out).unwrap();
         out.truncate(n);
         out
     }
 
-    const EXEC: ExecRequest<'static> = ExecRequest {
+    pub(in crate::session) const EXEC: ExecRequest<'static> = ExecRequest {
         argv: StrList::new(b"cat\0"),
         env: StrList::new(b""),
         clean_env: false,
         cwd: None,
         stdin: StdinMode::Pipe,
+        user: None,
     };
 
-    fn hello() -> Vec<u8> {
+    /// The client's hello alone.
+    pub(in crate::session) fn hello() -> Vec<u8> {
         client_frame(ClientFrame::Hello(ClientHello::CURRENT))
     }
 
-    fn agent_hello() -> Vec<u8> {
-        agent_frame(AgentFrame::Hello(AgentHello {
-            magic: MAGIC,
-            version: PROTOCOL_VERSION,
-            agent_version: "t",
-            limits: Limits::CURRENT,
-        }))
+    /// An agent session with [`AGENT_NONCE`].
+    pub(in crate::session) fn agent_with(
+        config: AgentConfig,
+        secret: Option<Secret>,
+    ) -> AgentSession {
+        let auth = AgentAuth {
+            nonce: AGENT_NONCE,
+            secret,
+        };
+        AgentSession::new(config, 0, auth)
     }
 
-    /// An agent session that has taken the hello and [`EXEC`], the command not started yet.
+    /// A secure agent session with the default config.
+    pub(in crate::session) fn agent() -> AgentSession {
+        agent_with(AgentConfig::DEFAULT, Some(secret()))
+    }
+
+    /// A client session with [`CLIENT_NONCE`].
+    pub(in crate::session) fn client_with(secret: Option<Secret>) -> ClientSession {
+        let auth = ClientAuth {
+            nonce: CLIENT_NONCE,
+            secret,
+        };
+        ClientSession::new(0, None, auth)
+    }
+
+    /// A right opening between a real client and a real agent (fixed nonces, so the bytes are
+    /// the same for every agent made by [`agent_with`] with the same config and secret).
+    pub(in crate::session) struct Opening {
+        /// The agent's hello, as it sends it.
+        pub agent_hello: Vec<u8>,
+        /// The client's hello and (when secure) its proof.
+        pub client: Vec<u8>,
+        /// The agent's proof (empty when insecure).
+        pub agent_proof: Vec<u8>,
+    }
+
+    pub(in crate::session) fn opening_with(config: AgentConfig, secret: Option<Secret>) -> Opening {
+        let mut agent = agent_with(config, secret.clone());
+        let mut out = vec![0u8; MAX_FRAME];
+        let n = agent.poll_transmit(&mut out).unwrap();
+        let agent_hello = out[..n].to_vec();
+        let mut client = client_with(secret);
+        assert_eq!(
+            client.handle_input(&agent_hello).unwrap().consumed,
+            agent_hello.len()
+        );
+        let n = client.poll_transmit(&mut out).unwrap();
+        let client_bytes = out[..n].to_vec();
+        feed_agent(&mut agent, &client_bytes).unwrap();
+        let n = agent.poll_transmit(&mut out).unwrap();
+        Opening {
+            agent_hello,
+            client: client_bytes,
+            agent_proof: out[..n].to_vec(),
+        }
+    }
+
+    pub(in crate::session) fn opening() -> Opening {
+        opening_with(AgentConfig::DEFAULT, Some(secret()))
+    }
+
+    /// Feeds all of `bytes` to `agent`; the events are dropped.
+    pub(in crate::session) fn feed_agent(
+        agent: &mut AgentSession,
+        bytes: &[u8],
+    ) -> Result<(), SessionError> {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let input = agent.handle_input(rest, 0)?;
+            assert!(input.consumed > 0, "bytes end mid-frame");
+            rest = &rest[input.consumed..];
+        }
+        Ok(())
+    }
+
+    /// An agent session that has taken the opening and [`EXEC`], the command not started yet.
     fn agent_given_exec() -> AgentSession {
-        let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
-        let bytes = [hello(), client_frame(ClientFrame::Exec(EXEC))].concat();
-        let first = session.handle_input(&bytes, 0).unwrap().consumed;
-        session.handle_input(&bytes[first..], 0).unwrap();
+        let mut session = agent();
+        let bytes = [opening().client, client_frame(ClientFrame::Exec(EXEC))].concat();
+        feed_agent(&mut session, &bytes).unwrap();
+        assert_eq!(session.phase(), Phase::Starting);
         session
     }
 
     /// Feeds `bytes` to an agent session; returns the error and what it sends in answer.
-    fn agent_refuses(bytes: &[u8]) -> (SessionError, Option<ErrorCode>) {
-        let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
+    fn agent_refuses(secret: Option<Secret>, bytes: &[u8]) -> (SessionError, Option<ErrorCode>) {
+        let mut session = agent_with(AgentConfig::DEFAULT, secret);
         let mut rest = bytes;
         loop {
             match session.handle_input(rest, 0) {
@@ -191,8 +300,10 @@ mod edges {
 
     #[test]
     fn agent_refuses_what_the_protocol_forbids() {
+        let open = opening().client;
         let exec = client_frame(ClientFrame::Exec(EXEC));
         let stdin = |n: usize| client_frame(ClientFrame::Stdin(Bytes(&vec![1u8; n])));
+        let kill_all = client_frame(ClientFrame::KillAll);
         let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
             (
                 "exec before hello",
@@ -200,18 +311,33 @@ mod edges {
                 ErrorCode::ProtocolViolation,
             ),
             (
-                "two hellos",
-                [hello(), hello()].concat(),
+                "kill-all before hello",
+                kill_all.clone(),
+                ErrorCode::ProtocolViolation,
+            ),
+            (
+                "a hello after the proof",
+                [open.clone(), hello()].concat(),
+                ErrorCode::ProtocolViolation,
+            ),
+            (
+                "a second opening",
+                [open.clone(), open.clone()].concat(),
                 ErrorCode::ProtocolViolation,
             ),
             (
                 "stdin before exec",
-                [hello(), stdin(1)].concat(),
+                [open.clone(), stdin(1)].concat(),
                 ErrorCode::ProtocolViolation,
             ),
             (
                 "garbage",
                 vec![2, 0, 0, 0, 0xff, 0xff],
+                ErrorCode::Malformed,
+            ),
+            (
+                "garbage after the proof",
+                [open.clone(), vec![2, 0, 0, 0, 0xff, 0xff]].concat(),
                 ErrorCode::Malformed,
             ),
             (
@@ -222,7 +348,7 @@ mod edges {
             (
                 "stdin beyond the window",
                 [
-                    hello(),
+                    open.clone(),
                     exec.clone(),
                     stdin(MAX_DATA),
                     stdin(STDIN_WINDOW - MAX_DATA),
@@ -234,7 +360,7 @@ mod edges {
             (
                 "stdin after EOF",
                 [
-                    hello(),
+                    open.clone(),
                     exec.clone(),
                     client_frame(ClientFrame::StdinEof),
                     stdin(1),
@@ -244,13 +370,23 @@ mod edges {
             ),
             (
                 "a second request",
-                [hello(), exec.clone(), exec.clone()].concat(),
+                [open.clone(), exec.clone(), exec.clone()].concat(),
+                ErrorCode::ProtocolViolation,
+            ),
+            (
+                "a kill-all behind an exec",
+                [open.clone(), exec.clone(), kill_all.clone()].concat(),
+                ErrorCode::ProtocolViolation,
+            ),
+            (
+                "an exec behind a kill-all",
+                [open.clone(), kill_all.clone(), exec.clone()].concat(),
                 ErrorCode::ProtocolViolation,
             ),
             (
                 "an empty argv",
                 [
-                    hello(),
+                    open.clone(),
                     client_frame(ClientFrame::Exec(ExecRequest {
                         argv: StrList::new(b""),
                         ..EXEC
@@ -258,6 +394,30 @@ mod edges {
                 ]
                 .concat(),
                 ErrorCode::InvalidRequest,
+            ),
+            (
+                "an empty user",
+                [
+                    open.clone(),
+                    client_frame(ClientFrame::Exec(ExecRequest {
+                        user: Some(Bytes(b"")),
+                        ..EXEC
+                    })),
+                ]
+                .concat(),
+                ErrorCode::InvalidRequest,
+            ),
+            (
+                "a user beyond the limit",
+                [
+                    open.clone(),
+                    client_frame(ClientFrame::Exec(ExecRequest {
+                        user: Some(Bytes(&[b'u'; crate::limits::MAX_USER + 1])),
+                        ..EXEC
+                    })),
+                ]
+                .concat(),
+                ErrorCode::LimitExceeded,
             ),
             (
                 "a foreign magic",
@@ -276,29 +436,51 @@ mod edges {
                 })),
                 ErrorCode::UnsupportedVersion,
             ),
+            (
+                "a protocol 1 client",
+                client_frame(ClientFrame::Hello(ClientHello {
+                    magic: MAGIC,
+                    min_version: 1,
+                    max_version: 1,
+                })),
+                ErrorCode::UnsupportedVersion,
+            ),
         ];
         for (name, bytes, code) in cases {
-            let (_, sent) = agent_refuses(&bytes);
+            let (_, sent) = agent_refuses(Some(secret()), &bytes);
             assert_eq!(sent, Some(code), "{name}");
         }
+        // An insecure agent takes no proof: one is out of place, not wrong.
+        let insecure = opening_with(AgentConfig::DEFAULT, None);
+        assert!(insecure.agent_proof.is_empty());
+        let proof = client_frame(ClientFrame::Auth(ClientProof {
+            nonce: crate::ByteArray(CLIENT_NONCE),
+            mac: Bytes(&[0; 32]),
+        }));
+        let (err, sent) = agent_refuses(None, &[hello(), proof].concat());
+        assert_eq!(sent, Some(ErrorCode::ProtocolViolation));
+        assert_eq!(
+            err,
+            SessionError::Unexpected {
+                frame: FrameKind::Auth,
+                phase: Phase::Idle
+            }
+        );
+        let (_, sent) = agent_refuses(None, &[hello(), hello()].concat());
+        assert_eq!(sent, Some(ErrorCode::ProtocolViolation), "two hellos");
         // Exactly the window is fine.
-        let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
-        let bytes = [
-            hello(),
-            exec,
-            stdin(MAX_DATA),
-            stdin(STDIN_WINDOW - MAX_DATA),
-        ]
-        .concat();
-        let mut rest = &bytes[..];
-        while !rest.is_empty() {
-            rest = &rest[session.handle_input(rest, 0).unwrap().consumed..];
-        }
+        let mut session = agent();
+        let bytes = [open, exec, stdin(MAX_DATA), stdin(STDIN_WINDOW - MAX_DATA)].concat();
+        feed_agent(&mut session, &bytes).unwrap();
     }
 
     #[test]
     fn agent_handshake_and_final_send_deadlines() {
-        let mut session = AgentSession::new(AgentConfig::DEFAULT, 100);
+        let auth = AgentAuth {
+            nonce: AGENT_NONCE,
+            secret: Some(secret()),
+        };
+        let mut session = AgentSession::new(AgentConfig::DEFAULT, 100, auth);
         let deadline = session.poll_timeout().unwrap();
         assert_eq!(deadline, 100 + AgentConfig::DEFAULT.handshake_timeout);
         assert_eq!(session.handle_timeout(deadline - 1), Ok(()));
@@ -308,7 +490,7 @@ mod edges {
                 phase: Phase::Hello
             })
         );
-        // The error frame is owed, within the final-send deadline.
+        // The error frame is owed (behind the hello), within the final-send deadline.
         assert!(session.has_queued());
         let final_deadline = session.poll_timeout().unwrap();
         assert_eq!(
@@ -317,6 +499,20 @@ mod edges {
         );
         assert!(session.handle_timeout(final_deadline).is_err());
         assert!(session.is_closed());
+
+        // The same deadline covers the proof and the request: a client that sent its hello
+        // and stops there is cut off too.
+        for (bytes, phase) in [(hello(), Phase::Hello), (opening().client, Phase::Idle)] {
+            let mut session = agent();
+            feed_agent(&mut session, &bytes).unwrap();
+            let deadline = session.poll_timeout().unwrap();
+            assert_eq!(deadline, AgentConfig::DEFAULT.handshake_timeout);
+            assert_eq!(
+                session.handle_timeout(deadline),
+                Err(SessionError::TimedOut { phase })
+            );
+            assert!(session.is_closing());
+        }
     }
 
     /// A driver that polls with the grace deadline must not spin once it has passed.
@@ -341,15 +537,29 @@ mod edges {
 
     #[test]
     fn agent_hello_only_is_a_health_check_and_a_disconnect_mid_command_is_not() {
-        let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
-        session.handle_input(&hello(), 0).unwrap();
-        assert_eq!(session.handle_eof(), Ok(()));
+        // A hello alone, a hello and its proof: both end cleanly.
+        for bytes in [hello(), opening().client] {
+            let mut session = agent();
+            feed_agent(&mut session, &bytes).unwrap();
+            assert_eq!(session.handle_eof(), Ok(()));
+        }
         let mut session = agent_given_exec();
         session.started(5, 0).unwrap();
         assert!(matches!(
             session.handle_eof(),
             Err(SessionError::Disconnected { .. })
         ));
+        // A kill-all in progress is owed its report.
+        let mut session = agent();
+        let bytes = [opening().client, client_frame(ClientFrame::KillAll)].concat();
+        feed_agent(&mut session, &bytes).unwrap();
+        assert_eq!(
+            session.handle_eof(),
+            Err(SessionError::Disconnected {
+                phase: Phase::Starting,
+                mid_frame: false
+            })
+        );
     }
 
     #[test]
@@ -365,6 +575,11 @@ mod edges {
             session.finish(0),
             Err(SessionError::InvalidState),
             "finish before exit"
+        );
+        assert_eq!(
+            session.done(0, 0),
+            Err(SessionError::InvalidState),
+            "done for an exec"
         );
         session.started(5, 0).unwrap();
         session.child_exited(ExitStatus::Code(0), 10).unwrap();
@@ -383,6 +598,7 @@ mod edges {
             session.refuse(Refusal::new(ErrorCode::Internal, "x"), 0),
             Err(SessionError::InvalidState)
         );
+        assert_eq!(session.done(0, 0), Err(SessionError::InvalidState));
         // A one-byte buffer cannot take the frames: a typed error, and they stay queued.
         assert_eq!(
             session.poll_transmit(&mut [0u8; 1]),
@@ -394,20 +610,26 @@ mod edges {
         assert_eq!(session.poll_transmit(&mut buf), Ok(0));
     }
 
-    /// Feeds agent frames to a client session that pipelined an exec; returns the first error.
+    /// Feeds agent frames to a secure client session that starts an exec as soon as the
+    /// agent's hello is in; returns the first error.
     fn client_rejects(frames: &[Vec<u8>]) -> SessionError {
-        let mut session = ClientSession::new(0, None);
+        let mut session = client_with(Some(secret()));
         let mut out = vec![0u8; MAX_FRAME];
-        session.start_exec(&EXEC, &mut out).unwrap();
         let bytes = frames.concat();
         let mut rest = &bytes[..];
         loop {
             match session.handle_input(rest) {
                 Ok(input) if input.consumed == 0 => panic!("accepted everything"),
                 Ok(input) => {
-                    // Spend credit as a client would, so grants have something to cover.
-                    if let Some(ClientEvent::Started { .. }) = input.event {
-                        session.send_stdin(b"xy", &mut out).unwrap();
+                    match input.event {
+                        Some(ClientEvent::HelloAccepted(_)) => {
+                            session.start_exec(&EXEC, &mut out).unwrap();
+                        }
+                        // Spend credit as a client would, so grants have something to cover.
+                        Some(ClientEvent::Started { .. }) => {
+                            session.send_stdin(b"xy", &mut out).unwrap();
+                        }
+                        _ => {}
                     }
                     rest = &rest[input.consumed..];
                 }
@@ -422,6 +644,11 @@ mod edges {
 
     #[test]
     fn client_rejects_what_the_protocol_forbids() {
+        let Opening {
+            agent_hello,
+            agent_proof,
+            ..
+        } = opening();
         let started = agent_frame(AgentFrame::Started(Started { pid: 1 }));
         let out = agent_frame(AgentFrame::Stdout(Bytes(b"x")));
         let exited = agent_frame(AgentFrame::Exited(Termination {
@@ -429,6 +656,18 @@ mod edges {
             duration_us: 1,
             output_dropped: false,
         }));
+        let hello_with = |magic, min_version, version| {
+            agent_frame(AgentFrame::Hello(AgentHello {
+                magic,
+                min_version,
+                version,
+                agent_version: "",
+                limits: Limits::CURRENT,
+                nonce: crate::ByteArray(AGENT_NONCE),
+                security: Security::Authenticated,
+                bounds: Bounds::default(),
+            }))
+        };
         let unexpected = |frame, phase| SessionError::Unexpected { frame, phase };
         let cases = [
             (
@@ -437,24 +676,59 @@ mod edges {
                 unexpected(FrameKind::Started, Phase::Hello),
             ),
             (
+                "the agent's proof before its hello",
+                vec![agent_proof.clone()],
+                unexpected(FrameKind::Authenticated, Phase::Hello),
+            ),
+            (
+                "started before the agent's proof",
+                vec![agent_hello.clone(), started.clone()],
+                unexpected(FrameKind::Started, Phase::Starting),
+            ),
+            (
                 "output before started",
-                vec![agent_hello(), out.clone()],
+                vec![agent_hello.clone(), agent_proof.clone(), out.clone()],
                 unexpected(FrameKind::Stdout, Phase::Starting),
             ),
             (
                 "a second hello",
-                vec![agent_hello(), agent_hello()],
+                vec![agent_hello.clone(), agent_hello.clone()],
                 unexpected(FrameKind::Hello, Phase::Starting),
             ),
             (
+                "a second proof",
+                vec![
+                    agent_hello.clone(),
+                    agent_proof.clone(),
+                    agent_proof.clone(),
+                ],
+                unexpected(FrameKind::Authenticated, Phase::Starting),
+            ),
+            (
+                "done for an exec",
+                vec![
+                    agent_hello.clone(),
+                    agent_proof.clone(),
+                    agent_frame(AgentFrame::Done(DoneReport { count: 1 })),
+                ],
+                unexpected(FrameKind::Done, Phase::Starting),
+            ),
+            (
                 "output after exit",
-                vec![agent_hello(), started.clone(), exited.clone(), out.clone()],
+                vec![
+                    agent_hello.clone(),
+                    agent_proof.clone(),
+                    started.clone(),
+                    exited.clone(),
+                    out.clone(),
+                ],
                 unexpected(FrameKind::Stdout, Phase::Done),
             ),
             (
                 "credit beyond what was sent",
                 vec![
-                    agent_hello(),
+                    agent_hello.clone(),
+                    agent_proof.clone(),
                     started.clone(),
                     agent_frame(AgentFrame::StdinCredit(3)),
                 ],
@@ -463,7 +737,7 @@ mod edges {
             (
                 "a ready report on an exec connection",
                 vec![
-                    agent_hello(),
+                    agent_hello.clone(),
                     agent_frame(AgentFrame::Ready(ReadyReport {
                         cid: 3,
                         init_started_us: 0,
@@ -475,23 +749,18 @@ mod edges {
             ),
             (
                 "a foreign magic",
-                vec![agent_frame(AgentFrame::Hello(AgentHello {
-                    magic: *b"QEMU",
-                    version: 1,
-                    agent_version: "",
-                    limits: Limits::CURRENT,
-                }))],
+                vec![hello_with(*b"QEMU", 2, 2)],
                 SessionError::NotFerry,
             ),
             (
                 "a version we do not speak",
-                vec![agent_frame(AgentFrame::Hello(AgentHello {
-                    magic: MAGIC,
-                    version: 7,
-                    agent_version: "",
-                    limits: Limits::CURRENT,
-                }))],
+                vec![hello_with(MAGIC, 7, 7)],
                 SessionError::UnsupportedVersion { chosen: 7 },
+            ),
+            (
+                "a protocol 1 agent",
+                vec![hello_with(MAGIC, 1, 1)],
+                SessionError::UnsupportedVersion { chosen: 1 },
             ),
             (
                 "garbage",
@@ -513,12 +782,25 @@ mod edges {
 
     #[test]
     fn client_credit_is_never_exceeded_and_eof_is_sent_once() {
-        let mut session = ClientSession::new(0, None);
+        let Opening {
+            agent_hello,
+            agent_proof,
+            ..
+        } = opening();
+        let mut session = client_with(Some(secret()));
         let mut out = vec![0u8; MAX_FRAME];
+        // Nothing starts before the agent's hello, so no stdin either.
+        assert_eq!(
+            session.start_exec(&EXEC, &mut out),
+            Err(SessionError::InvalidState)
+        );
+        assert_eq!(
+            session.send_stdin(b"abc", &mut out),
+            Err(SessionError::InvalidState)
+        );
+        session.handle_input(&agent_hello).unwrap();
         session.start_exec(&EXEC, &mut out).unwrap();
-        // No credit before the agent's hello.
-        assert_eq!(session.send_stdin(b"abc", &mut out).unwrap().taken, 0);
-        session.handle_input(&agent_hello()).unwrap();
+        session.handle_input(&agent_proof).unwrap();
         let mut sent = 0;
         let big = vec![0u8; STDIN_WINDOW + 10];
         loop {
@@ -543,8 +825,10 @@ mod edges {
 
     #[test]
     fn client_refuses_misuse_and_oversized_requests_without_sending() {
-        let mut session = ClientSession::new(0, None);
+        let open = opening();
+        let mut session = client_with(Some(secret()));
         let mut out = vec![0u8; MAX_FRAME];
+        session.handle_input(&open.agent_hello).unwrap();
         let too_long = vec![b'a'; crate::limits::MAX_ARGV_BYTES + 1];
         let mut argv = too_long.clone();
         argv.push(0);
@@ -560,18 +844,46 @@ mod edges {
             session.start_exec(&EXEC, &mut [0u8; 3]),
             Err(SessionError::BufferTooSmall)
         );
-        // Neither attempt changed anything: the real one still sends the hello first.
+        // Room for the hello and the proof but not the request: still nothing sent.
+        assert_eq!(
+            session.start_exec(&EXEC, &mut vec![0u8; open.client.len() + 3]),
+            Err(SessionError::BufferTooSmall)
+        );
+        // None of the attempts changed anything: the real one still sends hello and proof
+        // first, exactly the opening.
         let n = session.start_exec(&EXEC, &mut out).unwrap();
-        assert!(out[..n].starts_with(&hello()));
+        assert!(out[..n].starts_with(&open.client));
+        assert_eq!(
+            &out[open.client.len()..n],
+            &client_frame(ClientFrame::Exec(EXEC))[..]
+        );
         assert_eq!(
             session.start_exec(&EXEC, &mut out),
             Err(SessionError::InvalidState)
         );
+        assert_eq!(
+            session.start_kill_all(&mut out),
+            Err(SessionError::InvalidState)
+        );
+        // Our hello went out with the request: nothing more to transmit.
+        assert_eq!(session.poll_transmit(&mut out), Ok(0));
     }
 
     #[test]
     fn client_hello_deadline_and_disconnects() {
-        let mut session = ClientSession::new(1_000, Some(500));
+        let Opening {
+            agent_hello,
+            agent_proof,
+            ..
+        } = opening();
+        let mut session = ClientSession::new(
+            1_000,
+            Some(500),
+            ClientAuth {
+                nonce: CLIENT_NONCE,
+                secret: Some(secret()),
+            },
+        );
         assert_eq!(session.poll_timeout(), Some(1_500));
         assert_eq!(session.handle_timeout(1_499), Ok(()));
         assert_eq!(
@@ -580,24 +892,58 @@ mod edges {
                 phase: Phase::Hello
             })
         );
-        let mut session = ClientSession::new(0, Some(500));
-        session.handle_input(&agent_hello()).unwrap_err();
-        let mut session = ClientSession::new(0, Some(500));
-        let mut out = vec![0u8; 64];
-        session.poll_transmit(&mut out).unwrap();
-        session.handle_input(&agent_hello()).unwrap();
+        session.handle_input(&agent_hello).unwrap_err();
+        let auth = || ClientAuth {
+            nonce: CLIENT_NONCE,
+            secret: Some(secret()),
+        };
+        // The deadline covers the agent's proof too, not only its hello.
+        let mut session = ClientSession::new(0, Some(500), auth());
+        let mut out = vec![0u8; 256];
         assert_eq!(
-            session.poll_timeout(),
-            None,
-            "the deadline is only for the hello"
+            session.poll_transmit(&mut out),
+            Ok(0),
+            "the agent speaks first"
         );
+        session.handle_input(&agent_hello).unwrap();
+        assert_eq!(session.poll_timeout(), Some(500), "the proof is still owed");
+        assert!(session.poll_transmit(&mut out).unwrap() > 0);
+        session.handle_input(&agent_proof).unwrap();
+        assert!(session.is_authenticated());
+        assert_eq!(session.poll_timeout(), None, "the handshake is done");
         assert_eq!(session.handle_eof(0), Ok(()), "a health check ends cleanly");
-        let mut session = ClientSession::new(0, None);
+        // Without the agent's proof, an end of stream is a disconnect.
+        let mut session = ClientSession::new(0, Some(500), auth());
+        session.handle_input(&agent_hello).unwrap();
+        session.poll_transmit(&mut out).unwrap();
+        assert_eq!(
+            session.handle_eof(0),
+            Err(SessionError::Disconnected {
+                phase: Phase::Hello,
+                mid_frame: false
+            })
+        );
+        // An insecure agent's hello completes the handshake by itself.
+        let insecure = opening_with(AgentConfig::DEFAULT, None);
+        let mut session = ClientSession::new(
+            0,
+            Some(500),
+            ClientAuth {
+                nonce: CLIENT_NONCE,
+                secret: None,
+            },
+        );
+        session.handle_input(&insecure.agent_hello).unwrap();
+        assert!(session.is_authenticated());
+        assert_eq!(session.poll_timeout(), None);
+        assert_eq!(session.handle_eof(0), Ok(()));
+        let mut session = client_with(Some(secret()));
+        session.handle_input(&agent_hello).unwrap();
         session.start_exec(&EXEC, &mut vec![0u8; 256]).unwrap();
         assert_eq!(
             session.handle_eof(3),
             Err(SessionError::Disconnected {
-                phase: Phase::Hello,
+                phase: Phase::Starting,
                 mid_frame: true
             })
         );
@@ -607,9 +953,9 @@ mod edges {
     fn agent_end_of_stream_after_stdin_eof_is_a_disconnect_too() {
         // A half-close after the end of stdin reads as an end of stream like any other: the
         // command is owed to nobody, so it ends (the agent kills its group).
-        let mut session = AgentSession::new(AgentConfig::DEFAULT, 0);
+        let mut session = agent();
         let bytes = [
-            hello(),
+            opening().client,
             client_frame(ClientFrame::Exec(EXEC)),
             client_frame(ClientFrame::Stdin(Bytes(b"abc"))),
             client_frame(ClientFrame::StdinEof),
@@ -645,28 +991,36 @@ mod edges {
         let tight = AgentConfig {
             limits: Limits {
                 max_args: 2,
+                max_user: 4,
                 ..Limits::CURRENT
             },
             ..AgentConfig::DEFAULT
         };
-        let request = |argv: &'static [u8]| {
-            let bytes = [
-                hello(),
-                client_frame(ClientFrame::Exec(ExecRequest {
-                    argv: StrList::new(argv),
-                    ..EXEC
-                })),
-            ]
-            .concat();
-            let mut session = AgentSession::new(tight, 0);
-            let first = session.handle_input(&bytes, 0).unwrap().consumed;
+        let open = opening_with(tight, Some(secret())).client;
+        let request = |exec: ExecRequest<'_>| {
+            let mut session = agent_with(tight, Some(secret()));
+            feed_agent(&mut session, &open).unwrap();
+            let bytes = client_frame(ClientFrame::Exec(exec));
             session
-                .handle_input(&bytes[first..], 0)
+                .handle_input(&bytes, 0)
                 .map(|input| input.event.is_some())
         };
-        assert_eq!(request(b"a\0b\0"), Ok(true));
+        let argv = |argv: &'static [u8]| ExecRequest {
+            argv: StrList::new(argv),
+            ..EXEC
+        };
+        assert_eq!(request(argv(b"a\0b\0")), Ok(true));
         assert!(matches!(
-            request(b"a\0b\0c\0"),
+            request(argv(b"a\0b\0c\0")),
+            Err(SessionError::InvalidRequest { .. })
+        ));
+        let user = |user: &'static [u8]| ExecRequest {
+            user: Some(Bytes(user)),
+            ..EXEC
+        };
+        assert_eq!(request(user(b"root")), Ok(true));
+        assert!(matches!(
+            request(user(b"users")),
             Err(SessionError::InvalidRequest { .. })
         ));
         let generous = Limits {
@@ -684,25 +1038,41 @@ mod edges {
     /// A client told of tighter limits checks its request against them before sending.
     #[test]
     fn client_checks_requests_against_the_agents_limits() {
-        let mut session = ClientSession::new(0, None);
-        let tight = agent_frame(AgentFrame::Hello(AgentHello {
-            magic: MAGIC,
-            version: PROTOCOL_VERSION,
-            agent_version: "t",
+        let tight = AgentConfig {
             limits: Limits {
                 max_args: 1,
+                max_user: 4,
                 ..Limits::CURRENT
             },
-        }));
+            ..AgentConfig::DEFAULT
+        };
+        let open = opening_with(tight, Some(secret()));
+        let mut session = client_with(Some(secret()));
         let mut out = vec![0u8; 256];
-        session.poll_transmit(&mut out).unwrap();
-        session.handle_input(&tight).unwrap();
+        let hello = session.handle_input(&open.agent_hello).unwrap();
+        match hello.event {
+            Some(ClientEvent::HelloAccepted(info)) => {
+                assert_eq!(info.limits, tight.limits);
+                assert_eq!(info.bounds, tight.bounds);
+                assert_eq!(info.security, Security::Authenticated);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(session.agent_limits(), Some(tight.limits));
         let two = ExecRequest {
             argv: StrList::new(b"a\0b\0"),
             ..EXEC
         };
         assert!(matches!(
             session.start_exec(&two, &mut out),
+            Err(SessionError::InvalidRequest { .. })
+        ));
+        let long_user = ExecRequest {
+            user: Some(Bytes(b"users")),
+            ..EXEC
+        };
+        assert!(matches!(
+            session.start_exec(&long_user, &mut out),
             Err(SessionError::InvalidRequest { .. })
         ));
         assert!(session.start_exec(&EXEC, &mut out).is_ok());
