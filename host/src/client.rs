@@ -70,14 +70,14 @@ impl Client {
         // The session checks the request against the protocol's limits before anything is
         // sent; an agent with tighter ones refuses with `LimitExceeded`.
         let request = command.request()?;
-        let (conn, _info) = Connection::open_with(
+        let (conn, info) = Connection::open_with(
             &self.target,
             &self.options,
             Some(&self.buffers),
             Operation::Exec(&request),
         )
         .map_err(|err| command.explain(err))?;
-        Execution::start(conn, command.stdin_mode())
+        Execution::start(conn, info, command.stdin_mode())
     }
 
     /// Ends every command the agent runs (every process in its commands' cgroup), whoever

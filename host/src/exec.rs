@@ -92,6 +92,7 @@ pub enum Event<'a> {
 /// command's whole process group.
 pub struct Execution {
     conn: Connection,
+    agent: crate::AgentInfo,
     pid: u32,
     stdin: Option<StdinWriter>,
     /// Bytes from [`crate::Stdin::Bytes`] still to be fed, and how far feeding got.
@@ -110,7 +111,11 @@ impl std::fmt::Debug for Execution {
 
 impl Execution {
     /// Waits for the agent's `Started` (or its refusal) on a connection that sent an exec.
-    pub(crate) fn start(mut conn: Connection, stdin: &crate::Stdin) -> Result<Execution, Error> {
+    pub(crate) fn start(
+        mut conn: Connection,
+        agent: crate::AgentInfo,
+        stdin: &crate::Stdin,
+    ) -> Result<Execution, Error> {
         let pid = match conn.receive()? {
             Received::Started(pid) => pid,
             other => return Err(out_of_order(&other, "before the command started")),
@@ -125,6 +130,7 @@ impl Execution {
         };
         let mut execution = Execution {
             conn,
+            agent,
             pid,
             stdin: writer,
             feed: None,
@@ -140,6 +146,11 @@ impl Execution {
     /// The command's pid in the guest (also its session and process group id).
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// What the agent said about itself in its hello (its security mode, its limits).
+    pub fn agent(&self) -> &crate::AgentInfo {
+        &self.agent
     }
 
     /// The command's stdin, once, when it was started with [`crate::Stdin::Pipe`]. Write from

@@ -11,6 +11,7 @@ use common::Agent;
 fn ferry(agent: &Agent) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
     command.env("FERRY_CONNECT", agent.target_url());
+    command.env("FERRY_SECRET_FILE", agent.secret_path());
     command
 }
 

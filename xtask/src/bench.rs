@@ -118,23 +118,52 @@ struct LocalAgent {
     child: Child,
     dir: PathBuf,
     socket: PathBuf,
+    /// The options a client needs: the agent's secret (none when it runs `--insecure`).
+    options: ConnectOptions,
 }
 
 impl LocalAgent {
-    fn start(binary: &Path) -> Result<LocalAgent> {
+    /// An agent with a fresh secret of its own, or `insecure`.
+    fn start(binary: &Path, insecure: bool) -> Result<LocalAgent> {
+        use std::io::{Read as _, Write as _};
+        use std::os::unix::fs::OpenOptionsExt;
+        let mode = if insecure { "insecure" } else { "secure" };
         let dir = project_root()
             .join("target")
-            .join(format!("bench-{}", std::process::id()));
+            .join(format!("bench-{}-{mode}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("agent.sock");
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
+            .arg(format!("unix:{}", socket.display()));
+        let mut options = ConnectOptions::default();
+        if insecure {
+            command.arg("--insecure");
+        } else {
+            let secret = dir.join("secret");
+            let mut bytes = [0u8; 32];
+            std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&secret)?
+                .write_all(&bytes)?;
+            command.arg("--secret-file").arg(&secret);
+            options.secret = Some(ferry_host::read_secret_file(&secret)?);
+        }
+        let child = command
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        let agent = LocalAgent { child, dir, socket };
+        let agent = LocalAgent {
+            child,
+            dir,
+            socket,
+            options,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !agent.socket.exists() {
             if Instant::now() > deadline {
@@ -264,7 +293,7 @@ fn status_kib(pid: u32, field: &str) -> Result<u64> {
 }
 
 fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> Result<()> {
-    let agent = LocalAgent::start(agent_bin)?;
+    let agent = LocalAgent::start(agent_bin, false)?;
     // Let it settle into accept().
     thread::sleep(Duration::from_millis(200));
     let idle = agent.rss_kib()?;
@@ -275,7 +304,7 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
     rows.push(IdleMemory::from_rollups(&rollups)?.row("agent idle RSS (listening)"));
 
     let target = Target::Unix(agent.socket.clone());
-    let client = Client::new(&target, ConnectOptions::default());
+    let client = Client::new(&target, agent.options.clone());
     let (ferry, local, hello) = exec_round_trips(&client, Path::new("/bin/true"), options.runs)?;
     let ratio = ferry.p50.as_secs_f64() / local.p50.as_secs_f64();
     rows.push(Row {
@@ -295,10 +324,11 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
         verdict: Verdict::Info,
     });
     rows.push(Row::info(
-        format!("connect + hello p50 / p99 ({} runs)", options.runs),
+        format!("connect + handshake p50 / p99 ({} runs)", options.runs),
         format!("{} / {}", micros(hello.p50), micros(hello.p99)),
-        "(the transport's share of an exec)".into(),
+        "(the transport's and the authentication's share of an exec)".into(),
     ));
+    rows.push(auth_overhead_row(agent_bin, &client, options.runs)?);
 
     let mut ferry_rates = Vec::new();
     let mut raw_rates = Vec::new();
@@ -376,6 +406,43 @@ fn exec_round_trips(
         }
     }
     Ok((percentiles(ferry), percentiles(local), percentiles(hellos)))
+}
+
+/// What authentication costs an exec: the same exec against the authenticated agent and an
+/// `--insecure` one, alternating round by round so noise hits both alike.
+fn auth_overhead_row(agent_bin: &Path, secure: &Client, runs: usize) -> Result<Row> {
+    let insecure_agent = LocalAgent::start(agent_bin, true)?;
+    thread::sleep(Duration::from_millis(200));
+    let insecure = Client::new(
+        &Target::Unix(insecure_agent.socket.clone()),
+        insecure_agent.options.clone(),
+    );
+    let command = ferry_host::Command::new("/bin/true");
+    let (mut with, mut without) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    let warmup = runs / 20 + 10;
+    for i in 0..runs + warmup {
+        for (client, times) in [(secure, &mut with), (&insecure, &mut without)] {
+            let started = Instant::now();
+            let output = client.output(&command)?;
+            let elapsed = started.elapsed();
+            if !output.success() {
+                bail!("/bin/true failed through ferry: {:?}", output.status);
+            }
+            if i >= warmup {
+                times.push(elapsed);
+            }
+        }
+    }
+    let (with, without) = (percentiles(with), percentiles(without));
+    let ratio = with.p50.as_secs_f64() / without.p50.as_secs_f64();
+    Ok(Row {
+        metric: format!("authentication's cost: exec p50 ({runs} runs, interleaved)"),
+        ferry: micros(with.p50),
+        baseline: format!("{} with --insecure", micros(without.p50)),
+        ratio: format!("{ratio:.3}×"),
+        target: "< 1.03×".into(),
+        verdict: Verdict::from(ratio < 1.03),
+    })
 }
 
 /// Streams `total` zero bytes from `head` through the agent; returns bytes per second.

@@ -98,7 +98,10 @@ fn boot_rows(minimal: &[ReadyInfo], full: &[ReadyInfo], rows: &mut Vec<Row>) {
 
 fn guest_rows(vm: &Vm, rows: &mut Vec<Row>) -> Result<()> {
     let target: Target = vm.target().parse()?;
-    let client = Client::new(&target, ConnectOptions::default());
+    let client = Client::new(
+        &target,
+        vm.connect_options(ConnectOptions::default().connect_timeout)?,
+    );
 
     // Idle memory: PID 1 (the listener) and the spare connection processes waiting in accept.
     let idle = guest_idle_memory(&client)?;

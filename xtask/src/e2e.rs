@@ -84,6 +84,7 @@ pub fn run_vm(options: &VmOptions, argv: &[String]) -> Result<i32> {
 
     let Some(ferry) = ferry else {
         println!("FERRY_CONNECT={}", vm.target());
+        println!("FERRY_SECRET_FILE={}", vm.secret_path().display());
         let _ = std::io::stdout().flush();
         eprintln!("the guest runs until Ctrl-C or SIGTERM");
         while !interrupted() && vm.running() {
@@ -104,6 +105,8 @@ pub fn run_vm(options: &VmOptions, argv: &[String]) -> Result<i32> {
     command
         .arg("--connect")
         .arg(vm.target())
+        .arg("--secret-file")
+        .arg(vm.secret_path())
         .arg("exec")
         .arg("--")
         .args(argv);
@@ -114,7 +117,7 @@ pub fn run_vm(options: &VmOptions, argv: &[String]) -> Result<i32> {
         .with_context(|| format!("starting {}", ferry.display()))?;
     let status = wait_child(child, None, "ferry exec")?;
     if !options.minimal {
-        power_off_through_cli(&ferry, &vm.target());
+        power_off_through_cli(&ferry, &vm);
     }
     vm.shutdown()?;
     match status {
@@ -129,11 +132,13 @@ pub fn run_vm(options: &VmOptions, argv: &[String]) -> Result<i32> {
 
 /// `ferry exec -- poweroff -f`, bounded; failure is expected (the guest dies mid-connection)
 /// and ignored.
-fn power_off_through_cli(ferry: &Path, target: &str) {
+fn power_off_through_cli(ferry: &Path, vm: &Vm) {
     let mut command = Command::new(ferry);
     command
-        .args(["--connect", target, "--connect-timeout", "2", "exec", "--"])
-        .args(["poweroff", "-f"])
+        .args(["--connect", &vm.target(), "--connect-timeout", "2"])
+        .arg("--secret-file")
+        .arg(vm.secret_path())
+        .args(["exec", "--user", "root", "--", "poweroff", "-f"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -243,6 +248,7 @@ fn run_suite(vm: &Vm, example: &Path, deadline: Instant) -> Result<()> {
     command
         .args(["test", "-p", "qemu-tests", "--features", "qemu"])
         .env("FERRY_CONNECT", vm.target())
+        .env("FERRY_SECRET_FILE", vm.secret_path())
         .env("FERRY_EXAMPLE_BIN", example);
     // Its own group, so the deadline kills the test binaries cargo started too.
     die_with_parent(&mut command, true);
@@ -259,6 +265,7 @@ fn check_health(ferry: &Path, vm: &Vm, deadline: Instant) -> Result<()> {
     let mut command = Command::new(ferry);
     command
         .args(["--connect", &vm.target(), "health"])
+        .env("FERRY_SECRET_FILE", vm.secret_path())
         .stdin(Stdio::null());
     die_with_parent(&mut command, true);
     let child = command

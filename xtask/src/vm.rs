@@ -67,6 +67,8 @@ impl Default for VmOptions {
 pub struct Vm {
     dir: PathBuf,
     target: String,
+    /// The host's copy of this guest's secret (0600); the guest's is /etc/ferry/secret (0400).
+    secret: PathBuf,
     ready: ReadyInfo,
     console_log: PathBuf,
     minimal: bool,
@@ -108,6 +110,7 @@ impl Vm {
         let mut vm = Vm {
             dir: run.dir.clone(),
             target: String::new(),
+            secret: run.dir.join("secret"),
             ready: ReadyInfo {
                 agent_version: String::new(),
                 protocol_version: 0,
@@ -144,9 +147,13 @@ impl Vm {
             }
         };
 
+        // A fresh secret per guest: the shared image stays secret-free, and the guest gets its
+        // copy from a second archive appended to it (the kernel unpacks both).
+        let initrd = run.dir.join("initrd.cpio");
+        write_secret_and_initrd(&image.path, &vm.secret, &initrd)?;
         let config = QemuConfig {
             kernel: image.kernel.vmlinux.clone(),
-            initrd: image.path.clone(),
+            initrd,
             console_log: vm.console_log.clone(),
             memory_mb: options.memory_mb,
             cpus: options.cpus,
@@ -192,6 +199,20 @@ impl Vm {
         self.target.clone()
     }
 
+    /// The host's copy of the guest's secret: the `FERRY_SECRET_FILE` value for this guest.
+    pub fn secret_path(&self) -> &Path {
+        &self.secret
+    }
+
+    /// Connect options for this guest: its secret, and `connect_timeout`.
+    pub fn connect_options(&self, connect_timeout: Duration) -> Result<ferry_host::ConnectOptions> {
+        Ok(ferry_host::ConnectOptions {
+            connect_timeout,
+            secret: Some(ferry_host::read_secret_file(&self.secret)?),
+            ..ferry_host::ConnectOptions::default()
+        })
+    }
+
     /// What the agent announced and how long boot took.
     pub fn ready(&self) -> &ReadyInfo {
         &self.ready
@@ -229,13 +250,12 @@ impl Vm {
         let Ok(target) = ferry_host::Target::from_str(&self.target) else {
             return;
         };
-        let options = ferry_host::ConnectOptions {
-            connect_timeout: Duration::from_secs(2),
-            ..ferry_host::ConnectOptions::default()
+        let Ok(options) = self.connect_options(Duration::from_secs(2)) else {
+            return;
         };
         let client = ferry_host::Client::new(&target, options);
         let mut command = ferry_host::Command::new("poweroff");
-        command.args(["-f"]);
+        command.args(["-f"]).user("root");
         // The guest dies under the connection: an error here is the expected outcome.
         let _ = client.output(&command);
     }
@@ -510,7 +530,41 @@ fn kernel_cmdline(tsc_khz: Option<u64>, ready_port: u32) -> String {
     }
     cmdline.push_str(" mitigations=off cryptomgr.notests tsc=reliable no_timer_check audit=0");
     cmdline.push_str(&format!(" ferry.ready={ready_port}"));
+    // The secret's path, never the secret: the command line is readable by every guest process.
+    cmdline.push_str(&format!(" ferry.secret_file={GUEST_SECRET}"));
+    // A development guest: `ferry exec -u root` (and `poweroff`) are allowed.
+    cmdline.push_str(" ferry.allow_users=root");
     cmdline
+}
+
+/// Where the guest's copy of its secret lives (mode 0400, root's).
+const GUEST_SECRET: &str = "/etc/ferry/secret";
+
+/// Writes a fresh 32-byte secret to `secret` (0600, created anew) and `initrd`: the shared
+/// `image` with a second archive behind it that holds the guest's copy.
+fn write_secret_and_initrd(image: &Path, secret: &Path, initrd: &Path) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(secret)
+        .and_then(|mut file| file.write_all(&bytes))
+        .with_context(|| format!("writing {}", secret.display()))?;
+    let mut out = std::io::BufWriter::new(
+        File::create(initrd).with_context(|| format!("creating {}", initrd.display()))?,
+    );
+    let mut shared = File::open(image).with_context(|| format!("reading {}", image.display()))?;
+    std::io::copy(&mut shared, &mut out)?;
+    let mut cpio = crate::cpio::CpioWriter::new(out);
+    cpio.file(GUEST_SECRET.trim_start_matches('/'), 0o400, &bytes)?;
+    cpio.finish()?.into_inner()?.sync_all()?;
+    Ok(())
 }
 
 /// The host's TSC frequency, which the guest sees too under TCG's `-cpu max`.

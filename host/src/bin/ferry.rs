@@ -8,14 +8,15 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ferry_host::{
-    errno_name, Client, Command, ConnectOptions, Error, ErrorCode, ExitStatus, PumpError, Stdin,
-    Target,
+    errno_name, read_secret_file, AgentInfo, Client, Command, ConnectOptions, Error, ErrorCode,
+    ExitStatus, PumpError, Security, Stdin, Target,
 };
 
 /// Exit status for ferry's own failures (transport, protocol, usage), as ssh does.
@@ -40,6 +41,11 @@ struct Cli {
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     connect_timeout: u64,
 
+    /// The agent's secret (a file only its owner may read; `cargo xtask vm` prints one).
+    /// Without it, ferry talks only to an agent started --insecure
+    #[arg(long, env = "FERRY_SECRET_FILE", value_name = "PATH")]
+    secret_file: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Cmd,
 }
@@ -48,8 +54,12 @@ struct Cli {
 enum Cmd {
     /// Run a program in the guest, streaming its output; exit with its status
     Exec(ExecArgs),
-    /// Check that the agent answers; print its version, protocol and limits
+    /// Check that the agent answers and proves the secret; print its version, protocol, security
+    /// mode and limits
     Health,
+    /// End every command the agent runs (everything in its commands' cgroup), whoever started
+    /// them: the way back from a fork bomb or a runaway daemon
+    KillAll,
 }
 
 #[derive(clap::Args)]
@@ -69,6 +79,11 @@ struct ExecArgs {
     /// Start from an empty environment instead of the agent's
     #[arg(long)]
     clean_env: bool,
+
+    /// Run as this guest user (NAME[:GROUP] or UID[:GID]) instead of the agent's default;
+    /// the agent's policy decides who may be asked for
+    #[arg(short = 'u', long = "user", value_name = "USER[:GROUP]")]
+    user: Option<OsString>,
 
     /// The program and its arguments (a bare name is looked up in the guest's PATH)
     #[arg(
@@ -99,14 +114,41 @@ fn main() -> ExitCode {
         Ok(target) => target,
         Err(err) => return fail(&err),
     };
+    let secret = match cli.secret_file.as_deref().map(read_secret_file).transpose() {
+        Ok(secret) => secret,
+        Err(err) => return fail(&err),
+    };
     let options = ConnectOptions {
         connect_timeout: Duration::from_secs(cli.connect_timeout.max(1)),
+        secret,
         ..ConnectOptions::default()
     };
     let client = Client::new(&target, options);
     match cli.command {
         Cmd::Exec(args) => exec(&client, args),
         Cmd::Health => health(&client),
+        Cmd::KillAll => kill_all(&client),
+    }
+}
+
+/// Once per run: an insecure agent runs anything for anyone who reaches it.
+fn warn_if_insecure(info: &AgentInfo) {
+    if info.security == Security::Insecure {
+        eprintln!(
+            "ferry: warning: the agent runs without authentication (--insecure): anyone who \
+             can reach it can run commands"
+        );
+    }
+}
+
+fn kill_all(client: &Client) -> ExitCode {
+    match client.kill_all() {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(count) => {
+            eprintln!("ferry: killed {count} processes");
+            ExitCode::SUCCESS
+        }
+        Err(err) => fail(&err),
     }
 }
 
@@ -120,10 +162,19 @@ fn health(client: &Client) -> ExitCode {
         Ok(health) => health,
         Err(err) => return fail(&err),
     };
+    warn_if_insecure(&health.info);
     let limits = &health.info.limits;
+    let bounds = &health.info.bounds;
     println!("target:     {}", client.target());
     println!("agent:      ferry-agent {}", health.info.agent_version);
     println!("protocol:   {}", health.info.protocol_version);
+    println!(
+        "security:   {}",
+        match health.info.security {
+            Security::Authenticated => "authenticated (both sides proved the secret)",
+            Security::Insecure => "INSECURE (no authentication)",
+        }
+    );
     println!(
         "round trip: {:.3} ms",
         health.round_trip.as_secs_f64() * 1e3
@@ -138,6 +189,30 @@ fn health(client: &Client) -> ExitCode {
         limits.max_env_vars,
         limits.max_path,
         limits.stdin_window
+    );
+    let or_none = |value: u64, unit: &str| match value {
+        0 => "none".to_owned(),
+        value => format!("{value}{unit}"),
+    };
+    println!(
+        "bounds:     runtime {}, output {}, file size {}, connections {}, handshake {} ms",
+        or_none(bounds.max_runtime_s, " s"),
+        or_none(bounds.max_output, " B"),
+        or_none(bounds.max_file_size, " B"),
+        bounds.max_connections,
+        bounds.handshake_timeout_ms
+    );
+    println!(
+        "commands:   as {}:{} by default; {} (memory {}, pids {})",
+        bounds.default_uid,
+        bounds.default_gid,
+        if bounds.cgroup {
+            "in a cgroup of their own"
+        } else {
+            "bounded by rlimits only (no cgroup v2)"
+        },
+        or_none(bounds.memory_max, " B"),
+        or_none(u64::from(bounds.pids_max), "")
     );
     ExitCode::SUCCESS
 }
@@ -154,6 +229,9 @@ fn exec(client: &Client, args: ExecArgs) -> ExitCode {
     if let Some(dir) = &args.workdir {
         command.current_dir(dir);
     }
+    if let Some(user) = &args.user {
+        command.user(user);
+    }
     command.stdin(if args.interactive {
         Stdin::Pipe
     } else {
@@ -164,6 +242,7 @@ fn exec(client: &Client, args: ExecArgs) -> ExitCode {
         Ok(execution) => execution,
         Err(err) => return start_failure(&args.argv[0], &err),
     };
+    warn_if_insecure(execution.agent());
     if let Some(mut writer) = execution.take_stdin() {
         // Detached: it may sit in read(0) after the command ended; exiting ends it.
         thread::spawn(move || {
@@ -243,6 +322,11 @@ fn start_failure(program: &OsString, err: &Error) -> ExitCode {
         .errno
         .map(|errno| format!(" ({})", errno_name(errno)))
         .unwrap_or_default();
-    eprintln!("ferry: {name}: {}{errno}", remote.code);
+    let message = if remote.message.is_empty() || remote.message == remote.code.as_str() {
+        String::new()
+    } else {
+        format!(": {}", remote.message)
+    };
+    eprintln!("ferry: {name}: {}{message}{errno}", remote.code);
     ExitCode::from(code)
 }

@@ -54,6 +54,37 @@ pub fn fresh_dir(prefix: &str) -> PathBuf {
     dir
 }
 
+/// The secret every test agent of this process is started with: a 0600 file of 32 random
+/// bytes, made once.
+pub fn secret_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = fresh_dir("ferry-secret").join("secret");
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut bytes))
+            .unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut file| file.write_all(&bytes))
+            .unwrap();
+        path
+    })
+}
+
+/// Connect options that prove [`secret_path`]'s secret.
+pub fn secret_options() -> ConnectOptions {
+    ConnectOptions {
+        secret: Some(ferry_host::read_secret_file(secret_path()).unwrap()),
+        ..ConnectOptions::default()
+    }
+}
+
 /// A running agent on a private Unix socket, killed (with everything it started) on drop.
 pub struct Agent {
     child: Child,
@@ -63,11 +94,22 @@ pub struct Agent {
 
 impl Agent {
     pub fn start() -> Agent {
+        Agent::start_with(&[])
+    }
+
+    /// An agent started with these arguments after `--listen`.
+    pub fn start_with(args: &[&str]) -> Agent {
         let dir = fresh_dir("ferry-it");
         let socket = dir.join("agent.sock");
-        let child = Command::new(agent_binary())
+        let mut command = Command::new(agent_binary());
+        command
             .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
+            .arg(format!("unix:{}", socket.display()));
+        if !args.contains(&"--insecure") && !args.contains(&"--secret-file") {
+            command.arg("--secret-file").arg(secret_path());
+        }
+        let child = command
+            .args(args)
             .stdin(Stdio::null())
             .spawn()
             .expect("starting the agent");
@@ -100,7 +142,17 @@ impl Agent {
     }
 
     pub fn client(&self) -> Client {
-        Client::connect_with(&self.target(), ConnectOptions::default()).expect("connecting")
+        Client::connect_with(&self.target(), secret_options()).expect("connecting")
+    }
+
+    /// The options a client of this agent needs (its secret).
+    pub fn connect_options(&self) -> ConnectOptions {
+        secret_options()
+    }
+
+    /// The agent's secret file, for the CLI (`FERRY_SECRET_FILE`) and the example.
+    pub fn secret_path(&self) -> &'static Path {
+        secret_path()
     }
 
     /// Whether the agent process is still alive (not exited, not a zombie).
