@@ -184,7 +184,8 @@ fn health_prints_versions() {
         text.contains(&format!("ferry-agent {}", env!("CARGO_PKG_VERSION"))),
         "{text}"
     );
-    assert!(text.contains("protocol:   1"), "{text}");
+    assert!(text.contains("protocol:   2"), "{text}");
+    assert!(text.contains("security:   authenticated"), "{text}");
     // --connect overrides the environment.
     let output = ferry(&agent)
         .env("FERRY_CONNECT", "unix:///nonexistent")
@@ -226,4 +227,64 @@ fn ferrys_own_errors_exit_255() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(255));
+}
+
+/// A 0600 file holding `bytes`, in a fresh directory.
+fn secret_file(bytes: &[u8]) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = common::fresh_dir("ferry-cli-secret").join("secret");
+    std::fs::write(&path, bytes).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+#[test]
+fn authentication_failures_are_clear_and_exit_255() {
+    let agent = Agent::start();
+    // Another secret: the agent refuses the proof, and nothing runs.
+    let wrong = secret_file(b"not the agent's secret, 32 bytes");
+    let output = ferry(&agent)
+        .env("FERRY_SECRET_FILE", &wrong)
+        .args(["exec", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(255));
+    assert!(stderr(&output).contains("unauthenticated"), "{}", stderr(&output));
+    // No secret at all: the CLI says what to give.
+    let output = ferry(&agent)
+        .env_remove("FERRY_SECRET_FILE")
+        .args(["health"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(255));
+    assert!(stderr(&output).contains("--secret-file"), "{}", stderr(&output));
+    // A secret file others may read is refused before anything is sent.
+    use std::os::unix::fs::PermissionsExt;
+    let exposed = secret_file(b"0123456789abcdef0123456789abcdef");
+    std::fs::set_permissions(&exposed, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let output = ferry(&agent)
+        .env("FERRY_SECRET_FILE", &exposed)
+        .args(["health"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(255));
+    assert!(stderr(&output).contains("chmod 600"), "{}", stderr(&output));
+}
+
+#[test]
+fn an_insecure_agent_is_warned_about_once_and_refused_with_a_secret() {
+    let agent = Agent::start_with(&["--insecure"]);
+    let output = ferry(&agent)
+        .env_remove("FERRY_SECRET_FILE")
+        .args(["exec", "--", "echo", "hi"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(output.stdout, b"hi\n");
+    let warnings = stderr(&output).matches("without authentication").count();
+    assert_eq!(warnings, 1, "{}", stderr(&output));
+    // A client with a secret will not talk to an agent that cannot prove it.
+    let output = run(&agent, &["exec", "--", "true"]);
+    assert_eq!(output.status.code(), Some(255));
+    assert!(stderr(&output).contains("--insecure"), "{}", stderr(&output));
 }
