@@ -76,7 +76,7 @@ fn golden_client_exec() {
         user: Some(Bytes(b"nobody:users")),
     };
     golden_client(ClientFrame::Exec(exec), &[
-        22, 0, 0, 0,                       // body length
+        23, 0, 0, 0,                       // body length
         0x01,                              // ClientFrame::Exec
         3, b'i', b'd', 0,                  // argv: length, packed NUL-terminated entries
         0,                                 // env: empty
@@ -198,7 +198,7 @@ fn golden_agent_hello() {
         security: Security::Insecure,
         bounds: GOLDEN_BOUNDS,
     }));
-    assert_eq!(insecure[4 + 1 + 4 + 2 + 6 + 23 + 1 + 32], 0x01, "security: Security::Insecure");
+    assert_eq!(insecure[4 + 1 + 4 + 2 + 6 + 22 + 1 + 32], 0x01, "security: Security::Insecure");
 }
 
 #[rustfmt::skip]
@@ -399,7 +399,7 @@ fn variant_tags_are_pinned() {
         .enumerate()
     {
         let bytes = encode_agent(&AgentFrame::Hello(AgentHello { security, ..hello }));
-        let at = HEADER_LEN + 1 + 4 + 1 + 1 + 1 + 23 + 1 + NONCE_LEN;
+        let at = HEADER_LEN + 1 + 4 + 1 + 1 + 1 + 22 + 1 + NONCE_LEN;
         assert_eq!(bytes[at], index as u8, "{security:?}");
     }
     // And the stdin modes (the exec's last field before the user).

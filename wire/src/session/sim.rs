@@ -613,10 +613,7 @@ fn client_step(
             None if consumed == 0 => break,
             None => {}
             Some(ClientEvent::HelloAccepted(info)) => {
-                let security = match announced_security(&client.session, &info) {
-                    Ok(security) => security,
-                    Err(err) => return Err(err),
-                };
+                let security = announced_security(&client.session, &info)?;
                 client.authenticated = security == Security::Insecure;
                 start_operation(client, rng)?;
             }

@@ -12,10 +12,8 @@ use std::string::String;
 use std::vec::Vec;
 
 use super::*;
-use crate::limits::MAX_FRAME;
-use crate::msg::{
-    ClientFrame, ClientHello, ErrorCode, ExecRequest, ExitStatus, StdinMode, StrList,
-};
+use crate::limits::{MAX_FRAME, NONCE_LEN};
+use crate::msg::{ClientFrame, ErrorCode, ExecRequest, ExitStatus, StdinMode, StrList};
 use crate::{encode_client_frame, DataKind, DATA_HEADROOM};
 
 /// What the agent's driver does, in order, as the transcript's conversation unfolds.
@@ -31,19 +29,32 @@ enum Act {
     Stderr(&'static [u8]),
     /// The command ended after this many microseconds.
     Exit(ExitStatus, u64),
+    /// The kill-all is done: this many processes were ended.
+    Done(u32),
 }
 
-/// What the client does beyond the exec.
+/// What the client does beyond the operation.
 #[derive(Debug, Clone, Copy)]
 enum Send {
     Stdin(&'static [u8]),
     Eof,
 }
 
+/// The operation a transcript's client asks for.
+#[derive(Debug, Clone, Copy)]
+enum Operation {
+    Exec(ExecRequest<'static>),
+    KillAll,
+}
+
 struct Transcript {
     name: &'static str,
-    request: ExecRequest<'static>,
-    /// The client's sends, made once the agent's hello arrived (stdin needs its credit).
+    operation: Operation,
+    /// The agent's secret; `None`: an insecure agent.
+    agent_secret: Option<&'static [u8]>,
+    /// The client's secret (a different one: a refused proof).
+    client_secret: Option<&'static [u8]>,
+    /// The client's sends, made once its operation started (stdin needs the hello's credit).
     sends: &'static [Send],
     /// The agent's script, run once the whole client side has been handled.
     acts: &'static [Act],
@@ -51,20 +62,44 @@ struct Transcript {
     events: &'static [&'static str],
 }
 
-const fn exec(argv: &'static [u8], stdin: StdinMode) -> ExecRequest<'static> {
-    ExecRequest {
+/// The per-VM secret of the transcripts (both ends read it from the same file).
+const SECRET: &[u8] = b"ferry golden transcript secret";
+/// A secret that is not the agent's.
+const WRONG_SECRET: &[u8] = b"not the agent's secret at all";
+
+/// A nonce that reads well in a hex dump: `start`, `start + 1`, …
+const fn counting(start: u8) -> [u8; NONCE_LEN] {
+    let mut nonce = [0u8; NONCE_LEN];
+    let mut i = 0;
+    while i < NONCE_LEN {
+        nonce[i] = start + i as u8;
+        i += 1;
+    }
+    nonce
+}
+
+/// The agent's nonce in every transcript: 00 01 … 1f.
+const AGENT_NONCE: [u8; NONCE_LEN] = counting(0x00);
+/// The client's nonce in every transcript: 80 81 … 9f.
+const CLIENT_NONCE: [u8; NONCE_LEN] = counting(0x80);
+
+const fn exec(argv: &'static [u8], stdin: StdinMode) -> Operation {
+    Operation::Exec(ExecRequest {
         argv: StrList::new(argv),
         env: StrList::new(b"LANG=C\0"),
         clean_env: false,
         cwd: None,
         stdin,
-    }
+        user: None,
+    })
 }
 
 const TRANSCRIPTS: &[Transcript] = &[
     Transcript {
         name: "exec_output",
-        request: exec(b"sh\0-c\0echo hi; echo warn >&2\0", StdinMode::Null),
+        operation: exec(b"sh\0-c\0echo hi; echo warn >&2\0", StdinMode::Null),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
         sends: &[],
         acts: &[
             Act::Start(7),
@@ -73,7 +108,8 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Exit(ExitStatus::Code(0), 1500),
         ],
         events: &[
-            "hello v1 agent golden",
+            "hello v2 agent golden Authenticated",
+            "authenticated",
             "started 7",
             "stdout \"hi\\n\"",
             "stderr \"warn\\n\"",
@@ -82,7 +118,9 @@ const TRANSCRIPTS: &[Transcript] = &[
     },
     Transcript {
         name: "exec_stdin_credit",
-        request: exec(b"cat\0", StdinMode::Pipe),
+        operation: exec(b"cat\0", StdinMode::Pipe),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
         sends: &[Send::Stdin(b"abc"), Send::Stdin(b"defg"), Send::Eof],
         acts: &[
             Act::Start(8),
@@ -91,7 +129,8 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Exit(ExitStatus::Code(0), 2000),
         ],
         events: &[
-            "hello v1 agent golden",
+            "hello v2 agent golden Authenticated",
+            "authenticated",
             "started 8",
             "credit 0",
             "stdout \"abcdefg\"",
@@ -100,7 +139,9 @@ const TRANSCRIPTS: &[Transcript] = &[
     },
     Transcript {
         name: "exec_signal_death",
-        request: exec(b"sleep\0infinity\0", StdinMode::Null),
+        operation: exec(b"sleep\0infinity\0", StdinMode::Null),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
         sends: &[],
         acts: &[
             Act::Start(9),
@@ -113,14 +154,17 @@ const TRANSCRIPTS: &[Transcript] = &[
             ),
         ],
         events: &[
-            "hello v1 agent golden",
+            "hello v2 agent golden Authenticated",
+            "authenticated",
             "started 9",
             "exited Signal { number: 9, core_dumped: false } 30us dropped=false",
         ],
     },
     Transcript {
         name: "exec_not_found",
-        request: exec(b"no-such-program\0", StdinMode::Null),
+        operation: exec(b"no-such-program\0", StdinMode::Null),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
         sends: &[],
         acts: &[Act::Refuse(
             ErrorCode::NotFound,
@@ -128,7 +172,8 @@ const TRANSCRIPTS: &[Transcript] = &[
             "no such file or directory",
         )],
         events: &[
-            "hello v1 agent golden",
+            "hello v2 agent golden Authenticated",
+            "authenticated",
             "refused NotFound errno 2 \"no such file or directory\"",
         ],
     },
@@ -136,18 +181,106 @@ const TRANSCRIPTS: &[Transcript] = &[
         name: "exec_invalid_request",
         // The agent refuses an env entry without '='; the client session would never send it,
         // so the client side of this one is checked only through the agent.
-        request: ExecRequest {
+        operation: Operation::Exec(ExecRequest {
             argv: StrList::new(b"true\0"),
             env: StrList::new(b"NOEQUALS\0"),
             clean_env: false,
             cwd: None,
             stdin: StdinMode::Null,
-        },
+            user: None,
+        }),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
         sends: &[],
         acts: &[],
         events: &[],
     },
+    Transcript {
+        name: "auth_refused",
+        // The client's secret is not the agent's: its proof is wrong, and the agent says only
+        // that (no proof of its own, nothing about the request behind it).
+        operation: exec(b"true\0", StdinMode::Null),
+        agent_secret: Some(SECRET),
+        client_secret: Some(WRONG_SECRET),
+        sends: &[],
+        acts: &[],
+        events: &[
+            "hello v2 agent golden Authenticated",
+            "refused Unauthenticated errno 0 \"authentication failed\"",
+        ],
+    },
+    Transcript {
+        name: "kill_all",
+        operation: Operation::KillAll,
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
+        sends: &[],
+        acts: &[Act::Done(3)],
+        events: &[
+            "hello v2 agent golden Authenticated",
+            "authenticated",
+            "done 3",
+        ],
+    },
+    Transcript {
+        name: "exec_insecure",
+        // An agent started with --insecure and a client without a secret: no proofs.
+        operation: Operation::Exec(ExecRequest {
+            argv: StrList::new(b"id\0"),
+            env: StrList::new(b""),
+            clean_env: true,
+            cwd: Some(crate::Bytes(b"/")),
+            stdin: StdinMode::Null,
+            user: Some(crate::Bytes(b"nobody")),
+        }),
+        agent_secret: None,
+        client_secret: None,
+        sends: &[],
+        acts: &[
+            Act::Start(10),
+            Act::Stdout(b"uid=65534(nobody)\n"),
+            Act::Exit(ExitStatus::Code(0), 700),
+        ],
+        events: &[
+            "hello v2 agent golden Insecure",
+            "started 10",
+            "stdout \"uid=65534(nobody)\\n\"",
+            "exited Code(0) 700us dropped=false",
+        ],
+    },
 ];
+
+fn secret(bytes: Option<&[u8]>) -> Option<Secret> {
+    bytes.map(|bytes| Secret::new(bytes).expect("a valid secret"))
+}
+
+fn agent_session(t: &Transcript) -> AgentSession {
+    let auth = AgentAuth {
+        nonce: AGENT_NONCE,
+        secret: secret(t.agent_secret),
+    };
+    AgentSession::new(CONFIG, 0, auth)
+}
+
+fn client_session(t: &Transcript) -> ClientSession {
+    let auth = ClientAuth {
+        nonce: CLIENT_NONCE,
+        secret: secret(t.client_secret),
+    };
+    ClientSession::new(0, None, auth)
+}
+
+/// Starts the transcript's operation; returns the bytes written (our hello and proof first).
+fn start(
+    t: &Transcript,
+    session: &mut ClientSession,
+    out: &mut [u8],
+) -> Result<usize, SessionError> {
+    match &t.operation {
+        Operation::Exec(request) => session.start_exec(request, out),
+        Operation::KillAll => session.start_kill_all(out),
+    }
+}
 
 const CONFIG: AgentConfig = AgentConfig {
     agent_version: "golden",
@@ -176,50 +309,54 @@ fn golden(file: &str, bytes: &[u8]) {
     );
 }
 
-/// The client's side of a transcript, encoded the way a client sends it (raw for requests the
-/// client session refuses to encode).
-fn client_bytes(t: &Transcript) -> Vec<u8> {
+/// The client's side of a transcript, encoded the way a client sends it once the agent's hello
+/// is in (raw for requests the client session refuses to encode).
+fn client_bytes(t: &Transcript, agent_hello: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; MAX_FRAME];
-    let mut session = ClientSession::new(0, None);
+    let mut session = client_session(t);
+    let input = session.handle_input(agent_hello).expect("hello accepted");
+    assert_eq!(input.consumed, agent_hello.len());
     let mut bytes = Vec::new();
-    match session.start_exec(&t.request, &mut out) {
+    match start(t, &mut session, &mut out) {
         Ok(n) => bytes.extend_from_slice(&out[..n]),
         Err(_) => {
-            for frame in [
-                ClientFrame::Hello(ClientHello::CURRENT),
-                ClientFrame::Exec(t.request),
-            ] {
-                let n = encode_client_frame(&frame, &mut out).expect("encodes");
-                bytes.extend_from_slice(&out[..n]);
-            }
+            // Our hello and proof as the session sends them, then the request as it is.
+            let n = session.poll_transmit(&mut out).expect("hello and proof");
+            bytes.extend_from_slice(&out[..n]);
+            let Operation::Exec(request) = t.operation else {
+                panic!("{}: a kill-all is always encoded", t.name);
+            };
+            let n = encode_client_frame(&ClientFrame::Exec(request), &mut out).expect("encodes");
+            bytes.extend_from_slice(&out[..n]);
             return bytes;
         }
     }
-    // The agent's hello opens credit; the client sends its stdin behind it.
-    let hello = agent_hello_bytes();
-    let input = session.handle_input(&hello).expect("hello accepted");
-    assert_eq!(input.consumed, hello.len());
+    bytes.extend(client_sends(t, &mut session, &mut out));
+    bytes
+}
+
+/// The transcript's sends (stdin, its end), as the client session encodes them.
+fn client_sends(t: &Transcript, session: &mut ClientSession, out: &mut [u8]) -> Vec<u8> {
+    let mut bytes = Vec::new();
     for send in t.sends {
         match send {
             Send::Stdin(data) => {
-                let sent = session.send_stdin(data, &mut out).expect("within credit");
+                let sent = session.send_stdin(data, out).expect("within credit");
                 assert_eq!(sent.taken, data.len());
                 bytes.extend_from_slice(&out[..sent.written]);
             }
             Send::Eof => session.close_stdin().expect("stdin open"),
         }
-        let n = session.poll_transmit(&mut out).expect("transmits");
+        let n = session.poll_transmit(out).expect("transmits");
         bytes.extend_from_slice(&out[..n]);
     }
     bytes
 }
 
-fn agent_hello_bytes() -> Vec<u8> {
-    let mut session = AgentSession::new(CONFIG, 0);
+/// The agent's hello: the first thing it sends, before it has read anything.
+fn agent_hello_bytes(t: &Transcript) -> Vec<u8> {
+    let mut session = agent_session(t);
     let mut out = vec![0u8; 256];
-    let mut hello = vec![0u8; 64];
-    let n = encode_client_frame(&ClientFrame::Hello(ClientHello::CURRENT), &mut hello).unwrap();
-    session.handle_input(&hello[..n], 0).expect("hello");
     let n = session.poll_transmit(&mut out).expect("hello out");
     out.truncate(n);
     out
@@ -228,31 +365,34 @@ fn agent_hello_bytes() -> Vec<u8> {
 /// Runs the agent session over the client's bytes with the transcript's script; returns what it
 /// sends.
 fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
-    let mut session = AgentSession::new(CONFIG, 0);
+    let mut session = agent_session(t);
     let mut out = vec![0u8; MAX_FRAME];
     let mut sent = Vec::new();
+    let mut flush = |session: &mut AgentSession, sent: &mut Vec<u8>| {
+        let n = session.poll_transmit(&mut out).expect("transmits");
+        sent.extend_from_slice(&out[..n]);
+    };
+    // The agent speaks first.
+    flush(&mut session, &mut sent);
+    assert_eq!(sent, agent_hello_bytes(t), "{}", t.name);
     let mut stdin_received = 0;
     let mut rest = client;
-    let mut exec_seen = false;
+    let mut operation_seen = false;
     while !rest.is_empty() {
         let input = match session.handle_input(rest, 0) {
             Ok(input) => input,
             Err(_) => break,
         };
         match input.event {
-            Some(AgentEvent::Exec(_)) => exec_seen = true,
+            Some(AgentEvent::Exec(_)) | Some(AgentEvent::KillAll) => operation_seen = true,
             Some(AgentEvent::Stdin(data)) => stdin_received += data.len(),
             _ => {}
         }
         assert!(input.consumed > 0, "{}: client bytes end mid-frame", t.name);
         rest = &rest[input.consumed..];
     }
-    let mut flush = |session: &mut AgentSession, sent: &mut Vec<u8>| {
-        let n = session.poll_transmit(&mut out).expect("transmits");
-        sent.extend_from_slice(&out[..n]);
-    };
     flush(&mut session, &mut sent);
-    assert_eq!(exec_seen, !session.is_closing(), "{}", t.name);
+    assert_eq!(operation_seen, !session.is_closing(), "{}", t.name);
     let mut frame = vec![0u8; MAX_FRAME];
     for act in t.acts {
         match *act {
@@ -275,6 +415,7 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
                 session.child_exited(status, after).expect("exit");
                 session.finish(after).expect("finish");
             }
+            Act::Done(count) => session.done(count, 0).expect("done"),
         }
         flush(&mut session, &mut sent);
     }
@@ -286,13 +427,13 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
     sent
 }
 
-/// Feeds the agent's bytes to a client session that sent the transcript's request; returns
-/// the events as text.
-fn client_events(t: &Transcript, agent: &[u8]) -> Vec<String> {
-    let mut session = ClientSession::new(0, None);
+/// Feeds the agent's bytes to a client session that starts the transcript's operation as soon
+/// as the agent's hello is in; returns the events as text and what the client sent.
+fn client_events(t: &Transcript, agent: &[u8]) -> (Vec<String>, Vec<u8>) {
+    let mut session = client_session(t);
     let mut out = vec![0u8; MAX_FRAME];
-    session.start_exec(&t.request, &mut out).expect("request");
     let mut events = Vec::new();
+    let mut sent = Vec::new();
     let mut rest = agent;
     while !rest.is_empty() {
         let input = session
@@ -300,11 +441,16 @@ fn client_events(t: &Transcript, agent: &[u8]) -> Vec<String> {
             .expect("the client accepts the agent's bytes");
         let text = match input.event.expect("every agent frame is an event") {
             ClientEvent::HelloAccepted(info) => {
+                // Our operation (behind our hello and proof), then stdin within its credit.
+                let n = start(t, &mut session, &mut out).expect("operation");
+                sent.extend_from_slice(&out[..n]);
+                sent.extend(client_sends(t, &mut session, &mut out));
                 format!(
-                    "hello v{} agent {}",
-                    info.protocol_version, info.agent_version
+                    "hello v{} agent {} {:?}",
+                    info.protocol_version, info.agent_version, info.security
                 )
             }
+            ClientEvent::Authenticated => String::from("authenticated"),
             ClientEvent::Started { pid } => format!("started {pid}"),
             ClientEvent::Stdout(data) => format!("stdout {:?}", String::from_utf8_lossy(data)),
             ClientEvent::Stderr(data) => format!("stderr {:?}", String::from_utf8_lossy(data)),
@@ -313,6 +459,7 @@ fn client_events(t: &Transcript, agent: &[u8]) -> Vec<String> {
                 "exited {:?} {}us dropped={}",
                 end.status, end.duration_us, end.output_dropped
             ),
+            ClientEvent::Done(report) => format!("done {}", report.count),
             ClientEvent::Refused(err) => {
                 format!(
                     "refused {:?} errno {} {:?}",
@@ -321,33 +468,25 @@ fn client_events(t: &Transcript, agent: &[u8]) -> Vec<String> {
             }
         };
         events.push(text);
-        // Stdin the transcript sends after the hello.
-        if events.len() == 1 {
-            for send in t.sends {
-                match send {
-                    Send::Stdin(data) => {
-                        session.send_stdin(data, &mut out).expect("credit");
-                    }
-                    Send::Eof => session.close_stdin().expect("open"),
-                }
-            }
-        }
         rest = &rest[input.consumed..];
     }
     assert!(session.is_finished(), "{}: the client expects more", t.name);
     session.handle_eof(0).expect("a clean end");
-    events
+    assert_eq!(session.poll_transmit(&mut out), Ok(0), "{}", t.name);
+    (events, sent)
 }
 
 #[test]
 fn transcripts_hold_for_both_sessions() {
     for t in TRANSCRIPTS {
-        let client = client_bytes(t);
+        let client = client_bytes(t, &agent_hello_bytes(t));
         golden(&format!("{}.client.bin", t.name), &client);
         let agent = agent_bytes(t, &client);
         golden(&format!("{}.agent.bin", t.name), &agent);
         if !t.events.is_empty() {
-            assert_eq!(client_events(t, &agent), t.events, "{}", t.name);
+            let (events, sent) = client_events(t, &agent);
+            assert_eq!(events, t.events, "{}", t.name);
+            assert_eq!(sent, client, "{}: the client sends its transcript", t.name);
         }
     }
 }
@@ -355,27 +494,71 @@ fn transcripts_hold_for_both_sessions() {
 #[test]
 fn the_invalid_request_transcript_is_refused_with_its_reason() {
     let agent = std::fs::read(dir().join("exec_invalid_request.agent.bin")).expect("stored");
-    let mut session = ClientSession::new(0, None);
-    // Its hello is accepted; the error frame follows and names the rule.
+    let t = TRANSCRIPTS
+        .iter()
+        .find(|t| t.name == "exec_invalid_request")
+        .expect("exists");
+    let mut session = client_session(t);
+    // Its hello and proof are accepted; the error frame follows and names the rule.
     let mut rest = &agent[..];
     let mut out = vec![0u8; MAX_FRAME];
-    let request = exec(b"true\0", StdinMode::Null);
-    session.start_exec(&request, &mut out).unwrap();
-    let mut refused = None;
+    let mut events = Vec::new();
     while !rest.is_empty() {
         let input = session.handle_input(rest).unwrap();
-        if let Some(ClientEvent::Refused(err)) = input.event {
-            refused = Some((err.code, String::from(err.message)));
+        match input.event {
+            Some(ClientEvent::HelloAccepted(_)) => {
+                let request = exec(b"true\0", StdinMode::Null);
+                start(
+                    &Transcript {
+                        operation: request,
+                        ..*t
+                    },
+                    &mut session,
+                    &mut out,
+                )
+                .unwrap();
+                events.push(String::from("hello"));
+            }
+            Some(ClientEvent::Authenticated) => events.push(String::from("authenticated")),
+            Some(ClientEvent::Refused(err)) => {
+                events.push(format!("{:?} {}", err.code, err.message));
+            }
+            other => panic!("{other:?}"),
         }
         rest = &rest[input.consumed..];
     }
     assert_eq!(
-        refused,
-        Some((
-            ErrorCode::InvalidRequest,
-            String::from("environment entry is not KEY=VALUE")
-        ))
+        events,
+        [
+            "hello",
+            "authenticated",
+            "InvalidRequest environment entry is not KEY=VALUE"
+        ]
     );
+}
+
+/// The refused proof's transcript, replayed to the agent by a client with the right secret:
+/// still refused (the proof is in the bytes, not in who sends them).
+#[test]
+fn the_refused_proof_is_refused_whoever_replays_it() {
+    let client = std::fs::read(dir().join("auth_refused.client.bin")).expect("stored");
+    let t = TRANSCRIPTS
+        .iter()
+        .find(|t| t.name == "exec_output")
+        .expect("exists");
+    let mut session = agent_session(t);
+    let mut rest = &client[..];
+    let mut refused = None;
+    while !rest.is_empty() {
+        match session.handle_input(rest, 0) {
+            Ok(input) => rest = &rest[input.consumed..],
+            Err(err) => {
+                refused = Some(err);
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, Some(SessionError::Unauthenticated));
 }
 
 /// The stored files decode frame by frame (a reader of `transcripts/README.md` can rely on it).
