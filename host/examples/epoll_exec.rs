@@ -1,6 +1,6 @@
 //! Embedding ferry in a VMM: one exec driven from a single non-blocking epoll loop (through mio),
 //! with nothing but `ferry_wire`'s [`ClientSession`], a [`RecvBuf`] and the socket. No threads,
-//! no async runtime, no `ferry_host` beyond parsing the target.
+//! no async runtime, no `ferry_host` beyond parsing the target and reading the secret file.
 //!
 //! ```text
 //! cargo run -p ferry-host --example epoll_exec -- [-n] [-C DIR] TARGET -- PROG ARGS…
@@ -9,7 +9,14 @@
 //! TARGET is `unix://PATH`, `vsock://CID:PORT` or `hvsock://PATH:PORT`. The command's stdout and
 //! stderr are copied to ours; our stdin is forwarded to the command within the credit the agent
 //! grants (`-n`: the command's stdin is /dev/null; `-C DIR`: it runs in DIR). Exit status as the `ferry` CLI's: the remote
-//! code, 128+N for signal N, 127 not found, 126 cannot execute, 255 for our own errors.
+//! code, 128+N for signal N, 127 not found, 126 cannot execute, 255 for our own errors. The
+//! agent's secret is read from the file `FERRY_SECRET_FILE` names (unset: no secret, for an
+//! agent started `--insecure`).
+//!
+//! The conversation (protocol 2): the agent speaks first, its hello carrying the challenge; once
+//! the session accepts it, our hello, our proof and the exec request go out in one write; the
+//! agent's proof comes back before `Started`, and the session checks it. Our stdin is forwarded
+//! only once the agent has proven the secret.
 //!
 //! The loop owns everything; the session owns every protocol rule. Each turn: sleep until the
 //! socket or our stdin is ready or the session's deadline (`poll_timeout`) passes; hand what
@@ -29,14 +36,16 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use ferry_host::Target;
+use ferry_wire::limits::NONCE_LEN;
 use ferry_wire::limits::{MAX_DATA, MAX_FRAME};
-use ferry_wire::session::{ClientEvent, ClientSession, Input, Micros};
+use ferry_wire::session::{ClientAuth, ClientEvent, ClientSession, Input, Micros, SessionError};
 use ferry_wire::{Bytes, ErrorCode, ExecRequest, RecvBuf, StdinMode, StrList, DATA_HEADROOM};
 use mio::net::UnixStream;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-/// Connect, hybrid-vsock handshake and the agent's hello must be done within this.
+/// Connect, hybrid-vsock handshake and the protocol's handshake (both hellos, both proofs) must
+/// be done within this.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest reply line a hybrid-vsock socket may send (`OK 1073741824\n` is 14 bytes).
 const MAX_HANDSHAKE_LINE: usize = 64;
@@ -139,7 +148,7 @@ enum LocalStdin {
     AlwaysReady,
 }
 
-struct Exec {
+struct Exec<'a> {
     poll: Poll,
     socket: UnixStream,
     transport: Transport,
@@ -148,11 +157,12 @@ struct Exec {
     /// Hybrid vsock: handshakes that ended in EOF so far, and when to try again.
     handshake_retries: u32,
     retry_at: Option<Instant>,
-    /// The protocol: hello, the exec, credit, the end. Its clock is µs since `epoch`.
+    /// The protocol: hellos and proofs, the exec, credit, the end. Its clock is µs since
+    /// `epoch`.
     session: ClientSession,
     epoch: Instant,
-    /// The hello and the exec request, encoded up front, sent once the transport is open.
-    opening: Vec<u8>,
+    /// The request, sent behind our hello and proof once the agent's hello is accepted.
+    request: ExecRequest<'a>,
     /// Bytes to send; `out[sent..]` is still queued.
     out: Vec<u8>,
     sent: usize,
@@ -170,8 +180,12 @@ struct Exec {
 }
 
 fn run(args: &Args) -> Result<u8, Failure> {
+    let secret = ferry_host::secret_from_env().map_err(|err| Failure(err.to_string()))?;
+    // Fresh for every connection: the agent's proof covers it.
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|err| Failure(format!("no random nonce: {err}")))?;
     let epoch = Instant::now();
-    let mut session = ClientSession::new(0, Some(micros(HELLO_TIMEOUT)));
+    let session = ClientSession::new(0, Some(micros(HELLO_TIMEOUT)), ClientAuth { nonce, secret });
     let request = ExecRequest {
         argv: StrList::new(&args.argv),
         env: StrList::new(&[]),
@@ -182,14 +196,13 @@ fn run(args: &Args) -> Result<u8, Failure> {
         } else {
             StdinMode::Null
         },
+        user: None,
     };
-    // Hello and request in one write: the exec costs one round trip. A request the protocol
-    // refuses fails here, before any connection.
-    let mut opening = vec![0u8; 2 * MAX_FRAME];
-    let len = session
-        .start_exec(&request, &mut opening)
-        .map_err(|err| Failure(format!("invalid request: {err}")))?;
-    opening.truncate(len);
+    // A request the protocol refuses fails here, before any connection. (The session checks
+    // it again against the agent's limits once its hello is in.)
+    request
+        .validate()
+        .map_err(|err| Failure(format!("invalid request: {}", err.message)))?;
 
     let poll = Poll::new()?;
     let mut socket = connect(&args.target)?;
@@ -226,7 +239,7 @@ fn run(args: &Args) -> Result<u8, Failure> {
         },
         session,
         epoch,
-        opening,
+        request,
         out: Vec::new(),
         sent: 0,
         recv: RecvBuf::new(vec![0u8; 4 * MAX_FRAME]),
@@ -241,7 +254,7 @@ fn run(args: &Args) -> Result<u8, Failure> {
     exec.run()
 }
 
-impl Exec {
+impl Exec<'_> {
     /// The loop: returns the exit status once the session reports the command's end.
     fn run(&mut self) -> Result<u8, Failure> {
         let mut events = Events::with_capacity(8);
@@ -269,11 +282,11 @@ impl Exec {
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => return Err(err.into()),
             }
-            // The session decides whether its deadline has passed (the hello's covers connect,
-            // handshake and retries alike).
+            // The session decides whether its deadline has passed (the handshake's covers
+            // connect, the hybrid-vsock handshake and retries alike).
             self.session
                 .handle_timeout(self.now())
-                .map_err(|err| Failure(format!("{err}")))?;
+                .map_err(session_failure)?;
             if self.retry_at.is_some_and(|at| Instant::now() >= at) {
                 self.retry_at = None;
                 self.reconnect()?;
@@ -310,10 +323,12 @@ impl Exec {
     }
 
     /// Stdin is read only while credit is available and nothing waits to be sent: the agent's
-    /// bounded buffer is the only buffer, and a slow command slows our reads.
+    /// bounded buffer is the only buffer, and a slow command slows our reads. Nothing of it goes
+    /// to an agent that has not proven the secret.
     fn wants_stdin(&self) -> bool {
         self.stdin != LocalStdin::Closed
             && self.transport == Transport::Open
+            && self.session.is_authenticated()
             && self.sent == self.out.len()
             && self.session.stdin_credit() > 0
     }
@@ -364,9 +379,23 @@ impl Exec {
         Ok(())
     }
 
+    /// The byte stream is up: the agent speaks first, so nothing is sent until its hello.
     fn open(&mut self) {
         self.transport = Transport::Open;
-        self.out.append(&mut self.opening);
+    }
+
+    /// The agent's hello is accepted: our hello and proof, and the request behind them, in one
+    /// write (the exec costs one round trip).
+    fn start_exec(&mut self) -> Result<(), Failure> {
+        let start = self.out.len();
+        self.out.resize(start + 2 * MAX_FRAME, 0);
+        let len = self
+            .session
+            .start_exec(&self.request, &mut self.out[start..])
+            .map_err(session_failure);
+        self.out.truncate(start + *len.as_ref().unwrap_or(&0));
+        len?;
+        self.flush()
     }
 
     /// Sends what is queued until the socket would block (its next writable edge resumes).
@@ -393,6 +422,10 @@ impl Exec {
                 if !self.receive_handshake()? {
                     return Ok(None);
                 }
+                // The agent's hello may have come with the handshake's reply.
+                if let Some(code) = self.handle_input()? {
+                    return Ok(Some(code));
+                }
                 continue;
             }
             // Room for the largest frame behind what is buffered: no read cut short.
@@ -404,9 +437,7 @@ impl Exec {
                 Ok(0) => {
                     // The session says whether an end of stream here is an error.
                     let left = self.recv.data().len();
-                    self.session
-                        .handle_eof(left)
-                        .map_err(|err| Failure(format!("{err}")))?;
+                    self.session.handle_eof(left).map_err(session_failure)?;
                     return Err(Failure::from("the agent closed the connection"));
                 }
                 Ok(n) => self.recv.commit(n),
@@ -426,13 +457,22 @@ impl Exec {
             let Input { consumed, event } = self
                 .session
                 .handle_input(self.recv.data())
-                .map_err(|err| Failure(format!("{err}")))?;
+                .map_err(session_failure)?;
+            let mut accepted = false;
             let exit = match event {
                 None if consumed == 0 => return Ok(None),
                 // The output borrows the receive buffer: written out before it is consumed.
                 Some(ClientEvent::Stdout(data)) => write_out(&mut self.stdout, data)?,
                 Some(ClientEvent::Stderr(data)) => write_out(&mut self.stderr, data)?,
                 Some(ClientEvent::Exited(end)) => Some(end.status.shell_code()),
+                Some(ClientEvent::Refused(err)) if err.code == ErrorCode::Unauthenticated => {
+                    eprintln!(
+                        "epoll_exec: the agent refused our proof ({}): set {} to its secret file",
+                        err.message,
+                        ferry_host::SECRET_FILE_ENV
+                    );
+                    Some(EXIT_FERRY)
+                }
                 Some(ClientEvent::Refused(err)) => {
                     let code = match err.code {
                         ErrorCode::NotFound => EXIT_NOT_FOUND,
@@ -449,16 +489,25 @@ impl Exec {
                     );
                     Some(code)
                 }
-                // Hello, started, credit: the session has noted them (credit makes
-                // `wants_stdin` true again).
+                Some(ClientEvent::HelloAccepted(_)) => {
+                    accepted = true;
+                    None
+                }
+                // The agent's proof, started, credit: the session has noted them (the proof
+                // and credit make `wants_stdin` true). `Done` ends only a kill-all, which this
+                // example never sends: the session refuses it.
                 None
-                | Some(ClientEvent::HelloAccepted(_))
+                | Some(ClientEvent::Authenticated)
+                | Some(ClientEvent::Done(_))
                 | Some(ClientEvent::Started { .. })
                 | Some(ClientEvent::StdinCredit { .. }) => None,
             };
             self.recv.consume(consumed);
             if exit.is_some() {
                 return Ok(exit);
+            }
+            if accepted {
+                self.start_exec()?;
             }
         }
     }
@@ -526,14 +575,12 @@ impl Exec {
         match self.stdin_file.read(buf) {
             Ok(0) => {
                 self.stop_stdin()?;
-                self.session
-                    .close_stdin()
-                    .map_err(|err| Failure(format!("{err}")))?;
+                self.session.close_stdin().map_err(session_failure)?;
                 let mut eof = [0u8; 16];
                 let len = self
                     .session
                     .poll_transmit(&mut eof)
-                    .map_err(|err| Failure(format!("{err}")))?;
+                    .map_err(session_failure)?;
                 self.out.extend_from_slice(&eof[..len]);
             }
             Ok(n) => {
@@ -541,7 +588,7 @@ impl Exec {
                 let start = self
                     .session
                     .frame_stdin_in_place(&mut self.stdin_frame, n)
-                    .map_err(|err| Failure(format!("{err}")))?;
+                    .map_err(session_failure)?;
                 self.out
                     .extend_from_slice(&self.stdin_frame[start..DATA_HEADROOM + n]);
             }
@@ -599,6 +646,22 @@ fn write_out(to: &mut File, data: &[u8]) -> Result<Option<u8>, Failure> {
         Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(Some(EXIT_BROKEN_PIPE)),
         Err(err) => Err(Failure(format!("writing output: {err}"))),
     }
+}
+
+/// What the session refused, with a hint where the fix is ours (the secret).
+fn session_failure(err: SessionError) -> Failure {
+    let env = ferry_host::SECRET_FILE_ENV;
+    Failure(match err {
+        SessionError::SecretRequired => {
+            format!("{err}: set {env} to the agent's secret file")
+        }
+        SessionError::AgentInsecure => format!("{err} (unset {env} to talk to it anyway)"),
+        SessionError::Unauthenticated => format!(
+            "{err}: the agent could not prove that it holds the secret in {env} (not the \
+             agent it claims to be, or the secrets differ)"
+        ),
+        err => err.to_string(),
+    })
 }
 
 fn micros(duration: Duration) -> Micros {

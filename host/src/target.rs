@@ -417,6 +417,7 @@ pub(crate) mod tests {
             connect_timeout: Duration::from_secs(5),
             hvsock_retries: 2,
             hvsock_retry_delay: Duration::from_millis(1),
+            secret: None,
         }
     }
 

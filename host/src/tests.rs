@@ -7,25 +7,40 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferry_wire::limits::{MAX_FRAME, MAX_FRAME_BODY, STDIN_WINDOW};
+use ferry_wire::session::{
+    encode_refusal, AgentAuth, AgentConfig, AgentEvent, AgentSession, Refusal,
+};
 use ferry_wire::{
-    decode_client_frame, encode_agent_frame, AgentFrame, AgentHello, Bytes, ClientFrame, ErrorCode,
-    ErrorFrame, ExitStatus, Limits, ReadyReport, RecvBuf, Started, Termination, MAGIC,
+    decode_client_frame, encode_agent_frame, split_frame, AgentFrame, AgentHello, AgentProof,
+    Bounds, ByteArray, Bytes, ClientFrame, DoneReport, ErrorCode, ErrorFrame, ExitStatus, Limits,
+    ReadyReport, RecvBuf, Started, Termination, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::target::tests::tempdir::Dir;
 use crate::*;
 
-/// The agent side of one scripted connection.
+/// The secret the fake agent and its client share (unless a test says otherwise).
+fn secret() -> Secret {
+    Secret::new(b"the fake agent's secret").unwrap()
+}
+
+/// The agent side of one scripted connection. The handshake goes through a real
+/// [`AgentSession`] (it computes and checks the proofs); everything after it is written by
+/// hand, so a script can misbehave at will.
 struct Peer {
     stream: UnixStream,
     recv: RecvBuf<Vec<u8>>,
+    /// The secret this fake proves (`None`: an insecure agent).
+    secret: Option<Secret>,
 }
 
 /// What the client sent, owned.
 #[derive(Debug, PartialEq)]
 enum Sent {
     Hello,
+    Auth,
     Exec(Vec<u8>),
+    KillAll,
     Stdin(Vec<u8>),
     StdinEof,
 }
@@ -51,17 +66,15 @@ impl Peer {
         let _ = self.stream.write_all(bytes);
     }
 
-    /// The next client frame, read through the same receive buffer type the library uses;
-    /// `None` at EOF.
-    fn recv(&mut self) -> Option<Sent> {
+    /// The next whole client frame (header included), read through the same receive buffer
+    /// type the library uses; `None` at EOF.
+    fn recv_frame(&mut self) -> Option<Vec<u8>> {
         loop {
-            if let Some(body) = self.recv.next_frame().unwrap() {
-                return Some(match decode_client_frame(body).unwrap() {
-                    ClientFrame::Hello(_) => Sent::Hello,
-                    ClientFrame::Exec(exec) => Sent::Exec(exec.argv.as_bytes().to_vec()),
-                    ClientFrame::Stdin(data) => Sent::Stdin(data.0.to_vec()),
-                    ClientFrame::StdinEof => Sent::StdinEof,
-                });
+            let data = self.recv.data();
+            if let Some((_, consumed)) = split_frame(data, MAX_FRAME_BODY).unwrap() {
+                let frame = data[..consumed].to_vec();
+                self.recv.consume(consumed);
+                return Some(frame);
             }
             let spare = self.recv.spare().unwrap();
             match self.stream.read(spare) {
@@ -71,14 +84,53 @@ impl Peer {
         }
     }
 
-    fn hello_with(&mut self, limits: Limits) {
-        assert_eq!(self.recv(), Some(Sent::Hello));
-        self.send(AgentFrame::Hello(AgentHello {
-            magic: MAGIC,
-            version: 1,
+    /// The next client frame; `None` at EOF.
+    fn recv(&mut self) -> Option<Sent> {
+        let frame = self.recv_frame()?;
+        Some(sent(&frame))
+    }
+
+    /// Sends the agent's hello (the agent speaks first) and takes the client's hello and, when
+    /// secure, its proof, through a session that checks it. Returns the session, the agent's
+    /// proof queued in it.
+    fn greet(&mut self, limits: Limits) -> AgentSession {
+        let config = AgentConfig {
             agent_version: "fake",
             limits,
-        }));
+            bounds: Bounds::default(),
+            ..AgentConfig::DEFAULT
+        };
+        let auth = AgentAuth {
+            nonce: [7; ferry_wire::limits::NONCE_LEN],
+            secret: self.secret.clone(),
+        };
+        let mut session = AgentSession::new(config, 0, auth);
+        self.transmit(&mut session);
+        let frame = self.recv_frame().expect("the client's hello");
+        let event = session.handle_input(&frame, 0).unwrap().event;
+        assert!(matches!(event, Some(AgentEvent::Hello)), "{event:?}");
+        if self.secret.is_some() {
+            let frame = self.recv_frame().expect("the client's proof");
+            let event = session.handle_input(&frame, 0).unwrap().event;
+            assert!(
+                matches!(event, Some(AgentEvent::Authenticated)),
+                "{event:?}"
+            );
+        }
+        session
+    }
+
+    /// Sends what `session` has queued.
+    fn transmit(&mut self, session: &mut AgentSession) {
+        let mut out = vec![0u8; MAX_FRAME];
+        let n = session.poll_transmit(&mut out).unwrap();
+        self.raw(&out[..n]);
+    }
+
+    /// The whole handshake: hellos, both proofs.
+    fn hello_with(&mut self, limits: Limits) {
+        let mut session = self.greet(limits);
+        self.transmit(&mut session);
     }
 
     fn hello(&mut self) {
@@ -95,6 +147,19 @@ impl Peer {
     }
 }
 
+/// A client frame (header included), owned.
+fn sent(frame: &[u8]) -> Sent {
+    let (body, _) = split_frame(frame, MAX_FRAME_BODY).unwrap().unwrap();
+    match decode_client_frame(body).unwrap() {
+        ClientFrame::Hello(_) => Sent::Hello,
+        ClientFrame::Auth(_) => Sent::Auth,
+        ClientFrame::Exec(exec) => Sent::Exec(exec.argv.as_bytes().to_vec()),
+        ClientFrame::KillAll => Sent::KillAll,
+        ClientFrame::Stdin(data) => Sent::Stdin(data.0.to_vec()),
+        ClientFrame::StdinEof => Sent::StdinEof,
+    }
+}
+
 fn termination(code: u8) -> Termination {
     Termination {
         status: ExitStatus::Code(code),
@@ -103,17 +168,58 @@ fn termination(code: u8) -> Termination {
     }
 }
 
-fn agent_hello() -> AgentFrame<'static> {
+/// An agent hello written by hand (a second one, or a broken one).
+fn hand_hello(magic: [u8; 4], version: u16) -> AgentFrame<'static> {
     AgentFrame::Hello(AgentHello {
-        magic: MAGIC,
-        version: 1,
+        magic,
+        // A version from the future is all the agent speaks.
+        min_version: if version > PROTOCOL_VERSION {
+            version
+        } else {
+            MIN_PROTOCOL_VERSION
+        },
+        version,
         agent_version: "x",
         limits: Limits::CURRENT,
+        nonce: ByteArray([1; ferry_wire::limits::NONCE_LEN]),
+        security: Security::Authenticated,
+        bounds: Bounds::default(),
     })
 }
 
-/// Serves one connection with `script`; returns a client for it and the fake's thread.
+fn agent_hello() -> AgentFrame<'static> {
+    hand_hello(MAGIC, PROTOCOL_VERSION)
+}
+
+fn options(secret: Option<Secret>) -> ConnectOptions {
+    ConnectOptions {
+        connect_timeout: Duration::from_millis(500),
+        secret,
+        ..ConnectOptions::default()
+    }
+}
+
+/// Serves one connection with `script` (as a secure agent); returns a client for it (with the
+/// secret) and the fake's thread.
 fn fake(script: impl FnOnce(&mut Peer) + Send + 'static) -> (Client, Dir, thread::JoinHandle<()>) {
+    fake_with(Some(secret()), options(Some(secret())), script)
+}
+
+/// [`fake`] with the fake's secret (`None`: insecure) and the client's options chosen.
+fn fake_with(
+    agent_secret: Option<Secret>,
+    options: ConnectOptions,
+    script: impl FnOnce(&mut Peer) + Send + 'static,
+) -> (Client, Dir, thread::JoinHandle<()>) {
+    let (target, dir, handle) = serve(agent_secret, script);
+    (Client::new(&target, options), dir, handle)
+}
+
+/// The fake agent's socket and thread.
+fn serve(
+    secret: Option<Secret>,
+    script: impl FnOnce(&mut Peer) + Send + 'static,
+) -> (Target, Dir, thread::JoinHandle<()>) {
     let dir = Dir::new("fake-agent");
     let path = dir.path().join("agent.sock");
     let listener = UnixListener::bind(&path).unwrap();
@@ -128,14 +234,11 @@ fn fake(script: impl FnOnce(&mut Peer) + Send + 'static) -> (Client, Dir, thread
             stream,
             // Sized like the agent's: one largest frame.
             recv: RecvBuf::new(vec![0u8; MAX_FRAME]),
+            secret,
         };
         script(&mut peer);
     });
-    let options = ConnectOptions {
-        connect_timeout: Duration::from_millis(500),
-        ..ConnectOptions::default()
-    };
-    (Client::new(&Target::Unix(path), options), dir, handle)
+    (Target::Unix(path), dir, handle)
 }
 
 fn run(script: impl FnOnce(&mut Peer) + Send + 'static) -> Result<Output, Error> {
@@ -187,28 +290,49 @@ fn collecting_closes_a_stdin_pipe_nobody_took() {
 }
 
 #[test]
-fn hello_and_exec_go_out_in_one_write_and_the_answers_may_come_in_one() {
+fn hello_proof_and_exec_go_out_in_one_write_and_the_answers_may_come_in_one() {
     let output = run(|peer| {
-        // Both frames are in the first read: the client did not wait for our hello.
+        let config = AgentConfig {
+            agent_version: "fake",
+            ..AgentConfig::DEFAULT
+        };
+        let auth = AgentAuth {
+            nonce: [9; ferry_wire::limits::NONCE_LEN],
+            secret: peer.secret.clone(),
+        };
+        let mut session = AgentSession::new(config, 0, auth);
+        peer.transmit(&mut session);
+        // All three frames are in the first read: the client waited for our hello, then sent
+        // its hello, its proof and the request together.
         let mut first = vec![0u8; MAX_FRAME];
         let n = peer.stream.read(&mut first).unwrap();
-        let mut recv = RecvBuf::new(&mut first[..n]);
-        recv.commit(n);
+        let mut input = &first[..n];
         let mut kinds = Vec::new();
-        while let Some(body) = recv.next_frame().unwrap() {
-            kinds.push(match decode_client_frame(body).unwrap() {
-                ClientFrame::Hello(_) => "hello",
-                ClientFrame::Exec(_) => "exec",
-                _ => "other",
-            });
+        while !input.is_empty() {
+            let (_, len) = split_frame(input, MAX_FRAME_BODY).unwrap().unwrap();
+            kinds.push(sent(&input[..len]));
+            let step = session.handle_input(input, 0).unwrap();
+            if let Some(AgentEvent::Exec(_)) = step.event {
+                session.started(7, 0).unwrap();
+            }
+            input = &input[step.consumed..];
         }
-        assert_eq!(kinds, ["hello", "exec"]);
-        peer.send_together(&[
-            agent_hello(),
-            AgentFrame::Started(Started { pid: 7 }),
+        assert_eq!(kinds[..2], [Sent::Hello, Sent::Auth]);
+        assert!(matches!(kinds[2], Sent::Exec(_)), "{kinds:?}");
+        assert_eq!(kinds.len(), 3);
+        // The proof and `Started` from the session, the rest by hand: one write.
+        let mut bytes = vec![0u8; MAX_FRAME];
+        let n = session.poll_transmit(&mut bytes).unwrap();
+        bytes.truncate(n);
+        for frame in [
             AgentFrame::Stdout(Bytes(b"out")),
             AgentFrame::Exited(termination(0)),
-        ]);
+        ] {
+            let mut out = vec![0u8; MAX_FRAME];
+            let n = encode_agent_frame(&frame, &mut out).unwrap();
+            bytes.extend_from_slice(&out[..n]);
+        }
+        peer.raw(&bytes);
     })
     .unwrap();
     assert_eq!((output.pid, &output.stdout[..]), (7, &b"out"[..]));
@@ -242,6 +366,7 @@ fn start_failures_are_remote_errors_with_errno() {
 #[test]
 fn an_agents_refusal_of_the_version_or_the_limits_is_typed() {
     let err = run(|peer| {
+        peer.send(agent_hello());
         peer.recv();
         peer.send(AgentFrame::Error(ErrorFrame {
             code: ErrorCode::UnsupportedVersion,
@@ -274,45 +399,39 @@ fn an_agents_refusal_of_the_version_or_the_limits_is_typed() {
 #[test]
 fn misbehaving_agents_give_typed_errors_not_hangs() {
     type Script = fn(&mut Peer);
-    let cases: [(&str, Script); 17] = [
+    let cases: [(&str, Script); 21] = [
         ("oversized frame", |p| {
-            p.recv();
             p.raw(&(MAX_FRAME_BODY as u32 + 1).to_le_bytes());
         }),
         ("garbage body", |p| {
-            p.recv();
             p.raw(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
         }),
         ("wrong magic", |p| {
-            p.recv();
-            p.send(AgentFrame::Hello(AgentHello {
-                magic: *b"NOPE",
-                version: 1,
-                agent_version: "x",
-                limits: Limits::CURRENT,
-            }));
+            p.send(hand_hello(*b"NOPE", PROTOCOL_VERSION));
         }),
         ("version from the future", |p| {
-            p.recv();
-            p.send(AgentFrame::Hello(AgentHello {
-                magic: MAGIC,
-                version: 99,
-                agent_version: "x",
-                limits: Limits::CURRENT,
-            }));
+            p.send(hand_hello(MAGIC, 99));
         }),
         ("started before the hello", |p| {
-            p.recv();
             p.send(AgentFrame::Started(Started { pid: 1 }));
         }),
+        ("a proof before the hello", |p| {
+            p.send(AgentFrame::Authenticated(AgentProof {
+                mac: ByteArray([0; 32]),
+            }));
+        }),
         ("a readiness report", |p| {
-            p.recv();
             p.send(AgentFrame::Ready(ReadyReport {
                 cid: 3,
                 init_started_us: 0,
                 modules_us: 0,
                 listening_us: 0,
             }));
+        }),
+        ("started before the proof", |p| {
+            p.greet(Limits::CURRENT);
+            p.recv();
+            p.send(AgentFrame::Started(Started { pid: 1 }));
         }),
         ("output before started", |p| {
             p.hello();
@@ -323,6 +442,11 @@ fn misbehaving_agents_give_typed_errors_not_hangs() {
             p.hello();
             p.recv();
             p.exited(0);
+        }),
+        ("a done record for an exec", |p| {
+            p.hello();
+            p.recv();
+            p.send(AgentFrame::Done(DoneReport { count: 1 }));
         }),
         ("credit never lent", |p| {
             p.hello();
@@ -358,18 +482,19 @@ fn misbehaving_agents_give_typed_errors_not_hangs() {
             p.raw(&[10, 0]);
         }),
         ("eof mid-frame during the hello", |p| {
-            p.recv();
             p.raw(&[10, 0, 0, 0, 2]);
         }),
-        ("silence", |p| {
-            p.recv();
+        ("silence", |_| {
             thread::sleep(Duration::from_millis(800));
         }),
-        ("a trickle that never finishes the hello", |p| {
-            p.recv();
+        ("silence after the hello", |p| {
+            p.greet(Limits::CURRENT);
+            thread::sleep(Duration::from_millis(800));
+        }),
+        ("a trickle that never finishes the hello", |_p| {
             // One byte every 100 ms: each read makes progress, the deadline still holds.
             for byte in [20u8, 0, 0, 0, 1, 2, 3, 4, 5, 6] {
-                p.raw(&[byte]);
+                _p.raw(&[byte]);
                 thread::sleep(Duration::from_millis(100));
             }
         }),
@@ -379,7 +504,10 @@ fn misbehaving_agents_give_typed_errors_not_hangs() {
         let err = run(script).unwrap_err();
         match (name, &err) {
             ("version from the future", Error::UnsupportedVersion { .. }) => {}
-            ("silence" | "a trickle that never finishes the hello", Error::Io(io)) => {
+            (
+                "silence" | "silence after the hello" | "a trickle that never finishes the hello",
+                Error::Io(io),
+            ) => {
                 assert_eq!(io.kind(), std::io::ErrorKind::TimedOut, "{name}");
                 assert_eq!(io.to_string(), "the agent did not answer in time");
             }
@@ -396,11 +524,13 @@ fn misbehaving_agents_give_typed_errors_not_hangs() {
 #[test]
 fn disconnects_are_reported_with_the_phase() {
     for (script, phase) in [
+        ((|_: &mut Peer| {}) as fn(&mut Peer), "during the hello"),
         (
-            (|peer: &mut Peer| {
-                peer.recv();
-            }) as fn(&mut Peer),
-            "during the hello",
+            // Our hello, proof and request are out: the operation is starting.
+            |peer| {
+                peer.greet(Limits::CURRENT);
+            },
+            "before the command started",
         ),
         (
             |peer| {
@@ -426,15 +556,175 @@ fn disconnects_are_reported_with_the_phase() {
 }
 
 #[test]
-fn a_health_check_is_a_hello_and_nothing_else() {
+fn a_health_check_is_the_handshake_and_nothing_else() {
     let (client, _dir, handle) = fake(|peer| {
         peer.hello();
-        assert_eq!(peer.recv(), None, "the client sent more than its hello");
+        assert_eq!(
+            peer.recv(),
+            None,
+            "the client sent more than its hello and proof"
+        );
     });
     let health = client.health().unwrap();
     assert_eq!(health.info.agent_version, "fake");
     assert_eq!(health.info.limits, Limits::CURRENT);
+    assert_eq!(health.info.security, Security::Authenticated);
     handle.join().unwrap();
+}
+
+#[test]
+fn a_health_check_of_an_insecure_agent_is_two_hellos() {
+    let (client, _dir, handle) = fake_with(None, options(None), |peer| {
+        peer.hello();
+        assert_eq!(peer.recv(), None, "the client sent more than its hello");
+    });
+    let health = client.health().unwrap();
+    assert_eq!(health.info.security, Security::Insecure);
+    handle.join().unwrap();
+}
+
+#[test]
+fn a_health_check_waits_for_the_agents_proof() {
+    let (client, _dir, handle) = fake(|peer| {
+        peer.greet(Limits::CURRENT);
+        // No proof: the client must not call the agent healthy.
+        assert_eq!(peer.recv(), None);
+    });
+    let err = client.health().unwrap_err();
+    assert!(
+        matches!(&err, Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut),
+        "{err:?}"
+    );
+    handle.join().unwrap();
+}
+
+#[test]
+fn kill_all_reports_how_many_processes_were_signalled() {
+    let (client, _dir, handle) = fake(|peer| {
+        peer.hello();
+        assert_eq!(peer.recv(), Some(Sent::KillAll));
+        peer.send(AgentFrame::Done(DoneReport { count: 5 }));
+    });
+    assert_eq!(client.kill_all().unwrap(), 5);
+    handle.join().unwrap();
+}
+
+/// The authentication failures a client must tell apart, each from one scripted agent: the
+/// blocking client's error, and the async one's (feature `tokio`) for the same script.
+fn auth_failure(
+    agent_secret: Option<Secret>,
+    client_secret: Option<Secret>,
+    script: fn(&mut Peer),
+) -> Vec<Error> {
+    let mut errors = Vec::new();
+    let (client, _dir, handle) =
+        fake_with(agent_secret.clone(), options(client_secret.clone()), script);
+    errors.push(client.health().unwrap_err());
+    handle.join().unwrap();
+    #[cfg(feature = "tokio")]
+    {
+        let (target, _dir, handle) = serve(agent_secret, script);
+        let client = crate::tokio::Client::new(&target, options(client_secret));
+        let runtime = ::tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        errors.push(runtime.block_on(client.health()).unwrap_err());
+        handle.join().unwrap();
+    }
+    errors
+}
+
+#[test]
+fn a_wrong_proof_from_the_agent_is_unauthenticated() {
+    for err in auth_failure(Some(secret()), Some(secret()), |peer| {
+        peer.greet(Limits::CURRENT);
+        peer.send(AgentFrame::Authenticated(AgentProof {
+            mac: ByteArray([0x5a; 32]),
+        }));
+        // The client hangs up without a word more.
+        assert_eq!(peer.recv(), None);
+    }) {
+        assert!(matches!(err, Error::Unauthenticated(_)), "{err:?}");
+    }
+}
+
+#[test]
+fn an_agent_with_another_secret_is_unauthenticated() {
+    // The agent's session refuses our proof: `ErrorCode::Unauthenticated`.
+    let theirs = Secret::new(b"somebody else's secret").unwrap();
+    for err in auth_failure(Some(theirs), Some(secret()), |peer| {
+        let config = AgentConfig::DEFAULT;
+        let auth = AgentAuth {
+            nonce: [3; ferry_wire::limits::NONCE_LEN],
+            secret: peer.secret.clone(),
+        };
+        let mut session = AgentSession::new(config, 0, auth);
+        peer.transmit(&mut session);
+        let hello = peer.recv_frame().unwrap();
+        session.handle_input(&hello, 0).unwrap();
+        let proof = peer.recv_frame().unwrap();
+        let refused = session.handle_input(&proof, 0).unwrap_err();
+        assert_eq!(refused, ferry_wire::session::SessionError::Unauthenticated);
+        peer.transmit(&mut session);
+    }) {
+        assert!(matches!(err, Error::Unauthenticated(_)), "{err:?}");
+    }
+}
+
+#[test]
+fn an_insecure_agent_is_refused_by_a_client_with_a_secret() {
+    for err in auth_failure(None, Some(secret()), |peer| {
+        let mut session = AgentSession::new(
+            AgentConfig::DEFAULT,
+            0,
+            AgentAuth {
+                nonce: [4; ferry_wire::limits::NONCE_LEN],
+                secret: None,
+            },
+        );
+        peer.transmit(&mut session);
+        // Nothing is sent to it: not even a hello.
+        assert_eq!(peer.recv(), None);
+    }) {
+        assert!(matches!(err, Error::AgentInsecure), "{err:?}");
+    }
+}
+
+#[test]
+fn a_secure_agent_needs_a_secret() {
+    for err in auth_failure(Some(secret()), None, |peer| {
+        let mut session = AgentSession::new(
+            AgentConfig::DEFAULT,
+            0,
+            AgentAuth {
+                nonce: [5; ferry_wire::limits::NONCE_LEN],
+                secret: peer.secret.clone(),
+            },
+        );
+        peer.transmit(&mut session);
+        assert_eq!(peer.recv(), None);
+    }) {
+        assert!(matches!(err, Error::SecretRequired), "{err:?}");
+    }
+}
+
+#[test]
+fn a_busy_agent_refuses_before_any_hello() {
+    for err in auth_failure(Some(secret()), Some(secret()), |peer| {
+        let mut out = [0u8; 256];
+        let refusal = Refusal::new(ErrorCode::Busy, "too many connections");
+        let n = encode_refusal(&refusal, &mut out).unwrap();
+        peer.raw(&out[..n]);
+    }) {
+        match err {
+            Error::Remote(remote) => {
+                assert_eq!(remote.code, ErrorCode::Busy);
+                assert!(remote.message.contains("too many"), "{remote:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
 
 /// Feeds `data` as `Stdin::Bytes` to a fake that checks the credit the client keeps to and

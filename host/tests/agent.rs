@@ -19,6 +19,7 @@ fn unix_agent(_scenario: &'static str) -> Fixture {
     let agent = Agent::start();
     Fixture {
         target: agent.target(),
+        secret_file: Some(agent.secret_path().to_owned()),
         listener_pid: agent.pid(),
         scratch: agent.scratch_dir(),
         scale: Scale {

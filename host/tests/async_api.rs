@@ -1,7 +1,7 @@
 //! The async API (`--features tokio`) against the shipped agent binary on a Unix socket: what
 //! only async has (borrowed events and a `Stream`, an `AsyncRead`, an `AsyncWrite` that waits for
 //! credit, stdin from another task, cancellation by dropping a future, many execs on one thread,
-//! connect and handshake failures). The exec cases every driver passes (byte-exact output,
+//! connect, handshake and authentication failures, kill-all). The exec cases every driver passes (byte-exact output,
 //! stdin, exit codes, signal deaths, start failures, local refusals) run through the async API
 //! in the shared suite: `host/tests/agent.rs` here, `cargo xtask e2e` in QEMU.
 #![allow(clippy::unwrap_used)] // a test reports failure by panicking
@@ -34,7 +34,9 @@ fn pattern(len: usize) -> Vec<u8> {
 }
 
 async fn client(agent: &Agent) -> Client {
-    Client::connect(&agent.target()).await.unwrap()
+    Client::connect_with(&agent.target(), agent.connect_options())
+        .await
+        .unwrap()
 }
 
 async fn next_owned(execution: &mut Execution) -> Option<Result<OwnedEvent, Error>> {
@@ -314,6 +316,75 @@ async fn a_silent_peer_times_out_at_the_hello() {
 }
 
 #[tokio::test]
+async fn health_checks_the_agents_proof() {
+    let agent = Agent::start();
+    let health = client(&agent).await.health().await.unwrap();
+    assert_eq!(health.info.security, ferry_host::Security::Authenticated);
+}
+
+#[tokio::test]
+async fn authentication_failures_are_typed() {
+    let agent = Agent::start();
+    // No secret for an agent that requires one: nothing is sent.
+    match Client::connect(&agent.target()).await {
+        Err(Error::SecretRequired) => {}
+        other => panic!("{other:?}"),
+    }
+    // Another secret: the agent refuses our proof.
+    let other = ConnectOptions {
+        secret: Some(ferry_host::Secret::new(b"not the agent's secret at all").unwrap()),
+        ..ConnectOptions::default()
+    };
+    let client = Client::new(&agent.target(), other);
+    for result in [
+        client.health().await.map(drop),
+        client.spawn(&Command::new("true")).await.map(drop),
+        client.kill_all().await.map(drop),
+    ] {
+        match result {
+            Err(Error::Unauthenticated(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // An insecure agent cannot prove who it is: a client with a secret will not talk to it.
+    let insecure = Agent::start_with(&["--insecure"]);
+    match Client::connect_with(&insecure.target(), agent.connect_options()).await {
+        Err(Error::AgentInsecure) => {}
+        other => panic!("{other:?}"),
+    }
+    // Without a secret it will.
+    let client = Client::connect(&insecure.target()).await.unwrap();
+    let health = client.health().await.unwrap();
+    assert_eq!(health.info.security, ferry_host::Security::Insecure);
+    assert!(client
+        .output(&Command::new("true"))
+        .await
+        .unwrap()
+        .success());
+}
+
+#[tokio::test]
+async fn kill_all_ends_or_is_unsupported() {
+    let agent = Agent::start();
+    let client = client(&agent).await;
+    // An agent run as a service without a cgroup of its own refuses; one with signals all.
+    match client.kill_all().await {
+        Ok(_) => {}
+        Err(err) => assert_eq!(
+            err.remote_code(),
+            Some(ferry_host::ErrorCode::Unsupported),
+            "{err:?}"
+        ),
+    }
+    // The agent still serves.
+    assert!(client
+        .output(&Command::new("true"))
+        .await
+        .unwrap()
+        .success());
+}
+
+#[tokio::test]
 async fn missing_socket_is_a_connect_error() {
     let target = Target::Unix("/nonexistent/ferry.sock".into());
     match Client::connect(&target).await {
@@ -352,7 +423,9 @@ async fn hybrid_vsock_handshake_then_the_agent() {
         }
     });
     let target: Target = format!("hvsock://{}:1024", path.display()).parse().unwrap();
-    let client = Client::connect(&target).await.unwrap();
+    let client = Client::connect_with(&target, agent.connect_options())
+        .await
+        .unwrap();
     let output = client.output(&sh("echo via hvsock")).await.unwrap();
     assert_eq!(output.stdout, b"via hvsock\n");
 

@@ -17,11 +17,11 @@ use std::thread;
 
 use common::Agent;
 
-/// `epoll_exec TARGET -- ARGV…`, fed `input`.
+/// `epoll_exec TARGET -- ARGV…` with the test agents' secret, fed `input`.
 fn exec_at(target: &str, argv: &[&str], input: Option<&[u8]>) -> Output {
     let mut args = vec![target, "--"];
     args.extend_from_slice(argv);
-    epoll_exec::run(&args, input)
+    epoll_exec::run(Some(common::secret_path()), &args, input)
 }
 
 #[test]
@@ -32,6 +32,7 @@ fn stdin_from_a_regular_file_is_forwarded() {
     let file = agent.socket.parent().unwrap().join("input");
     std::fs::write(&file, &data).unwrap();
     let output = Command::new(epoll_exec::binary())
+        .env(epoll_exec::SECRET_VAR, agent.secret_path())
         .args([&agent.target_url(), "--", "cat"])
         .stdin(std::fs::File::open(&file).unwrap())
         .output()
@@ -44,7 +45,7 @@ fn stdin_from_a_regular_file_is_forwarded() {
 fn with_n_the_commands_stdin_is_null() {
     let agent = Agent::start();
     let args = ["-n", &agent.target_url(), "--", "cat"];
-    let output = epoll_exec::run(&args, Some(b"ignored"));
+    let output = epoll_exec::run(Some(agent.secret_path()), &args, Some(b"ignored"));
     assert_eq!(output.status.code(), Some(0));
     assert!(output.stdout.is_empty());
 }
@@ -58,7 +59,7 @@ fn its_own_failures_exit_255() {
         &[&agent.target_url(), "true"],
         &[&agent.target_url(), "--"],
     ] {
-        let output = epoll_exec::run(args, None);
+        let output = epoll_exec::run(Some(agent.secret_path()), args, None);
         assert_eq!(output.status.code(), Some(255), "{args:?}: {output:?}");
         assert!(!output.stderr.is_empty());
     }
@@ -137,6 +138,42 @@ fn a_handshake_ended_by_eof_is_retried() {
     assert_eq!(output.status.code(), Some(255), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("every time"), "{stderr}");
+}
+
+#[test]
+fn authentication_failures_exit_255_and_say_why() {
+    let agent = Agent::start();
+    let target = agent.target_url();
+    let args = ["-n", &target, "--", "true"];
+    // No secret for an agent that requires one.
+    let output = epoll_exec::run(None, &args, None);
+    assert_eq!(output.status.code(), Some(255), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(epoll_exec::SECRET_VAR), "{stderr}");
+    // Another secret: the agent refuses our proof.
+    let other = agent.socket.parent().unwrap().join("other-secret");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&other)
+            .and_then(|mut file| file.write_all(b"not the agent's secret, not at all"))
+            .unwrap();
+    }
+    let output = epoll_exec::run(Some(&other), &args, None);
+    assert_eq!(output.status.code(), Some(255), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("refused our proof"), "{stderr}");
+    // An insecure agent and a secret: refused before anything is sent; without one, it runs.
+    let insecure = Agent::start_with(&["--insecure"]);
+    let target = insecure.target_url();
+    let args = ["-n", &target, "--", "true"];
+    let output = epoll_exec::run(Some(agent.secret_path()), &args, None);
+    assert_eq!(output.status.code(), Some(255), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--insecure"));
+    assert_eq!(epoll_exec::run(None, &args, None).status.code(), Some(0));
 }
 
 /// Copies `from` to `to` on a thread until EOF, then half-closes `to`.

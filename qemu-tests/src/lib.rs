@@ -11,6 +11,14 @@ use ferry_host::Target;
 /// The environment variable that carries the guest's address.
 pub const TARGET_VAR: &str = "FERRY_CONNECT";
 
+/// The guest agent's secret file, from `FERRY_SECRET_FILE` (`cargo xtask e2e` sets it); `None`
+/// when unset, for a guest whose agent runs `--insecure`.
+pub fn secret_file() -> Option<std::path::PathBuf> {
+    std::env::var_os(ferry_host::SECRET_FILE_ENV)
+        .filter(|path| !path.is_empty())
+        .map(Into::into)
+}
+
 /// The guest's address, from `FERRY_CONNECT`.
 pub fn target() -> Result<Target> {
     let text = std::env::var(TARGET_VAR).with_context(|| {

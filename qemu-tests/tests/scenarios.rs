@@ -14,6 +14,7 @@ use suite::{processes, stdout_of, Fixture, Scale};
 fn guest(scenario: &'static str) -> Fixture {
     let fixture = Fixture {
         target: qemu_tests::target().unwrap(),
+        secret_file: qemu_tests::secret_file(),
         // The agent is the guest's init.
         listener_pid: 1,
         scratch: PathBuf::from("/tmp").join(scenario),

@@ -11,12 +11,15 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use ::tokio::net::UnixStream;
 use ::tokio::time::Instant;
+use ferry_wire::limits::MAX_FRAME;
 use ferry_wire::session::{ClientSession, Micros, Phase, SessionError};
-use ferry_wire::ExecRequest;
 
 use crate::conn::micros;
-pub(super) use crate::conn::session_error;
+pub(super) use crate::conn::{session_error, Operation};
 use crate::Error;
+
+/// The room first offered to an opening: most are a few hundred bytes.
+const SMALL_OPENING: usize = 2048;
 
 /// One connection to the agent, shared by an [`super::Execution`] and its
 /// [`super::StdinWriter`].
@@ -81,54 +84,22 @@ impl Wake for WriteWakers {
     }
 }
 
-/// A session with its opening encoded, before the socket exists: a request the session refuses
-/// costs no connection, and the hello's deadline counts from before the connect.
-pub(super) struct Opening {
-    session: ClientSession,
-    out: Vec<u8>,
-    epoch: Instant,
-}
-
-impl Opening {
-    /// The hello, and `request` behind it (one write, no extra round trip), with the agent's
-    /// hello due within `timeout`. Encoded as the blocking driver does.
-    pub(super) fn new(
-        timeout: std::time::Duration,
-        request: Option<&ExecRequest<'_>>,
-    ) -> Result<Opening, Error> {
-        let epoch = Instant::now();
-        let mut session = ClientSession::new(0, Some(micros(timeout)));
-        let out = crate::conn::Opening::encode(&mut session, request)?
-            .bytes()
-            .to_vec();
-        Ok(Opening {
-            session,
-            out,
-            epoch,
-        })
-    }
-
-    /// When the connection, the handshake and the agent's hello must be done.
-    pub(super) fn deadline(&self, timeout: std::time::Duration) -> Instant {
-        self.epoch + timeout
-    }
-}
-
 impl Conn {
-    /// A connection over `stream`, its opening queued.
-    pub(super) fn new(stream: UnixStream, opening: Opening) -> Conn {
+    /// A connection over `stream`: `session` awaits the agent's hello, on a clock that started
+    /// at `epoch` (before the connect, so the handshake's deadline covers it too).
+    pub(super) fn new(stream: UnixStream, session: ClientSession, epoch: Instant) -> Conn {
         Conn {
             stream,
             state: Mutex::new(State {
-                session: opening.session,
-                out: opening.out,
+                session,
+                out: Vec::new(),
                 sent: 0,
                 credit_waker: None,
                 reader_waker: None,
                 ended: false,
             }),
             write_wakers: Arc::default(),
-            epoch: opening.epoch,
+            epoch,
         }
     }
 
@@ -169,6 +140,25 @@ impl State {
         let written = result.as_ref().map_or(0, |(_, written)| *written);
         self.out.truncate(start + written);
         result.map(|(value, _)| value)
+    }
+
+    /// Queues the opening, once the agent's hello is in: our hello and proof, and `operation`
+    /// behind them (one write, no extra round trip). Encoded as the blocking driver does: a
+    /// small buffer first, one sized for the largest frames only when that does not fit.
+    pub(super) fn queue_opening(&mut self, operation: Operation<'_, '_>) -> Result<(), Error> {
+        let encode = |session: &mut ClientSession, out: &mut [u8]| {
+            let written = match operation {
+                Operation::Exec(request) => session.start_exec(request, out),
+                Operation::KillAll => session.start_kill_all(out),
+                Operation::None => session.poll_transmit(out),
+            };
+            written.map(|n| ((), n))
+        };
+        match self.queue(SMALL_OPENING, encode) {
+            Err(SessionError::BufferTooSmall) => self.queue(2 * MAX_FRAME, encode),
+            other => other,
+        }
+        .map_err(session_error)
     }
 
     /// Whether bytes wait to be sent.

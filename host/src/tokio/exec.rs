@@ -15,7 +15,7 @@ use std::task::{ready, Context, Poll, Waker};
 use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use ::tokio::time::{sleep_until, Sleep};
 use ferry_wire::limits::{MAX_DATA, MAX_FRAME};
-use ferry_wire::session::{ClientEvent, Input};
+use ferry_wire::session::{ClientEvent, Input, Phase};
 use ferry_wire::{RecvBuf, DATA_HEADROOM};
 
 use super::conn::{disconnected, refusal, session_error, Conn, Side, State};
@@ -88,12 +88,19 @@ pub struct StdinWriter {
 /// What one step of reading found. Data stays in the receive buffer until the next step.
 pub(super) enum Step {
     Hello(AgentInfo),
+    /// The agent proved the secret, with no operation waiting behind the proof (a health check).
+    Authenticated,
+    /// A kill-all finished: how many processes were signalled.
+    Done(u32),
     Started(u32),
-    Data { stderr: bool, range: Range<usize> },
+    Data {
+        stderr: bool,
+        range: Range<usize>,
+    },
     Exited(Termination),
 }
 
-/// The reading half of a connection: the receive buffer, the hello deadline, and bytes the
+/// The reading half of a connection: the receive buffer, the handshake deadline, and bytes the
 /// library feeds to stdin itself ([`crate::Stdin::Bytes`]). While polled it drives the socket in
 /// both directions.
 pub(super) struct Receiver {
@@ -141,9 +148,15 @@ impl Receiver {
             let step = match event {
                 None => None,
                 Some(ClientEvent::HelloAccepted(info)) => {
-                    self.hello_timer = None;
                     Some(Step::Hello(AgentInfo::from_wire(&info)))
                 }
+                // The handshake is done: its deadline with it.
+                Some(ClientEvent::Authenticated) => {
+                    self.hello_timer = None;
+                    // An operation behind the proof reports its own first event.
+                    (state.session.phase() != Phase::Starting).then_some(Step::Authenticated)
+                }
+                Some(ClientEvent::Done(report)) => Some(Step::Done(report.count)),
                 Some(ClientEvent::Started { pid }) => Some(Step::Started(pid)),
                 Some(ClientEvent::Stdout(chunk)) => Some(data_step(data, chunk, false)),
                 Some(ClientEvent::Stderr(chunk)) => Some(data_step(data, chunk, true)),
@@ -173,7 +186,7 @@ impl Receiver {
                     }
                 }
             }
-            // More bytes are needed; the session says until when (the agent's hello).
+            // More bytes are needed; the session says until when (the handshake).
             if let Some(deadline) = state.session.poll_timeout() {
                 let timer = self
                     .hello_timer
@@ -213,12 +226,46 @@ impl Receiver {
         }
     }
 
-    /// Waits for the agent's hello (a health check).
+    /// Waits for the agent's hello: the first thing on every connection.
     pub(super) async fn hello(&mut self) -> Result<AgentInfo, Error> {
         match poll_fn(|cx| self.poll_step(cx)).await? {
             Step::Hello(info) => Ok(info),
             _ => Err(Error::Protocol("no hello from the agent".into())),
         }
+    }
+
+    /// Waits for the agent's proof, on a connection with no operation behind it (a health
+    /// check of an agent that requires the secret).
+    pub(super) async fn authenticated(&mut self) -> Result<(), Error> {
+        match poll_fn(|cx| self.poll_step(cx)).await? {
+            Step::Authenticated => Ok(()),
+            _ => Err(Error::Protocol(
+                "internal: a step other than the agent's proof after our hello".into(),
+            )),
+        }
+    }
+
+    /// Waits for the end of a kill-all: how many processes the agent signalled.
+    pub(super) async fn done(&mut self) -> Result<u32, Error> {
+        match poll_fn(|cx| self.poll_step(cx)).await? {
+            Step::Done(count) => Ok(count),
+            _ => Err(Error::Protocol(
+                "internal: a step other than a done record after a kill-all".into(),
+            )),
+        }
+    }
+
+    /// Sends what is queued (our hello, on a connection that waits for nothing more).
+    pub(super) async fn flush(&mut self) -> Result<(), Error> {
+        let conn = &*self.conn;
+        poll_fn(|cx| conn.lock().poll_send(conn, Side::Reader, cx))
+            .await
+            .map_err(Error::Io)
+    }
+
+    /// The connection this receiver reads.
+    pub(super) fn conn(&self) -> &Arc<Conn> {
+        &self.conn
     }
 }
 
@@ -278,27 +325,31 @@ fn feed_stdin(state: &mut State, conn: &Conn, feed: &mut Option<Feed>, cx: &mut 
 }
 
 impl Execution {
-    /// Waits for the agent's `Started` (or its refusal) on a connection whose exec is queued.
+    /// Waits for the agent's `Started` (or its refusal) on a connection whose exec is queued
+    /// behind our hello and proof (the agent's proof is checked on the way).
     pub(super) async fn start(
-        conn: Arc<Conn>,
-        pool: &Arc<BufferPool>,
+        receiver: Receiver,
         stdin: &crate::Stdin,
     ) -> Result<Execution, Error> {
+        let conn = Arc::clone(receiver.conn());
         let mut execution = Execution {
-            receiver: Receiver::new(Arc::clone(&conn), pool),
+            receiver,
             pid: 0,
             stdin: None,
             done: false,
             exited: false,
         };
         // An error drops `execution`, which ends the connection.
-        execution.pid = loop {
-            match poll_fn(|cx| execution.receiver.poll_step(cx)).await? {
-                Step::Hello(_) => {}
-                Step::Started(pid) => break pid,
-                Step::Data { .. } | Step::Exited(_) => {
-                    return Err(Error::Protocol("output before the command started".into()))
-                }
+        // The agent's proof, checked on the way, is not a step of its own here.
+        execution.pid = match poll_fn(|cx| execution.receiver.poll_step(cx)).await? {
+            Step::Started(pid) => pid,
+            Step::Data { .. } | Step::Exited(_) => {
+                return Err(Error::Protocol("output before the command started".into()))
+            }
+            Step::Hello(_) | Step::Authenticated | Step::Done(_) => {
+                return Err(Error::Protocol(
+                    "internal: a handshake step while the command starts".into(),
+                ))
             }
         };
         match stdin {
@@ -379,9 +430,9 @@ impl Execution {
         let result = match ready!(self.receiver.poll_step(cx)) {
             Ok(step @ Step::Data { .. }) => return Poll::Ready(Ok(Some(step))),
             Ok(Step::Exited(end)) => Ok(Some(Step::Exited(end))),
-            Ok(Step::Hello(_) | Step::Started(_)) => Err(Error::Protocol(
-                "a second hello or start from the agent".into(),
-            )),
+            Ok(Step::Hello(_) | Step::Authenticated | Step::Done(_) | Step::Started(_)) => Err(
+                Error::Protocol("a second hello, proof or start from the agent".into()),
+            ),
             Err(err) => Err(err),
         };
         self.finish(result.is_ok());
@@ -399,7 +450,7 @@ impl Execution {
                 }
             }
             Step::Exited(end) => Event::Exited(end),
-            Step::Hello(_) | Step::Started(_) => return None,
+            Step::Hello(_) | Step::Authenticated | Step::Done(_) | Step::Started(_) => return None,
         })
     }
 

@@ -22,7 +22,8 @@
 //! drives its connection whenever it is polled (output, stdin credit, the end), and its
 //! [`StdinWriter`] shares the protocol session with it through a lock and wakers. So poll the
 //! execution while writing stdin (`join!`, `select!`, or two tasks), as with a child process's
-//! pipes. Every protocol rule (hello, credit, the order of frames, the hello deadline) is
+//! pipes. Every protocol rule (hellos and proofs, credit, the order of frames, the handshake
+//! deadline) is
 //! [`ferry_wire::session::ClientSession`]'s; this module only moves bytes and wakes tasks.
 //!
 //! - *Backpressure:* output is read only while the execution is polled, one frame at a time, so
@@ -30,9 +31,13 @@
 //! - *Cancellation:* dropping an [`Execution`] before its [`crate::Event::Exited`] (for example
 //!   by dropping the future that owns it) disconnects, and the agent kills the command's process
 //!   group.
+//! - *Authentication:* as in the blocking API, every connection opens with the agent's hello
+//!   (its challenge), then ours with the proof of [`crate::ConnectOptions::secret`] and the
+//!   operation in one write; the agent's proof is checked before anything it says about the
+//!   operation is believed.
 //! - *Timeouts:* [`crate::ConnectOptions::connect_timeout`] bounds connect, the hybrid-vsock
-//!   handshake and the agent's hello, on tokio's clock; the runtime needs its time driver
-//!   (`enable_time`) and its I/O driver (`enable_io`).
+//!   handshake and the protocol's handshake (both hellos, both proofs), on tokio's clock; the
+//!   runtime needs its time driver (`enable_time`) and its I/O driver (`enable_io`).
 
 mod conn;
 mod connect;
@@ -44,9 +49,10 @@ use ::tokio::time::Instant;
 
 pub use exec::{Execution, OutputReader, OutputStreams, OwnedEvent, StdinWriter};
 
-use crate::conn::BufferPool;
-use crate::{Command, ConnectOptions, Error, Health, Output, Target};
-use conn::{Conn, Opening};
+use crate::conn::{new_session, BufferPool};
+use crate::{AgentInfo, Command, ConnectOptions, Error, Health, Output, Security, Target};
+use conn::{Conn, Operation};
+use exec::Receiver;
 
 /// A client for one agent, async. Cheap to clone; every operation opens its own connection.
 #[derive(Debug, Clone)]
@@ -83,15 +89,18 @@ impl Client {
         &self.target
     }
 
-    /// Opens a fresh connection and exchanges hellos: is the agent up, and how fast does it
-    /// answer?
+    /// Opens a fresh connection and completes the handshake (hellos, and both proofs when the
+    /// agent requires the secret): is the agent up, is it ours, and how fast does it answer?
     pub async fn health(&self) -> Result<Health, Error> {
         let started = Instant::now();
-        let conn = self
-            .open(Opening::new(self.options.connect_timeout, None)?)
-            .await?;
-        let info = exec::Receiver::new(conn, &self.buffers).hello().await?;
-        // A hello-only conversation ends when the connection is dropped, here.
+        let (mut receiver, info) = self.open(Operation::None).await?;
+        if info.security == Security::Authenticated {
+            // Nothing else would bring the agent's proof: wait for it here (sending ours first).
+            receiver.authenticated().await?;
+        } else {
+            receiver.flush().await?;
+        }
+        // A handshake-only conversation ends when the connection is dropped, here.
         Ok(Health {
             info,
             round_trip: started.elapsed(),
@@ -105,10 +114,20 @@ impl Client {
         // The session checks the request against the protocol's limits before anything is
         // sent; an agent with tighter ones refuses with `LimitExceeded`.
         let request = command.request()?;
-        let opening = Opening::new(self.options.connect_timeout, Some(&request))
+        let (receiver, _info) = self
+            .open(Operation::Exec(&request))
+            .await
             .map_err(|err| command.explain(err))?;
-        let conn = self.open(opening).await?;
-        Execution::start(conn, &self.buffers, command.stdin_mode()).await
+        Execution::start(receiver, command.stdin_mode()).await
+    }
+
+    /// Ends every command the agent runs (every process in its commands' cgroup), whoever
+    /// started them: the way back from a fork bomb or a runaway daemon. Returns how many
+    /// processes were signalled when the agent knows (0 otherwise). An agent without a cgroup
+    /// for its commands refuses with [`crate::ErrorCode::Unsupported`].
+    pub async fn kill_all(&self) -> Result<u32, Error> {
+        let (mut receiver, _info) = self.open(Operation::KillAll).await?;
+        receiver.done().await
     }
 
     /// Runs `command` to the end and returns everything it printed and how it ended.
@@ -116,9 +135,26 @@ impl Client {
         self.spawn(command).await?.collect().await
     }
 
-    async fn open(&self, opening: Opening) -> Result<Arc<Conn>, Error> {
-        let deadline = opening.deadline(self.options.connect_timeout);
-        let stream = connect::open(&self.target, &self.options, deadline).await?;
-        Ok(Arc::new(Conn::new(stream, opening)))
+    /// Connects, waits for the agent's hello (the agent speaks first: its hello carries the
+    /// challenge our proof answers), and queues our hello, proof and `operation` behind it; the
+    /// receiver's next poll sends them in one write. Connect and handshake share
+    /// `connect_timeout`.
+    async fn open(&self, operation: Operation<'_, '_>) -> Result<(Receiver, AgentInfo), Error> {
+        if let Operation::Exec(request) = operation {
+            // Refused before a connection is made: a bad request costs nothing.
+            request
+                .validate()
+                .map_err(|err| Error::InvalidRequest(err.message.into()))?;
+        }
+        let timeout = self.options.connect_timeout;
+        // The handshake's deadline counts from before the connect.
+        let epoch = Instant::now();
+        let session = new_session(&self.options, timeout)?;
+        let stream = connect::open(&self.target, &self.options, epoch + timeout).await?;
+        let conn = Arc::new(Conn::new(stream, session, epoch));
+        let mut receiver = Receiver::new(conn, &self.buffers);
+        let info = receiver.hello().await?;
+        receiver.conn().lock().queue_opening(operation)?;
+        Ok((receiver, info))
     }
 }

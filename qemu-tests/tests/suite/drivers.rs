@@ -276,7 +276,7 @@ fn run_async(fixture: &Fixture, request: &Request<'_>) -> Outcome {
         .enable_all()
         .build()
         .unwrap();
-    let client = ferry_host::tokio::Client::new(&fixture.target, Default::default());
+    let client = ferry_host::tokio::Client::new(&fixture.target, fixture.options());
     let command = request.command();
     let result = runtime.block_on(async {
         let Some(data) = request.stdin else {
@@ -310,7 +310,7 @@ fn run_example(fixture: &Fixture, request: &Request<'_>) -> Outcome {
     }
     args.extend([target.as_str(), "--"]);
     args.extend(request.argv);
-    let output = epoll_exec::run(&args, request.stdin);
+    let output = epoll_exec::run(fixture.secret_file.as_deref(), &args, request.stdin);
     Outcome {
         driver: Driver::Example,
         stdout: output.stdout,

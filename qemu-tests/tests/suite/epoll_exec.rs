@@ -39,10 +39,23 @@ pub fn binary() -> &'static Path {
     })
 }
 
-/// Runs the example with `args`, feeding `input` through a pipe (`None`: its stdin is
+/// The environment variable the example reads the agent's secret file from.
+pub const SECRET_VAR: &str = "FERRY_SECRET_FILE";
+
+/// Runs the example with `args` and the agent's `secret_file` (in `FERRY_SECRET_FILE`; `None`:
+/// unset, for an insecure agent), feeding `input` through a pipe (`None`: its stdin is
 /// /dev/null), and returns its status and everything it printed.
-pub fn run<S: AsRef<OsStr>>(args: &[S], input: Option<&[u8]>) -> Output {
-    let mut child = Command::new(binary())
+pub fn run<S: AsRef<OsStr>>(
+    secret_file: Option<&Path>,
+    args: &[S],
+    input: Option<&[u8]>,
+) -> Output {
+    let mut command = Command::new(binary());
+    match secret_file {
+        Some(path) => command.env(SECRET_VAR, path),
+        None => command.env_remove(SECRET_VAR),
+    };
+    let mut child = command
         .args(args)
         .stdin(if input.is_some() {
             Stdio::piped()

@@ -36,7 +36,25 @@ pub fn exec(argv: &[u8], stdin: StdinMode) -> ExecRequest<'_> {
         clean_env: false,
         cwd: None,
         stdin,
+        user: None,
     }
+}
+
+/// A fresh nonce for a client session, from std alone (`RandomState` is seeded from the OS's
+/// random source) and a counter: fresh enough for a test's connection.
+pub fn nonce() -> [u8; ferry_wire::limits::NONCE_LEN] {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut nonce = [0u8; ferry_wire::limits::NONCE_LEN];
+    let state = std::collections::hash_map::RandomState::new();
+    for (i, chunk) in nonce.chunks_mut(8).enumerate() {
+        let mut hasher = state.build_hasher();
+        hasher.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+        hasher.write_usize(i);
+        chunk.copy_from_slice(&hasher.finish().to_le_bytes()[..chunk.len()]);
+    }
+    nonce
 }
 
 /// One connection to the agent, driven by hand: raw bytes out, whole frames in, each turned into

@@ -4,7 +4,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferry_host::{Command, ConnectOptions, Event, ExitStatus};
-use ferry_wire::session::ClientSession;
 
 use super::{group_members, kill_group, processes, sh, stdout_of, wait_group_gone, Fixture};
 
@@ -136,13 +135,9 @@ pub fn a_silent_client_delays_nobody(fixture: &Fixture) {
     let _silent = open();
     let mut partial = open();
     partial.write_all(&[9, 0]).unwrap();
-    // Answered hello, no request: its process waits for the request frame.
+    // Our hello after the agent's, no proof, no request: its process waits for the proof.
     let mut hello_only = open();
-    let mut hello = [0u8; 64];
-    let n = ClientSession::new(0, None)
-        .poll_transmit(&mut hello)
-        .unwrap();
-    hello_only.write_all(&hello[..n]).unwrap();
+    hello_only.write_all(&super::frames::hello()).unwrap();
     // A command that runs for a while, started by a connection that never reads.
     let client = fixture.client();
     let _running = client.spawn(Command::new("sleep").arg("30")).unwrap();

@@ -40,6 +40,9 @@ use ferry_host::{Client, Command, ConnectOptions, Stdin, Target};
 pub struct Fixture {
     /// Where the agent listens.
     pub target: Target,
+    /// The agent's secret file (`None`: the agent runs `--insecure`). Clients prove it; the
+    /// example gets it as `FERRY_SECRET_FILE`.
+    pub secret_file: Option<PathBuf>,
     /// The agent's listener, as its own machine numbers it (1 when it is a guest's init).
     pub listener_pid: u32,
     /// A directory on the agent's machine that exists and is this scenario's alone.
@@ -64,7 +67,21 @@ pub struct Scale {
 impl Fixture {
     /// A client for the agent. Connecting is lazy: each operation opens its own connection.
     pub fn client(&self) -> Client {
-        Client::new(&self.target, ConnectOptions::default())
+        Client::new(&self.target, self.options())
+    }
+
+    /// Connect options with the agent's secret.
+    pub fn options(&self) -> ConnectOptions {
+        ConnectOptions {
+            secret: self.secret(),
+            ..ConnectOptions::default()
+        }
+    }
+
+    /// The agent's secret, read from [`Fixture::secret_file`].
+    pub fn secret(&self) -> Option<ferry_host::Secret> {
+        let path = self.secret_file.as_ref()?;
+        Some(ferry_host::read_secret_file(path).unwrap())
     }
 
     /// A path inside [`Fixture::scratch`].

@@ -3,25 +3,30 @@
 //! [`ClientSession`], which checks every frame the agent sends against the protocol; the rest is
 //! raw bytes, and what comes back is cut into frames by [`frames::Raw`] (shared with
 //! `host/tests/hostile.rs`).
+//!
+//! Protocol 2: the agent speaks first. Every connection here reads the agent's hello through a
+//! session (which takes its challenge), and a valid client answers with its hello and the proof
+//! of the fixture's secret ([`ClientSession::poll_transmit`] or `start_exec`).
 
 use std::net::Shutdown;
 use std::time::Duration;
 
-use ferry_host::ConnectOptions;
 use ferry_wire::limits::{MAX_DATA, MAX_FRAME, MAX_FRAME_BODY};
-use ferry_wire::session::{ClientEvent, ClientSession, SessionError};
+use ferry_wire::session::{ClientAuth, ClientEvent, ClientSession, SessionError};
 use ferry_wire::{
     AgentFrame, Bytes, ClientFrame, ClientHello, ErrorCode, ExecRequest, ExitStatus, StdinMode,
     StrList,
 };
 
-use super::frames::{self, encode, exec, hello};
+use super::frames::{self, encode, exec, hello, nonce};
 use super::{pattern, Fixture};
 
 /// What the agent sent, owned, in the terms a scenario checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seen {
     Hello { version: u16 },
+    Authenticated,
+    Done,
     Started,
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
@@ -37,6 +42,8 @@ impl From<AgentFrame<'_>> for Seen {
             AgentFrame::Hello(hello) => Seen::Hello {
                 version: hello.version,
             },
+            AgentFrame::Authenticated(_) => Seen::Authenticated,
+            AgentFrame::Done(_) => Seen::Done,
             AgentFrame::Started(_) => Seen::Started,
             AgentFrame::Stdout(data) => Seen::Stdout(data.0.to_vec()),
             AgentFrame::Stderr(data) => Seen::Stderr(data.0.to_vec()),
@@ -54,6 +61,8 @@ impl From<ClientEvent<'_>> for Seen {
             ClientEvent::HelloAccepted(info) => Seen::Hello {
                 version: info.protocol_version,
             },
+            ClientEvent::Authenticated => Seen::Authenticated,
+            ClientEvent::Done(_) => Seen::Done,
             ClientEvent::Started { .. } => Seen::Started,
             ClientEvent::Stdout(data) => Seen::Stdout(data.to_vec()),
             ClientEvent::Stderr(data) => Seen::Stderr(data.to_vec()),
@@ -76,11 +85,29 @@ const PATIENCE: Duration = Duration::from_secs(20);
 
 impl Raw {
     fn open(fixture: &Fixture) -> Raw {
-        let stream = fixture
-            .target
-            .open_stream(&ConnectOptions::default())
-            .unwrap();
+        let stream = fixture.target.open_stream(&fixture.options()).unwrap();
         Raw::new(stream, PATIENCE)
+    }
+
+    /// Opens a connection and takes the agent's hello (it speaks first) with a session that
+    /// holds the fixture's secret: our hello and proof are then queued in it.
+    fn greeted(fixture: &Fixture) -> (Raw, ClientSession) {
+        let mut raw = Raw::open(fixture);
+        let auth = ClientAuth {
+            nonce: nonce(),
+            secret: fixture.secret(),
+        };
+        let mut session = ClientSession::new(0, None, auth);
+        // The hello comes on its own: the agent does not wait for anything of ours.
+        assert_eq!(raw.next_event(&mut session).unwrap(), Some(HELLO));
+        (raw, session)
+    }
+
+    /// Our hello and proof, as the session encodes them (sent by the caller).
+    fn opening(session: &mut ClientSession) -> Vec<u8> {
+        let mut out = [0u8; 256];
+        let n = session.poll_transmit(&mut out).unwrap();
+        out[..n].to_vec()
     }
 
     /// Hangs up our side, as a client that is done would.
@@ -126,6 +153,23 @@ fn assert_still_serving(fixture: &Fixture, after: &str) {
     }
 }
 
+/// The agent's proof, where the agent must send one: before anything about an operation, unless
+/// it runs `--insecure` (then the session was done with its hello).
+fn proof(session_after_hello: &ClientSession) -> &'static [Seen] {
+    if session_after_hello.is_authenticated() {
+        &[]
+    } else {
+        &[Seen::Authenticated]
+    }
+}
+
+/// Fails unless `events` open with the agent's proof (see [`proof`]) and `Started`.
+#[track_caller]
+fn assert_started(events: &[Seen], proof: &[Seen]) {
+    let opening = [proof, &[Seen::Started]].concat();
+    assert!(events.starts_with(&opening), "{events:?}");
+}
+
 /// Stdout and stderr of `events`, each concatenated.
 fn outputs(events: &[Seen]) -> (Vec<u8>, Vec<u8>) {
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -140,18 +184,20 @@ fn outputs(events: &[Seen]) -> (Vec<u8>, Vec<u8>) {
 }
 
 pub fn a_hello_only_connection_is_answered_and_closed(fixture: &Fixture) {
-    let mut raw = Raw::open(fixture);
-    let mut session = ClientSession::new(0, None);
-    let mut out = [0u8; 64];
-    let n = session.poll_transmit(&mut out).unwrap();
-    raw.send(&out[..n]);
-    // The hello is answered on its own: the agent does not wait for a request to send it.
-    assert_eq!(raw.next_event(&mut session).unwrap(), Some(HELLO));
+    // The agent's hello comes first, unasked.
+    let (mut raw, mut session) = Raw::greeted(fixture);
     assert_eq!(
         session.agent_limits(),
         Some(ferry_wire::Limits::CURRENT),
         "the limits the agent announced"
     );
+    let proof = proof(&session);
+    // Our hello and proof, no request: the agent proves the secret in turn.
+    raw.send(&Raw::opening(&mut session));
+    for seen in proof {
+        assert_eq!(raw.next_event(&mut session).unwrap().as_ref(), Some(seen));
+    }
+    assert!(session.is_authenticated());
     // A client that is done (a health check) hangs up; the agent closes without a word, which
     // the session accepts as a clean end.
     raw.hang_up();
@@ -159,8 +205,8 @@ pub fn a_hello_only_connection_is_answered_and_closed(fixture: &Fixture) {
 }
 
 pub fn a_pipelined_hello_and_exec_run_to_the_end(fixture: &Fixture) {
-    let mut raw = Raw::open(fixture);
-    let mut session = ClientSession::new(0, None);
+    let (mut raw, mut session) = Raw::greeted(fixture);
+    let proof = proof(&session);
     let mut out = vec![0u8; MAX_FRAME];
     let request = ExecRequest {
         env: StrList::new(b"FERRY_RAW=env works\0"),
@@ -169,11 +215,11 @@ pub fn a_pipelined_hello_and_exec_run_to_the_end(fixture: &Fixture) {
             StdinMode::Null,
         )
     };
-    // Hello and request in one write, before the agent has said anything.
+    // Hello, proof and request in one write.
     let n = session.start_exec(&request, &mut out).unwrap();
     raw.send(&out[..n]);
     let events = raw.events_until_closed(&mut session);
-    assert_eq!(events[..2], [HELLO, Seen::Started], "{events:?}");
+    assert_started(&events, proof);
     assert_eq!(events.last(), Some(&Seen::Exited(ExitStatus::Code(3))));
     assert_eq!(
         outputs(&events),
@@ -185,8 +231,8 @@ pub fn a_pipelined_hello_and_exec_run_to_the_end(fixture: &Fixture) {
 pub fn stdin_credit_is_returned_as_the_command_reads(fixture: &Fixture) {
     // A single-threaded client that sends only within credit and reads when it has none: it
     // makes progress only if the agent returns credit as `cat` consumes.
-    let mut raw = Raw::open(fixture);
-    let mut session = ClientSession::new(0, None);
+    let (mut raw, mut session) = Raw::greeted(fixture);
+    let proof = proof(&session);
     let mut out = vec![0u8; MAX_FRAME];
     let n = session
         .start_exec(&exec(b"cat\0", StdinMode::Pipe), &mut out)
@@ -209,7 +255,7 @@ pub fn stdin_credit_is_returned_as_the_command_reads(fixture: &Fixture) {
     let n = session.poll_transmit(&mut out).unwrap();
     raw.send(&out[..n]);
     events.extend(raw.events_until_closed(&mut session));
-    assert_eq!(events[..2], [HELLO, Seen::Started]);
+    assert_started(&events, proof);
     assert_eq!(events.last(), Some(&Seen::Exited(ExitStatus::Code(0))));
     assert!(events.contains(&Seen::StdinCredit));
     let (stdout, stderr) = outputs(&events);
@@ -220,7 +266,16 @@ pub fn stdin_credit_is_returned_as_the_command_reads(fixture: &Fixture) {
 pub fn bad_frames_are_refused_and_the_agent_keeps_serving(fixture: &Fixture) {
     let oversized = ((MAX_FRAME_BODY + 1) as u32).to_le_bytes().to_vec();
     let hello_with = |hello: ClientHello| encode(&ClientFrame::Hello(hello));
-    let cases: Vec<(&str, Vec<u8>, bool, ErrorCode)> = vec![
+    // An agent that requires the secret refuses anything but a right proof after a hello alike.
+    let secure = fixture.secret_file.is_some();
+    let before_proof = |code| {
+        if secure {
+            ErrorCode::Unauthenticated
+        } else {
+            code
+        }
+    };
+    let mut cases: Vec<(&str, Vec<u8>, bool, ErrorCode)> = vec![
         (
             "http request",
             b"GET / HTTP/1.1\r\n\r\n".to_vec(),
@@ -295,17 +350,40 @@ pub fn bad_frames_are_refused_and_the_agent_keeps_serving(fixture: &Fixture) {
             ErrorCode::InvalidRequest,
         ),
     ];
+    // Our hello alone, then what comes where the proof belongs (for an insecure agent: where
+    // the request belongs).
+    let hello_then = |bytes: Vec<u8>| [hello(), bytes].concat();
+    cases.extend([
+        (
+            "a request without a proof",
+            hello_then(encode(&ClientFrame::Exec(exec(b"true\0", StdinMode::Null)))),
+            false,
+            before_proof(ErrorCode::Malformed),
+        ),
+        (
+            "garbage instead of a proof",
+            hello_then(vec![3, 0, 0, 0, 1, 0xff, 0xff]),
+            false,
+            before_proof(ErrorCode::Malformed),
+        ),
+    ]);
     for (name, bytes, hello_first, expected) in cases {
-        let mut raw = Raw::open(fixture);
+        if name == "a request without a proof" && !secure {
+            continue; // an insecure agent runs it
+        }
+        let (mut raw, mut session) = Raw::greeted(fixture);
+        let proof = proof(&session);
         if hello_first {
-            raw.send(&hello());
+            // Our hello and a right proof.
+            raw.send(&Raw::opening(&mut session));
         }
         raw.send(&bytes);
-        // Exactly one error frame (after the hello, if one was sent), then the agent closes.
+        // Exactly one error frame (after the agent's proof, if ours was sent), then the agent
+        // closes.
         let mut answer = raw.frames_until_closed();
         if hello_first {
-            assert_eq!(answer.first(), Some(&HELLO), "{name}: {answer:?}");
-            answer.remove(0);
+            assert!(answer.starts_with(proof), "{name}: {answer:?}");
+            answer.drain(..proof.len());
         }
         assert_eq!(answer, [Seen::Refused(expected)], "{name}");
         assert_still_serving(fixture, name);
@@ -324,19 +402,20 @@ pub fn noise_of_any_size_is_refused_or_dropped(fixture: &Fixture) {
             })
             .collect();
         for hello_first in [false, true] {
-            let mut raw = Raw::open(fixture);
+            let (mut raw, mut session) = Raw::greeted(fixture);
+            let proof = proof(&session);
             if hello_first {
-                raw.send(&hello());
+                raw.send(&Raw::opening(&mut session));
             }
             raw.send(&noise);
             // Short noise leaves the agent waiting for the rest of a frame: hang up, as a
             // client would, and the agent must notice. (vhost-device-vsock turns a half-close
             // into a full one, so an answer may be lost; what does arrive must be whole frames
-            // and nothing but the hello and an error.)
+            // and nothing but the agent's proof and an error.)
             raw.hang_up();
             let answer = raw.frames_until_closed();
-            let rest = match answer.split_first() {
-                Some((first, rest)) if hello_first && *first == HELLO => rest,
+            let rest = match answer.strip_prefix(proof) {
+                Some(rest) if hello_first => rest,
                 _ => &answer[..],
             };
             assert!(
@@ -371,28 +450,31 @@ pub fn requests_out_of_place_are_refused(fixture: &Fixture) {
         ("a second hello", [hello(), Vec::new()]),
     ];
     for (name, frames) in cases {
-        let mut raw = Raw::open(fixture);
-        // All in one write: whether the command has started when the agent reads the culprit
-        // is up to the agent.
-        raw.send(&[hello(), frames.concat()].concat());
+        let (mut raw, mut session) = Raw::greeted(fixture);
+        let proof = proof(&session);
+        // All in one write, behind our hello and proof: whether the command has started when
+        // the agent reads the culprit is up to the agent.
+        raw.send(&[Raw::opening(&mut session), frames.concat()].concat());
         let answer = raw.frames_until_closed();
         let expected = Seen::Refused(ErrorCode::ProtocolViolation);
         assert_eq!(answer.last(), Some(&expected), "{name}: {answer:?}");
-        let before = &answer[..answer.len() - 1];
-        assert!(
-            matches!(before, [first] | [first, Seen::Started] if *first == HELLO),
-            "{name}: {answer:?}"
-        );
+        let before = answer[..answer.len() - 1]
+            .strip_prefix(proof)
+            .unwrap_or_else(|| panic!("{name}: no proof first: {answer:?}"));
+        assert!(matches!(before, [] | [Seen::Started]), "{name}: {answer:?}");
         assert_still_serving(fixture, name);
     }
 }
 
 pub fn stdin_beyond_credit_is_refused(fixture: &Fixture) {
-    let mut raw = Raw::open(fixture);
-    raw.send(&hello());
+    let (mut raw, mut session) = Raw::greeted(fixture);
+    let proof = proof(&session);
+    raw.send(&Raw::opening(&mut session));
     // A command that never reads: once its pipe is full no credit comes back.
     raw.send_frame(&ClientFrame::Exec(exec(b"sleep\x0030\0", StdinMode::Pipe)));
-    assert_eq!(raw.next_frame(), Some(HELLO));
+    for seen in proof {
+        assert_eq!(raw.next_frame().as_ref(), Some(seen));
+    }
     assert_eq!(raw.next_frame(), Some(Seen::Started));
     // Far more than the window plus the largest pipe, without waiting for credit.
     let chunk = encode(&ClientFrame::Stdin(Bytes(&[b's'; MAX_DATA])));
