@@ -345,7 +345,8 @@ pub fn bad_frames_are_refused_and_the_agent_keeps_serving(fixture: &Fixture) {
         ),
         (
             "empty argv",
-            vec![6, 0, 0, 0, 1, 0, 0, 0, 0, 1],
+            // Exec: argv and env empty, no clean env, no cwd, stdin piped, no user.
+            vec![7, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
             true,
             ErrorCode::InvalidRequest,
         ),
