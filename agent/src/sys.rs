@@ -400,6 +400,16 @@ impl<'a, const N: usize> PtrArray<'a, N> {
         self.ptrs.len() - 1
     }
 
+    /// The entries pushed so far, as strings.
+    #[cfg(test)]
+    pub fn entries(&self) -> impl Iterator<Item = &'a CStr> + '_ {
+        self.ptrs.iter().take_while(|p| !p.is_null()).map(|p| {
+            // SAFETY: every non-null pointer was pushed from a `&'a CStr` (see `push`), which
+            // is still borrowed for `'a`.
+            unsafe { CStr::from_ptr(p.cast()) }
+        })
+    }
+
     fn as_ptr(&self) -> *const *const u8 {
         self.ptrs.as_ptr()
     }

@@ -9,7 +9,7 @@ use rustix::process::{Pid, Signal, WaitIdStatus};
 
 use crate::spawn::{self, ChildFailure, ChildStdio};
 use crate::sys::{self, PtrStorage, ARGV_SLOTS, ENVP_SLOTS};
-use crate::{clock, crash};
+use crate::{clock, crash, policy, users};
 
 /// Larger pipes mean fewer wake-ups per byte when a command writes fast.
 const PIPE_SIZE: usize = 1 << 20;
@@ -78,8 +78,21 @@ pub fn start(
     ready: Prepared,
     meanwhile: impl FnOnce(),
 ) -> Result<Child, Refusal> {
+    // TODO(user field): `valid.request().user` once the wire carries it.
+    let requested: Option<&[u8]> = None;
+    let agent_is_root = rustix::process::geteuid().is_root();
+    let credentials = users::authorize(policy::current(), requested, agent_is_root)?;
+    let mut identity_buffer = [0u8; spawn::IDENTITY_ENV_BUFFER];
     let inherited = sys::environment().take(sys::MAX_INHERITED_ENV);
-    let prepared = spawn::prepare(valid, inherited, storage.argv, storage.envp, storage.cwd)?;
+    let prepared = spawn::prepare(
+        valid,
+        &credentials,
+        inherited,
+        storage.argv,
+        storage.envp,
+        storage.cwd,
+        &mut identity_buffer,
+    )?;
     // One that could not be made while waiting is made now, and its errno reported.
     let output = |pipe: Option<(OwnedFd, OwnedFd)>| match pipe {
         Some(pipe) => Ok(pipe),

@@ -68,6 +68,9 @@ impl Agent {
         let child = Command::new(agent_binary())
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
+            // Commands run as the agent (root here, writing to the tests' temporary
+            // directories), not as the policy's default user `65534:65534`.
+            .arg("--run-as-agent-user")
             .stdin(Stdio::null())
             .spawn()
             .expect("starting the agent");
