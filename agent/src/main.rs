@@ -21,6 +21,8 @@
 // Unit tests build this crate with std and without the entry point that uses everything.
 #![cfg_attr(test, allow(dead_code, unused_imports))]
 
+mod bounds;
+mod cgroup;
 mod clock;
 mod config;
 mod conn;
@@ -203,6 +205,9 @@ pub fn run() -> ! {
     // Set once, before anything is forked: every connection process reads it through
     // `policy::current()`.
     policy::install(policy);
+    // Also before anything is forked: the agent's processes inherit its OOM protection and
+    // its place outside the commands' cgroup (`cgroup::bounds()` says which bounds are in use).
+    bounds::configure(policy::current(), is_init);
     let listener = loop {
         match listen::bind(&options.listen) {
             Ok(listener) => break listener,

@@ -10,6 +10,7 @@ use rustix::fd::BorrowedFd;
 use rustix::io::Errno;
 use rustix::process::Signal;
 
+use crate::bounds::{self, ChildBounds};
 use crate::cstr;
 use crate::sys::{self, PtrArray, PtrStorage};
 use crate::users::{Credentials, MAX_FIELD_PATH, MAX_NAME};
@@ -198,6 +199,8 @@ pub enum FailedStage {
     Exec = 3,
     /// setgroups, setgid, setuid or `PR_SET_NO_NEW_PRIVS` failed.
     Credentials = 4,
+    /// Joining the commands' cgroup or setting an rlimit failed (see `bounds::enter`).
+    Bounds = 5,
 }
 
 /// Where the child, which shares the parent's memory until `execve`, leaves the reason it
@@ -223,6 +226,7 @@ impl ChildFailure {
             1 => FailedStage::Setup,
             2 => FailedStage::Cwd,
             4 => FailedStage::Credentials,
+            5 => FailedStage::Bounds,
             _ => FailedStage::Exec,
         };
         Some((stage, Errno::from_raw_os_error(word as u32 as i32)))
@@ -237,6 +241,13 @@ pub fn refusal(stage: FailedStage, errno: Errno) -> Refusal {
             "cannot set up the command's process",
         ),
         FailedStage::Cwd => (ErrorCode::BadCwd, "cannot enter the working directory"),
+        // A bound the kernel refuses (an rlimit above the agent's hard limit, a cgroup that
+        // cannot be joined) is the configuration's problem, not a passing shortage: retrying
+        // would not help, so not `ResourceExhausted`. The command never runs unbounded.
+        FailedStage::Bounds => (
+            ErrorCode::SpawnFailed,
+            "cannot apply the command's resource bounds",
+        ),
         FailedStage::Credentials => (
             ErrorCode::PermissionDenied,
             "cannot run the command as its user",
@@ -277,6 +288,7 @@ pub struct ChildStdio<'a> {
 pub fn exec_child<const A: usize, const E: usize>(
     prepared: &Prepared<'_, A, E>,
     stdio: &ChildStdio<'_>,
+    bounds: &ChildBounds<'_>,
     failure: &ChildFailure,
 ) -> ! {
     let setup = (|| {
@@ -291,6 +303,11 @@ pub fn exec_child<const A: usize, const E: usize>(
     })();
     if let Err(errno) = setup {
         fail(failure, FailedStage::Setup, errno);
+    }
+    // Before the credentials: joining the cgroup and raising a hard limit need the agent's
+    // privileges.
+    if let Err(errno) = bounds::enter(bounds) {
+        fail(failure, FailedStage::Bounds, errno);
     }
     if let Err(errno) = assume_identity(prepared.credentials) {
         fail(failure, FailedStage::Credentials, errno);
@@ -638,6 +655,20 @@ mod tests {
     /// Runs `exec_child` for real through `sys::spawn`; the command's exit code, or the failure
     /// it left.
     fn run(argv: &[u8], inherited: &[&CStr]) -> Result<Option<i32>, (FailedStage, Errno)> {
+        let unbounded = ChildBounds {
+            limits: &bounds::CommandLimits::NONE,
+            cgroup_procs: None,
+        };
+        run_with(argv, inherited, &unbounded, None)
+    }
+
+    /// [`run`] with `bounds`, and stdout to `stdout` (else `/dev/null`).
+    fn run_with(
+        argv: &[u8],
+        inherited: &[&CStr],
+        bounds: &ChildBounds<'_>,
+        stdout: Option<rustix::fd::BorrowedFd<'_>>,
+    ) -> Result<Option<i32>, (FailedStage, Errno)> {
         use rustix::fd::AsFd;
         let request = ExecRequest {
             argv: StrList::new(argv),
@@ -658,11 +689,11 @@ mod tests {
         .unwrap();
         let stdio = ChildStdio {
             stdin: null.as_fd(),
-            stdout: null.as_fd(),
+            stdout: stdout.unwrap_or(null.as_fd()),
             stderr: null.as_fd(),
         };
         let failure = ChildFailure::new();
-        let child = || exec_child(&prepared, &stdio, &failure);
+        let child = || exec_child(&prepared, &stdio, bounds, &failure);
         let mut stack = sys::ChildStack::new().unwrap();
         // SAFETY: `exec_child` is straight-line syscalls and copies on its own stack, reading
         // what it borrows; the harness's threads do not touch any of it.
@@ -707,10 +738,14 @@ mod tests {
             stdout: write.as_fd(),
             stderr: null.as_fd(),
         };
+        let bounds = ChildBounds {
+            limits: &bounds::CommandLimits::NONE,
+            cgroup_procs: None,
+        };
         let failure = ChildFailure::new();
-        let child = || exec_child(&prepared, &stdio, &failure);
+        let child = || exec_child(&prepared, &stdio, &bounds, &failure);
         let mut stack = sys::ChildStack::new().unwrap();
-        // SAFETY: as in `run`.
+        // SAFETY: as in `run_with`.
         #[allow(unsafe_code)]
         let spawned = unsafe { sys::spawn(&mut stack, &child, || {}) }.unwrap();
         drop(write);
@@ -788,5 +823,64 @@ mod tests {
         let long = CStr::from_bytes_with_nul(&long).unwrap();
         let code = run(b"sh\0-c\0exit 9\0", &[long]);
         assert_eq!(code, Ok(Some(9)));
+    }
+
+    /// What `sh -c script` prints with `limits` applied by the child.
+    fn output_with_limits(script: &[u8], limits: &bounds::CommandLimits) -> Vec<u8> {
+        use rustix::fd::AsFd;
+        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let bounds = ChildBounds {
+            limits,
+            cgroup_procs: None,
+        };
+        let argv = [b"sh\0-c\0".as_slice(), script, b"\0"].concat();
+        let code = run_with(
+            &argv,
+            &[c"PATH=/bin:/usr/bin"],
+            &bounds,
+            Some(write.as_fd()),
+        );
+        assert_eq!(code, Ok(Some(0)));
+        drop(write);
+        let mut out = vec![0u8; 4096];
+        let n = rustix::io::read(&read, &mut out[..]).unwrap();
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn the_child_applies_the_policys_rlimits() {
+        let mut policy = crate::policy::Policy::defaults();
+        policy.rlimit_nofile = Some(77);
+        policy.rlimit_core = Some(0);
+        policy.max_file_size = 12345 * 1024;
+        let limits = bounds::CommandLimits::from_policy(&policy);
+        // (Shells count `ulimit -f` in blocks of different sizes: the kernel's table says bytes.)
+        let script = b"ulimit -n; ulimit -H -n; ulimit -c; grep 'Max file size' /proc/self/limits";
+        let out = String::from_utf8(output_with_limits(script, &limits)).unwrap();
+        let size = (12345 * 1024).to_string();
+        let expected_size = format!("Max file size             {size:<21}{size:<21}bytes     \n");
+        assert_eq!(out, format!("77\n77\n0\n{expected_size}"));
+        // Unset: inherited as they are.
+        let ours = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        let out = output_with_limits(b"ulimit -n", &bounds::CommandLimits::NONE);
+        let expected = ours.current.map_or("unlimited".into(), |n| n.to_string()) + "\n";
+        assert_eq!(out, expected.as_bytes());
+    }
+
+    #[test]
+    fn an_rlimit_the_kernel_refuses_fails_the_bounds_stage() {
+        let mut policy = crate::policy::Policy::defaults();
+        // Above the kernel's ceiling (fs.nr_open): refused even for root.
+        policy.rlimit_nofile = Some(u64::MAX - 1);
+        let limits = bounds::CommandLimits::from_policy(&policy);
+        let bounds = ChildBounds {
+            limits: &limits,
+            cgroup_procs: None,
+        };
+        let code = run_with(b"true\0", &[c"PATH=/bin:/usr/bin"], &bounds, None);
+        assert_eq!(code, Err((FailedStage::Bounds, Errno::PERM)));
+        let refusal = refusal(FailedStage::Bounds, Errno::PERM);
+        assert_eq!(refusal.code, ErrorCode::SpawnFailed);
     }
 }
