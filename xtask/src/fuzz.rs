@@ -32,11 +32,11 @@ const INPUT_TIMEOUT_SECS: u64 = 10;
 enum Seeds {
     /// Both directions, as raw bytes.
     RawStreams,
-    /// Both directions, behind an empty set of driver choices (see `wire/fuzz/src/lib.rs`).
+    /// Both directions, followed by an empty set of driver choices (see `wire/fuzz/src/lib.rs`).
     Streams,
-    /// What a client sends (`*.client.bin`), behind an empty set of driver choices.
+    /// What a client sends (`*.client.bin`), followed by an empty set of driver choices.
     ClientStreams,
-    /// What an agent sends (`*.agent.bin`), behind an empty set of driver choices.
+    /// What an agent sends (`*.agent.bin`), followed by an empty set of driver choices.
     AgentStreams,
 }
 
@@ -233,7 +233,7 @@ fn seed_corpus(root: &Path, corpus: &Path, seeds: Seeds) -> Result<()> {
         let input = match seeds {
             Seeds::RawStreams => stream,
             // No driver choices: the target's default script runs the conversation.
-            _ => [&[0u8][..], &stream].concat(),
+            _ => [&stream[..], &[0u8]].concat(),
         };
         let seed = corpus.join(format!("golden-{name}"));
         fs::write(&seed, input).with_context(|| format!("writing {}", seed.display()))?;

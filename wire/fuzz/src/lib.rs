@@ -1,20 +1,23 @@
 //! Helpers shared by ferry-wire's fuzz targets: how an input is split into the fuzzer's choices
 //! and the wire bytes, and cutting a stream into frames.
 //!
-//! A session target's input is `[n][n bytes of choices][wire bytes]`: the choices (decoded with
+//! A session target's input is `[wire bytes][n bytes of choices][n]`: the choices (decoded with
 //! `arbitrary`) drive the session's driver, the wire bytes are what the peer sent. A golden
-//! transcript behind a zero byte is therefore a valid input, which is how `cargo xtask fuzz` seeds
-//! the corpora with real conversations.
+//! transcript followed by a zero byte is therefore a valid input, which is how `cargo xtask fuzz`
+//! seeds the corpora with real conversations. The choices sit at the end so that growing them
+//! eats the end of a conversation, not its opening: the fuzzer keeps a hello and a request in
+//! front while it explores what the driver does around them.
 
 use ferry_wire::limits::MAX_FRAME_BODY;
 use ferry_wire::split_frame;
 
 /// Splits a fuzz input into the driver's choices and the peer's bytes.
 pub fn split_input(data: &[u8]) -> (&[u8], &[u8]) {
-    let Some((&n, rest)) = data.split_first() else {
+    let Some((&n, rest)) = data.split_last() else {
         return (&[], &[]);
     };
-    rest.split_at(usize::from(n).min(rest.len()))
+    let (wire, choices) = rest.split_at(rest.len() - usize::from(n).min(rest.len()));
+    (choices, wire)
 }
 
 /// The whole frames at the front of `stream` (bodies, without their length prefix), and how many
