@@ -119,12 +119,39 @@ pub fn nonce() -> Result<[u8; NONCE_LEN], Errno> {
     Ok(nonce)
 }
 
-// TODO(merge): replaced by the listener's peer decoding and the cgroup's kill.
-pub fn peer_label(_sock: rustix::fd::BorrowedFd<'_>) -> &'static [u8] {
-    b"a client"
+/// Who is on the other end of `sock`, for the log: `vsock CID:PORT` or `a unix client`.
+pub fn peer_label(sock: rustix::fd::BorrowedFd<'_>) -> heapless::Vec<u8, 40> {
+    let mut label = heapless::Vec::new();
+    let peer = rustix::net::getpeername(sock).ok().flatten();
+    match peer.as_ref().and_then(crate::sys::VsockAddr::from_any) {
+        Some(vsock) => {
+            let _ = label.extend_from_slice(b"vsock ");
+            push_decimal(&mut label, vsock.cid());
+            let _ = label.push(b':');
+            push_decimal(&mut label, vsock.port());
+        }
+        None => {
+            let _ = label.extend_from_slice(b"a unix client");
+        }
+    }
+    label
 }
-pub fn kill_all_commands() -> Result<u32, Errno> {
-    Err(Errno::NOSYS)
+
+fn push_decimal<const N: usize>(out: &mut heapless::Vec<u8, N>, value: u32) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut value = value;
+    loop {
+        at -= 1;
+        if let Some(digit) = digits.get_mut(at) {
+            *digit = b'0' + (value % 10) as u8;
+        }
+        value /= 10;
+        if value == 0 || at == 0 {
+            break;
+        }
+    }
+    let _ = out.extend_from_slice(digits.get(at..).unwrap_or(&[]));
 }
 
 #[cfg(test)]

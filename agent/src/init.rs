@@ -101,6 +101,8 @@ pub fn mount_filesystems() {
                 .emit();
         }
     }
+    // After sysfs, which holds its mount point.
+    crate::cgroup::mount_hierarchy();
 }
 
 /// The links udev or mdev would make and devtmpfs does not: `tee /dev/stderr`, bash's

@@ -22,6 +22,8 @@
 #![cfg_attr(test, allow(dead_code, unused_imports))]
 
 mod auth;
+mod bounds;
+mod cgroup;
 mod clock;
 mod config;
 mod conn;
@@ -30,9 +32,11 @@ mod cstr;
 mod init;
 mod listen;
 mod log;
+mod policy;
 mod spawn;
 mod successor;
 mod sys;
+mod users;
 
 use config::ListenAddr;
 
@@ -54,19 +58,39 @@ fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     sys::exit(101)
 }
 
+/// The most policy settings the flags may carry.
+const MAX_POLICY_FLAGS: usize = 32;
+
 /// What the command line asked for.
-struct Options {
+struct Options<'a> {
     listen: ListenAddr,
     ready_port: Option<u32>,
-    // TODO(merge): from the policy.
-    secret_file: Option<&'static [u8]>,
-    insecure: bool,
+    /// `--policy PATH`: the policy file (default `/etc/ferry/policy`, which may be missing).
+    policy_file: Option<&'a [u8]>,
+    /// Policy settings from flags, (key, value) in order: applied over the file and the kernel
+    /// command line.
+    policy_flags: heapless::Vec<(&'a [u8], &'a [u8]), MAX_POLICY_FLAGS>,
+}
+
+impl Options<'_> {
+    fn new() -> Self {
+        Options {
+            listen: ListenAddr::Vsock(DEFAULT_VSOCK_PORT),
+            ready_port: None,
+            policy_file: None,
+            policy_flags: heapless::Vec::new(),
+        }
+    }
 }
 
 const USAGE: &[u8] =
     b"usage: ferry-agent [--listen vsock:PORT | --listen unix:PATH] [--ready-port PORT]\n\
-  defaults: --listen vsock:1024; as PID 1 also reads ferry.listen=, ferry.ready= and\n\
-  ferry.modules= from the kernel command line\n";
+  [--policy PATH] [--secret-file PATH] [--insecure] [--allow-cid CID[,CID]]\n\
+  [--socket-mode MODE] [--socket-group GID] [--user USER[:GROUP]] [--allow-users LIST]\n\
+  [--run-as-agent-user] [--set KEY=VALUE]...\n\
+  defaults: --listen vsock:1024, --policy /etc/ferry/policy (if present); as PID 1 also\n\
+  reads ferry.listen=, ferry.ready=, ferry.modules= and ferry.KEY=VALUE for any policy key\n\
+  from the kernel command line. Policy: file < kernel command line < flags (docs/policy.md)\n";
 
 /// What an argument asked for beyond [`Options`].
 #[derive(Debug, PartialEq, Eq)]
@@ -83,11 +107,43 @@ enum Request {
 fn parse_args(
     args: impl IntoIterator<Item = &'static [u8]>,
     is_init: bool,
-    options: &mut Options,
+    options: &mut Options<'a>,
 ) -> Result<Request, &'static [u8]> {
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
+        // Flags that set one policy key; their values are checked with the policy's.
+        let policy_key: Option<&'static [u8]> = match arg {
+            b"--secret-file" => Some(b"secret_file"),
+            b"--allow-cid" => Some(b"allow_cid"),
+            b"--socket-mode" => Some(b"socket_mode"),
+            b"--socket-group" => Some(b"socket_group"),
+            b"--user" => Some(b"user"),
+            b"--allow-users" => Some(b"allow_users"),
+            _ => None,
+        };
+        let setting = match (policy_key, arg) {
+            (Some(key), _) => Some((key, args.next().ok_or(b"missing value".as_slice())?)),
+            (None, b"--insecure") => Some((b"insecure".as_slice(), b"true".as_slice())),
+            (None, b"--run-as-agent-user") => {
+                Some((b"run_as_agent_user".as_slice(), b"true".as_slice()))
+            }
+            (None, b"--set") => {
+                let value = args.next().ok_or(b"missing value".as_slice())?;
+                Some(policy::split_setting(value).ok_or(b"--set wants KEY=VALUE".as_slice())?)
+            }
+            _ => None,
+        };
+        if let Some(setting) = setting {
+            options
+                .policy_flags
+                .push(setting)
+                .map_err(|_| b"too many policy flags".as_slice())?;
+            continue;
+        }
         match arg {
+            b"--policy" => {
+                options.policy_file = Some(args.next().ok_or(b"missing value".as_slice())?);
+            }
             b"--listen" => {
                 let value = args.next().ok_or(b"missing value".as_slice())?;
                 options.listen = ListenAddr::parse(value).ok_or(b"bad --listen".as_slice())?;
@@ -116,12 +172,7 @@ pub fn run() -> ! {
     let init_started_us = clock::boottime_us();
     let is_init = rustix::process::getpid().is_init();
     init::ensure_std_fds();
-    let mut options = Options {
-        listen: ListenAddr::Vsock(DEFAULT_VSOCK_PORT),
-        ready_port: None,
-        secret_file: None,
-        insecure: false,
-    };
+    let mut options = Options::new();
     let mut modules_us = 0;
     if is_init {
         init::mount_filesystems();
@@ -150,40 +201,21 @@ pub fn run() -> ! {
         Err(message) => {
             log::Line::new().push(message).emit();
             let _ = rustix::io::write(sys::stderr(), USAGE);
-            sys::exit(2)
+            refuse_to_start(is_init)
         }
     }
-    let mut path = [0u8; 256];
-    let secret = match options.secret_file {
-        Some(file) => match cstr::join(&mut path, &[file]) {
-            Some(path) => match auth::load_secret(path) {
-                Ok(secret) => Some(secret),
-                Err(err) => {
-                    log::Line::new().push(err.as_bytes()).emit();
-                    sys::exit(2)
-                }
-            },
-            None => sys::exit(2),
-        },
-        None if options.insecure => {
-            log::Line::new()
-                .push(b"running without authentication (--insecure)")
-                .emit();
-            None
-        }
-        None => {
-            log::Line::new()
-                .push(b"no secret: give --secret-file PATH, or --insecure")
-                .emit();
-            sys::exit(2)
-        }
+    let Some(policy) = policy::load(options.policy_file, is_init, &options.policy_flags) else {
+        refuse_to_start(is_init)
     };
-    let serving = auth::Serving {
-        config: ferry_wire::session::AgentConfig {
-            agent_version: AGENT_VERSION,
-            ..ferry_wire::session::AgentConfig::DEFAULT
-        },
-        secret,
+    // Set once, before anything is forked: every connection process reads it through
+    // `policy::current()`.
+    policy::install(policy);
+    // Also before anything is forked: the agent's processes inherit its OOM protection and
+    // its place outside the commands' cgroup (`cgroup::bounds()` says which bounds are in use).
+    bounds::configure(policy::current(), is_init);
+    let policy = policy::current();
+    let Some(serving) = serving(policy, is_init) else {
+        refuse_to_start(is_init)
     };
     let listener = loop {
         match listen::bind(&options.listen) {
@@ -211,15 +243,98 @@ pub fn run() -> ! {
     listen::serve_forever(listener, is_init, &serving)
 }
 
+/// What every connection is served with: the secret (or `--insecure`, logged), and the
+/// protocol configuration the hello announces, from the policy. `None` (logged) when the
+/// secret cannot be used.
+fn serving(policy: &policy::Policy, is_init: bool) -> Option<auth::Serving> {
+    if let Err(err) = policy.check_auth() {
+        log::Line::new()
+            .push(b"policy: ")
+            .push(err.as_str().as_bytes())
+            .push(b": give --secret-file PATH (ferry.secret_file= as PID 1), or --insecure")
+            .emit();
+        return None;
+    }
+    let secret = match &policy.secret_file {
+        Some(file) => {
+            let mut path = [0u8; policy::MAX_POLICY_PATH + 1];
+            let Some(path) = cstr::join(&mut path, &[file]) else {
+                log::Line::new().push(b"secret file: bad path").emit();
+                return None;
+            };
+            match auth::load_secret(path) {
+                Ok(secret) => Some(secret),
+                Err(err) => {
+                    let mut line = log::Line::new();
+                    line.push(err.as_bytes()).push(b": ").push(path.to_bytes());
+                    if let auth::SecretFileError::Unreadable(errno) = err {
+                        line.push(b" (errno ")
+                            .num(u64::from(errno.raw_os_error().unsigned_abs()))
+                            .push(b")");
+                    }
+                    line.emit();
+                    return None;
+                }
+            }
+        }
+        None => {
+            log::Line::new()
+                .push(b"running WITHOUT authentication (--insecure): anyone who reaches the agent may run commands")
+                .emit();
+            None
+        }
+    };
+    let is_root = rustix::process::geteuid().is_root();
+    let default_user = users::authorize(policy, None, is_root).ok();
+    let handshake_ms = u64::from(policy.handshake_timeout_ms);
+    let config = ferry_wire::session::AgentConfig {
+        agent_version: AGENT_VERSION,
+        handshake_timeout: handshake_ms.saturating_mul(1000),
+        bounds: ferry_wire::Bounds {
+            max_runtime_s: policy.max_runtime_s,
+            max_output: policy.max_output,
+            max_file_size: policy.max_file_size,
+            max_connections: policy.max_connections,
+            handshake_timeout_ms: policy.handshake_timeout_ms,
+            // 0: the default (the guest's memory less the agent's reserve).
+            memory_max: policy.memory_max,
+            pids_max: policy.pids_max,
+            cgroup: cgroup::bounds() == cgroup::Bounds::Cgroup,
+            default_uid: default_user.as_ref().map_or(u32::MAX, |user| user.uid),
+            default_gid: default_user.as_ref().map_or(u32::MAX, |user| user.gid),
+        },
+        ..ferry_wire::session::AgentConfig::DEFAULT
+    };
+    let _ = is_init;
+    Some(auth::Serving { config, secret })
+}
+
+/// Ends an agent whose arguments or policy are wrong (the reason is logged): exit status 2.
+/// PID 1 must not exit (the kernel would panic and the VM would vanish without a trace), and
+/// retrying cannot help (the image and the kernel command line do not change while it runs),
+/// so it serves nothing and keeps the VM up, repeating the reason's gist on the console every
+/// minute.
+fn refuse_to_start(is_init: bool) -> ! {
+    if !is_init {
+        sys::exit(2)
+    }
+    loop {
+        clock::sleep_ms(60_000);
+        log::Line::new()
+            .push(b"not serving: bad arguments or policy (see above); fix them and reboot")
+            .emit();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str], is_init: bool) -> Result<(Request, Options), &'static [u8]> {
-        let mut options = Options {
-            listen: ListenAddr::Vsock(DEFAULT_VSOCK_PORT),
-            ready_port: None,
-        };
+    fn parse(
+        args: &[&'static str],
+        is_init: bool,
+    ) -> Result<(Request, Options<'static>), &'static [u8]> {
+        let mut options = Options::new();
         let request = parse_args(args.iter().map(|a| a.as_bytes()), is_init, &mut options)?;
         Ok((request, options))
     }
@@ -242,5 +357,67 @@ mod tests {
         let (request, options) = parse(&["splash", "--listen", "vsock:6"], true).unwrap();
         assert_eq!(request, Request::Serve);
         assert_eq!(options.listen, ListenAddr::Vsock(6));
+    }
+
+    #[test]
+    fn policy_flags() {
+        let args = [
+            "--policy",
+            "/p",
+            "--secret-file",
+            "/s",
+            "--insecure",
+            "--allow-cid",
+            "3,4",
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "5",
+            "--user",
+            "app",
+            "--allow-users",
+            "root",
+            "--run-as-agent-user",
+            "--set",
+            "max_runtime=1m",
+        ];
+        let (_, options) = parse(&args, false).unwrap();
+        assert_eq!(options.policy_file, Some(b"/p".as_slice()));
+        let flags: Vec<(&str, &str)> = options
+            .policy_flags
+            .iter()
+            .map(|(k, v)| {
+                (
+                    core::str::from_utf8(k).unwrap(),
+                    core::str::from_utf8(v).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            flags,
+            [
+                ("secret_file", "/s"),
+                ("insecure", "true"),
+                ("allow_cid", "3,4"),
+                ("socket_mode", "0660"),
+                ("socket_group", "5"),
+                ("user", "app"),
+                ("allow_users", "root"),
+                ("run_as_agent_user", "true"),
+                ("max_runtime", "1m"),
+            ]
+        );
+        // Values are checked when the policy is loaded; the shape here.
+        assert!(parse(&["--set", "novalue"], false).is_err());
+        assert!(parse(&["--user"], false).is_err());
+        assert!(parse(&["--policy"], false).is_err());
+        let many = vec!["--insecure"; MAX_POLICY_FLAGS + 1];
+        assert!(parse(&many, false).is_err());
+        // Flags win over the file (and the kernel command line).
+        let flags: [(&[u8], &[u8]); 1] = [(b"user", b"flag")];
+        let policy = policy::load(Some(b"/nonexistent/policy"), false, &flags);
+        assert!(policy.is_none(), "a missing --policy file is an error");
+        let policy = policy::load(None, false, &flags).unwrap();
+        assert_eq!(policy.user.as_slice(), b"flag");
     }
 }

@@ -10,11 +10,22 @@ use rustix::fd::BorrowedFd;
 use rustix::io::Errno;
 use rustix::process::Signal;
 
+use crate::bounds::{self, ChildBounds};
 use crate::cstr;
 use crate::sys::{self, PtrArray, PtrStorage};
+use crate::users::{Credentials, MAX_FIELD_PATH, MAX_NAME};
 
 /// The `PATH` searched when the command's environment has none.
 pub const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The `PATH` a command gets when neither the agent's environment nor the request has one:
+/// [`DEFAULT_PATH`].
+pub const DEFAULT_PATH_ENV: &CStr =
+    c"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The variables set for the command's user, unless the request sets them.
+const IDENTITY_KEYS: [&[u8]; 4] = [b"HOME", b"USER", b"LOGNAME", b"SHELL"];
+/// Room for the [`IDENTITY_KEYS`] entries of any [`Credentials`].
+pub const IDENTITY_ENV_BUFFER: usize = 2 * (MAX_FIELD_PATH + 8) + 2 * (MAX_NAME + 10);
 
 /// Pointer arrays and paths for `execve`, ready before `clone` so the child only copies bytes.
 pub struct Prepared<'a, const A: usize, const E: usize> {
@@ -23,16 +34,24 @@ pub struct Prepared<'a, const A: usize, const E: usize> {
     envp: PtrArray<'a, E>,
     cwd: Option<&'a CStr>,
     search_path: &'a [u8],
+    credentials: &'a Credentials,
 }
 
-/// Builds argv, the effective environment (inherited minus overridden keys, then the overrides,
-/// or the overrides alone for a clean environment) and the cwd.
+/// Builds argv, the effective environment and the cwd. The environment: the inherited one
+/// minus the keys the request overrides; then `HOME`, `USER`, `LOGNAME` and `SHELL` for
+/// `credentials` (built in `identity_buffer`) unless the request sets them, replacing inherited
+/// ones when the command changes user and filling in missing ones otherwise; then the
+/// overrides; then [`DEFAULT_PATH_ENV`] if there is still no `PATH`. A clean environment is
+/// the overrides alone, exactly as asked (the command still searches [`DEFAULT_PATH`]).
+#[allow(clippy::too_many_arguments)]
 pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
     exec: &ValidExec<'a>,
+    credentials: &'a Credentials,
     inherited: impl Iterator<Item = &'e CStr>,
     argv_storage: &'a mut PtrStorage<A>,
     envp_storage: &'a mut PtrStorage<E>,
     cwd_storage: &'a mut [u8],
+    identity_buffer: &'a mut [u8],
 ) -> Result<Prepared<'a, A, E>, Refusal> {
     let request = exec.request();
     let mut argv = PtrArray::new(argv_storage);
@@ -50,16 +69,37 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
     let overridden = |entry: &[u8]| overrides.entries().any(|o| key(o) == key(entry));
     let mut envp = PtrArray::new(envp_storage);
     let mut search_path = None;
+    let identity = identity_entries(credentials, identity_buffer);
+    let identity_slot = |entry: &[u8]| IDENTITY_KEYS.iter().position(|k| *k == key(entry));
+    // Which identity keys the inherited environment already has (kept when not switching).
+    let mut inherited_identity = [false; IDENTITY_KEYS.len()];
     if !request.clean_env {
         for entry in inherited {
             let bytes = entry.to_bytes();
             if overridden(bytes) {
                 continue;
             }
+            if let Some(slot) = identity_slot(bytes) {
+                if credentials.switch {
+                    continue; // the agent's, not the command's user's
+                }
+                if let Some(seen) = inherited_identity.get_mut(slot) {
+                    *seen = true;
+                }
+            }
             if !envp.push(entry) {
                 break; // the inherited environment is ours, not the caller's: cap it silently
             }
             search_path = path_value(bytes).or(search_path);
+        }
+    }
+    for (entry, seen) in identity.iter().zip(inherited_identity) {
+        let Some(entry) = entry else { continue };
+        if request.clean_env || seen || overridden(entry.to_bytes()) {
+            continue;
+        }
+        if !envp.push(entry) {
+            return Err(LIMIT);
         }
     }
     for (index, entry) in overrides.entries_with_nul().enumerate() {
@@ -77,6 +117,9 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
         }
         search_path = path_value(var.to_bytes()).or(search_path);
     }
+    if !request.clean_env && search_path.is_none() && !envp.push(DEFAULT_PATH_ENV) {
+        return Err(LIMIT);
+    }
 
     let cwd = match request.cwd {
         None => None,
@@ -88,7 +131,31 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
         envp,
         cwd,
         search_path: search_path.unwrap_or(DEFAULT_PATH),
+        credentials,
     })
+}
+
+/// `HOME=`, `USER=`, `LOGNAME=` and `SHELL=` for `credentials` (in [`IDENTITY_KEYS`] order),
+/// built in `buf`; `None` for one that does not fit or holds a NUL (from a broken passwd
+/// line): the command then gets none rather than a wrong one.
+fn identity_entries<'a>(credentials: &Credentials, buf: &'a mut [u8]) -> [Option<&'a CStr>; 4] {
+    let values: [&[u8]; 4] = [
+        &credentials.home,
+        &credentials.name,
+        &credentials.name,
+        &credentials.shell,
+    ];
+    let mut entries = [None; 4];
+    let mut rest = buf;
+    for ((entry, key), value) in entries.iter_mut().zip(IDENTITY_KEYS).zip(values) {
+        let len = key.len().saturating_add(value.len()).saturating_add(2);
+        let Some((head, tail)) = core::mem::take(&mut rest).split_at_mut_checked(len) else {
+            break;
+        };
+        rest = tail;
+        *entry = cstr::join(head, &[key, b"=", value]);
+    }
+    entries
 }
 
 /// An environment entry's key: what precedes its first `=`, or all of it (an inherited entry
@@ -130,6 +197,10 @@ pub enum FailedStage {
     Cwd = 2,
     /// execve failed.
     Exec = 3,
+    /// setgroups, setgid, setuid or `PR_SET_NO_NEW_PRIVS` failed.
+    Credentials = 4,
+    /// Joining the commands' cgroup or setting an rlimit failed (see `bounds::enter`).
+    Bounds = 5,
 }
 
 /// Where the child, which shares the parent's memory until `execve`, leaves the reason it
@@ -154,6 +225,8 @@ impl ChildFailure {
             0 => return None,
             1 => FailedStage::Setup,
             2 => FailedStage::Cwd,
+            4 => FailedStage::Credentials,
+            5 => FailedStage::Bounds,
             _ => FailedStage::Exec,
         };
         Some((stage, Errno::from_raw_os_error(word as u32 as i32)))
@@ -168,6 +241,17 @@ pub fn refusal(stage: FailedStage, errno: Errno) -> Refusal {
             "cannot set up the command's process",
         ),
         FailedStage::Cwd => (ErrorCode::BadCwd, "cannot enter the working directory"),
+        // A bound the kernel refuses (an rlimit above the agent's hard limit, a cgroup that
+        // cannot be joined) is the configuration's problem, not a passing shortage: retrying
+        // would not help, so not `ResourceExhausted`. The command never runs unbounded.
+        FailedStage::Bounds => (
+            ErrorCode::SpawnFailed,
+            "cannot apply the command's resource bounds",
+        ),
+        FailedStage::Credentials => (
+            ErrorCode::PermissionDenied,
+            "cannot run the command as its user",
+        ),
         FailedStage::Exec => match errno {
             Errno::NOENT | Errno::NOTDIR => (ErrorCode::NotFound, "no such file or directory"),
             Errno::ACCESS | Errno::PERM | Errno::ISDIR => {
@@ -204,6 +288,7 @@ pub struct ChildStdio<'a> {
 pub fn exec_child<const A: usize, const E: usize>(
     prepared: &Prepared<'_, A, E>,
     stdio: &ChildStdio<'_>,
+    bounds: &ChildBounds<'_>,
     failure: &ChildFailure,
 ) -> ! {
     let setup = (|| {
@@ -218,6 +303,14 @@ pub fn exec_child<const A: usize, const E: usize>(
     })();
     if let Err(errno) = setup {
         fail(failure, FailedStage::Setup, errno);
+    }
+    // Before the credentials: joining the cgroup and raising a hard limit need the agent's
+    // privileges.
+    if let Err(errno) = bounds::enter(bounds) {
+        fail(failure, FailedStage::Bounds, errno);
+    }
+    if let Err(errno) = assume_identity(prepared.credentials) {
+        fail(failure, FailedStage::Credentials, errno);
     }
     if let Some(cwd) = prepared.cwd {
         if let Err(errno) = rustix::process::chdir(cwd) {
@@ -249,6 +342,34 @@ pub fn exec_child<const A: usize, const E: usize>(
     fail(failure, FailedStage::Exec, errno)
 }
 
+/// The child's identity: supplementary groups, gid, uid (in that order: each needs the
+/// privilege the next drops), unless the command keeps the agent's; then
+/// `PR_SET_NO_NEW_PRIVS` unless the policy allows setuid. After this the command has no more
+/// privileges than its user, so `chdir` and `execve` are checked as that user.
+///
+/// NOTE: runs in the child between `clone` and `execve` (see [`exec_child`]): syscalls and a
+/// copy onto its own stack only. rustix's `set_thread_*` are the raw syscalls, which change
+/// the calling thread's credentials; the child is a process of its own (no `CLONE_THREAD`),
+/// so they are the whole command's, and the agent's stay as they were.
+fn assume_identity(credentials: &Credentials) -> Result<(), Errno> {
+    use rustix::process::{Gid, Uid};
+    if credentials.switch {
+        let mut groups = [Gid::ROOT; crate::users::MAX_GROUPS];
+        let mut len = 0usize;
+        for (slot, gid) in groups.iter_mut().zip(&credentials.groups) {
+            *slot = Gid::from_raw_unchecked(*gid);
+            len = len.saturating_add(1);
+        }
+        rustix::thread::set_thread_groups(groups.get(..len).unwrap_or(&[]))?;
+        rustix::thread::set_thread_gid(Gid::from_raw_unchecked(credentials.gid))?;
+        rustix::thread::set_thread_uid(Uid::from_raw_unchecked(credentials.uid))?;
+    }
+    if credentials.no_new_privs {
+        rustix::thread::set_no_new_privs(true)?;
+    }
+    Ok(())
+}
+
 fn fail(failure: &ChildFailure, stage: FailedStage, errno: Errno) -> ! {
     failure.set(stage, errno);
     sys::exit(127)
@@ -271,19 +392,36 @@ mod tests {
         .unwrap()
     }
 
-    /// The buffers [`prepare`] fills: `A` argv slots, eight envp slots and `C` bytes of cwd.
+    /// Credentials that keep the agent's own: no user switch, no `no_new_privs`.
+    fn agent_itself() -> Credentials {
+        let mut credentials = crate::users::numeric_credentials(1000, 1000);
+        credentials.switch = false;
+        credentials.no_new_privs = false;
+        credentials
+    }
+
+    /// The buffers [`prepare`] fills: `A` argv slots, sixteen envp slots and `C` bytes of cwd,
+    /// and the credentials it is given.
     struct Storage<const A: usize, const C: usize> {
         argv: PtrStorage<A>,
-        envp: PtrStorage<8>,
+        envp: PtrStorage<16>,
         cwd: [u8; C],
+        identity: [u8; IDENTITY_ENV_BUFFER],
+        credentials: Credentials,
     }
 
     impl<const A: usize, const C: usize> Storage<A, C> {
         fn new() -> Self {
+            Self::with_credentials(agent_itself())
+        }
+
+        fn with_credentials(credentials: Credentials) -> Self {
             Storage {
                 argv: PtrStorage::new(),
                 envp: PtrStorage::new(),
                 cwd: [0; C],
+                identity: [0; IDENTITY_ENV_BUFFER],
+                credentials,
             }
         }
 
@@ -292,10 +430,26 @@ mod tests {
             &'a mut self,
             request: &ValidExec<'a>,
             inherited: &[&'a CStr],
-        ) -> Result<Prepared<'a, A, 8>, Refusal> {
-            let Storage { argv, envp, cwd } = self;
-            prepare(request, inherited.iter().copied(), argv, envp, cwd)
+        ) -> Result<Prepared<'a, A, 16>, Refusal> {
+            let Storage {
+                argv,
+                envp,
+                cwd,
+                identity,
+                credentials,
+            } = self;
+            let inherited = inherited.iter().copied();
+            prepare(request, credentials, inherited, argv, envp, cwd, identity)
         }
+    }
+
+    /// The environment `prepared` will pass, as strings.
+    fn env_of(prepared: &Prepared<'_, 8, 16>) -> Vec<String> {
+        prepared
+            .envp
+            .entries()
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect()
     }
 
     #[test]
@@ -306,8 +460,20 @@ mod tests {
         let prepared = storage.prepare(&request, &inherited).unwrap();
         assert_eq!(prepared.program, c"ls");
         assert_eq!(prepared.argv.len(), 2);
-        // HOME, TERM inherited; PATH replaced; X once (the later value).
-        assert_eq!(prepared.env_len(), 4);
+        // HOME, TERM inherited; USER, LOGNAME, SHELL added; PATH replaced; X once (the later
+        // value).
+        assert_eq!(
+            env_of(&prepared),
+            [
+                "HOME=/root",
+                "TERM=linux",
+                "USER=1000",
+                "LOGNAME=1000",
+                "SHELL=/bin/sh",
+                "PATH=/opt/bin",
+                "X=2"
+            ]
+        );
         assert_eq!(prepared.search_path, b"/opt/bin");
         assert_eq!(prepared.cwd, Some(c"/tmp"));
     }
@@ -318,8 +484,25 @@ mod tests {
         let request = exec(b"true\0", b"A=b\0", true);
         let mut storage = Storage::<8, 16>::new();
         let prepared = storage.prepare(&request, &inherited).unwrap();
-        assert_eq!(prepared.env_len(), 1);
+        // Exactly what was asked for: no identity variables, no PATH.
+        assert_eq!(env_of(&prepared), ["A=b"]);
         assert_eq!(prepared.search_path, DEFAULT_PATH);
+        let request = exec(b"true\0", b"", false);
+        let prepared = storage.prepare(&request, &[]).unwrap();
+        assert_eq!(
+            env_of(&prepared),
+            [
+                "HOME=/",
+                "USER=1000",
+                "LOGNAME=1000",
+                "SHELL=/bin/sh",
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            ]
+        );
+        assert_eq!(
+            DEFAULT_PATH_ENV.to_bytes(),
+            [b"PATH=".as_slice(), DEFAULT_PATH].concat()
+        );
     }
 
     #[test]
@@ -395,11 +578,70 @@ mod tests {
         let mut storage = Storage::<8, 16>::new();
         let prepared = storage.prepare(&request, &inherited).unwrap();
         assert_eq!(prepared.search_path, DEFAULT_PATH);
-        assert_eq!(prepared.env_len(), 2, "passed on as it came");
+        // Passed on as it came, and the default added.
+        assert_eq!(prepared.env_len(), 6);
 
         let inherited = [c"PATH=", c"PATH"];
         let prepared = storage.prepare(&request, &inherited).unwrap();
         assert_eq!(prepared.search_path, b"");
+        assert_eq!(
+            prepared.env_len(),
+            6,
+            "PATH=, PATH and the four identity entries"
+        );
+    }
+
+    #[test]
+    fn a_command_that_changes_user_gets_its_users_variables() {
+        let mut app = crate::users::numeric_credentials(1000, 1000);
+        app.home = heapless::Vec::from_slice(b"/home/app").unwrap();
+        app.name = heapless::Vec::from_slice(b"app").unwrap();
+        let inherited = [c"HOME=/root", c"USER=root", c"TERM=linux", c"PATH=/sbin"];
+        let request = exec(b"true\0", b"SHELL=/bin/zsh\0", false);
+        let mut storage = Storage::<8, 16>::with_credentials(app);
+        let prepared = storage.prepare(&request, &inherited).unwrap();
+        // The agent's HOME and USER are replaced; the request's SHELL wins.
+        assert_eq!(
+            env_of(&prepared),
+            [
+                "TERM=linux",
+                "PATH=/sbin",
+                "HOME=/home/app",
+                "USER=app",
+                "LOGNAME=app",
+                "SHELL=/bin/zsh"
+            ]
+        );
+        assert_eq!(prepared.credentials.uid, 1000);
+    }
+
+    #[test]
+    fn identity_entries_are_bounded_and_total() {
+        let mut longest = crate::users::numeric_credentials(1, 1);
+        longest.home = heapless::Vec::from_slice(&[b'h'; MAX_FIELD_PATH]).unwrap();
+        longest.shell = heapless::Vec::from_slice(&[b's'; MAX_FIELD_PATH]).unwrap();
+        longest.name = heapless::Vec::from_slice(&[b'n'; MAX_NAME]).unwrap();
+        let mut buf = [0u8; IDENTITY_ENV_BUFFER];
+        let entries = identity_entries(&longest, &mut buf);
+        assert!(entries.iter().all(Option::is_some), "the largest fit");
+        // A NUL (a broken passwd line) leaves that variable out; a small buffer, the rest.
+        let mut broken = crate::users::numeric_credentials(1, 1);
+        broken.home = heapless::Vec::from_slice(b"/a\0b").unwrap();
+        broken.home[2] = 0;
+        let entries = identity_entries(&broken, &mut buf);
+        assert_eq!(
+            entries,
+            [
+                None,
+                Some(c"USER=1"),
+                Some(c"LOGNAME=1"),
+                Some(c"SHELL=/bin/sh")
+            ]
+        );
+        // HOME=/a\0b takes 10 bytes (and fails), USER=1 7, then no room.
+        let mut small = [0u8; 17];
+        let entries = identity_entries(&broken, &mut small);
+        assert_eq!(entries, [None, Some(c"USER=1"), None, None]);
     }
 
     #[test]
@@ -413,6 +655,20 @@ mod tests {
     /// Runs `exec_child` for real through `sys::spawn`; the command's exit code, or the failure
     /// it left.
     fn run(argv: &[u8], inherited: &[&CStr]) -> Result<Option<i32>, (FailedStage, Errno)> {
+        let unbounded = ChildBounds {
+            limits: &bounds::CommandLimits::NONE,
+            cgroup_procs: None,
+        };
+        run_with(argv, inherited, &unbounded, None)
+    }
+
+    /// [`run`] with `bounds`, and stdout to `stdout` (else `/dev/null`).
+    fn run_with(
+        argv: &[u8],
+        inherited: &[&CStr],
+        bounds: &ChildBounds<'_>,
+        stdout: Option<rustix::fd::BorrowedFd<'_>>,
+    ) -> Result<Option<i32>, (FailedStage, Errno)> {
         use rustix::fd::AsFd;
         let request = ExecRequest {
             argv: StrList::new(argv),
@@ -433,11 +689,11 @@ mod tests {
         .unwrap();
         let stdio = ChildStdio {
             stdin: null.as_fd(),
-            stdout: null.as_fd(),
+            stdout: stdout.unwrap_or(null.as_fd()),
             stderr: null.as_fd(),
         };
         let failure = ChildFailure::new();
-        let child = || exec_child(&prepared, &stdio, &failure);
+        let child = || exec_child(&prepared, &stdio, bounds, &failure);
         let mut stack = sys::ChildStack::new().unwrap();
         // SAFETY: `exec_child` is straight-line syscalls and copies on its own stack, reading
         // what it borrows; the harness's threads do not touch any of it.
@@ -453,6 +709,102 @@ mod tests {
             Some(failed) => Err(failed),
             None => Ok(status.exit_status()),
         }
+    }
+
+    /// What `sh -c script` prints when run as `credentials` through the spawn path.
+    fn output_as(script: &[u8], credentials: Credentials) -> Result<Vec<u8>, (FailedStage, Errno)> {
+        use rustix::fd::AsFd;
+        let argv = [b"sh\0-c\0".as_slice(), script, b"\0"].concat();
+        let request = ExecRequest {
+            argv: StrList::new(&argv),
+            env: StrList::default(),
+            clean_env: false,
+            cwd: Some(Bytes(b"/")),
+            stdin: StdinMode::Null,
+        }
+        .validate()
+        .unwrap();
+        let mut storage = Storage::<8, 16>::with_credentials(credentials);
+        let prepared = storage.prepare(&request, &[]).unwrap();
+        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let null = rustix::fs::open(
+            c"/dev/null",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        let stdio = ChildStdio {
+            stdin: null.as_fd(),
+            stdout: write.as_fd(),
+            stderr: null.as_fd(),
+        };
+        let bounds = ChildBounds {
+            limits: &bounds::CommandLimits::NONE,
+            cgroup_procs: None,
+        };
+        let failure = ChildFailure::new();
+        let child = || exec_child(&prepared, &stdio, &bounds, &failure);
+        let mut stack = sys::ChildStack::new().unwrap();
+        // SAFETY: as in `run_with`.
+        #[allow(unsafe_code)]
+        let spawned = unsafe { sys::spawn(&mut stack, &child, || {}) }.unwrap();
+        drop(write);
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = rustix::io::read(&read, &mut chunk) {
+            out.extend_from_slice(&chunk[..n]);
+        }
+        rustix::process::waitid(
+            rustix::process::WaitId::PidFd(spawned.pidfd.as_fd()),
+            rustix::process::WaitIdOptions::EXITED,
+        )
+        .unwrap();
+        match failure.get() {
+            Some(failed) => Err(failed),
+            None => Ok(out),
+        }
+    }
+
+    #[test]
+    fn the_child_runs_as_its_user_without_new_privileges() {
+        // Changing user needs root; the test machines run tests as root. Elsewhere only the
+        // part that needs no privilege is checked.
+        let script = b"id -u; id -g; id -G; grep NoNewPrivs /proc/self/status; \
+            echo $HOME $USER $LOGNAME $SHELL";
+        if rustix::process::geteuid().is_root() {
+            let mut nobody = crate::users::numeric_credentials(65534, 65534);
+            let _ = nobody.groups.push(65533);
+            let out = output_as(script, nobody).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                "65534\n65534\n65534 65533\nNoNewPrivs:\t1\n/ 65534 65534 /bin/sh\n"
+            );
+        }
+        // Keeping the agent's identity, with setuid allowed: no change, no NoNewPrivs.
+        let mut itself = crate::users::numeric_credentials(0, 0);
+        itself.switch = false;
+        itself.no_new_privs = false;
+        let out = output_as(b"id -u; grep NoNewPrivs /proc/self/status", itself).unwrap();
+        let uid = rustix::process::geteuid().as_raw();
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            format!("{uid}\nNoNewPrivs:\t0\n")
+        );
+    }
+
+    #[test]
+    fn a_user_the_kernel_refuses_fails_the_credentials_stage() {
+        if !rustix::process::geteuid().is_root() {
+            // Not root: setgroups is refused, which is the point; as root an invalid uid is.
+            let out = output_as(b"true", crate::users::numeric_credentials(65534, 65534));
+            assert_eq!(out, Err((FailedStage::Credentials, Errno::PERM)));
+            return;
+        }
+        // -1 is "unchanged" to setresuid but invalid to setuid; `users` never produces it.
+        let out = output_as(b"true", crate::users::numeric_credentials(u32::MAX, 0));
+        assert_eq!(out, Err((FailedStage::Credentials, Errno::INVAL)));
+        let refusal = refusal(FailedStage::Credentials, Errno::INVAL);
+        assert_eq!(refusal.code, ErrorCode::PermissionDenied);
     }
 
     #[test]
@@ -471,5 +823,64 @@ mod tests {
         let long = CStr::from_bytes_with_nul(&long).unwrap();
         let code = run(b"sh\0-c\0exit 9\0", &[long]);
         assert_eq!(code, Ok(Some(9)));
+    }
+
+    /// What `sh -c script` prints with `limits` applied by the child.
+    fn output_with_limits(script: &[u8], limits: &bounds::CommandLimits) -> Vec<u8> {
+        use rustix::fd::AsFd;
+        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let bounds = ChildBounds {
+            limits,
+            cgroup_procs: None,
+        };
+        let argv = [b"sh\0-c\0".as_slice(), script, b"\0"].concat();
+        let code = run_with(
+            &argv,
+            &[c"PATH=/bin:/usr/bin"],
+            &bounds,
+            Some(write.as_fd()),
+        );
+        assert_eq!(code, Ok(Some(0)));
+        drop(write);
+        let mut out = vec![0u8; 4096];
+        let n = rustix::io::read(&read, &mut out[..]).unwrap();
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn the_child_applies_the_policys_rlimits() {
+        let mut policy = crate::policy::Policy::defaults();
+        policy.rlimit_nofile = Some(77);
+        policy.rlimit_core = Some(0);
+        policy.max_file_size = 12345 * 1024;
+        let limits = bounds::CommandLimits::from_policy(&policy);
+        // (Shells count `ulimit -f` in blocks of different sizes: the kernel's table says bytes.)
+        let script = b"ulimit -n; ulimit -H -n; ulimit -c; grep 'Max file size' /proc/self/limits";
+        let out = String::from_utf8(output_with_limits(script, &limits)).unwrap();
+        let size = (12345 * 1024).to_string();
+        let expected_size = format!("Max file size             {size:<21}{size:<21}bytes     \n");
+        assert_eq!(out, format!("77\n77\n0\n{expected_size}"));
+        // Unset: inherited as they are.
+        let ours = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        let out = output_with_limits(b"ulimit -n", &bounds::CommandLimits::NONE);
+        let expected = ours.current.map_or("unlimited".into(), |n| n.to_string()) + "\n";
+        assert_eq!(out, expected.as_bytes());
+    }
+
+    #[test]
+    fn an_rlimit_the_kernel_refuses_fails_the_bounds_stage() {
+        let mut policy = crate::policy::Policy::defaults();
+        // Above the kernel's ceiling (fs.nr_open): refused even for root.
+        policy.rlimit_nofile = Some(u64::MAX - 1);
+        let limits = bounds::CommandLimits::from_policy(&policy);
+        let bounds = ChildBounds {
+            limits: &limits,
+            cgroup_procs: None,
+        };
+        let code = run_with(b"true\0", &[c"PATH=/bin:/usr/bin"], &bounds, None);
+        assert_eq!(code, Err((FailedStage::Bounds, Errno::PERM)));
+        let refusal = refusal(FailedStage::Bounds, Errno::PERM);
+        assert_eq!(refusal.code, ErrorCode::SpawnFailed);
     }
 }

@@ -4,10 +4,12 @@
 //! per-connection buffers. Everything else in the agent is safe code.
 #![allow(unsafe_code)]
 
+use core::cell::UnsafeCell;
 use core::ffi::c_void;
 use core::ffi::CStr;
+use core::mem::MaybeUninit;
 use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 
 use ferry_wire::limits::{MAX_ARGS, MAX_DATA, MAX_ENV_VARS, MAX_FRAME, MAX_PATH, STDIN_WINDOW};
 use ferry_wire::DATA_HEADROOM;
@@ -68,6 +70,58 @@ pub fn vsock_local_cid(dev_vsock: impl AsFd) -> io::Result<u32> {
     // SAFETY: IOCTL_VM_SOCKETS_GET_LOCAL_CID writes one `unsigned int` through its argument,
     // which is what `Getter<_, u32>` provides.
     unsafe { rustix::ioctl::ioctl(dev_vsock, rustix::ioctl::Getter::<OPCODE, u32>::new()) }
+}
+
+/// `kcmp(a, b, KCMP_VM, 0, 0)` — whether two processes share one address space (as a
+/// [`spawn`]ed child does with us until its `execve` has switched to the new program's).
+/// rustix has no wrapper for it.
+#[doc(alias = "kcmp")]
+pub fn shares_address_space(a: Pid, b: Pid) -> io::Result<bool> {
+    /// `enum kcmp_type`'s `KCMP_VM`.
+    const KCMP_VM: usize = 1;
+    let nr = linux_raw_sys::general::__NR_kcmp as usize;
+    let (a, b) = (
+        a.as_raw_nonzero().get() as usize,
+        b.as_raw_nonzero().get() as usize,
+    );
+    let ret: isize;
+    // SAFETY: kcmp reads its five integer arguments and no memory of ours; the syscall
+    // clobbers rcx and r11 only.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") a,
+            in("rsi") b,
+            in("rdx") KCMP_VM,
+            in("r10") 0usize,
+            in("r8") 0usize,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    // SAFETY: as above; `svc` preserves every register but x0.
+    #[cfg(target_arch = "aarch64")]
+    unsafe {
+        core::arch::asm!(
+            "svc 0",
+            inlateout("x0") a as isize => ret,
+            in("x1") b,
+            in("x2") KCMP_VM,
+            in("x3") 0usize,
+            in("x4") 0usize,
+            in("x8") nr,
+            options(nostack),
+        );
+    }
+    match ret {
+        0 => Ok(true),
+        // Ordered one way or the other: different.
+        1..=3 => Ok(false),
+        _ => Err(io::Errno::from_raw_os_error(ret.unsigned_abs() as i32)),
+    }
 }
 
 /// What [`fork`] returned in this process.
@@ -346,6 +400,16 @@ impl<'a, const N: usize> PtrArray<'a, N> {
         self.ptrs.len() - 1
     }
 
+    /// The entries pushed so far, as strings.
+    #[cfg(test)]
+    pub fn entries(&self) -> impl Iterator<Item = &'a CStr> + '_ {
+        self.ptrs.iter().take_while(|p| !p.is_null()).map(|p| {
+            // SAFETY: every non-null pointer was pushed from a `&'a CStr` (see `push`), which
+            // is still borrowed for `'a`.
+            unsafe { CStr::from_ptr(p.cast()) }
+        })
+    }
+
     fn as_ptr(&self) -> *const *const u8 {
         self.ptrs.as_ptr()
     }
@@ -393,6 +457,54 @@ pub fn unblock_all_signals() -> io::Result<()> {
     // SAFETY: changing the mask of a single-threaded process has no memory-safety effect.
     unsafe { runtime::kernel_sigprocmask(runtime::How::SETMASK, Some(&KernelSigSet::empty())) }
         .map(|_| ())
+}
+
+/// A value set once, early, by the single-threaded listener before it forks anything, and
+/// read for the rest of the process (and in every fork, which inherits a copy): what the
+/// policy decided, the commands' cgroup. Never dropped: descriptors in it stay open for good.
+pub struct SetOnce<T> {
+    /// 0: empty; 1: being written; 2: set.
+    state: AtomicU8,
+    value: UnsafeCell<MaybeUninit<T>>,
+}
+
+// SAFETY: `value` is written exactly once, by whoever wins the 0 → 1 exchange, before `state`
+// becomes 2 (Release); it is read only through `&T` after `state` was seen as 2 (Acquire), and
+// never written again. So every thread sees either no value or the whole, immutable value.
+unsafe impl<T: Sync + Send> Sync for SetOnce<T> {}
+
+impl<T> SetOnce<T> {
+    pub const fn new() -> Self {
+        SetOnce {
+            state: AtomicU8::new(0),
+            value: UnsafeCell::new(MaybeUninit::uninit()),
+        }
+    }
+
+    /// Sets the value; gives it back when one was set (or is being set) already.
+    pub fn set(&self, value: T) -> Result<(), T> {
+        if self
+            .state
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(value);
+        }
+        // SAFETY: winning the exchange makes this the one writer, and no reader looks at
+        // `value` before `state` is 2.
+        unsafe { (*self.value.get()).write(value) };
+        self.state.store(2, Ordering::Release);
+        Ok(())
+    }
+
+    /// The value, once set.
+    pub fn get(&self) -> Option<&T> {
+        if self.state.load(Ordering::Acquire) != 2 {
+            return None;
+        }
+        // SAFETY: `state` 2 means `value` was fully written, and it is never written again.
+        Some(unsafe { (*self.value.get()).assume_init_ref() })
+    }
 }
 
 static ARGV: AtomicPtr<*const u8> = AtomicPtr::new(core::ptr::null_mut());

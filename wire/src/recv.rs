@@ -86,14 +86,19 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> RecvBuf<B> {
             .min(MAX_FRAME_BODY)
     }
 
-    /// The bytes received and not yet consumed.
+    /// The bytes received and not yet consumed. A frame [`RecvBuf::next_frame`] handed out is
+    /// consumed already (it stays readable until the next call that takes `&mut self`), so a
+    /// driver may mix both ways out without seeing a frame twice.
     pub fn data(&self) -> &[u8] {
-        self.buf.as_ref().get(self.start..self.end).unwrap_or(&[])
+        self.buf
+            .as_ref()
+            .get(self.start + self.returned..self.end)
+            .unwrap_or(&[])
     }
 
     /// Whether no unconsumed bytes are buffered.
     pub fn is_empty(&self) -> bool {
-        self.start == self.end
+        self.data().is_empty()
     }
 
     /// Drops `n` bytes from the front of [`RecvBuf::data`] (clamped to what is there).
@@ -132,7 +137,8 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> RecvBuf<B> {
     pub fn spare_at_least(&mut self, min: usize) -> Result<&mut [u8], RecvError> {
         self.release();
         let capacity = self.buf.as_ref().len();
-        if self.start > 0 && capacity - self.end < min {
+        // Room for at least one byte is what every read needs, whatever `min` says.
+        if self.start > 0 && capacity - self.end < min.max(1) {
             self.buf.as_mut().copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
@@ -314,6 +320,37 @@ mod tests {
         assert_eq!(recv.spare().map(|s| s.len()), Err(RecvError::FrameWaiting));
         assert_eq!(recv.next_frame(), Ok(Some(&[1u8, 2, 3][..])));
         assert_eq!(recv.spare().map(|s| s.len()), Ok(7));
+    }
+
+    /// Found by the `recv_buf` fuzz target: `data` still showed the frame `next_frame` had
+    /// handed out, so a driver cutting the next frame off `data` got that one a second time.
+    #[test]
+    fn a_frame_handed_out_is_not_in_data() {
+        let mut recv = RecvBuf::new([0u8; 32]);
+        assert_eq!(recv.feed(&[1, 0, 0, 0, 7, 1, 0, 0, 0, 8]), Ok(10));
+        assert_eq!(recv.next_frame(), Ok(Some(&[7u8][..])));
+        assert_eq!(recv.data(), [1, 0, 0, 0, 8]);
+        assert!(recv.has_frame());
+        recv.consume(5);
+        assert!(recv.is_empty());
+        assert_eq!(recv.next_frame(), Ok(None));
+        assert_eq!(recv.feed(&[1, 0, 0, 0, 9]), Ok(5));
+        assert_eq!(recv.next_frame(), Ok(Some(&[9u8][..])));
+        assert!(
+            recv.is_empty(),
+            "the last frame handed out leaves nothing behind"
+        );
+    }
+
+    /// Found by the `recv_buf` fuzz target: `spare_at_least(0)` on a buffer full to its end
+    /// with room at its front reported a stuck buffer instead of moving the bytes forward.
+    #[test]
+    fn spare_at_least_zero_still_makes_room() {
+        let mut recv = RecvBuf::new([0u8; 6]);
+        assert_eq!(recv.feed(&[0, 0, 0, 0, 3, 0]), Ok(6));
+        assert_eq!(recv.next_frame(), Ok(Some(&[][..])));
+        assert_eq!(recv.spare_at_least(0).map(|s| s.len()), Ok(4));
+        assert_eq!(recv.data(), [3, 0]);
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod build_agent;
 mod cpio;
 mod deps;
 mod e2e;
+mod fuzz;
 mod initramfs;
 mod kernel;
 mod ready;
@@ -61,12 +62,30 @@ enum Command {
         #[arg(long, default_value_t = e2e::DEFAULT_E2E_TIMEOUT.as_secs())]
         timeout_secs: u64,
     },
-    /// Everything CI runs: build the agent, run every crate's tests against it, then the QEMU
-    /// end-to-end suite.
+    /// Everything CI runs: build the agent, run every crate's tests against it, a few seconds
+    /// of each wire fuzz target, then the QEMU end-to-end suite.
     Test {
         /// Skip the QEMU end-to-end suite.
         #[arg(long)]
         skip_e2e: bool,
+    },
+    /// Coverage-guided fuzzing of the wire crate (cargo-fuzz, libFuzzer; wire/fuzz/): every
+    /// target, or the named ones, from corpora in target/fuzz-corpus/ seeded with the golden
+    /// transcripts. Installs a nightly toolchain and cargo-fuzz when missing; fails on a crash,
+    /// naming the input.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        time: u64,
+        /// A few seconds per target (the check `cargo xtask test` runs).
+        #[arg(long, conflicts_with = "time")]
+        smoke: bool,
+        /// Only install the tools and build the targets.
+        #[arg(long)]
+        prepare: bool,
+        /// The targets to run (default: all).
+        #[arg(value_name = "TARGET")]
+        targets: Vec<String>,
     },
     /// Measure ferry next to its baselines; print the table and write BENCHMARKS.md.
     Bench {
@@ -108,6 +127,16 @@ fn main() -> Result<()> {
             timeout: std::time::Duration::from_secs(timeout_secs),
         })?,
         Command::Test { skip_e2e } => test::run_test(skip_e2e)?,
+        Command::Fuzz {
+            time,
+            smoke,
+            prepare,
+            targets,
+        } => fuzz::run_fuzz(&fuzz::FuzzOptions {
+            secs: if smoke { fuzz::SMOKE_SECS } else { time },
+            targets,
+            prepare_only: prepare,
+        })?,
         Command::Bench {
             runs,
             stream_mib,

@@ -5,8 +5,8 @@ use anyhow::{Context, Result};
 use crate::build_agent::build_agent;
 use crate::util::{cargo, run};
 
-/// Builds the static agent, runs every crate's tests against that very binary, then (unless
-/// told not to) the QEMU end-to-end suite.
+/// Builds the static agent, runs every crate's tests against that very binary, then a few seconds
+/// of each wire fuzz target, then (unless told not to) the QEMU end-to-end suite.
 pub fn run_test(skip_e2e: bool) -> Result<()> {
     let agent = build_agent()?;
     run(cargo()
@@ -15,6 +15,7 @@ pub fn run_test(skip_e2e: bool) -> Result<()> {
         .args(["test", "--workspace", "--features", "ferry-host/tokio"])
         .env("FERRY_AGENT_BIN", &agent))
     .context("unit and integration tests")?;
+    crate::fuzz::run_fuzz(&crate::fuzz::FuzzOptions::smoke()).context("fuzz smoke run")?;
     if skip_e2e {
         eprintln!("skipping the QEMU end-to-end suite (--skip-e2e)");
         return Ok(());

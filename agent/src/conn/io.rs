@@ -86,8 +86,8 @@ pub struct Outbox<'b> {
 /// What reading a pipe into the outbox gave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
-    /// A data frame is ready to send.
-    Framed,
+    /// A data frame of this many output bytes is ready to send.
+    Framed(usize),
     /// The pipe is at EOF.
     Eof,
     /// The pipe is empty for now.
@@ -124,21 +124,24 @@ impl<'b> Outbox<'b> {
         n > 0
     }
 
-    /// Reads up to one chunk of `kind` output from `pipe` into the empty outbox and has the
-    /// session frame it in place.
+    /// Reads up to one chunk of `kind` output from `pipe` into the empty outbox, at most
+    /// `at_most` bytes (at least 1: the policy's output limit), and has the session frame it in
+    /// place.
     pub fn read_output(
         &mut self,
         pipe: BorrowedFd<'_>,
         kind: DataKind,
         session: &mut AgentSession,
+        at_most: usize,
     ) -> Output {
-        let Some(space) = self.buf.get_mut(DATA_HEADROOM..DATA_HEADROOM + MAX_DATA) else {
+        let len = at_most.clamp(1, MAX_DATA);
+        let Some(space) = self.buf.get_mut(DATA_HEADROOM..DATA_HEADROOM + len) else {
             return Output::Failed;
         };
         let n = loop {
             match rustix::io::read(pipe, &mut *space) {
                 Ok(0) => return Output::Eof,
-                Ok(n) => break n.min(MAX_DATA),
+                Ok(n) => break n.min(len),
                 Err(Errno::INTR) => {}
                 Err(Errno::AGAIN) => return Output::Empty,
                 Err(_) => return Output::Failed,
@@ -148,7 +151,7 @@ impl<'b> Outbox<'b> {
             Ok(start) => {
                 self.start = start;
                 self.end = DATA_HEADROOM + n;
-                Output::Framed
+                Output::Framed(n)
             }
             Err(_) => Output::Failed,
         }

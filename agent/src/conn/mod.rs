@@ -132,7 +132,7 @@ fn handshake(
                         // One line, and nothing about which part of the proof was wrong.
                         log::Line::new()
                             .push(b"authentication failed: ")
-                            .push(auth::peer_label(link.sock))
+                            .push(&auth::peer_label(link.sock))
                             .emit();
                     }
                     return Handshake::Refused;
@@ -163,7 +163,7 @@ fn handshake(
                 Some(AgentEvent::KillAll) => {
                     link.inbox.consume(consumed);
                     let now = clock::monotonic_us();
-                    let _ = match auth::kill_all_commands() {
+                    let _ = match crate::cgroup::kill_all_commands() {
                         Ok(count) => session.done(count, now),
                         Err(errno) => session.refuse(
                             Refusal::os(

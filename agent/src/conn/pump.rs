@@ -6,6 +6,7 @@
 //! of growing a buffer. When to read, close and finish is the session's to say
 //! ([`AgentSession::output_phase`], its deadlines, its credit).
 
+use ferry_wire::limits::MAX_DATA;
 use ferry_wire::session::{AgentEvent, AgentSession, OutputPhase, Refusal};
 use ferry_wire::{DataKind, ErrorCode};
 use rustix::event::{poll, PollFd, PollFlags};
@@ -14,7 +15,7 @@ use rustix::io::Errno;
 use rustix::process::{Pid, WaitId, WaitIdOptions};
 
 use super::io::{Link, Output, Received};
-use super::start::{self, Child};
+use super::start::{self, Child, RunLimits};
 use super::End;
 use crate::{clock, crash};
 
@@ -41,6 +42,9 @@ pub fn run(
         pidfd: Some(child.pidfd),
         exited: false,
         retired: Retired::new(),
+        limits: child.limits,
+        forwarded: 0,
+        limit_killed: false,
     };
     let end = pump.run();
     (end, pump.retired)
@@ -60,6 +64,12 @@ struct Pump<'l, 's, 'b> {
     pidfd: Option<OwnedFd>,
     exited: bool,
     retired: Retired,
+    /// The policy's runtime and output limits.
+    limits: RunLimits,
+    /// Output bytes framed so far, stdout and stderr together.
+    forwarded: u64,
+    /// The command's group was killed for passing a limit.
+    limit_killed: bool,
 }
 
 /// One of the command's output pipes.
@@ -193,6 +203,12 @@ impl Pump<'_, '_, '_> {
         } else {
             [DataKind::Stdout, DataKind::Stderr]
         };
+        // Within the output limit, a read takes at most what is left of it; at the limit, one
+        // more byte is one too many ("exactly at the limit" completes normally).
+        let left = self
+            .limits
+            .max_output
+            .map(|max| max.saturating_sub(self.forwarded));
         for kind in order {
             let pipe = match kind {
                 DataKind::Stderr => &mut self.stderr,
@@ -202,8 +218,23 @@ impl Pump<'_, '_, '_> {
             if !pipe.ready && !draining {
                 continue;
             }
-            match self.link.outbox.read_output(fd.as_fd(), kind, self.session) {
-                Output::Framed => {
+            let output = match left {
+                Some(0) => read_one_byte(fd.as_fd()),
+                _ => {
+                    let at_most = left.map_or(MAX_DATA, |n| usize::try_from(n).unwrap_or(MAX_DATA));
+                    self.link
+                        .outbox
+                        .read_output(fd.as_fd(), kind, self.session, at_most)
+                }
+            };
+            match output {
+                // A byte past the limit (read and dropped, not framed).
+                Output::Framed(_) if left == Some(0) => {
+                    self.output_limit_passed();
+                    return;
+                }
+                Output::Framed(n) => {
+                    self.forwarded = self.forwarded.saturating_add(n as u64);
                     self.prefer_stderr = kind == DataKind::Stdout;
                     // That chunk may have crossed the drain limit.
                     if self.session.output_phase(now) == OutputPhase::Closed {
@@ -230,6 +261,26 @@ impl Pump<'_, '_, '_> {
         }
     }
 
+    /// The command wrote more than the output limit: nothing more is forwarded, its group is
+    /// killed, and the termination record says output was dropped.
+    fn output_limit_passed(&mut self) {
+        self.session.note_output_dropped();
+        self.close_output();
+        self.kill_for_limit();
+    }
+
+    /// Kills the command's group for passing a limit; its end is reported as usual (the
+    /// status shows SIGKILL). Also after the command exited: what is left of its group may be
+    /// what keeps writing.
+    fn kill_for_limit(&mut self) {
+        if !self.limit_killed {
+            start::kill_group(self.pid);
+            self.limit_killed = true;
+            // NOTE: the termination record's "killed by a limit" (timed out / output limit)
+            // flag is set here once the wire carries it.
+        }
+    }
+
     /// Closes both output pipes (what they still hold is the session's to report as dropped).
     fn close_output(&mut self) {
         self.stdout.fd = None;
@@ -247,7 +298,15 @@ impl Pump<'_, '_, '_> {
         let stdout = self.stdout.fd.as_ref().filter(|_| output_wanted);
         let stderr = self.stderr.fd.as_ref().filter(|_| output_wanted);
         let stdin = self.stdin.fd.as_ref().filter(|_| self.stdin.buffered() > 0);
-        let deadline = self.session.poll_timeout();
+        // The command's runtime limit, while it runs and has not been killed for a limit yet.
+        let runtime_deadline = self
+            .limits
+            .deadline_us
+            .filter(|_| !self.exited && !self.limit_killed);
+        let deadline = match (self.session.poll_timeout(), runtime_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let mut set = PollSet::new();
         set.add(Slot::Socket, Some(self.link.sock), socket);
         set.add(Slot::Stdout, stdout.map(AsFd::as_fd), PollFlags::IN);
@@ -278,7 +337,12 @@ impl Pump<'_, '_, '_> {
             self.receive()?;
         }
         if deadline.is_some() {
-            let _ = self.session.handle_timeout(clock::monotonic_us());
+            let now = clock::monotonic_us();
+            if !self.exited && runtime_deadline.is_some_and(|at| now >= at) {
+                // Ran too long: its end (SIGKILL) comes through the pidfd like any other.
+                self.kill_for_limit();
+            }
+            let _ = self.session.handle_timeout(now);
         }
         Ok(())
     }
@@ -377,6 +441,21 @@ impl Pump<'_, '_, '_> {
                 ) => {}
             }
             self.link.inbox.consume(consumed);
+        }
+    }
+}
+
+/// Reads one byte from an output pipe at the output limit, to tell "exactly at the limit"
+/// from "past it": the byte is dropped (`Framed(1)` means it was there; nothing is framed).
+fn read_one_byte(pipe: BorrowedFd<'_>) -> Output {
+    let mut byte = [0u8; 1];
+    loop {
+        match rustix::io::read(pipe, &mut byte) {
+            Ok(0) => return Output::Eof,
+            Ok(_) => return Output::Framed(1),
+            Err(Errno::INTR) => {}
+            Err(Errno::AGAIN) => return Output::Empty,
+            Err(_) => return Output::Failed,
         }
     }
 }

@@ -9,7 +9,7 @@ use rustix::process::{Pid, Signal, WaitIdStatus};
 
 use crate::spawn::{self, ChildFailure, ChildStdio};
 use crate::sys::{self, PtrStorage, ARGV_SLOTS, ENVP_SLOTS};
-use crate::{clock, crash};
+use crate::{bounds, clock, crash, policy, users};
 
 /// Larger pipes mean fewer wake-ups per byte when a command writes fast.
 const PIPE_SIZE: usize = 1 << 20;
@@ -22,6 +22,7 @@ pub struct Prepared {
     stderr: Option<(OwnedFd, OwnedFd)>,
     null: Option<OwnedFd>,
     stack: Option<sys::ChildStack>,
+    oom_score: bounds::OomScore,
 }
 
 /// Prepares a connection process; exits the process if its signals cannot be set up.
@@ -38,6 +39,7 @@ pub fn prepare() -> Prepared {
         stderr: output_pipe().ok(),
         null: open_null().ok(),
         stack: sys::ChildStack::new().ok(),
+        oom_score: bounds::OomScore::open(),
     }
 }
 
@@ -61,6 +63,8 @@ pub struct Child {
     /// The stack the child ran on until its `execve`, no longer used. Unmapped after the final
     /// frame, like the retired descriptors: an `munmap` is a syscall the client would wait for.
     pub spent_stack: Option<sys::ChildStack>,
+    /// The runtime and output limits, for the pump.
+    pub limits: RunLimits,
 }
 
 impl Child {
@@ -78,8 +82,20 @@ pub fn start(
     ready: Prepared,
     meanwhile: impl FnOnce(),
 ) -> Result<Child, Refusal> {
+    let requested = valid.request().user.map(|user| user.0);
+    let agent_is_root = rustix::process::geteuid().is_root();
+    let credentials = users::authorize(policy::current(), requested, agent_is_root)?;
+    let mut identity_buffer = [0u8; spawn::IDENTITY_ENV_BUFFER];
     let inherited = sys::environment().take(sys::MAX_INHERITED_ENV);
-    let prepared = spawn::prepare(valid, inherited, storage.argv, storage.envp, storage.cwd)?;
+    let prepared = spawn::prepare(
+        valid,
+        &credentials,
+        inherited,
+        storage.argv,
+        storage.envp,
+        storage.cwd,
+        &mut identity_buffer,
+    )?;
     // One that could not be made while waiting is made now, and its errno reported.
     let output = |pipe: Option<(OwnedFd, OwnedFd)>| match pipe {
         Some(pipe) => Ok(pipe),
@@ -108,15 +124,20 @@ pub fn start(
         stdout: stdout_w.as_fd(),
         stderr: stderr_w.as_fd(),
     };
+    let limits = bounds::CommandLimits::from_policy(policy::current());
+    let child_bounds = bounds::ChildBounds::new(&limits);
     let failure = ChildFailure::new();
     let started_us = clock::monotonic_us();
-    let child = || spawn::exec_child(&prepared, &stdio, &failure);
+    let child = || spawn::exec_child(&prepared, &stdio, &child_bounds, &failure);
     // SAFETY: the agent is single-threaded and installs no signal handlers. `exec_child` is
     // straight-line, async-signal-safe work (see its NOTE): syscalls, copies into a buffer on
-    // its own stack, reads of `prepared` and `stdio`, and one store to the atomic `failure`;
-    // `meanwhile` touches none of them.
+    // its own stack, reads of `prepared`, `stdio` and `child_bounds`, and one store to the
+    // atomic `failure`; `meanwhile` touches none of them. `sys::spawn` returns only once the
+    // child has left our memory, as `around_spawn` requires.
     #[allow(unsafe_code)]
-    let spawned = unsafe { sys::spawn(&mut stack, &child, meanwhile) };
+    let spawned = ready
+        .oom_score
+        .around_spawn(|| unsafe { sys::spawn(&mut stack, &child, meanwhile) });
     let sys::Spawned { pid, pidfd } = spawned.map_err(resource_failure)?;
     crash::set_current_command(Some(pid));
     drop((stdout_w, stderr_w, stdin_r));
@@ -132,7 +153,33 @@ pub fn start(
         stderr: stderr_r,
         started_us,
         spent_stack: Some(stack),
+        limits: RunLimits::new(&limits, started_us),
     })
+}
+
+/// The limits the pump enforces on a running command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunLimits {
+    /// When (monotonic microseconds) the command's group is killed if it still runs.
+    pub deadline_us: Option<u64>,
+    /// Output bytes forwarded before the command is killed; `None`: no limit.
+    pub max_output: Option<u64>,
+}
+
+impl RunLimits {
+    pub fn new(limits: &bounds::CommandLimits, started_us: u64) -> Self {
+        RunLimits {
+            deadline_us: (limits.max_runtime_s > 0)
+                .then(|| started_us.saturating_add(limits.max_runtime_s.saturating_mul(1_000_000))),
+            max_output: (limits.max_output > 0).then_some(limits.max_output),
+        }
+    }
+}
+
+/// Kills the command's whole process group, leaving the command to be reaped as usual (its
+/// pidfd reports the end, and the termination record its signal).
+pub fn kill_group(pid: Pid) {
+    let _ = rustix::process::kill_process_group(pid, Signal::KILL);
 }
 
 /// Kills the command's whole process group and, unless `reaped` already, waits for the command

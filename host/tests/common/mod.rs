@@ -104,7 +104,10 @@ impl Agent {
         let mut command = Command::new(agent_binary());
         command
             .arg("--listen")
-            .arg(format!("unix:{}", socket.display()));
+            .arg(format!("unix:{}", socket.display()))
+            // Commands run as the agent (root here, writing to the tests' temporary
+            // directories), not as the policy's default user `65534:65534`.
+            .arg("--run-as-agent-user");
         if !args.contains(&"--insecure") && !args.contains(&"--secret-file") {
             command.arg("--secret-file").arg(secret_path());
         }

@@ -1,0 +1,696 @@
+//! The commands' cgroup (cgroup v2): every command joins one cgroup shared by all commands,
+//! bounded in memory, processes and CPU, with the agent outside it, so a fork bomb or a memory
+//! hog meets the cgroup's limits (and its OOM killer) and never the agent.
+//!
+//! - As PID 1: cgroup2 is mounted at `/sys/fs/cgroup` ([`mount_hierarchy`]), the agent stays in
+//!   the root (exempt from the "no internal processes" rule) and the commands' cgroup is
+//!   `/sys/fs/cgroup/ferry-commands`.
+//! - As a service: only a delegated subtree is used. The agent's own cgroup (from
+//!   `/proc/self/cgroup`) gets two leaves: `agent`, where the agent moves itself (a cgroup with
+//!   controllers enabled for its children may hold no process), and `commands`. A cgroup that is
+//!   not ours to change (the hierarchy's root, no write access, another process beside the
+//!   agent) leaves the agent with rlimits only.
+//!
+//! The listener sets this up once ([`setup`]) and keeps the cgroup's directory and its
+//! `cgroup.procs` open for good; every command's child writes `0` to that `cgroup.procs` before
+//! `execve` (see `bounds::enter`), which moves the writer.
+
+use core::ffi::CStr;
+
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+
+use crate::policy::Policy;
+use crate::sys::SetOnce;
+use crate::{cstr, log};
+
+/// What bounds commands beyond their rlimits (reported in the hello and by health checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bounds {
+    /// Commands run in the commands' cgroup: memory, processes and CPU are bounded together.
+    Cgroup,
+    /// No usable cgroup v2: each command has its rlimits only.
+    RlimitsOnly,
+}
+
+/// Where PID 1 mounts the cgroup2 hierarchy, and where a service looks for it first.
+pub const MOUNT_POINT: &CStr = c"/sys/fs/cgroup";
+/// Where systemd's hybrid layout puts cgroup2 (cgroup v1 at `/sys/fs/cgroup`).
+const HYBRID_MOUNT_POINT: &CStr = c"/sys/fs/cgroup/unified";
+/// The commands' cgroup under the root, as PID 1.
+const ROOT_COMMANDS: &CStr = c"ferry-commands";
+/// The leaves of a delegated subtree, as a service.
+const AGENT_LEAF: &CStr = c"agent";
+const COMMANDS_LEAF: &CStr = c"commands";
+
+/// The controllers the commands' cgroup uses, when the kernel has them.
+const CONTROLLERS: [&[u8]; 3] = [b"memory", b"pids", b"cpu"];
+
+/// `cpu.max`'s period, in microseconds (the kernel's default).
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// The commands' cgroup, open for the rest of the agent's life (and inherited by every
+/// connection process).
+pub struct Commands {
+    #[allow(dead_code)]
+    dir: OwnedFd,
+    procs: OwnedFd,
+}
+
+static COMMANDS: SetOnce<Commands> = SetOnce::new();
+
+/// What is in use: a cgroup once [`setup`] succeeded, rlimits only before or without.
+// The hello and health checks report it next.
+#[allow(dead_code)]
+pub fn bounds() -> Bounds {
+    match COMMANDS.get() {
+        Some(_) => Bounds::Cgroup,
+        None => Bounds::RlimitsOnly,
+    }
+}
+
+/// The commands' `cgroup.procs`, open for writing: a command's child writes `0` to it to join.
+pub fn commands_procs() -> Option<BorrowedFd<'static>> {
+    COMMANDS.get().map(|commands| commands.procs.as_fd())
+}
+
+/// Kills every process of every command (`cgroup.kill`, Linux ≥ 5.14), `setsid` escapees and
+/// daemons included; returns how many processes the cgroup held just before. The kill is
+/// asynchronous: they die (and their connections report their ends) right after.
+///
+/// `Err(NOSYS)` when commands have no cgroup ([`Bounds::RlimitsOnly`]); `Err(NOENT)` from a
+/// kernel without `cgroup.kill`.
+// Exposed as a protocol operation next.
+#[allow(dead_code)]
+pub fn kill_all_commands() -> Result<u32, Errno> {
+    let commands = COMMANDS.get().ok_or(Errno::NOSYS)?;
+    kill_all_in(commands.dir.as_fd())
+}
+
+/// [`kill_all_commands`] for the cgroup at `dir`.
+#[allow(dead_code)]
+fn kill_all_in(dir: BorrowedFd<'_>) -> Result<u32, Errno> {
+    let count = count_processes(dir);
+    write_file(dir, c"cgroup.kill", b"1")?;
+    Ok(count)
+}
+
+/// The processes in the cgroup at `dir`: `pids.current`, or else the lines of `cgroup.procs`.
+#[allow(dead_code)]
+fn count_processes(dir: BorrowedFd<'_>) -> u32 {
+    let mut buf = [0u8; 32];
+    if let Some(count) = read_file_at(dir, c"pids.current", &mut buf)
+        .ok()
+        .and_then(|text| crate::config::parse_u32(text.trim_ascii()))
+    {
+        return count;
+    }
+    let Ok(procs) = open_at(dir, c"cgroup.procs", OFlags::RDONLY) else {
+        return 0;
+    };
+    let mut lines = 0u32;
+    let mut chunk = [0u8; 512];
+    loop {
+        match rustix::io::read(&procs, &mut chunk) {
+            Ok(0) => return lines,
+            Ok(n) => {
+                let read = chunk.get(..n).unwrap_or(&[]);
+                let newlines = read.iter().filter(|b| **b == b'\n').count();
+                lines = lines.saturating_add(u32::try_from(newlines).unwrap_or(u32::MAX));
+            }
+            Err(Errno::INTR) => {}
+            Err(_) => return lines,
+        }
+    }
+}
+
+/// PID 1: mounts cgroup2 at [`MOUNT_POINT`] (unless something is mounted there already).
+/// `favordynmods` (Linux ≥ 6.1) makes moving a process between cgroups, which every command
+/// does, cheap (no RCU grace period per move); an older kernel mounts without it.
+pub fn mount_hierarchy() {
+    use rustix::mount::{mount, MountFlags};
+    if is_cgroup2(MOUNT_POINT) {
+        return;
+    }
+    let _ = rustix::fs::mkdir(MOUNT_POINT, Mode::from_raw_mode(0o755));
+    let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    let mounted = mount(
+        c"cgroup2",
+        MOUNT_POINT,
+        c"cgroup2",
+        flags,
+        Some(c"favordynmods"),
+    )
+    .or_else(|_| mount(c"cgroup2", MOUNT_POINT, c"cgroup2", flags, None));
+    if let Err(errno) = mounted {
+        log::error(b"mount /sys/fs/cgroup", errno);
+    }
+}
+
+/// The limits the commands' cgroup gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `memory.max` in bytes; `None` leaves it unlimited.
+    pub memory_max: Option<u64>,
+    /// `pids.max`; 0 leaves it unlimited.
+    pub pids_max: u32,
+    /// `cpu.max` in percent of one CPU; 0 leaves it unlimited.
+    pub cpu_max_percent: u32,
+}
+
+impl Limits {
+    /// The policy's limits; `memory_max` 0 means the machine's memory (`mem_total`, from
+    /// `/proc/meminfo`) less [`agent_reserve`].
+    pub fn from_policy(policy: &Policy, mem_total: Option<u64>) -> Limits {
+        let memory_max = match policy.memory_max {
+            0 => mem_total
+                .map(|total| total.saturating_sub(agent_reserve(total)))
+                .filter(|max| *max > 0),
+            max => Some(max),
+        };
+        Limits {
+            memory_max,
+            pids_max: policy.pids_max,
+            cpu_max_percent: policy.cpu_max_percent,
+        }
+    }
+}
+
+/// Memory kept out of the commands' reach for the agent and the kernel: a tenth of it, at
+/// least 32 MiB.
+pub fn agent_reserve(mem_total: u64) -> u64 {
+    (mem_total / 10).max(32 << 20)
+}
+
+/// Why the commands' cgroup could not be set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetupError {
+    pub what: &'static [u8],
+    pub errno: Errno,
+}
+
+fn failed(what: &'static [u8]) -> impl FnOnce(Errno) -> SetupError {
+    move |errno| SetupError { what, errno }
+}
+
+/// Sets up the commands' cgroup (see the module's documentation) and keeps it for every
+/// later command; logs once which bounds are in use. Called once, by the listener, before it
+/// forks.
+pub fn setup(policy: &Policy, is_init: bool) -> Bounds {
+    let mut meminfo = [0u8; 256];
+    let mem_total = read_file_at(cwd(), c"/proc/meminfo", &mut meminfo)
+        .ok()
+        .and_then(mem_total);
+    let limits = Limits::from_policy(policy, mem_total);
+    let made = if is_init {
+        setup_at_root(MOUNT_POINT, &limits)
+    } else {
+        setup_delegated(&limits)
+    };
+    match made {
+        Ok(commands) => {
+            let _ = COMMANDS.set(commands);
+            log::Line::new()
+                .push(b"commands are bounded by a cgroup and rlimits")
+                .emit();
+            Bounds::Cgroup
+        }
+        Err(error) => {
+            log::Line::new()
+                .push(b"commands are bounded by rlimits only: ")
+                .push(error.what)
+                .push(b": errno ")
+                .num(u64::from(error.errno.raw_os_error().unsigned_abs()))
+                .emit();
+            Bounds::RlimitsOnly
+        }
+    }
+}
+
+/// PID 1's layout: controllers enabled in the root, `ferry-commands` beside the agent.
+fn setup_at_root(root: &CStr, limits: &Limits) -> Result<Commands, SetupError> {
+    if !is_cgroup2(root) {
+        return Err(SetupError {
+            what: b"no cgroup2 hierarchy",
+            errno: Errno::NODEV,
+        });
+    }
+    let root = open_dir(cwd(), root).map_err(failed(b"open the cgroup root"))?;
+    // The root may hold processes whatever its controllers: a controller the kernel refuses
+    // (logged) leaves that resource unbounded, not the commands without a cgroup.
+    let _ = enable_controllers(root.as_fd());
+    make_commands(root.as_fd(), ROOT_COMMANDS, limits)
+}
+
+/// A service's layout in its own (delegated) cgroup.
+fn setup_delegated(limits: &Limits) -> Result<Commands, SetupError> {
+    let mount = [MOUNT_POINT, HYBRID_MOUNT_POINT]
+        .into_iter()
+        .find(|dir| is_cgroup2(dir))
+        .ok_or(SetupError {
+            what: b"no cgroup2 hierarchy",
+            errno: Errno::NODEV,
+        })?;
+    let mut buf = [0u8; 1024];
+    let own = read_file_at(cwd(), c"/proc/self/cgroup", &mut buf)
+        .map_err(failed(b"read /proc/self/cgroup"))?;
+    let own = unified_path(own).ok_or(SetupError {
+        what: b"not in a cgroup2 cgroup",
+        errno: Errno::NOENT,
+    })?;
+    let mut path = [0u8; 1024];
+    let relative = own.strip_prefix(b"/").unwrap_or(own);
+    if relative.is_empty() {
+        // The hierarchy's root is the whole machine's, not ours to rearrange.
+        return Err(SetupError {
+            what: b"the agent's cgroup is the root",
+            errno: Errno::PERM,
+        });
+    }
+    let own = cstr::join(&mut path, &[mount.to_bytes(), b"/", relative]).ok_or(SetupError {
+        what: b"cgroup path too long",
+        errno: Errno::NAMETOOLONG,
+    })?;
+    let own = open_dir(cwd(), own).map_err(failed(b"open the agent's cgroup"))?;
+    setup_in(own.as_fd(), limits, b"0")
+}
+
+/// Moves the agent (`agent`: its pid in decimal, or `0` for the caller) into `own/agent` and
+/// makes `own/commands`; moves it back when controllers cannot be enabled in `own`.
+fn setup_in(own: BorrowedFd<'_>, limits: &Limits, agent: &[u8]) -> Result<Commands, SetupError> {
+    make_dir(own, AGENT_LEAF).map_err(failed(b"create the agent's leaf cgroup"))?;
+    let moved =
+        open_dir(own, AGENT_LEAF).and_then(|leaf| write_file(leaf.as_fd(), c"cgroup.procs", agent));
+    if let Err(errno) = moved {
+        let _ = rustix::fs::unlinkat(own, AGENT_LEAF, rustix::fs::AtFlags::REMOVEDIR);
+        return Err(failed(b"move the agent into its leaf cgroup")(errno));
+    }
+    if let Err(errno) = enable_controllers(own) {
+        // Another process in our cgroup (EBUSY), or no right to: leave things as they were.
+        let _ = write_file(own, c"cgroup.procs", agent);
+        let _ = rustix::fs::unlinkat(own, AGENT_LEAF, rustix::fs::AtFlags::REMOVEDIR);
+        return Err(failed(b"enable controllers in the agent's cgroup")(errno));
+    }
+    make_commands(own, COMMANDS_LEAF, limits)
+}
+
+/// Enables each of [`CONTROLLERS`] that `parent` offers for its children (each on its own, so
+/// one the kernel refuses does not keep the others out); the first failure, if any.
+fn enable_controllers(parent: BorrowedFd<'_>) -> Result<(), Errno> {
+    let mut buf = [0u8; 256];
+    let available = read_file_at(parent, c"cgroup.controllers", &mut buf)?;
+    let mut result = Ok(());
+    for controller in CONTROLLERS {
+        if !available
+            .split(|b| b.is_ascii_whitespace())
+            .any(|name| name == controller)
+        {
+            continue;
+        }
+        let mut line = [0u8; 16];
+        let Some(enable) = cstr::join(&mut line, &[b"+", controller]) else {
+            continue;
+        };
+        if let Err(errno) = write_file(parent, c"cgroup.subtree_control", enable.to_bytes()) {
+            log::Line::new()
+                .push(b"cgroup: cannot enable ")
+                .push(controller)
+                .push(b": errno ")
+                .num(u64::from(errno.raw_os_error().unsigned_abs()))
+                .emit();
+            result = result.and(Err(errno));
+        }
+    }
+    result
+}
+
+/// Creates (or reuses) the commands' cgroup `name` under `parent` and applies `limits`.
+fn make_commands(
+    parent: BorrowedFd<'_>,
+    name: &CStr,
+    limits: &Limits,
+) -> Result<Commands, SetupError> {
+    make_dir(parent, name).map_err(failed(b"create the commands' cgroup"))?;
+    let dir = open_dir(parent, name).map_err(failed(b"open the commands' cgroup"))?;
+    configure(dir.as_fd(), limits);
+    let procs = open_at(dir.as_fd(), c"cgroup.procs", OFlags::WRONLY)
+        .map_err(failed(b"open the commands' cgroup.procs"))?;
+    Ok(Commands { dir, procs })
+}
+
+/// Writes the limits into the commands' cgroup. A file that is missing belongs to a controller
+/// the kernel lacks; any other failure is logged, and the rest still applied.
+fn configure(dir: BorrowedFd<'_>, limits: &Limits) {
+    let mut memory = [0u8; 20];
+    let mut pids = [0u8; 20];
+    let mut cpu = [0u8; 48];
+    let settings: [(&CStr, Option<&[u8]>); 5] = [
+        (
+            c"memory.max",
+            limits.memory_max.map(|max| decimal(&mut memory, max)),
+        ),
+        // Swap would let the commands' memory outgrow memory.max on the machine's disk.
+        (c"memory.swap.max", Some(b"0")),
+        // An OOM kill in the commands' cgroup takes the one process that grew, not every
+        // command of every connection.
+        (c"memory.oom.group", Some(b"0")),
+        (
+            c"pids.max",
+            Some(match limits.pids_max {
+                0 => b"max".as_slice(),
+                max => decimal(&mut pids, u64::from(max)),
+            }),
+        ),
+        (c"cpu.max", Some(cpu_max(&mut cpu, limits.cpu_max_percent))),
+    ];
+    for (file, value) in settings {
+        let Some(value) = value else { continue };
+        match write_file(dir, file, value) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(errno) => log::Line::new()
+                .push(b"cgroup: cannot set ")
+                .push(file.to_bytes())
+                .push(b": errno ")
+                .num(u64::from(errno.raw_os_error().unsigned_abs()))
+                .emit(),
+        }
+    }
+}
+
+/// `cpu.max`'s value, `"QUOTA PERIOD"`: `percent` of one CPU per [`CPU_PERIOD_US`], or
+/// `"max PERIOD"` for 0.
+pub fn cpu_max(buf: &mut [u8; 48], percent: u32) -> &[u8] {
+    let mut quota = [0u8; 20];
+    let quota: &[u8] = match percent {
+        0 => b"max",
+        // At most 4.3e12: no overflow. The kernel refuses a quota under 1 ms (1 %).
+        _ => decimal(&mut quota, u64::from(percent) * (CPU_PERIOD_US / 100)),
+    };
+    let mut period = [0u8; 20];
+    let period = decimal(&mut period, CPU_PERIOD_US);
+    let mut len = 0;
+    for part in [quota, b" ", period] {
+        let end = len + part.len();
+        if let Some(dest) = buf.get_mut(len..end) {
+            dest.copy_from_slice(part);
+            len = end;
+        }
+    }
+    let buf: &[u8] = buf;
+    buf.get(..len).unwrap_or(&[])
+}
+
+/// `value` in decimal, in `buf`.
+pub fn decimal(buf: &mut [u8; 20], mut value: u64) -> &[u8] {
+    let mut first = buf.len();
+    for (at, digit) in buf.iter_mut().enumerate().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+        first = at;
+        if value == 0 {
+            break;
+        }
+    }
+    let buf: &[u8] = buf;
+    buf.get(first..).unwrap_or(&[])
+}
+
+/// `MemTotal` from `/proc/meminfo`'s contents, in bytes.
+pub fn mem_total(meminfo: &[u8]) -> Option<u64> {
+    let line = meminfo
+        .split(|b| *b == b'\n')
+        .find_map(|line| line.strip_prefix(b"MemTotal:"))?;
+    let mut words = line
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty());
+    let kib = parse_u64(words.next()?)?;
+    match words.next() {
+        Some(b"kB") => kib.checked_mul(1024),
+        _ => None,
+    }
+}
+
+/// The agent's cgroup v2 path (`0::/path` in `/proc/self/cgroup`), starting with `/`.
+pub fn unified_path(proc_self_cgroup: &[u8]) -> Option<&[u8]> {
+    proc_self_cgroup
+        .split(|b| *b == b'\n')
+        .find_map(|line| line.strip_prefix(b"0::"))
+        .filter(|path| path.starts_with(b"/"))
+}
+
+fn parse_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |value, digit| {
+        let digit = digit.checked_sub(b'0').filter(|d| *d <= 9)?;
+        value.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
+
+fn cwd() -> BorrowedFd<'static> {
+    rustix::fs::CWD
+}
+
+/// Whether a cgroup2 hierarchy is mounted at `dir`.
+fn is_cgroup2(dir: &CStr) -> bool {
+    rustix::fs::statfs(dir)
+        .is_ok_and(|fs| fs.f_type as u64 == u64::from(linux_raw_sys::general::CGROUP2_SUPER_MAGIC))
+}
+
+fn open_at(dir: BorrowedFd<'_>, path: &CStr, flags: OFlags) -> Result<OwnedFd, Errno> {
+    rustix::fs::openat(dir, path, flags | OFlags::CLOEXEC, Mode::empty())
+}
+
+fn open_dir(dir: BorrowedFd<'_>, path: &CStr) -> Result<OwnedFd, Errno> {
+    open_at(dir, path, OFlags::RDONLY | OFlags::DIRECTORY)
+}
+
+fn make_dir(parent: BorrowedFd<'_>, name: &CStr) -> Result<(), Errno> {
+    match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o755)) {
+        Ok(()) | Err(Errno::EXIST) => Ok(()),
+        Err(errno) => Err(errno),
+    }
+}
+
+/// Writes `value` to the cgroup file `name` in `dir`, in one `write` (as cgroup files want).
+fn write_file(dir: BorrowedFd<'_>, name: &CStr, value: &[u8]) -> Result<(), Errno> {
+    let file = open_at(dir, name, OFlags::WRONLY)?;
+    loop {
+        match rustix::io::write(&file, value) {
+            Ok(_) => return Ok(()),
+            Err(Errno::INTR) => {}
+            Err(errno) => return Err(errno),
+        }
+    }
+}
+
+/// Reads as much of `path` (relative to `dir`) as fits `buf`.
+fn read_file_at<'b>(
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    buf: &'b mut [u8],
+) -> Result<&'b [u8], Errno> {
+    let file = open_at(dir, path, OFlags::RDONLY)?;
+    let mut len = 0;
+    while let Some(rest @ [_, ..]) = buf.get_mut(len..) {
+        let room = rest.len();
+        match rustix::io::read(&file, rest) {
+            Ok(0) => break,
+            Ok(n) => len += n.min(room),
+            Err(Errno::INTR) => {}
+            Err(errno) => return Err(errno),
+        }
+    }
+    let buf: &'b [u8] = buf;
+    Ok(buf.get(..len).unwrap_or(&[]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_total_from_meminfo() {
+        let meminfo = b"MemTotal:         254564 kB\nMemFree:          220000 kB\n";
+        assert_eq!(mem_total(meminfo), Some(254_564 * 1024));
+        let later = b"MemFree:  1 kB\nMemTotal:\t16 kB\n";
+        assert_eq!(mem_total(later), Some(16 * 1024));
+        assert_eq!(mem_total(b""), None);
+        assert_eq!(mem_total(b"MemTotal:\n"), None);
+        assert_eq!(mem_total(b"MemTotal: 12 MB\n"), None, "only kB is known");
+        assert_eq!(mem_total(b"MemTotal: 12\n"), None);
+        assert_eq!(mem_total(b"MemTotal: -1 kB\n"), None);
+        assert_eq!(mem_total(b"MemTotal: 99999999999999999999 kB\n"), None);
+        assert_eq!(
+            mem_total(b"MemTotal: 18014398509481984 kB\n"),
+            None,
+            "overflows in bytes"
+        );
+        let real = std::fs::read("/proc/meminfo").unwrap();
+        assert!(mem_total(&real).is_some_and(|total| total > 0));
+    }
+
+    #[test]
+    fn the_agent_keeps_a_tenth_and_at_least_32_mib() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(agent_reserve(0), 32 * MIB);
+        assert_eq!(agent_reserve(256 * MIB), 32 * MIB);
+        assert_eq!(agent_reserve(320 * MIB), 32 * MIB);
+        assert_eq!(agent_reserve(1000 * MIB), 100 * MIB);
+        assert_eq!(agent_reserve(u64::MAX), u64::MAX / 10);
+
+        let mut policy = crate::policy::Policy::defaults();
+        let limits = Limits::from_policy(&policy, Some(256 * MIB));
+        assert_eq!(limits.memory_max, Some(224 * MIB));
+        assert_eq!(limits.pids_max, 4096);
+        assert_eq!(limits.cpu_max_percent, 0);
+        // Not even the reserve: memory stays unlimited rather than 0 (which kills everything).
+        assert_eq!(
+            Limits::from_policy(&policy, Some(32 * MIB)).memory_max,
+            None
+        );
+        assert_eq!(
+            Limits::from_policy(&policy, Some(20 * MIB)).memory_max,
+            None
+        );
+        assert_eq!(Limits::from_policy(&policy, None).memory_max, None);
+        policy.memory_max = 100 * MIB;
+        assert_eq!(
+            Limits::from_policy(&policy, Some(256 * MIB)).memory_max,
+            Some(100 * MIB)
+        );
+    }
+
+    #[test]
+    fn cpu_max_values() {
+        let mut buf = [0u8; 48];
+        assert_eq!(cpu_max(&mut buf, 0), b"max 100000");
+        assert_eq!(cpu_max(&mut buf, 1), b"1000 100000");
+        assert_eq!(cpu_max(&mut buf, 50), b"50000 100000");
+        assert_eq!(cpu_max(&mut buf, 100), b"100000 100000");
+        assert_eq!(cpu_max(&mut buf, 250), b"250000 100000");
+        assert_eq!(cpu_max(&mut buf, u32::MAX), b"4294967295000 100000");
+    }
+
+    #[test]
+    fn decimals() {
+        let mut buf = [0u8; 20];
+        assert_eq!(decimal(&mut buf, 0), b"0");
+        assert_eq!(decimal(&mut buf, 4096), b"4096");
+        assert_eq!(decimal(&mut buf, u64::MAX), b"18446744073709551615");
+    }
+
+    #[test]
+    fn the_unified_hierarchy_line_of_proc_self_cgroup() {
+        assert_eq!(
+            unified_path(b"0::/system.slice/ferry.service\n"),
+            Some(b"/system.slice/ferry.service".as_slice())
+        );
+        let hybrid = b"9:name=systemd:/\n4:memory:/x\n0::/\n";
+        assert_eq!(unified_path(hybrid), Some(b"/".as_slice()));
+        assert_eq!(
+            unified_path(b"4:memory:/x\n1:cpu:/\n"),
+            None,
+            "cgroup v1 only"
+        );
+        assert_eq!(unified_path(b"0::relative\n"), None);
+        assert_eq!(unified_path(b"0::"), None);
+        assert_eq!(unified_path(b""), None);
+        let real = std::fs::read("/proc/self/cgroup").unwrap();
+        if real.starts_with(b"0::") || real.windows(4).any(|w| w == b"\n0::") {
+            assert!(unified_path(&real).is_some());
+        }
+    }
+
+    /// A cgroup2 directory this test may create and remove, if the machine has a writable one.
+    fn scratch_cgroup(name: &str) -> Option<std::path::PathBuf> {
+        let mount = [MOUNT_POINT, HYBRID_MOUNT_POINT]
+            .into_iter()
+            .find(|dir| is_cgroup2(dir))?;
+        let dir = std::path::Path::new(mount.to_str().ok()?)
+            .join(format!("ferry-test-{name}-{}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        Some(dir)
+    }
+
+    fn cgroup_of(pid: u32) -> String {
+        let text = std::fs::read(format!("/proc/{pid}/cgroup")).unwrap();
+        String::from_utf8_lossy(unified_path(&text).unwrap()).into_owned()
+    }
+
+    /// The service-mode layout in a scratch cgroup of our own, with a `sleep` standing in for
+    /// the agent (the test harness itself stays where it is), then `cgroup.kill`.
+    #[test]
+    fn a_delegated_cgroup_gets_an_agent_leaf_and_a_commands_leaf() {
+        use std::os::unix::process::CommandExt;
+        let Some(scratch) = scratch_cgroup("delegated") else {
+            eprintln!("skipped: no writable cgroup2 hierarchy here");
+            return;
+        };
+        let mut agent = std::process::Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut command = std::process::Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            std::fs::write(scratch.join("cgroup.procs"), agent.id().to_string()).unwrap();
+            let path = std::ffi::CString::new(scratch.to_str().unwrap()).unwrap();
+            let own = open_dir(cwd(), &path).unwrap();
+            let limits = Limits {
+                memory_max: Some(64 << 20),
+                pids_max: 7,
+                cpu_max_percent: 50,
+            };
+            let pid = agent.id().to_string();
+            let commands = setup_in(own.as_fd(), &limits, pid.as_bytes()).unwrap();
+            let relative = cgroup_of(agent.id());
+            assert!(relative.ends_with("/agent"), "{relative}");
+            assert!(scratch.join("commands").is_dir());
+            // A child joins by writing to the descriptor kept open (here by pid; the child
+            // writes "0").
+            rustix::io::write(&commands.procs, command.id().to_string().as_bytes()).unwrap();
+            assert!(cgroup_of(command.id()).ends_with("/commands"));
+            // Controllers this hierarchy lacks leave their files out: nothing else failed.
+            if let Ok(pids) = std::fs::read_to_string(scratch.join("commands/pids.max")) {
+                assert_eq!(pids.trim(), "7");
+            }
+            if scratch.join("commands/cgroup.kill").exists() {
+                assert_eq!(kill_all_in(commands.dir.as_fd()), Ok(1));
+                let status = command.wait().unwrap();
+                use std::os::unix::process::ExitStatusExt;
+                assert_eq!(status.signal(), Some(9));
+            }
+        }));
+        let _ = command.kill();
+        let _ = command.wait();
+        let _ = agent.kill();
+        let _ = agent.wait();
+        for leaf in ["commands", "agent", ""] {
+            let dir = scratch.join(leaf);
+            // A cgroup whose last process just died may still be busy for a moment.
+            for _ in 0..100 {
+                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        assert!(!scratch.exists(), "scratch cgroup left behind");
+        result.unwrap();
+    }
+
+    #[test]
+    fn without_a_cgroup_kill_all_is_not_supported() {
+        // Unit tests never run `setup`.
+        assert_eq!(kill_all_commands(), Err(Errno::NOSYS));
+        assert_eq!(bounds(), Bounds::RlimitsOnly);
+        assert!(commands_procs().is_none());
+    }
+}

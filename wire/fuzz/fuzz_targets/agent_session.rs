@@ -1,0 +1,758 @@
+//! The agent's session under arbitrary client bytes, in arbitrary pieces, with the driver's
+//! commands (started, refuse, stdin consumed, child exited, output, finish, timeouts, EOF) in an
+//! order the fuzzer chooses. Beside "no panic", a model of the protocol checks every answer:
+//! which frames are accepted and which are a typed breach, which commands are allowed, and the
+//! agent's own stream (checked frame by frame as it is sent): the hello first and once, `Started`
+//! before output, credit never beyond what was consumed, stdin never beyond the window, exactly
+//! one final frame and nothing after it, and after a breach exactly one error frame.
+
+#![no_main]
+
+use arbitrary::{Arbitrary, Unstructured};
+use ferry_wire::limits::{MAX_DATA, MAX_FRAME, MAX_FRAME_BODY, MAX_MESSAGE, STDIN_WINDOW};
+use ferry_wire::session::{
+    AgentConfig, AgentEvent, AgentSession, Micros, OutputPhase, Phase, Refusal, SessionError,
+};
+use ferry_wire::{
+    decode_agent_frame, decode_client_frame, split_frame, AgentFrame, ClientFrame, DataKind,
+    ErrorCode, ExitStatus, Limits, StdinMode, DATA_HEADROOM, MAGIC,
+};
+use ferry_wire_fuzz::{arbitrary_steps, split_input, whole_frames};
+use libfuzzer_sys::fuzz_target;
+
+/// How the agent is configured.
+#[derive(Arbitrary, Debug)]
+struct Setup {
+    /// A stdin window other than the protocol's (0: the protocol's).
+    window: u16,
+    /// Tighter request limits.
+    max_args: u8,
+    /// The drain limit, in bytes (0: ferry's 4 MiB).
+    drain_limit: u16,
+    /// The agent's version string, cut to the protocol's bound when sent.
+    long_version: bool,
+}
+
+/// One move of the agent's driver.
+#[derive(Arbitrary, Debug)]
+enum Step {
+    /// Receive the next `len` bytes of the client's stream and handle every whole frame.
+    Receive { len: u16 },
+    /// `poll_transmit` into a buffer of `room` bytes (0: a whole frame's).
+    Transmit { room: u16 },
+    /// The command was spawned.
+    Started { pid: u32 },
+    /// Refuse the request (or fail the agent).
+    Refuse { code: u8, errno: u32, long: bool },
+    /// Stdin was written to the command (a share of what is unconsumed, in 1/256ths).
+    StdinConsumed { share: u8 },
+    /// The command exited.
+    ChildExited { code: u8, signal: Option<u8> },
+    /// Output read from a pipe (the pump sends control frames first).
+    Output { stderr: bool, len: u32 },
+    /// Some output was lost.
+    NoteDropped,
+    /// The pipes are done: queue the termination record.
+    Finish,
+    /// Time passes; the driver checks the deadlines.
+    Advance { micros: u32 },
+    /// The client's stream ended.
+    Eof,
+}
+
+fuzz_target!(|data: &[u8]| {
+    let (choices, wire) = split_input(data);
+    let mut u = Unstructured::new(choices);
+    let setup = Setup::arbitrary(&mut u).unwrap_or(Setup {
+        window: 0,
+        max_args: 0,
+        drain_limit: 0,
+        long_version: false,
+    });
+    let steps: Vec<Step> = arbitrary_steps(&mut u);
+    let mut run = Run::new(&setup, wire);
+    for step in steps {
+        run.step(step);
+    }
+    // Then as a well-behaved driver would end it: take the rest, run the command, end.
+    for step in [
+        Step::Receive { len: 0 },
+        Step::Transmit { room: 0 },
+        Step::Started { pid: 7 },
+        Step::StdinConsumed { share: 255 },
+        Step::Transmit { room: 0 },
+        Step::Output {
+            stderr: false,
+            len: 3,
+        },
+        Step::ChildExited {
+            code: 0,
+            signal: None,
+        },
+        Step::Output {
+            stderr: true,
+            len: 5,
+        },
+        Step::Finish,
+        Step::Transmit { room: 0 },
+        Step::Eof,
+    ] {
+        run.step(step);
+    }
+    run.end();
+});
+
+const START: Micros = 1_000;
+const LONG_VERSION: &str = "a-version-string-well-beyond-thirty-two-bytes";
+/// Two-byte characters, so a cut to [`MAX_MESSAGE`] must find a character boundary.
+const LONG_MESSAGE: &str = "ééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééé";
+
+/// The model's view of the agent's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitHello,
+    AwaitRequest,
+    Starting,
+    Running,
+    Closing,
+    Closed,
+}
+
+struct Run<'a> {
+    session: AgentSession,
+    config: AgentConfig,
+    now: Micros,
+    wire: &'a [u8],
+    /// Bytes of `wire` received so far.
+    received: usize,
+    /// Received and not consumed by the session.
+    inbox: Vec<u8>,
+    model: Model,
+    /// Everything the agent sent, and how much of it was checked.
+    sent: Vec<u8>,
+    checked: usize,
+    stream: StreamCheck,
+}
+
+/// What the protocol says the session must be doing.
+struct Model {
+    state: State,
+    /// The handshake or final-send deadline.
+    deadline: Option<Micros>,
+    stdin_piped: bool,
+    stdin_eof: bool,
+    /// Stdin bytes handed to the driver, and not yet written by it.
+    stdin_received: u64,
+    stdin_unconsumed: u64,
+    started_at: Micros,
+    exit: Option<(ExitStatus, Micros)>,
+    drained: u64,
+    dropped: bool,
+    /// The final frame the session owes: an error (with its code, errno and message) or the
+    /// termination record.
+    owed_final: Option<AgentFrame<'static>>,
+    /// A hello answer is owed (not yet sent).
+    hello_owed: bool,
+    /// A started record is owed (not yet sent).
+    started_owed: Option<u32>,
+}
+
+/// The agent's stream as a client sees it.
+#[derive(Default)]
+struct StreamCheck {
+    frames: usize,
+    hello: bool,
+    started: bool,
+    final_seen: bool,
+    credit_total: u64,
+}
+
+impl<'a> Run<'a> {
+    fn new(setup: &Setup, wire: &'a [u8]) -> Self {
+        let mut limits = Limits::CURRENT;
+        if setup.window != 0 {
+            limits.stdin_window = u32::from(setup.window);
+        }
+        if setup.max_args != 0 {
+            limits.max_args = u32::from(setup.max_args);
+        }
+        let config = AgentConfig {
+            agent_version: if setup.long_version {
+                LONG_VERSION
+            } else {
+                "fuzz"
+            },
+            limits,
+            drain_limit: match setup.drain_limit {
+                0 => AgentConfig::DEFAULT.drain_limit,
+                n => usize::from(n),
+            },
+            ..AgentConfig::DEFAULT
+        };
+        Run {
+            session: AgentSession::new(config, START),
+            config,
+            now: START,
+            wire,
+            received: 0,
+            inbox: Vec::new(),
+            model: Model {
+                state: State::AwaitHello,
+                deadline: Some(START + config.handshake_timeout),
+                stdin_piped: false,
+                stdin_eof: false,
+                stdin_received: 0,
+                stdin_unconsumed: 0,
+                started_at: START,
+                exit: None,
+                drained: 0,
+                dropped: false,
+                owed_final: None,
+                hello_owed: false,
+                started_owed: None,
+            },
+            sent: Vec::new(),
+            checked: 0,
+            stream: StreamCheck::default(),
+        }
+    }
+
+    fn window(&self) -> u64 {
+        u64::from(self.config.limits.stdin_window).min(STDIN_WINDOW as u64)
+    }
+
+    fn closing(&self) -> bool {
+        matches!(self.model.state, State::Closing | State::Closed)
+    }
+
+    fn phase(&self) -> Phase {
+        match self.model.state {
+            State::AwaitHello => Phase::Hello,
+            State::AwaitRequest => Phase::Idle,
+            State::Starting => Phase::Starting,
+            State::Running => Phase::Running,
+            State::Closing | State::Closed => Phase::Done,
+        }
+    }
+
+    fn step(&mut self, step: Step) {
+        assert_eq!(self.session.phase(), self.phase(), "phase before {step:?}");
+        assert_eq!(self.session.is_closing(), self.closing());
+        match step {
+            Step::Receive { len } => self.receive(len),
+            Step::Transmit { room } => self.transmit(room),
+            Step::Started { pid } => {
+                let result = self.session.started(pid, self.now);
+                if self.model.state == State::Starting {
+                    assert_eq!(result, Ok(()));
+                    self.model.state = State::Running;
+                    self.model.started_at = self.now;
+                    self.model.started_owed = Some(pid);
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
+            Step::Refuse { code, errno, long } => {
+                let code = error_code(code);
+                let message = if long { LONG_MESSAGE } else { "refused" };
+                let refusal = Refusal::os(code, errno, message);
+                let result = self.session.refuse(refusal, self.now);
+                if self.closing() {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                } else {
+                    assert_eq!(result, Ok(()));
+                    self.fail(code, errno, message);
+                }
+            }
+            Step::StdinConsumed { share } => {
+                // NOTE: only once started. Before `started` a consumed byte makes the session
+                // send credit ahead of `Started`, which a client refuses (reported; a pump never
+                // writes stdin before the command exists).
+                if self.model.state != State::Running {
+                    return;
+                }
+                let n = self.model.stdin_unconsumed * (u64::from(share) + 1) / 256;
+                self.session.stdin_consumed(n as usize);
+                self.model.stdin_unconsumed -= n;
+            }
+            Step::ChildExited { code, signal } => {
+                let status = match signal {
+                    Some(number) => ExitStatus::Signal {
+                        number,
+                        core_dumped: code & 1 == 1,
+                    },
+                    None => ExitStatus::Code(code),
+                };
+                let result = self.session.child_exited(status, self.now);
+                if self.model.state == State::Running && self.model.exit.is_none() {
+                    assert_eq!(result, Ok(()));
+                    self.model.exit = Some((status, self.now));
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
+            Step::Output { stderr, len } => self.output(stderr, len),
+            Step::NoteDropped => {
+                self.session.note_output_dropped();
+                self.model.dropped = true;
+            }
+            Step::Finish => {
+                let result = self.session.finish(self.now);
+                match (self.model.state, self.model.exit) {
+                    (State::Running, Some((status, ended))) => {
+                        assert_eq!(result, Ok(()));
+                        self.model.owed_final = Some(AgentFrame::Exited(ferry_wire::Termination {
+                            status,
+                            duration_us: ended.saturating_sub(self.model.started_at),
+                            output_dropped: self.model.dropped,
+                        }));
+                        self.enter_closing();
+                    }
+                    _ => assert_eq!(result, Err(SessionError::InvalidState)),
+                }
+            }
+            Step::Advance { micros } => self.advance(micros),
+            Step::Eof => {
+                let result = self.session.handle_eof();
+                match self.model.state {
+                    State::Starting | State::Running => assert!(
+                        matches!(
+                            result,
+                            Err(SessionError::Disconnected {
+                                mid_frame: false,
+                                ..
+                            })
+                        ),
+                        "{result:?}"
+                    ),
+                    _ => assert_eq!(result, Ok(())),
+                }
+                self.model.state = State::Closed;
+                // Nothing is owed to a client that is gone, but the session may still offer
+                // what it had queued; the stream check below holds whatever it sends.
+            }
+        }
+        self.check_output_phase();
+    }
+
+    fn enter_closing(&mut self) {
+        self.model.state = State::Closing;
+        self.model.deadline = Some(self.now.saturating_add(self.config.final_send_timeout));
+    }
+
+    /// A breach, a refusal or a handshake timeout: one error frame, then nothing.
+    fn fail(&mut self, code: ErrorCode, errno: u32, message: &'static str) {
+        self.model.owed_final = Some(AgentFrame::Error(ferry_wire::ErrorFrame {
+            code,
+            errno,
+            message,
+        }));
+        self.model.started_owed = None;
+        self.model.stdin_unconsumed = 0;
+        self.enter_closing();
+    }
+
+    fn receive(&mut self, len: u16) {
+        let rest = &self.wire[self.received..];
+        let take = if len == 0 {
+            rest.len()
+        } else {
+            usize::from(len).min(rest.len())
+        };
+        self.inbox.extend_from_slice(&rest[..take]);
+        self.received += take;
+        if self.model.state == State::Closed {
+            // The driver stopped reading.
+            return;
+        }
+        loop {
+            let inbox = std::mem::take(&mut self.inbox);
+            let expected = self.expect_input(&inbox);
+            let result = self.session.handle_input(&inbox, self.now);
+            let used = match (result, expected) {
+                (Ok(input), Expect::NeedMore) => {
+                    assert_eq!((input.consumed, input.event.is_none()), (0, true));
+                    None
+                }
+                (Ok(input), Expect::Consume(used)) => {
+                    assert_eq!(input.consumed, used);
+                    assert!(input.event.is_none(), "an event while closing");
+                    Some(used)
+                }
+                (Ok(input), Expect::Event(used)) => {
+                    assert_eq!(input.consumed, used);
+                    self.on_event(input.event.expect("an event"));
+                    Some(used)
+                }
+                (Err(err), Expect::Breach(expected, code)) => {
+                    assert_eq!(err, expected);
+                    // The message is the session's; the code is the protocol's.
+                    self.fail(code, 0, "");
+                    None
+                }
+                (got, expected) => {
+                    panic!("{got:?}, expected {expected:?} in {:?}", self.model.state)
+                }
+            };
+            self.inbox = inbox;
+            match used {
+                Some(n) => {
+                    self.inbox.drain(..n);
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// What the session must do with the front of the inbox.
+    fn expect_input(&self, inbox: &[u8]) -> Expect {
+        let split = split_frame(inbox, MAX_FRAME_BODY);
+        if self.closing() {
+            return match split {
+                Ok(Some((_, used))) => Expect::Consume(used),
+                _ => Expect::NeedMore,
+            };
+        }
+        let (body, used) = match split {
+            Ok(Some(split)) => split,
+            Ok(None) => return Expect::NeedMore,
+            Err(err) => {
+                return Expect::Breach(
+                    SessionError::FrameTooLarge {
+                        declared: err.declared,
+                    },
+                    ErrorCode::FrameTooLarge,
+                )
+            }
+        };
+        let Ok(frame) = decode_client_frame(body) else {
+            return Expect::Breach(SessionError::Malformed, ErrorCode::Malformed);
+        };
+        let unexpected = |kind| {
+            Expect::Breach(
+                SessionError::Unexpected {
+                    frame: kind,
+                    phase: self.phase(),
+                },
+                ErrorCode::ProtocolViolation,
+            )
+        };
+        let kind = frame_kind(&frame);
+        let stdin_open = self.model.stdin_piped && !self.model.stdin_eof;
+        match (self.model.state, frame) {
+            (State::AwaitHello, ClientFrame::Hello(hello)) => {
+                let low = hello.min_version.max(ferry_wire::MIN_PROTOCOL_VERSION);
+                let high = hello.max_version.min(ferry_wire::PROTOCOL_VERSION);
+                if hello.magic != MAGIC {
+                    Expect::Breach(SessionError::NotFerry, ErrorCode::UnsupportedVersion)
+                } else if low > high {
+                    Expect::Breach(
+                        SessionError::UnsupportedVersion { chosen: 0 },
+                        ErrorCode::UnsupportedVersion,
+                    )
+                } else {
+                    Expect::Event(used)
+                }
+            }
+            (State::AwaitRequest, ClientFrame::Exec(request)) => {
+                match request.validate_within(&self.config.limits) {
+                    Ok(_) => Expect::Event(used),
+                    Err(err) => Expect::Breach(
+                        SessionError::InvalidRequest {
+                            message: err.message,
+                        },
+                        err.code,
+                    ),
+                }
+            }
+            (State::Starting | State::Running, ClientFrame::Stdin(data)) if stdin_open => {
+                let outstanding = self.model.stdin_received - self.stream.credit_total;
+                if outstanding + data.0.len() as u64 > self.window() {
+                    Expect::Breach(SessionError::CreditExceeded, ErrorCode::ProtocolViolation)
+                } else {
+                    Expect::Event(used)
+                }
+            }
+            (State::Starting | State::Running, ClientFrame::StdinEof) if stdin_open => {
+                Expect::Event(used)
+            }
+            _ => unexpected(kind),
+        }
+    }
+
+    fn on_event(&mut self, event: AgentEvent<'_>) {
+        match event {
+            AgentEvent::Hello => {
+                assert_eq!(self.model.state, State::AwaitHello);
+                self.model.state = State::AwaitRequest;
+                self.model.hello_owed = true;
+            }
+            AgentEvent::Exec(valid) => {
+                assert_eq!(self.model.state, State::AwaitRequest);
+                let request = valid.request();
+                assert!(
+                    request.validate().is_ok(),
+                    "a valid exec is valid by ours too"
+                );
+                self.model.state = State::Starting;
+                self.model.deadline = None;
+                self.model.stdin_piped = request.stdin == StdinMode::Pipe;
+            }
+            AgentEvent::Stdin(data) => {
+                assert!(self.model.stdin_piped && !self.model.stdin_eof);
+                self.model.stdin_received += data.len() as u64;
+                self.model.stdin_unconsumed += data.len() as u64;
+                // Stdin never exceeds the credit the agent granted.
+                assert!(self.model.stdin_received <= self.window() + self.stream.credit_total);
+            }
+            AgentEvent::StdinEof => {
+                assert!(self.model.stdin_piped && !self.model.stdin_eof);
+                self.model.stdin_eof = true;
+            }
+        }
+    }
+
+    fn transmit(&mut self, room: u16) {
+        let room = if room == 0 {
+            MAX_FRAME
+        } else {
+            usize::from(room)
+        };
+        let mut out = vec![0u8; room];
+        match self.session.poll_transmit(&mut out) {
+            Ok(n) => {
+                assert!(n <= room);
+                self.sent.extend_from_slice(&out[..n]);
+                self.check_stream();
+                if n == 0 {
+                    // Nothing queued, so nothing owed.
+                    assert!(!self.model.hello_owed && self.model.started_owed.is_none());
+                    assert!(self.model.owed_final.is_none(), "a final frame withheld");
+                }
+                // With room for everything, consumed stdin is credited back in full once all of
+                // it is consumed (no stall waiting for a batch that cannot fill).
+                if room == MAX_FRAME
+                    && self.model.state == State::Running
+                    && self.model.stdin_unconsumed == 0
+                {
+                    assert_eq!(
+                        self.stream.credit_total, self.model.stdin_received,
+                        "credit held back"
+                    );
+                }
+            }
+            Err(err) => {
+                assert_eq!(err, SessionError::BufferTooSmall);
+                assert!(room < 512, "a small buffer only");
+            }
+        }
+    }
+
+    fn output(&mut self, stderr: bool, len: u32) {
+        // Like the pump: control frames first, one frame in flight.
+        let before = self.sent.len();
+        self.transmit(0);
+        if self.sent.len() > before {
+            return;
+        }
+        let len = (len as usize) % (MAX_DATA + 2);
+        let kind = if stderr {
+            DataKind::Stderr
+        } else {
+            DataKind::Stdout
+        };
+        let mut buf = vec![0u8; DATA_HEADROOM + len];
+        for (i, byte) in buf[DATA_HEADROOM..].iter_mut().enumerate() {
+            *byte = i as u8;
+        }
+        let result = self.session.frame_output(&mut buf, kind, len);
+        if self.model.state != State::Running {
+            assert_eq!(result, Err(SessionError::InvalidState));
+            return;
+        }
+        if len > MAX_DATA {
+            assert!(result.is_err(), "{len} bytes framed");
+            return;
+        }
+        let start = result.expect("output while running");
+        self.sent.extend_from_slice(&buf[start..]);
+        if self.model.exit.is_some() {
+            self.model.drained += len as u64;
+            if self.model.drained > self.config.drain_limit as u64 {
+                self.model.dropped = true;
+            }
+        }
+        self.check_stream();
+    }
+
+    fn advance(&mut self, micros: u32) {
+        // Mostly small steps, sometimes past every deadline.
+        self.now = self.now.saturating_add(u64::from(micros) * 16);
+        let expired = self
+            .model
+            .deadline
+            .is_some_and(|deadline| self.now >= deadline);
+        let result = self.session.handle_timeout(self.now);
+        match self.model.state {
+            State::AwaitHello | State::AwaitRequest if expired => {
+                assert_eq!(
+                    result,
+                    Err(SessionError::TimedOut {
+                        phase: self.phase()
+                    })
+                );
+                self.fail(ErrorCode::ProtocolViolation, 0, "");
+            }
+            State::Closing if expired => {
+                assert_eq!(result, Err(SessionError::TimedOut { phase: Phase::Done }));
+                self.model.state = State::Closed;
+            }
+            _ => assert_eq!(result, Ok(())),
+        }
+        if let Some(deadline) = self.session.poll_timeout() {
+            assert!(deadline > self.now, "a spent deadline is still reported");
+        }
+    }
+
+    fn check_output_phase(&self) {
+        let phase = self.session.output_phase(self.now);
+        let expected = match self.model.exit {
+            _ if self.model.dropped && self.model.drained > self.config.drain_limit as u64 => {
+                OutputPhase::Closed
+            }
+            None => OutputPhase::Open,
+            Some((_, ended)) if self.now < ended.saturating_add(self.config.drain_grace) => {
+                OutputPhase::Grace
+            }
+            Some(_) => OutputPhase::Drain,
+        };
+        assert_eq!(phase, expected);
+    }
+
+    /// Checks every new frame of the agent's stream against the protocol and the model.
+    fn check_stream(&mut self) {
+        let (frames, used) = whole_frames(&self.sent[self.checked..]);
+        let frames: Vec<Vec<u8>> = frames.into_iter().map(<[u8]>::to_vec).collect();
+        assert_eq!(
+            self.checked + used,
+            self.sent.len(),
+            "the agent sent part of a frame"
+        );
+        self.checked += used;
+        for body in frames {
+            let frame = decode_agent_frame(&body).expect("the agent's frames decode");
+            assert!(!self.stream.final_seen, "{frame:?} after the final frame");
+            let first = self.stream.frames == 0;
+            self.stream.frames += 1;
+            match frame {
+                AgentFrame::Hello(hello) => {
+                    assert!(first, "a hello that is not the first frame");
+                    assert!(self.model.hello_owed);
+                    self.model.hello_owed = false;
+                    self.stream.hello = true;
+                    assert_eq!(hello.magic, MAGIC);
+                    assert_eq!(hello.limits, self.config.limits);
+                    assert!(self.config.agent_version.starts_with(hello.agent_version));
+                    assert!(hello.agent_version.len() <= ferry_wire::limits::MAX_VERSION_STRING);
+                }
+                AgentFrame::Started(started) => {
+                    assert!(self.stream.hello && !self.stream.started);
+                    assert_eq!(Some(started.pid), self.model.started_owed.take());
+                    self.stream.started = true;
+                }
+                AgentFrame::Stdout(_) | AgentFrame::Stderr(_) => {
+                    assert!(self.stream.started, "output before Started");
+                }
+                AgentFrame::StdinCredit(n) => {
+                    assert!(self.stream.started, "credit before Started");
+                    assert!(n > 0, "empty credit");
+                    self.stream.credit_total += u64::from(n);
+                    let consumed = self.model.stdin_received - self.model.stdin_unconsumed;
+                    assert!(
+                        self.stream.credit_total <= consumed,
+                        "credit beyond consumption"
+                    );
+                }
+                AgentFrame::Exited(end) => {
+                    assert!(self.stream.started);
+                    if self.model.stdin_unconsumed == 0 {
+                        assert_eq!(self.stream.credit_total, self.model.stdin_received);
+                    }
+                    let owed = self.model.owed_final.take();
+                    assert_eq!(owed, Some(AgentFrame::Exited(end)));
+                    self.stream.final_seen = true;
+                }
+                AgentFrame::Error(err) => {
+                    assert!(!self.model.hello_owed, "the owed hello goes first");
+                    let Some(AgentFrame::Error(owed)) = self.model.owed_final.take() else {
+                        panic!("an error frame nobody caused: {err:?}");
+                    };
+                    assert_eq!(err.code, owed.code);
+                    assert_eq!(err.errno, owed.errno);
+                    assert!(err.message.len() <= MAX_MESSAGE);
+                    if !owed.message.is_empty() {
+                        assert!(owed.message.starts_with(err.message));
+                    }
+                    self.stream.final_seen = true;
+                }
+                AgentFrame::Ready(_) => panic!("a readiness report on an exec connection"),
+            }
+        }
+    }
+
+    /// The end of the run: drain what is queued; whatever was owed must have gone out.
+    fn end(&mut self) {
+        for _ in 0..8 {
+            self.transmit(0);
+        }
+        assert!(
+            self.model.owed_final.is_none(),
+            "a final frame owed and never sent"
+        );
+        assert!(!self.model.hello_owed && self.model.started_owed.is_none());
+        assert!(
+            self.session.is_closed() || !self.closing(),
+            "closing with nothing to send"
+        );
+    }
+}
+
+/// What the session must do with the input.
+#[derive(Debug)]
+enum Expect {
+    NeedMore,
+    /// Drop a frame without an event (the session is closing).
+    Consume(usize),
+    Event(usize),
+    Breach(SessionError, ErrorCode),
+}
+
+fn frame_kind(frame: &ClientFrame<'_>) -> ferry_wire::session::FrameKind {
+    use ferry_wire::session::FrameKind;
+    match frame {
+        ClientFrame::Hello(_) => FrameKind::Hello,
+        ClientFrame::Exec(_) => FrameKind::Exec,
+        ClientFrame::Stdin(_) => FrameKind::Stdin,
+        ClientFrame::StdinEof => FrameKind::StdinEof,
+    }
+}
+
+fn error_code(n: u8) -> ErrorCode {
+    const CODES: [ErrorCode; 14] = [
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::Malformed,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::ProtocolViolation,
+        ErrorCode::LimitExceeded,
+        ErrorCode::InvalidRequest,
+        ErrorCode::NotFound,
+        ErrorCode::PermissionDenied,
+        ErrorCode::ExecFormat,
+        ErrorCode::BadCwd,
+        ErrorCode::SpawnFailed,
+        ErrorCode::ResourceExhausted,
+        ErrorCode::Busy,
+        ErrorCode::Internal,
+    ];
+    CODES[usize::from(n) % CODES.len()]
+}

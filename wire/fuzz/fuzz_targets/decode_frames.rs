@@ -1,0 +1,104 @@
+//! Arbitrary bytes through `split_frame` and both decoders. Whatever decodes must survive a round
+//! trip (encode → decode gives the same frame, and re-encoding gives the same bytes); the data
+//! frames built in place must match the encoder byte for byte; nothing may panic.
+
+#![no_main]
+
+use ferry_wire::limits::{MAX_DATA, MAX_FRAME, MAX_FRAME_BODY};
+use ferry_wire::{
+    decode_agent_frame, decode_client_frame, encode_agent_frame, encode_client_frame,
+    frame_data_in_place, split_frame, AgentFrame, ClientFrame, DataKind, DATA_HEADROOM,
+};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let mut rest = data;
+    loop {
+        match split_frame(rest, MAX_FRAME_BODY) {
+            Ok(Some((body, used))) => {
+                assert!(used == body.len() + 4 && used <= rest.len());
+                check_client(body);
+                check_agent(body);
+                rest = &rest[used..];
+            }
+            Ok(None) => break,
+            Err(err) => {
+                assert!(err.declared as usize > MAX_FRAME_BODY);
+                break;
+            }
+        }
+    }
+    // Every body, framed or not, goes through both decoders too: the front of a stream is not
+    // the only place a decoder meets bytes.
+    check_client(data);
+    check_agent(data);
+});
+
+fn check_client(body: &[u8]) {
+    let Ok(frame) = decode_client_frame(body) else {
+        return;
+    };
+    let mut out = vec![0u8; MAX_FRAME];
+    let n = encode_client_frame(&frame, &mut out).expect("a decoded client frame encodes");
+    // A re-encoding is never longer than what decoded (postcard's encoding is the shortest).
+    assert!(n <= body.len() + 4, "{frame:?}: {n} > {}", body.len() + 4);
+    let (again, used) = split_frame(&out[..n], MAX_FRAME_BODY)
+        .expect("within the limit")
+        .expect("whole");
+    assert_eq!(used, n);
+    let decoded = decode_client_frame(again).expect("an encoded client frame decodes");
+    assert_eq!(decoded, frame);
+    let mut twice = vec![0u8; MAX_FRAME];
+    let m = encode_client_frame(&decoded, &mut twice).expect("encodes again");
+    assert_eq!(out[..n], twice[..m]);
+    if let ClientFrame::Exec(request) = frame {
+        // Validation is total, and what it accepts stays accepted.
+        if let Ok(valid) = request.validate() {
+            assert_eq!(*valid.request(), request);
+            assert!(!request.argv.is_empty());
+        }
+        let _ = request.argv.entries().count() + request.env.entries().count();
+    }
+    if let ClientFrame::Stdin(data) = frame {
+        check_in_place(DataKind::Stdin, data.0, &out[..n]);
+    }
+}
+
+fn check_agent(body: &[u8]) {
+    let Ok(frame) = decode_agent_frame(body) else {
+        return;
+    };
+    let mut out = vec![0u8; MAX_FRAME];
+    let n = encode_agent_frame(&frame, &mut out).expect("a decoded agent frame encodes");
+    assert!(n <= body.len() + 4, "{frame:?}: {n} > {}", body.len() + 4);
+    let (again, used) = split_frame(&out[..n], MAX_FRAME_BODY)
+        .expect("within the limit")
+        .expect("whole");
+    assert_eq!(used, n);
+    let decoded = decode_agent_frame(again).expect("an encoded agent frame decodes");
+    assert_eq!(decoded, frame);
+    let mut twice = vec![0u8; MAX_FRAME];
+    let m = encode_agent_frame(&decoded, &mut twice).expect("encodes again");
+    assert_eq!(out[..n], twice[..m]);
+    match frame {
+        AgentFrame::Stdout(data) => check_in_place(DataKind::Stdout, data.0, &out[..n]),
+        AgentFrame::Stderr(data) => check_in_place(DataKind::Stderr, data.0, &out[..n]),
+        AgentFrame::Exited(end) => {
+            let _ = end.status.shell_code();
+        }
+        AgentFrame::Error(err) => {
+            let _ = err.code.as_str();
+        }
+        _ => {}
+    }
+}
+
+/// A data frame built in place around its payload is byte for byte the encoder's.
+fn check_in_place(kind: DataKind, payload: &[u8], encoded: &[u8]) {
+    let mut buf = vec![0u8; DATA_HEADROOM + payload.len()];
+    buf[DATA_HEADROOM..].copy_from_slice(payload);
+    match frame_data_in_place(&mut buf, kind, payload.len()) {
+        Ok(start) => assert_eq!(&buf[start..], encoded, "{kind:?} of {}", payload.len()),
+        Err(err) => assert!(payload.len() > MAX_DATA, "{kind:?}: {err}"),
+    }
+}

@@ -1,0 +1,326 @@
+//! Valid frames in random orders: the agent session fed sequences of well-formed client frames
+//! (hello, exec, stdin, EOF) in any order, in random pieces, with the driver starting the
+//! command, sending and consuming stdin at random points. A grammar of the conversation says
+//! where the first frame out of place is; up to it every frame must be accepted with its event,
+//! and it must end the conversation with the typed error, then exactly one error frame (behind
+//! the hello, if that was still owed) and nothing more — never a panic, never a silent accept.
+//!
+//! `tests.rs` breaks each rule once by hand and the simulated pair (`sim.rs`) only runs valid
+//! conversations; this covers the orders in between.
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::limits::{MAX_FRAME, MAX_FRAME_BODY};
+use crate::msg::*;
+use crate::{decode_agent_frame, encode_client_frame, split_frame, Bytes};
+
+/// A small stdin window, so credit is exceeded by a handful of frames.
+const WINDOW: usize = 100;
+
+/// A valid client frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Hello,
+    Exec(StdinMode),
+    Stdin(usize),
+    Eof,
+}
+
+impl Sent {
+    fn kind(self) -> FrameKind {
+        match self {
+            Sent::Hello => FrameKind::Hello,
+            Sent::Exec(_) => FrameKind::Exec,
+            Sent::Stdin(_) => FrameKind::Stdin,
+            Sent::Eof => FrameKind::StdinEof,
+        }
+    }
+
+    fn encode(self, out: &mut Vec<u8>) {
+        let data = [0x42u8; 64];
+        let frame = match self {
+            Sent::Hello => ClientFrame::Hello(ClientHello::CURRENT),
+            Sent::Exec(stdin) => ClientFrame::Exec(ExecRequest {
+                argv: StrList::new(b"cat\0"),
+                env: StrList::new(b"A=b\0"),
+                clean_env: false,
+                cwd: None,
+                stdin,
+            }),
+            Sent::Stdin(n) => ClientFrame::Stdin(Bytes(&data[..n])),
+            Sent::Eof => ClientFrame::StdinEof,
+        };
+        let mut buf = vec![0u8; MAX_FRAME];
+        let n = encode_client_frame(&frame, &mut buf).expect("a valid frame encodes");
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn sent() -> impl Strategy<Value = Sent> {
+    prop_oneof![
+        2 => Just(Sent::Hello),
+        2 => Just(Sent::Exec(StdinMode::Pipe)),
+        1 => Just(Sent::Exec(StdinMode::Null)),
+        4 => (1usize..=48).prop_map(Sent::Stdin),
+        2 => Just(Sent::Eof),
+    ]
+}
+
+/// The driver's choices: where the stream is cut, and what the driver does after each piece.
+#[derive(Debug, Clone)]
+struct Driver {
+    /// Piece sizes (cycled).
+    pieces: Vec<usize>,
+    /// Per piece: start the command now (once an exec arrived), send what is queued, write the
+    /// stdin received to the command.
+    acts: Vec<(bool, bool, bool)>,
+}
+
+fn driver() -> impl Strategy<Value = Driver> {
+    (
+        prop::collection::vec(1usize..40, 1..8),
+        prop::collection::vec(any::<(bool, bool, bool)>(), 1..8),
+    )
+        .prop_map(|(pieces, acts)| Driver { pieces, acts })
+}
+
+/// Where the grammar puts the conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Accept,
+    Breach(SessionError),
+}
+
+/// The conversation as a grammar: hello, one exec, then stdin within the window and one EOF
+/// while the command has a pipe, and nothing else.
+#[derive(Debug, Default)]
+struct Grammar {
+    hello: bool,
+    exec: Option<StdinMode>,
+    started: bool,
+    eof: bool,
+    /// Stdin taken, and credited back (as the agent's credit frames say).
+    stdin: usize,
+    credit: usize,
+}
+
+impl Grammar {
+    fn phase(&self) -> Phase {
+        match (self.hello, self.exec, self.started) {
+            (false, _, _) => Phase::Hello,
+            (true, None, _) => Phase::Idle,
+            (true, Some(_), false) => Phase::Starting,
+            (true, Some(_), true) => Phase::Running,
+        }
+    }
+
+    fn next(&mut self, frame: Sent) -> Expect {
+        let unexpected = Expect::Breach(SessionError::Unexpected {
+            frame: frame.kind(),
+            phase: self.phase(),
+        });
+        let piped = self.exec == Some(StdinMode::Pipe) && !self.eof;
+        match (self.phase(), frame) {
+            (Phase::Hello, Sent::Hello) => self.hello = true,
+            (Phase::Idle, Sent::Exec(mode)) => self.exec = Some(mode),
+            (Phase::Starting | Phase::Running, Sent::Stdin(n)) if piped => {
+                if self.stdin - self.credit + n > WINDOW {
+                    return Expect::Breach(SessionError::CreditExceeded);
+                }
+                self.stdin += n;
+            }
+            (Phase::Starting | Phase::Running, Sent::Eof) if piped => self.eof = true,
+            _ => return unexpected,
+        }
+        Expect::Accept
+    }
+}
+
+/// What the agent sent, frame by frame.
+#[derive(Debug, Default)]
+struct Seen {
+    hellos: usize,
+    errors: Vec<ErrorCode>,
+    others: usize,
+    credit: usize,
+}
+
+fn read_sent(bytes: &[u8], seen: &mut Seen) {
+    let mut rest = bytes;
+    while let Ok(Some((body, used))) = split_frame(rest, MAX_FRAME_BODY) {
+        match decode_agent_frame(body).expect("the agent's frames decode") {
+            AgentFrame::Hello(_) => seen.hellos += 1,
+            AgentFrame::Error(err) => seen.errors.push(err.code),
+            AgentFrame::StdinCredit(n) => {
+                seen.credit += n as usize;
+                seen.others += 1;
+            }
+            _ => seen.others += 1,
+        }
+        rest = &rest[used..];
+    }
+    assert!(rest.is_empty(), "the agent sent part of a frame");
+}
+
+/// Runs one conversation; checks it against the grammar.
+fn converse(frames: &[Sent], driver: &Driver) -> Result<(), TestCaseError> {
+    let config = AgentConfig {
+        limits: Limits {
+            stdin_window: WINDOW as u32,
+            ..Limits::CURRENT
+        },
+        ..AgentConfig::DEFAULT
+    };
+    let mut session = AgentSession::new(config, 0);
+    let mut grammar = Grammar::default();
+    let mut stream = Vec::new();
+    for frame in frames {
+        frame.encode(&mut stream);
+    }
+    let mut out = vec![0u8; MAX_FRAME];
+    let mut seen = Seen::default();
+    let mut inbox: Vec<u8> = Vec::new();
+    let mut at = 0;
+    let mut index = 0;
+    let mut unconsumed = 0;
+    let mut breach = None;
+    let mut piece = 0;
+    while at < stream.len() && breach.is_none() {
+        let len = driver.pieces[piece % driver.pieces.len()].min(stream.len() - at);
+        let (start_now, transmit, consume) = driver.acts[piece % driver.acts.len()];
+        piece += 1;
+        inbox.extend_from_slice(&stream[at..at + len]);
+        at += len;
+        loop {
+            let result = session.handle_input(&inbox, 0);
+            let Ok(input) = result else {
+                let expected = grammar.next(frames[index]);
+                prop_assert_eq!(
+                    result.map(|_| ()),
+                    Err(match expected {
+                        Expect::Breach(err) => err,
+                        Expect::Accept => {
+                            return Err(TestCaseError::fail(format!(
+                                "frame {index} ({:?}) refused, the grammar accepts it",
+                                frames[index]
+                            )));
+                        }
+                    })
+                );
+                breach = Some(index);
+                break;
+            };
+            if input.consumed == 0 {
+                break;
+            }
+            let expected = grammar.next(frames[index]);
+            prop_assert_eq!(
+                expected,
+                Expect::Accept,
+                "frame {} ({:?}) accepted",
+                index,
+                frames[index]
+            );
+            match (input.event, frames[index]) {
+                (Some(AgentEvent::Hello), Sent::Hello) => {}
+                (Some(AgentEvent::Exec(valid)), Sent::Exec(mode)) => {
+                    prop_assert_eq!(valid.request().stdin, mode);
+                }
+                (Some(AgentEvent::Stdin(data)), Sent::Stdin(n)) => {
+                    prop_assert_eq!(data.len(), n);
+                    unconsumed += n;
+                }
+                (Some(AgentEvent::StdinEof), Sent::Eof) => {}
+                (event, frame) => {
+                    return Err(TestCaseError::fail(format!("{frame:?} gave {event:?}")));
+                }
+            }
+            inbox.drain(..input.consumed);
+            index += 1;
+        }
+        if breach.is_some() {
+            break;
+        }
+        // The driver's turn.
+        if start_now && grammar.exec.is_some() && !grammar.started {
+            session.started(9, 0).expect("the exec was taken");
+            grammar.started = true;
+        }
+        if consume && grammar.started {
+            session.stdin_consumed(unconsumed);
+            unconsumed = 0;
+        }
+        if transmit {
+            let n = session
+                .poll_transmit(&mut out)
+                .expect("room for every frame");
+            read_sent(&out[..n], &mut seen);
+            grammar.credit = seen.credit;
+        }
+    }
+    let n = session
+        .poll_transmit(&mut out)
+        .expect("room for every frame");
+    read_sent(&out[..n], &mut seen);
+    prop_assert_eq!(
+        session.poll_transmit(&mut out),
+        Ok(0),
+        "one transmit takes all"
+    );
+    prop_assert!(seen.hellos <= 1);
+    match breach {
+        Some(index) => {
+            prop_assert!(session.is_closing() && session.is_closed());
+            prop_assert_eq!(
+                seen.errors.as_slice(),
+                &[ErrorCode::ProtocolViolation][..],
+                "exactly one error frame after frame {} ({:?})",
+                index,
+                frames[index]
+            );
+            prop_assert_eq!(seen.hellos, usize::from(grammar.hello));
+            // Nothing more is taken, nothing more is sent.
+            let mut rest = &stream[at - inbox.len()..];
+            while let Ok(input) = session.handle_input(rest, 0) {
+                prop_assert!(input.event.is_none(), "an event after the breach");
+                if input.consumed == 0 {
+                    break;
+                }
+                rest = &rest[input.consumed..];
+            }
+            prop_assert_eq!(session.poll_transmit(&mut out), Ok(0));
+        }
+        None => {
+            prop_assert_eq!(index, frames.len(), "every frame was taken");
+            prop_assert!(seen.errors.is_empty(), "an error frame without a breach");
+            prop_assert!(!session.is_closing());
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+    /// Any order of valid frames, any pieces, any driver timing.
+    #[test]
+    fn valid_frames_in_any_order_end_in_one_typed_error_or_are_all_accepted(
+        frames in prop::collection::vec(sent(), 1..12),
+        driver in driver(),
+    ) {
+        converse(&frames, &driver)?;
+    }
+
+    /// The same, from a valid opening: most orders go wrong only after the exec.
+    #[test]
+    fn after_a_valid_opening_any_order_still_ends_cleanly(
+        tail in prop::collection::vec(sent(), 1..12),
+        pipe in any::<bool>(),
+        driver in driver(),
+    ) {
+        let mode = if pipe { StdinMode::Pipe } else { StdinMode::Null };
+        let frames: Vec<Sent> = [Sent::Hello, Sent::Exec(mode)].into_iter().chain(tail).collect();
+        converse(&frames, &driver)?;
+    }
+}
