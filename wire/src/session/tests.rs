@@ -143,7 +143,7 @@ fn schedules_do_not_change_results() {
     }
 }
 
-mod edges {
+pub(super) mod edges {
     //! Each rule the sessions enforce, broken once, deliberately.
 
     use super::super::*;
