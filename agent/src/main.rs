@@ -209,7 +209,7 @@ pub fn run() -> ! {
     // its place outside the commands' cgroup (`cgroup::bounds()` says which bounds are in use).
     bounds::configure(policy::current(), is_init);
     let listener = loop {
-        match listen::bind(&options.listen) {
+        match listen::bind(&options.listen, policy::current()) {
             Ok(listener) => break listener,
             Err(errno) if is_init => {
                 // PID 1 keeps trying: the vsock transport may still be coming up.
@@ -231,7 +231,7 @@ pub fn run() -> ! {
     if let Some(port) = options.ready_port {
         init::announce_ready(port, &options.listen, init_started_us, modules_us);
     }
-    listen::serve_forever(listener, is_init)
+    listen::serve_forever(listener, is_init, policy::current())
 }
 
 /// Ends an agent whose arguments or policy are wrong (the reason is logged): exit status 2.

@@ -63,6 +63,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn start() -> Agent {
+        Agent::start_with(&[])
+    }
+
+    /// An agent started with these arguments after `--listen`.
+    pub fn start_with(args: &[&str]) -> Agent {
         let dir = fresh_dir("ferry-it");
         let socket = dir.join("agent.sock");
         let child = Command::new(agent_binary())
@@ -71,6 +76,7 @@ impl Agent {
             // Commands run as the agent (root here, writing to the tests' temporary
             // directories), not as the policy's default user `65534:65534`.
             .arg("--run-as-agent-user")
+            .args(args)
             .stdin(Stdio::null())
             .spawn()
             .expect("starting the agent");
