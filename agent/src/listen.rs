@@ -1,10 +1,13 @@
-//! The listener: bind, accept, and fork one process per connection. It never reads from a
-//! client, so no client can slow it down.
+//! The listener: bind, accept, and fork one process per connection, never more than
+//! `max_connections` at once; beyond that a client is told `Busy` at once. It never reads from
+//! a client, so no client can slow it down. Over vsock only the host (and the CIDs the policy
+//! allows) may connect; out of descriptors, a client is still told so.
 
 use core::ffi::CStr;
 
 use ferry_wire::session::{encode_refusal, Refusal};
 use ferry_wire::ErrorCode;
+use linux_raw_sys::vm_sockets::{VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_CID_LOCAL};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::fd::OwnedFd;
 use rustix::io::Errno;
@@ -13,12 +16,13 @@ use rustix::process::Signal;
 
 use crate::auth::Serving;
 use crate::config::ListenAddr;
+use crate::policy::{Policy, MAX_ALLOW_CIDS, MAX_CONNECTIONS};
 use crate::successor::Successor;
 use crate::sys::{self, VsockAddr};
 use crate::{clock, conn, log};
 
-/// Creates the listening socket.
-pub fn bind(addr: &ListenAddr) -> Result<OwnedFd, Errno> {
+/// Creates the listening socket; a Unix socket gets the policy's mode and group.
+pub fn bind(addr: &ListenAddr, policy: &Policy) -> Result<OwnedFd, Errno> {
     let flags = SocketFlags::CLOEXEC;
     let sock = match addr {
         ListenAddr::Vsock(port) => {
@@ -33,10 +37,11 @@ pub fn bind(addr: &ListenAddr) -> Result<OwnedFd, Errno> {
             let sock =
                 rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, flags, None)?;
             let addr = SocketAddrUnix::new(path)?;
-            // Whoever can connect can run commands as the agent's user: the socket is the
-            // owner's alone (0600), whatever umask the agent was started with. The umask is
-            // restored at once, so commands still inherit the agent's own.
-            let umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+            // Whoever can connect can run commands: the socket has exactly the policy's mode
+            // (0600 unless widened), whatever umask the agent was started with. The kernel
+            // creates it as 0777 less the umask, so that umask is set around `bind` (no moment
+            // with a wider mode) and restored at once: commands inherit the agent's own.
+            let umask = rustix::process::umask(socket_umask(policy.socket_mode));
             let mut bound = rustix::net::bind(&sock, &addr);
             // A socket file left by an earlier run makes bind fail: it is removed only when
             // nobody listens on it. A live agent's socket is never taken over (that agent would
@@ -47,11 +52,33 @@ pub fn bind(addr: &ListenAddr) -> Result<OwnedFd, Errno> {
             }
             rustix::process::umask(umask);
             bound?;
+            if let Some(gid) = policy.socket_group {
+                // Before `listen`: nobody can connect yet. Not through a symlink: the path is
+                // the socket just bound, nothing else.
+                let group = Some(rustix::fs::Gid::from_raw(gid));
+                let changed = rustix::fs::chownat(
+                    rustix::fs::CWD,
+                    path,
+                    None,
+                    group,
+                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                );
+                if let Err(errno) = changed {
+                    let _ = rustix::fs::unlink(path);
+                    return Err(errno);
+                }
+            }
             sock
         }
     };
     rustix::net::listen(&sock, 1024)?;
     Ok(sock)
+}
+
+/// The umask under which `bind` creates a Unix socket with permissions `mode` (its
+/// permission bits; anything else is not a socket's to have).
+fn socket_umask(mode: u32) -> rustix::fs::Mode {
+    rustix::fs::Mode::from_raw_mode(!mode & 0o777)
 }
 
 /// Whether `path` is a socket file nobody listens on: a connection to it is refused. Anything
@@ -80,13 +107,33 @@ fn is_stale_socket(path: &CStr, addr: &SocketAddrUnix) -> bool {
 /// listener until written).
 const SPARES: usize = 2;
 
-/// Serves connections forever, each in its own process.
+/// How long the listener waits before trying again after a failed `pipe` or `fork`.
+const RETRY_PAUSE: Timespec = Timespec {
+    tv_sec: 0,
+    tv_nsec: 50_000_000,
+};
+
+/// At most this many clients are turned away in one go before the listener looks at its
+/// children again (one may have ended and freed a place).
+const REFUSALS_PER_ROUND: usize = 64;
+
+/// The answer to a client beyond `max_connections`.
+// The message cannot carry the number: a refusal's text is static (the number is in the log).
+const BUSY: Refusal = Refusal::new(ErrorCode::Busy, "agent busy: at its connection limit");
+
+/// Serves connections forever, each in its own process, at most `policy.max_connections` at
+/// once.
 ///
 /// Processes are forked *before* their connection arrives: [`SPARES`] spares wait in `accept`,
 /// and each tells the listener through its own pipe once it has taken a connection (see
 /// [`Successor`]); only then is its replacement forked. A client never waits for a fork, and
 /// the listener still never reads from a client.
-pub fn serve_forever(listener: OwnedFd, is_init: bool, serving: &Serving) -> ! {
+///
+/// The pipe also counts the connection: the listener keeps its read end until the connection
+/// process exits (EOF), and forks spares only while connections and spares together are fewer
+/// than `max_connections`. At the limit no spare waits, so the listener accepts each waiting
+/// client itself and answers `Busy` at once, without blocking.
+pub fn serve_forever(listener: OwnedFd, is_init: bool, policy: &Policy, serving: &Serving) -> ! {
     // With SIGCHLD ignored the kernel reaps our children (connection processes, and as PID 1 or
     // subreaper every orphan) the moment they exit: no zombies, and no `wait` that could steal
     // a status a connection process is waiting for.
@@ -97,41 +144,317 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool, serving: &Serving) -> ! {
         // Orphans of our commands come to us (and are reaped) instead of the system's init.
         let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
     }
+    // Before the first fork: every agent process shares the log's rate limit.
+    if let Err(errno) = sys::map_shared_state() {
+        log::error(b"cannot map the shared log limit", errno);
+    }
+    let max = policy.max_connections.clamp(1, MAX_CONNECTIONS) as usize;
+    ensure_descriptor_room(max);
+    let gate = Gate::new(&listener, policy);
     let listener_pid = rustix::process::getpid();
-    // The read end of each waiting spare's report pipe.
-    let mut spares = Spares::new();
+    let mut reserve = Reserve::open();
+    let mut children = Children::new();
     loop {
         let mut failure = None;
-        while !spares.is_full() {
+        while children.spares() < SPARES && children.len() < max {
             match fork_spare() {
                 Ok(Forked::Spare(report)) => {
-                    // The other spares' report pipes are the listener's: a spare (and the
-                    // connection it becomes) holds only its own.
-                    spares.clear();
-                    spare(listener, report, listener_pid, serving)
+                    // The other children's report pipes and the reserve are the listener's: a
+                    // spare (and the connection it becomes) holds only its own pipe.
+                    children.forget();
+                    drop(reserve);
+                    spare(listener, report, listener_pid, &gate, serving)
                 }
-                Ok(Forked::Listener(taken)) => {
-                    let _ = spares.push(taken);
-                }
+                Ok(Forked::Listener(taken)) => children.add_spare(taken),
                 Err(errno) => {
                     failure = Some(errno);
                     break;
                 }
             }
         }
-        if let Some(errno) = failure {
-            if spares.is_empty() {
-                // Nobody accepts: answer whoever waits, then pause before trying again.
-                refuse_pending(&listener, errno);
-                continue;
+        // Nobody waits in `accept`: the listener answers whoever comes, at once.
+        let turn_away = |children: &Children| {
+            if children.spares() > 0 {
+                None
+            } else if children.len() >= max {
+                Some(BUSY)
+            } else {
+                failure.map(|errno: Errno| {
+                    let errno = errno.raw_os_error().unsigned_abs();
+                    Refusal::os(
+                        ErrorCode::ResourceExhausted,
+                        errno,
+                        "cannot fork a connection process",
+                    )
+                })
+            }
+        };
+        let watch = turn_away(&children).is_some().then_some(&listener);
+        let clients_waiting = children.wait(watch, failure.is_some().then_some(&RETRY_PAUSE));
+        // A child's news may have freed a place: then a spare is forked instead.
+        if let (true, Some(refusal)) = (clients_waiting, turn_away(&children)) {
+            refuse_pending(&listener, &gate, &mut reserve, refusal);
+            if refusal.code == ErrorCode::Busy {
+                log::Line::new()
+                    .push(b"agent busy: turned clients away at ")
+                    .num(max as u64)
+                    .push(b" connections")
+                    .emit_limited();
+            } else {
+                // A pause before the next `fork`, so a failing one does not spin.
+                clock::sleep_ms(50);
             }
         }
-        wait_until_taken(&mut spares, failure.is_some());
     }
 }
 
-/// The read ends of the waiting spares' report pipes.
-type Spares = heapless::Vec<OwnedFd, SPARES>;
+/// Raises the soft descriptor limit (up to the hard one) if `max_connections` needs more than
+/// it allows: the listener holds a pipe per connection process. Commands inherit the raised
+/// limit; the default `max_connections` needs no raise.
+fn ensure_descriptor_room(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    // The standard three, the socket, the reserve, a pipe being made, and some slack.
+    let needed = (max_connections as u64).saturating_add(16);
+    let limit = getrlimit(Resource::Nofile);
+    let Some(current) = limit.current else { return };
+    if current >= needed {
+        return;
+    }
+    let raised = limit.maximum.map_or(needed, |maximum| maximum.min(needed));
+    let done = raised > current
+        && setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(raised),
+                maximum: limit.maximum,
+            },
+        )
+        .is_ok();
+    if !done || raised < needed {
+        log::Line::new()
+            .push(b"RLIMIT_NOFILE allows fewer descriptors than max_connections needs (")
+            .num(needed)
+            .push(b"): beyond it clients are told the agent is out of resources")
+            .emit();
+    }
+}
+
+/// Who may connect, checked on every accepted connection before a byte is sent.
+struct Gate {
+    /// For a vsock listener; a Unix socket is guarded by its mode and group instead.
+    vsock: Option<VsockPeers>,
+}
+
+/// The vsock peers allowed: the host, and the policy's CIDs.
+struct VsockPeers {
+    /// This guest's CID, when it could be learnt at start (otherwise asked again at each check).
+    own_cid: Option<u32>,
+    allowed: heapless::Vec<u32, MAX_ALLOW_CIDS>,
+}
+
+impl Gate {
+    fn new(listener: &OwnedFd, policy: &Policy) -> Gate {
+        let is_vsock = rustix::net::getsockname(listener)
+            .is_ok_and(|addr| addr.address_family() == AddressFamily::VSOCK);
+        let vsock = is_vsock.then(|| VsockPeers {
+            own_cid: local_cid(),
+            allowed: policy.allow_cids.clone(),
+        });
+        Gate { vsock }
+    }
+
+    /// Accepts the next connection (close-on-exec); `Ok(None)` when its peer was turned away:
+    /// closed without a word, and logged.
+    fn accept(&self, listener: &OwnedFd) -> Result<Option<OwnedFd>, Errno> {
+        let Some(peers) = &self.vsock else {
+            return rustix::net::accept_with(listener, SocketFlags::CLOEXEC).map(Some);
+        };
+        let (conn, addr) = rustix::net::acceptfrom_with(listener, SocketFlags::CLOEXEC)?;
+        let peer = addr.as_ref().and_then(VsockAddr::from_any);
+        if let Some(peer) = peer {
+            let own_cid = peers.own_cid.or_else(local_cid);
+            if peer_allowed(peer.cid(), own_cid, &peers.allowed) {
+                return Ok(Some(conn));
+            }
+        }
+        drop(conn);
+        let mut line = log::Line::new();
+        line.push(b"refused a vsock connection from ");
+        match peer {
+            Some(peer) => line
+                .push(b"CID ")
+                .num(u64::from(peer.cid()))
+                .push(b" port ")
+                .num(u64::from(peer.port())),
+            None => line.push(b"an unknown address"),
+        };
+        line.emit_limited();
+        Ok(None)
+    }
+}
+
+/// This guest's vsock CID, from `/dev/vsock`.
+fn local_cid() -> Option<u32> {
+    use rustix::fs::{Mode, OFlags};
+    let dev = rustix::fs::open(
+        c"/dev/vsock",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    );
+    let cid = sys::vsock_local_cid(dev.ok()?).ok()?;
+    (cid != VMADDR_CID_ANY as u32).then_some(cid)
+}
+
+/// Whether a vsock peer at `cid` may connect: the host (2) or a CID in `allowed`, but never
+/// this guest itself, whether as the local CID (1) or as its own (`own_cid`), listed or not: a
+/// process in the guest must not reach the agent that runs its commands.
+pub fn peer_allowed(cid: u32, own_cid: Option<u32>, allowed: &[u32]) -> bool {
+    if cid == VMADDR_CID_LOCAL || Some(cid) == own_cid || cid == VMADDR_CID_ANY as u32 {
+        return false;
+    }
+    cid == VMADDR_CID_HOST || allowed.contains(&cid)
+}
+
+/// One descriptor held back (`/dev/null`): out of descriptors, `accept` fails at once, before
+/// even waiting for a client, so the client would wait forever. Freeing this one lets a single
+/// `accept` succeed to tell the client why it is refused.
+struct Reserve(Option<OwnedFd>);
+
+/// The answer to a client when no descriptor is left.
+fn out_of_descriptors(errno: Errno) -> Refusal {
+    let errno = errno.raw_os_error().unsigned_abs();
+    Refusal::os(
+        ErrorCode::ResourceExhausted,
+        errno,
+        "out of file descriptors",
+    )
+}
+
+impl Reserve {
+    fn open() -> Reserve {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC;
+        Reserve(rustix::fs::open(c"/dev/null", flags, Mode::empty()).ok())
+    }
+
+    /// `accept` failed with `errno` (EMFILE or ENFILE): frees the reserve, accepts one client
+    /// (blocking, as a spare's `accept` does) and answers `ResourceExhausted`, then takes the
+    /// reserve back. `false` when nobody could be answered: the caller pauses.
+    fn answer_one(&mut self, listener: &OwnedFd, gate: &Gate, errno: Errno) -> bool {
+        log::error(b"accept: out of descriptors", errno);
+        let Some(reserve) = self.0.take() else {
+            *self = Reserve::open();
+            return false;
+        };
+        drop(reserve);
+        let answered = match gate.accept(listener) {
+            Ok(Some(conn)) => {
+                refuse_connection(&conn, out_of_descriptors(errno));
+                true
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        *self = Reserve::open();
+        answered
+    }
+}
+
+/// The listener's children, each by the read end of its report pipe: spares waiting for a
+/// connection, and connection processes serving one.
+struct Children {
+    all: heapless::Vec<ChildProcess, { MAX_CONNECTIONS as usize + SPARES }>,
+}
+
+struct ChildProcess {
+    report: OwnedFd,
+    /// It has taken its connection (its byte came); it stays until the pipe's EOF.
+    serving: bool,
+}
+
+impl Children {
+    fn new() -> Children {
+        Children {
+            all: heapless::Vec::new(),
+        }
+    }
+
+    /// Spares and connection processes together.
+    fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    fn spares(&self) -> usize {
+        self.all.iter().filter(|child| !child.serving).count()
+    }
+
+    fn add_spare(&mut self, report: OwnedFd) {
+        // Never full: spares are forked only while fewer than `MAX_CONNECTIONS` exist.
+        let _ = self.all.push(ChildProcess {
+            report,
+            serving: false,
+        });
+    }
+
+    /// Closes every pipe (in a new spare: they are the listener's).
+    fn forget(&mut self) {
+        self.all.clear();
+    }
+
+    /// Blocks until a child has news (a spare took a connection or died, a connection
+    /// process ended), or `timeout` passes, or a client waits on `listener` (when given);
+    /// applies the news. Returns whether clients wait.
+    fn wait(&mut self, listener: Option<&OwnedFd>, timeout: Option<&Timespec>) -> bool {
+        const CAPACITY: usize = MAX_CONNECTIONS as usize + SPARES;
+        let mut ready = heapless::Vec::<bool, CAPACITY>::new();
+        let clients_waiting;
+        {
+            let mut fds = heapless::Vec::<PollFd<'_>, { CAPACITY + 1 }>::new();
+            for child in &self.all {
+                let _ = fds.push(PollFd::new(&child.report, PollFlags::IN));
+            }
+            if let Some(listener) = listener {
+                let _ = fds.push(PollFd::new(listener, PollFlags::IN));
+            }
+            if poll(&mut fds, timeout).is_err() {
+                return false;
+            }
+            for fd in fds.iter().take(self.all.len()) {
+                let _ = ready.push(!fd.revents().is_empty());
+            }
+            clients_waiting = listener.is_some()
+                && fds
+                    .get(self.all.len())
+                    .is_some_and(|fd| fd.revents().contains(PollFlags::IN));
+        }
+        let mut ready = ready.into_iter();
+        self.all.retain_mut(|child| {
+            if ready.next() != Some(true) {
+                return true;
+            }
+            let mut byte = [0u8];
+            let got_byte = matches!(rustix::io::read(&child.report, &mut byte), Ok(1));
+            match (child.serving, got_byte) {
+                // A spare took its connection: it is counted until it exits.
+                (false, true) => {
+                    child.serving = true;
+                    true
+                }
+                // A connection process ended, whatever the cause.
+                (true, false) => false,
+                // Not a byte we send: ignored.
+                (true, true) => true,
+                (false, false) => {
+                    // The spare died before accepting (killed, or a bug). Pause so a spare that
+                    // keeps dying cannot turn into a fork storm.
+                    clock::sleep_ms(10);
+                    false
+                }
+            }
+        });
+        clients_waiting
+    }
+}
 
 /// Each side of [`fork_spare`], with its end of the report pipe.
 enum Forked {
@@ -156,11 +479,13 @@ fn fork_spare() -> Result<Forked, Errno> {
     }
 }
 
-/// A spare connection process: takes the next connection, tells the listener, serves it.
+/// A spare connection process: takes the next connection it may serve, tells the listener,
+/// serves it.
 fn spare(
     listener: OwnedFd,
     report: OwnedFd,
     listener_pid: rustix::process::Pid,
+    gate: &Gate,
     serving: &Serving,
 ) -> ! {
     // A spare must not outlive its listener (when the agent runs as an ordinary process and is
@@ -171,12 +496,21 @@ fn spare(
         // The listener died before the death signal was armed.
         sys::exit(0);
     }
+    // Before anything else takes descriptors.
+    let mut reserve = Reserve::open();
     let prepared = conn::prepare();
     let conn = loop {
-        match rustix::net::accept_with(&listener, SocketFlags::CLOEXEC) {
-            Ok(conn) => break conn,
+        match gate.accept(&listener) {
+            Ok(Some(conn)) => break conn,
+            // A peer turned away: this spare is still free.
+            Ok(None) => {}
             Err(Errno::INTR | Errno::CONNABORTED | Errno::AGAIN) => {}
-            Err(errno @ (Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)) => {
+            Err(errno @ (Errno::MFILE | Errno::NFILE)) => {
+                if !reserve.answer_one(&listener, gate, errno) {
+                    clock::sleep_ms(10);
+                }
+            }
+            Err(errno @ (Errno::NOBUFS | Errno::NOMEM)) => {
                 log::error(b"accept", errno);
                 clock::sleep_ms(10);
             }
@@ -188,73 +522,37 @@ fn spare(
     };
     let _ = rustix::process::set_parent_process_death_signal(None);
     drop(listener);
+    // The connection may need that descriptor more.
+    drop(reserve);
     conn::serve(conn, prepared, Successor::new(report), serving)
 }
 
-/// Blocks until a spare has taken a connection or died, and drops it from `spares`.
-/// `retry_soon`: a spare is missing after a failed fork, so return after a pause to try again.
-fn wait_until_taken(spares: &mut Spares, retry_soon: bool) {
-    if spares.is_empty() {
-        return;
-    }
-    let mut ready = heapless::Vec::<bool, SPARES>::new();
-    {
-        let mut fds = heapless::Vec::<PollFd<'_>, SPARES>::new();
-        for fd in spares.iter() {
-            let _ = fds.push(PollFd::new(fd, PollFlags::IN));
-        }
-        let pause = Timespec {
-            tv_sec: 0,
-            tv_nsec: 50_000_000,
-        };
-        if poll(&mut fds, retry_soon.then_some(&pause)).is_err() {
-            return;
-        }
-        for fd in &fds {
-            let _ = ready.push(!fd.revents().is_empty());
-        }
-    }
-    let mut ready = ready.into_iter();
-    spares.retain(|report| {
-        if ready.next() != Some(true) {
-            return true;
-        }
-        let mut byte = [0u8];
-        if !matches!(rustix::io::read(report, &mut byte), Ok(1)) {
-            // EOF: the spare died before accepting (killed, or a bug). Pause so a spare that
-            // keeps dying cannot turn into a fork storm.
-            clock::sleep_ms(10);
-        }
-        false
-    });
-}
-
-/// No connection process can be made: answers whoever is waiting, then pauses before the
-/// next attempt.
-fn refuse_pending(listener: &OwnedFd, errno: Errno) {
-    // No spare exists now, so nothing else accepts between the poll and the accept.
-    loop {
+/// Nobody else accepts (no spare waits): answers up to [`REFUSALS_PER_ROUND`] waiting clients
+/// with `refusal`, each at once, never blocking.
+fn refuse_pending(listener: &OwnedFd, gate: &Gate, reserve: &mut Reserve, refusal: Refusal) {
+    for _ in 0..REFUSALS_PER_ROUND {
+        // No spare exists now, so nothing else accepts between the poll and the accept.
         let mut fds = [PollFd::new(listener, PollFlags::IN)];
         match poll(&mut fds, Some(&Timespec::default())) {
             Ok(1..) if fds[0].revents().contains(PollFlags::IN) => {}
             _ => break,
         }
-        match rustix::net::accept_with(listener, SocketFlags::CLOEXEC) {
-            Ok(conn) => refuse_connection(&conn, errno),
+        match gate.accept(listener) {
+            Ok(Some(conn)) => refuse_connection(&conn, refusal),
+            Ok(None) => {}
+            Err(errno @ (Errno::MFILE | Errno::NFILE)) => {
+                if !reserve.answer_one(listener, gate, errno) {
+                    break;
+                }
+            }
             Err(_) => break,
         }
     }
-    clock::sleep_ms(50);
 }
 
-/// Tells a client we could not take its connection, without ever blocking the listener.
-fn refuse_connection(conn: &OwnedFd, errno: Errno) {
-    let refusal = Refusal::os(
-        ErrorCode::ResourceExhausted,
-        errno.raw_os_error().unsigned_abs(),
-        "cannot fork a connection process",
-    );
-    let mut buf = [0u8; 96];
+/// Tells a client we will not serve its connection, without ever blocking the listener.
+fn refuse_connection(conn: &OwnedFd, refusal: Refusal) {
+    let mut buf = [0u8; 128];
     let len = encode_refusal(&refusal, &mut buf).unwrap_or(0);
     if let Some(frame @ [_, ..]) = buf.get(..len) {
         let _ = rustix::net::send(conn, frame, SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
@@ -266,16 +564,20 @@ mod tests {
     use super::*;
     use ferry_wire::{decode_agent_frame, split_frame, AgentFrame};
 
-    #[test]
-    fn a_refused_connection_gets_one_error_frame() {
-        let (agent, client) = rustix::net::socketpair(
+    fn pair() -> (OwnedFd, OwnedFd) {
+        rustix::net::socketpair(
             AddressFamily::UNIX,
             SocketType::STREAM,
             SocketFlags::CLOEXEC,
             None,
         )
-        .unwrap();
-        refuse_connection(&agent, Errno::AGAIN);
+        .unwrap()
+    }
+
+    /// The one frame `refuse_connection` sent, as (code, errno, message).
+    fn refusal_seen(refusal: Refusal) -> (ErrorCode, u32, String) {
+        let (agent, client) = pair();
+        refuse_connection(&agent, refusal);
         drop(agent);
         let mut buf = [0u8; 256];
         let n = rustix::io::read(&client, &mut buf).unwrap();
@@ -284,7 +586,116 @@ mod tests {
         let AgentFrame::Error(error) = decode_agent_frame(body).unwrap() else {
             panic!("not an error frame");
         };
-        assert_eq!(error.code, ErrorCode::ResourceExhausted);
-        assert_eq!(error.errno, Errno::AGAIN.raw_os_error() as u32);
+        (error.code, error.errno, error.message.to_owned())
+    }
+
+    #[test]
+    fn a_refused_connection_gets_one_error_frame() {
+        let errno = Errno::AGAIN.raw_os_error() as u32;
+        let refusal = Refusal::os(ErrorCode::ResourceExhausted, errno, "cannot fork");
+        let (code, seen_errno, _) = refusal_seen(refusal);
+        assert_eq!(code, ErrorCode::ResourceExhausted);
+        assert_eq!(seen_errno, errno);
+        let (code, seen_errno, message) = refusal_seen(BUSY);
+        assert_eq!((code, seen_errno), (ErrorCode::Busy, 0));
+        assert!(message.starts_with("agent busy"), "{message}");
+        let (code, seen_errno, message) = refusal_seen(out_of_descriptors(Errno::MFILE));
+        assert_eq!(code, ErrorCode::ResourceExhausted);
+        assert_eq!(seen_errno, Errno::MFILE.raw_os_error() as u32);
+        assert_eq!(message, "out of file descriptors");
+    }
+
+    #[test]
+    fn a_refusal_never_blocks_on_a_full_socket() {
+        let (agent, _client) = pair();
+        // Fill the socket until a send would block; the refusal must return at once anyway.
+        let chunk = [0u8; 4096];
+        while rustix::net::send(&agent, &chunk, SendFlags::DONTWAIT).is_ok() {}
+        let started = std::time::Instant::now();
+        refuse_connection(&agent, BUSY);
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn vsock_peers_at_the_edges() {
+        let own = Some(7);
+        // The host, by default; nobody else.
+        assert!(peer_allowed(2, own, &[]));
+        assert!(peer_allowed(2, None, &[]));
+        for cid in [0, 3, 6, 8, 1000, u32::MAX - 1] {
+            assert!(!peer_allowed(cid, own, &[]), "{cid}");
+        }
+        // The policy's CIDs too, exactly those.
+        assert!(peer_allowed(3, own, &[3, 1000]));
+        assert!(peer_allowed(1000, own, &[3, 1000]));
+        assert!(!peer_allowed(4, own, &[3, 1000]));
+        assert!(!peer_allowed(999, own, &[3, 1000]));
+        // Never the guest itself, listed or not: the local CID, its own, the wildcard.
+        assert!(!peer_allowed(1, own, &[1, 7]));
+        assert!(!peer_allowed(7, own, &[1, 7]));
+        assert!(!peer_allowed(1, None, &[1]));
+        assert!(!peer_allowed(u32::MAX, own, &[u32::MAX]));
+        // Its own CID unknown: still the list decides.
+        assert!(peer_allowed(7, None, &[7]));
+    }
+
+    #[test]
+    fn the_socket_umask_gives_exactly_the_mode() {
+        assert_eq!(socket_umask(0o600).as_raw_mode(), 0o177);
+        assert_eq!(socket_umask(0o660).as_raw_mode(), 0o117);
+        assert_eq!(socket_umask(0o777).as_raw_mode(), 0);
+        assert_eq!(socket_umask(0).as_raw_mode(), 0o777);
+        // Bits beyond the permissions are not a socket's.
+        assert_eq!(socket_umask(0o4660).as_raw_mode(), 0o117);
+    }
+
+    #[test]
+    fn a_child_counts_from_its_fork_until_its_pipe_closes() {
+        let mut children = Children::new();
+        let (taken_a, report_a) = rustix::pipe::pipe().unwrap();
+        let (taken_b, report_b) = rustix::pipe::pipe().unwrap();
+        children.add_spare(taken_a);
+        children.add_spare(taken_b);
+        assert_eq!((children.len(), children.spares()), (2, 2));
+        let pause = Timespec::default();
+        assert!(!children.wait(None, Some(&pause)));
+        assert_eq!((children.len(), children.spares()), (2, 2), "no news");
+        // A takes its connection: still counted, no longer a spare.
+        rustix::io::write(&report_a, &[1]).unwrap();
+        children.wait(None, Some(&pause));
+        assert_eq!((children.len(), children.spares()), (2, 1));
+        // Its connection goes on as long as its pipe is open.
+        children.wait(None, Some(&pause));
+        assert_eq!((children.len(), children.spares()), (2, 1));
+        // B took one and ended at once: counted no more either way.
+        rustix::io::write(&report_b, &[1]).unwrap();
+        drop(report_b);
+        children.wait(None, Some(&pause));
+        children.wait(None, Some(&pause));
+        assert_eq!((children.len(), children.spares()), (1, 0));
+        // A's process exits (or crashes): its end closes.
+        drop(report_a);
+        children.wait(None, Some(&pause));
+        assert_eq!((children.len(), children.spares()), (0, 0));
+    }
+
+    #[test]
+    fn a_spare_that_dies_before_its_connection_is_dropped() {
+        let mut children = Children::new();
+        let (taken, report) = rustix::pipe::pipe().unwrap();
+        children.add_spare(taken);
+        drop(report);
+        children.wait(None, Some(&Timespec::default()));
+        assert_eq!(children.len(), 0);
+    }
+
+    #[test]
+    fn waiting_clients_are_seen_only_when_watched() {
+        let (listener, client) = pair();
+        rustix::io::write(&client, b"x").unwrap();
+        let mut children = Children::new();
+        let pause = Timespec::default();
+        assert!(!children.wait(None, Some(&pause)));
+        assert!(children.wait(Some(&listener), Some(&pause)));
     }
 }

@@ -104,8 +104,8 @@ enum Request {
 }
 
 /// Applies the arguments after the program's name to `options`.
-fn parse_args(
-    args: impl IntoIterator<Item = &'static [u8]>,
+fn parse_args<'a>(
+    args: impl IntoIterator<Item = &'a [u8]>,
     is_init: bool,
     options: &mut Options<'a>,
 ) -> Result<Request, &'static [u8]> {
@@ -153,10 +153,6 @@ fn parse_args(
                 let port = config::parse_u32(value).ok_or(b"bad --ready-port".as_slice())?;
                 options.ready_port = Some(port);
             }
-            b"--secret-file" => {
-                options.secret_file = Some(args.next().ok_or(b"missing value".as_slice())?);
-            }
-            b"--insecure" => options.insecure = true,
             b"--version" => return Ok(Request::Version),
             b"--help" | b"-h" => return Ok(Request::Help),
             // The kernel hands init whatever it did not recognise: ignore it as PID 1.
@@ -218,7 +214,7 @@ pub fn run() -> ! {
         refuse_to_start(is_init)
     };
     let listener = loop {
-        match listen::bind(&options.listen) {
+        match listen::bind(&options.listen, policy::current()) {
             Ok(listener) => break listener,
             Err(errno) if is_init => {
                 // PID 1 keeps trying: the vsock transport may still be coming up.
@@ -240,7 +236,7 @@ pub fn run() -> ! {
     if let Some(port) = options.ready_port {
         init::announce_ready(port, &options.listen, init_started_us, modules_us, &serving);
     }
-    listen::serve_forever(listener, is_init, &serving)
+    listen::serve_forever(listener, is_init, policy::current(), &serving)
 }
 
 /// What every connection is served with: the secret (or `--insecure`, logged), and the

@@ -387,6 +387,7 @@ mod tests {
             clean_env: clean,
             cwd: Some(Bytes(b"/tmp")),
             stdin: StdinMode::Null,
+            user: None,
         }
         .validate()
         .unwrap()
@@ -676,6 +677,7 @@ mod tests {
             clean_env: false,
             cwd: None,
             stdin: StdinMode::Null,
+            user: None,
         }
         .validate()
         .unwrap();
@@ -721,6 +723,7 @@ mod tests {
             clean_env: false,
             cwd: Some(Bytes(b"/")),
             stdin: StdinMode::Null,
+            user: None,
         }
         .validate()
         .unwrap();

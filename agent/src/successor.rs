@@ -1,5 +1,5 @@
 //! A connection process's promise to the listener: "I have taken my connection; fork my
-//! replacement."
+//! replacement", and its presence: the listener counts the connection until the pipe closes.
 
 use rustix::fd::OwnedFd;
 
@@ -7,18 +7,34 @@ use rustix::fd::OwnedFd;
 /// listener forks the next spare. Kept as late as possible, to be done while the command
 /// starts (waking the listener is a cross-CPU wake-up, and its fork competes for a CPU), but
 /// never past anything that waits on a client: the next client must never wait on this one.
-pub struct Successor(Option<OwnedFd>);
+///
+/// The pipe stays open after the byte, for as long as this process lives: its end (at exit,
+/// whatever the cause, a crash included) is how the listener learns the connection is over and
+/// counts it no more against `max_connections`.
+///
+/// NOTE: the pipe is close-on-exec, so the command never holds it (a `spawn`ed child holds a
+/// copy only until its `execve`); nothing here may dup it or clear that flag, or a command could
+/// keep a connection counted long after it ended.
+pub struct Successor {
+    /// The write end of the spare's report pipe.
+    report: OwnedFd,
+    released: bool,
+}
 
 impl Successor {
     /// The promise, kept by writing a byte to `report` (the write end of the spare's pipe).
     pub fn new(report: OwnedFd) -> Self {
-        Successor(Some(report))
+        Successor {
+            report,
+            released: false,
+        }
     }
 
     /// Sends the byte (once); the listener also takes EOF, should this process die first.
     pub fn release(&mut self) {
-        if let Some(report) = self.0.take() {
-            let _ = rustix::io::write(&report, &[1]);
+        if !self.released {
+            self.released = true;
+            let _ = rustix::io::write(&self.report, &[1]);
         }
     }
 }

@@ -9,7 +9,9 @@ use core::ffi::c_void;
 use core::ffi::CStr;
 use core::mem::MaybeUninit;
 use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 
 use ferry_wire::limits::{MAX_ARGS, MAX_DATA, MAX_ENV_VARS, MAX_FRAME, MAX_PATH, STDIN_WINDOW};
 use ferry_wire::DATA_HEADROOM;
@@ -62,6 +64,32 @@ unsafe impl SocketAddrArg for VsockAddr {
     }
 }
 
+impl VsockAddr {
+    /// The vsock address in `addr`, as `accept` or `getpeername` returned it; `None` for
+    /// another family or a truncated address.
+    pub fn from_any(addr: &rustix::net::SocketAddrAny) -> Option<VsockAddr> {
+        if addr.address_family() != rustix::net::AddressFamily::VSOCK
+            || (addr.addr_len() as usize) < core::mem::size_of::<VsockAddr>()
+        {
+            return None;
+        }
+        // SAFETY: `SocketAddrAny` keeps its first `addr_len()` bytes initialized, and that is at
+        // least `size_of::<VsockAddr>()`; every field of `VsockAddr` is an integer, so any bytes
+        // are a valid value, and `read_unaligned` needs no alignment.
+        Some(unsafe { ptr::read_unaligned(addr.as_ptr().cast::<VsockAddr>()) })
+    }
+
+    /// The context id (CID): 2 is the host, 1 this machine's loopback.
+    pub fn cid(&self) -> u32 {
+        self.cid
+    }
+
+    /// The port.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+}
+
 /// `ioctl(fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID)` on `/dev/vsock`: the guest's CID, once the vsock
 /// transport has one.
 pub fn vsock_local_cid(dev_vsock: impl AsFd) -> io::Result<u32> {
@@ -70,6 +98,67 @@ pub fn vsock_local_cid(dev_vsock: impl AsFd) -> io::Result<u32> {
     // SAFETY: IOCTL_VM_SOCKETS_GET_LOCAL_CID writes one `unsigned int` through its argument,
     // which is what `Getter<_, u32>` provides.
     unsafe { rustix::ioctl::ioctl(dev_vsock, rustix::ioctl::Getter::<OPCODE, u32>::new()) }
+}
+
+/// State every agent process shares: atomics in one `MAP_SHARED` anonymous page that the
+/// listener maps before it forks, so its spares and connection processes (and theirs) all see
+/// the same words. Until then (start-up), and should the mapping fail, a process-local copy
+/// stands in.
+pub struct SharedState {
+    /// The log's token bucket, packed (see `log`).
+    pub log_bucket: AtomicU64,
+    /// Log lines dropped since the last one written.
+    pub log_suppressed: AtomicU32,
+}
+
+impl SharedState {
+    /// All zero: the value a fresh anonymous mapping holds.
+    const fn new() -> Self {
+        SharedState {
+            log_bucket: AtomicU64::new(0),
+            log_suppressed: AtomicU32::new(0),
+        }
+    }
+}
+
+/// The shared page, once [`map_shared_state`] has made it; null before.
+static SHARED_STATE: AtomicPtr<SharedState> = AtomicPtr::new(ptr::null_mut());
+/// The stand-in before (or without) the shared page.
+static LOCAL_STATE: SharedState = SharedState::new();
+
+/// Maps the [`SharedState`] page (once; later calls keep the first). Processes forked after
+/// this share it.
+pub fn map_shared_state() -> io::Result<()> {
+    use rustix::mm::{MapFlags, ProtFlags};
+    const LEN: usize = core::mem::size_of::<SharedState>();
+    const { assert!(LEN <= 4096 && core::mem::align_of::<SharedState>() <= 4096) };
+    if !SHARED_STATE.load(Ordering::Acquire).is_null() {
+        return Ok(());
+    }
+    // SAFETY: a fresh anonymous mapping at an address the kernel picks aliases nothing.
+    let page = unsafe {
+        rustix::mm::mmap_anonymous(
+            ptr::null_mut(),
+            LEN,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::SHARED,
+        )
+    }?;
+    SHARED_STATE.store(page.cast(), Ordering::Release);
+    Ok(())
+}
+
+/// The state all agent processes share (see [`SharedState`]).
+pub fn shared_state() -> &'static SharedState {
+    let page = SHARED_STATE.load(Ordering::Acquire);
+    if page.is_null() {
+        return &LOCAL_STATE;
+    }
+    // SAFETY: a non-null pointer is the page `map_shared_state` mapped: page-aligned, readable
+    // and writable, zero-filled by the kernel (all-zero bytes are a valid `SharedState`: it
+    // holds only atomics), and never unmapped, so it lives for the rest of the process (and
+    // of every process forked from it). Other processes change it only through the atomics.
+    unsafe { &*page }
 }
 
 /// `kcmp(a, b, KCMP_VM, 0, 0)` — whether two processes share one address space (as a
