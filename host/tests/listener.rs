@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{agent_binary, children, fresh_dir, is_listening, Agent};
-use ferry_host::{Client, ConnectOptions};
+use ferry_host::Client;
 use ferry_wire::{AgentFrame, ErrorCode};
 
 /// What the agent sent first on a connection, as far as these tests care.
@@ -89,7 +89,7 @@ fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
 /// A client without the up-front check: one connection per command.
 fn client(socket: &Path) -> Client {
     let target = ferry_host::Target::Unix(socket.to_owned());
-    Client::new(&target, ConnectOptions::default())
+    Client::new(&target, common::secret_options())
 }
 
 /// `echo hi` runs normally.
@@ -151,7 +151,14 @@ fn one_connection_past_the_limit_is_told_busy_at_once() {
         "no spare after a connection ended: {:?}",
         children(listener)
     );
+    let before = children(listener);
     assert_serves(&agent.socket, "three held");
+    // That connection's process ends and a spare replaces it: three held and one spare.
+    let settled = wait_until(Duration::from_secs(5), || {
+        let now = children(listener);
+        now.len() == 4 && now.iter().filter(|pid| !before.contains(pid)).count() == 1
+    });
+    assert!(settled, "no spare after the exec: {:?}", children(listener));
 
     // Exactly at the limit works, one past does not.
     let mut fourth = open(&agent.socket);
@@ -268,6 +275,8 @@ impl Launched {
             ))
             .arg(agent_binary())
             .arg(&socket)
+            .arg("--secret-file")
+            .arg(common::secret_path())
             .args(args)
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
