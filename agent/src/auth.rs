@@ -76,10 +76,7 @@ pub fn load_secret(path: &CStr) -> Result<Secret, SecretFileError> {
     }
     let mut bytes = [0u8; MAX_SECRET + 1];
     let mut len = 0;
-    loop {
-        let Some(rest) = bytes.get_mut(len..) else {
-            break;
-        };
+    while let Some(rest) = bytes.get_mut(len..) {
         match rustix::io::read(&file, rest) {
             Ok(0) => break,
             Ok(n) => len += n,

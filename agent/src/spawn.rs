@@ -273,6 +273,8 @@ pub struct ChildStdio<'a> {
     pub stdin: BorrowedFd<'a>,
     pub stdout: BorrowedFd<'a>,
     pub stderr: BorrowedFd<'a>,
+    /// Whether `stdin` is a pipe of this exec's own (else a shared file such as /dev/null).
+    pub stdin_is_pipe: bool,
 }
 
 /// The child's side of `clone`: a new session, standard descriptors, default signal state, the
@@ -308,6 +310,9 @@ pub fn exec_child<const A: usize, const E: usize>(
     // privileges.
     if let Err(errno) = bounds::enter(bounds) {
         fail(failure, FailedStage::Bounds, errno);
+    }
+    if let Err(errno) = hand_over_pipes(prepared.credentials, stdio) {
+        fail(failure, FailedStage::Credentials, errno);
     }
     if let Err(errno) = assume_identity(prepared.credentials) {
         fail(failure, FailedStage::Credentials, errno);
@@ -351,6 +356,30 @@ pub fn exec_child<const A: usize, const E: usize>(
 /// copy onto its own stack only. rustix's `set_thread_*` are the raw syscalls, which change
 /// the calling thread's credentials; the child is a process of its own (no `CLONE_THREAD`),
 /// so they are the whole command's, and the agent's stay as they were.
+/// Gives the command's own pipes to the user it runs as: a pipe belongs to its creator (the
+/// agent) with mode 0600, so without this `tee /dev/stderr` (a reopen through /proc/self/fd)
+/// fails for an unprivileged command. Shared files (/dev/null) are never touched.
+fn hand_over_pipes(credentials: &Credentials, stdio: &ChildStdio<'_>) -> Result<(), Errno> {
+    use rustix::process::{Gid, Uid};
+    if !credentials.switch {
+        return Ok(());
+    }
+    let uid = Some(Uid::from_raw_unchecked(credentials.uid));
+    let gid = Some(Gid::from_raw_unchecked(credentials.gid));
+    let stdin = stdio.stdin_is_pipe.then_some(stdio.stdin);
+    for fd in [Some(stdio.stdout), Some(stdio.stderr), stdin]
+        .into_iter()
+        .flatten()
+    {
+        // NOTE: only a pipe: a descriptor on a shared file must never change owner.
+        let stat = rustix::fs::fstat(fd)?;
+        if rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Fifo {
+            rustix::fs::fchown(fd, uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
 fn assume_identity(credentials: &Credentials) -> Result<(), Errno> {
     use rustix::process::{Gid, Uid};
     if credentials.switch {
@@ -693,6 +722,7 @@ mod tests {
             stdin: null.as_fd(),
             stdout: stdout.unwrap_or(null.as_fd()),
             stderr: null.as_fd(),
+            stdin_is_pipe: false,
         };
         let failure = ChildFailure::new();
         let child = || exec_child(&prepared, &stdio, bounds, &failure);
@@ -740,6 +770,7 @@ mod tests {
             stdin: null.as_fd(),
             stdout: write.as_fd(),
             stderr: null.as_fd(),
+            stdin_is_pipe: false,
         };
         let bounds = ChildBounds {
             limits: &bounds::CommandLimits::NONE,

@@ -252,9 +252,13 @@ mod tests {
                     &[
                         AgentFrame::Hello(AgentHello {
                             magic: MAGIC,
+                            min_version: PROTOCOL_VERSION,
                             version: PROTOCOL_VERSION,
                             agent_version: "9.9.9",
                             limits: Limits::CURRENT,
+                            nonce: ferry_wire::ByteArray([0; 32]),
+                            security: ferry_wire::Security::Authenticated,
+                            bounds: ferry_wire::Bounds::default(),
                         }),
                         AgentFrame::Ready(report),
                     ],

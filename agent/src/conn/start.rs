@@ -123,6 +123,7 @@ pub fn start(
         stdin: stdin_r.as_fd(),
         stdout: stdout_w.as_fd(),
         stderr: stderr_w.as_fd(),
+        stdin_is_pipe: stdin_w.is_some(),
     };
     let limits = bounds::CommandLimits::from_policy(policy::current());
     let child_bounds = bounds::ChildBounds::new(&limits);
