@@ -249,7 +249,11 @@ fn authentication_failures_are_clear_and_exit_255() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(255));
-    assert!(stderr(&output).contains("unauthenticated"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("unauthenticated"),
+        "{}",
+        stderr(&output)
+    );
     // No secret at all: the CLI says what to give.
     let output = ferry(&agent)
         .env_remove("FERRY_SECRET_FILE")
@@ -257,7 +261,11 @@ fn authentication_failures_are_clear_and_exit_255() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(255));
-    assert!(stderr(&output).contains("--secret-file"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("--secret-file"),
+        "{}",
+        stderr(&output)
+    );
     // A secret file others may read is refused before anything is sent.
     use std::os::unix::fs::PermissionsExt;
     let exposed = secret_file(b"0123456789abcdef0123456789abcdef");
@@ -286,5 +294,9 @@ fn an_insecure_agent_is_warned_about_once_and_refused_with_a_secret() {
     // A client with a secret will not talk to an agent that cannot prove it.
     let output = run(&agent, &["exec", "--", "true"]);
     assert_eq!(output.status.code(), Some(255));
-    assert!(stderr(&output).contains("--insecure"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("--insecure"),
+        "{}",
+        stderr(&output)
+    );
 }
