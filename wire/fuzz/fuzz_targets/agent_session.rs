@@ -2,20 +2,24 @@
 //! commands (started, refuse, stdin consumed, child exited, output, finish, timeouts, EOF) in an
 //! order the fuzzer chooses. Beside "no panic", a model of the protocol checks every answer:
 //! which frames are accepted and which are a typed breach, which commands are allowed, and the
-//! agent's own stream (checked frame by frame as it is sent): the hello first and once, `Started`
-//! before output, credit never beyond what was consumed, stdin never beyond the window, exactly
+//! agent's own stream (checked frame by frame as it is sent): the hello first and once (it is
+//! queued when the session is made), a proof only for the right client proof (checked against a
+//! `ClientSession` with the same secret) and before anything else it says, `Started` before output, credit never beyond what was consumed, stdin never beyond the window, exactly
 //! one final frame and nothing after it, and after a breach exactly one error frame.
 
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
+use ferry_wire::limits::{HEADER_LEN, NONCE_LEN};
 use ferry_wire::limits::{MAX_DATA, MAX_FRAME, MAX_FRAME_BODY, MAX_MESSAGE, STDIN_WINDOW};
 use ferry_wire::session::{
-    AgentConfig, AgentEvent, AgentSession, Micros, OutputPhase, Phase, Refusal, SessionError,
+    AgentAuth, AgentConfig, AgentEvent, AgentSession, ClientAuth, ClientEvent, ClientSession,
+    Micros, OutputPhase, Phase, Refusal, Secret, SessionError,
 };
 use ferry_wire::{
-    decode_agent_frame, decode_client_frame, split_frame, AgentFrame, ClientFrame, DataKind,
-    ErrorCode, ExitStatus, Limits, StdinMode, DATA_HEADROOM, MAGIC,
+    decode_agent_frame, decode_client_frame, encode_client_frame, split_frame, AgentFrame,
+    ClientFrame, ClientHello, ClientProof, DataKind, DoneReport, ErrorCode, ExitStatus, Limits,
+    StdinMode, DATA_HEADROOM, MAGIC,
 };
 use ferry_wire_fuzz::{arbitrary_steps, split_input, whole_frames};
 use libfuzzer_sys::fuzz_target;
@@ -31,6 +35,8 @@ struct Setup {
     drain_limit: u16,
     /// The agent's version string, cut to the protocol's bound when sent.
     long_version: bool,
+    /// An insecure agent (no proof asked for).
+    insecure: bool,
 }
 
 /// One move of the agent's driver.
@@ -42,6 +48,8 @@ enum Step {
     Transmit { room: u16 },
     /// The command was spawned.
     Started { pid: u32 },
+    /// The kill-all is done.
+    Done { count: u32 },
     /// Refuse the request (or fail the agent).
     Refuse { code: u8, errno: u32, long: bool },
     /// Stdin was written to the command (a share of what is unconsumed, in 1/256ths).
@@ -68,6 +76,7 @@ fuzz_target!(|data: &[u8]| {
         max_args: 0,
         drain_limit: 0,
         long_version: false,
+        insecure: false,
     });
     let steps: Vec<Step> = arbitrary_steps(&mut u);
     let mut run = Run::new(&setup, wire);
@@ -79,6 +88,7 @@ fuzz_target!(|data: &[u8]| {
         Step::Receive { len: 0 },
         Step::Transmit { room: 0 },
         Step::Started { pid: 7 },
+        Step::Done { count: 1 },
         Step::StdinConsumed { share: 255 },
         Step::Transmit { room: 0 },
         Step::Output {
@@ -103,6 +113,18 @@ fuzz_target!(|data: &[u8]| {
 });
 
 const START: Micros = 1_000;
+/// The golden transcripts' secret and agent nonce (`wire/src/session/transcripts.rs`), so that
+/// the seeded client streams prove the secret to an agent in its default setup.
+const SECRET: &[u8] = b"ferry golden transcript secret";
+const AGENT_NONCE: [u8; NONCE_LEN] = {
+    let mut nonce = [0u8; NONCE_LEN];
+    let mut i = 0;
+    while i < NONCE_LEN {
+        nonce[i] = i as u8;
+        i += 1;
+    }
+    nonce
+};
 const LONG_VERSION: &str = "a-version-string-well-beyond-thirty-two-bytes";
 /// Two-byte characters, so a cut to [`MAX_MESSAGE`] must find a character boundary.
 const LONG_MESSAGE: &str = "ééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééééé";
@@ -111,7 +133,11 @@ const LONG_MESSAGE: &str = "éééééééééééééééééééééééééé
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     AwaitHello,
+    /// The client's hello is in; its proof must come next (a secure agent).
+    AwaitAuth,
     AwaitRequest,
+    /// A kill-all was handed to the driver.
+    Operating,
     Starting,
     Running,
     Closing,
@@ -132,6 +158,14 @@ struct Run<'a> {
     sent: Vec<u8>,
     checked: usize,
     stream: StreamCheck,
+    /// The agent's secret (`None`: insecure).
+    secret: Option<Secret>,
+    /// The agent's hello frame, as a client receives it.
+    agent_hello: Vec<u8>,
+    /// The client's hello body as received.
+    client_hello: Vec<u8>,
+    /// A client session that made the same (right) proof: it checks the agent's.
+    prover: Option<ClientSession>,
 }
 
 /// What the protocol says the session must be doing.
@@ -151,8 +185,10 @@ struct Model {
     /// The final frame the session owes: an error (with its code, errno and message) or the
     /// termination record.
     owed_final: Option<AgentFrame<'static>>,
-    /// A hello answer is owed (not yet sent).
+    /// The hello is owed (not yet sent).
     hello_owed: bool,
+    /// The agent's proof is owed (not yet sent).
+    proof_owed: bool,
     /// A started record is owed (not yet sent).
     started_owed: Option<u32>,
 }
@@ -163,6 +199,7 @@ struct StreamCheck {
     frames: usize,
     hello: bool,
     started: bool,
+    authenticated: bool,
     final_seen: bool,
     credit_total: u64,
 }
@@ -180,7 +217,7 @@ impl<'a> Run<'a> {
             agent_version: if setup.long_version {
                 LONG_VERSION
             } else {
-                "fuzz"
+                "golden"
             },
             limits,
             drain_limit: match setup.drain_limit {
@@ -189,8 +226,21 @@ impl<'a> Run<'a> {
             },
             ..AgentConfig::DEFAULT
         };
+        let secret = (!setup.insecure).then(|| Secret::new(SECRET).expect("a valid secret"));
+        let auth = AgentAuth {
+            nonce: AGENT_NONCE,
+            secret: secret.clone(),
+        };
+        let session = AgentSession::new(config, START, auth);
+        // The hello it queued, taken from a copy.
+        let mut agent_hello = vec![0u8; MAX_FRAME];
+        let n = session
+            .clone()
+            .poll_transmit(&mut agent_hello)
+            .expect("the hello");
+        agent_hello.truncate(n);
         Run {
-            session: AgentSession::new(config, START),
+            session,
             config,
             now: START,
             wire,
@@ -208,12 +258,17 @@ impl<'a> Run<'a> {
                 drained: 0,
                 dropped: false,
                 owed_final: None,
-                hello_owed: false,
+                hello_owed: true,
+                proof_owed: false,
                 started_owed: None,
             },
             sent: Vec::new(),
             checked: 0,
             stream: StreamCheck::default(),
+            secret,
+            agent_hello,
+            client_hello: Vec::new(),
+            prover: None,
         }
     }
 
@@ -227,9 +282,9 @@ impl<'a> Run<'a> {
 
     fn phase(&self) -> Phase {
         match self.model.state {
-            State::AwaitHello => Phase::Hello,
+            State::AwaitHello | State::AwaitAuth => Phase::Hello,
             State::AwaitRequest => Phase::Idle,
-            State::Starting => Phase::Starting,
+            State::Starting | State::Operating => Phase::Starting,
             State::Running => Phase::Running,
             State::Closing | State::Closed => Phase::Done,
         }
@@ -248,6 +303,16 @@ impl<'a> Run<'a> {
                     self.model.state = State::Running;
                     self.model.started_at = self.now;
                     self.model.started_owed = Some(pid);
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
+            Step::Done { count } => {
+                let result = self.session.done(count, self.now);
+                if self.model.state == State::Operating {
+                    assert_eq!(result, Ok(()));
+                    self.model.owed_final = Some(AgentFrame::Done(DoneReport { count }));
+                    self.enter_closing();
                 } else {
                     assert_eq!(result, Err(SessionError::InvalidState));
                 }
@@ -315,7 +380,7 @@ impl<'a> Run<'a> {
             Step::Eof => {
                 let result = self.session.handle_eof();
                 match self.model.state {
-                    State::Starting | State::Running => assert!(
+                    State::Starting | State::Running | State::Operating => assert!(
                         matches!(
                             result,
                             Err(SessionError::Disconnected {
@@ -381,11 +446,17 @@ impl<'a> Run<'a> {
                 }
                 (Ok(input), Expect::Event(used)) => {
                     assert_eq!(input.consumed, used);
+                    if self.model.state == State::AwaitHello {
+                        self.client_hello = inbox[HEADER_LEN..used].to_vec();
+                    }
                     self.on_event(input.event.expect("an event"));
                     Some(used)
                 }
                 (Err(err), Expect::Breach(expected, code)) => {
                     assert_eq!(err, expected);
+                    if code == ErrorCode::Unauthenticated {
+                        self.prover = None;
+                    }
                     // The message is the session's; the code is the protocol's.
                     self.fail(code, 0, "");
                     None
@@ -405,7 +476,7 @@ impl<'a> Run<'a> {
     }
 
     /// What the session must do with the front of the inbox.
-    fn expect_input(&self, inbox: &[u8]) -> Expect {
+    fn expect_input(&mut self, inbox: &[u8]) -> Expect {
         let split = split_frame(inbox, MAX_FRAME_BODY);
         if self.closing() {
             return match split {
@@ -416,6 +487,8 @@ impl<'a> Run<'a> {
         let (body, used) = match split {
             Ok(Some(split)) => split,
             Ok(None) => return Expect::NeedMore,
+            // Before the proof, anything but a right one is refused alike.
+            Err(_) if self.model.state == State::AwaitAuth => return unauthenticated(),
             Err(err) => {
                 return Expect::Breach(
                     SessionError::FrameTooLarge {
@@ -426,14 +499,15 @@ impl<'a> Run<'a> {
             }
         };
         let Ok(frame) = decode_client_frame(body) else {
+            if self.model.state == State::AwaitAuth {
+                return unauthenticated();
+            }
             return Expect::Breach(SessionError::Malformed, ErrorCode::Malformed);
         };
+        let phase = self.phase();
         let unexpected = |kind| {
             Expect::Breach(
-                SessionError::Unexpected {
-                    frame: kind,
-                    phase: self.phase(),
-                },
+                SessionError::Unexpected { frame: kind, phase },
                 ErrorCode::ProtocolViolation,
             )
         };
@@ -454,6 +528,15 @@ impl<'a> Run<'a> {
                     Expect::Event(used)
                 }
             }
+            (State::AwaitAuth, ClientFrame::Auth(proof)) => {
+                if self.right_proof(&proof) {
+                    Expect::Event(used)
+                } else {
+                    unauthenticated()
+                }
+            }
+            (State::AwaitAuth, _) => unauthenticated(),
+            (State::AwaitRequest, ClientFrame::KillAll) => Expect::Event(used),
             (State::AwaitRequest, ClientFrame::Exec(request)) => {
                 match request.validate_within(&self.config.limits) {
                     Ok(_) => Expect::Event(used),
@@ -480,12 +563,68 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Whether `proof` is the one a client with the agent's secret makes after the hello
+    /// received: a `ClientSession` with that secret and the proof's nonce computes it. Keeps
+    /// that session, which then checks the agent's proof.
+    fn right_proof(&mut self, proof: &ClientProof<'_>) -> bool {
+        let Some(secret) = &self.secret else {
+            return false;
+        };
+        let mut hello = [0u8; 64];
+        let n = encode_client_frame(&ClientFrame::Hello(ClientHello::CURRENT), &mut hello)
+            .expect("our hello");
+        if self.client_hello != hello[HEADER_LEN..n] {
+            // Another hello is hashed into the transcript: a proof over it cannot be made here.
+            return false;
+        }
+        let mut prover = ClientSession::new(
+            0,
+            None,
+            ClientAuth {
+                nonce: proof.nonce.0,
+                secret: Some(secret.clone()),
+            },
+        );
+        let step = prover
+            .handle_input(&self.agent_hello)
+            .expect("the agent's hello");
+        assert!(matches!(step.event, Some(ClientEvent::HelloAccepted(_))));
+        let mut out = vec![0u8; MAX_FRAME];
+        let n = prover.poll_transmit(&mut out).expect("hello and proof");
+        let (frames, _) = whole_frames(&out[..n]);
+        let Ok(ClientFrame::Auth(right)) = decode_client_frame(frames[1]) else {
+            panic!("no proof from a client with a secret");
+        };
+        let right = right.mac.0 == proof.mac.0;
+        if right {
+            self.prover = Some(prover);
+        }
+        right
+    }
+
     fn on_event(&mut self, event: AgentEvent<'_>) {
         match event {
             AgentEvent::Hello => {
                 assert_eq!(self.model.state, State::AwaitHello);
+                self.model.state = if self.secret.is_some() {
+                    State::AwaitAuth
+                } else {
+                    State::AwaitRequest
+                };
+            }
+            AgentEvent::Authenticated => {
+                assert_eq!(self.model.state, State::AwaitAuth);
+                assert!(
+                    self.prover.is_some(),
+                    "authenticated without the right proof"
+                );
                 self.model.state = State::AwaitRequest;
-                self.model.hello_owed = true;
+                self.model.proof_owed = true;
+            }
+            AgentEvent::KillAll => {
+                assert_eq!(self.model.state, State::AwaitRequest);
+                self.model.state = State::Operating;
+                self.model.deadline = None;
             }
             AgentEvent::Exec(valid) => {
                 assert_eq!(self.model.state, State::AwaitRequest);
@@ -527,6 +666,7 @@ impl<'a> Run<'a> {
                 if n == 0 {
                     // Nothing queued, so nothing owed.
                     assert!(!self.model.hello_owed && self.model.started_owed.is_none());
+                    assert!(!self.model.proof_owed, "a proof withheld");
                     assert!(self.model.owed_final.is_none(), "a final frame withheld");
                 }
                 // With room for everything, consumed stdin is credited back in full once all of
@@ -594,7 +734,7 @@ impl<'a> Run<'a> {
             .is_some_and(|deadline| self.now >= deadline);
         let result = self.session.handle_timeout(self.now);
         match self.model.state {
-            State::AwaitHello | State::AwaitRequest if expired => {
+            State::AwaitHello | State::AwaitAuth | State::AwaitRequest if expired => {
                 assert_eq!(
                     result,
                     Err(SessionError::TimedOut {
@@ -655,8 +795,33 @@ impl<'a> Run<'a> {
                     assert!(self.config.agent_version.starts_with(hello.agent_version));
                     assert!(hello.agent_version.len() <= ferry_wire::limits::MAX_VERSION_STRING);
                 }
+                AgentFrame::Authenticated(proof) => {
+                    assert!(self.stream.hello && !self.stream.authenticated);
+                    assert!(self.model.proof_owed, "a proof nobody earned");
+                    self.model.proof_owed = false;
+                    self.stream.authenticated = true;
+                    // The client that made the right proof takes the agent's.
+                    let prover = self.prover.as_mut().expect("the prover");
+                    let mut buf = [0u8; 128];
+                    let n =
+                        ferry_wire::encode_agent_frame(&AgentFrame::Authenticated(proof), &mut buf)
+                            .expect("a proof frame");
+                    let step = prover
+                        .handle_input(&buf[..n])
+                        .expect("the agent's proof is right");
+                    assert_eq!(step.event, Some(ClientEvent::Authenticated));
+                }
+                AgentFrame::Done(report) => {
+                    assert!(
+                        self.stream.hello && (self.stream.authenticated || self.secret.is_none())
+                    );
+                    let owed = self.model.owed_final.take();
+                    assert_eq!(owed, Some(AgentFrame::Done(report)));
+                    self.stream.final_seen = true;
+                }
                 AgentFrame::Started(started) => {
                     assert!(self.stream.hello && !self.stream.started);
+                    assert!(self.stream.authenticated || self.secret.is_none());
                     assert_eq!(Some(started.pid), self.model.started_owed.take());
                     self.stream.started = true;
                 }
@@ -684,6 +849,10 @@ impl<'a> Run<'a> {
                 }
                 AgentFrame::Error(err) => {
                     assert!(!self.model.hello_owed, "the owed hello goes first");
+                    assert!(
+                        !self.model.proof_owed,
+                        "an earned proof goes before the error"
+                    );
                     let Some(AgentFrame::Error(owed)) = self.model.owed_final.take() else {
                         panic!("an error frame nobody caused: {err:?}");
                     };
@@ -710,11 +879,16 @@ impl<'a> Run<'a> {
             "a final frame owed and never sent"
         );
         assert!(!self.model.hello_owed && self.model.started_owed.is_none());
+        assert!(!self.model.proof_owed);
         assert!(
             self.session.is_closed() || !self.closing(),
             "closing with nothing to send"
         );
     }
+}
+
+fn unauthenticated() -> Expect {
+    Expect::Breach(SessionError::Unauthenticated, ErrorCode::Unauthenticated)
 }
 
 /// What the session must do with the input.
@@ -734,11 +908,13 @@ fn frame_kind(frame: &ClientFrame<'_>) -> ferry_wire::session::FrameKind {
         ClientFrame::Exec(_) => FrameKind::Exec,
         ClientFrame::Stdin(_) => FrameKind::Stdin,
         ClientFrame::StdinEof => FrameKind::StdinEof,
+        ClientFrame::Auth(_) => FrameKind::Auth,
+        ClientFrame::KillAll => FrameKind::KillAll,
     }
 }
 
 fn error_code(n: u8) -> ErrorCode {
-    const CODES: [ErrorCode; 14] = [
+    const CODES: [ErrorCode; 16] = [
         ErrorCode::UnsupportedVersion,
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
@@ -753,6 +929,8 @@ fn error_code(n: u8) -> ErrorCode {
         ErrorCode::ResourceExhausted,
         ErrorCode::Busy,
         ErrorCode::Internal,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Unsupported,
     ];
     CODES[usize::from(n) % CODES.len()]
 }

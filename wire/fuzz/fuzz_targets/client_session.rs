@@ -2,17 +2,29 @@
 //! commands (start an exec, send stdin by copy or in place, close stdin, timeouts, EOF) in an
 //! order the fuzzer chooses. Beside "no panic", a model of the protocol checks which frames are
 //! accepted and which are a typed error, that every event says what its frame said, that nothing
-//! is accepted after the end or after an error, and the client's own stream: the hello first and
-//! once, one request, stdin only while piped and open and never beyond the credit granted.
+//! is accepted after the end or after an error, and the client's own stream: the hello (and its
+//! proof) only after the agent's hello, and once, one operation, stdin only while piped and open
+//! and never beyond the credit granted.
+//!
+//! The agent's stream is the fuzzer's. A secure client (the default) holds the golden
+//! transcripts' secret and client nonce, so a seeded stream's hello and proof are the right ones;
+//! a real `AgentSession` with that secret, fed what the client sends, says which proof is right
+//! (only its own, after its own hello): any other must be refused. An insecure client takes
+//! arbitrary hellos too.
 
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use ferry_wire::limits::{MAX_DATA, MAX_FRAME, MAX_FRAME_BODY, STDIN_WINDOW};
-use ferry_wire::session::{ClientEvent, ClientSession, FrameKind, Micros, Phase, SessionError};
+use ferry_wire::limits::{
+    HEADER_LEN, MAX_DATA, MAX_FRAME, MAX_FRAME_BODY, NONCE_LEN, STDIN_WINDOW,
+};
+use ferry_wire::session::{
+    AgentAuth, AgentConfig, AgentEvent, AgentSession, ClientAuth, ClientEvent, ClientSession,
+    FrameKind, Micros, Phase, Secret, SessionError,
+};
 use ferry_wire::{
     decode_agent_frame, decode_client_frame, split_frame, AgentFrame, Bytes, ClientFrame,
-    ClientHello, ExecRequest, Limits, StdinMode, StrList, DATA_HEADROOM, MAGIC,
+    ClientHello, ExecRequest, Limits, Security, StdinMode, StrList, DATA_HEADROOM, MAGIC,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use ferry_wire_fuzz::{arbitrary_steps, split_input, whole_frames};
@@ -27,6 +39,8 @@ enum Step {
     Transmit { room: u16 },
     /// Start an exec: which request, into a buffer of `room` bytes (0: a whole frame's).
     StartExec { request: u8, pipe: bool, room: u16 },
+    /// Start a kill-all into a buffer of `room` bytes (0: a whole frame's).
+    StartKillAll { room: u16 },
     /// Send `len` bytes of stdin by copy into a buffer of `room` bytes (0: a whole frame's).
     SendStdin { len: u32, room: u16 },
     /// Frame `len` bytes of stdin in place.
@@ -46,8 +60,9 @@ fuzz_target!(|data: &[u8]| {
         0 => None,
         n => Some(u64::from(n) * 1_000),
     };
+    let insecure = u.arbitrary::<bool>().unwrap_or(false);
     let steps: Vec<Step> = arbitrary_steps(&mut u);
-    let mut run = Run::new(hello_timeout, wire);
+    let mut run = Run::new(hello_timeout, insecure, wire);
     for step in steps {
         run.step(step);
     }
@@ -70,12 +85,31 @@ fuzz_target!(|data: &[u8]| {
 });
 
 const START: Micros = 1_000;
+/// The golden transcripts' secret and nonces (`wire/src/session/transcripts.rs`).
+const SECRET: &[u8] = b"ferry golden transcript secret";
+const AGENT_NONCE: [u8; NONCE_LEN] = counting(0x00);
+const CLIENT_NONCE: [u8; NONCE_LEN] = counting(0x80);
+const AGENT_CONFIG: AgentConfig = AgentConfig {
+    agent_version: "golden",
+    ..AgentConfig::DEFAULT
+};
+
+const fn counting(start: u8) -> [u8; NONCE_LEN] {
+    let mut nonce = [0u8; NONCE_LEN];
+    let mut i = 0;
+    while i < NONCE_LEN {
+        nonce[i] = start + i as u8;
+        i += 1;
+    }
+    nonce
+}
 
 /// Where the operation stands, as the model sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     None,
     ExecSent,
+    KillSent,
     Running,
     Done,
 }
@@ -88,7 +122,19 @@ struct Run<'a> {
     received: usize,
     inbox: Vec<u8>,
     // The model.
+    secure: bool,
+    /// The agent proved the secret (or both ends are insecure).
+    authenticated: bool,
+    /// Our hello (and proof) are owed, once the agent's hello came.
+    hello_owed: bool,
     hello_sent: bool,
+    /// The body of the agent's hello the client accepted.
+    agent_hello: Vec<u8>,
+    /// The real agent with the client's secret: its hello body, and its proof once the
+    /// client's hello and proof reached it.
+    reference: AgentSession,
+    reference_hello: Vec<u8>,
+    right_proof: Option<Vec<u8>>,
     agent: Option<Limits>,
     op: Op,
     failed: bool,
@@ -102,6 +148,8 @@ struct Run<'a> {
     sent: Vec<u8>,
     checked: usize,
     stream_hello: bool,
+    stream_auth: bool,
+    stream_op: bool,
     stream_exec: Option<StdinMode>,
     stream_eof: bool,
     stdin_total: u64,
@@ -109,15 +157,34 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    fn new(hello_timeout: Option<Micros>, wire: &'a [u8]) -> Self {
+    fn new(hello_timeout: Option<Micros>, insecure: bool, wire: &'a [u8]) -> Self {
+        let secret = Secret::new(SECRET).expect("a valid secret");
+        let auth = ClientAuth {
+            nonce: CLIENT_NONCE,
+            secret: (!insecure).then(|| secret.clone()),
+        };
+        let auth_agent = AgentAuth {
+            nonce: AGENT_NONCE,
+            secret: Some(secret),
+        };
+        let mut reference = AgentSession::new(AGENT_CONFIG, START, auth_agent);
+        let mut hello = vec![0u8; MAX_FRAME];
+        let n = reference.poll_transmit(&mut hello).expect("the hello");
         Run {
-            session: ClientSession::new(START, hello_timeout),
+            session: ClientSession::new(START, hello_timeout, auth),
             now: START,
             hello_deadline: hello_timeout.map(|t| START + t),
             wire,
             received: 0,
             inbox: Vec::new(),
+            secure: !insecure,
+            authenticated: false,
+            hello_owed: false,
             hello_sent: false,
+            agent_hello: Vec::new(),
+            reference,
+            reference_hello: hello[HEADER_LEN..n].to_vec(),
+            right_proof: None,
             agent: None,
             op: Op::None,
             failed: false,
@@ -129,6 +196,8 @@ impl<'a> Run<'a> {
             sent: Vec::new(),
             checked: 0,
             stream_hello: false,
+            stream_auth: false,
+            stream_op: false,
             stream_exec: None,
             stream_eof: false,
             stdin_total: 0,
@@ -142,7 +211,8 @@ impl<'a> Run<'a> {
             (_, Op::Done) => Phase::Done,
             (None, _) => Phase::Hello,
             (_, Op::Running) => Phase::Running,
-            (_, Op::ExecSent) => Phase::Starting,
+            (_, Op::ExecSent | Op::KillSent) => Phase::Starting,
+            (Some(_), Op::None) if !self.authenticated => Phase::Hello,
             (Some(_), Op::None) => Phase::Idle,
         }
     }
@@ -168,6 +238,7 @@ impl<'a> Run<'a> {
                 pipe,
                 room,
             } => self.start_exec(request, pipe, room),
+            Step::StartKillAll { room } => self.start_kill_all(room),
             Step::SendStdin { len, room } => self.send_stdin(len, room),
             Step::FrameStdin { len } => self.frame_stdin(len),
             Step::CloseStdin => {
@@ -183,7 +254,7 @@ impl<'a> Run<'a> {
             }
             Step::Advance { micros } => {
                 self.now = self.now.saturating_add(u64::from(micros) * 4);
-                let armed = self.agent.is_none() && !self.failed;
+                let armed = !self.authenticated && !self.failed;
                 let expired = armed && self.hello_deadline.is_some_and(|d| self.now >= d);
                 let result = self.session.handle_timeout(self.now);
                 if expired {
@@ -197,7 +268,7 @@ impl<'a> Run<'a> {
                 } else {
                     assert_eq!(result, Ok(()));
                 }
-                let deadline = if self.agent.is_none() && !self.failed {
+                let deadline = if !self.authenticated && !self.failed {
                     self.hello_deadline
                 } else {
                     None
@@ -299,13 +370,13 @@ impl<'a> Run<'a> {
             phase,
         };
         let event = match (frame, phase) {
-            (AgentFrame::Hello(hello), Phase::Hello | Phase::Starting)
-                if self.hello_sent && self.agent.is_none() =>
-            {
+            (AgentFrame::Hello(hello), Phase::Hello) if self.agent.is_none() => {
                 if hello.magic != MAGIC {
                     return fail(self, result, SessionError::NotFerry);
                 }
-                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
+                let low = hello.min_version.max(MIN_PROTOCOL_VERSION);
+                let version = hello.version.min(PROTOCOL_VERSION);
+                if low > version {
                     return fail(
                         self,
                         result,
@@ -314,13 +385,27 @@ impl<'a> Run<'a> {
                         },
                     );
                 }
+                match (hello.security, self.secure) {
+                    (Security::Authenticated, false) => {
+                        return fail(self, result, SessionError::SecretRequired)
+                    }
+                    (Security::Insecure, true) => {
+                        return fail(self, result, SessionError::AgentInsecure)
+                    }
+                    _ => {}
+                }
                 let input = result.expect("the agent's hello");
                 let Some(ClientEvent::HelloAccepted(info)) = input.event else {
                     panic!("{:?}", input.event);
                 };
-                assert_eq!(info.protocol_version, hello.version);
+                assert_eq!(info.protocol_version, version);
                 assert_eq!(info.agent_version, hello.agent_version);
                 assert_eq!(info.limits, hello.limits);
+                assert_eq!(info.security, hello.security);
+                assert_eq!(info.bounds, hello.bounds);
+                self.authenticated = !self.secure;
+                self.hello_owed = true;
+                self.agent_hello = body.to_vec();
                 self.credit = u64::from(hello.limits.stdin_window)
                     .min(STDIN_WINDOW as u64)
                     .saturating_sub(self.in_flight);
@@ -328,7 +413,32 @@ impl<'a> Run<'a> {
                 assert_eq!(self.session.agent_limits(), Some(hello.limits));
                 input
             }
-            (AgentFrame::Started(started), Phase::Starting) if self.agent.is_some() => {
+            (AgentFrame::Authenticated(proof), Phase::Hello | Phase::Starting)
+                if self.hello_sent && !self.authenticated && self.agent.is_some() =>
+            {
+                // Only the real agent's proof, after the real agent's hello, is right.
+                let right = self.agent_hello == self.reference_hello
+                    && self.right_proof.as_deref() == Some(&proof.mac.0[..]);
+                if !right {
+                    return fail(self, result, SessionError::Unauthenticated);
+                }
+                let input = result.expect("the agent's proof");
+                assert_eq!(input.event, Some(ClientEvent::Authenticated));
+                self.authenticated = true;
+                assert!(self.session.is_authenticated());
+                input
+            }
+            (AgentFrame::Done(report), Phase::Starting)
+                if self.authenticated && self.op == Op::KillSent =>
+            {
+                let input = result.expect("done");
+                assert_eq!(input.event, Some(ClientEvent::Done(report)));
+                self.op = Op::Done;
+                input
+            }
+            (AgentFrame::Started(started), Phase::Starting)
+                if self.authenticated && self.op == Op::ExecSent =>
+            {
                 let input = result.expect("started");
                 assert_eq!(input.event, Some(ClientEvent::Started { pid: started.pid }));
                 self.op = Op::Running;
@@ -376,7 +486,7 @@ impl<'a> Run<'a> {
             (
                 AgentFrame::Error(err),
                 Phase::Hello | Phase::Idle | Phase::Starting | Phase::Running,
-            ) if self.hello_sent => {
+            ) => {
                 let input = result.expect("refused");
                 assert_eq!(input.event, Some(ClientEvent::Refused(err)));
                 self.failed = true;
@@ -399,7 +509,7 @@ impl<'a> Run<'a> {
         match self.session.poll_transmit(&mut out) {
             Ok(n) => {
                 self.sent.extend_from_slice(&out[..n]);
-                self.hello_sent = true;
+                self.hello_sent |= self.hello_owed;
                 if self.eof_queued && self.stdin_piped && !self.eof_sent {
                     self.eof_sent = true;
                     self.stdin_piped = false;
@@ -428,6 +538,14 @@ impl<'a> Run<'a> {
             } else {
                 StdinMode::Null
             },
+            user: match request >> 5 {
+                0 | 1 => None,
+                2 => Some(Bytes(b"nobody")),
+                3 => Some(Bytes(b"0:0")),
+                4 => Some(Bytes(b"")),
+                5 => Some(Bytes(b"a\0b")),
+                _ => Some(Bytes(&[b'u'; 300])),
+            },
         };
         let room = if room == 0 {
             MAX_FRAME
@@ -440,17 +558,42 @@ impl<'a> Run<'a> {
             .is_ok();
         match self.session.start_exec(&request, &mut out) {
             Ok(n) => {
-                assert!(self.op == Op::None && !self.failed && valid);
+                assert!(self.op == Op::None && !self.failed && self.agent.is_some() && valid);
                 self.sent.extend_from_slice(&out[..n]);
                 self.hello_sent = true;
                 self.op = Op::ExecSent;
                 self.stdin_piped = pipe;
                 self.check_stream();
             }
-            Err(SessionError::InvalidState) => assert!(self.op != Op::None || self.failed),
-            Err(SessionError::InvalidRequest { .. }) => assert!(!valid),
+            Err(SessionError::InvalidState) => {
+                assert!(self.op != Op::None || self.failed || self.agent.is_none())
+            }
+            Err(SessionError::InvalidRequest { .. }) => assert!(!valid && self.agent.is_some()),
             Err(SessionError::BufferTooSmall) => assert!(room < 512),
             Err(err) => panic!("start_exec: {err}"),
+        }
+    }
+
+    fn start_kill_all(&mut self, room: u16) {
+        let room = if room == 0 {
+            MAX_FRAME
+        } else {
+            usize::from(room)
+        };
+        let mut out = vec![0u8; room];
+        match self.session.start_kill_all(&mut out) {
+            Ok(n) => {
+                assert!(self.op == Op::None && !self.failed && self.agent.is_some());
+                self.sent.extend_from_slice(&out[..n]);
+                self.hello_sent = true;
+                self.op = Op::KillSent;
+                self.check_stream();
+            }
+            Err(SessionError::InvalidState) => {
+                assert!(self.op != Op::None || self.failed || self.agent.is_none())
+            }
+            Err(SessionError::BufferTooSmall) => assert!(room < 512),
+            Err(err) => panic!("start_kill_all: {err}"),
         }
     }
 
@@ -519,13 +662,32 @@ impl<'a> Run<'a> {
             match decode_client_frame(&body).expect("the client's frames decode") {
                 ClientFrame::Hello(hello) => {
                     assert!(!self.stream_hello, "a second hello");
+                    assert!(self.agent.is_some(), "our hello before the agent's");
                     assert_eq!(hello, ClientHello::CURRENT);
                     self.stream_hello = true;
+                    self.to_reference(&body);
+                }
+                ClientFrame::Auth(proof) => {
+                    assert!(self.secure, "a proof without a secret");
+                    assert!(self.stream_hello && !self.stream_auth && !self.stream_op);
+                    assert_eq!(proof.nonce.0, CLIENT_NONCE);
+                    self.stream_auth = true;
+                    self.to_reference(&body);
                 }
                 ClientFrame::Exec(request) => {
-                    assert!(self.stream_hello && self.stream_exec.is_none());
+                    assert!(self.stream_hello && !self.stream_op);
+                    assert!(self.stream_auth || !self.secure, "an exec before the proof");
                     assert!(request.validate().is_ok());
+                    self.stream_op = true;
                     self.stream_exec = Some(request.stdin);
+                }
+                ClientFrame::KillAll => {
+                    assert!(self.stream_hello && !self.stream_op);
+                    assert!(
+                        self.stream_auth || !self.secure,
+                        "a kill-all before the proof"
+                    );
+                    self.stream_op = true;
                 }
                 ClientFrame::Stdin(data) => {
                     assert_eq!(
@@ -554,6 +716,28 @@ impl<'a> Run<'a> {
     }
 }
 
+impl Run<'_> {
+    /// Hands one frame of the client's (hello, proof) to the reference agent; once it took the
+    /// proof, its own is the right one.
+    fn to_reference(&mut self, body: &[u8]) {
+        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(body);
+        let Ok(input) = self.reference.handle_input(&frame, START) else {
+            return;
+        };
+        assert_eq!(input.consumed, frame.len());
+        if let Some(AgentEvent::Authenticated) = input.event {
+            let mut out = vec![0u8; MAX_FRAME];
+            let n = self.reference.poll_transmit(&mut out).expect("the proof");
+            let (frames, _) = whole_frames(&out[..n]);
+            let Ok(AgentFrame::Authenticated(proof)) = decode_agent_frame(frames[0]) else {
+                panic!("no proof from the reference agent");
+            };
+            self.right_proof = Some(proof.mac.0.to_vec());
+        }
+    }
+}
+
 fn agent_kind(frame: &AgentFrame<'_>) -> FrameKind {
     match frame {
         AgentFrame::Hello(_) => FrameKind::Hello,
@@ -564,5 +748,7 @@ fn agent_kind(frame: &AgentFrame<'_>) -> FrameKind {
         AgentFrame::Exited(_) => FrameKind::Exited,
         AgentFrame::Error(_) => FrameKind::Error,
         AgentFrame::Ready(_) => FrameKind::Ready,
+        AgentFrame::Authenticated(_) => FrameKind::Authenticated,
+        AgentFrame::Done(_) => FrameKind::Done,
     }
 }
