@@ -665,14 +665,14 @@ impl<'a> Run<'a> {
                     assert!(self.agent.is_some(), "our hello before the agent's");
                     assert_eq!(hello, ClientHello::CURRENT);
                     self.stream_hello = true;
-                    self.to_reference(&body);
+                    self.tell_reference(&body);
                 }
                 ClientFrame::Auth(proof) => {
                     assert!(self.secure, "a proof without a secret");
                     assert!(self.stream_hello && !self.stream_auth && !self.stream_op);
                     assert_eq!(proof.nonce.0, CLIENT_NONCE);
                     self.stream_auth = true;
-                    self.to_reference(&body);
+                    self.tell_reference(&body);
                 }
                 ClientFrame::Exec(request) => {
                     assert!(self.stream_hello && !self.stream_op);
@@ -719,7 +719,7 @@ impl<'a> Run<'a> {
 impl Run<'_> {
     /// Hands one frame of the client's (hello, proof) to the reference agent; once it took the
     /// proof, its own is the right one.
-    fn to_reference(&mut self, body: &[u8]) {
+    fn tell_reference(&mut self, body: &[u8]) {
         let mut frame = (body.len() as u32).to_le_bytes().to_vec();
         frame.extend_from_slice(body);
         let Ok(input) = self.reference.handle_input(&frame, START) else {
