@@ -46,6 +46,9 @@ const TARGETS: &[(&str, Seeds)] = &[
     ("recv_buf", Seeds::Streams),
     ("agent_session", Seeds::ClientStreams),
     ("client_session", Seeds::AgentStreams),
+    // Its first byte picks how the stream is built around the right opening; the transcripts'
+    // proofs are for another secret, so raw streams seed it.
+    ("auth", Seeds::RawStreams),
 ];
 
 /// What to fuzz and for how long.

@@ -96,7 +96,15 @@ fn converse(
     let mut session = AgentSession::new(serving.config, clock::monotonic_us(), auth);
     let mut link = Link::new(sock, recv, out);
     let storage = Storage { argv, envp, cwd };
-    let handshake = handshake(&mut link, &mut session, storage, prepared, successor);
+    let mut audit = None;
+    let handshake = handshake(
+        &mut link,
+        &mut session,
+        storage,
+        prepared,
+        successor,
+        &mut audit,
+    );
     successor.release();
     let mut spent_stack = None;
     let (end, retired) = match handshake {
@@ -110,8 +118,85 @@ fn converse(
     if end == End::Closing {
         send_final(&mut link, &mut session);
     }
+    if let Some(audit) = audit {
+        audit.emit(&session, end, link.sock);
+    }
     // Finished pipes, the reaped pidfd and the child's stack go only now, after the final frame.
     drop((retired, spent_stack));
+}
+
+/// The record of one operation, for its audit line: who asked for what, as whom, how it ended.
+struct Audit {
+    operation: &'static [u8],
+    /// `argv[0]`, cut.
+    program: heapless::Vec<u8, 48>,
+    /// The user asked for, or the default.
+    user: heapless::Vec<u8, 32>,
+    started_us: u64,
+}
+
+impl Audit {
+    fn new(operation: &'static [u8], program: &[u8], user: Option<&[u8]>) -> Audit {
+        Audit {
+            operation,
+            program: program.to_owned_in(),
+            user: user.unwrap_or(b"(default)").to_owned_in(),
+            started_us: clock::monotonic_us(),
+        }
+    }
+
+    /// One line, rate-limited: `audit: exec peer=vsock 2:1234 user=(default) program=uname
+    /// result=exit 0 ms=7`.
+    fn emit(&self, session: &AgentSession, end: End, sock: rustix::fd::BorrowedFd<'_>) {
+        let mut line = log::Line::new();
+        line.push(b"audit: ")
+            .push(self.operation)
+            .push(b" peer=")
+            .push(&auth::peer_label(sock))
+            .push(b" user=")
+            .push(&self.user);
+        if !self.program.is_empty() {
+            line.push(b" program=").push(&self.program);
+        }
+        line.push(b" result=");
+        match (session.exit_status(), session.refusal_code()) {
+            (Some(ferry_wire::ExitStatus::Code(code)), _) => {
+                line.push(b"exit ").num(u64::from(code));
+            }
+            (Some(ferry_wire::ExitStatus::Signal { number, .. }), _) => {
+                line.push(b"signal ").num(u64::from(number));
+            }
+            (None, Some(code)) => {
+                line.push(b"refused (")
+                    .push(code.as_str().as_bytes())
+                    .push(b")");
+            }
+            (None, None) if end == End::ClientGone => {
+                line.push(b"client gone");
+            }
+            (None, None) => {
+                line.push(b"done");
+            }
+        }
+        if end == End::ClientGone && session.exit_status().is_some() {
+            line.push(b", client gone");
+        }
+        let elapsed = clock::monotonic_us().saturating_sub(self.started_us);
+        line.push(b" ms=").num(elapsed / 1000).emit_limited();
+    }
+}
+
+/// A slice copied into a bounded vector, cut to fit.
+trait ToOwnedIn {
+    fn to_owned_in<const N: usize>(&self) -> heapless::Vec<u8, N>;
+}
+
+impl ToOwnedIn for [u8] {
+    fn to_owned_in<const N: usize>(&self) -> heapless::Vec<u8, N> {
+        let mut out = heapless::Vec::new();
+        let _ = out.extend_from_slice(self.get(..N).unwrap_or(self));
+        out
+    }
 }
 
 /// The hello exchange and the request, up to the command's start.
@@ -121,6 +206,7 @@ fn handshake(
     storage: Storage<'_>,
     prepared: Prepared,
     successor: &mut Successor,
+    audit: &mut Option<Audit>,
 ) -> Handshake {
     loop {
         let now = clock::monotonic_us();
@@ -133,7 +219,7 @@ fn handshake(
                         log::Line::new()
                             .push(b"authentication failed: ")
                             .push(&auth::peer_label(link.sock))
-                            .emit();
+                            .emit_limited();
                     }
                     return Handshake::Refused;
                 }
@@ -142,6 +228,9 @@ fn handshake(
             match input.event {
                 None if consumed == 0 => break,
                 Some(AgentEvent::Exec(valid)) => {
+                    let request = valid.request();
+                    let program = request.argv.entries().next().unwrap_or(&[]);
+                    *audit = Some(Audit::new(b"exec", program, request.user.map(|u| u.0)));
                     // The next spare is forked while our child starts, off the path the client
                     // waits on.
                     let started = start::start(&valid, storage, prepared, || successor.release());
@@ -161,6 +250,7 @@ fn handshake(
                     };
                 }
                 Some(AgentEvent::KillAll) => {
+                    *audit = Some(Audit::new(b"kill-all", b"", None));
                     link.inbox.consume(consumed);
                     let now = clock::monotonic_us();
                     let _ = match crate::cgroup::kill_all_commands() {

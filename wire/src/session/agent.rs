@@ -180,6 +180,8 @@ pub struct AgentSession {
     hello: bool,
     authenticated: Option<[u8; MAC_LEN]>,
     error: Option<Refusal>,
+    /// The code of the error frame the conversation ended with (kept for the driver's audit).
+    refused: Option<ErrorCode>,
     started: Option<u32>,
     exited: Option<Termination>,
     done: Option<DoneReport>,
@@ -211,6 +213,7 @@ impl AgentSession {
             hello: true,
             authenticated: None,
             error: None,
+            refused: None,
             started: None,
             exited: None,
             done: None,
@@ -522,8 +525,19 @@ impl AgentSession {
         Ok(())
     }
 
+    /// How the command ended, once it has.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.exit.map(|(status, _)| status)
+    }
+
+    /// The code of the error frame the conversation ended with, if it ended with one.
+    pub fn refusal_code(&self) -> Option<ErrorCode> {
+        self.refused
+    }
+
     fn close_with(&mut self, refusal: Refusal, now: Micros) {
         self.error = Some(refusal);
+        self.refused = Some(refusal.code);
         // Nothing else is owed once the conversation failed, but a proof already earned is
         // still sent (it comes before the error): the client can then tell a refusal from
         // this agent from an impostor's, whatever the driver's schedule was.
