@@ -56,6 +56,8 @@ pub struct Commands {
     #[allow(dead_code)]
     dir: OwnedFd,
     procs: OwnedFd,
+    /// The `memory.max` written (`None`: unlimited, or the kernel refused it).
+    memory_max: Option<u64>,
 }
 
 static COMMANDS: SetOnce<Commands> = SetOnce::new();
@@ -68,6 +70,12 @@ pub fn bounds() -> Bounds {
         Some(_) => Bounds::Cgroup,
         None => Bounds::RlimitsOnly,
     }
+}
+
+/// The commands' `memory.max` in effect: the value written at [`setup`], `None` without a
+/// cgroup, without the memory controller, or when memory is left unlimited.
+pub fn memory_max() -> Option<u64> {
+    COMMANDS.get().and_then(|commands| commands.memory_max)
 }
 
 /// The commands' `cgroup.procs`, open for writing: a command's child writes `0` to it to join.
@@ -160,13 +168,11 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The policy's limits; `memory_max` 0 means the machine's memory (`mem_total`, from
-    /// `/proc/meminfo`) less [`agent_reserve`].
-    pub fn from_policy(policy: &Policy, mem_total: Option<u64>) -> Limits {
+    /// The policy's limits; `memory_max` 0 means [`default_memory_max`] of the machine's memory
+    /// as `/proc/meminfo` describes it at setup.
+    pub fn from_policy(policy: &Policy, memory: MemInfo) -> Limits {
         let memory_max = match policy.memory_max {
-            0 => mem_total
-                .map(|total| total.saturating_sub(agent_reserve(total)))
-                .filter(|max| *max > 0),
+            0 => default_memory_max(memory),
             max => Some(max),
         };
         Limits {
@@ -177,10 +183,45 @@ impl Limits {
     }
 }
 
-/// Memory kept out of the commands' reach for the agent and the kernel: a tenth of it, at
-/// least 32 MiB.
+/// Memory kept out of the commands' reach for the agent and the kernel: a twentieth of the
+/// machine's memory, at least 16 MiB.
 pub fn agent_reserve(mem_total: u64) -> u64 {
-    (mem_total / 10).max(32 << 20)
+    (mem_total / 20).max(16 << 20)
+}
+
+/// The commands' default `memory.max`: what is really available at setup (`MemAvailable`)
+/// less [`agent_reserve`], and never more than `MemTotal` less it. Bounding by `MemTotal` alone
+/// set a limit the machine could not give (the kernel, the initramfs and the agent hold part of
+/// it), so a memory hog met the whole machine's OOM killer before its cgroup's. `None` (memory
+/// unlimited, rather than a limit that kills everything) when not even the reserve is there or
+/// `/proc/meminfo` says nothing usable.
+pub fn default_memory_max(memory: MemInfo) -> Option<u64> {
+    let reserve = agent_reserve(memory.total?);
+    let ceiling = memory.total?.saturating_sub(reserve);
+    // A kernel without `MemAvailable` (before 3.14): the ceiling alone.
+    let available = memory
+        .available
+        .map_or(ceiling, |available| available.saturating_sub(reserve));
+    Some(available.min(ceiling)).filter(|max| *max > 0)
+}
+
+/// What the default memory limit is computed from, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemInfo {
+    /// `MemTotal`.
+    pub total: Option<u64>,
+    /// `MemAvailable`: free memory plus what the kernel can reclaim without swapping.
+    pub available: Option<u64>,
+}
+
+impl MemInfo {
+    /// From `/proc/meminfo`'s contents.
+    pub fn parse(meminfo: &[u8]) -> MemInfo {
+        MemInfo {
+            total: meminfo_field(meminfo, b"MemTotal:"),
+            available: meminfo_field(meminfo, b"MemAvailable:"),
+        }
+    }
 }
 
 /// Why the commands' cgroup could not be set up.
@@ -198,11 +239,11 @@ fn failed(what: &'static [u8]) -> impl FnOnce(Errno) -> SetupError {
 /// later command; logs once which bounds are in use. Called once, by the listener, before it
 /// forks.
 pub fn setup(policy: &Policy, is_init: bool) -> Bounds {
+    // MemTotal, MemFree and MemAvailable are its first three lines.
     let mut meminfo = [0u8; 256];
-    let mem_total = read_file_at(cwd(), c"/proc/meminfo", &mut meminfo)
-        .ok()
-        .and_then(mem_total);
-    let limits = Limits::from_policy(policy, mem_total);
+    let memory = read_file_at(cwd(), c"/proc/meminfo", &mut meminfo)
+        .map_or_else(|_| MemInfo::default(), MemInfo::parse);
+    let limits = Limits::from_policy(policy, memory);
     let made = if is_init {
         setup_at_root(MOUNT_POINT, &limits)
     } else {
@@ -333,15 +374,21 @@ fn make_commands(
 ) -> Result<Commands, SetupError> {
     make_dir(parent, name).map_err(failed(b"create the commands' cgroup"))?;
     let dir = open_dir(parent, name).map_err(failed(b"open the commands' cgroup"))?;
-    configure(dir.as_fd(), limits);
+    let memory_max = configure(dir.as_fd(), limits);
     let procs = open_at(dir.as_fd(), c"cgroup.procs", OFlags::WRONLY)
         .map_err(failed(b"open the commands' cgroup.procs"))?;
-    Ok(Commands { dir, procs })
+    Ok(Commands {
+        dir,
+        procs,
+        memory_max,
+    })
 }
 
 /// Writes the limits into the commands' cgroup. A file that is missing belongs to a controller
-/// the kernel lacks; any other failure is logged, and the rest still applied.
-fn configure(dir: BorrowedFd<'_>, limits: &Limits) {
+/// the kernel lacks; any other failure is logged, and the rest still applied. Returns the
+/// `memory.max` that was written.
+fn configure(dir: BorrowedFd<'_>, limits: &Limits) -> Option<u64> {
+    let mut memory_max = None;
     let mut memory = [0u8; 20];
     let mut pids = [0u8; 20];
     let mut cpu = [0u8; 48];
@@ -367,6 +414,7 @@ fn configure(dir: BorrowedFd<'_>, limits: &Limits) {
     for (file, value) in settings {
         let Some(value) = value else { continue };
         match write_file(dir, file, value) {
+            Ok(()) if file == c"memory.max" => memory_max = limits.memory_max,
             Ok(()) | Err(Errno::NOENT) => {}
             Err(errno) => log::Line::new()
                 .push(b"cgroup: cannot set ")
@@ -376,6 +424,7 @@ fn configure(dir: BorrowedFd<'_>, limits: &Limits) {
                 .emit(),
         }
     }
+    memory_max
 }
 
 /// `cpu.max`'s value, `"QUOTA PERIOD"`: `percent` of one CPU per [`CPU_PERIOD_US`], or
@@ -416,11 +465,11 @@ pub fn decimal(buf: &mut [u8; 20], mut value: u64) -> &[u8] {
     buf.get(first..).unwrap_or(&[])
 }
 
-/// `MemTotal` from `/proc/meminfo`'s contents, in bytes.
-pub fn mem_total(meminfo: &[u8]) -> Option<u64> {
+/// The field `name` (with its colon, e.g. `MemTotal:`) of `/proc/meminfo`'s contents, in bytes.
+pub fn meminfo_field(meminfo: &[u8], name: &[u8]) -> Option<u64> {
     let line = meminfo
         .split(|b| *b == b'\n')
-        .find_map(|line| line.strip_prefix(b"MemTotal:"))?;
+        .find_map(|line| line.strip_prefix(name))?;
     let mut words = line
         .split(|b| b.is_ascii_whitespace())
         .filter(|w| !w.is_empty());
@@ -511,55 +560,146 @@ fn read_file_at<'b>(
 mod tests {
     use super::*;
 
-    #[test]
-    fn mem_total_from_meminfo() {
-        let meminfo = b"MemTotal:         254564 kB\nMemFree:          220000 kB\n";
-        assert_eq!(mem_total(meminfo), Some(254_564 * 1024));
-        let later = b"MemFree:  1 kB\nMemTotal:\t16 kB\n";
-        assert_eq!(mem_total(later), Some(16 * 1024));
-        assert_eq!(mem_total(b""), None);
-        assert_eq!(mem_total(b"MemTotal:\n"), None);
-        assert_eq!(mem_total(b"MemTotal: 12 MB\n"), None, "only kB is known");
-        assert_eq!(mem_total(b"MemTotal: 12\n"), None);
-        assert_eq!(mem_total(b"MemTotal: -1 kB\n"), None);
-        assert_eq!(mem_total(b"MemTotal: 99999999999999999999 kB\n"), None);
-        assert_eq!(
-            mem_total(b"MemTotal: 18014398509481984 kB\n"),
-            None,
-            "overflows in bytes"
-        );
-        let real = std::fs::read("/proc/meminfo").unwrap();
-        assert!(mem_total(&real).is_some_and(|total| total > 0));
+    fn total(meminfo: &[u8]) -> Option<u64> {
+        meminfo_field(meminfo, b"MemTotal:")
     }
 
     #[test]
-    fn the_agent_keeps_a_tenth_and_at_least_32_mib() {
-        const MIB: u64 = 1 << 20;
-        assert_eq!(agent_reserve(0), 32 * MIB);
-        assert_eq!(agent_reserve(256 * MIB), 32 * MIB);
-        assert_eq!(agent_reserve(320 * MIB), 32 * MIB);
-        assert_eq!(agent_reserve(1000 * MIB), 100 * MIB);
-        assert_eq!(agent_reserve(u64::MAX), u64::MAX / 10);
+    fn meminfo_fields() {
+        let meminfo = b"MemTotal:         254564 kB\nMemFree:          220000 kB\n";
+        assert_eq!(total(meminfo), Some(254_564 * 1024));
+        let later = b"MemFree:  1 kB\nMemTotal:\t16 kB\n";
+        assert_eq!(total(later), Some(16 * 1024));
+        assert_eq!(total(b""), None);
+        assert_eq!(total(b"MemTotal:\n"), None);
+        assert_eq!(total(b"MemTotal: 12 MB\n"), None, "only kB is known");
+        assert_eq!(total(b"MemTotal: 12\n"), None);
+        assert_eq!(total(b"MemTotal: -1 kB\n"), None);
+        assert_eq!(total(b"MemTotal: 99999999999999999999 kB\n"), None);
+        assert_eq!(
+            total(b"MemTotal: 18014398509481984 kB\n"),
+            None,
+            "overflows in bytes"
+        );
+        // A guest's, cut where the agent's 256-byte buffer cuts it.
+        let guest = b"MemTotal:         226508 kB\nMemFree:          180100 kB\n\
+            MemAvailable:     171832 kB\nBuffers:               0 kB\nCached:    ";
+        assert_eq!(
+            MemInfo::parse(guest),
+            MemInfo {
+                total: Some(226_508 * 1024),
+                available: Some(171_832 * 1024),
+            }
+        );
+        assert_eq!(
+            MemInfo::parse(b"MemTotal: 8 kB\nMemAvail"),
+            MemInfo {
+                total: Some(8 * 1024),
+                available: None,
+            },
+            "a field cut short is not there"
+        );
+        let real = std::fs::read("/proc/meminfo").unwrap();
+        let real = MemInfo::parse(&real);
+        assert!(real.total.is_some_and(|total| total > 0));
+        assert!(real.available.is_some_and(|available| available > 0));
+    }
 
+    #[test]
+    fn the_agent_keeps_a_twentieth_and_at_least_16_mib() {
+        assert_eq!(agent_reserve(0), 16 * MIB);
+        assert_eq!(agent_reserve(256 * MIB), 16 * MIB);
+        assert_eq!(agent_reserve(320 * MIB), 16 * MIB);
+        assert_eq!(agent_reserve(321 * MIB), 321 * MIB / 20);
+        assert_eq!(agent_reserve(1000 * MIB), 50 * MIB);
+        assert_eq!(agent_reserve(u64::MAX), u64::MAX / 20);
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    fn mem(total: u64, available: u64) -> MemInfo {
+        MemInfo {
+            total: Some(total),
+            available: Some(available),
+        }
+    }
+
+    #[test]
+    fn the_default_memory_max_is_what_is_available_less_the_reserve() {
+        // A 256 MiB guest: the kernel and the initramfs hold a part MemTotal does not show.
+        assert_eq!(
+            default_memory_max(mem(226 * MIB, 170 * MIB)),
+            Some(154 * MIB)
+        );
+        // Never above MemTotal less the reserve, whatever MemAvailable says.
+        assert_eq!(
+            default_memory_max(mem(226 * MIB, 226 * MIB)),
+            Some(210 * MIB)
+        );
+        assert_eq!(
+            default_memory_max(mem(226 * MIB, 300 * MIB)),
+            Some(210 * MIB)
+        );
+        // A big machine keeps a twentieth.
+        assert_eq!(
+            default_memory_max(mem(1000 * MIB, 900 * MIB)),
+            Some(850 * MIB)
+        );
+        // Just above the reserve: one byte; at it or below: unlimited rather than 0 (which
+        // kills everything).
+        assert_eq!(default_memory_max(mem(226 * MIB, 16 * MIB + 1)), Some(1));
+        assert_eq!(default_memory_max(mem(226 * MIB, 16 * MIB)), None);
+        assert_eq!(default_memory_max(mem(226 * MIB, 0)), None);
+        assert_eq!(default_memory_max(mem(16 * MIB, 16 * MIB)), None);
+        assert_eq!(default_memory_max(mem(0, 0)), None);
+        // Without MemAvailable: MemTotal less the reserve; without MemTotal: nothing known.
+        let old_kernel = MemInfo {
+            total: Some(226 * MIB),
+            available: None,
+        };
+        assert_eq!(default_memory_max(old_kernel), Some(210 * MIB));
+        let no_total = MemInfo {
+            total: None,
+            available: Some(200 * MIB),
+        };
+        assert_eq!(default_memory_max(no_total), None);
+        assert_eq!(default_memory_max(MemInfo::default()), None);
+        // No overflow at the top.
+        assert_eq!(
+            default_memory_max(mem(u64::MAX, u64::MAX)),
+            Some(u64::MAX - u64::MAX / 20)
+        );
+    }
+
+    #[test]
+    fn an_explicit_policy_value_is_kept_as_is() {
         let mut policy = crate::policy::Policy::defaults();
-        let limits = Limits::from_policy(&policy, Some(256 * MIB));
-        assert_eq!(limits.memory_max, Some(224 * MIB));
+        let limits = Limits::from_policy(&policy, mem(226 * MIB, 170 * MIB));
+        assert_eq!(limits.memory_max, Some(154 * MIB));
         assert_eq!(limits.pids_max, 4096);
         assert_eq!(limits.cpu_max_percent, 0);
-        // Not even the reserve: memory stays unlimited rather than 0 (which kills everything).
         assert_eq!(
-            Limits::from_policy(&policy, Some(32 * MIB)).memory_max,
+            Limits::from_policy(&policy, mem(226 * MIB, 10 * MIB)).memory_max,
             None
         );
         assert_eq!(
-            Limits::from_policy(&policy, Some(20 * MIB)).memory_max,
+            Limits::from_policy(&policy, MemInfo::default()).memory_max,
             None
         );
-        assert_eq!(Limits::from_policy(&policy, None).memory_max, None);
+        // Even beyond what the machine has: the operator asked for it.
         policy.memory_max = 100 * MIB;
         assert_eq!(
-            Limits::from_policy(&policy, Some(256 * MIB)).memory_max,
+            Limits::from_policy(&policy, mem(226 * MIB, 170 * MIB)).memory_max,
             Some(100 * MIB)
+        );
+        policy.memory_max = 300 * MIB;
+        assert_eq!(
+            Limits::from_policy(&policy, mem(226 * MIB, 10 * MIB)).memory_max,
+            Some(300 * MIB)
+        );
+        assert_eq!(
+            Limits::from_policy(&policy, MemInfo::default()).memory_max,
+            Some(300 * MIB)
         );
     }
 
@@ -661,6 +801,14 @@ mod tests {
             if let Ok(pids) = std::fs::read_to_string(scratch.join("commands/pids.max")) {
                 assert_eq!(pids.trim(), "7");
             }
+            // What was written is what is reported.
+            match std::fs::read_to_string(scratch.join("commands/memory.max")) {
+                Ok(memory) => {
+                    assert_eq!(memory.trim(), (64u64 << 20).to_string());
+                    assert_eq!(commands.memory_max, Some(64 << 20));
+                }
+                Err(_) => assert_eq!(commands.memory_max, None),
+            }
             if scratch.join("commands/cgroup.kill").exists() {
                 assert_eq!(kill_all_in(commands.dir.as_fd()), Ok(1));
                 let status = command.wait().unwrap();
@@ -692,5 +840,6 @@ mod tests {
         assert_eq!(kill_all_commands(), Err(Errno::NOSYS));
         assert_eq!(bounds(), Bounds::RlimitsOnly);
         assert!(commands_procs().is_none());
+        assert_eq!(memory_max(), None);
     }
 }

@@ -292,8 +292,8 @@ fn serving(policy: &policy::Policy, is_init: bool) -> Option<auth::Serving> {
             max_file_size: policy.max_file_size,
             max_connections: policy.max_connections,
             handshake_timeout_ms: policy.handshake_timeout_ms,
-            // 0: the default (the guest's memory less the agent's reserve).
-            memory_max: policy.memory_max,
+            // What the commands' cgroup got; without one, the policy's (0: none).
+            memory_max: cgroup::memory_max().unwrap_or(policy.memory_max),
             pids_max: policy.pids_max,
             cgroup: cgroup::bounds() == cgroup::Bounds::Cgroup,
             default_uid: default_user.as_ref().map_or(u32::MAX, |user| user.uid),
