@@ -387,3 +387,63 @@ fn the_socket_has_the_policys_mode_whatever_the_umask() {
     let agent = Launched::start("umask 022", &["--set", "socket_mode=0660", "--set", &group]);
     assert_eq!(mode_of(&agent), (0o660, gid));
 }
+
+/// Every operation leaves one audit line: who asked (the peer), as whom, for what, how it
+/// ended and how long it took; a wrong proof leaves one line too, and says nothing more.
+#[test]
+fn every_operation_leaves_one_audit_line() {
+    let agent = Launched::start("", &["--run-as-agent-user"]);
+    let since = Instant::now();
+    let client = client(&agent.socket);
+    let output = client
+        .output(ferry_host::Command::new("/bin/sh").args(["-c", "exit 3"]))
+        .unwrap();
+    assert_eq!(output.status, ferry_host::ExitStatus::Code(3));
+    let missing = client.output(&ferry_host::Command::new("/nonexistent/prog"));
+    assert_eq!(
+        missing.unwrap_err().remote_code(),
+        Some(ErrorCode::NotFound)
+    );
+    let wrong = {
+        let path = fresh_dir("ferry-audit-secret").join("secret");
+        std::fs::write(&path, b"another secret, 16+ bytes long").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        ferry_host::ConnectOptions {
+            secret: Some(ferry_host::read_secret_file(&path).unwrap()),
+            ..ferry_host::ConnectOptions::default()
+        }
+    };
+    let target = ferry_host::Target::Unix(agent.socket.clone());
+    let refused = Client::new(&target, wrong).output(&ferry_host::Command::new("true"));
+    assert!(matches!(
+        refused,
+        Err(ferry_host::Error::Unauthenticated(_))
+    ));
+    let expected = |lines: &[String]| {
+        let audits: Vec<&String> = lines.iter().filter(|l| l.contains("audit: ")).collect();
+        let failed = lines
+            .iter()
+            .filter(|l| l.contains("authentication failed"))
+            .count();
+        audits.len() == 2 && failed == 1
+    };
+    let seen = wait_until(Duration::from_secs(5), || {
+        expected(&agent.lines_since(since))
+    });
+    let lines = agent.lines_since(since);
+    assert!(seen, "{lines:#?}");
+    let audits: Vec<&String> = lines.iter().filter(|l| l.contains("audit: ")).collect();
+    assert!(
+        audits[0].contains(
+            "audit: exec peer=a unix client user=(default) program=/bin/sh result=exit 3 ms="
+        ),
+        "{}",
+        audits[0]
+    );
+    assert!(
+        audits[1].contains("program=/nonexistent/prog result=refused (no such file or directory)"),
+        "{}",
+        audits[1]
+    );
+}
