@@ -162,8 +162,8 @@ pub struct Files<'a> {
 /// A specification resolved, with what the policy check needs besides the credentials.
 struct Resolved {
     credentials: Credentials,
-    /// Whether the gid is the user's own: its passwd group or one that lists it (always when
-    /// no group was named).
+    /// Whether the gid is the user's own: its passwd group (its own number for a uid without
+    /// an entry) or one that lists it (always when no group was named).
     own_group: bool,
 }
 
@@ -202,7 +202,9 @@ fn resolve_spec(spec: &[u8], files: Files<'_>) -> Result<Resolved, UserError> {
             numeric_credentials(uid, uid)
         }
     };
-    let passwd_gid = entry.map(|e| e.gid);
+    // The user's primary group: its passwd group, or its own number without an entry (what it
+    // runs with when no group is named, so naming it is no privilege).
+    let primary_gid = credentials.gid;
     let name = entry.map(|e| e.name).unwrap_or(&[]);
     if let Some(group) = group {
         credentials.gid = match crate::config::parse_u32(group) {
@@ -218,7 +220,7 @@ fn resolve_spec(spec: &[u8], files: Files<'_>) -> Result<Resolved, UserError> {
     let gid = credentials.gid;
     credentials.groups.clear();
     let _ = credentials.groups.push(gid);
-    let mut own_group = group.is_none() || passwd_gid == Some(gid);
+    let mut own_group = group.is_none() || primary_gid == gid;
     for entry in group_entries(files.group).filter(|e| e.has_member(name)) {
         own_group |= entry.gid == gid;
         if !credentials.groups.contains(&entry.gid) {
@@ -763,6 +765,23 @@ mod tests {
         );
         assert_eq!(
             authorized(&policy, Some("app:0")).unwrap_err().code,
+            ErrorCode::PermissionDenied
+        );
+    }
+
+    #[test]
+    fn a_uid_without_an_entry_owns_its_own_number_as_group() {
+        // It runs with its own number as gid: naming that group is no more than the default;
+        // any other is not its own.
+        let numeric = policy(&[("allow_users", "4242")]);
+        let own = authorized(&numeric, Some("4242:4242")).unwrap();
+        assert_eq!((own.uid, own.gid), (4242, 4242));
+        assert_eq!(
+            authorized(&numeric, Some("4242:4243")).unwrap_err().message,
+            "group not allowed by the agent's policy"
+        );
+        assert_eq!(
+            authorized(&numeric, Some("4242:0")).unwrap_err().code,
             ErrorCode::PermissionDenied
         );
     }
