@@ -127,6 +127,45 @@ impl Agent {
         Agent { child, dir, socket }
     }
 
+    /// An agent started with these arguments after `--listen` but without
+    /// `--run-as-agent-user`: commands run as the policy's `user` (`65534:65534` by default).
+    pub fn start_unprivileged(args: &[&str]) -> Agent {
+        Agent::start_unprivileged_with(args, |_| {})
+    }
+
+    /// [`Agent::start_unprivileged`], with `configure` applied to the agent's command before
+    /// it is spawned (its environment, a piped stderr for [`Agent::take_stderr`]).
+    pub fn start_unprivileged_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Agent {
+        let dir = fresh_dir("ferry-it");
+        let socket = dir.join("agent.sock");
+        let mut command = Command::new(agent_binary());
+        command
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()));
+        if !args.contains(&"--insecure") && !args.contains(&"--secret-file") {
+            command.arg("--secret-file").arg(secret_path());
+        }
+        command.args(args).stdin(Stdio::null());
+        configure(&mut command);
+        let child = command.spawn().expect("starting the agent");
+        let mut agent = Agent { child, dir, socket };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_listening(&agent.socket) {
+            assert!(agent.is_alive(), "the agent exited before listening");
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        agent
+    }
+
+    /// The agent's stderr, when it was started with a piped one.
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
