@@ -730,7 +730,8 @@ mod tests {
         assert_eq!(
             kernel_cmdline(Some(2_599_998), 10_123),
             "console=ttyS0 panic=-1 quiet tsc_early_khz=2599998 mitigations=off \
-             cryptomgr.notests tsc=reliable no_timer_check audit=0 ferry.ready=10123"
+             cryptomgr.notests tsc=reliable no_timer_check audit=0 ferry.ready=10123 \
+             ferry.secret_file=/etc/ferry/secret ferry.allow_users=root"
         );
         assert!(!kernel_cmdline(None, 1).contains("tsc_early_khz"));
     }
