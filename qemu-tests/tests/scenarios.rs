@@ -37,6 +37,7 @@ suite::scenario_tests!(guest);
 
 #[test]
 fn the_agent_is_the_guests_init() {
+    let _guest = suite::bombs::share_guest();
     let fixture = guest("the_agent_is_the_guests_init");
     let client = fixture.client();
     let cmdline = stdout_of(&client, Command::new("cat").arg("/proc/1/cmdline"));

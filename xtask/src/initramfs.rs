@@ -95,6 +95,15 @@ fn write_image(path: &Path, agent: &Path, kernel: &Kernel, minimal: bool) -> Res
     image
         .cpio
         .file("etc/ferry/modules", 0o644, list.as_bytes())?;
+    // Names for the users `ferry exec --user` and the policy speak of (`root`, `nobody`).
+    image.cpio.file(
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )?;
+    image
+        .cpio
+        .file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
 
     if !minimal {
         let busybox = std::fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX}"))?;

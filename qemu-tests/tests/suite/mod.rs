@@ -20,6 +20,7 @@
 //! nothing of the rest of the suite.
 #![allow(clippy::unwrap_used)] // a scenario reports failure by panicking
 
+pub mod bombs;
 pub mod cases;
 pub mod drivers;
 pub mod epoll_exec;
@@ -94,6 +95,9 @@ impl Fixture {
 /// `via_blocking`, `via_tokio` and `via_example`). `$fixture` names a `fn(&'static str) ->
 /// Fixture` at the crate root, called with the test's name at the start of each test.
 ///
+/// Every test shares the agent's machine ([`bombs::share_guest`]) except the `@alone` ones,
+/// which reach every command (a bomb, kill-all) and so run with nothing beside them.
+///
 /// NOTE: a scenario or case left out of these lists is dead code, which clippy (`-D warnings`)
 /// rejects: a scenario cannot silently stop running. The async driver's cases exist only with
 /// the crate's `tokio` feature (`cargo xtask test` and the `qemu` switch turn it on).
@@ -121,6 +125,12 @@ macro_rules! scenario_tests {
             raw::noise_of_any_size_is_refused_or_dropped,
             raw::requests_out_of_place_are_refused,
             raw::stdin_beyond_credit_is_refused,
+            bombs::commands_run_as_nobody_unless_root_is_allowed,
+        );
+        // Alone on the agent's machine (they reach every command); the VM's agent only.
+        $crate::suite::scenario_tests!(@alone $fixture;
+            bombs::a_fork_bomb_is_contained_and_kill_all_ends_it,
+            bombs::a_memory_bomb_meets_its_cgroups_oom_killer,
         );
         $crate::suite::scenario_tests!(@cases $fixture;
             every driver:
@@ -138,6 +148,17 @@ macro_rules! scenario_tests {
         $(
             #[test]
             fn $name() {
+                let _guest = $crate::suite::bombs::share_guest();
+                let fixture = $fixture(stringify!($name));
+                $crate::suite::$module::$name(&fixture);
+            }
+        )*
+    };
+    (@alone $fixture:ident; $($module:ident :: $name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let _guest = $crate::suite::bombs::own_guest();
                 let fixture = $fixture(stringify!($name));
                 $crate::suite::$module::$name(&fixture);
             }
@@ -164,6 +185,7 @@ macro_rules! scenario_tests {
         $(
             #[test]
             fn $case() {
+                let _guest = $crate::suite::bombs::share_guest();
                 // Named by driver and case: a scenario's scratch directory is its own.
                 let fixture = super::$fixture(concat!(stringify!($module), "/", stringify!($case)));
                 $crate::suite::cases::$case(&fixture, $crate::suite::drivers::Driver::$driver);
