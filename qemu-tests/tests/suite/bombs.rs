@@ -48,7 +48,7 @@ fn in_guest(fixture: &Fixture, scenario: &str) -> bool {
     }
     say(&format!(
         "SKIPPED {scenario}: runs only against an agent that is a guest's init (`cargo xtask e2e`); \
-         this agent (pid {}) has no commands' cgroup",
+         this agent (pid {}) is not, and has no commands' cgroup",
         fixture.listener_pid
     ));
     false
