@@ -744,3 +744,48 @@ pub(super) fn agent_hello(
         bounds,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NOTE: the agent hashes its hello into the transcript from a buffer of `AGENT_HELLO_MAX`
+    /// bytes; a hello that did not fit would silently break every proof. The largest one fits.
+    #[test]
+    fn the_largest_agent_hello_fits_its_transcript_buffer() {
+        let limits = Limits {
+            max_frame_body: u32::MAX,
+            max_data: u32::MAX,
+            max_argv_bytes: u32::MAX,
+            max_args: u32::MAX,
+            max_env_bytes: u32::MAX,
+            max_env_vars: u32::MAX,
+            max_path: u32::MAX,
+            stdin_window: u32::MAX,
+            max_user: u32::MAX,
+        };
+        let bounds = Bounds {
+            max_runtime_s: u64::MAX,
+            max_output: u64::MAX,
+            max_file_size: u64::MAX,
+            max_connections: u32::MAX,
+            handshake_timeout_ms: u32::MAX,
+            memory_max: u64::MAX,
+            pids_max: u32::MAX,
+            cgroup: true,
+            default_uid: u32::MAX,
+            default_gid: u32::MAX,
+        };
+        let version = "v".repeat(crate::limits::MAX_VERSION_STRING + 10);
+        let hello = agent_hello(
+            &version,
+            limits,
+            bounds,
+            [0xff; NONCE_LEN],
+            Security::Insecure,
+        );
+        let mut body = [0u8; AGENT_HELLO_MAX];
+        let n = encode_agent_frame(&AgentFrame::Hello(hello), &mut body).expect("it fits");
+        assert!(n < AGENT_HELLO_MAX, "{n}");
+    }
+}
