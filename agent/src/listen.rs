@@ -154,6 +154,8 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool, policy: &Policy, serving:
     let listener_pid = rustix::process::getpid();
     let mut reserve = Reserve::open();
     let mut children = Children::new();
+    // Start-up is over: the stack it used goes.
+    sys::trim_resident_memory();
     loop {
         let mut failure = None;
         while children.spares() < SPARES && children.len() < max {
@@ -496,6 +498,7 @@ fn spare(
         // The listener died before the death signal was armed.
         sys::exit(0);
     }
+    sys::prefault_code();
     // Before anything else takes descriptors.
     let mut reserve = Reserve::open();
     let prepared = conn::prepare();

@@ -716,6 +716,63 @@ pub fn take_conn_buffers() -> Option<&'static mut ConnBuffers> {
     Some(unsafe { &mut *core::ptr::addr_of_mut!(CONN_BUFFERS) })
 }
 
+const PAGE: usize = 4096;
+
+/// The agent's machine code: `[__executable_start, etext)`, whole pages.
+fn text_pages() -> (*mut c_void, usize) {
+    extern "C" {
+        static __executable_start: u8;
+        static etext: u8;
+    }
+    // Both symbols are defined by the linker for every executable; only their addresses are
+    // taken (safe since Rust 2024's rules for `addr_of!` on extern statics), nothing is read.
+    let (start, end) = (
+        ptr::addr_of!(__executable_start) as usize,
+        ptr::addr_of!(etext) as usize,
+    );
+    let start = start & !(PAGE - 1);
+    let end = end.saturating_add(PAGE - 1) & !(PAGE - 1);
+    (start as *mut c_void, end.saturating_sub(start))
+}
+
+/// Gives back the stack pages start-up left resident below the caller's frame (policy, passwd
+/// and cgroup parsing used tens of KiB of stack once); the listener's loop never goes that deep.
+#[inline(never)]
+pub fn trim_resident_memory() {
+    let marker = 0u8;
+    let here = ptr::addr_of!(marker) as usize & !(PAGE - 1);
+    // One page of margin below this frame; everything further down is dead stack.
+    let top = here.saturating_sub(PAGE);
+    let bottom = top.saturating_sub(1 << 20);
+    // SAFETY: [bottom, top) lies below every live frame of this single-threaded process (the
+    // stack grows down from `here`, and nothing runs on it below this call but the syscall,
+    // which uses the kernel's stack); no signal handler is installed that could run there. Its
+    // contents are dead, so zero-fill-on-next-touch is what the next deeper call would find
+    // anyway. Parts of the range outside the stack mapping are skipped by the kernel (ENOMEM).
+    unsafe {
+        let _ = rustix::mm::madvise(
+            bottom as *mut c_void,
+            top - bottom,
+            rustix::mm::Advice::LinuxDontNeed,
+        );
+    }
+    core::hint::black_box(&marker);
+}
+
+/// In a spare: maps the agent's code now, while it waits, rather than a page fault at a time
+/// on the path a client waits on (a forked child starts with none of its parent's file-backed
+/// pages mapped).
+pub fn prefault_code() {
+    let (text, text_len) = text_pages();
+    let mut at = text as usize;
+    let end = at.saturating_add(text_len);
+    while at < end {
+        // SAFETY: `at` is inside our mapped, readable code; a volatile read only faults the page in.
+        unsafe { ptr::read_volatile(at as *const u8) };
+        at = at.saturating_add(PAGE);
+    }
+}
+
 /// Marks every descriptor above 2 close-on-exec. The agent's own are close-on-exec from the
 /// start, but whoever started it may have leaked some into it (a shell's redirection, a
 /// supervisor's pipe), and a command must inherit exactly 0, 1 and 2. They stay open for the

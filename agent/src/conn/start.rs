@@ -23,6 +23,9 @@ pub struct Prepared {
     null: Option<OwnedFd>,
     stack: Option<sys::ChildStack>,
     oom_score: bounds::OomScore,
+    /// The policy's default user, resolved ahead (two file reads off the client's path); a
+    /// request for another user resolves its own. As old as the spare's wait, at most.
+    default_user: Option<users::Credentials>,
 }
 
 /// Prepares a connection process; exits the process if its signals cannot be set up.
@@ -40,7 +43,12 @@ pub fn prepare() -> Prepared {
         null: open_null().ok(),
         stack: sys::ChildStack::new().ok(),
         oom_score: bounds::OomScore::open(),
+        default_user: users::authorize(policy::current(), None, is_root()).ok(),
     }
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
 }
 
 /// Where `execve`'s arguments are built: the connection's static buffers.
@@ -83,8 +91,11 @@ pub fn start(
     meanwhile: impl FnOnce(),
 ) -> Result<Child, Refusal> {
     let requested = valid.request().user.map(|user| user.0);
-    let agent_is_root = rustix::process::geteuid().is_root();
-    let credentials = users::authorize(policy::current(), requested, agent_is_root)?;
+    let credentials = match (requested, ready.default_user) {
+        (None, Some(credentials)) => credentials,
+        // Resolved now, with the refusal (an unknown default user, say) the client is told.
+        (requested, _) => users::authorize(policy::current(), requested, is_root())?,
+    };
     let mut identity_buffer = [0u8; spawn::IDENTITY_ENV_BUFFER];
     let inherited = sys::environment().take(sys::MAX_INHERITED_ENV);
     let prepared = spawn::prepare(
