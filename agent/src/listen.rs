@@ -502,6 +502,9 @@ fn spare(
     // Before anything else takes descriptors.
     let mut reserve = Reserve::open();
     let prepared = conn::prepare();
+    // Preparing resolved the default user through two file buffers on the stack: give them back
+    // while waiting.
+    sys::trim_resident_memory();
     let conn = loop {
         match gate.accept(&listener) {
             Ok(Some(conn)) => break conn,
