@@ -300,3 +300,27 @@ fn an_insecure_agent_is_warned_about_once_and_refused_with_a_secret() {
         stderr(&output)
     );
 }
+
+/// An option `exec` does not know, before the program, is a usage error that names it: it is
+/// never run as a program. After the program, or after `--`, every argument is the command's.
+#[test]
+fn an_unknown_option_before_the_program_is_a_usage_error() {
+    let agent = Agent::start();
+    for args in [
+        &["exec", "-t", "--", "tty"][..],
+        &["exec", "--bogus", "true"],
+    ] {
+        let output = run(&agent, args);
+        assert_eq!(output.status.code(), Some(255), "{args:?}");
+        let option = args[1];
+        assert!(
+            stderr(&output).contains(&format!("unexpected argument '{option}'")),
+            "{}",
+            stderr(&output)
+        );
+    }
+    let output = run(&agent, &["exec", "echo", "-t", "--bogus"]);
+    assert_eq!(output.stdout, b"-t --bogus\n");
+    let output = run(&agent, &["exec", "--", "-no-such-program"]);
+    assert_eq!(output.status.code(), Some(127), "{}", stderr(&output));
+}

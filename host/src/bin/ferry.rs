@@ -86,12 +86,10 @@ struct ExecArgs {
     user: Option<OsString>,
 
     /// The program and its arguments (a bare name is looked up in the guest's PATH)
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "PROG"
-    )]
+    // NOTE: no `allow_hyphen_values`: an unknown option before the program is a usage error
+    // that names it (`ferry exec -t -- tty` must not run a program called `-t`). Everything after
+    // the program, or after `--`, is the command's own.
+    #[arg(required = true, trailing_var_arg = true, value_name = "PROG")]
     argv: Vec<OsString>,
 }
 
