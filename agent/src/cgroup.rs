@@ -251,10 +251,9 @@ pub fn setup(policy: &Policy, is_init: bool) -> Bounds {
     };
     match made {
         Ok(commands) => {
+            // Said in every hello (and by `ferry health`), not on the console: under TCG every
+            // console line costs PID 1 milliseconds before it listens.
             let _ = COMMANDS.set(commands);
-            log::Line::new()
-                .push(b"commands are bounded by a cgroup and rlimits")
-                .emit();
             Bounds::Cgroup
         }
         Err(error) => {

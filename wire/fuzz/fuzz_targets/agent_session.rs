@@ -330,12 +330,8 @@ impl<'a> Run<'a> {
                 }
             }
             Step::StdinConsumed { share } => {
-                // NOTE: only once started. Before `started` a consumed byte makes the session
-                // send credit ahead of `Started`, which a client refuses (reported; a pump never
-                // writes stdin before the command exists).
-                if self.model.state != State::Running {
-                    return;
-                }
+                // Any time, before `started` too: the session holds the credit back until
+                // `Started` has gone out (once a bug this target found).
                 let n = self.model.stdin_unconsumed * (u64::from(share) + 1) / 256;
                 self.session.stdin_consumed(n as usize);
                 self.model.stdin_unconsumed -= n;

@@ -623,7 +623,12 @@ impl AgentSession {
     }
 
     fn credit_due(&self) -> bool {
-        !self.is_closing_with_error()
+        // NOTE: never before `Started`: stdin consumed while the command is still starting (a
+        // driver may discard it early) is credited once the command runs (found by fuzzing).
+        let running =
+            matches!(self.state, State::Running | State::Closing) && self.started.is_none();
+        running
+            && !self.is_closing_with_error()
             && (self.owed >= CREDIT_BATCH || (self.owed > 0 && self.owed == self.in_window))
     }
 
@@ -748,6 +753,62 @@ pub(super) fn agent_hello(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stdin the driver consumed while the command was still starting is credited after
+    /// `Started`, never before it (a client refuses credit before the command started).
+    #[test]
+    fn credit_never_precedes_started() {
+        use crate::frame::{decode_agent_frame, split_frame};
+        use crate::limits::MAX_FRAME;
+        let auth = AgentAuth {
+            nonce: [0; NONCE_LEN],
+            secret: None,
+        };
+        let mut session = AgentSession::new(AgentConfig::DEFAULT, 0, auth);
+        let mut out = [0u8; MAX_FRAME];
+        let mut input = [0u8; 512];
+        let mut n = crate::encode_client_frame(
+            &ClientFrame::Hello(crate::ClientHello::CURRENT),
+            &mut input,
+        )
+        .unwrap();
+        let exec = crate::ExecRequest {
+            argv: crate::StrList::new(b"cat\0"),
+            env: crate::StrList::new(b""),
+            clean_env: false,
+            cwd: None,
+            stdin: StdinMode::Pipe,
+            user: None,
+        };
+        n += crate::encode_client_frame(&ClientFrame::Exec(exec), &mut input[n..]).unwrap();
+        n += crate::encode_client_frame(&ClientFrame::Stdin(crate::Bytes(b"abc")), &mut input[n..])
+            .unwrap();
+        let mut rest = &input[..n];
+        while !rest.is_empty() {
+            let step = session.handle_input(rest, 0).unwrap();
+            if let Some(AgentEvent::Stdin(data)) = step.event {
+                // Discarded at once, before the command has started.
+                session.stdin_consumed(data.len());
+            }
+            rest = &rest[step.consumed..];
+        }
+        let hello = session.poll_transmit(&mut out).unwrap();
+        assert!(hello > 0);
+        assert_eq!(session.poll_transmit(&mut out).unwrap(), 0, "no credit yet");
+        session.started(7, 0).unwrap();
+        let len = session.poll_transmit(&mut out).unwrap();
+        let mut kinds = [None, None];
+        let mut at = 0;
+        for kind in kinds.iter_mut() {
+            let (body, used) = split_frame(&out[at..len], MAX_FRAME).unwrap().unwrap();
+            *kind = Some(FrameKind::of_agent(&decode_agent_frame(body).unwrap()));
+            at += used;
+        }
+        assert_eq!(
+            kinds,
+            [Some(FrameKind::Started), Some(FrameKind::StdinCredit)]
+        );
+    }
 
     /// NOTE: the agent hashes its hello into the transcript from a buffer of `AGENT_HELLO_MAX`
     /// bytes; a hello that did not fit would silently break every proof. The largest one fits.
