@@ -168,6 +168,8 @@ pub fn run() -> ! {
     let init_started_us = clock::boottime_us();
     let is_init = rustix::process::getpid().is_init();
     init::ensure_std_fds();
+    // Before the agent ignores any signal itself.
+    sys::note_inherited_ignored_signals();
     let mut options = Options::new();
     let mut modules_us = 0;
     if is_init {

@@ -301,6 +301,7 @@ pub fn exec_child<const A: usize, const E: usize>(
         // The connection process ignores SIGPIPE (it writes to the stdin pipe); ignored
         // dispositions survive execve, so restore the default the command expects.
         sys::set_signal_ignored(Signal::PIPE, false)?;
+        sys::reset_inherited_ignored_signals()?;
         sys::unblock_all_signals()
     })();
     if let Err(errno) = setup {

@@ -540,6 +540,46 @@ pub fn set_signal_ignored(signal: Signal, ignored: bool) -> io::Result<()> {
     unsafe { runtime::kernel_sigaction(signal, Some(action)) }.map(|_| ())
 }
 
+/// The standard signals (bit `n - 1` for signal `n`) the agent was started with ignored, by a
+/// launcher's `nohup` or `trap '' INT`: the agent keeps them ignored for itself, and every
+/// command gets them back at their default (ignored dispositions survive `execve`).
+static INHERITED_IGNORED: AtomicU32 = AtomicU32::new(0);
+
+/// Records which standard signals the agent inherited as ignored. Call once, at start, before
+/// the agent ignores any of its own. (Real-time signals are not looked at: a launcher that
+/// ignores those is not worth a syscall per command.)
+pub fn note_inherited_ignored_signals() {
+    let mut mask = 0u32;
+    for number in 1..32 {
+        let Some(signal) = Signal::from_named_raw(number) else {
+            continue;
+        };
+        // SAFETY: `None` only reads the current disposition; nothing is installed.
+        let old = unsafe { runtime::kernel_sigaction(signal, None) };
+        // SIG_IGN is the value 1 in the handler's slot, not a function: compare the values.
+        let ignored = runtime::kernel_sig_ign().map(|handler| handler as usize);
+        if old.is_ok_and(|old| old.sa_handler_kernel.map(|handler| handler as usize) == ignored) {
+            mask |= 1 << (number - 1);
+        }
+    }
+    INHERITED_IGNORED.store(mask, Ordering::Relaxed);
+}
+
+/// In a command's child: the default disposition for every signal the agent inherited ignored
+/// (usually none: no syscall).
+pub fn reset_inherited_ignored_signals() -> io::Result<()> {
+    let mask = INHERITED_IGNORED.load(Ordering::Relaxed);
+    for number in 1..32 {
+        if mask & (1 << (number - 1)) == 0 {
+            continue;
+        }
+        if let Some(signal) = Signal::from_named_raw(number) {
+            set_signal_ignored(signal, false)?;
+        }
+    }
+    Ok(())
+}
+
 /// Unblocks every signal: a blocked mask survives fork and exec, and a command must not inherit
 /// one.
 pub fn unblock_all_signals() -> io::Result<()> {

@@ -1213,6 +1213,43 @@ fn commands_inherit_only_the_standard_descriptors() {
     assert_eq!(fds, "0\n1\n2\n3\n", "ls's own directory is 3");
 }
 
+/// Signals whoever started the agent ignored (`nohup`, `trap '' INT`) stay ignored for the agent,
+/// and every command gets them back at their defaults: `kill -INT` ends it as it would anywhere.
+#[test]
+fn signals_the_launcher_ignored_are_not_ignored_by_commands() {
+    let agent = Launched::start("trap '' INT HUP QUIT USR1");
+    // SigIgn of the listener: the agent itself keeps them ignored.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let ignored = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .map(|mask| u64::from_str_radix(mask.trim(), 16).unwrap())
+        .unwrap();
+    for signal in [1, 2, 3, 10] {
+        assert_ne!(
+            ignored & (1 << (signal - 1)),
+            0,
+            "the agent's own SIG{signal}"
+        );
+    }
+    // The command's own mask: none of those is ignored.
+    let mask = run(&agent.socket, "grep SigIgn: /proc/self/status");
+    let mask = u64::from_str_radix(mask.trim().trim_start_matches("SigIgn:").trim(), 16).unwrap();
+    for signal in [1, 2, 3, 10, 13] {
+        assert_eq!(
+            mask & (1 << (signal - 1)),
+            0,
+            "SIG{signal} is ignored in {mask:x}"
+        );
+    }
+    // And it acts on them.
+    let out = run(
+        &agent.socket,
+        "sh -c 'kill -INT $$; sleep 5'; echo status $?",
+    );
+    assert_eq!(out, "status 130\n");
+}
+
 /// An odd umask: the socket is the owner's alone whatever the umask (whoever can connect can
 /// run commands as the agent's user), and commands inherit the agent's umask, as any child
 /// does.
