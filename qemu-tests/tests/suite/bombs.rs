@@ -99,7 +99,7 @@ fn until_an_exec_works(client: &Client, within: Duration) -> Duration {
 fn commands_cgroup_procs(client: &Client) -> (Vec<u32>, u32) {
     let output = client
         .output(&sh(&format!(
-            "exec cat {COMMANDS_CGROUP}/cgroup.procs {COMMANDS_CGROUP}/c*/cgroup.procs \
+            "exec cat {COMMANDS_CGROUP}/cgroup.procs {COMMANDS_CGROUP}/c[0-9]*/cgroup.procs \
              2>/dev/null"
         )))
         .unwrap();

@@ -204,7 +204,7 @@ pub fn execs_leave_no_cgroup_behind(fixture: &Fixture) {
     // processes (daemons of earlier scenarios). An exec's own removal may have raced its
     // child's exit: then the listener removes it at its next wake.
     let script = format!(
-        "cd {COMMANDS_CGROUP} && for d in c*; do [ -d /proc/${{d#c}} ] || \
+        "cd {COMMANDS_CGROUP} && for d in c[0-9]*; do [ -d /proc/${{d#c}} ] || \
          [ -s $d/cgroup.procs ] || echo $d; done; true"
     );
     let started = Instant::now();
@@ -221,7 +221,7 @@ pub fn execs_leave_no_cgroup_behind(fixture: &Fixture) {
     }
     let all = stdout_of(
         &client,
-        &sh(&format!("cd {COMMANDS_CGROUP} && ls -d c* | wc -l")),
+        &sh(&format!("cd {COMMANDS_CGROUP} && ls -d c[0-9]* | wc -l")),
     );
     say(&format!(
         "{SCENARIO}: after 100 execs, {} exec cgroups (live ones only), {:.2?} after the last",
