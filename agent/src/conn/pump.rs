@@ -272,8 +272,10 @@ impl Pump<'_, '_, '_> {
     /// killed, and the termination record says output was dropped.
     fn output_limit_passed(&mut self) {
         self.session.note_output_dropped();
-        self.close_output();
+        // Killed before its pipes close: a command still writing dies of SIGKILL, never of a
+        // SIGPIPE that raced the kill (that made the status flaky).
         self.kill_for_limit();
+        self.close_output();
     }
 
     /// Kills the command's group for passing a limit; its end is reported as usual (the
