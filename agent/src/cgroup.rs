@@ -957,6 +957,27 @@ mod tests {
         remove_own_exec();
     }
 
+    /// Without an exec cgroup the tree kill falls back to the command's process group, and
+    /// says so.
+    #[test]
+    fn without_a_cgroup_the_tree_kill_is_the_process_group() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & exec sleep 30"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = rustix::process::Pid::from_raw(leader.id() as i32).unwrap();
+        assert_eq!(kill_tree(pid), TreeKill::ProcessGroup);
+        assert_eq!(leader.wait().unwrap().signal(), Some(9));
+        // The background sleep (same group) is gone too: the group has no member left.
+        let started = std::time::Instant::now();
+        while rustix::process::test_kill_process_group(pid).is_ok() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     #[test]
     fn exec_cgroup_names() {
         let mut buf = [0u8; 48];
