@@ -93,8 +93,10 @@ pub fn configure(policy: &Policy, is_init: bool) -> Bounds {
 /// What a command's child applies to itself before `execve`.
 pub struct ChildBounds<'a> {
     pub limits: &'a CommandLimits,
-    /// The commands' `cgroup.procs`, when commands have a cgroup.
+    /// The exec's `cgroup.procs` (see `cgroup::commands_procs`), when commands have a cgroup.
     pub cgroup_procs: Option<BorrowedFd<'a>>,
+    /// The connection process: the child dies with it ([`die_with_parent`]).
+    pub parent: rustix::process::Pid,
 }
 
 impl<'a> ChildBounds<'a> {
@@ -103,6 +105,7 @@ impl<'a> ChildBounds<'a> {
         ChildBounds {
             limits,
             cgroup_procs: cgroup::commands_procs(),
+            parent: rustix::process::getpid(),
         }
     }
 }
@@ -124,6 +127,22 @@ pub fn enter(bounds: &ChildBounds<'_>) -> Result<(), Errno> {
             maximum: Some(limit),
         };
         rustix::process::setrlimit(resource, limit)?;
+    }
+    Ok(())
+}
+
+/// The child's last step before `execve`, after its credentials (a change of uid clears the
+/// death signal): it gets SIGKILL when the connection process dies, a crash or a `kill -9
+/// $PPID` included. That covers the command's direct child even without a cgroup; its exec
+/// cgroup, killed by the listener, covers the rest of the tree. `Err(SRCH)` when the
+/// connection process is already gone (the signal was armed too late to come).
+///
+/// NOTE: runs in the child between `clone` and `execve`, like [`enter`]. A setuid program the
+/// command execs clears the signal again; the exec cgroup still holds it.
+pub fn die_with_parent(bounds: &ChildBounds<'_>) -> Result<(), Errno> {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+    if rustix::process::getppid() != Some(bounds.parent) {
+        return Err(Errno::SRCH);
     }
     Ok(())
 }

@@ -12,8 +12,22 @@
 //!   agent) leaves the agent with rlimits only.
 //!
 //! The listener sets this up once ([`setup`]) and keeps the cgroup's directory and its
-//! `cgroup.procs` open for good; every command's child writes `0` to that `cgroup.procs` before
-//! `execve` (see `bounds::enter`), which moves the writer.
+//! `cgroup.procs` open for good.
+//!
+//! **A cgroup per exec.** Each connection process has its own child of the commands' cgroup,
+//! `c<its pid>` ([`make_exec`], done while it waits as a spare, off the client's path), and
+//! keeps its `cgroup.procs` open; its command's child writes `0` to it before `execve` (see
+//! `bounds::enter`), which moves the writer. The commands' `memory.max` and `pids.max` still
+//! bound all commands together; `cpu` is enabled for the children, and each gets the kernel's
+//! default `cpu.weight` (100), the same for all, so a fork bomb in one exec's cgroup takes no
+//! more CPU than any other exec. The exec's cgroup is what `cgroup.kill` ends ([`kill_exec`]):
+//! the whole tree, `setsid` and double-fork escapees included. It is removed once empty
+//! ([`remove_exec`]): by the connection process at its end, else by the listener later.
+//!
+//! NOTE: with a controller enabled for its children, the commands' cgroup itself may hold no
+//! process: a command whose exec cgroup could not be made is refused at its start (the join
+//! fails) rather than run without bounds. A pid the kernel reuses while an earlier `c<pid>`
+//! still holds daemons reuses that directory (its daemons then share the new exec's fate).
 
 use core::ffi::CStr;
 
@@ -78,9 +92,100 @@ pub fn memory_max() -> Option<u64> {
     COMMANDS.get().and_then(|commands| commands.memory_max)
 }
 
-/// The commands' `cgroup.procs`, open for writing: a command's child writes `0` to it to join.
+/// The `cgroup.procs` a command's child writes `0` to, to join: its exec's cgroup's, or else
+/// the commands' (see the module's NOTE).
 pub fn commands_procs() -> Option<BorrowedFd<'static>> {
-    COMMANDS.get().map(|commands| commands.procs.as_fd())
+    EXEC.get()
+        .or(COMMANDS.get().map(|commands| &commands.procs))
+        .map(AsFd::as_fd)
+}
+
+/// This connection process's exec cgroup's `cgroup.procs`, once [`make_exec`] made it.
+static EXEC: SetOnce<OwnedFd> = SetOnce::new();
+
+/// How a command's tree was killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeKill {
+    /// `cgroup.kill` on the exec's cgroup: every process, escapees included.
+    Cgroup,
+    /// The command's process group only (no exec cgroup, or no `cgroup.kill`).
+    ProcessGroup,
+}
+
+/// An exec cgroup's name, `c<pid>`, in `buf`, followed by `file` (`/name`) when not empty.
+fn exec_path<'b>(buf: &'b mut [u8; 48], pid: u32, file: &[u8]) -> Option<&'b CStr> {
+    let mut digits = [0u8; 20];
+    let digits = decimal(&mut digits, u64::from(pid));
+    cstr::join(buf, &[b"c", digits, file])
+}
+
+fn own_pid() -> u32 {
+    rustix::process::getpid()
+        .as_raw_nonzero()
+        .get()
+        .unsigned_abs()
+}
+
+/// A connection process makes its exec cgroup (see the module's documentation) and keeps its
+/// `cgroup.procs` for its command; nothing without the commands' cgroup. A failure is logged:
+/// the command is then refused at its start.
+pub fn make_exec() {
+    let Some(commands) = COMMANDS.get() else {
+        return;
+    };
+    let mut buf = [0u8; 48];
+    let pid = own_pid();
+    let made = exec_path(&mut buf, pid, b"")
+        .ok_or(Errno::NAMETOOLONG)
+        .and_then(|name| make_dir(commands.dir.as_fd(), name))
+        .and_then(|()| {
+            let procs = exec_path(&mut buf, pid, b"/cgroup.procs").ok_or(Errno::NAMETOOLONG)?;
+            open_at(commands.dir.as_fd(), procs, OFlags::WRONLY)
+        });
+    match made {
+        Ok(procs) => {
+            let _ = EXEC.set(procs);
+        }
+        Err(errno) => log::error(b"cgroup: cannot make the exec's cgroup", errno),
+    }
+}
+
+/// Kills every process in the exec cgroup of connection process `pid` (`cgroup.kill`).
+/// `Err(NOSYS)` without the commands' cgroup; `Err(NOENT)` when there is no such cgroup or the
+/// kernel has no `cgroup.kill` (before 5.14).
+pub fn kill_exec(pid: u32) -> Result<(), Errno> {
+    let commands = COMMANDS.get().ok_or(Errno::NOSYS)?;
+    let mut buf = [0u8; 48];
+    let kill = exec_path(&mut buf, pid, b"/cgroup.kill").ok_or(Errno::NAMETOOLONG)?;
+    write_file(commands.dir.as_fd(), kill, b"1")
+}
+
+/// Kills this connection process's command tree: `cgroup.kill` on its exec cgroup, and the
+/// process group of `leader` in any case (the fallback, and cheap). Which one held.
+pub fn kill_tree(leader: rustix::process::Pid) -> TreeKill {
+    let by_cgroup = EXEC.get().is_some() && kill_exec(own_pid()).is_ok();
+    let _ = rustix::process::kill_process_group(leader, rustix::process::Signal::KILL);
+    if by_cgroup {
+        TreeKill::Cgroup
+    } else {
+        TreeKill::ProcessGroup
+    }
+}
+
+/// Removes the exec cgroup of connection process `pid`: `Err(BUSY)` while processes are in it
+/// (or are still exiting), `Err(NOENT)` once gone, `Err(NOSYS)` without the commands' cgroup.
+pub fn remove_exec(pid: u32) -> Result<(), Errno> {
+    let commands = COMMANDS.get().ok_or(Errno::NOSYS)?;
+    let mut buf = [0u8; 48];
+    let name = exec_path(&mut buf, pid, b"").ok_or(Errno::NAMETOOLONG)?;
+    rustix::fs::unlinkat(commands.dir.as_fd(), name, rustix::fs::AtFlags::REMOVEDIR)
+}
+
+/// Removes this connection process's exec cgroup if it is empty.
+pub fn remove_own_exec() {
+    if EXEC.get().is_some() {
+        let _ = remove_exec(own_pid());
+    }
 }
 
 /// Kills every process of every command (`cgroup.kill`, Linux ≥ 5.14), `setsid` escapees and
@@ -374,6 +479,11 @@ fn make_commands(
     make_dir(parent, name).map_err(failed(b"create the commands' cgroup"))?;
     let dir = open_dir(parent, name).map_err(failed(b"open the commands' cgroup"))?;
     let memory_max = configure(dir.as_fd(), limits);
+    // Each exec's cgroup gets its own share of the CPU. Refused (a leftover process in a
+    // reused cgroup, say): exec cgroups still hold, and kill, each tree.
+    if let Err(errno) = write_file(dir.as_fd(), c"cgroup.subtree_control", b"+cpu") {
+        log::error(b"cgroup: cannot enable cpu for exec cgroups", errno);
+    }
     let procs = open_at(dir.as_fd(), c"cgroup.procs", OFlags::WRONLY)
         .map_err(failed(b"open the commands' cgroup.procs"))?;
     Ok(Commands {
@@ -840,5 +950,40 @@ mod tests {
         assert_eq!(bounds(), Bounds::RlimitsOnly);
         assert!(commands_procs().is_none());
         assert_eq!(memory_max(), None);
+        make_exec();
+        assert_eq!(kill_exec(own_pid()), Err(Errno::NOSYS));
+        assert_eq!(remove_exec(own_pid()), Err(Errno::NOSYS));
+        remove_own_exec();
+    }
+
+    /// Without an exec cgroup the tree kill falls back to the command's process group, and
+    /// says so.
+    #[test]
+    fn without_a_cgroup_the_tree_kill_is_the_process_group() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & exec sleep 30"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = rustix::process::Pid::from_raw(leader.id() as i32).unwrap();
+        assert_eq!(kill_tree(pid), TreeKill::ProcessGroup);
+        assert_eq!(leader.wait().unwrap().signal(), Some(9));
+        // The background sleep (same group) is gone too: the group has no member left.
+        let started = std::time::Instant::now();
+        while rustix::process::test_kill_process_group(pid).is_ok() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn exec_cgroup_names() {
+        let mut buf = [0u8; 48];
+        assert_eq!(exec_path(&mut buf, 1234, b""), Some(c"c1234"));
+        assert_eq!(
+            exec_path(&mut buf, u32::MAX, b"/cgroup.procs"),
+            Some(c"c4294967295/cgroup.procs")
+        );
     }
 }

@@ -283,7 +283,7 @@ pub fn announce_ready(
     let forked = unsafe { sys::fork() };
     match forked {
         Ok(sys::Forked::Child) => {}
-        Ok(sys::Forked::Parent) => return,
+        Ok(sys::Forked::Parent(_)) => return,
         Err(errno) => return log::error(b"cannot fork readiness announcer", errno),
     }
     // Listening on vsock means nothing until the transport has a CID (bind succeeds without a

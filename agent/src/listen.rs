@@ -17,9 +17,9 @@ use rustix::process::Signal;
 use crate::auth::Serving;
 use crate::config::ListenAddr;
 use crate::policy::{Policy, MAX_ALLOW_CIDS, MAX_CONNECTIONS};
-use crate::successor::Successor;
+use crate::successor::{report, Successor};
 use crate::sys::{self, VsockAddr};
-use crate::{clock, conn, log};
+use crate::{cgroup, clock, conn, log};
 
 /// Creates the listening socket; a Unix socket gets the policy's mode and group.
 pub fn bind(addr: &ListenAddr, policy: &Policy) -> Result<OwnedFd, Errno> {
@@ -113,6 +113,12 @@ const RETRY_PAUSE: Timespec = Timespec {
     tv_nsec: 50_000_000,
 };
 
+/// How often the listener retries removing exec cgroups that still held processes.
+const LEFTOVER_PAUSE: Timespec = Timespec {
+    tv_sec: 2,
+    tv_nsec: 0,
+};
+
 /// At most this many clients are turned away in one go before the listener looks at its
 /// children again (one may have ended and freed a place).
 const REFUSALS_PER_ROUND: usize = 64;
@@ -154,6 +160,7 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool, policy: &Policy, serving:
     let listener_pid = rustix::process::getpid();
     let mut reserve = Reserve::open();
     let mut children = Children::new();
+    let mut leftovers = Leftovers::new();
     // Start-up is over: the stack it used goes.
     sys::trim_resident_memory();
     loop {
@@ -167,7 +174,7 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool, policy: &Policy, serving:
                     drop(reserve);
                     spare(listener, report, listener_pid, &gate, serving)
                 }
-                Ok(Forked::Listener(taken)) => children.add_spare(taken),
+                Ok(Forked::Listener(taken, pid)) => children.add_spare(taken, pid),
                 Err(errno) => {
                     failure = Some(errno);
                     break;
@@ -192,7 +199,16 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool, policy: &Policy, serving:
             }
         };
         let watch = turn_away(&children).is_some().then_some(&listener);
-        let clients_waiting = children.wait(watch, failure.is_some().then_some(&RETRY_PAUSE));
+        let pause = match (failure, leftovers.is_empty()) {
+            (Some(_), _) => Some(&RETRY_PAUSE),
+            (None, false) => Some(&LEFTOVER_PAUSE),
+            (None, true) => None,
+        };
+        let clients_waiting = children.wait(watch, pause);
+        for (pid, clean) in children.ended.drain(..) {
+            connection_ended(pid, clean, &mut leftovers);
+        }
+        leftovers.retry(cgroup::remove_exec);
         // A child's news may have freed a place: then a spare is forked instead.
         if let (true, Some(refusal)) = (clients_waiting, turn_away(&children)) {
             refuse_pending(&listener, &gate, &mut reserve, refusal);
@@ -366,18 +382,25 @@ impl Reserve {
 /// connection, and connection processes serving one.
 struct Children {
     all: heapless::Vec<ChildProcess, { MAX_CONNECTIONS as usize + SPARES }>,
+    /// The children whose pipes closed at the last [`Children::wait`]: each pid, and whether
+    /// it ended cleanly (its tree is left alone) rather than died.
+    ended: heapless::Vec<(u32, bool), { MAX_CONNECTIONS as usize + SPARES }>,
 }
 
 struct ChildProcess {
     report: OwnedFd,
+    pid: u32,
     /// It has taken its connection (its byte came); it stays until the pipe's EOF.
     serving: bool,
+    /// It said its conversation ended normally ([`report::ENDED_CLEANLY`]).
+    clean: bool,
 }
 
 impl Children {
     fn new() -> Children {
         Children {
             all: heapless::Vec::new(),
+            ended: heapless::Vec::new(),
         }
     }
 
@@ -390,11 +413,13 @@ impl Children {
         self.all.iter().filter(|child| !child.serving).count()
     }
 
-    fn add_spare(&mut self, report: OwnedFd) {
+    fn add_spare(&mut self, report: OwnedFd, pid: u32) {
         // Never full: spares are forked only while fewer than `MAX_CONNECTIONS` exist.
         let _ = self.all.push(ChildProcess {
             report,
+            pid,
             serving: false,
+            clean: false,
         });
     }
 
@@ -430,38 +455,105 @@ impl Children {
                     .is_some_and(|fd| fd.revents().contains(PollFlags::IN));
         }
         let mut ready = ready.into_iter();
+        let ended = &mut self.ended;
         self.all.retain_mut(|child| {
             if ready.next() != Some(true) {
                 return true;
             }
-            let mut byte = [0u8];
-            let got_byte = matches!(rustix::io::read(&child.report, &mut byte), Ok(1));
-            match (child.serving, got_byte) {
-                // A spare took its connection: it is counted until it exits.
-                (false, true) => {
-                    child.serving = true;
-                    true
-                }
-                // A connection process ended, whatever the cause.
-                (true, false) => false,
-                // Not a byte we send: ignored.
-                (true, true) => true,
-                (false, false) => {
-                    // The spare died before accepting (killed, or a bug). Pause so a spare that
-                    // keeps dying cannot turn into a fork storm.
-                    clock::sleep_ms(10);
-                    false
+            // At most the two bytes a connection process ever sends.
+            let mut bytes = [0u8; 2];
+            let read = match rustix::io::read(&child.report, &mut bytes) {
+                Ok(n) => bytes.get(..n).unwrap_or(&[]),
+                Err(_) => &[],
+            };
+            for byte in read {
+                match *byte {
+                    // A spare took its connection: it is counted until it exits.
+                    report::TAKEN => child.serving = true,
+                    report::ENDED_CLEANLY => child.clean = true,
+                    // Not a byte we send: ignored.
+                    _ => {}
                 }
             }
+            if !read.is_empty() {
+                return true;
+            }
+            if !child.serving {
+                // The spare died before accepting (killed, or a bug). Pause so a spare that
+                // keeps dying cannot turn into a fork storm.
+                clock::sleep_ms(10);
+            }
+            // A connection process ended, whatever the cause; a spare ran no command.
+            let _ = ended.push((child.pid, child.clean || !child.serving));
+            false
         });
         clients_waiting
     }
 }
 
-/// Each side of [`fork_spare`], with its end of the report pipe.
+/// A connection process `pid` ended, `clean`ly or not (see [`report::ENDED_CLEANLY`]): one that
+/// died has its exec cgroup killed, since its command's tree would otherwise run on unwatched
+/// (without a cgroup, its command's direct child dies by its death signal, see
+/// `bounds::die_with_parent`, and nothing more is done). Its exec cgroup is removed, or
+/// remembered while it still holds processes.
+fn connection_ended(pid: u32, clean: bool, leftovers: &mut Leftovers) {
+    if !clean {
+        let _ = cgroup::kill_exec(pid);
+    }
+    if cgroup::remove_exec(pid) == Err(Errno::BUSY) {
+        leftovers.push(pid);
+    }
+}
+
+/// How many exec cgroups the listener remembers to remove once they are empty.
+const LEFTOVERS: usize = 256;
+
+/// Exec cgroups that still held processes when their connection ended (daemons left after a
+/// normal end, or a killed tree still exiting), by connection pid, oldest first; retried at
+/// every wake of the listener, and every [`LEFTOVER_PAUSE`] while any is left.
+///
+/// NOTE: bounded. When full, the oldest is forgotten and its directory left in place (it is
+/// harmless, and `kill-all` still reaches its processes); an operator can `rmdir` it.
+struct Leftovers(heapless::Deque<u32, LEFTOVERS>);
+
+impl Leftovers {
+    fn new() -> Leftovers {
+        Leftovers(heapless::Deque::new())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn push(&mut self, pid: u32) {
+        if self.0.iter().any(|p| *p == pid) {
+            return;
+        }
+        if self.0.is_full() {
+            let _ = self.0.pop_front();
+            log::Line::new()
+                .push(b"cgroup: too many exec cgroups left behind; the oldest stays")
+                .emit_limited();
+        }
+        let _ = self.0.push_back(pid);
+    }
+
+    /// Tries `remove` on each; keeps those still busy.
+    fn retry(&mut self, mut remove: impl FnMut(u32) -> Result<(), Errno>) {
+        for _ in 0..self.0.len() {
+            let Some(pid) = self.0.pop_front() else { break };
+            if remove(pid) == Err(Errno::BUSY) {
+                let _ = self.0.push_back(pid);
+            }
+        }
+    }
+}
+
+/// Each side of [`fork_spare`], with its end of the report pipe (and the listener, the
+/// spare's pid).
 enum Forked {
     Spare(OwnedFd),
-    Listener(OwnedFd),
+    Listener(OwnedFd, u32),
 }
 
 fn fork_spare() -> Result<Forked, Errno> {
@@ -473,7 +565,10 @@ fn fork_spare() -> Result<Forked, Errno> {
     let forked = unsafe { sys::fork() };
     match forked {
         Ok(sys::Forked::Child) => Ok(Forked::Spare(report)),
-        Ok(sys::Forked::Parent) => Ok(Forked::Listener(taken)),
+        Ok(sys::Forked::Parent(pid)) => Ok(Forked::Listener(
+            taken,
+            pid.as_raw_nonzero().get().unsigned_abs(),
+        )),
         Err(errno) => {
             log::error(b"cannot fork a connection process", errno);
             Err(errno)
@@ -660,8 +755,8 @@ mod tests {
         let mut children = Children::new();
         let (taken_a, report_a) = rustix::pipe::pipe().unwrap();
         let (taken_b, report_b) = rustix::pipe::pipe().unwrap();
-        children.add_spare(taken_a);
-        children.add_spare(taken_b);
+        children.add_spare(taken_a, 10);
+        children.add_spare(taken_b, 11);
         assert_eq!((children.len(), children.spares()), (2, 2));
         let pause = Timespec::default();
         assert!(!children.wait(None, Some(&pause)));
@@ -689,10 +784,95 @@ mod tests {
     fn a_spare_that_dies_before_its_connection_is_dropped() {
         let mut children = Children::new();
         let (taken, report) = rustix::pipe::pipe().unwrap();
-        children.add_spare(taken);
+        children.add_spare(taken, 12);
         drop(report);
         children.wait(None, Some(&Timespec::default()));
         assert_eq!(children.len(), 0);
+        // It ran no command: nothing to kill, its cgroup only to remove.
+        assert_eq!(children.ended.as_slice(), &[(12, true)]);
+    }
+
+    #[test]
+    fn a_connection_that_ends_cleanly_says_so_and_one_that_dies_does_not() {
+        use crate::successor::Successor;
+        let mut children = Children::new();
+        let pause = Timespec::default();
+        let (taken_a, report_a) = rustix::pipe::pipe().unwrap();
+        let (taken_b, report_b) = rustix::pipe::pipe().unwrap();
+        children.add_spare(taken_a, 20);
+        children.add_spare(taken_b, 21);
+        // A: taken, then its conversation ends normally, then it exits.
+        let mut a = Successor::new(report_a);
+        a.release();
+        a.end_cleanly();
+        // B: taken, then killed (`kill -9 $PPID`): EOF without the byte.
+        rustix::io::write(&report_b, &[report::TAKEN]).unwrap();
+        children.wait(None, Some(&pause));
+        assert_eq!((children.len(), children.spares()), (2, 0));
+        assert!(children.ended.is_empty());
+        drop(a);
+        drop(report_b);
+        children.wait(None, Some(&pause));
+        assert_eq!(children.len(), 0);
+        let mut ended = children.ended.clone();
+        ended.sort_unstable();
+        assert_eq!(ended.as_slice(), &[(20, true), (21, false)]);
+        // The bytes on the pipe, exactly: one "taken", one "ended cleanly".
+        assert_eq!((report::TAKEN, report::ENDED_CLEANLY), (1, 2));
+        let (read, write) = rustix::pipe::pipe().unwrap();
+        let mut successor = Successor::new(write);
+        successor.end_cleanly();
+        drop(successor);
+        let mut bytes = [0u8; 4];
+        let n = rustix::io::read(&read, &mut bytes).unwrap();
+        assert_eq!(&bytes[..n], &[1, 2]);
+    }
+
+    #[test]
+    fn a_process_dying_after_taken_is_seen_as_died() {
+        // Only the byte 2 means clean; any other byte, or none, does not.
+        let mut children = Children::new();
+        let (taken, report) = rustix::pipe::pipe().unwrap();
+        children.add_spare(taken, 30);
+        rustix::io::write(&report, &[report::TAKEN, 7]).unwrap();
+        drop(report);
+        let pause = Timespec::default();
+        children.wait(None, Some(&pause));
+        children.wait(None, Some(&pause));
+        assert_eq!(children.ended.as_slice(), &[(30, false)]);
+    }
+
+    #[test]
+    fn leftover_cgroups_are_bounded_and_retried_until_removed() {
+        let mut leftovers = Leftovers::new();
+        assert!(leftovers.is_empty());
+        for pid in 0..LEFTOVERS as u32 {
+            leftovers.push(pid);
+        }
+        leftovers.push(5);
+        assert_eq!(leftovers.0.len(), LEFTOVERS, "no duplicates");
+        // Full: the oldest is dropped (its directory left in place).
+        leftovers.push(1000);
+        assert_eq!(leftovers.0.len(), LEFTOVERS);
+        assert_eq!(leftovers.0.front(), Some(&1));
+        assert_eq!(leftovers.0.back(), Some(&1000));
+        // Busy ones stay, in order; removed or vanished ones go.
+        let mut tried = Vec::new();
+        leftovers.retry(|pid| {
+            tried.push(pid);
+            match pid % 3 {
+                0 => Err(Errno::BUSY),
+                1 => Ok(()),
+                _ => Err(Errno::NOENT),
+            }
+        });
+        assert_eq!(tried.len(), LEFTOVERS);
+        assert!(leftovers.0.iter().all(|pid| pid % 3 == 0));
+        assert_eq!(leftovers.0.front(), Some(&3));
+        // 1000 was removed; 255 is the newest still busy.
+        assert_eq!(leftovers.0.back(), Some(&255));
+        leftovers.retry(|_| Ok(()));
+        assert!(leftovers.is_empty());
     }
 
     #[test]

@@ -318,6 +318,9 @@ pub fn exec_child<const A: usize, const E: usize>(
     if let Err(errno) = assume_identity(prepared.credentials) {
         fail(failure, FailedStage::Credentials, errno);
     }
+    if let Err(errno) = bounds::die_with_parent(bounds) {
+        fail(failure, FailedStage::Bounds, errno);
+    }
     if let Some(cwd) = prepared.cwd {
         if let Err(errno) = rustix::process::chdir(cwd) {
             fail(failure, FailedStage::Cwd, errno);
@@ -689,6 +692,7 @@ mod tests {
         let unbounded = ChildBounds {
             limits: &bounds::CommandLimits::NONE,
             cgroup_procs: None,
+            parent: rustix::process::getpid(),
         };
         run_with(argv, inherited, &unbounded, None)
     }
@@ -776,6 +780,7 @@ mod tests {
         let bounds = ChildBounds {
             limits: &bounds::CommandLimits::NONE,
             cgroup_procs: None,
+            parent: rustix::process::getpid(),
         };
         let failure = ChildFailure::new();
         let child = || exec_child(&prepared, &stdio, &bounds, &failure);
@@ -867,6 +872,7 @@ mod tests {
         let bounds = ChildBounds {
             limits,
             cgroup_procs: None,
+            parent: rustix::process::getpid(),
         };
         let argv = [b"sh\0-c\0".as_slice(), script, b"\0"].concat();
         let code = run_with(
@@ -912,6 +918,7 @@ mod tests {
         let bounds = ChildBounds {
             limits: &limits,
             cgroup_procs: None,
+            parent: rustix::process::getpid(),
         };
         let code = run_with(b"true\0", &[c"PATH=/bin:/usr/bin"], &bounds, None);
         assert_eq!(code, Err((FailedStage::Bounds, Errno::PERM)));

@@ -3,6 +3,18 @@
 
 use rustix::fd::OwnedFd;
 
+/// The bytes a connection process writes to its report pipe; the pipe's EOF (its exit) ends
+/// what it says.
+pub mod report {
+    /// "I have taken my connection": the listener forks the next spare.
+    pub const TAKEN: u8 = 1;
+    /// "My conversation ended as it should, after its last frame": the command's tree is left
+    /// alone (an exec that ended normally keeps its daemons). An EOF without this byte is a
+    /// connection process that died (crashed, or was killed by its own command): the listener
+    /// kills its exec cgroup.
+    pub const ENDED_CLEANLY: u8 = 2;
+}
+
 /// A connection process's promise to tell the listener it has taken its connection, so the
 /// listener forks the next spare. Kept as late as possible, to be done while the command
 /// starts (waking the listener is a cross-CPU wake-up, and its fork competes for a CPU), but
@@ -34,8 +46,15 @@ impl Successor {
     pub fn release(&mut self) {
         if !self.released {
             self.released = true;
-            let _ = rustix::io::write(&self.report, &[1]);
+            let _ = rustix::io::write(&self.report, &[report::TAKEN]);
         }
+    }
+
+    /// Tells the listener the conversation ended normally (see [`report::ENDED_CLEANLY`]):
+    /// the last thing before this process exits.
+    pub fn end_cleanly(&mut self) {
+        self.release();
+        let _ = rustix::io::write(&self.report, &[report::ENDED_CLEANLY]);
     }
 }
 

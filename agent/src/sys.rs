@@ -217,8 +217,8 @@ pub fn shares_address_space(a: Pid, b: Pid) -> io::Result<bool> {
 pub enum Forked {
     /// This is the new child.
     Child,
-    /// This is the parent.
-    Parent,
+    /// This is the parent, of the child with this pid.
+    Parent(rustix::process::Pid),
 }
 
 /// `fork()` — duplicate this process.
@@ -239,7 +239,7 @@ pub unsafe fn fork() -> io::Result<Forked> {
     // without handlers has no lock or half-done update for the child to trip on.
     match unsafe { runtime::kernel_fork() }? {
         runtime::Fork::Child(_) => Ok(Forked::Child),
-        runtime::Fork::ParentOf(_) => Ok(Forked::Parent),
+        runtime::Fork::ParentOf(pid) => Ok(Forked::Parent(pid)),
     }
 }
 

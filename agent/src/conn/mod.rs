@@ -54,6 +54,10 @@ pub fn serve(sock: OwnedFd, prepared: Prepared, mut successor: Successor, servin
         serving,
         auth,
     );
+    // An empty exec cgroup goes now; one that still holds processes (daemons left after a
+    // normal end, or a killed tree still exiting) is the listener's to remove later.
+    crate::cgroup::remove_own_exec();
+    successor.end_cleanly();
     sys::exit(0)
 }
 
@@ -239,7 +243,9 @@ fn handshake(
                         Ok(child) => match session.started(child.wire_pid(), child.started_us) {
                             Ok(()) => Handshake::Started(child),
                             Err(_) => {
-                                start::kill(child.pid, false);
+                                // NOTE: how the tree was killed is not reported: nothing
+                                // reaches the client here.
+                                let _ = start::kill(child.pid, false);
                                 Handshake::Gone
                             }
                         },

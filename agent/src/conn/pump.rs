@@ -17,6 +17,7 @@ use rustix::process::{Pid, WaitId, WaitIdOptions};
 use super::io::{Link, Output, Received};
 use super::start::{self, Child, RunLimits};
 use super::End;
+use crate::cgroup::TreeKill;
 use crate::{clock, crash};
 
 /// Descriptors that are done with (a pipe at EOF, a reaped pidfd), closed after the final
@@ -45,6 +46,7 @@ pub fn run(
         limits: child.limits,
         forwarded: 0,
         limit_killed: false,
+        tree_kill: None,
     };
     let end = pump.run();
     (end, pump.retired)
@@ -70,6 +72,11 @@ struct Pump<'l, 's, 'b> {
     forwarded: u64,
     /// The command's group was killed for passing a limit.
     limit_killed: bool,
+    /// How the command's tree was killed, if it was.
+    // NOTE: the termination record reports it (cgroup / process group) once the wire carries
+    // it; until then it is only recorded here.
+    #[allow(dead_code)]
+    tree_kill: Option<TreeKill>,
 }
 
 /// One of the command's output pipes.
@@ -185,7 +192,7 @@ impl Pump<'_, '_, '_> {
 
     /// Kills the command (see [`start::kill`]); `end` is how the pump ends.
     fn kill(&mut self, end: End) -> End {
-        start::kill(self.pid, self.exited);
+        self.tree_kill = Some(start::kill(self.pid, self.exited));
         end
     }
 
@@ -265,8 +272,10 @@ impl Pump<'_, '_, '_> {
     /// killed, and the termination record says output was dropped.
     fn output_limit_passed(&mut self) {
         self.session.note_output_dropped();
-        self.close_output();
+        // Killed before its pipes close: a command still writing dies of SIGKILL, never of a
+        // SIGPIPE that raced the kill (that made the status flaky).
         self.kill_for_limit();
+        self.close_output();
     }
 
     /// Kills the command's group for passing a limit; its end is reported as usual (the
@@ -274,7 +283,7 @@ impl Pump<'_, '_, '_> {
     /// what keeps writing.
     fn kill_for_limit(&mut self) {
         if !self.limit_killed {
-            start::kill_group(self.pid);
+            self.tree_kill = Some(start::kill_tree(self.pid));
             self.limit_killed = true;
             // NOTE: the termination record's "killed by a limit" (timed out / output limit)
             // flag is set here once the wire carries it.

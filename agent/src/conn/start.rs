@@ -7,6 +7,7 @@ use rustix::fd::{AsFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal, WaitIdStatus};
 
+use crate::cgroup::{self, TreeKill};
 use crate::spawn::{self, ChildFailure, ChildStdio};
 use crate::sys::{self, PtrStorage, ARGV_SLOTS, ENVP_SLOTS};
 use crate::{bounds, clock, crash, policy, users};
@@ -37,6 +38,8 @@ pub fn prepare() -> Prepared {
     {
         sys::exit(71)
     }
+    // This connection's own cgroup, for its command's tree.
+    crate::cgroup::make_exec();
     Prepared {
         stdout: output_pipe().ok(),
         stderr: output_pipe().ok(),
@@ -188,20 +191,22 @@ impl RunLimits {
     }
 }
 
-/// Kills the command's whole process group, leaving the command to be reaped as usual (its
-/// pidfd reports the end, and the termination record its signal).
-pub fn kill_group(pid: Pid) {
-    let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+/// Kills the command's whole tree ([`cgroup::kill_tree`]: its exec cgroup, and its process
+/// group), leaving the command to be reaped as usual (its pidfd reports the end, and the
+/// termination record its signal). Which mechanism held.
+pub fn kill_tree(pid: Pid) -> TreeKill {
+    cgroup::kill_tree(pid)
 }
 
-/// Kills the command's whole process group and, unless `reaped` already, waits for the command
-/// itself; the rest of the group is reaped by the listener (a subreaper, or PID 1).
-pub fn kill(pid: Pid, reaped: bool) {
-    let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+/// Kills the command's whole tree and, unless `reaped` already, waits for the command itself;
+/// the rest of the tree is reaped by the listener (a subreaper, or PID 1).
+pub fn kill(pid: Pid, reaped: bool) -> TreeKill {
+    let how = kill_tree(pid);
     if !reaped {
         reap(pid);
     }
     crash::set_current_command(None);
+    how
 }
 
 /// Waits for `pid` to end (it has been killed or has failed before exec).

@@ -29,6 +29,7 @@ pub mod frames;
 pub mod lifecycle;
 pub mod raw;
 pub mod streams;
+pub mod trees;
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -126,11 +127,15 @@ macro_rules! scenario_tests {
             raw::requests_out_of_place_are_refused,
             raw::stdin_beyond_credit_is_refused,
             bombs::commands_run_as_nobody_unless_root_is_allowed,
+            trees::a_disconnect_kills_the_whole_tree_setsid_included,
+            trees::a_killed_connection_process_takes_its_tree_along,
         );
         // Alone on the agent's machine (they reach every command); the VM's agent only.
         $crate::suite::scenario_tests!(@alone $fixture;
             bombs::a_fork_bomb_is_contained_and_kill_all_ends_it,
             bombs::a_memory_bomb_meets_its_cgroups_oom_killer,
+            trees::a_normal_end_leaves_daemons_and_their_cgroup_until_they_end,
+            trees::execs_leave_no_cgroup_behind,
         );
         $crate::suite::scenario_tests!(@cases $fixture;
             every driver:
