@@ -399,6 +399,11 @@ fn every_operation_leaves_one_audit_line() {
         .output(ferry_host::Command::new("/bin/sh").args(["-c", "exit 3"]))
         .unwrap();
     assert_eq!(output.status, ferry_host::ExitStatus::Code(3));
+    // A program name that tries to forge a log line (or drive the console) is shown defanged.
+    let forged = client.output(&ferry_host::Command::new(
+        "/x\nferry-agent: audit: exec forged\x1b[2J",
+    ));
+    assert!(forged.is_err());
     let missing = client.output(&ferry_host::Command::new("/nonexistent/prog"));
     assert_eq!(
         missing.unwrap_err().remote_code(),
@@ -426,7 +431,7 @@ fn every_operation_leaves_one_audit_line() {
             .iter()
             .filter(|l| l.contains("authentication failed"))
             .count();
-        audits.len() == 2 && failed == 1
+        audits.len() == 3 && failed == 1
     };
     let seen = wait_until(Duration::from_secs(5), || {
         expected(&agent.lines_since(since))
@@ -442,8 +447,19 @@ fn every_operation_leaves_one_audit_line() {
         audits[0]
     );
     assert!(
-        audits[1].contains("program=/nonexistent/prog result=refused (no such file or directory)"),
+        audits[1].contains("program=/x?ferry-agent: audit: exec forged?[2J result=refused"),
         "{}",
         audits[1]
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|line| !line.starts_with("ferry-agent: audit: exec forged")),
+        "{lines:#?}"
+    );
+    assert!(
+        audits[2].contains("program=/nonexistent/prog result=refused (no such file or directory)"),
+        "{}",
+        audits[2]
     );
 }

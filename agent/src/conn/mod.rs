@@ -198,7 +198,12 @@ trait ToOwnedIn {
 impl ToOwnedIn for [u8] {
     fn to_owned_in<const N: usize>(&self) -> heapless::Vec<u8, N> {
         let mut out = heapless::Vec::new();
-        let _ = out.extend_from_slice(self.get(..N).unwrap_or(self));
+        // NOTE: the client chose these bytes: a newline or an escape sequence must not forge a
+        // log line or drive the console. Controls (and DEL) become `?`.
+        for byte in self.iter().take(N) {
+            let shown = if byte.is_ascii_control() { b'?' } else { *byte };
+            let _ = out.push(shown);
+        }
         out
     }
 }
