@@ -598,8 +598,9 @@ fn spare(
     let mut reserve = Reserve::open();
     let prepared = conn::prepare();
     // Preparing resolved the default user through two file buffers on the stack: give them back
-    // while waiting.
+    // while waiting, and fault in what a connection will use instead.
     sys::trim_resident_memory();
+    sys::prefault_stack();
     let conn = loop {
         match gate.accept(&listener) {
             Ok(Some(conn)) => break conn,

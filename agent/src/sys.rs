@@ -799,6 +799,24 @@ pub fn trim_resident_memory() {
     core::hint::black_box(&marker);
 }
 
+/// In a spare, after [`trim_resident_memory`]: faults in the stack a connection will use (its
+/// deepest path is the handshake, spawning and the pump), so those first writes cost no page
+/// fault on the path a client waits on.
+#[inline(never)]
+pub fn prefault_stack() {
+    const DEPTH: usize = 48 * 1024;
+    let mut stack = [0u8; DEPTH];
+    let mut at = 0;
+    while at < DEPTH {
+        if let Some(byte) = stack.get_mut(at) {
+            // SAFETY: a write through a valid `&mut u8`; volatile, so it is not optimised away.
+            unsafe { ptr::write_volatile(byte, 0) };
+        }
+        at += PAGE;
+    }
+    core::hint::black_box(&stack);
+}
+
 /// In a spare: maps the agent's code now, while it waits, rather than a page fault at a time
 /// on the path a client waits on (a forked child starts with none of its parent's file-backed
 /// pages mapped).
