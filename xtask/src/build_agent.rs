@@ -50,3 +50,26 @@ pub fn agent_path() -> PathBuf {
         .join("release")
         .join("ferry-agent")
 }
+
+/// Builds `vsock-probe` (qemu-tests' guest-side client of the peer-check scenario) in release
+/// mode for [`AGENT_TARGET`], static like the agent, and returns the binary's path. The full
+/// image ships it as `/bin/vsock-probe`.
+pub fn build_vsock_probe() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "--package",
+        "qemu-tests",
+        "--bin",
+        "vsock-probe",
+        "--target",
+        AGENT_TARGET,
+    ]))
+    .context("building vsock-probe")?;
+    Ok(project_root()
+        .join("target")
+        .join(AGENT_TARGET)
+        .join("release")
+        .join("vsock-probe"))
+}

@@ -249,7 +249,9 @@ fn run_suite(vm: &Vm, example: &Path, deadline: Instant) -> Result<()> {
         .args(["test", "-p", "qemu-tests", "--features", "qemu"])
         .env("FERRY_CONNECT", vm.target())
         .env("FERRY_SECRET_FILE", vm.secret_path())
-        .env("FERRY_EXAMPLE_BIN", example);
+        .env("FERRY_EXAMPLE_BIN", example)
+        // The peer-check scenario looks for the agent's refusal lines in it.
+        .env("FERRY_GUEST_CONSOLE", vm.console_log());
     // Its own group, so the deadline kills the test binaries cargo started too.
     die_with_parent(&mut command, true);
     let child = command.spawn().context("starting cargo test")?;

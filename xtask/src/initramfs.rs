@@ -1,5 +1,6 @@
 //! `cargo xtask initramfs`: the guest image, a newc cpio with the agent as `/init`, the vsock
-//! modules and their load order, and (unless minimal) Debian's static busybox with its applet links.
+//! modules and their load order, and (unless minimal) Debian's static busybox with its applet links,
+//! `/bin/vsock-probe` and vsock's loopback transport (for the peer-check scenario).
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -9,10 +10,10 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::build_agent::build_agent;
+use crate::build_agent::{build_agent, build_vsock_probe};
 use crate::cpio::CpioWriter;
 use crate::deps::{self, BUSYBOX};
-use crate::kernel::{ensure_kernel, vm_dir, Kernel};
+use crate::kernel::{ensure_kernel, vm_dir, Kernel, Module};
 
 /// Where [`build_initramfs`] writes by default.
 pub fn default_path(minimal: bool) -> PathBuf {
@@ -38,6 +39,11 @@ pub fn build_initramfs(minimal: bool, out: Option<&Path>) -> Result<Initramfs> {
         deps::ensure_busybox()?;
     }
     let agent = build_agent()?;
+    let probe = if minimal {
+        None
+    } else {
+        Some(build_vsock_probe()?)
+    };
     let kernel = ensure_kernel()?;
     let path = out.map_or_else(|| default_path(minimal), Path::to_path_buf);
     if let Some(parent) = path.parent() {
@@ -46,7 +52,7 @@ pub fn build_initramfs(minimal: bool, out: Option<&Path>) -> Result<Initramfs> {
     }
     // Per process: two xtasks may build the same image at once.
     let partial = path.with_extension(format!("cpio.partial-{}", std::process::id()));
-    write_image(&partial, &agent, &kernel, minimal)
+    write_image(&partial, &agent, probe.as_deref(), &kernel)
         .with_context(|| format!("writing {}", partial.display()))?;
     std::fs::rename(&partial, &path).with_context(|| format!("renaming to {}", path.display()))?;
     let size = std::fs::metadata(&path)?.len();
@@ -54,8 +60,7 @@ pub fn build_initramfs(minimal: bool, out: Option<&Path>) -> Result<Initramfs> {
         "initramfs: {} ({size} bytes, kernel {}, modules {})",
         path.display(),
         kernel.release,
-        kernel
-            .modules
+        image_modules(&kernel, minimal)
             .iter()
             .map(|m| m.name.as_str())
             .collect::<Vec<_>>()
@@ -64,7 +69,18 @@ pub fn build_initramfs(minimal: bool, out: Option<&Path>) -> Result<Initramfs> {
     Ok(Initramfs { path, kernel })
 }
 
-fn write_image(path: &Path, agent: &Path, kernel: &Kernel, minimal: bool) -> Result<()> {
+/// The modules an image carries and loads: the full image adds vsock's loopback transport.
+fn image_modules(kernel: &Kernel, minimal: bool) -> &[Module] {
+    if minimal {
+        &kernel.modules
+    } else {
+        &kernel.full_modules
+    }
+}
+
+/// `probe`: the full image's `/bin/vsock-probe`; `None` for the agent-only image.
+fn write_image(path: &Path, agent: &Path, probe: Option<&Path>, kernel: &Kernel) -> Result<()> {
+    let minimal = probe.is_none();
     let file = File::create(path)?;
     let mut image = Image {
         cpio: CpioWriter::new(BufWriter::new(file)),
@@ -82,7 +98,7 @@ fn write_image(path: &Path, agent: &Path, kernel: &Kernel, minimal: bool) -> Res
 
     image.dir("lib/modules")?;
     let mut list = String::new();
-    for module in &kernel.modules {
+    for module in image_modules(kernel, minimal) {
         let bytes = std::fs::read(&module.path)
             .with_context(|| format!("reading {}", module.path.display()))?;
         image
@@ -119,6 +135,11 @@ fn write_image(path: &Path, agent: &Path, kernel: &Kernel, minimal: bool) -> Res
             }
             image.cpio.symlink(&applet, "/bin/busybox")?;
         }
+    }
+    if let Some(probe) = probe {
+        let bytes = std::fs::read(probe).with_context(|| format!("reading {}", probe.display()))?;
+        image.dir("bin")?;
+        image.cpio.file("bin/vsock-probe", 0o755, &bytes)?;
     }
     image.cpio.finish()?.into_inner()?.sync_all()?;
     Ok(())

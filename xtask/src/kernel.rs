@@ -30,6 +30,11 @@ pub const VSOCK_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport",
 ];
 
+/// The modules only the full image adds: vsock's loopback transport, so a program in the guest
+/// can connect to CID 1 (`VMADDR_CID_LOCAL`) and to the guest's own CID, as the scenario that
+/// checks the agent refuses such peers does. The agent-only image stays without it.
+pub const FULL_IMAGE_MODULES: &[&str] = &["vsock_loopback"];
+
 /// A kernel ready to boot.
 #[derive(Debug, Clone)]
 pub struct Kernel {
@@ -37,8 +42,10 @@ pub struct Kernel {
     pub release: String,
     /// The uncompressed ELF kernel, for QEMU's `-kernel` (PVH entry).
     pub vmlinux: PathBuf,
-    /// The modules to load, dependencies first, each an uncompressed `.ko`.
+    /// The modules to load, dependencies first, each an uncompressed `.ko`: [`VSOCK_MODULES`].
     pub modules: Vec<Module>,
+    /// The full image's modules: [`VSOCK_MODULES`] then [`FULL_IMAGE_MODULES`], in load order.
+    pub full_modules: Vec<Module>,
 }
 
 /// One kernel module, uncompressed.
@@ -89,11 +96,19 @@ pub fn ensure_kernel() -> Result<Kernel> {
         vmlinux.display()
     );
 
-    let modules = collect_modules(&unpacked, &release, &dir.join(format!("modules-{release}")))?;
+    let modules_dir = dir.join(format!("modules-{release}"));
+    let modules = collect_modules(&unpacked, &release, &modules_dir, VSOCK_MODULES)?;
+    let full: Vec<&str> = VSOCK_MODULES
+        .iter()
+        .chain(FULL_IMAGE_MODULES)
+        .copied()
+        .collect();
+    let full_modules = collect_modules(&unpacked, &release, &modules_dir, &full)?;
     Ok(Kernel {
         release,
         vmlinux,
         modules,
+        full_modules,
     })
 }
 
@@ -398,9 +413,14 @@ pub fn order_modules(
     Ok(order)
 }
 
-/// Finds the wanted modules and their dependencies in the unpacked tree, decompresses them into
+/// Finds the `wanted` modules and their dependencies in the unpacked tree, decompresses them into
 /// `out_dir` and returns them in load order.
-fn collect_modules(unpacked: &Path, release: &str, out_dir: &Path) -> Result<Vec<Module>> {
+fn collect_modules(
+    unpacked: &Path,
+    release: &str,
+    out_dir: &Path,
+    wanted: &[&str],
+) -> Result<Vec<Module>> {
     let tree = unpacked.join("lib").join("modules").join(release);
     let mut files = BTreeMap::new();
     index_modules(&tree.join("kernel"), &mut files)?;
@@ -414,7 +434,7 @@ fn collect_modules(unpacked: &Path, release: &str, out_dir: &Path) -> Result<Vec
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     // Walk the dependency graph from the wanted modules, reading each one's modinfo once.
     let mut depends = BTreeMap::new();
-    let mut pending: Vec<String> = VSOCK_MODULES.iter().map(|n| normalize(n)).collect();
+    let mut pending: Vec<String> = wanted.iter().map(|n| normalize(n)).collect();
     while let Some(name) = pending.pop() {
         if depends.contains_key(&name) {
             continue;
@@ -434,7 +454,7 @@ fn collect_modules(unpacked: &Path, release: &str, out_dir: &Path) -> Result<Vec
         pending.extend(deps.iter().cloned());
         depends.insert(name, deps);
     }
-    let order = order_modules(VSOCK_MODULES, &depends)?;
+    let order = order_modules(wanted, &depends)?;
     Ok(order
         .into_iter()
         .map(|name| Module {

@@ -27,6 +27,7 @@ pub mod epoll_exec;
 pub mod exec;
 pub mod frames;
 pub mod lifecycle;
+pub mod peers;
 pub mod raw;
 pub mod streams;
 pub mod trees;
@@ -127,6 +128,7 @@ macro_rules! scenario_tests {
             raw::requests_out_of_place_are_refused,
             raw::stdin_beyond_credit_is_refused,
             bombs::commands_run_as_nobody_unless_root_is_allowed,
+            peers::the_guest_itself_is_refused_before_the_hello,
             trees::a_disconnect_kills_the_whole_tree_setsid_included,
             trees::a_killed_connection_process_takes_its_tree_along,
         );
