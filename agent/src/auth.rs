@@ -75,24 +75,16 @@ pub fn load_secret(path: &CStr) -> Result<Secret, SecretFileError> {
         return Err(SecretFileError::Exposed);
     }
     let mut bytes = [0u8; MAX_SECRET + 1];
-    let mut len = 0;
-    while let Some(rest) = bytes.get_mut(len..) {
-        match rustix::io::read(&file, rest) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(Errno::INTR) => {}
-            Err(errno) => return Err(SecretFileError::Unreadable(errno)),
-        }
-        if len > MAX_SECRET {
-            break;
-        }
-    }
-    let result = match len {
-        0..MIN_SECRET => Err(SecretFileError::TooShort),
-        MIN_SECRET..=MAX_SECRET => {
+    let read = crate::file::read_fd(rustix::fd::AsFd::as_fd(&file), &mut bytes)
+        .map(|read| read.text.len())
+        .map_err(SecretFileError::Unreadable);
+    let result = match read {
+        Err(err) => Err(err),
+        Ok(0..MIN_SECRET) => Err(SecretFileError::TooShort),
+        Ok(len @ MIN_SECRET..=MAX_SECRET) => {
             Secret::new(bytes.get(..len).unwrap_or(&[])).map_err(|_| SecretFileError::TooLong)
         }
-        _ => Err(SecretFileError::TooLong),
+        Ok(_) => Err(SecretFileError::TooLong),
     };
     bytes.fill(0);
     // Keep the wipe: the buffer is otherwise dead and the compiler may drop the stores.

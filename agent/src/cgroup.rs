@@ -644,25 +644,13 @@ fn write_file(dir: BorrowedFd<'_>, name: &CStr, value: &[u8]) -> Result<(), Errn
     }
 }
 
-/// Reads as much of `path` (relative to `dir`) as fits `buf`.
+/// Reads the file at `path` (relative to `dir`) into `buf`, as much as fits.
 fn read_file_at<'b>(
     dir: BorrowedFd<'_>,
     path: &CStr,
     buf: &'b mut [u8],
 ) -> Result<&'b [u8], Errno> {
-    let file = open_at(dir, path, OFlags::RDONLY)?;
-    let mut len = 0;
-    while let Some(rest @ [_, ..]) = buf.get_mut(len..) {
-        let room = rest.len();
-        match rustix::io::read(&file, rest) {
-            Ok(0) => break,
-            Ok(n) => len += n.min(room),
-            Err(Errno::INTR) => {}
-            Err(errno) => return Err(errno),
-        }
-    }
-    let buf: &'b [u8] = buf;
-    Ok(buf.get(..len).unwrap_or(&[]))
+    crate::file::read_at(dir, path, buf).map(|read| read.text)
 }
 
 #[cfg(test)]

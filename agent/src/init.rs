@@ -190,23 +190,9 @@ pub fn read_kernel_cmdline() -> BootConfig {
     config
 }
 
-/// Reads as much of the file at `path` as fits `buf`; nothing when it cannot be opened.
+/// Reads as much of the file at `path` as fits `buf`; nothing when it cannot be read.
 fn read_file<'b>(path: &CStr, buf: &'b mut [u8]) -> &'b [u8] {
-    let Ok(fd) = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) else {
-        return &[];
-    };
-    let mut len = 0;
-    while let Some(rest @ [_, ..]) = buf.get_mut(len..) {
-        let room = rest.len();
-        match rustix::io::read(&fd, rest) {
-            Ok(0) => break,
-            Ok(n) => len += n.min(room),
-            Err(Errno::INTR) => {}
-            Err(_) => break,
-        }
-    }
-    let buf: &'b [u8] = buf;
-    buf.get(..len).unwrap_or(&[])
+    crate::file::read(path, buf).map_or(&[], |read| read.text)
 }
 
 /// Loads `/lib/modules/NAME.ko` for each name with `finit_module`, naming any that fails.

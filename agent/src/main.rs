@@ -14,7 +14,7 @@
 //! `listen` (bind, spares, accept), `successor` (a spare's promise to the listener), `conn`
 //! (one connection: a driver over `ferry_wire`'s agent session), `spawn` (argv/envp and the
 //! child's path to `execve`), `crash` (what a crash takes down), `sys` (every `unsafe`
-//! syscall wrapper), and the small helpers `clock`, `cstr` and `log`.
+//! syscall wrapper), and the small helpers `clock`, `cstr`, `file` and `log`.
 #![cfg_attr(not(test), no_std)]
 #![cfg_attr(not(test), no_main)]
 #![deny(unsafe_code)]
@@ -29,6 +29,7 @@ mod config;
 mod conn;
 mod crash;
 mod cstr;
+mod file;
 mod init;
 mod listen;
 mod log;

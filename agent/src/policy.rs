@@ -326,14 +326,14 @@ pub fn load(file: Option<&[u8]>, kernel_cmdline: bool, flags: &[(&[u8], &[u8])])
         return None;
     };
     let mut text = [0u8; MAX_POLICY_FILE];
-    match crate::users::read_file(path_c, &mut text) {
-        Ok(crate::users::FileText {
+    match crate::file::read(path_c, &mut text) {
+        Ok(crate::file::FileText {
             truncated: true, ..
         }) => {
             Line::new().push(path).push(b": ").push(b"too long").emit();
             return None;
         }
-        Ok(crate::users::FileText { text, .. }) => {
+        Ok(crate::file::FileText { text, .. }) => {
             if let Err((line, error)) = policy.parse_file(text) {
                 Line::new()
                     .push(path)
@@ -359,7 +359,7 @@ pub fn load(file: Option<&[u8]>, kernel_cmdline: bool, flags: &[(&[u8], &[u8])])
     if kernel_cmdline {
         // x86's and arm64's COMMAND_LINE_SIZE is 2048.
         let mut cmdline = [0u8; 4096];
-        let text = crate::users::read_file(c"/proc/cmdline", &mut cmdline)
+        let text = crate::file::read(c"/proc/cmdline", &mut cmdline)
             .map(|file| file.text)
             .unwrap_or(&[]);
         if let Err((key, error)) = policy.apply_kernel_cmdline(text) {

@@ -11,8 +11,6 @@ use core::ffi::CStr;
 
 use ferry_wire::session::Refusal;
 use ferry_wire::ErrorCode;
-use rustix::fs::{Mode, OFlags};
-use rustix::io::Errno;
 
 use crate::policy::Policy;
 
@@ -421,12 +419,12 @@ pub fn authorize_with(
 /// Reads as much of the file at `path` as fits `buf`, less a line cut off at the end; nothing
 /// when the file cannot be read.
 fn read_lines<'b>(path: &CStr, buf: &'b mut [u8]) -> &'b [u8] {
-    match read_file(path, buf) {
-        Ok(FileText {
+    match crate::file::read(path, buf) {
+        Ok(crate::file::FileText {
             text,
             truncated: false,
         }) => text,
-        Ok(FileText {
+        Ok(crate::file::FileText {
             text,
             truncated: true,
         }) => {
@@ -435,41 +433,6 @@ fn read_lines<'b>(path: &CStr, buf: &'b mut [u8]) -> &'b [u8] {
         }
         Err(_) => &[],
     }
-}
-
-/// What [`read_file`] read.
-#[derive(Debug)]
-pub struct FileText<'b> {
-    pub text: &'b [u8],
-    /// The file is longer than the buffer.
-    pub truncated: bool,
-}
-
-/// Reads the file at `path` into `buf`, up to its size.
-pub fn read_file<'b>(path: &CStr, buf: &'b mut [u8]) -> Result<FileText<'b>, Errno> {
-    let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
-    let mut len = 0;
-    let mut truncated = false;
-    loop {
-        let Some(rest @ [_, ..]) = buf.get_mut(len..) else {
-            // Full: is there more?
-            let mut probe = [0u8; 1];
-            truncated = matches!(rustix::io::read(&fd, &mut probe), Ok(1..));
-            break;
-        };
-        let room = rest.len();
-        match rustix::io::read(&fd, rest) {
-            Ok(0) => break,
-            Ok(n) => len += n.min(room),
-            Err(Errno::INTR) => {}
-            Err(errno) => return Err(errno),
-        }
-    }
-    let buf: &'b [u8] = buf;
-    Ok(FileText {
-        text: buf.get(..len).unwrap_or(&[]),
-        truncated,
-    })
 }
 
 #[cfg(test)]
@@ -833,14 +796,14 @@ mod tests {
         let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
         std::fs::write(&path, b"a:x:1:1:::\nb:x:2:2:::\n").unwrap();
         let mut buf = [0u8; 22];
-        let read = read_file(&c_path, &mut buf).unwrap();
+        let read = crate::file::read(&c_path, &mut buf).unwrap();
         assert_eq!(
             (read.text.len(), read.truncated),
             (22, false),
             "exactly full"
         );
         let mut buf = [0u8; 15];
-        let read = read_file(&c_path, &mut buf).unwrap();
+        let read = crate::file::read(&c_path, &mut buf).unwrap();
         assert!(read.truncated);
         // A cut-off last line is dropped, not half-parsed.
         assert_eq!(read_lines(&c_path, &mut buf), b"a:x:1:1:::");
