@@ -366,7 +366,7 @@ impl<'a> Run<'a> {
         };
         let phase = self.phase();
         let unexpected = SessionError::Unexpected {
-            frame: agent_kind(&frame),
+            frame: FrameKind::of_agent(&frame),
             phase,
         };
         let event = match (frame, phase) {
@@ -735,20 +735,5 @@ impl Run<'_> {
             };
             self.right_proof = Some(proof.mac.0.to_vec());
         }
-    }
-}
-
-fn agent_kind(frame: &AgentFrame<'_>) -> FrameKind {
-    match frame {
-        AgentFrame::Hello(_) => FrameKind::Hello,
-        AgentFrame::Started(_) => FrameKind::Started,
-        AgentFrame::Stdout(_) => FrameKind::Stdout,
-        AgentFrame::Stderr(_) => FrameKind::Stderr,
-        AgentFrame::StdinCredit(_) => FrameKind::StdinCredit,
-        AgentFrame::Exited(_) => FrameKind::Exited,
-        AgentFrame::Error(_) => FrameKind::Error,
-        AgentFrame::Ready(_) => FrameKind::Ready,
-        AgentFrame::Authenticated(_) => FrameKind::Authenticated,
-        AgentFrame::Done(_) => FrameKind::Done,
     }
 }

@@ -110,7 +110,8 @@ impl FrameKind {
         }
     }
 
-    pub(crate) const fn of_client(frame: &ClientFrame<'_>) -> FrameKind {
+    /// The kind of a client frame.
+    pub const fn of_client(frame: &ClientFrame<'_>) -> FrameKind {
         match frame {
             ClientFrame::Hello(_) => FrameKind::Hello,
             ClientFrame::Exec(_) => FrameKind::Exec,
@@ -121,7 +122,8 @@ impl FrameKind {
         }
     }
 
-    pub(crate) const fn of_agent(frame: &AgentFrame<'_>) -> FrameKind {
+    /// The kind of an agent frame.
+    pub const fn of_agent(frame: &AgentFrame<'_>) -> FrameKind {
         match frame {
             AgentFrame::Hello(_) => FrameKind::Hello,
             AgentFrame::Started(_) => FrameKind::Started,
