@@ -13,6 +13,10 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
 
+mod signals;
+mod term;
+mod units;
+
 use clap::{Parser, Subcommand};
 use ferry_host::{
     errno_name, read_secret_file, AgentInfo, Client, Command, ConnectOptions, Error, ErrorCode,
