@@ -421,6 +421,11 @@ mod tests {
             cwd: Some(Bytes(b"/tmp")),
             stdin: StdinMode::Null,
             user: None,
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
         }
         .validate()
         .unwrap()
@@ -712,6 +717,11 @@ mod tests {
             cwd: None,
             stdin: StdinMode::Null,
             user: None,
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
         }
         .validate()
         .unwrap();
@@ -759,6 +769,11 @@ mod tests {
             cwd: Some(Bytes(b"/")),
             stdin: StdinMode::Null,
             user: None,
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
         }
         .validate()
         .unwrap();
