@@ -25,13 +25,13 @@ use common::{
 };
 use ferry_host::{read_secret_file, Secret};
 use ferry_wire::limits::{
-    MAX_ARGS, MAX_ARGV_BYTES, MAX_DATA, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_FRAME, MAX_PATH,
-    NONCE_LEN, STDIN_WINDOW,
+    MAX_ARGS, MAX_ARGV_BYTES, MAX_DATA, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_FRAME, MAX_INLINE_LIST,
+    MAX_PATH, NONCE_LEN, STDIN_WINDOW,
 };
 use ferry_wire::session::{ClientAuth, ClientEvent, ClientSession};
 use ferry_wire::{
     decode_client_frame, AgentFrame, ByteArray, Bytes, ClientFrame, ClientProof, ErrorCode,
-    ExecRequest, ExitStatus, StdinMode, StrList, Termination,
+    ExecPart, ExecRequest, ExitStatus, ListKind, StdinMode, StrList, Termination,
 };
 use frames::{encode, exec, hello};
 
@@ -1117,10 +1117,13 @@ fn list(
     out
 }
 
-/// argv and env at exactly their limits (bytes and entries at once) run; one byte or one entry
-/// more is refused before anything runs; a working directory of exactly `MAX_PATH` bytes passes
-/// the limit (and then does not exist), one more does not.
+/// argv and env at exactly their limits (bytes and entries at once) pass the protocol: the
+/// command runs, or the kernel refuses it (`ArgumentsTooLong`: 2 MiB of argv and its pointers
+/// are past a default Linux's `execve` limit); one byte or one entry more is refused by the agent
+/// before anything runs. A working directory of exactly `MAX_PATH` bytes passes the limit (and
+/// then does not exist), one more does not.
 #[test]
+#[ignore = "needs the agent of branch agent-v3 (issue 10): requests in pieces"]
 fn argv_env_and_cwd_at_the_limits_and_one_over() {
     let agent = Agent::start();
     let script = "echo $# ${#1}; env | grep -c '^HOSTILE_'";
@@ -1139,41 +1142,83 @@ fn argv_env_and_cwd_at_the_limits_and_one_over() {
             MAX_ENV_VARS + extra_entry,
             MAX_ENV_BYTES + extra_byte,
             |i, n| {
-                let key = format!("HOSTILE_{i:04}=");
+                let key = format!("HOSTILE_{i:05}=");
                 format!("{key}{}", "v".repeat(n - key.len()))
             },
         )
     };
+    let small_argv = format!("/bin/sh\0-c\0{script}\0");
     let attempt = |argv: &[u8], env: &[u8], cwd: Option<&[u8]>| {
-        let request = ExecRequest {
-            env: StrList::new(env),
-            cwd: cwd.map(Bytes),
-            ..exec(argv, StdinMode::Null)
-        };
-        // Encoded by hand behind our hello and proof: the session would refuse to send a
-        // request beyond the agent's limits.
+        // Encoded by hand behind our hello and proof, as the session would cut it (pieces, then
+        // the exec frame with the last of each list): the session refuses to send a request
+        // beyond the agent's limits.
         let (mut raw, mut session) = Raw::open(&agent.socket);
-        raw.send(&[opening(&mut session), encode(&ClientFrame::Exec(request))].concat());
+        let mut bytes = opening(&mut session);
+        let mut inline = [argv, env];
+        for (kind, list) in [(ListKind::Argv, argv), (ListKind::Env, env)] {
+            let (pieces, rest) = list.split_at(list.len().saturating_sub(MAX_INLINE_LIST));
+            for data in pieces.chunks(MAX_DATA) {
+                bytes.extend(encode(&ClientFrame::ExecPart(ExecPart {
+                    list: kind,
+                    data: Bytes(data),
+                })));
+            }
+            inline[kind as usize] = rest;
+        }
+        let request = ExecRequest {
+            env: StrList::new(inline[1]),
+            cwd: cwd.map(Bytes),
+            ..exec(inline[0], StdinMode::Null)
+        };
+        bytes.extend(encode(&ClientFrame::Exec(request)));
+        raw.send(&bytes);
         raw.frames_until_closed()
     };
-    let at_limit = attempt(&argv(0, 0), &env(0, 0), None);
-    let expected = format!(
-        "{} {}\n{}\n",
-        MAX_ARGS - 4,
-        MAX_ARGV_BYTES / MAX_ARGS - 1,
-        MAX_ENV_VARS
-    );
-    assert_eq!(String::from_utf8(stdout_of(&at_limit)).unwrap(), expected);
-    assert_eq!(termination(&at_limit).status, ExitStatus::Code(0));
     let limit = Seen::Error(
         ErrorCode::LimitExceeded,
         "request exceeds the agent's limits".into(),
     );
+    for (name, argv, env, expected) in [
+        (
+            "argv at its limits",
+            argv(0, 0),
+            Vec::new(),
+            format!("{} {}\n0\n", MAX_ARGS - 4, MAX_ARGV_BYTES / MAX_ARGS - 1),
+        ),
+        (
+            "env at its limits",
+            small_argv.clone().into_bytes(),
+            env(0, 0),
+            format!("0 0\n{MAX_ENV_VARS}\n"),
+        ),
+    ] {
+        let seen = attempt(&argv, &env, None);
+        match &seen[..] {
+            [Seen::Authenticated, Seen::Error(ErrorCode::ArgumentsTooLong, _)] => {}
+            [Seen::Authenticated, Seen::Started(_), ..] => {
+                assert_eq!(
+                    String::from_utf8(stdout_of(&seen)).unwrap(),
+                    expected,
+                    "{name}"
+                );
+                assert_eq!(termination(&seen).status, ExitStatus::Code(0), "{name}");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
     for (name, argv, env) in [
-        ("argv a byte over", argv(1, 0), env(0, 0)),
-        ("argv an entry over", argv(0, 1), env(0, 0)),
-        ("env a byte over", argv(0, 0), env(1, 0)),
-        ("env an entry over", argv(0, 0), env(0, 1)),
+        ("argv a byte over", argv(1, 0), Vec::new()),
+        ("argv an entry over", argv(0, 1), Vec::new()),
+        (
+            "env a byte over",
+            small_argv.clone().into_bytes(),
+            env(1, 0),
+        ),
+        (
+            "env an entry over",
+            small_argv.clone().into_bytes(),
+            env(0, 1),
+        ),
     ] {
         assert_eq!(
             attempt(&argv, &env, None),

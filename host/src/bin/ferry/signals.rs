@@ -7,8 +7,6 @@
 //! [`ferry_host::Execution`]: the thread reading the command's events stays blocked in its read,
 //! and the callback sends its frame through the execution's control handle from this thread, the
 //! way a stdin writer does from another. Nothing has to interrupt the reader's wait.
-// NOTE: phase 1 of protocol v3: `ferry exec` uses this once the new wire lands.
-#![allow(dead_code)]
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -37,6 +35,11 @@ pub const FORWARDED: [i32; 6] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGU
 /// terminal's to turn into signals, as over ssh -t), so only what no key can say is forwarded:
 /// someone ending the CLI, or its terminal hanging up.
 pub const FORWARDED_RAW: [i32; 2] = [SIGTERM, SIGHUP];
+
+/// Signals that ask a process to end. The first one the CLI gets is forwarded; a second one
+/// ends the CLI itself at once (the agent then ends the command's tree): a remote command that
+/// ignores them, or an agent that no longer acts on them, does not keep the CLI alive.
+const ENDING: [i32; 4] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT];
 
 /// How a run handles signals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +95,7 @@ impl Forwarding {
         let thread = thread::Builder::new()
             .name("ferry-signals".into())
             .spawn(move || {
+                let mut asked_to_end = false;
                 for signal in signals.forever() {
                     let mut slot = shared.lock().unwrap_or_else(|poison| poison.into_inner());
                     let Some(on_signal) = slot.as_mut() else {
@@ -106,7 +110,10 @@ impl Forwarding {
                         }) {
                             on_signal(Caught::Resize(size));
                         }
-                    } else if forwarded.contains(&signal) {
+                    } else if forwarded.contains(&signal)
+                        && !(asked_to_end && ENDING.contains(&signal))
+                    {
+                        asked_to_end |= ENDING.contains(&signal);
                         on_signal(Caught::Signal(signal));
                     } else {
                         drop(slot);
@@ -159,8 +166,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::term::tests::{openpty, unusual_settings};
-    use crate::term::{get_attr, same_settings, RawMode};
+    use crate::term::tests::{openpty, same_settings, unusual_settings};
+    use crate::term::{get_attr, RawMode};
 
     /// Waits for `want` on `rx`, skipping whatever else arrives (other tests' signals).
     fn expect(rx: &mpsc::Receiver<Caught>, want: Caught) {
@@ -178,7 +185,7 @@ mod tests {
     /// In this process: forwarded signals and resizes reach the callback; nothing after drop.
     #[test]
     fn signals_and_resizes_reach_the_callback() {
-        let (controller, terminal) = openpty(WindowSize::DEFAULT);
+        let (controller, terminal) = openpty(crate::term::DEFAULT_SIZE);
         let (tx, rx) = mpsc::channel();
         let forwarding = Forwarding::start(Keys::AsSignals, Some(terminal.as_fd()), move |c| {
             let _ = tx.send(c);
@@ -254,6 +261,8 @@ mod tests {
                 panic!("on purpose")
             }
             // Waits for a signal: forwarded ones end the wait, the others end the process.
+            // "twice": waits on after a forwarded one, for a second to end the process.
+            "twice" => thread::sleep(Duration::from_secs(10)),
             "signal" => {
                 for _ in 0..1000 {
                     if forwarded.load(Ordering::SeqCst) {
@@ -269,8 +278,8 @@ mod tests {
     /// Runs [`terminal_child`] in `mode` on a fresh pty with unusual settings: once it is raw,
     /// types `byte`, then sends it `signal`, if any. Returns the child's status and what it
     /// printed, after asserting that the terminal's settings are bit-identical to before.
-    fn run_child(mode: &str, byte: u8, signal: Option<i32>) -> (std::process::ExitStatus, String) {
-        let (controller, terminal) = openpty(WindowSize::DEFAULT);
+    fn run_child(mode: &str, byte: u8, signals: &[i32]) -> (std::process::ExitStatus, String) {
+        let (controller, terminal) = openpty(crate::term::DEFAULT_SIZE);
         let before = unusual_settings(terminal.as_fd());
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "signals::tests::terminal_child", "--nocapture"])
@@ -295,20 +304,30 @@ mod tests {
         std::fs::File::from(controller.try_clone().unwrap())
             .write_all(&[byte])
             .unwrap();
-        if let Some(signal) = signal {
-            // After the byte was read: the child is then past its read, in its wait.
-            loop {
-                let mut line = String::new();
-                assert!(out.read_line(&mut line).unwrap() > 0, "no read: {printed}");
-                printed.push_str(&line);
-                if line.starts_with("read ") {
-                    break;
-                }
+        // After the byte was read: the child is then past its read, in its wait.
+        let mut wait_for = |prefix: &str, printed: &mut String| loop {
+            let mut line = String::new();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "no {prefix}: {printed}"
+            );
+            printed.push_str(&line);
+            if line.starts_with(prefix) {
+                break;
             }
-            let pid = libc::pid_t::try_from(child.id()).unwrap();
+        };
+        if !signals.is_empty() {
+            wait_for("read ", &mut printed);
+        }
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
+        for (n, signal) in signals.iter().enumerate() {
+            if n > 0 {
+                // The one before was forwarded: the next finds the CLI past it.
+                wait_for("caught ", &mut printed);
+            }
             // SAFETY: kill has no memory effects; the pid is our unreaped child's.
             #[allow(unsafe_code)]
-            let rc = unsafe { libc::kill(pid, signal) };
+            let rc = unsafe { libc::kill(pid, *signal) };
             assert_eq!(rc, 0);
         }
         let status = child.wait().unwrap();
@@ -322,21 +341,22 @@ mod tests {
     }
 
     /// Under a real pty: the settings are bit-identical after a normal end, a panic, a
-    /// forwarded SIGTERM or SIGHUP, and a SIGINT or SIGUSR1 that ends the CLI; ^C is a byte.
+    /// forwarded SIGTERM or SIGHUP, a SIGINT or SIGUSR1 that ends the CLI, and a second ending
+    /// signal; ^C is a byte.
     #[test]
     fn the_terminal_comes_back_on_every_way_out() {
-        let (status, printed) = run_child("end", 0x03, None);
+        let (status, printed) = run_child("end", 0x03, &[]);
         assert!(status.success(), "{printed}");
         assert!(
             printed.contains("read 0x03"),
             "^C travels as a byte: {printed}"
         );
 
-        let (status, printed) = run_child("panic", b'x', None);
+        let (status, printed) = run_child("panic", b'x', &[]);
         assert!(!status.success(), "{printed}");
 
         for signal in FORWARDED_RAW {
-            let (status, printed) = run_child("signal", b'x', Some(signal));
+            let (status, printed) = run_child("signal", b'x', &[signal]);
             assert!(status.success(), "{signal}: {status}: {printed}");
             assert!(
                 printed.contains(&format!("caught Signal({signal})")),
@@ -345,9 +365,13 @@ mod tests {
         }
         // Not SIGQUIT: its death would dump core; the path is SIGINT's.
         for signal in [SIGINT, SIGUSR1, SIGUSR2] {
-            let (status, printed) = run_child("signal", b'x', Some(signal));
+            let (status, printed) = run_child("signal", b'x', &[signal]);
             assert_eq!(status.signal(), Some(signal), "{status}: {printed}");
             assert!(!printed.contains("caught"), "{printed}");
         }
+        // A second ending signal ends the CLI, whatever became of the first.
+        let (status, printed) = run_child("twice", b'x', &[SIGTERM, SIGHUP]);
+        assert_eq!(status.signal(), Some(SIGHUP), "{status}: {printed}");
+        assert_eq!(printed.matches("caught").count(), 1, "{printed}");
     }
 }

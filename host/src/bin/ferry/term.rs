@@ -6,8 +6,6 @@
 //! release profile aborts on panic, so no drop runs) and a signal that ends the CLI
 //! (`signals.rs`). Every terminal put in raw mode is registered here with the settings it had, so
 //! those paths need nothing but this module.
-// NOTE: phase 1 of protocol v3: `ferry exec` uses this once the new wire lands.
-#![allow(dead_code)]
 // NOTE: termios and ioctl have no safe std API, and rustix's safe one needs its "std" feature
 // for std's fds, which the workspace cannot enable (see host/Cargo.toml). Each call below states
 // why it is sound.
@@ -18,17 +16,10 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::{Mutex, MutexGuard, Once};
 
-/// The size of a terminal, in characters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WindowSize {
-    pub rows: u16,
-    pub cols: u16,
-}
+pub use ferry_host::WindowSize;
 
-impl WindowSize {
-    /// What a command gets when the CLI has no terminal to measure: the VT100's.
-    pub const DEFAULT: WindowSize = WindowSize { rows: 24, cols: 80 };
-}
+/// What a command's terminal gets when the CLI has none to measure: the VT100's size.
+pub const DEFAULT_SIZE: WindowSize = WindowSize { rows: 24, cols: 80 };
 
 /// `TERM` for the guest's terminal when ours does not say (unset or empty).
 pub const DEFAULT_TERM: &str = "xterm-256color";
@@ -184,18 +175,6 @@ pub fn install_panic_hook() {
     });
 }
 
-/// Whether two settings are identical in every field the kernel keeps.
-pub fn same_settings(a: &libc::termios, b: &libc::termios) -> bool {
-    a.c_iflag == b.c_iflag
-        && a.c_oflag == b.c_oflag
-        && a.c_cflag == b.c_cflag
-        && a.c_lflag == b.c_lflag
-        && a.c_line == b.c_line
-        && a.c_cc == b.c_cc
-        && a.c_ispeed == b.c_ispeed
-        && a.c_ospeed == b.c_ospeed
-}
-
 #[cfg(test)]
 pub mod tests {
     #![allow(clippy::unwrap_used)]
@@ -234,6 +213,18 @@ pub mod tests {
         }
     }
 
+    /// Whether two settings are identical in every field the kernel keeps.
+    pub fn same_settings(a: &libc::termios, b: &libc::termios) -> bool {
+        a.c_iflag == b.c_iflag
+            && a.c_oflag == b.c_oflag
+            && a.c_cflag == b.c_cflag
+            && a.c_lflag == b.c_lflag
+            && a.c_line == b.c_line
+            && a.c_cc == b.c_cc
+            && a.c_ispeed == b.c_ispeed
+            && a.c_ospeed == b.c_ospeed
+    }
+
     /// Settings no terminal starts with, so a restore to defaults would be caught.
     pub fn unusual_settings(fd: BorrowedFd<'_>) -> libc::termios {
         let mut termios = get_attr(fd).unwrap();
@@ -256,7 +247,7 @@ pub mod tests {
     #[test]
     fn raw_mode_is_raw_and_the_settings_come_back_bit_identical() {
         let _serial = serial();
-        let (_controller, terminal) = openpty(WindowSize::DEFAULT);
+        let (_controller, terminal) = openpty(DEFAULT_SIZE);
         let before = unusual_settings(terminal.as_fd());
         {
             let _raw = RawMode::enter(terminal.as_fd()).unwrap();
@@ -282,7 +273,7 @@ pub mod tests {
     #[test]
     fn restore_all_restores_and_the_guard_then_does_nothing() {
         let _serial = serial();
-        let (_controller, terminal) = openpty(WindowSize::DEFAULT);
+        let (_controller, terminal) = openpty(DEFAULT_SIZE);
         let before = unusual_settings(terminal.as_fd());
         let raw = RawMode::enter(terminal.as_fd()).unwrap();
         restore_all();

@@ -2,8 +2,6 @@
 //! `--kill-after 500ms`, `--max-output 1M`. Exact (no floating point), total (any text gives a
 //! value or a message, never a panic), and strict: anything not understood is refused, so a typo
 //! never becomes a surprising number.
-// NOTE: phase 1 of protocol v3: `ferry exec` uses this once the new wire lands.
-#![allow(dead_code)]
 
 use std::time::Duration;
 
