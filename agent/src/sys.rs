@@ -580,6 +580,29 @@ pub fn reset_inherited_ignored_signals() -> io::Result<()> {
     Ok(())
 }
 
+/// The highest signal number Linux has (`_NSIG`); real-time signals run up to it.
+// NOTE: the pump's `Signal` events use it with protocol v3 (issue 10).
+#[allow(dead_code)]
+pub const MAX_SIGNAL: u8 = 64;
+
+/// `kill(-pgid, number)`: sends signal `number` (1..=[`MAX_SIGNAL`], real-time signals
+/// included) to the process group `pgid`; `EINVAL` for any other number. rustix names only the
+/// standard signals safely, and a client may send any.
+#[allow(dead_code)]
+pub fn kill_process_group_raw(pgid: Pid, number: u8) -> io::Result<()> {
+    if !(1..=MAX_SIGNAL).contains(&number) {
+        return Err(io::Errno::INVAL);
+    }
+    // SAFETY: 1..=64 are valid, non-zero signal numbers on Linux. rustix's other condition is
+    // about the libc's reserved real-time signals (musl's 32–34): the `Signal` must not send,
+    // block or handle them in a way that upsets the libc's own use. It is used once, to send
+    // a signal to another process group; the agent starts no threads and so never makes musl
+    // install its handlers for them, and a command's group is its own session, not the
+    // agent's.
+    let signal = unsafe { Signal::from_raw_unchecked(i32::from(number)) };
+    rustix::process::kill_process_group(pgid, signal)
+}
+
 /// Unblocks every signal: a blocked mask survives fork and exec, and a command must not inherit
 /// one.
 pub fn unblock_all_signals() -> io::Result<()> {

@@ -209,6 +209,18 @@ pub fn kill(pid: Pid, reaped: bool) -> TreeKill {
     how
 }
 
+/// Sends signal `number` (1..=64) to the command's process group, as a client's `Signal`
+/// asks. A group that is gone (ESRCH: the command and its group ended, the signal raced its
+/// end) is not an error: the signal had nothing left to reach. Any other number is `EINVAL`.
+// NOTE: the pump's `Signal` events use it with protocol v3 (issue 10).
+#[allow(dead_code)]
+pub fn signal(pid: Pid, number: u8) -> Result<(), Errno> {
+    match sys::kill_process_group_raw(pid, number) {
+        Ok(()) | Err(Errno::SRCH) => Ok(()),
+        Err(errno) => Err(errno),
+    }
+}
+
 /// Waits for `pid` to end (it has been killed or has failed before exec).
 pub fn reap(pid: Pid) {
     while let Err(Errno::INTR) =
@@ -308,6 +320,37 @@ mod tests {
                 core_dumped: false
             }
         );
+    }
+
+    #[test]
+    fn signals_reach_the_group_and_a_gone_group_is_no_error() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let group = |script: &str| {
+            let child = std::process::Command::new("/bin/sh")
+                .args(["-c", script])
+                .process_group(0)
+                .spawn()
+                .unwrap();
+            let pid = Pid::from_raw(child.id() as i32).unwrap();
+            (child, pid)
+        };
+        // A standard signal reaches the background child too (same group).
+        let (mut child, pid) = group("sleep 30 & wait");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(signal(pid, 15), Ok(()));
+        assert_eq!(child.wait().unwrap().signal(), Some(15));
+        // A real-time signal (its default action ends the process), up to the last one.
+        for number in [40, 64] {
+            let (mut child, pid) = group("exec sleep 30");
+            assert_eq!(signal(pid, number), Ok(()));
+            assert_eq!(child.wait().unwrap().signal(), Some(i32::from(number)));
+        }
+        // Ended and reaped: ESRCH, which is fine.
+        assert_eq!(signal(pid, 15), Ok(()));
+        // Not signals.
+        assert_eq!(signal(pid, 0), Err(Errno::INVAL));
+        assert_eq!(signal(pid, 65), Err(Errno::INVAL));
+        assert_eq!(signal(pid, 255), Err(Errno::INVAL));
     }
 
     #[test]
