@@ -7,6 +7,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use ferry_wire::session::Refusal;
 use ferry_wire::{Bytes, ErrorCode, ValidExec};
 use rustix::fd::BorrowedFd;
+use rustix::fs::Mode;
 use rustix::io::Errno;
 use rustix::process::Signal;
 
@@ -275,6 +276,9 @@ pub struct ChildStdio<'a> {
     pub stderr: BorrowedFd<'a>,
     /// Whether `stdin` is a pipe of this exec's own (else a shared file such as /dev/null).
     pub stdin_is_pipe: bool,
+    /// Whether all three are the slave of this exec's own pseudo-terminal, which becomes the
+    /// command's controlling terminal.
+    pub terminal: bool,
 }
 
 /// The child's side of `clone`: a new session, standard descriptors, default signal state, the
@@ -295,6 +299,11 @@ pub fn exec_child<const A: usize, const E: usize>(
 ) -> ! {
     let setup = (|| {
         rustix::process::setsid()?;
+        if stdio.terminal {
+            // The new session's controlling terminal: job control, ^C as SIGINT, SIGHUP to
+            // the foreground group when the command (its controlling process) ends.
+            rustix::process::ioctl_tiocsctty(stdio.stdin)?;
+        }
         rustix::stdio::dup2_stdin(stdio.stdin)?;
         rustix::stdio::dup2_stdout(stdio.stdout)?;
         rustix::stdio::dup2_stderr(stdio.stderr)?;
@@ -362,13 +371,21 @@ pub fn exec_child<const A: usize, const E: usize>(
 /// so they are the whole command's, and the agent's stay as they were.
 /// Gives the command's own pipes to the user it runs as: a pipe belongs to its creator (the
 /// agent) with mode 0600, so without this `tee /dev/stderr` (a reopen through /proc/self/fd)
-/// fails for an unprivileged command. Shared files (/dev/null) are never touched.
+/// fails for an unprivileged command. Shared files (/dev/null) are never touched. A terminal
+/// goes to the user and the `tty` group, mode 0620 (what `login` does): a program that reopens
+/// its tty (`ssh`'s password prompt, `sudo`, `less`) needs it, and `mesg`/`write` expect it.
 fn hand_over_pipes(credentials: &Credentials, stdio: &ChildStdio<'_>) -> Result<(), Errno> {
     use rustix::process::{Gid, Uid};
     if !credentials.switch {
         return Ok(());
     }
     let uid = Some(Uid::from_raw_unchecked(credentials.uid));
+    if stdio.terminal {
+        // Without a `tty` group the terminal keeps devpts' group.
+        let tty = credentials.tty_gid.map(Gid::from_raw_unchecked);
+        rustix::fs::fchown(stdio.stdin, uid, tty)?;
+        return rustix::fs::fchmod(stdio.stdin, Mode::from_raw_mode(0o620));
+    }
     let gid = Some(Gid::from_raw_unchecked(credentials.gid));
     let stdin = stdio.stdin_is_pipe.then_some(stdio.stdin);
     for fd in [Some(stdio.stdout), Some(stdio.stderr), stdin]
@@ -728,6 +745,7 @@ mod tests {
             stdout: stdout.unwrap_or(null.as_fd()),
             stderr: null.as_fd(),
             stdin_is_pipe: false,
+            terminal: false,
         };
         let failure = ChildFailure::new();
         let child = || exec_child(&prepared, &stdio, bounds, &failure);
@@ -776,6 +794,7 @@ mod tests {
             stdout: write.as_fd(),
             stderr: null.as_fd(),
             stdin_is_pipe: false,
+            terminal: false,
         };
         let bounds = ChildBounds {
             limits: &bounds::CommandLimits::NONE,
@@ -803,6 +822,79 @@ mod tests {
             Some(failed) => Err(failed),
             None => Ok(out),
         }
+    }
+
+    /// What `sh -c script` prints on a terminal of 24×80, run as `credentials` through the
+    /// spawn path, with `\r\n` as `\n`.
+    fn output_on_terminal(script: &[u8], credentials: Credentials) -> String {
+        use rustix::fd::AsFd;
+        let argv = [b"sh\0-c\0".as_slice(), script, b"\0"].concat();
+        let request = ExecRequest {
+            argv: StrList::new(&argv),
+            env: StrList::default(),
+            clean_env: false,
+            cwd: None,
+            stdin: StdinMode::Null,
+            user: None,
+        }
+        .validate()
+        .unwrap();
+        let mut storage = Storage::<8, 16>::with_credentials(credentials);
+        let prepared = storage.prepare(&request, &[c"PATH=/bin:/usr/bin"]).unwrap();
+        let pair = crate::pty::open(crate::pty::Size { rows: 24, cols: 80 }).unwrap();
+        let stdio = ChildStdio {
+            stdin: pair.slave.as_fd(),
+            stdout: pair.slave.as_fd(),
+            stderr: pair.slave.as_fd(),
+            stdin_is_pipe: false,
+            terminal: true,
+        };
+        let bounds = ChildBounds {
+            limits: &bounds::CommandLimits::NONE,
+            cgroup_procs: None,
+            parent: rustix::process::getpid(),
+        };
+        let failure = ChildFailure::new();
+        let child = || exec_child(&prepared, &stdio, &bounds, &failure);
+        let mut stack = sys::ChildStack::new().unwrap();
+        // SAFETY: as in `run_with`.
+        #[allow(unsafe_code)]
+        let spawned = unsafe { sys::spawn(&mut stack, &child, || {}) }.unwrap();
+        drop(pair.slave);
+        let out = crate::pty::tests::read_all(&pair.master);
+        rustix::process::waitid(
+            rustix::process::WaitId::PidFd(spawned.pidfd.as_fd()),
+            rustix::process::WaitIdOptions::EXITED,
+        )
+        .unwrap();
+        assert_eq!(failure.get(), None);
+        String::from_utf8_lossy(&out).replace("\r\n", "\n")
+    }
+
+    #[test]
+    fn a_command_on_a_terminal_has_it_as_its_controlling_terminal() {
+        let script = b"tty; stty size; test -t 0 && test -t 1 && test -t 2 && echo all three; \
+            echo via /dev/tty > /dev/tty; echo to stderr >&2";
+        let out = output_on_terminal(script, agent_itself());
+        let mut lines = out.lines();
+        let tty = lines.next().unwrap();
+        assert!(tty.starts_with("/dev/pts/"), "{out}");
+        assert_eq!(
+            lines.collect::<Vec<_>>(),
+            ["24 80", "all three", "via /dev/tty", "to stderr"]
+        );
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        // Another user owns its terminal, with the tty group, mode 0620; without a tty group
+        // the group stays devpts'.
+        let mut nobody = crate::users::numeric_credentials(65534, 65534);
+        nobody.tty_gid = Some(5);
+        let out = output_on_terminal(b"id -u; stat -c '%u %g %a' $(tty)", nobody);
+        assert_eq!(out, "65534\n65534 5 620\n");
+        let nobody = crate::users::numeric_credentials(65534, 65534);
+        let out = output_on_terminal(b"stat -c '%u %a' $(tty)", nobody);
+        assert_eq!(out, "65534 620\n");
     }
 
     #[test]

@@ -100,6 +100,15 @@ pub fn vsock_local_cid(dev_vsock: impl AsFd) -> io::Result<u32> {
     unsafe { rustix::ioctl::ioctl(dev_vsock, rustix::ioctl::Getter::<OPCODE, u32>::new()) }
 }
 
+/// `ioctl(master, TIOCGPTN)`: the number `N` of a pseudo-terminal master's slave,
+/// `/dev/pts/N` (for kernels before `TIOCGPTPEER`, Linux 4.13).
+pub fn pty_number(master: impl AsFd) -> io::Result<u32> {
+    const OPCODE: rustix::ioctl::Opcode = linux_raw_sys::ioctl::TIOCGPTN as rustix::ioctl::Opcode;
+    // SAFETY: TIOCGPTN writes one `unsigned int` through its argument, which is what
+    // `Getter<_, u32>` provides.
+    unsafe { rustix::ioctl::ioctl(master, rustix::ioctl::Getter::<OPCODE, u32>::new()) }
+}
+
 /// State every agent process shares: atomics in one `MAP_SHARED` anonymous page that the
 /// listener maps before it forks, so its spares and connection processes (and theirs) all see
 /// the same words. Until then (start-up), and should the mapping fail, a process-local copy

@@ -140,7 +140,9 @@ impl<'b> Outbox<'b> {
         };
         let n = loop {
             match rustix::io::read(pipe, &mut *space) {
-                Ok(0) => return Output::Eof,
+                // EIO: a terminal's master once no process holds its slave (a pipe never
+                // reports it).
+                Ok(0) | Err(Errno::IO) => return Output::Eof,
                 Ok(n) => break n.min(len),
                 Err(Errno::INTR) => {}
                 Err(Errno::AGAIN) => return Output::Empty,

@@ -246,7 +246,10 @@ fn handshake(
                     *audit = Some(Audit::new(b"exec", program, request.user.map(|u| u.0)));
                     // The next spare is forked while our child starts, off the path the client
                     // waits on.
-                    let started = start::start(&valid, storage, prepared, || successor.release());
+                    // TODO(v3): the request's `pty` once the wire carries it.
+                    let terminal = None;
+                    let started =
+                        start::start(&valid, terminal, storage, prepared, || successor.release());
                     link.inbox.consume(consumed);
                     return match started {
                         Ok(child) => match session.started(child.wire_pid(), child.started_us) {

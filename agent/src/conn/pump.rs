@@ -37,7 +37,10 @@ pub fn run(
         session,
         stdin: StdinPipe::new(child.stdin, stdin_buf),
         stdout: OutputPipe::new(child.stdout),
-        stderr: OutputPipe::new(child.stderr),
+        stderr: OutputPipe {
+            fd: child.stderr,
+            ready: false,
+        },
         prefer_stderr: false,
         pid: child.pid,
         pidfd: Some(child.pidfd),
@@ -460,7 +463,8 @@ fn read_one_byte(pipe: BorrowedFd<'_>) -> Output {
     let mut byte = [0u8; 1];
     loop {
         match rustix::io::read(pipe, &mut byte) {
-            Ok(0) => return Output::Eof,
+            // EIO: a terminal's master without a slave (see `Outbox::read_output`).
+            Ok(0) | Err(Errno::IO) => return Output::Eof,
             Ok(_) => return Output::Framed(1),
             Err(Errno::INTR) => {}
             Err(Errno::AGAIN) => return Output::Empty,
