@@ -438,6 +438,11 @@ mod tests {
             cwd: Some(Bytes(b"/tmp")),
             stdin: StdinMode::Null,
             user: None,
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
         }
         .validate()
         .unwrap()
@@ -729,6 +734,11 @@ mod tests {
             cwd: None,
             stdin: StdinMode::Null,
             user: None,
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
         }
         .validate()
         .unwrap();
@@ -777,6 +787,11 @@ mod tests {
             cwd: Some(Bytes(b"/")),
             stdin: StdinMode::Null,
             user: None,
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
         }
         .validate()
         .unwrap();

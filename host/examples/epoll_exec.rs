@@ -197,6 +197,11 @@ fn run(args: &Args) -> Result<u8, Failure> {
             StdinMode::Null
         },
         user: None,
+        pty: None,
+        timeout_ms: 0,
+        kill_grace_ms: None,
+        kill_tree_on_exit: false,
+        max_output: 0,
     };
     // A request the protocol refuses fails here, before any connection. (The session checks
     // it again against the agent's limits once its hello is in.)
@@ -465,6 +470,13 @@ impl Exec<'_> {
                 Some(ClientEvent::Stdout(data)) => write_out(&mut self.stdout, data)?,
                 Some(ClientEvent::Stderr(data)) => write_out(&mut self.stderr, data)?,
                 Some(ClientEvent::Exited(end)) => Some(end.status.shell_code()),
+                Some(ClientEvent::OutputDropped(dropped)) => {
+                    eprintln!(
+                        "epoll_exec: {:?}: {} bytes dropped (output cap)",
+                        dropped.stream, dropped.bytes
+                    );
+                    None
+                }
                 Some(ClientEvent::Refused(err)) if err.code == ErrorCode::Unauthenticated => {
                     eprintln!(
                         "epoll_exec: the agent refused our proof ({}): set {} to its secret file",
@@ -480,6 +492,7 @@ impl Exec<'_> {
                         | ErrorCode::ExecFormat
                         | ErrorCode::BadCwd
                         | ErrorCode::SpawnFailed
+                        | ErrorCode::ArgumentsTooLong
                         | ErrorCode::ResourceExhausted => EXIT_CANNOT_EXECUTE,
                         _ => EXIT_FERRY,
                     };

@@ -177,6 +177,11 @@ impl Command {
                 Stdin::Pipe | Stdin::Bytes(_) => StdinMode::Pipe,
             },
             user: self.user.as_deref().map(Bytes),
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
         })
     }
 

@@ -387,7 +387,9 @@ impl Connection {
                 ClientEvent::Started { pid } => Received::Started(pid),
                 ClientEvent::Stdout(data) => Received::Stdout(within(input, data)),
                 ClientEvent::Stderr(data) => Received::Stderr(within(input, data)),
-                ClientEvent::StdinCredit { .. } => Received::Credit,
+                // NOTE: surfaced to callers by the output-cap work (issue 10); until then it
+                // is accounted like credit: nothing for the caller.
+                ClientEvent::StdinCredit { .. } | ClientEvent::OutputDropped(_) => Received::Credit,
                 ClientEvent::Exited(end) => {
                     // Bytes already here behind the termination record go to the session too
                     // (it refuses them); nothing more is read for them.
@@ -569,6 +571,10 @@ pub(crate) fn session_error(err: SessionError) -> Error {
             phase,
         } => Error::Protocol(format!("the agent closed the connection mid-frame {phase}")),
         SessionError::TimedOut { .. } => io_error(io::Error::from(io::ErrorKind::TimedOut)),
+        SessionError::AgentSilent => io_error(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "agent stopped answering",
+        )),
         SessionError::InvalidRequest { message } => Error::InvalidRequest(message.into()),
         SessionError::Unauthenticated => Error::Unauthenticated(
             "the agent could not prove that it holds the secret: it is not the agent it claims \

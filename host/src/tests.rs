@@ -43,6 +43,10 @@ enum Sent {
     KillAll,
     Stdin(Vec<u8>),
     StdinEof,
+    Signal(u8),
+    Resize(u16, u16),
+    Cancel(Option<u32>),
+    ExecPart(Vec<u8>),
 }
 
 impl Peer {
@@ -157,6 +161,10 @@ fn sent(frame: &[u8]) -> Sent {
         ClientFrame::KillAll => Sent::KillAll,
         ClientFrame::Stdin(data) => Sent::Stdin(data.0.to_vec()),
         ClientFrame::StdinEof => Sent::StdinEof,
+        ClientFrame::Signal(n) => Sent::Signal(n),
+        ClientFrame::Resize(size) => Sent::Resize(size.rows, size.cols),
+        ClientFrame::Cancel(cancel) => Sent::Cancel(cancel.grace_ms),
+        ClientFrame::ExecPart(part) => Sent::ExecPart(part.data.0.to_vec()),
     }
 }
 
@@ -165,6 +173,13 @@ fn termination(code: u8) -> Termination {
         status: ExitStatus::Code(code),
         duration_us: 1500,
         output_dropped: false,
+        ending: ferry_wire::Ending::Exited,
+        tree_kill: ferry_wire::TreeKill::None,
+        stdout: ferry_wire::StreamRecord::default(),
+        stderr: ferry_wire::StreamRecord::default(),
+        pipes_held: false,
+        oom_killed: false,
+        peak_memory: 0,
     }
 }
 
@@ -260,9 +275,18 @@ fn collects_output_in_order_with_the_termination_record() {
     let output = run(|peer| {
         peer.hello();
         peer.started();
-        peer.send(AgentFrame::Stdout(Bytes(b"a\0")));
-        peer.send(AgentFrame::Stderr(Bytes(b"e")));
-        peer.send(AgentFrame::Stdout(Bytes(b"\xffb")));
+        peer.send(AgentFrame::Stdout(ferry_wire::Output {
+            at_us: 0,
+            data: Bytes(b"a\0"),
+        }));
+        peer.send(AgentFrame::Stderr(ferry_wire::Output {
+            at_us: 0,
+            data: Bytes(b"e"),
+        }));
+        peer.send(AgentFrame::Stdout(ferry_wire::Output {
+            at_us: 0,
+            data: Bytes(b"\xffb"),
+        }));
         peer.exited(7);
     })
     .unwrap();
@@ -325,7 +349,10 @@ fn hello_proof_and_exec_go_out_in_one_write_and_the_answers_may_come_in_one() {
         let n = session.poll_transmit(&mut bytes).unwrap();
         bytes.truncate(n);
         for frame in [
-            AgentFrame::Stdout(Bytes(b"out")),
+            AgentFrame::Stdout(ferry_wire::Output {
+                at_us: 0,
+                data: Bytes(b"out"),
+            }),
             AgentFrame::Exited(termination(0)),
         ] {
             let mut out = vec![0u8; MAX_FRAME];
@@ -436,7 +463,10 @@ fn misbehaving_agents_give_typed_errors_not_hangs() {
         ("output before started", |p| {
             p.hello();
             p.recv();
-            p.send(AgentFrame::Stdout(Bytes(b"x")));
+            p.send(AgentFrame::Stdout(ferry_wire::Output {
+                at_us: 0,
+                data: Bytes(b"x"),
+            }));
         }),
         ("exited before started", |p| {
             p.hello();
@@ -468,7 +498,10 @@ fn misbehaving_agents_give_typed_errors_not_hangs() {
             p.started();
             p.send_together(&[
                 AgentFrame::Exited(termination(0)),
-                AgentFrame::Stdout(Bytes(b"late")),
+                AgentFrame::Stdout(ferry_wire::Output {
+                    at_us: 0,
+                    data: Bytes(b"late"),
+                }),
             ]);
         }),
         ("eof mid-frame", |p| {
@@ -874,7 +907,10 @@ fn writing_stdin_from_the_reading_thread_without_credit_fails_instead_of_hanging
     let (client, _dir, handle) = fake(|peer| {
         peer.hello();
         peer.started();
-        peer.send(AgentFrame::Stdout(Bytes(b"go")));
+        peer.send(AgentFrame::Stdout(ferry_wire::Output {
+            at_us: 0,
+            data: Bytes(b"go"),
+        }));
         // Take the window's worth, grant nothing; the client must give up, not hang.
         while peer.recv().is_some() {}
     });

@@ -51,6 +51,8 @@ enum Seen {
     Exited(Termination),
     Error(ErrorCode, String),
     Ready,
+    Keepalive,
+    OutputDropped(u64),
 }
 
 impl From<AgentFrame<'_>> for Seen {
@@ -60,12 +62,14 @@ impl From<AgentFrame<'_>> for Seen {
             AgentFrame::Authenticated(_) => Seen::Authenticated,
             AgentFrame::Done(_) => Seen::Done,
             AgentFrame::Started(started) => Seen::Started(started.pid),
-            AgentFrame::Stdout(data) => Seen::Stdout(data.0.to_vec()),
-            AgentFrame::Stderr(data) => Seen::Stderr(data.0.to_vec()),
+            AgentFrame::Stdout(out) => Seen::Stdout(out.data.0.to_vec()),
+            AgentFrame::Stderr(out) => Seen::Stderr(out.data.0.to_vec()),
             AgentFrame::StdinCredit(n) => Seen::Credit(n),
             AgentFrame::Exited(end) => Seen::Exited(end),
             AgentFrame::Error(err) => Seen::Error(err.code, err.message.to_owned()),
             AgentFrame::Ready(_) => Seen::Ready,
+            AgentFrame::Keepalive => Seen::Keepalive,
+            AgentFrame::OutputDropped(dropped) => Seen::OutputDropped(dropped.bytes),
         }
     }
 }

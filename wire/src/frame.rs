@@ -131,17 +131,19 @@ impl DataKind {
 }
 
 /// Where a payload must start in a buffer for [`frame_data_in_place`]: room for the length
-/// prefix, the tag and the length varint.
+/// prefix, the tag, an output chunk's timestamp and the length varint.
 pub const DATA_HEADROOM: usize = HEADER_LEN + DATA_OVERHEAD;
 
 /// Frames a payload without copying it. The payload sits at `buf[DATA_HEADROOM..][..len]`; the
 /// header is written just before it and the frame's start offset is returned: send
-/// `buf[start..DATA_HEADROOM + len]`. The bytes are exactly those [`encode_agent_frame`] (or
+/// `buf[start..DATA_HEADROOM + len]`. Output chunks carry `at_us` ([`crate::Output::at_us`]);
+/// stdin ignores it. The bytes are exactly those [`encode_agent_frame`] (or
 /// [`encode_client_frame`] for stdin) would produce.
 pub fn frame_data_in_place(
     buf: &mut [u8],
     kind: DataKind,
     len: usize,
+    at_us: u64,
 ) -> Result<usize, EncodeError> {
     if len > MAX_DATA {
         return Err(EncodeError::TooLarge);
@@ -149,30 +151,35 @@ pub fn frame_data_in_place(
     if buf.len() < DATA_HEADROOM + len {
         return Err(EncodeError::BufferTooSmall);
     }
-    let mut varint = [0u8; 3];
-    let varint_len = encode_varint(len as u32, &mut varint);
-    let body_len = 1 + varint_len + len;
-    let start = DATA_HEADROOM - (HEADER_LEN + 1 + varint_len);
+    // Tag, then (output only) the timestamp, then the length: one varint buffer, in order.
+    let mut prefix = [0u8; DATA_OVERHEAD];
+    prefix[0] = kind.tag();
+    let mut at = 1;
+    if kind != DataKind::Stdin {
+        at += encode_varint(at_us, &mut prefix[at..]);
+    }
+    at += encode_varint(len as u64, &mut prefix[at..]);
+    let body_len = at + len;
+    let start = DATA_HEADROOM - (HEADER_LEN + at);
     buf[start..start + HEADER_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
-    buf[start + HEADER_LEN] = kind.tag();
-    buf[start + HEADER_LEN + 1..DATA_HEADROOM].copy_from_slice(&varint[..varint_len]);
+    buf[start + HEADER_LEN..DATA_HEADROOM].copy_from_slice(&prefix[..at]);
     Ok(start)
 }
 
-/// LEB128 as postcard writes it; `value` < 2^21 fits the 3 bytes given.
-fn encode_varint(mut value: u32, out: &mut [u8; 3]) -> usize {
+/// LEB128 as postcard writes it; returns the bytes used (`out` holds 10 for any `u64`).
+fn encode_varint(mut value: u64, out: &mut [u8]) -> usize {
     let mut i = 0;
-    while i < out.len() {
+    while let Some(slot) = out.get_mut(i) {
         let byte = (value & 0x7f) as u8;
         value >>= 7;
-        if value == 0 {
-            out[i] = byte;
-            return i + 1;
-        }
-        out[i] = byte | 0x80;
         i += 1;
+        if value == 0 {
+            *slot = byte;
+            return i;
+        }
+        *slot = byte | 0x80;
     }
-    out.len()
+    i
 }
 
 /// Cuts one frame off the front of `buf` without copying: `Ok(Some((body, consumed)))` when a

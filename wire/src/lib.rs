@@ -47,6 +47,11 @@
 //!     cwd: None,
 //!     stdin: StdinMode::Null,
 //!     user: None,
+//!     pty: None,
+//!     timeout_ms: 0,
+//!     kill_grace_ms: None,
+//!     kill_tree_on_exit: false,
+//!     max_output: 0,
 //! };
 //! let n = client.start_exec(&request, &mut to_agent)?; // hello + proof + exec, one write
 //!
@@ -93,10 +98,11 @@ pub use frame::{
     DATA_HEADROOM,
 };
 pub use msg::{
-    AgentFrame, AgentHello, AgentProof, Bounds, ClientFrame, ClientHello, ClientProof, DoneReport,
-    ErrorCode, ErrorFrame, ExecRequest, ExitStatus, Limits, ReadyReport, RequestError, Security,
-    Started, StdinMode, StrList, Termination, ValidExec, MAGIC, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    AgentFrame, AgentHello, AgentProof, Bounds, Cancel, ClientFrame, ClientHello, ClientProof,
+    DoneReport, Dropped, Ending, ErrorCode, ErrorFrame, ExecPart, ExecRequest, ExitStatus, Limits,
+    ListCheck, ListKind, Output, ReadyReport, RequestError, Security, Started, StdinMode, StrList,
+    Stream, StreamRecord, Termination, TreeKill, ValidExec, WindowSize, DEFAULT_KILL_GRACE_MS,
+    MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use recv::{RecvBuf, RecvError};
 

@@ -6,14 +6,21 @@ pub const HEADER_LEN: usize = 4;
 /// The largest stdin/stdout/stderr chunk carried by one frame.
 pub const MAX_DATA: usize = 64 * 1024;
 
-/// The largest argv, counted as the sum of its NUL-terminated entries.
-pub const MAX_ARGV_BYTES: usize = 32 * 1024;
+/// The largest argv, counted as the sum of its NUL-terminated entries: what `execve` takes on
+/// a default Linux (a quarter of an 8 MiB stack). A request this large travels in pieces
+/// ([`crate::ClientFrame::ExecPart`]).
+pub const MAX_ARGV_BYTES: usize = 2 * 1024 * 1024;
 /// The most argv entries one exec may carry.
-pub const MAX_ARGS: usize = 1024;
+pub const MAX_ARGS: usize = 128 * 1024;
 /// The largest environment override list, counted like argv (`KEY=VALUE\0` entries).
-pub const MAX_ENV_BYTES: usize = 32 * 1024;
+pub const MAX_ENV_BYTES: usize = 1024 * 1024;
 /// The most environment entries one exec may carry.
-pub const MAX_ENV_VARS: usize = 1024;
+pub const MAX_ENV_VARS: usize = 32 * 1024;
+/// The longest single argv or environment entry, NUL included (Linux's `MAX_ARG_STRLEN`).
+pub const MAX_ARG_LEN: usize = 128 * 1024;
+/// The most argv (or environment) bytes the exec frame itself carries; a client sends the rest
+/// before it, in [`crate::ClientFrame::ExecPart`] frames of at most [`MAX_DATA`] bytes.
+pub const MAX_INLINE_LIST: usize = 16 * 1024;
 /// The longest working directory (Linux's `PATH_MAX`, NUL excluded).
 pub const MAX_PATH: usize = 4095;
 /// The longest human-readable message in an error frame.
@@ -35,15 +42,21 @@ pub const MAX_VERSION_STRING: usize = 32;
 /// It bounds what the agent buffers for one command's stdin.
 pub const STDIN_WINDOW: usize = 128 * 1024;
 
-/// Room every encoded exec request needs beyond its strings: tags, lengths, flags.
-const EXEC_OVERHEAD: usize = 64;
-/// Room a data frame needs beyond its payload: tag plus a length varint.
-pub const DATA_OVERHEAD: usize = 1 + 3;
+/// How often (milliseconds) the agent tells a client it is alive while an operation runs; a
+/// client that hears nothing for three intervals gives up.
+pub const KEEPALIVE_MS: u32 = 5_000;
 
-/// The largest frame body either side may send. Derived so that the largest valid exec request
-/// and the largest data chunk both fit.
+/// Room every encoded exec request needs beyond its strings: tags, lengths, flags, the
+/// terminal size, the timeouts and the output cap.
+const EXEC_OVERHEAD: usize = 96;
+/// Room a data frame needs beyond its payload: tag, a timestamp varint (output only; an exec
+/// piece's list tag otherwise) and a length varint.
+pub const DATA_OVERHEAD: usize = 1 + 10 + 3;
+
+/// The largest frame body either side may send. Derived so that the largest exec frame (its
+/// inline lists at their bound) and the largest data chunk both fit.
 pub const MAX_FRAME_BODY: usize = max(
-    MAX_ARGV_BYTES + MAX_ENV_BYTES + MAX_PATH + MAX_USER + EXEC_OVERHEAD,
+    2 * MAX_INLINE_LIST + MAX_PATH + MAX_USER + EXEC_OVERHEAD,
     MAX_DATA + DATA_OVERHEAD,
 );
 /// The largest frame on the wire, header included: size a receive buffer with this.
@@ -64,3 +77,6 @@ const _: () = assert!(MAX_FRAME_BODY >= MAX_DATA + DATA_OVERHEAD);
 // Credit must allow at least one full chunk, or stdin could never move.
 const _: () = assert!(STDIN_WINDOW >= MAX_DATA);
 const _: () = assert!(MAX_ARGV_BYTES >= MAX_ARGS && MAX_ENV_BYTES >= MAX_ENV_VARS);
+// A piece of a list is a data chunk; the inline rest of a list always fits one piece.
+const _: () = assert!(MAX_INLINE_LIST <= MAX_DATA && MAX_ARG_LEN <= MAX_ARGV_BYTES);
+const _: () = assert!(MAX_ARGV_BYTES <= u32::MAX as usize && MAX_ENV_BYTES <= MAX_ARGV_BYTES);

@@ -14,9 +14,9 @@ use crate::limits::*;
 /// Opens every hello, so a peer that speaks something else is told apart from a version mismatch.
 pub const MAGIC: [u8; 4] = *b"FRRY";
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest protocol version this crate still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
 
 /// Everything a client sends to the agent.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,85 @@ pub enum ClientFrame<'a> {
     /// End every command the agent runs (all processes in its commands' cgroup), whoever
     /// started them. Answered with [`AgentFrame::Done`].
     KillAll,
+    /// Send this signal (1–64) to the command's process group. After the command ended it is
+    /// ignored.
+    Signal(u8),
+    /// The client's terminal changed size: the agent sets the command's terminal to it (the
+    /// command gets `SIGWINCH`). Ignored for a command without a terminal.
+    Resize(WindowSize),
+    /// End the command's whole tree: `SIGTERM` now, `SIGKILL` after the grace. A second
+    /// cancel can only bring the `SIGKILL` closer.
+    Cancel(Cancel),
+    /// A piece of the request's argv or environment, before [`ClientFrame::Exec`], for requests
+    /// larger than one frame: the pieces of a list, then the exec frame's own list, concatenated
+    /// in order, are the list (a piece may end mid-entry).
+    #[serde(borrow)]
+    ExecPart(ExecPart<'a>),
+}
+
+/// See [`ClientFrame::Cancel`].
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancel {
+    /// Milliseconds between `SIGTERM` and `SIGKILL`; `None`: the request's
+    /// [`ExecRequest::kill_grace_ms`].
+    pub grace_ms: Option<u32>,
+}
+
+/// See [`ClientFrame::ExecPart`].
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecPart<'a> {
+    /// Which list the bytes belong to.
+    pub list: ListKind,
+    /// At most [`MAX_DATA`] bytes of it.
+    #[serde(borrow)]
+    pub data: Bytes<'a>,
+}
+
+/// The two lists of an exec request.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListKind {
+    /// [`ExecRequest::argv`].
+    Argv,
+    /// [`ExecRequest::env`].
+    Env,
+}
+
+/// A terminal's size in character cells.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WindowSize {
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// A chunk of a command's output.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Output<'a> {
+    /// When the agent read it: microseconds since the command was started, on the guest's
+    /// monotonic clock (so stdout and stderr can be interleaved as they happened).
+    pub at_us: u64,
+    /// The bytes.
+    #[serde(borrow)]
+    pub data: Bytes<'a>,
+}
+
+/// A command's output stream.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output (on a terminal: everything the command wrote).
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// See [`AgentFrame::OutputDropped`].
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    /// Which stream.
+    pub stream: Stream,
+    /// How many bytes were dropped between the head already sent and the tail that follows.
+    pub bytes: u64,
 }
 
 /// Everything the agent sends to a client.
@@ -48,9 +127,9 @@ pub enum AgentFrame<'a> {
     /// The program was executed (the `execve` succeeded).
     Started(Started),
     /// A chunk of the command's stdout.
-    Stdout(Bytes<'a>),
+    Stdout(Output<'a>),
     /// A chunk of the command's stderr.
-    Stderr(Bytes<'a>),
+    Stderr(Output<'a>),
     /// The agent wrote this many more stdin bytes into the command's pipe: the client may send
     /// that many more.
     StdinCredit(u32),
@@ -65,6 +144,12 @@ pub enum AgentFrame<'a> {
     Authenticated(AgentProof),
     /// An operation without output finished (e.g. [`ClientFrame::KillAll`]); the last frame.
     Done(DoneReport),
+    /// Sent every [`Limits::keepalive_ms`] while an operation runs: the agent is alive even when
+    /// the command is silent.
+    Keepalive,
+    /// A stream passed the request's [`ExecRequest::max_output`]: its head was sent, this many
+    /// bytes were dropped, and its tail (the last bytes before its end) follows.
+    OutputDropped(Dropped),
 }
 
 /// The client's proof of the secret: an HMAC-SHA-256 over the conversation so far.
@@ -199,6 +284,10 @@ pub struct Limits {
     pub stdin_window: u32,
     /// The longest user specification (`USER[:GROUP]`) a request may carry.
     pub max_user: u32,
+    /// The longest single argv or environment entry, NUL included.
+    pub max_arg_len: u32,
+    /// How often the agent sends [`AgentFrame::Keepalive`] while an operation runs (0: never).
+    pub keepalive_ms: u32,
 }
 
 impl Limits {
@@ -213,6 +302,8 @@ impl Limits {
         max_path: MAX_PATH as u32,
         stdin_window: STDIN_WINDOW as u32,
         max_user: MAX_USER as u32,
+        max_arg_len: MAX_ARG_LEN as u32,
+        keepalive_ms: KEEPALIVE_MS,
     };
 }
 
@@ -234,7 +325,25 @@ pub struct ExecRequest<'a> {
     /// Run as this user instead of the agent's default: `NAME[:GROUP]` or `UID[:GID]`, resolved
     /// in the guest. The agent's policy decides who may be asked for.
     pub user: Option<Bytes<'a>>,
+    /// Run the command on a pseudo-terminal of this size (its stdout and stderr are then one
+    /// stream, [`AgentFrame::Stdout`]); `TERM` travels in `env`.
+    pub pty: Option<WindowSize>,
+    /// Milliseconds the command may run before its tree is ended (`SIGTERM`, then `SIGKILL`
+    /// after the grace) and the record says it timed out; 0: no timeout.
+    pub timeout_ms: u64,
+    /// Milliseconds between the `SIGTERM` and the `SIGKILL` of a timeout or a cancel; `None`:
+    /// the agent's default, [`DEFAULT_KILL_GRACE_MS`].
+    pub kill_grace_ms: Option<u32>,
+    /// When the command exits, kill what is left of its tree (daemons included) instead of
+    /// leaving it running.
+    pub kill_tree_on_exit: bool,
+    /// Bytes of each output stream kept: past it the agent keeps the head and the tail and
+    /// drops the middle ([`AgentFrame::OutputDropped`]); 0: the agent's own maximum.
+    pub max_output: u64,
 }
+
+/// The grace between `SIGTERM` and `SIGKILL` when a request names none.
+pub const DEFAULT_KILL_GRACE_MS: u32 = 2_000;
 
 /// Where a command's stdin comes from.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,14 +390,106 @@ impl<'a> StrList<'a> {
     pub fn is_empty(&self) -> bool {
         self.as_bytes().is_empty()
     }
+}
 
-    fn check(&self, max_bytes: usize, max_entries: usize) -> Result<(), RequestError> {
-        let bytes = self.as_bytes();
-        if bytes.len() > max_bytes || self.len() > max_entries {
+/// The rules of a packed list, checked as its pieces arrive: the byte and entry limits, the
+/// longest entry, `argv[0]` not empty, environment entries `KEY=VALUE`, a NUL at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListCheck {
+    kind: ListKind,
+    bytes: usize,
+    /// Entries begun (the current one counts once it has a byte).
+    entries: usize,
+    /// Bytes of the current entry so far, NUL excluded.
+    entry_len: usize,
+    /// The current environment entry has an `=` past its first byte.
+    has_key: bool,
+    max_bytes: usize,
+    max_entries: usize,
+    max_entry: usize,
+}
+
+impl ListCheck {
+    /// A check of an empty list of `kind`, within `limits` (and never beyond this crate's).
+    pub fn new(kind: ListKind, limits: &Limits) -> ListCheck {
+        let within = |limit: u32, ours: usize| (limit as usize).min(ours);
+        let (max_bytes, max_entries) = match kind {
+            ListKind::Argv => (
+                within(limits.max_argv_bytes, MAX_ARGV_BYTES),
+                within(limits.max_args, MAX_ARGS),
+            ),
+            ListKind::Env => (
+                within(limits.max_env_bytes, MAX_ENV_BYTES),
+                within(limits.max_env_vars, MAX_ENV_VARS),
+            ),
+        };
+        ListCheck {
+            kind,
+            bytes: 0,
+            entries: 0,
+            entry_len: 0,
+            has_key: false,
+            max_bytes,
+            max_entries,
+            max_entry: within(limits.max_arg_len, MAX_ARG_LEN),
+        }
+    }
+
+    /// The list's bytes so far.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Takes the next piece of the list.
+    pub fn feed(&mut self, piece: &[u8]) -> Result<(), RequestError> {
+        self.bytes = self.bytes.saturating_add(piece.len());
+        if self.bytes > self.max_bytes {
             return Err(RequestError::LIMIT);
         }
-        if bytes.last().is_some_and(|b| *b != 0) {
+        for fragment in piece.split_inclusive(|b| *b == 0) {
+            let (text, ends) = match fragment.split_last() {
+                Some((0, text)) => (text, true),
+                _ => (fragment, false),
+            };
+            if self.entry_len == 0 && (!text.is_empty() || ends) {
+                self.entries += 1;
+                if self.entries > self.max_entries {
+                    return Err(RequestError::LIMIT);
+                }
+            }
+            if self.kind == ListKind::Env && !self.has_key {
+                match text.iter().position(|b| *b == b'=') {
+                    Some(0) if self.entry_len == 0 => return Err(RequestError::NOT_KEY_VALUE),
+                    Some(_) => self.has_key = true,
+                    None => {}
+                }
+            }
+            self.entry_len += text.len();
+            // The entry's NUL counts toward its length.
+            if self.entry_len + usize::from(ends) > self.max_entry {
+                return Err(RequestError::LIMIT);
+            }
+            if ends {
+                if self.kind == ListKind::Argv && self.entries == 1 && self.entry_len == 0 {
+                    return Err(RequestError::invalid("argv[0] is empty"));
+                }
+                if self.kind == ListKind::Env && !self.has_key {
+                    return Err(RequestError::NOT_KEY_VALUE);
+                }
+                self.entry_len = 0;
+                self.has_key = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// The list is complete: its last entry must have its NUL (and an argv an entry).
+    pub fn finish(&self) -> Result<(), RequestError> {
+        if self.entry_len > 0 {
             return Err(RequestError::invalid("list entry without NUL terminator"));
+        }
+        if self.kind == ListKind::Argv && self.entries == 0 {
+            return Err(RequestError::invalid("argv is empty"));
         }
         Ok(())
     }
@@ -297,12 +498,21 @@ impl<'a> StrList<'a> {
 /// An [`ExecRequest`] that passed [`ExecRequest::validate`]: every list is well formed and
 /// every limit holds.
 #[derive(Debug, Clone, Copy)]
-pub struct ValidExec<'a>(ExecRequest<'a>);
+pub struct ValidExec<'a> {
+    request: ExecRequest<'a>,
+    parts: bool,
+}
 
 impl<'a> ValidExec<'a> {
     /// The validated request.
     pub fn request(&self) -> &ExecRequest<'a> {
-        &self.0
+        &self.request
+    }
+
+    /// Whether pieces of its lists came first ([`ClientFrame::ExecPart`]): its `argv` and `env`
+    /// are then only the last piece of each.
+    pub fn has_parts(&self) -> bool {
+        self.parts
     }
 }
 
@@ -320,6 +530,7 @@ impl RequestError {
         code: ErrorCode::LimitExceeded,
         message: "request exceeds the agent's limits",
     };
+    const NOT_KEY_VALUE: RequestError = RequestError::invalid("environment entry is not KEY=VALUE");
     const fn invalid(message: &'static str) -> Self {
         RequestError {
             code: ErrorCode::InvalidRequest,
@@ -338,28 +549,25 @@ impl<'a> ExecRequest<'a> {
     /// a limit above this crate's own counts as this crate's, so a `ValidExec` always fits the
     /// buffers sized by [`crate::limits`].
     pub fn validate_within(self, limits: &Limits) -> Result<ValidExec<'a>, RequestError> {
+        let argv = ListCheck::new(ListKind::Argv, limits);
+        let env = ListCheck::new(ListKind::Env, limits);
+        self.validate_after(limits, argv, env)
+    }
+
+    /// Like [`ExecRequest::validate_within`], for the last piece of lists whose earlier pieces
+    /// `argv` and `env` have checked.
+    pub fn validate_after(
+        self,
+        limits: &Limits,
+        mut argv: ListCheck,
+        mut env: ListCheck,
+    ) -> Result<ValidExec<'a>, RequestError> {
         let within = |limit: u32, ours: usize| (limit as usize).min(ours);
-        self.argv.check(
-            within(limits.max_argv_bytes, MAX_ARGV_BYTES),
-            within(limits.max_args, MAX_ARGS),
-        )?;
-        self.env.check(
-            within(limits.max_env_bytes, MAX_ENV_BYTES),
-            within(limits.max_env_vars, MAX_ENV_VARS),
-        )?;
-        match self.argv.entries().next() {
-            None => return Err(RequestError::invalid("argv is empty")),
-            Some([]) => return Err(RequestError::invalid("argv[0] is empty")),
-            Some(_) => {}
-        }
-        for entry in self.env.entries() {
-            match entry.iter().position(|b| *b == b'=') {
-                Some(0) | None => {
-                    return Err(RequestError::invalid("environment entry is not KEY=VALUE"))
-                }
-                Some(_) => {}
-            }
-        }
+        let parts = argv.bytes() > 0 || env.bytes() > 0;
+        argv.feed(self.argv.as_bytes())?;
+        argv.finish()?;
+        env.feed(self.env.as_bytes())?;
+        env.finish()?;
         if let Some(Bytes(user)) = self.user {
             if user.len() > within(limits.max_user, MAX_USER) {
                 return Err(RequestError::LIMIT);
@@ -376,7 +584,10 @@ impl<'a> ExecRequest<'a> {
                 return Err(RequestError::invalid("cwd is empty or contains NUL"));
             }
         }
-        Ok(ValidExec(self))
+        Ok(ValidExec {
+            request: self,
+            parts,
+        })
     }
 }
 
@@ -387,16 +598,66 @@ pub struct Started {
     pub pid: u32,
 }
 
-/// How a command ended.
+/// How a command ended: the termination record.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Termination {
     /// Its exit code or the signal that ended it.
     pub status: ExitStatus,
     /// From fork to reap, in microseconds of the guest's monotonic clock.
     pub duration_us: u64,
-    /// Whether any output was dropped rather than delivered (e.g. after the post-exit drain
-    /// deadline). Never silently: this flag is the only way output goes missing.
+    /// Whether any output was dropped rather than delivered (the output cap, the post-exit
+    /// drain limit, a failed pipe). Never silently: the record is how output goes missing.
     pub output_dropped: bool,
+    /// What ended it.
+    pub ending: Ending,
+    /// How its tree was killed, if it was.
+    pub tree_kill: TreeKill,
+    /// What its stdout produced and dropped.
+    pub stdout: StreamRecord,
+    /// What its stderr produced and dropped.
+    pub stderr: StreamRecord,
+    /// Other processes (a background writer, a daemon) still held its output pipes when the
+    /// command ended and the drain stopped waiting for them: what they write later is lost.
+    pub pipes_held: bool,
+    /// The kernel's OOM killer killed a process of the command's tree (cgroup v2 only).
+    pub oom_killed: bool,
+    /// The most memory its tree used, in bytes (cgroup v2's `memory.peak`; 0: unknown).
+    pub peak_memory: u64,
+}
+
+/// What ended a command.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// It ended by itself (an exit, or a signal nobody of ferry's sent).
+    Exited,
+    /// Its [`ExecRequest::timeout_ms`] ran out.
+    TimedOut,
+    /// The client cancelled it ([`ClientFrame::Cancel`]).
+    Cancelled,
+    /// It ran past the agent's maximum runtime.
+    RuntimeLimit,
+    /// It wrote past the agent's maximum output.
+    OutputLimit,
+}
+
+/// How a command's tree was killed.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeKill {
+    /// It was not.
+    None,
+    /// Every process of its cgroup (`cgroup.kill`): nothing escapes.
+    Cgroup,
+    /// Its process group (no cgroup here): a process that left the group escapes.
+    ProcessGroup,
+}
+
+/// One output stream's account.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamRecord {
+    /// Bytes the command wrote to it (that the agent read).
+    pub bytes: u64,
+    /// Of those, bytes not delivered.
+    pub dropped: u64,
 }
 
 /// The end of a process: `exit(code)` or death by a signal.
@@ -473,6 +734,8 @@ pub enum ErrorCode {
     Unauthenticated,
     /// The operation is not available here (e.g. no cgroup to kill commands by).
     Unsupported,
+    /// The kernel refused the arguments and environment as too long (E2BIG).
+    ArgumentsTooLong,
 }
 
 impl ErrorCode {
@@ -495,6 +758,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal agent error",
             ErrorCode::Unauthenticated => "authentication failed",
             ErrorCode::Unsupported => "not supported by this agent",
+            ErrorCode::ArgumentsTooLong => "argument list too long",
         }
     }
 }

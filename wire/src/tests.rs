@@ -41,8 +41,8 @@ fn golden_client_hello() {
         7, 0, 0, 0,             // body length
         0x00,                   // ClientFrame::Hello
         b'F', b'R', b'R', b'Y', // magic
-        0x02,                   // min_version
-        0x02,                   // max_version
+        0x03,                   // min_version
+        0x03,                   // max_version
     ]);
 }
 
@@ -56,9 +56,14 @@ fn golden_client_exec() {
         cwd: Some(Bytes(b"/tmp")),
         stdin: StdinMode::Pipe,
         user: None,
+        pty: None,
+        timeout_ms: 0,
+        kill_grace_ms: None,
+        kill_tree_on_exit: false,
+        max_output: 0,
     };
     golden_client(ClientFrame::Exec(exec), &[
-        22, 0, 0, 0,                       // body length
+        27, 0, 0, 0,                       // body length
         0x01,                              // ClientFrame::Exec
         6, b'l', b's', 0, b'-', b'l', 0,   // argv: length, packed NUL-terminated entries
         4, b'A', b'=', b'1', 0,            // env: length, packed entries
@@ -66,6 +71,11 @@ fn golden_client_exec() {
         0x01, 4, b'/', b't', b'm', b'p',   // cwd: Some, length, bytes
         0x01,                              // stdin: StdinMode::Pipe
         0x00,                              // user: None
+        0x00,                              // pty: None
+        0x00,                              // timeout_ms: 0 (none)
+        0x00,                              // kill_grace_ms: None
+        0x00,                              // kill_tree_on_exit: false
+        0x00,                              // max_output: 0 (the agent's)
     ]);
     let exec = ExecRequest {
         argv: StrList::new(b"id\0"),
@@ -74,9 +84,14 @@ fn golden_client_exec() {
         cwd: None,
         stdin: StdinMode::Null,
         user: Some(Bytes(b"nobody:users")),
+        pty: Some(WindowSize { rows: 24, cols: 80 }),
+        timeout_ms: 1500,
+        kill_grace_ms: Some(300),
+        kill_tree_on_exit: true,
+        max_output: 1 << 20,
     };
     golden_client(ClientFrame::Exec(exec), &[
-        23, 0, 0, 0,                       // body length
+        35, 0, 0, 0,                       // body length
         0x01,                              // ClientFrame::Exec
         3, b'i', b'd', 0,                  // argv: length, packed NUL-terminated entries
         0,                                 // env: empty
@@ -85,6 +100,43 @@ fn golden_client_exec() {
         0x00,                              // stdin: StdinMode::Null
         0x01, 12,                          // user: Some, length
         b'n', b'o', b'b', b'o', b'd', b'y', b':', b'u', b's', b'e', b'r', b's',
+        0x01, 24, 80,                      // pty: Some, rows, cols
+        0xDC, 0x0B,                        // timeout_ms: 1500
+        0x01, 0xAC, 0x02,                  // kill_grace_ms: Some(300)
+        0x01,                              // kill_tree_on_exit: true
+        0x80, 0x80, 0x40,                  // max_output: 1 MiB
+    ]);
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_client_controls_and_parts() {
+    golden_client(ClientFrame::Signal(15), &[
+        2, 0, 0, 0,             // body length
+        0x06,                   // ClientFrame::Signal
+        15,                     // SIGTERM
+    ]);
+    golden_client(ClientFrame::Resize(WindowSize { rows: 50, cols: 200 }), &[
+        4, 0, 0, 0,             // body length
+        0x07,                   // ClientFrame::Resize
+        50,                     // rows
+        0xC8, 0x01,             // cols: 200
+    ]);
+    golden_client(ClientFrame::Cancel(Cancel { grace_ms: Some(500) }), &[
+        4, 0, 0, 0,             // body length
+        0x08,                   // ClientFrame::Cancel
+        0x01, 0xF4, 0x03,       // grace_ms: Some(500)
+    ]);
+    golden_client(ClientFrame::Cancel(Cancel { grace_ms: None }), &[
+        2, 0, 0, 0,             // body length
+        0x08,                   // ClientFrame::Cancel
+        0x00,                   // grace_ms: None (the request's)
+    ]);
+    golden_client(ClientFrame::ExecPart(ExecPart { list: ListKind::Env, data: Bytes(b"A=1\0") }), &[
+        7, 0, 0, 0,             // body length
+        0x09,                   // ClientFrame::ExecPart
+        0x01,                   // list: ListKind::Env
+        4, b'A', b'=', b'1', 0, // data: length, bytes
     ]);
 }
 
@@ -149,29 +201,31 @@ const GOLDEN_BOUNDS: Bounds = Bounds {
 fn golden_agent_hello() {
     golden_agent(AgentFrame::Hello(AgentHello {
         magic: MAGIC,
-        min_version: 2,
-        version: 2,
+        min_version: 3,
+        version: 3,
         agent_version: "0.1.0",
         limits: Limits::CURRENT,
         nonce: ByteArray([7; NONCE_LEN]),
         security: Security::Authenticated,
         bounds: GOLDEN_BOUNDS,
     }), &[
-        87, 0, 0, 0,                       // body length
+        95, 0, 0, 0,                       // body length
         0x00,                              // AgentFrame::Hello
         b'F', b'R', b'R', b'Y',            // magic
-        0x02,                              // min_version
-        0x02,                              // version
+        0x03,                              // min_version
+        0x03,                              // version
         5, b'0', b'.', b'1', b'.', b'0',   // agent_version
-        0xFF, 0xA0, 0x04,                  // limits.max_frame_body: 69759
+        0x8E, 0x80, 0x04,                  // limits.max_frame_body: 65550
         0x80, 0x80, 0x04,                  // limits.max_data: 65536
-        0x80, 0x80, 0x02,                  // limits.max_argv_bytes: 32768
-        0x80, 0x08,                        // limits.max_args: 1024
-        0x80, 0x80, 0x02,                  // limits.max_env_bytes: 32768
-        0x80, 0x08,                        // limits.max_env_vars: 1024
+        0x80, 0x80, 0x80, 0x01,            // limits.max_argv_bytes: 2 MiB
+        0x80, 0x80, 0x08,                  // limits.max_args: 131072
+        0x80, 0x80, 0x40,                  // limits.max_env_bytes: 1 MiB
+        0x80, 0x80, 0x02,                  // limits.max_env_vars: 32768
         0xFF, 0x1F,                        // limits.max_path: 4095
         0x80, 0x80, 0x08,                  // limits.stdin_window: 131072
         0x40,                              // limits.max_user: 64
+        0x80, 0x80, 0x08,                  // limits.max_arg_len: 131072
+        0x88, 0x27,                        // limits.keepalive_ms: 5000
         32,                                // nonce: length (a ByteArray: exactly 32 decodes)
         7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
         7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
@@ -190,15 +244,15 @@ fn golden_agent_hello() {
     // An insecure agent, the rest alike: only the security byte differs.
     let insecure = encode_agent(&AgentFrame::Hello(AgentHello {
         magic: MAGIC,
-        min_version: 2,
-        version: 2,
+        min_version: 3,
+        version: 3,
         agent_version: "0.1.0",
         limits: Limits::CURRENT,
         nonce: ByteArray([7; NONCE_LEN]),
         security: Security::Insecure,
         bounds: GOLDEN_BOUNDS,
     }));
-    assert_eq!(insecure[4 + 1 + 4 + 2 + 6 + 22 + 1 + 32], 0x01, "security: Security::Insecure");
+    assert_eq!(insecure[4 + 1 + 4 + 2 + 6 + 30 + 1 + 32], 0x01, "security: Security::Insecure");
 }
 
 #[rustfmt::skip]
@@ -226,14 +280,16 @@ fn golden_agent_started_data_credit() {
         0x01,               // AgentFrame::Started
         0xAC, 0x02,         // pid: 300
     ]);
-    golden_agent(AgentFrame::Stdout(Bytes(b"out")), &[
-        5, 0, 0, 0,         // body length
+    golden_agent(AgentFrame::Stdout(Output { at_us: 1500, data: Bytes(b"out") }), &[
+        7, 0, 0, 0,         // body length
         0x02,               // AgentFrame::Stdout
+        0xDC, 0x0B,         // at_us: 1500
         3, b'o', b'u', b't',
     ]);
-    golden_agent(AgentFrame::Stderr(Bytes(b"err")), &[
-        5, 0, 0, 0,         // body length
+    golden_agent(AgentFrame::Stderr(Output { at_us: 0, data: Bytes(b"err") }), &[
+        6, 0, 0, 0,         // body length
         0x03,               // AgentFrame::Stderr
+        0x00,               // at_us: 0
         3, b'e', b'r', b'r',
     ]);
     golden_agent(AgentFrame::StdinCredit(65536), &[
@@ -250,26 +306,70 @@ fn golden_agent_exited() {
         status: ExitStatus::Signal { number: 9, core_dumped: false },
         duration_us: 1500,
         output_dropped: true,
+        ending: Ending::TimedOut,
+        tree_kill: TreeKill::Cgroup,
+        stdout: StreamRecord { bytes: 300, dropped: 0 },
+        stderr: StreamRecord::default(),
+        pipes_held: true,
+        oom_killed: false,
+        peak_memory: 4096,
     }), &[
-        7, 0, 0, 0,     // body length
+        18, 0, 0, 0,    // body length
         0x05,           // AgentFrame::Exited
         0x01,           // ExitStatus::Signal
         9,              // number
         0x00,           // core_dumped: false
         0xDC, 0x0B,     // duration_us: 1500
         0x01,           // output_dropped: true
+        0x01,           // ending: Ending::TimedOut
+        0x01,           // tree_kill: TreeKill::Cgroup
+        0xAC, 0x02,     // stdout.bytes: 300
+        0x00,           // stdout.dropped: 0
+        0x00, 0x00,     // stderr: bytes, dropped
+        0x01,           // pipes_held: true
+        0x00,           // oom_killed: false
+        0x80, 0x20,     // peak_memory: 4096
     ]);
     golden_agent(AgentFrame::Exited(Termination {
         status: ExitStatus::Code(3),
         duration_us: 0,
         output_dropped: false,
+        ending: Ending::Exited,
+        tree_kill: TreeKill::None,
+        stdout: StreamRecord::default(),
+        stderr: StreamRecord::default(),
+        pipes_held: false,
+        oom_killed: false,
+        peak_memory: 0,
     }), &[
-        5, 0, 0, 0,     // body length
+        14, 0, 0, 0,    // body length
         0x05,           // AgentFrame::Exited
         0x00,           // ExitStatus::Code
         3,              // code
         0x00,           // duration_us: 0
         0x00,           // output_dropped: false
+        0x00,           // ending: Ending::Exited
+        0x00,           // tree_kill: TreeKill::None
+        0x00, 0x00,     // stdout: bytes, dropped
+        0x00, 0x00,     // stderr: bytes, dropped
+        0x00,           // pipes_held: false
+        0x00,           // oom_killed: false
+        0x00,           // peak_memory: 0 (unknown)
+    ]);
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_agent_keepalive_and_output_dropped() {
+    golden_agent(AgentFrame::Keepalive, &[
+        1, 0, 0, 0,         // body length
+        0x0A,               // AgentFrame::Keepalive
+    ]);
+    golden_agent(AgentFrame::OutputDropped(Dropped { stream: Stream::Stderr, bytes: 1000 }), &[
+        4, 0, 0, 0,         // body length
+        0x0B,               // AgentFrame::OutputDropped
+        0x01,               // stream: Stream::Stderr
+        0xE8, 0x07,         // bytes: 1000
     ]);
 }
 
@@ -323,6 +423,7 @@ fn error_codes_are_pinned() {
         Internal,
         Unauthenticated,
         Unsupported,
+        ArgumentsTooLong,
     ];
     for (index, code) in all.into_iter().enumerate() {
         let frame = AgentFrame::Error(ErrorFrame {
@@ -349,6 +450,13 @@ fn variant_tags_are_pinned() {
             mac: Bytes(&proof),
         }),
         ClientFrame::KillAll,
+        ClientFrame::Signal(1),
+        ClientFrame::Resize(WindowSize::default()),
+        ClientFrame::Cancel(Cancel { grace_ms: None }),
+        ClientFrame::ExecPart(ExecPart {
+            list: ListKind::Argv,
+            data: Bytes(b""),
+        }),
     ];
     for (index, frame) in client.iter().enumerate() {
         assert_eq!(encode_client(frame)[HEADER_LEN], index as u8, "{frame:?}");
@@ -366,13 +474,26 @@ fn variant_tags_are_pinned() {
     let agent = [
         AgentFrame::Hello(hello),
         AgentFrame::Started(Started { pid: 1 }),
-        AgentFrame::Stdout(Bytes(b"")),
-        AgentFrame::Stderr(Bytes(b"")),
+        AgentFrame::Stdout(crate::Output {
+            at_us: 0,
+            data: Bytes(b""),
+        }),
+        AgentFrame::Stderr(crate::Output {
+            at_us: 0,
+            data: Bytes(b""),
+        }),
         AgentFrame::StdinCredit(1),
         AgentFrame::Exited(Termination {
             status: ExitStatus::Code(0),
             duration_us: 0,
             output_dropped: false,
+            ending: Ending::Exited,
+            tree_kill: TreeKill::None,
+            stdout: StreamRecord::default(),
+            stderr: StreamRecord::default(),
+            pipes_held: false,
+            oom_killed: false,
+            peak_memory: 0,
         }),
         AgentFrame::Error(ErrorFrame {
             code: ErrorCode::Internal,
@@ -389,6 +510,11 @@ fn variant_tags_are_pinned() {
             mac: ByteArray(proof),
         }),
         AgentFrame::Done(DoneReport { count: 0 }),
+        AgentFrame::Keepalive,
+        AgentFrame::OutputDropped(Dropped {
+            stream: Stream::Stdout,
+            bytes: 0,
+        }),
     ];
     for (index, frame) in agent.iter().enumerate() {
         assert_eq!(encode_agent(frame)[HEADER_LEN], index as u8, "{frame:?}");
@@ -399,17 +525,17 @@ fn variant_tags_are_pinned() {
         .enumerate()
     {
         let bytes = encode_agent(&AgentFrame::Hello(AgentHello { security, ..hello }));
-        let at = HEADER_LEN + 1 + 4 + 1 + 1 + 1 + 22 + 1 + NONCE_LEN;
+        let at = HEADER_LEN + 1 + 4 + 1 + 1 + 1 + 30 + 1 + NONCE_LEN;
         assert_eq!(bytes[at], index as u8, "{security:?}");
     }
-    // And the stdin modes (the exec's last field before the user).
+    // And the stdin modes (before the user and the five 1-byte defaults after it).
     for (index, stdin) in [StdinMode::Null, StdinMode::Pipe].into_iter().enumerate() {
         let exec = ExecRequest {
             stdin,
             ..exec_with(b"a\0", b"", None)
         };
         let bytes = encode_client(&ClientFrame::Exec(exec));
-        assert_eq!(bytes[bytes.len() - 2], index as u8, "{stdin:?}");
+        assert_eq!(bytes[bytes.len() - 7], index as u8, "{stdin:?}");
     }
 }
 
@@ -418,12 +544,24 @@ fn data_in_place_matches_encoder() {
     for len in [0usize, 1, 127, 128, 16383, 16384, MAX_DATA] {
         let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
         for (kind, agent_frame) in [
-            (DataKind::Stdout, AgentFrame::Stdout(Bytes(&payload))),
-            (DataKind::Stderr, AgentFrame::Stderr(Bytes(&payload))),
+            (
+                DataKind::Stdout,
+                AgentFrame::Stdout(crate::Output {
+                    at_us: 0,
+                    data: Bytes(&payload),
+                }),
+            ),
+            (
+                DataKind::Stderr,
+                AgentFrame::Stderr(crate::Output {
+                    at_us: 0,
+                    data: Bytes(&payload),
+                }),
+            ),
         ] {
             let mut buf = vec![0u8; DATA_HEADROOM + len];
             buf[DATA_HEADROOM..].copy_from_slice(&payload);
-            let start = frame_data_in_place(&mut buf, kind, len).unwrap();
+            let start = frame_data_in_place(&mut buf, kind, len, 0).unwrap();
             assert_eq!(
                 buf[start..],
                 encode_agent(&agent_frame)[..],
@@ -432,7 +570,7 @@ fn data_in_place_matches_encoder() {
         }
         let mut buf = vec![0u8; DATA_HEADROOM + len];
         buf[DATA_HEADROOM..].copy_from_slice(&payload);
-        let start = frame_data_in_place(&mut buf, DataKind::Stdin, len).unwrap();
+        let start = frame_data_in_place(&mut buf, DataKind::Stdin, len, 0).unwrap();
         assert_eq!(
             buf[start..],
             encode_client(&ClientFrame::Stdin(Bytes(&payload)))[..]
@@ -443,13 +581,13 @@ fn data_in_place_matches_encoder() {
 #[test]
 fn data_limit_edges() {
     let mut buf = vec![0u8; DATA_HEADROOM + MAX_DATA + 1];
-    assert!(frame_data_in_place(&mut buf, DataKind::Stdout, MAX_DATA).is_ok());
+    assert!(frame_data_in_place(&mut buf, DataKind::Stdout, MAX_DATA, 0).is_ok());
     assert_eq!(
-        frame_data_in_place(&mut buf, DataKind::Stdout, MAX_DATA + 1),
+        frame_data_in_place(&mut buf, DataKind::Stdout, MAX_DATA + 1, 0),
         Err(EncodeError::TooLarge)
     );
     assert_eq!(
-        frame_data_in_place(&mut buf[..DATA_HEADROOM + 9], DataKind::Stdout, 10),
+        frame_data_in_place(&mut buf[..DATA_HEADROOM + 9], DataKind::Stdout, 10, 0),
         Err(EncodeError::BufferTooSmall)
     );
 }
@@ -459,12 +597,24 @@ fn encode_refuses_oversized_and_short_buffers() {
     let big = vec![7u8; MAX_FRAME_BODY];
     let mut out = vec![0u8; MAX_FRAME + 64];
     assert_eq!(
-        encode_agent_frame(&AgentFrame::Stdout(Bytes(&big)), &mut out),
+        encode_agent_frame(
+            &AgentFrame::Stdout(crate::Output {
+                at_us: 0,
+                data: Bytes(&big)
+            }),
+            &mut out
+        ),
         Err(EncodeError::TooLarge)
     );
     let mut small = [0u8; 6];
     assert_eq!(
-        encode_agent_frame(&AgentFrame::Stdout(Bytes(b"abc")), &mut small),
+        encode_agent_frame(
+            &AgentFrame::Stdout(crate::Output {
+                at_us: 0,
+                data: Bytes(b"abc")
+            }),
+            &mut small
+        ),
         Err(EncodeError::BufferTooSmall)
     );
     assert_eq!(
@@ -540,6 +690,11 @@ fn exec_with<'a>(argv: &'a [u8], env: &'a [u8], cwd: Option<&'a [u8]>) -> ExecRe
         cwd: cwd.map(Bytes),
         stdin: StdinMode::Null,
         user: None,
+        pty: None,
+        timeout_ms: 0,
+        kill_grace_ms: None,
+        kill_tree_on_exit: false,
+        max_output: 0,
     }
 }
 
@@ -600,12 +755,21 @@ fn exec_limits_at_their_edges() {
         code(exec_with(&over_count, b"", None).validate()),
         Some(ErrorCode::LimitExceeded)
     );
-    // One entry exactly MAX_ARGV_BYTES long including its NUL, then one byte more.
-    let at_bytes = packed(&vec![b'x'; MAX_ARGV_BYTES - 1], 1);
+    // Entries of MAX_ARG_LEN bytes with their NULs, MAX_ARGV_BYTES in all, then one byte more.
+    let at_bytes = packed(&vec![b'x'; MAX_ARG_LEN - 1], MAX_ARGV_BYTES / MAX_ARG_LEN);
+    assert_eq!(at_bytes.len(), MAX_ARGV_BYTES);
     assert_eq!(code(exec_with(&at_bytes, b"", None).validate()), None);
-    let over_bytes = packed(&vec![b'x'; MAX_ARGV_BYTES], 1);
+    let over_bytes = [at_bytes.as_slice(), b"\0"].concat();
     assert_eq!(
         code(exec_with(&over_bytes, b"", None).validate()),
+        Some(ErrorCode::LimitExceeded)
+    );
+    // One entry of MAX_ARG_LEN with its NUL, then one byte longer.
+    let at_entry = packed(&vec![b'x'; MAX_ARG_LEN - 1], 1);
+    assert_eq!(code(exec_with(&at_entry, b"", None).validate()), None);
+    let over_entry = packed(&vec![b'x'; MAX_ARG_LEN], 1);
+    assert_eq!(
+        code(exec_with(&over_entry, b"", None).validate()),
         Some(ErrorCode::LimitExceeded)
     );
     let env_at = packed(b"K=", MAX_ENV_VARS);
@@ -615,10 +779,14 @@ fn exec_limits_at_their_edges() {
         code(exec_with(b"a\0", &env_over, None).validate()),
         Some(ErrorCode::LimitExceeded)
     );
-    let env_bytes_over = packed(
-        &[b"K=".as_slice(), &vec![b'v'; MAX_ENV_BYTES - 2]].concat(),
-        1,
+    let env_entry = [b"K=".as_slice(), &vec![b'v'; MAX_ARG_LEN - 3]].concat();
+    let env_bytes_at = packed(&env_entry, MAX_ENV_BYTES / MAX_ARG_LEN);
+    assert_eq!(env_bytes_at.len(), MAX_ENV_BYTES);
+    assert_eq!(
+        code(exec_with(b"a\0", &env_bytes_at, None).validate()),
+        None
     );
+    let env_bytes_over = [env_bytes_at.as_slice(), b"K=\0"].concat();
     assert_eq!(
         code(exec_with(b"a\0", &env_bytes_over, None).validate()),
         Some(ErrorCode::LimitExceeded)
@@ -632,12 +800,13 @@ fn exec_limits_at_their_edges() {
     );
 }
 
-/// The largest valid request must fit in one frame, or the limits contradict each other.
+/// The largest exec frame (its lists at the inline bound, every other field at its largest)
+/// must fit in one frame, or the limits contradict each other.
 #[test]
-fn largest_valid_exec_fits_a_frame() {
-    let argv = packed(&vec![b'x'; MAX_ARGV_BYTES - 1], 1);
+fn largest_exec_frame_fits_a_frame() {
+    let argv = packed(&vec![b'x'; MAX_INLINE_LIST - 1], 1);
     let env = packed(
-        &[b"K=".as_slice(), &vec![b'v'; MAX_ENV_BYTES - 3]].concat(),
+        &[b"K=".as_slice(), &vec![b'v'; MAX_INLINE_LIST - 3]].concat(),
         1,
     );
     let cwd = vec![b'd'; MAX_PATH];
@@ -649,10 +818,67 @@ fn largest_valid_exec_fits_a_frame() {
         cwd: Some(Bytes(&cwd)),
         stdin: StdinMode::Pipe,
         user: Some(Bytes(&user)),
+        pty: Some(WindowSize {
+            rows: u16::MAX,
+            cols: u16::MAX,
+        }),
+        timeout_ms: u64::MAX,
+        kill_grace_ms: Some(u32::MAX),
+        kill_tree_on_exit: true,
+        max_output: u64::MAX,
     };
     assert!(exec.validate().is_ok());
     let bytes = encode_client(&ClientFrame::Exec(exec));
     assert!(bytes.len() <= MAX_FRAME);
+    // And the largest piece of a list.
+    let piece = vec![b'x'; MAX_DATA];
+    let part = ClientFrame::ExecPart(ExecPart {
+        list: ListKind::Argv,
+        data: Bytes(&piece),
+    });
+    assert!(encode_client(&part).len() <= MAX_FRAME);
+    // And the largest output chunk, at the latest time.
+    let chunk = AgentFrame::Stdout(Output {
+        at_us: u64::MAX,
+        data: Bytes(&piece),
+    });
+    assert_eq!(encode_agent(&chunk).len(), DATA_HEADROOM + MAX_DATA);
+}
+
+/// A list checked in pieces cut anywhere gives the answer of the whole list.
+#[test]
+fn list_checks_in_pieces_agree_with_the_whole() {
+    let lists: [(&[u8], ListKind); 8] = [
+        (b"ls\0-l\0\0x\0", ListKind::Argv),
+        (b"\0a\0", ListKind::Argv),
+        (b"ls", ListKind::Argv),
+        (b"", ListKind::Argv),
+        (b"A=1\0B==\0", ListKind::Env),
+        (b"A=1\0=B\0", ListKind::Env),
+        (b"AB\0", ListKind::Env),
+        (b"A\0=\0", ListKind::Env),
+    ];
+    for (list, kind) in lists {
+        let whole = {
+            let mut check = ListCheck::new(kind, &Limits::CURRENT);
+            check.feed(list).and_then(|()| check.finish())
+        };
+        for cut_a in 0..=list.len() {
+            for cut_b in cut_a..=list.len() {
+                let mut check = ListCheck::new(kind, &Limits::CURRENT);
+                let result = check
+                    .feed(&list[..cut_a])
+                    .and_then(|()| check.feed(&list[cut_a..cut_b]))
+                    .and_then(|()| check.feed(&list[cut_b..]))
+                    .and_then(|()| check.finish());
+                assert_eq!(
+                    result.is_ok(),
+                    whole.is_ok(),
+                    "{list:?} cut at {cut_a}, {cut_b}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -660,6 +886,11 @@ fn exec_user_rules_and_limit() {
     let code = |r: Result<ValidExec<'_>, RequestError>| r.err().map(|e| e.code);
     let with_user = |user: &'static [u8]| ExecRequest {
         user: Some(Bytes(user)),
+        pty: None,
+        timeout_ms: 0,
+        kill_grace_ms: None,
+        kill_tree_on_exit: false,
+        max_output: 0,
         ..exec_with(b"id\0", b"", None)
     };
     assert_eq!(code(with_user(b"nobody").validate()), None);
@@ -678,6 +909,11 @@ fn exec_user_rules_and_limit() {
         code(
             ExecRequest {
                 user: Some(Bytes(user)),
+                pty: None,
+                timeout_ms: 0,
+                kill_grace_ms: None,
+                kill_tree_on_exit: false,
+                max_output: 0,
                 ..exec_with(b"id\0", b"", None)
             }
             .validate(),
@@ -692,6 +928,11 @@ fn exec_user_rules_and_limit() {
     };
     let five = ExecRequest {
         user: Some(Bytes(b"users")),
+        pty: None,
+        timeout_ms: 0,
+        kill_grace_ms: None,
+        kill_tree_on_exit: false,
+        max_output: 0,
         ..exec_with(b"id\0", b"", None)
     };
     assert_eq!(
@@ -762,6 +1003,11 @@ proptest! {
                 cwd: has_cwd.then_some(Bytes(&c)),
                 stdin: if flag { StdinMode::Pipe } else { StdinMode::Null },
                 user: has_user.then_some(Bytes(&b)),
+                pty: None,
+                timeout_ms: 0,
+                kill_grace_ms: None,
+                kill_tree_on_exit: false,
+                max_output: 0,
             }),
             2 => ClientFrame::Stdin(Bytes(&a)),
             3 => ClientFrame::StdinEof,
@@ -792,14 +1038,21 @@ proptest! {
                 },
             }),
             1 => AgentFrame::Started(Started { pid: n }),
-            2 => AgentFrame::Stdout(Bytes(&a)),
-            3 => AgentFrame::Stderr(Bytes(&a)),
+            2 => AgentFrame::Stdout(crate::Output { at_us: 0, data: Bytes(&a) }),
+            3 => AgentFrame::Stderr(crate::Output { at_us: 0, data: Bytes(&a) }),
             4 => AgentFrame::StdinCredit(n),
             5 => AgentFrame::Exited(Termination {
                 status: if flag { ExitStatus::Code(small) }
                         else { ExitStatus::Signal { number: small, core_dumped: n % 2 == 0 } },
                 duration_us: big,
                 output_dropped: flag,
+                ending: Ending::Exited,
+                tree_kill: TreeKill::None,
+                stdout: StreamRecord::default(),
+                stderr: StreamRecord::default(),
+                pipes_held: false,
+                oom_killed: false,
+                peak_memory: 0,
             }),
             6 => AgentFrame::Error(ErrorFrame { code, errno: n, message: &s }),
             7 => AgentFrame::Ready(ReadyReport {

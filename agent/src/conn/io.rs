@@ -149,7 +149,7 @@ impl<'b> Outbox<'b> {
                 Err(_) => return Output::Failed,
             }
         };
-        match session.frame_output(self.buf, kind, n) {
+        match session.frame_output(self.buf, kind, n, crate::clock::monotonic_us()) {
             Ok(start) => {
                 self.start = start;
                 self.end = DATA_HEADROOM + n;

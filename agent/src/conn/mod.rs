@@ -240,6 +240,16 @@ fn handshake(
             let consumed = input.consumed;
             match input.event {
                 None if consumed == 0 => break,
+                Some(AgentEvent::Exec(valid)) if valid.has_parts() => {
+                    // NOTE: requests in pieces are assembled in the next step (issue 10).
+                    link.inbox.consume(consumed);
+                    let refusal = Refusal::new(
+                        ErrorCode::LimitExceeded,
+                        "this agent takes requests of one frame only",
+                    );
+                    let _ = session.refuse(refusal, clock::monotonic_us());
+                    return Handshake::Refused;
+                }
                 Some(AgentEvent::Exec(valid)) => {
                     let request = valid.request();
                     let program = request.argv.entries().next().unwrap_or(&[]);

@@ -442,6 +442,10 @@ impl Pump<'_, '_, '_> {
                     }
                 }
                 Some(AgentEvent::StdinEof) => self.close_stdin_if_done(),
+                // NOTE: protocol v3's controls; the pump acts on them in the next step (issue
+                // 10). Until then they are accepted and ignored.
+                Some(AgentEvent::Signal(_) | AgentEvent::Resize(_) | AgentEvent::Cancel { .. }) => {
+                }
                 // The session takes the handshake and a request only before the command,
                 // and refuses them here.
                 None
@@ -449,7 +453,8 @@ impl Pump<'_, '_, '_> {
                     AgentEvent::Hello
                     | AgentEvent::Authenticated
                     | AgentEvent::Exec(_)
-                    | AgentEvent::KillAll,
+                    | AgentEvent::KillAll
+                    | AgentEvent::ExecPart { .. },
                 ) => {}
             }
             self.link.inbox.consume(consumed);

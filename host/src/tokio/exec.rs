@@ -164,6 +164,7 @@ impl Receiver {
                     state.credit_granted();
                     None
                 }
+                Some(ClientEvent::OutputDropped(_)) => None,
                 Some(ClientEvent::Exited(end)) => Some(Step::Exited(Termination::from_wire(end))),
                 Some(ClientEvent::Refused(err)) => return Poll::Ready(Err(refusal(&err))),
             };

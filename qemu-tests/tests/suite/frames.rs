@@ -37,6 +37,11 @@ pub fn exec(argv: &[u8], stdin: StdinMode) -> ExecRequest<'_> {
         cwd: None,
         stdin,
         user: None,
+        pty: None,
+        timeout_ms: 0,
+        kill_grace_ms: None,
+        kill_tree_on_exit: false,
+        max_output: 0,
     }
 }
 

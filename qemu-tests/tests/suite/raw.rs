@@ -34,6 +34,8 @@ enum Seen {
     Exited(ExitStatus),
     Refused(ErrorCode),
     Ready,
+    Keepalive,
+    OutputDropped(u64),
 }
 
 impl From<AgentFrame<'_>> for Seen {
@@ -45,12 +47,14 @@ impl From<AgentFrame<'_>> for Seen {
             AgentFrame::Authenticated(_) => Seen::Authenticated,
             AgentFrame::Done(_) => Seen::Done,
             AgentFrame::Started(_) => Seen::Started,
-            AgentFrame::Stdout(data) => Seen::Stdout(data.0.to_vec()),
-            AgentFrame::Stderr(data) => Seen::Stderr(data.0.to_vec()),
+            AgentFrame::Stdout(out) => Seen::Stdout(out.data.0.to_vec()),
+            AgentFrame::Stderr(out) => Seen::Stderr(out.data.0.to_vec()),
             AgentFrame::StdinCredit(_) => Seen::StdinCredit,
             AgentFrame::Exited(end) => Seen::Exited(end.status),
             AgentFrame::Error(err) => Seen::Refused(err.code),
             AgentFrame::Ready(_) => Seen::Ready,
+            AgentFrame::Keepalive => Seen::Keepalive,
+            AgentFrame::OutputDropped(dropped) => Seen::OutputDropped(dropped.bytes),
         }
     }
 }
@@ -69,6 +73,7 @@ impl From<ClientEvent<'_>> for Seen {
             ClientEvent::StdinCredit { .. } => Seen::StdinCredit,
             ClientEvent::Exited(end) => Seen::Exited(end.status),
             ClientEvent::Refused(err) => Seen::Refused(err.code),
+            ClientEvent::OutputDropped(dropped) => Seen::OutputDropped(dropped.bytes),
         }
     }
 }

@@ -366,6 +366,13 @@ impl<'a> Run<'a> {
                             status,
                             duration_us: ended.saturating_sub(self.model.started_at),
                             output_dropped: self.model.dropped,
+                            ending: ferry_wire::Ending::Exited,
+                            tree_kill: ferry_wire::TreeKill::None,
+                            stdout: ferry_wire::StreamRecord::default(),
+                            stderr: ferry_wire::StreamRecord::default(),
+                            pipes_held: false,
+                            oom_killed: false,
+                            peak_memory: 0,
                         }));
                         self.enter_closing();
                     }

@@ -444,14 +444,26 @@ impl<'a> Run<'a> {
                 self.op = Op::Running;
                 input
             }
-            (AgentFrame::Stdout(data), Phase::Running) => {
+            (AgentFrame::Stdout(out), Phase::Running) => {
                 let input = result.expect("stdout");
-                assert_eq!(input.event, Some(ClientEvent::Stdout(data.0)));
+                assert_eq!(input.event, Some(ClientEvent::Stdout(out.data.0)));
+                assert_eq!(self.session.last_output_at(), out.at_us);
                 input
             }
-            (AgentFrame::Stderr(data), Phase::Running) => {
+            (AgentFrame::Stderr(out), Phase::Running) => {
                 let input = result.expect("stderr");
-                assert_eq!(input.event, Some(ClientEvent::Stderr(data.0)));
+                assert_eq!(input.event, Some(ClientEvent::Stderr(out.data.0)));
+                assert_eq!(self.session.last_output_at(), out.at_us);
+                input
+            }
+            (AgentFrame::OutputDropped(dropped), Phase::Running) => {
+                let input = result.expect("output dropped");
+                assert_eq!(input.event, Some(ClientEvent::OutputDropped(dropped)));
+                input
+            }
+            (AgentFrame::Keepalive, Phase::Running | Phase::Starting) if self.authenticated => {
+                let input = result.expect("keepalive");
+                assert_eq!(input.event, None);
                 input
             }
             (AgentFrame::StdinCredit(n), Phase::Running) => {

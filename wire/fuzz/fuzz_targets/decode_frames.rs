@@ -62,7 +62,7 @@ fn check_client(body: &[u8]) {
         let _ = request.argv.entries().count() + request.env.entries().count();
     }
     if let ClientFrame::Stdin(data) = frame {
-        check_in_place(DataKind::Stdin, data.0, &out[..n]);
+        check_in_place(DataKind::Stdin, data.0, 0, &out[..n]);
     }
 }
 
@@ -83,8 +83,12 @@ fn check_agent(body: &[u8]) {
     let m = encode_agent_frame(&decoded, &mut twice).expect("encodes again");
     assert_eq!(out[..n], twice[..m]);
     match frame {
-        AgentFrame::Stdout(data) => check_in_place(DataKind::Stdout, data.0, &out[..n]),
-        AgentFrame::Stderr(data) => check_in_place(DataKind::Stderr, data.0, &out[..n]),
+        AgentFrame::Stdout(out_) => {
+            check_in_place(DataKind::Stdout, out_.data.0, out_.at_us, &out[..n])
+        }
+        AgentFrame::Stderr(out_) => {
+            check_in_place(DataKind::Stderr, out_.data.0, out_.at_us, &out[..n])
+        }
         AgentFrame::Exited(end) => {
             let _ = end.status.shell_code();
         }
@@ -102,10 +106,10 @@ fn room(body: &[u8]) -> usize {
 }
 
 /// A data frame built in place around its payload is byte for byte the encoder's.
-fn check_in_place(kind: DataKind, payload: &[u8], encoded: &[u8]) {
+fn check_in_place(kind: DataKind, payload: &[u8], at_us: u64, encoded: &[u8]) {
     let mut buf = vec![0u8; DATA_HEADROOM + payload.len()];
     buf[DATA_HEADROOM..].copy_from_slice(payload);
-    match frame_data_in_place(&mut buf, kind, payload.len()) {
+    match frame_data_in_place(&mut buf, kind, payload.len(), at_us) {
         Ok(start) => assert_eq!(&buf[start..], encoded, "{kind:?} of {}", payload.len()),
         Err(err) => assert!(payload.len() > MAX_DATA, "{kind:?}: {err}"),
     }

@@ -6,8 +6,9 @@ use crate::frame::{decode_client_frame, encode_agent_frame, frame_data_in_place,
 use crate::limits::HEADER_LEN;
 use crate::limits::{MAC_LEN, MAX_FRAME_BODY, MAX_MESSAGE, NONCE_LEN, STDIN_WINDOW};
 use crate::msg::{
-    AgentFrame, AgentHello, AgentProof, Bounds, ClientFrame, DoneReport, ErrorCode, ErrorFrame,
-    ExitStatus, Limits, Security, Started, StdinMode, Termination, ValidExec, MAGIC,
+    AgentFrame, AgentHello, AgentProof, Bounds, ClientFrame, DoneReport, Dropped, Ending,
+    ErrorCode, ErrorFrame, ExitStatus, Limits, ListCheck, ListKind, Security, Started, StdinMode,
+    Stream, StreamRecord, Termination, TreeKill, ValidExec, WindowSize, MAGIC,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use crate::{ByteArray, DataKind};
@@ -128,6 +129,51 @@ pub enum AgentEvent<'a> {
     Stdin(&'a [u8]),
     /// The client will send no more stdin: close the pipe once what is buffered is written.
     StdinEof,
+    /// A piece of the request's argv or environment: append it to that list (the request that
+    /// follows carries the last piece).
+    ExecPart {
+        /// Which list.
+        list: ListKind,
+        /// The bytes, to append as they are.
+        data: &'a [u8],
+    },
+    /// Send this signal (1–64, checked) to the command's process group; ignore it once the
+    /// command has ended.
+    Signal(u8),
+    /// Set the command's terminal to this size; ignore it without a terminal.
+    Resize(WindowSize),
+    /// End the command's tree: `SIGTERM` now, `SIGKILL` after `grace_ms` (`None`: the
+    /// request's grace). A later cancel may only bring the `SIGKILL` closer.
+    Cancel {
+        /// Milliseconds to the `SIGKILL`.
+        grace_ms: Option<u32>,
+    },
+}
+
+/// What only the driver knows about a command's end, for its termination record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndFacts {
+    /// What ended it.
+    pub ending: Ending,
+    /// How its tree was killed, if it was.
+    pub tree_kill: TreeKill,
+    /// Other processes held its output pipes when the drain stopped waiting.
+    pub pipes_held: bool,
+    /// The OOM killer hit its tree.
+    pub oom_killed: bool,
+    /// Its tree's peak memory in bytes (0: unknown).
+    pub peak_memory: u64,
+}
+
+impl EndFacts {
+    /// A command that ended by itself, nothing killed, nothing known about memory.
+    pub const EXITED: EndFacts = EndFacts {
+        ending: Ending::Exited,
+        tree_kill: TreeKill::None,
+        pipes_held: false,
+        oom_killed: false,
+        peak_memory: 0,
+    };
 }
 
 /// How the driver should treat the command's output pipes now.
@@ -197,6 +243,16 @@ pub struct AgentSession {
     grace_over: bool,
     drained: usize,
     dropped: bool,
+    /// The pieces of a request's lists received so far.
+    argv_check: ListCheck,
+    env_check: ListCheck,
+    /// The client half-closed its side: no more input, the command runs on.
+    input_closed: bool,
+    /// When the next keepalive is due, while a command runs.
+    next_keepalive: Option<Micros>,
+    keepalive_queued: bool,
+    stdout: StreamRecord,
+    stderr: StreamRecord,
 }
 
 impl AgentSession {
@@ -226,6 +282,13 @@ impl AgentSession {
             grace_over: false,
             drained: 0,
             dropped: false,
+            argv_check: ListCheck::new(ListKind::Argv, &config.limits),
+            env_check: ListCheck::new(ListKind::Env, &config.limits),
+            input_closed: false,
+            next_keepalive: None,
+            keepalive_queued: false,
+            stdout: StreamRecord::default(),
+            stderr: StreamRecord::default(),
         };
         // The transcript starts with our hello, hashed now, so the order of hashing never
         // depends on when the driver sends it. It always fits: its strings are bounded.
@@ -277,7 +340,14 @@ impl AgentSession {
             || self.done.is_some()
             || self.started.is_some()
             || self.exited.is_some()
+            || self.keepalive_queued
             || self.credit_due()
+    }
+
+    /// Whether the client half-closed its side ([`AgentSession::handle_eof`] while the
+    /// command runs): read nothing more from it.
+    pub fn input_closed(&self) -> bool {
+        self.input_closed
     }
 
     /// Whether the command was given a stdin pipe that the client has not closed.
@@ -287,11 +357,18 @@ impl AgentSession {
 
     /// When the driver must call [`AgentSession::handle_timeout`] at the latest.
     pub fn poll_timeout(&self) -> Option<Micros> {
-        match (self.state, self.exit) {
-            (State::Running, Some((_, ended))) if !self.grace_over => {
+        let grace = match self.exit {
+            Some((_, ended)) if !self.grace_over => {
                 Some(ended.saturating_add(self.config.drain_grace))
             }
-            (State::Running | State::Starting | State::Operating | State::Closed, _) => None,
+            _ => None,
+        };
+        match self.state {
+            State::Running => match (grace, self.next_keepalive) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            State::Starting | State::Operating | State::Closed => None,
             _ => self.deadline,
         }
     }
@@ -316,6 +393,10 @@ impl AgentSession {
             State::Running => {
                 if let Some((_, ended)) = self.exit {
                     self.grace_over |= now >= ended.saturating_add(self.config.drain_grace);
+                }
+                if self.next_keepalive.is_some_and(|due| now >= due) {
+                    self.keepalive_queued = true;
+                    self.next_keepalive = self.keepalive_after(now);
                 }
                 Ok(())
             }
@@ -430,14 +511,21 @@ impl AgentSession {
                 self.deadline = None;
                 Ok(AgentEvent::KillAll)
             }
+            (State::AwaitRequest, ClientFrame::ExecPart(part)) => {
+                let check = match part.list {
+                    ListKind::Argv => &mut self.argv_check,
+                    ListKind::Env => &mut self.env_check,
+                };
+                check.feed(part.data.0).map_err(invalid_request)?;
+                Ok(AgentEvent::ExecPart {
+                    list: part.list,
+                    data: part.data.0,
+                })
+            }
             (State::AwaitRequest, ClientFrame::Exec(exec)) => {
-                let valid = exec.validate_within(&self.config.limits).map_err(|err| {
-                    let message = err.message;
-                    (
-                        Refusal::new(err.code, message),
-                        SessionError::InvalidRequest { message },
-                    )
-                })?;
+                let valid = exec
+                    .validate_after(&self.config.limits, self.argv_check, self.env_check)
+                    .map_err(invalid_request)?;
                 self.state = State::Starting;
                 self.deadline = None;
                 self.stdin_piped = exec.stdin == StdinMode::Pipe;
@@ -458,36 +546,57 @@ impl AgentSession {
                 self.stdin_eof = true;
                 Ok(AgentEvent::StdinEof)
             }
+            (State::Starting | State::Running, ClientFrame::Signal(number)) => {
+                if number == 0 || number > MAX_SIGNAL {
+                    let message = "no such signal";
+                    return Err((
+                        Refusal::new(ErrorCode::InvalidRequest, message),
+                        SessionError::InvalidRequest { message },
+                    ));
+                }
+                Ok(AgentEvent::Signal(number))
+            }
+            (State::Starting | State::Running, ClientFrame::Resize(size)) => {
+                Ok(AgentEvent::Resize(size))
+            }
+            (State::Starting | State::Running, ClientFrame::Cancel(cancel)) => {
+                Ok(AgentEvent::Cancel {
+                    grace_ms: cancel.grace_ms,
+                })
+            }
             _ => Err(unexpected("unexpected frame")),
         }
+    }
+
+    fn keepalive_after(&self, now: Micros) -> Option<Micros> {
+        let interval = u64::from(self.config.limits.keepalive_ms).saturating_mul(1000);
+        (interval > 0).then(|| now.saturating_add(interval))
     }
 
     fn window(&self) -> usize {
         (self.config.limits.stdin_window as usize).min(STDIN_WINDOW)
     }
 
-    /// The client closed the connection. `Ok` when nothing was owed to it (before a request: a
-    /// hello alone is a health check; or while closing); otherwise a disconnect, which ends the
-    /// command.
-    ///
-    /// Any end of the client's stream counts, a half-close (`shutdown(SHUT_WR)`) included, even
-    /// after [`ClientFrame::StdinEof`]: the agent cannot tell it from a client that is gone, and
-    /// some transports (vhost-device-vsock) turn one into the other. A client that wants the
-    /// rest of its command's output ends stdin with `StdinEof` and keeps its side open.
+    /// The client's stream ended. Before a request (a hello alone is a health check) or while
+    /// closing, the conversation is over. While an operation runs it means "no more input", as
+    /// `shutdown(SHUT_WR)` does (`nc -N`): stdin is closed, nothing more is read from the
+    /// client, and the command runs on; its output and its record are still sent. A client that
+    /// is really gone shows as a failed send (a keepalive at the latest), which is the driver's
+    /// to treat as a disconnect.
     pub fn handle_eof(&mut self) -> Result<(), SessionError> {
-        let phase = self.phase();
-        let state = core::mem::replace(&mut self.state, State::Closed);
-        match state {
+        match self.state {
+            State::Starting | State::Operating | State::Running => {
+                self.input_closed = true;
+                self.stdin_eof = true;
+                Ok(())
+            }
             State::AwaitHello
             | State::AwaitAuth
             | State::AwaitRequest
             | State::Closing
-            | State::Closed => Ok(()),
-            State::Starting | State::Operating | State::Running => {
-                Err(SessionError::Disconnected {
-                    phase,
-                    mid_frame: false,
-                })
+            | State::Closed => {
+                self.state = State::Closed;
+                Ok(())
             }
         }
     }
@@ -501,6 +610,7 @@ impl AgentSession {
         self.state = State::Running;
         self.started = Some(pid);
         self.started_at = started_at;
+        self.next_keepalive = self.keepalive_after(started_at);
         Ok(())
     }
 
@@ -549,6 +659,8 @@ impl AgentSession {
 
     fn enter_closing(&mut self, now: Micros) {
         self.state = State::Closing;
+        self.keepalive_queued = false;
+        self.next_keepalive = None;
         self.deadline = Some(now.saturating_add(self.config.final_send_timeout));
     }
 
@@ -580,19 +692,26 @@ impl AgentSession {
         }
     }
 
-    /// Frames `len` output bytes that the driver read to `buf[DATA_HEADROOM..]` without a copy;
-    /// returns where the frame starts (send `buf[start..DATA_HEADROOM + len]`). Only while the
-    /// command runs (or drains), never after the final frame.
+    /// Frames `len` output bytes that the driver read to `buf[DATA_HEADROOM..]` at `now`,
+    /// without a copy; returns where the frame starts (send `buf[start..DATA_HEADROOM + len]`).
+    /// Only while the command runs (or drains), never after the final frame.
     pub fn frame_output(
         &mut self,
         buf: &mut [u8],
         kind: DataKind,
         len: usize,
+        now: Micros,
     ) -> Result<usize, SessionError> {
         if self.state != State::Running || kind == DataKind::Stdin {
             return Err(SessionError::InvalidState);
         }
-        let start = frame_data_in_place(buf, kind, len)?;
+        let at_us = now.saturating_sub(self.started_at);
+        let start = frame_data_in_place(buf, kind, len, at_us)?;
+        let record = match kind {
+            DataKind::Stderr => &mut self.stderr,
+            _ => &mut self.stdout,
+        };
+        record.bytes = record.bytes.saturating_add(len as u64);
         if self.exit.is_some() {
             self.drained += len;
             if self.drained > self.config.drain_limit {
@@ -603,13 +722,42 @@ impl AgentSession {
         Ok(start)
     }
 
+    /// Encodes [`AgentFrame::OutputDropped`] into `out`: `bytes` of `stream` were dropped
+    /// between the head already sent and the tail the driver sends next (the output cap).
+    /// The driver sends it in order with the stream's data. Returns the bytes written.
+    pub fn encode_output_dropped(
+        &mut self,
+        stream: Stream,
+        bytes: u64,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        if self.state != State::Running {
+            return Err(SessionError::InvalidState);
+        }
+        let n = encode_agent_frame(&AgentFrame::OutputDropped(Dropped { stream, bytes }), out)?;
+        let record = match stream {
+            Stream::Stdout => &mut self.stdout,
+            Stream::Stderr => &mut self.stderr,
+        };
+        record.bytes = record.bytes.saturating_add(bytes);
+        record.dropped = record.dropped.saturating_add(bytes);
+        self.dropped |= bytes > 0;
+        Ok(n)
+    }
+
     /// Some output was lost (a pipe failed, or was closed while it still held data).
     pub fn note_output_dropped(&mut self) {
         self.dropped = true;
     }
 
-    /// The output is done (pipes closed): queue the termination record, the last frame.
+    /// The output is done (pipes closed): queue the termination record, the last frame, for a
+    /// command that ended by itself with nothing else known.
     pub fn finish(&mut self, now: Micros) -> Result<(), SessionError> {
+        self.finish_with(now, EndFacts::EXITED)
+    }
+
+    /// Like [`AgentSession::finish`], with what the driver knows about the command's end.
+    pub fn finish_with(&mut self, now: Micros, facts: EndFacts) -> Result<(), SessionError> {
         let (State::Running, Some((status, ended))) = (self.state, self.exit) else {
             return Err(SessionError::InvalidState);
         };
@@ -617,6 +765,13 @@ impl AgentSession {
             status,
             duration_us: ended.saturating_sub(self.started_at),
             output_dropped: self.dropped,
+            ending: facts.ending,
+            tree_kill: facts.tree_kill,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            pipes_held: facts.pipes_held,
+            oom_killed: facts.oom_killed,
+            peak_memory: facts.peak_memory,
         });
         self.enter_closing(now);
         Ok(())
@@ -677,6 +832,9 @@ impl AgentSession {
         if self.credit_due() {
             return Some(AgentFrame::StdinCredit(self.owed as u32));
         }
+        if self.keepalive_queued {
+            return Some(AgentFrame::Keepalive);
+        }
         if let Some(report) = self.done {
             return Some(AgentFrame::Done(report));
         }
@@ -700,7 +858,11 @@ impl AgentSession {
                 self.owed = 0;
             }
             AgentFrame::Exited(_) => self.exited = None,
-            AgentFrame::Stdout(_) | AgentFrame::Stderr(_) | AgentFrame::Ready(_) => {}
+            AgentFrame::Keepalive => self.keepalive_queued = false,
+            AgentFrame::Stdout(_)
+            | AgentFrame::Stderr(_)
+            | AgentFrame::Ready(_)
+            | AgentFrame::OutputDropped(_) => {}
         }
     }
 
@@ -713,6 +875,17 @@ impl AgentSession {
             self.security(),
         )
     }
+}
+
+/// The highest signal number Linux has (`SIGRTMAX`).
+const MAX_SIGNAL: u8 = 64;
+
+fn invalid_request(err: crate::RequestError) -> (Refusal, SessionError) {
+    let message = err.message;
+    (
+        Refusal::new(err.code, message),
+        SessionError::InvalidRequest { message },
+    )
 }
 
 /// Encodes `refusal` as the one frame of a connection the agent will not serve (busy, out of
@@ -779,6 +952,11 @@ mod tests {
             cwd: None,
             stdin: StdinMode::Pipe,
             user: None,
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
         };
         n += crate::encode_client_frame(&ClientFrame::Exec(exec), &mut input[n..]).unwrap();
         n += crate::encode_client_frame(&ClientFrame::Stdin(crate::Bytes(b"abc")), &mut input[n..])
@@ -824,6 +1002,8 @@ mod tests {
             max_path: u32::MAX,
             stdin_window: u32::MAX,
             max_user: u32::MAX,
+            max_arg_len: u32::MAX,
+            keepalive_ms: u32::MAX,
         };
         let bounds = Bounds {
             max_runtime_s: u64::MAX,

@@ -578,7 +578,10 @@ fn the_client_refuses_an_agent_that_does_not_prove_the_secret() {
             unexpected(FrameKind::Started),
         ),
         (
-            agent_frame(AgentFrame::Stdout(Bytes(b"x"))),
+            agent_frame(AgentFrame::Stdout(crate::Output {
+                at_us: 0,
+                data: Bytes(b"x"),
+            })),
             unexpected(FrameKind::Stdout),
         ),
         (
@@ -586,6 +589,13 @@ fn the_client_refuses_an_agent_that_does_not_prove_the_secret() {
                 status: ExitStatus::Code(0),
                 duration_us: 0,
                 output_dropped: false,
+                ending: Ending::Exited,
+                tree_kill: TreeKill::None,
+                stdout: StreamRecord::default(),
+                stderr: StreamRecord::default(),
+                pipes_held: false,
+                oom_killed: false,
+                peak_memory: 0,
             })),
             unexpected(FrameKind::Exited),
         ),
@@ -760,12 +770,11 @@ fn done_outside_a_kill_all_is_invalid() {
         &[open, client_frame(ClientFrame::KillAll)].concat(),
     )
     .unwrap();
-    assert!(agent.handle_eof().is_err());
-    assert_eq!(
-        agent.done(1, 0),
-        Err(SessionError::InvalidState),
-        "disconnected"
-    );
+    // A client that half-closed after its request is still owed the report.
+    assert_eq!(agent.handle_eof(), Ok(()));
+    assert!(agent.input_closed());
+    assert_eq!(agent.done(1, 0), Ok(()), "still owed");
+    assert_eq!(agent.done(1, 0), Err(SessionError::InvalidState), "once");
 }
 
 /// A review aid, not a proof: the time to check a client's proof must not depend on where it

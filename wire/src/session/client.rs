@@ -2,11 +2,13 @@
 //! proof, one operation, its output, stdin within credit.
 
 use crate::frame::{decode_agent_frame, encode_client_frame, frame_data_in_place, split_frame};
-use crate::limits::{HEADER_LEN, MAC_LEN, MAX_DATA, MAX_FRAME_BODY, NONCE_LEN};
+use crate::limits::{
+    HEADER_LEN, MAC_LEN, MAX_DATA, MAX_FRAME, MAX_FRAME_BODY, MAX_INLINE_LIST, NONCE_LEN,
+};
 use crate::msg::{
-    AgentFrame, Bounds, ClientFrame, ClientHello, ClientProof, DoneReport, ErrorCode, ErrorFrame,
-    ExecRequest, Limits, Security, StdinMode, Termination, MAGIC, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    AgentFrame, Bounds, Cancel, ClientFrame, ClientHello, ClientProof, DoneReport, Dropped,
+    ErrorCode, ErrorFrame, ExecPart, ExecRequest, Limits, ListKind, Security, StdinMode, StrList,
+    Termination, WindowSize, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use crate::{ByteArray, Bytes, DataKind, DATA_HEADROOM};
 
@@ -54,10 +56,14 @@ pub enum ClientEvent<'a> {
         /// Its pid in the guest (also its session and process group id).
         pid: u32,
     },
-    /// A chunk of the command's stdout, in order.
+    /// A chunk of the command's stdout, in order (when the agent read it:
+    /// [`ClientSession::last_output_at`]).
     Stdout(&'a [u8]),
     /// A chunk of the command's stderr, in order.
     Stderr(&'a [u8]),
+    /// A stream passed the request's output cap: its head came before, this many bytes were
+    /// dropped, its tail follows.
+    OutputDropped(Dropped),
     /// The agent returned stdin credit: this many bytes may be sent now.
     StdinCredit {
         /// The credit available after the grant.
@@ -122,6 +128,12 @@ pub struct ClientSession {
     in_flight: usize,
     /// A peer error or a refusal ended the connection.
     failed: bool,
+    /// The running command has a terminal.
+    pty: bool,
+    /// The `at_us` of the last output chunk.
+    last_output_at: u64,
+    /// When the agent was last heard from ([`ClientSession::handle_input_at`]).
+    heard_at: Option<Micros>,
 }
 
 impl ClientSession {
@@ -145,7 +157,16 @@ impl ClientSession {
             credit: 0,
             in_flight: 0,
             failed: false,
+            pty: false,
+            last_output_at: 0,
+            heard_at: None,
         }
+    }
+
+    /// When the agent read the last output chunk: microseconds since its command started, on
+    /// the guest's monotonic clock.
+    pub fn last_output_at(&self) -> u64 {
+        self.last_output_at
     }
 
     /// Where the conversation stands.
@@ -191,22 +212,44 @@ impl ClientSession {
         self.stdin_open && !self.eof_queued && !self.is_finished()
     }
 
-    /// When the driver must call [`ClientSession::handle_timeout`] at the latest.
+    /// When the driver must call [`ClientSession::handle_timeout`] at the latest: the
+    /// handshake's deadline, then (for a driver that reports when it hears the agent, with
+    /// [`ClientSession::handle_input_at`]) three keepalive intervals after it last did while an
+    /// operation runs.
     pub fn poll_timeout(&self) -> Option<Micros> {
-        if !self.authenticated && !self.failed {
+        if self.failed {
+            None
+        } else if !self.authenticated {
             self.hello_deadline
         } else {
-            None
+            self.liveness_deadline()
         }
+    }
+
+    fn liveness_deadline(&self) -> Option<Micros> {
+        let running = matches!(
+            self.operation,
+            Operation::ExecSent | Operation::KillSent | Operation::Running
+        );
+        let (_, limits) = self.agent?;
+        let interval = u64::from(limits.keepalive_ms).saturating_mul(1000);
+        let heard = self.heard_at.filter(|_| running && interval > 0)?;
+        Some(heard.saturating_add(interval.saturating_mul(LIVENESS_INTERVALS)))
     }
 
     /// Checks the deadlines against `now`.
     pub fn handle_timeout(&mut self, now: Micros) -> Result<(), SessionError> {
+        let hello = !self.authenticated;
         match self.poll_timeout() {
             Some(deadline) if now >= deadline => {
                 self.failed = true;
-                Err(SessionError::TimedOut {
-                    phase: Phase::Hello,
+                self.stdin_open = false;
+                Err(if hello {
+                    SessionError::TimedOut {
+                        phase: Phase::Hello,
+                    }
+                } else {
+                    SessionError::AgentSilent
                 })
             }
             _ => Ok(()),
@@ -251,8 +294,9 @@ impl ClientSession {
 
     /// Starts `request`, once the agent's hello is in: validates it against this crate's limits
     /// and the agent's, and encodes it into `out` behind our hello and proof if those are still
-    /// queued, so a driver sends all three in one write and the exec costs one round trip.
-    /// Returns the bytes written.
+    /// queued, so a driver sends all of it in one write and the exec costs one round trip. A
+    /// request larger than one frame goes as pieces ([`ClientFrame::ExecPart`]) then the exec
+    /// frame; size `out` with [`ClientSession::exec_buffer_len`]. Returns the bytes written.
     pub fn start_exec(
         &mut self,
         request: &ExecRequest<'_>,
@@ -265,10 +309,84 @@ impl ClientSession {
             .map_err(|err| SessionError::InvalidRequest {
                 message: err.message,
             })?;
-        let n = self.start_operation(&ClientFrame::Exec(*request), out)?;
+        let hello_len = self.encode_pending_hello(out)?;
+        let mut n = hello_len;
+        let mut last = *request;
+        for (list, packed) in [
+            (ListKind::Argv, &mut last.argv),
+            (ListKind::Env, &mut last.env),
+        ] {
+            let bytes = packed.as_bytes();
+            let (pieces, inline) = bytes.split_at(bytes.len().saturating_sub(MAX_INLINE_LIST));
+            for data in pieces.chunks(MAX_DATA) {
+                let part = ClientFrame::ExecPart(ExecPart {
+                    list,
+                    data: Bytes(data),
+                });
+                n += encode_client_frame(&part, out.get_mut(n..).unwrap_or(&mut []))?;
+            }
+            *packed = StrList::new(inline);
+        }
+        n += encode_client_frame(
+            &ClientFrame::Exec(last),
+            out.get_mut(n..).unwrap_or(&mut []),
+        )?;
+        self.hello_sent = true;
         self.operation = Operation::ExecSent;
         self.stdin_open = request.stdin == StdinMode::Pipe;
+        self.pty = request.pty.is_some();
         Ok(n)
+    }
+
+    /// The size of a buffer that holds whatever [`ClientSession::start_exec`] writes for
+    /// `request` (at least [`MAX_FRAME`]).
+    pub fn exec_buffer_len(request: &ExecRequest<'_>) -> usize {
+        let pieces = |list: &StrList<'_>| {
+            let bytes = list.as_bytes().len().saturating_sub(MAX_INLINE_LIST);
+            bytes + bytes.div_ceil(MAX_DATA) * crate::DATA_HEADROOM
+        };
+        HELLO_AND_PROOF_MAX + pieces(&request.argv) + pieces(&request.env) + MAX_FRAME
+    }
+
+    /// Encodes a signal (1–64) for the command's process group into `out`, while an exec
+    /// runs. With a terminal, `^C` is better sent as the byte it is.
+    pub fn send_signal(&mut self, signal: u8, out: &mut [u8]) -> Result<usize, SessionError> {
+        if signal == 0 || signal > 64 {
+            return Err(SessionError::InvalidRequest {
+                message: "no such signal",
+            });
+        }
+        self.control(&ClientFrame::Signal(signal), out)
+    }
+
+    /// Encodes the new size of the command's terminal into `out`; refused for a command
+    /// without one.
+    pub fn send_resize(&mut self, size: WindowSize, out: &mut [u8]) -> Result<usize, SessionError> {
+        if !self.pty {
+            return Err(SessionError::InvalidRequest {
+                message: "the command has no terminal",
+            });
+        }
+        self.control(&ClientFrame::Resize(size), out)
+    }
+
+    /// Encodes a cancel into `out`: the agent ends the command's tree (`SIGTERM`, then
+    /// `SIGKILL` after `grace_ms`, or the request's grace). The record follows as usual.
+    pub fn send_cancel(
+        &mut self,
+        grace_ms: Option<u32>,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        self.control(&ClientFrame::Cancel(Cancel { grace_ms }), out)
+    }
+
+    /// A control frame for a running exec.
+    fn control(&mut self, frame: &ClientFrame<'_>, out: &mut [u8]) -> Result<usize, SessionError> {
+        let exec = matches!(self.operation, Operation::ExecSent | Operation::Running);
+        if !exec || self.failed {
+            return Err(SessionError::InvalidState);
+        }
+        Ok(encode_client_frame(frame, out)?)
     }
 
     /// Asks the agent to end every command it runs, once the agent's hello is in; like
@@ -337,7 +455,7 @@ impl ClientSession {
         if len == 0 || self.stdin_take(len)? < len {
             return Err(SessionError::CreditExceeded);
         }
-        let start = frame_data_in_place(buf, DataKind::Stdin, len)?;
+        let start = frame_data_in_place(buf, DataKind::Stdin, len, 0)?;
         self.charge(len);
         Ok(start)
     }
@@ -365,6 +483,19 @@ impl ClientSession {
             self.eof_queued = true;
         }
         Ok(())
+    }
+
+    /// Like [`ClientSession::handle_input`], for bytes that arrived at `now`: the agent was
+    /// heard, so its liveness deadline moves on ([`ClientSession::poll_timeout`]).
+    pub fn handle_input_at<'a>(
+        &mut self,
+        input: &'a [u8],
+        now: Micros,
+    ) -> Result<Input<ClientEvent<'a>>, SessionError> {
+        if !input.is_empty() {
+            self.heard_at = Some(self.heard_at.map_or(now, |at| at.max(now)));
+        }
+        self.handle_input(input)
     }
 
     /// Parses at most one frame from the front of `input` (the driver's unconsumed receive
@@ -460,8 +591,21 @@ impl ClientSession {
                 self.operation = Operation::Running;
                 ClientEvent::Started { pid: started.pid }
             }
-            (AgentFrame::Stdout(data), Phase::Running) => ClientEvent::Stdout(data.0),
-            (AgentFrame::Stderr(data), Phase::Running) => ClientEvent::Stderr(data.0),
+            (AgentFrame::Stdout(output), Phase::Running) => {
+                self.last_output_at = output.at_us;
+                ClientEvent::Stdout(output.data.0)
+            }
+            (AgentFrame::Stderr(output), Phase::Running) => {
+                self.last_output_at = output.at_us;
+                ClientEvent::Stderr(output.data.0)
+            }
+            (AgentFrame::OutputDropped(dropped), Phase::Running) => {
+                ClientEvent::OutputDropped(dropped)
+            }
+            // Proof of life, nothing more (an operation runs, the agent's proof came first).
+            (AgentFrame::Keepalive, Phase::Running | Phase::Starting) if self.authenticated => {
+                return Ok(None)
+            }
             (AgentFrame::StdinCredit(n), Phase::Running) => {
                 let n = n as usize;
                 if n > self.in_flight {
@@ -534,3 +678,8 @@ impl ClientSession {
 }
 
 const _: () = assert!(DATA_HEADROOM > HEADER_LEN);
+
+/// How many keepalive intervals of silence mean the agent is gone.
+const LIVENESS_INTERVALS: u64 = 3;
+/// Our hello and proof, encoded.
+const HELLO_AND_PROOF_MAX: usize = 128;

@@ -23,7 +23,8 @@ mod ready;
 use core::fmt;
 
 pub use agent::{
-    encode_refusal, AgentAuth, AgentConfig, AgentEvent, AgentSession, OutputPhase, Refusal,
+    encode_refusal, AgentAuth, AgentConfig, AgentEvent, AgentSession, EndFacts, OutputPhase,
+    Refusal,
 };
 pub use auth::{Secret, SecretError};
 pub use client::{AgentInfo, ClientAuth, ClientEvent, ClientSession, StdinSent};
@@ -86,6 +87,18 @@ pub enum FrameKind {
     Authenticated,
     /// [`AgentFrame::Done`].
     Done,
+    /// [`ClientFrame::Signal`].
+    Signal,
+    /// [`ClientFrame::Resize`].
+    Resize,
+    /// [`ClientFrame::Cancel`].
+    Cancel,
+    /// [`ClientFrame::ExecPart`].
+    ExecPart,
+    /// [`AgentFrame::Keepalive`].
+    Keepalive,
+    /// [`AgentFrame::OutputDropped`].
+    OutputDropped,
 }
 
 impl FrameKind {
@@ -107,6 +120,12 @@ impl FrameKind {
             FrameKind::KillAll => "a kill-all request",
             FrameKind::Authenticated => "the agent's proof",
             FrameKind::Done => "a done record",
+            FrameKind::Signal => "a signal",
+            FrameKind::Resize => "a resize",
+            FrameKind::Cancel => "a cancel",
+            FrameKind::ExecPart => "a piece of an exec request",
+            FrameKind::Keepalive => "a keepalive",
+            FrameKind::OutputDropped => "an output-dropped notice",
         }
     }
 
@@ -119,6 +138,10 @@ impl FrameKind {
             ClientFrame::StdinEof => FrameKind::StdinEof,
             ClientFrame::Auth(_) => FrameKind::Auth,
             ClientFrame::KillAll => FrameKind::KillAll,
+            ClientFrame::Signal(_) => FrameKind::Signal,
+            ClientFrame::Resize(_) => FrameKind::Resize,
+            ClientFrame::Cancel(_) => FrameKind::Cancel,
+            ClientFrame::ExecPart(_) => FrameKind::ExecPart,
         }
     }
 
@@ -135,6 +158,8 @@ impl FrameKind {
             AgentFrame::Ready(_) => FrameKind::Ready,
             AgentFrame::Authenticated(_) => FrameKind::Authenticated,
             AgentFrame::Done(_) => FrameKind::Done,
+            AgentFrame::Keepalive => FrameKind::Keepalive,
+            AgentFrame::OutputDropped(_) => FrameKind::OutputDropped,
         }
     }
 }
@@ -237,6 +262,9 @@ pub enum SessionError {
     SecretRequired,
     /// The client has a secret and the agent runs insecure: it cannot prove who it is.
     AgentInsecure,
+    /// The agent sent nothing, not even a keepalive, for three of its keepalive intervals while
+    /// an operation ran: it is frozen (a paused VM, a stopped process) or unreachable.
+    AgentSilent,
 }
 
 impl fmt::Display for SessionError {
@@ -279,6 +307,7 @@ impl fmt::Display for SessionError {
                 "the agent runs without authentication (--insecure) but a secret was given: \
                  it cannot prove who it is",
             ),
+            SessionError::AgentSilent => f.write_str("agent stopped answering"),
         }
     }
 }

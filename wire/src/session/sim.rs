@@ -624,6 +624,9 @@ fn client_step(
                 client.authenticated = true;
             }
             Some(ClientEvent::StdinCredit { .. }) => {}
+            Some(ClientEvent::OutputDropped(_)) => {
+                return Err("output dropped without an output cap".into())
+            }
             Some(ClientEvent::Started { .. }) => {
                 if !client.authenticated {
                     return Err("started before the agent proved itself".into());
@@ -694,6 +697,11 @@ fn start_operation(client: &mut Client, rng: &mut Rng) -> Result<(), String> {
                 cwd: None,
                 stdin: client.stdin_mode,
                 user: None,
+                pty: None,
+                timeout_ms: 0,
+                kill_grace_ms: None,
+                kill_tree_on_exit: false,
+                max_output: 0,
             };
             client.session.start_exec(&request, &mut client.frame)
         }
@@ -738,6 +746,12 @@ fn agent_step(
             match input.event {
                 None if consumed == 0 => break,
                 None | Some(AgentEvent::Hello) | Some(AgentEvent::Authenticated) => {}
+                Some(
+                    AgentEvent::ExecPart { .. }
+                    | AgentEvent::Signal(_)
+                    | AgentEvent::Resize(_)
+                    | AgentEvent::Cancel { .. },
+                ) => return Err("the client sent a frame it never sends here".into()),
                 Some(AgentEvent::KillAll) => match agent.program {
                     Program::KillAll { count } => agent
                         .session
@@ -855,7 +869,7 @@ fn move_output(
                 *slot = byte;
             }
             let start = session
-                .frame_output(frame, kind, n)
+                .frame_output(frame, kind, n, 0)
                 .map_err(|e| format!("frame_output: {e}"))?;
             out.buf.extend_from_slice(&frame[start..DATA_HEADROOM + n]);
             return Ok(false);

@@ -180,6 +180,11 @@ pub(super) mod edges {
         cwd: None,
         stdin: StdinMode::Pipe,
         user: None,
+        pty: None,
+        timeout_ms: 0,
+        kill_grace_ms: None,
+        kill_tree_on_exit: false,
+        max_output: 0,
     };
 
     /// The client's hello alone.
@@ -401,6 +406,11 @@ pub(super) mod edges {
                     open.clone(),
                     client_frame(ClientFrame::Exec(ExecRequest {
                         user: Some(Bytes(b"")),
+                        pty: None,
+                        timeout_ms: 0,
+                        kill_grace_ms: None,
+                        kill_tree_on_exit: false,
+                        max_output: 0,
                         ..EXEC
                     })),
                 ]
@@ -413,6 +423,11 @@ pub(super) mod edges {
                     open.clone(),
                     client_frame(ClientFrame::Exec(ExecRequest {
                         user: Some(Bytes(&[b'u'; crate::limits::MAX_USER + 1])),
+                        pty: None,
+                        timeout_ms: 0,
+                        kill_grace_ms: None,
+                        kill_tree_on_exit: false,
+                        max_output: 0,
                         ..EXEC
                     })),
                 ]
@@ -520,10 +535,12 @@ pub(super) mod edges {
     fn agent_grace_deadline_is_reported_until_handled() {
         let mut session = agent_given_exec();
         session.started(5, 0).unwrap();
+        session.poll_transmit(&mut vec![0u8; MAX_FRAME]).unwrap();
+        let keepalive = u64::from(crate::limits::KEEPALIVE_MS) * 1000;
         assert_eq!(
             session.poll_timeout(),
-            None,
-            "a running command has no deadline"
+            Some(keepalive),
+            "a running command's only deadline is the next keepalive"
         );
         session.child_exited(ExitStatus::Code(0), 1_000).unwrap();
         let grace_end = 1_000 + AgentConfig::DEFAULT.drain_grace;
@@ -531,35 +548,41 @@ pub(super) mod edges {
         session.handle_timeout(grace_end - 1).unwrap();
         assert_eq!(session.poll_timeout(), Some(grace_end));
         session.handle_timeout(grace_end).unwrap();
-        assert_eq!(session.poll_timeout(), None);
+        assert_eq!(session.poll_timeout(), Some(keepalive));
         assert_eq!(session.output_phase(grace_end), OutputPhase::Drain);
+        assert!(!session.has_queued());
+        // The keepalive is queued once when due, and the next one is an interval later.
+        session.handle_timeout(keepalive).unwrap();
+        assert!(session.has_queued());
+        assert_eq!(session.poll_timeout(), Some(2 * keepalive));
+        let mut out = vec![0u8; MAX_FRAME];
+        let n = session.poll_transmit(&mut out).unwrap();
+        assert_eq!(&out[..n], &agent_frame(AgentFrame::Keepalive)[..]);
+        assert!(!session.has_queued());
+        // None once the record is queued.
+        session.finish(keepalive + 1).unwrap();
+        assert_ne!(session.poll_timeout(), Some(2 * keepalive));
     }
 
     #[test]
-    fn agent_hello_only_is_a_health_check_and_a_disconnect_mid_command_is_not() {
+    fn agent_hello_only_is_a_health_check_and_an_end_of_stream_mid_command_is_a_half_close() {
         // A hello alone, a hello and its proof: both end cleanly.
         for bytes in [hello(), opening().client] {
             let mut session = agent();
             feed_agent(&mut session, &bytes).unwrap();
             assert_eq!(session.handle_eof(), Ok(()));
         }
+        // Mid-command, an end of stream is a half-close: no more input, the command runs on.
         let mut session = agent_given_exec();
         session.started(5, 0).unwrap();
-        assert!(matches!(
-            session.handle_eof(),
-            Err(SessionError::Disconnected { .. })
-        ));
+        assert_eq!(session.handle_eof(), Ok(()));
+        assert!(session.input_closed() && !session.is_closing());
         // A kill-all in progress is owed its report.
         let mut session = agent();
         let bytes = [opening().client, client_frame(ClientFrame::KillAll)].concat();
         feed_agent(&mut session, &bytes).unwrap();
-        assert_eq!(
-            session.handle_eof(),
-            Err(SessionError::Disconnected {
-                phase: Phase::Starting,
-                mid_frame: false
-            })
-        );
+        assert_eq!(session.handle_eof(), Ok(()));
+        assert!(session.input_closed() && !session.is_closing());
     }
 
     #[test]
@@ -567,7 +590,7 @@ pub(super) mod edges {
         let mut session = agent_given_exec();
         let mut buf = vec![0u8; MAX_FRAME];
         assert_eq!(
-            session.frame_output(&mut buf, crate::DataKind::Stdout, 1),
+            session.frame_output(&mut buf, crate::DataKind::Stdout, 1, 0),
             Err(SessionError::InvalidState),
             "output before started"
         );
@@ -590,7 +613,7 @@ pub(super) mod edges {
         );
         session.finish(20).unwrap();
         assert_eq!(
-            session.frame_output(&mut buf, crate::DataKind::Stdout, 1),
+            session.frame_output(&mut buf, crate::DataKind::Stdout, 1, 0),
             Err(SessionError::InvalidState),
             "output after the termination record"
         );
@@ -650,11 +673,21 @@ pub(super) mod edges {
             ..
         } = opening();
         let started = agent_frame(AgentFrame::Started(Started { pid: 1 }));
-        let out = agent_frame(AgentFrame::Stdout(Bytes(b"x")));
+        let out = agent_frame(AgentFrame::Stdout(crate::Output {
+            at_us: 0,
+            data: Bytes(b"x"),
+        }));
         let exited = agent_frame(AgentFrame::Exited(Termination {
             status: ExitStatus::Code(0),
             duration_us: 1,
             output_dropped: false,
+            ending: Ending::Exited,
+            tree_kill: TreeKill::None,
+            stdout: StreamRecord::default(),
+            stderr: StreamRecord::default(),
+            pipes_held: false,
+            oom_killed: false,
+            peak_memory: 0,
         }));
         let hello_with = |magic, min_version, version| {
             agent_frame(AgentFrame::Hello(AgentHello {
@@ -950,9 +983,9 @@ pub(super) mod edges {
     }
 
     #[test]
-    fn agent_end_of_stream_after_stdin_eof_is_a_disconnect_too() {
-        // A half-close after the end of stdin reads as an end of stream like any other: the
-        // command is owed to nobody, so it ends (the agent kills its group).
+    fn agent_half_close_after_stdin_eof_still_gets_the_record() {
+        // `nc -N`: stdin's end, then a half-close. The command runs to its end and the record
+        // is still sent (a client that is really gone shows when a send fails).
         let mut session = agent();
         let bytes = [
             opening().client,
@@ -972,14 +1005,15 @@ pub(super) mod edges {
         assert!(!session.stdin_open());
         session.poll_transmit(&mut vec![0u8; MAX_FRAME]).unwrap();
         session.child_exited(ExitStatus::Code(0), 10).unwrap();
-        assert_eq!(
-            session.handle_eof(),
-            Err(SessionError::Disconnected {
-                phase: Phase::Running,
-                mid_frame: false
-            }),
-            "even with the command exited and only its output left to send"
-        );
+        assert_eq!(session.handle_eof(), Ok(()));
+        session.finish(20).unwrap();
+        let mut out = vec![0u8; MAX_FRAME];
+        let n = session.poll_transmit(&mut out).unwrap();
+        let (body, _) = crate::split_frame(&out[..n], MAX_FRAME).unwrap().unwrap();
+        assert!(matches!(
+            crate::decode_agent_frame(body),
+            Ok(AgentFrame::Exited(_))
+        ));
         assert!(session.is_closed());
         assert_eq!(session.poll_transmit(&mut [0u8; 64]), Ok(0), "nothing owed");
     }
@@ -1016,6 +1050,11 @@ pub(super) mod edges {
         ));
         let user = |user: &'static [u8]| ExecRequest {
             user: Some(Bytes(user)),
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
             ..EXEC
         };
         assert_eq!(request(user(b"root")), Ok(true));
@@ -1069,6 +1108,11 @@ pub(super) mod edges {
         ));
         let long_user = ExecRequest {
             user: Some(Bytes(b"users")),
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
             ..EXEC
         };
         assert!(matches!(

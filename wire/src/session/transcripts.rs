@@ -91,6 +91,11 @@ const fn exec(argv: &'static [u8], stdin: StdinMode) -> Operation {
         cwd: None,
         stdin,
         user: None,
+        pty: None,
+        timeout_ms: 0,
+        kill_grace_ms: None,
+        kill_tree_on_exit: false,
+        max_output: 0,
     })
 }
 
@@ -108,12 +113,12 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Exit(ExitStatus::Code(0), 1500),
         ],
         events: &[
-            "hello v2 agent golden Authenticated",
+            "hello v3 agent golden Authenticated",
             "authenticated",
             "started 7",
             "stdout \"hi\\n\"",
             "stderr \"warn\\n\"",
-            "exited Code(0) 1500us dropped=false",
+            "exited Code(0) 1500us dropped=false Exited tree_kill=None out=3/0 err=5/0 held=false oom=false peak=0",
         ],
     },
     Transcript {
@@ -129,12 +134,12 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Exit(ExitStatus::Code(0), 2000),
         ],
         events: &[
-            "hello v2 agent golden Authenticated",
+            "hello v3 agent golden Authenticated",
             "authenticated",
             "started 8",
             "credit 0",
             "stdout \"abcdefg\"",
-            "exited Code(0) 2000us dropped=false",
+            "exited Code(0) 2000us dropped=false Exited tree_kill=None out=7/0 err=0/0 held=false oom=false peak=0",
         ],
     },
     Transcript {
@@ -154,10 +159,11 @@ const TRANSCRIPTS: &[Transcript] = &[
             ),
         ],
         events: &[
-            "hello v2 agent golden Authenticated",
+            "hello v3 agent golden Authenticated",
             "authenticated",
             "started 9",
-            "exited Signal { number: 9, core_dumped: false } 30us dropped=false",
+            "exited Signal { number: 9, core_dumped: false } 30us dropped=false Exited tree_kill=None out=0/0 err=0/0 \
+             held=false oom=false peak=0",
         ],
     },
     Transcript {
@@ -172,7 +178,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             "no such file or directory",
         )],
         events: &[
-            "hello v2 agent golden Authenticated",
+            "hello v3 agent golden Authenticated",
             "authenticated",
             "refused NotFound errno 2 \"no such file or directory\"",
         ],
@@ -188,6 +194,11 @@ const TRANSCRIPTS: &[Transcript] = &[
             cwd: None,
             stdin: StdinMode::Null,
             user: None,
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
         }),
         agent_secret: Some(SECRET),
         client_secret: Some(SECRET),
@@ -205,7 +216,7 @@ const TRANSCRIPTS: &[Transcript] = &[
         sends: &[],
         acts: &[],
         events: &[
-            "hello v2 agent golden Authenticated",
+            "hello v3 agent golden Authenticated",
             "refused Unauthenticated errno 0 \"authentication failed\"",
         ],
     },
@@ -217,7 +228,7 @@ const TRANSCRIPTS: &[Transcript] = &[
         sends: &[],
         acts: &[Act::Done(3)],
         events: &[
-            "hello v2 agent golden Authenticated",
+            "hello v3 agent golden Authenticated",
             "authenticated",
             "done 3",
         ],
@@ -232,6 +243,11 @@ const TRANSCRIPTS: &[Transcript] = &[
             cwd: Some(crate::Bytes(b"/")),
             stdin: StdinMode::Null,
             user: Some(crate::Bytes(b"nobody")),
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
         }),
         agent_secret: None,
         client_secret: None,
@@ -242,10 +258,10 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Exit(ExitStatus::Code(0), 700),
         ],
         events: &[
-            "hello v2 agent golden Insecure",
+            "hello v3 agent golden Insecure",
             "started 10",
             "stdout \"uid=65534(nobody)\\n\"",
-            "exited Code(0) 700us dropped=false",
+            "exited Code(0) 700us dropped=false Exited tree_kill=None out=18/0 err=0/0 held=false oom=false peak=0",
         ],
     },
 ];
@@ -408,7 +424,9 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
                     _ => DataKind::Stderr,
                 };
                 frame[DATA_HEADROOM..DATA_HEADROOM + data.len()].copy_from_slice(data);
-                let start = session.frame_output(&mut frame, kind, data.len()).unwrap();
+                let start = session
+                    .frame_output(&mut frame, kind, data.len(), 0)
+                    .unwrap();
                 sent.extend_from_slice(&frame[start..DATA_HEADROOM + data.len()]);
             }
             Act::Exit(status, after) => {
@@ -456,9 +474,24 @@ fn client_events(t: &Transcript, agent: &[u8]) -> (Vec<String>, Vec<u8>) {
             ClientEvent::Stderr(data) => format!("stderr {:?}", String::from_utf8_lossy(data)),
             ClientEvent::StdinCredit { available } => format!("credit {available}"),
             ClientEvent::Exited(end) => format!(
-                "exited {:?} {}us dropped={}",
-                end.status, end.duration_us, end.output_dropped
+                "exited {:?} {}us dropped={} {:?} tree_kill={:?} out={}/{} err={}/{} held={} \
+                 oom={} peak={}",
+                end.status,
+                end.duration_us,
+                end.output_dropped,
+                end.ending,
+                end.tree_kill,
+                end.stdout.bytes,
+                end.stdout.dropped,
+                end.stderr.bytes,
+                end.stderr.dropped,
+                end.pipes_held,
+                end.oom_killed,
+                end.peak_memory
             ),
+            ClientEvent::OutputDropped(dropped) => {
+                format!("output dropped {:?} {}", dropped.stream, dropped.bytes)
+            }
             ClientEvent::Done(report) => format!("done {}", report.count),
             ClientEvent::Refused(err) => {
                 format!(
