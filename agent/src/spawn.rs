@@ -851,6 +851,11 @@ mod tests {
             cwd: None,
             stdin: StdinMode::Null,
             user: None,
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
         }
         .validate()
         .unwrap();
