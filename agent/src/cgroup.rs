@@ -116,13 +116,9 @@ struct Exec {
     procs: OwnedFd,
     /// `memory.events` (`oom_kill`) and `memory.peak` (Linux ≥ 5.19); `None` without the
     /// memory controller.
-    // NOTE: read by `exec_memory_facts`, which the pump uses with protocol v3.
-    #[allow(dead_code)]
     events: Option<OwnedFd>,
-    #[allow(dead_code)]
     peak: Option<OwnedFd>,
     /// `oom_kill` when the cgroup was made: a reused one (see the module's NOTE) has a past.
-    #[allow(dead_code)]
     oom_kills_before: u64,
 }
 
@@ -137,8 +133,6 @@ pub enum TreeKill {
 }
 
 /// What the exec cgroup says about its tree's memory, for the termination record.
-// NOTE: the pump uses it with protocol v3 (issue 10); until then only tests do.
-#[allow(dead_code)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemoryFacts {
     /// The OOM killer killed a process of this exec (`memory.events`' `oom_kill` grew).
@@ -149,8 +143,6 @@ pub struct MemoryFacts {
 }
 
 /// This exec's [`MemoryFacts`], read now (at its end).
-// NOTE: the pump uses it with protocol v3 (issue 10); until then only tests do.
-#[allow(dead_code)]
 pub fn exec_memory_facts() -> MemoryFacts {
     let Some(exec) = EXEC.get() else {
         return MemoryFacts::default();
@@ -275,8 +267,6 @@ pub fn kill_tree(leader: Pid) -> TreeKill {
 /// signalled in turn (as systemd does). One forked meanwhile is missed, and a pid that exits and
 /// is reused between the read and the signal gets a SIGTERM meant for it; the SIGKILL after the
 /// grace is exhaustive and race-free.
-// NOTE: the pump uses it with protocol v3 (issue 10); until then only tests do.
-#[allow(dead_code)]
 pub fn terminate_tree(leader: Pid) -> TreeKill {
     let mut buf = [0u8; 48];
     let by_cgroup = COMMANDS.get().zip(EXEC.get()).is_some_and(|(commands, _)| {
@@ -294,16 +284,13 @@ pub fn terminate_tree(leader: Pid) -> TreeKill {
 
 /// For a request that asked for it (`kill_tree_on_exit`): once the command itself has ended,
 /// kills what is left of its tree ([`kill_tree`]); `None` when nothing was left to kill.
-// NOTE: the pump uses it with protocol v3 (issue 10); until then only tests do.
-#[allow(dead_code)]
 pub fn kill_tree_on_exit(leader: Pid) -> Option<TreeKill> {
     tree_remains(leader).then(|| kill_tree(leader))
 }
 
 /// Whether any process of the command's tree still runs: its exec cgroup is populated, or its
 /// process group has a member.
-#[allow(dead_code)]
-fn tree_remains(leader: Pid) -> bool {
+pub fn tree_remains(leader: Pid) -> bool {
     let mut buf = [0u8; 48];
     let mut text = [0u8; 64];
     let populated = COMMANDS
@@ -318,7 +305,6 @@ fn tree_remains(leader: Pid) -> bool {
 }
 
 /// Sends `signal` to each process listed in the `cgroup.procs` of the cgroup at `dir`.
-#[allow(dead_code)]
 fn signal_each_in(dir: BorrowedFd<'_>, signal: Signal) -> Result<(), Errno> {
     let procs = open_at(dir, c"cgroup.procs", OFlags::RDONLY)?;
     let mut chunk = [0u8; 512];

@@ -13,13 +13,7 @@ use rustix::pty::OpenptFlags;
 use rustix::termios::Winsize;
 
 use crate::{cstr, sys};
-
-/// A terminal's size in character cells, as the client's terminal has it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Size {
-    pub rows: u16,
-    pub cols: u16,
-}
+use ferry_wire::WindowSize as Size;
 
 /// A pseudo-terminal pair.
 pub struct Pty {

@@ -262,7 +262,9 @@ pub fn refusal(stage: FailedStage, errno: Errno) -> Refusal {
             Errno::NOMEM | Errno::AGAIN | Errno::MFILE | Errno::NFILE => {
                 (ErrorCode::ResourceExhausted, "out of memory or descriptors")
             }
-            Errno::TOOBIG => (ErrorCode::LimitExceeded, "argument list too long"),
+            // The kernel's own limit (argv and envp past a quarter of the stack limit): the
+            // request was within the protocol's.
+            Errno::TOOBIG => (ErrorCode::ArgumentsTooLong, "argument list too long"),
             _ => (ErrorCode::SpawnFailed, "execve failed"),
         },
     };
@@ -596,7 +598,11 @@ mod tests {
                 Errno::NOMEM,
                 ErrorCode::ResourceExhausted,
             ),
-            (FailedStage::Exec, Errno::TOOBIG, ErrorCode::LimitExceeded),
+            (
+                FailedStage::Exec,
+                Errno::TOOBIG,
+                ErrorCode::ArgumentsTooLong,
+            ),
             (FailedStage::Exec, Errno::IO, ErrorCode::SpawnFailed),
             (FailedStage::Cwd, Errno::NOENT, ErrorCode::BadCwd),
             (FailedStage::Setup, Errno::BADF, ErrorCode::SpawnFailed),
@@ -861,7 +867,7 @@ mod tests {
         .unwrap();
         let mut storage = Storage::<8, 16>::with_credentials(credentials);
         let prepared = storage.prepare(&request, &[c"PATH=/bin:/usr/bin"]).unwrap();
-        let pair = crate::pty::open(crate::pty::Size { rows: 24, cols: 80 }).unwrap();
+        let pair = crate::pty::open(ferry_wire::WindowSize { rows: 24, cols: 80 }).unwrap();
         let stdio = ChildStdio {
             stdin: pair.slave.as_fd(),
             stdout: pair.slave.as_fd(),

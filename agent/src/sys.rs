@@ -590,14 +590,11 @@ pub fn reset_inherited_ignored_signals() -> io::Result<()> {
 }
 
 /// The highest signal number Linux has (`_NSIG`); real-time signals run up to it.
-// NOTE: the pump's `Signal` events use it with protocol v3 (issue 10).
-#[allow(dead_code)]
 pub const MAX_SIGNAL: u8 = 64;
 
 /// `kill(-pgid, number)`: sends signal `number` (1..=[`MAX_SIGNAL`], real-time signals
 /// included) to the process group `pgid`; `EINVAL` for any other number. rustix names only the
 /// standard signals safely, and a client may send any.
-#[allow(dead_code)]
 pub fn kill_process_group_raw(pgid: Pid, number: u8) -> io::Result<()> {
     if !(1..=MAX_SIGNAL).contains(&number) {
         return Err(io::Errno::INVAL);
@@ -760,6 +757,9 @@ pub struct ConnBuffers {
     pub out: [u8; OUT_BUFFER],
     /// Stdin bytes received but not yet written to the command: bounded by the credit window.
     pub stdin: [u8; STDIN_WINDOW],
+    /// The kept tails of stdout and stderr past their caps (touched only past a head).
+    pub stdout_tail: crate::conn::Ring,
+    pub stderr_tail: crate::conn::Ring,
     /// argv pointers for `execve`.
     pub argv: PtrStorage<ARGV_SLOTS>,
     /// envp pointers for `execve`.
@@ -772,6 +772,8 @@ static mut CONN_BUFFERS: ConnBuffers = ConnBuffers {
     recv: [0; MAX_FRAME],
     out: [0; OUT_BUFFER],
     stdin: [0; STDIN_WINDOW],
+    stdout_tail: [0; crate::conn::MAX_TAIL],
+    stderr_tail: [0; crate::conn::MAX_TAIL],
     argv: PtrStorage::new(),
     envp: PtrStorage::new(),
     cwd: [0; MAX_PATH + 1],

@@ -9,8 +9,6 @@
 //! - `pump.rs` — the running command's `poll` loop.
 //! - `cap.rs` — a stream's output cap: the head passes live, a tail window is kept.
 
-// NOTE: wired into the pump with protocol v3 (issue 10); until then only its tests use it.
-#[allow(dead_code)]
 mod cap;
 mod io;
 mod pump;
@@ -21,6 +19,7 @@ use ferry_wire::ErrorCode;
 use rustix::event::PollFlags;
 use rustix::fd::{AsFd, OwnedFd};
 
+pub use self::cap::{Ring, MAX_TAIL};
 use self::io::{Link, Received};
 pub use self::start::{prepare, Prepared};
 use self::start::{Child, Storage};
@@ -97,6 +96,8 @@ fn converse(
         recv,
         out,
         stdin,
+        stdout_tail,
+        stderr_tail,
         argv,
         envp,
         cwd,
@@ -118,7 +119,12 @@ fn converse(
     let (end, retired) = match handshake {
         Handshake::Started(mut child) => {
             spent_stack = child.spent_stack.take();
-            pump::run(&mut link, &mut session, child, stdin)
+            let buffers = pump::Buffers {
+                stdin,
+                stdout_tail,
+                stderr_tail,
+            };
+            pump::run(&mut link, &mut session, child, buffers)
         }
         Handshake::Refused => (End::Closing, pump::Retired::new()),
         Handshake::Gone => (End::ClientGone, pump::Retired::new()),
@@ -256,8 +262,7 @@ fn handshake(
                     *audit = Some(Audit::new(b"exec", program, request.user.map(|u| u.0)));
                     // The next spare is forked while our child starts, off the path the client
                     // waits on.
-                    // TODO(v3): the request's `pty` once the wire carries it.
-                    let terminal = None;
+                    let terminal = request.pty;
                     let started =
                         start::start(&valid, terminal, storage, prepared, || successor.release());
                     link.inbox.consume(consumed);

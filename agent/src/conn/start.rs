@@ -2,7 +2,9 @@
 //! the process waits as a spare), then `clone` and `execve`; and reaping it.
 
 use ferry_wire::session::Refusal;
-use ferry_wire::{ErrorCode, ExitStatus, StdinMode, ValidExec};
+use ferry_wire::{
+    ErrorCode, ExecRequest, ExitStatus, StdinMode, ValidExec, WindowSize, DEFAULT_KILL_GRACE_MS,
+};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal, WaitIdStatus};
@@ -92,7 +94,7 @@ impl Child {
 /// what the client is told.
 pub fn start(
     valid: &ValidExec<'_>,
-    terminal: Option<pty::Size>,
+    terminal: Option<WindowSize>,
     storage: Storage<'_>,
     ready: Prepared,
     meanwhile: impl FnOnce(),
@@ -156,7 +158,7 @@ pub fn start(
         stderr: parent.stderr,
         started_us,
         spent_stack: Some(stack),
-        limits: RunLimits::new(&limits, started_us),
+        limits: RunLimits::new(&limits, valid.request(), started_us),
     })
 }
 
@@ -226,7 +228,7 @@ impl Ends {
     /// A pseudo-terminal of `size`. The parent keeps the master as its output source, and a
     /// duplicate of it as its stdin sink when stdin is piped: the client's end of stdin closes
     /// that duplicate only, and the terminal stays up for the command's output (as sshd does).
-    fn terminal(size: pty::Size, stdin: StdinMode) -> Result<Ends, Refusal> {
+    fn terminal(size: WindowSize, stdin: StdinMode) -> Result<Ends, Refusal> {
         let pair = pty::open(size).map_err(terminal_failure)?;
         let stdin = match stdin {
             StdinMode::Pipe => {
@@ -282,21 +284,48 @@ fn terminal_failure(errno: Errno) -> Refusal {
     Refusal::os(code, errno.raw_os_error().unsigned_abs(), message)
 }
 
-/// The limits the pump enforces on a running command.
+/// What the pump enforces on a running command: the policy's limits and the request's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunLimits {
-    /// When (monotonic microseconds) the command's group is killed if it still runs.
+    /// When (monotonic microseconds) the command's tree is killed if it still runs: the
+    /// policy's `max_runtime`.
     pub deadline_us: Option<u64>,
-    /// Output bytes forwarded before the command is killed; `None`: no limit.
+    /// Output bytes (stdout and stderr together) the command may produce before its tree is
+    /// killed: the policy's `max_output`; `None`: no limit.
     pub max_output: Option<u64>,
+    /// When the request's timeout ends the command's tree (SIGTERM, then SIGKILL after the
+    /// grace).
+    pub timeout_us: Option<u64>,
+    /// From a SIGTERM to the SIGKILL: the request's grace, or the default.
+    pub kill_grace_us: u64,
+    /// Kill what is left of the tree once the command itself exits.
+    pub kill_tree_on_exit: bool,
+    /// Bytes kept of each output stream (head and tail, see `cap`): the request's cap within
+    /// the policy's `max_output`; `u64::MAX`: no cap.
+    pub cap: u64,
+    /// The command runs on a terminal (its output is the master's).
+    pub terminal: bool,
 }
 
 impl RunLimits {
-    pub fn new(limits: &bounds::CommandLimits, started_us: u64) -> Self {
+    pub fn new(limits: &bounds::CommandLimits, request: &ExecRequest<'_>, started_us: u64) -> Self {
+        let max_output = (limits.max_output > 0).then_some(limits.max_output);
+        let after_ms = |ms: u64| started_us.saturating_add(ms.saturating_mul(1000));
         RunLimits {
             deadline_us: (limits.max_runtime_s > 0)
-                .then(|| started_us.saturating_add(limits.max_runtime_s.saturating_mul(1_000_000))),
-            max_output: (limits.max_output > 0).then_some(limits.max_output),
+                .then(|| after_ms(limits.max_runtime_s.saturating_mul(1000))),
+            max_output,
+            timeout_us: (request.timeout_ms > 0).then(|| after_ms(request.timeout_ms)),
+            kill_grace_us: u64::from(request.kill_grace_ms.unwrap_or(DEFAULT_KILL_GRACE_MS))
+                .saturating_mul(1000),
+            kill_tree_on_exit: request.kill_tree_on_exit,
+            // 0 asks for the agent's own maximum.
+            cap: match (request.max_output, max_output) {
+                (0, None) => u64::MAX,
+                (0, Some(max)) => max,
+                (asked, max) => asked.min(max.unwrap_or(u64::MAX)),
+            },
+            terminal: request.pty.is_some(),
         }
     }
 }
@@ -322,8 +351,6 @@ pub fn kill(pid: Pid, reaped: bool) -> TreeKill {
 /// Sends signal `number` (1..=64) to the command's process group, as a client's `Signal`
 /// asks. A group that is gone (ESRCH: the command and its group ended, the signal raced its
 /// end) is not an error: the signal had nothing left to reach. Any other number is `EINVAL`.
-// NOTE: the pump's `Signal` events use it with protocol v3 (issue 10).
-#[allow(dead_code)]
 pub fn signal(pid: Pid, number: u8) -> Result<(), Errno> {
     match sys::kill_process_group_raw(pid, number) {
         Ok(()) | Err(Errno::SRCH) => Ok(()),
@@ -434,7 +461,7 @@ mod tests {
 
     #[test]
     fn a_terminals_stdin_is_a_duplicate_of_its_master() {
-        let size = pty::Size { rows: 2, cols: 3 };
+        let size = WindowSize { rows: 2, cols: 3 };
         let ends = Ends::terminal(size, StdinMode::Pipe).unwrap();
         let stdio = ends.child_stdio();
         assert!(stdio.terminal && !stdio.stdin_is_pipe);
