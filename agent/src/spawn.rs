@@ -38,26 +38,48 @@ pub struct Prepared<'a, const A: usize, const E: usize> {
     credentials: &'a Credentials,
 }
 
+/// A request's argv and environment overrides, packed (NUL-terminated entries): the request's
+/// own, or put back together from its pieces.
+#[derive(Debug, Clone, Copy)]
+pub struct Lists<'a> {
+    pub argv: &'a [u8],
+    pub env: &'a [u8],
+}
+
+impl<'a> Lists<'a> {
+    /// The request's own lists.
+    pub fn of(exec: &ValidExec<'a>) -> Self {
+        Lists {
+            argv: exec.request().argv.as_bytes(),
+            env: exec.request().env.as_bytes(),
+        }
+    }
+}
+
 /// Builds argv, the effective environment and the cwd. The environment: the inherited one
 /// minus the keys the request overrides; then `HOME`, `USER`, `LOGNAME` and `SHELL` for
 /// `credentials` (built in `identity_buffer`) unless the request sets them, replacing inherited
 /// ones when the command changes user and filling in missing ones otherwise; then the
 /// overrides; then [`DEFAULT_PATH_ENV`] if there is still no `PATH`. A clean environment is
 /// the overrides alone, exactly as asked (the command still searches [`DEFAULT_PATH`]).
+/// `env_index` is where the overrides' keys are indexed: at least twice their number of
+/// slots, rounded up to a power of two ([`index_slots`]).
 #[allow(clippy::too_many_arguments)]
 pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
     exec: &ValidExec<'a>,
+    lists: Lists<'a>,
     credentials: &'a Credentials,
     inherited: impl Iterator<Item = &'e CStr>,
     argv_storage: &'a mut PtrStorage<A>,
     envp_storage: &'a mut PtrStorage<E>,
     cwd_storage: &'a mut [u8],
     identity_buffer: &'a mut [u8],
+    env_index: &mut [u32],
 ) -> Result<Prepared<'a, A, E>, Refusal> {
     let request = exec.request();
     let mut argv = PtrArray::new(argv_storage);
     let mut program = None;
-    for entry in request.argv.entries_with_nul() {
+    for entry in lists.argv.split_inclusive(|b| *b == 0) {
         let arg = CStr::from_bytes_with_nul(entry).map_err(|_| invalid("argv entry"))?;
         program.get_or_insert(arg);
         if !argv.push(arg) {
@@ -66,8 +88,9 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
     }
     let program = program.ok_or(invalid("argv is empty"))?;
 
-    let overrides = request.env;
-    let overridden = |entry: &[u8]| overrides.entries().any(|o| key(o) == key(entry));
+    let overrides = lists.env;
+    let keys = Keys::new(overrides, env_index).ok_or(LIMIT)?;
+    let overridden = |entry: &[u8]| keys.last(key(entry)).is_some();
     let mut envp = PtrArray::new(envp_storage);
     let mut search_path = None;
     let identity = identity_entries(credentials, identity_buffer);
@@ -103,13 +126,12 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
             return Err(LIMIT);
         }
     }
-    for (index, entry) in overrides.entries_with_nul().enumerate() {
+    let mut offset = 0usize;
+    for entry in overrides.split_inclusive(|b| *b == 0) {
+        let at = offset;
+        offset = offset.saturating_add(entry.len());
         // A later override of the same key wins; earlier ones are skipped.
-        let later = overrides
-            .entries()
-            .skip(index.saturating_add(1))
-            .any(|o| key(o) == key(entry));
-        if later {
+        if keys.last(key(entry)) != Some(at) {
             continue;
         }
         let var = CStr::from_bytes_with_nul(entry).map_err(|_| invalid("env entry"))?;
@@ -134,6 +156,82 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
         search_path: search_path.unwrap_or(DEFAULT_PATH),
         credentials,
     })
+}
+
+/// The slots [`prepare`]'s `env_index` needs for the overrides `env`: twice their entries,
+/// a power of two, at least 16.
+pub fn index_slots(env: &[u8]) -> usize {
+    let entries = env.iter().filter(|b| **b == 0).count().saturating_add(1);
+    entries.saturating_mul(2).max(16).next_power_of_two()
+}
+
+/// The environment overrides' keys, indexed: with tens of thousands of overrides, comparing
+/// each with all the others (as the inherited entries and the overrides themselves must be)
+/// took seconds. An open-addressing table (linear probing) holds, for each key, the offset + 1
+/// of its last override (0: an empty slot).
+///
+/// NOTE: the hash is not keyed: a client that crafts colliding keys makes its own request as
+/// slow as the comparisons this replaces, and no one else's.
+struct Keys<'t> {
+    list: &'t [u8],
+    table: &'t mut [u32],
+}
+
+impl<'t> Keys<'t> {
+    /// Indexes `list` in `table` (at least [`index_slots`] of it); `None` when it is smaller.
+    fn new(list: &'t [u8], table: &'t mut [u32]) -> Option<Self> {
+        let table = table.get_mut(..index_slots(list))?;
+        table.fill(0);
+        let keys = Keys { list, table };
+        let mut offset = 0usize;
+        for entry in list.split_inclusive(|b| *b == 0) {
+            let (slot, _) = keys.find(key(entry));
+            if let Some(slot) = keys.table.get_mut(slot) {
+                *slot = u32::try_from(offset).ok()?.checked_add(1)?;
+            }
+            offset = offset.saturating_add(entry.len());
+        }
+        Some(keys)
+    }
+
+    /// The offset of the last override of `key`.
+    fn last(&self, key: &[u8]) -> Option<usize> {
+        let (slot, found) = self.find(key);
+        let stored = *self.table.get(slot)?;
+        found.then(|| (stored as usize).saturating_sub(1))
+    }
+
+    /// `key`'s slot and whether it holds `key` (else it is the empty slot where it would go).
+    fn find(&self, key: &[u8]) -> (usize, bool) {
+        // FNV-1a.
+        let hash = key.iter().fold(0x811c_9dc5u32, |hash, byte| {
+            (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193)
+        });
+        let mask = self.table.len().saturating_sub(1);
+        let mut slot = hash as usize & mask;
+        // At most half full: an empty slot is always found; the bound only keeps a broken
+        // table from looping.
+        for _ in 0..self.table.len() {
+            match self.table.get(slot).copied() {
+                None | Some(0) => return (slot, false),
+                Some(stored) => {
+                    let at = (stored as usize).saturating_sub(1);
+                    if key_at(self.list, at) == key {
+                        return (slot, true);
+                    }
+                }
+            }
+            slot = slot.wrapping_add(1) & mask;
+        }
+        (slot, false)
+    }
+}
+
+/// The key of the entry at `offset` in a packed list.
+fn key_at(list: &[u8], offset: usize) -> &[u8] {
+    let rest = list.get(offset..).unwrap_or(&[]);
+    let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+    key(rest.get(..end).unwrap_or(rest))
 }
 
 /// `HOME=`, `USER=`, `LOGNAME=` and `SHELL=` for `credentials` (in [`IDENTITY_KEYS`] order),
@@ -497,7 +595,19 @@ mod tests {
                 credentials,
             } = self;
             let inherited = inherited.iter().copied();
-            prepare(request, credentials, inherited, argv, envp, cwd, identity)
+            let lists = Lists::of(request);
+            let mut index = vec![0u32; index_slots(lists.env)];
+            prepare(
+                request,
+                lists,
+                credentials,
+                inherited,
+                argv,
+                envp,
+                cwd,
+                identity,
+                &mut index,
+            )
         }
     }
 
@@ -534,6 +644,91 @@ mod tests {
         );
         assert_eq!(prepared.search_path, b"/opt/bin");
         assert_eq!(prepared.cwd, Some(c"/tmp"));
+    }
+
+    #[test]
+    fn the_environment_index_keeps_the_last_override_of_each_key() {
+        // The order and the choice the pairwise comparisons made, on many keys.
+        let mut env = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..20_000u32 {
+            env.extend_from_slice(format!("K{}={i}\0", i % 7_000).as_bytes());
+        }
+        for i in 13_000..20_000u32 {
+            expected.push(format!("K{}={i}", i % 7_000));
+        }
+        expected.sort_by_key(|e| e.split('=').nth(1).unwrap().parse::<u32>().unwrap());
+        let keys_table_len = index_slots(&env);
+        assert_eq!(keys_table_len, 65_536);
+        let mut index = vec![0u32; keys_table_len];
+        let keys = Keys::new(&env, &mut index).unwrap();
+        let mut offset = 0;
+        let mut last_k0 = None;
+        for entry in env.split_inclusive(|b| *b == 0) {
+            if entry.starts_with(b"K0=") {
+                last_k0 = Some(offset);
+            }
+            offset += entry.len();
+        }
+        assert_eq!(keys.last(b"K0"), last_k0);
+        assert_eq!(keys.last(b"K7000"), None);
+        assert_eq!(keys.last(b""), None);
+        // Through `prepare` (a clean environment: the overrides alone).
+        let mut argv = PtrStorage::<2>::new();
+        let mut envp = Box::new(PtrStorage::<{ 8 * 1024 }>::new());
+        let mut cwd = [0u8; 16];
+        let mut identity = [0u8; IDENTITY_ENV_BUFFER];
+        let credentials = agent_itself();
+        let request = exec(b"true\0", b"", true);
+        let lists = Lists {
+            argv: b"true\0",
+            env: &env,
+        };
+        let started = std::time::Instant::now();
+        let prepared = prepare(
+            &request,
+            lists,
+            &credentials,
+            [c"K5=inherited", c"OTHER=1"].into_iter(),
+            &mut argv,
+            &mut envp,
+            &mut cwd,
+            &mut identity,
+            &mut index,
+        )
+        .unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let got: Vec<String> = prepared
+            .envp
+            .entries()
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(got, expected);
+        // Too small an index is a limit, not a wrong answer.
+        let mut small = [0u32; 8];
+        let err = prepare(
+            &request,
+            lists,
+            &credentials,
+            [].into_iter(),
+            &mut PtrStorage::<2>::new(),
+            &mut PtrStorage::<8>::new(),
+            &mut cwd,
+            &mut identity,
+            &mut small,
+        )
+        .err();
+        assert_eq!(err.map(|e| e.code), Some(ErrorCode::LimitExceeded));
+    }
+
+    #[test]
+    fn keys_of_packed_entries() {
+        assert_eq!(key_at(b"A=1\0BB=2\0C\0", 0), b"A");
+        assert_eq!(key_at(b"A=1\0BB=2\0C\0", 4), b"BB");
+        assert_eq!(key_at(b"A=1\0BB=2\0C\0", 9), b"C");
+        assert_eq!(key_at(b"A=1\0", 99), b"");
+        assert_eq!(index_slots(b""), 16);
+        assert_eq!(index_slots(&[0u8; 8]), 32);
     }
 
     #[test]

@@ -13,7 +13,10 @@ use core::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
 
-use ferry_wire::limits::{MAX_ARGS, MAX_DATA, MAX_ENV_VARS, MAX_FRAME, MAX_PATH, STDIN_WINDOW};
+use ferry_wire::limits::{
+    MAX_ARGS, MAX_ARGV_BYTES, MAX_DATA, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_FRAME, MAX_PATH,
+    STDIN_WINDOW,
+};
 use ferry_wire::DATA_HEADROOM;
 use rustix::fd::{AsFd, FromRawFd, OwnedFd};
 use rustix::io;
@@ -732,6 +735,62 @@ impl Iterator for Environment {
             }
             self.next = self.next.add(1);
             Some(CStr::from_ptr(entry.cast()))
+        }
+    }
+}
+
+/// Where a request that came in pieces (`ExecPart`) is put back together, and the index of a
+/// large environment (see `spawn`): 3.25 MiB that only such requests touch.
+pub struct AssemblyBuffers {
+    /// The packed argv.
+    pub argv: [u8; MAX_ARGV_BYTES],
+    /// The packed environment overrides.
+    pub env: [u8; MAX_ENV_BYTES],
+    /// An open-addressing table over the environment's keys, twice their most.
+    pub env_index: [u32; 2 * MAX_ENV_VARS],
+}
+
+/// [`AssemblyBuffers`], mapped on first use (anonymous, `MAP_NORESERVE`: only the pages
+/// written cost memory) and unmapped when dropped; no connection that does not need them pays
+/// for them, and none keeps them.
+pub struct Assembly {
+    /// Null until mapped.
+    mapped: *mut AssemblyBuffers,
+}
+
+impl Assembly {
+    pub const fn new() -> Self {
+        Assembly {
+            mapped: ptr::null_mut(),
+        }
+    }
+
+    /// The buffers, mapped now if they are not yet.
+    pub fn buffers(&mut self) -> io::Result<&mut AssemblyBuffers> {
+        use rustix::mm::{MapFlags, ProtFlags};
+        if self.mapped.is_null() {
+            let len = core::mem::size_of::<AssemblyBuffers>();
+            let prot = ProtFlags::READ | ProtFlags::WRITE;
+            let flags = MapFlags::PRIVATE | MapFlags::NORESERVE;
+            // SAFETY: a fresh anonymous mapping at an address the kernel picks aliases nothing.
+            let base = unsafe { rustix::mm::mmap_anonymous(ptr::null_mut(), len, prot, flags) }?;
+            self.mapped = base.cast();
+        }
+        // SAFETY: `mapped` is this object's own mapping of `size_of::<AssemblyBuffers>()`
+        // bytes: page-aligned (beyond `u32`'s alignment), readable and writable, zero-filled by
+        // the kernel (all-zero bytes are a valid `AssemblyBuffers`: arrays of integers), and
+        // unmapped only by `drop`. The `&mut self` borrow makes the reference unique.
+        Ok(unsafe { &mut *self.mapped })
+    }
+}
+
+impl Drop for Assembly {
+    fn drop(&mut self) {
+        if !self.mapped.is_null() {
+            let len = core::mem::size_of::<AssemblyBuffers>();
+            // SAFETY: `mapped` is this object's own mapping of `len` bytes, and no reference
+            // into it outlives the `&mut self` borrows that handed them out.
+            let _ = unsafe { rustix::mm::munmap(self.mapped.cast(), len) };
         }
     }
 }

@@ -11,6 +11,7 @@
 
 mod cap;
 mod io;
+mod pieces;
 mod pump;
 mod start;
 
@@ -106,6 +107,8 @@ fn converse(
     let mut link = Link::new(sock, recv, out);
     let storage = Storage { argv, envp, cwd };
     let mut audit = None;
+    // A request in pieces is put together here; its buffers go with the connection.
+    let mut pieces = pieces::Pieces::new();
     let handshake = handshake(
         &mut link,
         &mut session,
@@ -113,6 +116,7 @@ fn converse(
         prepared,
         successor,
         &mut audit,
+        &mut pieces,
     );
     successor.release();
     let mut spent_stack = None;
@@ -226,6 +230,7 @@ fn handshake(
     prepared: Prepared,
     successor: &mut Successor,
     audit: &mut Option<Audit>,
+    pieces: &mut pieces::Pieces,
 ) -> Handshake {
     loop {
         let now = clock::monotonic_us();
@@ -246,25 +251,36 @@ fn handshake(
             let consumed = input.consumed;
             match input.event {
                 None if consumed == 0 => break,
-                Some(AgentEvent::Exec(valid)) if valid.has_parts() => {
-                    // NOTE: requests in pieces are assembled in the next step (issue 10).
-                    link.inbox.consume(consumed);
-                    let refusal = Refusal::new(
-                        ErrorCode::LimitExceeded,
-                        "this agent takes requests of one frame only",
-                    );
-                    let _ = session.refuse(refusal, clock::monotonic_us());
-                    return Handshake::Refused;
+                Some(AgentEvent::ExecPart { list, data }) => {
+                    if let Err(refusal) = pieces.append(list, data) {
+                        link.inbox.consume(consumed);
+                        let _ = session.refuse(refusal, clock::monotonic_us());
+                        return Handshake::Refused;
+                    }
                 }
                 Some(AgentEvent::Exec(valid)) => {
                     let request = valid.request();
-                    let program = request.argv.entries().next().unwrap_or(&[]);
+                    let mut small = [0u32; pieces::SMALL_INDEX];
+                    let lists = pieces.lists(&valid, &mut small);
+                    let program = match &lists {
+                        Ok((lists, _)) => lists.argv.split(|b| *b == 0).next().unwrap_or(&[]),
+                        Err(_) => &[],
+                    };
                     *audit = Some(Audit::new(b"exec", program, request.user.map(|u| u.0)));
                     // The next spare is forked while our child starts, off the path the client
                     // waits on.
-                    let terminal = request.pty;
-                    let started =
-                        start::start(&valid, terminal, storage, prepared, || successor.release());
+                    let started = lists.and_then(|(lists, index)| {
+                        let release = || successor.release();
+                        start::start(
+                            &valid,
+                            lists,
+                            index,
+                            request.pty,
+                            storage,
+                            prepared,
+                            release,
+                        )
+                    });
                     link.inbox.consume(consumed);
                     return match started {
                         Ok(child) => match session.started(child.wire_pid(), child.started_us) {

@@ -604,10 +604,11 @@ impl Pump<'_, '_, '_> {
             Received::Nothing => Ok(()),
             // The end of the client's stream while the command runs is a half-close: no more
             // input (stdin ends), the command runs on and its record is still sent. A client
-            // that is really gone shows as POLLHUP or a failed send.
+            // that is really gone shows as POLLHUP or a failed send. A stream that ends in the
+            // middle of a frame was cut off, not closed: a disconnect.
             Received::Closed => {
                 let _ = self.session.handle_eof();
-                if !self.session.input_closed() {
+                if !self.session.input_closed() || !self.link.inbox.data().is_empty() {
                     return Err(self.kill(End::ClientGone));
                 }
                 self.close_stdin_if_done();

@@ -10,7 +10,7 @@ use rustix::io::Errno;
 use rustix::process::{Pid, Signal, WaitIdStatus};
 
 use crate::cgroup::{self, TreeKill};
-use crate::spawn::{self, ChildFailure, ChildStdio};
+use crate::spawn::{self, ChildFailure, ChildStdio, Lists};
 use crate::sys::{self, PtrStorage, ARGV_SLOTS, ENVP_SLOTS};
 use crate::{bounds, clock, crash, policy, pty, users};
 
@@ -89,11 +89,15 @@ impl Child {
     }
 }
 
-/// Starts the command `valid` asks for with what `ready` prepared, on a pseudo-terminal of
+/// Starts the command `valid` asks for, with `lists` as its argv and environment (indexed in
+/// `env_index`, see `spawn::prepare`) and what `ready` prepared, on a pseudo-terminal of
 /// that size if `terminal` says so; `meanwhile` runs while the child starts. The refusal is
 /// what the client is told.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     valid: &ValidExec<'_>,
+    lists: Lists<'_>,
+    env_index: &mut [u32],
     terminal: Option<WindowSize>,
     storage: Storage<'_>,
     ready: Prepared,
@@ -109,12 +113,14 @@ pub fn start(
     let inherited = sys::environment().take(sys::MAX_INHERITED_ENV);
     let prepared = spawn::prepare(
         valid,
+        lists,
         &credentials,
         inherited,
         storage.argv,
         storage.envp,
         storage.cwd,
         &mut identity_buffer,
+        env_index,
     )?;
     let stdin_mode = valid.request().stdin;
     let ends = match terminal {
