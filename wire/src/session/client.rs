@@ -486,7 +486,9 @@ impl ClientSession {
     }
 
     /// Like [`ClientSession::handle_input`], for bytes that arrived at `now`: the agent was
-    /// heard, so its liveness deadline moves on ([`ClientSession::poll_timeout`]).
+    /// heard, so its liveness deadline moves on ([`ClientSession::poll_timeout`]). Call it after
+    /// a read that returned bytes; a driver that re-parses what it already had uses
+    /// [`ClientSession::handle_input`], or a silent agent would seem alive.
     pub fn handle_input_at<'a>(
         &mut self,
         input: &'a [u8],
