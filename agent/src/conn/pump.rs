@@ -257,6 +257,12 @@ impl Pump<'_, '_, '_> {
                     Err(_) => End::ClientGone,
                 };
             }
+            // A stream's end still to send has no descriptor to wake the poll: an iteration
+            // taken by a control frame (a keepalive) must not leave it waiting for the next.
+            let ending = |pipe: &OutputPipe<'_>| pipe.ended && !pipe.done();
+            if self.link.outbox.is_empty() && (ending(&self.stdout) || ending(&self.stderr)) {
+                continue;
+            }
             if let Err(end) = self.wait_and_handle() {
                 return end;
             }
