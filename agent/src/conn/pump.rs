@@ -385,9 +385,13 @@ impl Pump<'_, '_, '_> {
                 continue;
             }
             let fd = fd.as_fd();
-            let (output, live) = match (left, pipe.cap.next()) {
+            let head = match pipe.cap.next() {
+                Next::Live(head) => Some(head),
+                Next::Tail(_) => None,
+            };
+            let (output, live) = match (left, head) {
                 (Some(0), _) => (read_one_byte(fd), None),
-                (_, Next::Live(head)) => {
+                (_, Some(head)) => {
                     let at_most = usize::try_from(bound(head)).unwrap_or(MAX_DATA);
                     let outbox = &mut self.link.outbox;
                     (
@@ -395,10 +399,9 @@ impl Pump<'_, '_, '_> {
                         Some(true),
                     )
                 }
-                (_, Next::Tail(ring)) => {
-                    let at_most = usize::try_from(bound(ring.len() as u64)).unwrap_or(0);
-                    let part = ring.get_mut(..at_most).unwrap_or_default();
-                    (read_pipe(fd, part), Some(false))
+                (left, None) => {
+                    let bound = left.unwrap_or(u64::MAX);
+                    (drain_into_tail(&mut pipe.cap, fd, bound), Some(false))
                 }
             };
             match (output, live) {
@@ -416,8 +419,7 @@ impl Pump<'_, '_, '_> {
                     }
                     return;
                 }
-                (Output::Read(n), Some(false)) => {
-                    pipe.cap.commit_tail(n);
+                (Output::Read(_), Some(false)) => {
                     self.prefer_stderr = kind == DataKind::Stdout;
                     return;
                 }
@@ -680,6 +682,33 @@ impl Pump<'_, '_, '_> {
             self.link.inbox.consume(consumed);
         }
     }
+}
+
+/// Past its head: reads what the pipe holds into the ring, at most `bound` bytes, several
+/// reads in a row (nothing is sent meanwhile, so no poll is needed between them; a bounded
+/// number, so the other stream and the socket are not kept waiting). `Read` with the bytes
+/// read, else what the first read found.
+fn drain_into_tail(cap: &mut Cap<'_>, fd: BorrowedFd<'_>, mut bound: u64) -> Output {
+    let mut total = 0usize;
+    for _ in 0..16 {
+        let Next::Tail(ring) = cap.next() else {
+            break;
+        };
+        let at_most = usize::try_from(bound).map_or(ring.len(), |b| b.min(ring.len()));
+        let Some(part @ [_, ..]) = ring.get_mut(..at_most) else {
+            break;
+        };
+        match read_pipe(fd, part) {
+            Output::Read(n) => {
+                cap.commit_tail(n);
+                total = total.saturating_add(n);
+                bound = bound.saturating_sub(n as u64);
+            }
+            _ if total > 0 => break,
+            other => return other,
+        }
+    }
+    Output::Read(total)
 }
 
 /// Reads one byte from an output pipe at the policy's output limit, to tell "exactly at the
