@@ -834,6 +834,37 @@ mod tests {
     }
 
     #[test]
+    fn past_its_head_a_stream_drains_into_its_tail_in_a_few_reads() {
+        let (read, write) = pipe();
+        rustix::pipe::fcntl_setpipe_size(&write, 1 << 20).unwrap();
+        rustix::io::ioctl_fionbio(&read, true).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        rustix::io::write(&write, &data).unwrap();
+        let mut ring = vec![0u8; crate::conn::MAX_TAIL].into_boxed_slice();
+        let ring: &mut Ring = (&mut *ring).try_into().unwrap();
+        let mut cap = Cap::new(0, ring);
+        // Within a bound, then at will: 16 reads of at most 64 KiB each time.
+        assert_eq!(
+            drain_into_tail(&mut cap, read.as_fd(), 1000),
+            Output::Read(1000)
+        );
+        assert_eq!(
+            drain_into_tail(&mut cap, read.as_fd(), u64::MAX),
+            Output::Read(299_000)
+        );
+        assert_eq!(
+            drain_into_tail(&mut cap, read.as_fd(), u64::MAX),
+            Output::Empty
+        );
+        drop(write);
+        assert_eq!(
+            drain_into_tail(&mut cap, read.as_fd(), u64::MAX),
+            Output::Eof
+        );
+        assert_eq!((cap.produced(), cap.dropped()), (300_000, 300_000));
+    }
+
+    #[test]
     fn poll_answers_come_back_by_slot() {
         let (read, write) = pipe();
         let (idle, _idle_write) = pipe();
