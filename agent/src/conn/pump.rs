@@ -612,11 +612,13 @@ impl Pump<'_, '_, '_> {
             Received::Nothing => Ok(()),
             // The end of the client's stream while the command runs is a half-close: no more
             // input (stdin ends), the command runs on and its record is still sent. A client
-            // that is really gone shows as POLLHUP or a failed send. A stream that ends in the
-            // middle of a frame was cut off, not closed: a disconnect.
+            // that closed its socket is gone (it refuses even an empty send); one that goes
+            // later shows as POLLHUP (Unix sockets) or a failed send (a keepalive at the
+            // latest). A stream that ends in the middle of a frame was cut off: a disconnect.
             Received::Closed => {
                 let _ = self.session.handle_eof();
-                if !self.session.input_closed() || !self.link.inbox.data().is_empty() {
+                let cut_off = !self.link.inbox.data().is_empty();
+                if !self.session.input_closed() || cut_off || !self.link.peer_receives() {
                     return Err(self.kill(End::ClientGone));
                 }
                 self.close_stdin_if_done();
