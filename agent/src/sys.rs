@@ -800,8 +800,9 @@ pub const MAX_INHERITED_ENV: usize = 1024;
 
 /// Room for argv's pointers and their NULL.
 pub const ARGV_SLOTS: usize = MAX_ARGS + 1;
-/// Room for envp's pointers (the inherited environment, then the request's) and their NULL.
-pub const ENVP_SLOTS: usize = MAX_INHERITED_ENV + MAX_ENV_VARS + 1;
+/// Room for envp's pointers (the inherited environment, the user's `HOME`, `USER`, `LOGNAME`
+/// and `SHELL`, the request's, the default `PATH`) and their NULL.
+pub const ENVP_SLOTS: usize = MAX_INHERITED_ENV + 4 + MAX_ENV_VARS + 1 + 1;
 
 /// One data frame plus room for a control frame queued behind its unsent rest (an error frame
 /// is at most 269 bytes; a hello, 60).

@@ -59,6 +59,16 @@ impl<'s, 'b> Link<'s, 'b> {
         }
     }
 
+    /// Whether the client still takes what we send, after the end of its stream: a
+    /// zero-length send fails (EPIPE, ENOTCONN) once it closed, and succeeds after a mere
+    /// `shutdown(SHUT_WR)`. Poll cannot tell the two apart on vsock, which never reports
+    /// POLLHUP for a peer's close (and `vhost-device-vsock` turns any end of the host's stream
+    /// into a full shutdown).
+    pub fn peer_receives(&self) -> bool {
+        let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+        rustix::net::send(self.sock, &[], flags).is_ok()
+    }
+
     /// Sends what the outbox holds, as far as the socket takes it without blocking.
     pub fn flush(&mut self) -> Result<(), Errno> {
         self.outbox.flush(self.sock)

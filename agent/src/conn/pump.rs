@@ -257,6 +257,12 @@ impl Pump<'_, '_, '_> {
                     Err(_) => End::ClientGone,
                 };
             }
+            // A stream's end still to send has no descriptor to wake the poll: an iteration
+            // taken by a control frame (a keepalive) must not leave it waiting for the next.
+            let ending = |pipe: &OutputPipe<'_>| pipe.ended && !pipe.done();
+            if self.link.outbox.is_empty() && (ending(&self.stdout) || ending(&self.stderr)) {
+                continue;
+            }
             if let Err(end) = self.wait_and_handle() {
                 return end;
             }
@@ -379,9 +385,13 @@ impl Pump<'_, '_, '_> {
                 continue;
             }
             let fd = fd.as_fd();
-            let (output, live) = match (left, pipe.cap.next()) {
+            let head = match pipe.cap.next() {
+                Next::Live(head) => Some(head),
+                Next::Tail(_) => None,
+            };
+            let (output, live) = match (left, head) {
                 (Some(0), _) => (read_one_byte(fd), None),
-                (_, Next::Live(head)) => {
+                (_, Some(head)) => {
                     let at_most = usize::try_from(bound(head)).unwrap_or(MAX_DATA);
                     let outbox = &mut self.link.outbox;
                     (
@@ -389,10 +399,9 @@ impl Pump<'_, '_, '_> {
                         Some(true),
                     )
                 }
-                (_, Next::Tail(ring)) => {
-                    let at_most = usize::try_from(bound(ring.len() as u64)).unwrap_or(0);
-                    let part = ring.get_mut(..at_most).unwrap_or_default();
-                    (read_pipe(fd, part), Some(false))
+                (left, None) => {
+                    let bound = left.unwrap_or(u64::MAX);
+                    (drain_into_tail(&mut pipe.cap, fd, bound), Some(false))
                 }
             };
             match (output, live) {
@@ -410,8 +419,7 @@ impl Pump<'_, '_, '_> {
                     }
                     return;
                 }
-                (Output::Read(n), Some(false)) => {
-                    pipe.cap.commit_tail(n);
+                (Output::Read(_), Some(false)) => {
                     self.prefer_stderr = kind == DataKind::Stdout;
                     return;
                 }
@@ -604,11 +612,13 @@ impl Pump<'_, '_, '_> {
             Received::Nothing => Ok(()),
             // The end of the client's stream while the command runs is a half-close: no more
             // input (stdin ends), the command runs on and its record is still sent. A client
-            // that is really gone shows as POLLHUP or a failed send. A stream that ends in the
-            // middle of a frame was cut off, not closed: a disconnect.
+            // that closed its socket is gone (it refuses even an empty send); one that goes
+            // later shows as POLLHUP (Unix sockets) or a failed send (a keepalive at the
+            // latest). A stream that ends in the middle of a frame was cut off: a disconnect.
             Received::Closed => {
                 let _ = self.session.handle_eof();
-                if !self.session.input_closed() || !self.link.inbox.data().is_empty() {
+                let cut_off = !self.link.inbox.data().is_empty();
+                if !self.session.input_closed() || cut_off || !self.link.peer_receives() {
                     return Err(self.kill(End::ClientGone));
                 }
                 self.close_stdin_if_done();
@@ -674,6 +684,33 @@ impl Pump<'_, '_, '_> {
             self.link.inbox.consume(consumed);
         }
     }
+}
+
+/// Past its head: reads what the pipe holds into the ring, at most `bound` bytes, several
+/// reads in a row (nothing is sent meanwhile, so no poll is needed between them; a bounded
+/// number, so the other stream and the socket are not kept waiting). `Read` with the bytes
+/// read, else what the first read found.
+fn drain_into_tail(cap: &mut Cap<'_>, fd: BorrowedFd<'_>, mut bound: u64) -> Output {
+    let mut total = 0usize;
+    for _ in 0..16 {
+        let Next::Tail(ring) = cap.next() else {
+            break;
+        };
+        let at_most = usize::try_from(bound).map_or(ring.len(), |b| b.min(ring.len()));
+        let Some(part @ [_, ..]) = ring.get_mut(..at_most) else {
+            break;
+        };
+        match read_pipe(fd, part) {
+            Output::Read(n) => {
+                cap.commit_tail(n);
+                total = total.saturating_add(n);
+                bound = bound.saturating_sub(n as u64);
+            }
+            _ if total > 0 => break,
+            other => return other,
+        }
+    }
+    Output::Read(total)
 }
 
 /// Reads one byte from an output pipe at the policy's output limit, to tell "exactly at the
@@ -796,6 +833,37 @@ mod tests {
         assert_eq!(stdin.close(), 3);
         assert_eq!(stdin.buffered(), 0);
         assert_eq!(stdin.write(), Ok(0), "nothing to write to");
+    }
+
+    #[test]
+    fn past_its_head_a_stream_drains_into_its_tail_in_a_few_reads() {
+        let (read, write) = pipe();
+        rustix::pipe::fcntl_setpipe_size(&write, 1 << 20).unwrap();
+        rustix::io::ioctl_fionbio(&read, true).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        rustix::io::write(&write, &data).unwrap();
+        let mut ring = vec![0u8; crate::conn::MAX_TAIL].into_boxed_slice();
+        let ring: &mut Ring = (&mut *ring).try_into().unwrap();
+        let mut cap = Cap::new(0, ring);
+        // Within a bound, then at will: 16 reads of at most 64 KiB each time.
+        assert_eq!(
+            drain_into_tail(&mut cap, read.as_fd(), 1000),
+            Output::Read(1000)
+        );
+        assert_eq!(
+            drain_into_tail(&mut cap, read.as_fd(), u64::MAX),
+            Output::Read(299_000)
+        );
+        assert_eq!(
+            drain_into_tail(&mut cap, read.as_fd(), u64::MAX),
+            Output::Empty
+        );
+        drop(write);
+        assert_eq!(
+            drain_into_tail(&mut cap, read.as_fd(), u64::MAX),
+            Output::Eof
+        );
+        assert_eq!((cap.produced(), cap.dropped()), (300_000, 300_000));
     }
 
     #[test]

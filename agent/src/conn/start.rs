@@ -466,6 +466,68 @@ mod tests {
     }
 
     #[test]
+    fn run_limits_from_the_policy_and_the_request() {
+        let request = ExecRequest {
+            argv: ferry_wire::StrList::new(b"true\0"),
+            env: ferry_wire::StrList::default(),
+            clean_env: false,
+            cwd: None,
+            stdin: StdinMode::Null,
+            user: None,
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
+        };
+        let none = bounds::CommandLimits::NONE;
+        let limits = RunLimits::new(&none, &request, 1_000);
+        assert_eq!(
+            limits,
+            RunLimits {
+                deadline_us: None,
+                max_output: None,
+                timeout_us: None,
+                kill_grace_us: 2_000_000,
+                kill_tree_on_exit: false,
+                cap: u64::MAX,
+                terminal: false,
+            }
+        );
+        let asked = ExecRequest {
+            pty: Some(WindowSize { rows: 1, cols: 1 }),
+            timeout_ms: 1_500,
+            kill_grace_ms: Some(0),
+            kill_tree_on_exit: true,
+            max_output: 100,
+            ..request
+        };
+        let limits = RunLimits::new(&none, &asked, 1_000);
+        assert_eq!(limits.timeout_us, Some(1_501_000));
+        assert_eq!((limits.kill_grace_us, limits.cap), (0, 100));
+        assert!(limits.kill_tree_on_exit && limits.terminal);
+        // The policy's maximum bounds the cap, and is the cap when the request names none.
+        let mut policy = crate::policy::Policy::defaults();
+        policy.max_output = 50;
+        policy.max_runtime_s = 2;
+        let bounded = bounds::CommandLimits::from_policy(&policy);
+        let limits = RunLimits::new(&bounded, &asked, 1_000);
+        assert_eq!((limits.cap, limits.max_output), (50, Some(50)));
+        assert_eq!(limits.deadline_us, Some(2_001_000));
+        assert_eq!(RunLimits::new(&bounded, &request, 0).cap, 50);
+        // Nothing overflows.
+        let huge = ExecRequest {
+            timeout_ms: u64::MAX,
+            max_output: u64::MAX,
+            kill_grace_ms: Some(u32::MAX),
+            ..request
+        };
+        let limits = RunLimits::new(&none, &huge, u64::MAX);
+        assert_eq!(limits.timeout_us, Some(u64::MAX));
+        assert_eq!(limits.cap, u64::MAX);
+    }
+
+    #[test]
     fn a_terminals_stdin_is_a_duplicate_of_its_master() {
         let size = WindowSize { rows: 2, cols: 3 };
         let ends = Ends::terminal(size, StdinMode::Pipe).unwrap();
