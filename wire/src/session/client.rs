@@ -227,10 +227,8 @@ impl ClientSession {
     }
 
     fn liveness_deadline(&self) -> Option<Micros> {
-        let running = matches!(
-            self.operation,
-            Operation::ExecSent | Operation::KillSent | Operation::Running
-        );
+        // Not for a kill-all: the agent does it in one go, without keepalives.
+        let running = matches!(self.operation, Operation::ExecSent | Operation::Running);
         let (_, limits) = self.agent?;
         let interval = u64::from(limits.keepalive_ms).saturating_mul(1000);
         let heard = self.heard_at.filter(|_| running && interval > 0)?;
