@@ -77,6 +77,8 @@ pub struct Commands {
     procs: OwnedFd,
     /// The `memory.max` written (`None`: unlimited, or the kernel refused it).
     memory_max: Option<u64>,
+    /// Commands run in exec cgroups of their own (else in this one itself).
+    exec_cgroups: bool,
 }
 
 static COMMANDS: SetOnce<Commands> = SetOnce::new();
@@ -198,7 +200,7 @@ fn own_pid() -> u32 {
 /// `cgroup.procs` for its command; nothing without the commands' cgroup. A failure is logged:
 /// the command is then refused at its start.
 pub fn make_exec() {
-    let Some(commands) = COMMANDS.get() else {
+    let Some(commands) = COMMANDS.get().filter(|commands| commands.exec_cgroups) else {
         return;
     };
     let mut buf = [0u8; 48];
@@ -434,6 +436,8 @@ pub struct Limits {
     pub pids_max: u32,
     /// `cpu.max` in percent of one CPU; 0 leaves it unlimited.
     pub cpu_max_percent: u32,
+    /// Each exec gets a cgroup of its own (the policy's `exec_cgroups`).
+    pub exec_cgroups: bool,
 }
 
 impl Limits {
@@ -448,6 +452,7 @@ impl Limits {
             memory_max,
             pids_max: policy.pids_max,
             cpu_max_percent: policy.cpu_max_percent,
+            exec_cgroups: policy.exec_cgroups,
         }
     }
 }
@@ -648,13 +653,20 @@ fn make_commands(
     // them all). Each on its own: one the kernel lacks or refuses (a leftover process in a
     // reused cgroup, say) keeps neither the other out, and exec cgroups still hold, and kill,
     // each tree.
-    for (enable, what) in [
-        (
-            b"+cpu".as_slice(),
-            b"cgroup: cannot enable cpu for exec cgroups".as_slice(),
-        ),
-        (b"+memory", b"cgroup: cannot enable memory for exec cgroups"),
-    ] {
+    // Without exec cgroups, commands join this cgroup itself, which may then have no
+    // controller enabled for children (no internal processes): a reused one gives them back.
+    let controllers: [(&[u8], &[u8]); 2] = if limits.exec_cgroups {
+        [
+            (b"+cpu", b"cgroup: cannot enable cpu for exec cgroups"),
+            (b"+memory", b"cgroup: cannot enable memory for exec cgroups"),
+        ]
+    } else {
+        [
+            (b"-cpu", b"cgroup: cannot disable cpu for children"),
+            (b"-memory", b"cgroup: cannot disable memory for children"),
+        ]
+    };
+    for (enable, what) in controllers {
         match write_file(dir.as_fd(), c"cgroup.subtree_control", enable) {
             // Not offered by the parent: a kernel or a delegation without it.
             Ok(()) | Err(Errno::NOENT) => {}
@@ -667,6 +679,7 @@ fn make_commands(
         dir,
         procs,
         memory_max,
+        exec_cgroups: limits.exec_cgroups,
     })
 }
 
@@ -952,6 +965,10 @@ mod tests {
         assert_eq!(limits.memory_max, Some(154 * MIB));
         assert_eq!(limits.pids_max, 4096);
         assert_eq!(limits.cpu_max_percent, 0);
+        assert!(limits.exec_cgroups);
+        policy.exec_cgroups = false;
+        assert!(!Limits::from_policy(&policy, MemInfo::default()).exec_cgroups);
+        policy.exec_cgroups = true;
         assert_eq!(
             Limits::from_policy(&policy, mem(226 * MIB, 10 * MIB)).memory_max,
             None
@@ -1061,6 +1078,7 @@ mod tests {
                 memory_max: Some(64 << 20),
                 pids_max: 7,
                 cpu_max_percent: 50,
+                exec_cgroups: true,
             };
             let pid = agent.id().to_string();
             let commands = setup_in(own.as_fd(), &limits, pid.as_bytes()).unwrap();

@@ -158,10 +158,11 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
     })
 }
 
-/// The slots [`prepare`]'s `env_index` needs for the overrides `env`: twice their entries,
-/// a power of two, at least 16.
+/// The slots [`prepare`]'s `env_index` needs for the overrides `env`: twice their entries (a
+/// trailing one without its NUL included), a power of two, at least 16. The protocol's most
+/// overrides need exactly `2 * MAX_ENV_VARS`.
 pub fn index_slots(env: &[u8]) -> usize {
-    let entries = env.iter().filter(|b| **b == 0).count().saturating_add(1);
+    let entries = env.split_inclusive(|b| *b == 0).count();
     entries.saturating_mul(2).max(16).next_power_of_two()
 }
 
@@ -728,7 +729,18 @@ mod tests {
         assert_eq!(key_at(b"A=1\0BB=2\0C\0", 9), b"C");
         assert_eq!(key_at(b"A=1\0", 99), b"");
         assert_eq!(index_slots(b""), 16);
-        assert_eq!(index_slots(&[0u8; 8]), 32);
+        assert_eq!(index_slots(&[0u8; 8]), 16);
+        assert_eq!(index_slots(&[0u8; 9]), 32);
+        assert_eq!(index_slots(b"A=1\0B=2"), 16, "a trailing entry counts");
+        // The protocol's most overrides fit the mapped index exactly (a refusal at the limit
+        // was found by the host's hostile tests).
+        let most: Vec<u8> = (0..ferry_wire::limits::MAX_ENV_VARS)
+            .flat_map(|i| format!("K{i}=\0").into_bytes())
+            .collect();
+        assert_eq!(index_slots(&most), 2 * ferry_wire::limits::MAX_ENV_VARS);
+        let mut index = vec![0u32; 2 * ferry_wire::limits::MAX_ENV_VARS];
+        let keys = Keys::new(&most, &mut index).unwrap();
+        assert_eq!(keys.last(b"K32767"), Some(most.len() - "K32767=\0".len()));
     }
 
     #[test]
