@@ -541,40 +541,44 @@ fn variant_tags_are_pinned() {
 
 #[test]
 fn data_in_place_matches_encoder() {
+    // Every length-varint width, and timestamps of every varint width (output only).
     for len in [0usize, 1, 127, 128, 16383, 16384, MAX_DATA] {
         let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
-        for (kind, agent_frame) in [
-            (
-                DataKind::Stdout,
-                AgentFrame::Stdout(crate::Output {
-                    at_us: 0,
-                    data: Bytes(&payload),
-                }),
-            ),
-            (
-                DataKind::Stderr,
-                AgentFrame::Stderr(crate::Output {
-                    at_us: 0,
-                    data: Bytes(&payload),
-                }),
-            ),
-        ] {
+        for at_us in [0u64, 1, 127, 128, 1 << 21, u64::from(u32::MAX), u64::MAX] {
+            for (kind, agent_frame) in [
+                (
+                    DataKind::Stdout,
+                    AgentFrame::Stdout(crate::Output {
+                        at_us,
+                        data: Bytes(&payload),
+                    }),
+                ),
+                (
+                    DataKind::Stderr,
+                    AgentFrame::Stderr(crate::Output {
+                        at_us,
+                        data: Bytes(&payload),
+                    }),
+                ),
+            ] {
+                let mut buf = vec![0u8; DATA_HEADROOM + len];
+                buf[DATA_HEADROOM..].copy_from_slice(&payload);
+                let start = frame_data_in_place(&mut buf, kind, len, at_us).unwrap();
+                assert_eq!(
+                    buf[start..],
+                    encode_agent(&agent_frame)[..],
+                    "{kind:?} {len} at {at_us}"
+                );
+            }
+            // Stdin has no timestamp: whatever is passed, the frame is the encoder's.
             let mut buf = vec![0u8; DATA_HEADROOM + len];
             buf[DATA_HEADROOM..].copy_from_slice(&payload);
-            let start = frame_data_in_place(&mut buf, kind, len, 0).unwrap();
+            let start = frame_data_in_place(&mut buf, DataKind::Stdin, len, at_us).unwrap();
             assert_eq!(
                 buf[start..],
-                encode_agent(&agent_frame)[..],
-                "{kind:?} {len}"
+                encode_client(&ClientFrame::Stdin(Bytes(&payload)))[..]
             );
         }
-        let mut buf = vec![0u8; DATA_HEADROOM + len];
-        buf[DATA_HEADROOM..].copy_from_slice(&payload);
-        let start = frame_data_in_place(&mut buf, DataKind::Stdin, len, 0).unwrap();
-        assert_eq!(
-            buf[start..],
-            encode_client(&ClientFrame::Stdin(Bytes(&payload)))[..]
-        );
     }
 }
 
@@ -980,7 +984,7 @@ fn arb_bytes() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
-    (0u8..16).prop_map(|i| {
+    (0u8..17).prop_map(|i| {
         let body = [0x06, i, 0, 0];
         match decode_agent_frame(&body) {
             Ok(AgentFrame::Error(e)) => e.code,
@@ -989,12 +993,106 @@ fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
     })
 }
 
+fn arb_window() -> impl Strategy<Value = Option<WindowSize>> {
+    prop::option::of(
+        (any::<u16>(), any::<u16>()).prop_map(|(rows, cols)| WindowSize { rows, cols }),
+    )
+}
+
+fn arb_ending() -> impl Strategy<Value = Ending> {
+    prop_oneof![
+        Just(Ending::Exited),
+        Just(Ending::TimedOut),
+        Just(Ending::Cancelled),
+        Just(Ending::RuntimeLimit),
+        Just(Ending::OutputLimit),
+    ]
+}
+
+fn arb_tree_kill() -> impl Strategy<Value = TreeKill> {
+    prop_oneof![
+        Just(TreeKill::None),
+        Just(TreeKill::Cgroup),
+        Just(TreeKill::ProcessGroup),
+    ]
+}
+
+fn arb_record() -> impl Strategy<Value = StreamRecord> {
+    (any::<u64>(), any::<u64>()).prop_map(|(bytes, dropped)| StreamRecord { bytes, dropped })
+}
+
+/// The fields a request gained in protocol 3.
+#[derive(Debug, Clone, Copy)]
+struct ExecExtras {
+    pty: Option<WindowSize>,
+    timeout_ms: u64,
+    kill_grace_ms: Option<u32>,
+    kill_tree_on_exit: bool,
+    max_output: u64,
+}
+
+fn arb_exec_extras() -> impl Strategy<Value = ExecExtras> {
+    (
+        arb_window(),
+        any::<u64>(),
+        any::<Option<u32>>(),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(pty, timeout_ms, kill_grace_ms, kill_tree_on_exit, max_output)| ExecExtras {
+                pty,
+                timeout_ms,
+                kill_grace_ms,
+                kill_tree_on_exit,
+                max_output,
+            },
+        )
+}
+
+/// What a termination record carries beyond the status, the duration and the dropped flag.
+#[derive(Debug, Clone, Copy)]
+struct EndExtras {
+    ending: Ending,
+    tree_kill: TreeKill,
+    stdout: StreamRecord,
+    stderr: StreamRecord,
+    pipes_held: bool,
+    oom_killed: bool,
+    peak_memory: u64,
+}
+
+fn arb_end_extras() -> impl Strategy<Value = EndExtras> {
+    (
+        arb_ending(),
+        arb_tree_kill(),
+        arb_record(),
+        arb_record(),
+        any::<(bool, bool)>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(ending, tree_kill, stdout, stderr, (pipes_held, oom_killed), peak_memory)| {
+                EndExtras {
+                    ending,
+                    tree_kill,
+                    stdout,
+                    stderr,
+                    pipes_held,
+                    oom_killed,
+                    peak_memory,
+                }
+            },
+        )
+}
+
 proptest! {
     #[test]
     fn client_frames_round_trip(
-        which in 0u8..6, a in arb_bytes(), b in arb_bytes(), c in arb_bytes(),
+        which in 0u8..10, a in arb_bytes(), b in arb_bytes(), c in arb_bytes(),
         v1 in any::<u16>(), v2 in any::<u16>(), flag in any::<bool>(), has_cwd in any::<bool>(),
-        has_user in any::<bool>(), nonce in any::<[u8; NONCE_LEN]>()
+        has_user in any::<bool>(), nonce in any::<[u8; NONCE_LEN]>(), extras in arb_exec_extras(),
+        small in any::<u8>(), grace in any::<Option<u32>>()
     ) {
         let frame = match which {
             0 => ClientFrame::Hello(ClientHello { magic: MAGIC, min_version: v1, max_version: v2 }),
@@ -1003,16 +1101,23 @@ proptest! {
                 cwd: has_cwd.then_some(Bytes(&c)),
                 stdin: if flag { StdinMode::Pipe } else { StdinMode::Null },
                 user: has_user.then_some(Bytes(&b)),
-                pty: None,
-                timeout_ms: 0,
-                kill_grace_ms: None,
-                kill_tree_on_exit: false,
-                max_output: 0,
+                pty: extras.pty,
+                timeout_ms: extras.timeout_ms,
+                kill_grace_ms: extras.kill_grace_ms,
+                kill_tree_on_exit: extras.kill_tree_on_exit,
+                max_output: extras.max_output,
             }),
             2 => ClientFrame::Stdin(Bytes(&a)),
             3 => ClientFrame::StdinEof,
             4 => ClientFrame::Auth(ClientProof { nonce: ByteArray(nonce), mac: Bytes(&c) }),
-            _ => ClientFrame::KillAll,
+            5 => ClientFrame::KillAll,
+            6 => ClientFrame::Signal(small),
+            7 => ClientFrame::Resize(WindowSize { rows: v1, cols: v2 }),
+            8 => ClientFrame::Cancel(Cancel { grace_ms: grace }),
+            _ => ClientFrame::ExecPart(ExecPart {
+                list: if flag { ListKind::Env } else { ListKind::Argv },
+                data: Bytes(&a),
+            }),
         };
         let bytes = encode_client(&frame);
         let (body, used) = split_frame(&bytes, MAX_FRAME_BODY).unwrap().unwrap();
@@ -1022,14 +1127,15 @@ proptest! {
 
     #[test]
     fn agent_frames_round_trip(
-        which in 0u8..10, a in arb_bytes(), s in "[a-z .]{0,32}", n in any::<u32>(),
+        which in 0u8..12, a in arb_bytes(), s in "[a-z .]{0,32}", n in any::<u32>(),
         big in any::<u64>(), small in any::<u8>(), flag in any::<bool>(), code in arb_error_code(),
-        nonce in any::<[u8; NONCE_LEN]>()
+        nonce in any::<[u8; NONCE_LEN]>(), extras in arb_end_extras()
     ) {
         let frame = match which {
             0 => AgentFrame::Hello(AgentHello {
                 magic: MAGIC, min_version: small as u16, version: n as u16, agent_version: &s,
-                limits: Limits { max_user: n, ..Limits::CURRENT }, nonce: ByteArray(nonce),
+                limits: Limits { max_user: n, keepalive_ms: n / 3, ..Limits::CURRENT },
+                nonce: ByteArray(nonce),
                 security: if flag { Security::Authenticated } else { Security::Insecure },
                 bounds: Bounds {
                     max_runtime_s: big, max_output: big / 2, max_file_size: big / 3,
@@ -1038,28 +1144,33 @@ proptest! {
                 },
             }),
             1 => AgentFrame::Started(Started { pid: n }),
-            2 => AgentFrame::Stdout(crate::Output { at_us: 0, data: Bytes(&a) }),
-            3 => AgentFrame::Stderr(crate::Output { at_us: 0, data: Bytes(&a) }),
+            2 => AgentFrame::Stdout(crate::Output { at_us: big, data: Bytes(&a) }),
+            3 => AgentFrame::Stderr(crate::Output { at_us: big / 3, data: Bytes(&a) }),
             4 => AgentFrame::StdinCredit(n),
             5 => AgentFrame::Exited(Termination {
                 status: if flag { ExitStatus::Code(small) }
                         else { ExitStatus::Signal { number: small, core_dumped: n % 2 == 0 } },
                 duration_us: big,
                 output_dropped: flag,
-                ending: Ending::Exited,
-                tree_kill: TreeKill::None,
-                stdout: StreamRecord::default(),
-                stderr: StreamRecord::default(),
-                pipes_held: false,
-                oom_killed: false,
-                peak_memory: 0,
+                ending: extras.ending,
+                tree_kill: extras.tree_kill,
+                stdout: extras.stdout,
+                stderr: extras.stderr,
+                pipes_held: extras.pipes_held,
+                oom_killed: extras.oom_killed,
+                peak_memory: extras.peak_memory,
             }),
             6 => AgentFrame::Error(ErrorFrame { code, errno: n, message: &s }),
             7 => AgentFrame::Ready(ReadyReport {
                 cid: n, init_started_us: big, modules_us: big / 2, listening_us: big / 3,
             }),
             8 => AgentFrame::Authenticated(AgentProof { mac: ByteArray(nonce) }),
-            _ => AgentFrame::Done(DoneReport { count: n }),
+            9 => AgentFrame::Done(DoneReport { count: n }),
+            10 => AgentFrame::Keepalive,
+            _ => AgentFrame::OutputDropped(Dropped {
+                stream: if flag { Stream::Stderr } else { Stream::Stdout },
+                bytes: big,
+            }),
         };
         let bytes = encode_agent(&frame);
         let (body, used) = split_frame(&bytes, MAX_FRAME_BODY).unwrap().unwrap();
@@ -1078,13 +1189,14 @@ proptest! {
         let _ = split_frame(&bytes, MAX_FRAME_BODY);
     }
 
-    /// Every tag byte beyond the last variant is refused, not misread.
+    /// Every tag byte beyond the last variant is refused, not misread. (Protocol 3 has ten
+    /// client variants and twelve agent ones: `[6, x]` is a signal and `[10]` a keepalive.)
     #[test]
-    fn unknown_tags_are_malformed(tag in 6u8..=255, rest in arb_bytes()) {
+    fn unknown_tags_are_malformed(tag in 10u8..=255, rest in arb_bytes()) {
         let mut body = vec![tag];
         body.extend(rest);
         prop_assert!(decode_client_frame(&body).is_err());
-        if tag >= 10 {
+        if tag >= 12 {
             prop_assert!(decode_agent_frame(&body).is_err());
         }
     }

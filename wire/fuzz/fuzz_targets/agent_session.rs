@@ -1,25 +1,35 @@
 //! The agent's session under arbitrary client bytes, in arbitrary pieces, with the driver's
-//! commands (started, refuse, stdin consumed, child exited, output, finish, timeouts, EOF) in an
-//! order the fuzzer chooses. Beside "no panic", a model of the protocol checks every answer:
-//! which frames are accepted and which are a typed breach, which commands are allowed, and the
-//! agent's own stream (checked frame by frame as it is sent): the hello first and once (it is
-//! queued when the session is made), a proof only for the right client proof (checked against a
-//! `ClientSession` with the same secret) and before anything else it says, `Started` before output, credit never beyond what was consumed, stdin never beyond the window, exactly
-//! one final frame and nothing after it, and after a breach exactly one error frame.
+//! commands (started, refuse, stdin consumed, child exited, output, output dropped, finish with
+//! the driver's facts, timeouts, a half-close) in an order the fuzzer chooses. Beside "no panic",
+//! a model of the protocol checks every answer: which frames are accepted and which are a typed
+//! breach (a request in pieces is checked by a list model of its own, written apart from
+//! `ListCheck`; a signal outside 1–64 is refused), which commands are allowed, every deadline
+//! `poll_timeout` reports (handshake, drain grace, keepalive, final send), and the agent's own
+//! stream (checked frame by frame as it is sent): the hello first and once (it is queued when
+//! the session is made), a proof only for the right client proof (checked against a
+//! `ClientSession` with the same secret) and before anything else it says, `Started` before
+//! output and keepalives, output stamped with the time since the start, a keepalive only when
+//! one was due, credit never beyond what was consumed, stdin never beyond the window, exactly one
+//! final frame and nothing after it (the record counting each stream's bytes and drops), and
+//! after a breach exactly one error frame.
 
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
 use ferry_wire::limits::{HEADER_LEN, NONCE_LEN};
-use ferry_wire::limits::{MAX_DATA, MAX_FRAME, MAX_FRAME_BODY, MAX_MESSAGE, STDIN_WINDOW};
+use ferry_wire::limits::{
+    MAX_ARGS, MAX_ARGV_BYTES, MAX_ARG_LEN, MAX_DATA, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_FRAME,
+    MAX_FRAME_BODY, MAX_MESSAGE, MAX_PATH, MAX_USER, STDIN_WINDOW,
+};
 use ferry_wire::session::{
     AgentAuth, AgentConfig, AgentEvent, AgentSession, ClientAuth, ClientEvent, ClientSession,
-    Micros, OutputPhase, Phase, Refusal, Secret, SessionError,
+    EndFacts, FrameKind, Micros, OutputPhase, Phase, Refusal, Secret, SessionError,
 };
 use ferry_wire::{
-    decode_agent_frame, decode_client_frame, encode_client_frame, split_frame, AgentFrame,
-    ClientFrame, ClientHello, ClientProof, DataKind, DoneReport, ErrorCode, ExitStatus, Limits,
-    StdinMode, DATA_HEADROOM, MAGIC,
+    decode_agent_frame, decode_client_frame, encode_client_frame, split_frame, AgentFrame, Bytes,
+    ClientFrame, ClientHello, ClientProof, DataKind, DoneReport, Ending, ErrorCode, ExecRequest,
+    ExitStatus, Limits, ListKind, StdinMode, Stream, StreamRecord, Termination, TreeKill,
+    DATA_HEADROOM, MAGIC,
 };
 use ferry_wire_fuzz::{arbitrary_steps, split_input, whole_frames};
 use libfuzzer_sys::fuzz_target;
@@ -37,6 +47,44 @@ struct Setup {
     long_version: bool,
     /// An insecure agent (no proof asked for).
     insecure: bool,
+    /// The keepalive interval: 0 the protocol's, 255 none, otherwise this many milliseconds.
+    keepalive: u8,
+    /// Tighter list limits (0: the protocol's): the bytes of either list, in units of 8 bytes.
+    max_list_bytes: u8,
+    /// The longest entry, NUL included (0: the protocol's).
+    max_arg_len: u8,
+}
+
+/// What the driver knows about a command's end ([`EndFacts`]).
+#[derive(Arbitrary, Debug, Clone, Copy)]
+struct Facts {
+    ending: u8,
+    tree_kill: u8,
+    pipes_held: bool,
+    oom_killed: bool,
+    peak_memory: u64,
+}
+
+impl Facts {
+    fn end_facts(self) -> EndFacts {
+        EndFacts {
+            ending: match self.ending % 5 {
+                0 => Ending::Exited,
+                1 => Ending::TimedOut,
+                2 => Ending::Cancelled,
+                3 => Ending::RuntimeLimit,
+                _ => Ending::OutputLimit,
+            },
+            tree_kill: match self.tree_kill % 3 {
+                0 => TreeKill::None,
+                1 => TreeKill::Cgroup,
+                _ => TreeKill::ProcessGroup,
+            },
+            pipes_held: self.pipes_held,
+            oom_killed: self.oom_killed,
+            peak_memory: self.peak_memory,
+        }
+    }
 }
 
 /// One move of the agent's driver.
@@ -56,15 +104,19 @@ enum Step {
     StdinConsumed { share: u8 },
     /// The command exited.
     ChildExited { code: u8, signal: Option<u8> },
-    /// Output read from a pipe (the pump sends control frames first).
-    Output { stderr: bool, len: u32 },
+    /// Output read from a pipe (the pump sends control frames first); `kind` 0 stdout, 1
+    /// stderr, 2 stdin (never output).
+    Output { kind: u8, len: u32 },
+    /// The output cap dropped `bytes` of a stream: the notice goes out in order with the data,
+    /// encoded into a buffer of `room` bytes (0: a whole frame's).
+    Dropped { stderr: bool, bytes: u64, room: u8 },
     /// Some output was lost.
     NoteDropped,
-    /// The pipes are done: queue the termination record.
-    Finish,
+    /// The pipes are done: queue the termination record (`finish`, or `finish_with` facts).
+    Finish { facts: Option<Facts> },
     /// Time passes; the driver checks the deadlines.
     Advance { micros: u32 },
-    /// The client's stream ended.
+    /// The client's stream ended (mid-operation: a half-close).
     Eof,
 }
 
@@ -77,6 +129,9 @@ fuzz_target!(|data: &[u8]| {
         drain_limit: 0,
         long_version: false,
         insecure: false,
+        keepalive: 0,
+        max_list_bytes: 0,
+        max_arg_len: 0,
     });
     let steps: Vec<Step> = arbitrary_steps(&mut u);
     let mut run = Run::new(&setup, wire);
@@ -91,19 +146,28 @@ fuzz_target!(|data: &[u8]| {
         Step::Done { count: 1 },
         Step::StdinConsumed { share: 255 },
         Step::Transmit { room: 0 },
-        Step::Output {
+        Step::Output { kind: 0, len: 3 },
+        Step::Advance { micros: 1 << 20 },
+        Step::Dropped {
             stderr: false,
-            len: 3,
+            bytes: 1000,
+            room: 0,
         },
+        Step::Output { kind: 0, len: 2 },
         Step::ChildExited {
             code: 0,
             signal: None,
         },
-        Step::Output {
-            stderr: true,
-            len: 5,
+        Step::Output { kind: 1, len: 5 },
+        Step::Finish {
+            facts: Some(Facts {
+                ending: 1,
+                tree_kill: 1,
+                pipes_held: true,
+                oom_killed: false,
+                peak_memory: 1 << 20,
+            }),
         },
-        Step::Finish,
         Step::Transmit { room: 0 },
         Step::Eof,
     ] {
@@ -191,6 +255,20 @@ struct Model {
     proof_owed: bool,
     /// A started record is owed (not yet sent).
     started_owed: Option<u32>,
+    /// The client half-closed: the driver reads nothing more.
+    input_closed: bool,
+    /// When the next keepalive is due, while the command runs.
+    next_keepalive: Option<Micros>,
+    /// A keepalive is owed (not yet sent).
+    keepalive_owed: bool,
+    /// The end of the post-exit grace period was handled.
+    grace_over: bool,
+    /// What each stream produced and dropped, as the driver reported it.
+    stdout: StreamRecord,
+    stderr: StreamRecord,
+    /// The pieces of the request received so far.
+    argv_parts: Vec<u8>,
+    env_parts: Vec<u8>,
 }
 
 /// The agent's stream as a client sees it.
@@ -212,6 +290,18 @@ impl<'a> Run<'a> {
         }
         if setup.max_args != 0 {
             limits.max_args = u32::from(setup.max_args);
+        }
+        limits.keepalive_ms = match setup.keepalive {
+            0 => limits.keepalive_ms,
+            255 => 0,
+            n => u32::from(n),
+        };
+        if setup.max_list_bytes != 0 {
+            limits.max_argv_bytes = u32::from(setup.max_list_bytes) * 8;
+            limits.max_env_bytes = u32::from(setup.max_list_bytes) * 8;
+        }
+        if setup.max_arg_len != 0 {
+            limits.max_arg_len = u32::from(setup.max_arg_len);
         }
         let config = AgentConfig {
             agent_version: if setup.long_version {
@@ -261,6 +351,14 @@ impl<'a> Run<'a> {
                 hello_owed: true,
                 proof_owed: false,
                 started_owed: None,
+                input_closed: false,
+                next_keepalive: None,
+                keepalive_owed: false,
+                grace_over: false,
+                stdout: StreamRecord::default(),
+                stderr: StreamRecord::default(),
+                argv_parts: Vec::new(),
+                env_parts: Vec::new(),
             },
             sent: Vec::new(),
             checked: 0,
@@ -303,6 +401,7 @@ impl<'a> Run<'a> {
                     self.model.state = State::Running;
                     self.model.started_at = self.now;
                     self.model.started_owed = Some(pid);
+                    self.model.next_keepalive = self.keepalive_after(self.now);
                 } else {
                     assert_eq!(result, Err(SessionError::InvalidState));
                 }
@@ -352,27 +451,36 @@ impl<'a> Run<'a> {
                     assert_eq!(result, Err(SessionError::InvalidState));
                 }
             }
-            Step::Output { stderr, len } => self.output(stderr, len),
+            Step::Output { kind, len } => self.output(kind, len),
+            Step::Dropped {
+                stderr,
+                bytes,
+                room,
+            } => self.dropped(stderr, bytes, room),
             Step::NoteDropped => {
                 self.session.note_output_dropped();
                 self.model.dropped = true;
             }
-            Step::Finish => {
-                let result = self.session.finish(self.now);
+            Step::Finish { facts } => {
+                let end_facts = facts.map_or(EndFacts::EXITED, Facts::end_facts);
+                let result = match facts {
+                    None => self.session.finish(self.now),
+                    Some(_) => self.session.finish_with(self.now, end_facts),
+                };
                 match (self.model.state, self.model.exit) {
                     (State::Running, Some((status, ended))) => {
                         assert_eq!(result, Ok(()));
-                        self.model.owed_final = Some(AgentFrame::Exited(ferry_wire::Termination {
+                        self.model.owed_final = Some(AgentFrame::Exited(Termination {
                             status,
                             duration_us: ended.saturating_sub(self.model.started_at),
                             output_dropped: self.model.dropped,
-                            ending: ferry_wire::Ending::Exited,
-                            tree_kill: ferry_wire::TreeKill::None,
-                            stdout: ferry_wire::StreamRecord::default(),
-                            stderr: ferry_wire::StreamRecord::default(),
-                            pipes_held: false,
-                            oom_killed: false,
-                            peak_memory: 0,
+                            ending: end_facts.ending,
+                            tree_kill: end_facts.tree_kill,
+                            stdout: self.model.stdout,
+                            stderr: self.model.stderr,
+                            pipes_held: end_facts.pipes_held,
+                            oom_killed: end_facts.oom_killed,
+                            peak_memory: end_facts.peak_memory,
                         }));
                         self.enter_closing();
                     }
@@ -382,30 +490,63 @@ impl<'a> Run<'a> {
             Step::Advance { micros } => self.advance(micros),
             Step::Eof => {
                 let result = self.session.handle_eof();
+                assert_eq!(result, Ok(()), "an end of stream is never an error");
                 match self.model.state {
-                    State::Starting | State::Running | State::Operating => assert!(
-                        matches!(
-                            result,
-                            Err(SessionError::Disconnected {
-                                mid_frame: false,
-                                ..
-                            })
-                        ),
-                        "{result:?}"
-                    ),
-                    _ => assert_eq!(result, Ok(())),
+                    // Mid-operation: no more input (stdin ends with it), the command runs on,
+                    // its output and its record are still owed.
+                    State::Starting | State::Running | State::Operating => {
+                        self.model.input_closed = true;
+                        self.model.stdin_eof = true;
+                    }
+                    // Before a request, a health check; while closing, the end. Nothing is owed
+                    // to a client that is gone, but the session may still offer what it had
+                    // queued; the stream check below holds whatever it sends.
+                    _ => self.model.state = State::Closed,
                 }
-                self.model.state = State::Closed;
-                // Nothing is owed to a client that is gone, but the session may still offer
-                // what it had queued; the stream check below holds whatever it sends.
             }
         }
+        assert_eq!(self.session.input_closed(), self.model.input_closed);
+        assert_eq!(
+            self.session.stdin_open(),
+            self.model.stdin_piped && !self.model.stdin_eof
+        );
+        assert_eq!(self.session.poll_timeout(), self.expected_timeout());
         self.check_output_phase();
     }
 
     fn enter_closing(&mut self) {
         self.model.state = State::Closing;
         self.model.deadline = Some(self.now.saturating_add(self.config.final_send_timeout));
+        self.model.keepalive_owed = false;
+        self.model.next_keepalive = None;
+    }
+
+    fn keepalive_after(&self, now: Micros) -> Option<Micros> {
+        let interval = u64::from(self.config.limits.keepalive_ms) * 1000;
+        (interval > 0).then(|| now.saturating_add(interval))
+    }
+
+    /// The end of the post-exit grace period, until it was handled.
+    fn grace_deadline(&self) -> Option<Micros> {
+        match self.model.exit {
+            Some((_, ended)) if !self.model.grace_over => {
+                Some(ended.saturating_add(self.config.drain_grace))
+            }
+            _ => None,
+        }
+    }
+
+    /// What `poll_timeout` must say: the handshake's or the final send's deadline, or while
+    /// the command runs the earlier of the grace period's end and the next keepalive.
+    fn expected_timeout(&self) -> Option<Micros> {
+        match self.model.state {
+            State::Running => match (self.grace_deadline(), self.model.next_keepalive) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            State::Starting | State::Operating | State::Closed => None,
+            _ => self.model.deadline,
+        }
     }
 
     /// A breach, a refusal or a handshake timeout: one error frame, then nothing.
@@ -429,7 +570,7 @@ impl<'a> Run<'a> {
         };
         self.inbox.extend_from_slice(&rest[..take]);
         self.received += take;
-        if self.model.state == State::Closed {
+        if self.model.state == State::Closed || self.model.input_closed {
             // The driver stopped reading.
             return;
         }
@@ -514,7 +655,7 @@ impl<'a> Run<'a> {
                 ErrorCode::ProtocolViolation,
             )
         };
-        let kind = frame_kind(&frame);
+        let kind = FrameKind::of_client(&frame);
         let stdin_open = self.model.stdin_piped && !self.model.stdin_eof;
         match (self.model.state, frame) {
             (State::AwaitHello, ClientFrame::Hello(hello)) => {
@@ -540,15 +681,21 @@ impl<'a> Run<'a> {
             }
             (State::AwaitAuth, _) => unauthenticated(),
             (State::AwaitRequest, ClientFrame::KillAll) => Expect::Event(used),
+            (State::AwaitRequest, ClientFrame::ExecPart(part)) => {
+                let limits = ListLimits::new(part.list, &self.config.limits);
+                let before = match part.list {
+                    ListKind::Argv => &self.model.argv_parts,
+                    ListKind::Env => &self.model.env_parts,
+                };
+                match limits.check(before, part.data.0, false) {
+                    Ok(()) => Expect::Event(used),
+                    Err(err) => request_breach(err),
+                }
+            }
             (State::AwaitRequest, ClientFrame::Exec(request)) => {
-                match request.validate_within(&self.config.limits) {
-                    Ok(_) => Expect::Event(used),
-                    Err(err) => Expect::Breach(
-                        SessionError::InvalidRequest {
-                            message: err.message,
-                        },
-                        err.code,
-                    ),
+                match self.request_error(&request) {
+                    None => Expect::Event(used),
+                    Some(err) => request_breach(err),
                 }
             }
             (State::Starting | State::Running, ClientFrame::Stdin(data)) if stdin_open => {
@@ -560,6 +707,16 @@ impl<'a> Run<'a> {
                 }
             }
             (State::Starting | State::Running, ClientFrame::StdinEof) if stdin_open => {
+                Expect::Event(used)
+            }
+            (State::Starting | State::Running, ClientFrame::Signal(number)) => {
+                if (1..=64).contains(&number) {
+                    Expect::Event(used)
+                } else {
+                    request_breach((ErrorCode::InvalidRequest, "no such signal"))
+                }
+            }
+            (State::Starting | State::Running, ClientFrame::Resize(_) | ClientFrame::Cancel(_)) => {
                 Expect::Event(used)
             }
             _ => unexpected(kind),
@@ -632,8 +789,20 @@ impl<'a> Run<'a> {
             AgentEvent::Exec(valid) => {
                 assert_eq!(self.model.state, State::AwaitRequest);
                 let request = valid.request();
+                assert_eq!(
+                    valid.has_parts(),
+                    !self.model.argv_parts.is_empty() || !self.model.env_parts.is_empty()
+                );
+                // The whole request (the pieces, then the exec's own lists) is valid by ours.
+                let argv = [&self.model.argv_parts[..], request.argv.as_bytes()].concat();
+                let env = [&self.model.env_parts[..], request.env.as_bytes()].concat();
+                let whole = ExecRequest {
+                    argv: ferry_wire::StrList::new(&argv),
+                    env: ferry_wire::StrList::new(&env),
+                    ..*request
+                };
                 assert!(
-                    request.validate().is_ok(),
+                    whole.validate().is_ok(),
                     "a valid exec is valid by ours too"
                 );
                 self.model.state = State::Starting;
@@ -650,6 +819,20 @@ impl<'a> Run<'a> {
             AgentEvent::StdinEof => {
                 assert!(self.model.stdin_piped && !self.model.stdin_eof);
                 self.model.stdin_eof = true;
+            }
+            AgentEvent::ExecPart { list, data } => {
+                assert_eq!(self.model.state, State::AwaitRequest);
+                match list {
+                    ListKind::Argv => self.model.argv_parts.extend_from_slice(data),
+                    ListKind::Env => self.model.env_parts.extend_from_slice(data),
+                }
+            }
+            AgentEvent::Signal(number) => {
+                assert!(matches!(self.model.state, State::Starting | State::Running));
+                assert!((1..=64).contains(&number), "signal {number}");
+            }
+            AgentEvent::Resize(_) | AgentEvent::Cancel { .. } => {
+                assert!(matches!(self.model.state, State::Starting | State::Running));
             }
         }
     }
@@ -670,6 +853,7 @@ impl<'a> Run<'a> {
                     // Nothing queued, so nothing owed.
                     assert!(!self.model.hello_owed && self.model.started_owed.is_none());
                     assert!(!self.model.proof_owed, "a proof withheld");
+                    assert!(!self.model.keepalive_owed, "a keepalive withheld");
                     assert!(self.model.owed_final.is_none(), "a final frame withheld");
                 }
                 // With room for everything, consumed stdin is credited back in full once all of
@@ -691,7 +875,7 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn output(&mut self, stderr: bool, len: u32) {
+    fn output(&mut self, kind: u8, len: u32) {
         // Like the pump: control frames first, one frame in flight.
         let before = self.sent.len();
         self.transmit(0);
@@ -699,17 +883,17 @@ impl<'a> Run<'a> {
             return;
         }
         let len = (len as usize) % (MAX_DATA + 2);
-        let kind = if stderr {
-            DataKind::Stderr
-        } else {
-            DataKind::Stdout
+        let kind = match kind % 3 {
+            0 => DataKind::Stdout,
+            1 => DataKind::Stderr,
+            _ => DataKind::Stdin,
         };
         let mut buf = vec![0u8; DATA_HEADROOM + len];
         for (i, byte) in buf[DATA_HEADROOM..].iter_mut().enumerate() {
             *byte = i as u8;
         }
-        let result = self.session.frame_output(&mut buf, kind, len);
-        if self.model.state != State::Running {
+        let result = self.session.frame_output(&mut buf, kind, len, self.now);
+        if self.model.state != State::Running || kind == DataKind::Stdin {
             assert_eq!(result, Err(SessionError::InvalidState));
             return;
         }
@@ -718,13 +902,76 @@ impl<'a> Run<'a> {
             return;
         }
         let start = result.expect("output while running");
+        // Stamped with the time since the command started.
+        let (body, used) = split_frame(&buf[start..], MAX_FRAME_BODY)
+            .expect("within the limit")
+            .expect("a whole frame");
+        assert_eq!(used, buf.len() - start);
+        let at_us = self.now.saturating_sub(self.model.started_at);
+        match decode_agent_frame(body).expect("an output frame") {
+            AgentFrame::Stdout(out) if kind == DataKind::Stdout => {
+                assert_eq!((out.at_us, out.data.0.len()), (at_us, len))
+            }
+            AgentFrame::Stderr(out) if kind == DataKind::Stderr => {
+                assert_eq!((out.at_us, out.data.0.len()), (at_us, len))
+            }
+            other => panic!("{kind:?} framed as {other:?}"),
+        }
         self.sent.extend_from_slice(&buf[start..]);
+        let record = match kind {
+            DataKind::Stderr => &mut self.model.stderr,
+            _ => &mut self.model.stdout,
+        };
+        record.bytes = record.bytes.saturating_add(len as u64);
         if self.model.exit.is_some() {
             self.model.drained += len as u64;
             if self.model.drained > self.config.drain_limit as u64 {
                 self.model.dropped = true;
             }
         }
+        self.check_stream();
+    }
+
+    fn dropped(&mut self, stderr: bool, bytes: u64, room: u8) {
+        // In order with the data: after the control frames, one frame in flight.
+        let before = self.sent.len();
+        self.transmit(0);
+        if self.sent.len() > before {
+            return;
+        }
+        let stream = if stderr {
+            Stream::Stderr
+        } else {
+            Stream::Stdout
+        };
+        let room = if room == 0 {
+            MAX_FRAME
+        } else {
+            usize::from(room % 16)
+        };
+        let mut out = vec![0u8; room];
+        let result = self.session.encode_output_dropped(stream, bytes, &mut out);
+        if self.model.state != State::Running {
+            assert_eq!(result, Err(SessionError::InvalidState));
+            return;
+        }
+        let n = match result {
+            Ok(n) => n,
+            Err(err) => {
+                // Nothing counted when nothing was encoded.
+                assert_eq!(err, SessionError::BufferTooSmall);
+                assert!(room < 16);
+                return;
+            }
+        };
+        self.sent.extend_from_slice(&out[..n]);
+        let record = match stream {
+            Stream::Stderr => &mut self.model.stderr,
+            Stream::Stdout => &mut self.model.stdout,
+        };
+        record.bytes = record.bytes.saturating_add(bytes);
+        record.dropped = record.dropped.saturating_add(bytes);
+        self.model.dropped |= bytes > 0;
         self.check_stream();
     }
 
@@ -749,6 +996,17 @@ impl<'a> Run<'a> {
             State::Closing if expired => {
                 assert_eq!(result, Err(SessionError::TimedOut { phase: Phase::Done }));
                 self.model.state = State::Closed;
+            }
+            State::Running => {
+                assert_eq!(result, Ok(()));
+                if let Some((_, ended)) = self.model.exit {
+                    self.model.grace_over |=
+                        self.now >= ended.saturating_add(self.config.drain_grace);
+                }
+                if self.model.next_keepalive.is_some_and(|due| self.now >= due) {
+                    self.model.keepalive_owed = true;
+                    self.model.next_keepalive = self.keepalive_after(self.now);
+                }
             }
             _ => assert_eq!(result, Ok(())),
         }
@@ -831,6 +1089,17 @@ impl<'a> Run<'a> {
                 AgentFrame::Stdout(_) | AgentFrame::Stderr(_) => {
                     assert!(self.stream.started, "output before Started");
                 }
+                AgentFrame::OutputDropped(_) => {
+                    assert!(
+                        self.stream.started,
+                        "an output-dropped notice before Started"
+                    );
+                }
+                AgentFrame::Keepalive => {
+                    assert!(self.stream.started, "a keepalive before Started");
+                    assert!(self.model.keepalive_owed, "a keepalive that was not due");
+                    self.model.keepalive_owed = false;
+                }
                 AgentFrame::StdinCredit(n) => {
                     assert!(self.stream.started, "credit before Started");
                     assert!(n > 0, "empty credit");
@@ -884,9 +1153,138 @@ impl<'a> Run<'a> {
         assert!(!self.model.hello_owed && self.model.started_owed.is_none());
         assert!(!self.model.proof_owed);
         assert!(
+            !self.model.keepalive_owed,
+            "a keepalive owed and never sent"
+        );
+        assert!(
             self.session.is_closed() || !self.closing(),
             "closing with nothing to send"
         );
+    }
+}
+
+/// A refused request: its code and message.
+type RequestRefusal = (ErrorCode, &'static str);
+
+const LIMIT: RequestRefusal = (
+    ErrorCode::LimitExceeded,
+    "request exceeds the agent's limits",
+);
+const NOT_KEY_VALUE: RequestRefusal = (
+    ErrorCode::InvalidRequest,
+    "environment entry is not KEY=VALUE",
+);
+
+fn request_breach((code, message): RequestRefusal) -> Expect {
+    Expect::Breach(SessionError::InvalidRequest { message }, code)
+}
+
+/// The rules of a packed list, written apart from `ListCheck` (which checks as pieces arrive):
+/// here the whole list so far is scanned again at every piece, and the first rule broken, in
+/// the list's order, is the answer.
+struct ListLimits {
+    kind: ListKind,
+    bytes: usize,
+    entries: usize,
+    entry: usize,
+}
+
+impl ListLimits {
+    fn new(kind: ListKind, limits: &Limits) -> ListLimits {
+        let within = |limit: u32, ours: usize| (limit as usize).min(ours);
+        let (bytes, entries) = match kind {
+            ListKind::Argv => (
+                within(limits.max_argv_bytes, MAX_ARGV_BYTES),
+                within(limits.max_args, MAX_ARGS),
+            ),
+            ListKind::Env => (
+                within(limits.max_env_bytes, MAX_ENV_BYTES),
+                within(limits.max_env_vars, MAX_ENV_VARS),
+            ),
+        };
+        ListLimits {
+            kind,
+            bytes,
+            entries,
+            entry: within(limits.max_arg_len, MAX_ARG_LEN),
+        }
+    }
+
+    /// Whether `piece` after `before` (which passed) keeps the list within the rules; with
+    /// `last`, the list ends with it.
+    fn check(&self, before: &[u8], piece: &[u8], last: bool) -> Result<(), RequestRefusal> {
+        // The byte count is checked before the piece is looked at.
+        if before.len() + piece.len() > self.bytes {
+            return Err(LIMIT);
+        }
+        let whole = [before, piece].concat();
+        let mut entries = 0;
+        for entry in whole.split_inclusive(|b| *b == 0) {
+            let (text, ended) = match entry.split_last() {
+                Some((0, text)) => (text, true),
+                _ => (entry, false),
+            };
+            entries += 1;
+            if entries > self.entries {
+                return Err(LIMIT);
+            }
+            if self.kind == ListKind::Env && text.first() == Some(&b'=') {
+                return Err(NOT_KEY_VALUE);
+            }
+            if text.len() + usize::from(ended) > self.entry {
+                return Err(LIMIT);
+            }
+            if ended && self.kind == ListKind::Argv && entries == 1 && text.is_empty() {
+                return Err((ErrorCode::InvalidRequest, "argv[0] is empty"));
+            }
+            if ended && self.kind == ListKind::Env && !text.contains(&b'=') {
+                return Err(NOT_KEY_VALUE);
+            }
+        }
+        if last && whole.last().is_some_and(|b| *b != 0) {
+            return Err((
+                ErrorCode::InvalidRequest,
+                "list entry without NUL terminator",
+            ));
+        }
+        if last && self.kind == ListKind::Argv && entries == 0 {
+            return Err((ErrorCode::InvalidRequest, "argv is empty"));
+        }
+        Ok(())
+    }
+}
+
+impl Run<'_> {
+    /// Why the agent must refuse `request` after the pieces received, if it must: its lists
+    /// (argv, then the environment), then the user, then the working directory.
+    fn request_error(&self, request: &ExecRequest<'_>) -> Option<RequestRefusal> {
+        let limits = &self.config.limits;
+        let argv = ListLimits::new(ListKind::Argv, limits);
+        let env = ListLimits::new(ListKind::Env, limits);
+        if let Err(err) = argv.check(&self.model.argv_parts, request.argv.as_bytes(), true) {
+            return Some(err);
+        }
+        if let Err(err) = env.check(&self.model.env_parts, request.env.as_bytes(), true) {
+            return Some(err);
+        }
+        let within = |limit: u32, ours: usize| (limit as usize).min(ours);
+        if let Some(Bytes(user)) = request.user {
+            if user.len() > within(limits.max_user, MAX_USER) {
+                return Some(LIMIT);
+            }
+            if user.is_empty() || user.contains(&0) {
+                return Some((ErrorCode::InvalidRequest, "user is empty or contains NUL"));
+            }
+        }
+        if let Some(Bytes(cwd)) = request.cwd {
+            if cwd.len() > within(limits.max_path, MAX_PATH) {
+                return Some(LIMIT);
+            }
+            if cwd.is_empty() || cwd.contains(&0) {
+                return Some((ErrorCode::InvalidRequest, "cwd is empty or contains NUL"));
+            }
+        }
+        None
     }
 }
 
@@ -904,20 +1302,8 @@ enum Expect {
     Breach(SessionError, ErrorCode),
 }
 
-fn frame_kind(frame: &ClientFrame<'_>) -> ferry_wire::session::FrameKind {
-    use ferry_wire::session::FrameKind;
-    match frame {
-        ClientFrame::Hello(_) => FrameKind::Hello,
-        ClientFrame::Exec(_) => FrameKind::Exec,
-        ClientFrame::Stdin(_) => FrameKind::Stdin,
-        ClientFrame::StdinEof => FrameKind::StdinEof,
-        ClientFrame::Auth(_) => FrameKind::Auth,
-        ClientFrame::KillAll => FrameKind::KillAll,
-    }
-}
-
 fn error_code(n: u8) -> ErrorCode {
-    const CODES: [ErrorCode; 16] = [
+    const CODES: [ErrorCode; 17] = [
         ErrorCode::UnsupportedVersion,
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
@@ -934,6 +1320,7 @@ fn error_code(n: u8) -> ErrorCode {
         ErrorCode::Internal,
         ErrorCode::Unauthenticated,
         ErrorCode::Unsupported,
+        ErrorCode::ArgumentsTooLong,
     ];
     CODES[usize::from(n) % CODES.len()]
 }

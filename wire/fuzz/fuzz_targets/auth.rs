@@ -2,9 +2,9 @@
 //! hello, and whatever comes next must not get past it without the right proof. The expected
 //! opening (our hello and proof) is what a `ClientSession` with the same secret and nonce sends
 //! after that hello; only a stream starting with exactly those bytes may bring
-//! `AgentEvent::Authenticated` (and so `KillAll` or `Exec`). Every refusal after the client's
-//! hello was accepted is the one `Unauthenticated` error frame, byte for byte the same, and
-//! nothing else is sent.
+//! `AgentEvent::Authenticated` (and so `KillAll`, `Exec` or a piece of one). Every refusal after
+//! the client's hello was accepted is the one `Unauthenticated` error frame, byte for byte the
+//! same, and nothing else is sent.
 //!
 //! The input's first byte picks how the stream is made, so the fuzzer works near the opening
 //! too: the bytes as they are; the opening followed by them; the opening cut short, then them;
@@ -85,6 +85,13 @@ fuzz_target!(|data: &[u8]| {
                         assert!(authenticated && right, "an operation without the proof");
                         // Accepted requests are the driver's; nothing more is read.
                         break;
+                    }
+                    // A piece of a request comes before it, after the proof alone.
+                    Some(AgentEvent::ExecPart { .. }) => {
+                        assert!(
+                            authenticated && right,
+                            "a piece of a request without the proof"
+                        );
                     }
                     Some(event) => panic!("{event:?} before an operation"),
                     None => {}

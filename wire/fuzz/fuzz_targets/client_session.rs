@@ -1,10 +1,14 @@
 //! The client's session under arbitrary agent bytes, in arbitrary pieces, with the host's
-//! commands (start an exec, send stdin by copy or in place, close stdin, timeouts, EOF) in an
-//! order the fuzzer chooses. Beside "no panic", a model of the protocol checks which frames are
-//! accepted and which are a typed error, that every event says what its frame said, that nothing
-//! is accepted after the end or after an error, and the client's own stream: the hello (and its
-//! proof) only after the agent's hello, and once, one operation, stdin only while piped and open
-//! and never beyond the credit granted.
+//! commands (start an exec — sometimes one large enough to go in pieces —, send stdin by copy or
+//! in place, close stdin, signal, resize, cancel, timeouts, EOF) in an order the fuzzer chooses.
+//! Beside "no panic", a model of the protocol checks which frames are accepted and which are a
+//! typed error, that every event says what its frame said (output's timestamp included), that
+//! nothing is accepted after the end or after an error, the deadlines `poll_timeout` reports
+//! (the handshake's, then the agent's liveness: three keepalive intervals after it was last
+//! heard, `AgentSilent` when they pass), and the client's own stream: the hello (and its proof)
+//! only after the agent's hello, and once, one operation, a request's pieces before it and
+//! adding up to it byte for byte, controls only for a running exec, stdin only while piped and
+//! open and never beyond the credit granted.
 //!
 //! The agent's stream is the fuzzer's. A secure client (the default) holds the golden
 //! transcripts' secret and client nonce, so a seeded stream's hello and proof are the right ones;
@@ -15,6 +19,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
+use ferry_wire::limits::MAX_INLINE_LIST;
 use ferry_wire::limits::{
     HEADER_LEN, MAX_DATA, MAX_FRAME, MAX_FRAME_BODY, NONCE_LEN, STDIN_WINDOW,
 };
@@ -23,9 +28,9 @@ use ferry_wire::session::{
     FrameKind, Micros, Phase, Secret, SessionError,
 };
 use ferry_wire::{
-    decode_agent_frame, decode_client_frame, split_frame, AgentFrame, Bytes, ClientFrame,
-    ClientHello, ExecRequest, Limits, Security, StdinMode, StrList, DATA_HEADROOM, MAGIC,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    decode_agent_frame, decode_client_frame, encode_client_frame, split_frame, AgentFrame, Bytes,
+    Cancel, ClientFrame, ClientHello, ExecRequest, Limits, ListKind, Security, StdinMode, StrList,
+    WindowSize, DATA_HEADROOM, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use ferry_wire_fuzz::{arbitrary_steps, split_input, whole_frames};
 use libfuzzer_sys::fuzz_target;
@@ -33,12 +38,21 @@ use libfuzzer_sys::fuzz_target;
 /// One move of the host's driver.
 #[derive(Arbitrary, Debug)]
 enum Step {
-    /// Receive the next `len` bytes of the agent's stream and handle every whole frame.
-    Receive { len: u16 },
+    /// Receive the next `len` bytes of the agent's stream and handle every whole frame (`timed`:
+    /// with `handle_input_at`, so the agent counts as heard now).
+    Receive { len: u16, timed: bool },
     /// `poll_transmit` into a buffer of `room` bytes (0: a whole frame's).
     Transmit { room: u16 },
-    /// Start an exec: which request, into a buffer of `room` bytes (0: a whole frame's).
-    StartExec { request: u8, pipe: bool, room: u16 },
+    /// Start an exec: which request, into a buffer of `room` bytes (0: what
+    /// `exec_buffer_len` says). `size` and `shape` may make one list large (see
+    /// `request_lists`); `shape` also picks the rest of the request (a terminal, timeouts).
+    StartExec {
+        request: u8,
+        pipe: bool,
+        room: u16,
+        size: u16,
+        shape: u8,
+    },
     /// Start a kill-all into a buffer of `room` bytes (0: a whole frame's).
     StartKillAll { room: u16 },
     /// Send `len` bytes of stdin by copy into a buffer of `room` bytes (0: a whole frame's).
@@ -47,6 +61,12 @@ enum Step {
     FrameStdin { len: u32 },
     /// Close stdin.
     CloseStdin,
+    /// Send a signal into a buffer of `room` bytes (0: a whole frame's).
+    Signal { number: u8, room: u8 },
+    /// Send a new terminal size.
+    Resize { rows: u16, cols: u16, room: u8 },
+    /// Cancel the command.
+    Cancel { grace_ms: Option<u32>, room: u8 },
     /// Time passes; the driver checks the deadline.
     Advance { micros: u32 },
     /// The agent's stream ended.
@@ -72,12 +92,23 @@ fuzz_target!(|data: &[u8]| {
             request: 0,
             pipe: true,
             room: 0,
+            size: 0,
+            shape: 0,
         },
         Step::Transmit { room: 0 },
-        Step::Receive { len: 0 },
+        Step::Receive {
+            len: 0,
+            timed: true,
+        },
         Step::SendStdin { len: 10, room: 0 },
+        Step::Signal { number: 2, room: 0 },
         Step::CloseStdin,
         Step::Transmit { room: 0 },
+        Step::Advance { micros: 1 << 20 },
+        Step::Cancel {
+            grace_ms: None,
+            room: 0,
+        },
         Step::Eof,
     ] {
         run.step(step);
@@ -154,6 +185,15 @@ struct Run<'a> {
     stream_eof: bool,
     stdin_total: u64,
     credit_granted: u64,
+    /// The running exec has a terminal.
+    pty: bool,
+    /// When the agent was last heard (`handle_input_at`).
+    heard_at: Option<Micros>,
+    /// The lists of the exec request started, to check the stream's pieces against.
+    exec_lists: Option<(Vec<u8>, Vec<u8>)>,
+    /// The pieces of each list seen on the stream so far.
+    stream_argv: Vec<u8>,
+    stream_env: Vec<u8>,
 }
 
 impl<'a> Run<'a> {
@@ -202,6 +242,11 @@ impl<'a> Run<'a> {
             stream_eof: false,
             stdin_total: 0,
             credit_granted: 0,
+            pty: false,
+            heard_at: None,
+            exec_lists: None,
+            stream_argv: Vec::new(),
+            stream_env: Vec::new(),
         }
     }
 
@@ -230,14 +275,24 @@ impl<'a> Run<'a> {
             0
         };
         assert_eq!(self.session.stdin_credit() as u64, credit);
+        assert_eq!(self.session.poll_timeout(), self.expected_timeout());
         match step {
-            Step::Receive { len } => self.receive(len),
+            Step::Receive { len, timed } => self.receive(len, timed),
             Step::Transmit { room } => self.transmit(room),
             Step::StartExec {
                 request,
                 pipe,
                 room,
-            } => self.start_exec(request, pipe, room),
+                size,
+                shape,
+            } => self.start_exec(request, pipe, room, size, shape),
+            Step::Signal { number, room } => self.control(ClientFrame::Signal(number), room),
+            Step::Resize { rows, cols, room } => {
+                self.control(ClientFrame::Resize(WindowSize { rows, cols }), room)
+            }
+            Step::Cancel { grace_ms, room } => {
+                self.control(ClientFrame::Cancel(Cancel { grace_ms }), room)
+            }
             Step::StartKillAll { room } => self.start_kill_all(room),
             Step::SendStdin { len, room } => self.send_stdin(len, room),
             Step::FrameStdin { len } => self.frame_stdin(len),
@@ -254,26 +309,26 @@ impl<'a> Run<'a> {
             }
             Step::Advance { micros } => {
                 self.now = self.now.saturating_add(u64::from(micros) * 4);
-                let armed = !self.authenticated && !self.failed;
-                let expired = armed && self.hello_deadline.is_some_and(|d| self.now >= d);
+                let expired = self.expected_timeout().is_some_and(|d| self.now >= d);
                 let result = self.session.handle_timeout(self.now);
                 if expired {
-                    assert_eq!(
-                        result,
-                        Err(SessionError::TimedOut {
-                            phase: Phase::Hello
-                        })
-                    );
+                    // The handshake's deadline until the agent proved itself, then its
+                    // liveness: silent for three keepalive intervals.
+                    let expected = if self.authenticated {
+                        SessionError::AgentSilent
+                    } else {
+                        SessionError::TimedOut {
+                            phase: Phase::Hello,
+                        }
+                    };
+                    assert_eq!(result, Err(expected));
                     self.failed = true;
+                    self.stdin_piped = false;
+                    assert!(self.session.is_finished());
                 } else {
                     assert_eq!(result, Ok(()));
                 }
-                let deadline = if !self.authenticated && !self.failed {
-                    self.hello_deadline
-                } else {
-                    None
-                };
-                assert_eq!(self.session.poll_timeout(), deadline);
+                assert_eq!(self.session.poll_timeout(), self.expected_timeout());
             }
             Step::Eof => {
                 let left = self.inbox.len();
@@ -300,7 +355,23 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn receive(&mut self, len: u16) {
+    /// What `poll_timeout` must say: the handshake's deadline until the agent proved itself,
+    /// then (once it was heard with `handle_input_at`) three keepalive intervals after it was
+    /// last heard, while an operation runs.
+    fn expected_timeout(&self) -> Option<Micros> {
+        if self.failed {
+            return None;
+        }
+        if !self.authenticated {
+            return self.hello_deadline;
+        }
+        let running = matches!(self.op, Op::ExecSent | Op::KillSent | Op::Running);
+        let interval = u64::from(self.agent?.keepalive_ms) * 1000;
+        let heard = self.heard_at.filter(|_| running && interval > 0)?;
+        Some(heard.saturating_add(interval.saturating_mul(3)))
+    }
+
+    fn receive(&mut self, len: u16, timed: bool) {
         let rest = &self.wire[self.received..];
         let take = if len == 0 {
             rest.len()
@@ -311,7 +382,14 @@ impl<'a> Run<'a> {
         self.received += take;
         loop {
             let inbox = std::mem::take(&mut self.inbox);
-            let result = self.session.handle_input(&inbox);
+            let result = if timed {
+                if !inbox.is_empty() {
+                    self.heard_at = Some(self.heard_at.map_or(self.now, |at| at.max(self.now)));
+                }
+                self.session.handle_input_at(&inbox, self.now)
+            } else {
+                self.session.handle_input(&inbox)
+            };
             let used = self.expect(&inbox, result);
             self.inbox = inbox;
             match used {
@@ -532,17 +610,15 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn start_exec(&mut self, request: u8, pipe: bool, room: u16) {
-        let argv: &[u8] = match request % 5 {
-            0 => b"cat\0",
-            1 => b"sh\0-c\0echo hi\0",
-            2 => b"",
-            3 => b"no-nul",
-            _ => b"a\0b\0c\0d\0e\0f\0g\0h\0",
-        };
+    fn start_exec(&mut self, request: u8, pipe: bool, room: u16, size: u16, shape: u8) {
+        // A session that may not start an operation refuses before it looks at the request:
+        // no need to build a large one.
+        let allowed = self.op == Op::None && !self.failed && self.agent.is_some();
+        let size = if allowed { size } else { 0 };
+        let (argv, env) = request_lists(request, size, shape);
         let request = ExecRequest {
-            argv: StrList::new(argv),
-            env: StrList::new(b"LANG=C\0"),
+            argv: StrList::new(&argv),
+            env: StrList::new(&env),
             clean_env: request & 8 != 0,
             cwd: (request & 16 != 0).then_some(Bytes(b"/tmp")),
             stdin: if pipe {
@@ -558,31 +634,84 @@ impl<'a> Run<'a> {
                 5 => Some(Bytes(b"a\0b")),
                 _ => Some(Bytes(&[b'u'; 300])),
             },
+            pty: (shape & 128 != 0).then_some(WindowSize {
+                rows: u16::from(shape),
+                cols: size,
+            }),
+            timeout_ms: u64::from(size) * 1000,
+            kill_grace_ms: (shape & 1 != 0).then_some(u32::from(size)),
+            kill_tree_on_exit: shape & 2 != 0,
+            max_output: u64::from(shape) << 10,
         };
-        let room = if room == 0 {
-            MAX_FRAME
-        } else {
-            usize::from(room)
-        };
+        let needed = ClientSession::exec_buffer_len(&request);
+        assert!(needed >= MAX_FRAME);
+        let room = if room == 0 { needed } else { usize::from(room) };
         let mut out = vec![0u8; room];
-        let valid = request
-            .validate_within(&self.agent.unwrap_or(Limits::CURRENT))
-            .is_ok();
+        let valid = request.validate_within(&self.agent.unwrap_or(Limits::CURRENT));
         match self.session.start_exec(&request, &mut out) {
             Ok(n) => {
-                assert!(self.op == Op::None && !self.failed && self.agent.is_some() && valid);
-                self.sent.extend_from_slice(&out[..n]);
+                assert!(self.op == Op::None && !self.failed && self.agent.is_some());
+                assert!(valid.is_ok());
+                assert!(n <= needed, "{n} bytes beyond exec_buffer_len {needed}");
                 self.hello_sent = true;
                 self.op = Op::ExecSent;
                 self.stdin_piped = pipe;
+                self.pty = request.pty.is_some();
+                self.exec_lists = Some((argv.clone(), env.clone()));
+                self.sent.extend_from_slice(&out[..n]);
                 self.check_stream();
             }
             Err(SessionError::InvalidState) => {
                 assert!(self.op != Op::None || self.failed || self.agent.is_none())
             }
-            Err(SessionError::InvalidRequest { .. }) => assert!(!valid && self.agent.is_some()),
-            Err(SessionError::BufferTooSmall) => assert!(room < 512),
+            Err(SessionError::InvalidRequest { message }) => {
+                assert!(self.agent.is_some() && self.op == Op::None && !self.failed);
+                assert_eq!(valid.map(|_| ()).map_err(|err| err.message), Err(message));
+            }
+            // A valid request always fits a buffer of `exec_buffer_len`.
+            Err(SessionError::BufferTooSmall) => assert!(room < needed && valid.is_ok()),
             Err(err) => panic!("start_exec: {err}"),
+        }
+    }
+
+    /// A signal, a resize or a cancel: refused when the request is wrong (a signal outside
+    /// 1–64, a resize without a terminal) whatever the state, else only while an exec runs.
+    fn control(&mut self, frame: ClientFrame<'_>, room: u8) {
+        let room = if room == 0 {
+            MAX_FRAME
+        } else {
+            usize::from(room % 8)
+        };
+        let mut out = vec![0u8; room];
+        let result = match frame {
+            ClientFrame::Signal(number) => self.session.send_signal(number, &mut out),
+            ClientFrame::Resize(size) => self.session.send_resize(size, &mut out),
+            ClientFrame::Cancel(cancel) => self.session.send_cancel(cancel.grace_ms, &mut out),
+            _ => unreachable!("not a control frame"),
+        };
+        let mut encoded = vec![0u8; 64];
+        let n = encode_client_frame(&frame, &mut encoded).expect("a control frame");
+        encoded.truncate(n);
+        let expected = match frame {
+            ClientFrame::Signal(number) if !(1..=64).contains(&number) => {
+                Err(SessionError::InvalidRequest {
+                    message: "no such signal",
+                })
+            }
+            ClientFrame::Resize(_) if !self.pty => Err(SessionError::InvalidRequest {
+                message: "the command has no terminal",
+            }),
+            _ if self.failed || !matches!(self.op, Op::ExecSent | Op::Running) => {
+                Err(SessionError::InvalidState)
+            }
+            _ if encoded.len() > room => Err(SessionError::BufferTooSmall),
+            _ => Ok(encoded.len()),
+        };
+        assert_eq!(result, expected, "{frame:?}");
+        if let Ok(n) = result {
+            assert_eq!(out[..n], encoded[..], "{frame:?} encoded as it is");
+            self.sent.extend_from_slice(&out[..n]);
+            self.check_stream();
         }
     }
 
@@ -686,12 +815,47 @@ impl<'a> Run<'a> {
                     self.stream_auth = true;
                     self.tell_reference(&body);
                 }
+                ClientFrame::ExecPart(part) => {
+                    assert!(self.stream_hello && !self.stream_op);
+                    assert!(self.stream_auth || !self.secure, "a piece before the proof");
+                    assert!(!part.data.0.is_empty() && part.data.0.len() <= MAX_DATA);
+                    match part.list {
+                        ListKind::Argv => self.stream_argv.extend_from_slice(part.data.0),
+                        ListKind::Env => self.stream_env.extend_from_slice(part.data.0),
+                    }
+                }
                 ClientFrame::Exec(request) => {
                     assert!(self.stream_hello && !self.stream_op);
                     assert!(self.stream_auth || !self.secure, "an exec before the proof");
-                    assert!(request.validate().is_ok());
+                    // The pieces, then the exec's own lists, are the request, byte for byte.
+                    for (parts, inline) in [
+                        (&self.stream_argv, request.argv.as_bytes()),
+                        (&self.stream_env, request.env.as_bytes()),
+                    ] {
+                        assert!(inline.len() <= MAX_INLINE_LIST);
+                        if !parts.is_empty() {
+                            assert_eq!(inline.len(), MAX_INLINE_LIST, "pieces, then a full exec");
+                        }
+                    }
+                    let argv = [&self.stream_argv[..], request.argv.as_bytes()].concat();
+                    let env = [&self.stream_env[..], request.env.as_bytes()].concat();
+                    let (sent_argv, sent_env) = self.exec_lists.as_ref().expect("started");
+                    assert!(argv == *sent_argv && env == *sent_env, "reassembly differs");
+                    let whole = ExecRequest {
+                        argv: StrList::new(&argv),
+                        env: StrList::new(&env),
+                        ..request
+                    };
+                    assert!(whole.validate().is_ok());
                     self.stream_op = true;
                     self.stream_exec = Some(request.stdin);
+                }
+                ClientFrame::Signal(number) => {
+                    assert!(self.stream_exec.is_some(), "a signal before the exec");
+                    assert!((1..=64).contains(&number));
+                }
+                ClientFrame::Resize(_) | ClientFrame::Cancel(_) => {
+                    assert!(self.stream_exec.is_some(), "a control before the exec");
                 }
                 ClientFrame::KillAll => {
                     assert!(self.stream_hello && !self.stream_op);
@@ -725,6 +889,50 @@ impl<'a> Run<'a> {
                 }
             }
         }
+    }
+}
+
+/// The lists of a request: a small one (`request` picks it), or with `shape & 32` and `size` >
+/// 0 one list (`shape` picks which, and its entries' length) beyond the inline bound, so the
+/// client sends it in pieces: just beyond, up to 64 KiB, 256 KiB or 2 MiB beyond (`size`'s top
+/// bits pick). Some are beyond the limits (bytes, entries, entry length).
+fn request_lists(request: u8, size: u16, shape: u8) -> (Vec<u8>, Vec<u8>) {
+    let small: &[u8] = match request % 5 {
+        0 => b"cat\0",
+        1 => b"sh\0-c\0echo hi\0",
+        2 => b"",
+        3 => b"no-nul",
+        _ => b"a\0b\0c\0d\0e\0f\0g\0h\0",
+    };
+    if size == 0 || shape & 32 == 0 {
+        return (small.to_vec(), b"LANG=C\0".to_vec());
+    }
+    let beyond = usize::from(size & 0x3fff);
+    let total = MAX_INLINE_LIST
+        + match size >> 14 {
+            0 => beyond % 256,
+            1 => beyond * 4,
+            2 => beyond * 16,
+            _ => beyond * 128,
+        };
+    // Up to just past the longest entry allowed.
+    let entry = 1 + usize::from(shape % 64) * 2_100;
+    let env = shape & 64 != 0;
+    let mut list = if env { Vec::new() } else { b"big\0".to_vec() };
+    while list.len() < total {
+        let len = entry.min(total - list.len()).max(2);
+        if env {
+            list.extend_from_slice(b"K=");
+            list.resize(list.len() + len.saturating_sub(3), b'v');
+        } else {
+            list.resize(list.len() + len - 1, b'a');
+        }
+        list.push(0);
+    }
+    if env {
+        (small.to_vec(), list)
+    } else {
+        (list, b"LANG=C\0".to_vec())
     }
 }
 

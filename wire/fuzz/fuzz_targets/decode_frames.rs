@@ -1,13 +1,15 @@
 //! Arbitrary bytes through `split_frame` and both decoders. Whatever decodes must survive a round
 //! trip (encode → decode gives the same frame, and re-encoding gives the same bytes); the data
-//! frames built in place must match the encoder byte for byte; nothing may panic.
+//! frames built in place must match the encoder byte for byte (output with its timestamp); a
+//! request's lists checked in pieces must give the answer of the whole; nothing may panic.
 
 #![no_main]
 
 use ferry_wire::limits::{HEADER_LEN, MAX_DATA, MAX_FRAME, MAX_FRAME_BODY};
 use ferry_wire::{
     decode_agent_frame, decode_client_frame, encode_agent_frame, encode_client_frame,
-    frame_data_in_place, split_frame, AgentFrame, ClientFrame, DataKind, DATA_HEADROOM,
+    frame_data_in_place, split_frame, AgentFrame, ClientFrame, DataKind, ExecRequest, Limits,
+    ListCheck, ListKind, RequestError, StrList, DATA_HEADROOM,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -55,11 +57,25 @@ fn check_client(body: &[u8]) {
     assert_eq!(out[..n], twice[..m]);
     if let ClientFrame::Exec(request) = frame {
         // Validation is total, and what it accepts stays accepted.
-        if let Ok(valid) = request.validate() {
+        let whole = request.validate();
+        if let Ok(valid) = whole {
             assert_eq!(*valid.request(), request);
             assert!(!request.argv.is_empty());
+            assert!(!valid.has_parts());
         }
         let _ = request.argv.entries().count() + request.env.entries().count();
+        check_in_pieces(&request, whole.map(|_| ()), body);
+    }
+    if let ClientFrame::ExecPart(part) = frame {
+        // A piece on its own is checked without a panic, and what it left open shows at the end.
+        let mut check = ListCheck::new(part.list, &Limits::CURRENT);
+        if check.feed(part.data.0).is_ok() {
+            assert_eq!(check.bytes(), part.data.0.len());
+            let ends = part.data.0.last().is_none_or(|b| *b == 0);
+            if check.finish().is_ok() {
+                assert!(ends, "an open entry passed");
+            }
+        }
     }
     if let ClientFrame::Stdin(data) = frame {
         check_in_place(DataKind::Stdin, data.0, 0, &out[..n]);
@@ -97,6 +113,51 @@ fn check_agent(body: &[u8]) {
         }
         _ => {}
     }
+}
+
+/// A request's lists checked in pieces (as `ClientFrame::ExecPart`s would bring them) give the
+/// answer of the whole request: the same error when only argv is cut (its first broken rule, in
+/// the list's order), the same verdict when both are.
+fn check_in_pieces(request: &ExecRequest<'_>, whole: Result<(), RequestError>, body: &[u8]) {
+    let limits = Limits::CURRENT;
+    let argv = request.argv.as_bytes();
+    let env = request.env.as_bytes();
+    let cut = |len: usize, salt: u8| match len {
+        0 => 0,
+        _ => usize::from(body.len() as u8 ^ salt) % (len + 1),
+    };
+    let (argv_head, argv_tail) = argv.split_at(cut(argv.len(), 0));
+    let (env_head, env_tail) = env.split_at(cut(env.len(), 0x5a));
+    let in_pieces = |env_head: &[u8], env_tail: &'_ [u8]| {
+        let mut argv_check = ListCheck::new(ListKind::Argv, &limits);
+        let mut env_check = ListCheck::new(ListKind::Env, &limits);
+        argv_check.feed(argv_head)?;
+        env_check.feed(env_head)?;
+        let last = ExecRequest {
+            argv: StrList::new(argv_tail),
+            env: StrList::new(env_tail),
+            ..*request
+        };
+        let valid = last.validate_after(&limits, argv_check, env_check)?;
+        assert_eq!(
+            valid.has_parts(),
+            !argv_head.is_empty() || !env_head.is_empty()
+        );
+        Ok::<(), RequestError>(())
+    };
+    assert_eq!(
+        in_pieces(&[], env),
+        whole,
+        "argv cut at {}",
+        argv_head.len()
+    );
+    assert_eq!(
+        in_pieces(env_head, env_tail).is_ok(),
+        whole.is_ok(),
+        "cut at {} and {}",
+        argv_head.len(),
+        env_head.len()
+    );
 }
 
 /// A buffer for re-encoding `body`: its header, itself, and a little slack so that a longer

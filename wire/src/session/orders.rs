@@ -1,9 +1,11 @@
 //! Valid frames in random orders: the agent session fed sequences of well-formed client frames
-//! (hello, exec, stdin, EOF) in any order, in random pieces, with the driver starting the
-//! command, sending and consuming stdin at random points. A grammar of the conversation says
-//! where the first frame out of place is; up to it every frame must be accepted with its event,
-//! and it must end the conversation with the typed error, then exactly one error frame (behind
-//! the hello, if that was still owed) and nothing more — never a panic, never a silent accept.
+//! (hello, exec and pieces of one, stdin, EOF, signals, resizes, cancels) in any order, in random
+//! pieces, with the driver starting the command, sending and consuming stdin, and half-closing
+//! at random points. A grammar of the conversation says where the first frame out of place is;
+//! up to it every frame must be accepted with its event, and it must end the conversation with
+//! the typed error, then exactly one error frame (behind the hello, if that was still owed) and
+//! nothing more — never a panic, never a silent accept. A half-close mid-operation ends the
+//! input and nothing else.
 //!
 //! `tests.rs` breaks each rule once by hand and the simulated pair (`sim.rs`) only runs valid
 //! conversations; this covers the orders in between.
@@ -18,14 +20,30 @@ use crate::{decode_agent_frame, encode_client_frame, split_frame, Bytes};
 /// A small stdin window, so credit is exceeded by a handful of frames.
 const WINDOW: usize = 100;
 
-/// A valid client frame.
+/// A well-formed client frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sent {
     Hello,
     Exec(StdinMode),
     Stdin(usize),
     Eof,
+    /// Any number: 1–64 are signals, others are refused.
+    Signal(u8),
+    Resize,
+    Cancel(Option<u32>),
+    /// A piece of the request's argv or environment (see [`PIECES`]).
+    Part(usize),
 }
+
+/// The pieces a client may send before its exec: whole entries, an argv entry the next piece
+/// (or the exec's argv) completes, and an environment entry that breaks the rules (its key is
+/// empty).
+const PIECES: [(ListKind, &[u8]); 4] = [
+    (ListKind::Argv, b"x\0"),
+    (ListKind::Argv, b"y"),
+    (ListKind::Env, b"A=1\0"),
+    (ListKind::Env, b"=x\0"),
+];
 
 impl Sent {
     fn kind(self) -> FrameKind {
@@ -34,6 +52,10 @@ impl Sent {
             Sent::Exec(_) => FrameKind::Exec,
             Sent::Stdin(_) => FrameKind::Stdin,
             Sent::Eof => FrameKind::StdinEof,
+            Sent::Signal(_) => FrameKind::Signal,
+            Sent::Resize => FrameKind::Resize,
+            Sent::Cancel(_) => FrameKind::Cancel,
+            Sent::Part(_) => FrameKind::ExecPart,
         }
     }
 
@@ -56,12 +78,21 @@ impl Sent {
             }),
             Sent::Stdin(n) => ClientFrame::Stdin(Bytes(&data[..n])),
             Sent::Eof => ClientFrame::StdinEof,
+            Sent::Signal(number) => ClientFrame::Signal(number),
+            Sent::Resize => ClientFrame::Resize(SIZE),
+            Sent::Cancel(grace_ms) => ClientFrame::Cancel(Cancel { grace_ms }),
+            Sent::Part(index) => ClientFrame::ExecPart(ExecPart {
+                list: PIECES[index].0,
+                data: Bytes(PIECES[index].1),
+            }),
         };
         let mut buf = vec![0u8; MAX_FRAME];
         let n = encode_client_frame(&frame, &mut buf).expect("a valid frame encodes");
         out.extend_from_slice(&buf[..n]);
     }
 }
+
+const SIZE: WindowSize = WindowSize { rows: 24, cols: 80 };
 
 fn sent() -> impl Strategy<Value = Sent> {
     prop_oneof![
@@ -70,6 +101,10 @@ fn sent() -> impl Strategy<Value = Sent> {
         1 => Just(Sent::Exec(StdinMode::Null)),
         4 => (1usize..=48).prop_map(Sent::Stdin),
         2 => Just(Sent::Eof),
+        1 => prop_oneof![9 => 1u8..=64, 1 => Just(0u8), 1 => 65u8..=255].prop_map(Sent::Signal),
+        1 => Just(Sent::Resize),
+        1 => any::<Option<u32>>().prop_map(Sent::Cancel),
+        2 => prop_oneof![3 => 0usize..3, 1 => Just(3usize)].prop_map(Sent::Part),
     ]
 }
 
@@ -81,28 +116,39 @@ struct Driver {
     /// Per piece: start the command now (once an exec arrived), send what is queued, write the
     /// stdin received to the command.
     acts: Vec<(bool, bool, bool)>,
+    /// After this piece the client's stream ends (a half-close, or a close).
+    eof_after: Option<usize>,
 }
 
 fn driver() -> impl Strategy<Value = Driver> {
     (
         prop::collection::vec(1usize..40, 1..8),
         prop::collection::vec(any::<(bool, bool, bool)>(), 1..8),
+        prop::option::weighted(0.3, 0usize..24),
     )
-        .prop_map(|(pieces, acts)| Driver { pieces, acts })
+        .prop_map(|(pieces, acts, eof_after)| Driver {
+            pieces,
+            acts,
+            eof_after,
+        })
 }
 
 /// Where the grammar puts the conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
     Accept,
-    Breach(SessionError),
+    /// The session's error and the code of the error frame.
+    Breach(SessionError, ErrorCode),
 }
 
-/// The conversation as a grammar: hello, one exec, then stdin within the window and one EOF
-/// while the command has a pipe, and nothing else.
+/// The conversation as a grammar: hello, pieces of a request (within the list rules), one
+/// exec, then stdin within the window and one EOF while the command has a pipe, and signals
+/// (1–64), resizes and cancels while it starts or runs, and nothing else.
 #[derive(Debug, Default)]
 struct Grammar {
     hello: bool,
+    /// Pieces of the request taken.
+    parts: bool,
     exec: Option<StdinMode>,
     started: bool,
     eof: bool,
@@ -122,21 +168,41 @@ impl Grammar {
     }
 
     fn next(&mut self, frame: Sent) -> Expect {
-        let unexpected = Expect::Breach(SessionError::Unexpected {
-            frame: frame.kind(),
-            phase: self.phase(),
-        });
+        let unexpected = Expect::Breach(
+            SessionError::Unexpected {
+                frame: frame.kind(),
+                phase: self.phase(),
+            },
+            ErrorCode::ProtocolViolation,
+        );
+        let invalid = |message| {
+            Expect::Breach(
+                SessionError::InvalidRequest { message },
+                ErrorCode::InvalidRequest,
+            )
+        };
         let piped = self.exec == Some(StdinMode::Pipe) && !self.eof;
+        let operation = matches!(self.phase(), Phase::Starting | Phase::Running);
         match (self.phase(), frame) {
             (Phase::Hello, Sent::Hello) => self.hello = true,
+            // An environment entry with an empty key is refused where it starts.
+            (Phase::Idle, Sent::Part(3)) => return invalid("environment entry is not KEY=VALUE"),
+            (Phase::Idle, Sent::Part(_)) => self.parts = true,
             (Phase::Idle, Sent::Exec(mode)) => self.exec = Some(mode),
             (Phase::Starting | Phase::Running, Sent::Stdin(n)) if piped => {
                 if self.stdin - self.credit + n > WINDOW {
-                    return Expect::Breach(SessionError::CreditExceeded);
+                    return Expect::Breach(
+                        SessionError::CreditExceeded,
+                        ErrorCode::ProtocolViolation,
+                    );
                 }
                 self.stdin += n;
             }
             (Phase::Starting | Phase::Running, Sent::Eof) if piped => self.eof = true,
+            (_, Sent::Signal(number)) if operation && !(1..=64).contains(&number) => {
+                return invalid("no such signal")
+            }
+            (_, Sent::Signal(_) | Sent::Resize | Sent::Cancel(_)) if operation => {}
             _ => return unexpected,
         }
         Expect::Accept
@@ -198,7 +264,8 @@ fn converse(frames: &[Sent], driver: &Driver) -> Result<(), TestCaseError> {
     let mut unconsumed = 0;
     let mut breach = None;
     let mut piece = 0;
-    while at < stream.len() && breach.is_none() {
+    let mut input_closed = false;
+    while at < stream.len() && breach.is_none() && !input_closed {
         let len = driver.pieces[piece % driver.pieces.len()].min(stream.len() - at);
         let (start_now, transmit, consume) = driver.acts[piece % driver.acts.len()];
         piece += 1;
@@ -208,19 +275,14 @@ fn converse(frames: &[Sent], driver: &Driver) -> Result<(), TestCaseError> {
             let result = session.handle_input(&inbox, 0);
             let Ok(input) = result else {
                 let expected = grammar.next(frames[index]);
-                prop_assert_eq!(
-                    result.map(|_| ()),
-                    Err(match expected {
-                        Expect::Breach(err) => err,
-                        Expect::Accept => {
-                            return Err(TestCaseError::fail(format!(
-                                "frame {index} ({:?}) refused, the grammar accepts it",
-                                frames[index]
-                            )));
-                        }
-                    })
-                );
-                breach = Some(index);
+                let Expect::Breach(err, code) = expected else {
+                    return Err(TestCaseError::fail(format!(
+                        "frame {index} ({:?}) refused, the grammar accepts it",
+                        frames[index]
+                    )));
+                };
+                prop_assert_eq!(result.map(|_| ()), Err(err));
+                breach = Some((index, code));
                 break;
             };
             if input.consumed == 0 {
@@ -238,12 +300,23 @@ fn converse(frames: &[Sent], driver: &Driver) -> Result<(), TestCaseError> {
                 (Some(AgentEvent::Hello), Sent::Hello) => {}
                 (Some(AgentEvent::Exec(valid)), Sent::Exec(mode)) => {
                     prop_assert_eq!(valid.request().stdin, mode);
+                    prop_assert_eq!(valid.has_parts(), grammar.parts);
                 }
                 (Some(AgentEvent::Stdin(data)), Sent::Stdin(n)) => {
                     prop_assert_eq!(data.len(), n);
                     unconsumed += n;
                 }
                 (Some(AgentEvent::StdinEof), Sent::Eof) => {}
+                (Some(AgentEvent::Signal(got)), Sent::Signal(number)) => {
+                    prop_assert_eq!(got, number);
+                }
+                (Some(AgentEvent::Resize(size)), Sent::Resize) => prop_assert_eq!(size, SIZE),
+                (Some(AgentEvent::Cancel { grace_ms }), Sent::Cancel(grace)) => {
+                    prop_assert_eq!(grace_ms, grace);
+                }
+                (Some(AgentEvent::ExecPart { list, data }), Sent::Part(index)) => {
+                    prop_assert_eq!((list, data), PIECES[index]);
+                }
                 (event, frame) => {
                     return Err(TestCaseError::fail(format!("{frame:?} gave {event:?}")));
                 }
@@ -270,6 +343,19 @@ fn converse(frames: &[Sent], driver: &Driver) -> Result<(), TestCaseError> {
             read_sent(&out[..n], &mut seen);
             grammar.credit = seen.credit;
         }
+        if driver.eof_after == Some(piece - 1) {
+            // The client's stream ends: mid-operation a half-close (no more input, stdin ends,
+            // nothing is refused and nothing is owed less), before one the end.
+            let phase = grammar.phase();
+            prop_assert_eq!(session.handle_eof(), Ok(()));
+            if matches!(phase, Phase::Starting | Phase::Running) {
+                prop_assert!(session.input_closed() && !session.is_closing());
+                prop_assert!(!session.stdin_open());
+            } else {
+                prop_assert!(session.is_closed());
+            }
+            input_closed = true;
+        }
     }
     let n = session
         .poll_transmit(&mut out)
@@ -282,11 +368,11 @@ fn converse(frames: &[Sent], driver: &Driver) -> Result<(), TestCaseError> {
     );
     prop_assert_eq!(seen.hellos, 1);
     match breach {
-        Some(index) => {
+        Some((index, code)) => {
             prop_assert!(session.is_closing() && session.is_closed());
             prop_assert_eq!(
                 seen.errors.as_slice(),
-                &[ErrorCode::ProtocolViolation][..],
+                &[code][..],
                 "exactly one error frame after frame {} ({:?})",
                 index,
                 frames[index]
@@ -303,6 +389,10 @@ fn converse(frames: &[Sent], driver: &Driver) -> Result<(), TestCaseError> {
                 rest = &rest[input.consumed..];
             }
             prop_assert_eq!(session.poll_transmit(&mut out), Ok(0));
+        }
+        None if input_closed => {
+            // The driver stopped reading: what was taken was taken, nothing was refused.
+            prop_assert!(seen.errors.is_empty(), "an error frame without a breach");
         }
         None => {
             prop_assert_eq!(index, frames.len(), "every frame was taken");

@@ -9,11 +9,15 @@
 
 use std::path::PathBuf;
 use std::string::String;
+use std::sync::LazyLock;
 use std::vec::Vec;
 
 use super::*;
-use crate::limits::{MAX_FRAME, NONCE_LEN};
-use crate::msg::{ClientFrame, ErrorCode, ExecRequest, ExitStatus, StdinMode, StrList};
+use crate::limits::{MAX_FRAME, MAX_INLINE_LIST, NONCE_LEN};
+use crate::msg::{
+    ClientFrame, Ending, ErrorCode, ExecRequest, ExitStatus, ListKind, StdinMode, StrList, Stream,
+    TreeKill, WindowSize,
+};
 use crate::{encode_client_frame, DataKind, DATA_HEADROOM};
 
 /// What the agent's driver does, in order, as the transcript's conversation unfolds.
@@ -31,6 +35,17 @@ enum Act {
     Exit(ExitStatus, u64),
     /// The kill-all is done: this many processes were ended.
     Done(u32),
+    /// The driver's clock reads this many microseconds (0 until set): output is stamped with
+    /// it, deadlines are checked at it, the command is started at it.
+    At(u64),
+    /// The driver checks its deadlines (a keepalive goes out when one is due).
+    Tick,
+    /// The output cap dropped this many bytes of a stream: the notice, in order with the data.
+    Dropped(Stream, u64),
+    /// The command ended at this time; output may still follow until `Finish`.
+    Exited(ExitStatus, u64),
+    /// The output is done: the record, with what the driver knows about the end.
+    Finish(EndFacts),
 }
 
 /// What the client does beyond the operation.
@@ -38,13 +53,28 @@ enum Act {
 enum Send {
     Stdin(&'static [u8]),
     Eof,
+    Signal(u8),
+    Resize(WindowSize),
+    Cancel(Option<u32>),
 }
 
 /// The operation a transcript's client asks for.
 #[derive(Debug, Clone, Copy)]
 enum Operation {
     Exec(ExecRequest<'static>),
+    /// An exec whose request is built at run time (too large to write out).
+    Built(fn() -> ExecRequest<'static>),
     KillAll,
+}
+
+impl Operation {
+    fn request(&self) -> Option<ExecRequest<'static>> {
+        match *self {
+            Operation::Exec(request) => Some(request),
+            Operation::Built(build) => Some(build()),
+            Operation::KillAll => None,
+        }
+    }
 }
 
 struct Transcript {
@@ -97,6 +127,51 @@ const fn exec(argv: &'static [u8], stdin: StdinMode) -> Operation {
         kill_tree_on_exit: false,
         max_output: 0,
     })
+}
+
+/// `yes` on a terminal (`y\r\n` lines), capped at 64 bytes: its first 32 bytes and its last 32
+/// of 3000.
+const YES_HEAD: &[u8] = b"y\r\ny\r\ny\r\ny\r\ny\r\ny\r\ny\r\ny\r\ny\r\ny\r\ny\r";
+const YES_TAIL: &[u8] = b"\r\ny\r\ny\r\ny\r\ny\r\ny\r\ny\r\ny\r\ny\r\ny\r\ny\r\n";
+
+/// `sh -c 'echo $#' sh` and 300 arguments of 64 bytes (`argument-000-xxx…`).
+static PIECES_ARGV: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let mut argv = b"sh\0-c\0echo $#\0sh\0".to_vec();
+    for i in 0..300 {
+        let entry = format!("argument-{i:03}-");
+        argv.extend_from_slice(entry.as_bytes());
+        argv.resize(argv.len() + 64 - entry.len(), b'x');
+        argv.push(0);
+    }
+    argv
+});
+
+/// `LANG=C` and 150 variables of 124 bytes (`FERRY_V_000=vvv…`).
+static PIECES_ENV: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let mut env = b"LANG=C\0".to_vec();
+    for i in 0..150 {
+        let entry = format!("FERRY_V_{i:03}=");
+        env.extend_from_slice(entry.as_bytes());
+        env.resize(env.len() + 124 - entry.len(), b'v');
+        env.push(0);
+    }
+    env
+});
+
+fn pieces_request() -> ExecRequest<'static> {
+    ExecRequest {
+        argv: StrList::new(&PIECES_ARGV),
+        env: StrList::new(&PIECES_ENV),
+        clean_env: false,
+        cwd: None,
+        stdin: StdinMode::Null,
+        user: None,
+        pty: None,
+        timeout_ms: 0,
+        kill_grace_ms: None,
+        kill_tree_on_exit: false,
+        max_output: 0,
+    }
 }
 
 const TRANSCRIPTS: &[Transcript] = &[
@@ -264,6 +339,130 @@ const TRANSCRIPTS: &[Transcript] = &[
             "exited Code(0) 700us dropped=false Exited tree_kill=None out=18/0 err=0/0 held=false oom=false peak=0",
         ],
     },
+    Transcript {
+        name: "exec_terminal_timeout",
+        // Protocol 3 on a terminal: a timeout, a grace, an output cap. The client resizes the
+        // terminal and sends SIGINT (the command ignores it); a keepalive while the command is
+        // quiet; the cap sends the head, then (once the command ended) the notice of what it
+        // dropped and the tail; the timeout ended it (SIGTERM, its tree through its cgroup).
+        operation: Operation::Exec(ExecRequest {
+            argv: StrList::new(b"sh\0-c\0trap '' INT; yes | head -n 1000; sleep 60\0"),
+            env: StrList::new(b"TERM=xterm-256color\0"),
+            clean_env: false,
+            cwd: None,
+            stdin: StdinMode::Null,
+            user: None,
+            pty: Some(WindowSize { rows: 24, cols: 80 }),
+            timeout_ms: 6_000,
+            kill_grace_ms: Some(500),
+            kill_tree_on_exit: false,
+            max_output: 64,
+        }),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
+        sends: &[
+            Send::Resize(WindowSize {
+                rows: 50,
+                cols: 132,
+            }),
+            Send::Signal(2),
+        ],
+        acts: &[
+            Act::At(1_000),
+            Act::Start(11),
+            Act::At(13_000),
+            Act::Stdout(YES_HEAD),
+            // The first keepalive is due an interval after the start.
+            Act::At(5_001_000),
+            Act::Tick,
+            Act::At(6_001_250),
+            Act::Exited(
+                ExitStatus::Signal {
+                    number: 15,
+                    core_dumped: false,
+                },
+                6_001_250,
+            ),
+            Act::At(6_001_400),
+            Act::Dropped(Stream::Stdout, 2_936),
+            Act::Stdout(YES_TAIL),
+            Act::Finish(EndFacts {
+                ending: Ending::TimedOut,
+                tree_kill: TreeKill::Cgroup,
+                pipes_held: false,
+                oom_killed: false,
+                peak_memory: 1_048_576,
+            }),
+        ],
+        events: &[
+            "hello v3 agent golden Authenticated",
+            "authenticated",
+            "started 11",
+            "stdout \"y\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\" at 12000us",
+            "keepalive",
+            "output dropped Stdout 2936",
+            "stdout \"\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\n\" at 6000400us",
+            "exited Signal { number: 15, core_dumped: false } 6000250us dropped=true TimedOut \
+             tree_kill=Cgroup out=3000/2936 err=0/0 held=false oom=false peak=1048576",
+        ],
+    },
+    Transcript {
+        name: "exec_in_pieces",
+        // A request larger than one frame: argv (300 arguments) and the environment (150
+        // variables) each go as a piece, then the exec frame carries the last 16 KiB of each
+        // (both cuts fall mid-entry). The agent's driver appends them.
+        operation: Operation::Built(pieces_request),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
+        sends: &[],
+        acts: &[
+            Act::Start(12),
+            Act::Stdout(b"300\n"),
+            Act::Exit(ExitStatus::Code(0), 900),
+        ],
+        events: &[
+            "hello v3 agent golden Authenticated",
+            "authenticated",
+            "started 12",
+            "stdout \"300\\n\"",
+            "exited Code(0) 900us dropped=false Exited tree_kill=None out=4/0 err=0/0 held=false \
+             oom=false peak=0",
+        ],
+    },
+    Transcript {
+        name: "exec_cancelled",
+        // The client cancels with a grace of its own; the command dies of the SIGTERM, and
+        // without a cgroup its tree was killed through its process group.
+        operation: exec(b"sleep\0infinity\0", StdinMode::Null),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
+        sends: &[Send::Cancel(Some(250))],
+        acts: &[
+            Act::Start(13),
+            Act::Exited(
+                ExitStatus::Signal {
+                    number: 15,
+                    core_dumped: false,
+                },
+                400,
+            ),
+            Act::At(450),
+            Act::Finish(EndFacts {
+                ending: Ending::Cancelled,
+                tree_kill: TreeKill::ProcessGroup,
+                pipes_held: false,
+                oom_killed: false,
+                peak_memory: 0,
+            }),
+        ],
+        events: &[
+            "hello v3 agent golden Authenticated",
+            "authenticated",
+            "started 13",
+            "exited Signal { number: 15, core_dumped: false } 400us dropped=false Cancelled \
+             tree_kill=ProcessGroup out=0/0 err=0/0 held=false oom=false peak=0",
+        ],
+    },
 ];
 
 fn secret(bytes: Option<&[u8]>) -> Option<Secret> {
@@ -292,10 +491,18 @@ fn start(
     session: &mut ClientSession,
     out: &mut [u8],
 ) -> Result<usize, SessionError> {
-    match &t.operation {
-        Operation::Exec(request) => session.start_exec(request, out),
-        Operation::KillAll => session.start_kill_all(out),
+    match t.operation.request() {
+        Some(request) => session.start_exec(&request, out),
+        None => session.start_kill_all(out),
     }
+}
+
+/// A buffer for what the client writes: a request in pieces needs more than a frame.
+fn client_buffer(t: &Transcript) -> Vec<u8> {
+    let len = t.operation.request().map_or(MAX_FRAME, |request| {
+        ClientSession::exec_buffer_len(&request)
+    });
+    vec![0u8; len]
 }
 
 const CONFIG: AgentConfig = AgentConfig {
@@ -328,7 +535,7 @@ fn golden(file: &str, bytes: &[u8]) {
 /// The client's side of a transcript, encoded the way a client sends it once the agent's hello
 /// is in (raw for requests the client session refuses to encode).
 fn client_bytes(t: &Transcript, agent_hello: &[u8]) -> Vec<u8> {
-    let mut out = vec![0u8; MAX_FRAME];
+    let mut out = client_buffer(t);
     let mut session = client_session(t);
     let input = session.handle_input(agent_hello).expect("hello accepted");
     assert_eq!(input.consumed, agent_hello.len());
@@ -339,7 +546,7 @@ fn client_bytes(t: &Transcript, agent_hello: &[u8]) -> Vec<u8> {
             // Our hello and proof as the session sends them, then the request as it is.
             let n = session.poll_transmit(&mut out).expect("hello and proof");
             bytes.extend_from_slice(&out[..n]);
-            let Operation::Exec(request) = t.operation else {
+            let Some(request) = t.operation.request() else {
                 panic!("{}: a kill-all is always encoded", t.name);
             };
             let n = encode_client_frame(&ClientFrame::Exec(request), &mut out).expect("encodes");
@@ -362,6 +569,18 @@ fn client_sends(t: &Transcript, session: &mut ClientSession, out: &mut [u8]) -> 
                 bytes.extend_from_slice(&out[..sent.written]);
             }
             Send::Eof => session.close_stdin().expect("stdin open"),
+            Send::Signal(number) => {
+                let n = session.send_signal(*number, out).expect("a signal");
+                bytes.extend_from_slice(&out[..n]);
+            }
+            Send::Resize(size) => {
+                let n = session.send_resize(*size, out).expect("a resize");
+                bytes.extend_from_slice(&out[..n]);
+            }
+            Send::Cancel(grace_ms) => {
+                let n = session.send_cancel(*grace_ms, out).expect("a cancel");
+                bytes.extend_from_slice(&out[..n]);
+            }
         }
         let n = session.poll_transmit(out).expect("transmits");
         bytes.extend_from_slice(&out[..n]);
@@ -394,13 +613,34 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
     let mut stdin_received = 0;
     let mut rest = client;
     let mut operation_seen = false;
+    // The driver appends the pieces of a request, then the exec's own lists.
+    let (mut argv, mut env) = (Vec::new(), Vec::new());
     while !rest.is_empty() {
         let input = match session.handle_input(rest, 0) {
             Ok(input) => input,
             Err(_) => break,
         };
         match input.event {
-            Some(AgentEvent::Exec(_)) | Some(AgentEvent::KillAll) => operation_seen = true,
+            Some(AgentEvent::ExecPart { list, data }) => match list {
+                ListKind::Argv => argv.extend_from_slice(data),
+                ListKind::Env => env.extend_from_slice(data),
+            },
+            Some(AgentEvent::Exec(valid)) => {
+                operation_seen = true;
+                argv.extend_from_slice(valid.request().argv.as_bytes());
+                env.extend_from_slice(valid.request().env.as_bytes());
+                let sent = t.operation.request().expect("an exec");
+                assert!(argv == sent.argv.as_bytes(), "{}: argv", t.name);
+                assert!(env == sent.env.as_bytes(), "{}: env", t.name);
+                let large = |list: StrList<'_>| list.as_bytes().len() > MAX_INLINE_LIST;
+                assert_eq!(
+                    valid.has_parts(),
+                    large(sent.argv) || large(sent.env),
+                    "{}",
+                    t.name
+                );
+            }
+            Some(AgentEvent::KillAll) => operation_seen = true,
             Some(AgentEvent::Stdin(data)) => stdin_received += data.len(),
             _ => {}
         }
@@ -410,9 +650,10 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
     flush(&mut session, &mut sent);
     assert_eq!(operation_seen, !session.is_closing(), "{}", t.name);
     let mut frame = vec![0u8; MAX_FRAME];
+    let mut now = 0;
     for act in t.acts {
         match *act {
-            Act::Start(pid) => session.started(pid, 0).expect("started"),
+            Act::Start(pid) => session.started(pid, now).expect("started"),
             Act::Refuse(code, errno, message) => session
                 .refuse(Refusal::os(code, errno, message), 0)
                 .expect("refuse"),
@@ -425,7 +666,7 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
                 };
                 frame[DATA_HEADROOM..DATA_HEADROOM + data.len()].copy_from_slice(data);
                 let start = session
-                    .frame_output(&mut frame, kind, data.len(), 0)
+                    .frame_output(&mut frame, kind, data.len(), now)
                     .unwrap();
                 sent.extend_from_slice(&frame[start..DATA_HEADROOM + data.len()]);
             }
@@ -434,6 +675,17 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
                 session.finish(after).expect("finish");
             }
             Act::Done(count) => session.done(count, 0).expect("done"),
+            Act::At(micros) => now = micros,
+            Act::Tick => session.handle_timeout(now).expect("no deadline broken"),
+            Act::Dropped(stream, bytes) => {
+                flush(&mut session, &mut sent);
+                let n = session
+                    .encode_output_dropped(stream, bytes, &mut frame)
+                    .expect("the notice");
+                sent.extend_from_slice(&frame[..n]);
+            }
+            Act::Exited(status, at) => session.child_exited(status, at).expect("exit"),
+            Act::Finish(facts) => session.finish_with(now, facts).expect("finish"),
         }
         flush(&mut session, &mut sent);
     }
@@ -449,7 +701,7 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
 /// as the agent's hello is in; returns the events as text and what the client sent.
 fn client_events(t: &Transcript, agent: &[u8]) -> (Vec<String>, Vec<u8>) {
     let mut session = client_session(t);
-    let mut out = vec![0u8; MAX_FRAME];
+    let mut out = client_buffer(t);
     let mut events = Vec::new();
     let mut sent = Vec::new();
     let mut rest = agent;
@@ -457,7 +709,18 @@ fn client_events(t: &Transcript, agent: &[u8]) -> (Vec<String>, Vec<u8>) {
         let input = session
             .handle_input(rest)
             .expect("the client accepts the agent's bytes");
-        let text = match input.event.expect("every agent frame is an event") {
+        let Some(event) = input.event else {
+            // The one frame that is no event: a keepalive.
+            events.push(String::from("keepalive"));
+            rest = &rest[input.consumed..];
+            continue;
+        };
+        // Output with its time (when it was read, since the start), unless it is 0.
+        let at = match session.last_output_at() {
+            0 => String::new(),
+            at => format!(" at {at}us"),
+        };
+        let text = match event {
             ClientEvent::HelloAccepted(info) => {
                 // Our operation (behind our hello and proof), then stdin within its credit.
                 let n = start(t, &mut session, &mut out).expect("operation");
@@ -470,8 +733,12 @@ fn client_events(t: &Transcript, agent: &[u8]) -> (Vec<String>, Vec<u8>) {
             }
             ClientEvent::Authenticated => String::from("authenticated"),
             ClientEvent::Started { pid } => format!("started {pid}"),
-            ClientEvent::Stdout(data) => format!("stdout {:?}", String::from_utf8_lossy(data)),
-            ClientEvent::Stderr(data) => format!("stderr {:?}", String::from_utf8_lossy(data)),
+            ClientEvent::Stdout(data) => {
+                format!("stdout {:?}{at}", String::from_utf8_lossy(data))
+            }
+            ClientEvent::Stderr(data) => {
+                format!("stderr {:?}{at}", String::from_utf8_lossy(data))
+            }
             ClientEvent::StdinCredit { available } => format!("credit {available}"),
             ClientEvent::Exited(end) => format!(
                 "exited {:?} {}us dropped={} {:?} tree_kill={:?} out={}/{} err={}/{} held={} \
