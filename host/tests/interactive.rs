@@ -6,14 +6,9 @@
 //! Without a cgroup (this agent is not a guest's init) a tree kill reaches the process group
 //! only: what `setsid`s escapes it here, the record says so, and the test cleans up after it.
 //! `cargo xtask e2e` checks the cgroup kill in a guest.
-//!
-//! NOTE: until the agent's side of issue 10 is merged, the tests that need it are ignored; run
-//! them against that agent with `FERRY_AGENT_BIN=… cargo test -p ferry-host --test interactive
-//! -- --include-ignored`.
-#![allow(clippy::unwrap_used)]
-// a test reports failure by panicking
 // openpty, termios, the pty's size and a controlling terminal for the CLI have no safe std API.
 #![allow(unsafe_code)]
+#![allow(clippy::unwrap_used)] // a test reports failure by panicking
 
 mod common;
 
@@ -257,7 +252,6 @@ const SIZE: WindowSize = WindowSize {
 /// `-t` gives the command a terminal even when the CLI has none (its size then 24×80, its TERM
 /// ours or xterm-256color); on a terminal, the size is ours.
 #[test]
-#[ignore = "needs the agent of branch agent-v3 (issue 10)"]
 fn the_command_gets_a_terminal_of_our_size_and_type() {
     let agent = Agent::start();
     let output = run(&agent, &["exec", "-t", "--", "tty"]);
@@ -299,7 +293,6 @@ fn the_command_gets_a_terminal_of_our_size_and_type() {
 /// `-it` on a terminal: raw while the command runs (a line typed reaches it as typed), the
 /// settings bit-identical afterwards.
 #[test]
-#[ignore = "needs the agent of branch agent-v3 (issue 10)"]
 fn an_interactive_session_is_raw_and_restored() {
     let agent = Agent::start();
     let pty = Pty::spawn(
@@ -324,7 +317,6 @@ fn an_interactive_session_is_raw_and_restored() {
 
 /// A resize of our terminal reaches the command as SIGWINCH and the new size.
 #[test]
-#[ignore = "needs the agent of branch agent-v3 (issue 10)"]
 fn a_resize_reaches_the_command() {
     let agent = Agent::start();
     let script = "trap 'stty size; exit 7' WINCH; echo ready; while :; do sleep 0.05; done";
@@ -342,7 +334,6 @@ fn a_resize_reaches_the_command() {
 
 /// ^C is a byte for the guest's terminal, which interrupts its foreground command.
 #[test]
-#[ignore = "needs the agent of branch agent-v3 (issue 10)"]
 fn ctrl_c_travels_as_a_byte_and_interrupts() {
     let agent = Agent::start();
     let pty = Pty::spawn(&agent, &["exec", "-it", "--", "sleep", "100"], SIZE);
@@ -358,7 +349,6 @@ fn ctrl_c_travels_as_a_byte_and_interrupts() {
 /// ignore it), SIGHUP is forwarded, SIGINT (which no key sends in raw mode) ends the CLI; the
 /// terminal comes back each time.
 #[test]
-#[ignore = "needs the agent of branch agent-v3 (issue 10)"]
 fn signals_to_an_interactive_cli_restore_the_terminal() {
     let agent = Agent::start();
     for (signal, code, died) in [
@@ -392,7 +382,6 @@ fn signals_to_an_interactive_cli_restore_the_terminal() {
 
 /// `ferry shell`: the user's login shell on a terminal.
 #[test]
-#[ignore = "needs the agent of branch agent-v3 (issue 10)"]
 fn shell_runs_the_users_login_shell() {
     let agent = Agent::start();
     let pty = Pty::spawn(&agent, &["shell"], SIZE);
@@ -410,7 +399,6 @@ fn shell_runs_the_users_login_shell() {
 /// Without a terminal, the signals the CLI gets are the command's: `kill` of the CLI ends the
 /// command as it would a local one, and the CLI exits as it did (SIGTERM: 143).
 #[test]
-#[ignore = "needs the agent of branch agent-v3 (issue 10)"]
 fn signals_to_the_cli_are_forwarded() {
     let agent = Agent::start();
     for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1] {
@@ -439,7 +427,6 @@ fn signals_to_the_cli_are_forwarded() {
 /// process of the tree is gone; here, without a cgroup, the one that left the group is not, and
 /// the record says how the tree was killed.
 #[test]
-#[ignore = "needs the agent of branch agent-v3 (issue 10)"]
 fn a_timeout_ends_the_tree_and_exits_124() {
     let agent = Agent::start();
     let script = "trap '' TERM; sleep 100 & echo $!; setsid sleep 100 & echo $!; echo $$; \
@@ -529,7 +516,6 @@ fn garbage_durations_and_sizes_are_usage_errors() {
 /// `--max-output`: the first bytes and the last are kept exactly, the count of what was
 /// dropped between them is exact, and the command runs at pipe speed to its end.
 #[test]
-#[ignore = "needs the agent of branch agent-v3 (issue 10)"]
 fn an_output_cap_keeps_the_head_and_the_tail_exactly() {
     let agent = Agent::start();
     let expected = Command::new("seq")
@@ -612,7 +598,6 @@ fn an_output_cap_keeps_the_head_and_the_tail_exactly() {
 
 /// 20000 arguments of 20 bytes, and one of 100 KiB: what `execve` takes, exactly.
 #[test]
-#[ignore = "needs the agent of branch agent-v3 (issue 10)"]
 fn large_argument_lists_round_trip() {
     let agent = Agent::start();
     let many: Vec<String> = (0..20_000).map(|i| format!("{i:019}")).collect();
@@ -671,7 +656,6 @@ fn a_frozen_agent_is_agent_silent() {
 /// resizes and cancels after the end do nothing; a timeout reports itself; chunks carry their
 /// time; the record counts what each stream produced.
 #[test]
-#[ignore = "needs the agent of branch agent-v3 (issue 10)"]
 fn controls_timestamps_and_the_record() {
     let agent = Agent::start();
     let client = agent.client();
