@@ -57,6 +57,22 @@ fn alive(pid: u32) -> bool {
     }
 }
 
+/// Waits for `child`, failing (and killing it) if it runs past `within`: a CLI that hangs fails
+/// its test instead of hanging the run.
+fn wait_within(child: &mut Child, within: Duration) -> ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the CLI did not end within {within:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn wait_gone(pid: u32, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
@@ -414,13 +430,71 @@ fn signals_to_the_cli_are_forwarded() {
             .unwrap();
         let pid: u32 = line.trim().parse().unwrap();
         kill(child.id(), signal);
-        let status = child.wait().unwrap();
+        let status = wait_within(&mut child, Duration::from_secs(10));
         assert_eq!(status.code(), Some(128 + signal), "{signal}");
         assert!(
             wait_gone(pid, Duration::from_secs(2)),
             "the command outlived its signal"
         );
     }
+}
+
+/// With a terminal in the guest, SIGTERM to the CLI ends the command's tree (SIGTERM, then
+/// SIGKILL after the grace): a command that ignores SIGTERM, as an interactive shell does, still
+/// ends.
+#[test]
+fn sigterm_to_the_cli_ends_a_terminals_tree() {
+    let agent = Agent::start();
+    let script = "trap '' TERM; echo ready; while :; do sleep 0.05; done";
+    let mut child = ferry(&agent)
+        .args([
+            "exec",
+            "-t",
+            "--kill-after",
+            "300ms",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "ready\r\n");
+    let started = Instant::now();
+    kill(child.id(), libc::SIGTERM);
+    let status = wait_within(&mut child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(137));
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// The end of our stdin is the end of the command's (a half-close): it runs on to its end, and
+/// its output and record still come.
+#[test]
+fn the_end_of_stdin_is_not_the_end_of_the_command() {
+    let agent = Agent::start();
+    let mut child = ferry(&agent)
+        .args([
+            "exec",
+            "-i",
+            "--",
+            "sh",
+            "-c",
+            "cat; sleep 0.3; echo after; exit 6",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"input ").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(6));
+    assert_eq!(output.stdout, b"input after\n");
 }
 
 /// `--timeout`: the tree gets SIGTERM, then SIGKILL after the grace; the CLI exits 124. Every

@@ -64,10 +64,11 @@ enum Cmd {
     /// Run a program in the guest, streaming its output; exit with its status
     ///
     /// While it runs, the signals ferry gets are the command's: SIGINT, SIGTERM, SIGHUP, SIGQUIT,
-    /// SIGUSR1 and SIGUSR2 are forwarded to its process group (with a raw terminal, keys are
-    /// bytes instead: SIGTERM then ends the command's tree, SIGHUP is forwarded, SIGWINCH
-    /// resizes). A second SIGINT, SIGTERM, SIGHUP or SIGQUIT ends ferry at once, and the agent
-    /// then ends the command's tree.
+    /// SIGUSR1 and SIGUSR2 are forwarded to its process group; with -t, SIGTERM ends its whole
+    /// tree instead (an interactive shell ignores SIGTERM) and SIGWINCH resizes its terminal;
+    /// with -it on a terminal, keys are bytes (^C, ^\) and only SIGTERM and SIGHUP are handled.
+    /// A second SIGINT, SIGTERM, SIGHUP or SIGQUIT ends ferry at once, and the agent then ends
+    /// the command's tree.
     Exec(ExecArgs),
     /// Run the target user's login shell on a terminal (`exec -it` of `$SHELL -l`, which the
     /// agent sets from the user's passwd entry; /bin/sh when it has none)
@@ -438,12 +439,13 @@ impl Run {
             Keys::AsSignals
         };
         let controller = execution.controller();
+        let tty = self.tty;
         let resizes = if self.tty { local_terminal() } else { None };
         // Declared before the raw mode: dropped after it, so a signal during the restore is
         // still handled.
         let _forwarding =
             match Forwarding::start(keys, resizes.as_ref().map(AsFd::as_fd), move |caught| {
-                forward(&controller, keys, caught)
+                forward(&controller, tty, caught)
             }) {
                 Ok(forwarding) => forwarding,
                 Err(err) => return fail(&format_args!("cannot handle signals: {err}")),
@@ -598,15 +600,13 @@ impl Run {
     }
 }
 
-/// What the CLI does with a signal it caught while the command runs.
-fn forward(controller: &Controller, keys: Keys, caught: Caught) {
+/// What the CLI does with a signal it caught while the command runs (`tty`: it has a terminal).
+fn forward(controller: &Controller, tty: bool, caught: Caught) {
     // Errors are the reader's to report (a broken connection), or moot (the command ended).
     let _ = match caught {
-        // With a raw terminal the command is usually an interactive shell, which ignores
-        // SIGTERM: ending the CLI ends its tree instead (SIGTERM, SIGKILL after the grace).
-        Caught::Signal(signal) if signal == libc::SIGTERM && keys == Keys::AsBytes => {
-            controller.cancel(None)
-        }
+        // A command on a terminal is often an interactive shell, which ignores SIGTERM: ending
+        // the CLI ends the command's tree instead (SIGTERM, then SIGKILL after the grace).
+        Caught::Signal(signal) if signal == libc::SIGTERM && tty => controller.cancel(None),
         Caught::Signal(signal) => controller.signal(signal),
         Caught::Resize(size) => controller.resize(size),
     };
