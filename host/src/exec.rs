@@ -119,7 +119,7 @@ pub enum Event<'a> {
 /// it); feed its stdin from any thread through [`Execution::take_stdin`].
 ///
 /// Dropping an execution before its [`Event::Exited`] disconnects, and the agent kills the
-/// command's whole process group.
+/// command's whole tree (its cgroup, or its process group where the guest has no cgroup v2).
 pub struct Execution {
     conn: Connection,
     agent: crate::AgentInfo,
@@ -433,7 +433,7 @@ pub enum PumpError {
 impl Drop for Execution {
     fn drop(&mut self) {
         if !self.done {
-            // The agent kills the command's process group when the connection drops.
+            // The agent kills the command's tree when the connection drops.
             self.conn.shared().shutdown();
         }
     }

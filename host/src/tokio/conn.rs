@@ -122,7 +122,7 @@ impl Conn {
     }
 
     /// Ends the connection in both directions: the agent sees a disconnect at once (and kills
-    /// the command's process group), even while a stdin writer still holds the socket.
+    /// the command's tree), even while a stdin writer still holds the socket.
     pub(super) fn shutdown(&self) {
         let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Both);
     }

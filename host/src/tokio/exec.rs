@@ -34,7 +34,7 @@ const CONTROL_ROOM: usize = 64;
 /// same task (`join!`/`select!`) or another one.
 ///
 /// Dropping an execution before its [`Event::Exited`] disconnects, and the agent kills the
-/// command's whole process group: cancelling a future that owns it cancels the command.
+/// command's whole tree: cancelling a future that owns it cancels the command.
 pub struct Execution {
     receiver: Receiver,
     pid: u32,

@@ -29,8 +29,12 @@
 //! - *Backpressure:* output is read only while the execution is polled, one frame at a time, so
 //!   a slow consumer slows the command; a stdin write is `Pending` until the agent grants credit.
 //! - *Cancellation:* dropping an [`Execution`] before its [`crate::Event::Exited`] (for example
-//!   by dropping the future that owns it) disconnects, and the agent kills the command's process
-//!   group.
+//!   by dropping the future that owns it) disconnects, and the agent kills the command's tree.
+//!   [`Execution::controller`] signals, resizes or cancels it from any task while another polls
+//!   it.
+//! - *Liveness:* while a command runs the agent sends a keepalive every few seconds; an agent
+//!   heard from for none of three intervals ends the execution with
+//!   [`crate::Error::AgentSilent`] (a silent command is not a silent agent).
 //! - *Authentication:* as in the blocking API, every connection opens with the agent's hello
 //!   (its challenge), then ours with the proof of [`crate::ConnectOptions::secret`] and the
 //!   operation in one write; the agent's proof is checked before anything it says about the

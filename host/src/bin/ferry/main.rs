@@ -142,7 +142,8 @@ struct BoundArgs {
 
     /// Keep at most this many bytes of each output stream (K, M, G: powers of 1024), within the
     /// agent's own maximum: past it the first bytes and the last are kept, and a line on stderr
-    /// says how many were dropped between them
+    /// says how many were dropped between them. 0 is refused: protocol 3 reads it as the
+    /// agent's own maximum
     #[arg(long, value_name = "BYTES", value_parser = units::parse_size, allow_hyphen_values = true)]
     max_output: Option<u64>,
 }
