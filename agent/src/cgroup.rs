@@ -24,6 +24,10 @@
 //! the whole tree, `setsid` and double-fork escapees included. It is removed once empty
 //! ([`remove_exec`]): by the connection process at its end, else by the listener later.
 //!
+//! `memory` is enabled for the exec cgroups too, so each has its own `memory.events` and
+//! `memory.peak`: the termination record says whether the OOM killer hit this exec and how
+//! much memory its tree used at most ([`exec_memory_facts`]), not what any command did.
+//!
 //! NOTE: with a controller enabled for its children, the commands' cgroup itself may hold no
 //! process: a command whose exec cgroup could not be made is refused at its start (the join
 //! fails) rather than run without bounds. A pid the kernel reuses while an earlier `c<pid>`
@@ -34,6 +38,7 @@ use core::ffi::CStr;
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
+use rustix::process::{Pid, Signal};
 
 use crate::policy::Policy;
 use crate::sys::SetOnce;
@@ -72,6 +77,8 @@ pub struct Commands {
     procs: OwnedFd,
     /// The `memory.max` written (`None`: unlimited, or the kernel refused it).
     memory_max: Option<u64>,
+    /// Commands run in exec cgroups of their own (else in this one itself).
+    exec_cgroups: bool,
 }
 
 static COMMANDS: SetOnce<Commands> = SetOnce::new();
@@ -96,20 +103,83 @@ pub fn memory_max() -> Option<u64> {
 /// the commands' (see the module's NOTE).
 pub fn commands_procs() -> Option<BorrowedFd<'static>> {
     EXEC.get()
+        .map(|exec| &exec.procs)
         .or(COMMANDS.get().map(|commands| &commands.procs))
         .map(AsFd::as_fd)
 }
 
-/// This connection process's exec cgroup's `cgroup.procs`, once [`make_exec`] made it.
-static EXEC: SetOnce<OwnedFd> = SetOnce::new();
+/// This connection process's exec cgroup, once [`make_exec`] made it.
+static EXEC: SetOnce<Exec> = SetOnce::new();
 
-/// How a command's tree was killed.
+/// An exec cgroup's files the connection process keeps open: opened while it waits as a spare,
+/// so neither the start nor the end of its command walks a path for them.
+struct Exec {
+    /// `cgroup.procs`, which the command's child writes `0` to, to join.
+    procs: OwnedFd,
+    /// `memory.events` (`oom_kill`) and `memory.peak` (Linux ≥ 5.19); `None` without the
+    /// memory controller.
+    events: Option<OwnedFd>,
+    peak: Option<OwnedFd>,
+    /// `oom_kill` when the cgroup was made: a reused one (see the module's NOTE) has a past.
+    oom_kills_before: u64,
+}
+
+/// How a command's tree was killed (or asked to end).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TreeKill {
-    /// `cgroup.kill` on the exec's cgroup: every process, escapees included.
+    /// Through the exec's cgroup (`cgroup.kill`, or each process of `cgroup.procs` for
+    /// SIGTERM): every process, escapees included.
     Cgroup,
     /// The command's process group only (no exec cgroup, or no `cgroup.kill`).
     ProcessGroup,
+}
+
+/// What the exec cgroup says about its tree's memory, for the termination record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryFacts {
+    /// The OOM killer killed a process of this exec (`memory.events`' `oom_kill` grew).
+    pub oom_killed: bool,
+    /// `memory.peak`, in bytes; 0 when unknown (no exec cgroup, no memory controller, a kernel
+    /// before 5.19).
+    pub peak_memory: u64,
+}
+
+/// This exec's [`MemoryFacts`], read now (at its end).
+pub fn exec_memory_facts() -> MemoryFacts {
+    let Some(exec) = EXEC.get() else {
+        return MemoryFacts::default();
+    };
+    let mut buf = [0u8; 256];
+    let oom_kills = exec
+        .events
+        .as_ref()
+        .and_then(|events| reread(events.as_fd(), &mut buf).ok())
+        .and_then(|text| event_count(text, b"oom_kill"));
+    let mut buf = [0u8; 32];
+    let peak = exec
+        .peak
+        .as_ref()
+        .and_then(|peak| reread(peak.as_fd(), &mut buf).ok())
+        .and_then(|text| parse_u64(text.trim_ascii()));
+    MemoryFacts {
+        oom_killed: oom_kills.is_some_and(|now| now > exec.oom_kills_before),
+        peak_memory: peak.unwrap_or(0),
+    }
+}
+
+/// A `flat-keyed` cgroup file's value for `key` (`memory.events`: `oom_kill 3`).
+fn event_count(text: &[u8], key: &[u8]) -> Option<u64> {
+    text.split(|b| *b == b'\n').find_map(|line| {
+        let value = line.strip_prefix(key)?.strip_prefix(b" ")?;
+        parse_u64(value.trim_ascii())
+    })
+}
+
+/// Reads a cgroup file again through a descriptor kept open: from its start, where the kernel
+/// generates it anew.
+fn reread<'b>(fd: BorrowedFd<'_>, buf: &'b mut [u8]) -> Result<&'b [u8], Errno> {
+    rustix::fs::seek(fd, rustix::fs::SeekFrom::Start(0))?;
+    crate::file::read_fd(fd, buf).map(|read| read.text)
 }
 
 /// An exec cgroup's name, `c<pid>`, in `buf`, followed by `file` (`/name`) when not empty.
@@ -130,24 +200,43 @@ fn own_pid() -> u32 {
 /// `cgroup.procs` for its command; nothing without the commands' cgroup. A failure is logged:
 /// the command is then refused at its start.
 pub fn make_exec() {
-    let Some(commands) = COMMANDS.get() else {
+    let Some(commands) = COMMANDS.get().filter(|commands| commands.exec_cgroups) else {
         return;
     };
     let mut buf = [0u8; 48];
     let pid = own_pid();
+    let dir = commands.dir.as_fd();
     let made = exec_path(&mut buf, pid, b"")
         .ok_or(Errno::NAMETOOLONG)
-        .and_then(|name| make_dir(commands.dir.as_fd(), name))
+        .and_then(|name| make_dir(dir, name))
         .and_then(|()| {
             let procs = exec_path(&mut buf, pid, b"/cgroup.procs").ok_or(Errno::NAMETOOLONG)?;
-            open_at(commands.dir.as_fd(), procs, OFlags::WRONLY)
+            open_at(dir, procs, OFlags::WRONLY)
         });
-    match made {
-        Ok(procs) => {
-            let _ = EXEC.set(procs);
-        }
-        Err(errno) => log::error(b"cgroup: cannot make the exec's cgroup", errno),
-    }
+    let procs = match made {
+        Ok(procs) => procs,
+        Err(errno) => return log::error(b"cgroup: cannot make the exec's cgroup", errno),
+    };
+    // Missing without the memory controller (or `memory.peak` before Linux 5.19): the facts
+    // are then unknown, nothing else changes.
+    let mut open = |file: &[u8]| {
+        let path = exec_path(&mut buf, pid, file)?;
+        open_at(dir, path, OFlags::RDONLY).ok()
+    };
+    let events = open(b"/memory.events");
+    let peak = open(b"/memory.peak");
+    let mut text = [0u8; 256];
+    let oom_kills_before = events
+        .as_ref()
+        .and_then(|events| reread(events.as_fd(), &mut text).ok())
+        .and_then(|text| event_count(text, b"oom_kill"))
+        .unwrap_or(0);
+    let _ = EXEC.set(Exec {
+        procs,
+        events,
+        peak,
+        oom_kills_before,
+    });
 }
 
 /// Kills every process in the exec cgroup of connection process `pid` (`cgroup.kill`).
@@ -162,13 +251,90 @@ pub fn kill_exec(pid: u32) -> Result<(), Errno> {
 
 /// Kills this connection process's command tree: `cgroup.kill` on its exec cgroup, and the
 /// process group of `leader` in any case (the fallback, and cheap). Which one held.
-pub fn kill_tree(leader: rustix::process::Pid) -> TreeKill {
+pub fn kill_tree(leader: Pid) -> TreeKill {
     let by_cgroup = EXEC.get().is_some() && kill_exec(own_pid()).is_ok();
-    let _ = rustix::process::kill_process_group(leader, rustix::process::Signal::KILL);
+    let _ = rustix::process::kill_process_group(leader, Signal::KILL);
     if by_cgroup {
         TreeKill::Cgroup
     } else {
         TreeKill::ProcessGroup
+    }
+}
+
+/// Asks this connection process's command tree to end (a timeout's or a cancel's first step;
+/// [`kill_tree`] follows after the grace): SIGTERM to every process in its exec cgroup, and to
+/// the process group of `leader` in any case. Which one reached the tree.
+///
+/// There is no `cgroup.kill` for other signals: each process listed in `cgroup.procs` is
+/// signalled in turn (as systemd does). One forked meanwhile is missed, and a pid that exits and
+/// is reused between the read and the signal gets a SIGTERM meant for it; the SIGKILL after the
+/// grace is exhaustive and race-free.
+pub fn terminate_tree(leader: Pid) -> TreeKill {
+    let mut buf = [0u8; 48];
+    let by_cgroup = COMMANDS.get().zip(EXEC.get()).is_some_and(|(commands, _)| {
+        exec_path(&mut buf, own_pid(), b"")
+            .and_then(|name| open_dir(commands.dir.as_fd(), name).ok())
+            .is_some_and(|dir| signal_each_in(dir.as_fd(), Signal::TERM).is_ok())
+    });
+    let _ = rustix::process::kill_process_group(leader, Signal::TERM);
+    if by_cgroup {
+        TreeKill::Cgroup
+    } else {
+        TreeKill::ProcessGroup
+    }
+}
+
+/// For a request that asked for it (`kill_tree_on_exit`): once the command itself has ended,
+/// kills what is left of its tree ([`kill_tree`]); `None` when nothing was left to kill.
+pub fn kill_tree_on_exit(leader: Pid) -> Option<TreeKill> {
+    tree_remains(leader).then(|| kill_tree(leader))
+}
+
+/// Whether any process of the command's tree still runs: its exec cgroup is populated, or its
+/// process group has a member.
+pub fn tree_remains(leader: Pid) -> bool {
+    let mut buf = [0u8; 48];
+    let mut text = [0u8; 64];
+    let populated = COMMANDS
+        .get()
+        .zip(EXEC.get())
+        .and_then(|(commands, _)| {
+            let events = exec_path(&mut buf, own_pid(), b"/cgroup.events")?;
+            read_file_at(commands.dir.as_fd(), events, &mut text).ok()
+        })
+        .and_then(|text| event_count(text, b"populated"));
+    populated.is_some_and(|n| n > 0) || rustix::process::test_kill_process_group(leader).is_ok()
+}
+
+/// Sends `signal` to each process listed in the `cgroup.procs` of the cgroup at `dir`.
+fn signal_each_in(dir: BorrowedFd<'_>, signal: Signal) -> Result<(), Errno> {
+    let procs = open_at(dir, c"cgroup.procs", OFlags::RDONLY)?;
+    let mut chunk = [0u8; 512];
+    // One pid per line; a line may span two reads.
+    let mut pid: Option<u32> = Some(0);
+    loop {
+        let n = match rustix::io::read(&procs, &mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(Errno::INTR) => continue,
+            Err(errno) => return Err(errno),
+        };
+        for byte in chunk.get(..n).unwrap_or(&[]) {
+            if *byte == b'\n' {
+                // Never 0 (not a process) nor -1 (everything): only a parsed pid is signalled.
+                let target = pid.and_then(|pid| Pid::from_raw(i32::try_from(pid).ok()?));
+                if let Some(target) = target {
+                    // Gone already (ESRCH) is what a signal to a dying tree meets.
+                    let _ = rustix::process::kill_process(target, signal);
+                }
+                pid = Some(0);
+            } else {
+                let digit = byte.wrapping_sub(b'0');
+                pid = pid
+                    .filter(|_| digit <= 9)
+                    .and_then(|pid| pid.checked_mul(10)?.checked_add(u32::from(digit)));
+            }
+        }
     }
 }
 
@@ -270,6 +436,8 @@ pub struct Limits {
     pub pids_max: u32,
     /// `cpu.max` in percent of one CPU; 0 leaves it unlimited.
     pub cpu_max_percent: u32,
+    /// Each exec gets a cgroup of its own (the policy's `exec_cgroups`).
+    pub exec_cgroups: bool,
 }
 
 impl Limits {
@@ -284,6 +452,7 @@ impl Limits {
             memory_max,
             pids_max: policy.pids_max,
             cpu_max_percent: policy.cpu_max_percent,
+            exec_cgroups: policy.exec_cgroups,
         }
     }
 }
@@ -479,10 +648,30 @@ fn make_commands(
     make_dir(parent, name).map_err(failed(b"create the commands' cgroup"))?;
     let dir = open_dir(parent, name).map_err(failed(b"open the commands' cgroup"))?;
     let memory_max = configure(dir.as_fd(), limits);
-    // Each exec's cgroup gets its own share of the CPU. Refused (a leftover process in a
-    // reused cgroup, say): exec cgroups still hold, and kill, each tree.
-    if let Err(errno) = write_file(dir.as_fd(), c"cgroup.subtree_control", b"+cpu") {
-        log::error(b"cgroup: cannot enable cpu for exec cgroups", errno);
+    // Each exec's cgroup gets its own share of the CPU, and its own memory accounting (its
+    // OOM kills and peak for the termination record; the commands' `memory.max` still bounds
+    // them all). Each on its own: one the kernel lacks or refuses (a leftover process in a
+    // reused cgroup, say) keeps neither the other out, and exec cgroups still hold, and kill,
+    // each tree.
+    // Without exec cgroups, commands join this cgroup itself, which may then have no
+    // controller enabled for children (no internal processes): a reused one gives them back.
+    let controllers: [(&[u8], &[u8]); 2] = if limits.exec_cgroups {
+        [
+            (b"+cpu", b"cgroup: cannot enable cpu for exec cgroups"),
+            (b"+memory", b"cgroup: cannot enable memory for exec cgroups"),
+        ]
+    } else {
+        [
+            (b"-cpu", b"cgroup: cannot disable cpu for children"),
+            (b"-memory", b"cgroup: cannot disable memory for children"),
+        ]
+    };
+    for (enable, what) in controllers {
+        match write_file(dir.as_fd(), c"cgroup.subtree_control", enable) {
+            // Not offered by the parent: a kernel or a delegation without it.
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(errno) => log::error(what, errno),
+        }
     }
     let procs = open_at(dir.as_fd(), c"cgroup.procs", OFlags::WRONLY)
         .map_err(failed(b"open the commands' cgroup.procs"))?;
@@ -490,6 +679,7 @@ fn make_commands(
         dir,
         procs,
         memory_max,
+        exec_cgroups: limits.exec_cgroups,
     })
 }
 
@@ -775,6 +965,10 @@ mod tests {
         assert_eq!(limits.memory_max, Some(154 * MIB));
         assert_eq!(limits.pids_max, 4096);
         assert_eq!(limits.cpu_max_percent, 0);
+        assert!(limits.exec_cgroups);
+        policy.exec_cgroups = false;
+        assert!(!Limits::from_policy(&policy, MemInfo::default()).exec_cgroups);
+        policy.exec_cgroups = true;
         assert_eq!(
             Limits::from_policy(&policy, mem(226 * MIB, 10 * MIB)).memory_max,
             None
@@ -884,6 +1078,7 @@ mod tests {
                 memory_max: Some(64 << 20),
                 pids_max: 7,
                 cpu_max_percent: 50,
+                exec_cgroups: true,
             };
             let pid = agent.id().to_string();
             let commands = setup_in(own.as_fd(), &limits, pid.as_bytes()).unwrap();
@@ -958,6 +1153,123 @@ mod tests {
         assert_eq!(kill_tree(pid), TreeKill::ProcessGroup);
         assert_eq!(leader.wait().unwrap().signal(), Some(9));
         // The background sleep (same group) is gone too: the group has no member left.
+        let started = std::time::Instant::now();
+        while rustix::process::test_kill_process_group(pid).is_ok() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn flat_keyed_counts() {
+        let events = b"low 0\nhigh 0\nmax 12\noom 2\noom_kill 3\noom_group_kill 0\n";
+        assert_eq!(event_count(events, b"oom_kill"), Some(3));
+        assert_eq!(
+            event_count(events, b"oom"),
+            Some(2),
+            "a prefix of another key is not it"
+        );
+        assert_eq!(event_count(events, b"max"), Some(12));
+        assert_eq!(event_count(events, b"missing"), None);
+        assert_eq!(
+            event_count(b"populated 1\nfrozen 0\n", b"populated"),
+            Some(1)
+        );
+        assert_eq!(event_count(b"oom_kill x\n", b"oom_kill"), None);
+        assert_eq!(event_count(b"oom_kill\n", b"oom_kill"), None);
+        assert_eq!(event_count(b"", b"oom_kill"), None);
+        assert_eq!(
+            event_count(b"oom_kill 99999999999999999999999\n", b"oom_kill"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_kept_descriptor_reads_the_file_anew() {
+        let path = std::env::temp_dir().join(format!("ferry-reread-{}", std::process::id()));
+        std::fs::write(&path, b"oom_kill 1\n").unwrap();
+        let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        let file = open_at(cwd(), &c_path, OFlags::RDONLY).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(reread(file.as_fd(), &mut buf).unwrap(), b"oom_kill 1\n");
+        std::fs::write(&path, b"oom_kill 2\n").unwrap();
+        assert_eq!(reread(file.as_fd(), &mut buf).unwrap(), b"oom_kill 2\n");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// SIGTERM to each process of a scratch cgroup, setsid escapees included.
+    #[test]
+    fn every_process_of_a_cgroup_gets_the_signal() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let Some(scratch) = scratch_cgroup("term") else {
+            eprintln!("skipped: no writable cgroup2 hierarchy here");
+            return;
+        };
+        let spawn = |group: bool| {
+            let mut command = std::process::Command::new("sleep");
+            command.arg("30");
+            if group {
+                command.process_group(0);
+            }
+            command.spawn().unwrap()
+        };
+        let mut a = spawn(true);
+        let mut b = spawn(true);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for child in [&a, &b] {
+                std::fs::write(scratch.join("cgroup.procs"), child.id().to_string()).unwrap();
+            }
+            let path = std::ffi::CString::new(scratch.to_str().unwrap()).unwrap();
+            let dir = open_dir(cwd(), &path).unwrap();
+            assert_eq!(signal_each_in(dir.as_fd(), Signal::TERM), Ok(()));
+            assert_eq!(a.wait().unwrap().signal(), Some(15));
+            assert_eq!(b.wait().unwrap().signal(), Some(15));
+            // Empty now: nothing to signal, no error.
+            assert_eq!(signal_each_in(dir.as_fd(), Signal::TERM), Ok(()));
+        }));
+        let _ = a.kill();
+        let _ = a.wait();
+        let _ = b.kill();
+        let _ = b.wait();
+        for _ in 0..100 {
+            if std::fs::remove_dir(&scratch).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!scratch.exists(), "scratch cgroup left behind");
+        result.unwrap();
+    }
+
+    /// Without an exec cgroup: SIGTERM to the group, no memory facts, and a tree kill on exit
+    /// only when something is left.
+    #[test]
+    fn without_a_cgroup_the_facts_are_unknown_and_the_group_is_the_tree() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        assert_eq!(exec_memory_facts(), MemoryFacts::default());
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & exec sleep 30"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(leader.id() as i32).unwrap();
+        assert_eq!(terminate_tree(pid), TreeKill::ProcessGroup);
+        assert_eq!(leader.wait().unwrap().signal(), Some(15));
+        let started = std::time::Instant::now();
+        while rustix::process::test_kill_process_group(pid).is_ok() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(kill_tree_on_exit(pid), None, "nothing left");
+        // The command ended, a background process of its group did not.
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & exit 0"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(leader.id() as i32).unwrap();
+        assert_eq!(leader.wait().unwrap().code(), Some(0));
+        assert_eq!(kill_tree_on_exit(pid), Some(TreeKill::ProcessGroup));
         let started = std::time::Instant::now();
         while rustix::process::test_kill_process_group(pid).is_ok() {
             assert!(started.elapsed() < std::time::Duration::from_secs(5));

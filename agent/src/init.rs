@@ -13,7 +13,7 @@ use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
 use crate::config::{KernelParams, ListenAddr};
 use crate::sys::{self, VsockAddr};
-use crate::{clock, cstr, log};
+use crate::{clock, cstr, log, users};
 
 /// Makes sure descriptors 0, 1 and 2 are open, so no socket or pipe of ours is ever mistaken
 /// for a standard stream (and `dup2` onto them never aliases).
@@ -36,6 +36,12 @@ pub fn ensure_std_fds() {
 
 /// Mounts what an empty rootfs lacks, where it is not mounted already.
 pub fn mount_filesystems() {
+    // Terminals belong to the `tty` group (root's without one), mode 0620; `/dev/ptmx` may be
+    // opened by anyone.
+    let mut digits = [0u8; 20];
+    let gid = crate::cgroup::decimal(&mut digits, u64::from(users::system_tty_gid().unwrap_or(0)));
+    let mut devpts = [0u8; 64];
+    let devpts = cstr::join(&mut devpts, &[b"gid=", gid, b",mode=0620,ptmxmode=0666"]);
     let mounts: [(&CStr, &CStr, &CStr, MountFlags, Option<&CStr>); 7] = [
         (
             c"proc",
@@ -63,7 +69,8 @@ pub fn mount_filesystems() {
             c"/dev/pts",
             c"devpts",
             MountFlags::NOSUID | MountFlags::NOEXEC,
-            Some(c"gid=5,mode=0620,ptmxmode=0666"),
+            // Always fits: 4 + 10 digits + 24 bytes.
+            devpts,
         ),
         (
             c"tmpfs",
@@ -108,7 +115,10 @@ pub fn mount_filesystems() {
 /// The links udev or mdev would make and devtmpfs does not: `tee /dev/stderr`, bash's
 /// `<(...)` and friends need them. Existing entries are left alone.
 pub fn link_standard_devices() {
-    let links: [(&CStr, &CStr); 4] = [
+    let links: [(&CStr, &CStr); 5] = [
+        // devtmpfs has its own `/dev/ptmx`, which opens the devpts at `/dev/pts`; without one,
+        // the devpts' own.
+        (c"pts/ptmx", c"/dev/ptmx"),
         (c"/proc/self/fd", c"/dev/fd"),
         (c"/proc/self/fd/0", c"/dev/stdin"),
         (c"/proc/self/fd/1", c"/dev/stdout"),

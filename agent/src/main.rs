@@ -34,6 +34,7 @@ mod init;
 mod listen;
 mod log;
 mod policy;
+mod pty;
 mod spawn;
 mod successor;
 mod sys;

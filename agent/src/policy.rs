@@ -83,6 +83,11 @@ pub struct Policy {
     pub pids_max: u32,
     /// `cpu_max`: percent of one CPU (`cpu.max`), 0 = no limit.
     pub cpu_max_percent: u32,
+    /// `exec_cgroups`: each exec in a cgroup of its own under the commands' (default true): a
+    /// tree kill nothing escapes, its own CPU share, its OOM kills and peak memory in its
+    /// record. False: commands join the commands' cgroup itself (still bounded by it), a tree
+    /// kill is the process group's, no memory facts (what the exec costs without one).
+    pub exec_cgroups: bool,
 }
 
 impl Policy {
@@ -112,6 +117,7 @@ impl Policy {
             memory_max: 0,
             pids_max: 4096,
             cpu_max_percent: 0,
+            exec_cgroups: true,
         }
     }
 }
@@ -216,6 +222,7 @@ impl Policy {
             b"memory_max" => self.memory_max = parse_bytes(value)?,
             b"pids_max" => self.pids_max = number(value)?,
             b"cpu_max" => self.cpu_max_percent = in_range(number(value)?, 0, MAX_CPU_PERCENT)?,
+            b"exec_cgroups" => self.exec_cgroups = parse_bool(value)?,
             b"rlimit_nofile" => self.rlimit_nofile = Some(parse_rlimit(value, false)?),
             b"rlimit_nproc" => self.rlimit_nproc = Some(parse_rlimit(value, false)?),
             b"rlimit_cpu" => self.rlimit_cpu = Some(parse_rlimit(value, false)?),
@@ -629,6 +636,10 @@ mod tests {
                 .unwrap()
                 .unprivileged_default
         );
+        assert!(Policy::defaults().exec_cgroups);
+        assert!(!applied("exec_cgroups", "false").unwrap().exec_cgroups);
+        assert!(applied("exec_cgroups", "1").unwrap().exec_cgroups);
+        assert_eq!(refused("exec_cgroups", "off"), PolicyError::BadValue);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use ferry_wire::session::Refusal;
 use ferry_wire::{Bytes, ErrorCode, ValidExec};
 use rustix::fd::BorrowedFd;
+use rustix::fs::Mode;
 use rustix::io::Errno;
 use rustix::process::Signal;
 
@@ -37,26 +38,48 @@ pub struct Prepared<'a, const A: usize, const E: usize> {
     credentials: &'a Credentials,
 }
 
+/// A request's argv and environment overrides, packed (NUL-terminated entries): the request's
+/// own, or put back together from its pieces.
+#[derive(Debug, Clone, Copy)]
+pub struct Lists<'a> {
+    pub argv: &'a [u8],
+    pub env: &'a [u8],
+}
+
+impl<'a> Lists<'a> {
+    /// The request's own lists.
+    pub fn of(exec: &ValidExec<'a>) -> Self {
+        Lists {
+            argv: exec.request().argv.as_bytes(),
+            env: exec.request().env.as_bytes(),
+        }
+    }
+}
+
 /// Builds argv, the effective environment and the cwd. The environment: the inherited one
 /// minus the keys the request overrides; then `HOME`, `USER`, `LOGNAME` and `SHELL` for
 /// `credentials` (built in `identity_buffer`) unless the request sets them, replacing inherited
 /// ones when the command changes user and filling in missing ones otherwise; then the
 /// overrides; then [`DEFAULT_PATH_ENV`] if there is still no `PATH`. A clean environment is
 /// the overrides alone, exactly as asked (the command still searches [`DEFAULT_PATH`]).
+/// `env_index` is where the overrides' keys are indexed: at least twice their number of
+/// slots, rounded up to a power of two ([`index_slots`]).
 #[allow(clippy::too_many_arguments)]
 pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
     exec: &ValidExec<'a>,
+    lists: Lists<'a>,
     credentials: &'a Credentials,
     inherited: impl Iterator<Item = &'e CStr>,
     argv_storage: &'a mut PtrStorage<A>,
     envp_storage: &'a mut PtrStorage<E>,
     cwd_storage: &'a mut [u8],
     identity_buffer: &'a mut [u8],
+    env_index: &mut [u32],
 ) -> Result<Prepared<'a, A, E>, Refusal> {
     let request = exec.request();
     let mut argv = PtrArray::new(argv_storage);
     let mut program = None;
-    for entry in request.argv.entries_with_nul() {
+    for entry in lists.argv.split_inclusive(|b| *b == 0) {
         let arg = CStr::from_bytes_with_nul(entry).map_err(|_| invalid("argv entry"))?;
         program.get_or_insert(arg);
         if !argv.push(arg) {
@@ -65,8 +88,9 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
     }
     let program = program.ok_or(invalid("argv is empty"))?;
 
-    let overrides = request.env;
-    let overridden = |entry: &[u8]| overrides.entries().any(|o| key(o) == key(entry));
+    let overrides = lists.env;
+    let keys = Keys::new(overrides, env_index).ok_or(LIMIT)?;
+    let overridden = |entry: &[u8]| keys.last(key(entry)).is_some();
     let mut envp = PtrArray::new(envp_storage);
     let mut search_path = None;
     let identity = identity_entries(credentials, identity_buffer);
@@ -102,13 +126,12 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
             return Err(LIMIT);
         }
     }
-    for (index, entry) in overrides.entries_with_nul().enumerate() {
+    let mut offset = 0usize;
+    for entry in overrides.split_inclusive(|b| *b == 0) {
+        let at = offset;
+        offset = offset.saturating_add(entry.len());
         // A later override of the same key wins; earlier ones are skipped.
-        let later = overrides
-            .entries()
-            .skip(index.saturating_add(1))
-            .any(|o| key(o) == key(entry));
-        if later {
+        if keys.last(key(entry)) != Some(at) {
             continue;
         }
         let var = CStr::from_bytes_with_nul(entry).map_err(|_| invalid("env entry"))?;
@@ -133,6 +156,83 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
         search_path: search_path.unwrap_or(DEFAULT_PATH),
         credentials,
     })
+}
+
+/// The slots [`prepare`]'s `env_index` needs for the overrides `env`: twice their entries (a
+/// trailing one without its NUL included), a power of two, at least 16. The protocol's most
+/// overrides need exactly `2 * MAX_ENV_VARS`.
+pub fn index_slots(env: &[u8]) -> usize {
+    let entries = env.split_inclusive(|b| *b == 0).count();
+    entries.saturating_mul(2).max(16).next_power_of_two()
+}
+
+/// The environment overrides' keys, indexed: with tens of thousands of overrides, comparing
+/// each with all the others (as the inherited entries and the overrides themselves must be)
+/// took seconds. An open-addressing table (linear probing) holds, for each key, the offset + 1
+/// of its last override (0: an empty slot).
+///
+/// NOTE: the hash is not keyed: a client that crafts colliding keys makes its own request as
+/// slow as the comparisons this replaces, and no one else's.
+struct Keys<'t> {
+    list: &'t [u8],
+    table: &'t mut [u32],
+}
+
+impl<'t> Keys<'t> {
+    /// Indexes `list` in `table` (at least [`index_slots`] of it); `None` when it is smaller.
+    fn new(list: &'t [u8], table: &'t mut [u32]) -> Option<Self> {
+        let table = table.get_mut(..index_slots(list))?;
+        table.fill(0);
+        let keys = Keys { list, table };
+        let mut offset = 0usize;
+        for entry in list.split_inclusive(|b| *b == 0) {
+            let (slot, _) = keys.find(key(entry));
+            if let Some(slot) = keys.table.get_mut(slot) {
+                *slot = u32::try_from(offset).ok()?.checked_add(1)?;
+            }
+            offset = offset.saturating_add(entry.len());
+        }
+        Some(keys)
+    }
+
+    /// The offset of the last override of `key`.
+    fn last(&self, key: &[u8]) -> Option<usize> {
+        let (slot, found) = self.find(key);
+        let stored = *self.table.get(slot)?;
+        found.then(|| (stored as usize).saturating_sub(1))
+    }
+
+    /// `key`'s slot and whether it holds `key` (else it is the empty slot where it would go).
+    fn find(&self, key: &[u8]) -> (usize, bool) {
+        // FNV-1a.
+        let hash = key.iter().fold(0x811c_9dc5u32, |hash, byte| {
+            (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193)
+        });
+        let mask = self.table.len().saturating_sub(1);
+        let mut slot = hash as usize & mask;
+        // At most half full: an empty slot is always found; the bound only keeps a broken
+        // table from looping.
+        for _ in 0..self.table.len() {
+            match self.table.get(slot).copied() {
+                None | Some(0) => return (slot, false),
+                Some(stored) => {
+                    let at = (stored as usize).saturating_sub(1);
+                    if key_at(self.list, at) == key {
+                        return (slot, true);
+                    }
+                }
+            }
+            slot = slot.wrapping_add(1) & mask;
+        }
+        (slot, false)
+    }
+}
+
+/// The key of the entry at `offset` in a packed list.
+fn key_at(list: &[u8], offset: usize) -> &[u8] {
+    let rest = list.get(offset..).unwrap_or(&[]);
+    let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+    key(rest.get(..end).unwrap_or(rest))
 }
 
 /// `HOME=`, `USER=`, `LOGNAME=` and `SHELL=` for `credentials` (in [`IDENTITY_KEYS`] order),
@@ -261,7 +361,9 @@ pub fn refusal(stage: FailedStage, errno: Errno) -> Refusal {
             Errno::NOMEM | Errno::AGAIN | Errno::MFILE | Errno::NFILE => {
                 (ErrorCode::ResourceExhausted, "out of memory or descriptors")
             }
-            Errno::TOOBIG => (ErrorCode::LimitExceeded, "argument list too long"),
+            // The kernel's own limit (argv and envp past a quarter of the stack limit): the
+            // request was within the protocol's.
+            Errno::TOOBIG => (ErrorCode::ArgumentsTooLong, "argument list too long"),
             _ => (ErrorCode::SpawnFailed, "execve failed"),
         },
     };
@@ -275,6 +377,9 @@ pub struct ChildStdio<'a> {
     pub stderr: BorrowedFd<'a>,
     /// Whether `stdin` is a pipe of this exec's own (else a shared file such as /dev/null).
     pub stdin_is_pipe: bool,
+    /// Whether all three are the slave of this exec's own pseudo-terminal, which becomes the
+    /// command's controlling terminal.
+    pub terminal: bool,
 }
 
 /// The child's side of `clone`: a new session, standard descriptors, default signal state, the
@@ -295,6 +400,11 @@ pub fn exec_child<const A: usize, const E: usize>(
 ) -> ! {
     let setup = (|| {
         rustix::process::setsid()?;
+        if stdio.terminal {
+            // The new session's controlling terminal: job control, ^C as SIGINT, SIGHUP to
+            // the foreground group when the command (its controlling process) ends.
+            rustix::process::ioctl_tiocsctty(stdio.stdin)?;
+        }
         rustix::stdio::dup2_stdin(stdio.stdin)?;
         rustix::stdio::dup2_stdout(stdio.stdout)?;
         rustix::stdio::dup2_stderr(stdio.stderr)?;
@@ -362,13 +472,21 @@ pub fn exec_child<const A: usize, const E: usize>(
 /// so they are the whole command's, and the agent's stay as they were.
 /// Gives the command's own pipes to the user it runs as: a pipe belongs to its creator (the
 /// agent) with mode 0600, so without this `tee /dev/stderr` (a reopen through /proc/self/fd)
-/// fails for an unprivileged command. Shared files (/dev/null) are never touched.
+/// fails for an unprivileged command. Shared files (/dev/null) are never touched. A terminal
+/// goes to the user and the `tty` group, mode 0620 (what `login` does): a program that reopens
+/// its tty (`ssh`'s password prompt, `sudo`, `less`) needs it, and `mesg`/`write` expect it.
 fn hand_over_pipes(credentials: &Credentials, stdio: &ChildStdio<'_>) -> Result<(), Errno> {
     use rustix::process::{Gid, Uid};
     if !credentials.switch {
         return Ok(());
     }
     let uid = Some(Uid::from_raw_unchecked(credentials.uid));
+    if stdio.terminal {
+        // Without a `tty` group the terminal keeps devpts' group.
+        let tty = credentials.tty_gid.map(Gid::from_raw_unchecked);
+        rustix::fs::fchown(stdio.stdin, uid, tty)?;
+        return rustix::fs::fchmod(stdio.stdin, Mode::from_raw_mode(0o620));
+    }
     let gid = Some(Gid::from_raw_unchecked(credentials.gid));
     let stdin = stdio.stdin_is_pipe.then_some(stdio.stdin);
     for fd in [Some(stdio.stdout), Some(stdio.stderr), stdin]
@@ -478,7 +596,19 @@ mod tests {
                 credentials,
             } = self;
             let inherited = inherited.iter().copied();
-            prepare(request, credentials, inherited, argv, envp, cwd, identity)
+            let lists = Lists::of(request);
+            let mut index = vec![0u32; index_slots(lists.env)];
+            prepare(
+                request,
+                lists,
+                credentials,
+                inherited,
+                argv,
+                envp,
+                cwd,
+                identity,
+                &mut index,
+            )
         }
     }
 
@@ -515,6 +645,102 @@ mod tests {
         );
         assert_eq!(prepared.search_path, b"/opt/bin");
         assert_eq!(prepared.cwd, Some(c"/tmp"));
+    }
+
+    #[test]
+    fn the_environment_index_keeps_the_last_override_of_each_key() {
+        // The order and the choice the pairwise comparisons made, on many keys.
+        let mut env = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..20_000u32 {
+            env.extend_from_slice(format!("K{}={i}\0", i % 7_000).as_bytes());
+        }
+        for i in 13_000..20_000u32 {
+            expected.push(format!("K{}={i}", i % 7_000));
+        }
+        expected.sort_by_key(|e| e.split('=').nth(1).unwrap().parse::<u32>().unwrap());
+        let keys_table_len = index_slots(&env);
+        assert_eq!(keys_table_len, 65_536);
+        let mut index = vec![0u32; keys_table_len];
+        let keys = Keys::new(&env, &mut index).unwrap();
+        let mut offset = 0;
+        let mut last_k0 = None;
+        for entry in env.split_inclusive(|b| *b == 0) {
+            if entry.starts_with(b"K0=") {
+                last_k0 = Some(offset);
+            }
+            offset += entry.len();
+        }
+        assert_eq!(keys.last(b"K0"), last_k0);
+        assert_eq!(keys.last(b"K7000"), None);
+        assert_eq!(keys.last(b""), None);
+        // Through `prepare` (a clean environment: the overrides alone).
+        let mut argv = PtrStorage::<2>::new();
+        let mut envp = Box::new(PtrStorage::<{ 8 * 1024 }>::new());
+        let mut cwd = [0u8; 16];
+        let mut identity = [0u8; IDENTITY_ENV_BUFFER];
+        let credentials = agent_itself();
+        let request = exec(b"true\0", b"", true);
+        let lists = Lists {
+            argv: b"true\0",
+            env: &env,
+        };
+        let started = std::time::Instant::now();
+        let prepared = prepare(
+            &request,
+            lists,
+            &credentials,
+            [c"K5=inherited", c"OTHER=1"].into_iter(),
+            &mut argv,
+            &mut envp,
+            &mut cwd,
+            &mut identity,
+            &mut index,
+        )
+        .unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let got: Vec<String> = prepared
+            .envp
+            .entries()
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(got, expected);
+        // Too small an index is a limit, not a wrong answer.
+        let mut small = [0u32; 8];
+        let err = prepare(
+            &request,
+            lists,
+            &credentials,
+            [].into_iter(),
+            &mut PtrStorage::<2>::new(),
+            &mut PtrStorage::<8>::new(),
+            &mut cwd,
+            &mut identity,
+            &mut small,
+        )
+        .err();
+        assert_eq!(err.map(|e| e.code), Some(ErrorCode::LimitExceeded));
+    }
+
+    #[test]
+    fn keys_of_packed_entries() {
+        assert_eq!(key_at(b"A=1\0BB=2\0C\0", 0), b"A");
+        assert_eq!(key_at(b"A=1\0BB=2\0C\0", 4), b"BB");
+        assert_eq!(key_at(b"A=1\0BB=2\0C\0", 9), b"C");
+        assert_eq!(key_at(b"A=1\0", 99), b"");
+        assert_eq!(index_slots(b""), 16);
+        assert_eq!(index_slots(&[0u8; 8]), 16);
+        assert_eq!(index_slots(&[0u8; 9]), 32);
+        assert_eq!(index_slots(b"A=1\0B=2"), 16, "a trailing entry counts");
+        // The protocol's most overrides fit the mapped index exactly (a refusal at the limit
+        // was found by the host's hostile tests).
+        let most: Vec<u8> = (0..ferry_wire::limits::MAX_ENV_VARS)
+            .flat_map(|i| format!("K{i}=\0").into_bytes())
+            .collect();
+        assert_eq!(index_slots(&most), 2 * ferry_wire::limits::MAX_ENV_VARS);
+        let mut index = vec![0u32; 2 * ferry_wire::limits::MAX_ENV_VARS];
+        let keys = Keys::new(&most, &mut index).unwrap();
+        assert_eq!(keys.last(b"K32767"), Some(most.len() - "K32767=\0".len()));
     }
 
     #[test]
@@ -579,7 +805,11 @@ mod tests {
                 Errno::NOMEM,
                 ErrorCode::ResourceExhausted,
             ),
-            (FailedStage::Exec, Errno::TOOBIG, ErrorCode::LimitExceeded),
+            (
+                FailedStage::Exec,
+                Errno::TOOBIG,
+                ErrorCode::ArgumentsTooLong,
+            ),
             (FailedStage::Exec, Errno::IO, ErrorCode::SpawnFailed),
             (FailedStage::Cwd, Errno::NOENT, ErrorCode::BadCwd),
             (FailedStage::Setup, Errno::BADF, ErrorCode::SpawnFailed),
@@ -738,6 +968,7 @@ mod tests {
             stdout: stdout.unwrap_or(null.as_fd()),
             stderr: null.as_fd(),
             stdin_is_pipe: false,
+            terminal: false,
         };
         let failure = ChildFailure::new();
         let child = || exec_child(&prepared, &stdio, bounds, &failure);
@@ -791,6 +1022,7 @@ mod tests {
             stdout: write.as_fd(),
             stderr: null.as_fd(),
             stdin_is_pipe: false,
+            terminal: false,
         };
         let bounds = ChildBounds {
             limits: &bounds::CommandLimits::NONE,
@@ -818,6 +1050,84 @@ mod tests {
             Some(failed) => Err(failed),
             None => Ok(out),
         }
+    }
+
+    /// What `sh -c script` prints on a terminal of 24×80, run as `credentials` through the
+    /// spawn path, with `\r\n` as `\n`.
+    fn output_on_terminal(script: &[u8], credentials: Credentials) -> String {
+        use rustix::fd::AsFd;
+        let argv = [b"sh\0-c\0".as_slice(), script, b"\0"].concat();
+        let request = ExecRequest {
+            argv: StrList::new(&argv),
+            env: StrList::default(),
+            clean_env: false,
+            cwd: None,
+            stdin: StdinMode::Null,
+            user: None,
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
+        }
+        .validate()
+        .unwrap();
+        let mut storage = Storage::<8, 16>::with_credentials(credentials);
+        let prepared = storage.prepare(&request, &[c"PATH=/bin:/usr/bin"]).unwrap();
+        let pair = crate::pty::open(ferry_wire::WindowSize { rows: 24, cols: 80 }).unwrap();
+        let stdio = ChildStdio {
+            stdin: pair.slave.as_fd(),
+            stdout: pair.slave.as_fd(),
+            stderr: pair.slave.as_fd(),
+            stdin_is_pipe: false,
+            terminal: true,
+        };
+        let bounds = ChildBounds {
+            limits: &bounds::CommandLimits::NONE,
+            cgroup_procs: None,
+            parent: rustix::process::getpid(),
+        };
+        let failure = ChildFailure::new();
+        let child = || exec_child(&prepared, &stdio, &bounds, &failure);
+        let mut stack = sys::ChildStack::new().unwrap();
+        // SAFETY: as in `run_with`.
+        #[allow(unsafe_code)]
+        let spawned = unsafe { sys::spawn(&mut stack, &child, || {}) }.unwrap();
+        drop(pair.slave);
+        let out = crate::pty::tests::read_all(&pair.master);
+        rustix::process::waitid(
+            rustix::process::WaitId::PidFd(spawned.pidfd.as_fd()),
+            rustix::process::WaitIdOptions::EXITED,
+        )
+        .unwrap();
+        assert_eq!(failure.get(), None);
+        String::from_utf8_lossy(&out).replace("\r\n", "\n")
+    }
+
+    #[test]
+    fn a_command_on_a_terminal_has_it_as_its_controlling_terminal() {
+        let script = b"tty; stty size; test -t 0 && test -t 1 && test -t 2 && echo all three; \
+            echo via /dev/tty > /dev/tty; echo to stderr >&2";
+        let out = output_on_terminal(script, agent_itself());
+        let mut lines = out.lines();
+        let tty = lines.next().unwrap();
+        assert!(tty.starts_with("/dev/pts/"), "{out}");
+        assert_eq!(
+            lines.collect::<Vec<_>>(),
+            ["24 80", "all three", "via /dev/tty", "to stderr"]
+        );
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        // Another user owns its terminal, with the tty group, mode 0620; without a tty group
+        // the group stays devpts'.
+        let mut nobody = crate::users::numeric_credentials(65534, 65534);
+        nobody.tty_gid = Some(5);
+        let out = output_on_terminal(b"id -u; stat -c '%u %g %a' $(tty)", nobody);
+        assert_eq!(out, "65534\n65534 5 620\n");
+        let nobody = crate::users::numeric_credentials(65534, 65534);
+        let out = output_on_terminal(b"stat -c '%u %a' $(tty)", nobody);
+        assert_eq!(out, "65534 620\n");
     }
 
     #[test]

@@ -13,7 +13,10 @@ use core::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
 
-use ferry_wire::limits::{MAX_ARGS, MAX_DATA, MAX_ENV_VARS, MAX_FRAME, MAX_PATH, STDIN_WINDOW};
+use ferry_wire::limits::{
+    MAX_ARGS, MAX_ARGV_BYTES, MAX_DATA, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_FRAME, MAX_PATH,
+    STDIN_WINDOW,
+};
 use ferry_wire::DATA_HEADROOM;
 use rustix::fd::{AsFd, FromRawFd, OwnedFd};
 use rustix::io;
@@ -98,6 +101,15 @@ pub fn vsock_local_cid(dev_vsock: impl AsFd) -> io::Result<u32> {
     // SAFETY: IOCTL_VM_SOCKETS_GET_LOCAL_CID writes one `unsigned int` through its argument,
     // which is what `Getter<_, u32>` provides.
     unsafe { rustix::ioctl::ioctl(dev_vsock, rustix::ioctl::Getter::<OPCODE, u32>::new()) }
+}
+
+/// `ioctl(master, TIOCGPTN)`: the number `N` of a pseudo-terminal master's slave,
+/// `/dev/pts/N` (for kernels before `TIOCGPTPEER`, Linux 4.13).
+pub fn pty_number(master: impl AsFd) -> io::Result<u32> {
+    const OPCODE: rustix::ioctl::Opcode = linux_raw_sys::ioctl::TIOCGPTN as rustix::ioctl::Opcode;
+    // SAFETY: TIOCGPTN writes one `unsigned int` through its argument, which is what
+    // `Getter<_, u32>` provides.
+    unsafe { rustix::ioctl::ioctl(master, rustix::ioctl::Getter::<OPCODE, u32>::new()) }
 }
 
 /// State every agent process shares: atomics in one `MAP_SHARED` anonymous page that the
@@ -580,6 +592,26 @@ pub fn reset_inherited_ignored_signals() -> io::Result<()> {
     Ok(())
 }
 
+/// The highest signal number Linux has (`_NSIG`); real-time signals run up to it.
+pub const MAX_SIGNAL: u8 = 64;
+
+/// `kill(-pgid, number)`: sends signal `number` (1..=[`MAX_SIGNAL`], real-time signals
+/// included) to the process group `pgid`; `EINVAL` for any other number. rustix names only the
+/// standard signals safely, and a client may send any.
+pub fn kill_process_group_raw(pgid: Pid, number: u8) -> io::Result<()> {
+    if !(1..=MAX_SIGNAL).contains(&number) {
+        return Err(io::Errno::INVAL);
+    }
+    // SAFETY: 1..=64 are valid, non-zero signal numbers on Linux. rustix's other condition is
+    // about the libc's reserved real-time signals (musl's 32–34): the `Signal` must not send,
+    // block or handle them in a way that upsets the libc's own use. It is used once, to send
+    // a signal to another process group; the agent starts no threads and so never makes musl
+    // install its handlers for them, and a command's group is its own session, not the
+    // agent's.
+    let signal = unsafe { Signal::from_raw_unchecked(i32::from(number)) };
+    rustix::process::kill_process_group(pgid, signal)
+}
+
 /// Unblocks every signal: a blocked mask survives fork and exec, and a command must not inherit
 /// one.
 pub fn unblock_all_signals() -> io::Result<()> {
@@ -707,13 +739,70 @@ impl Iterator for Environment {
     }
 }
 
+/// Where a request that came in pieces (`ExecPart`) is put back together, and the index of a
+/// large environment (see `spawn`): 3.25 MiB that only such requests touch.
+pub struct AssemblyBuffers {
+    /// The packed argv.
+    pub argv: [u8; MAX_ARGV_BYTES],
+    /// The packed environment overrides.
+    pub env: [u8; MAX_ENV_BYTES],
+    /// An open-addressing table over the environment's keys, twice their most.
+    pub env_index: [u32; 2 * MAX_ENV_VARS],
+}
+
+/// [`AssemblyBuffers`], mapped on first use (anonymous, `MAP_NORESERVE`: only the pages
+/// written cost memory) and unmapped when dropped; no connection that does not need them pays
+/// for them, and none keeps them.
+pub struct Assembly {
+    /// Null until mapped.
+    mapped: *mut AssemblyBuffers,
+}
+
+impl Assembly {
+    pub const fn new() -> Self {
+        Assembly {
+            mapped: ptr::null_mut(),
+        }
+    }
+
+    /// The buffers, mapped now if they are not yet.
+    pub fn buffers(&mut self) -> io::Result<&mut AssemblyBuffers> {
+        use rustix::mm::{MapFlags, ProtFlags};
+        if self.mapped.is_null() {
+            let len = core::mem::size_of::<AssemblyBuffers>();
+            let prot = ProtFlags::READ | ProtFlags::WRITE;
+            let flags = MapFlags::PRIVATE | MapFlags::NORESERVE;
+            // SAFETY: a fresh anonymous mapping at an address the kernel picks aliases nothing.
+            let base = unsafe { rustix::mm::mmap_anonymous(ptr::null_mut(), len, prot, flags) }?;
+            self.mapped = base.cast();
+        }
+        // SAFETY: `mapped` is this object's own mapping of `size_of::<AssemblyBuffers>()`
+        // bytes: page-aligned (beyond `u32`'s alignment), readable and writable, zero-filled by
+        // the kernel (all-zero bytes are a valid `AssemblyBuffers`: arrays of integers), and
+        // unmapped only by `drop`. The `&mut self` borrow makes the reference unique.
+        Ok(unsafe { &mut *self.mapped })
+    }
+}
+
+impl Drop for Assembly {
+    fn drop(&mut self) {
+        if !self.mapped.is_null() {
+            let len = core::mem::size_of::<AssemblyBuffers>();
+            // SAFETY: `mapped` is this object's own mapping of `len` bytes, and no reference
+            // into it outlives the `&mut self` borrows that handed them out.
+            let _ = unsafe { rustix::mm::munmap(self.mapped.cast(), len) };
+        }
+    }
+}
+
 /// Inherited environment entries beyond this many are not passed on.
 pub const MAX_INHERITED_ENV: usize = 1024;
 
 /// Room for argv's pointers and their NULL.
 pub const ARGV_SLOTS: usize = MAX_ARGS + 1;
-/// Room for envp's pointers (the inherited environment, then the request's) and their NULL.
-pub const ENVP_SLOTS: usize = MAX_INHERITED_ENV + MAX_ENV_VARS + 1;
+/// Room for envp's pointers (the inherited environment, the user's `HOME`, `USER`, `LOGNAME`
+/// and `SHELL`, the request's, the default `PATH`) and their NULL.
+pub const ENVP_SLOTS: usize = MAX_INHERITED_ENV + 4 + MAX_ENV_VARS + 1 + 1;
 
 /// One data frame plus room for a control frame queued behind its unsent rest (an error frame
 /// is at most 269 bytes; a hello, 60).
@@ -728,6 +817,9 @@ pub struct ConnBuffers {
     pub out: [u8; OUT_BUFFER],
     /// Stdin bytes received but not yet written to the command: bounded by the credit window.
     pub stdin: [u8; STDIN_WINDOW],
+    /// The kept tails of stdout and stderr past their caps (touched only past a head).
+    pub stdout_tail: crate::conn::Ring,
+    pub stderr_tail: crate::conn::Ring,
     /// argv pointers for `execve`.
     pub argv: PtrStorage<ARGV_SLOTS>,
     /// envp pointers for `execve`.
@@ -740,6 +832,8 @@ static mut CONN_BUFFERS: ConnBuffers = ConnBuffers {
     recv: [0; MAX_FRAME],
     out: [0; OUT_BUFFER],
     stdin: [0; STDIN_WINDOW],
+    stdout_tail: [0; crate::conn::MAX_TAIL],
+    stderr_tail: [0; crate::conn::MAX_TAIL],
     argv: PtrStorage::new(),
     envp: PtrStorage::new(),
     cwd: [0; MAX_PATH + 1],

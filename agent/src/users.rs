@@ -47,6 +47,9 @@ pub struct Credentials {
     /// Whether the child sets `PR_SET_NO_NEW_PRIVS` (no privileges gained through setuid or
     /// file capabilities), unless the policy has `allow_setuid`.
     pub no_new_privs: bool,
+    /// The `tty` group of `/etc/group`, which a command's terminal belongs to (so `write` and
+    /// `wall` work as on any Linux); `None` without one.
+    pub tty_gid: Option<u32>,
 }
 
 /// Why a specification does not resolve.
@@ -271,6 +274,7 @@ pub fn numeric_credentials(uid: u32, gid: u32) -> Credentials {
         name: heapless::Vec::new(),
         switch: true,
         no_new_privs: true,
+        tty_gid: None,
     };
     let _ = credentials.groups.push(gid);
     let _ = credentials.home.extend_from_slice(DEFAULT_HOME);
@@ -361,6 +365,33 @@ pub fn authorize(
 ///   `allow_users` has `*`.
 /// - A name that does not resolve is `InvalidRequest` ("unknown user", "unknown group").
 pub fn authorize_with(
+    policy: &Policy,
+    requested: Option<&[u8]>,
+    agent: AgentIdentity,
+    files: Files<'_>,
+) -> Result<Credentials, Refusal> {
+    let mut credentials = decide(policy, requested, agent, files)?;
+    credentials.tty_gid = tty_gid(files.group);
+    Ok(credentials)
+}
+
+/// The `tty` group's gid in a group file's contents.
+pub fn tty_gid(group: &[u8]) -> Option<u32> {
+    group_entries(group)
+        .find(|e| e.name == b"tty")
+        .map(|e| e.gid)
+}
+
+/// The system's `tty` group (see [`tty_gid`]), from `/etc/group`.
+// Kept out of line: its large stack frame (the file) must not be probed into the caller's.
+#[inline(never)]
+pub fn system_tty_gid() -> Option<u32> {
+    let mut group = [0u8; FILE_BUFFER];
+    tty_gid(read_lines(c"/etc/group", &mut group))
+}
+
+/// [`authorize_with`]'s decision, before the terminal's group is added.
+fn decide(
     policy: &Policy,
     requested: Option<&[u8]>,
     agent: AgentIdentity,
@@ -463,6 +494,14 @@ mod tests {
             passwd: PASSWD,
             group: GROUP,
         }
+    }
+
+    #[test]
+    fn the_tty_group() {
+        assert_eq!(tty_gid(GROUP), None);
+        assert_eq!(tty_gid(b"root:x:0:\ntty:x:5:\n"), Some(5));
+        assert_eq!(tty_gid(b"ttyx:x:7:\ntty:x:bad:\n"), None);
+        assert_eq!(tty_gid(b"tty:x:9"), Some(9));
     }
 
     #[test]

@@ -13,14 +13,17 @@
 //! agent's secret is read from the file `FERRY_SECRET_FILE` names (unset: no secret, for an
 //! agent started `--insecure`).
 //!
-//! The conversation (protocol 2): the agent speaks first, its hello carrying the challenge; once
+//! The conversation (protocol 3): the agent speaks first, its hello carrying the challenge; once
 //! the session accepts it, our hello, our proof and the exec request go out in one write; the
 //! agent's proof comes back before `Started`, and the session checks it. Our stdin is forwarded
 //! only once the agent has proven the secret.
 //!
 //! The loop owns everything; the session owns every protocol rule. Each turn: sleep until the
 //! socket or our stdin is ready or the session's deadline (`poll_timeout`) passes; hand what
-//! arrived to the session and act on its events; send what is queued. Our stdin is read only
+//! arrived to the session (`handle_input_at`, so it knows when the agent was last heard) and act
+//! on its events; send what is queued. The deadline is the handshake's, then, while the command
+//! runs, three of the agent's keepalive intervals: an agent that sends nothing, not even a
+//! keepalive, is frozen (`agent stopped answering`), whereas a silent command is not. Our stdin is read only
 //! while the session has credit and nothing waits to be sent, so the agent's bounded buffer is
 //! the only buffer on the way in.
 //!
@@ -287,11 +290,6 @@ impl Exec<'_> {
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => return Err(err.into()),
             }
-            // The session decides whether its deadline has passed (the handshake's covers
-            // connect, the hybrid-vsock handshake and retries alike).
-            self.session
-                .handle_timeout(self.now())
-                .map_err(session_failure)?;
             if self.retry_at.is_some_and(|at| Instant::now() >= at) {
                 self.retry_at = None;
                 self.reconnect()?;
@@ -317,6 +315,12 @@ impl Exec<'_> {
                     _ => {}
                 }
             }
+            // The session decides whether its deadline has passed (the handshake's covers
+            // connect, the hybrid-vsock handshake and retries alike; then the agent's liveness).
+            // After the events: what the agent sent meanwhile was read first, and is not silence.
+            self.session
+                .handle_timeout(self.now())
+                .map_err(session_failure)?;
             if stdin_ready_now {
                 self.on_stdin()?;
             }
@@ -393,7 +397,10 @@ impl Exec<'_> {
     /// write (the exec costs one round trip).
     fn start_exec(&mut self) -> Result<(), Failure> {
         let start = self.out.len();
-        self.out.resize(start + 2 * MAX_FRAME, 0);
+        // Room for a request larger than one frame too: its argv and environment go as pieces
+        // before the exec frame.
+        self.out
+            .resize(start + ClientSession::exec_buffer_len(&self.request), 0);
         let len = self
             .session
             .start_exec(&self.request, &mut self.out[start..])
@@ -459,9 +466,11 @@ impl Exec<'_> {
     /// Hands every whole frame in the receive buffer to the session.
     fn handle_input(&mut self) -> Result<Option<u8>, Failure> {
         loop {
+            // `_at`: hearing the agent moves its liveness deadline (three keepalive intervals).
+            let now = self.now();
             let Input { consumed, event } = self
                 .session
-                .handle_input(self.recv.data())
+                .handle_input_at(self.recv.data(), now)
                 .map_err(session_failure)?;
             let mut accepted = false;
             let exit = match event {

@@ -3,8 +3,9 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::time::Duration;
 
-use ferry_wire::{Bytes, ExecRequest, StdinMode, StrList};
+use ferry_wire::{Bytes, ExecRequest, StdinMode, StrList, WindowSize};
 
 use crate::error::Error;
 
@@ -29,6 +30,11 @@ pub struct Command {
     cwd: Option<Vec<u8>>,
     stdin: Stdin,
     user: Option<Vec<u8>>,
+    pty: Option<WindowSize>,
+    timeout: Duration,
+    kill_after: Option<Duration>,
+    kill_tree_on_exit: bool,
+    max_output: Option<u64>,
     /// The first builder misuse (a NUL in an argument, a bad variable name), reported when the
     /// command is run: builders do not return errors.
     invalid: Option<String>,
@@ -45,6 +51,11 @@ impl Command {
             cwd: None,
             stdin: Stdin::Null,
             user: None,
+            pty: None,
+            timeout: Duration::ZERO,
+            kill_after: None,
+            kill_tree_on_exit: false,
+            max_output: None,
             invalid: None,
         };
         let program = program.as_ref().as_bytes();
@@ -141,6 +152,54 @@ impl Command {
         self
     }
 
+    /// Runs the command on a pseudo-terminal of `size` in the guest, as its controlling terminal:
+    /// it sees a terminal on stdin, stdout and stderr (`tty`, `isatty`), and everything it
+    /// writes arrives as [`crate::Event::Stdout`] (one stream, as over `ssh -t`). Stdin, when
+    /// piped, is what is typed: `^C` (byte 3) interrupts it, `^D` ends a line-reading shell.
+    ///
+    /// `TERM` is not set for you: add it with [`Command::env`] (the CLI sends its own).
+    pub fn pty(&mut self, size: WindowSize) -> &mut Command {
+        self.pty = Some(size);
+        self
+    }
+
+    /// Ends the command's whole tree when it runs longer than `timeout`, enforced by the agent
+    /// (whatever becomes of this client): `SIGTERM`, then `SIGKILL` after
+    /// [`Command::kill_after`]'s grace. The record then says [`crate::Ending::TimedOut`].
+    /// [`Duration::ZERO`] (the default) is no timeout; anything shorter than a millisecond counts
+    /// as one.
+    pub fn timeout(&mut self, timeout: Duration) -> &mut Command {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The grace between the `SIGTERM` and the `SIGKILL` that end a command on timeout or
+    /// cancel (default: the agent's, 2 s). Zero sends `SIGKILL` right behind the `SIGTERM`; at
+    /// most `u32::MAX` milliseconds (49 days).
+    pub fn kill_after(&mut self, grace: Duration) -> &mut Command {
+        self.kill_after = Some(grace);
+        self
+    }
+
+    /// When the command itself exits, kill what is left of its tree too (background jobs,
+    /// daemons), for CI-style isolation. By default they are left running.
+    pub fn kill_tree_on_exit(&mut self, kill: bool) -> &mut Command {
+        self.kill_tree_on_exit = kill;
+        self
+    }
+
+    /// Keeps at most `bytes` of each output stream, capped by the agent's own maximum: past it
+    /// the agent keeps the head and a tail window (the last bytes before the end), drops the
+    /// middle and says so ([`crate::Execution::dropped`], [`crate::Termination`]), and keeps
+    /// draining, so the command is never blocked by the cap.
+    ///
+    /// NOTE: a cap of 0 ("keep nothing") is refused for now: protocol 3 encodes 0 as "the
+    /// agent's own maximum", so it cannot be asked for.
+    pub fn max_output(&mut self, bytes: u64) -> &mut Command {
+        self.max_output = Some(bytes);
+        self
+    }
+
     /// The configured stdin.
     pub fn stdin_mode(&self) -> &Stdin {
         &self.stdin
@@ -167,6 +226,22 @@ impl Command {
         if let Some(why) = &self.invalid {
             return Err(Error::InvalidRequest(why.clone()));
         }
+        let kill_grace_ms = match self.kill_after {
+            None => None,
+            Some(grace) => Some(u32::try_from(ceil_millis(grace)).map_err(|_| {
+                Error::InvalidRequest("the kill grace is longer than u32::MAX milliseconds".into())
+            })?),
+        };
+        let max_output =
+            match self.max_output {
+                None => 0,
+                Some(0) => return Err(Error::InvalidRequest(
+                    "an output cap of 0 cannot be asked for (protocol 3 reads 0 as the agent's \
+                     own maximum)"
+                        .into(),
+                )),
+                Some(bytes) => bytes,
+            };
         Ok(ExecRequest {
             argv: StrList::new(&self.argv),
             env: StrList::new(&self.env),
@@ -177,11 +252,11 @@ impl Command {
                 Stdin::Pipe | Stdin::Bytes(_) => StdinMode::Pipe,
             },
             user: self.user.as_deref().map(Bytes),
-            pty: None,
-            timeout_ms: 0,
-            kill_grace_ms: None,
-            kill_tree_on_exit: false,
-            max_output: 0,
+            pty: self.pty,
+            timeout_ms: ceil_millis(self.timeout),
+            kill_grace_ms,
+            kill_tree_on_exit: self.kill_tree_on_exit,
+            max_output,
         })
     }
 
@@ -204,10 +279,17 @@ impl Command {
     }
 }
 
+/// Whole milliseconds, rounded up (a positive duration never becomes 0, which means "none"),
+/// saturating at `u64::MAX`.
+pub(crate) fn ceil_millis(duration: Duration) -> u64 {
+    let millis = duration.as_nanos().div_ceil(1_000_000);
+    u64::try_from(millis).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_wire::limits::{MAX_ARGS, MAX_ARGV_BYTES, MAX_ENV_VARS, MAX_PATH};
+    use ferry_wire::limits::{MAX_ARGS, MAX_ARGV_BYTES, MAX_ARG_LEN, MAX_ENV_VARS, MAX_PATH};
 
     /// What `Client::spawn` does before it connects: the builder's request, validated.
     fn check(command: &Command) -> Result<(), Error> {
@@ -275,11 +357,20 @@ mod tests {
         command.arg("z");
         assert!(check(&command).is_err());
 
-        // argv bytes: exactly MAX_ARGV_BYTES with NULs fits.
-        let mut command = Command::new("a".repeat(MAX_ARGV_BYTES - 1));
+        // argv bytes: exactly MAX_ARGV_BYTES with NULs fits, in entries of the longest length.
+        let longest = "a".repeat(MAX_ARG_LEN - 1);
+        let mut command = Command::new(&longest);
+        command.args(std::iter::repeat_n(
+            &longest,
+            MAX_ARGV_BYTES / MAX_ARG_LEN - 1,
+        ));
         assert!(check(&command).is_ok());
         command.arg("");
         assert!(check(&command).is_err());
+
+        // One entry: MAX_ARG_LEN with its NUL fits, a byte more does not.
+        assert!(check(&Command::new(&longest)).is_ok());
+        assert!(check(Command::new("x").arg(format!("{longest}b"))).is_err());
 
         let mut command = Command::new("x");
         for i in 0..MAX_ENV_VARS {
@@ -301,6 +392,55 @@ mod tests {
         let mut command = Command::new("x");
         command.args(std::iter::repeat_n("y", MAX_ARGS));
         let err = check(&command).unwrap_err().to_string();
-        assert!(err.contains("argv: 1025 entries, 2050 bytes"), "{err}");
+        assert!(err.contains("argv: 131073 entries, 262146 bytes"), "{err}");
+    }
+
+    #[test]
+    fn bounds_and_terminal_reach_the_request() {
+        let mut command = Command::new("x");
+        let request = command.request().unwrap();
+        assert_eq!(
+            (request.pty, request.timeout_ms, request.kill_grace_ms),
+            (None, 0, None)
+        );
+        assert_eq!((request.kill_tree_on_exit, request.max_output), (false, 0));
+        command
+            .pty(WindowSize {
+                rows: 30,
+                cols: 100,
+            })
+            .timeout(Duration::from_micros(1))
+            .kill_after(Duration::ZERO)
+            .kill_tree_on_exit(true)
+            .max_output(1 << 20);
+        let request = command.request().unwrap();
+        assert_eq!(
+            request.pty,
+            Some(WindowSize {
+                rows: 30,
+                cols: 100
+            })
+        );
+        // A positive timeout never becomes 0 ("none").
+        assert_eq!(request.timeout_ms, 1);
+        assert_eq!(request.kill_grace_ms, Some(0));
+        assert!(request.kill_tree_on_exit);
+        assert_eq!(request.max_output, 1 << 20);
+
+        command
+            .timeout(Duration::from_millis(1500))
+            .kill_after(Duration::from_nanos(1_000_001));
+        let request = command.request().unwrap();
+        assert_eq!((request.timeout_ms, request.kill_grace_ms), (1500, Some(2)));
+        command.timeout(Duration::MAX);
+        assert_eq!(command.request().unwrap().timeout_ms, u64::MAX);
+
+        command.kill_after(Duration::from_millis(u64::from(u32::MAX) + 1));
+        assert!(matches!(command.request(), Err(Error::InvalidRequest(_))));
+        command.kill_after(Duration::from_millis(u64::from(u32::MAX)));
+        assert!(command.request().is_ok());
+        command.max_output(0);
+        let err = command.request().unwrap_err().to_string();
+        assert!(err.contains("output cap of 0"), "{err}");
     }
 }

@@ -14,13 +14,16 @@ use std::time::{Duration, Instant};
 use ferry_wire::limits::MAX_FRAME;
 use ferry_wire::session::{ClientAuth, ClientEvent, ClientSession, Micros, Phase, SessionError};
 use ferry_wire::{
-    Bounds, ErrorCode, ErrorFrame, ExecRequest, Limits, RecvBuf, Security, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    Bounds, Dropped, ErrorCode, ErrorFrame, ExecRequest, Limits, RecvBuf, Security,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::error::{Error, RemoteError};
 use crate::exec::Termination;
 use crate::target::{is_timeout, ConnectOptions, Target};
+
+/// Room for one control frame: a tag and a few varints.
+pub(crate) const CONTROL_FRAME: usize = 64;
 
 /// Receive buffer: several full frames per `read` when output streams fast.
 const RECV_BUFFER: usize = 4 * MAX_FRAME;
@@ -201,6 +204,35 @@ impl Shared {
         (&self.stream).write_all(&frame[..len])
     }
 
+    /// Sends one control frame (a signal, a resize, a cancel) that `encode` asks the session
+    /// for. After the operation is over it does nothing: the command has ended (or the
+    /// connection failed, which the reader reports).
+    pub fn send_control(
+        &self,
+        encode: impl FnOnce(&mut ClientSession, &mut [u8]) -> Result<usize, SessionError>,
+    ) -> Result<(), Error> {
+        let mut frame = [0u8; CONTROL_FRAME];
+        let _writing = self.lock_writing();
+        let mut state = self.lock();
+        if state.closed {
+            return Ok(());
+        }
+        let len = match encode(&mut state.session, &mut frame) {
+            Ok(len) => len,
+            Err(SessionError::InvalidState) => return Ok(()),
+            Err(err) => return Err(session_error(err)),
+        };
+        drop(state);
+        (&self.stream)
+            .write_all(frame.get(..len).unwrap_or_default())
+            .map_err(io_error)
+    }
+
+    /// When the agent read the last output chunk, in microseconds since the command started.
+    pub fn last_output_at(&self) -> u64 {
+        self.lock().session.last_output_at()
+    }
+
     /// The connection is going away: writers stop waiting and fail from now on.
     pub fn close(&self) {
         let mut state = self.lock();
@@ -228,6 +260,8 @@ pub(crate) enum Received {
     Stderr(Range<usize>),
     /// Stdin credit came back (writers were woken).
     Credit,
+    /// A stream passed its output cap: its head came before, its tail follows.
+    Dropped(Dropped),
     Exited(Termination),
 }
 
@@ -357,7 +391,8 @@ impl Connection {
         loop {
             let mut state = self.shared.lock();
             let input = self.recv.data();
-            let taken = match state.session.handle_input(input) {
+            // `_at`: hearing the agent moves its liveness deadline on.
+            let taken = match state.session.handle_input_at(input, self.now()) {
                 Ok(taken) => taken,
                 Err(err) => {
                     self.shared.wake_writers(&state);
@@ -387,9 +422,8 @@ impl Connection {
                 ClientEvent::Started { pid } => Received::Started(pid),
                 ClientEvent::Stdout(data) => Received::Stdout(within(input, data)),
                 ClientEvent::Stderr(data) => Received::Stderr(within(input, data)),
-                // NOTE: surfaced to callers by the output-cap work (issue 10); until then it
-                // is accounted like credit: nothing for the caller.
-                ClientEvent::StdinCredit { .. } | ClientEvent::OutputDropped(_) => Received::Credit,
+                ClientEvent::StdinCredit { .. } => Received::Credit,
+                ClientEvent::OutputDropped(dropped) => Received::Dropped(dropped),
                 ClientEvent::Exited(end) => {
                     // Bytes already here behind the termination record go to the session too
                     // (it refuses them); nothing more is read for them.
@@ -420,7 +454,10 @@ impl Connection {
             if let Some(deadline) = deadline {
                 let left = Duration::from_micros(deadline.saturating_sub(self.now()));
                 let fd = self.shared.stream.as_fd();
-                if left.is_zero() || !crate::sys::wait_readable(fd, left).map_err(Error::Io)? {
+                // NOTE: polled even when the deadline has passed: a caller that did not read for
+                // a while (a slow consumer) finds the agent's bytes waiting, and those are not
+                // silence.
+                if !crate::sys::wait_readable(fd, left).map_err(Error::Io)? {
                     let mut state = self.shared.lock();
                     if let Err(err) = state.session.handle_timeout(self.now()) {
                         self.shared.wake_writers(&state);
@@ -513,7 +550,7 @@ impl Opening {
         };
         opening.len = match encode(session, &mut opening.small) {
             Err(SessionError::BufferTooSmall) => {
-                opening.large.resize(2 * MAX_FRAME, 0);
+                opening.large.resize(large_opening_len(operation), 0);
                 encode(session, &mut opening.large)
             }
             other => other,
@@ -529,6 +566,15 @@ impl Opening {
             &self.large[..]
         };
         buf.get(..self.len).unwrap_or_default()
+    }
+}
+
+/// Room for an opening that did not fit the small buffer: an exec's pieces (argv and environment
+/// beyond one frame) and its frame, or the largest frame.
+pub(crate) fn large_opening_len(operation: Operation<'_, '_>) -> usize {
+    match operation {
+        Operation::Exec(request) => ClientSession::exec_buffer_len(request),
+        Operation::KillAll | Operation::None => 2 * MAX_FRAME,
     }
 }
 
@@ -571,10 +617,7 @@ pub(crate) fn session_error(err: SessionError) -> Error {
             phase,
         } => Error::Protocol(format!("the agent closed the connection mid-frame {phase}")),
         SessionError::TimedOut { .. } => io_error(io::Error::from(io::ErrorKind::TimedOut)),
-        SessionError::AgentSilent => io_error(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "agent stopped answering",
-        )),
+        SessionError::AgentSilent => Error::AgentSilent,
         SessionError::InvalidRequest { message } => Error::InvalidRequest(message.into()),
         SessionError::Unauthenticated => Error::Unauthenticated(
             "the agent could not prove that it holds the secret: it is not the agent it claims \

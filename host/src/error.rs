@@ -35,6 +35,11 @@ pub enum Error {
     /// Reading from or writing to an established connection failed.
     #[error("connection to the agent failed: {0}")]
     Io(#[source] io::Error),
+    /// The agent sent nothing, not even a keepalive, for three of its keepalive intervals while
+    /// an operation ran: it is frozen (a paused VM, a stopped process) or unreachable. A silent
+    /// command is not a silent agent: the agent speaks for it.
+    #[error("agent stopped answering")]
+    AgentSilent,
     /// The agent closed the connection before the operation finished.
     #[error("the agent closed the connection {0}")]
     Disconnected(&'static str),

@@ -5,21 +5,41 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_wire::limits::MAX_FRAME;
-use ferry_wire::ExitStatus;
+use ferry_wire::{Ending, ExitStatus, Stream, StreamRecord, TreeKill, WindowSize};
 
+use crate::command::ceil_millis;
 use crate::conn::{out_of_order, Connection, Received, Shared};
 use crate::error::Error;
 
-/// How a command ended.
+/// How a command ended: the agent's termination record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Termination {
     /// Its exit code, or the signal that killed it.
     pub status: ExitStatus,
     /// From start to end, on the guest's monotonic clock.
     pub duration: Duration,
-    /// Whether the agent dropped output (only after the command ended and something else kept
-    /// its pipes busy past the drain deadline). Never silent: this flag is the only way.
+    /// Whether any output was dropped rather than delivered: past an output cap
+    /// ([`crate::Command::max_output`]), past the post-exit drain limit, or from a failed pipe.
+    /// Never silent: the record is how output goes missing ([`Termination::stdout`] and
+    /// [`Termination::stderr`] say how much).
     pub output_dropped: bool,
+    /// What ended it: itself, its timeout, a cancel, or one of the agent's limits.
+    pub ending: Ending,
+    /// How its tree was killed, if it was (a timeout, a cancel, a disconnect,
+    /// [`crate::Command::kill_tree_on_exit`], a limit): by its cgroup (nothing escapes) or by
+    /// its process group (a process that left the group escapes).
+    pub tree_kill: TreeKill,
+    /// What its stdout produced and dropped (with a terminal: all its output).
+    pub stdout: StreamRecord,
+    /// What its stderr produced and dropped.
+    pub stderr: StreamRecord,
+    /// Other processes (a background job, a daemon) still held its output pipes when it ended,
+    /// and the agent stopped waiting for them: what they write later is lost.
+    pub pipes_held: bool,
+    /// The kernel's OOM killer killed a process of its tree (known only with cgroup v2).
+    pub oom_killed: bool,
+    /// The most memory its tree used, in bytes, when the agent knows (cgroup v2).
+    pub peak_memory: Option<u64>,
 }
 
 impl Termination {
@@ -34,6 +54,13 @@ impl Termination {
             status: end.status,
             duration: Duration::from_micros(end.duration_us),
             output_dropped: end.output_dropped,
+            ending: end.ending,
+            tree_kill: end.tree_kill,
+            stdout: end.stdout,
+            stderr: end.stderr,
+            pipes_held: end.pipes_held,
+            oom_killed: end.oom_killed,
+            peak_memory: (end.peak_memory > 0).then_some(end.peak_memory),
         }
     }
 }
@@ -53,6 +80,8 @@ pub struct Output {
     pub output_dropped: bool,
     /// Its pid in the guest.
     pub pid: u32,
+    /// The whole termination record (the fields above repeat parts of it).
+    pub termination: Termination,
 }
 
 impl Output {
@@ -70,6 +99,7 @@ impl Output {
             duration: end.duration,
             output_dropped: end.output_dropped,
             pid,
+            termination: end,
         }
     }
 }
@@ -94,6 +124,8 @@ pub struct Execution {
     conn: Connection,
     agent: crate::AgentInfo,
     pid: u32,
+    /// Bytes the agent reported dropped so far: stdout, stderr.
+    dropped: [u64; 2],
     stdin: Option<StdinWriter>,
     /// Bytes from [`crate::Stdin::Bytes`] still to be fed, and how far feeding got.
     feed: Option<(Vec<u8>, usize)>,
@@ -132,6 +164,7 @@ impl Execution {
             conn,
             agent,
             pid,
+            dropped: [0; 2],
             stdin: writer,
             feed: None,
             done: false,
@@ -165,6 +198,44 @@ impl Execution {
             return None;
         }
         self.stdin.take()
+    }
+
+    /// A handle that signals, resizes or cancels this command from any thread, while another
+    /// reads its events (which needs `&mut self`).
+    pub fn controller(&self) -> Controller {
+        Controller {
+            shared: Arc::clone(self.conn.shared()),
+        }
+    }
+
+    /// Sends `signal` (1–64, e.g. `libc::SIGTERM`) to the command's process group. See
+    /// [`Controller::signal`].
+    pub fn signal(&self, signal: i32) -> Result<(), Error> {
+        self.controller().signal(signal)
+    }
+
+    /// Tells the command's terminal its new size. See [`Controller::resize`].
+    pub fn resize(&self, size: WindowSize) -> Result<(), Error> {
+        self.controller().resize(size)
+    }
+
+    /// Ends the command's whole tree. See [`Controller::cancel`].
+    pub fn cancel(&self, grace: Option<Duration>) -> Result<(), Error> {
+        self.controller().cancel(grace)
+    }
+
+    /// When the agent read the output chunk [`Execution::next_event`] returned last: the time
+    /// since the command started, on the guest's monotonic clock (so stdout and stderr can be
+    /// put back in the order they happened). Zero before any output.
+    pub fn last_output_at(&self) -> Duration {
+        Duration::from_micros(self.conn.shared().last_output_at())
+    }
+
+    /// Bytes of `stream` the agent dropped so far under the output cap
+    /// ([`crate::Command::max_output`]): once nonzero, that stream's head has ended, and its
+    /// chunks from the next one on are its tail (the last bytes before its end).
+    pub fn dropped(&self, stream: Stream) -> u64 {
+        self.dropped[stream_index(stream)]
     }
 
     /// The next thing the command did, blocking until it happens; `None` after
@@ -208,6 +279,10 @@ impl Execution {
             self.feed_stdin()?;
             match self.conn.receive()? {
                 Received::Credit => {}
+                Received::Dropped(dropped) => {
+                    let total = &mut self.dropped[stream_index(dropped.stream)];
+                    *total = total.saturating_add(dropped.bytes);
+                }
                 other => return Ok(other),
             }
         }
@@ -282,6 +357,65 @@ impl Execution {
                 PumpError::Sink(err) => Error::Io(err),
             })?;
         Ok(Output::new(end, stdout, stderr, pid))
+    }
+}
+
+fn stream_index(stream: Stream) -> usize {
+    match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    }
+}
+
+/// Signals, resizes and cancels a running command, from any thread ([`Execution::controller`]).
+/// Each call sends one small frame; it never waits for the command. Once the command has ended
+/// every call does nothing and returns `Ok`, as the agent would ignore it.
+#[derive(Clone)]
+pub struct Controller {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").finish_non_exhaustive()
+    }
+}
+
+impl Controller {
+    /// Sends `signal` (1–64, e.g. `libc::SIGTERM`) to the command's process group; anything
+    /// else is [`Error::InvalidRequest`]. With a terminal, `^C` is better sent as the byte it
+    /// is (3) on stdin: the guest's terminal then signals its foreground job, as a local one
+    /// would.
+    pub fn signal(&self, signal: i32) -> Result<(), Error> {
+        let signal = u8::try_from(signal)
+            .map_err(|_| Error::InvalidRequest(format!("no such signal: {signal}")))?;
+        self.shared
+            .send_control(|session, out| session.send_signal(signal, out))
+    }
+
+    /// Tells the command's terminal its new size (the command gets `SIGWINCH`). A command
+    /// started without [`crate::Command::pty`] has none: [`Error::InvalidRequest`].
+    pub fn resize(&self, size: WindowSize) -> Result<(), Error> {
+        self.shared
+            .send_control(|session, out| session.send_resize(size, out))
+    }
+
+    /// Ends the command's whole tree: `SIGTERM` now, `SIGKILL` after `grace` (`None`: the
+    /// request's [`crate::Command::kill_after`], else the agent's 2 s). The termination record
+    /// follows as usual and says [`Ending::Cancelled`]. A second cancel can only bring the
+    /// `SIGKILL` closer. A grace beyond `u32::MAX` milliseconds is [`Error::InvalidRequest`].
+    pub fn cancel(&self, grace: Option<Duration>) -> Result<(), Error> {
+        let grace_ms = grace
+            .map(|grace| {
+                u32::try_from(ceil_millis(grace)).map_err(|_| {
+                    Error::InvalidRequest(
+                        "the kill grace is longer than u32::MAX milliseconds".into(),
+                    )
+                })
+            })
+            .transpose()?;
+        self.shared
+            .send_control(|session, out| session.send_cancel(grace_ms, out))
     }
 }
 

@@ -27,8 +27,10 @@ pub use client::{Client, Health};
 pub use command::{Command, Stdin};
 pub use conn::AgentInfo;
 pub use error::{errno_name, Error, ErrorCode, RemoteError};
-pub use exec::{Event, Execution, Output, PumpError, StdinWriter, Termination};
-pub use ferry_wire::{Bounds, ExitStatus, Limits, Security};
+pub use exec::{Controller, Event, Execution, Output, PumpError, StdinWriter, Termination};
+pub use ferry_wire::{
+    Bounds, Ending, ExitStatus, Limits, Security, Stream, StreamRecord, TreeKill, WindowSize,
+};
 pub use secret::{read_secret_file, secret_from_env, Secret, SECRET_FILE_ENV};
 pub use sys::vsock;
 pub use target::{ConnectOptions, Target};

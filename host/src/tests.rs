@@ -959,3 +959,386 @@ fn dropping_an_execution_fails_a_waiting_writer() {
     assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
     handle.join().unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Protocol 3: controls, liveness, caps, timestamps, requests in pieces.
+
+/// Limits whose keepalive interval is short, so liveness is tested in fractions of a second.
+fn quick_keepalive() -> Limits {
+    Limits {
+        keepalive_ms: 100,
+        ..Limits::CURRENT
+    }
+}
+
+fn output_frame(at_us: u64, data: &[u8]) -> AgentFrame<'_> {
+    AgentFrame::Stdout(ferry_wire::Output {
+        at_us,
+        data: Bytes(data),
+    })
+}
+
+/// Runs `each` with a blocking execution of `command` against a fake agent playing `script`.
+fn blocking_driver(command: &Command, script: fn(&mut Peer), each: impl FnOnce(Execution)) {
+    let (client, _dir, handle) = fake(script);
+    each(client.spawn(command).unwrap());
+    handle.join().unwrap();
+}
+
+/// The future an async test body returns.
+#[cfg(feature = "tokio")]
+type Body = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+/// [`blocking_driver`] for the async API.
+#[cfg(feature = "tokio")]
+fn async_driver(
+    command: &Command,
+    script: fn(&mut Peer),
+    each: impl FnOnce(crate::tokio::Execution) -> Body,
+) {
+    let (target, _dir, handle) = serve(Some(secret()), script);
+    let client = crate::tokio::Client::new(&target, options(Some(secret())));
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let execution = client.spawn(command).await.unwrap();
+        each(execution).await;
+    });
+    handle.join().unwrap();
+}
+
+/// Signal, resize and cancel go out as frames while the command runs, in order, from a handle
+/// on another thread; after the end they do nothing and succeed.
+#[test]
+fn controls_reach_the_agent_and_do_nothing_after_the_end() {
+    fn script(peer: &mut Peer) {
+        peer.hello();
+        peer.started();
+        assert_eq!(peer.recv(), Some(Sent::Signal(15)));
+        assert_eq!(peer.recv(), Some(Sent::Resize(50, 132)));
+        assert_eq!(peer.recv(), Some(Sent::Cancel(Some(1500))));
+        assert_eq!(peer.recv(), Some(Sent::Cancel(None)));
+        let mut end = termination(0);
+        end.status = ExitStatus::Signal {
+            number: 15,
+            core_dumped: false,
+        };
+        end.ending = ferry_wire::Ending::Cancelled;
+        end.tree_kill = ferry_wire::TreeKill::Cgroup;
+        peer.send(AgentFrame::Exited(end));
+        // Nothing after the end: the client only hangs up.
+        assert_eq!(peer.recv(), None);
+    }
+    let mut command = Command::new("sh");
+    command.pty(WindowSize { rows: 24, cols: 80 });
+    let size = WindowSize {
+        rows: 50,
+        cols: 132,
+    };
+    blocking_driver(&command, script, |mut execution| {
+        let controller = execution.controller();
+        thread::spawn(move || {
+            controller.signal(15).unwrap();
+            controller.resize(size).unwrap();
+            controller
+                .cancel(Some(Duration::from_micros(1_499_001)))
+                .unwrap();
+            controller.cancel(None).unwrap();
+        })
+        .join()
+        .unwrap();
+        let controller = execution.controller();
+        let Some(Event::Exited(end)) = execution.next_event().unwrap() else {
+            panic!("no end");
+        };
+        assert_eq!(end.ending, Ending::Cancelled);
+        assert_eq!(end.tree_kill, TreeKill::Cgroup);
+        controller.signal(9).unwrap();
+        execution.resize(size).unwrap();
+        execution.cancel(None).unwrap();
+        drop(execution);
+        controller.signal(9).unwrap();
+    });
+    #[cfg(feature = "tokio")]
+    async_driver(&command, script, |mut execution| {
+        Box::pin(async move {
+            let controller = execution.controller();
+            controller.signal(15).await.unwrap();
+            execution.resize(size).await.unwrap();
+            controller
+                .cancel(Some(Duration::from_micros(1_499_001)))
+                .await
+                .unwrap();
+            execution.cancel(None).await.unwrap();
+            let Some(Event::Exited(end)) = execution.next_event().await.unwrap() else {
+                panic!("no end");
+            };
+            assert_eq!(end.ending, Ending::Cancelled);
+            controller.signal(9).await.unwrap();
+            drop(execution);
+            controller.cancel(None).await.unwrap();
+        })
+    });
+}
+
+/// Refused before anything is sent: a resize without a terminal, signals outside 1–64, a grace
+/// the protocol cannot carry.
+#[test]
+fn invalid_controls_are_refused_locally() {
+    fn script(peer: &mut Peer) {
+        peer.hello();
+        peer.started();
+        peer.exited(0);
+        assert_eq!(peer.recv(), None, "nothing was sent");
+    }
+    let command = Command::new("true");
+    let too_long = Some(Duration::from_millis(u64::from(u32::MAX) + 1));
+    blocking_driver(&command, script, |execution| {
+        let size = WindowSize { rows: 1, cols: 1 };
+        for result in [
+            execution.resize(size),
+            execution.signal(0),
+            execution.signal(65),
+            execution.signal(-1),
+            execution.signal(256 + 15),
+            execution.cancel(too_long),
+        ] {
+            assert!(
+                matches!(result, Err(Error::InvalidRequest(_))),
+                "{result:?}"
+            );
+        }
+        execution.collect().unwrap();
+    });
+    #[cfg(feature = "tokio")]
+    async_driver(&command, script, |execution| {
+        Box::pin(async move {
+            let size = WindowSize { rows: 1, cols: 1 };
+            for result in [
+                execution.resize(size).await,
+                execution.signal(0).await,
+                execution.signal(65).await,
+                execution.signal(-1).await,
+                execution.cancel(too_long).await,
+            ] {
+                assert!(
+                    matches!(result, Err(Error::InvalidRequest(_))),
+                    "{result:?}"
+                );
+            }
+            execution.collect().await.unwrap();
+        })
+    });
+}
+
+/// An agent that stops answering mid-command (a paused VM) ends the execution with
+/// `AgentSilent` after three keepalive intervals, not never.
+#[test]
+fn a_silent_agent_is_agent_silent_after_three_intervals() {
+    fn script(peer: &mut Peer) {
+        peer.hello_with(quick_keepalive());
+        peer.started();
+        // Silent, connection open, until the client gives up and hangs up.
+        assert_eq!(peer.recv(), None);
+    }
+    let command = Command::new("sleep");
+    blocking_driver(&command, script, |mut execution| {
+        let started = Instant::now();
+        let err = execution.next_event().unwrap_err();
+        assert!(matches!(err, Error::AgentSilent), "{err:?}");
+        assert_eq!(err.to_string(), "agent stopped answering");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(250), "{waited:?}");
+        assert!(waited < Duration::from_secs(3), "{waited:?}");
+    });
+    #[cfg(feature = "tokio")]
+    async_driver(&command, script, |mut execution| {
+        Box::pin(async move {
+            let err = execution.next_event().await.unwrap_err();
+            assert!(matches!(err, Error::AgentSilent), "{err:?}");
+        })
+    });
+}
+
+/// Keepalives carry a silent command: no output for many intervals is not a silent agent.
+#[test]
+fn keepalives_keep_a_silent_command_alive() {
+    fn script(peer: &mut Peer) {
+        peer.hello_with(quick_keepalive());
+        peer.started();
+        for _ in 0..10 {
+            thread::sleep(Duration::from_millis(50));
+            peer.send(AgentFrame::Keepalive);
+        }
+        peer.exited(0);
+    }
+    let command = Command::new("sleep");
+    blocking_driver(&command, script, |execution| {
+        assert!(execution.collect().unwrap().success())
+    });
+    #[cfg(feature = "tokio")]
+    async_driver(&command, script, |execution| {
+        Box::pin(async move { assert!(execution.collect().await.unwrap().success()) })
+    });
+}
+
+/// A caller that did not read for longer than the liveness deadline finds the agent's bytes
+/// waiting: those are not silence.
+#[test]
+fn a_slow_reader_is_not_a_silent_agent() {
+    fn script(peer: &mut Peer) {
+        peer.hello_with(quick_keepalive());
+        peer.started();
+        // After the client took `Started` alone: these wait in its socket, unread.
+        thread::sleep(Duration::from_millis(100));
+        peer.send(output_frame(5, b"late"));
+        peer.exited(0);
+        // Held open until the client has read everything and hung up.
+        assert_eq!(peer.recv(), None);
+    }
+    let command = Command::new("echo");
+    blocking_driver(&command, script, |execution| {
+        thread::sleep(Duration::from_millis(600));
+        let output = execution.collect().unwrap();
+        assert_eq!(output.stdout, b"late");
+    });
+    #[cfg(feature = "tokio")]
+    async_driver(&command, script, |execution| {
+        Box::pin(async move {
+            ::tokio::time::sleep(Duration::from_millis(600)).await;
+            let output = execution.collect().await.unwrap();
+            assert_eq!(output.stdout, b"late");
+        })
+    });
+}
+
+/// An output cap's notice is counted per stream and marks where the tail begins; each chunk's
+/// time is kept; the whole termination record reaches the caller.
+#[test]
+fn dropped_output_timestamps_and_the_full_record() {
+    fn script(peer: &mut Peer) {
+        peer.hello();
+        peer.started();
+        peer.send(output_frame(1_000, b"head"));
+        peer.send(AgentFrame::OutputDropped(ferry_wire::Dropped {
+            stream: Stream::Stdout,
+            bytes: 5,
+        }));
+        peer.send(output_frame(2_500, b"tail"));
+        peer.send(AgentFrame::Exited(Termination {
+            stdout: StreamRecord {
+                bytes: 13,
+                dropped: 5,
+            },
+            stderr: StreamRecord {
+                bytes: 0,
+                dropped: 0,
+            },
+            output_dropped: true,
+            ending: Ending::TimedOut,
+            tree_kill: TreeKill::ProcessGroup,
+            pipes_held: true,
+            oom_killed: true,
+            peak_memory: 4096,
+            ..termination(0)
+        }));
+    }
+    let command = Command::new("x");
+    let check_end = |end: crate::Termination| {
+        assert!(end.output_dropped && end.pipes_held && end.oom_killed);
+        assert_eq!(end.ending, Ending::TimedOut);
+        assert_eq!(end.tree_kill, TreeKill::ProcessGroup);
+        assert_eq!((end.stdout.bytes, end.stdout.dropped), (13, 5));
+        assert_eq!(end.peak_memory, Some(4096));
+    };
+    blocking_driver(&command, script, |mut execution| {
+        assert_eq!(execution.last_output_at(), Duration::ZERO);
+        assert_eq!(
+            execution.next_event().unwrap(),
+            Some(Event::Stdout(b"head"))
+        );
+        assert_eq!(execution.last_output_at(), Duration::from_millis(1));
+        assert_eq!(execution.dropped(Stream::Stdout), 0);
+        assert_eq!(
+            execution.next_event().unwrap(),
+            Some(Event::Stdout(b"tail"))
+        );
+        assert_eq!(execution.last_output_at(), Duration::from_micros(2_500));
+        assert_eq!(execution.dropped(Stream::Stdout), 5);
+        assert_eq!(execution.dropped(Stream::Stderr), 0);
+        match execution.next_event().unwrap() {
+            Some(Event::Exited(end)) => check_end(end),
+            other => panic!("{other:?}"),
+        }
+    });
+    #[cfg(feature = "tokio")]
+    async_driver(&command, script, |mut execution| {
+        Box::pin(async move {
+            assert_eq!(
+                execution.next_event().await.unwrap(),
+                Some(Event::Stdout(b"head"))
+            );
+            assert_eq!(execution.last_output_at(), Duration::from_millis(1));
+            assert_eq!(execution.dropped(Stream::Stdout), 0);
+            assert_eq!(
+                execution.next_event().await.unwrap(),
+                Some(Event::Stdout(b"tail"))
+            );
+            assert_eq!(execution.dropped(Stream::Stdout), 5);
+            match execution.next_event().await.unwrap() {
+                Some(Event::Exited(end)) => check_end(end),
+                other => panic!("{other:?}"),
+            }
+        })
+    });
+    // `Output` carries the record too.
+    let output = run(script).unwrap();
+    check_end(output.termination);
+    assert_eq!(output.stdout, b"headtail");
+}
+
+/// A request larger than one frame goes as pieces, then the exec frame, all behind the hello
+/// and proof in one write; the agent gets back exactly the lists.
+#[test]
+fn large_argv_and_env_travel_in_pieces() {
+    use ferry_wire::limits::{MAX_ARG_LEN, MAX_INLINE_LIST};
+    let mut command = Command::new("printf");
+    command.arg("%s\n");
+    command.args((0..20_000).map(|i| format!("{i:019}")));
+    command.arg("x".repeat(MAX_ARG_LEN - 1));
+    command.env("BIG", "e".repeat(100 * 1024));
+    let request = command.request().unwrap();
+    let (argv, env) = (
+        request.argv.as_bytes().to_vec(),
+        request.env.as_bytes().to_vec(),
+    );
+    let (client, _dir, handle) = fake(move |peer| {
+        peer.hello();
+        let (mut got_argv, mut got_env) = (Vec::new(), Vec::new());
+        loop {
+            let frame = peer.recv_frame().unwrap();
+            let (body, _) = split_frame(&frame, MAX_FRAME_BODY).unwrap().unwrap();
+            match decode_client_frame(body).unwrap() {
+                ClientFrame::ExecPart(part) => match part.list {
+                    ferry_wire::ListKind::Argv => got_argv.extend_from_slice(part.data.0),
+                    ferry_wire::ListKind::Env => got_env.extend_from_slice(part.data.0),
+                },
+                ClientFrame::Exec(exec) => {
+                    assert!(exec.argv.as_bytes().len() <= MAX_INLINE_LIST);
+                    got_argv.extend_from_slice(exec.argv.as_bytes());
+                    got_env.extend_from_slice(exec.env.as_bytes());
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(got_argv == argv, "argv differs");
+        assert!(got_env == env, "env differs");
+        peer.send(AgentFrame::Started(Started { pid: 42 }));
+        peer.exited(0);
+    });
+    assert!(client.output(&command).unwrap().success());
+    handle.join().unwrap();
+}

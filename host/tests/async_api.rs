@@ -456,3 +456,69 @@ fn scratch_dir(tag: &str) -> std::path::PathBuf {
     assert!(Path::new(&dir).is_dir());
     dir
 }
+
+/// Protocol 3's controls from another task while this one reads the events: a cancel whose
+/// grace is long, then one that brings the SIGKILL to now; the record says it was cancelled.
+/// A timeout, and each chunk's time.
+#[tokio::test]
+async fn controls_from_another_task_timeouts_and_times() {
+    let agent = Agent::start();
+    let client = client(&agent).await;
+    let mut execution = client
+        .spawn(&sh("trap '' TERM; echo up; while :; do sleep 0.05; done"))
+        .await
+        .unwrap();
+    assert_eq!(
+        execution.next_event().await.unwrap(),
+        Some(Event::Stdout(b"up\n"))
+    );
+    let controller = execution.controller();
+    let canceller = tokio::spawn(async move {
+        controller
+            .cancel(Some(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        controller.cancel(Some(Duration::ZERO)).await.unwrap();
+    });
+    let started = Instant::now();
+    let end = loop {
+        match execution.next_event().await.unwrap() {
+            Some(Event::Exited(end)) => break end,
+            Some(_) => {}
+            None => panic!("no record"),
+        }
+    };
+    canceller.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(end.ending, ferry_host::Ending::Cancelled);
+    assert_eq!(
+        end.status,
+        ExitStatus::Signal {
+            number: 9,
+            core_dumped: false
+        }
+    );
+    // After the end: nothing to do, no error.
+    execution.signal(15).await.unwrap();
+
+    let mut command = Command::new("sleep");
+    command.arg("100").timeout(Duration::from_millis(300));
+    let output = client.output(&command).await.unwrap();
+    assert_eq!(output.termination.ending, ferry_host::Ending::TimedOut);
+
+    let mut execution = client
+        .spawn(&sh("printf a; sleep 0.3; printf b"))
+        .await
+        .unwrap();
+    assert_eq!(
+        execution.next_event().await.unwrap(),
+        Some(Event::Stdout(b"a"))
+    );
+    let first = execution.last_output_at();
+    assert_eq!(
+        execution.next_event().await.unwrap(),
+        Some(Event::Stdout(b"b"))
+    );
+    assert!(execution.last_output_at() >= first + Duration::from_millis(250));
+}

@@ -184,7 +184,7 @@ fn health_prints_versions() {
         text.contains(&format!("ferry-agent {}", env!("CARGO_PKG_VERSION"))),
         "{text}"
     );
-    assert!(text.contains("protocol:   2"), "{text}");
+    assert!(text.contains("protocol:   3"), "{text}");
     assert!(text.contains("security:   authenticated"), "{text}");
     // --connect overrides the environment.
     let output = ferry(&agent)
@@ -302,12 +302,12 @@ fn an_insecure_agent_is_warned_about_once_and_refused_with_a_secret() {
 }
 
 /// An option `exec` does not know, before the program, is a usage error that names it: it is
-/// never run as a program. After the program, or after `--`, every argument is the command's.
+/// never run as a program (`ferry exec -X -- tty` must not run a program called `-X`). After the program, or after `--`, every argument is the command's.
 #[test]
 fn an_unknown_option_before_the_program_is_a_usage_error() {
     let agent = Agent::start();
     for args in [
-        &["exec", "-t", "--", "tty"][..],
+        &["exec", "-X", "--", "tty"][..],
         &["exec", "--bogus", "true"],
     ] {
         let output = run(&agent, args);

@@ -183,3 +183,45 @@ fn splice(mut from: UnixStream, mut to: UnixStream) {
         let _ = to.shutdown(std::net::Shutdown::Write);
     });
 }
+
+/// An agent that stops answering mid-command (its connection process stopped) ends the example
+/// after three keepalive intervals with "agent stopped answering", exit 255.
+#[test]
+fn a_frozen_agent_ends_the_example() {
+    use std::io::BufRead;
+    let agent = Agent::start();
+    let mut child = Command::new(epoll_exec::binary())
+        .env(epoll_exec::SECRET_VAR, agent.secret_path())
+        .args([
+            &agent.target_url(),
+            "--",
+            "sh",
+            "-c",
+            "echo $PPID; exec sleep 100",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let connection: i32 = line.trim().parse().unwrap();
+    // SAFETY: kill has no memory effects.
+    #[allow(unsafe_code)]
+    let stop = |signal| unsafe { libc::kill(connection, signal) };
+    stop(libc::SIGSTOP);
+    let status = child.wait().unwrap();
+    stop(libc::SIGCONT);
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(255), "{stderr}");
+    assert!(stderr.contains("agent stopped answering"), "{stderr}");
+}

@@ -41,10 +41,62 @@ pub fn vm_rows(_options: &BenchOptions, rows: &mut Vec<Row>) -> Result<()> {
     let vm = Vm::boot(&VmOptions::default())?;
     full.push(vm.ready().clone());
     boot_rows(&minimal, &full, rows);
-    let measured = guest_rows(&vm, rows);
+    let measured = guest_rows(&vm, rows).and_then(|()| exec_cgroup_rows(&vm, rows));
     vm.poweroff();
     vm.shutdown()?;
     measured
+}
+
+/// What a per-exec cgroup costs an exec: the same `/bin/true` round trip against this guest and
+/// a second one whose agent makes none (`ferry.exec_cgroups=false`), interleaved run by run so
+/// noise hits both alike (each guest has a vCPU of its own).
+fn exec_cgroup_rows(vm: &Vm, rows: &mut Vec<Row>) -> Result<()> {
+    let plain = Vm::boot(&VmOptions {
+        kernel_args: vec!["ferry.exec_cgroups=false".into()],
+        ..VmOptions::default()
+    })?;
+    let measured = (|| {
+        let with = guest_client(vm)?;
+        let without = guest_client(&plain)?;
+        let command = Command::new("/bin/true");
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for i in 0..VM_RUNS + 10 {
+            for (client, samples) in [(&with, &mut a), (&without, &mut b)] {
+                let started = Instant::now();
+                let output = client.output(&command)?;
+                let took = started.elapsed();
+                if !output.success() {
+                    bail!("/bin/true failed in the guest: {:?}", output.status);
+                }
+                if i >= 10 {
+                    samples.push(took);
+                }
+            }
+        }
+        let (a, b) = (percentiles(a), percentiles(b));
+        for (label, with, without) in [("p50", a.p50, b.p50), ("p99", a.p99, b.p99)] {
+            rows.push(Row {
+                metric: format!("VM exec with its own cgroup {label} ({VM_RUNS} runs)"),
+                ferry: micros(with),
+                baseline: format!("{} without (`exec_cgroups=false`)", micros(without)),
+                ratio: format!("{:.2}×", with.as_secs_f64() / without.as_secs_f64()),
+                target: String::new(),
+                verdict: Verdict::Info,
+            });
+        }
+        Ok(())
+    })();
+    plain.poweroff();
+    plain.shutdown()?;
+    measured
+}
+
+fn guest_client(vm: &Vm) -> Result<Client> {
+    let target: Target = vm.target().parse()?;
+    Ok(Client::new(
+        &target,
+        vm.connect_options(ConnectOptions::default().connect_timeout)?,
+    ))
 }
 
 fn median(mut values: Vec<Duration>) -> Duration {

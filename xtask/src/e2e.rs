@@ -198,7 +198,7 @@ pub fn run_e2e(options: &E2eOptions) -> Result<()> {
     })?;
     eprintln!("e2e: {}", vm.ready().summary());
     let full_ready = vm.ready().clone();
-    let suite = run_suite(&vm, &example, deadline);
+    let suite = run_suite(&vm, &example, &ferry, deadline);
     if let Err(err) = suite {
         let err = anyhow!("{err:#}\n{}", save_console(&vm, "e2e-console.log"));
         let _ = vm.shutdown();
@@ -242,14 +242,16 @@ fn remaining(deadline: Instant) -> Result<Duration> {
 }
 
 /// `cargo test -p qemu-tests --features qemu` against the booted guest, with the prebuilt
-/// example for the suite's example driver.
-fn run_suite(vm: &Vm, example: &Path, deadline: Instant) -> Result<()> {
+/// example for the suite's example driver and the prebuilt CLI for its CLI scenarios.
+fn run_suite(vm: &Vm, example: &Path, ferry: &Path, deadline: Instant) -> Result<()> {
     let mut command = cargo();
     command
         .args(["test", "-p", "qemu-tests", "--features", "qemu"])
         .env("FERRY_CONNECT", vm.target())
         .env("FERRY_SECRET_FILE", vm.secret_path())
         .env("FERRY_EXAMPLE_BIN", example)
+        // The CLI scenarios (`suite/interactive.rs`) run the release CLI built above.
+        .env("FERRY_CLI_BIN", ferry)
         // The peer-check scenario looks for the agent's refusal lines in it.
         .env("FERRY_GUEST_CONSOLE", vm.console_log());
     // Its own group, so the deadline kills the test binaries cargo started too.

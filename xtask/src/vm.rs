@@ -44,6 +44,8 @@ pub struct VmOptions {
     pub console_log: Option<PathBuf>,
     /// From QEMU's start to the agent's hello.
     pub ready_timeout: Duration,
+    /// More kernel command-line words (`ferry.KEY=VALUE` policy settings, say).
+    pub kernel_args: Vec<String>,
 }
 
 impl Default for VmOptions {
@@ -55,6 +57,7 @@ impl Default for VmOptions {
             console_log: None,
             // TCG boots in about 2 s; the margin is for loaded CI machines.
             ready_timeout: Duration::from_secs(60),
+            kernel_args: Vec::new(),
         }
     }
 }
@@ -157,7 +160,11 @@ impl Vm {
             console_log: vm.console_log.clone(),
             memory_mb: options.memory_mb,
             cpus: options.cpus,
-            cmdline: kernel_cmdline(host_tsc_khz(), ready_port),
+            cmdline: [kernel_cmdline(host_tsc_khz(), ready_port)]
+                .into_iter()
+                .chain(options.kernel_args.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(" "),
             backend,
             vhost_socket: run.dir.join("vhost.sock"),
         };

@@ -3,7 +3,7 @@
 //! session's business.
 
 use ferry_wire::limits::MAX_DATA;
-use ferry_wire::session::{AgentSession, Micros};
+use ferry_wire::session::{AgentSession, Micros, SessionError};
 use ferry_wire::{DataKind, RecvBuf, DATA_HEADROOM};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fd::BorrowedFd;
@@ -59,6 +59,16 @@ impl<'s, 'b> Link<'s, 'b> {
         }
     }
 
+    /// Whether the client still takes what we send, after the end of its stream: a
+    /// zero-length send fails (EPIPE, ENOTCONN) once it closed, and succeeds after a mere
+    /// `shutdown(SHUT_WR)`. Poll cannot tell the two apart on vsock, which never reports
+    /// POLLHUP for a peer's close (and `vhost-device-vsock` turns any end of the host's stream
+    /// into a full shutdown).
+    pub fn peer_receives(&self) -> bool {
+        let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+        rustix::net::send(self.sock, &[], flags).is_ok()
+    }
+
     /// Sends what the outbox holds, as far as the socket takes it without blocking.
     pub fn flush(&mut self) -> Result<(), Errno> {
         self.outbox.flush(self.sock)
@@ -83,11 +93,28 @@ pub struct Outbox<'b> {
     end: usize,
 }
 
-/// What reading a pipe into the outbox gave.
+/// Reads what `pipe` has into `buf`, without blocking.
+pub fn read_pipe(pipe: BorrowedFd<'_>, buf: &mut [u8]) -> Output {
+    let len = buf.len();
+    loop {
+        match rustix::io::read(pipe, &mut *buf) {
+            // EIO: a terminal's master once no process holds its slave (a pipe never reports
+            // it). An empty buffer reads nothing: never asked for.
+            Ok(0) | Err(Errno::IO) => return Output::Eof,
+            Ok(n) => return Output::Read(n.min(len)),
+            Err(Errno::INTR) => {}
+            Err(Errno::AGAIN) => return Output::Empty,
+            Err(_) => return Output::Failed,
+        }
+    }
+}
+
+/// What reading a pipe gave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
-    /// A data frame of this many output bytes is ready to send.
-    Framed(usize),
+    /// This many output bytes were read (into the outbox: a data frame of them is ready to
+    /// send).
+    Read(usize),
     /// The pipe is at EOF.
     Eof,
     /// The pipe is empty for now.
@@ -125,8 +152,8 @@ impl<'b> Outbox<'b> {
     }
 
     /// Reads up to one chunk of `kind` output from `pipe` into the empty outbox, at most
-    /// `at_most` bytes (at least 1: the policy's output limit), and has the session frame it in
-    /// place.
+    /// `at_most` bytes (at least 1: the head left, the policy's output limit), and has the
+    /// session frame it in place.
     pub fn read_output(
         &mut self,
         pipe: BorrowedFd<'_>,
@@ -138,22 +165,50 @@ impl<'b> Outbox<'b> {
         let Some(space) = self.buf.get_mut(DATA_HEADROOM..DATA_HEADROOM + len) else {
             return Output::Failed;
         };
-        let n = loop {
-            match rustix::io::read(pipe, &mut *space) {
-                Ok(0) => return Output::Eof,
-                Ok(n) => break n.min(len),
-                Err(Errno::INTR) => {}
-                Err(Errno::AGAIN) => return Output::Empty,
-                Err(_) => return Output::Failed,
-            }
+        match read_pipe(pipe, space) {
+            Output::Read(n) => self.frame(kind, session, n),
+            other => other,
+        }
+    }
+
+    /// Has `fill` copy up to one chunk of `kind` output into the empty outbox (a stream's kept
+    /// tail), and the session frame it in place. `Empty` when `fill` had nothing.
+    pub fn copy_output(
+        &mut self,
+        kind: DataKind,
+        session: &mut AgentSession,
+        fill: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Output {
+        let Some(space) = self.buf.get_mut(DATA_HEADROOM..DATA_HEADROOM + MAX_DATA) else {
+            return Output::Failed;
         };
+        match fill(space).min(MAX_DATA) {
+            0 => Output::Empty,
+            n => self.frame(kind, session, n),
+        }
+    }
+
+    /// Frames the `n` output bytes at `DATA_HEADROOM`, stamped now.
+    fn frame(&mut self, kind: DataKind, session: &mut AgentSession, n: usize) -> Output {
         match session.frame_output(self.buf, kind, n, crate::clock::monotonic_us()) {
             Ok(start) => {
                 self.start = start;
                 self.end = DATA_HEADROOM + n;
-                Output::Framed(n)
+                Output::Read(n)
             }
             Err(_) => Output::Failed,
+        }
+    }
+
+    /// Puts the frame `encode` writes into the empty outbox; whether it did.
+    pub fn put(&mut self, encode: impl FnOnce(&mut [u8]) -> Result<usize, SessionError>) -> bool {
+        match encode(self.buf) {
+            Ok(n @ 1..) => {
+                self.start = 0;
+                self.end = n.min(self.buf.len());
+                true
+            }
+            _ => false,
         }
     }
 

@@ -7,8 +7,11 @@
 //! - `io.rs` — the socket with its receive buffer and its one-frame outbox.
 //! - `start.rs` — what a spare prepares, the command's pipes, `clone` and `execve`, reaping.
 //! - `pump.rs` — the running command's `poll` loop.
+//! - `cap.rs` — a stream's output cap: the head passes live, a tail window is kept.
 
+mod cap;
 mod io;
+mod pieces;
 mod pump;
 mod start;
 
@@ -17,6 +20,7 @@ use ferry_wire::ErrorCode;
 use rustix::event::PollFlags;
 use rustix::fd::{AsFd, OwnedFd};
 
+pub use self::cap::{Ring, MAX_TAIL};
 use self::io::{Link, Received};
 pub use self::start::{prepare, Prepared};
 use self::start::{Child, Storage};
@@ -93,6 +97,8 @@ fn converse(
         recv,
         out,
         stdin,
+        stdout_tail,
+        stderr_tail,
         argv,
         envp,
         cwd,
@@ -101,6 +107,8 @@ fn converse(
     let mut link = Link::new(sock, recv, out);
     let storage = Storage { argv, envp, cwd };
     let mut audit = None;
+    // A request in pieces is put together here; its buffers go with the connection.
+    let mut pieces = pieces::Pieces::new();
     let handshake = handshake(
         &mut link,
         &mut session,
@@ -108,13 +116,19 @@ fn converse(
         prepared,
         successor,
         &mut audit,
+        &mut pieces,
     );
     successor.release();
     let mut spent_stack = None;
     let (end, retired) = match handshake {
         Handshake::Started(mut child) => {
             spent_stack = child.spent_stack.take();
-            pump::run(&mut link, &mut session, child, stdin)
+            let buffers = pump::Buffers {
+                stdin,
+                stdout_tail,
+                stderr_tail,
+            };
+            pump::run(&mut link, &mut session, child, buffers)
         }
         Handshake::Refused => (End::Closing, pump::Retired::new()),
         Handshake::Gone => (End::ClientGone, pump::Retired::new()),
@@ -216,6 +230,7 @@ fn handshake(
     prepared: Prepared,
     successor: &mut Successor,
     audit: &mut Option<Audit>,
+    pieces: &mut pieces::Pieces,
 ) -> Handshake {
     loop {
         let now = clock::monotonic_us();
@@ -236,23 +251,36 @@ fn handshake(
             let consumed = input.consumed;
             match input.event {
                 None if consumed == 0 => break,
-                Some(AgentEvent::Exec(valid)) if valid.has_parts() => {
-                    // NOTE: requests in pieces are assembled in the next step (issue 10).
-                    link.inbox.consume(consumed);
-                    let refusal = Refusal::new(
-                        ErrorCode::LimitExceeded,
-                        "this agent takes requests of one frame only",
-                    );
-                    let _ = session.refuse(refusal, clock::monotonic_us());
-                    return Handshake::Refused;
+                Some(AgentEvent::ExecPart { list, data }) => {
+                    if let Err(refusal) = pieces.append(list, data) {
+                        link.inbox.consume(consumed);
+                        let _ = session.refuse(refusal, clock::monotonic_us());
+                        return Handshake::Refused;
+                    }
                 }
                 Some(AgentEvent::Exec(valid)) => {
                     let request = valid.request();
-                    let program = request.argv.entries().next().unwrap_or(&[]);
+                    let mut small = [0u32; pieces::SMALL_INDEX];
+                    let lists = pieces.lists(&valid, &mut small);
+                    let program = match &lists {
+                        Ok((lists, _)) => lists.argv.split(|b| *b == 0).next().unwrap_or(&[]),
+                        Err(_) => &[],
+                    };
                     *audit = Some(Audit::new(b"exec", program, request.user.map(|u| u.0)));
                     // The next spare is forked while our child starts, off the path the client
                     // waits on.
-                    let started = start::start(&valid, storage, prepared, || successor.release());
+                    let started = lists.and_then(|(lists, index)| {
+                        let release = || successor.release();
+                        start::start(
+                            &valid,
+                            lists,
+                            index,
+                            request.pty,
+                            storage,
+                            prepared,
+                            release,
+                        )
+                    });
                     link.inbox.consume(consumed);
                     return match started {
                         Ok(child) => match session.started(child.wire_pid(), child.started_us) {

@@ -1,28 +1,44 @@
 //! The running command: a `poll` loop that moves bytes between the socket, the command's pipes
-//! and the session, until the session has its last frame.
+//! and the session, until the session has its last frame; and what ends a command early (a
+//! timeout, a cancel, the policy's limits, a client that is gone).
 //!
 //! Bounded by construction: stdin is held only within the credit the session grants; output is
 //! read only when the previous frame has been sent, so a slow reader slows the command instead
-//! of growing a buffer. When to read, close and finish is the session's to say
+//! of growing a buffer; past a stream's head (its cap, see `cap`) output goes into a fixed ring
+//! instead. When to read, close and finish is the session's to say
 //! ([`AgentSession::output_phase`], its deadlines, its credit).
+//!
+//! Ending a tree: a timeout or a cancel sends SIGTERM to the whole tree ([`cgroup::terminate_tree`])
+//! and SIGKILL ([`cgroup::kill_tree`]) once the grace is over, unless nothing of the tree is left
+//! by then; the record's `ending` says which came first. The policy's limits and a client that
+//! is gone kill at once.
 
 use ferry_wire::limits::MAX_DATA;
-use ferry_wire::session::{AgentEvent, AgentSession, OutputPhase, Refusal};
-use ferry_wire::{DataKind, ErrorCode};
+use ferry_wire::session::{AgentEvent, AgentSession, EndFacts, OutputPhase, Refusal};
+use ferry_wire::{DataKind, Ending, ErrorCode, Stream, TreeKill, WindowSize};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::process::{Pid, WaitId, WaitIdOptions};
 
-use super::io::{Link, Output, Received};
+use super::cap::{Cap, Next, Ring};
+use super::io::{read_pipe, Link, Output, Received};
 use super::start::{self, Child, RunLimits};
 use super::End;
-use crate::cgroup::TreeKill;
-use crate::{clock, crash};
+use crate::{cgroup, clock, crash, pty};
 
 /// Descriptors that are done with (a pipe at EOF, a reaped pidfd), closed after the final
 /// frame rather than on the way to it: each `close` is a syscall the client would wait for.
 pub type Retired = heapless::Vec<OwnedFd, 3>;
+
+/// The connection's buffers the pump works in.
+pub struct Buffers<'b> {
+    /// Stdin on its way to the command: the credit window.
+    pub stdin: &'b mut [u8],
+    /// The tails of stdout and stderr past their caps.
+    pub stdout_tail: &'b mut Ring,
+    pub stderr_tail: &'b mut Ring,
+}
 
 /// Runs `child` to its end (or the client's); returns what is left to do, and the descriptors
 /// to close once it is done.
@@ -30,23 +46,31 @@ pub fn run(
     link: &mut Link<'_, '_>,
     session: &mut AgentSession,
     child: Child,
-    stdin_buf: &mut [u8],
+    buffers: Buffers<'_>,
 ) -> (End, Retired) {
+    let cap = child.limits.cap;
     let mut pump = Pump {
         link,
         session,
-        stdin: StdinPipe::new(child.stdin, stdin_buf),
-        stdout: OutputPipe::new(child.stdout),
-        stderr: OutputPipe::new(child.stderr),
+        stdin: StdinPipe::new(child.stdin, buffers.stdin),
+        stdout: OutputPipe::new(
+            DataKind::Stdout,
+            Some(child.stdout),
+            cap,
+            buffers.stdout_tail,
+        ),
+        stderr: OutputPipe::new(DataKind::Stderr, child.stderr, cap, buffers.stderr_tail),
         prefer_stderr: false,
         pid: child.pid,
         pidfd: Some(child.pidfd),
         exited: false,
         retired: Retired::new(),
         limits: child.limits,
-        forwarded: 0,
-        limit_killed: false,
-        tree_kill: None,
+        ending: Ending::Exited,
+        tree_kill: TreeKill::None,
+        kill_at: None,
+        killed: false,
+        pipes_held: false,
     };
     let end = pump.run();
     (end, pump.retired)
@@ -57,8 +81,8 @@ struct Pump<'l, 's, 'b> {
     link: &'l mut Link<'s, 'b>,
     session: &'l mut AgentSession,
     stdin: StdinPipe<'l>,
-    stdout: OutputPipe,
-    stderr: OutputPipe,
+    stdout: OutputPipe<'l>,
+    stderr: OutputPipe<'l>,
     /// The pipes take turns, so neither starves the other.
     prefer_stderr: bool,
     pid: Pid,
@@ -66,32 +90,65 @@ struct Pump<'l, 's, 'b> {
     pidfd: Option<OwnedFd>,
     exited: bool,
     retired: Retired,
-    /// The policy's runtime and output limits.
+    /// The policy's limits and the request's.
     limits: RunLimits,
-    /// Output bytes framed so far, stdout and stderr together.
-    forwarded: u64,
-    /// The command's group was killed for passing a limit.
-    limit_killed: bool,
-    /// How the command's tree was killed, if it was.
-    // NOTE: the termination record reports it (cgroup / process group) once the wire carries
-    // it; until then it is only recorded here.
-    #[allow(dead_code)]
-    tree_kill: Option<TreeKill>,
+    /// What ended the command: the first of a timeout, a cancel or a limit, while it ran.
+    ending: Ending,
+    /// How the tree was ended, if it was.
+    tree_kill: TreeKill,
+    /// When the SIGKILL follows the SIGTERM already sent to the tree.
+    kill_at: Option<u64>,
+    /// The tree got its SIGKILL.
+    killed: bool,
+    /// Other processes still held the output pipes when the drain stopped waiting.
+    pipes_held: bool,
 }
 
-/// One of the command's output pipes.
-struct OutputPipe {
-    /// `None` once closed.
+/// One of the command's output streams.
+struct OutputPipe<'r> {
+    kind: DataKind,
+    /// `None` once closed (or never opened: stderr on a terminal).
     fd: Option<OwnedFd>,
     /// `poll` said it is readable (or hung up) since the last read found it empty.
     ready: bool,
+    /// Its head and tail (see `cap`).
+    cap: Cap<'r>,
+    /// The stream ended: what is left is its `OutputDropped` (if anything was dropped) and
+    /// then its tail.
+    ended: bool,
+    dropped_notice: Option<u64>,
 }
 
-impl OutputPipe {
-    fn new(fd: OwnedFd) -> Self {
+impl<'r> OutputPipe<'r> {
+    fn new(kind: DataKind, fd: Option<OwnedFd>, cap: u64, ring: &'r mut Ring) -> Self {
         OutputPipe {
-            fd: Some(fd),
+            kind,
+            ended: fd.is_none(),
+            fd,
             ready: false,
+            cap: Cap::new(cap, ring),
+            dropped_notice: None,
+        }
+    }
+
+    /// Ends the stream (at its EOF, or closed by the drain); its descriptor, if still open.
+    fn end(&mut self) -> Option<OwnedFd> {
+        if !self.ended {
+            self.ended = true;
+            self.dropped_notice = Some(self.cap.dropped()).filter(|n| *n > 0);
+        }
+        self.fd.take()
+    }
+
+    /// Ended, and nothing of it left to send.
+    fn done(&self) -> bool {
+        self.ended && self.dropped_notice.is_none() && self.cap.tail_pending() == 0
+    }
+
+    fn stream(&self) -> Stream {
+        match self.kind {
+            DataKind::Stderr => Stream::Stderr,
+            _ => Stream::Stdout,
         }
     }
 }
@@ -164,6 +221,14 @@ impl Events {
 /// Readable, or at EOF, or failed: a read will not block.
 const READABLE: PollFlags = PollFlags::IN.union(PollFlags::HUP).union(PollFlags::ERR);
 
+/// The earlier of two optional deadlines.
+fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 impl Pump<'_, '_, '_> {
     fn run(&mut self) -> End {
         // Frames that arrived with the request.
@@ -171,18 +236,32 @@ impl Pump<'_, '_, '_> {
             return end;
         }
         loop {
-            if !self.link.outbox.refill(self.session) {
+            if !self.link.outbox.refill(self.session) && !self.send_stream_end() {
                 self.read_output();
             }
             if self.link.flush().is_err() {
                 return self.kill(End::ClientGone);
             }
-            let pipes_done = self.stdout.fd.is_none() && self.stderr.fd.is_none();
-            if self.exited && pipes_done && self.link.outbox.is_empty() {
-                return match self.session.finish(clock::monotonic_us()) {
+            let output_done = self.stdout.done() && self.stderr.done();
+            if self.exited && output_done && self.link.outbox.is_empty() && !self.awaiting_kill() {
+                let memory = cgroup::exec_memory_facts();
+                let facts = EndFacts {
+                    ending: self.ending,
+                    tree_kill: self.tree_kill,
+                    pipes_held: self.pipes_held,
+                    oom_killed: memory.oom_killed,
+                    peak_memory: memory.peak_memory,
+                };
+                return match self.session.finish_with(clock::monotonic_us(), facts) {
                     Ok(()) => End::Closing,
                     Err(_) => End::ClientGone,
                 };
+            }
+            // A stream's end still to send has no descriptor to wake the poll: an iteration
+            // taken by a control frame (a keepalive) must not leave it waiting for the next.
+            let ending = |pipe: &OutputPipe<'_>| pipe.ended && !pipe.done();
+            if self.link.outbox.is_empty() && (ending(&self.stdout) || ending(&self.stderr)) {
+                continue;
             }
             if let Err(end) = self.wait_and_handle() {
                 return end;
@@ -192,11 +271,85 @@ impl Pump<'_, '_, '_> {
 
     /// Kills the command (see [`start::kill`]); `end` is how the pump ends.
     fn kill(&mut self, end: End) -> End {
-        self.tree_kill = Some(start::kill(self.pid, self.exited));
+        self.record(start::kill(self.pid, self.exited));
         end
     }
 
-    /// Reads the next output chunk into the empty outbox, as the session's output phase allows.
+    /// Notes how the tree was ended.
+    fn record(&mut self, how: cgroup::TreeKill) {
+        self.tree_kill = match how {
+            cgroup::TreeKill::Cgroup => TreeKill::Cgroup,
+            cgroup::TreeKill::ProcessGroup => TreeKill::ProcessGroup,
+        };
+    }
+
+    /// Ends the tree: SIGTERM now, SIGKILL after `grace_us` (an earlier SIGKILL already due
+    /// stays). `ending` is what the record says ended the command, unless something came first.
+    fn terminate(&mut self, ending: Ending, grace_us: u64) {
+        if self.ending == Ending::Exited {
+            self.ending = ending;
+        }
+        if self.kill_at.is_none() {
+            self.record(cgroup::terminate_tree(self.pid));
+        }
+        let at = clock::monotonic_us().saturating_add(grace_us);
+        self.kill_at = earliest(self.kill_at, Some(at));
+    }
+
+    /// SIGKILL to the tree, now.
+    fn kill_tree(&mut self) {
+        if !self.killed {
+            self.record(cgroup::kill_tree(self.pid));
+            self.killed = true;
+        }
+    }
+
+    /// A SIGTERM was sent and its SIGKILL is still to come for what is left of the tree: the
+    /// record waits for it (a command that ended at the SIGTERM may leave a tree that does not).
+    fn awaiting_kill(&self) -> bool {
+        self.kill_at.is_some() && !self.killed && cgroup::tree_remains(self.pid)
+    }
+
+    /// Puts a stream's end into the empty outbox: its `OutputDropped`, then its tail, in order
+    /// behind its head. Whether there is a frame to send.
+    fn send_stream_end(&mut self) -> bool {
+        for pipe in [&mut self.stdout, &mut self.stderr] {
+            if !pipe.ended {
+                continue;
+            }
+            if let Some(bytes) = pipe.dropped_notice.take() {
+                let stream = pipe.stream();
+                let session = &mut *self.session;
+                if self
+                    .link
+                    .outbox
+                    .put(|out| session.encode_output_dropped(stream, bytes, out))
+                {
+                    return true;
+                }
+                self.session.note_output_dropped();
+            }
+            if pipe.cap.tail_pending() > 0 {
+                let cap = &mut pipe.cap;
+                match self
+                    .link
+                    .outbox
+                    .copy_output(pipe.kind, self.session, |out| cap.take_tail(out))
+                {
+                    Output::Read(_) => return true,
+                    _ => {
+                        // Cannot be framed (never expected): counted as lost, not retried.
+                        while pipe.cap.take_tail(&mut [0u8; 512]) > 0 {}
+                        self.session.note_output_dropped();
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// Reads the next output chunk into the empty outbox (or a stream's tail), as the
+    /// session's output phase allows.
     fn read_output(&mut self) {
         let now = clock::monotonic_us();
         let phase = self.session.output_phase(now);
@@ -210,12 +363,18 @@ impl Pump<'_, '_, '_> {
         } else {
             [DataKind::Stdout, DataKind::Stderr]
         };
-        // Within the output limit, a read takes at most what is left of it; at the limit, one
-        // more byte is one too many ("exactly at the limit" completes normally).
+        // Within the policy's output limit, a read takes at most what is left of it; at the
+        // limit, one more byte is one too many ("exactly at the limit" completes normally).
+        let produced = self
+            .stdout
+            .cap
+            .produced()
+            .saturating_add(self.stderr.cap.produced());
         let left = self
             .limits
             .max_output
-            .map(|max| max.saturating_sub(self.forwarded));
+            .map(|max| max.saturating_sub(produced));
+        let bound = |n: u64| left.map_or(n, |left| left.min(n));
         for kind in order {
             let pipe = match kind {
                 DataKind::Stderr => &mut self.stderr,
@@ -225,23 +384,34 @@ impl Pump<'_, '_, '_> {
             if !pipe.ready && !draining {
                 continue;
             }
-            let output = match left {
-                Some(0) => read_one_byte(fd.as_fd()),
-                _ => {
-                    let at_most = left.map_or(MAX_DATA, |n| usize::try_from(n).unwrap_or(MAX_DATA));
-                    self.link
-                        .outbox
-                        .read_output(fd.as_fd(), kind, self.session, at_most)
+            let fd = fd.as_fd();
+            let head = match pipe.cap.next() {
+                Next::Live(head) => Some(head),
+                Next::Tail(_) => None,
+            };
+            let (output, live) = match (left, head) {
+                (Some(0), _) => (read_one_byte(fd), None),
+                (_, Some(head)) => {
+                    let at_most = usize::try_from(bound(head)).unwrap_or(MAX_DATA);
+                    let outbox = &mut self.link.outbox;
+                    (
+                        outbox.read_output(fd, kind, self.session, at_most),
+                        Some(true),
+                    )
+                }
+                (left, None) => {
+                    let bound = left.unwrap_or(u64::MAX);
+                    (drain_into_tail(&mut pipe.cap, fd, bound), Some(false))
                 }
             };
-            match output {
+            match (output, live) {
                 // A byte past the limit (read and dropped, not framed).
-                Output::Framed(_) if left == Some(0) => {
+                (Output::Read(_), None) => {
                     self.output_limit_passed();
                     return;
                 }
-                Output::Framed(n) => {
-                    self.forwarded = self.forwarded.saturating_add(n as u64);
+                (Output::Read(n), Some(true)) => {
+                    pipe.cap.commit_live(n);
                     self.prefer_stderr = kind == DataKind::Stdout;
                     // That chunk may have crossed the drain limit.
                     if self.session.output_phase(now) == OutputPhase::Closed {
@@ -249,73 +419,89 @@ impl Pump<'_, '_, '_> {
                     }
                     return;
                 }
-                Output::Eof => {
-                    if let Some(fd) = pipe.fd.take() {
+                (Output::Read(_), Some(false)) => {
+                    self.prefer_stderr = kind == DataKind::Stdout;
+                    return;
+                }
+                (Output::Eof, _) => {
+                    if let Some(fd) = pipe.end() {
                         let _ = self.retired.push(fd);
                     }
                 }
-                Output::Empty => {
+                (Output::Empty, _) => {
                     pipe.ready = false;
                     if draining {
-                        pipe.fd = None;
+                        // Idle past the grace, yet not at EOF: another process holds it.
+                        self.pipes_held = true;
+                        pipe.end();
                     }
                 }
-                Output::Failed => {
-                    pipe.fd = None;
+                (Output::Failed, _) => {
+                    pipe.end();
                     self.session.note_output_dropped();
                 }
             }
         }
     }
 
-    /// The command wrote more than the output limit: nothing more is forwarded, its group is
-    /// killed, and the termination record says output was dropped.
+    /// The command wrote more than the policy's output limit: nothing more is read, its tree
+    /// is killed, and the termination record says output was dropped.
     fn output_limit_passed(&mut self) {
         self.session.note_output_dropped();
         // Killed before its pipes close: a command still writing dies of SIGKILL, never of a
         // SIGPIPE that raced the kill (that made the status flaky).
-        self.kill_for_limit();
+        self.kill_for_limit(Ending::OutputLimit);
         self.close_output();
     }
 
-    /// Kills the command's group for passing a limit; its end is reported as usual (the
-    /// status shows SIGKILL). Also after the command exited: what is left of its group may be
-    /// what keeps writing.
-    fn kill_for_limit(&mut self) {
-        if !self.limit_killed {
-            self.tree_kill = Some(start::kill_tree(self.pid));
-            self.limit_killed = true;
-            // NOTE: the termination record's "killed by a limit" (timed out / output limit)
-            // flag is set here once the wire carries it.
+    /// Kills the command's tree for passing a limit of the policy's; its end is reported as
+    /// usual (the status shows SIGKILL). Also after the command exited: what is left of its
+    /// tree may be what keeps writing (the record then says it exited).
+    fn kill_for_limit(&mut self, ending: Ending) {
+        if !self.exited && self.ending == Ending::Exited {
+            self.ending = ending;
         }
+        self.kill_tree();
     }
 
-    /// Closes both output pipes (what they still hold is the session's to report as dropped).
+    /// Closes both output pipes, drained by the session's say (what they still hold is the
+    /// session's to report as dropped); their tails are still sent.
     fn close_output(&mut self) {
-        self.stdout.fd = None;
-        self.stderr.fd = None;
+        for pipe in [&mut self.stdout, &mut self.stderr] {
+            if pipe.end().is_some() && self.exited {
+                self.pipes_held = true;
+            }
+        }
     }
 
     fn wait_and_handle(&mut self) -> Result<(), End> {
         // Output is read only into an empty outbox: one frame in flight.
         let output_wanted = self.link.outbox.is_empty();
-        let socket = if output_wanted {
-            PollFlags::IN
-        } else {
-            PollFlags::IN | PollFlags::OUT
-        };
+        // After the client's half-close nothing is read from it; a real close still shows
+        // (POLLHUP, which poll reports whatever was asked).
+        let input = !self.session.input_closed();
+        let mut socket = PollFlags::empty();
+        if input {
+            socket |= PollFlags::IN;
+        }
+        if !output_wanted {
+            socket |= PollFlags::OUT;
+        }
         let stdout = self.stdout.fd.as_ref().filter(|_| output_wanted);
         let stderr = self.stderr.fd.as_ref().filter(|_| output_wanted);
         let stdin = self.stdin.fd.as_ref().filter(|_| self.stdin.buffered() > 0);
-        // The command's runtime limit, while it runs and has not been killed for a limit yet.
-        let runtime_deadline = self
+        let running = !self.exited;
+        // The policy's runtime limit, while it runs and has not been killed yet.
+        let runtime = self.limits.deadline_us.filter(|_| running && !self.killed);
+        // The request's timeout, until something else ended it.
+        let timeout = self
             .limits
-            .deadline_us
-            .filter(|_| !self.exited && !self.limit_killed);
-        let deadline = match (self.session.poll_timeout(), runtime_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+            .timeout_us
+            .filter(|_| running && self.kill_at.is_none() && !self.killed);
+        let kill_at = self.kill_at.filter(|_| !self.killed);
+        let deadline = [runtime, timeout, kill_at]
+            .into_iter()
+            .fold(self.session.poll_timeout(), earliest);
         let mut set = PollSet::new();
         set.add(Slot::Socket, Some(self.link.sock), socket);
         set.add(Slot::Stdout, stdout.map(AsFd::as_fd), PollFlags::IN);
@@ -342,14 +528,25 @@ impl Pump<'_, '_, '_> {
         if !events.of(Slot::Stdin).is_empty() {
             self.write_stdin();
         }
-        if events.of(Slot::Socket).intersects(READABLE) {
+        let socket = events.of(Slot::Socket);
+        if input && socket.intersects(READABLE) {
             self.receive()?;
+        } else if !input && socket.intersects(PollFlags::HUP | PollFlags::ERR) {
+            // Gone after its half-close: nobody will read the record.
+            return Err(self.kill(End::ClientGone));
         }
         if deadline.is_some() {
             let now = clock::monotonic_us();
-            if !self.exited && runtime_deadline.is_some_and(|at| now >= at) {
+            let due = |at: Option<u64>| at.is_some_and(|at| now >= at);
+            if due(runtime) {
                 // Ran too long: its end (SIGKILL) comes through the pidfd like any other.
-                self.kill_for_limit();
+                self.kill_for_limit(Ending::RuntimeLimit);
+            }
+            if due(timeout) {
+                self.terminate(Ending::TimedOut, self.limits.kill_grace_us);
+            }
+            if due(kill_at) {
+                self.kill_tree();
             }
             let _ = self.session.handle_timeout(now);
         }
@@ -375,6 +572,13 @@ impl Pump<'_, '_, '_> {
         crash::set_current_command(None);
         // Nobody is left to read stdin.
         self.discard_stdin();
+        // Asked for: what the command left behind goes with it (its pipes then close soon).
+        if self.limits.kill_tree_on_exit && !self.killed {
+            if let Some(how) = cgroup::kill_tree_on_exit(self.pid) {
+                self.record(how);
+                self.killed = true;
+            }
+        }
     }
 
     fn write_stdin(&mut self) {
@@ -406,13 +610,27 @@ impl Pump<'_, '_, '_> {
         match self.link.receive() {
             Received::Data => self.handle_frames(),
             Received::Nothing => Ok(()),
-            // Any end of the client's stream before the final frame is a disconnect, a
-            // half-close after stdin's end included (see `AgentSession::handle_eof`): the
-            // command's group is killed, even if only its output was left to send.
+            // The end of the client's stream while the command runs is a half-close: no more
+            // input (stdin ends), the command runs on and its record is still sent. A client
+            // that closed its socket is gone (it refuses even an empty send); one that goes
+            // later shows as POLLHUP (Unix sockets) or a failed send (a keepalive at the
+            // latest). A stream that ends in the middle of a frame was cut off: a disconnect.
             Received::Closed => {
                 let _ = self.session.handle_eof();
-                Err(self.kill(End::ClientGone))
+                let cut_off = !self.link.inbox.data().is_empty();
+                if !self.session.input_closed() || cut_off || !self.link.peer_receives() {
+                    return Err(self.kill(End::ClientGone));
+                }
+                self.close_stdin_if_done();
+                Ok(())
             }
+        }
+    }
+
+    /// Sets the terminal's size; nothing without a terminal (or once its output ended).
+    fn resize(&self, size: WindowSize) {
+        if let (true, Some(master)) = (self.limits.terminal, self.stdout.fd.as_ref()) {
+            let _ = pty::resize(master, size);
         }
     }
 
@@ -439,10 +657,19 @@ impl Pump<'_, '_, '_> {
                     }
                 }
                 Some(AgentEvent::StdinEof) => self.close_stdin_if_done(),
-                // NOTE: protocol v3's controls; the pump acts on them in the next step (issue
-                // 10). Until then they are accepted and ignored.
-                Some(AgentEvent::Signal(_) | AgentEvent::Resize(_) | AgentEvent::Cancel { .. }) => {
+                // Once the command has ended, signals and cancels have nothing to reach; what
+                // it left behind is left alone, as after any normal end.
+                Some(AgentEvent::Signal(number)) if !self.exited => {
+                    let _ = start::signal(self.pid, number);
                 }
+                Some(AgentEvent::Cancel { grace_ms }) if !self.exited => {
+                    let grace = grace_ms.map_or(self.limits.kill_grace_us, |ms| {
+                        u64::from(ms).saturating_mul(1000)
+                    });
+                    self.terminate(Ending::Cancelled, grace);
+                }
+                Some(AgentEvent::Resize(size)) => self.resize(size),
+                Some(AgentEvent::Signal(_) | AgentEvent::Cancel { .. }) => {}
                 // The session takes the handshake and a request only before the command,
                 // and refuses them here.
                 None
@@ -459,19 +686,37 @@ impl Pump<'_, '_, '_> {
     }
 }
 
-/// Reads one byte from an output pipe at the output limit, to tell "exactly at the limit"
-/// from "past it": the byte is dropped (`Framed(1)` means it was there; nothing is framed).
-fn read_one_byte(pipe: BorrowedFd<'_>) -> Output {
-    let mut byte = [0u8; 1];
-    loop {
-        match rustix::io::read(pipe, &mut byte) {
-            Ok(0) => return Output::Eof,
-            Ok(_) => return Output::Framed(1),
-            Err(Errno::INTR) => {}
-            Err(Errno::AGAIN) => return Output::Empty,
-            Err(_) => return Output::Failed,
+/// Past its head: reads what the pipe holds into the ring, at most `bound` bytes, several
+/// reads in a row (nothing is sent meanwhile, so no poll is needed between them; a bounded
+/// number, so the other stream and the socket are not kept waiting). `Read` with the bytes
+/// read, else what the first read found.
+fn drain_into_tail(cap: &mut Cap<'_>, fd: BorrowedFd<'_>, mut bound: u64) -> Output {
+    let mut total = 0usize;
+    for _ in 0..16 {
+        let Next::Tail(ring) = cap.next() else {
+            break;
+        };
+        let at_most = usize::try_from(bound).map_or(ring.len(), |b| b.min(ring.len()));
+        let Some(part @ [_, ..]) = ring.get_mut(..at_most) else {
+            break;
+        };
+        match read_pipe(fd, part) {
+            Output::Read(n) => {
+                cap.commit_tail(n);
+                total = total.saturating_add(n);
+                bound = bound.saturating_sub(n as u64);
+            }
+            _ if total > 0 => break,
+            other => return other,
         }
     }
+    Output::Read(total)
+}
+
+/// Reads one byte from an output pipe at the policy's output limit, to tell "exactly at the
+/// limit" from "past it": the byte is dropped (`Read(1)` means it was there).
+fn read_one_byte(pipe: BorrowedFd<'_>) -> Output {
+    read_pipe(pipe, &mut [0u8; 1])
 }
 
 /// The command's stdin pipe and the bytes on their way to it.
@@ -588,6 +833,37 @@ mod tests {
         assert_eq!(stdin.close(), 3);
         assert_eq!(stdin.buffered(), 0);
         assert_eq!(stdin.write(), Ok(0), "nothing to write to");
+    }
+
+    #[test]
+    fn past_its_head_a_stream_drains_into_its_tail_in_a_few_reads() {
+        let (read, write) = pipe();
+        rustix::pipe::fcntl_setpipe_size(&write, 1 << 20).unwrap();
+        rustix::io::ioctl_fionbio(&read, true).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        rustix::io::write(&write, &data).unwrap();
+        let mut ring = vec![0u8; crate::conn::MAX_TAIL].into_boxed_slice();
+        let ring: &mut Ring = (&mut *ring).try_into().unwrap();
+        let mut cap = Cap::new(0, ring);
+        // Within a bound, then at will: 16 reads of at most 64 KiB each time.
+        assert_eq!(
+            drain_into_tail(&mut cap, read.as_fd(), 1000),
+            Output::Read(1000)
+        );
+        assert_eq!(
+            drain_into_tail(&mut cap, read.as_fd(), u64::MAX),
+            Output::Read(299_000)
+        );
+        assert_eq!(
+            drain_into_tail(&mut cap, read.as_fd(), u64::MAX),
+            Output::Empty
+        );
+        drop(write);
+        assert_eq!(
+            drain_into_tail(&mut cap, read.as_fd(), u64::MAX),
+            Output::Eof
+        );
+        assert_eq!((cap.produced(), cap.dropped()), (300_000, 300_000));
     }
 
     #[test]

@@ -2,15 +2,17 @@
 //! the process waits as a spare), then `clone` and `execve`; and reaping it.
 
 use ferry_wire::session::Refusal;
-use ferry_wire::{ErrorCode, ExitStatus, StdinMode, ValidExec};
+use ferry_wire::{
+    ErrorCode, ExecRequest, ExitStatus, StdinMode, ValidExec, WindowSize, DEFAULT_KILL_GRACE_MS,
+};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal, WaitIdStatus};
 
 use crate::cgroup::{self, TreeKill};
-use crate::spawn::{self, ChildFailure, ChildStdio};
+use crate::spawn::{self, ChildFailure, ChildStdio, Lists};
 use crate::sys::{self, PtrStorage, ARGV_SLOTS, ENVP_SLOTS};
-use crate::{bounds, clock, crash, policy, users};
+use crate::{bounds, clock, crash, policy, pty, users};
 
 /// Larger pipes mean fewer wake-ups per byte when a command writes fast.
 const PIPE_SIZE: usize = 1 << 20;
@@ -65,10 +67,12 @@ pub struct Storage<'b> {
 pub struct Child {
     pub pid: Pid,
     pub pidfd: OwnedFd,
-    /// `None` when its stdin is `/dev/null`.
+    /// `None` when its stdin is `/dev/null` (or, on a terminal, nobody writes to it).
     pub stdin: Option<OwnedFd>,
+    /// A pipe, or the terminal's master (a read gives `EIO` once no process holds the slave).
     pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    /// `None` on a terminal: stdout and stderr arrive merged.
+    pub stderr: Option<OwnedFd>,
     /// When spawning began, on the monotonic clock.
     pub started_us: u64,
     /// The stack the child ran on until its `execve`, no longer used. Unmapped after the final
@@ -85,10 +89,16 @@ impl Child {
     }
 }
 
-/// Starts the command `valid` asks for with what `ready` prepared; `meanwhile` runs while the
-/// child starts. The refusal is what the client is told.
+/// Starts the command `valid` asks for, with `lists` as its argv and environment (indexed in
+/// `env_index`, see `spawn::prepare`) and what `ready` prepared, on a pseudo-terminal of
+/// that size if `terminal` says so; `meanwhile` runs while the child starts. The refusal is
+/// what the client is told.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     valid: &ValidExec<'_>,
+    lists: Lists<'_>,
+    env_index: &mut [u32],
+    terminal: Option<WindowSize>,
     storage: Storage<'_>,
     ready: Prepared,
     meanwhile: impl FnOnce(),
@@ -103,42 +113,26 @@ pub fn start(
     let inherited = sys::environment().take(sys::MAX_INHERITED_ENV);
     let prepared = spawn::prepare(
         valid,
+        lists,
         &credentials,
         inherited,
         storage.argv,
         storage.envp,
         storage.cwd,
         &mut identity_buffer,
+        env_index,
     )?;
-    // One that could not be made while waiting is made now, and its errno reported.
-    let output = |pipe: Option<(OwnedFd, OwnedFd)>| match pipe {
-        Some(pipe) => Ok(pipe),
-        None => output_pipe().map_err(resource_failure),
-    };
-    let (stdout_r, stdout_w) = output(ready.stdout)?;
-    let (stderr_r, stderr_w) = output(ready.stderr)?;
-    let (stdin_w, stdin_r) = match valid.request().stdin {
-        StdinMode::Pipe => {
-            let (r, w) = new_pipe().map_err(resource_failure)?;
-            rustix::io::ioctl_fionbio(&w, true).map_err(resource_failure)?;
-            (Some(w), r)
-        }
-        StdinMode::Null => match ready.null {
-            Some(null) => (None, null),
-            None => (None, open_null().map_err(resource_failure)?),
-        },
+    let stdin_mode = valid.request().stdin;
+    let ends = match terminal {
+        Some(size) => Ends::terminal(size, stdin_mode)?,
+        None => Ends::pipes(ready.stdout, ready.stderr, ready.null, stdin_mode)?,
     };
     let mut stack = match ready.stack {
         Some(stack) => stack,
         None => sys::ChildStack::new().map_err(resource_failure)?,
     };
 
-    let stdio = ChildStdio {
-        stdin: stdin_r.as_fd(),
-        stdout: stdout_w.as_fd(),
-        stderr: stderr_w.as_fd(),
-        stdin_is_pipe: stdin_w.is_some(),
-    };
+    let stdio = ends.child_stdio();
     let limits = bounds::CommandLimits::from_policy(policy::current());
     let child_bounds = bounds::ChildBounds::new(&limits);
     let failure = ChildFailure::new();
@@ -155,7 +149,9 @@ pub fn start(
         .around_spawn(|| unsafe { sys::spawn(&mut stack, &child, meanwhile) });
     let sys::Spawned { pid, pidfd } = spawned.map_err(resource_failure)?;
     crash::set_current_command(Some(pid));
-    drop((stdout_w, stderr_w, stdin_r));
+    // The child has its ends now: ours would hold its pipes (or its terminal) open.
+    let Ends { parent, child } = ends;
+    drop(child);
     if let Some((stage, errno)) = failure.get() {
         reap(pid);
         return Err(spawn::refusal(stage, errno));
@@ -163,30 +159,179 @@ pub fn start(
     Ok(Child {
         pid,
         pidfd,
-        stdin: stdin_w,
-        stdout: stdout_r,
-        stderr: stderr_r,
+        stdin: parent.stdin,
+        stdout: parent.stdout,
+        stderr: parent.stderr,
         started_us,
         spent_stack: Some(stack),
-        limits: RunLimits::new(&limits, started_us),
+        limits: RunLimits::new(&limits, valid.request(), started_us),
     })
 }
 
-/// The limits the pump enforces on a running command.
+/// The command's standard descriptors: the parent's ends, and the child's (closed once it has
+/// them: a pipe or a terminal held open here would never show its EOF).
+struct Ends {
+    parent: ParentEnds,
+    child: ChildEnds,
+}
+
+struct ParentEnds {
+    stdin: Option<OwnedFd>,
+    stdout: OwnedFd,
+    stderr: Option<OwnedFd>,
+}
+
+enum ChildEnds {
+    Pipes {
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
+    /// The terminal's slave, as stdin, stdout and stderr.
+    Terminal(OwnedFd),
+}
+
+impl Ends {
+    /// Pipes, with those made while waiting (one that could not be made then is made now, and
+    /// its errno reported).
+    fn pipes(
+        stdout: Option<(OwnedFd, OwnedFd)>,
+        stderr: Option<(OwnedFd, OwnedFd)>,
+        null: Option<OwnedFd>,
+        stdin: StdinMode,
+    ) -> Result<Ends, Refusal> {
+        let output = |pipe: Option<(OwnedFd, OwnedFd)>| match pipe {
+            Some(pipe) => Ok(pipe),
+            None => output_pipe().map_err(resource_failure),
+        };
+        let (stdout_r, stdout_w) = output(stdout)?;
+        let (stderr_r, stderr_w) = output(stderr)?;
+        let (stdin_w, stdin_r) = match stdin {
+            StdinMode::Pipe => {
+                let (r, w) = new_pipe().map_err(resource_failure)?;
+                rustix::io::ioctl_fionbio(&w, true).map_err(resource_failure)?;
+                (Some(w), r)
+            }
+            StdinMode::Null => match null {
+                Some(null) => (None, null),
+                None => (None, open_null().map_err(resource_failure)?),
+            },
+        };
+        Ok(Ends {
+            parent: ParentEnds {
+                stdin: stdin_w,
+                stdout: stdout_r,
+                stderr: Some(stderr_r),
+            },
+            child: ChildEnds::Pipes {
+                stdin: stdin_r,
+                stdout: stdout_w,
+                stderr: stderr_w,
+            },
+        })
+    }
+
+    /// A pseudo-terminal of `size`. The parent keeps the master as its output source, and a
+    /// duplicate of it as its stdin sink when stdin is piped: the client's end of stdin closes
+    /// that duplicate only, and the terminal stays up for the command's output (as sshd does).
+    fn terminal(size: WindowSize, stdin: StdinMode) -> Result<Ends, Refusal> {
+        let pair = pty::open(size).map_err(terminal_failure)?;
+        let stdin = match stdin {
+            StdinMode::Pipe => {
+                Some(rustix::io::fcntl_dupfd_cloexec(&pair.master, 3).map_err(resource_failure)?)
+            }
+            // The command still reads the terminal; nobody types into it.
+            StdinMode::Null => None,
+        };
+        Ok(Ends {
+            parent: ParentEnds {
+                stdin,
+                stdout: pair.master,
+                stderr: None,
+            },
+            child: ChildEnds::Terminal(pair.slave),
+        })
+    }
+
+    fn child_stdio(&self) -> ChildStdio<'_> {
+        match &self.child {
+            ChildEnds::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => ChildStdio {
+                stdin: stdin.as_fd(),
+                stdout: stdout.as_fd(),
+                stderr: stderr.as_fd(),
+                stdin_is_pipe: self.parent.stdin.is_some(),
+                terminal: false,
+            },
+            ChildEnds::Terminal(slave) => ChildStdio {
+                stdin: slave.as_fd(),
+                stdout: slave.as_fd(),
+                stderr: slave.as_fd(),
+                stdin_is_pipe: false,
+                terminal: true,
+            },
+        }
+    }
+}
+
+/// A pseudo-terminal that cannot be opened: out of them (`kernel.pty.max`) or of descriptors
+/// is a passing shortage; anything else means this guest has none (no devpts, no /dev/ptmx).
+fn terminal_failure(errno: Errno) -> Refusal {
+    let (code, message) = match errno {
+        Errno::NOSPC | Errno::MFILE | Errno::NFILE | Errno::NOMEM | Errno::AGAIN => (
+            ErrorCode::ResourceExhausted,
+            "out of pseudo-terminals or descriptors",
+        ),
+        _ => (ErrorCode::Unsupported, "cannot open a pseudo-terminal"),
+    };
+    Refusal::os(code, errno.raw_os_error().unsigned_abs(), message)
+}
+
+/// What the pump enforces on a running command: the policy's limits and the request's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunLimits {
-    /// When (monotonic microseconds) the command's group is killed if it still runs.
+    /// When (monotonic microseconds) the command's tree is killed if it still runs: the
+    /// policy's `max_runtime`.
     pub deadline_us: Option<u64>,
-    /// Output bytes forwarded before the command is killed; `None`: no limit.
+    /// Output bytes (stdout and stderr together) the command may produce before its tree is
+    /// killed: the policy's `max_output`; `None`: no limit.
     pub max_output: Option<u64>,
+    /// When the request's timeout ends the command's tree (SIGTERM, then SIGKILL after the
+    /// grace).
+    pub timeout_us: Option<u64>,
+    /// From a SIGTERM to the SIGKILL: the request's grace, or the default.
+    pub kill_grace_us: u64,
+    /// Kill what is left of the tree once the command itself exits.
+    pub kill_tree_on_exit: bool,
+    /// Bytes kept of each output stream (head and tail, see `cap`): the request's cap within
+    /// the policy's `max_output`; `u64::MAX`: no cap.
+    pub cap: u64,
+    /// The command runs on a terminal (its output is the master's).
+    pub terminal: bool,
 }
 
 impl RunLimits {
-    pub fn new(limits: &bounds::CommandLimits, started_us: u64) -> Self {
+    pub fn new(limits: &bounds::CommandLimits, request: &ExecRequest<'_>, started_us: u64) -> Self {
+        let max_output = (limits.max_output > 0).then_some(limits.max_output);
+        let after_ms = |ms: u64| started_us.saturating_add(ms.saturating_mul(1000));
         RunLimits {
             deadline_us: (limits.max_runtime_s > 0)
-                .then(|| started_us.saturating_add(limits.max_runtime_s.saturating_mul(1_000_000))),
-            max_output: (limits.max_output > 0).then_some(limits.max_output),
+                .then(|| after_ms(limits.max_runtime_s.saturating_mul(1000))),
+            max_output,
+            timeout_us: (request.timeout_ms > 0).then(|| after_ms(request.timeout_ms)),
+            kill_grace_us: u64::from(request.kill_grace_ms.unwrap_or(DEFAULT_KILL_GRACE_MS))
+                .saturating_mul(1000),
+            kill_tree_on_exit: request.kill_tree_on_exit,
+            // 0 asks for the agent's own maximum.
+            cap: match (request.max_output, max_output) {
+                (0, None) => u64::MAX,
+                (0, Some(max)) => max,
+                (asked, max) => asked.min(max.unwrap_or(u64::MAX)),
+            },
+            terminal: request.pty.is_some(),
         }
     }
 }
@@ -207,6 +352,16 @@ pub fn kill(pid: Pid, reaped: bool) -> TreeKill {
     }
     crash::set_current_command(None);
     how
+}
+
+/// Sends signal `number` (1..=64) to the command's process group, as a client's `Signal`
+/// asks. A group that is gone (ESRCH: the command and its group ended, the signal raced its
+/// end) is not an error: the signal had nothing left to reach. Any other number is `EINVAL`.
+pub fn signal(pid: Pid, number: u8) -> Result<(), Errno> {
+    match sys::kill_process_group_raw(pid, number) {
+        Ok(()) | Err(Errno::SRCH) => Ok(()),
+        Err(errno) => Err(errno),
+    }
 }
 
 /// Waits for `pid` to end (it has been killed or has failed before exec).
@@ -308,6 +463,135 @@ mod tests {
                 core_dumped: false
             }
         );
+    }
+
+    #[test]
+    fn run_limits_from_the_policy_and_the_request() {
+        let request = ExecRequest {
+            argv: ferry_wire::StrList::new(b"true\0"),
+            env: ferry_wire::StrList::default(),
+            clean_env: false,
+            cwd: None,
+            stdin: StdinMode::Null,
+            user: None,
+            pty: None,
+            timeout_ms: 0,
+            kill_grace_ms: None,
+            kill_tree_on_exit: false,
+            max_output: 0,
+        };
+        let none = bounds::CommandLimits::NONE;
+        let limits = RunLimits::new(&none, &request, 1_000);
+        assert_eq!(
+            limits,
+            RunLimits {
+                deadline_us: None,
+                max_output: None,
+                timeout_us: None,
+                kill_grace_us: 2_000_000,
+                kill_tree_on_exit: false,
+                cap: u64::MAX,
+                terminal: false,
+            }
+        );
+        let asked = ExecRequest {
+            pty: Some(WindowSize { rows: 1, cols: 1 }),
+            timeout_ms: 1_500,
+            kill_grace_ms: Some(0),
+            kill_tree_on_exit: true,
+            max_output: 100,
+            ..request
+        };
+        let limits = RunLimits::new(&none, &asked, 1_000);
+        assert_eq!(limits.timeout_us, Some(1_501_000));
+        assert_eq!((limits.kill_grace_us, limits.cap), (0, 100));
+        assert!(limits.kill_tree_on_exit && limits.terminal);
+        // The policy's maximum bounds the cap, and is the cap when the request names none.
+        let mut policy = crate::policy::Policy::defaults();
+        policy.max_output = 50;
+        policy.max_runtime_s = 2;
+        let bounded = bounds::CommandLimits::from_policy(&policy);
+        let limits = RunLimits::new(&bounded, &asked, 1_000);
+        assert_eq!((limits.cap, limits.max_output), (50, Some(50)));
+        assert_eq!(limits.deadline_us, Some(2_001_000));
+        assert_eq!(RunLimits::new(&bounded, &request, 0).cap, 50);
+        // Nothing overflows.
+        let huge = ExecRequest {
+            timeout_ms: u64::MAX,
+            max_output: u64::MAX,
+            kill_grace_ms: Some(u32::MAX),
+            ..request
+        };
+        let limits = RunLimits::new(&none, &huge, u64::MAX);
+        assert_eq!(limits.timeout_us, Some(u64::MAX));
+        assert_eq!(limits.cap, u64::MAX);
+    }
+
+    #[test]
+    fn a_terminals_stdin_is_a_duplicate_of_its_master() {
+        let size = WindowSize { rows: 2, cols: 3 };
+        let ends = Ends::terminal(size, StdinMode::Pipe).unwrap();
+        let stdio = ends.child_stdio();
+        assert!(stdio.terminal && !stdio.stdin_is_pipe);
+        let Ends { parent, child } = ends;
+        let ChildEnds::Terminal(slave) = child else {
+            panic!("not a terminal")
+        };
+        assert!(parent.stderr.is_none(), "stdout and stderr are merged");
+        let stdin = parent.stdin.unwrap();
+        rustix::io::write(&stdin, b"typed\n").unwrap();
+        // The client's end of stdin closes the duplicate only: the terminal stays up.
+        drop(stdin);
+        let mut buf = [0u8; 16];
+        let n = rustix::io::read(&slave, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"typed\n");
+        rustix::io::write(&slave, b"still up\n").unwrap();
+        drop(slave);
+        let out = pty::tests::read_all(&parent.stdout);
+        assert!(out.ends_with(b"still up\r\n"), "{out:?}");
+        // Without piped stdin nobody writes to it.
+        let ends = Ends::terminal(size, StdinMode::Null).unwrap();
+        assert!(ends.parent.stdin.is_none());
+    }
+
+    #[test]
+    fn terminal_failures() {
+        assert_eq!(
+            terminal_failure(Errno::NOSPC).code,
+            ErrorCode::ResourceExhausted
+        );
+        assert_eq!(terminal_failure(Errno::NOENT).code, ErrorCode::Unsupported);
+    }
+
+    #[test]
+    fn signals_reach_the_group_and_a_gone_group_is_no_error() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let group = |script: &str| {
+            let child = std::process::Command::new("/bin/sh")
+                .args(["-c", script])
+                .process_group(0)
+                .spawn()
+                .unwrap();
+            let pid = Pid::from_raw(child.id() as i32).unwrap();
+            (child, pid)
+        };
+        // A standard signal reaches the background child too (same group).
+        let (mut child, pid) = group("sleep 30 & wait");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(signal(pid, 15), Ok(()));
+        assert_eq!(child.wait().unwrap().signal(), Some(15));
+        // A real-time signal (its default action ends the process), up to the last one.
+        for number in [40, 64] {
+            let (mut child, pid) = group("exec sleep 30");
+            assert_eq!(signal(pid, number), Ok(()));
+            assert_eq!(child.wait().unwrap().signal(), Some(i32::from(number)));
+        }
+        // Ended and reaped: ESRCH, which is fine.
+        assert_eq!(signal(pid, 15), Ok(()));
+        // Not signals.
+        assert_eq!(signal(pid, 0), Err(Errno::INVAL));
+        assert_eq!(signal(pid, 65), Err(Errno::INVAL));
+        assert_eq!(signal(pid, 255), Err(Errno::INVAL));
     }
 
     #[test]

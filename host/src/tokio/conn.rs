@@ -11,10 +11,9 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use ::tokio::net::UnixStream;
 use ::tokio::time::Instant;
-use ferry_wire::limits::MAX_FRAME;
 use ferry_wire::session::{ClientSession, Micros, Phase, SessionError};
 
-use crate::conn::micros;
+use crate::conn::{large_opening_len, micros};
 pub(super) use crate::conn::{session_error, Operation};
 use crate::Error;
 
@@ -48,15 +47,17 @@ pub(super) struct State {
     pub(super) ended: bool,
 }
 
-/// The two sides that may wait for the socket to become writable.
+/// The sides that may wait for the socket to become writable.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Side {
     Reader = 0,
     Writer = 1,
+    /// A [`super::Controller`] (signal, resize, cancel).
+    Control = 2,
 }
 
 #[derive(Default)]
-struct WriteWakers(Mutex<[Option<Waker>; 2]>);
+struct WriteWakers(Mutex<[Option<Waker>; 3]>);
 
 impl WriteWakers {
     fn register(&self, side: Side, waker: &Waker) {
@@ -155,7 +156,7 @@ impl State {
             written.map(|n| ((), n))
         };
         match self.queue(SMALL_OPENING, encode) {
-            Err(SessionError::BufferTooSmall) => self.queue(2 * MAX_FRAME, encode),
+            Err(SessionError::BufferTooSmall) => self.queue(large_opening_len(operation), encode),
             other => other,
         }
         .map_err(session_error)

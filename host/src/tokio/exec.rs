@@ -12,14 +12,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 
+use std::time::Duration;
+
 use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use ::tokio::time::{sleep_until, Sleep};
 use ferry_wire::limits::{MAX_DATA, MAX_FRAME};
-use ferry_wire::session::{ClientEvent, Input, Phase};
-use ferry_wire::{RecvBuf, DATA_HEADROOM};
+use ferry_wire::session::{ClientEvent, ClientSession, Input, Phase, SessionError};
+use ferry_wire::{RecvBuf, Stream, WindowSize, DATA_HEADROOM};
 
 use super::conn::{disconnected, refusal, session_error, Conn, Side, State};
-use crate::conn::{broken_pipe, within, BufferPool};
+use crate::command::ceil_millis;
+use crate::conn::{broken_pipe, within, BufferPool, CONTROL_FRAME};
 use crate::{AgentInfo, Error, Event, Output, Termination};
 
 /// Room for the frames a session queues by itself (a stdin EOF).
@@ -110,8 +113,11 @@ pub(super) struct Receiver {
     pool: Arc<BufferPool>,
     /// Bytes of the frame behind the data step returned last, dropped on the next step.
     returned: usize,
-    hello_timer: Option<Pin<Box<Sleep>>>,
+    /// The session's deadline (the handshake's, then the agent's liveness), while one is set.
+    timer: Option<Pin<Box<Sleep>>>,
     feed: Option<Feed>,
+    /// Bytes the agent reported dropped so far under the output cap: stdout, stderr.
+    dropped: [u64; 2],
 }
 
 struct Feed {
@@ -126,8 +132,9 @@ impl Receiver {
             recv: RecvBuf::new(pool.take()),
             pool: Arc::clone(pool),
             returned: 0,
-            hello_timer: None,
+            timer: None,
             feed: None,
+            dropped: [0; 2],
         }
     }
 
@@ -143,8 +150,11 @@ impl Receiver {
         feed_stdin(&mut state, conn, &mut self.feed, cx);
         loop {
             let data = self.recv.data();
-            let Input { consumed, event } =
-                state.session.handle_input(data).map_err(session_error)?;
+            // `_at`: hearing the agent moves its liveness deadline on.
+            let Input { consumed, event } = state
+                .session
+                .handle_input_at(data, conn.now())
+                .map_err(session_error)?;
             let step = match event {
                 None => None,
                 Some(ClientEvent::HelloAccepted(info)) => {
@@ -152,7 +162,7 @@ impl Receiver {
                 }
                 // The handshake is done: its deadline with it.
                 Some(ClientEvent::Authenticated) => {
-                    self.hello_timer = None;
+                    self.timer = None;
                     // An operation behind the proof reports its own first event.
                     (state.session.phase() != Phase::Starting).then_some(Step::Authenticated)
                 }
@@ -164,7 +174,11 @@ impl Receiver {
                     state.credit_granted();
                     None
                 }
-                Some(ClientEvent::OutputDropped(_)) => None,
+                Some(ClientEvent::OutputDropped(dropped)) => {
+                    let total = &mut self.dropped[stream_index(dropped.stream)];
+                    *total = total.saturating_add(dropped.bytes);
+                    None
+                }
                 Some(ClientEvent::Exited(end)) => Some(Step::Exited(Termination::from_wire(end))),
                 Some(ClientEvent::Refused(err)) => return Poll::Ready(Err(refusal(&err))),
             };
@@ -187,43 +201,52 @@ impl Receiver {
                     }
                 }
             }
-            // More bytes are needed; the session says until when (the handshake).
-            if let Some(deadline) = state.session.poll_timeout() {
-                let timer = self
-                    .hello_timer
-                    .get_or_insert_with(|| Box::pin(sleep_until(conn.instant(deadline))));
-                if timer.as_mut().poll(cx).is_ready() {
-                    self.hello_timer = None;
-                    state
-                        .session
-                        .handle_timeout(conn.now())
-                        .map_err(session_error)?;
+            // More bytes are needed. Read what is there first: bytes waiting for a caller that
+            // did not poll for a while are not silence.
+            match conn.stream.poll_read_ready(cx) {
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(Error::Io(err))),
+                Poll::Ready(Ok(())) => {
+                    // Room for the largest frame behind what is buffered: no read cut short.
+                    let spare = (self.recv.spare_at_least(MAX_FRAME))
+                        .map_err(|err| session_error(err.into()))?;
+                    match conn.stream.try_read(spare) {
+                        Ok(0) => {
+                            let phase = state.session.phase();
+                            let left = self.recv.data().len();
+                            state.session.handle_eof(left).map_err(session_error)?;
+                            return Poll::Ready(Err(disconnected(phase)));
+                        }
+                        Ok(n) => self.recv.commit(n),
+                        Err(err)
+                            if matches!(
+                                err.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                            ) => {}
+                        Err(err) => return Poll::Ready(Err(Error::Io(err))),
+                    }
                     continue;
                 }
+                Poll::Pending => {}
             }
-            // Room for the largest frame behind what is buffered: no read cut short.
-            let spare =
-                (self.recv.spare_at_least(MAX_FRAME)).map_err(|err| session_error(err.into()))?;
-            match conn.stream.poll_read_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(err)) => return Poll::Ready(Err(Error::Io(err))),
-                Poll::Ready(Ok(())) => {}
+            // Nothing to read: the session says how long that may last (the handshake, then the
+            // agent's liveness, which moves on each time the agent is heard).
+            let Some(deadline) = state.session.poll_timeout() else {
+                self.timer = None;
+                return Poll::Pending;
+            };
+            let at = conn.instant(deadline);
+            let timer = self.timer.get_or_insert_with(|| Box::pin(sleep_until(at)));
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
             }
-            match conn.stream.try_read(spare) {
-                Ok(0) => {
-                    let phase = state.session.phase();
-                    let left = self.recv.data().len();
-                    state.session.handle_eof(left).map_err(session_error)?;
-                    return Poll::Ready(Err(disconnected(phase)));
-                }
-                Ok(n) => self.recv.commit(n),
-                Err(err)
-                    if matches!(
-                        err.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(err) => return Poll::Ready(Err(Error::Io(err))),
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
             }
+            self.timer = None;
+            state
+                .session
+                .handle_timeout(conn.now())
+                .map_err(session_error)?;
         }
     }
 
@@ -274,6 +297,13 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         let recv = std::mem::replace(&mut self.recv, RecvBuf::new(Box::default()));
         self.pool.give(recv.into_inner());
+    }
+}
+
+fn stream_index(stream: Stream) -> usize {
+    match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
     }
 }
 
@@ -381,6 +411,41 @@ impl Execution {
     /// `select!`, or two tasks). Dropping or shutting it down sends EOF.
     pub fn take_stdin(&mut self) -> Option<StdinWriter> {
         self.stdin.take()
+    }
+
+    /// A handle that signals, resizes or cancels this command from any task, while this one is
+    /// polled for its events (which needs `&mut self`).
+    pub fn controller(&self) -> Controller {
+        Controller {
+            conn: Arc::clone(self.receiver.conn()),
+        }
+    }
+
+    /// Sends `signal` (1–64) to the command's process group. See [`Controller::signal`].
+    pub async fn signal(&self, signal: i32) -> Result<(), Error> {
+        self.controller().signal(signal).await
+    }
+
+    /// Tells the command's terminal its new size. See [`Controller::resize`].
+    pub async fn resize(&self, size: WindowSize) -> Result<(), Error> {
+        self.controller().resize(size).await
+    }
+
+    /// Ends the command's whole tree. See [`Controller::cancel`].
+    pub async fn cancel(&self, grace: Option<Duration>) -> Result<(), Error> {
+        self.controller().cancel(grace).await
+    }
+
+    /// When the agent read the output chunk returned last. See
+    /// [`crate::Execution::last_output_at`].
+    pub fn last_output_at(&self) -> Duration {
+        Duration::from_micros(self.receiver.conn.lock().session.last_output_at())
+    }
+
+    /// Bytes of `stream` the agent dropped so far under the output cap. See
+    /// [`crate::Execution::dropped`].
+    pub fn dropped(&self, stream: Stream) -> u64 {
+        self.receiver.dropped[stream_index(stream)]
     }
 
     /// The next thing the command did, borrowed from the receive buffer until the next call;
@@ -594,6 +659,82 @@ fn into_io(err: Error) -> io::Error {
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, err)
+}
+
+/// Signals, resizes and cancels a running command from any task ([`Execution::controller`]).
+/// Each call queues one small frame and sends what the socket takes; the execution's reader
+/// sends the rest. Once the command has ended every call does nothing and returns `Ok`, as the
+/// agent would ignore it. The semantics are the blocking [`crate::Controller`]'s.
+#[derive(Clone)]
+pub struct Controller {
+    conn: Arc<Conn>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").finish_non_exhaustive()
+    }
+}
+
+impl Controller {
+    /// Sends `signal` (1–64) to the command's process group. See [`crate::Controller::signal`].
+    pub async fn signal(&self, signal: i32) -> Result<(), Error> {
+        let signal = u8::try_from(signal)
+            .map_err(|_| Error::InvalidRequest(format!("no such signal: {signal}")))?;
+        self.send(|session, out| session.send_signal(signal, out))
+            .await
+    }
+
+    /// Tells the command's terminal its new size. See [`crate::Controller::resize`].
+    pub async fn resize(&self, size: WindowSize) -> Result<(), Error> {
+        self.send(|session, out| session.send_resize(size, out))
+            .await
+    }
+
+    /// Ends the command's whole tree: `SIGTERM`, then `SIGKILL` after `grace`. See
+    /// [`crate::Controller::cancel`].
+    pub async fn cancel(&self, grace: Option<Duration>) -> Result<(), Error> {
+        let grace_ms = grace
+            .map(|grace| {
+                u32::try_from(ceil_millis(grace)).map_err(|_| {
+                    Error::InvalidRequest(
+                        "the kill grace is longer than u32::MAX milliseconds".into(),
+                    )
+                })
+            })
+            .transpose()?;
+        self.send(|session, out| session.send_cancel(grace_ms, out))
+            .await
+    }
+
+    async fn send(
+        &self,
+        encode: impl Fn(&mut ClientSession, &mut [u8]) -> Result<usize, SessionError>,
+    ) -> Result<(), Error> {
+        poll_fn(|cx| {
+            let conn = &*self.conn;
+            let mut state = conn.lock();
+            if state.ended {
+                return Poll::Ready(Ok(()));
+            }
+            // One frame on its way at a time: what waits goes first.
+            ready!(state.poll_send(conn, Side::Control, cx)).map_err(Error::Io)?;
+            match state.queue(CONTROL_FRAME, |session, out| {
+                encode(session, out).map(|n| ((), n))
+            }) {
+                Ok(()) => {}
+                // The operation is over: nothing to control.
+                Err(SessionError::InvalidState) => return Poll::Ready(Ok(())),
+                Err(err) => return Poll::Ready(Err(session_error(err))),
+            }
+            if let Poll::Ready(Err(err)) = state.poll_send(conn, Side::Control, cx) {
+                return Poll::Ready(Err(Error::Io(err)));
+            }
+            state.hand_to_reader();
+            Poll::Ready(Ok(()))
+        })
+        .await
+    }
 }
 
 impl StdinWriter {

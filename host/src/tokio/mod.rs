@@ -47,7 +47,7 @@ use std::sync::Arc;
 
 use ::tokio::time::Instant;
 
-pub use exec::{Execution, OutputReader, OutputStreams, OwnedEvent, StdinWriter};
+pub use exec::{Controller, Execution, OutputReader, OutputStreams, OwnedEvent, StdinWriter};
 
 use crate::conn::{new_session, BufferPool};
 use crate::{AgentInfo, Command, ConnectOptions, Error, Health, Output, Security, Target};

@@ -15,17 +15,19 @@
 //! Included with `#[path]` rather than shared through a crate: `qemu-tests` depends on
 //! `ferry-host`, and a dev-dependency back would make a cycle. The module must stay at the crate
 //! root as `suite` (the macro names it so), and uses nothing but std, `ferry_host`,
-//! `ferry_wire`, and for the async driver `tokio` behind a feature named `tokio` (each including
-//! crate has one). `frames.rs` is also included on its own, by `host/tests/hostile.rs`: it uses
+//! `ferry_wire`, `libc` (the CLI scenarios' terminal), and for the async driver `tokio` behind a
+//! feature named `tokio` (each including crate has one). `frames.rs` is also included on its own, by `host/tests/hostile.rs`: it uses
 //! nothing of the rest of the suite.
 #![allow(clippy::unwrap_used)] // a scenario reports failure by panicking
 
 pub mod bombs;
 pub mod cases;
+pub mod cli;
 pub mod drivers;
 pub mod epoll_exec;
 pub mod exec;
 pub mod frames;
+pub mod interactive;
 pub mod lifecycle;
 pub mod peers;
 pub mod raw;
@@ -131,6 +133,13 @@ macro_rules! scenario_tests {
             peers::the_guest_itself_is_refused_before_the_hello,
             trees::a_disconnect_kills_the_whole_tree_setsid_included,
             trees::a_killed_connection_process_takes_its_tree_along,
+            interactive::a_terminal_knows_its_name_and_size,
+            interactive::a_resize_reaches_the_command,
+            interactive::control_c_interrupts_the_command,
+            interactive::a_timeout_ends_the_whole_tree_and_exits_124,
+            interactive::sigterm_to_the_cli_is_forwarded_and_exits_143,
+            interactive::output_caps_keep_the_exact_head_and_tail,
+            interactive::argv_as_large_as_linux_takes,
         );
         // Alone on the agent's machine (they reach every command); the VM's agent only.
         $crate::suite::scenario_tests!(@alone $fixture;

@@ -350,8 +350,9 @@ pub fn bad_frames_are_refused_and_the_agent_keeps_serving(fixture: &Fixture) {
         ),
         (
             "empty argv",
-            // Exec: argv and env empty, no clean env, no cwd, stdin piped, no user.
-            vec![7, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
+            // Exec: argv and env empty, no clean env, no cwd, stdin piped, no user, no pty, no
+            // timeout, the default grace, no tree kill, no cap.
+            vec![12, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0],
             true,
             ErrorCode::InvalidRequest,
         ),

@@ -21,7 +21,13 @@ const COMMANDS_CGROUP: &str = "/sys/fs/cgroup/ferry-commands";
 
 /// The pids whose command line holds `sleep MARKER`. The scanning shell's own command line
 /// spells the marker as a pattern (`1[0]0123`), so it never finds itself.
-fn with_marker(client: &ferry_host::Client, marker: &str) -> Vec<u32> {
+pub fn with_marker(client: &ferry_host::Client, marker: &str) -> Vec<u32> {
+    with_marker_as(client, marker, Some("root"))
+}
+
+/// [`with_marker`], the scan run as `user` (`None`: the agent's default, for an agent that
+/// serves only its own user).
+pub fn with_marker_as(client: &ferry_host::Client, marker: &str, user: Option<&str>) -> Vec<u32> {
     let (head, tail) = marker.split_at(1);
     let script = format!(
         "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null \
@@ -29,14 +35,18 @@ fn with_marker(client: &ferry_host::Client, marker: &str) -> Vec<u32> {
         &tail[..1],
         &tail[1..]
     );
-    stdout_of(client, sh(&script).user("root"))
+    let mut command = sh(&script);
+    if let Some(user) = user {
+        command.user(user);
+    }
+    stdout_of(client, &command)
         .lines()
         .map(|line| line.trim().parse().unwrap())
         .collect()
 }
 
 /// Waits until no process carries `marker`; how long that took, or the ones left.
-fn until_gone(
+pub fn until_gone(
     client: &ferry_host::Client,
     marker: &str,
     within: Duration,
@@ -55,7 +65,7 @@ fn until_gone(
 }
 
 /// Waits until `count` processes carry `marker`.
-fn until_running(client: &ferry_host::Client, marker: &str, count: usize) {
+pub fn until_running(client: &ferry_host::Client, marker: &str, count: usize) {
     let started = Instant::now();
     loop {
         let found = with_marker(client, marker);

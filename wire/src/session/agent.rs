@@ -585,16 +585,14 @@ impl AgentSession {
     /// to treat as a disconnect.
     pub fn handle_eof(&mut self) -> Result<(), SessionError> {
         match self.state {
-            State::Starting | State::Operating | State::Running => {
+            // What is owed (the record, or the final frame already queued) still goes out,
+            // within the final-send deadline.
+            State::Starting | State::Operating | State::Running | State::Closing => {
                 self.input_closed = true;
                 self.stdin_eof = true;
                 Ok(())
             }
-            State::AwaitHello
-            | State::AwaitAuth
-            | State::AwaitRequest
-            | State::Closing
-            | State::Closed => {
+            State::AwaitHello | State::AwaitAuth | State::AwaitRequest | State::Closed => {
                 self.state = State::Closed;
                 Ok(())
             }

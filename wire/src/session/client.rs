@@ -227,10 +227,8 @@ impl ClientSession {
     }
 
     fn liveness_deadline(&self) -> Option<Micros> {
-        let running = matches!(
-            self.operation,
-            Operation::ExecSent | Operation::KillSent | Operation::Running
-        );
+        // Not for a kill-all: the agent does it in one go, without keepalives.
+        let running = matches!(self.operation, Operation::ExecSent | Operation::Running);
         let (_, limits) = self.agent?;
         let interval = u64::from(limits.keepalive_ms).saturating_mul(1000);
         let heard = self.heard_at.filter(|_| running && interval > 0)?;
@@ -486,7 +484,9 @@ impl ClientSession {
     }
 
     /// Like [`ClientSession::handle_input`], for bytes that arrived at `now`: the agent was
-    /// heard, so its liveness deadline moves on ([`ClientSession::poll_timeout`]).
+    /// heard, so its liveness deadline moves on ([`ClientSession::poll_timeout`]). Call it after
+    /// a read that returned bytes; a driver that re-parses what it already had uses
+    /// [`ClientSession::handle_input`], or a silent agent would seem alive.
     pub fn handle_input_at<'a>(
         &mut self,
         input: &'a [u8],

@@ -2639,13 +2639,11 @@ mod v3 {
         );
     }
 
-    /// NOTE (a bug, see plan/wire-log.md): a half-close the driver notices after the final
-    /// frame was queued, before it was sent (a refusal while the client had already shut its
-    /// side, `echo | nc -N`; a record waiting on a slow reader) closes the session with the
-    /// frame unsent: `is_closed()` says "close now". The half-close should leave the owed frame
-    /// to go out (within the final-send deadline), as it does while the command runs.
+    /// A half-close the driver notices after the final frame was queued, before it was sent (a
+    /// refusal while the client had already shut its side, `echo | nc -N`; a record waiting on
+    /// a slow reader) leaves the owed frame to go out (within the final-send deadline), as it
+    /// does while the command runs.
     #[test]
-    #[ignore = "session bug: AgentSession::handle_eof while Closing drops the owed final frame"]
     fn a_half_close_while_the_final_frame_is_queued_still_sends_it() {
         // The record.
         let mut pair = Pair::running(AgentConfig::DEFAULT, &EXEC, 0);
@@ -2665,12 +2663,10 @@ mod v3 {
         assert_eq!(pair.deliver(1), [Heard::Refused(ErrorCode::NotFound)]);
     }
 
-    /// NOTE (a mismatch, see plan/wire-log.md): the client arms its liveness check for a
-    /// kill-all too (`Phase::Starting`), but the agent sends keepalives only while a command
-    /// runs, so a kill-all that takes three intervals (a tree slow to die) ends in
-    /// `AgentSilent` on a healthy agent.
+    /// The agent sends keepalives only while a command runs, so the client does not arm its
+    /// liveness check for a kill-all: one that takes three intervals (a tree slow to die) is not
+    /// a silent agent.
     #[test]
-    #[ignore = "session mismatch: no keepalives during a kill-all, yet the client expects them"]
     fn a_long_kill_all_is_kept_alive() {
         let mut client = client_with(Some(secret()));
         let mut agent = agent();
