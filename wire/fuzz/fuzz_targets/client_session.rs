@@ -362,7 +362,7 @@ impl<'a> Run<'a> {
 
     /// What `poll_timeout` must say: the handshake's deadline until the agent proved itself,
     /// then (once it was heard with `handle_input_at`) three keepalive intervals after it was
-    /// last heard, while an operation runs.
+    /// last heard, while an exec runs (a kill-all has no keepalives).
     fn expected_timeout(&self) -> Option<Micros> {
         if self.failed {
             return None;
@@ -370,7 +370,7 @@ impl<'a> Run<'a> {
         if !self.authenticated {
             return self.hello_deadline;
         }
-        let running = matches!(self.op, Op::ExecSent | Op::KillSent | Op::Running);
+        let running = matches!(self.op, Op::ExecSent | Op::Running);
         let interval = u64::from(self.agent?.keepalive_ms) * 1000;
         let heard = self.heard_at.filter(|_| running && interval > 0)?;
         Some(heard.saturating_add(interval.saturating_mul(3)))
