@@ -329,6 +329,7 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
         "(the transport's and the authentication's share of an exec)".into(),
     ));
     rows.push(auth_overhead_row(agent_bin, &client, options.runs)?);
+    rows.push(terminal_echo_row(&client, options.runs.min(2000), "")?);
 
     let mut ferry_rates = Vec::new();
     let mut raw_rates = Vec::new();
@@ -355,6 +356,64 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
         idle,
     ));
     Ok(())
+}
+
+/// A byte's round trip through `cat` on a terminal in raw mode (what a keystroke costs in an
+/// interactive session), next to the same `cat` on pipes: the terminal's own share.
+pub fn terminal_echo_row(client: &Client, runs: usize, prefix: &str) -> Result<Row> {
+    let echo = |pty: bool| -> Result<Vec<Duration>> {
+        let mut command = ferry_host::Command::new("sh");
+        command
+            .args(["-c", "stty raw -echo 2>/dev/null; echo ready; exec cat"])
+            .stdin(ferry_host::Stdin::Pipe);
+        if pty {
+            command.pty(ferry_host::WindowSize { rows: 24, cols: 80 });
+        }
+        let mut execution = client.spawn(&command)?;
+        let mut stdin = execution.take_stdin().context("no stdin")?;
+        let mut seen = Vec::new();
+        // Until the terminal is raw and `cat` reads.
+        while !seen.ends_with(b"ready\r\n") && !seen.ends_with(b"ready\n") {
+            match execution.next_event()? {
+                Some(ferry_host::Event::Stdout(data)) => seen.extend_from_slice(data),
+                Some(ferry_host::Event::Stderr(_)) => {}
+                other => bail!("the echo ended early: {other:?}"),
+            }
+        }
+        let mut samples = Vec::with_capacity(runs);
+        for i in 0..runs + 20 {
+            let started = Instant::now();
+            stdin.write_all(b"x")?;
+            let mut echoed = 0;
+            while echoed < 1 {
+                match execution.next_event()? {
+                    Some(ferry_host::Event::Stdout(data)) => echoed += data.len(),
+                    Some(ferry_host::Event::Stderr(_)) => {}
+                    other => bail!("the echo ended early: {other:?}"),
+                }
+            }
+            if i >= 20 {
+                samples.push(started.elapsed());
+            }
+        }
+        stdin.close()?;
+        drop(execution);
+        Ok(samples)
+    };
+    let pty = percentiles(echo(true)?);
+    let pipe = percentiles(echo(false)?);
+    Ok(Row {
+        metric: format!("{prefix}terminal echo p50 / p99 ({runs} keystrokes, `cat` raw)"),
+        ferry: format!("{} / {}", micros(pty.p50), micros(pty.p99)),
+        baseline: format!(
+            "{} / {} the same `cat` on pipes",
+            micros(pipe.p50),
+            micros(pipe.p99)
+        ),
+        ratio: format!("{:.2}×", pty.p50.as_secs_f64() / pipe.p50.as_secs_f64()),
+        target: String::new(),
+        verdict: Verdict::Info,
+    })
 }
 
 pub struct Percentiles {

@@ -242,6 +242,8 @@ fn guest_rows(vm: &Vm, rows: &mut Vec<Row>) -> Result<()> {
         verdict: Verdict::Info,
     });
 
+    rows.push(crate::bench::terminal_echo_row(&client, 200, "VM ")?);
+
     // Streams ran in connection processes: PID 1 must not have grown.
     let after_kib = guest_idle_memory(&client)?.listener_rss;
     rows.push(Row::not_grown(

@@ -493,14 +493,15 @@ impl<'a> Run<'a> {
                 assert_eq!(result, Ok(()), "an end of stream is never an error");
                 match self.model.state {
                     // Mid-operation: no more input (stdin ends with it), the command runs on,
-                    // its output and its record are still owed.
-                    State::Starting | State::Running | State::Operating => {
+                    // its output and its record are still owed. While closing, the final frame
+                    // already queued is still owed (within the final-send deadline).
+                    State::Starting | State::Running | State::Operating | State::Closing => {
                         self.model.input_closed = true;
                         self.model.stdin_eof = true;
                     }
-                    // Before a request, a health check; while closing, the end. Nothing is owed
-                    // to a client that is gone, but the session may still offer what it had
-                    // queued; the stream check below holds whatever it sends.
+                    // Before a request, a health check: the end. Nothing is owed to a client
+                    // that is gone, but the session may still offer what it had queued; the
+                    // stream check below holds whatever it sends.
                     _ => self.model.state = State::Closed,
                 }
             }

@@ -41,6 +41,8 @@ enum Step {
     /// Receive the next `len` bytes of the agent's stream and handle every whole frame (`timed`:
     /// with `handle_input_at`, so the agent counts as heard now).
     Receive { len: u16, timed: bool },
+    /// Receive what the next whole frame needs, and handle it.
+    ReceiveFrame,
     /// `poll_transmit` into a buffer of `room` bytes (0: a whole frame's).
     Transmit { room: u16 },
     /// Start an exec: which request, into a buffer of `room` bytes (0: what
@@ -86,8 +88,10 @@ fuzz_target!(|data: &[u8]| {
     for step in steps {
         run.step(step);
     }
-    // Then as the host library would go on: send, take the rest, write stdin, close, end.
+    // Then as the host library would go on: take the agent's hello (a seeded stream's first
+    // frame), send, take the rest, write stdin, close, end.
     for step in [
+        Step::ReceiveFrame,
         Step::StartExec {
             request: 0,
             pipe: true,
@@ -278,6 +282,7 @@ impl<'a> Run<'a> {
         assert_eq!(self.session.poll_timeout(), self.expected_timeout());
         match step {
             Step::Receive { len, timed } => self.receive(len, timed),
+            Step::ReceiveFrame => self.receive_frame(),
             Step::Transmit { room } => self.transmit(room),
             Step::StartExec {
                 request,
@@ -357,7 +362,7 @@ impl<'a> Run<'a> {
 
     /// What `poll_timeout` must say: the handshake's deadline until the agent proved itself,
     /// then (once it was heard with `handle_input_at`) three keepalive intervals after it was
-    /// last heard, while an operation runs.
+    /// last heard, while an exec runs (a kill-all has no keepalives).
     fn expected_timeout(&self) -> Option<Micros> {
         if self.failed {
             return None;
@@ -365,19 +370,35 @@ impl<'a> Run<'a> {
         if !self.authenticated {
             return self.hello_deadline;
         }
-        let running = matches!(self.op, Op::ExecSent | Op::KillSent | Op::Running);
+        let running = matches!(self.op, Op::ExecSent | Op::Running);
         let interval = u64::from(self.agent?.keepalive_ms) * 1000;
         let heard = self.heard_at.filter(|_| running && interval > 0)?;
         Some(heard.saturating_add(interval.saturating_mul(3)))
     }
 
     fn receive(&mut self, len: u16, timed: bool) {
-        let rest = &self.wire[self.received..];
+        let rest = self.wire.len() - self.received;
         let take = if len == 0 {
-            rest.len()
+            rest
         } else {
-            usize::from(len).min(rest.len())
+            usize::from(len).min(rest)
         };
+        self.receive_bytes(take, timed);
+    }
+
+    /// Receives exactly what the next whole frame still needs (everything, when no whole frame
+    /// is left), as a driver does that reads the agent's hello before it starts its operation.
+    fn receive_frame(&mut self) {
+        let pending = [&self.inbox[..], &self.wire[self.received..]].concat();
+        let take = match split_frame(&pending, MAX_FRAME_BODY) {
+            Ok(Some((_, used))) => used.saturating_sub(self.inbox.len()),
+            _ => self.wire.len() - self.received,
+        };
+        self.receive_bytes(take, true);
+    }
+
+    fn receive_bytes(&mut self, take: usize, timed: bool) {
+        let rest = &self.wire[self.received..];
         self.inbox.extend_from_slice(&rest[..take]);
         self.received += take;
         loop {

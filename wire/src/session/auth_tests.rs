@@ -256,6 +256,26 @@ fn every_failed_proof_is_refused_alike() {
             client_frame(ClientFrame::Stdin(Bytes(b"x"))),
         ),
         ("no proof: stdin EOF", client_frame(ClientFrame::StdinEof)),
+        (
+            "no proof: a piece of a request",
+            client_frame(ClientFrame::ExecPart(ExecPart {
+                list: ListKind::Argv,
+                data: Bytes(b"cat\0"),
+            })),
+        ),
+        ("no proof: a signal", client_frame(ClientFrame::Signal(9))),
+        (
+            "no proof: a signal that does not exist",
+            client_frame(ClientFrame::Signal(0)),
+        ),
+        (
+            "no proof: a resize",
+            client_frame(ClientFrame::Resize(WindowSize { rows: 1, cols: 1 })),
+        ),
+        (
+            "no proof: a cancel",
+            client_frame(ClientFrame::Cancel(Cancel { grace_ms: None })),
+        ),
         ("a second hello", hello()),
         ("garbage", vec![2, 0, 0, 0, 0xff, 0xff]),
         ("an unknown frame", vec![1, 0, 0, 0, 0x77]),

@@ -1349,18 +1349,17 @@ fn agent_step(
     }
     // Deadlines: the handshake's, the drain's, the keepalive's.
     let _ = agent.session.handle_timeout(now);
-    // Receive, until the client half-closed.
-    // NOTE: like the pump, the driver stops watching the client's stream once the session is
-    // closing; an end of stream noticed then would lose the owed final frame (see
-    // `tests::v3::a_half_close_while_the_final_frame_is_queued_still_sends_it`).
-    if !agent.session.is_closing() && !agent.input_closed {
+    // Receive, until the client half-closed. The end of its stream is noticed whenever it
+    // comes, while the final frame waits to go out too: that frame is still owed.
+    if !agent.input_closed {
         if c2a.closed && c2a.bytes.is_empty() {
             agent
                 .session
                 .handle_eof()
                 .map_err(|e| format!("handle_eof: {e}"))?;
             if agent.session.input_closed() {
-                // A half-close mid-operation: no more input (stdin ends), the command runs on.
+                // A half-close mid-operation: no more input (stdin ends), the command runs on
+                // (or what is owed goes out).
                 agent.input_closed = true;
                 if let Some(command) = agent.command.as_mut() {
                     command.stdin_eof = true;
@@ -1372,7 +1371,7 @@ fn agent_step(
                 a2c.closed = true;
                 return Ok(());
             }
-        } else {
+        } else if !agent.session.is_closing() {
             receive(agent, c2a, rng, now)?;
         }
     }
