@@ -497,6 +497,31 @@ fn the_end_of_stdin_is_not_the_end_of_the_command() {
     assert_eq!(output.stdout, b"input after\n");
 }
 
+/// On a terminal the end of stdin is typed as `^D`, as a user would end their input: a shell
+/// fed a script through a pipe ends with it (twice after a last line without its newline).
+#[test]
+fn the_end_of_stdin_on_a_terminal_is_end_of_file() {
+    let agent = Agent::start();
+    for (input, expected) in [
+        (&b"echo hi\nexit 3\n"[..], 3),
+        (&b"echo hi; exit 4"[..], 4),
+        (&b"echo hi\n"[..], 0),
+    ] {
+        let mut child = ferry(&agent)
+            .args(["exec", "-t", "-i", "--", "sh"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let status = wait_within(&mut child, Duration::from_secs(10));
+        assert_eq!(status.code(), Some(expected), "{:?}", text(input));
+        let mut out = Vec::new();
+        child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+        assert!(text(&out).contains("hi"), "{:?}", text(&out));
+    }
+}
+
 /// `--timeout`: the tree gets SIGTERM, then SIGKILL after the grace; the CLI exits 124. Every
 /// process of the tree is gone; here, without a cgroup, the one that left the group is not, and
 /// the record says how the tree was killed.

@@ -596,6 +596,9 @@ impl Pump<'_, '_, '_> {
     /// Closes stdin once everything buffered is written and the client has ended it.
     fn close_stdin_if_done(&mut self) {
         if self.stdin.buffered() == 0 && !self.session.stdin_open() {
+            if self.limits.terminal {
+                self.stdin.type_end_of_input();
+            }
             self.stdin.close();
         }
     }
@@ -727,6 +730,8 @@ struct StdinPipe<'b> {
     /// `buf[head..tail]` is buffered.
     head: usize,
     tail: usize,
+    /// The last byte taken was not a newline.
+    mid_line: bool,
 }
 
 impl<'b> StdinPipe<'b> {
@@ -734,6 +739,7 @@ impl<'b> StdinPipe<'b> {
         StdinPipe {
             fd,
             buf,
+            mid_line: false,
             head: 0,
             tail: 0,
         }
@@ -743,8 +749,20 @@ impl<'b> StdinPipe<'b> {
         self.tail.saturating_sub(self.head)
     }
 
+    /// The end of the client's input on a terminal: closing our copy of the master is no end
+    /// of anything there, so the end is typed as a user would, `^D` (VEOF by default) — twice
+    /// after a line without its newline (the first only ends that line).
+    fn type_end_of_input(&mut self) {
+        let Some(fd) = self.fd.as_ref() else { return };
+        let eof: &[u8] = if self.mid_line { b"\x04\x04" } else { b"\x04" };
+        let _ = rustix::io::write(fd, eof);
+    }
+
     /// Buffers `data`; `false` when it does not fit.
     fn push(&mut self, data: &[u8]) -> bool {
+        if let Some(last) = data.last() {
+            self.mid_line = *last != b'\n';
+        }
         if self.buf.len().saturating_sub(self.tail) < data.len() {
             self.compact();
         }
