@@ -419,8 +419,13 @@ impl Pump<'_, '_, '_> {
                     }
                     return;
                 }
-                (Output::Read(_), Some(false)) => {
+                (Output::Read(n), Some(false)) => {
                     self.prefer_stderr = kind == DataKind::Stdout;
+                    // Past its command's end, a writer that never pauses is cut off here too.
+                    self.session.note_drained(n);
+                    if self.session.output_phase(now) == OutputPhase::Closed {
+                        self.close_output();
+                    }
                     return;
                 }
                 (Output::Eof, _) => {

@@ -269,6 +269,8 @@ struct Model {
     /// The pieces of the request received so far.
     argv_parts: Vec<u8>,
     env_parts: Vec<u8>,
+    /// Any piece came (even an empty one): only the exec request may follow.
+    parts_seen: bool,
 }
 
 /// The agent's stream as a client sees it.
@@ -358,6 +360,7 @@ impl<'a> Run<'a> {
                 stdout: StreamRecord::default(),
                 stderr: StreamRecord::default(),
                 argv_parts: Vec::new(),
+                parts_seen: false,
                 env_parts: Vec::new(),
             },
             sent: Vec::new(),
@@ -681,6 +684,9 @@ impl<'a> Run<'a> {
                 }
             }
             (State::AwaitAuth, _) => unauthenticated(),
+            (State::AwaitRequest, ClientFrame::KillAll) if self.model.parts_seen => {
+                unexpected(kind)
+            }
             (State::AwaitRequest, ClientFrame::KillAll) => Expect::Event(used),
             (State::AwaitRequest, ClientFrame::ExecPart(part)) => {
                 let limits = ListLimits::new(part.list, &self.config.limits);
@@ -823,6 +829,7 @@ impl<'a> Run<'a> {
             }
             AgentEvent::ExecPart { list, data } => {
                 assert_eq!(self.model.state, State::AwaitRequest);
+                self.model.parts_seen = true;
                 match list {
                     ListKind::Argv => self.model.argv_parts.extend_from_slice(data),
                     ListKind::Env => self.model.env_parts.extend_from_slice(data),

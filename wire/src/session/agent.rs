@@ -246,6 +246,8 @@ pub struct AgentSession {
     /// The pieces of a request's lists received so far.
     argv_check: ListCheck,
     env_check: ListCheck,
+    /// `ExecPart` pieces came: only their exec request may follow.
+    parts_seen: bool,
     /// The client half-closed its side: no more input, the command runs on.
     input_closed: bool,
     /// When the next keepalive is due, while a command runs.
@@ -284,6 +286,7 @@ impl AgentSession {
             dropped: false,
             argv_check: ListCheck::new(ListKind::Argv, &config.limits),
             env_check: ListCheck::new(ListKind::Env, &config.limits),
+            parts_seen: false,
             input_closed: false,
             next_keepalive: None,
             keepalive_queued: false,
@@ -506,12 +509,16 @@ impl AgentSession {
             }
             // A request, a second hello, garbage: before the proof, all alike.
             (State::AwaitAuth, _) => Err((UNAUTHENTICATED, SessionError::Unauthenticated)),
+            (State::AwaitRequest, ClientFrame::KillAll) if self.parts_seen => {
+                Err(unexpected("expected the exec request its pieces belong to"))
+            }
             (State::AwaitRequest, ClientFrame::KillAll) => {
                 self.state = State::Operating;
                 self.deadline = None;
                 Ok(AgentEvent::KillAll)
             }
             (State::AwaitRequest, ClientFrame::ExecPart(part)) => {
+                self.parts_seen = true;
                 let check = match part.list {
                     ListKind::Argv => &mut self.argv_check,
                     ListKind::Env => &mut self.env_check,
@@ -710,14 +717,21 @@ impl AgentSession {
             _ => &mut self.stdout,
         };
         record.bytes = record.bytes.saturating_add(len as u64);
+        self.note_drained(len);
+        Ok(start)
+    }
+
+    /// `len` output bytes were read and not framed (kept back for a capped stream's tail).
+    /// After the command exited they count toward the drain limit like framed ones: a writer
+    /// that outlives its command is cut off either way ([`OutputPhase::Closed`]).
+    pub fn note_drained(&mut self, len: usize) {
         if self.exit.is_some() {
-            self.drained += len;
+            self.drained = self.drained.saturating_add(len);
             if self.drained > self.config.drain_limit {
                 // Someone keeps the pipes busy long after the command ended.
                 self.dropped = true;
             }
         }
-        Ok(start)
     }
 
     /// Encodes [`AgentFrame::OutputDropped`] into `out`: `bytes` of `stream` were dropped

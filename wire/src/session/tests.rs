@@ -391,6 +391,10 @@ pub(super) mod edges {
     }
 
     /// An agent session that has taken the opening and [`EXEC`], the command not started yet.
+    pub(in crate::session) fn agent_given_exec_pub() -> AgentSession {
+        agent_given_exec()
+    }
+
     fn agent_given_exec() -> AgentSession {
         let mut session = agent();
         let bytes = [opening().client, client_frame(ClientFrame::Exec(EXEC))].concat();
@@ -2688,5 +2692,60 @@ mod v3 {
             client_takes(&mut client, &out[..n], now).unwrap();
             assert_eq!(client.handle_timeout(now), Ok(()), "silent at {now}");
         }
+    }
+
+    /// Pieces of a request are followed by that request: a kill-all instead is out of place
+    /// (attack-log B4), like any other frame.
+    #[test]
+    fn a_kill_all_after_pieces_is_refused() {
+        let mut agent = agent();
+        let bytes = [
+            opening().client,
+            client_frame(ClientFrame::ExecPart(ExecPart {
+                list: ListKind::Argv,
+                data: Bytes(b""),
+            })),
+            client_frame(ClientFrame::KillAll),
+        ]
+        .concat();
+        assert!(matches!(
+            super::edges::feed_agent(&mut agent, &bytes),
+            Err(SessionError::Unexpected {
+                frame: FrameKind::KillAll,
+                ..
+            })
+        ));
+    }
+
+    /// Bytes a capped stream keeps back for its tail count toward the post-exit drain limit
+    /// like framed ones: a writer that outlives its command and never pauses is cut off
+    /// (attack-log B1), and nothing is counted before the exit.
+    #[test]
+    fn bytes_kept_back_after_exit_count_toward_the_drain_limit() {
+        let mut session = super::edges::agent_given_exec_pub();
+        session.started(5, 0).unwrap();
+        session.note_drained(AgentConfig::DEFAULT.drain_limit * 2);
+        assert_eq!(
+            session.output_phase(1),
+            OutputPhase::Open,
+            "before the exit"
+        );
+        session.child_exited(ExitStatus::Code(0), 10).unwrap();
+        session.note_drained(AgentConfig::DEFAULT.drain_limit);
+        assert_eq!(session.output_phase(11), OutputPhase::Grace);
+        session.note_drained(1);
+        assert_eq!(session.output_phase(11), OutputPhase::Closed);
+        session.finish(12).unwrap();
+        let mut out = vec![0u8; MAX_FRAME];
+        let n = session.poll_transmit(&mut out).unwrap();
+        let mut rest = &out[..n];
+        let mut record = None;
+        while let Ok(Some((body, used))) = split_frame(rest, MAX_FRAME_BODY) {
+            if let Ok(AgentFrame::Exited(end)) = decode_agent_frame(body) {
+                record = Some(end);
+            }
+            rest = &rest[used..];
+        }
+        assert!(record.expect("the record").output_dropped);
     }
 }

@@ -333,6 +333,16 @@ fn exec(client: &Client, args: ExecArgs) -> ExitCode {
 }
 
 fn shell(client: &Client, args: ShellArgs) -> ExitCode {
+    // An interactive shell is for a person at a terminal: fed from a pipe or /dev/null it may
+    // never see the end of its input (a login shell can start reading after our ^D was typed,
+    // and wait for ever), so, as `docker exec -it` does, say so instead.
+    if !io::stdin().is_terminal() {
+        eprintln!(
+            "ferry: shell: stdin is not a terminal; to feed a shell from a pipe, use \
+             `ferry exec -t -i -- sh`"
+        );
+        return ExitCode::from(EXIT_FERRY);
+    }
     let mut command = Command::new(LOGIN_SHELL[0]);
     command.args(&LOGIN_SHELL[1..]);
     let run = Run {
