@@ -225,6 +225,47 @@ pub fn shares_address_space(a: Pid, b: Pid) -> io::Result<bool> {
     }
 }
 
+/// `clock_gettime(2)` as a plain syscall. rustix's version looks the function up in the vDSO
+/// first, which links an ELF symbol-table parser (about 2.5 KB) into the agent; the agent reads
+/// its clocks a few times per frame at most, so the syscall's cost does not matter.
+pub fn clock_gettime(id: rustix::time::ClockId) -> Timespec {
+    let nr = linux_raw_sys::general::__NR_clock_gettime as usize;
+    let mut ts = MaybeUninit::<Timespec>::uninit();
+    let ret: isize;
+    // SAFETY: clock_gettime writes one `struct timespec` (rustix's `Timespec` has its layout)
+    // to the pointer, which points at our own `ts`, and touches no other memory; the syscall
+    // clobbers rcx and r11 only.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") id as usize,
+            in("rsi") ts.as_mut_ptr(),
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    // SAFETY: as above; `svc` preserves every register but x0.
+    #[cfg(target_arch = "aarch64")]
+    unsafe {
+        core::arch::asm!(
+            "svc 0",
+            inlateout("x0") id as usize as isize => ret,
+            in("x1") ts.as_mut_ptr(),
+            in("x8") nr,
+            options(nostack),
+        );
+    }
+    // The clocks the agent reads (monotonic, boot time) always exist, and the pointer is valid:
+    // the kernel cannot fail this call.
+    debug_assert_eq!(ret, 0);
+    let _ = ret;
+    // SAFETY: the syscall succeeded (see above), so it filled `ts`.
+    unsafe { ts.assume_init() }
+}
+
 /// What [`fork`] returned in this process.
 pub enum Forked {
     /// This is the new child.
