@@ -225,6 +225,17 @@ pub fn shares_address_space(a: Pid, b: Pid) -> io::Result<bool> {
     }
 }
 
+/// `CStr::from_bytes_with_nul` without its error type and its own scan (about 450 B of code): the
+/// bytes as a C string when they end with their only NUL.
+pub fn cstr_with_nul(bytes: &[u8]) -> Option<&CStr> {
+    let (last, body) = bytes.split_last()?;
+    if *last != 0 || body.contains(&0) {
+        return None;
+    }
+    // SAFETY: `bytes` ends with a NUL and has no other, just checked.
+    Some(unsafe { CStr::from_bytes_with_nul_unchecked(bytes) })
+}
+
 /// `clock_gettime(2)` as a plain syscall. rustix's version looks the function up in the vDSO
 /// first, which links an ELF symbol-table parser (about 2.5 KB) into the agent; the agent reads
 /// its clocks a few times per frame at most, so the syscall's cost does not matter.
@@ -1041,6 +1052,16 @@ extern "C" fn main(argc: i32, argv: *const *const u8, envp: *const *const u8) ->
 mod tests {
     use super::*;
     use rustix::process::{WaitId, WaitIdOptions};
+
+    #[test]
+    fn c_strings_end_with_their_only_nul() {
+        for bytes in [&b"a\0"[..], b"\0", b"/bin/sh\0"] {
+            assert_eq!(cstr_with_nul(bytes), CStr::from_bytes_with_nul(bytes).ok());
+        }
+        for bytes in [&b""[..], b"a", b"a\0b\0", b"\0\0", b"ab"] {
+            assert_eq!(cstr_with_nul(bytes), None, "{bytes:?}");
+        }
+    }
 
     fn wait_exit_code(spawned: &Spawned) -> Option<i32> {
         let status =
