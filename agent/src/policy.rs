@@ -125,19 +125,25 @@ impl Policy {
 /// The policy in force, set once by `run()` before the listener forks (every process after that
 /// holds a copy). Read it through [`current`].
 static INSTALLED: SetOnce<Policy> = SetOnce::new();
-/// What [`current`] gives before (or without) [`install`]: unit tests.
-static DEFAULTS: Policy = Policy::defaults();
 
 /// Makes `policy` the one in force for the rest of the process and its forks; the first call
-/// wins. Returns the policy in force.
+/// wins (or a read before it: see [`current`]). Returns the policy in force.
 pub fn install(policy: Policy) -> &'static Policy {
     let _ = INSTALLED.set(policy);
     current()
 }
 
-/// The policy in force: the one [`install`]ed, or the defaults.
+/// The policy in force: the one [`install`]ed, or the defaults (unit tests), which a read before
+/// any [`install`] installs. `run()` installs the policy before anything reads it, so the agent
+/// never takes that path; it is code rather than an 824-byte constant in the binary.
 pub fn current() -> &'static Policy {
-    INSTALLED.get().unwrap_or(&DEFAULTS)
+    loop {
+        if let Some(policy) = INSTALLED.get() {
+            return policy;
+        }
+        // Another thread may be installing one: then this fails and the next look finds it.
+        let _ = INSTALLED.set(Policy::defaults());
+    }
 }
 
 /// The longest line of a policy file, and the longest value anywhere.
