@@ -1,7 +1,9 @@
 //! Time as microseconds of a kernel clock: monotonic for durations and deadlines, boot time for
 //! the readiness report.
 
-use rustix::time::{clock_gettime, ClockId, Timespec};
+use rustix::time::{ClockId, Timespec};
+
+use crate::sys::clock_gettime;
 
 /// Microseconds of `CLOCK_MONOTONIC`.
 pub fn monotonic_us() -> u64 {

@@ -14,7 +14,7 @@ pub fn join<'b>(buf: &'b mut [u8], parts: &[&[u8]]) -> Option<&'b CStr> {
     }
     *buf.get_mut(len)? = 0;
     let buf: &'b [u8] = buf;
-    CStr::from_bytes_with_nul(buf.get(..=len)?).ok()
+    crate::sys::cstr_with_nul(buf.get(..=len)?)
 }
 
 #[cfg(test)]

@@ -208,29 +208,36 @@ fn read_file<'b>(path: &CStr, buf: &'b mut [u8]) -> &'b [u8] {
 /// Loads `/lib/modules/NAME.ko` for each name with `finit_module`, naming any that fails.
 fn load_modules<'a>(names: impl Iterator<Item = &'a [u8]>) {
     for name in names {
-        if name.is_empty() || name.starts_with(b"#") {
-            continue;
-        }
-        let mut buf = [0u8; 128];
-        let Some(path) = module_path(&mut buf, name) else {
+        load_module(name);
+    }
+}
+
+/// One of [`load_modules`]' names. Out of line: `load_modules` is instantiated twice (the kernel
+/// command line's list and the file's), and this body need not be.
+#[inline(never)]
+fn load_module(name: &[u8]) {
+    if name.is_empty() || name.starts_with(b"#") {
+        return;
+    }
+    let mut buf = [0u8; 128];
+    let Some(path) = module_path(&mut buf, name) else {
+        log::Line::new()
+            .push(b"module name too long: ")
+            .push(name)
+            .emit();
+        return;
+    };
+    let result = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+        .and_then(|fd| rustix::system::finit_module(&fd, c"", 0));
+    match result {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(errno) => {
             log::Line::new()
-                .push(b"module name too long: ")
+                .push(b"module ")
                 .push(name)
+                .push(b" failed to load: errno ")
+                .num(errno.raw_os_error().unsigned_abs() as u64)
                 .emit();
-            continue;
-        };
-        let result = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-            .and_then(|fd| rustix::system::finit_module(&fd, c"", 0));
-        match result {
-            Ok(()) | Err(Errno::EXIST) => {}
-            Err(errno) => {
-                log::Line::new()
-                    .push(b"module ")
-                    .push(name)
-                    .push(b" failed to load: errno ")
-                    .num(errno.raw_os_error().unsigned_abs() as u64)
-                    .emit();
-            }
         }
     }
 }

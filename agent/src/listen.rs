@@ -33,7 +33,11 @@ pub fn bind(addr: &ListenAddr, policy: &Policy) -> Result<OwnedFd, Errno> {
             sock
         }
         ListenAddr::Unix { path } => {
-            let path = CStr::from_bytes_until_nul(path).map_err(|_| Errno::INVAL)?;
+            let nul = path.iter().position(|b| *b == 0).ok_or(Errno::INVAL)?;
+            let path = path
+                .get(..=nul)
+                .and_then(crate::sys::cstr_with_nul)
+                .ok_or(Errno::INVAL)?;
             let sock =
                 rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, flags, None)?;
             let addr = SocketAddrUnix::new(path)?;

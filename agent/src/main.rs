@@ -105,6 +105,42 @@ enum Request {
     Help,
 }
 
+/// What a command-line flag does.
+#[derive(Clone, Copy)]
+enum Flag {
+    /// Sets this policy key to the next argument (checked with the policy's values).
+    Key(&'static [u8]),
+    /// Sets this policy key to `true`.
+    True(&'static [u8]),
+    /// `--set KEY=VALUE`.
+    Set,
+    Policy,
+    Listen,
+    ReadyPort,
+    Version,
+    Help,
+}
+
+/// Every flag, looked up in a table: a `match` on the strings compiles to byte-by-byte
+/// comparisons, several times the code.
+const FLAGS: [(&[u8], Flag); 15] = [
+    (b"--secret-file", Flag::Key(b"secret_file")),
+    (b"--allow-cid", Flag::Key(b"allow_cid")),
+    (b"--socket-mode", Flag::Key(b"socket_mode")),
+    (b"--socket-group", Flag::Key(b"socket_group")),
+    (b"--user", Flag::Key(b"user")),
+    (b"--allow-users", Flag::Key(b"allow_users")),
+    (b"--insecure", Flag::True(b"insecure")),
+    (b"--run-as-agent-user", Flag::True(b"run_as_agent_user")),
+    (b"--set", Flag::Set),
+    (b"--policy", Flag::Policy),
+    (b"--listen", Flag::Listen),
+    (b"--ready-port", Flag::ReadyPort),
+    (b"--version", Flag::Version),
+    (b"--help", Flag::Help),
+    (b"-h", Flag::Help),
+];
+
 /// Applies the arguments after the program's name to `options`.
 fn parse_args<'a>(
     args: impl IntoIterator<Item = &'a [u8]>,
@@ -113,54 +149,42 @@ fn parse_args<'a>(
 ) -> Result<Request, &'static [u8]> {
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
-        // Flags that set one policy key; their values are checked with the policy's.
-        let policy_key: Option<&'static [u8]> = match arg {
-            b"--secret-file" => Some(b"secret_file"),
-            b"--allow-cid" => Some(b"allow_cid"),
-            b"--socket-mode" => Some(b"socket_mode"),
-            b"--socket-group" => Some(b"socket_group"),
-            b"--user" => Some(b"user"),
-            b"--allow-users" => Some(b"allow_users"),
-            _ => None,
-        };
-        let setting = match (policy_key, arg) {
-            (Some(key), _) => Some((key, args.next().ok_or(b"missing value".as_slice())?)),
-            (None, b"--insecure") => Some((b"insecure".as_slice(), b"true".as_slice())),
-            (None, b"--run-as-agent-user") => {
-                Some((b"run_as_agent_user".as_slice(), b"true".as_slice()))
+        let Some((_, flag)) = FLAGS.iter().find(|(name, _)| *name == arg) else {
+            // The kernel hands init whatever it did not recognise: ignore it as PID 1.
+            if is_init {
+                continue;
             }
-            (None, b"--set") => {
+            return Err(b"unknown argument");
+        };
+        let setting = match *flag {
+            Flag::Key(key) => (key, args.next().ok_or(b"missing value".as_slice())?),
+            Flag::True(key) => (key, b"true".as_slice()),
+            Flag::Set => {
                 let value = args.next().ok_or(b"missing value".as_slice())?;
-                Some(policy::split_setting(value).ok_or(b"--set wants KEY=VALUE".as_slice())?)
+                policy::split_setting(value).ok_or(b"--set wants KEY=VALUE".as_slice())?
             }
-            _ => None,
-        };
-        if let Some(setting) = setting {
-            options
-                .policy_flags
-                .push(setting)
-                .map_err(|_| b"too many policy flags".as_slice())?;
-            continue;
-        }
-        match arg {
-            b"--policy" => {
+            Flag::Policy => {
                 options.policy_file = Some(args.next().ok_or(b"missing value".as_slice())?);
+                continue;
             }
-            b"--listen" => {
+            Flag::Listen => {
                 let value = args.next().ok_or(b"missing value".as_slice())?;
                 options.listen = ListenAddr::parse(value).ok_or(b"bad --listen".as_slice())?;
+                continue;
             }
-            b"--ready-port" => {
+            Flag::ReadyPort => {
                 let value = args.next().ok_or(b"missing value".as_slice())?;
                 let port = config::parse_u32(value).ok_or(b"bad --ready-port".as_slice())?;
                 options.ready_port = Some(port);
+                continue;
             }
-            b"--version" => return Ok(Request::Version),
-            b"--help" | b"-h" => return Ok(Request::Help),
-            // The kernel hands init whatever it did not recognise: ignore it as PID 1.
-            _ if is_init => {}
-            _ => return Err(b"unknown argument"),
-        }
+            Flag::Version => return Ok(Request::Version),
+            Flag::Help => return Ok(Request::Help),
+        };
+        options
+            .policy_flags
+            .push(setting)
+            .map_err(|_| b"too many policy flags".as_slice())?;
     }
     Ok(Request::Serve)
 }

@@ -92,6 +92,8 @@ pub struct Policy {
 
 impl Policy {
     /// ferry's defaults: authenticated, unprivileged, bounded.
+    // Out of line: `load` and `current` both build it.
+    #[inline(never)]
     pub const fn defaults() -> Policy {
         let user = UserSpec::from_array(*b"65534:65534");
         Policy {
@@ -125,19 +127,25 @@ impl Policy {
 /// The policy in force, set once by `run()` before the listener forks (every process after that
 /// holds a copy). Read it through [`current`].
 static INSTALLED: SetOnce<Policy> = SetOnce::new();
-/// What [`current`] gives before (or without) [`install`]: unit tests.
-static DEFAULTS: Policy = Policy::defaults();
 
 /// Makes `policy` the one in force for the rest of the process and its forks; the first call
-/// wins. Returns the policy in force.
+/// wins (or a read before it: see [`current`]). Returns the policy in force.
 pub fn install(policy: Policy) -> &'static Policy {
     let _ = INSTALLED.set(policy);
     current()
 }
 
-/// The policy in force: the one [`install`]ed, or the defaults.
+/// The policy in force: the one [`install`]ed, or the defaults (unit tests), which a read before
+/// any [`install`] installs. `run()` installs the policy before anything reads it, so the agent
+/// never takes that path; it is code rather than an 824-byte constant in the binary.
 pub fn current() -> &'static Policy {
-    INSTALLED.get().unwrap_or(&DEFAULTS)
+    loop {
+        if let Some(policy) = INSTALLED.get() {
+            return policy;
+        }
+        // Another thread may be installing one: then this fails and the next look finds it.
+        let _ = INSTALLED.set(Policy::defaults());
+    }
 }
 
 /// The longest line of a policy file, and the longest value anywhere.
@@ -189,6 +197,62 @@ impl core::fmt::Display for PolicyError {
     }
 }
 
+/// A policy key, as [`KEYS`] names it.
+#[derive(Clone, Copy)]
+enum Key {
+    SecretFile,
+    Insecure,
+    AllowCid,
+    SocketMode,
+    SocketGroup,
+    User,
+    AllowUsers,
+    AllowSetuid,
+    RunAsAgentUser,
+    MaxConnections,
+    HandshakeTimeout,
+    MaxRuntime,
+    MaxOutput,
+    MaxFileSize,
+    MemoryMax,
+    PidsMax,
+    CpuMax,
+    ExecCgroups,
+    RlimitNofile,
+    RlimitNproc,
+    RlimitCpu,
+    RlimitAs,
+    RlimitCore,
+}
+
+/// Every key of docs/policy.md. [`Policy::apply`] looks keys up in this table: a `match` on the
+/// strings compiles to byte-by-byte comparisons, about 2 KB of code.
+const KEYS: [(&[u8], Key); 23] = [
+    (b"secret_file", Key::SecretFile),
+    (b"insecure", Key::Insecure),
+    (b"allow_cid", Key::AllowCid),
+    (b"socket_mode", Key::SocketMode),
+    (b"socket_group", Key::SocketGroup),
+    (b"user", Key::User),
+    (b"allow_users", Key::AllowUsers),
+    (b"allow_setuid", Key::AllowSetuid),
+    (b"run_as_agent_user", Key::RunAsAgentUser),
+    (b"max_connections", Key::MaxConnections),
+    (b"handshake_timeout", Key::HandshakeTimeout),
+    (b"max_runtime", Key::MaxRuntime),
+    (b"max_output", Key::MaxOutput),
+    (b"max_file_size", Key::MaxFileSize),
+    (b"memory_max", Key::MemoryMax),
+    (b"pids_max", Key::PidsMax),
+    (b"cpu_max", Key::CpuMax),
+    (b"exec_cgroups", Key::ExecCgroups),
+    (b"rlimit_nofile", Key::RlimitNofile),
+    (b"rlimit_nproc", Key::RlimitNproc),
+    (b"rlimit_cpu", Key::RlimitCpu),
+    (b"rlimit_as", Key::RlimitAs),
+    (b"rlimit_core", Key::RlimitCore),
+];
+
 /// Kernel command-line parameters under `ferry.` that are not policy keys (see `config`).
 const BOOT_PARAMS: [&[u8]; 3] = [b"listen", b"ready", b"modules"];
 
@@ -198,37 +262,40 @@ impl Policy {
         if value.len() > MAX_LINE {
             return Err(PolicyError::TooLong);
         }
-        match key {
-            b"secret_file" => self.secret_file = Some(parse_path(value)?),
-            b"insecure" => self.insecure = parse_bool(value)?,
-            b"allow_cid" => self.allow_cids = parse_cids(value)?,
-            b"socket_mode" => self.socket_mode = parse_mode(value)?,
-            b"socket_group" => self.socket_group = Some(number(value)?),
-            b"user" => self.user = parse_user_spec(value)?,
-            b"allow_users" => self.allow_users = parse_user_list(value)?,
-            b"allow_setuid" => self.allow_setuid = parse_bool(value)?,
-            b"run_as_agent_user" => self.unprivileged_default = !parse_bool(value)?,
-            b"max_connections" => {
+        let (_, which) = KEYS
+            .iter()
+            .find(|(name, _)| *name == key)
+            .ok_or(PolicyError::UnknownKey)?;
+        match which {
+            Key::SecretFile => self.secret_file = Some(parse_path(value)?),
+            Key::Insecure => self.insecure = parse_bool(value)?,
+            Key::AllowCid => self.allow_cids = parse_cids(value)?,
+            Key::SocketMode => self.socket_mode = parse_mode(value)?,
+            Key::SocketGroup => self.socket_group = Some(number(value)?),
+            Key::User => self.user = parse_user_spec(value)?,
+            Key::AllowUsers => self.allow_users = parse_user_list(value)?,
+            Key::AllowSetuid => self.allow_setuid = parse_bool(value)?,
+            Key::RunAsAgentUser => self.unprivileged_default = !parse_bool(value)?,
+            Key::MaxConnections => {
                 self.max_connections = in_range(number(value)?, 1, MAX_CONNECTIONS)?
             }
-            b"handshake_timeout" => {
+            Key::HandshakeTimeout => {
                 let ms = parse_duration_ms(value)?;
                 let ms = u32::try_from(ms).map_err(|_| PolicyError::OutOfRange)?;
                 self.handshake_timeout_ms = in_range(ms, 1, u32::MAX)?;
             }
-            b"max_runtime" => self.max_runtime_s = parse_runtime_s(value)?,
-            b"max_output" => self.max_output = parse_bytes(value)?,
-            b"max_file_size" => self.max_file_size = parse_bytes(value)?,
-            b"memory_max" => self.memory_max = parse_bytes(value)?,
-            b"pids_max" => self.pids_max = number(value)?,
-            b"cpu_max" => self.cpu_max_percent = in_range(number(value)?, 0, MAX_CPU_PERCENT)?,
-            b"exec_cgroups" => self.exec_cgroups = parse_bool(value)?,
-            b"rlimit_nofile" => self.rlimit_nofile = Some(parse_rlimit(value, false)?),
-            b"rlimit_nproc" => self.rlimit_nproc = Some(parse_rlimit(value, false)?),
-            b"rlimit_cpu" => self.rlimit_cpu = Some(parse_rlimit(value, false)?),
-            b"rlimit_as" => self.rlimit_as = Some(parse_rlimit(value, true)?),
-            b"rlimit_core" => self.rlimit_core = Some(parse_rlimit(value, true)?),
-            _ => return Err(PolicyError::UnknownKey),
+            Key::MaxRuntime => self.max_runtime_s = parse_runtime_s(value)?,
+            Key::MaxOutput => self.max_output = parse_bytes(value)?,
+            Key::MaxFileSize => self.max_file_size = parse_bytes(value)?,
+            Key::MemoryMax => self.memory_max = parse_bytes(value)?,
+            Key::PidsMax => self.pids_max = number(value)?,
+            Key::CpuMax => self.cpu_max_percent = in_range(number(value)?, 0, MAX_CPU_PERCENT)?,
+            Key::ExecCgroups => self.exec_cgroups = parse_bool(value)?,
+            Key::RlimitNofile => self.rlimit_nofile = Some(parse_rlimit(value, false)?),
+            Key::RlimitNproc => self.rlimit_nproc = Some(parse_rlimit(value, false)?),
+            Key::RlimitCpu => self.rlimit_cpu = Some(parse_rlimit(value, false)?),
+            Key::RlimitAs => self.rlimit_as = Some(parse_rlimit(value, true)?),
+            Key::RlimitCore => self.rlimit_core = Some(parse_rlimit(value, true)?),
         }
         Ok(())
     }

@@ -80,7 +80,7 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
     let mut argv = PtrArray::new(argv_storage);
     let mut program = None;
     for entry in lists.argv.split_inclusive(|b| *b == 0) {
-        let arg = CStr::from_bytes_with_nul(entry).map_err(|_| invalid("argv entry"))?;
+        let arg = crate::sys::cstr_with_nul(entry).ok_or_else(|| invalid("argv entry"))?;
         program.get_or_insert(arg);
         if !argv.push(arg) {
             return Err(LIMIT);
@@ -134,7 +134,7 @@ pub fn prepare<'a, 'e: 'a, const A: usize, const E: usize>(
         if keys.last(key(entry)) != Some(at) {
             continue;
         }
-        let var = CStr::from_bytes_with_nul(entry).map_err(|_| invalid("env entry"))?;
+        let var = crate::sys::cstr_with_nul(entry).ok_or_else(|| invalid("env entry"))?;
         if !envp.push(var) {
             return Err(LIMIT);
         }

@@ -1,7 +1,9 @@
 //! The agent's one unsafe corner: the vsock address type, fork/exec and signal dispositions
 //! (rustix's semver-exempt `runtime` module, pinned in the workspace manifest), `spawn` (a
-//! `clone` sharing our memory, with its child stack), the kernel's argv/envp, and the
-//! per-connection buffers. Everything else in the agent is safe code.
+//! `clone` sharing our memory, with its child stack), the kernel's argv/envp, the
+//! per-connection buffers, and two things done here only to keep the binary small:
+//! `clock_gettime` as a plain syscall (rustix's goes through a vDSO symbol parser) and C strings
+//! checked by one small scan. Everything else in the agent is safe code.
 #![allow(unsafe_code)]
 
 use core::cell::UnsafeCell;
@@ -223,6 +225,58 @@ pub fn shares_address_space(a: Pid, b: Pid) -> io::Result<bool> {
         1..=3 => Ok(false),
         _ => Err(io::Errno::from_raw_os_error(ret.unsigned_abs() as i32)),
     }
+}
+
+/// `CStr::from_bytes_with_nul` without its error type and its own scan (about 450 B of code): the
+/// bytes as a C string when they end with their only NUL.
+pub fn cstr_with_nul(bytes: &[u8]) -> Option<&CStr> {
+    let (last, body) = bytes.split_last()?;
+    if *last != 0 || body.contains(&0) {
+        return None;
+    }
+    // SAFETY: `bytes` ends with a NUL and has no other, just checked.
+    Some(unsafe { CStr::from_bytes_with_nul_unchecked(bytes) })
+}
+
+/// `clock_gettime(2)` as a plain syscall. rustix's version looks the function up in the vDSO
+/// first, which links an ELF symbol-table parser (about 2.5 KB) into the agent; the agent reads
+/// its clocks a few times per frame at most, so the syscall's cost does not matter.
+pub fn clock_gettime(id: rustix::time::ClockId) -> Timespec {
+    let nr = linux_raw_sys::general::__NR_clock_gettime as usize;
+    let mut ts = MaybeUninit::<Timespec>::uninit();
+    let ret: isize;
+    // SAFETY: clock_gettime writes one `struct timespec` (rustix's `Timespec` has its layout)
+    // to the pointer, which points at our own `ts`, and touches no other memory; the syscall
+    // clobbers rcx and r11 only.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") id as usize,
+            in("rsi") ts.as_mut_ptr(),
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    // SAFETY: as above; `svc` preserves every register but x0.
+    #[cfg(target_arch = "aarch64")]
+    unsafe {
+        core::arch::asm!(
+            "svc 0",
+            inlateout("x0") id as usize as isize => ret,
+            in("x1") ts.as_mut_ptr(),
+            in("x8") nr,
+            options(nostack),
+        );
+    }
+    // The clocks the agent reads (monotonic, boot time) always exist, and the pointer is valid:
+    // the kernel cannot fail this call.
+    debug_assert_eq!(ret, 0);
+    let _ = ret;
+    // SAFETY: the syscall succeeded (see above), so it filled `ts`.
+    unsafe { ts.assume_init() }
 }
 
 /// What [`fork`] returned in this process.
@@ -1000,6 +1054,16 @@ extern "C" fn main(argc: i32, argv: *const *const u8, envp: *const *const u8) ->
 mod tests {
     use super::*;
     use rustix::process::{WaitId, WaitIdOptions};
+
+    #[test]
+    fn c_strings_end_with_their_only_nul() {
+        for bytes in [&b"a\0"[..], b"\0", b"/bin/sh\0"] {
+            assert_eq!(cstr_with_nul(bytes), CStr::from_bytes_with_nul(bytes).ok());
+        }
+        for bytes in [&b""[..], b"a", b"a\0b\0", b"\0\0", b"ab"] {
+            assert_eq!(cstr_with_nul(bytes), None, "{bytes:?}");
+        }
+    }
 
     fn wait_exit_code(spawned: &Spawned) -> Option<i32> {
         let status =
