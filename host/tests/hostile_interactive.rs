@@ -288,9 +288,11 @@ fn control_floods_stay_bounded_and_others_are_served() {
     let agent = Agent::start();
     // While it runs: harmless signals (SIGWINCH, SIGCONT), resizes of a terminal, and
     // cancels whose SIGKILL stays far away for a command that ignores SIGTERM.
-    let (mut raw, bytes) = request(&agent.socket, "trap '' TERM; sleep 2; echo survived", |r| {
-        r.pty = pty(24, 80)
-    });
+    let (mut raw, bytes) = request(
+        &agent.socket,
+        "trap '' TERM; sleep 60; echo survived",
+        |r| r.pty = pty(24, 80),
+    );
     raw.send(&bytes);
     let pgid = raw.started();
     let connection = parent_of(pgid);
