@@ -310,6 +310,7 @@ pub fn announce_ready(
         init_started_us,
         modules_us,
         listening_us,
+        module_times: ferry_wire::StrList::new(b""),
     };
     let mut buf = [0u8; 512];
     let announced =

@@ -517,12 +517,9 @@ impl Exec<'_> {
                 }
                 // The agent's proof, started, credit: the session has noted them (the proof
                 // and credit make `wants_stdin` true). `Done` ends only a kill-all, which this
-                // example never sends: the session refuses it.
-                None
-                | Some(ClientEvent::Authenticated)
-                | Some(ClientEvent::Done(_))
-                | Some(ClientEvent::Started { .. })
-                | Some(ClientEvent::StdinCredit { .. }) => None,
+                // example never sends: the session refuses it, and the frames of transfers,
+                // info and the clock alike.
+                _ => None,
             };
             self.recv.consume(consumed);
             if exit.is_some() {

@@ -438,6 +438,11 @@ impl Connection {
                     self.shared.wake_writers(&state);
                     return Err(refused(&err));
                 }
+                // TODO(issue 11): transfers, info, clock.
+                _ => {
+                    self.shared.wake_writers(&state);
+                    return Err(Error::Protocol("unsupported operation".into()));
+                }
             };
             if matches!(received, Received::Credit | Received::Exited(_)) {
                 self.shared.wake_writers(&state);

@@ -47,6 +47,8 @@ enum Sent {
     Resize(u16, u16),
     Cancel(Option<u32>),
     ExecPart(Vec<u8>),
+    /// A frame of the operations beyond exec.
+    Other(String),
 }
 
 impl Peer {
@@ -165,6 +167,7 @@ fn sent(frame: &[u8]) -> Sent {
         ClientFrame::Resize(size) => Sent::Resize(size.rows, size.cols),
         ClientFrame::Cancel(cancel) => Sent::Cancel(cancel.grace_ms),
         ClientFrame::ExecPart(part) => Sent::ExecPart(part.data.0.to_vec()),
+        other => Sent::Other(format!("{other:?}")),
     }
 }
 
@@ -453,6 +456,7 @@ fn misbehaving_agents_give_typed_errors_not_hangs() {
                 init_started_us: 0,
                 modules_us: 0,
                 listening_us: 0,
+                module_times: ferry_wire::StrList::new(b""),
             }));
         }),
         ("started before the proof", |p| {

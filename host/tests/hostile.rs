@@ -53,6 +53,8 @@ enum Seen {
     Ready,
     Keepalive,
     OutputDropped(u64),
+    /// A frame of the operations beyond exec.
+    Other(String),
 }
 
 impl From<AgentFrame<'_>> for Seen {
@@ -70,6 +72,7 @@ impl From<AgentFrame<'_>> for Seen {
             AgentFrame::Ready(_) => Seen::Ready,
             AgentFrame::Keepalive => Seen::Keepalive,
             AgentFrame::OutputDropped(dropped) => Seen::OutputDropped(dropped.bytes),
+            other => Seen::Other(format!("{other:?}")),
         }
     }
 }

@@ -49,6 +49,8 @@ enum Seen {
     Ready,
     Keepalive,
     OutputDropped(Stream, u64),
+    /// A frame of the operations beyond exec.
+    Other(String),
 }
 
 impl From<AgentFrame<'_>> for Seen {
@@ -68,6 +70,7 @@ impl From<AgentFrame<'_>> for Seen {
             AgentFrame::OutputDropped(dropped) => {
                 Seen::OutputDropped(dropped.stream, dropped.bytes)
             }
+            other => Seen::Other(format!("{other:?}")),
         }
     }
 }

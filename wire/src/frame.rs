@@ -117,6 +117,8 @@ pub enum DataKind {
     Stdout,
     /// [`AgentFrame::Stderr`].
     Stderr,
+    /// [`AgentFrame::FileData`].
+    FileData,
 }
 
 impl DataKind {
@@ -126,6 +128,7 @@ impl DataKind {
             DataKind::Stdin => 2,
             DataKind::Stdout => 2,
             DataKind::Stderr => 3,
+            DataKind::FileData => 13,
         }
     }
 }
@@ -137,7 +140,7 @@ pub const DATA_HEADROOM: usize = HEADER_LEN + DATA_OVERHEAD;
 /// Frames a payload without copying it. The payload sits at `buf[DATA_HEADROOM..][..len]`; the
 /// header is written just before it and the frame's start offset is returned: send
 /// `buf[start..DATA_HEADROOM + len]`. Output chunks carry `at_us` ([`crate::Output::at_us`]);
-/// stdin ignores it. The bytes are exactly those [`encode_agent_frame`] (or
+/// stdin and file data ignore it. The bytes are exactly those [`encode_agent_frame`] (or
 /// [`encode_client_frame`] for stdin) would produce.
 pub fn frame_data_in_place(
     buf: &mut [u8],
@@ -155,7 +158,7 @@ pub fn frame_data_in_place(
     let mut prefix = [0u8; DATA_OVERHEAD];
     prefix[0] = kind.tag();
     let mut at = 1;
-    if kind != DataKind::Stdin {
+    if matches!(kind, DataKind::Stdout | DataKind::Stderr) {
         at += encode_varint(at_us, &mut prefix[at..]);
     }
     at += encode_varint(len as u64, &mut prefix[at..]);

@@ -88,6 +88,7 @@ mod bytes;
 mod frame;
 pub mod limits;
 mod msg;
+mod ops;
 mod recv;
 pub mod session;
 
@@ -103,6 +104,10 @@ pub use msg::{
     ListCheck, ListKind, Output, ReadyReport, RequestError, Security, Started, StdinMode, StrList,
     Stream, StreamRecord, Termination, TreeKill, ValidExec, WindowSize, DEFAULT_KILL_GRACE_MS,
     MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+pub use ops::{
+    FileHeader, FileSummary, GetRequest, InterfaceInfo, MountInfo, PutRequest, ShutdownRequest,
+    SkipReason, Skipped, SystemInfo, Timestamp, TransferKind, DIGEST_LEN,
 };
 pub use recv::{RecvBuf, RecvError};
 

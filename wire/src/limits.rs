@@ -38,6 +38,15 @@ pub const MAX_SECRET: usize = 4096;
 /// The longest agent version string.
 pub const MAX_VERSION_STRING: usize = 32;
 
+/// The most random bytes one [`crate::ClientFrame::Reseed`] carries.
+pub const MAX_RESEED: usize = 512;
+/// The longest grace a shutdown may ask for (ten minutes).
+pub const MAX_SHUTDOWN_GRACE_MS: u32 = 600_000;
+/// The most mount and interface frames one info operation sends (the rest is left out).
+pub const MAX_INFO_ITEMS: usize = 256;
+/// The most bytes of a readiness report's module times.
+pub const MAX_MODULE_TIMES: usize = 1024;
+
 /// How many stdin bytes a client may have in flight before the agent grants more credit.
 /// It bounds what the agent buffers for one command's stdin.
 pub const STDIN_WINDOW: usize = 128 * 1024;

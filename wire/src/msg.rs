@@ -10,13 +10,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::bytes::{ByteArray, Bytes};
 use crate::limits::*;
+use crate::ops::*;
 
 /// Opens every hello, so a peer that speaks something else is told apart from a version mismatch.
 pub const MAGIC: [u8; 4] = *b"FRRY";
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The oldest protocol version this crate still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 3;
+pub const MIN_PROTOCOL_VERSION: u16 = 4;
 
 /// Everything a client sends to the agent.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +52,27 @@ pub enum ClientFrame<'a> {
     /// in order, are the list (a piece may end mid-entry).
     #[serde(borrow)]
     ExecPart(ExecPart<'a>),
+    /// Write a file or unpack a tree (protocol 4); its content follows as
+    /// [`ClientFrame::Stdin`], then [`ClientFrame::PutEnd`].
+    #[serde(borrow)]
+    Put(PutRequest<'a>),
+    /// The end of a put's content: its SHA-256, which the agent checks before the file replaces
+    /// the destination.
+    PutEnd(ByteArray<DIGEST_LEN>),
+    /// Read a file or a tree.
+    #[serde(borrow)]
+    Get(GetRequest<'a>),
+    /// Describe the guest ([`AgentFrame::SystemInfo`] and the frames after it).
+    Info,
+    /// Power off or reboot the guest (privileged: the policy's `allow_shutdown`).
+    Shutdown(ShutdownRequest),
+    /// Set the guest's realtime clock to this (privileged, like shutdown). Answered with
+    /// [`AgentFrame::ClockSet`].
+    TimeSync(Timestamp),
+    /// Mix these random bytes (1 to [`MAX_RESEED`]) into the guest's entropy pool and credit
+    /// them (privileged, like shutdown). Answered with [`AgentFrame::Done`].
+    #[serde(borrow)]
+    Reseed(Bytes<'a>),
 }
 
 /// See [`ClientFrame::Cancel`].
@@ -138,7 +160,8 @@ pub enum AgentFrame<'a> {
     /// The request failed; the last frame of the operation.
     Error(ErrorFrame<'a>),
     /// Sent once, on the readiness connection, after the agent's hello (see ARCHITECTURE.md).
-    Ready(ReadyReport),
+    #[serde(borrow)]
+    Ready(ReadyReport<'a>),
     /// The client's proof was right; this is the agent's own proof of the secret, which the
     /// client checks before it believes anything else.
     Authenticated(AgentProof),
@@ -150,6 +173,23 @@ pub enum AgentFrame<'a> {
     /// A stream passed the request's [`ExecRequest::max_output`]: its head was sent, this many
     /// bytes were dropped, and its tail (the last bytes before its end) follows.
     OutputDropped(Dropped),
+    /// A transfer was checked and begins: a get's file, a put's destination.
+    FileReady(FileHeader),
+    /// A chunk of a get's content.
+    #[serde(borrow)]
+    FileData(Bytes<'a>),
+    /// An entry of a tree transfer was left out.
+    Skipped(Skipped<'a>),
+    /// A put or a get is complete; the last frame.
+    FileDone(FileSummary),
+    /// The first frame of an info operation.
+    SystemInfo(SystemInfo<'a>),
+    /// A mounted file system (info).
+    Mount(MountInfo<'a>),
+    /// A network interface (info).
+    Interface(InterfaceInfo<'a>),
+    /// The guest's clock was set; this is what it said before. The last frame of a time sync.
+    ClockSet(Timestamp),
 }
 
 /// The client's proof of the secret: an HMAC-SHA-256 over the conversation so far.
@@ -526,12 +566,12 @@ pub struct RequestError {
 }
 
 impl RequestError {
-    const LIMIT: RequestError = RequestError {
+    pub(crate) const LIMIT: RequestError = RequestError {
         code: ErrorCode::LimitExceeded,
         message: "request exceeds the agent's limits",
     };
     const NOT_KEY_VALUE: RequestError = RequestError::invalid("environment entry is not KEY=VALUE");
-    const fn invalid(message: &'static str) -> Self {
+    pub(crate) const fn invalid(message: &'static str) -> Self {
         RequestError {
             code: ErrorCode::InvalidRequest,
             message,
@@ -736,6 +776,24 @@ pub enum ErrorCode {
     Unsupported,
     /// The kernel refused the arguments and environment as too long (E2BIG).
     ArgumentsTooLong,
+    /// The destination exists and the request said not to replace it (or EEXIST).
+    AlreadyExists,
+    /// The path is not what the operation needs: a directory where a file is expected, a
+    /// special file, or a file where a directory is expected.
+    WrongFileType,
+    /// The content is larger than the agent's maximum file size (or EFBIG).
+    FileTooLarge,
+    /// Not enough free space for the content (or ENOSPC, EDQUOT).
+    NoSpace,
+    /// The content's SHA-256 or size is not what the client said: nothing was replaced.
+    IntegrityMismatch,
+    /// A tree's entry would land outside its destination (an absolute name, `..`, or a path
+    /// through a symbolic link).
+    PathEscape,
+    /// Reading or writing failed (see errno).
+    Io,
+    /// A tree's tar stream is not valid.
+    BadArchive,
 }
 
 impl ErrorCode {
@@ -759,6 +817,14 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => "authentication failed",
             ErrorCode::Unsupported => "not supported by this agent",
             ErrorCode::ArgumentsTooLong => "argument list too long",
+            ErrorCode::AlreadyExists => "file exists",
+            ErrorCode::WrongFileType => "wrong file type",
+            ErrorCode::FileTooLarge => "file too large",
+            ErrorCode::NoSpace => "no space left on device",
+            ErrorCode::IntegrityMismatch => "content does not match its digest or size",
+            ErrorCode::PathEscape => "path escapes the destination",
+            ErrorCode::Io => "input/output error",
+            ErrorCode::BadArchive => "invalid tar stream",
         }
     }
 }
@@ -772,7 +838,7 @@ impl fmt::Display for ErrorCode {
 /// Boot timings the agent reports on the readiness connection, in microseconds of the guest's
 /// `CLOCK_BOOTTIME` (time since the kernel started).
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReadyReport {
+pub struct ReadyReport<'a> {
     /// The guest's vsock CID (0 when the agent listens on a Unix socket only).
     pub cid: u32,
     /// When the agent's `main` began.
@@ -781,4 +847,8 @@ pub struct ReadyReport {
     pub modules_us: u64,
     /// When the listener was ready to accept.
     pub listening_us: u64,
+    /// Each module loaded, with its time: `NAME=MICROSECONDS` entries, NUL-terminated, packed
+    /// (at most [`MAX_MODULE_TIMES`] bytes).
+    #[serde(borrow)]
+    pub module_times: StrList<'a>,
 }

@@ -41,8 +41,8 @@ fn golden_client_hello() {
         7, 0, 0, 0,             // body length
         0x00,                   // ClientFrame::Hello
         b'F', b'R', b'R', b'Y', // magic
-        0x03,                   // min_version
-        0x03,                   // max_version
+        0x04,                   // min_version
+        0x04,                   // max_version
     ]);
 }
 
@@ -201,8 +201,8 @@ const GOLDEN_BOUNDS: Bounds = Bounds {
 fn golden_agent_hello() {
     golden_agent(AgentFrame::Hello(AgentHello {
         magic: MAGIC,
-        min_version: 3,
-        version: 3,
+        min_version: 4,
+        version: 4,
         agent_version: "0.1.0",
         limits: Limits::CURRENT,
         nonce: ByteArray([7; NONCE_LEN]),
@@ -212,8 +212,8 @@ fn golden_agent_hello() {
         95, 0, 0, 0,                       // body length
         0x00,                              // AgentFrame::Hello
         b'F', b'R', b'R', b'Y',            // magic
-        0x03,                              // min_version
-        0x03,                              // version
+        0x04,                              // min_version
+        0x04,                              // version
         5, b'0', b'.', b'1', b'.', b'0',   // agent_version
         0x8E, 0x80, 0x04,                  // limits.max_frame_body: 65550
         0x80, 0x80, 0x04,                  // limits.max_data: 65536
@@ -244,8 +244,8 @@ fn golden_agent_hello() {
     // An insecure agent, the rest alike: only the security byte differs.
     let insecure = encode_agent(&AgentFrame::Hello(AgentHello {
         magic: MAGIC,
-        min_version: 3,
-        version: 3,
+        min_version: 4,
+        version: 4,
         agent_version: "0.1.0",
         limits: Limits::CURRENT,
         nonce: ByteArray([7; NONCE_LEN]),
@@ -392,13 +392,15 @@ fn golden_agent_error_and_ready() {
         init_started_us: 1000,
         modules_us: 200,
         listening_us: 1300,
+        module_times: StrList::new(b"vsock=90\0"),
     }), &[
-        8, 0, 0, 0,     // body length
+        18, 0, 0, 0,    // body length
         0x07,           // AgentFrame::Ready
         0x03,           // cid
         0xE8, 0x07,     // init_started_us: 1000
         0xC8, 0x01,     // modules_us: 200
         0x94, 0x0A,     // listening_us: 1300
+        9, b'v', b's', b'o', b'c', b'k', b'=', b'9', b'0', 0, // module_times
     ]);
 }
 
@@ -424,6 +426,14 @@ fn error_codes_are_pinned() {
         Unauthenticated,
         Unsupported,
         ArgumentsTooLong,
+        AlreadyExists,
+        WrongFileType,
+        FileTooLarge,
+        NoSpace,
+        IntegrityMismatch,
+        PathEscape,
+        Io,
+        BadArchive,
     ];
     for (index, code) in all.into_iter().enumerate() {
         let frame = AgentFrame::Error(ErrorFrame {
@@ -505,6 +515,7 @@ fn variant_tags_are_pinned() {
             init_started_us: 0,
             modules_us: 0,
             listening_us: 0,
+            module_times: StrList::new(b""),
         }),
         AgentFrame::Authenticated(AgentProof {
             mac: ByteArray(proof),
@@ -1163,6 +1174,7 @@ proptest! {
             6 => AgentFrame::Error(ErrorFrame { code, errno: n, message: &s }),
             7 => AgentFrame::Ready(ReadyReport {
                 cid: n, init_started_us: big, modules_us: big / 2, listening_us: big / 3,
+                module_times: StrList::new(b"m=1\0"),
             }),
             8 => AgentFrame::Authenticated(AgentProof { mac: ByteArray(nonce) }),
             9 => AgentFrame::Done(DoneReport { count: n }),

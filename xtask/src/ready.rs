@@ -25,8 +25,12 @@ pub struct ReadyInfo {
     pub agent_version: String,
     /// The protocol version the agent speaks.
     pub protocol_version: u16,
-    /// The guest's own boot timings (`CLOCK_BOOTTIME` µs).
-    pub report: ReadyReport,
+    /// The guest's own boot timings (`CLOCK_BOOTTIME` µs); its module times are in
+    /// `module_times`.
+    pub report: ReadyReport<'static>,
+    /// Each module the agent loaded and the microseconds it took.
+    #[allow(dead_code)] // TODO(issue 11): printed by the boot report.
+    pub module_times: Vec<(String, u64)>,
     /// Host side: QEMU spawned → the agent's hello received.
     pub boot_to_ready: Duration,
 }
@@ -180,10 +184,23 @@ fn read_announcement(
             Some(ReadyEvent::Ready(report)) => {
                 let (agent_version, protocol_version, boot_to_ready) =
                     hello.context("a report without a hello")?;
+                let module_times = report
+                    .module_times
+                    .entries()
+                    .filter_map(|entry| {
+                        let entry = String::from_utf8_lossy(entry);
+                        let (name, us) = entry.split_once('=')?;
+                        Some((name.to_owned(), us.parse().ok()?))
+                    })
+                    .collect();
                 return Ok(ReadyInfo {
                     agent_version,
                     protocol_version,
-                    report,
+                    report: ReadyReport {
+                        module_times: ferry_wire::StrList::new(b""),
+                        ..report
+                    },
+                    module_times,
                     boot_to_ready,
                 });
             }
@@ -243,6 +260,7 @@ mod tests {
             init_started_us: 900_000,
             modules_us: 150_000,
             listening_us: 1_060_000,
+            module_times: ferry_wire::StrList::new(b""),
         };
         let writer = {
             let path = path.clone();
@@ -346,6 +364,7 @@ mod tests {
             init_started_us: 0,
             modules_us: 0,
             listening_us: 0,
+            module_times: ferry_wire::StrList::new(b""),
         };
         let writer = {
             let path = path.clone();

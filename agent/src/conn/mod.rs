@@ -315,6 +315,19 @@ fn handshake(
                     };
                     return Handshake::Refused;
                 }
+                Some(
+                    AgentEvent::Put(_)
+                    | AgentEvent::Get(_)
+                    | AgentEvent::Info
+                    | AgentEvent::Shutdown(_)
+                    | AgentEvent::TimeSync(_)
+                    | AgentEvent::Reseed(_),
+                ) => {
+                    link.inbox.consume(consumed);
+                    let refusal = Refusal::new(ErrorCode::Unsupported, "not implemented yet");
+                    let _ = session.refuse(refusal, clock::monotonic_us());
+                    return Handshake::Refused;
+                }
                 // The hello and the proof are handled by the session (our proof is queued);
                 // they yield nothing else before a request.
                 _ => {}

@@ -686,7 +686,14 @@ impl Pump<'_, '_, '_> {
                     | AgentEvent::Authenticated
                     | AgentEvent::Exec(_)
                     | AgentEvent::KillAll
-                    | AgentEvent::ExecPart { .. },
+                    | AgentEvent::ExecPart { .. }
+                    | AgentEvent::Put(_)
+                    | AgentEvent::PutEnd(_)
+                    | AgentEvent::Get(_)
+                    | AgentEvent::Info
+                    | AgentEvent::Shutdown(_)
+                    | AgentEvent::TimeSync(_)
+                    | AgentEvent::Reseed(_),
                 ) => {}
             }
             self.link.inbox.consume(consumed);

@@ -36,6 +36,8 @@ enum Seen {
     Ready,
     Keepalive,
     OutputDropped(u64),
+    /// A frame of the operations beyond exec.
+    Other(String),
 }
 
 impl From<AgentFrame<'_>> for Seen {
@@ -55,6 +57,7 @@ impl From<AgentFrame<'_>> for Seen {
             AgentFrame::Ready(_) => Seen::Ready,
             AgentFrame::Keepalive => Seen::Keepalive,
             AgentFrame::OutputDropped(dropped) => Seen::OutputDropped(dropped.bytes),
+            other => Seen::Other(format!("{other:?}")),
         }
     }
 }
@@ -74,6 +77,7 @@ impl From<ClientEvent<'_>> for Seen {
             ClientEvent::Exited(end) => Seen::Exited(end.status),
             ClientEvent::Refused(err) => Seen::Refused(err.code),
             ClientEvent::OutputDropped(dropped) => Seen::OutputDropped(dropped.bytes),
+            other => Seen::Other(format!("{other:?}")),
         }
     }
 }

@@ -5,13 +5,18 @@
 use crate::frame::{decode_client_frame, encode_agent_frame, frame_data_in_place, split_frame};
 use crate::limits::HEADER_LEN;
 use crate::limits::{MAC_LEN, MAX_FRAME_BODY, MAX_MESSAGE, NONCE_LEN, STDIN_WINDOW};
+use crate::limits::{MAX_INFO_ITEMS, MAX_RESEED};
 use crate::msg::{
     AgentFrame, AgentHello, AgentProof, Bounds, ClientFrame, DoneReport, Dropped, Ending,
     ErrorCode, ErrorFrame, ExitStatus, Limits, ListCheck, ListKind, Security, Started, StdinMode,
     Stream, StreamRecord, Termination, TreeKill, ValidExec, WindowSize, MAGIC,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
-use crate::{ByteArray, DataKind};
+use crate::ops::{
+    FileHeader, FileSummary, GetRequest, PutRequest, ShutdownRequest, SkipReason, Skipped,
+    Timestamp, DIGEST_LEN,
+};
+use crate::{ByteArray, Bytes, DataKind};
 
 use super::auth::{Secret, Transcript};
 use super::{truncate_str, FrameKind, Input, Micros, Phase, SessionError};
@@ -148,6 +153,27 @@ pub enum AgentEvent<'a> {
         /// Milliseconds to the `SIGKILL`.
         grace_ms: Option<u32>,
     },
+    /// Write this file or unpack this tree (validated): check it and open the destination,
+    /// then [`AgentSession::file_ready`] (or [`AgentSession::refuse`]). The content arrives as
+    /// [`AgentEvent::Stdin`] within credit (it may come before `file_ready`: hold or write it,
+    /// never before the checks passed), then [`AgentEvent::PutEnd`].
+    Put(PutRequest<'a>),
+    /// The put's content is complete and should have this SHA-256: check it, commit, and
+    /// answer with [`AgentSession::file_done`] (or refuse).
+    PutEnd([u8; DIGEST_LEN]),
+    /// Read this file or tree (validated): [`AgentSession::file_ready`], the content with
+    /// [`AgentSession::frame_file_data`], then [`AgentSession::file_done`].
+    Get(GetRequest<'a>),
+    /// Describe the guest: [`AgentSession::encode_info`] for the system, each mount and each
+    /// interface, then [`AgentSession::done`] with their count.
+    Info,
+    /// Power off or reboot (validated): answer with [`AgentSession::done`], send it, then act.
+    Shutdown(ShutdownRequest),
+    /// Set the realtime clock to this (validated): [`AgentSession::clock_set`] with the clock
+    /// as it was.
+    TimeSync(Timestamp),
+    /// Add these bytes (1 to [`MAX_RESEED`]) to the entropy pool: [`AgentSession::done`].
+    Reseed(&'a [u8]),
 }
 
 /// What only the driver knows about a command's end, for its termination record.
@@ -187,6 +213,19 @@ pub enum OutputPhase {
     Drain,
     /// Past the drain limit: close the pipes; the termination record says output was dropped.
     Closed,
+}
+
+/// Which operation a connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    None,
+    Exec,
+    Put,
+    Get,
+    /// Kill-all, shutdown, reseed: answered with `done`.
+    Simple,
+    Info,
+    Clock,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,6 +294,14 @@ pub struct AgentSession {
     keepalive_queued: bool,
     stdout: StreamRecord,
     stderr: StreamRecord,
+    op: Op,
+    file_ready: Option<FileHeader>,
+    file_done: Option<FileSummary>,
+    clock_set: Option<Timestamp>,
+    /// A put's end (its digest) arrived.
+    put_ended: bool,
+    /// Info frames encoded so far.
+    info_items: usize,
 }
 
 impl AgentSession {
@@ -292,6 +339,12 @@ impl AgentSession {
             keepalive_queued: false,
             stdout: StreamRecord::default(),
             stderr: StreamRecord::default(),
+            op: Op::None,
+            file_ready: None,
+            file_done: None,
+            clock_set: None,
+            put_ended: false,
+            info_items: 0,
         };
         // The transcript starts with our hello, hashed now, so the order of hashing never
         // depends on when the driver sends it. It always fits: its strings are bounded.
@@ -342,6 +395,9 @@ impl AgentSession {
             || self.error.is_some()
             || self.done.is_some()
             || self.started.is_some()
+            || self.file_ready.is_some()
+            || self.file_done.is_some()
+            || self.clock_set.is_some()
             || self.exited.is_some()
             || self.keepalive_queued
             || self.credit_due()
@@ -509,13 +565,57 @@ impl AgentSession {
             }
             // A request, a second hello, garbage: before the proof, all alike.
             (State::AwaitAuth, _) => Err((UNAUTHENTICATED, SessionError::Unauthenticated)),
-            (State::AwaitRequest, ClientFrame::KillAll) if self.parts_seen => {
+            (
+                State::AwaitRequest,
+                ClientFrame::KillAll
+                | ClientFrame::Put(_)
+                | ClientFrame::Get(_)
+                | ClientFrame::Info
+                | ClientFrame::Shutdown(_)
+                | ClientFrame::TimeSync(_)
+                | ClientFrame::Reseed(_),
+            ) if self.parts_seen => {
                 Err(unexpected("expected the exec request its pieces belong to"))
             }
             (State::AwaitRequest, ClientFrame::KillAll) => {
-                self.state = State::Operating;
-                self.deadline = None;
+                self.begin(State::Operating, Op::Simple);
                 Ok(AgentEvent::KillAll)
+            }
+            (State::AwaitRequest, ClientFrame::Put(put)) => {
+                put.validate_within(&self.config.limits)
+                    .map_err(invalid_request)?;
+                self.begin(State::Starting, Op::Put);
+                self.stdin_piped = true;
+                Ok(AgentEvent::Put(put))
+            }
+            (State::AwaitRequest, ClientFrame::Get(get)) => {
+                get.validate_within(&self.config.limits)
+                    .map_err(invalid_request)?;
+                self.begin(State::Starting, Op::Get);
+                Ok(AgentEvent::Get(get))
+            }
+            (State::AwaitRequest, ClientFrame::Info) => {
+                self.begin(State::Operating, Op::Info);
+                Ok(AgentEvent::Info)
+            }
+            (State::AwaitRequest, ClientFrame::Shutdown(request)) => {
+                request.validate().map_err(invalid_request)?;
+                self.begin(State::Operating, Op::Simple);
+                Ok(AgentEvent::Shutdown(request))
+            }
+            (State::AwaitRequest, ClientFrame::TimeSync(time)) => {
+                if !time.is_valid() {
+                    return Err(invalid_message("nanoseconds out of range"));
+                }
+                self.begin(State::Operating, Op::Clock);
+                Ok(AgentEvent::TimeSync(time))
+            }
+            (State::AwaitRequest, ClientFrame::Reseed(Bytes(bytes))) => {
+                if bytes.is_empty() || bytes.len() > MAX_RESEED {
+                    return Err(invalid_message("reseed needs 1 to 512 bytes"));
+                }
+                self.begin(State::Operating, Op::Simple);
+                Ok(AgentEvent::Reseed(bytes))
             }
             (State::AwaitRequest, ClientFrame::ExecPart(part)) => {
                 self.parts_seen = true;
@@ -533,8 +633,7 @@ impl AgentSession {
                 let valid = exec
                     .validate_after(&self.config.limits, self.argv_check, self.env_check)
                     .map_err(invalid_request)?;
-                self.state = State::Starting;
-                self.deadline = None;
+                self.begin(State::Starting, Op::Exec);
                 self.stdin_piped = exec.stdin == StdinMode::Pipe;
                 Ok(AgentEvent::Exec(valid))
             }
@@ -549,9 +648,22 @@ impl AgentSession {
                 self.in_window += data.0.len();
                 Ok(AgentEvent::Stdin(data.0))
             }
-            (State::Starting | State::Running, ClientFrame::StdinEof) if self.stdin_open() => {
+            (State::Starting | State::Running, ClientFrame::StdinEof)
+                if self.stdin_open() && self.op == Op::Exec =>
+            {
                 self.stdin_eof = true;
                 Ok(AgentEvent::StdinEof)
+            }
+            (State::Starting | State::Running, ClientFrame::PutEnd(digest))
+                if self.stdin_open() && self.op == Op::Put =>
+            {
+                self.stdin_eof = true;
+                self.put_ended = true;
+                Ok(AgentEvent::PutEnd(digest.0))
+            }
+            // Controls are for commands alone.
+            (State::Starting | State::Running, _) if self.op != Op::Exec => {
+                Err(unexpected("unexpected frame"))
             }
             (State::Starting | State::Running, ClientFrame::Signal(number)) => {
                 if number == 0 || number > MAX_SIGNAL {
@@ -575,6 +687,12 @@ impl AgentSession {
         }
     }
 
+    fn begin(&mut self, state: State, op: Op) {
+        self.state = state;
+        self.op = op;
+        self.deadline = None;
+    }
+
     fn keepalive_after(&self, now: Micros) -> Option<Micros> {
         let interval = u64::from(self.config.limits.keepalive_ms).saturating_mul(1000);
         (interval > 0).then(|| now.saturating_add(interval))
@@ -590,7 +708,19 @@ impl AgentSession {
     /// client, and the command runs on; its output and its record are still sent. A client that
     /// is really gone shows as a failed send (a keepalive at the latest), which is the driver's
     /// to treat as a disconnect.
+    ///
+    /// A put's content is only complete with its digest: a client that closes before it has
+    /// abandoned the put ([`SessionError::Disconnected`]; nothing is written, nothing is sent).
     pub fn handle_eof(&mut self) -> Result<(), SessionError> {
+        if self.op == Op::Put && !self.put_ended && !self.is_closing() {
+            let phase = self.phase();
+            self.state = State::Closed;
+            self.clear_queue();
+            return Err(SessionError::Disconnected {
+                phase,
+                mid_frame: false,
+            });
+        }
         match self.state {
             // What is owed (the record, or the final frame already queued) still goes out,
             // within the final-send deadline.
@@ -606,10 +736,104 @@ impl AgentSession {
         }
     }
 
+    /// The transfer asked for by [`AgentEvent::Put`] or [`AgentEvent::Get`] was checked and
+    /// begins: queues [`AgentFrame::FileReady`]. A put's content is credited from here on.
+    pub fn file_ready(&mut self, header: FileHeader, now: Micros) -> Result<(), SessionError> {
+        if self.state != State::Starting || !matches!(self.op, Op::Put | Op::Get) {
+            return Err(SessionError::InvalidState);
+        }
+        self.state = State::Running;
+        self.file_ready = Some(header);
+        self.started_at = now;
+        self.next_keepalive = self.keepalive_after(now);
+        Ok(())
+    }
+
+    /// Frames `len` bytes of a get's content that the driver read to `buf[DATA_HEADROOM..]`,
+    /// as [`AgentSession::frame_output`] does; returns where the frame starts.
+    pub fn frame_file_data(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SessionError> {
+        if self.state != State::Running || self.op != Op::Get {
+            return Err(SessionError::InvalidState);
+        }
+        Ok(frame_data_in_place(buf, DataKind::FileData, len, 0)?)
+    }
+
+    /// Encodes [`AgentFrame::Skipped`] into `out` (a tree transfer left `path` out); the driver
+    /// sends it in order with the content. Returns the bytes written.
+    pub fn encode_skipped(
+        &mut self,
+        path: &[u8],
+        reason: SkipReason,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        if self.state != State::Running || !matches!(self.op, Op::Put | Op::Get) {
+            return Err(SessionError::InvalidState);
+        }
+        let path = path
+            .get(..path.len().min(crate::limits::MAX_PATH))
+            .unwrap_or(&[]);
+        let frame = AgentFrame::Skipped(Skipped {
+            path: Bytes(path),
+            reason,
+        });
+        Ok(encode_agent_frame(&frame, out)?)
+    }
+
+    /// The transfer is complete (a put: committed, after its [`AgentEvent::PutEnd`]): queues
+    /// [`AgentFrame::FileDone`], the last frame.
+    pub fn file_done(&mut self, summary: FileSummary, now: Micros) -> Result<(), SessionError> {
+        let complete = match self.op {
+            Op::Put => self.put_ended,
+            Op::Get => true,
+            _ => false,
+        };
+        if self.state != State::Running || !complete {
+            return Err(SessionError::InvalidState);
+        }
+        self.file_done = Some(summary);
+        self.enter_closing(now);
+        Ok(())
+    }
+
+    /// Encodes one frame of an info operation into `out`: [`AgentFrame::SystemInfo`] first,
+    /// then [`AgentFrame::Mount`] and [`AgentFrame::Interface`] frames (at most
+    /// [`MAX_INFO_ITEMS`]); any other frame is refused. Returns the bytes written.
+    pub fn encode_info(
+        &mut self,
+        frame: &AgentFrame<'_>,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let first = self.info_items == 0;
+        let allowed = match frame {
+            AgentFrame::SystemInfo(_) => first,
+            AgentFrame::Mount(_) | AgentFrame::Interface(_) => {
+                !first && self.info_items <= MAX_INFO_ITEMS
+            }
+            _ => false,
+        };
+        if self.state != State::Operating || self.op != Op::Info || !allowed {
+            return Err(SessionError::InvalidState);
+        }
+        let n = encode_agent_frame(frame, out)?;
+        self.info_items += 1;
+        Ok(n)
+    }
+
+    /// The clock was set as [`AgentEvent::TimeSync`] asked; `previous` is what it said before.
+    /// Queues [`AgentFrame::ClockSet`], the last frame.
+    pub fn clock_set(&mut self, previous: Timestamp, now: Micros) -> Result<(), SessionError> {
+        if self.state != State::Operating || self.op != Op::Clock {
+            return Err(SessionError::InvalidState);
+        }
+        self.clock_set = Some(previous);
+        self.enter_closing(now);
+        Ok(())
+    }
+
     /// The requested command was executed as `pid`; `started_at` is when spawning began (the
     /// termination record's duration counts from it).
     pub fn started(&mut self, pid: u32, started_at: Micros) -> Result<(), SessionError> {
-        if self.state != State::Starting {
+        if self.state != State::Starting || self.op != Op::Exec {
             return Err(SessionError::InvalidState);
         }
         self.state = State::Running;
@@ -632,7 +856,8 @@ impl AgentSession {
     /// The operation asked for by [`AgentEvent::KillAll`] is done; `count` processes were
     /// affected (0 when unknown). Queues the last frame.
     pub fn done(&mut self, count: u32, now: Micros) -> Result<(), SessionError> {
-        if self.state != State::Operating {
+        let info_complete = self.op == Op::Info && self.info_items > 0;
+        if self.state != State::Operating || !(self.op == Op::Simple || info_complete) {
             return Err(SessionError::InvalidState);
         }
         self.done = Some(DoneReport { count });
@@ -656,10 +881,18 @@ impl AgentSession {
         // Nothing else is owed once the conversation failed, but a proof already earned is
         // still sent (it comes before the error): the client can then tell a refusal from
         // this agent from an impostor's, whatever the driver's schedule was.
+        self.clear_queue();
+        self.enter_closing(now);
+    }
+
+    /// Nothing but a proof already earned is owed once the conversation failed.
+    fn clear_queue(&mut self) {
         self.started = None;
+        self.file_ready = None;
+        self.file_done = None;
+        self.clock_set = None;
         self.in_window = 0;
         self.owed = 0;
-        self.enter_closing(now);
     }
 
     fn enter_closing(&mut self, now: Micros) {
@@ -792,8 +1025,9 @@ impl AgentSession {
     fn credit_due(&self) -> bool {
         // NOTE: never before `Started`: stdin consumed while the command is still starting (a
         // driver may discard it early) is credited once the command runs (found by fuzzing).
-        let running =
-            matches!(self.state, State::Running | State::Closing) && self.started.is_none();
+        let running = matches!(self.state, State::Running | State::Closing)
+            && self.started.is_none()
+            && self.file_ready.is_none();
         running
             && !self.is_closing_with_error()
             && (self.owed >= CREDIT_BATCH || (self.owed > 0 && self.owed == self.in_window))
@@ -841,6 +1075,9 @@ impl AgentSession {
         if let Some(pid) = self.started {
             return Some(AgentFrame::Started(Started { pid }));
         }
+        if let Some(header) = self.file_ready {
+            return Some(AgentFrame::FileReady(header));
+        }
         if self.credit_due() {
             return Some(AgentFrame::StdinCredit(self.owed as u32));
         }
@@ -849,6 +1086,12 @@ impl AgentSession {
         }
         if let Some(report) = self.done {
             return Some(AgentFrame::Done(report));
+        }
+        if let Some(summary) = self.file_done {
+            return Some(AgentFrame::FileDone(summary));
+        }
+        if let Some(previous) = self.clock_set {
+            return Some(AgentFrame::ClockSet(previous));
         }
         self.exited.map(AgentFrame::Exited)
     }
@@ -863,7 +1106,11 @@ impl AgentSession {
                 // The error is the last frame: drop anything else.
                 self.error = None;
                 self.exited = None;
+                self.clear_queue();
             }
+            AgentFrame::FileReady(_) => self.file_ready = None,
+            AgentFrame::FileDone(_) => self.file_done = None,
+            AgentFrame::ClockSet(_) => self.clock_set = None,
             AgentFrame::Started(_) => self.started = None,
             AgentFrame::StdinCredit(_) => {
                 self.in_window -= self.owed;
@@ -874,7 +1121,12 @@ impl AgentSession {
             AgentFrame::Stdout(_)
             | AgentFrame::Stderr(_)
             | AgentFrame::Ready(_)
-            | AgentFrame::OutputDropped(_) => {}
+            | AgentFrame::OutputDropped(_)
+            | AgentFrame::FileData(_)
+            | AgentFrame::Skipped(_)
+            | AgentFrame::SystemInfo(_)
+            | AgentFrame::Mount(_)
+            | AgentFrame::Interface(_) => {}
         }
     }
 
@@ -891,6 +1143,13 @@ impl AgentSession {
 
 /// The highest signal number Linux has (`SIGRTMAX`).
 const MAX_SIGNAL: u8 = 64;
+
+fn invalid_message(message: &'static str) -> (Refusal, SessionError) {
+    (
+        Refusal::new(ErrorCode::InvalidRequest, message),
+        SessionError::InvalidRequest { message },
+    )
+}
 
 fn invalid_request(err: crate::RequestError) -> (Refusal, SessionError) {
     let message = err.message;

@@ -2,6 +2,7 @@
 //! proof, one operation, its output, stdin within credit.
 
 use crate::frame::{decode_agent_frame, encode_client_frame, frame_data_in_place, split_frame};
+use crate::limits::MAX_RESEED;
 use crate::limits::{
     HEADER_LEN, MAC_LEN, MAX_DATA, MAX_FRAME, MAX_FRAME_BODY, MAX_INLINE_LIST, NONCE_LEN,
 };
@@ -9,6 +10,10 @@ use crate::msg::{
     AgentFrame, Bounds, Cancel, ClientFrame, ClientHello, ClientProof, DoneReport, Dropped,
     ErrorCode, ErrorFrame, ExecPart, ExecRequest, Limits, ListKind, Security, StdinMode, StrList,
     Termination, WindowSize, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use crate::ops::{
+    FileHeader, FileSummary, GetRequest, InterfaceInfo, MountInfo, PutRequest, ShutdownRequest,
+    Skipped, SystemInfo, Timestamp, DIGEST_LEN,
 };
 use crate::{ByteArray, Bytes, DataKind, DATA_HEADROOM};
 
@@ -73,6 +78,22 @@ pub enum ClientEvent<'a> {
     Exited(Termination),
     /// The agent refused the hello or failed the operation; the last event of the connection.
     Refused(ErrorFrame<'a>),
+    /// A put or a get was checked and begins (a get's content follows).
+    FileReady(FileHeader),
+    /// A chunk of a get's content, borrowed from the input.
+    FileData(&'a [u8]),
+    /// A tree transfer left an entry out.
+    Skipped(Skipped<'a>),
+    /// The transfer is complete: its size and SHA-256 (compare with your own). Last.
+    FileDone(FileSummary),
+    /// The first answer to an info request.
+    SystemInfo(SystemInfo<'a>),
+    /// A mounted file system (info).
+    Mount(MountInfo<'a>),
+    /// A network interface (info).
+    Interface(InterfaceInfo<'a>),
+    /// The guest's clock was set; it said this before. Last.
+    ClockSet(Timestamp),
 }
 
 /// How much of a stdin write a session took.
@@ -88,12 +109,23 @@ pub struct StdinSent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Operation {
     None,
-    /// An exec request was sent; `Started` or an error comes next.
-    ExecSent,
-    /// A kill-all was sent; `Done` or an error comes next.
-    KillSent,
-    Running,
+    /// Sent, not answered yet.
+    Sent(Op),
+    /// Started (`Started`, `FileReady`, the first info frame).
+    Running(Op),
     Done,
+}
+
+/// Which operation a connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Exec,
+    Put,
+    Get,
+    /// Kill-all, shutdown, reseed: one `Done`.
+    Simple,
+    Info,
+    Clock,
 }
 
 /// The client's protocol state: no buffers, no I/O, no clock.
@@ -134,6 +166,9 @@ pub struct ClientSession {
     last_output_at: u64,
     /// When the agent was last heard from ([`ClientSession::handle_input_at`]).
     heard_at: Option<Micros>,
+    /// A put's end (its digest) was sent.
+    put_ended: bool,
+    info_items: usize,
 }
 
 impl ClientSession {
@@ -160,6 +195,8 @@ impl ClientSession {
             pty: false,
             last_output_at: 0,
             heard_at: None,
+            put_ended: false,
+            info_items: 0,
         }
     }
 
@@ -175,8 +212,8 @@ impl ClientSession {
             _ if self.failed => Phase::Done,
             (_, Operation::Done) => Phase::Done,
             (None, _) => Phase::Hello,
-            (_, Operation::Running) => Phase::Running,
-            (_, Operation::ExecSent | Operation::KillSent) => Phase::Starting,
+            (_, Operation::Running(_)) => Phase::Running,
+            (_, Operation::Sent(_)) => Phase::Starting,
             (Some(_), Operation::None) if !self.authenticated => Phase::Hello,
             (Some(_), Operation::None) => Phase::Idle,
         }
@@ -228,7 +265,11 @@ impl ClientSession {
 
     fn liveness_deadline(&self) -> Option<Micros> {
         // Not for a kill-all: the agent does it in one go, without keepalives.
-        let running = matches!(self.operation, Operation::ExecSent | Operation::Running);
+        let running = matches!(
+            self.operation,
+            Operation::Sent(Op::Exec | Op::Put | Op::Get)
+                | Operation::Running(Op::Exec | Op::Put | Op::Get)
+        );
         let (_, limits) = self.agent?;
         let interval = u64::from(limits.keepalive_ms).saturating_mul(1000);
         let heard = self.heard_at.filter(|_| running && interval > 0)?;
@@ -330,7 +371,7 @@ impl ClientSession {
             out.get_mut(n..).unwrap_or(&mut []),
         )?;
         self.hello_sent = true;
-        self.operation = Operation::ExecSent;
+        self.operation = Operation::Sent(Op::Exec);
         self.stdin_open = request.stdin == StdinMode::Pipe;
         self.pty = request.pty.is_some();
         Ok(n)
@@ -380,7 +421,10 @@ impl ClientSession {
 
     /// A control frame for a running exec.
     fn control(&mut self, frame: &ClientFrame<'_>, out: &mut [u8]) -> Result<usize, SessionError> {
-        let exec = matches!(self.operation, Operation::ExecSent | Operation::Running);
+        let exec = matches!(
+            self.operation,
+            Operation::Sent(Op::Exec) | Operation::Running(Op::Exec)
+        );
         if !exec || self.failed {
             return Err(SessionError::InvalidState);
         }
@@ -391,8 +435,107 @@ impl ClientSession {
     /// [`ClientSession::start_exec`] otherwise. [`ClientEvent::Done`] or a refusal follows.
     pub fn start_kill_all(&mut self, out: &mut [u8]) -> Result<usize, SessionError> {
         self.operation_allowed()?;
-        let n = self.start_operation(&ClientFrame::KillAll, out)?;
-        self.operation = Operation::KillSent;
+        self.begin(&ClientFrame::KillAll, Op::Simple, out)
+    }
+
+    /// Encodes (after the hello and proof if they are still pending) a put: write a file, or
+    /// unpack a tree. Send its content with [`ClientSession::send_stdin`] or
+    /// [`ClientSession::frame_stdin_in_place`] within credit (before the agent's
+    /// [`ClientEvent::FileReady`] too: the agent checks the request first), then
+    /// [`ClientSession::end_put`] with its SHA-256.
+    pub fn start_put(
+        &mut self,
+        request: &PutRequest<'_>,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let limits = self.operation_allowed()?;
+        request.validate_within(&limits).map_err(invalid)?;
+        let n = self.begin(&ClientFrame::Put(*request), Op::Put, out)?;
+        self.stdin_open = true;
+        Ok(n)
+    }
+
+    /// Encodes the end of a put's content: its SHA-256. No more content may follow.
+    pub fn end_put(
+        &mut self,
+        sha256: &[u8; DIGEST_LEN],
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let put = matches!(
+            self.operation,
+            Operation::Sent(Op::Put) | Operation::Running(Op::Put)
+        );
+        if !put || self.put_ended || self.failed {
+            return Err(SessionError::InvalidState);
+        }
+        let n = encode_client_frame(&ClientFrame::PutEnd(ByteArray(*sha256)), out)?;
+        self.put_ended = true;
+        self.stdin_open = false;
+        Ok(n)
+    }
+
+    /// Encodes a get: read a file, or a tree as a tar stream.
+    pub fn start_get(
+        &mut self,
+        request: &GetRequest<'_>,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let limits = self.operation_allowed()?;
+        request.validate_within(&limits).map_err(invalid)?;
+        self.begin(&ClientFrame::Get(*request), Op::Get, out)
+    }
+
+    /// Encodes an info request.
+    pub fn start_info(&mut self, out: &mut [u8]) -> Result<usize, SessionError> {
+        self.operation_allowed()?;
+        self.begin(&ClientFrame::Info, Op::Info, out)
+    }
+
+    /// Encodes a shutdown (or reboot) request; [`ClientEvent::Done`] acknowledges it.
+    pub fn start_shutdown(
+        &mut self,
+        request: ShutdownRequest,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        self.operation_allowed()?;
+        request.validate().map_err(invalid)?;
+        self.begin(&ClientFrame::Shutdown(request), Op::Simple, out)
+    }
+
+    /// Encodes a request to set the guest's clock to `now` (read it as late as you can).
+    pub fn start_time_sync(
+        &mut self,
+        now: Timestamp,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        self.operation_allowed()?;
+        if !now.is_valid() {
+            return Err(SessionError::InvalidRequest {
+                message: "nanoseconds out of range",
+            });
+        }
+        self.begin(&ClientFrame::TimeSync(now), Op::Clock, out)
+    }
+
+    /// Encodes a reseed with `random` (1 to [`MAX_RESEED`] bytes).
+    pub fn start_reseed(&mut self, random: &[u8], out: &mut [u8]) -> Result<usize, SessionError> {
+        self.operation_allowed()?;
+        if random.is_empty() || random.len() > MAX_RESEED {
+            return Err(SessionError::InvalidRequest {
+                message: "reseed needs 1 to 512 bytes",
+            });
+        }
+        self.begin(&ClientFrame::Reseed(Bytes(random)), Op::Simple, out)
+    }
+
+    fn begin(
+        &mut self,
+        frame: &ClientFrame<'_>,
+        op: Op,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let n = self.start_operation(frame, out)?;
+        self.operation = Operation::Sent(op);
         Ok(n)
     }
 
@@ -474,7 +617,12 @@ impl ClientSession {
     /// Queues `StdinEof` (sent by the next [`ClientSession::poll_transmit`]). Closing twice, or
     /// after the operation ended, is a no-op.
     pub fn close_stdin(&mut self) -> Result<(), SessionError> {
-        if self.operation == Operation::None {
+        // A put's content ends with its digest (`end_put`), never a bare EOF.
+        let put = matches!(
+            self.operation,
+            Operation::Sent(Op::Put) | Operation::Running(Op::Put)
+        );
+        if self.operation == Operation::None || put {
             return Err(SessionError::InvalidState);
         }
         if self.stdin_open && !self.is_finished() {
@@ -579,34 +727,97 @@ impl ClientSession {
                 self.authenticated = true;
                 ClientEvent::Authenticated
             }
-            (AgentFrame::Done(report), Phase::Starting)
-                if self.authenticated && self.operation == Operation::KillSent =>
+            // Nothing about an operation before the agent's proof (an error may come).
+            (ref frame, _)
+                if !self.authenticated
+                    && self.operation != Operation::None
+                    && !matches!(frame, AgentFrame::Error(_)) =>
+            {
+                return Err(unexpected)
+            }
+            (AgentFrame::Done(report), _)
+                if matches!(
+                    self.operation,
+                    Operation::Sent(Op::Simple) | Operation::Running(Op::Info)
+                ) =>
             {
                 self.operation = Operation::Done;
                 ClientEvent::Done(report)
             }
-            (AgentFrame::Started(started), Phase::Starting)
-                if self.authenticated && self.operation == Operation::ExecSent =>
-            {
-                self.operation = Operation::Running;
+            (AgentFrame::Started(started), _) if self.operation == Operation::Sent(Op::Exec) => {
+                self.operation = Operation::Running(Op::Exec);
                 ClientEvent::Started { pid: started.pid }
             }
-            (AgentFrame::Stdout(output), Phase::Running) => {
+            (AgentFrame::Stdout(output), _) if self.operation == Operation::Running(Op::Exec) => {
                 self.last_output_at = output.at_us;
                 ClientEvent::Stdout(output.data.0)
             }
-            (AgentFrame::Stderr(output), Phase::Running) => {
+            (AgentFrame::Stderr(output), _) if self.operation == Operation::Running(Op::Exec) => {
                 self.last_output_at = output.at_us;
                 ClientEvent::Stderr(output.data.0)
             }
-            (AgentFrame::OutputDropped(dropped), Phase::Running) => {
+            (AgentFrame::OutputDropped(dropped), _)
+                if self.operation == Operation::Running(Op::Exec) =>
+            {
                 ClientEvent::OutputDropped(dropped)
+            }
+            (AgentFrame::FileReady(header), _)
+                if matches!(self.operation, Operation::Sent(Op::Put | Op::Get)) =>
+            {
+                if let Operation::Sent(op) = self.operation {
+                    self.operation = Operation::Running(op);
+                }
+                ClientEvent::FileReady(header)
+            }
+            (AgentFrame::FileData(data), _) if self.operation == Operation::Running(Op::Get) => {
+                ClientEvent::FileData(data.0)
+            }
+            (AgentFrame::Skipped(skipped), _)
+                if matches!(self.operation, Operation::Running(Op::Put | Op::Get)) =>
+            {
+                ClientEvent::Skipped(skipped)
+            }
+            (AgentFrame::FileDone(summary), _)
+                if self.operation == Operation::Running(Op::Get)
+                    || (self.operation == Operation::Running(Op::Put) && self.put_ended) =>
+            {
+                self.operation = Operation::Done;
+                self.stdin_open = false;
+                ClientEvent::FileDone(summary)
+            }
+            (AgentFrame::SystemInfo(info), _) if self.operation == Operation::Sent(Op::Info) => {
+                self.operation = Operation::Running(Op::Info);
+                ClientEvent::SystemInfo(info)
+            }
+            (AgentFrame::Mount(_) | AgentFrame::Interface(_), _)
+                if self.operation == Operation::Running(Op::Info)
+                    && self.info_items >= crate::limits::MAX_INFO_ITEMS =>
+            {
+                return Err(SessionError::InvalidRequest {
+                    message: "too many info frames",
+                })
+            }
+            (AgentFrame::Mount(mount), _) if self.operation == Operation::Running(Op::Info) => {
+                self.info_items += 1;
+                ClientEvent::Mount(mount)
+            }
+            (AgentFrame::Interface(interface), _)
+                if self.operation == Operation::Running(Op::Info) =>
+            {
+                self.info_items += 1;
+                ClientEvent::Interface(interface)
+            }
+            (AgentFrame::ClockSet(previous), _) if self.operation == Operation::Sent(Op::Clock) => {
+                self.operation = Operation::Done;
+                ClientEvent::ClockSet(previous)
             }
             // Proof of life, nothing more (an operation runs, the agent's proof came first).
             (AgentFrame::Keepalive, Phase::Running | Phase::Starting) if self.authenticated => {
                 return Ok(None)
             }
-            (AgentFrame::StdinCredit(n), Phase::Running) => {
+            (AgentFrame::StdinCredit(n), _)
+                if matches!(self.operation, Operation::Running(Op::Exec | Op::Put)) =>
+            {
                 let n = n as usize;
                 if n > self.in_flight {
                     return Err(SessionError::CreditExceeded);
@@ -617,7 +828,7 @@ impl ClientSession {
                     available: self.stdin_credit(),
                 }
             }
-            (AgentFrame::Exited(end), Phase::Running) => {
+            (AgentFrame::Exited(end), _) if self.operation == Operation::Running(Op::Exec) => {
                 self.operation = Operation::Done;
                 self.stdin_open = false;
                 ClientEvent::Exited(end)
@@ -674,6 +885,12 @@ impl ClientSession {
     /// with this code to its version error.
     pub fn is_version_refusal(err: &ErrorFrame<'_>) -> bool {
         err.code == ErrorCode::UnsupportedVersion
+    }
+}
+
+fn invalid(err: crate::RequestError) -> SessionError {
+    SessionError::InvalidRequest {
+        message: err.message,
     }
 }
 

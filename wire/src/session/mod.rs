@@ -99,6 +99,36 @@ pub enum FrameKind {
     Keepalive,
     /// [`AgentFrame::OutputDropped`].
     OutputDropped,
+    /// A put request.
+    Put,
+    /// The end of a put.
+    PutEnd,
+    /// A get request.
+    Get,
+    /// An info request.
+    Info,
+    /// A shutdown request.
+    Shutdown,
+    /// A time sync.
+    TimeSync,
+    /// A reseed.
+    Reseed,
+    /// A file header.
+    FileReady,
+    /// File content.
+    FileData,
+    /// A skipped entry.
+    Skipped,
+    /// A transfer summary.
+    FileDone,
+    /// System information.
+    SystemInfo,
+    /// A mount.
+    Mount,
+    /// An interface.
+    Interface,
+    /// A clock report.
+    ClockSet,
 }
 
 impl FrameKind {
@@ -126,6 +156,21 @@ impl FrameKind {
             FrameKind::ExecPart => "a piece of an exec request",
             FrameKind::Keepalive => "a keepalive",
             FrameKind::OutputDropped => "an output-dropped notice",
+            FrameKind::Put => "a put request",
+            FrameKind::PutEnd => "the end of a put",
+            FrameKind::Get => "a get request",
+            FrameKind::Info => "an info request",
+            FrameKind::Shutdown => "a shutdown request",
+            FrameKind::TimeSync => "a time sync",
+            FrameKind::Reseed => "a reseed",
+            FrameKind::FileReady => "a file header",
+            FrameKind::FileData => "file content",
+            FrameKind::Skipped => "a skipped entry",
+            FrameKind::FileDone => "a transfer summary",
+            FrameKind::SystemInfo => "system information",
+            FrameKind::Mount => "a mount",
+            FrameKind::Interface => "an interface",
+            FrameKind::ClockSet => "a clock report",
         }
     }
 
@@ -142,6 +187,13 @@ impl FrameKind {
             ClientFrame::Resize(_) => FrameKind::Resize,
             ClientFrame::Cancel(_) => FrameKind::Cancel,
             ClientFrame::ExecPart(_) => FrameKind::ExecPart,
+            ClientFrame::Put(_) => FrameKind::Put,
+            ClientFrame::PutEnd(_) => FrameKind::PutEnd,
+            ClientFrame::Get(_) => FrameKind::Get,
+            ClientFrame::Info => FrameKind::Info,
+            ClientFrame::Shutdown(_) => FrameKind::Shutdown,
+            ClientFrame::TimeSync(_) => FrameKind::TimeSync,
+            ClientFrame::Reseed(_) => FrameKind::Reseed,
         }
     }
 
@@ -160,6 +212,14 @@ impl FrameKind {
             AgentFrame::Done(_) => FrameKind::Done,
             AgentFrame::Keepalive => FrameKind::Keepalive,
             AgentFrame::OutputDropped(_) => FrameKind::OutputDropped,
+            AgentFrame::FileReady(_) => FrameKind::FileReady,
+            AgentFrame::FileData(_) => FrameKind::FileData,
+            AgentFrame::Skipped(_) => FrameKind::Skipped,
+            AgentFrame::FileDone(_) => FrameKind::FileDone,
+            AgentFrame::SystemInfo(_) => FrameKind::SystemInfo,
+            AgentFrame::Mount(_) => FrameKind::Mount,
+            AgentFrame::Interface(_) => FrameKind::Interface,
+            AgentFrame::ClockSet(_) => FrameKind::ClockSet,
         }
     }
 }

@@ -41,7 +41,7 @@ pub enum ReadyEvent<'a> {
     /// The agent's hello: it is a ferry agent of a version this crate speaks.
     Hello(AgentInfo<'a>),
     /// The report: the guest's CID and the agent's boot timings. The last event.
-    Ready(ReadyReport),
+    Ready(ReadyReport<'a>),
 }
 
 /// The host's end of the announcement: checks the hello (magic, version), then takes the report;
@@ -141,6 +141,7 @@ mod tests {
         init_started_us: 10,
         modules_us: 20,
         listening_us: 30,
+        module_times: crate::StrList::new(b""),
     };
 
     #[test]

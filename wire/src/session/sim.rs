@@ -1163,6 +1163,7 @@ fn client_step(
                 client.outcome.end = End::Refused(err.code);
                 client.ended = Some(Ok(()));
             }
+            Some(other) => return Err(format!("the client heard {other:?}")),
         }
         client.recv.consume(consumed);
         if client.ended.is_some() {
@@ -1434,6 +1435,17 @@ fn receive(agent: &mut Agent, c2a: &mut Wire, rng: &mut Rng, now: Micros) -> Res
         match input.event {
             None if consumed == 0 => break,
             None | Some(AgentEvent::Hello) | Some(AgentEvent::Authenticated) => {}
+            // The simulated client only runs commands and kill-alls (`ops_tests` and the
+            // transcripts cover the rest).
+            Some(
+                event @ (AgentEvent::Put(_)
+                | AgentEvent::PutEnd(_)
+                | AgentEvent::Get(_)
+                | AgentEvent::Info
+                | AgentEvent::Shutdown(_)
+                | AgentEvent::TimeSync(_)
+                | AgentEvent::Reseed(_)),
+            ) => return Err(format!("the agent received {event:?}")),
             Some(AgentEvent::ExecPart { list, data }) => match list {
                 ListKind::Argv => agent.argv_parts.extend_from_slice(data),
                 ListKind::Env => agent.env_parts.extend_from_slice(data),

@@ -902,6 +902,7 @@ pub(super) mod edges {
                         init_started_us: 0,
                         modules_us: 0,
                         listening_us: 0,
+                        module_times: StrList::new(b""),
                     })),
                 ],
                 unexpected(FrameKind::Ready, Phase::Starting),
@@ -1280,6 +1281,8 @@ mod v3 {
         Signal(u8),
         Resize(WindowSize),
         Cancel(Option<u32>),
+        /// An event of the operations beyond exec (`ops_tests` checks them).
+        Other(String),
     }
 
     fn got(event: AgentEvent<'_>) -> Got {
@@ -1298,6 +1301,7 @@ mod v3 {
             AgentEvent::Signal(number) => Got::Signal(number),
             AgentEvent::Resize(size) => Got::Resize(size),
             AgentEvent::Cancel { grace_ms } => Got::Cancel(grace_ms),
+            other => Got::Other(format!("{other:?}")),
         }
     }
 
@@ -1316,6 +1320,8 @@ mod v3 {
         Refused(ErrorCode),
         Done(u32),
         Keepalive,
+        /// An event of the operations beyond exec.
+        Other(String),
     }
 
     /// An error and the code of the error frame the agent queued for it.
@@ -1401,6 +1407,7 @@ mod v3 {
                 Some(ClientEvent::Exited(end)) => Heard::Exited(end),
                 Some(ClientEvent::Refused(err)) => Heard::Refused(err.code),
                 Some(ClientEvent::Done(report)) => Heard::Done(report.count),
+                Some(other) => Heard::Other(format!("{other:?}")),
             });
             rest = &rest[input.consumed..];
         }

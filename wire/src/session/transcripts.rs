@@ -188,7 +188,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Exit(ExitStatus::Code(0), 1500),
         ],
         events: &[
-            "hello v3 agent golden Authenticated",
+            "hello v4 agent golden Authenticated",
             "authenticated",
             "started 7",
             "stdout \"hi\\n\"",
@@ -209,7 +209,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Exit(ExitStatus::Code(0), 2000),
         ],
         events: &[
-            "hello v3 agent golden Authenticated",
+            "hello v4 agent golden Authenticated",
             "authenticated",
             "started 8",
             "credit 0",
@@ -234,7 +234,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             ),
         ],
         events: &[
-            "hello v3 agent golden Authenticated",
+            "hello v4 agent golden Authenticated",
             "authenticated",
             "started 9",
             "exited Signal { number: 9, core_dumped: false } 30us dropped=false Exited tree_kill=None out=0/0 err=0/0 \
@@ -253,7 +253,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             "no such file or directory",
         )],
         events: &[
-            "hello v3 agent golden Authenticated",
+            "hello v4 agent golden Authenticated",
             "authenticated",
             "refused NotFound errno 2 \"no such file or directory\"",
         ],
@@ -291,7 +291,7 @@ const TRANSCRIPTS: &[Transcript] = &[
         sends: &[],
         acts: &[],
         events: &[
-            "hello v3 agent golden Authenticated",
+            "hello v4 agent golden Authenticated",
             "refused Unauthenticated errno 0 \"authentication failed\"",
         ],
     },
@@ -303,7 +303,7 @@ const TRANSCRIPTS: &[Transcript] = &[
         sends: &[],
         acts: &[Act::Done(3)],
         events: &[
-            "hello v3 agent golden Authenticated",
+            "hello v4 agent golden Authenticated",
             "authenticated",
             "done 3",
         ],
@@ -333,7 +333,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Exit(ExitStatus::Code(0), 700),
         ],
         events: &[
-            "hello v3 agent golden Insecure",
+            "hello v4 agent golden Insecure",
             "started 10",
             "stdout \"uid=65534(nobody)\\n\"",
             "exited Code(0) 700us dropped=false Exited tree_kill=None out=18/0 err=0/0 held=false oom=false peak=0",
@@ -395,7 +395,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             }),
         ],
         events: &[
-            "hello v3 agent golden Authenticated",
+            "hello v4 agent golden Authenticated",
             "authenticated",
             "started 11",
             "stdout \"y\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\" at 12000us",
@@ -421,7 +421,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Exit(ExitStatus::Code(0), 900),
         ],
         events: &[
-            "hello v3 agent golden Authenticated",
+            "hello v4 agent golden Authenticated",
             "authenticated",
             "started 12",
             "stdout \"300\\n\"",
@@ -456,7 +456,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             }),
         ],
         events: &[
-            "hello v3 agent golden Authenticated",
+            "hello v4 agent golden Authenticated",
             "authenticated",
             "started 13",
             "exited Signal { number: 15, core_dumped: false } 400us dropped=false Cancelled \
@@ -766,6 +766,28 @@ fn client_events(t: &Transcript, agent: &[u8]) -> (Vec<String>, Vec<u8>) {
                     err.code, err.errno, err.message
                 )
             }
+            ClientEvent::FileReady(header) => format!(
+                "file ready: size {} mode {:o} mtime {}.{:09} owner {}:{}",
+                header.size,
+                header.mode,
+                header.mtime.secs,
+                header.mtime.nanos,
+                header.uid,
+                header.gid
+            ),
+            ClientEvent::FileData(data) => format!("file data {:?}", String::from_utf8_lossy(data)),
+            ClientEvent::Skipped(skipped) => format!(
+                "skipped {:?} ({:?})",
+                String::from_utf8_lossy(skipped.path.0),
+                skipped.reason
+            ),
+            ClientEvent::FileDone(summary) => {
+                format!(
+                    "file done: {} bytes, sha256 {:?}",
+                    summary.bytes, summary.sha256
+                )
+            }
+            other => format!("{other:?}"),
         };
         events.push(text);
         rest = &rest[input.consumed..];
