@@ -184,7 +184,10 @@ fn health_prints_versions() {
         text.contains(&format!("ferry-agent {}", env!("CARGO_PKG_VERSION"))),
         "{text}"
     );
-    assert!(text.contains("protocol:   3"), "{text}");
+    assert!(
+        text.contains(&format!("protocol:   {}", ferry_wire::PROTOCOL_VERSION)),
+        "{text}"
+    );
     assert!(text.contains("security:   authenticated"), "{text}");
     // --connect overrides the environment.
     let output = ferry(&agent)

@@ -467,6 +467,16 @@ fn variant_tags_are_pinned() {
             list: ListKind::Argv,
             data: Bytes(b""),
         }),
+        ClientFrame::Put(PUT),
+        ClientFrame::PutEnd(ByteArray([0; DIGEST_LEN])),
+        ClientFrame::Get(GET),
+        ClientFrame::Info,
+        ClientFrame::Shutdown(ShutdownRequest {
+            reboot: false,
+            grace_ms: 0,
+        }),
+        ClientFrame::TimeSync(Timestamp::default()),
+        ClientFrame::Reseed(Bytes(b"r")),
     ];
     for (index, frame) in client.iter().enumerate() {
         assert_eq!(encode_client(frame)[HEADER_LEN], index as u8, "{frame:?}");
@@ -526,6 +536,20 @@ fn variant_tags_are_pinned() {
             stream: Stream::Stdout,
             bytes: 0,
         }),
+        AgentFrame::FileReady(HEADER),
+        AgentFrame::FileData(Bytes(b"")),
+        AgentFrame::Skipped(Skipped {
+            path: Bytes(b"x"),
+            reason: SkipReason::Special,
+        }),
+        AgentFrame::FileDone(FileSummary {
+            bytes: 0,
+            sha256: ByteArray([0; DIGEST_LEN]),
+        }),
+        AgentFrame::SystemInfo(SYSTEM),
+        AgentFrame::Mount(MOUNT),
+        AgentFrame::Interface(INTERFACE),
+        AgentFrame::ClockSet(Timestamp::default()),
     ];
     for (index, frame) in agent.iter().enumerate() {
         assert_eq!(encode_agent(frame)[HEADER_LEN], index as u8, "{frame:?}");
@@ -581,6 +605,14 @@ fn data_in_place_matches_encoder() {
                     "{kind:?} {len} at {at_us}"
                 );
             }
+            // File data has no timestamp either.
+            let mut buf = vec![0u8; DATA_HEADROOM + len];
+            buf[DATA_HEADROOM..].copy_from_slice(&payload);
+            let start = frame_data_in_place(&mut buf, DataKind::FileData, len, at_us).unwrap();
+            assert_eq!(
+                buf[start..],
+                encode_agent(&AgentFrame::FileData(Bytes(&payload)))[..]
+            );
             // Stdin has no timestamp: whatever is passed, the frame is the encoder's.
             let mut buf = vec![0u8; DATA_HEADROOM + len];
             buf[DATA_HEADROOM..].copy_from_slice(&payload);
@@ -1212,4 +1244,320 @@ proptest! {
             prop_assert!(decode_agent_frame(&body).is_err());
         }
     }
+}
+
+const PUT: PutRequest<'static> = PutRequest {
+    path: Bytes(b"/tmp/f"),
+    kind: TransferKind::File,
+    mode: Some(0o640),
+    owner: None,
+    mtime: Some(Timestamp {
+        secs: 1_000_000_000,
+        nanos: 5,
+    }),
+    size: Some(3),
+    create_parents: true,
+    no_clobber: false,
+    user: Some(Bytes(b"app")),
+};
+
+const GET: GetRequest<'static> = GetRequest {
+    path: Bytes(b"/etc/x"),
+    kind: TransferKind::Tree,
+    user: None,
+};
+
+const HEADER: FileHeader = FileHeader {
+    size: 300,
+    mode: 0o100644,
+    mtime: Timestamp { secs: -1, nanos: 0 },
+    uid: 0,
+    gid: 65534,
+};
+
+const SYSTEM: SystemInfo<'static> = SystemInfo {
+    kernel_release: "6.1",
+    kernel_version: "#1",
+    machine: "x86_64",
+    hostname: "vm",
+    uptime_ms: 1500,
+    now: Timestamp {
+        secs: 1_700_000_000,
+        nanos: 0,
+    },
+    cpus: 2,
+    cpu_model: "cpu",
+    load: [1, 20, 300],
+    memory_total: 1 << 30,
+    memory_available: 1 << 29,
+    processes: 3,
+    agent_pid: 1,
+    agent_rss: 160 << 10,
+};
+
+const MOUNT: MountInfo<'static> = MountInfo {
+    source: Bytes(b"tmpfs"),
+    target: Bytes(b"/tmp"),
+    fstype: "tmpfs",
+    read_only: false,
+    total: 4096,
+    free: 2048,
+    available: 1024,
+};
+
+const INTERFACE: InterfaceInfo<'static> = InterfaceInfo {
+    name: "lo",
+    up: true,
+    mtu: 65536,
+    mac: Bytes(&[0; 6]),
+    addresses: StrList::new(b"127.0.0.1/8\0"),
+    rx_bytes: 7,
+    tx_bytes: 8,
+};
+
+#[rustfmt::skip]
+#[test]
+fn golden_put_and_its_end() {
+    golden_client(ClientFrame::Put(PUT), &[
+        29, 0, 0, 0,                        // body length
+        0x0A,                               // ClientFrame::Put
+        6, b'/', b't', b'm', b'p', b'/', b'f', // path
+        0x00,                               // kind: File
+        0x01, 0xA0, 0x03,                   // mode: Some(0o640)
+        0x00,                               // owner: None
+        0x01, 0x80, 0xA8, 0xD6, 0xB9, 0x07, 0x05, // mtime: Some(1e9 s zigzag, 5 ns)
+        0x01, 0x03,                         // size: Some(3)
+        0x01,                               // create_parents
+        0x00,                               // no_clobber
+        0x01, 3, b'a', b'p', b'p',          // user: Some("app")
+    ]);
+    let mut end = vec![34, 0, 0, 0, 0x0B, 32];
+    end.extend_from_slice(&[0xAB; DIGEST_LEN]);
+    golden_client(ClientFrame::PutEnd(ByteArray([0xAB; DIGEST_LEN])), &end);
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_get_info_and_the_privileged_operations() {
+    golden_client(ClientFrame::Get(GET), &[
+        10, 0, 0, 0,                        // body length
+        0x0C,                               // ClientFrame::Get
+        6, b'/', b'e', b't', b'c', b'/', b'x', // path
+        0x01,                               // kind: Tree
+        0x00,                               // user: None
+    ]);
+    golden_client(ClientFrame::Info, &[1, 0, 0, 0, 0x0D]);
+    golden_client(ClientFrame::Shutdown(ShutdownRequest { reboot: true, grace_ms: 5000 }), &[
+        4, 0, 0, 0,
+        0x0E,                               // ClientFrame::Shutdown
+        0x01,                               // reboot
+        0x88, 0x27,                         // grace_ms: 5000
+    ]);
+    golden_client(ClientFrame::TimeSync(Timestamp { secs: -2, nanos: 999_999_999 }), &[
+        7, 0, 0, 0,
+        0x0F,                               // ClientFrame::TimeSync
+        0x03,                               // secs: -2 (zigzag)
+        0xFF, 0x93, 0xEB, 0xDC, 0x03,       // nanos: 999_999_999
+    ]);
+    golden_client(ClientFrame::Reseed(Bytes(&[1, 2, 3])), &[
+        5, 0, 0, 0, 0x10, 3, 1, 2, 3,
+    ]);
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_transfer_frames() {
+    golden_agent(AgentFrame::FileReady(HEADER), &[
+        12, 0, 0, 0,                        // body length
+        0x0C,                               // AgentFrame::FileReady
+        0xAC, 0x02,                         // size: 300
+        0xA4, 0x83, 0x02,                   // mode: 0o100644
+        0x01, 0x00,                         // mtime: -1 s (zigzag), 0 ns
+        0x00,                               // uid: 0
+        0xFE, 0xFF, 0x03,                   // gid: 65534
+    ]);
+    golden_agent(AgentFrame::FileData(Bytes(b"ab")), &[4, 0, 0, 0, 0x0D, 2, b'a', b'b']);
+    golden_agent(AgentFrame::Skipped(Skipped { path: Bytes(b"d/fifo"), reason: SkipReason::Special }), &[
+        9, 0, 0, 0,
+        0x0E,                               // AgentFrame::Skipped
+        6, b'd', b'/', b'f', b'i', b'f', b'o',
+        0x00,                               // SkipReason::Special
+    ]);
+    let mut done = vec![37, 0, 0, 0, 0x0F, 0x80, 0x80, 0x04, 32];
+    done.extend_from_slice(&[0x11; DIGEST_LEN]);
+    golden_agent(AgentFrame::FileDone(FileSummary { bytes: 65536, sha256: ByteArray([0x11; DIGEST_LEN]) }), &done);
+    golden_agent(AgentFrame::ClockSet(Timestamp { secs: 978_307_200, nanos: 1 }), &[
+        7, 0, 0, 0,
+        0x13,                               // AgentFrame::ClockSet
+        0x80, 0xA2, 0xFE, 0xA4, 0x07,       // secs: 978307200 (zigzag)
+        0x01,                               // nanos
+    ]);
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_info_frames() {
+    golden_agent(AgentFrame::Mount(MOUNT), &[
+        25, 0, 0, 0,                        // body length
+        0x11,                               // AgentFrame::Mount
+        5, b't', b'm', b'p', b'f', b's',    // source
+        4, b'/', b't', b'm', b'p',          // target
+        5, b't', b'm', b'p', b'f', b's',    // fstype
+        0x00,                               // read_only
+        0x80, 0x20,                         // total: 4096
+        0x80, 0x10,                         // free: 2048
+        0x80, 0x08,                         // available: 1024
+    ]);
+    golden_agent(AgentFrame::Interface(INTERFACE), &[
+        30, 0, 0, 0,                        // body length
+        0x12,                               // AgentFrame::Interface
+        2, b'l', b'o',                      // name
+        0x01,                               // up
+        0x80, 0x80, 0x04,                   // mtu: 65536
+        6, 0, 0, 0, 0, 0, 0,                // mac
+        12, b'1', b'2', b'7', b'.', b'0', b'.', b'0', b'.', b'1', b'/', b'8', 0, // addresses
+        0x07,                               // rx_bytes
+        0x08,                               // tx_bytes
+    ]);
+    let info = encode_agent(&AgentFrame::SystemInfo(SYSTEM));
+    assert_eq!(info[HEADER_LEN], 0x10, "AgentFrame::SystemInfo");
+    let (body, _) = split_frame(&info, MAX_FRAME_BODY).unwrap().unwrap();
+    assert_eq!(decode_agent_frame(body), Ok(AgentFrame::SystemInfo(SYSTEM)));
+}
+
+/// The requests beyond exec are validated alike on both sides: each rule at its edge.
+#[test]
+fn transfer_requests_are_validated_at_their_edges() {
+    let limits = Limits::CURRENT;
+    assert!(PUT.validate_within(&limits).is_ok());
+    let long = vec![b'/'; MAX_PATH];
+    let put = |request: PutRequest<'_>| request.validate_within(&limits).map_err(|e| e.code);
+    assert_eq!(
+        put(PutRequest {
+            path: Bytes(&long),
+            ..PUT
+        }),
+        Ok(())
+    );
+    let longer = vec![b'/'; MAX_PATH + 1];
+    assert_eq!(
+        put(PutRequest {
+            path: Bytes(&longer),
+            ..PUT
+        }),
+        Err(ErrorCode::LimitExceeded)
+    );
+    assert_eq!(
+        put(PutRequest {
+            path: Bytes(b"rel/x"),
+            ..PUT
+        }),
+        Err(ErrorCode::InvalidRequest)
+    );
+    assert_eq!(
+        put(PutRequest {
+            path: Bytes(b""),
+            ..PUT
+        }),
+        Err(ErrorCode::InvalidRequest)
+    );
+    assert_eq!(
+        put(PutRequest {
+            path: Bytes(b"/a\0b"),
+            ..PUT
+        }),
+        Err(ErrorCode::InvalidRequest)
+    );
+    assert_eq!(
+        put(PutRequest {
+            mode: Some(0o7777),
+            ..PUT
+        }),
+        Ok(())
+    );
+    assert_eq!(
+        put(PutRequest {
+            mode: Some(0o10000),
+            ..PUT
+        }),
+        Err(ErrorCode::InvalidRequest)
+    );
+    let nanos = |nanos| Timestamp { secs: 0, nanos };
+    assert_eq!(
+        put(PutRequest {
+            mtime: Some(nanos(999_999_999)),
+            ..PUT
+        }),
+        Ok(())
+    );
+    assert_eq!(
+        put(PutRequest {
+            mtime: Some(nanos(1_000_000_000)),
+            ..PUT
+        }),
+        Err(ErrorCode::InvalidRequest)
+    );
+    let user = [b'u'; MAX_USER];
+    assert_eq!(
+        put(PutRequest {
+            owner: Some(Bytes(&user)),
+            ..PUT
+        }),
+        Ok(())
+    );
+    let longer_user = [b'u'; MAX_USER + 1];
+    assert_eq!(
+        put(PutRequest {
+            owner: Some(Bytes(&longer_user)),
+            ..PUT
+        }),
+        Err(ErrorCode::LimitExceeded)
+    );
+    assert_eq!(
+        put(PutRequest {
+            user: Some(Bytes(b"")),
+            ..PUT
+        }),
+        Err(ErrorCode::InvalidRequest)
+    );
+    assert_eq!(
+        put(PutRequest {
+            kind: TransferKind::Tree,
+            size: None,
+            mode: None,
+            ..PUT
+        }),
+        Ok(())
+    );
+    assert_eq!(
+        put(PutRequest {
+            kind: TransferKind::Tree,
+            mode: None,
+            ..PUT
+        }),
+        Err(ErrorCode::InvalidRequest),
+        "a tree carries its own sizes"
+    );
+    assert!(GET.validate_within(&limits).is_ok());
+    let get = GetRequest {
+        path: Bytes(b"etc"),
+        ..GET
+    };
+    assert_eq!(
+        get.validate_within(&limits).map_err(|e| e.code),
+        Err(ErrorCode::InvalidRequest)
+    );
+    let shutdown = |grace_ms| {
+        ShutdownRequest {
+            reboot: false,
+            grace_ms,
+        }
+        .validate()
+        .map_err(|e| e.code)
+    };
+    assert_eq!(shutdown(MAX_SHUTDOWN_GRACE_MS), Ok(()));
+    assert_eq!(
+        shutdown(MAX_SHUTDOWN_GRACE_MS + 1),
+        Err(ErrorCode::LimitExceeded)
+    );
 }
