@@ -18,7 +18,11 @@ use crate::msg::{
     ClientFrame, Ending, ErrorCode, ExecRequest, ExitStatus, ListKind, StdinMode, StrList, Stream,
     TreeKill, WindowSize,
 };
-use crate::{encode_client_frame, DataKind, DATA_HEADROOM};
+use crate::ops::{
+    FileHeader, FileSummary, GetRequest, MountInfo, PutRequest, SkipReason, SystemInfo, Timestamp,
+    TransferKind,
+};
+use crate::{encode_client_frame, Bytes, DataKind, DATA_HEADROOM};
 
 /// What the agent's driver does, in order, as the transcript's conversation unfolds.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +50,16 @@ enum Act {
     Exited(ExitStatus, u64),
     /// The output is done: the record, with what the driver knows about the end.
     Finish(EndFacts),
+    /// The transfer was checked and begins.
+    FileReady(FileHeader),
+    /// A chunk of a get's content.
+    FileData(&'static [u8]),
+    /// A tree's entry was left out.
+    Skipped(&'static [u8]),
+    /// The transfer is complete.
+    FileDone(FileSummary),
+    /// An info frame (system, mount or interface).
+    Info(AgentFrame<'static>),
 }
 
 /// What the client does beyond the operation.
@@ -56,6 +70,8 @@ enum Send {
     Signal(u8),
     Resize(WindowSize),
     Cancel(Option<u32>),
+    /// A put's digest, its last send.
+    PutEnd([u8; 32]),
 }
 
 /// The operation a transcript's client asks for.
@@ -65,6 +81,9 @@ enum Operation {
     /// An exec whose request is built at run time (too large to write out).
     Built(fn() -> ExecRequest<'static>),
     KillAll,
+    Put(PutRequest<'static>),
+    Get(GetRequest<'static>),
+    Info,
 }
 
 impl Operation {
@@ -72,7 +91,7 @@ impl Operation {
         match *self {
             Operation::Exec(request) => Some(request),
             Operation::Built(build) => Some(build()),
-            Operation::KillAll => None,
+            _ => None,
         }
     }
 }
@@ -91,6 +110,12 @@ struct Transcript {
     /// The events the client session must report, in order, as text.
     events: &'static [&'static str],
 }
+
+/// SHA-256 of `hello\n`.
+const HELLO_SHA256: [u8; 32] = [
+    0x58, 0x91, 0xb5, 0xb5, 0x22, 0xd5, 0xdf, 0x08, 0x6d, 0x0f, 0xf0, 0xb1, 0x10, 0xfb, 0xd9, 0xd2,
+    0x1b, 0xb4, 0xfc, 0x71, 0x63, 0xaf, 0x34, 0xd0, 0x82, 0x86, 0xa2, 0xe8, 0x46, 0xf6, 0xbe, 0x03,
+];
 
 /// The per-VM secret of the transcripts (both ends read it from the same file).
 const SECRET: &[u8] = b"ferry golden transcript secret";
@@ -463,6 +488,114 @@ const TRANSCRIPTS: &[Transcript] = &[
              tree_kill=ProcessGroup out=0/0 err=0/0 held=false oom=false peak=0",
         ],
     },
+    Transcript {
+        name: "put_file",
+        operation: Operation::Put(PutRequest {
+            path: Bytes(b"/srv/greeting"),
+            kind: TransferKind::File,
+            mode: Some(0o644),
+            owner: None,
+            mtime: Some(Timestamp { secs: 1_700_000_000, nanos: 0 }),
+            size: Some(6),
+            create_parents: true,
+            no_clobber: false,
+            user: None,
+        }),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
+        sends: &[Send::Stdin(b"hello\n"), Send::PutEnd(HELLO_SHA256)],
+        acts: &[
+            Act::FileReady(FileHeader {
+                size: 6,
+                mode: 0o100644,
+                mtime: Timestamp { secs: 1_700_000_000, nanos: 0 },
+                uid: 65534,
+                gid: 65534,
+            }),
+            Act::ConsumeStdin,
+            Act::FileDone(FileSummary { bytes: 6, sha256: crate::ByteArray(HELLO_SHA256) }),
+        ],
+        events: &[
+            "hello v4 agent golden Authenticated",
+            "authenticated",
+            "file ready: size 6 mode 100644 mtime 1700000000.000000000 owner 65534:65534",
+            "credit 0",
+            "file done: 6 bytes, sha256 5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03",
+        ],
+    },
+    Transcript {
+        name: "get_tree",
+        operation: Operation::Get(GetRequest {
+            path: Bytes(b"/etc/app"),
+            kind: TransferKind::Tree,
+            user: None,
+        }),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
+        sends: &[],
+        acts: &[
+            Act::FileReady(FileHeader {
+                size: 0,
+                mode: 0o40755,
+                mtime: Timestamp { secs: 1_700_000_000, nanos: 0 },
+                uid: 0,
+                gid: 0,
+            }),
+            Act::FileData(b"(tar bytes)"),
+            Act::Skipped(b"run/app.sock"),
+            Act::FileDone(FileSummary { bytes: 11, sha256: crate::ByteArray([0x5A; 32]) }),
+        ],
+        events: &[
+            "hello v4 agent golden Authenticated",
+            "authenticated",
+            "file ready: size 0 mode 40755 mtime 1700000000.000000000 owner 0:0",
+            "file data \"(tar bytes)\"",
+            "skipped \"run/app.sock\" (Special)",
+            "file done: 11 bytes, sha256 5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a",
+        ],
+    },
+    Transcript {
+        name: "info",
+        operation: Operation::Info,
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
+        sends: &[],
+        acts: &[
+            Act::Info(AgentFrame::SystemInfo(SystemInfo {
+                kernel_release: "6.1.0-golden",
+                kernel_version: "#1 SMP",
+                machine: "x86_64",
+                hostname: "vm",
+                uptime_ms: 1234,
+                now: Timestamp { secs: 1_700_000_000, nanos: 5 },
+                cpus: 2,
+                cpu_model: "golden cpu",
+                load: [1, 2, 3],
+                memory_total: 256 << 20,
+                memory_available: 200 << 20,
+                processes: 4,
+                agent_pid: 1,
+                agent_rss: 160 << 10,
+            })),
+            Act::Info(AgentFrame::Mount(MountInfo {
+                source: Bytes(b"rootfs"),
+                target: Bytes(b"/"),
+                fstype: "rootfs",
+                read_only: false,
+                total: 1 << 20,
+                free: 1 << 19,
+                available: 1 << 19,
+            })),
+            Act::Done(1),
+        ],
+        events: &[
+            "hello v4 agent golden Authenticated",
+            "authenticated",
+            "SystemInfo(SystemInfo { kernel_release: \"6.1.0-golden\", kernel_version: \"#1 SMP\", machine: \"x86_64\", hostname: \"vm\", uptime_ms: 1234, now: Timestamp { secs: 1700000000, nanos: 5 }, cpus: 2, cpu_model: \"golden cpu\", load: [1, 2, 3], memory_total: 268435456, memory_available: 209715200, processes: 4, agent_pid: 1, agent_rss: 163840 })",
+            "Mount(MountInfo { source: Bytes(len=6), target: Bytes(len=1), fstype: \"rootfs\", read_only: false, total: 1048576, free: 524288, available: 524288 })",
+            "done 1",
+        ],
+    },
 ];
 
 fn secret(bytes: Option<&[u8]>) -> Option<Secret> {
@@ -491,6 +624,12 @@ fn start(
     session: &mut ClientSession,
     out: &mut [u8],
 ) -> Result<usize, SessionError> {
+    match t.operation {
+        Operation::Put(put) => return session.start_put(&put, out),
+        Operation::Get(get) => return session.start_get(&get, out),
+        Operation::Info => return session.start_info(out),
+        _ => {}
+    }
     match t.operation.request() {
         Some(request) => session.start_exec(&request, out),
         None => session.start_kill_all(out),
@@ -581,6 +720,10 @@ fn client_sends(t: &Transcript, session: &mut ClientSession, out: &mut [u8]) -> 
                 let n = session.send_cancel(*grace_ms, out).expect("a cancel");
                 bytes.extend_from_slice(&out[..n]);
             }
+            Send::PutEnd(digest) => {
+                let n = session.end_put(digest, out).expect("a put's end");
+                bytes.extend_from_slice(&out[..n]);
+            }
         }
         let n = session.poll_transmit(out).expect("transmits");
         bytes.extend_from_slice(&out[..n]);
@@ -640,7 +783,9 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
                     t.name
                 );
             }
-            Some(AgentEvent::KillAll) => operation_seen = true,
+            Some(
+                AgentEvent::KillAll | AgentEvent::Put(_) | AgentEvent::Get(_) | AgentEvent::Info,
+            ) => operation_seen = true,
             Some(AgentEvent::Stdin(data)) => stdin_received += data.len(),
             _ => {}
         }
@@ -686,6 +831,26 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
             }
             Act::Exited(status, at) => session.child_exited(status, at).expect("exit"),
             Act::Finish(facts) => session.finish_with(now, facts).expect("finish"),
+            Act::FileReady(header) => session.file_ready(header, now).expect("ready"),
+            Act::FileData(data) => {
+                flush(&mut session, &mut sent);
+                frame[DATA_HEADROOM..DATA_HEADROOM + data.len()].copy_from_slice(data);
+                let start = session.frame_file_data(&mut frame, data.len()).unwrap();
+                sent.extend_from_slice(&frame[start..DATA_HEADROOM + data.len()]);
+            }
+            Act::Skipped(path) => {
+                flush(&mut session, &mut sent);
+                let n = session
+                    .encode_skipped(path, SkipReason::Special, &mut frame)
+                    .expect("the note");
+                sent.extend_from_slice(&frame[..n]);
+            }
+            Act::FileDone(summary) => session.file_done(summary, now).expect("done"),
+            Act::Info(info) => {
+                flush(&mut session, &mut sent);
+                let n = session.encode_info(&info, &mut frame).expect("info");
+                sent.extend_from_slice(&frame[..n]);
+            }
         }
         flush(&mut session, &mut sent);
     }
