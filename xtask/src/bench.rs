@@ -349,6 +349,18 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
         verdict: Verdict::from(ratio >= 0.60),
     });
 
+    let mut ferry_rates = Vec::new();
+    let mut raw_rates = Vec::new();
+    for _ in 0..3 {
+        ferry_rates.push(stdin_upload_rate(&client, options.stream_bytes)?);
+        raw_rates.push(raw_socket_upload(options.stream_bytes)?);
+    }
+    rows.push(upload_row(
+        &format!("stdin upload {} through `exec -i -- cat >/dev/null`", bytes(options.stream_bytes)),
+        &ferry_rates,
+        &raw_rates,
+    ));
+
     // Work happens in forked connection processes: the listener must not have grown.
     rows.push(Row::not_grown(
         "agent RSS after the run",
@@ -572,6 +584,96 @@ fn raw_socket_stream(total: u64) -> Result<f64> {
         bail!("raw copy moved {received} of {total} bytes");
     }
     Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+/// A row of upload rates (best of each), ferry against the raw copy of the same bytes: the
+/// target is 80% of it.
+pub fn upload_row(metric: &str, ferry_rates: &[f64], raw_rates: &[f64]) -> Row {
+    let ferry_best = ferry_rates.iter().cloned().fold(0.0, f64::max);
+    let raw_best = raw_rates.iter().cloned().fold(0.0, f64::max);
+    let ratio = ferry_best / raw_best;
+    Row {
+        metric: format!("{metric} (best of {})", ferry_rates.len()),
+        ferry: format!("{:.0} MB/s", ferry_best / 1e6),
+        baseline: format!("{:.0} MB/s raw copy", raw_best / 1e6),
+        ratio: format!("{:.0}%", ratio * 100.0),
+        target: "≥ 80%".into(),
+        verdict: Verdict::from(ratio >= 0.80),
+    }
+}
+
+/// `total` zero bytes into `cat >/dev/null` through the agent's stdin; bytes per second until
+/// the command's record came (so every byte was written into its pipe and read).
+pub fn stdin_upload_rate(client: &Client, total: u64) -> Result<f64> {
+    let mut command = ferry_host::Command::new("sh");
+    command
+        .args(["-c", "cat >/dev/null"])
+        .stdin(ferry_host::Stdin::Pipe);
+    let started = Instant::now();
+    let mut execution = client.spawn(&command)?;
+    let mut stdin = execution.take_stdin().context("a stdin pipe")?;
+    let writer = thread::spawn(move || -> std::io::Result<()> {
+        let chunk = vec![0u8; 256 * 1024];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            stdin.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        stdin.close()
+    });
+    loop {
+        match execution.next_event()? {
+            Some(Event::Exited(end)) if end.success() => break,
+            Some(Event::Exited(end)) => bail!("cat failed: {:?}", end.status),
+            Some(_) => {}
+            None => bail!("no termination record"),
+        }
+    }
+    let elapsed = started.elapsed();
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("stdin writer panicked"))??;
+    Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+/// The same bytes the same way without ferry: a writer into a Unix socket, a relay copying
+/// 64 KiB reads into `cat >/dev/null`'s stdin pipe. Bytes per second until `cat` exited.
+fn raw_socket_upload(total: u64) -> Result<f64> {
+    let started = Instant::now();
+    let mut consumer = Command::new("sh")
+        .args(["-c", "cat >/dev/null"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("starting cat")?;
+    let mut pipe = consumer.stdin.take().context("cat's stdin")?;
+    let (mut tx, mut rx) = UnixStream::pair()?;
+    let relay = thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = rx.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            pipe.write_all(&buf[..n])?;
+        }
+    });
+    let chunk = vec![0u8; 256 * 1024];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        tx.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    drop(tx);
+    relay
+        .join()
+        .map_err(|_| anyhow::anyhow!("relay thread panicked"))??;
+    let status = consumer.wait()?;
+    if !status.success() {
+        bail!("cat failed: {status}");
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
 pub fn micros(d: Duration) -> String {
