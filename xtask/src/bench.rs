@@ -356,7 +356,10 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
         raw_rates.push(raw_socket_upload(options.stream_bytes)?);
     }
     rows.push(upload_row(
-        &format!("stdin upload {} through `exec -i -- cat >/dev/null`", bytes(options.stream_bytes)),
+        &format!(
+            "stdin upload {} through `exec -i -- cat >/dev/null`",
+            bytes(options.stream_bytes)
+        ),
         &ferry_rates,
         &raw_rates,
     ));
