@@ -35,6 +35,7 @@ mod listen;
 mod log;
 mod policy;
 mod pty;
+mod sha;
 mod spawn;
 mod successor;
 mod sys;
