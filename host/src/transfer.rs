@@ -411,6 +411,12 @@ impl Upload {
         self.sent
     }
 
+    /// The failure that ended this upload, if one did (a write then fails with its message):
+    /// the agent's refusal, typed.
+    pub fn error(&self) -> Option<&Error> {
+        self.failed.as_ref()
+    }
+
     /// Sends everything `reader` gives until its end, read straight into frames.
     pub fn send_from(&mut self, mut reader: impl Read) -> Result<u64, Error> {
         let start = self.sent;
@@ -645,6 +651,11 @@ impl Download {
     /// Content bytes received so far.
     pub fn received(&self) -> u64 {
         self.received
+    }
+
+    /// The failure that ended this download, if one did (a read then fails with its message).
+    pub fn error(&self) -> Option<&Error> {
+        self.failed.as_ref()
     }
 
     /// Entries of a tree the agent left out so far.
