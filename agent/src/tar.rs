@@ -11,8 +11,15 @@
 //! - Extracted modes keep the permission bits and the sticky bit (`MODE_MASK`); setuid and
 //!   setgid are dropped: a copy is not a way to mint set-id programs. Modes are applied exactly
 //!   (`fchmod`, no umask), like `tar -p`. The writer reports the real mode, set-id bits included.
-//! - Owners are written (numeric uid/gid) but never applied: extraction runs with the requesting
-//!   user's credentials, and what it creates is theirs.
+//! - Owners are written (numeric uid/gid, octal; an id above 2,097,151 is written as that
+//!   maximum, never in GNU base-256) but never applied: extraction runs with the requesting
+//!   user's credentials, and what it creates is theirs. A size of 8 GiB or more goes in a pax
+//!   `size` record (the ustar field then holds its maximum). The extractor reads octal and
+//!   base-256 numbers.
+//! - Extensions read: pax `path`, `linkpath`, `size` and `mtime` (others ignored, global
+//!   headers too), GNU `L` long names and `K` long link targets. When an entry has several
+//!   (a pax `path` and a GNU `L`), the latest header wins. Only the standard (unsigned)
+//!   header checksum is accepted, not the signed one of some historic tars.
 //! - NOTE: every parent path is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
 //!   RESOLVE_NO_MAGICLINKS)`: a symlink anywhere in a parent path is refused
 //!   ([`TarError::SymlinkInPath`]), whether it was in the destination already or made by the
@@ -22,13 +29,14 @@
 //!   or symlink is unlinked first, never opened), `mkdirat`, `symlinkat`: none follows a link.
 //! - Directory modes and times are applied at [`Extractor::finish`], deepest first, so a
 //!   read-only directory can still be filled. Their record holds [`DIR_RECORDS_BYTES`]; past
-//!   it, a directory gets its mode at once and keeps the time of extraction.
+//!   it, a directory gets its mode and time at once (entries made in it later change the
+//!   time).
 
 use core::ffi::CStr;
 use core::mem::MaybeUninit;
 
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, RawDir, ResolveFlags, SeekFrom, Timestamps};
+use rustix::fs::{AtFlags, Mode, OFlags, RawDir, ResolveFlags, SeekFrom, Timestamps};
 use rustix::io::Errno;
 use rustix::time::Timespec;
 
@@ -63,16 +71,22 @@ const STAGING: usize = 2 * BLOCK + MAX_WRITER_PAX.div_ceil(BLOCK) * BLOCK;
 /// A getdents buffer for one entry at least (`linux_dirent64` with a 255-byte name is 280
 /// bytes, plus alignment).
 const DIRENT_BUF: usize = 512;
-/// Per deferred directory: seconds (8), nanoseconds (4), mode (4), path length (2).
-const DIR_TRAILER: usize = 18;
+/// Per deferred directory, after its path and NUL: seconds (8), then nanoseconds (4), mode (2)
+/// and the length of the path with its NUL (2) as one little-endian `u64`.
+const DIR_TRAILER: usize = 16;
 /// The extractor's scratch pages: pax data, a GNU long name, a GNU long link, directory records.
-const LONG_NAME_AREA: usize = MAX_PAX;
-const LONG_LINK_AREA: usize = LONG_NAME_AREA + MAX_PATH;
-const DIR_AREA: usize = LONG_LINK_AREA + MAX_PATH;
+const LONG_AREA: usize = MAX_PAX;
+const DIR_AREA: usize = LONG_AREA + 2 * MAX_PATH;
 const SCRATCH_LEN: usize = DIR_AREA + DIR_RECORDS_BYTES;
-// A directory record's path length is a `u16`.
+// A directory record's path length is 16 bits.
 const _: () = assert!(MAX_PATH <= u16::MAX as usize);
 const _: () = assert!(DIRENT_BUF >= 280 + 8);
+
+/// `st_mode`'s file types.
+const S_IFMT: u32 = 0o170_000;
+const S_IFDIR: u32 = 0o040_000;
+const S_IFREG: u32 = 0o100_000;
+const S_IFLNK: u32 = 0o120_000;
 
 /// What went wrong reading or writing a tar stream. Any of them ends the transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,13 +221,13 @@ impl TreeWriter {
                 self.staged += k;
                 n += k;
             } else if self.data_left > 0 {
-                let want = clamp(self.data_left, out.len());
-                let out = out.get_mut(..want).unwrap_or_default();
+                let out = out
+                    .get_mut(..clamp(self.data_left, out.len()))
+                    .unwrap_or_default();
                 let got = match &self.file {
                     Some(file) => match rustix::io::read(file, &mut *out) {
-                        Ok(got) => got,
                         Err(Errno::INTR) => continue,
-                        Err(errno) => return Err(errno.into()),
+                        got => got?,
                     },
                     None => 0,
                 };
@@ -223,14 +237,19 @@ impl TreeWriter {
                         self.changed = self.changed.saturating_add(1);
                     }
                     out.fill(0);
-                    want
+                    out.len()
                 } else {
                     got
                 };
                 self.data_left -= got as u64;
                 n += got;
                 if self.data_left == 0 {
-                    self.file = None;
+                    // Grown since: cut at the header's size, and counted.
+                    if let Some(file) = self.file.take() {
+                        if rustix::io::read(file, &mut [0u8]) == Ok(1) {
+                            self.changed = self.changed.saturating_add(1);
+                        }
+                    }
                 }
             } else if self.zeros_left > 0 {
                 let k = self.zeros_left.min(out.len());
@@ -253,8 +272,8 @@ impl TreeWriter {
         self.skipped.take()
     }
 
-    /// How many files shrank while being read (their data was padded with zeros to the size
-    /// in their header). A file that grew is cut at that size, uncounted.
+    /// How many files changed size while being read: a file that shrank has its data padded
+    /// with zeros to the size in its header, one that grew is cut at that size.
     pub fn changed(&self) -> u32 {
         self.changed
     }
@@ -269,13 +288,11 @@ impl TreeWriter {
             rustix::fs::seek(&level.fd, SeekFrom::Start(level.cookie))?;
             let mut dirents = [MaybeUninit::<u8>::uninit(); DIRENT_BUF];
             let mut dir = RawDir::new(level.fd.as_fd(), &mut dirents);
-            let entry = match dir.next() {
-                Some(entry) => entry?,
-                None => {
-                    self.levels.pop();
-                    continue;
-                }
+            let Some(entry) = dir.next() else {
+                self.levels.pop();
+                continue;
             };
+            let entry = entry?;
             level.cookie = entry.next_entry_cookie();
             let name = entry.file_name();
             let bytes = name.to_bytes();
@@ -283,94 +300,76 @@ impl TreeWriter {
                 continue;
             }
             let end = level.prefix + bytes.len();
-            if end >= MAX_PATH {
+            let slot = self.path.get_mut(level.prefix..=end);
+            let Some((slash, slot)) = slot.and_then(|slot| slot.split_last_mut()) else {
+                // No room for the name and a `/` or NUL after it.
                 return Err(TarError::PathTooLong);
-            }
+            };
+            slot.copy_from_slice(bytes);
             if depth > MAX_DEPTH {
                 return Err(TarError::TooDeep);
             }
-            if let Some(slot) = self.path.get_mut(level.prefix..end) {
-                slot.copy_from_slice(bytes);
-            }
             let dirfd = level.fd.as_fd();
-            let stat = match rustix::fs::statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(stat) => stat,
+            let stat = rustix::fs::statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW);
+            let mut meta = match stat {
+                Ok(stat) => Meta::of(&stat),
                 Err(errno) => {
                     self.skip(end, errno)?;
                     continue;
                 }
             };
-            let mut meta = Meta::of(&stat);
-            let (name_len, link_len) = match FileType::from_raw_mode(stat.st_mode) {
-                FileType::Directory => {
-                    let fd = match open_dir(dirfd, name) {
-                        Ok(fd) => fd,
-                        Err(TarError::Io(errno)) => {
-                            self.skip(end, errno)?;
-                            continue;
-                        }
-                        Err(err) => return Err(err),
-                    };
-                    // `end < MAX_PATH` was checked: room for the `/`.
-                    if let Some(slash) = self.path.get_mut(end) {
-                        *slash = b'/';
+            let mut name_len = end;
+            let mut link_len = 0;
+            if meta.kind == b'2' {
+                match rustix::fs::readlinkat_raw(dirfd, name, &mut self.link[..]) {
+                    Ok(len) if len < MAX_PATH => link_len = len,
+                    Ok(_) => return Err(TarError::PathTooLong),
+                    Err(errno) => {
+                        self.skip(end, errno)?;
+                        continue;
                     }
+                }
+            } else if meta.kind == b'5' || meta.kind == b'0' {
+                // Opened without following a link; a device is never opened (`statat` said
+                // what it is), and anything swapped in since is skipped.
+                let flags = OFlags::RDONLY
+                    | OFlags::NOFOLLOW
+                    | OFlags::CLOEXEC
+                    | OFlags::NOCTTY
+                    | OFlags::NONBLOCK;
+                let opened = rustix::fs::openat(dirfd, name, flags, Mode::empty())
+                    .and_then(|fd| Ok((rustix::fs::fstat(&fd)?, fd)));
+                let fd = match opened {
+                    Ok((stat, fd)) if Meta::of(&stat).kind == meta.kind => {
+                        meta = Meta::of(&stat);
+                        fd
+                    }
+                    Ok(_) => {
+                        self.skip(end, Errno::NOENT)?;
+                        continue;
+                    }
+                    Err(errno) => {
+                        self.skip(end, errno)?;
+                        continue;
+                    }
+                };
+                if meta.kind == b'5' {
+                    *slash = b'/';
+                    name_len += 1;
                     let level = Level {
                         fd,
                         cookie: 0,
-                        prefix: end + 1,
+                        prefix: name_len,
                     };
                     self.levels.push(level).map_err(|_| TarError::TooDeep)?;
-                    meta.kind = b'5';
-                    (end + 1, 0)
+                } else {
+                    self.data_left = meta.size;
+                    self.zeros_left = padding(meta.size);
+                    self.file = Some(fd);
                 }
-                FileType::RegularFile => {
-                    let flags = OFlags::RDONLY
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC
-                        | OFlags::NOCTTY
-                        | OFlags::NONBLOCK;
-                    let file = rustix::fs::openat(dirfd, name, flags, Mode::empty())
-                        .and_then(|file| Ok((rustix::fs::fstat(&file)?, file)));
-                    match file {
-                        // Swapped for something else since the `statat`: skipped below.
-                        Ok((stat, file)) if FileType::from_raw_mode(stat.st_mode).is_file() => {
-                            meta = Meta::of(&stat);
-                            self.data_left = meta.size;
-                            self.zeros_left = padding(meta.size);
-                            self.file = Some(file);
-                        }
-                        Ok(_) => {
-                            self.skip(end, Errno::NOENT)?;
-                            continue;
-                        }
-                        Err(errno) => {
-                            self.skip(end, errno)?;
-                            continue;
-                        }
-                    }
-                    (end, 0)
-                }
-                FileType::Symlink => {
-                    match rustix::fs::readlinkat_raw(dirfd, name, &mut self.link[..]) {
-                        Ok(target_len) if target_len < MAX_PATH => {
-                            meta.kind = b'2';
-                            (end, target_len)
-                        }
-                        Ok(_) => return Err(TarError::PathTooLong),
-                        Err(errno) => {
-                            self.skip(end, errno)?;
-                            continue;
-                        }
-                    }
-                }
-                _ => {
-                    self.skipped.note(self.path.get(..end).unwrap_or_default());
-                    continue;
-                }
-            };
-            if meta.kind != b'0' {
-                meta.size = 0;
+            } else {
+                self.skipped.note(self.path.get(..end).unwrap_or_default());
+                continue;
             }
             let name = self.path.get(..name_len).unwrap_or_default();
             let link = self.link.get(..link_len).unwrap_or_default();
@@ -403,13 +402,20 @@ struct Meta {
 }
 
 impl Meta {
+    /// A file's header fields; its kind `0` (file), `5`, `2`, or `?` for what is not written.
     fn of(stat: &rustix::fs::Stat) -> Meta {
+        let (kind, size) = match stat.st_mode & S_IFMT {
+            S_IFREG => (b'0', stat.st_size as u64),
+            S_IFDIR => (b'5', 0),
+            S_IFLNK => (b'2', 0),
+            _ => (b'?', 0),
+        };
         Meta {
-            kind: b'0',
+            kind,
             mode: stat.st_mode & 0o7777,
             uid: stat.st_uid,
             gid: stat.st_gid,
-            size: stat.st_size as u64,
+            size,
             // Before 1970: written as 1970.
             mtime: stat.st_mtime.max(0) as u64,
         }
@@ -421,22 +427,22 @@ impl Meta {
 /// length, `None` when they do not fit.
 fn stage_headers(out: &mut [u8], name: &[u8], link: &[u8], meta: &Meta) -> Option<usize> {
     let split = ustar_split(name);
-    let long_link = link.len() > 100;
-    let big = meta.size > MAX_USTAR_SIZE;
     let mut at = 0;
-    if split.is_none() || long_link || big {
-        let data = out.get_mut(BLOCK..)?;
-        let mut len = 0;
-        if split.is_none() {
-            len = pax_record(data, len, b"path", name)?;
-        }
-        if long_link {
-            len = pax_record(data, len, b"linkpath", link)?;
-        }
-        if big {
-            let mut digits = [0u8; 20];
-            len = pax_record(data, len, b"size", decimal(meta.size, &mut digits))?;
-        }
+    let mut len = 0;
+    let data = out.get_mut(BLOCK..)?;
+    if split.is_none() {
+        len = pax_record(data, len, b"path", name)?;
+    }
+    if link.len() > 100 {
+        len = pax_record(data, len, b"linkpath", link)?;
+    }
+    if meta.size > MAX_USTAR_SIZE {
+        let mut digits = [0u8; 20];
+        let size = digits.get_mut(20 - decimal_len(meta.size)..)?;
+        put_digits(size, meta.size, 10);
+        len = pax_record(data, len, b"size", size)?;
+    }
+    if len > 0 {
         let padded = len.div_ceil(BLOCK) * BLOCK;
         data.get_mut(len..padded)?.fill(0);
         let pax = Meta {
@@ -447,34 +453,45 @@ fn stage_headers(out: &mut [u8], name: &[u8], link: &[u8], meta: &Meta) -> Optio
             size: len as u64,
             mtime: meta.mtime,
         };
-        ustar_header(out.get_mut(..BLOCK)?, b"././@PaxHeader", b"", &pax);
+        ustar_header(out.get_mut(..BLOCK)?, (b"", b"././@PaxHeader"), b"", &pax);
         at = BLOCK + padded;
     }
-    ustar_header(out.get_mut(at..at + BLOCK)?, name, link, meta);
+    let names = split.unwrap_or((b"", name));
+    ustar_header(out.get_mut(at..at + BLOCK)?, names, link, meta);
     Some(at + BLOCK)
 }
 
-/// A ustar header in `block` (`BLOCK` bytes). Names too long are cut (a pax record carries
-/// them whole).
-fn ustar_header(block: &mut [u8], name: &[u8], link: &[u8], meta: &Meta) {
+/// A ustar header in `block` (`BLOCK` bytes) for the (prefix, name). What is too long is cut
+/// (a pax record carries it whole).
+fn ustar_header(block: &mut [u8], (prefix, name): (&[u8], &[u8]), link: &[u8], meta: &Meta) {
     let Ok(block) = <&mut [u8; BLOCK]>::try_from(block) else {
         return;
     };
     block.fill(0);
-    let (prefix, name) = ustar_split(name).unwrap_or((b"", name));
     copy_prefix(&mut block[0..100], name);
-    put_number(&mut block[100..108], u64::from(meta.mode));
-    put_number(&mut block[108..116], u64::from(meta.uid));
-    put_number(&mut block[116..124], u64::from(meta.gid));
-    put_number(&mut block[124..136], meta.size);
-    put_number(&mut block[136..148], meta.mtime);
+    put_octal(&mut block[100..108], u64::from(meta.mode));
+    put_octal(&mut block[108..116], u64::from(meta.uid));
+    put_octal(&mut block[116..124], u64::from(meta.gid));
+    put_octal(&mut block[124..136], meta.size);
+    put_octal(&mut block[136..148], meta.mtime);
     block[156] = meta.kind;
     copy_prefix(&mut block[157..257], link);
     block[257..265].copy_from_slice(b"ustar\x0000");
     copy_prefix(&mut block[345..500], prefix);
-    block[148..156].fill(b' ');
-    let sum = block.iter().map(|&b| u64::from(b)).sum();
-    put_number(&mut block[148..155], sum);
+    // Six digits, a NUL and a space.
+    let sum = checksum(block);
+    put_octal(&mut block[148..155], sum);
+    block[155] = b' ';
+}
+
+/// A header's checksum: the sum of its bytes, the checksum field counted as spaces.
+#[inline(never)]
+fn checksum(block: &[u8; BLOCK]) -> u64 {
+    let mut sum = 0;
+    for (i, &b) in block.iter().enumerate() {
+        sum += u64::from(if (148..156).contains(&i) { b' ' } else { b });
+    }
+    sum
 }
 
 /// `name` as ustar's (prefix, name) when it fits: at most 100 bytes, or split at a `/` into at
@@ -483,69 +500,58 @@ fn ustar_split(name: &[u8]) -> Option<(&[u8], &[u8])> {
     if name.len() <= 100 {
         return Some((b"", name));
     }
-    (0..name.len().min(156))
-        .filter(|&i| name.get(i) == Some(&b'/'))
-        .find(|&i| (1..=100).contains(&(name.len() - i - 1)))
-        .and_then(|i| Some((name.get(..i)?, name.get(i + 1..)?)))
+    // The first `/` that leaves at most 100 bytes after it, if at most 155 come before it.
+    let from = name.len() - 101;
+    let slash = from + name.get(from..)?.iter().position(|&b| b == b'/')?;
+    if slash > 155 {
+        return None;
+    }
+    Some((name.get(..slash)?, name.get(slash + 1..)?))
 }
 
-/// `field` as zero-padded octal and a NUL, or GNU base-256 when the value is too large.
-fn put_number(field: &mut [u8], mut value: u64) {
-    let Some((last, digits)) = field.split_last_mut() else {
-        return;
-    };
-    let base256 = value > octal_max(digits.len() + 1);
-    if base256 {
-        for byte in field.iter_mut().rev() {
-            *byte = value as u8;
-            value >>= 8;
-        }
-        if let Some(first) = field.first_mut() {
-            *first = 0x80;
-        }
-        return;
+/// An octal header field: zero-padded digits and a NUL, the value clamped to the most they
+/// hold.
+#[inline(never)]
+fn put_octal(field: &mut [u8], value: u64) {
+    if let Some((nul, digits)) = field.split_last_mut() {
+        *nul = 0;
+        let max = octal_max(digits.len() + 1);
+        put_digits(digits, value.min(max), 8);
     }
-    *last = 0;
-    for digit in digits.iter_mut().rev() {
-        *digit = b'0' + (value & 7) as u8;
-        value >>= 3;
+}
+
+/// `value` in `base`, zero-padded to fill `field` (higher digits are lost).
+#[inline(never)]
+fn put_digits(field: &mut [u8], mut value: u64, base: u64) {
+    for digit in field.iter_mut().rev() {
+        *digit = b'0' + (value % base) as u8;
+        value /= base;
     }
+}
+
+/// How many decimal digits `value` has.
+fn decimal_len(mut value: u64) -> usize {
+    let mut len = 1;
+    while value >= 10 {
+        value /= 10;
+        len += 1;
+    }
+    len
 }
 
 /// Appends the pax record `LEN key=value\n` at `data[at..]`; returns the new end.
 fn pax_record(data: &mut [u8], at: usize, key: &[u8], value: &[u8]) -> Option<usize> {
-    let mut digits = [0u8; 20];
     let body = key.len() + value.len() + 3;
-    let mut len = body + decimal(body as u64, &mut digits).len();
-    // One more digit when counting the length's own digits carried it over a power of ten.
-    len = body + decimal(len as u64, &mut digits).len();
-    let mut end = at;
-    for part in [
-        decimal(len as u64, &mut digits),
-        b" ",
-        key,
-        b"=",
-        value,
-        b"\n",
-    ] {
-        let next = end.checked_add(part.len())?;
+    // One more digit when counting the length's own digits carries it over a power of ten.
+    let len = body + decimal_len((body + decimal_len(body as u64)) as u64);
+    let mut end = at + (len - body);
+    put_digits(data.get_mut(at..end)?, len as u64, 10);
+    for part in [&b" "[..], key, b"=", value, b"\n"] {
+        let next = end + part.len();
         data.get_mut(end..next)?.copy_from_slice(part);
         end = next;
     }
     Some(end)
-}
-
-/// `value`'s decimal digits, written at the end of `buf`.
-fn decimal(mut value: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut start = buf.len();
-    loop {
-        start -= 1;
-        buf[start] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 || start == 0 {
-            return buf.get(start..).unwrap_or_default();
-        }
-    }
 }
 
 /// Unpacks a tar stream fed in pieces into a destination directory.
@@ -562,13 +568,11 @@ pub struct Extractor<'d> {
     file: Option<OwnedFd>,
     /// Bytes gathered into the sink's scratch area.
     area_len: usize,
-    /// What the extension headers say about the next entry: (start, length) in `scratch`.
-    pax_path: Option<(usize, usize)>,
-    pax_link: Option<(usize, usize)>,
+    /// The next entry's path and link target from extension headers: (start, length) in
+    /// `scratch`.
+    names: [Option<(usize, usize)>; 2],
     pax_size: Option<u64>,
     pax_mtime: Option<Timespec>,
-    long_name: Option<(usize, usize)>,
-    long_link: Option<(usize, usize)>,
     /// The file being written gets these when its data is complete.
     mode: u32,
     mtime: Timespec,
@@ -589,8 +593,8 @@ enum Sink {
     Discard,
     File,
     Pax,
-    LongName,
-    LongLink,
+    /// A GNU long name (0) or long link target (1).
+    Long(usize),
 }
 
 /// How every path under the destination is resolved (see the module's doc).
@@ -611,12 +615,9 @@ impl<'d> Extractor<'d> {
             pad_left: 0,
             file: None,
             area_len: 0,
-            pax_path: None,
-            pax_link: None,
+            names: [None; 2],
             pax_size: None,
             pax_mtime: None,
-            long_name: None,
-            long_link: None,
             mode: 0,
             mtime: Timespec {
                 tv_sec: 0,
@@ -666,28 +667,25 @@ impl<'d> Extractor<'d> {
         if self.block_len != 0 || self.data_left != 0 || self.pad_left != 0 {
             return Err(TarError::Truncated);
         }
-        let dest = self.dest;
-        let scratch = self.scratch.bytes()?;
-        let records = scratch.get(DIR_AREA..).unwrap_or_default();
-        let mut end = self.dir_records;
+        let mut end = core::mem::take(&mut self.dir_records);
+        let records = self.scratch.bytes()?.get(DIR_AREA..).unwrap_or_default();
         // Deepest (latest) first: a parent's mode may forbid reaching its children.
         while let Some(trailer_at) = end.checked_sub(DIR_TRAILER) {
-            let trailer = records.get(trailer_at..end).ok_or(TarError::BadHeader)?;
-            let mut fields = [0u8; DIR_TRAILER];
-            fields.copy_from_slice(trailer);
-            let [s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, m0, m1, m2, m3, l0, l1] = fields;
-            let len = usize::from(u16::from_le_bytes([l0, l1]));
-            let start = trailer_at.checked_sub(len).ok_or(TarError::BadHeader)?;
-            let path = records.get(start..trailer_at).and_then(sys::cstr_with_nul);
+            let mut trailer = [0; DIR_TRAILER];
+            copy_prefix(&mut trailer, records.get(trailer_at..).unwrap_or_default());
+            let trailer = u128::from_le_bytes(trailer);
+            let start = trailer_at.checked_sub((trailer >> 112) as usize);
+            let path = start.and_then(|start| records.get(start..trailer_at));
             let mtime = Timespec {
-                tv_sec: i64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
-                tv_nsec: u32::from_le_bytes([n0, n1, n2, n3]).into(),
+                tv_sec: trailer as i64,
+                tv_nsec: i64::from((trailer >> 64) as u32),
             };
-            let mode = u32::from_le_bytes([m0, m1, m2, m3]);
-            set_dir(dest, path.ok_or(TarError::BadHeader)?, mode, Some(mtime))?;
-            end = start;
+            let path = path
+                .and_then(sys::cstr_with_nul)
+                .ok_or(TarError::BadHeader)?;
+            set_dir(self.dest, path, (trailer >> 96) as u32 & 0xffff, mtime)?;
+            end = start.unwrap_or_default();
         }
-        self.dir_records = 0;
         Ok(())
     }
 
@@ -708,13 +706,11 @@ impl<'d> Extractor<'d> {
                 return Ok(());
             }
             Sink::Pax => 0,
-            Sink::LongName => LONG_NAME_AREA,
-            Sink::LongLink => LONG_LINK_AREA,
+            Sink::Long(which) => LONG_AREA + which * MAX_PATH,
         };
-        // `begin` checked the size against the area's.
+        // `start` checked the size against the area's.
         let at = area + self.area_len;
-        let bytes = self.scratch.bytes()?;
-        let slot = bytes.get_mut(at..at + chunk.len());
+        let slot = self.scratch.bytes()?.get_mut(at..at + chunk.len());
         slot.ok_or(TarError::ExtensionTooLarge)?
             .copy_from_slice(chunk);
         self.area_len += chunk.len();
@@ -723,7 +719,6 @@ impl<'d> Extractor<'d> {
 
     /// An entry's data is complete.
     fn end_of_data(&mut self) -> Result<(), TarError> {
-        let len = self.area_len;
         match core::mem::replace(&mut self.sink, Sink::Discard) {
             Sink::Discard => {}
             Sink::File => {
@@ -733,27 +728,21 @@ impl<'d> Extractor<'d> {
                 }
             }
             Sink::Pax => self.parse_pax()?,
-            Sink::LongName => {
-                self.long_name = Some((LONG_NAME_AREA, self.nul_trimmed(LONG_NAME_AREA, len)?))
-            }
-            Sink::LongLink => {
-                self.long_link = Some((LONG_LINK_AREA, self.nul_trimmed(LONG_LINK_AREA, len)?))
+            Sink::Long(which) => {
+                let at = LONG_AREA + which * MAX_PATH;
+                let bytes = self.scratch.bytes()?.get(at..at + self.area_len);
+                // Without its trailing NULs.
+                let len = until_nul(bytes.unwrap_or_default()).len();
+                if let Some(name) = self.names.get_mut(which) {
+                    *name = Some((at, len));
+                }
             }
         }
         Ok(())
     }
 
-    /// A GNU long name's length without its trailing NULs.
-    fn nul_trimmed(&mut self, area: usize, len: usize) -> Result<usize, TarError> {
-        let bytes = self.scratch.bytes()?;
-        Ok(until_nul(bytes.get(area..area + len).unwrap_or_default()).len())
-    }
-
-    /// Sets up an entry's data: `size` bytes to `sink`, at most `max`.
-    fn begin(&mut self, sink: Sink, size: u64, max: u64) -> Result<(), TarError> {
-        if size > max {
-            return Err(TarError::ExtensionTooLarge);
-        }
+    /// Sets up an entry's data: `size` bytes to `sink`.
+    fn start(&mut self, sink: Sink, size: u64) -> Result<(), TarError> {
         self.sink = sink;
         self.area_len = 0;
         self.data_left = size;
@@ -766,250 +755,194 @@ impl<'d> Extractor<'d> {
 
     /// A complete header block.
     fn header(&mut self) -> Result<(), TarError> {
-        let block = &self.block;
-        if block.iter().all(|&b| b == 0) {
+        let sum = checksum(&self.block);
+        if sum == 8 * u64::from(b' ') {
+            // A zero block (the checksum field aside).
             self.ended = true;
             return Ok(());
         }
-        let (mut unsigned, mut signed) = (0u32, 0i32);
-        for (i, &b) in block.iter().enumerate() {
-            let b = if (148..156).contains(&i) { b' ' } else { b };
-            unsigned += u32::from(b);
-            signed += i32::from(b as i8);
-        }
-        let sum = parse_number(&block[148..156])?;
-        if sum != u64::from(unsigned) && i64::try_from(sum).ok() != Some(i64::from(signed)) {
+        if parse_number(&self.block[148..156])? != sum {
             return Err(TarError::BadChecksum);
         }
-        let size = parse_number(&block[124..136])?;
-        match block[156] {
+        let size = parse_number(&self.block[124..136])?;
+        let (sink, max) = match self.block[156] {
             b'x' => {
-                self.pax_path = None;
-                self.pax_link = None;
+                // New pax data: what pointed into the previous is gone.
+                for name in &mut self.names {
+                    if name.is_some_and(|(start, _)| start < LONG_AREA) {
+                        *name = None;
+                    }
+                }
                 self.pax_size = None;
                 self.pax_mtime = None;
-                self.begin(Sink::Pax, size, MAX_PAX as u64)
+                (Sink::Pax, MAX_PAX)
             }
-            b'g' => self.begin(Sink::Discard, size, u64::MAX),
-            b'L' => self.begin(Sink::LongName, size, MAX_PATH as u64),
-            b'K' => self.begin(Sink::LongLink, size, MAX_PATH as u64),
-            kind => self.entry(kind, size),
+            b'g' => (Sink::Discard, usize::MAX),
+            b'L' => (Sink::Long(0), MAX_PATH),
+            b'K' => (Sink::Long(1), MAX_PATH),
+            kind => return self.entry(kind, size),
+        };
+        if size > max as u64 {
+            return Err(TarError::ExtensionTooLarge);
         }
+        self.start(sink, size)
     }
 
     /// An entry proper (not an extension header): created, or skipped with a note.
     fn entry(&mut self, kind: u8, size: u64) -> Result<(), TarError> {
-        let size = self.pax_size.take().unwrap_or(size);
-        let mtime = match self.pax_mtime.take() {
-            Some(mtime) => mtime,
-            None => Timespec {
-                tv_sec: parse_number(&self.block[136..148])?.min(i64::MAX as u64) as i64,
-                tv_nsec: 0,
-            },
-        };
-        let mode = (parse_number(&self.block[100..108])? & u64::from(MODE_MASK)) as u32;
-        let (pax_path, long_name) = (self.pax_path.take(), self.long_name.take());
-        let (pax_link, long_link) = (self.pax_link.take(), self.long_link.take());
-        let scratch: &[u8] = self.scratch.bytes()?;
         let block = &self.block;
+        let size = self.pax_size.take().unwrap_or(size);
+        let mtime = Timespec {
+            tv_sec: parse_number(&block[136..148])?.min(i64::MAX as u64) as i64,
+            tv_nsec: 0,
+        };
+        let mtime = self.pax_mtime.take().unwrap_or(mtime);
+        let mode = parse_number(&block[100..108])? as u32 & MODE_MASK;
+        let [name, link] = core::mem::take(&mut self.names);
+        let scratch: &[u8] = self.scratch.bytes()?;
         let area = |range: Option<(usize, usize)>| {
             range.and_then(|(start, len)| scratch.get(start..start.checked_add(len)?))
         };
-        let posix = &block[257..263] == b"ustar\0";
-        let ustar_name = until_nul(&block[0..100]);
-        let prefix = if posix {
+        let prefix = if block[257..263] == *b"ustar\0" {
             until_nul(&block[345..500])
         } else {
             b""
         };
-        let names: [&[u8]; 2] = match area(pax_path).or(area(long_name)) {
+        let names = match area(name) {
             Some(name) => [name, b""],
-            None => [prefix, ustar_name],
+            None => [prefix, until_nul(&block[0..100])],
         };
         let (len, slash) = normalize(&mut self.path, names)?;
-        if kind == b'2' {
-            let link = area(pax_link)
-                .or(area(long_link))
-                .unwrap_or(until_nul(&block[157..257]));
-            // A NUL-terminated copy, checked now: the target is used after `open_parent`.
-            let target = self.link.get_mut(..=link.len());
-            let (nul, text) = target
-                .and_then(|target| target.split_last_mut())
-                .ok_or(TarError::PathTooLong)?;
-            text.copy_from_slice(link);
-            *nul = 0;
-            if link.is_empty() || link.contains(&0) {
-                return Err(TarError::BadHeader);
+        let kind = match kind {
+            b'0' | b'\0' | b'7' => b'0',
+            b'5' => b'5',
+            b'2' => {
+                let link = area(link).unwrap_or(until_nul(&block[157..257]));
+                // A NUL-terminated copy, checked now: the target is used after `open_parent`.
+                let target = self.link.get_mut(..=link.len());
+                let (nul, text) = target
+                    .and_then(|target| target.split_last_mut())
+                    .ok_or(TarError::PathTooLong)?;
+                text.copy_from_slice(link);
+                *nul = 0;
+                if link.is_empty() || link.contains(&0) {
+                    return Err(TarError::BadHeader);
+                }
+                b'2'
             }
-        }
-        self.data_left = size;
-        self.pad_left = padding(size) as u64;
-        self.sink = Sink::Discard;
+            _ => 0,
+        };
         if len == 0 {
             // The root: the destination keeps its own mode and time.
-            return if kind == b'5' {
-                Ok(())
-            } else {
-                Err(TarError::PathEscape)
-            };
-        }
-        let leaf_at = slash.map_or(0, |slash| slash + 1);
-        match kind {
-            b'0' | b'\0' | b'7' => {
-                let parent = self.open_parent(slash)?;
-                let parent = parent.as_ref().map_or(self.dest, |fd| fd.as_fd());
-                let leaf = cstr_in(&self.path, leaf_at, len)?;
-                let flags = OFlags::WRONLY
-                    | OFlags::CREATE
-                    | OFlags::EXCL
-                    | OFlags::NOFOLLOW
-                    | OFlags::CLOEXEC
-                    | OFlags::NOCTTY;
-                let owner_rw = Mode::RUSR | Mode::WUSR;
-                let file = match rustix::fs::openat(parent, leaf, flags, owner_rw) {
-                    Err(Errno::EXIST) => {
-                        // Replaced, like tar does; never opened (a symlink is not followed).
-                        rustix::fs::unlinkat(parent, leaf, AtFlags::empty())?;
-                        rustix::fs::openat(parent, leaf, flags, owner_rw)?
-                    }
-                    file => file?,
-                };
-                self.file = Some(file);
-                self.sink = Sink::File;
-                self.mode = mode;
-                self.mtime = mtime;
+            if kind != b'5' {
+                return Err(TarError::PathEscape);
             }
-            b'5' => {
-                // Recorded before `open_parent`, which cuts the path into components.
-                let recorded = self.record_dir(len, mode, mtime)?;
-                let parent = self.open_parent(slash)?;
-                let parent = parent.as_ref().map_or(self.dest, |fd| fd.as_fd());
-                let leaf = cstr_in(&self.path, leaf_at, len)?;
-                // Owner-writable until `finish` gives it its own mode.
-                let owner_rwx = Mode::RWXU;
-                match rustix::fs::mkdirat(parent, leaf, owner_rwx) {
-                    Ok(()) => {}
-                    Err(Errno::EXIST) => {
-                        let stat = rustix::fs::statat(parent, leaf, AtFlags::SYMLINK_NOFOLLOW)?;
-                        if !FileType::from_raw_mode(stat.st_mode).is_dir() {
-                            rustix::fs::unlinkat(parent, leaf, AtFlags::empty())?;
-                            rustix::fs::mkdirat(parent, leaf, owner_rwx)?;
+        } else if kind == 0 {
+            self.skipped.note(self.path.get(..len).unwrap_or_default());
+        } else {
+            // Recorded before `open_parent`, which cuts the path into components.
+            let recorded = kind == b'5' && self.record_dir(len, mode, mtime)?;
+            let parent = open_parent(self.dest, &mut self.path, slash)?;
+            let at = parent.as_ref().map_or(self.dest, |fd| fd.as_fd());
+            let leaf = cstr_in(&self.path, slash.map_or(0, |slash| slash + 1), len)?;
+            // What is there is replaced, like tar does: never opened or followed.
+            let mut replaced = false;
+            loop {
+                let made = match kind {
+                    b'0' => {
+                        let flags = OFlags::WRONLY
+                            | OFlags::CREATE
+                            | OFlags::EXCL
+                            | OFlags::NOFOLLOW
+                            | OFlags::CLOEXEC
+                            | OFlags::NOCTTY;
+                        rustix::fs::openat(at, leaf, flags, Mode::RUSR | Mode::WUSR)
+                            .map(|file| self.file = Some(file))
+                    }
+                    // Owner-writable until `finish` gives it its own mode.
+                    b'5' => rustix::fs::mkdirat(at, leaf, Mode::RWXU),
+                    _ => rustix::fs::symlinkat(cstr_in(&self.link, 0, self.link_len())?, at, leaf),
+                };
+                match made {
+                    Err(Errno::EXIST) if !replaced => {
+                        replaced = true;
+                        match rustix::fs::unlinkat(at, leaf, AtFlags::empty()) {
+                            // A directory stays, with its contents.
+                            Err(Errno::ISDIR) if kind == b'5' => break,
+                            unlinked => unlinked?,
                         }
                     }
-                    Err(errno) => return Err(errno.into()),
-                }
-                if !recorded {
-                    set_dir(parent, leaf, mode, None)?;
+                    made => break made?,
                 }
             }
-            b'2' => {
-                let parent = self.open_parent(slash)?;
-                let parent = parent.as_ref().map_or(self.dest, |fd| fd.as_fd());
-                let leaf = cstr_in(&self.path, leaf_at, len)?;
-                let end = self.link.iter().position(|&b| b == 0).unwrap_or(0);
-                let target = cstr_in(&self.link, 0, end)?;
-                if let Err(Errno::EXIST) = rustix::fs::symlinkat(target, parent, leaf) {
-                    rustix::fs::unlinkat(parent, leaf, AtFlags::empty())?;
-                    rustix::fs::symlinkat(target, parent, leaf)?;
-                }
-                rustix::fs::utimensat(parent, leaf, &times(mtime), AtFlags::SYMLINK_NOFOLLOW)?;
+            if kind == b'2' {
+                rustix::fs::utimensat(at, leaf, &times(mtime), AtFlags::SYMLINK_NOFOLLOW)?;
+            } else if kind == b'5' && !recorded {
+                set_dir(at, leaf, mode, mtime)?;
             }
-            _ => self.skipped.note(self.path.get(..len).unwrap_or_default()),
         }
-        if size == 0 {
-            self.end_of_data()?;
-        }
-        Ok(())
+        self.mode = mode;
+        self.mtime = mtime;
+        let sink = if self.file.is_some() {
+            Sink::File
+        } else {
+            Sink::Discard
+        };
+        self.start(sink, size)
+    }
+
+    /// The symlink target's length in `link`.
+    fn link_len(&self) -> usize {
+        self.link.iter().position(|&b| b == 0).unwrap_or(0)
     }
 
     /// Keeps the directory at `path[..len]`'s mode and time for `finish`; `false` when the
     /// records are full.
     fn record_dir(&mut self, len: usize, mode: u32, mtime: Timespec) -> Result<bool, TarError> {
-        let scratch = self.scratch.bytes()?;
+        let at = DIR_AREA + self.dir_records;
         let record = len + 1 + DIR_TRAILER;
-        let free = scratch.get_mut(DIR_AREA + self.dir_records..);
-        let Some(slot) = free.and_then(|free| free.get_mut(..record)) else {
+        let Some(slot) = self.scratch.bytes()?.get_mut(at..at + record) else {
             return Ok(false);
         };
-        let path_len = (len + 1) as u16;
-        let mut at = 0;
-        for field in [
-            self.path.get(..=len).unwrap_or_default(),
-            &mtime.tv_sec.to_le_bytes(),
-            &(mtime.tv_nsec as u32).to_le_bytes(),
-            &mode.to_le_bytes(),
-            &path_len.to_le_bytes(),
-        ] {
-            at += copy_prefix(slot.get_mut(at..).unwrap_or_default(), field);
-        }
+        let trailer = u128::from(mtime.tv_sec as u64)
+            | u128::from(mtime.tv_nsec as u32) << 64
+            | u128::from(mode) << 96
+            | ((len + 1) as u128) << 112;
+        let path_end = copy_prefix(slot, self.path.get(..=len).unwrap_or_default());
+        copy_prefix(
+            slot.get_mut(path_end..).unwrap_or_default(),
+            &trailer.to_le_bytes(),
+        );
         self.dir_records += record;
         Ok(true)
     }
 
-    /// Opens the parent directory of the entry in `path` (its last `/` at `slash`; `None`
-    /// for the destination itself), creating missing directories. Cuts `path[..slash]` into
-    /// NUL-separated components.
-    fn open_parent(&mut self, slash: Option<usize>) -> Result<Option<OwnedFd>, TarError> {
-        let Some(slash) = slash else {
-            return Ok(None);
-        };
-        let parent = self.path.get_mut(..=slash).ok_or(TarError::PathTooLong)?;
-        if let Some(nul) = parent.last_mut() {
-            *nul = 0;
-        }
-        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let path = sys::cstr_with_nul(parent).ok_or(TarError::BadHeader)?;
-        match rustix::fs::openat2(self.dest, path, flags, Mode::empty(), RESOLVE) {
-            Err(Errno::NOENT) => {}
-            opened => return opened.map(Some).map_err(resolve_error),
-        }
-        // Missing directories are made (as `tar` does for archives that list files only),
-        // one component at a time, each opened as strictly as the whole.
-        for byte in parent.iter_mut() {
-            if *byte == b'/' {
-                *byte = 0;
-            }
-        }
-        let mut dir: Option<OwnedFd> = None;
-        for component in parent.split_inclusive(|&b| b == 0) {
-            let at = dir.as_ref().map_or(self.dest, |fd| fd.as_fd());
-            let name = sys::cstr_with_nul(component).ok_or(TarError::BadHeader)?;
-            match rustix::fs::mkdirat(at, name, Mode::from_raw_mode(0o755)) {
-                Ok(()) | Err(Errno::EXIST) => {}
-                Err(errno) => return Err(errno.into()),
-            }
-            let opened = rustix::fs::openat2(at, name, flags, Mode::empty(), RESOLVE);
-            dir = Some(opened.map_err(resolve_error)?);
-        }
-        Ok(dir)
-    }
-
-    /// A pax extended header's records: the ones for the next entry are kept.
+    /// A pax extended header's records: the ones for the next entry are kept. A record with
+    /// an empty value is ignored (the header's field stands).
     fn parse_pax(&mut self) -> Result<(), TarError> {
-        let bytes = self.scratch.bytes()?;
-        let data = bytes.get(..self.area_len).ok_or(TarError::BadPax)?;
+        let data = self.scratch.bytes()?.get(..self.area_len);
+        let data = data.unwrap_or_default();
         let mut at = 0;
         while let Some(rest @ [_, ..]) = data.get(at..) {
-            let space = rest
-                .iter()
-                .position(|&b| b == b' ')
-                .ok_or(TarError::BadPax)?;
-            let len = rest.get(..space).and_then(parse_decimal);
+            let space = rest.iter().position(|&b| b == b' ');
+            let space = space.ok_or(TarError::BadPax)?;
+            let len = rest
+                .get(..space)
+                .and_then(|digits| parse_digits(digits, 10));
             let record = len.and_then(|len| rest.get(..usize::try_from(len).ok()?));
             let Some([body @ .., b'\n']) = record else {
                 return Err(TarError::BadPax);
             };
             let pair = body.get(space + 1..).ok_or(TarError::BadPax)?;
-            let eq = pair
-                .iter()
-                .position(|&b| b == b'=')
-                .ok_or(TarError::BadPax)?;
-            let (key, value) = (pair.get(..eq), pair.get(eq + 1..).unwrap_or_default());
-            let value_at = at + space + 1 + eq + 1;
-            match key.unwrap_or_default() {
-                b"path" => self.pax_path = Some((value_at, value.len())),
-                b"linkpath" => self.pax_link = Some((value_at, value.len())),
-                b"size" => self.pax_size = Some(parse_decimal(value).ok_or(TarError::BadPax)?),
+            let eq = pair.iter().position(|&b| b == b'=');
+            let eq = eq.ok_or(TarError::BadPax)?;
+            let value = pair.get(eq + 1..).unwrap_or_default();
+            let name = Some((at + space + 1 + eq + 1, value.len()));
+            match pair.get(..eq).unwrap_or_default() {
+                _ if value.is_empty() => {}
+                b"path" => self.names[0] = name,
+                b"linkpath" => self.names[1] = name,
+                b"size" => self.pax_size = Some(parse_digits(value, 10).ok_or(TarError::BadPax)?),
                 b"mtime" => self.pax_mtime = Some(parse_time(value).ok_or(TarError::BadPax)?),
                 _ => {}
             }
@@ -1017,6 +950,48 @@ impl<'d> Extractor<'d> {
         }
         Ok(())
     }
+}
+
+/// Opens the parent directory of the entry in `path` (its last `/` at `slash`; `None` for
+/// `dest` itself), creating missing directories. Cuts `path[..slash]` into NUL-separated
+/// components.
+fn open_parent(
+    dest: BorrowedFd<'_>,
+    path: &mut [u8; MAX_PATH],
+    slash: Option<usize>,
+) -> Result<Option<OwnedFd>, TarError> {
+    let Some(slash) = slash else {
+        return Ok(None);
+    };
+    let parent = path.get_mut(..=slash).ok_or(TarError::PathTooLong)?;
+    if let Some(nul) = parent.last_mut() {
+        *nul = 0;
+    }
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let whole = sys::cstr_with_nul(parent).ok_or(TarError::BadHeader)?;
+    match rustix::fs::openat2(dest, whole, flags, Mode::empty(), RESOLVE) {
+        Err(Errno::NOENT) => {}
+        opened => return opened.map(Some).map_err(resolve_error),
+    }
+    // Missing directories are made (as `tar` does for archives that list files only), one
+    // component at a time, each opened as strictly as the whole.
+    for byte in parent.iter_mut() {
+        if *byte == b'/' {
+            *byte = 0;
+        }
+    }
+    let mut dir: Option<OwnedFd> = None;
+    for component in parent.split_inclusive(|&b| b == 0) {
+        let at = dir.as_ref().map_or(dest, |fd| fd.as_fd());
+        let name = sys::cstr_with_nul(component).ok_or(TarError::BadHeader)?;
+        match rustix::fs::mkdirat(at, name, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+        let opened = rustix::fs::openat2(at, name, flags, Mode::empty(), RESOLVE);
+        dir = Some(opened.map_err(resolve_error)?);
+    }
+    Ok(dir)
 }
 
 /// Joins `pieces` (each `/`-separated) into `out` as a relative path without empty or `.`
@@ -1062,20 +1037,13 @@ fn cstr_in(buf: &[u8], start: usize, end: usize) -> Result<&CStr, TarError> {
     sys::cstr_with_nul(bytes).ok_or(TarError::BadHeader)
 }
 
-/// Sets a directory's mode, and its modification time if given.
-fn set_dir(
-    at: BorrowedFd<'_>,
-    path: &CStr,
-    mode: u32,
-    mtime: Option<Timespec>,
-) -> Result<(), TarError> {
+/// Sets a directory's mode and modification time.
+fn set_dir(at: BorrowedFd<'_>, path: &CStr, mode: u32, mtime: Timespec) -> Result<(), TarError> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let dir =
         rustix::fs::openat2(at, path, flags, Mode::empty(), RESOLVE).map_err(resolve_error)?;
     rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode))?;
-    if let Some(mtime) = mtime {
-        rustix::fs::futimens(&dir, &times(mtime))?;
-    }
+    rustix::fs::futimens(&dir, &times(mtime))?;
     Ok(())
 }
 
@@ -1099,83 +1067,65 @@ fn times(mtime: Timespec) -> Timestamps {
     }
 }
 
-/// A ustar numeric field: octal (leading spaces, ended by a NUL or a space) or GNU base-256.
+/// A ustar numeric field: octal (leading spaces, ended by a NUL or a space) or GNU base-256
+/// (positive only).
+#[inline(never)]
 fn parse_number(field: &[u8]) -> Result<u64, TarError> {
-    if let Some((&first, rest)) = field.split_first() {
-        if first & 0x80 != 0 {
-            // Negative numbers (0xff) are refused.
-            if first != 0x80 {
-                return Err(TarError::BadHeader);
-            }
-            return rest.iter().try_fold(0u64, |value, &b| {
-                value
-                    .checked_mul(256)
-                    .map(|value| value | u64::from(b))
-                    .ok_or(TarError::BadHeader)
-            });
+    let number = match field.split_first() {
+        Some((0x80, rest)) => parse_digits(rest, 256),
+        Some((first, _)) if first & 0x80 != 0 => None,
+        _ => {
+            let start = field.iter().position(|&b| b != b' ').unwrap_or(field.len());
+            let digits = field.get(start..).unwrap_or_default();
+            let end = digits.iter().position(|&b| b == 0 || b == b' ');
+            digits
+                .get(..end.unwrap_or(digits.len()))
+                .and_then(|digits| parse_digits(digits, 8))
         }
-    }
-    let digits = field.iter().skip_while(|&&b| b == b' ');
-    let mut value = 0u64;
-    for &b in digits.take_while(|&&b| b != 0 && b != b' ') {
-        if !(b'0'..=b'7').contains(&b) {
-            return Err(TarError::BadHeader);
-        }
-        value = value
-            .checked_mul(8)
-            .map(|value| value | u64::from(b - b'0'))
-            .ok_or(TarError::BadHeader)?;
-    }
-    Ok(value)
+    };
+    number.ok_or(TarError::BadHeader)
 }
 
-/// Decimal digits only, at least one.
-fn parse_decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() {
-        return None;
+/// Digits of `base` (8 or 10 as ASCII, 256 as bytes), none meaning 0; `None` on any other
+/// byte or an overflow.
+#[inline(never)]
+fn parse_digits(digits: &[u8], base: u64) -> Option<u64> {
+    let mut value = 0u64;
+    for &b in digits {
+        let digit = u64::from(if base == 256 { b } else { b.wrapping_sub(b'0') });
+        if digit >= base {
+            return None;
+        }
+        value = value.checked_mul(base)?.checked_add(digit)?;
     }
-    digits.iter().try_fold(0u64, |value, &d| {
-        let digit = d.is_ascii_digit().then(|| u64::from(d - b'0'))?;
-        value.checked_mul(10)?.checked_add(digit)
-    })
+    Some(value)
 }
 
 /// A pax time: `[-]SECONDS[.FRACTION]`.
 fn parse_time(text: &[u8]) -> Option<Timespec> {
-    let (negative, text) = match text.strip_prefix(b"-") {
-        Some(rest) => (true, rest),
-        None => (false, text),
+    let (negative, text) = match text {
+        [b'-', rest @ ..] => (true, rest),
+        _ => (false, text),
     };
-    let (seconds, fraction) = match text.iter().position(|&b| b == b'.') {
-        Some(dot) => (text.get(..dot)?, text.get(dot + 1..)?),
-        None => (text, &b""[..]),
-    };
-    let seconds = i64::try_from(parse_decimal(seconds)?).ok()?;
-    let mut nanos = 0i64;
-    for i in 0..9 {
-        let digit = match fraction.get(i) {
-            Some(d) if d.is_ascii_digit() => i64::from(d - b'0'),
-            Some(_) => return None,
-            None => 0,
-        };
-        nanos = nanos * 10 + digit;
-    }
+    let dot = text.iter().position(|&b| b == b'.').unwrap_or(text.len());
+    let mut seconds = i64::try_from(parse_digits(text.get(..dot)?, 10)?).ok()?;
+    let fraction = text.get(dot + 1..).unwrap_or_default();
     if !fraction.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    Some(match (negative, nanos) {
-        (false, _) => Timespec {
-            tv_sec: seconds,
-            tv_nsec: nanos,
-        },
-        (true, 0) => Timespec {
-            tv_sec: -seconds,
-            tv_nsec: 0,
-        },
-        (true, _) => Timespec {
-            tv_sec: -seconds - 1,
-            tv_nsec: 1_000_000_000 - nanos,
-        },
+    let mut nanos = *b"000000000";
+    copy_prefix(&mut nanos, fraction);
+    let mut nanos = parse_digits(&nanos, 10)? as i64;
+    if negative {
+        seconds = -seconds;
+        if nanos > 0 {
+            seconds -= 1;
+            nanos = 1_000_000_000 - nanos;
+        }
+    }
+    Some(Timespec {
+        tv_sec: seconds,
+        tv_nsec: nanos,
     })
 }
 
@@ -1445,7 +1395,7 @@ mod tests {
         rustix::fs::mknodat(
             rustix::fs::CWD,
             fifo.as_c_str(),
-            FileType::Fifo,
+            rustix::fs::FileType::Fifo,
             Mode::RUSR,
             0,
         )
@@ -1584,7 +1534,7 @@ mod tests {
     fn fixed_checksum(block: &mut [u8]) {
         block[148..156].fill(b' ');
         let sum: u64 = block[..BLOCK].iter().map(|&b| u64::from(b)).sum();
-        put_number(&mut block[148..155], sum);
+        put_octal(&mut block[148..155], sum);
     }
 
     #[test]
@@ -1897,7 +1847,17 @@ mod tests {
         assert_eq!(t(b"-1.25"), Some((-2, 750_000_000)));
         assert_eq!(t(b"5"), Some((5, 0)));
         assert_eq!(t(b"5.x"), None);
-        assert_eq!(t(b""), None);
+        assert_eq!(t(b"x"), None);
+        // An empty pax value leaves the header's field.
+        let dest = tmp("pax-empty");
+        extract(
+            &with_pax(b"9 mtime=\n", entry("e", b'0', "", b"")),
+            &dest,
+            1,
+        )
+        .unwrap();
+        let meta = std::fs::metadata(dest.join("e")).unwrap();
+        assert_eq!(meta.mtime(), 1_000_000);
     }
 
     #[test]
@@ -1917,8 +1877,12 @@ mod tests {
         assert_eq!(staging[156], b'x');
         assert!(staging[BLOCK..2 * BLOCK].starts_with(b"19 size=8589934592\n"));
         let header = &staging[2 * BLOCK..3 * BLOCK];
-        assert_eq!(header[124], 0x80, "base-256 in the header too");
-        assert_eq!(parse_number(&header[124..136]), Ok(size));
+        // The ustar field holds its maximum; the pax record the size (never base-256).
+        assert_eq!(parse_number(&header[124..136]), Ok(MAX_USTAR_SIZE));
+        let mut base256 = [0u8; 12];
+        base256[0] = 0x80;
+        base256[7..].copy_from_slice(&[2, 0, 0, 0, 0]);
+        assert_eq!(parse_number(&base256), Ok(size), "base-256 is read");
         assert_eq!(parse_number(b"77777777777\0"), Ok(MAX_USTAR_SIZE));
         assert_eq!(parse_number(&[0xff; 12]), Err(TarError::BadHeader));
         let dest = tmp("big");
@@ -1927,10 +1891,12 @@ mod tests {
         extractor.feed(&staging[..n]).unwrap();
         extractor.feed(&[5; 1000]).unwrap();
         assert_eq!(extractor.finish(), Err(TarError::Truncated));
-        // Uids beyond octal's 7 digits go base-256.
+        // Uids beyond octal's 7 digits are written as the most it holds.
         let mut field = [0u8; 8];
-        put_number(&mut field, 4_000_000_000);
-        assert_eq!(parse_number(&field), Ok(4_000_000_000));
+        put_octal(&mut field, 4_000_000_000);
+        assert_eq!(&field, b"7777777\0");
+        put_octal(&mut field, 0o1234567);
+        assert_eq!(&field, b"1234567\0");
     }
 
     #[test]
@@ -1975,11 +1941,14 @@ mod tests {
             let mut dir = entry(&format!("{base}/d{i:03}"), b'5', "", b"");
             // Mode 0o750 and mtime 1000 + i.
             let at = dir.len() - BLOCK;
-            put_number(&mut dir[at + 100..at + 108], 0o750);
-            put_number(&mut dir[at + 136..at + 148], 1000 + i as u64);
+            put_octal(&mut dir[at + 100..at + 108], 0o750);
+            put_octal(&mut dir[at + 136..at + 148], 1000 + i as u64);
             fixed_checksum(&mut dir[at..]);
             stream.extend(dir);
         }
+        // Past the bound, a directory gets its time at once: an entry made in it later
+        // changes it.
+        stream.extend(entry(&format!("{base}/d{fit:03}/later"), b'0', "", b""));
         let dest = tmp("records");
         extract(&stream, &dest, 1).unwrap();
         for i in 0..=fit {
