@@ -279,6 +279,7 @@ impl TreeWriter {
     }
 
     /// Finds the next entry and stages its headers: `false` when the walk is over.
+    #[inline(never)]
     fn next_entry(&mut self) -> Result<bool, TarError> {
         loop {
             let depth = self.levels.len();
@@ -789,6 +790,7 @@ impl<'d> Extractor<'d> {
     }
 
     /// An entry proper (not an extension header): created, or skipped with a note.
+    #[inline(never)]
     fn entry(&mut self, kind: u8, size: u64) -> Result<(), TarError> {
         let block = &self.block;
         let size = self.pax_size.take().unwrap_or(size);
@@ -919,6 +921,7 @@ impl<'d> Extractor<'d> {
 
     /// A pax extended header's records: the ones for the next entry are kept. A record with
     /// an empty value is ignored (the header's field stands).
+    #[inline(never)]
     fn parse_pax(&mut self) -> Result<(), TarError> {
         let data = self.scratch.bytes()?.get(..self.area_len);
         let data = data.unwrap_or_default();
@@ -955,6 +958,7 @@ impl<'d> Extractor<'d> {
 /// Opens the parent directory of the entry in `path` (its last `/` at `slash`; `None` for
 /// `dest` itself), creating missing directories. Cuts `path[..slash]` into NUL-separated
 /// components.
+#[inline(never)]
 fn open_parent(
     dest: BorrowedFd<'_>,
     path: &mut [u8; MAX_PATH],
