@@ -79,7 +79,7 @@ fn ferry_max_data() -> usize {
 /// What the simulation covered, to show it covers what it says.
 #[derive(Debug, Default)]
 struct Seen {
-    programs: [usize; 8],
+    programs: [usize; 14],
     /// Requests in pieces; at the limits.
     pieces: usize,
     largest: usize,
@@ -107,6 +107,12 @@ fn simulate(mode: Mode, salt: u64) {
             Program::Flood { .. } => 5,
             Program::KillAll { .. } => 6,
             Program::Wait { .. } => 7,
+            Program::Put(_) => 8,
+            Program::Get(_) => 9,
+            Program::Info { .. } => 10,
+            Program::TimeSync { .. } => 11,
+            Program::Reseed { .. } => 12,
+            Program::Shutdown(_) => 13,
         }] += 1;
         let limits = crate::limits::MAX_INLINE_LIST;
         seen.pieces += usize::from(scenario.argv.len() > limits || scenario.env.len() > limits);
