@@ -34,6 +34,7 @@ mod init;
 mod listen;
 mod log;
 mod policy;
+mod power;
 mod pty;
 mod spawn;
 mod successor;
@@ -197,16 +198,16 @@ pub fn run() -> ! {
     // Before the agent ignores any signal itself.
     sys::note_inherited_ignored_signals();
     let mut options = Options::new();
-    let mut modules_us = 0;
+    let mut boot = None;
     if is_init {
         init::mount_filesystems();
         init::link_standard_devices();
-        let boot = init::read_kernel_cmdline();
-        modules_us = boot.modules_us;
-        if let Some(listen) = boot.listen {
+        let config = init::read_kernel_cmdline();
+        if let Some(listen) = config.listen {
             options.listen = listen;
         }
-        options.ready_port = boot.ready_port;
+        options.ready_port = config.ready_port;
+        boot = Some(config);
     }
     // After the mounts: the descriptors are listed in /proc.
     sys::seal_inherited_fds();
@@ -262,7 +263,8 @@ pub fn run() -> ! {
         }
     };
     if let Some(port) = options.ready_port {
-        init::announce_ready(port, &options.listen, init_started_us, modules_us, &serving);
+        let boot = boot.unwrap_or_else(init::BootConfig::empty);
+        init::announce_ready(port, &options.listen, init_started_us, &boot, &serving);
     }
     listen::serve_forever(listener, is_init, policy::current(), &serving)
 }

@@ -263,6 +263,12 @@ pub(crate) enum Received {
     /// A stream passed its output cap: its head came before, its tail follows.
     Dropped(Dropped),
     Exited(Termination),
+    /// Info's frames, converted at the edge.
+    System(crate::system::System),
+    Mount(crate::system::Mount),
+    Interface(crate::system::Interface),
+    /// The guest's clock before a time sync set it.
+    ClockSet(ferry_wire::Timestamp),
 }
 
 /// A connection and its receive buffer; the reading side.
@@ -438,7 +444,17 @@ impl Connection {
                     self.shared.wake_writers(&state);
                     return Err(refused(&err));
                 }
-                // TODO(issue 11): transfers, info, clock.
+                ClientEvent::SystemInfo(info) => {
+                    Received::System(crate::system::System::from_wire(&info))
+                }
+                ClientEvent::Mount(mount) => {
+                    Received::Mount(crate::system::Mount::from_wire(&mount))
+                }
+                ClientEvent::Interface(interface) => {
+                    Received::Interface(crate::system::Interface::from_wire(&interface))
+                }
+                ClientEvent::ClockSet(previous) => Received::ClockSet(previous),
+                // TODO(issue 11): transfers.
                 _ => {
                     self.shared.wake_writers(&state);
                     return Err(Error::Protocol("unsupported operation".into()));
@@ -527,6 +543,15 @@ pub(crate) enum Operation<'r, 'a> {
     Exec(&'r ExecRequest<'a>),
     /// End every command the agent runs.
     KillAll,
+    /// Describe the guest.
+    Info,
+    /// Power off or reboot.
+    Shutdown(ferry_wire::ShutdownRequest),
+    /// Set the guest's clock: to the host's, read as late as possible (when the opening is
+    /// encoded, right after the agent's hello); the time sent is left in the cell.
+    TimeSync(&'r std::cell::Cell<Option<ferry_wire::Timestamp>>),
+    /// Feed the guest's entropy pool.
+    Reseed(&'r [u8]),
 }
 
 /// The bytes a connection opens with: our hello and proof, and the request behind them.
@@ -551,6 +576,14 @@ impl Opening {
         let encode = |session: &mut ClientSession, out: &mut [u8]| match operation {
             Operation::Exec(request) => session.start_exec(request, out),
             Operation::KillAll => session.start_kill_all(out),
+            Operation::Info => session.start_info(out),
+            Operation::Shutdown(request) => session.start_shutdown(request, out),
+            Operation::TimeSync(sent) => {
+                let now = crate::system::realtime_now();
+                sent.set(Some(now));
+                session.start_time_sync(now, out)
+            }
+            Operation::Reseed(random) => session.start_reseed(random, out),
             Operation::None => session.poll_transmit(out),
         };
         opening.len = match encode(session, &mut opening.small) {
@@ -579,7 +612,7 @@ impl Opening {
 pub(crate) fn large_opening_len(operation: Operation<'_, '_>) -> usize {
     match operation {
         Operation::Exec(request) => ClientSession::exec_buffer_len(request),
-        Operation::KillAll | Operation::None => 2 * MAX_FRAME,
+        _ => 2 * MAX_FRAME,
     }
 }
 

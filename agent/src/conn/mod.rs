@@ -14,6 +14,7 @@ mod io;
 mod pieces;
 mod pump;
 mod start;
+mod system;
 
 use ferry_wire::session::{AgentAuth, AgentEvent, AgentSession, Refusal, SessionError};
 use ferry_wire::ErrorCode;
@@ -316,13 +317,20 @@ fn handshake(
                     return Handshake::Refused;
                 }
                 Some(
-                    AgentEvent::Put(_)
-                    | AgentEvent::Get(_)
-                    | AgentEvent::Info
+                    event @ (AgentEvent::Info
                     | AgentEvent::Shutdown(_)
                     | AgentEvent::TimeSync(_)
-                    | AgentEvent::Reseed(_),
+                    | AgentEvent::Reseed(_)),
                 ) => {
+                    *audit = Some(Audit::new(system::name(&event), b"", None));
+                    let follow_up = system::answer(&event, session);
+                    link.inbox.consume(consumed);
+                    if let Some(follow_up) = follow_up {
+                        system::follow_up(follow_up, link, session, successor);
+                    }
+                    return Handshake::Refused;
+                }
+                Some(AgentEvent::Put(_) | AgentEvent::Get(_)) => {
                     link.inbox.consume(consumed);
                     let refusal = Refusal::new(ErrorCode::Unsupported, "not implemented yet");
                     let _ = session.refuse(refusal, clock::monotonic_us());

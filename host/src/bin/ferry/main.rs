@@ -16,6 +16,7 @@ use std::thread;
 use std::time::Duration;
 
 mod signals;
+mod sysops;
 mod term;
 mod units;
 
@@ -79,6 +80,15 @@ enum Cmd {
     /// End every command the agent runs (everything in its commands' cgroup), whoever started
     /// them: the way back from a fork bomb or a runaway daemon
     KillAll,
+    /// Describe the guest: kernel, uptime, clock, CPUs, memory, mounts, interfaces, the agent
+    Info(sysops::InfoArgs),
+    /// Power the guest off (or reboot it): every process gets SIGTERM, SIGKILL after the
+    /// grace, file systems are synced and unmounted. Exits 0 once the agent acknowledged
+    Shutdown(sysops::ShutdownArgs),
+    /// Set the guest's clock to the host's and print the step
+    TimeSync,
+    /// Add random bytes of the host's to the guest's entropy pool
+    Reseed(sysops::ReseedArgs),
 }
 
 #[derive(clap::Args)]
@@ -222,6 +232,10 @@ fn main() -> ExitCode {
         Cmd::Shell(args) => shell(&client, args),
         Cmd::Health => health(&client),
         Cmd::KillAll => kill_all(&client),
+        Cmd::Info(args) => sysops::info(&client, args),
+        Cmd::Shutdown(args) => sysops::shutdown(&client, args),
+        Cmd::TimeSync => sysops::time_sync(&client),
+        Cmd::Reseed(args) => sysops::reseed(&client, args),
     }
 }
 
