@@ -92,7 +92,7 @@ const USAGE: &[u8] =
   [--socket-mode MODE] [--socket-group GID] [--user USER[:GROUP]] [--allow-users LIST]\n\
   [--run-as-agent-user] [--set KEY=VALUE]...\n\
   defaults: --listen vsock:1024, --policy /etc/ferry/policy (if present); as PID 1 also\n\
-  reads ferry.listen=, ferry.ready=, ferry.modules= and ferry.KEY=VALUE for any policy key\n\
+  reads ferry.listen=, ferry.ready=, ferry.modules=, ferry.hostname= and ferry.KEY=VALUE for any policy key\n\
   from the kernel command line. Policy: file < kernel command line < flags (docs/policy.md)\n";
 
 /// What an argument asked for beyond [`Options`].

@@ -549,7 +549,7 @@ pub(crate) enum Operation<'r, 'a> {
     Shutdown(ferry_wire::ShutdownRequest),
     /// Set the guest's clock: to the host's, read as late as possible (when the opening is
     /// encoded, right after the agent's hello); the time sent is left in the cell.
-    TimeSync(&'r std::cell::Cell<Option<ferry_wire::Timestamp>>),
+    TimeSync(&'r std::sync::OnceLock<ferry_wire::Timestamp>),
     /// Feed the guest's entropy pool.
     Reseed(&'r [u8]),
 }
@@ -573,19 +573,8 @@ impl Opening {
             large: Vec::new(),
             len: 0,
         };
-        let encode = |session: &mut ClientSession, out: &mut [u8]| match operation {
-            Operation::Exec(request) => session.start_exec(request, out),
-            Operation::KillAll => session.start_kill_all(out),
-            Operation::Info => session.start_info(out),
-            Operation::Shutdown(request) => session.start_shutdown(request, out),
-            Operation::TimeSync(sent) => {
-                let now = crate::system::realtime_now();
-                sent.set(Some(now));
-                session.start_time_sync(now, out)
-            }
-            Operation::Reseed(random) => session.start_reseed(random, out),
-            Operation::None => session.poll_transmit(out),
-        };
+        let encode =
+            |session: &mut ClientSession, out: &mut [u8]| encode_operation(session, operation, out);
         opening.len = match encode(session, &mut opening.small) {
             Err(SessionError::BufferTooSmall) => {
                 opening.large.resize(large_opening_len(operation), 0);
@@ -604,6 +593,28 @@ impl Opening {
             &self.large[..]
         };
         buf.get(..self.len).unwrap_or_default()
+    }
+}
+
+/// Has the session encode `operation` (behind our hello and proof) into `out`: both drivers'
+/// openings.
+pub(crate) fn encode_operation(
+    session: &mut ClientSession,
+    operation: Operation<'_, '_>,
+    out: &mut [u8],
+) -> Result<usize, SessionError> {
+    match operation {
+        Operation::Exec(request) => session.start_exec(request, out),
+        Operation::KillAll => session.start_kill_all(out),
+        Operation::Info => session.start_info(out),
+        Operation::Shutdown(request) => session.start_shutdown(request, out),
+        Operation::TimeSync(sent) => {
+            let now = crate::system::realtime_now();
+            let _ = sent.set(now);
+            session.start_time_sync(now, out)
+        }
+        Operation::Reseed(random) => session.start_reseed(random, out),
+        Operation::None => session.poll_transmit(out),
     }
 }
 

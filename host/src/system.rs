@@ -7,8 +7,8 @@
 //! then fails to link (no global allocator, or a second `panic_impl`). [`SystemReport::to_json`]
 //! writes the document by hand.
 
-use std::cell::Cell;
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_wire::{Bounds, Limits, Security, ShutdownRequest, Timestamp};
@@ -256,12 +256,12 @@ impl Client {
     /// Sets the guest's realtime clock to the host's, read as late as possible (when the
     /// request is encoded, right after the agent's hello). Privileged, like shutdown.
     pub fn time_sync(&self) -> Result<ClockStep, Error> {
-        let sent = Cell::new(None);
+        let sent = OnceLock::new();
         let (mut conn, _) = self.open_operation(Operation::TimeSync(&sent))?;
         match conn.receive()? {
             Received::ClockSet(previous) => Ok(ClockStep {
                 previous: to_system_time(previous),
-                set_to: to_system_time(sent.get().unwrap_or_else(realtime_now)),
+                set_to: to_system_time(sent.get().copied().unwrap_or_else(realtime_now)),
             }),
             other => Err(out_of_order(&other, "instead of the clock's report")),
         }

@@ -181,6 +181,10 @@ impl Receiver {
                 }
                 Some(ClientEvent::Exited(end)) => Some(Step::Exited(Termination::from_wire(end))),
                 Some(ClientEvent::Refused(err)) => return Poll::Ready(Err(refusal(&err))),
+                // The session reports these only for the operations this API does not start.
+                Some(_) => {
+                    return Poll::Ready(Err(Error::Protocol("unsupported operation".into())))
+                }
             };
             if consumed > 0 {
                 match step {
