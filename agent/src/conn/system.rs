@@ -180,12 +180,10 @@ fn info(link: &mut Link<'_, '_>, session: &mut AgentSession) -> Result<u32, Refu
     let mut table = [0u8; 8192];
     let mounts = crate::file::read(c"/proc/self/mounts", &mut table).map_or(&[][..], |f| f.text);
     for line in mounts.split(|b| *b == b'\n') {
-        let mut fields = line.split(|b| *b == b' ');
-        let (Some(source), Some(target), Some(fstype), Some(options)) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
-        else {
+        let [source, target, fstype, options] = [0, 1, 2, 3].map(|n| field(line, n));
+        if options.is_empty() {
             continue;
-        };
+        }
         let mut path = [0u8; 256];
         let space = cstr::join(&mut path, &[target]).and_then(|p| rustix::fs::statfs(p).ok());
         let (total, free, available) = space.map_or((0, 0, 0), |s| {
@@ -209,8 +207,11 @@ fn info(link: &mut Link<'_, '_>, session: &mut AgentSession) -> Result<u32, Refu
             free,
             available,
         };
-        if count as usize >= MAX_INFO_ITEMS || !send_info(link, session, &AgentFrame::Mount(mount))
-        {
+        // Beyond the bound the rest is left out (the count says how many came).
+        if count as usize >= MAX_INFO_ITEMS {
+            break;
+        }
+        if !send_info(link, session, &AgentFrame::Mount(mount)) {
             return Err(GONE);
         }
         count += 1;
@@ -230,13 +231,9 @@ fn info(link: &mut Link<'_, '_>, session: &mut AgentSession) -> Result<u32, Refu
             continue;
         };
         let (name, counters) = line.split_at(colon);
-        let mut counters = counters
-            .get(1..)
-            .unwrap_or(&[])
-            .split(|b| *b == b' ')
-            .filter(|field| !field.is_empty());
-        let rx_bytes = number(counters.next().unwrap_or(&[]), 10);
-        let tx_bytes = number(counters.nth(7).unwrap_or(&[]), 10);
+        let counters = counters.get(1..).unwrap_or(&[]);
+        let rx_bytes = number(field(counters, 0), 10);
+        let tx_bytes = number(field(counters, 8), 10);
         let name = name.trim_ascii();
         let (mut up, mut mtu) = (false, 0);
         let mut mac = [0u8; 6];
@@ -280,9 +277,10 @@ fn info(link: &mut Link<'_, '_>, session: &mut AgentSession) -> Result<u32, Refu
             rx_bytes,
             tx_bytes,
         };
-        if count as usize >= MAX_INFO_ITEMS
-            || !send_info(link, session, &AgentFrame::Interface(interface))
-        {
+        if count as usize >= MAX_INFO_ITEMS {
+            break;
+        }
+        if !send_info(link, session, &AgentFrame::Interface(interface)) {
             return Err(GONE);
         }
         count += 1;
@@ -355,6 +353,19 @@ fn read_text<'b>(path: &CStr, buf: &'b mut [u8]) -> &'b [u8] {
     text.trim_ascii_end()
 }
 
+/// The `n`th field of `line`, fields separated by runs of spaces; empty past the last.
+fn field(line: &[u8], n: usize) -> &[u8] {
+    let mut rest = line;
+    for _ in 0..n {
+        rest = rest.trim_ascii_start();
+        let end = rest.iter().position(|b| *b == b' ').unwrap_or(rest.len());
+        rest = rest.get(end..).unwrap_or(&[]);
+    }
+    let rest = rest.trim_ascii_start();
+    let end = rest.iter().position(|b| *b == b' ').unwrap_or(rest.len());
+    rest.get(..end).unwrap_or(&[])
+}
+
 /// Leading digits in `radix` (10 or 16); 0 when there are none.
 fn number(digits: &[u8], radix: u32) -> u64 {
     let mut value = 0u64;
@@ -399,6 +410,13 @@ mod tests {
     #[test]
     fn numbers_macs_and_addresses() {
         assert_eq!(number(b"1500", 10), 1500);
+        let line = b"  12824     117    0 x";
+        assert_eq!(field(line, 0), b"12824");
+        assert_eq!(field(line, 1), b"117");
+        assert_eq!(field(line, 3), b"x");
+        assert_eq!(field(line, 4), b"");
+        assert_eq!(field(b"", 0), b"");
+        assert_eq!(field(b"rootfs / rootfs rw 0 0", 2), b"rootfs");
         assert_eq!(number(b"1009", 16), 0x1009);
         assert_eq!(number(b"", 10), 0);
         assert_eq!(number(b"12x3", 10), 12);
