@@ -184,7 +184,7 @@ fn health_prints_versions() {
         text.contains(&format!("ferry-agent {}", env!("CARGO_PKG_VERSION"))),
         "{text}"
     );
-    assert!(text.contains("protocol:   3"), "{text}");
+    assert!(text.contains("protocol:   4"), "{text}");
     assert!(text.contains("security:   authenticated"), "{text}");
     // --connect overrides the environment.
     let output = ferry(&agent)
