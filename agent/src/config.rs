@@ -63,6 +63,21 @@ pub struct KernelParams<'a> {
     pub ready_port: Option<u32>,
     /// `ferry.modules=`: module names separated by commas.
     pub modules: Option<&'a [u8]>,
+    /// `ferry.hostname=`: the guest's hostname, or the text that is not one (see
+    /// [`is_valid_hostname`]).
+    pub hostname: Option<Result<&'a [u8], &'a [u8]>>,
+}
+
+/// The longest hostname Linux takes (`HOST_NAME_MAX`).
+pub const MAX_HOSTNAME: usize = 64;
+
+/// Whether `name` may be the guest's hostname: 1 to 64 bytes, no `/`, no NUL, no blanks or
+/// other controls.
+pub fn is_valid_hostname(name: &[u8]) -> bool {
+    (1..=MAX_HOSTNAME).contains(&name.len())
+        && name
+            .iter()
+            .all(|b| (*b != b'/' && b.is_ascii_graphic()) || *b >= 0x80)
 }
 
 impl<'a> KernelParams<'a> {
@@ -76,6 +91,8 @@ impl<'a> KernelParams<'a> {
                 params.ready_port = parse_u32(value);
             } else if let Some(value) = param.strip_prefix(b"ferry.modules=") {
                 params.modules = Some(value);
+            } else if let Some(value) = param.strip_prefix(b"ferry.hostname=") {
+                params.hostname = Some(Some(value).filter(|v| is_valid_hostname(v)).ok_or(value));
             }
         }
         params
@@ -142,5 +159,35 @@ mod tests {
             KernelParams::parse(b"ferry.listen=").listen,
             Some(Err(b"".as_slice()))
         );
+    }
+
+    #[test]
+    fn hostnames() {
+        let params = KernelParams::parse(b"quiet ferry.hostname=vm-1.example ferry.ready=1");
+        assert_eq!(params.hostname, Some(Ok(b"vm-1.example".as_slice())));
+        assert_eq!(KernelParams::parse(b"quiet").hostname, None);
+        let longest = [b"ferry.hostname=".as_slice(), &[b'h'; 64]].concat();
+        assert_eq!(
+            KernelParams::parse(&longest).hostname,
+            Some(Ok(&[b'h'; 64][..]))
+        );
+        for bad in [
+            &b"ferry.hostname="[..],
+            b"ferry.hostname=a/b",
+            b"ferry.hostname=a\0b",
+            b"ferry.hostname=a\x7fb",
+            b"ferry.hostname=a\x01b",
+        ] {
+            let params = KernelParams::parse(bad);
+            assert!(matches!(params.hostname, Some(Err(_))), "{bad:?}");
+        }
+        let too_long = [b"ferry.hostname=".as_slice(), &[b'h'; 65]].concat();
+        assert!(matches!(
+            KernelParams::parse(&too_long).hostname,
+            Some(Err(_))
+        ));
+        // The last one wins, valid or not.
+        let params = KernelParams::parse(b"ferry.hostname=a ferry.hostname=b");
+        assert_eq!(params.hostname, Some(Ok(b"b".as_slice())));
     }
 }

@@ -163,18 +163,32 @@ pub struct BootConfig {
     pub ready_port: Option<u32>,
     /// Time spent loading modules, in microseconds.
     pub modules_us: u64,
+    /// Each module's time: `NAME=MICROSECONDS` entries, NUL-terminated, packed (what does not
+    /// fit is left out).
+    pub module_times: ModuleTimes,
 }
+
+impl BootConfig {
+    /// Nothing configured, nothing loaded (the agent is not PID 1).
+    pub fn empty() -> BootConfig {
+        BootConfig {
+            listen: None,
+            ready_port: None,
+            modules_us: 0,
+            module_times: ModuleTimes::new(),
+        }
+    }
+}
+
+/// The readiness report's per-module times.
+pub type ModuleTimes = heapless::Vec<u8, { ferry_wire::limits::MAX_MODULE_TIMES }>;
 
 /// Reads `/proc/cmdline` for `ferry.listen=`, `ferry.ready=` and `ferry.modules=` (falling back
 /// to `/etc/ferry/modules`, one name per line) and loads the modules, in order.
 // Kept out of line: its large stack frame must not be probed into the caller's.
 #[inline(never)]
 pub fn read_kernel_cmdline() -> BootConfig {
-    let mut config = BootConfig {
-        listen: None,
-        ready_port: None,
-        modules_us: 0,
-    };
+    let mut config = BootConfig::empty();
     // x86's COMMAND_LINE_SIZE is 2048.
     let mut buf = [0u8; 2048];
     let params = KernelParams::parse(read_file(c"/proc/cmdline", &mut buf));
@@ -187,13 +201,27 @@ pub fn read_kernel_cmdline() -> BootConfig {
         None => {}
     }
     config.ready_port = params.ready_port;
+    match params.hostname {
+        Some(Ok(name)) => {
+            if let Err(errno) = rustix::system::sethostname(name) {
+                log::error(b"cannot set the hostname", errno);
+            }
+        }
+        Some(Err(value)) => log::Line::new()
+            .push(b"bad ferry.hostname=")
+            .push(value)
+            .emit(),
+        None => {}
+    }
+    bring_up_loopback();
     let started = clock::monotonic_us();
+    let times = &mut config.module_times;
     match params.modules {
-        Some(list) => load_modules(list.split(|b| *b == b',')),
+        Some(list) => load_modules(list.split(|b| *b == b','), times),
         None => {
             let mut file = [0u8; 2048];
             let list = read_file(c"/etc/ferry/modules", &mut file);
-            load_modules(list.split(|b| *b == b'\n').map(|l| l.trim_ascii()));
+            load_modules(list.split(|b| *b == b'\n').map(|l| l.trim_ascii()), times);
         }
     }
     config.modules_us = clock::monotonic_us().saturating_sub(started);
@@ -205,20 +233,56 @@ fn read_file<'b>(path: &CStr, buf: &'b mut [u8]) -> &'b [u8] {
     crate::file::read(path, buf).map_or(&[], |read| read.text)
 }
 
-/// Loads `/lib/modules/NAME.ko` for each name with `finit_module`, naming any that fails.
-fn load_modules<'a>(names: impl Iterator<Item = &'a [u8]>) {
+/// Brings the loopback interface up, so 127.0.0.1 works (the kernel gives `lo` its address
+/// when it goes up).
+fn bring_up_loopback() {
+    use crate::sys::{InterfaceOp, InterfaceRequest};
+    let flags = SocketFlags::CLOEXEC;
+    let Ok(sock) = rustix::net::socket_with(AddressFamily::INET, SocketType::DGRAM, flags, None)
+    else {
+        return;
+    };
+    let Some(mut request) = InterfaceRequest::named(b"lo") else {
+        return;
+    };
+    let up = sys::interface_ioctl(&sock, InterfaceOp::GetFlags, &mut request).and_then(|()| {
+        // IFF_UP, in the flags' low byte.
+        request.data[0] |= 1;
+        sys::interface_ioctl(&sock, InterfaceOp::SetFlags, &mut request)
+    });
+    if let Err(errno) = up {
+        log::error(b"cannot bring lo up", errno);
+    }
+}
+
+/// Loads `/lib/modules/NAME.ko` for each name with `finit_module`, naming any that fails, and
+/// notes each one's time in `times`.
+fn load_modules<'a>(names: impl Iterator<Item = &'a [u8]>, times: &mut ModuleTimes) {
     for name in names {
-        load_module(name);
+        load_module(name, times);
+    }
+}
+
+/// Appends `NAME=MICROSECONDS` and its NUL to `times`, if it fits whole.
+fn note_module_time(times: &mut ModuleTimes, name: &[u8], us: u64) {
+    let mut digits = [0u8; 20];
+    let us = crate::cgroup::decimal(&mut digits, us);
+    let len = name.len() + 1 + us.len() + 1;
+    if times.len() + len <= times.capacity() {
+        for part in [name, b"=", us, b"\0"] {
+            let _ = times.extend_from_slice(part);
+        }
     }
 }
 
 /// One of [`load_modules`]' names. Out of line: `load_modules` is instantiated twice (the kernel
 /// command line's list and the file's), and this body need not be.
 #[inline(never)]
-fn load_module(name: &[u8]) {
+fn load_module(name: &[u8], times: &mut ModuleTimes) {
     if name.is_empty() || name.starts_with(b"#") {
         return;
     }
+    let started = clock::monotonic_us();
     let mut buf = [0u8; 128];
     let Some(path) = module_path(&mut buf, name) else {
         log::Line::new()
@@ -230,7 +294,9 @@ fn load_module(name: &[u8]) {
     let result = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
         .and_then(|fd| rustix::system::finit_module(&fd, c"", 0));
     match result {
-        Ok(()) | Err(Errno::EXIST) => {}
+        Ok(()) | Err(Errno::EXIST) => {
+            note_module_time(times, name, clock::monotonic_us().saturating_sub(started));
+        }
         Err(errno) => {
             log::Line::new()
                 .push(b"module ")
@@ -277,7 +343,7 @@ pub fn announce_ready(
     port: u32,
     listen: &ListenAddr,
     init_started_us: u64,
-    modules_us: u64,
+    boot: &BootConfig,
     serving: &crate::auth::Serving,
 ) {
     // SAFETY: the agent is single-threaded and installs no signal handlers; the child runs the
@@ -308,11 +374,11 @@ pub fn announce_ready(
     let report = ReadyReport {
         cid,
         init_started_us,
-        modules_us,
+        modules_us: boot.modules_us,
         listening_us,
-        module_times: ferry_wire::StrList::new(b""),
+        module_times: ferry_wire::StrList::new(&boot.module_times),
     };
-    let mut buf = [0u8; 512];
+    let mut buf = [0u8; 512 + ferry_wire::limits::MAX_MODULE_TIMES];
     let announced =
         encode_ready_announcement(&serving.config, serving.security(), report, &mut buf);
     let Ok(len) = announced else { sys::exit(1) };
@@ -396,6 +462,23 @@ mod tests {
         assert!(module_path(&mut buf, &[b'm'; 112]).is_none());
         assert!(module_path(&mut buf, &[b'm'; 5000]).is_none());
         assert!(module_path(&mut buf, b"a\0b").is_none());
+    }
+
+    #[test]
+    fn module_times_are_packed_and_bounded() {
+        let mut times = ModuleTimes::new();
+        note_module_time(&mut times, b"virtio_mmio", 1234);
+        note_module_time(&mut times, b"vsock", 0);
+        assert_eq!(times.as_slice(), b"virtio_mmio=1234\0vsock=0\0");
+        // What does not fit whole is left out; the list stays well-formed.
+        let long = [b'm'; 1000];
+        note_module_time(&mut times, &long, u64::MAX);
+        assert_eq!(times.as_slice(), b"virtio_mmio=1234\0vsock=0\0");
+        for _ in 0..200 {
+            note_module_time(&mut times, b"module", 99999);
+        }
+        assert!(times.len() <= ferry_wire::limits::MAX_MODULE_TIMES);
+        assert_eq!(times.last(), Some(&0));
     }
 
     #[test]

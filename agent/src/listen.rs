@@ -17,6 +17,7 @@ use rustix::process::Signal;
 use crate::auth::Serving;
 use crate::config::ListenAddr;
 use crate::policy::{Policy, MAX_ALLOW_CIDS, MAX_CONNECTIONS};
+use crate::power::{self, PowerRequest};
 use crate::successor::{report, Successor};
 use crate::sys::{self, VsockAddr};
 use crate::{cgroup, clock, conn, log};
@@ -209,6 +210,14 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool, policy: &Policy, serving:
             (None, true) => None,
         };
         let clients_waiting = children.wait(watch, pause);
+        if let Some(request) = children.power.take() {
+            if is_init {
+                // Nothing is accepted any more: the socket closes before everything stops.
+                drop((listener, children, reserve));
+                power::halt(request)
+            }
+            power::ask_system(request, policy);
+        }
         for (pid, clean) in children.ended.drain(..) {
             connection_ended(pid, clean, &mut leftovers);
         }
@@ -389,6 +398,8 @@ struct Children {
     /// The children whose pipes closed at the last [`Children::wait`]: each pid, and whether
     /// it ended cleanly (its tree is left alone) rather than died.
     ended: heapless::Vec<(u32, bool), { MAX_CONNECTIONS as usize + SPARES }>,
+    /// A shutdown a connection process acknowledged at the last [`Children::wait`].
+    power: Option<PowerRequest>,
 }
 
 struct ChildProcess {
@@ -405,6 +416,7 @@ impl Children {
         Children {
             all: heapless::Vec::new(),
             ended: heapless::Vec::new(),
+            power: None,
         }
     }
 
@@ -460,21 +472,36 @@ impl Children {
         }
         let mut ready = ready.into_iter();
         let ended = &mut self.ended;
+        let power = &mut self.power;
         self.all.retain_mut(|child| {
             if ready.next() != Some(true) {
                 return true;
             }
-            // At most the two bytes a connection process ever sends.
-            let mut bytes = [0u8; 2];
+            // At least everything a connection process ever sends: each of its writes is whole
+            // (a pipe never splits a write this small), so a message is never cut.
+            let mut bytes = [0u8; 2 + report::MAX_MESSAGE + 1];
             let read = match rustix::io::read(&child.report, &mut bytes) {
                 Ok(n) => bytes.get(..n).unwrap_or(&[]),
                 Err(_) => &[],
             };
-            for byte in read {
+            let mut rest = read.iter();
+            while let Some(byte) = rest.next() {
                 match *byte {
                     // A spare took its connection: it is counted until it exits.
                     report::TAKEN => child.serving = true,
                     report::ENDED_CLEANLY => child.clean = true,
+                    // Only a connection process that served an authorized shutdown writes
+                    // this (nothing else holds its pipe).
+                    kind @ (report::POWER_OFF | report::REBOOT) if child.serving => {
+                        let mut grace = [0u8; 4];
+                        for slot in &mut grace {
+                            *slot = rest.next().copied().unwrap_or(0);
+                        }
+                        *power = Some(PowerRequest {
+                            reboot: kind == report::REBOOT,
+                            grace_ms: u32::from_le_bytes(grace),
+                        });
+                    }
                     // Not a byte we send: ignored.
                     _ => {}
                 }
@@ -831,6 +858,50 @@ mod tests {
         let mut bytes = [0u8; 4];
         let n = rustix::io::read(&read, &mut bytes).unwrap();
         assert_eq!(&bytes[..n], &[1, 2]);
+    }
+
+    #[test]
+    fn a_power_request_comes_only_from_a_connection_process() {
+        use crate::successor::Successor;
+        let pause = Timespec::default();
+        // A spare that has not taken a connection cannot ask (nothing it could have served).
+        let mut children = Children::new();
+        let (taken, report) = rustix::pipe::pipe().unwrap();
+        children.add_spare(taken, 40);
+        rustix::io::write(&report, &[report::POWER_OFF, 1, 0, 0, 0]).unwrap();
+        children.wait(None, Some(&pause));
+        assert_eq!(children.power, None);
+        // A connection process: taken, the request with its grace, then its clean end.
+        let (taken, report) = rustix::pipe::pipe().unwrap();
+        children.add_spare(taken, 41);
+        let mut successor = Successor::new(report);
+        successor.request_power(true, 70_000);
+        successor.end_cleanly();
+        children.wait(None, Some(&pause));
+        assert_eq!(
+            children.power,
+            Some(PowerRequest {
+                reboot: true,
+                grace_ms: 70_000
+            })
+        );
+        assert!(children
+            .all
+            .iter()
+            .any(|child| child.pid == 41 && child.clean));
+        children.power = None;
+        // A cut message (never written by us) reads as grace 0, never out of bounds.
+        let (taken, report) = rustix::pipe::pipe().unwrap();
+        children.add_spare(taken, 42);
+        rustix::io::write(&report, &[report::TAKEN, report::POWER_OFF, 9]).unwrap();
+        children.wait(None, Some(&pause));
+        assert_eq!(
+            children.power,
+            Some(PowerRequest {
+                reboot: false,
+                grace_ms: 9
+            })
+        );
     }
 
     #[test]

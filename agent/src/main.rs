@@ -34,6 +34,7 @@ mod init;
 mod listen;
 mod log;
 mod policy;
+mod power;
 mod pty;
 mod sha;
 mod spawn;
@@ -95,7 +96,7 @@ const USAGE: &[u8] =
   [--socket-mode MODE] [--socket-group GID] [--user USER[:GROUP]] [--allow-users LIST]\n\
   [--run-as-agent-user] [--set KEY=VALUE]...\n\
   defaults: --listen vsock:1024, --policy /etc/ferry/policy (if present); as PID 1 also\n\
-  reads ferry.listen=, ferry.ready=, ferry.modules= and ferry.KEY=VALUE for any policy key\n\
+  reads ferry.listen=, ferry.ready=, ferry.modules=, ferry.hostname= and ferry.KEY=VALUE for any policy key\n\
   from the kernel command line. Policy: file < kernel command line < flags (docs/policy.md)\n";
 
 /// What an argument asked for beyond [`Options`].
@@ -201,16 +202,16 @@ pub fn run() -> ! {
     // Before the agent ignores any signal itself.
     sys::note_inherited_ignored_signals();
     let mut options = Options::new();
-    let mut modules_us = 0;
+    let mut boot = None;
     if is_init {
         init::mount_filesystems();
         init::link_standard_devices();
-        let boot = init::read_kernel_cmdline();
-        modules_us = boot.modules_us;
-        if let Some(listen) = boot.listen {
+        let config = init::read_kernel_cmdline();
+        if let Some(listen) = config.listen {
             options.listen = listen;
         }
-        options.ready_port = boot.ready_port;
+        options.ready_port = config.ready_port;
+        boot = Some(config);
     }
     // After the mounts: the descriptors are listed in /proc.
     sys::seal_inherited_fds();
@@ -266,7 +267,8 @@ pub fn run() -> ! {
         }
     };
     if let Some(port) = options.ready_port {
-        init::announce_ready(port, &options.listen, init_started_us, modules_us, &serving);
+        let boot = boot.unwrap_or_else(init::BootConfig::empty);
+        init::announce_ready(port, &options.listen, init_started_us, &boot, &serving);
     }
     listen::serve_forever(listener, is_init, policy::current(), &serving)
 }

@@ -88,6 +88,15 @@ pub struct Policy {
     /// record. False: commands join the commands' cgroup itself (still bounded by it), a tree
     /// kill is the process group's, no memory facts (what the exec costs without one).
     pub exec_cgroups: bool,
+
+    // --- The guest itself.
+    /// `allow_shutdown`: clients may power the guest off or reboot it, set its clock and feed
+    /// its entropy pool. `None`: the default, allowed unless the agent is `insecure`.
+    pub allow_shutdown: Option<bool>,
+    /// `power_command`: in service mode, the program a shutdown runs as `PROGRAM poweroff` or
+    /// `PROGRAM reboot` (nothing else is tried when it fails); `None`: `poweroff` or `reboot`
+    /// from the system's directories, else a signal to PID 1 (systemd's convention).
+    pub power_command: Option<heapless::Vec<u8, MAX_POLICY_PATH>>,
 }
 
 impl Policy {
@@ -120,6 +129,8 @@ impl Policy {
             pids_max: 4096,
             cpu_max_percent: 0,
             exec_cgroups: true,
+            allow_shutdown: None,
+            power_command: None,
         }
     }
 }
@@ -223,11 +234,13 @@ enum Key {
     RlimitCpu,
     RlimitAs,
     RlimitCore,
+    AllowShutdown,
+    PowerCommand,
 }
 
 /// Every key of docs/policy.md. [`Policy::apply`] looks keys up in this table: a `match` on the
 /// strings compiles to byte-by-byte comparisons, about 2 KB of code.
-const KEYS: [(&[u8], Key); 23] = [
+const KEYS: [(&[u8], Key); 25] = [
     (b"secret_file", Key::SecretFile),
     (b"insecure", Key::Insecure),
     (b"allow_cid", Key::AllowCid),
@@ -251,10 +264,12 @@ const KEYS: [(&[u8], Key); 23] = [
     (b"rlimit_cpu", Key::RlimitCpu),
     (b"rlimit_as", Key::RlimitAs),
     (b"rlimit_core", Key::RlimitCore),
+    (b"allow_shutdown", Key::AllowShutdown),
+    (b"power_command", Key::PowerCommand),
 ];
 
 /// Kernel command-line parameters under `ferry.` that are not policy keys (see `config`).
-const BOOT_PARAMS: [&[u8]; 3] = [b"listen", b"ready", b"modules"];
+const BOOT_PARAMS: [&[u8]; 4] = [b"listen", b"ready", b"modules", b"hostname"];
 
 impl Policy {
     /// Sets the policy key `key` from its textual `value` (already trimmed).
@@ -296,6 +311,8 @@ impl Policy {
             Key::RlimitCpu => self.rlimit_cpu = Some(parse_rlimit(value, false)?),
             Key::RlimitAs => self.rlimit_as = Some(parse_rlimit(value, true)?),
             Key::RlimitCore => self.rlimit_core = Some(parse_rlimit(value, true)?),
+            Key::AllowShutdown => self.allow_shutdown = Some(parse_bool(value)?),
+            Key::PowerCommand => self.power_command = Some(parse_path(value)?),
         }
         Ok(())
     }
@@ -362,6 +379,12 @@ impl Policy {
             return Err(PolicyError::NoAuthentication);
         }
         Ok(())
+    }
+
+    /// Whether clients may shut the guest down, set its clock and reseed it: `allow_shutdown`,
+    /// by default unless the agent serves without authentication.
+    pub fn allows_shutdown(&self) -> bool {
+        self.allow_shutdown.unwrap_or(!self.insecure)
     }
 
     /// Whether `allow_users` names `*`.
@@ -1003,6 +1026,45 @@ mod tests {
         );
         assert_eq!(error(b"ferryx.foo=1 xferry.foo=1 ferry"), Ok(()));
         assert_eq!(error(b""), Ok(()));
+    }
+
+    #[test]
+    fn shutdown_is_allowed_to_authenticated_clients_only_by_default() {
+        let mut policy = Policy::defaults();
+        assert!(
+            policy.allows_shutdown(),
+            "with a secret (or before one is set)"
+        );
+        policy.insecure = true;
+        assert!(
+            !policy.allows_shutdown(),
+            "insecure: refused unless the key says so"
+        );
+        policy.apply(b"allow_shutdown", b"yes").unwrap();
+        assert!(policy.allows_shutdown());
+        let mut policy = Policy::defaults();
+        policy.apply(b"allow_shutdown", b"false").unwrap();
+        assert!(!policy.allows_shutdown());
+        assert_eq!(
+            policy.apply(b"allow_shutdown", b"maybe"),
+            Err(PolicyError::BadValue)
+        );
+        // The power command is an absolute path.
+        policy.apply(b"power_command", b"/bin/true").unwrap();
+        assert_eq!(
+            policy.power_command.as_deref(),
+            Some(b"/bin/true".as_slice())
+        );
+        assert_eq!(
+            policy.apply(b"power_command", b"poweroff"),
+            Err(PolicyError::BadValue)
+        );
+        // `ferry.hostname=` is PID 1's, not a policy key.
+        assert_eq!(policy.apply_kernel_cmdline(b"ferry.hostname=vm1"), Ok(()));
+        assert_eq!(
+            policy.apply(b"hostname", b"vm1"),
+            Err(PolicyError::UnknownKey)
+        );
     }
 
     #[test]

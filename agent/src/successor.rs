@@ -13,6 +13,13 @@ pub mod report {
     /// connection process that died (crashed, or was killed by its own command): the listener
     /// kills its exec cgroup.
     pub const ENDED_CLEANLY: u8 = 2;
+    /// "Power the guest off": an authorized shutdown was acknowledged to its client. Followed
+    /// by the grace in milliseconds (`u32`, little-endian), in the same write.
+    pub const POWER_OFF: u8 = 3;
+    /// "Reboot the guest", as [`POWER_OFF`], grace included.
+    pub const REBOOT: u8 = 4;
+    /// The longest message: a power request.
+    pub const MAX_MESSAGE: usize = 5;
 }
 
 /// A connection process's promise to tell the listener it has taken its connection, so the
@@ -48,6 +55,19 @@ impl Successor {
             self.released = true;
             let _ = rustix::io::write(&self.report, &[report::TAKEN]);
         }
+    }
+
+    /// Asks the listener to power off (or reboot) after `grace_ms`: only after the client was
+    /// sent its acknowledgement. One write of 5 bytes, which a pipe never splits.
+    pub fn request_power(&mut self, reboot: bool, grace_ms: u32) {
+        self.release();
+        let [a, b, c, d] = grace_ms.to_le_bytes();
+        let kind = if reboot {
+            report::REBOOT
+        } else {
+            report::POWER_OFF
+        };
+        let _ = rustix::io::write(&self.report, &[kind, a, b, c, d]);
     }
 
     /// Tells the listener the conversation ended normally (see [`report::ENDED_CLEANLY`]):

@@ -114,6 +114,141 @@ pub fn pty_number(master: impl AsFd) -> io::Result<u32> {
     unsafe { rustix::ioctl::ioctl(master, rustix::ioctl::Getter::<OPCODE, u32>::new()) }
 }
 
+/// `struct ifreq`: an interface's name and a 24-byte union, of which the agent uses the flags
+/// (a `short` at its start) and an IPv4 `struct sockaddr_in` (the address at bytes 4..8).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct InterfaceRequest {
+    pub name: [u8; 16],
+    pub data: [u8; 24],
+}
+
+impl InterfaceRequest {
+    /// A request naming the interface `name` (at most 15 bytes, no NUL).
+    pub fn named(name: &[u8]) -> Option<InterfaceRequest> {
+        let mut request = InterfaceRequest {
+            name: [0; 16],
+            data: [0; 24],
+        };
+        if name.len() >= request.name.len() || name.contains(&0) {
+            return None;
+        }
+        request.name.get_mut(..name.len())?.copy_from_slice(name);
+        Some(request)
+    }
+}
+
+/// The interface requests the agent makes, each reading or writing one [`InterfaceRequest`].
+#[derive(Clone, Copy)]
+pub enum InterfaceOp {
+    /// `SIOCGIFFLAGS`: the flags, a `short` at `data[0..2]`.
+    GetFlags = linux_raw_sys::ioctl::SIOCGIFFLAGS as isize,
+    /// `SIOCSIFFLAGS`: sets them.
+    SetFlags = linux_raw_sys::ioctl::SIOCSIFFLAGS as isize,
+    /// `SIOCGIFADDR`: the IPv4 address, a `sockaddr_in` (the address at `data[4..8]`).
+    GetAddress = linux_raw_sys::ioctl::SIOCGIFADDR as isize,
+    /// `SIOCGIFNETMASK`: its netmask, likewise.
+    GetNetmask = linux_raw_sys::ioctl::SIOCGIFNETMASK as isize,
+    /// `SIOCGIFMTU`: the MTU, an `int` at `data[0..4]`.
+    GetMtu = linux_raw_sys::ioctl::SIOCGIFMTU as isize,
+    /// `SIOCGIFHWADDR`: the hardware address, a `sockaddr` (its family at `data[0..2]`, the
+    /// address from `data[2]`).
+    GetHardwareAddress = linux_raw_sys::ioctl::SIOCGIFHWADDR as isize,
+}
+
+/// One [`InterfaceOp`] on its request (one function for all six: no copy per opcode).
+struct InterfaceIoctl<'a> {
+    op: InterfaceOp,
+    request: &'a mut InterfaceRequest,
+}
+
+// SAFETY: every `InterfaceOp` reads and writes one `struct ifreq` (40 bytes on 64-bit Linux,
+// `InterfaceRequest`'s layout) through its argument and nothing else; the pointer is to our
+// own exclusively borrowed request, and no output is read but through it.
+unsafe impl rustix::ioctl::Ioctl for InterfaceIoctl<'_> {
+    type Output = ();
+    const IS_MUTATING: bool = true;
+
+    fn opcode(&self) -> rustix::ioctl::Opcode {
+        self.op as rustix::ioctl::Opcode
+    }
+
+    fn as_ptr(&mut self) -> *mut c_void {
+        ptr::from_mut(self.request).cast()
+    }
+
+    unsafe fn output_from_ptr(
+        _: rustix::ioctl::IoctlOutput,
+        _: *mut c_void,
+    ) -> io::Result<Self::Output> {
+        Ok(())
+    }
+}
+
+/// `ioctl(sock, op, &ifreq)` on an `AF_INET` datagram socket.
+pub fn interface_ioctl(
+    sock: impl AsFd,
+    op: InterfaceOp,
+    request: &mut InterfaceRequest,
+) -> io::Result<()> {
+    // SAFETY: see the `Ioctl` impl: the request is what each of these opcodes takes.
+    unsafe { rustix::ioctl::ioctl(sock, InterfaceIoctl { op, request }) }
+}
+
+/// Bytes as text when they are ASCII (what Linux's names are); empty otherwise. Cheaper than
+/// `core::str::from_utf8`, which the agent needs nowhere else.
+pub fn ascii_str(bytes: &[u8]) -> &str {
+    // A plain loop: `<[u8]>::is_ascii`'s word-at-a-time one is larger.
+    if bytes.iter().all(|b| *b < 0x80) {
+        // SAFETY: ASCII is UTF-8.
+        unsafe { core::str::from_utf8_unchecked(bytes) }
+    } else {
+        ""
+    }
+}
+
+/// `struct rand_pool_info` with room for the most bytes a reseed carries.
+#[repr(C)]
+pub struct RandPoolInfo {
+    /// Bits of entropy credited.
+    pub entropy_count: i32,
+    /// Bytes in `buf`.
+    pub buf_size: i32,
+    pub buf: [u8; ferry_wire::limits::MAX_RESEED],
+}
+
+/// `ioctl(random, RNDADDENTROPY, &info)` — mixes `info.buf_size` bytes into the kernel's pool
+/// and credits `info.entropy_count` bits (needs `CAP_SYS_ADMIN`).
+pub fn add_entropy(random: impl AsFd, info: &RandPoolInfo) -> io::Result<()> {
+    const OPCODE: rustix::ioctl::Opcode =
+        linux_raw_sys::ioctl::RNDADDENTROPY as rustix::ioctl::Opcode;
+    if !(0..=ferry_wire::limits::MAX_RESEED as i32).contains(&info.buf_size) {
+        return Err(io::Errno::INVAL);
+    }
+    // SAFETY: RNDADDENTROPY reads a `struct rand_pool_info` header and then `buf_size` bytes
+    // after it; `buf_size` was just checked to lie within `buf`. (The opcode's size field says
+    // 8, the header's: the kernel reads the rest by `buf_size`.)
+    unsafe {
+        let pointer = ptr::from_ref(info).cast_mut().cast::<c_void>();
+        rustix::ioctl::ioctl(
+            random,
+            rustix::ioctl::IntegerSetter::<OPCODE>::new_pointer(pointer),
+        )
+    }
+}
+
+/// `kill(pid, number)` with any signal number 1..=[`MAX_SIGNAL`] (the service-mode agent asks
+/// systemd to power off with `SIGRTMIN+4`, which rustix does not name).
+pub fn kill_raw(pid: Pid, number: u8) -> io::Result<()> {
+    if !(1..=MAX_SIGNAL).contains(&number) {
+        return Err(io::Errno::INVAL);
+    }
+    // SAFETY: as in `kill_process_group_raw`: a valid signal number, sent once to another
+    // process; the agent never makes musl use its reserved real-time signals.
+    let signal = unsafe { Signal::from_raw_unchecked(i32::from(number)) };
+    rustix::process::kill_process(pid, signal)
+}
+
 /// State every agent process shares: atomics in one `MAP_SHARED` anonymous page that the
 /// listener maps before it forks, so its spares and connection processes (and theirs) all see
 /// the same words. Until then (start-up), and should the mapping fail, a process-local copy

@@ -146,6 +146,14 @@ impl Client {
         Download::start(conn, get)
     }
 
+    /// Opens a connection for `operation` (its request goes out behind the handshake).
+    pub(crate) fn open_operation(
+        &self,
+        operation: Operation<'_, '_>,
+    ) -> Result<(Connection, AgentInfo), Error> {
+        Connection::open_with(&self.target, &self.options, Some(&self.buffers), operation)
+    }
+
     /// Runs `command` to the end and returns everything it printed and how it ended.
     pub fn output(&self, command: &Command) -> Result<Output, Error> {
         self.spawn(command)?.collect()

@@ -310,6 +310,12 @@ pub(crate) enum Received {
     Skipped(SkippedEntry),
     /// A transfer's end: what moved, and its SHA-256 by the agent's count.
     FileDone(FileSummary),
+    /// Info's frames, converted at the edge.
+    System(crate::system::System),
+    Mount(crate::system::Mount),
+    Interface(crate::system::Interface),
+    /// The guest's clock before a time sync set it.
+    ClockSet(ferry_wire::Timestamp),
 }
 
 /// A connection and its receive buffer; the reading side.
@@ -494,11 +500,16 @@ impl Connection {
                     self.shared.wake_writers(&state);
                     return Err(refused(&err));
                 }
-                // TODO(issue 11): info, clock.
-                _ => {
-                    self.shared.wake_writers(&state);
-                    return Err(Error::Protocol("unsupported operation".into()));
+                ClientEvent::SystemInfo(info) => {
+                    Received::System(crate::system::System::from_wire(&info))
                 }
+                ClientEvent::Mount(mount) => {
+                    Received::Mount(crate::system::Mount::from_wire(&mount))
+                }
+                ClientEvent::Interface(interface) => {
+                    Received::Interface(crate::system::Interface::from_wire(&interface))
+                }
+                ClientEvent::ClockSet(previous) => Received::ClockSet(previous),
             };
             if matches!(
                 received,
@@ -590,6 +601,15 @@ pub(crate) enum Operation<'r, 'a> {
     Put(&'r PutRequest<'a>),
     /// Read a file or a tree.
     Get(&'r GetRequest<'a>),
+    /// Describe the guest.
+    Info,
+    /// Power off or reboot.
+    Shutdown(ferry_wire::ShutdownRequest),
+    /// Set the guest's clock: to the host's, read as late as possible (when the opening is
+    /// encoded, right after the agent's hello); the time sent is left in the cell.
+    TimeSync(&'r std::sync::OnceLock<ferry_wire::Timestamp>),
+    /// Feed the guest's entropy pool.
+    Reseed(&'r [u8]),
 }
 
 impl Operation<'_, '_> {
@@ -600,7 +620,12 @@ impl Operation<'_, '_> {
             Operation::Exec(request) => request.validate().map(|_| ()),
             Operation::Put(request) => request.validate_within(&Limits::CURRENT),
             Operation::Get(request) => request.validate_within(&Limits::CURRENT),
-            Operation::None | Operation::KillAll => Ok(()),
+            Operation::None
+            | Operation::KillAll
+            | Operation::Info
+            | Operation::Shutdown(_)
+            | Operation::TimeSync(_)
+            | Operation::Reseed(_) => Ok(()),
         };
         checked.map_err(|err| Error::InvalidRequest(err.message.into()))
     }
@@ -612,6 +637,14 @@ impl Operation<'_, '_> {
             Operation::KillAll => session.start_kill_all(out),
             Operation::Put(request) => session.start_put(request, out),
             Operation::Get(request) => session.start_get(request, out),
+            Operation::Info => session.start_info(out),
+            Operation::Shutdown(request) => session.start_shutdown(request, out),
+            Operation::TimeSync(sent) => {
+                let now = crate::system::realtime_now();
+                let _ = sent.set(now);
+                session.start_time_sync(now, out)
+            }
+            Operation::Reseed(random) => session.start_reseed(random, out),
             Operation::None => session.poll_transmit(out),
         }
     }
@@ -663,9 +696,7 @@ impl Opening {
 pub(crate) fn large_opening_len(operation: Operation<'_, '_>) -> usize {
     match operation {
         Operation::Exec(request) => ClientSession::exec_buffer_len(request),
-        Operation::KillAll | Operation::None | Operation::Put(_) | Operation::Get(_) => {
-            2 * MAX_FRAME
-        }
+        _ => 2 * MAX_FRAME,
     }
 }
 

@@ -19,6 +19,7 @@ mod error;
 mod exec;
 mod secret;
 mod sys;
+mod system;
 mod target;
 #[cfg(feature = "tokio")]
 pub mod tokio;
@@ -35,6 +36,7 @@ pub use ferry_wire::{
 pub use ferry_wire::{SkipReason, TransferKind};
 pub use secret::{read_secret_file, secret_from_env, Secret, SECRET_FILE_ENV};
 pub use sys::vsock;
+pub use system::{rfc3339, AgentReport, ClockStep, Interface, Mount, SystemReport};
 pub use target::{ConnectOptions, Target};
 pub use transfer::{
     hex, Download, FileInfo, Get, Progress, Put, Sha256Digest, SkippedEntry, Transferred, Upload,

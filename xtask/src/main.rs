@@ -6,6 +6,7 @@ mod build_agent;
 mod cpio;
 mod deps;
 mod e2e;
+mod e2e_system;
 mod fuzz;
 mod initramfs;
 mod kernel;

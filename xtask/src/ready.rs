@@ -29,7 +29,6 @@ pub struct ReadyInfo {
     /// `module_times`.
     pub report: ReadyReport<'static>,
     /// Each module the agent loaded and the microseconds it took.
-    #[allow(dead_code)] // TODO(issue 11): printed by the boot report.
     pub module_times: Vec<(String, u64)>,
     /// Host side: QEMU spawned → the agent's hello received.
     pub boot_to_ready: Duration,
@@ -63,7 +62,20 @@ impl ReadyInfo {
             self.report.init_started_us as f64 / 1e3,
             self.init_to_listening().as_secs_f64() * 1e3,
             self.report.modules_us as f64 / 1e3,
-        )
+        ) + &self.module_summary()
+    }
+
+    /// `; modules: virtio_mmio 1.2 ms, vsock 3.4 ms, …` (empty when none was loaded).
+    pub fn module_summary(&self) -> String {
+        if self.module_times.is_empty() {
+            return String::new();
+        }
+        let each: Vec<String> = self
+            .module_times
+            .iter()
+            .map(|(name, us)| format!("{name} {:.1} ms", *us as f64 / 1e3))
+            .collect();
+        format!("; modules: {}", each.join(", "))
     }
 }
 
@@ -260,7 +272,7 @@ mod tests {
             init_started_us: 900_000,
             modules_us: 150_000,
             listening_us: 1_060_000,
-            module_times: ferry_wire::StrList::new(b""),
+            module_times: ferry_wire::StrList::new(b"virtio_mmio=1500\0vsock=250\0bad\0x=y\0"),
         };
         let writer = {
             let path = path.clone();
@@ -290,7 +302,21 @@ mod tests {
         writer.join().expect("writer thread");
         assert_eq!(info.agent_version, "9.9.9");
         assert_eq!(info.protocol_version, PROTOCOL_VERSION);
-        assert_eq!(info.report, report);
+        assert_eq!(
+            info.report,
+            ReadyReport {
+                module_times: ferry_wire::StrList::new(b""),
+                ..report
+            }
+        );
+        // Malformed entries are left out.
+        assert_eq!(
+            info.module_times,
+            [("virtio_mmio".to_owned(), 1500), ("vsock".to_owned(), 250)]
+        );
+        assert!(info
+            .summary()
+            .ends_with("; modules: virtio_mmio 1.5 ms, vsock 0.2 ms"));
         assert_eq!(info.init_to_listening(), Duration::from_millis(160));
         assert_eq!(
             info.init_to_listening_without_modules(),

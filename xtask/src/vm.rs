@@ -46,6 +46,10 @@ pub struct VmOptions {
     pub ready_timeout: Duration,
     /// More kernel command-line words (`ferry.KEY=VALUE` policy settings, say).
     pub kernel_args: Vec<String>,
+    /// Let the guest reboot: QEMU resets it instead of exiting (no `-no-reboot`), and
+    /// [`Vm::wait_rebooted`] waits for its agent's next announcement. A guest panic then
+    /// reboots it too.
+    pub reboot: bool,
 }
 
 impl Default for VmOptions {
@@ -58,6 +62,7 @@ impl Default for VmOptions {
             // TCG boots in about 2 s; the margin is for loaded CI machines.
             ready_timeout: Duration::from_secs(60),
             kernel_args: Vec::new(),
+            reboot: false,
         }
     }
 }
@@ -77,6 +82,8 @@ pub struct Vm {
     minimal: bool,
     qemu: Option<Child>,
     daemon: Option<Child>,
+    /// Kept for a rebooting guest's next announcement.
+    ready_listener: Option<ReadyListener>,
 }
 
 /// Which vsock backend a boot uses.
@@ -131,6 +138,7 @@ impl Vm {
             minimal: options.minimal,
             qemu: None,
             daemon: None,
+            ready_listener: None,
         };
         // From here on, an early return drops `vm`, which kills whatever was started.
         let hybrid_socket = run.dir.join("vm.vsock");
@@ -169,6 +177,7 @@ impl Vm {
                 .join(" "),
             backend,
             vhost_socket: run.dir.join("vhost.sock"),
+            reboot: options.reboot,
         };
         let args = qemu_args(&config)?;
         let qemu_stderr = run.dir.join("qemu.stderr");
@@ -189,7 +198,10 @@ impl Vm {
         let deadline = spawned + options.ready_timeout;
         let waited = listener.wait(spawned, deadline, || vm.check_alive(&qemu_stderr));
         match waited {
-            Ok(ready) => vm.ready = ready,
+            Ok(ready) => {
+                vm.ready = ready;
+                vm.ready_listener = Some(listener);
+            }
             Err(err) => {
                 let image = if options.minimal {
                     "minimal image"
@@ -200,6 +212,24 @@ impl Vm {
             }
         }
         Ok(vm)
+    }
+
+    /// Waits for the agent's next announcement after the guest rebooted (booted with
+    /// [`VmOptions::reboot`]); connecting before it would wedge vhost-device-vsock (REFERENCE.md
+    /// §4, pitfall 1). Fails if QEMU exits meanwhile.
+    pub fn wait_rebooted(&mut self, timeout: Duration) -> Result<ReadyInfo> {
+        let listener = self
+            .ready_listener
+            .take()
+            .context("no readiness listener: the guest never announced itself")?;
+        let since = Instant::now();
+        let qemu_stderr = self.dir.join("qemu.stderr");
+        let waited = listener.wait(since, since + timeout, || self.check_alive(&qemu_stderr));
+        self.ready_listener = Some(listener);
+        let ready =
+            waited.map_err(|err| self.with_console(err.context("waiting for the reboot")))?;
+        self.ready = ready.clone();
+        Ok(ready)
     }
 
     /// The `FERRY_CONNECT` value for this guest: `hvsock:///…/vm.vsock:1024` or
@@ -469,6 +499,8 @@ struct QemuConfig {
     cmdline: String,
     backend: Backend,
     vhost_socket: PathBuf,
+    /// Let a guest reboot (no `-no-reboot`).
+    reboot: bool,
 }
 
 /// The QEMU arguments: microvm (no PCI, no firmware, no option ROMs) booting the uncompressed
@@ -505,7 +537,11 @@ fn qemu_args(config: &QemuConfig) -> Result<Vec<String>> {
         }
     }
     push(&["-m", &memory, "-smp", &config.cpus.to_string()]);
-    push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    push(&["-nodefaults", "-no-user-config", "-nographic"]);
+    if !config.reboot {
+        // A guest reboot (or a panic, with `panic=-1`) ends QEMU.
+        push(&["-no-reboot"]);
+    }
     push(&["-kernel", &config.kernel.to_string_lossy()]);
     push(&["-initrd", &config.initrd.to_string_lossy()]);
     push(&["-append", &config.cmdline]);
@@ -762,7 +798,20 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             backend,
             vhost_socket: "/r/vhost.sock".into(),
+            reboot: false,
         }
+    }
+
+    #[test]
+    fn only_a_rebooting_guest_lets_qemu_reset_it() {
+        let args = qemu_args(&config(Backend::VhostUser)).expect("valid");
+        assert!(args.iter().any(|a| a == "-no-reboot"));
+        let rebooting = QemuConfig {
+            reboot: true,
+            ..config(Backend::VhostUser)
+        };
+        let args = qemu_args(&rebooting).expect("valid");
+        assert!(!args.iter().any(|a| a == "-no-reboot"));
     }
 
     #[test]

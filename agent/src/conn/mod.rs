@@ -16,6 +16,7 @@ mod io;
 mod pieces;
 mod pump;
 mod start;
+mod system;
 
 use ferry_wire::session::{AgentAuth, AgentEvent, AgentSession, Refusal, SessionError};
 use ferry_wire::{Bytes, ErrorCode};
@@ -359,14 +360,17 @@ fn handshake<'b>(
                     return transfer_or_refusal(session, transfer);
                 }
                 Some(
-                    AgentEvent::Info
+                    event @ (AgentEvent::Info
                     | AgentEvent::Shutdown(_)
                     | AgentEvent::TimeSync(_)
-                    | AgentEvent::Reseed(_),
+                    | AgentEvent::Reseed(_)),
                 ) => {
+                    *audit = Some(Audit::new(system::name(&event), b"", None));
+                    let follow_up = system::answer(&event, session);
                     link.inbox.consume(consumed);
-                    let refusal = Refusal::new(ErrorCode::Unsupported, "not implemented yet");
-                    let _ = session.refuse(refusal, clock::monotonic_us());
+                    if let Some(follow_up) = follow_up {
+                        system::follow_up(follow_up, link, session, successor);
+                    }
                     return Handshake::Refused;
                 }
                 // The hello and the proof are handled by the session (our proof is queued);

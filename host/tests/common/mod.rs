@@ -85,6 +85,9 @@ pub fn secret_options() -> ConnectOptions {
     }
 }
 
+/// What every test agent's shutdown runs (see `Agent::start_with`): nothing.
+pub const SAFE_POWER_COMMAND: &str = "power_command=/nonexistent/ferry-test-power-command";
+
 /// A running agent on a private Unix socket, killed (with everything it started) on drop.
 pub struct Agent {
     child: Child,
@@ -111,6 +114,10 @@ impl Agent {
         if !args.contains(&"--insecure") && !args.contains(&"--secret-file") {
             command.arg("--secret-file").arg(secret_path());
         }
+        // NOTE: tests run as root on the CI machine: a test agent's shutdown must never reach
+        // the real `poweroff` or signal the machine's PID 1. A test that means to see a
+        // shutdown passes its own `power_command` (later flags win).
+        command.args(["--set", SAFE_POWER_COMMAND]);
         let child = command
             .args(args)
             .stdin(Stdio::null())
@@ -145,6 +152,10 @@ impl Agent {
         if !args.contains(&"--insecure") && !args.contains(&"--secret-file") {
             command.arg("--secret-file").arg(secret_path());
         }
+        // NOTE: tests run as root on the CI machine: a test agent's shutdown must never reach
+        // the real `poweroff` or signal the machine's PID 1. A test that means to see a
+        // shutdown passes its own `power_command` (later flags win).
+        command.args(["--set", SAFE_POWER_COMMAND]);
         command.args(args).stdin(Stdio::null());
         configure(&mut command);
         let child = command.spawn().expect("starting the agent");

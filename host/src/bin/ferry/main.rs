@@ -17,6 +17,7 @@ use std::time::Duration;
 
 mod cp;
 mod signals;
+mod sysops;
 mod term;
 mod units;
 
@@ -83,6 +84,15 @@ enum Cmd {
     /// Copy files or directories between the host and the guest (a guest path is :PATH), with
     /// their SHA-256 checked end to end
     Cp(cp::CpArgs),
+    /// Describe the guest: kernel, uptime, clock, CPUs, memory, mounts, interfaces, the agent
+    Info(sysops::InfoArgs),
+    /// Power the guest off (or reboot it): every process gets SIGTERM, SIGKILL after the
+    /// grace, file systems are synced and unmounted. Exits 0 once the agent acknowledged
+    Shutdown(sysops::ShutdownArgs),
+    /// Set the guest's clock to the host's and print the step
+    TimeSync,
+    /// Add random bytes of the host's to the guest's entropy pool
+    Reseed(sysops::ReseedArgs),
 }
 
 #[derive(clap::Args)]
@@ -227,6 +237,10 @@ fn main() -> ExitCode {
         Cmd::Health => health(&client),
         Cmd::KillAll => kill_all(&client),
         Cmd::Cp(args) => cp::cp(&client, args),
+        Cmd::Info(args) => sysops::info(&client, args),
+        Cmd::Shutdown(args) => sysops::shutdown(&client, args),
+        Cmd::TimeSync => sysops::time_sync(&client),
+        Cmd::Reseed(args) => sysops::reseed(&client, args),
     }
 }
 
