@@ -9,6 +9,7 @@ use crate::conn::{open_timed, AgentInfo, BufferPool, Connection, Operation, Rece
 use crate::error::Error;
 use crate::exec::{Execution, Output};
 use crate::target::{ConnectOptions, Target};
+use crate::transfer::{Download, Get, Put, Transferred, Upload};
 
 /// A client for one agent.
 #[derive(Debug, Clone)]
@@ -98,6 +99,51 @@ impl Client {
                 "instead of a done record",
             )),
         }
+    }
+
+    /// Writes what `content` gives (to its end) as `put` says, and waits for the agent to check
+    /// its SHA-256 and commit it. Memory stays bounded whatever the size: the content is read
+    /// as the agent grants credit. An agent's refusal (a missing directory, a permission, its
+    /// maximum file size, no space) is an [`Error::Remote`] with its code and errno.
+    pub fn put(&self, put: &Put, content: impl std::io::Read) -> Result<Transferred, Error> {
+        let mut upload = self.upload(put)?;
+        upload.send_from(content)?;
+        upload.finish()
+    }
+
+    /// Starts a put and returns it to be written to ([`Upload`] is a [`std::io::Write`]), for
+    /// content produced as it goes (a tar stream being built). [`Upload::finish`] ends it.
+    pub fn upload(&self, put: &Put) -> Result<Upload, Error> {
+        let request = put.request()?;
+        let (conn, _info) = Connection::open_with(
+            &self.target,
+            &self.options,
+            Some(&self.buffers),
+            Operation::Put(&request),
+        )?;
+        Ok(Upload::new(conn, put))
+    }
+
+    /// Reads what `get` names into `sink`, straight from the receive buffer, and checks the
+    /// agent's SHA-256 and byte count against what arrived ([`Error::IntegrityMismatch`]). A
+    /// refusal (no such file, not a regular file, a permission) comes before any byte is
+    /// written to `sink`.
+    pub fn get(&self, get: &Get, sink: impl std::io::Write) -> Result<Transferred, Error> {
+        self.download(get)?.copy_to(sink)
+    }
+
+    /// Starts a get and returns once the agent described the file (or refused): look at
+    /// [`Download::file_info`] before deciding where the content goes, then read it
+    /// ([`Download`] is a [`std::io::Read`]) or [`Download::copy_to`] a writer.
+    pub fn download(&self, get: &Get) -> Result<Download, Error> {
+        let request = get.request()?;
+        let (conn, _info) = Connection::open_with(
+            &self.target,
+            &self.options,
+            Some(&self.buffers),
+            Operation::Get(&request),
+        )?;
+        Download::start(conn, get)
     }
 
     /// Runs `command` to the end and returns everything it printed and how it ended.

@@ -14,13 +14,14 @@ use std::time::{Duration, Instant};
 use ferry_wire::limits::MAX_FRAME;
 use ferry_wire::session::{ClientAuth, ClientEvent, ClientSession, Micros, Phase, SessionError};
 use ferry_wire::{
-    Bounds, Dropped, ErrorCode, ErrorFrame, ExecRequest, Limits, RecvBuf, Security,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Bounds, Dropped, ErrorCode, ErrorFrame, ExecRequest, FileHeader, FileSummary, GetRequest,
+    Limits, PutRequest, RecvBuf, Security, DATA_HEADROOM, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::error::{Error, RemoteError};
 use crate::exec::Termination;
 use crate::target::{is_timeout, ConnectOptions, Target};
+use crate::transfer::SkippedEntry;
 
 /// Room for one control frame: a tag and a few varints.
 pub(crate) const CONTROL_FRAME: usize = 64;
@@ -191,6 +192,44 @@ impl Shared {
         }
     }
 
+    /// Sends `len` stdin bytes the caller placed at `buf[DATA_HEADROOM..]`, framed in place
+    /// (no copy); `len` must be within [`Shared::stdin_credit`].
+    pub fn send_stdin_in_place(&self, buf: &mut [u8], len: usize) -> io::Result<()> {
+        let _writing = self.lock_writing();
+        let mut state = self.lock();
+        if state.closed {
+            return Err(broken_pipe());
+        }
+        let start = state
+            .session
+            .frame_stdin_in_place(buf, len)
+            .map_err(stdin_error)?;
+        drop(state);
+        let frame = buf.get(start..DATA_HEADROOM + len).unwrap_or_default();
+        (&self.stream).write_all(frame)
+    }
+
+    /// The stdin bytes that may be sent now.
+    pub fn stdin_credit(&self) -> usize {
+        self.lock().session.stdin_credit()
+    }
+
+    /// Sends the one frame `encode` asks the session for; unlike [`Shared::send_control`], a
+    /// refusal is an error (a put's end must not be lost quietly).
+    pub fn send_frame(
+        &self,
+        encode: impl FnOnce(&mut ClientSession, &mut [u8]) -> Result<usize, SessionError>,
+    ) -> Result<(), Error> {
+        let mut frame = [0u8; CONTROL_FRAME];
+        let _writing = self.lock_writing();
+        let mut state = self.lock();
+        let len = encode(&mut state.session, &mut frame).map_err(session_error)?;
+        drop(state);
+        (&self.stream)
+            .write_all(frame.get(..len).unwrap_or_default())
+            .map_err(io_error)
+    }
+
     /// Ends stdin: the session queues EOF and the frame is sent.
     pub fn close_stdin(&self, frame: &mut [u8]) -> io::Result<()> {
         let _writing = self.lock_writing();
@@ -263,6 +302,14 @@ pub(crate) enum Received {
     /// A stream passed its output cap: its head came before, its tail follows.
     Dropped(Dropped),
     Exited(Termination),
+    /// A put or a get was checked and begins.
+    FileReady(FileHeader),
+    /// A chunk of a get's content.
+    FileData(Range<usize>),
+    /// A tree transfer left an entry out.
+    Skipped(SkippedEntry),
+    /// A transfer's end: what moved, and its SHA-256 by the agent's count.
+    FileDone(FileSummary),
 }
 
 /// A connection and its receive buffer; the reading side.
@@ -300,12 +347,8 @@ impl Connection {
         pool: Option<&Arc<BufferPool>>,
         operation: Operation<'_, '_>,
     ) -> Result<(Connection, AgentInfo), Error> {
-        if let Operation::Exec(request) = operation {
-            // Refused before a connection is made: a bad request costs nothing.
-            request
-                .validate()
-                .map_err(|err| Error::InvalidRequest(err.message.into()))?;
-        }
+        // Refused before a connection is made: a bad request costs nothing.
+        operation.validate()?;
         let opened = target.open_raw(options)?;
         let epoch = Instant::now();
         let hello_timeout = opened.deadline.saturating_duration_since(epoch);
@@ -424,9 +467,9 @@ impl Connection {
                 ClientEvent::Stderr(data) => Received::Stderr(within(input, data)),
                 ClientEvent::StdinCredit { .. } => Received::Credit,
                 ClientEvent::OutputDropped(dropped) => Received::Dropped(dropped),
+                // Bytes already here behind the last frame go to the session too (it refuses
+                // them); nothing more is read for them.
                 ClientEvent::Exited(end) => {
-                    // Bytes already here behind the termination record go to the session too
-                    // (it refuses them); nothing more is read for them.
                     let rest = input.get(taken.consumed..).unwrap_or_default();
                     if let Err(err) = state.session.handle_input(rest) {
                         self.shared.wake_writers(&state);
@@ -434,17 +477,33 @@ impl Connection {
                     }
                     Received::Exited(Termination::from_wire(end))
                 }
+                ClientEvent::FileDone(summary) => {
+                    let rest = input.get(taken.consumed..).unwrap_or_default();
+                    if let Err(err) = state.session.handle_input(rest) {
+                        self.shared.wake_writers(&state);
+                        return Err(session_error(err));
+                    }
+                    Received::FileDone(summary)
+                }
+                ClientEvent::FileReady(header) => Received::FileReady(header),
+                ClientEvent::FileData(data) => Received::FileData(within(input, data)),
+                ClientEvent::Skipped(skipped) => {
+                    Received::Skipped(SkippedEntry::from_wire(&skipped))
+                }
                 ClientEvent::Refused(err) => {
                     self.shared.wake_writers(&state);
                     return Err(refused(&err));
                 }
-                // TODO(issue 11): transfers, info, clock.
+                // TODO(issue 11): info, clock.
                 _ => {
                     self.shared.wake_writers(&state);
                     return Err(Error::Protocol("unsupported operation".into()));
                 }
             };
-            if matches!(received, Received::Credit | Received::Exited(_)) {
+            if matches!(
+                received,
+                Received::Credit | Received::Exited(_) | Received::FileDone(_)
+            ) {
                 self.shared.wake_writers(&state);
             }
             self.handed_out = taken.consumed;
@@ -527,6 +586,35 @@ pub(crate) enum Operation<'r, 'a> {
     Exec(&'r ExecRequest<'a>),
     /// End every command the agent runs.
     KillAll,
+    /// Write a file or unpack a tree.
+    Put(&'r PutRequest<'a>),
+    /// Read a file or a tree.
+    Get(&'r GetRequest<'a>),
+}
+
+impl Operation<'_, '_> {
+    /// Checks the request against the protocol's own limits (the agent's may be tighter: the
+    /// session checks those once its hello is in).
+    pub fn validate(self) -> Result<(), Error> {
+        let checked = match self {
+            Operation::Exec(request) => request.validate().map(|_| ()),
+            Operation::Put(request) => request.validate_within(&Limits::CURRENT),
+            Operation::Get(request) => request.validate_within(&Limits::CURRENT),
+            Operation::None | Operation::KillAll => Ok(()),
+        };
+        checked.map_err(|err| Error::InvalidRequest(err.message.into()))
+    }
+
+    /// Asks `session` to encode the operation (behind our pending hello and proof) into `out`.
+    pub fn start(self, session: &mut ClientSession, out: &mut [u8]) -> Result<usize, SessionError> {
+        match self {
+            Operation::Exec(request) => session.start_exec(request, out),
+            Operation::KillAll => session.start_kill_all(out),
+            Operation::Put(request) => session.start_put(request, out),
+            Operation::Get(request) => session.start_get(request, out),
+            Operation::None => session.poll_transmit(out),
+        }
+    }
 }
 
 /// The bytes a connection opens with: our hello and proof, and the request behind them.
@@ -548,11 +636,7 @@ impl Opening {
             large: Vec::new(),
             len: 0,
         };
-        let encode = |session: &mut ClientSession, out: &mut [u8]| match operation {
-            Operation::Exec(request) => session.start_exec(request, out),
-            Operation::KillAll => session.start_kill_all(out),
-            Operation::None => session.poll_transmit(out),
-        };
+        let encode = |session: &mut ClientSession, out: &mut [u8]| operation.start(session, out);
         opening.len = match encode(session, &mut opening.small) {
             Err(SessionError::BufferTooSmall) => {
                 opening.large.resize(large_opening_len(operation), 0);
@@ -579,7 +663,9 @@ impl Opening {
 pub(crate) fn large_opening_len(operation: Operation<'_, '_>) -> usize {
     match operation {
         Operation::Exec(request) => ClientSession::exec_buffer_len(request),
-        Operation::KillAll | Operation::None => 2 * MAX_FRAME,
+        Operation::KillAll | Operation::None | Operation::Put(_) | Operation::Get(_) => {
+            2 * MAX_FRAME
+        }
     }
 }
 

@@ -77,6 +77,34 @@ pub enum Error {
          refusing to talk to an agent that cannot prove who it is"
     )]
     AgentInsecure,
+    /// A transfer's content arrived, but the agent's count or SHA-256 of it differs from ours:
+    /// something between the two changed it. Nothing is reported as transferred.
+    #[error(
+        "the content does not match the agent's summary: {bytes} bytes with SHA-256 {} here, \
+         {agent_bytes} bytes with SHA-256 {} by the agent",
+        crate::transfer::hex(sha256),
+        crate::transfer::hex(agent_sha256)
+    )]
+    IntegrityMismatch {
+        /// Bytes the agent counted.
+        agent_bytes: u64,
+        /// The agent's SHA-256.
+        agent_sha256: [u8; 32],
+        /// Bytes we counted.
+        bytes: u64,
+        /// Our SHA-256.
+        sha256: [u8; 32],
+    },
+    /// A local read or write of a transfer's content failed (the reader given to a put, the
+    /// writer given to a get).
+    #[error("{context}: {source}")]
+    Local {
+        /// What was being done.
+        context: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// A secret file cannot be used.
     #[error("secret file {}: {reason}", path.display())]
     Secret {
@@ -135,14 +163,24 @@ pub fn errno_name(errno: u32) -> String {
         12 => "ENOMEM",
         13 => "EACCES",
         14 => "EFAULT",
+        16 => "EBUSY",
+        17 => "EEXIST",
+        18 => "EXDEV",
         20 => "ENOTDIR",
         21 => "EISDIR",
         22 => "EINVAL",
         23 => "ENFILE",
         24 => "EMFILE",
         26 => "ETXTBSY",
+        27 => "EFBIG",
+        28 => "ENOSPC",
+        30 => "EROFS",
+        31 => "EMLINK",
         36 => "ENAMETOOLONG",
+        39 => "ENOTEMPTY",
         40 => "ELOOP",
+        95 => "EOPNOTSUPP",
+        122 => "EDQUOT",
         _ => return format!("errno {errno}"),
     };
     name.to_owned()

@@ -22,6 +22,7 @@ mod sys;
 mod target;
 #[cfg(feature = "tokio")]
 pub mod tokio;
+mod transfer;
 
 pub use client::{Client, Health};
 pub use command::{Command, Stdin};
@@ -31,9 +32,14 @@ pub use exec::{Controller, Event, Execution, Output, PumpError, StdinWriter, Ter
 pub use ferry_wire::{
     Bounds, Ending, ExitStatus, Limits, Security, Stream, StreamRecord, TreeKill, WindowSize,
 };
+pub use ferry_wire::{SkipReason, TransferKind};
 pub use secret::{read_secret_file, secret_from_env, Secret, SECRET_FILE_ENV};
 pub use sys::vsock;
 pub use target::{ConnectOptions, Target};
+pub use transfer::{
+    hex, Download, FileInfo, Get, Progress, Put, Sha256Digest, SkippedEntry, Transferred, Upload,
+    MAX_SKIPPED_KEPT,
+};
 
 #[cfg(test)]
 mod tests;

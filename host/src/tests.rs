@@ -47,6 +47,12 @@ enum Sent {
     Resize(u16, u16),
     Cancel(Option<u32>),
     ExecPart(Vec<u8>),
+    /// A put request: its path.
+    Put(Vec<u8>),
+    /// A put's end: its SHA-256.
+    PutEnd([u8; 32]),
+    /// A get request: its path.
+    Get(Vec<u8>),
     /// A frame of the operations beyond exec.
     Other(String),
 }
@@ -167,6 +173,9 @@ fn sent(frame: &[u8]) -> Sent {
         ClientFrame::Resize(size) => Sent::Resize(size.rows, size.cols),
         ClientFrame::Cancel(cancel) => Sent::Cancel(cancel.grace_ms),
         ClientFrame::ExecPart(part) => Sent::ExecPart(part.data.0.to_vec()),
+        ClientFrame::Put(put) => Sent::Put(put.path.0.to_vec()),
+        ClientFrame::PutEnd(digest) => Sent::PutEnd(digest.0),
+        ClientFrame::Get(get) => Sent::Get(get.path.0.to_vec()),
         other => Sent::Other(format!("{other:?}")),
     }
 }
@@ -1346,3 +1355,7 @@ fn large_argv_and_env_travel_in_pieces() {
     assert!(client.output(&command).unwrap().success());
     handle.join().unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Protocol 4: file transfer.
+mod transfers;

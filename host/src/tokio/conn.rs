@@ -148,12 +148,7 @@ impl State {
     /// small buffer first, one sized for the largest frames only when that does not fit.
     pub(super) fn queue_opening(&mut self, operation: Operation<'_, '_>) -> Result<(), Error> {
         let encode = |session: &mut ClientSession, out: &mut [u8]| {
-            let written = match operation {
-                Operation::Exec(request) => session.start_exec(request, out),
-                Operation::KillAll => session.start_kill_all(out),
-                Operation::None => session.poll_transmit(out),
-            };
-            written.map(|n| ((), n))
+            operation.start(session, out).map(|n| ((), n))
         };
         match self.queue(SMALL_OPENING, encode) {
             Err(SessionError::BufferTooSmall) => self.queue(large_opening_len(operation), encode),

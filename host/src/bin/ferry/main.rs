@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
 
+mod cp;
 mod signals;
 mod term;
 mod units;
@@ -79,6 +80,9 @@ enum Cmd {
     /// End every command the agent runs (everything in its commands' cgroup), whoever started
     /// them: the way back from a fork bomb or a runaway daemon
     KillAll,
+    /// Copy files or directories between the host and the guest (a guest path is :PATH), with
+    /// their SHA-256 checked end to end
+    Cp(cp::CpArgs),
 }
 
 #[derive(clap::Args)]
@@ -222,6 +226,7 @@ fn main() -> ExitCode {
         Cmd::Shell(args) => shell(&client, args),
         Cmd::Health => health(&client),
         Cmd::KillAll => kill_all(&client),
+        Cmd::Cp(args) => cp::cp(&client, args),
     }
 }
 
