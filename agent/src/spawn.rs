@@ -502,7 +502,9 @@ fn hand_over_pipes(credentials: &Credentials, stdio: &ChildStdio<'_>) -> Result<
     Ok(())
 }
 
-fn assume_identity(credentials: &Credentials) -> Result<(), Errno> {
+/// Becomes `credentials`' user: groups, gid, uid (when it switches), and `no_new_privs`. For a
+/// command's child before `execve`, and for a connection process that transfers files.
+pub fn assume_identity(credentials: &Credentials) -> Result<(), Errno> {
     use rustix::process::{Gid, Uid};
     if credentials.switch {
         let mut groups = [Gid::ROOT; crate::users::MAX_GROUPS];

@@ -287,7 +287,7 @@ pub fn numeric_credentials(uid: u32, gid: u32) -> Credentials {
 }
 
 /// `value` in decimal, in `buf`.
-fn decimal(mut value: u32, buf: &mut [u8; 10]) -> &[u8] {
+pub fn decimal(mut value: u32, buf: &mut [u8; 10]) -> &[u8] {
     let mut first = buf.len();
     for (at, digit) in buf.iter_mut().enumerate().rev() {
         *digit = b'0' + (value % 10) as u8;

@@ -200,6 +200,32 @@ impl<'b> Outbox<'b> {
         }
     }
 
+    /// Has `fill` read up to one chunk of a get's content into the empty outbox, and the
+    /// session frame it in place; the bytes read (0: nothing, nothing framed).
+    pub fn file_data(
+        &mut self,
+        session: &mut AgentSession,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, Errno>,
+    ) -> Result<usize, Errno> {
+        let space = self
+            .buf
+            .get_mut(DATA_HEADROOM..DATA_HEADROOM + MAX_DATA)
+            .ok_or(Errno::NOBUFS)?;
+        let n = fill(space)?.min(MAX_DATA);
+        if n > 0 {
+            self.start = session
+                .frame_file_data(self.buf, n)
+                .map_err(|_| Errno::NOBUFS)?;
+            self.end = DATA_HEADROOM + n;
+        }
+        Ok(n)
+    }
+
+    /// The bytes still to send.
+    pub fn pending(&self) -> usize {
+        self.end.saturating_sub(self.start)
+    }
+
     /// Puts the frame `encode` writes into the empty outbox; whether it did.
     pub fn put(&mut self, encode: impl FnOnce(&mut [u8]) -> Result<usize, SessionError>) -> bool {
         match encode(self.buf) {

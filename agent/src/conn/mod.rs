@@ -8,15 +8,17 @@
 //! - `start.rs` — what a spare prepares, the command's pipes, `clone` and `execve`, reaping.
 //! - `pump.rs` — the running command's `poll` loop.
 //! - `cap.rs` — a stream's output cap: the head passes live, a tail window is kept.
+//! - `files.rs` — a put or a get of a file, as the request's user.
 
 mod cap;
+mod files;
 mod io;
 mod pieces;
 mod pump;
 mod start;
 
 use ferry_wire::session::{AgentAuth, AgentEvent, AgentSession, Refusal, SessionError};
-use ferry_wire::ErrorCode;
+use ferry_wire::{Bytes, ErrorCode};
 use rustix::event::PollFlags;
 use rustix::fd::{AsFd, OwnedFd};
 
@@ -66,9 +68,13 @@ pub fn serve(sock: OwnedFd, prepared: Prepared, mut successor: Successor, servin
 }
 
 /// How the handshake ended.
-enum Handshake {
+// A transfer's credentials are the large variant; the value lives once, on the stack.
+#[allow(clippy::large_enum_variant)]
+enum Handshake<'b> {
     /// The command runs; the session has its `Started` queued.
     Started(Child),
+    /// A transfer was asked for and allowed; it has not touched a file yet.
+    Transfer(files::Transfer<'b>),
     /// The session has an error frame queued (a breach, a refused request, a timeout).
     Refused,
     /// The client left before asking for anything (a hello alone is a health check), or the
@@ -130,6 +136,14 @@ fn converse(
             };
             pump::run(&mut link, &mut session, child, buffers)
         }
+        Handshake::Transfer(transfer) => {
+            let stall = serving.config.final_send_timeout;
+            let (end, moved) = files::run(transfer, &mut link, &mut session, stall);
+            if let Some(audit) = audit.as_mut() {
+                audit.bytes = Some(moved);
+            }
+            (end, pump::Retired::new())
+        }
         Handshake::Refused => (End::Closing, pump::Retired::new()),
         Handshake::Gone => (End::ClientGone, pump::Retired::new()),
     };
@@ -146,11 +160,13 @@ fn converse(
 /// The record of one operation, for its audit line: who asked for what, as whom, how it ended.
 struct Audit {
     operation: &'static [u8],
-    /// `argv[0]`, cut.
+    /// `argv[0]` (or a transfer's path), cut.
     program: heapless::Vec<u8, 48>,
     /// The user asked for, or the default.
     user: heapless::Vec<u8, 32>,
     started_us: u64,
+    /// A transfer's content bytes.
+    bytes: Option<u64>,
 }
 
 impl Audit {
@@ -160,7 +176,15 @@ impl Audit {
             program: program.to_owned_in(),
             user: user.unwrap_or(b"(default)").to_owned_in(),
             started_us: clock::monotonic_us(),
+            bytes: None,
         }
+    }
+
+    /// A put's or a get's: `path=` instead of `program=`, and the bytes moved.
+    fn transfer(operation: &'static [u8], path: &[u8], user: Option<Bytes<'_>>) -> Audit {
+        let mut audit = Audit::new(operation, path, user.map(|user| user.0));
+        audit.bytes = Some(0);
+        audit
     }
 
     /// One line, rate-limited: `audit: exec peer=vsock 2:1234 user=(default) program=uname
@@ -174,7 +198,11 @@ impl Audit {
             .push(b" user=")
             .push(&self.user);
         if !self.program.is_empty() {
-            line.push(b" program=").push(&self.program);
+            let label: &[u8] = match self.bytes {
+                Some(_) => b" path=",
+                None => b" program=",
+            };
+            line.push(label).push(&self.program);
         }
         line.push(b" result=");
         match (session.exit_status(), session.refusal_code()) {
@@ -198,6 +226,9 @@ impl Audit {
         }
         if end == End::ClientGone && session.exit_status().is_some() {
             line.push(b", client gone");
+        }
+        if let Some(bytes) = self.bytes {
+            line.push(b" bytes=").num(bytes);
         }
         let elapsed = clock::monotonic_us().saturating_sub(self.started_us);
         line.push(b" ms=").num(elapsed / 1000).emit_limited();
@@ -223,15 +254,15 @@ impl ToOwnedIn for [u8] {
 }
 
 /// The hello exchange and the request, up to the command's start.
-fn handshake(
+fn handshake<'b>(
     link: &mut Link<'_, '_>,
     session: &mut AgentSession,
-    storage: Storage<'_>,
+    storage: Storage<'b>,
     prepared: Prepared,
     successor: &mut Successor,
     audit: &mut Option<Audit>,
     pieces: &mut pieces::Pieces,
-) -> Handshake {
+) -> Handshake<'b> {
     loop {
         let now = clock::monotonic_us();
         loop {
@@ -315,10 +346,20 @@ fn handshake(
                     };
                     return Handshake::Refused;
                 }
+                Some(AgentEvent::Put(put)) => {
+                    *audit = Some(Audit::transfer(b"put", put.path.0, put.user));
+                    let transfer = files::Transfer::put(&put, storage.cwd, prepared);
+                    link.inbox.consume(consumed);
+                    return transfer_or_refusal(session, transfer);
+                }
+                Some(AgentEvent::Get(get)) => {
+                    *audit = Some(Audit::transfer(b"get", get.path.0, get.user));
+                    let transfer = files::Transfer::get(&get, storage.cwd, prepared);
+                    link.inbox.consume(consumed);
+                    return transfer_or_refusal(session, transfer);
+                }
                 Some(
-                    AgentEvent::Put(_)
-                    | AgentEvent::Get(_)
-                    | AgentEvent::Info
+                    AgentEvent::Info
                     | AgentEvent::Shutdown(_)
                     | AgentEvent::TimeSync(_)
                     | AgentEvent::Reseed(_),
@@ -360,6 +401,20 @@ fn handshake(
         }
         if session.handle_timeout(clock::monotonic_us()).is_err() {
             return Handshake::Refused;
+        }
+    }
+}
+
+/// A transfer to run, or its refusal queued.
+fn transfer_or_refusal<'b>(
+    session: &mut AgentSession,
+    transfer: Result<files::Transfer<'b>, Refusal>,
+) -> Handshake<'b> {
+    match transfer {
+        Ok(transfer) => Handshake::Transfer(transfer),
+        Err(refusal) => {
+            let _ = session.refuse(refusal, clock::monotonic_us());
+            Handshake::Refused
         }
     }
 }

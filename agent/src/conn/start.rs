@@ -52,7 +52,27 @@ pub fn prepare() -> Prepared {
     }
 }
 
-fn is_root() -> bool {
+impl Prepared {
+    /// Who a request that asks for `requested` (or the default) runs as; see [`identity`].
+    pub fn identity(self, requested: Option<&[u8]>) -> Result<users::Credentials, Refusal> {
+        identity(requested, self.default_user)
+    }
+}
+
+/// Who a request runs as: the policy's default user, resolved ahead while the process waited
+/// as a spare, or the user it asks for, resolved now (with the refusal the client is told: an
+/// unknown default user, a user the policy does not allow).
+fn identity(
+    requested: Option<&[u8]>,
+    default_user: Option<users::Credentials>,
+) -> Result<users::Credentials, Refusal> {
+    match (requested, default_user) {
+        (None, Some(credentials)) => Ok(credentials),
+        (requested, _) => users::authorize(policy::current(), requested, is_root()),
+    }
+}
+
+pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
@@ -103,12 +123,7 @@ pub fn start(
     ready: Prepared,
     meanwhile: impl FnOnce(),
 ) -> Result<Child, Refusal> {
-    let requested = valid.request().user.map(|user| user.0);
-    let credentials = match (requested, ready.default_user) {
-        (None, Some(credentials)) => credentials,
-        // Resolved now, with the refusal (an unknown default user, say) the client is told.
-        (requested, _) => users::authorize(policy::current(), requested, is_root())?,
-    };
+    let credentials = identity(valid.request().user.map(|user| user.0), ready.default_user)?;
     let mut identity_buffer = [0u8; spawn::IDENTITY_ENV_BUFFER];
     let inherited = sys::environment().take(sys::MAX_INHERITED_ENV);
     let prepared = spawn::prepare(

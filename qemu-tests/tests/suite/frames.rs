@@ -154,3 +154,172 @@ impl<S: for<'a> From<AgentFrame<'a>>> Raw<S> {
         std::iter::from_fn(|| self.next_frame()).collect()
     }
 }
+
+/// A put or a get driven through [`ClientSession`] (which checks every frame the agent sends),
+/// blocking, on one connection: for the transfer scenarios and `host/tests/files_agent.rs`,
+/// before (and below) the host library's own API.
+#[allow(dead_code)] // an includer may not transfer
+pub struct Transfer {
+    pub stream: UnixStream,
+    pub session: ferry_wire::session::ClientSession,
+    pub recv: RecvBuf<Vec<u8>>,
+    out: Vec<u8>,
+    /// The agent's `FileReady`, once it came.
+    pub header: Option<ferry_wire::FileHeader>,
+}
+
+/// How a transfer ended.
+#[allow(dead_code)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done(ferry_wire::FileSummary),
+    Refused(ferry_wire::ErrorCode, String),
+    /// The agent closed without a last frame.
+    Closed,
+}
+
+#[allow(dead_code)]
+impl Outcome {
+    /// The refusal's code (the test fails on anything else).
+    pub fn code(&self) -> ferry_wire::ErrorCode {
+        match self {
+            Outcome::Refused(code, _) => *code,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+}
+
+#[allow(dead_code)]
+enum Step {
+    Credit,
+    End(Outcome),
+}
+
+#[allow(dead_code)]
+impl Transfer {
+    /// Takes the agent's hello from `stream` into a session that proves `secret`.
+    pub fn open(stream: UnixStream, secret: Option<ferry_wire::session::Secret>) -> Transfer {
+        use ferry_wire::session::{ClientAuth, ClientEvent, ClientSession};
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let auth = ClientAuth {
+            nonce: nonce(),
+            secret,
+        };
+        let mut transfer = Transfer {
+            stream,
+            session: ClientSession::new(0, None, auth),
+            recv: RecvBuf::new(vec![0; MAX_FRAME]),
+            out: vec![0; MAX_FRAME],
+            header: None,
+        };
+        loop {
+            let input = transfer.session.handle_input(transfer.recv.data()).unwrap();
+            if input.consumed > 0 {
+                let hello = matches!(input.event, Some(ClientEvent::HelloAccepted(_)));
+                assert!(hello, "the agent's first frame is not its hello");
+                transfer.recv.consume(input.consumed);
+                return transfer;
+            }
+            assert!(transfer.read() > 0, "the agent closed before its hello");
+        }
+    }
+
+    /// Sends the hello, the proof and `request`.
+    pub fn start_put(&mut self, request: &ferry_wire::PutRequest<'_>) {
+        let n = self.session.start_put(request, &mut self.out).unwrap();
+        let _ = self.stream.write_all(&self.out[..n]);
+    }
+
+    /// Sends the hello, the proof and `request`.
+    pub fn start_get(&mut self, request: &ferry_wire::GetRequest<'_>) {
+        let n = self.session.start_get(request, &mut self.out).unwrap();
+        let _ = self.stream.write_all(&self.out[..n]);
+    }
+
+    /// Sends `data` as content within credit, reading the agent's frames when out of it.
+    /// `Some` when the agent ended the transfer first (or a send failed: what it said).
+    pub fn send_content(&mut self, mut data: &[u8]) -> Option<Outcome> {
+        while !data.is_empty() {
+            if self.session.stdin_credit() == 0 {
+                match self.step(&mut |_| {}, true) {
+                    Step::Credit => continue,
+                    Step::End(outcome) => return Some(outcome),
+                }
+            }
+            let sent = self.session.send_stdin(data, &mut self.out).unwrap();
+            if self.stream.write_all(&self.out[..sent.written]).is_err() {
+                return Some(self.finish(&mut |_| {}));
+            }
+            data = &data[sent.taken..];
+        }
+        None
+    }
+
+    /// Sends the end of a put's content with `sha256`.
+    pub fn end_put(&mut self, sha256: &[u8; 32]) {
+        let n = self.session.end_put(sha256, &mut self.out).unwrap();
+        let _ = self.stream.write_all(&self.out[..n]);
+    }
+
+    /// Reads to the transfer's end; a get's content goes to `sink`.
+    pub fn finish(&mut self, sink: &mut dyn FnMut(&[u8])) -> Outcome {
+        match self.step(sink, false) {
+            Step::End(outcome) => outcome,
+            Step::Credit => unreachable!(),
+        }
+    }
+
+    /// Reads once; 0 at the end of the stream (a reset included).
+    fn read(&mut self) -> usize {
+        let spare = self.recv.spare().unwrap();
+        match self.stream.read(spare) {
+            Ok(n) => {
+                self.recv.commit(n);
+                n
+            }
+            Err(err) if err.kind() == ErrorKind::ConnectionReset => 0,
+            Err(err) => panic!("reading from the agent: {err}"),
+        }
+    }
+
+    fn step(&mut self, sink: &mut dyn FnMut(&[u8]), stop_at_credit: bool) -> Step {
+        use ferry_wire::session::ClientEvent;
+        loop {
+            let input = self.session.handle_input(self.recv.data());
+            let input = input.unwrap_or_else(|err| panic!("the agent broke the protocol: {err}"));
+            let consumed = input.consumed;
+            let step = match input.event {
+                None if consumed == 0 => {
+                    if self.read() == 0 {
+                        return Step::End(Outcome::Closed);
+                    }
+                    continue;
+                }
+                Some(ClientEvent::FileReady(header)) => {
+                    self.header = Some(header);
+                    None
+                }
+                Some(ClientEvent::FileData(data)) => {
+                    sink(data);
+                    None
+                }
+                Some(ClientEvent::FileDone(summary)) => Some(Step::End(Outcome::Done(summary))),
+                Some(ClientEvent::Refused(error)) => Some(Step::End(Outcome::Refused(
+                    error.code,
+                    error.message.to_owned(),
+                ))),
+                Some(ClientEvent::StdinCredit { .. }) if stop_at_credit => Some(Step::Credit),
+                _ => None,
+            };
+            self.recv.consume(consumed);
+            if let Some(step) = step {
+                return step;
+            }
+        }
+    }
+}
