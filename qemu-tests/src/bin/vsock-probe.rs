@@ -130,14 +130,11 @@ fn send(port: u32, file: &str) -> std::io::Result<()> {
 
 /// `recv PORT FILE`: a length, that many bytes into FILE (fsynced if regular), the count back.
 fn recv(port: u32, file: &str) -> std::io::Result<()> {
-    let target = match file {
-        "-" => None,
-        path => Some(std::fs::File::create(path)?),
-    };
-    let stdout = std::io::stdout();
-    let mut sink: Box<dyn Write> = match &target {
-        Some(file) => Box::new(file),
-        None => Box::new(stdout.lock()),
+    // Stdout as a file of its own (a duplicate of fd 1): std's `Stdout` is line-buffered, and
+    // would scan and split binary data at its newlines.
+    let mut sink = match file {
+        "-" => std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?),
+        path => std::fs::File::create(path)?,
     };
     let mut stream = accept_one(port)?;
     let mut length = [0u8; 8];
@@ -157,13 +154,10 @@ fn recv(port: u32, file: &str) -> std::io::Result<()> {
         sink.write_all(&buf[..n])?;
         received += n as u64;
     }
-    sink.flush()?;
-    drop(sink);
-    if let Some(file) = &target {
-        if file.metadata()?.is_file() {
-            file.sync_all()?;
-        }
+    if sink.metadata()?.is_file() {
+        sink.sync_all()?;
     }
+    drop(sink);
     stream.write_all(&received.to_le_bytes())?;
     drop(stream);
     eprintln!("received {received}");
