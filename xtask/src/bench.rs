@@ -355,7 +355,7 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
         ferry_rates.push(stdin_upload_rate(&client, options.stream_bytes)?);
         raw_rates.push(raw_socket_upload(options.stream_bytes)?);
     }
-    rows.push(upload_row(
+    rows.push(transfer_row(
         &format!(
             "stdin upload {} through `exec -i -- cat >/dev/null`",
             bytes(options.stream_bytes)
@@ -594,7 +594,7 @@ fn raw_socket_stream(total: u64) -> Result<f64> {
 
 /// A row of transfer rates (best of each), ferry against the raw copy of the same bytes (which
 /// `baseline` describes): the target is 80% of it.
-pub fn upload_row(metric: &str, ferry_rates: &[f64], raw_rates: &[f64], baseline: &str) -> Row {
+pub fn transfer_row(metric: &str, ferry_rates: &[f64], raw_rates: &[f64], baseline: &str) -> Row {
     let ferry_best = ferry_rates.iter().cloned().fold(0.0, f64::max);
     let raw_best = raw_rates.iter().cloned().fold(0.0, f64::max);
     let ratio = ferry_best / raw_best;

@@ -22,7 +22,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use ferry_host::{Client, Get, Put};
 
-use crate::bench::{bytes, upload_row, Row};
+use crate::bench::{bytes, transfer_row, Row};
 
 /// Put, then get, of `total` bytes through `client`'s agent (on this machine), each trial next to
 /// its raw copy, interleaved, best of 3.
@@ -44,7 +44,7 @@ pub fn local_file_rows(client: &Client, total: u64, rows: &mut Vec<Row>) -> Resu
             total,
         )?);
     }
-    rows.push(upload_row(
+    rows.push(transfer_row(
         &format!("put {size} to a file on {medium}"),
         &ferry_rates,
         &raw_rates,
@@ -58,7 +58,7 @@ pub fn local_file_rows(client: &Client, total: u64, rows: &mut Vec<Row>) -> Resu
         ferry_rates.push(ferry_get(client, &source, total)?);
         raw_rates.push(raw_socket_get(&source, total)?);
     }
-    rows.push(upload_row(
+    rows.push(transfer_row(
         &format!("get {size} of a file on {medium}"),
         &ferry_rates,
         &raw_rates,

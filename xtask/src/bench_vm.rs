@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use ferry_host::{Client, Command, ConnectOptions, Event, Target};
 
 use crate::bench::{
-    bytes, micros, percentiles, stdin_upload_rate, stream_rate, upload_row, BenchOptions,
+    bytes, micros, percentiles, stdin_upload_rate, stream_rate, transfer_row, BenchOptions,
     IdleMemory, Rollup, Row, Verdict,
 };
 use crate::bench_files;
@@ -106,7 +106,7 @@ fn guest_transfer_rows(vm: &Vm, rows: &mut Vec<Row>) -> Result<()> {
         raw_rates.push(raw.upload(GUEST_RAW_PUT, "", VM_STREAM_BYTES)?);
         remove(GUEST_RAW_PUT)?;
     }
-    rows.push(upload_row(
+    rows.push(transfer_row(
         &format!("VM put {size} to a file on the guest's tmpfs, vsock"),
         &ferry_rates,
         &raw_rates,
@@ -121,7 +121,7 @@ fn guest_transfer_rows(vm: &Vm, rows: &mut Vec<Row>) -> Result<()> {
         raw_rates.push(raw.download(GUEST_GET, VM_STREAM_BYTES)?);
     }
     remove(GUEST_GET)?;
-    rows.push(upload_row(
+    rows.push(transfer_row(
         &format!("VM get {size} of a file on the guest's tmpfs, vsock"),
         &ferry_rates,
         &raw_rates,
@@ -133,7 +133,7 @@ fn guest_transfer_rows(vm: &Vm, rows: &mut Vec<Row>) -> Result<()> {
         ferry_rates.push(stdin_upload_rate(&client, VM_STREAM_BYTES)?);
         raw_rates.push(raw.upload("-", " | cat >/dev/null", VM_STREAM_BYTES)?);
     }
-    rows.push(upload_row(
+    rows.push(transfer_row(
         &format!("VM stdin upload {size} through `exec -i -- cat >/dev/null`, vsock"),
         &ferry_rates,
         &raw_rates,
