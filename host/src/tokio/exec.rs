@@ -181,6 +181,13 @@ impl Receiver {
                 }
                 Some(ClientEvent::Exited(end)) => Some(Step::Exited(Termination::from_wire(end))),
                 Some(ClientEvent::Refused(err)) => return Poll::Ready(Err(refusal(&err))),
+                // The async API runs commands only (transfers, info and the clock are the
+                // blocking API's for now); the session refuses these frames for an exec.
+                Some(other) => {
+                    return Poll::Ready(Err(crate::Error::Protocol(format!(
+                        "unexpected event for an exec: {other:?}"
+                    ))))
+                }
             };
             if consumed > 0 {
                 match step {

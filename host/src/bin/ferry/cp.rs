@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use ferry_host::{hex, Client, Error, Get, Progress, Put, SkipReason, Transferred};
+use ferry_host::{hex, Client, Error, ErrorCode, Get, Progress, Put, SkipReason, Transferred};
 
 /// A transfer failed (the agent refused, the content did not match, a local file could not be
 /// read or written).
@@ -369,6 +369,10 @@ fn get_file(client: &Client, args: &CpArgs, src: &[u8], dst: Option<PathBuf>) ->
     // The agent's refusal comes here, before anything is written locally.
     let download = match client.download(&get) {
         Ok(download) => download,
+        Err(err) if err.remote_code() == Some(ErrorCode::WrongFileType) => {
+            eprintln!("ferry: {what}: {err} (a directory is copied with -r)");
+            return ExitCode::from(EXIT_FAILED);
+        }
         Err(err) => return failed(&what, &err),
     };
     let info = *download.file_info();
