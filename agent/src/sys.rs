@@ -1050,6 +1050,52 @@ extern "C" fn main(argc: i32, argv: *const *const u8, envp: *const *const u8) ->
     crate::run()
 }
 
+/// Zeroed bytes mapped on first use (anonymous, `MAP_NORESERVE`: only the pages written cost
+/// memory) and unmapped when dropped, for bounds too large for a stack (`tar`'s extension
+/// headers and deferred directory times). Like [`Assembly`], but plain bytes of any length.
+pub struct ScratchPages {
+    /// Null until mapped.
+    base: *mut u8,
+    len: usize,
+}
+
+impl ScratchPages {
+    /// `len` bytes, not mapped yet.
+    pub const fn new(len: usize) -> Self {
+        ScratchPages {
+            base: ptr::null_mut(),
+            len,
+        }
+    }
+
+    /// The bytes, mapped now if they are not yet (all zero when fresh).
+    pub fn bytes(&mut self) -> io::Result<&mut [u8]> {
+        use rustix::mm::{MapFlags, ProtFlags};
+        if self.base.is_null() {
+            let prot = ProtFlags::READ | ProtFlags::WRITE;
+            let flags = MapFlags::PRIVATE | MapFlags::NORESERVE;
+            // SAFETY: a fresh anonymous mapping at an address the kernel picks aliases nothing.
+            let base =
+                unsafe { rustix::mm::mmap_anonymous(ptr::null_mut(), self.len, prot, flags) }?;
+            self.base = base.cast();
+        }
+        // SAFETY: `base` is this object's own mapping of `len` bytes, readable and writable,
+        // initialized (zero-filled by the kernel, then only written through such slices), and
+        // unmapped only by `drop`. The `&mut self` borrow makes the slice unique.
+        Ok(unsafe { core::slice::from_raw_parts_mut(self.base, self.len) })
+    }
+}
+
+impl Drop for ScratchPages {
+    fn drop(&mut self) {
+        if !self.base.is_null() {
+            // SAFETY: `base` is this object's own mapping of `len` bytes, and no slice of it
+            // outlives the `&mut self` borrows that handed them out.
+            let _ = unsafe { rustix::mm::munmap(self.base.cast(), self.len) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

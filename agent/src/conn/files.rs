@@ -27,11 +27,11 @@ use rustix::event::PollFlags;
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, Timespec, Timestamps, CWD};
 use rustix::io::Errno;
-use sha2::{Digest, Sha256};
 
 use super::io::{Link, Received};
 use super::start::{is_root, Prepared};
 use super::End;
+use crate::sha::Sha256;
 use crate::users::{self, Credentials};
 use crate::{clock, policy, spawn, sys};
 
@@ -310,7 +310,7 @@ fn put(
                             "less content than its declared size",
                         ));
                     }
-                    let sha256: [u8; 32] = hasher.finalize().into();
+                    let sha256 = hasher.finalize();
                     if sha256 != digest {
                         return Err(Refusal::new(
                             ErrorCode::IntegrityMismatch,
@@ -608,7 +608,7 @@ fn get(
                 0 => {
                     let summary = FileSummary {
                         bytes: total,
-                        sha256: ByteArray(hasher.finalize().into()),
+                        sha256: ByteArray(hasher.finalize()),
                     };
                     return Ok(match session.file_done(summary, clock::monotonic_us()) {
                         Ok(()) => End::Closing,

@@ -26,6 +26,7 @@ pub mod cli;
 pub mod drivers;
 pub mod epoll_exec;
 pub mod exec;
+pub mod files;
 pub mod frames;
 pub mod interactive;
 pub mod lifecycle;
@@ -129,6 +130,7 @@ macro_rules! scenario_tests {
             raw::noise_of_any_size_is_refused_or_dropped,
             raw::requests_out_of_place_are_refused,
             raw::stdin_beyond_credit_is_refused,
+            files::a_put_and_a_get_round_trip,
             bombs::commands_run_as_nobody_unless_root_is_allowed,
             peers::the_guest_itself_is_refused_before_the_hello,
             trees::a_disconnect_kills_the_whole_tree_setsid_included,

@@ -24,7 +24,9 @@ use super::{pattern, Fixture};
 /// What the agent sent, owned, in the terms a scenario checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seen {
-    Hello { version: u16 },
+    Hello {
+        version: u16,
+    },
     Authenticated,
     Done,
     Started,

@@ -12,11 +12,23 @@
 //! one was due, credit never beyond what was consumed, stdin never beyond the window, exactly one
 //! final frame and nothing after it (the record counting each stream's bytes and drops), and
 //! after a breach exactly one error frame.
+//!
+//! Protocol 4 in the model: a put (validated by rules of the model's own) starts with stdin
+//! credit for its content and ends with its digest (`PutEnd`, never a bare `StdinEof`); a get
+//! and a put begin with `file_ready`, a get's content goes out with `frame_file_data`, a tree's
+//! left-out entries with `encode_skipped`, and `file_done` (for a put only after its digest) is
+//! the last frame; info, shutdown, reseed and time sync wait for the driver (`encode_info`:
+//! the system first, then at most `MAX_INFO_ITEMS` mounts and interfaces, then `done`;
+//! `done`; `clock_set`); controls are refused for anything but an exec, and a client that goes
+//! away before its put's digest abandoned it (`Disconnected`, nothing more sent). The stream
+//! check holds `FileReady` before content, credit and keepalives, the info frames after the
+//! proof and in their order, and the summary last. Besides the client's bytes, the fuzzer may
+//! send well-formed client frames of its choosing (`Step::Send`: a right proof, any request).
 
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use ferry_wire::limits::{HEADER_LEN, NONCE_LEN};
+use ferry_wire::limits::{HEADER_LEN, MAX_INFO_ITEMS, NONCE_LEN};
 use ferry_wire::limits::{
     MAX_ARGS, MAX_ARGV_BYTES, MAX_ARG_LEN, MAX_DATA, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_FRAME,
     MAX_FRAME_BODY, MAX_MESSAGE, MAX_PATH, MAX_USER, STDIN_WINDOW,
@@ -26,10 +38,15 @@ use ferry_wire::session::{
     EndFacts, FrameKind, Micros, OutputPhase, Phase, Refusal, Secret, SessionError,
 };
 use ferry_wire::{
-    decode_agent_frame, decode_client_frame, encode_client_frame, split_frame, AgentFrame, Bytes,
-    ClientFrame, ClientHello, ClientProof, DataKind, DoneReport, Ending, ErrorCode, ExecRequest,
-    ExitStatus, Limits, ListKind, StdinMode, Stream, StreamRecord, Termination, TreeKill,
-    DATA_HEADROOM, MAGIC,
+    decode_agent_frame, decode_client_frame, encode_client_frame, split_frame, AgentFrame,
+    ByteArray, Bytes, Cancel, ClientFrame, ClientHello, ClientProof, DataKind, DoneReport, Ending,
+    ErrorCode, ExecRequest, ExitStatus, FileHeader, FileSummary, InterfaceInfo, Limits, ListKind,
+    MountInfo, ShutdownRequest, SkipReason, StdinMode, StrList, Stream, StreamRecord, SystemInfo,
+    Termination, Timestamp, TreeKill, DATA_HEADROOM, MAGIC,
+};
+use ferry_wire_fuzz::ops::{
+    get_refusal, put_refusal, reseed_refusal, shutdown_refusal, time_sync_refusal, GetChoice,
+    PutChoice, RequestRefusal, LIMIT,
 };
 use ferry_wire_fuzz::{arbitrary_steps, split_input, whole_frames};
 use libfuzzer_sys::fuzz_target;
@@ -53,6 +70,10 @@ struct Setup {
     max_list_bytes: u8,
     /// The longest entry, NUL included (0: the protocol's).
     max_arg_len: u8,
+    /// The longest transfer path (0: the protocol's), in units of 16 bytes.
+    max_path: u8,
+    /// The longest user (0: the protocol's).
+    max_user: u8,
 }
 
 /// What the driver knows about a command's end ([`EndFacts`]).
@@ -105,7 +126,7 @@ enum Step {
     /// The command exited.
     ChildExited { code: u8, signal: Option<u8> },
     /// Output read from a pipe (the pump sends control frames first); `kind` 0 stdout, 1
-    /// stderr, 2 stdin (never output).
+    /// stderr, 2 stdin, 3 file data (never output).
     Output { kind: u8, len: u32 },
     /// The output cap dropped `bytes` of a stream: the notice goes out in order with the data,
     /// encoded into a buffer of `room` bytes (0: a whole frame's).
@@ -116,8 +137,60 @@ enum Step {
     Finish { facts: Option<Facts> },
     /// Time passes; the driver checks the deadlines.
     Advance { micros: u32 },
-    /// The client's stream ended (mid-operation: a half-close).
+    /// The client's stream ended (mid-operation: a half-close; mid-put: the put abandoned).
     Eof,
+    /// The client sends this well-formed frame (after whatever it sent before).
+    Send(Frame),
+    /// The put's or get's checks passed: the header goes out.
+    FileReady { size: u64, mode: u32, uid: u32 },
+    /// A get's content read from the file (control frames first, like output).
+    FileData { len: u32 },
+    /// A tree's entry left out, encoded into a buffer of `room` bytes (0: a whole frame's).
+    Skipped { path_len: u16, reason: u8, room: u8 },
+    /// The transfer is complete (a put: committed).
+    FileDone { bytes: u64, digest: u8 },
+    /// `times` frames of an info operation (`kind` 0: the system, 1: a mount, 2: an
+    /// interface, else a frame that is none of these), into a buffer of `room` bytes.
+    EncodeInfo { kind: u8, times: u8, room: u8 },
+    /// The clock was set; it said this before.
+    ClockSet { secs: i64, nanos: u32 },
+}
+
+/// A client frame the fuzzer builds (its fields its choices).
+#[derive(Arbitrary, Debug)]
+enum Frame {
+    Hello,
+    /// The right proof for the agent's hello and our own (a wrong one after another hello).
+    Proof {
+        nonce: u8,
+    },
+    Exec {
+        pipe: bool,
+    },
+    KillAll,
+    Put(PutChoice),
+    PutEnd {
+        digest: u8,
+    },
+    Get(GetChoice),
+    Info,
+    Shutdown {
+        reboot: bool,
+        grace_ms: u32,
+    },
+    TimeSync {
+        secs: i64,
+        nanos: u32,
+    },
+    Reseed {
+        len: u16,
+    },
+    Stdin {
+        len: u16,
+    },
+    StdinEof,
+    Signal(u8),
+    Cancel(Option<u32>),
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -132,6 +205,8 @@ fuzz_target!(|data: &[u8]| {
         keepalive: 0,
         max_list_bytes: 0,
         max_arg_len: 0,
+        max_path: 0,
+        max_user: 0,
     });
     let steps: Vec<Step> = arbitrary_steps(&mut u);
     let mut run = Run::new(&setup, wire);
@@ -143,9 +218,26 @@ fuzz_target!(|data: &[u8]| {
         Step::Receive { len: 0 },
         Step::Transmit { room: 0 },
         Step::Started { pid: 7 },
+        Step::FileReady {
+            size: 3,
+            mode: 0o100644,
+            uid: 0,
+        },
+        Step::EncodeInfo {
+            kind: 0,
+            times: 0,
+            room: 0,
+        },
+        Step::EncodeInfo {
+            kind: 1,
+            times: 1,
+            room: 0,
+        },
         Step::Done { count: 1 },
+        Step::ClockSet { secs: 5, nanos: 0 },
         Step::StdinConsumed { share: 255 },
         Step::Transmit { room: 0 },
+        Step::FileData { len: 3 },
         Step::Output { kind: 0, len: 3 },
         Step::Advance { micros: 1 << 20 },
         Step::Dropped {
@@ -167,6 +259,10 @@ fuzz_target!(|data: &[u8]| {
                 oom_killed: false,
                 peak_memory: 1 << 20,
             }),
+        },
+        Step::FileDone {
+            bytes: 3,
+            digest: 1,
         },
         Step::Transmit { room: 0 },
         Step::Eof,
@@ -200,7 +296,7 @@ enum State {
     /// The client's hello is in; its proof must come next (a secure agent).
     AwaitAuth,
     AwaitRequest,
-    /// A kill-all was handed to the driver.
+    /// A kill-all, a shutdown, a reseed, an info or a time sync was handed to the driver.
     Operating,
     Starting,
     Running,
@@ -232,9 +328,29 @@ struct Run<'a> {
     prover: Option<ClientSession>,
 }
 
+/// Which operation the connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    None,
+    Exec,
+    Put,
+    Get,
+    /// Kill-all, shutdown, reseed: answered with `done`.
+    Simple,
+    Info,
+    Clock,
+}
+
 /// What the protocol says the session must be doing.
 struct Model {
     state: State,
+    op: Op,
+    /// A put's digest came.
+    put_ended: bool,
+    /// A file header is owed (not yet sent).
+    file_ready_owed: Option<FileHeader>,
+    /// Info frames encoded (the system's included).
+    info_items: usize,
     /// The handshake or final-send deadline.
     deadline: Option<Micros>,
     stdin_piped: bool,
@@ -282,6 +398,10 @@ struct StreamCheck {
     authenticated: bool,
     final_seen: bool,
     credit_total: u64,
+    /// A file header went out.
+    file_ready: bool,
+    /// Info frames sent.
+    info_frames: usize,
 }
 
 impl<'a> Run<'a> {
@@ -304,6 +424,12 @@ impl<'a> Run<'a> {
         }
         if setup.max_arg_len != 0 {
             limits.max_arg_len = u32::from(setup.max_arg_len);
+        }
+        if setup.max_path != 0 {
+            limits.max_path = u32::from(setup.max_path) * 16;
+        }
+        if setup.max_user != 0 {
+            limits.max_user = u32::from(setup.max_user);
         }
         let config = AgentConfig {
             agent_version: if setup.long_version {
@@ -340,6 +466,10 @@ impl<'a> Run<'a> {
             inbox: Vec::new(),
             model: Model {
                 state: State::AwaitHello,
+                op: Op::None,
+                put_ended: false,
+                file_ready_owed: None,
+                info_items: 0,
                 deadline: Some(START + config.handshake_timeout),
                 stdin_piped: false,
                 stdin_eof: false,
@@ -399,7 +529,7 @@ impl<'a> Run<'a> {
             Step::Transmit { room } => self.transmit(room),
             Step::Started { pid } => {
                 let result = self.session.started(pid, self.now);
-                if self.model.state == State::Starting {
+                if self.model.state == State::Starting && self.model.op == Op::Exec {
                     assert_eq!(result, Ok(()));
                     self.model.state = State::Running;
                     self.model.started_at = self.now;
@@ -411,7 +541,13 @@ impl<'a> Run<'a> {
             }
             Step::Done { count } => {
                 let result = self.session.done(count, self.now);
-                if self.model.state == State::Operating {
+                // A kill-all, a shutdown, a reseed; an info once its system frame went.
+                let answers = match self.model.op {
+                    Op::Simple => true,
+                    Op::Info => self.model.info_items > 0,
+                    _ => false,
+                };
+                if self.model.state == State::Operating && answers {
                     assert_eq!(result, Ok(()));
                     self.model.owed_final = Some(AgentFrame::Done(DoneReport { count }));
                     self.enter_closing();
@@ -447,7 +583,10 @@ impl<'a> Run<'a> {
                     None => ExitStatus::Code(code),
                 };
                 let result = self.session.child_exited(status, self.now);
-                if self.model.state == State::Running && self.model.exit.is_none() {
+                if self.model.state == State::Running
+                    && self.model.op == Op::Exec
+                    && self.model.exit.is_none()
+                {
                     assert_eq!(result, Ok(()));
                     self.model.exit = Some((status, self.now));
                 } else {
@@ -470,8 +609,8 @@ impl<'a> Run<'a> {
                     None => self.session.finish(self.now),
                     Some(_) => self.session.finish_with(self.now, end_facts),
                 };
-                match (self.model.state, self.model.exit) {
-                    (State::Running, Some((status, ended))) => {
+                match (self.model.state, self.model.op, self.model.exit) {
+                    (State::Running, Op::Exec, Some((status, ended))) => {
                         assert_eq!(result, Ok(()));
                         self.model.owed_final = Some(AgentFrame::Exited(Termination {
                             status,
@@ -493,6 +632,25 @@ impl<'a> Run<'a> {
             Step::Advance { micros } => self.advance(micros),
             Step::Eof => {
                 let result = self.session.handle_eof();
+                if self.model.op == Op::Put && !self.model.put_ended && !self.closing() {
+                    // The put's content is incomplete without its digest: abandoned. Nothing
+                    // is written and nothing more is sent (a hello or proof not sent yet
+                    // aside, as for any client that is gone).
+                    assert_eq!(
+                        result,
+                        Err(SessionError::Disconnected {
+                            phase: self.phase(),
+                            mid_frame: false
+                        })
+                    );
+                    self.model.state = State::Closed;
+                    self.model.file_ready_owed = None;
+                    self.model.keepalive_owed = false;
+                    self.model.stdin_unconsumed = 0;
+                    assert!(self.session.is_closed());
+                    self.end_checks();
+                    return;
+                }
                 assert_eq!(result, Ok(()), "an end of stream is never an error");
                 match self.model.state {
                     // Mid-operation: no more input (stdin ends with it), the command runs on,
@@ -508,7 +666,76 @@ impl<'a> Run<'a> {
                     _ => self.model.state = State::Closed,
                 }
             }
+            Step::Send(frame) => self.send(frame),
+            Step::FileReady { size, mode, uid } => {
+                let header = FileHeader {
+                    size,
+                    mode,
+                    mtime: Timestamp { secs: 1, nanos: 2 },
+                    uid,
+                    gid: uid ^ 1,
+                };
+                let result = self.session.file_ready(header, self.now);
+                if self.model.state == State::Starting && matches!(self.model.op, Op::Put | Op::Get)
+                {
+                    assert_eq!(result, Ok(()));
+                    self.model.state = State::Running;
+                    self.model.file_ready_owed = Some(header);
+                    self.model.started_at = self.now;
+                    self.model.next_keepalive = self.keepalive_after(self.now);
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
+            Step::FileData { len } => self.file_data(len),
+            Step::Skipped {
+                path_len,
+                reason,
+                room,
+            } => self.skipped(path_len, reason, room),
+            Step::FileDone { bytes, digest } => {
+                let summary = FileSummary {
+                    bytes,
+                    sha256: ByteArray([digest; 32]),
+                };
+                let result = self.session.file_done(summary, self.now);
+                let complete = match self.model.op {
+                    Op::Put => self.model.put_ended,
+                    Op::Get => true,
+                    _ => false,
+                };
+                if self.model.state == State::Running && complete {
+                    assert_eq!(result, Ok(()));
+                    self.model.owed_final = Some(AgentFrame::FileDone(summary));
+                    self.enter_closing();
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
+            Step::EncodeInfo { kind, times, room } => {
+                for _ in 0..=times {
+                    if !self.encode_info(kind, room) {
+                        break;
+                    }
+                }
+            }
+            Step::ClockSet { secs, nanos } => {
+                let previous = Timestamp { secs, nanos };
+                let result = self.session.clock_set(previous, self.now);
+                if self.model.state == State::Operating && self.model.op == Op::Clock {
+                    assert_eq!(result, Ok(()));
+                    self.model.owed_final = Some(AgentFrame::ClockSet(previous));
+                    self.enter_closing();
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
         }
+        self.end_checks();
+    }
+
+    /// What holds after every step.
+    fn end_checks(&mut self) {
         assert_eq!(self.session.input_closed(), self.model.input_closed);
         assert_eq!(
             self.session.stdin_open(),
@@ -561,6 +788,7 @@ impl<'a> Run<'a> {
             message,
         }));
         self.model.started_owed = None;
+        self.model.file_ready_owed = None;
         self.model.stdin_unconsumed = 0;
         self.enter_closing();
     }
@@ -574,6 +802,11 @@ impl<'a> Run<'a> {
         };
         self.inbox.extend_from_slice(&rest[..take]);
         self.received += take;
+        self.handle_inbox();
+    }
+
+    /// Hands the session every whole frame received, as the driver does.
+    fn handle_inbox(&mut self) {
         if self.model.state == State::Closed || self.model.input_closed {
             // The driver stopped reading.
             return;
@@ -684,10 +917,33 @@ impl<'a> Run<'a> {
                 }
             }
             (State::AwaitAuth, _) => unauthenticated(),
-            (State::AwaitRequest, ClientFrame::KillAll) if self.model.parts_seen => {
-                unexpected(kind)
+            // After pieces, only their exec request.
+            (
+                State::AwaitRequest,
+                ClientFrame::KillAll
+                | ClientFrame::Put(_)
+                | ClientFrame::Get(_)
+                | ClientFrame::Info
+                | ClientFrame::Shutdown(_)
+                | ClientFrame::TimeSync(_)
+                | ClientFrame::Reseed(_),
+            ) if self.model.parts_seen => unexpected(kind),
+            (State::AwaitRequest, ClientFrame::KillAll | ClientFrame::Info) => Expect::Event(used),
+            (State::AwaitRequest, ClientFrame::Put(put)) => {
+                refused_or(put_refusal(&put, &self.config.limits), used)
             }
-            (State::AwaitRequest, ClientFrame::KillAll) => Expect::Event(used),
+            (State::AwaitRequest, ClientFrame::Get(get)) => {
+                refused_or(get_refusal(&get, &self.config.limits), used)
+            }
+            (State::AwaitRequest, ClientFrame::Shutdown(request)) => {
+                refused_or(shutdown_refusal(&request), used)
+            }
+            (State::AwaitRequest, ClientFrame::TimeSync(time)) => {
+                refused_or(time_sync_refusal(&time), used)
+            }
+            (State::AwaitRequest, ClientFrame::Reseed(random)) => {
+                refused_or(reseed_refusal(random.0), used)
+            }
             (State::AwaitRequest, ClientFrame::ExecPart(part)) => {
                 let limits = ListLimits::new(part.list, &self.config.limits);
                 let before = match part.list {
@@ -713,9 +969,19 @@ impl<'a> Run<'a> {
                     Expect::Event(used)
                 }
             }
-            (State::Starting | State::Running, ClientFrame::StdinEof) if stdin_open => {
+            // A put's content ends with its digest, an exec's stdin with an EOF.
+            (State::Starting | State::Running, ClientFrame::StdinEof)
+                if stdin_open && self.model.op == Op::Exec =>
+            {
                 Expect::Event(used)
             }
+            (State::Starting | State::Running, ClientFrame::PutEnd(_))
+                if stdin_open && self.model.op == Op::Put =>
+            {
+                Expect::Event(used)
+            }
+            // Controls are for commands alone.
+            (State::Starting | State::Running, _) if self.model.op != Op::Exec => unexpected(kind),
             (State::Starting | State::Running, ClientFrame::Signal(number)) => {
                 if (1..=64).contains(&number) {
                     Expect::Event(used)
@@ -788,10 +1054,34 @@ impl<'a> Run<'a> {
                 self.model.state = State::AwaitRequest;
                 self.model.proof_owed = true;
             }
-            AgentEvent::KillAll => {
-                assert_eq!(self.model.state, State::AwaitRequest);
-                self.model.state = State::Operating;
-                self.model.deadline = None;
+            AgentEvent::KillAll => self.begin(State::Operating, Op::Simple),
+            AgentEvent::Put(put) => {
+                assert_eq!(put_refusal(&put, &self.config.limits), None);
+                self.begin(State::Starting, Op::Put);
+                self.model.stdin_piped = true;
+            }
+            AgentEvent::PutEnd(_) => {
+                assert_eq!(self.model.op, Op::Put);
+                assert!(self.model.stdin_piped && !self.model.stdin_eof && !self.model.put_ended);
+                self.model.stdin_eof = true;
+                self.model.put_ended = true;
+            }
+            AgentEvent::Get(get) => {
+                assert_eq!(get_refusal(&get, &self.config.limits), None);
+                self.begin(State::Starting, Op::Get);
+            }
+            AgentEvent::Info => self.begin(State::Operating, Op::Info),
+            AgentEvent::Shutdown(request) => {
+                assert!(request.grace_ms <= ferry_wire::limits::MAX_SHUTDOWN_GRACE_MS);
+                self.begin(State::Operating, Op::Simple);
+            }
+            AgentEvent::TimeSync(time) => {
+                assert!(time.nanos < 1_000_000_000);
+                self.begin(State::Operating, Op::Clock);
+            }
+            AgentEvent::Reseed(random) => {
+                assert!((1..=ferry_wire::limits::MAX_RESEED).contains(&random.len()));
+                self.begin(State::Operating, Op::Simple);
             }
             AgentEvent::Exec(valid) => {
                 assert_eq!(self.model.state, State::AwaitRequest);
@@ -812,8 +1102,7 @@ impl<'a> Run<'a> {
                     whole.validate().is_ok(),
                     "a valid exec is valid by ours too"
                 );
-                self.model.state = State::Starting;
-                self.model.deadline = None;
+                self.begin(State::Starting, Op::Exec);
                 self.model.stdin_piped = request.stdin == StdinMode::Pipe;
             }
             AgentEvent::Stdin(data) => {
@@ -824,6 +1113,7 @@ impl<'a> Run<'a> {
                 assert!(self.model.stdin_received <= self.window() + self.stream.credit_total);
             }
             AgentEvent::StdinEof => {
+                assert_eq!(self.model.op, Op::Exec);
                 assert!(self.model.stdin_piped && !self.model.stdin_eof);
                 self.model.stdin_eof = true;
             }
@@ -836,13 +1126,24 @@ impl<'a> Run<'a> {
                 }
             }
             AgentEvent::Signal(number) => {
+                assert_eq!(self.model.op, Op::Exec);
                 assert!(matches!(self.model.state, State::Starting | State::Running));
                 assert!((1..=64).contains(&number), "signal {number}");
             }
             AgentEvent::Resize(_) | AgentEvent::Cancel { .. } => {
+                assert_eq!(self.model.op, Op::Exec);
                 assert!(matches!(self.model.state, State::Starting | State::Running));
             }
         }
+    }
+
+    /// A request was handed to the driver: the handshake deadline is over.
+    fn begin(&mut self, state: State, op: Op) {
+        assert_eq!(self.model.state, State::AwaitRequest);
+        assert_eq!(self.model.op, Op::None);
+        self.model.state = state;
+        self.model.op = op;
+        self.model.deadline = None;
     }
 
     fn transmit(&mut self, room: u16) {
@@ -860,6 +1161,10 @@ impl<'a> Run<'a> {
                 if n == 0 {
                     // Nothing queued, so nothing owed.
                     assert!(!self.model.hello_owed && self.model.started_owed.is_none());
+                    assert!(
+                        self.model.file_ready_owed.is_none(),
+                        "a file header withheld"
+                    );
                     assert!(!self.model.proof_owed, "a proof withheld");
                     assert!(!self.model.keepalive_owed, "a keepalive withheld");
                     assert!(self.model.owed_final.is_none(), "a final frame withheld");
@@ -891,17 +1196,19 @@ impl<'a> Run<'a> {
             return;
         }
         let len = (len as usize) % (MAX_DATA + 2);
-        let kind = match kind % 3 {
+        let kind = match kind % 4 {
             0 => DataKind::Stdout,
             1 => DataKind::Stderr,
-            _ => DataKind::Stdin,
+            2 => DataKind::Stdin,
+            _ => DataKind::FileData,
         };
         let mut buf = vec![0u8; DATA_HEADROOM + len];
         for (i, byte) in buf[DATA_HEADROOM..].iter_mut().enumerate() {
             *byte = i as u8;
         }
         let result = self.session.frame_output(&mut buf, kind, len, self.now);
-        if self.model.state != State::Running || kind == DataKind::Stdin {
+        let output = matches!(kind, DataKind::Stdout | DataKind::Stderr);
+        if self.model.state != State::Running || self.model.op != Op::Exec || !output {
             assert_eq!(result, Err(SessionError::InvalidState));
             return;
         }
@@ -959,7 +1266,7 @@ impl<'a> Run<'a> {
         };
         let mut out = vec![0u8; room];
         let result = self.session.encode_output_dropped(stream, bytes, &mut out);
-        if self.model.state != State::Running {
+        if self.model.state != State::Running || self.model.op != Op::Exec {
             assert_eq!(result, Err(SessionError::InvalidState));
             return;
         }
@@ -1084,6 +1391,11 @@ impl<'a> Run<'a> {
                     assert!(
                         self.stream.hello && (self.stream.authenticated || self.secret.is_none())
                     );
+                    match self.model.op {
+                        Op::Simple => {}
+                        Op::Info => assert!(self.stream.info_frames > 0, "done before the system"),
+                        op => panic!("done for {op:?}"),
+                    }
                     let owed = self.model.owed_final.take();
                     assert_eq!(owed, Some(AgentFrame::Done(report)));
                     self.stream.final_seen = true;
@@ -1104,12 +1416,18 @@ impl<'a> Run<'a> {
                     );
                 }
                 AgentFrame::Keepalive => {
-                    assert!(self.stream.started, "a keepalive before Started");
+                    assert!(
+                        self.stream.started || self.stream.file_ready,
+                        "a keepalive before Started or FileReady"
+                    );
                     assert!(self.model.keepalive_owed, "a keepalive that was not due");
                     self.model.keepalive_owed = false;
                 }
                 AgentFrame::StdinCredit(n) => {
-                    assert!(self.stream.started, "credit before Started");
+                    assert!(
+                        self.stream.started || (self.stream.file_ready && self.model.op == Op::Put),
+                        "credit before Started or a put's FileReady"
+                    );
                     assert!(n > 0, "empty credit");
                     self.stream.credit_total += u64::from(n);
                     let consumed = self.model.stdin_received - self.model.stdin_unconsumed;
@@ -1145,6 +1463,66 @@ impl<'a> Run<'a> {
                     self.stream.final_seen = true;
                 }
                 AgentFrame::Ready(_) => panic!("a readiness report on an exec connection"),
+                AgentFrame::FileReady(header) => {
+                    assert!(self.stream.authenticated || self.secret.is_none());
+                    assert!(
+                        self.stream.hello && !self.stream.file_ready,
+                        "a second header"
+                    );
+                    assert!(matches!(self.model.op, Op::Put | Op::Get));
+                    assert_eq!(Some(header), self.model.file_ready_owed.take());
+                    self.stream.file_ready = true;
+                }
+                AgentFrame::FileData(_) => {
+                    assert!(self.stream.file_ready, "content before FileReady");
+                    assert_eq!(
+                        self.model.op,
+                        Op::Get,
+                        "file content for {:?}",
+                        self.model.op
+                    );
+                }
+                AgentFrame::Skipped(skipped) => {
+                    assert!(self.stream.file_ready, "a skipped entry before FileReady");
+                    assert!(skipped.path.0.len() <= ferry_wire::limits::MAX_PATH);
+                }
+                AgentFrame::FileDone(summary) => {
+                    assert!(self.stream.file_ready, "a summary before FileReady");
+                    if self.model.op == Op::Put {
+                        assert!(self.model.put_ended, "a put's summary before its digest");
+                    }
+                    if self.model.stdin_unconsumed == 0 {
+                        assert_eq!(self.stream.credit_total, self.model.stdin_received);
+                    }
+                    let owed = self.model.owed_final.take();
+                    assert_eq!(owed, Some(AgentFrame::FileDone(summary)));
+                    self.stream.final_seen = true;
+                }
+                AgentFrame::SystemInfo(_) => {
+                    assert!(self.stream.authenticated || self.secret.is_none());
+                    assert_eq!(self.model.op, Op::Info);
+                    assert_eq!(
+                        self.stream.info_frames, 0,
+                        "the system is the first info frame"
+                    );
+                    self.stream.info_frames += 1;
+                }
+                AgentFrame::Mount(_) | AgentFrame::Interface(_) => {
+                    assert_eq!(self.model.op, Op::Info);
+                    assert!(self.stream.info_frames > 0, "a mount or interface first");
+                    self.stream.info_frames += 1;
+                    assert!(
+                        self.stream.info_frames <= MAX_INFO_ITEMS + 1,
+                        "too many items"
+                    );
+                }
+                AgentFrame::ClockSet(previous) => {
+                    assert!(self.stream.authenticated || self.secret.is_none());
+                    assert_eq!(self.model.op, Op::Clock);
+                    let owed = self.model.owed_final.take();
+                    assert_eq!(owed, Some(AgentFrame::ClockSet(previous)));
+                    self.stream.final_seen = true;
+                }
             }
         }
     }
@@ -1159,6 +1537,10 @@ impl<'a> Run<'a> {
             "a final frame owed and never sent"
         );
         assert!(!self.model.hello_owed && self.model.started_owed.is_none());
+        assert!(
+            self.model.file_ready_owed.is_none(),
+            "a file header never sent"
+        );
         assert!(!self.model.proof_owed);
         assert!(
             !self.model.keepalive_owed,
@@ -1171,13 +1553,13 @@ impl<'a> Run<'a> {
     }
 }
 
-/// A refused request: its code and message.
-type RequestRefusal = (ErrorCode, &'static str);
-
-const LIMIT: RequestRefusal = (
-    ErrorCode::LimitExceeded,
-    "request exceeds the agent's limits",
-);
+/// A request the model refuses, or its event.
+fn refused_or(refusal: Option<RequestRefusal>, used: usize) -> Expect {
+    match refusal {
+        Some(refusal) => request_breach(refusal),
+        None => Expect::Event(used),
+    }
+}
 const NOT_KEY_VALUE: RequestRefusal = (
     ErrorCode::InvalidRequest,
     "environment entry is not KEY=VALUE",
@@ -1263,6 +1645,257 @@ impl ListLimits {
 }
 
 impl Run<'_> {
+    /// The client sends `frame`: it joins the client's stream after what came before.
+    fn send(&mut self, frame: Frame) {
+        let data: Vec<u8> = (0..u16::MAX).map(|i| i as u8).collect();
+        let bytes = match frame {
+            Frame::Proof { nonce } => self.proof([nonce; NONCE_LEN]),
+            Frame::Put(choice) => {
+                let parts = choice.parts();
+                encode(&ClientFrame::Put(choice.request(&parts)))
+            }
+            Frame::Get(choice) => {
+                let path = choice.path.bytes();
+                let user = choice.user.bytes();
+                encode(&ClientFrame::Get(choice.request(&path, user.as_deref())))
+            }
+            Frame::Hello => encode(&ClientFrame::Hello(ClientHello::CURRENT)),
+            Frame::Exec { pipe } => encode(&ClientFrame::Exec(ExecRequest {
+                argv: StrList::new(b"cat\0"),
+                env: StrList::new(b""),
+                clean_env: false,
+                cwd: None,
+                stdin: if pipe {
+                    StdinMode::Pipe
+                } else {
+                    StdinMode::Null
+                },
+                user: None,
+                pty: None,
+                timeout_ms: 0,
+                kill_grace_ms: None,
+                kill_tree_on_exit: false,
+                max_output: 0,
+            })),
+            Frame::KillAll => encode(&ClientFrame::KillAll),
+            Frame::PutEnd { digest } => encode(&ClientFrame::PutEnd(ByteArray([digest; 32]))),
+            Frame::Info => encode(&ClientFrame::Info),
+            Frame::Shutdown { reboot, grace_ms } => {
+                encode(&ClientFrame::Shutdown(ShutdownRequest { reboot, grace_ms }))
+            }
+            Frame::TimeSync { secs, nanos } => {
+                encode(&ClientFrame::TimeSync(Timestamp { secs, nanos }))
+            }
+            Frame::Reseed { len } => {
+                encode(&ClientFrame::Reseed(Bytes(&data[..usize::from(len) % 600])))
+            }
+            Frame::Stdin { len } => encode(&ClientFrame::Stdin(Bytes(
+                &data[..usize::from(len).min(MAX_DATA)],
+            ))),
+            Frame::StdinEof => encode(&ClientFrame::StdinEof),
+            Frame::Signal(number) => encode(&ClientFrame::Signal(number)),
+            Frame::Cancel(grace_ms) => encode(&ClientFrame::Cancel(Cancel { grace_ms })),
+        };
+        self.inbox.extend_from_slice(&bytes);
+        self.handle_inbox();
+    }
+
+    /// The proof a client with the agent's secret (or, for an insecure agent, another secret)
+    /// makes after our hello.
+    fn proof(&self, nonce: [u8; NONCE_LEN]) -> Vec<u8> {
+        let secret = self
+            .secret
+            .clone()
+            .unwrap_or_else(|| Secret::new(b"not the agent's secret").expect("a secret"));
+        let mut client = ClientSession::new(
+            0,
+            None,
+            ClientAuth {
+                nonce,
+                secret: Some(secret),
+            },
+        );
+        let mut hello = self.agent_hello.clone();
+        if self.secret.is_none() {
+            // An insecure agent's hello is refused by a client with a secret: take a proof
+            // over a secure one (wrong for this agent either way).
+            hello = secure_hello(&self.config);
+        }
+        client.handle_input(&hello).expect("the agent's hello");
+        let mut out = vec![0u8; MAX_FRAME];
+        let n = client.poll_transmit(&mut out).expect("hello and proof");
+        let (frames, used) = whole_frames(&out[..n]);
+        let hello_len = HEADER_LEN + frames[0].len();
+        assert_eq!(used, n);
+        out[hello_len..n].to_vec()
+    }
+
+    /// A get's content (control frames first, like output).
+    fn file_data(&mut self, len: u32) {
+        let before = self.sent.len();
+        self.transmit(0);
+        if self.sent.len() > before {
+            return;
+        }
+        let len = (len as usize) % (MAX_DATA + 2);
+        let mut buf = vec![0u8; DATA_HEADROOM + len];
+        for (i, byte) in buf[DATA_HEADROOM..].iter_mut().enumerate() {
+            *byte = (i as u8) ^ 0x5a;
+        }
+        let result = self.session.frame_file_data(&mut buf, len);
+        if self.model.state != State::Running || self.model.op != Op::Get {
+            assert_eq!(result, Err(SessionError::InvalidState));
+            return;
+        }
+        if len > MAX_DATA {
+            assert!(result.is_err(), "{len} bytes framed");
+            return;
+        }
+        let start = result.expect("content while a get runs");
+        let (body, used) = split_frame(&buf[start..], MAX_FRAME_BODY)
+            .expect("within the limit")
+            .expect("a whole frame");
+        assert_eq!(used, buf.len() - start);
+        match decode_agent_frame(body).expect("a content frame") {
+            AgentFrame::FileData(data) => assert_eq!(data.0, &buf[DATA_HEADROOM..]),
+            other => panic!("content framed as {other:?}"),
+        }
+        self.sent.extend_from_slice(&buf[start..]);
+        self.check_stream();
+    }
+
+    /// A tree's entry left out (in order with the content).
+    fn skipped(&mut self, path_len: u16, reason: u8, room: u8) {
+        let before = self.sent.len();
+        self.transmit(0);
+        if self.sent.len() > before {
+            return;
+        }
+        let path = vec![b's'; usize::from(path_len) % (ferry_wire::limits::MAX_PATH + 100)];
+        let reason = match reason % 3 {
+            0 => SkipReason::Special,
+            1 => SkipReason::HardLink,
+            _ => SkipReason::UnknownType,
+        };
+        let room = if room == 0 {
+            MAX_FRAME
+        } else {
+            usize::from(room % 32)
+        };
+        let mut out = vec![0u8; room];
+        let result = self.session.encode_skipped(&path, reason, &mut out);
+        if self.model.state != State::Running || !matches!(self.model.op, Op::Put | Op::Get) {
+            assert_eq!(result, Err(SessionError::InvalidState));
+            return;
+        }
+        let n = match result {
+            Ok(n) => n,
+            Err(err) => {
+                assert_eq!(err, SessionError::BufferTooSmall);
+                assert!(room < 32);
+                return;
+            }
+        };
+        let (body, _) = split_frame(&out[..n], MAX_FRAME_BODY)
+            .expect("within the limit")
+            .expect("a whole frame");
+        match decode_agent_frame(body).expect("a skipped entry") {
+            // A path too long for the protocol is cut, never refused.
+            AgentFrame::Skipped(skipped) => {
+                let kept = path.len().min(ferry_wire::limits::MAX_PATH);
+                assert_eq!(skipped.path.0, &path[..kept]);
+                assert_eq!(skipped.reason, reason);
+            }
+            other => panic!("a skipped entry encoded as {other:?}"),
+        }
+        self.sent.extend_from_slice(&out[..n]);
+        self.check_stream();
+    }
+
+    /// One frame of an info operation; returns whether it was encoded.
+    fn encode_info(&mut self, kind: u8, room: u8) -> bool {
+        let before = self.sent.len();
+        self.transmit(0);
+        if self.sent.len() > before {
+            return false;
+        }
+        let system = SystemInfo {
+            kernel_release: "6.1",
+            kernel_version: "#1 SMP",
+            machine: "x86_64",
+            hostname: "guest",
+            uptime_ms: 1,
+            now: Timestamp { secs: 2, nanos: 3 },
+            cpus: 1,
+            cpu_model: "",
+            load: [1, 2, 3],
+            memory_total: 4,
+            memory_available: 5,
+            processes: 6,
+            agent_pid: 1,
+            agent_rss: 7,
+        };
+        let frame = match kind % 4 {
+            0 => AgentFrame::SystemInfo(system),
+            1 => AgentFrame::Mount(MountInfo {
+                source: Bytes(b"/dev/vda"),
+                target: Bytes(b"/"),
+                fstype: "ext4",
+                read_only: false,
+                total: 8,
+                free: 9,
+                available: 10,
+            }),
+            2 => AgentFrame::Interface(InterfaceInfo {
+                name: "eth0",
+                up: true,
+                mtu: 1500,
+                mac: Bytes(&[2, 0, 0, 0, 0, 1]),
+                addresses: StrList::new(b"10.0.0.2/24\0"),
+                rx_bytes: 11,
+                tx_bytes: 12,
+            }),
+            _ => AgentFrame::Done(DoneReport { count: 1 }),
+        };
+        let room = if room == 0 {
+            MAX_FRAME
+        } else {
+            usize::from(room)
+        };
+        let mut out = vec![0u8; room];
+        let result = self.session.encode_info(&frame, &mut out);
+        let items = self.model.info_items;
+        let allowed = match frame {
+            AgentFrame::SystemInfo(_) => items == 0,
+            AgentFrame::Mount(_) | AgentFrame::Interface(_) => {
+                (1..=MAX_INFO_ITEMS).contains(&items)
+            }
+            _ => false,
+        };
+        if self.model.state != State::Operating || self.model.op != Op::Info || !allowed {
+            assert_eq!(result, Err(SessionError::InvalidState));
+            return false;
+        }
+        let n = match result {
+            Ok(n) => n,
+            Err(err) => {
+                // Nothing counted when nothing was encoded.
+                assert_eq!(err, SessionError::BufferTooSmall);
+                assert!(room < 256);
+                return false;
+            }
+        };
+        let (body, used) = split_frame(&out[..n], MAX_FRAME_BODY)
+            .expect("within the limit")
+            .expect("a whole frame");
+        assert_eq!(used, n);
+        assert_eq!(decode_agent_frame(body), Ok(frame));
+        self.model.info_items += 1;
+        self.sent.extend_from_slice(&out[..n]);
+        self.check_stream();
+        true
+    }
+
     /// Why the agent must refuse `request` after the pieces received, if it must: its lists
     /// (argv, then the environment), then the user, then the working directory.
     fn request_error(&self, request: &ExecRequest<'_>) -> Option<RequestRefusal> {
@@ -1296,6 +1929,26 @@ impl Run<'_> {
     }
 }
 
+fn encode(frame: &ClientFrame<'_>) -> Vec<u8> {
+    let mut out = vec![0u8; MAX_FRAME];
+    let n = encode_client_frame(frame, &mut out).expect("a client frame");
+    out.truncate(n);
+    out
+}
+
+/// The hello of a secure agent with `config` (for a proof to send an insecure one).
+fn secure_hello(config: &AgentConfig) -> Vec<u8> {
+    let auth = AgentAuth {
+        nonce: AGENT_NONCE,
+        secret: Some(Secret::new(SECRET).expect("a valid secret")),
+    };
+    let mut session = AgentSession::new(*config, START, auth);
+    let mut out = vec![0u8; MAX_FRAME];
+    let n = session.poll_transmit(&mut out).expect("the hello");
+    out.truncate(n);
+    out
+}
+
 fn unauthenticated() -> Expect {
     Expect::Breach(SessionError::Unauthenticated, ErrorCode::Unauthenticated)
 }
@@ -1311,7 +1964,7 @@ enum Expect {
 }
 
 fn error_code(n: u8) -> ErrorCode {
-    const CODES: [ErrorCode; 17] = [
+    const CODES: [ErrorCode; 25] = [
         ErrorCode::UnsupportedVersion,
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
@@ -1329,6 +1982,14 @@ fn error_code(n: u8) -> ErrorCode {
         ErrorCode::Unauthenticated,
         ErrorCode::Unsupported,
         ErrorCode::ArgumentsTooLong,
+        ErrorCode::AlreadyExists,
+        ErrorCode::WrongFileType,
+        ErrorCode::FileTooLarge,
+        ErrorCode::NoSpace,
+        ErrorCode::IntegrityMismatch,
+        ErrorCode::PathEscape,
+        ErrorCode::Io,
+        ErrorCode::BadArchive,
     ];
     CODES[usize::from(n) % CODES.len()]
 }

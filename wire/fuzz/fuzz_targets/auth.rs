@@ -2,7 +2,8 @@
 //! hello, and whatever comes next must not get past it without the right proof. The expected
 //! opening (our hello and proof) is what a `ClientSession` with the same secret and nonce sends
 //! after that hello; only a stream starting with exactly those bytes may bring
-//! `AgentEvent::Authenticated` (and so `KillAll`, `Exec` or a piece of one). Every refusal after
+//! `AgentEvent::Authenticated` (and so any request — `KillAll`, `Exec` or a piece of one,
+//! protocol 4's put, get, info, shutdown, time sync, reseed). Every refusal after
 //! the client's hello was accepted is the one `Unauthenticated` error frame, byte for byte the
 //! same, and nothing else is sent.
 //!
@@ -81,7 +82,16 @@ fuzz_target!(|data: &[u8]| {
                         assert!(right, "authenticated without the right proof");
                         authenticated = true;
                     }
-                    Some(AgentEvent::KillAll | AgentEvent::Exec(_)) => {
+                    Some(
+                        AgentEvent::KillAll
+                        | AgentEvent::Exec(_)
+                        | AgentEvent::Put(_)
+                        | AgentEvent::Get(_)
+                        | AgentEvent::Info
+                        | AgentEvent::Shutdown(_)
+                        | AgentEvent::TimeSync(_)
+                        | AgentEvent::Reseed(_),
+                    ) => {
                         assert!(authenticated && right, "an operation without the proof");
                         // Accepted requests are the driver's; nothing more is read.
                         break;

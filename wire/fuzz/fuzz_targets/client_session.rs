@@ -15,22 +15,36 @@
 //! a real `AgentSession` with that secret, fed what the client sends, says which proof is right
 //! (only its own, after its own hello): any other must be refused. An insecure client takes
 //! arbitrary hellos too.
+//!
+//! Protocol 4 in the model: `start_put` (content as stdin within credit, before `FileReady`
+//! too, then `end_put` with its digest, never `close_stdin`), `start_get`, `start_info`,
+//! `start_shutdown`, `start_time_sync`, `start_reseed`, each validated by rules of the model's
+//! own; `FileReady` answers a put or a get, content only for a get, skipped entries for either,
+//! `FileDone` last (for a put only after its digest was sent), the system first then at most
+//! `MAX_INFO_ITEMS` mounts and interfaces then `Done` for an info, `ClockSet` for a time sync,
+//! `Done` for the rest; output, `Started` and `Exited` for an exec alone; credit for an exec or a
+//! put; liveness while an exec, a put or a get runs.
 
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use ferry_wire::limits::MAX_INLINE_LIST;
 use ferry_wire::limits::{
     HEADER_LEN, MAX_DATA, MAX_FRAME, MAX_FRAME_BODY, NONCE_LEN, STDIN_WINDOW,
 };
+use ferry_wire::limits::{MAX_INFO_ITEMS, MAX_INLINE_LIST};
 use ferry_wire::session::{
     AgentAuth, AgentConfig, AgentEvent, AgentSession, ClientAuth, ClientEvent, ClientSession,
     FrameKind, Micros, Phase, Secret, SessionError,
 };
 use ferry_wire::{
-    decode_agent_frame, decode_client_frame, encode_client_frame, split_frame, AgentFrame, Bytes,
-    Cancel, ClientFrame, ClientHello, ExecRequest, Limits, ListKind, Security, StdinMode, StrList,
-    WindowSize, DATA_HEADROOM, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    decode_agent_frame, decode_client_frame, encode_client_frame, split_frame, AgentFrame,
+    ByteArray, Bytes, Cancel, ClientFrame, ClientHello, ExecRequest, Limits, ListKind, Security,
+    ShutdownRequest, StdinMode, StrList, Timestamp, WindowSize, DATA_HEADROOM, MAGIC,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use ferry_wire_fuzz::ops::{
+    get_refusal, put_refusal, reseed_refusal, shutdown_refusal, time_sync_refusal, GetChoice,
+    PutChoice,
 };
 use ferry_wire_fuzz::{arbitrary_steps, split_input, whole_frames};
 use libfuzzer_sys::fuzz_target;
@@ -40,11 +54,16 @@ use libfuzzer_sys::fuzz_target;
 enum Step {
     /// Receive the next `len` bytes of the agent's stream and handle every whole frame (`timed`:
     /// with `handle_input_at`, so the agent counts as heard now).
-    Receive { len: u16, timed: bool },
+    Receive {
+        len: u16,
+        timed: bool,
+    },
     /// Receive what the next whole frame needs, and handle it.
     ReceiveFrame,
     /// `poll_transmit` into a buffer of `room` bytes (0: a whole frame's).
-    Transmit { room: u16 },
+    Transmit {
+        room: u16,
+    },
     /// Start an exec: which request, into a buffer of `room` bytes (0: what
     /// `exec_buffer_len` says). `size` and `shape` may make one list large (see
     /// `request_lists`); `shape` also picks the rest of the request (a terminal, timeouts).
@@ -56,23 +75,75 @@ enum Step {
         shape: u8,
     },
     /// Start a kill-all into a buffer of `room` bytes (0: a whole frame's).
-    StartKillAll { room: u16 },
+    StartKillAll {
+        room: u16,
+    },
     /// Send `len` bytes of stdin by copy into a buffer of `room` bytes (0: a whole frame's).
-    SendStdin { len: u32, room: u16 },
+    SendStdin {
+        len: u32,
+        room: u16,
+    },
     /// Frame `len` bytes of stdin in place.
-    FrameStdin { len: u32 },
+    FrameStdin {
+        len: u32,
+    },
     /// Close stdin.
     CloseStdin,
     /// Send a signal into a buffer of `room` bytes (0: a whole frame's).
-    Signal { number: u8, room: u8 },
+    Signal {
+        number: u8,
+        room: u8,
+    },
     /// Send a new terminal size.
-    Resize { rows: u16, cols: u16, room: u8 },
+    Resize {
+        rows: u16,
+        cols: u16,
+        room: u8,
+    },
     /// Cancel the command.
-    Cancel { grace_ms: Option<u32>, room: u8 },
+    Cancel {
+        grace_ms: Option<u32>,
+        room: u8,
+    },
     /// Time passes; the driver checks the deadline.
-    Advance { micros: u32 },
+    Advance {
+        micros: u32,
+    },
     /// The agent's stream ended.
     Eof,
+    /// Start a put into a buffer of `room` bytes (0: a whole frame's).
+    StartPut {
+        request: PutChoice,
+        room: u16,
+    },
+    /// End the put's content with a digest into a buffer of `room` bytes.
+    EndPut {
+        digest: u8,
+        room: u8,
+    },
+    /// Start a get.
+    StartGet {
+        request: GetChoice,
+        room: u16,
+    },
+    /// Start an info, a shutdown, a time sync or a reseed (`len` random bytes).
+    StartInfo {
+        room: u16,
+    },
+    StartShutdown {
+        reboot: bool,
+        grace_ms: u32,
+        room: u16,
+    },
+    StartTimeSync {
+        secs: i64,
+        nanos: u32,
+        room: u16,
+    },
+    StartReseed {
+        len: u16,
+        room: u16,
+    },
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -139,13 +210,26 @@ const fn counting(start: u8) -> [u8; NONCE_LEN] {
     nonce
 }
 
+/// Which operation a connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Exec,
+    Put,
+    Get,
+    /// Kill-all, shutdown, reseed: one `Done`.
+    Simple,
+    Info,
+    Clock,
+}
+
 /// Where the operation stands, as the model sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     None,
-    ExecSent,
-    KillSent,
-    Running,
+    /// Sent, not answered yet.
+    Sent(Kind),
+    /// Answered (`Started`, `FileReady`, the system's info).
+    Running(Kind),
     Done,
 }
 
@@ -198,6 +282,12 @@ struct Run<'a> {
     /// The pieces of each list seen on the stream so far.
     stream_argv: Vec<u8>,
     stream_env: Vec<u8>,
+    /// A put's digest was sent (by `end_put`); seen on the stream.
+    put_ended: bool,
+    stream_put: bool,
+    stream_put_end: bool,
+    /// Mounts and interfaces accepted.
+    info_items: usize,
 }
 
 impl<'a> Run<'a> {
@@ -251,6 +341,10 @@ impl<'a> Run<'a> {
             exec_lists: None,
             stream_argv: Vec::new(),
             stream_env: Vec::new(),
+            put_ended: false,
+            stream_put: false,
+            stream_put_end: false,
+            info_items: 0,
         }
     }
 
@@ -259,8 +353,8 @@ impl<'a> Run<'a> {
             _ if self.failed => Phase::Done,
             (_, Op::Done) => Phase::Done,
             (None, _) => Phase::Hello,
-            (_, Op::Running) => Phase::Running,
-            (_, Op::ExecSent | Op::KillSent) => Phase::Starting,
+            (_, Op::Running(_)) => Phase::Running,
+            (_, Op::Sent(_)) => Phase::Starting,
             (Some(_), Op::None) if !self.authenticated => Phase::Hello,
             (Some(_), Op::None) => Phase::Idle,
         }
@@ -303,7 +397,9 @@ impl<'a> Run<'a> {
             Step::FrameStdin { len } => self.frame_stdin(len),
             Step::CloseStdin => {
                 let result = self.session.close_stdin();
-                if self.op == Op::None {
+                // A put's content ends with its digest, never a bare EOF.
+                let put = matches!(self.op, Op::Sent(Kind::Put) | Op::Running(Kind::Put));
+                if self.op == Op::None || put {
                     assert_eq!(result, Err(SessionError::InvalidState));
                 } else {
                     assert_eq!(result, Ok(()));
@@ -335,6 +431,106 @@ impl<'a> Run<'a> {
                 }
                 assert_eq!(self.session.poll_timeout(), self.expected_timeout());
             }
+            Step::StartPut { request, room } => {
+                let parts = request.parts();
+                let request = request.request(&parts);
+                let refusal = self
+                    .agent
+                    .and_then(|limits| put_refusal(&request, &limits))
+                    .map(|(_, message)| message);
+                self.start(
+                    Kind::Put,
+                    &ClientFrame::Put(request),
+                    refusal,
+                    room,
+                    |session, out| session.start_put(&request, out),
+                );
+            }
+            Step::EndPut { digest, room } => {
+                let room = if room == 0 {
+                    MAX_FRAME
+                } else {
+                    usize::from(room % 64)
+                };
+                let mut out = vec![0u8; room];
+                let result = self.session.end_put(&[digest; 32], &mut out);
+                let put = matches!(self.op, Op::Sent(Kind::Put) | Op::Running(Kind::Put));
+                let frame = encode(&ClientFrame::PutEnd(ByteArray([digest; 32])));
+                if !put || self.put_ended || self.failed {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                } else if room < frame.len() {
+                    assert_eq!(result, Err(SessionError::BufferTooSmall));
+                } else {
+                    assert_eq!(result, Ok(frame.len()));
+                    assert_eq!(out[..frame.len()], frame[..]);
+                    self.put_ended = true;
+                    self.stdin_piped = false;
+                    self.sent.extend_from_slice(&frame);
+                    self.check_stream();
+                }
+            }
+            Step::StartGet { request, room } => {
+                let path = request.path.bytes();
+                let user = request.user.bytes();
+                let request = request.request(&path, user.as_deref());
+                let refusal = self
+                    .agent
+                    .and_then(|limits| get_refusal(&request, &limits))
+                    .map(|(_, message)| message);
+                self.start(
+                    Kind::Get,
+                    &ClientFrame::Get(request),
+                    refusal,
+                    room,
+                    |session, out| session.start_get(&request, out),
+                );
+            }
+            Step::StartInfo { room } => {
+                self.start(
+                    Kind::Info,
+                    &ClientFrame::Info,
+                    None,
+                    room,
+                    |session, out| session.start_info(out),
+                );
+            }
+            Step::StartShutdown {
+                reboot,
+                grace_ms,
+                room,
+            } => {
+                let request = ShutdownRequest { reboot, grace_ms };
+                let refusal = shutdown_refusal(&request).map(|(_, message)| message);
+                self.start(
+                    Kind::Simple,
+                    &ClientFrame::Shutdown(request),
+                    refusal,
+                    room,
+                    |session, out| session.start_shutdown(request, out),
+                );
+            }
+            Step::StartTimeSync { secs, nanos, room } => {
+                let now = Timestamp { secs, nanos };
+                let refusal = time_sync_refusal(&now).map(|(_, message)| message);
+                self.start(
+                    Kind::Clock,
+                    &ClientFrame::TimeSync(now),
+                    refusal,
+                    room,
+                    |session, out| session.start_time_sync(now, out),
+                );
+            }
+            Step::StartReseed { len, room } => {
+                let random: Vec<u8> = (0..usize::from(len) % 600).map(|i| i as u8).collect();
+                let refusal = reseed_refusal(&random).map(|(_, message)| message);
+                self.start(
+                    Kind::Simple,
+                    &ClientFrame::Reseed(Bytes(&random)),
+                    refusal,
+                    room,
+                    |session, out| session.start_reseed(&random, out),
+                );
+            }
             Step::Eof => {
                 let left = self.inbox.len();
                 let phase = self.phase();
@@ -362,7 +558,7 @@ impl<'a> Run<'a> {
 
     /// What `poll_timeout` must say: the handshake's deadline until the agent proved itself,
     /// then (once it was heard with `handle_input_at`) three keepalive intervals after it was
-    /// last heard, while an exec runs (a kill-all has no keepalives).
+    /// last heard, while an exec, a put or a get runs (the others have no keepalives).
     fn expected_timeout(&self) -> Option<Micros> {
         if self.failed {
             return None;
@@ -370,7 +566,11 @@ impl<'a> Run<'a> {
         if !self.authenticated {
             return self.hello_deadline;
         }
-        let running = matches!(self.op, Op::ExecSent | Op::Running);
+        let running = matches!(
+            self.op,
+            Op::Sent(Kind::Exec | Kind::Put | Kind::Get)
+                | Op::Running(Kind::Exec | Kind::Put | Kind::Get)
+        );
         let interval = u64::from(self.agent?.keepalive_ms) * 1000;
         let heard = self.heard_at.filter(|_| running && interval > 0)?;
         Some(heard.saturating_add(interval.saturating_mul(3)))
@@ -527,35 +727,109 @@ impl<'a> Run<'a> {
                 assert!(self.session.is_authenticated());
                 input
             }
-            (AgentFrame::Done(report), Phase::Starting)
-                if self.authenticated && self.op == Op::KillSent =>
+            // Nothing about an operation before the agent's proof (an error may come).
+            (ref frame, _)
+                if !self.authenticated
+                    && self.op != Op::None
+                    && !matches!(frame, AgentFrame::Error(_)) =>
+            {
+                return fail(self, result, unexpected)
+            }
+            (AgentFrame::Done(report), _)
+                if matches!(self.op, Op::Sent(Kind::Simple) | Op::Running(Kind::Info)) =>
             {
                 let input = result.expect("done");
                 assert_eq!(input.event, Some(ClientEvent::Done(report)));
                 self.op = Op::Done;
                 input
             }
-            (AgentFrame::Started(started), Phase::Starting)
-                if self.authenticated && self.op == Op::ExecSent =>
-            {
+            (AgentFrame::Started(started), _) if self.op == Op::Sent(Kind::Exec) => {
                 let input = result.expect("started");
                 assert_eq!(input.event, Some(ClientEvent::Started { pid: started.pid }));
-                self.op = Op::Running;
+                self.op = Op::Running(Kind::Exec);
                 input
             }
-            (AgentFrame::Stdout(out), Phase::Running) => {
+            (AgentFrame::FileReady(header), _)
+                if matches!(self.op, Op::Sent(Kind::Put | Kind::Get)) =>
+            {
+                let input = result.expect("file ready");
+                assert_eq!(input.event, Some(ClientEvent::FileReady(header)));
+                if let Op::Sent(kind) = self.op {
+                    self.op = Op::Running(kind);
+                }
+                input
+            }
+            (AgentFrame::FileData(data), _) if self.op == Op::Running(Kind::Get) => {
+                let input = result.expect("file data");
+                assert_eq!(input.event, Some(ClientEvent::FileData(data.0)));
+                input
+            }
+            (AgentFrame::Skipped(skipped), _)
+                if matches!(self.op, Op::Running(Kind::Put | Kind::Get)) =>
+            {
+                let input = result.expect("skipped");
+                assert_eq!(input.event, Some(ClientEvent::Skipped(skipped)));
+                input
+            }
+            // Last; a put's only once its digest went.
+            (AgentFrame::FileDone(summary), _)
+                if self.op == Op::Running(Kind::Get)
+                    || (self.op == Op::Running(Kind::Put) && self.put_ended) =>
+            {
+                let input = result.expect("file done");
+                assert_eq!(input.event, Some(ClientEvent::FileDone(summary)));
+                self.op = Op::Done;
+                self.stdin_piped = false;
+                input
+            }
+            (AgentFrame::SystemInfo(info), _) if self.op == Op::Sent(Kind::Info) => {
+                let input = result.expect("system info");
+                assert_eq!(input.event, Some(ClientEvent::SystemInfo(info)));
+                self.op = Op::Running(Kind::Info);
+                input
+            }
+            (AgentFrame::Mount(_) | AgentFrame::Interface(_), _)
+                if self.op == Op::Running(Kind::Info) && self.info_items >= MAX_INFO_ITEMS =>
+            {
+                return fail(
+                    self,
+                    result,
+                    SessionError::InvalidRequest {
+                        message: "too many info frames",
+                    },
+                );
+            }
+            (AgentFrame::Mount(mount), _) if self.op == Op::Running(Kind::Info) => {
+                let input = result.expect("a mount");
+                assert_eq!(input.event, Some(ClientEvent::Mount(mount)));
+                self.info_items += 1;
+                input
+            }
+            (AgentFrame::Interface(interface), _) if self.op == Op::Running(Kind::Info) => {
+                let input = result.expect("an interface");
+                assert_eq!(input.event, Some(ClientEvent::Interface(interface)));
+                self.info_items += 1;
+                input
+            }
+            (AgentFrame::ClockSet(previous), _) if self.op == Op::Sent(Kind::Clock) => {
+                let input = result.expect("clock set");
+                assert_eq!(input.event, Some(ClientEvent::ClockSet(previous)));
+                self.op = Op::Done;
+                input
+            }
+            (AgentFrame::Stdout(out), _) if self.op == Op::Running(Kind::Exec) => {
                 let input = result.expect("stdout");
                 assert_eq!(input.event, Some(ClientEvent::Stdout(out.data.0)));
                 assert_eq!(self.session.last_output_at(), out.at_us);
                 input
             }
-            (AgentFrame::Stderr(out), Phase::Running) => {
+            (AgentFrame::Stderr(out), _) if self.op == Op::Running(Kind::Exec) => {
                 let input = result.expect("stderr");
                 assert_eq!(input.event, Some(ClientEvent::Stderr(out.data.0)));
                 assert_eq!(self.session.last_output_at(), out.at_us);
                 input
             }
-            (AgentFrame::OutputDropped(dropped), Phase::Running) => {
+            (AgentFrame::OutputDropped(dropped), _) if self.op == Op::Running(Kind::Exec) => {
                 let input = result.expect("output dropped");
                 assert_eq!(input.event, Some(ClientEvent::OutputDropped(dropped)));
                 input
@@ -565,7 +839,9 @@ impl<'a> Run<'a> {
                 assert_eq!(input.event, None);
                 input
             }
-            (AgentFrame::StdinCredit(n), Phase::Running) => {
+            (AgentFrame::StdinCredit(n), _)
+                if matches!(self.op, Op::Running(Kind::Exec | Kind::Put)) =>
+            {
                 let n = u64::from(n);
                 if n > self.in_flight {
                     return fail(self, result, SessionError::CreditExceeded);
@@ -587,7 +863,7 @@ impl<'a> Run<'a> {
                 );
                 input
             }
-            (AgentFrame::Exited(end), Phase::Running) => {
+            (AgentFrame::Exited(end), _) if self.op == Op::Running(Kind::Exec) => {
                 let input = result.expect("exited");
                 assert_eq!(input.event, Some(ClientEvent::Exited(end)));
                 self.op = Op::Done;
@@ -675,7 +951,7 @@ impl<'a> Run<'a> {
                 assert!(valid.is_ok());
                 assert!(n <= needed, "{n} bytes beyond exec_buffer_len {needed}");
                 self.hello_sent = true;
-                self.op = Op::ExecSent;
+                self.op = Op::Sent(Kind::Exec);
                 self.stdin_piped = pipe;
                 self.pty = request.pty.is_some();
                 self.exec_lists = Some((argv.clone(), env.clone()));
@@ -722,7 +998,9 @@ impl<'a> Run<'a> {
             ClientFrame::Resize(_) if !self.pty => Err(SessionError::InvalidRequest {
                 message: "the command has no terminal",
             }),
-            _ if self.failed || !matches!(self.op, Op::ExecSent | Op::Running) => {
+            _ if self.failed
+                || !matches!(self.op, Op::Sent(Kind::Exec) | Op::Running(Kind::Exec)) =>
+            {
                 Err(SessionError::InvalidState)
             }
             _ if encoded.len() > room => Err(SessionError::BufferTooSmall),
@@ -748,7 +1026,7 @@ impl<'a> Run<'a> {
                 assert!(self.op == Op::None && !self.failed && self.agent.is_some());
                 self.sent.extend_from_slice(&out[..n]);
                 self.hello_sent = true;
-                self.op = Op::KillSent;
+                self.op = Op::Sent(Kind::Simple);
                 self.check_stream();
             }
             Err(SessionError::InvalidState) => {
@@ -757,6 +1035,52 @@ impl<'a> Run<'a> {
             Err(SessionError::BufferTooSmall) => assert!(room < 512),
             Err(err) => panic!("start_kill_all: {err}"),
         }
+    }
+
+    /// Starts an operation other than an exec: refused in a session that may not start one
+    /// (before anything else), then for a request the model refuses; what it sends ends with
+    /// `frame`, behind our hello and proof when those are still owed.
+    fn start(
+        &mut self,
+        kind: Kind,
+        frame: &ClientFrame<'_>,
+        refusal: Option<&'static str>,
+        room: u16,
+        start: impl FnOnce(&mut ClientSession, &mut [u8]) -> Result<usize, SessionError>,
+    ) {
+        let room = if room == 0 {
+            MAX_FRAME
+        } else {
+            usize::from(room)
+        };
+        let mut out = vec![0u8; room];
+        let result = start(&mut self.session, &mut out);
+        let encoded = encode(frame);
+        if self.op != Op::None || self.failed || self.agent.is_none() {
+            assert_eq!(result, Err(SessionError::InvalidState), "{frame:?}");
+            return;
+        }
+        if let Some(message) = refusal {
+            assert_eq!(result, Err(SessionError::InvalidRequest { message }));
+            return;
+        }
+        let n = match result {
+            Ok(n) => n,
+            Err(err) => {
+                // Our hello and proof take at most 128 bytes.
+                assert_eq!(err, SessionError::BufferTooSmall, "{frame:?}");
+                assert!(room < encoded.len() + 128, "{frame:?} in {room} bytes");
+                return;
+            }
+        };
+        assert!(n >= encoded.len() && out[n - encoded.len()..n] == encoded[..]);
+        self.sent.extend_from_slice(&out[..n]);
+        self.hello_sent = true;
+        self.op = Op::Sent(kind);
+        if kind == Kind::Put {
+            self.stdin_piped = true;
+        }
+        self.check_stream();
     }
 
     fn send_stdin(&mut self, len: u32, room: u16) {
@@ -887,10 +1211,10 @@ impl<'a> Run<'a> {
                     self.stream_op = true;
                 }
                 ClientFrame::Stdin(data) => {
-                    assert_eq!(
-                        self.stream_exec,
-                        Some(StdinMode::Pipe),
-                        "stdin without a pipe"
+                    assert!(
+                        self.stream_exec == Some(StdinMode::Pipe)
+                            || (self.stream_put && !self.stream_put_end),
+                        "stdin without a pipe or after the put's digest"
                     );
                     assert!(!self.stream_eof, "stdin after EOF");
                     assert!(!data.0.is_empty() && data.0.len() <= MAX_DATA);
@@ -904,13 +1228,55 @@ impl<'a> Run<'a> {
                     );
                 }
                 ClientFrame::StdinEof => {
-                    assert_eq!(self.stream_exec, Some(StdinMode::Pipe));
+                    assert_eq!(
+                        self.stream_exec,
+                        Some(StdinMode::Pipe),
+                        "an EOF, not for an exec"
+                    );
                     assert!(!self.stream_eof, "a second EOF");
                     self.stream_eof = true;
+                }
+                ClientFrame::PutEnd(_) => {
+                    assert!(self.stream_put, "a digest without a put");
+                    assert!(!self.stream_put_end, "a second digest");
+                    self.stream_put_end = true;
+                }
+                ClientFrame::Put(_)
+                | ClientFrame::Get(_)
+                | ClientFrame::Info
+                | ClientFrame::Shutdown(_)
+                | ClientFrame::TimeSync(_)
+                | ClientFrame::Reseed(_) => {
+                    assert!(self.stream_hello && !self.stream_op);
+                    assert!(
+                        self.stream_auth || !self.secure,
+                        "a request before the proof"
+                    );
+                    let limits = self.agent.expect("the agent's hello came");
+                    let refusal = match decode_client_frame(&body).expect("decodes") {
+                        ClientFrame::Put(request) => {
+                            self.stream_put = true;
+                            put_refusal(&request, &limits)
+                        }
+                        ClientFrame::Get(request) => get_refusal(&request, &limits),
+                        ClientFrame::Shutdown(request) => shutdown_refusal(&request),
+                        ClientFrame::TimeSync(now) => time_sync_refusal(&now),
+                        ClientFrame::Reseed(random) => reseed_refusal(random.0),
+                        _ => None,
+                    };
+                    assert_eq!(refusal, None, "an invalid request sent");
+                    self.stream_op = true;
                 }
             }
         }
     }
+}
+
+fn encode(frame: &ClientFrame<'_>) -> Vec<u8> {
+    let mut out = vec![0u8; MAX_FRAME];
+    let n = encode_client_frame(frame, &mut out).expect("a client frame");
+    out.truncate(n);
+    out
 }
 
 /// The lists of a request: a small one (`request` picks it), or with `shape & 32` and `size` >

@@ -1,7 +1,8 @@
 //! Arbitrary bytes through `split_frame` and both decoders. Whatever decodes must survive a round
 //! trip (encode → decode gives the same frame, and re-encoding gives the same bytes); the data
 //! frames built in place must match the encoder byte for byte (output with its timestamp); a
-//! request's lists checked in pieces must give the answer of the whole; nothing may panic.
+//! request's lists checked in pieces must give the answer of the whole; protocol 4's requests
+//! are validated as the model's own rules say (`ferry_wire_fuzz::ops`); nothing may panic.
 
 #![no_main]
 
@@ -11,6 +12,7 @@ use ferry_wire::{
     frame_data_in_place, split_frame, AgentFrame, ClientFrame, DataKind, ExecRequest, Limits,
     ListCheck, ListKind, RequestError, StrList, DATA_HEADROOM,
 };
+use ferry_wire_fuzz::ops;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -80,6 +82,30 @@ fn check_client(body: &[u8]) {
     if let ClientFrame::Stdin(data) = frame {
         check_in_place(DataKind::Stdin, data.0, 0, &out[..n]);
     }
+    // Protocol 4's requests: each `validate*` gives the model's answer.
+    let limits = Limits::CURRENT;
+    let verdict = |result: Result<(), RequestError>| result.err().map(|e| (e.code, e.message));
+    match frame {
+        ClientFrame::Put(put) => {
+            assert_eq!(
+                verdict(put.validate_within(&limits)),
+                ops::put_refusal(&put, &limits)
+            )
+        }
+        ClientFrame::Get(get) => {
+            assert_eq!(
+                verdict(get.validate_within(&limits)),
+                ops::get_refusal(&get, &limits)
+            )
+        }
+        ClientFrame::Shutdown(request) => {
+            assert_eq!(verdict(request.validate()), ops::shutdown_refusal(&request))
+        }
+        ClientFrame::TimeSync(time) => {
+            assert_eq!(time.is_valid(), ops::time_sync_refusal(&time).is_none())
+        }
+        _ => {}
+    }
 }
 
 fn check_agent(body: &[u8]) {
@@ -105,6 +131,7 @@ fn check_agent(body: &[u8]) {
         AgentFrame::Stderr(out_) => {
             check_in_place(DataKind::Stderr, out_.data.0, out_.at_us, &out[..n])
         }
+        AgentFrame::FileData(data) => check_in_place(DataKind::FileData, data.0, 0, &out[..n]),
         AgentFrame::Exited(end) => {
             let _ = end.status.shell_code();
         }

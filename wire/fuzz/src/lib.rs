@@ -41,3 +41,210 @@ pub fn arbitrary_steps<'a, T: arbitrary::Arbitrary<'a>>(
         Err(_) => Vec::new(),
     }
 }
+
+/// The protocol-4 operations' request rules (`ferry_wire::ops`), written apart from their
+/// `validate*` functions, and requests built from the fuzzer's choices: mostly plausible, with
+/// every rule broken now and then.
+pub mod ops {
+    use arbitrary::Arbitrary;
+    use ferry_wire::limits::{MAX_PATH, MAX_RESEED, MAX_SHUTDOWN_GRACE_MS, MAX_USER};
+    use ferry_wire::{
+        Bytes, ErrorCode, GetRequest, Limits, PutRequest, ShutdownRequest, Timestamp, TransferKind,
+    };
+
+    /// A refused request: its code and message.
+    pub type RequestRefusal = (ErrorCode, &'static str);
+
+    /// The refusal of a request beyond the agent's (or the protocol's) limits.
+    pub const LIMIT: RequestRefusal = (
+        ErrorCode::LimitExceeded,
+        "request exceeds the agent's limits",
+    );
+
+    fn invalid(message: &'static str) -> RequestRefusal {
+        (ErrorCode::InvalidRequest, message)
+    }
+
+    /// A transfer's path: absolute, without NUL, within the tighter of both path limits.
+    fn path_refusal(path: &[u8], limits: &Limits) -> Option<RequestRefusal> {
+        if path.len() > (limits.max_path as usize).min(MAX_PATH) {
+            return Some(LIMIT);
+        }
+        if path.first() != Some(&b'/') || path.contains(&0) {
+            return Some(invalid("path is not absolute or contains NUL"));
+        }
+        None
+    }
+
+    /// A user (or owner): non-empty, without NUL, within the tighter of both user limits.
+    fn user_refusal(user: Option<Bytes<'_>>, limits: &Limits) -> Option<RequestRefusal> {
+        let Bytes(user) = user?;
+        if user.len() > (limits.max_user as usize).min(MAX_USER) {
+            return Some(LIMIT);
+        }
+        if user.is_empty() || user.contains(&0) {
+            return Some(invalid("user is empty or contains NUL"));
+        }
+        None
+    }
+
+    /// Why a put must be refused, if it must: the path, the owner, the user, the mode, the
+    /// modification time, then what a tree may not carry (the first rule broken, in that order).
+    pub fn put_refusal(put: &PutRequest<'_>, limits: &Limits) -> Option<RequestRefusal> {
+        path_refusal(put.path.0, limits)
+            .or_else(|| user_refusal(put.owner, limits))
+            .or_else(|| user_refusal(put.user, limits))
+            .or_else(|| {
+                put.mode
+                    .is_some_and(|mode| mode > 0o7777)
+                    .then(|| invalid("mode has bits beyond 0o7777"))
+            })
+            .or_else(|| {
+                put.mtime
+                    .is_some_and(|t| t.nanos >= 1_000_000_000)
+                    .then(|| invalid("mtime nanoseconds out of range"))
+            })
+            .or_else(|| {
+                (put.kind == TransferKind::Tree && (put.mode.is_some() || put.size.is_some()))
+                    .then(|| invalid("a tree carries its own modes and sizes"))
+            })
+    }
+
+    /// Why a get must be refused, if it must: the path, then the user.
+    pub fn get_refusal(get: &GetRequest<'_>, limits: &Limits) -> Option<RequestRefusal> {
+        path_refusal(get.path.0, limits).or_else(|| user_refusal(get.user, limits))
+    }
+
+    /// Why a shutdown must be refused: a grace beyond ten minutes.
+    pub fn shutdown_refusal(request: &ShutdownRequest) -> Option<RequestRefusal> {
+        (request.grace_ms > MAX_SHUTDOWN_GRACE_MS)
+            .then_some((ErrorCode::LimitExceeded, "shutdown grace too long"))
+    }
+
+    /// Why a time sync must be refused: nanoseconds beyond a second.
+    pub fn time_sync_refusal(time: &Timestamp) -> Option<RequestRefusal> {
+        (time.nanos >= 1_000_000_000).then(|| invalid("nanoseconds out of range"))
+    }
+
+    /// Why a reseed must be refused: no bytes, or more than 512.
+    pub fn reseed_refusal(random: &[u8]) -> Option<RequestRefusal> {
+        (random.is_empty() || random.len() > MAX_RESEED)
+            .then(|| invalid("reseed needs 1 to 512 bytes"))
+    }
+
+    /// A path: mostly a plausible absolute one, sometimes relative, empty, with a NUL, or long
+    /// (up to past the protocol's limit).
+    #[derive(Arbitrary, Debug, Clone, Copy)]
+    pub struct PathChoice(pub u16);
+
+    impl PathChoice {
+        pub fn bytes(self) -> Vec<u8> {
+            let n = usize::from(self.0 >> 3);
+            match self.0 & 7 {
+                0..=2 => b"/srv/file".to_vec(),
+                3 => [b"/".as_slice(), &vec![b'p'; n % (MAX_PATH + 8)]].concat(),
+                4 => b"relative/file".to_vec(),
+                5 => Vec::new(),
+                6 => b"/a\0b".to_vec(),
+                _ => b"/".to_vec(),
+            }
+        }
+    }
+
+    /// A user: none mostly, a name, an id pair, empty, with a NUL, or long.
+    #[derive(Arbitrary, Debug, Clone, Copy)]
+    pub struct UserChoice(pub u8);
+
+    impl UserChoice {
+        pub fn bytes(self) -> Option<Vec<u8>> {
+            match self.0 & 7 {
+                0..=2 => None,
+                3 => Some(b"nobody".to_vec()),
+                4 => Some(b"0:0".to_vec()),
+                5 => Some(Vec::new()),
+                6 => Some(b"a\0b".to_vec()),
+                _ => Some(vec![b'u'; usize::from(self.0 >> 3) * 4]),
+            }
+        }
+    }
+
+    /// A put request's fields, owned.
+    #[derive(Arbitrary, Debug, Clone, Copy)]
+    pub struct PutChoice {
+        pub path: PathChoice,
+        pub tree: bool,
+        pub mode: Option<u16>,
+        pub owner: UserChoice,
+        pub mtime: Option<(i64, u32)>,
+        pub size: Option<u64>,
+        pub create_parents: bool,
+        pub no_clobber: bool,
+        pub user: UserChoice,
+    }
+
+    /// What a [`PutChoice`] borrows from.
+    pub struct PutParts {
+        pub path: Vec<u8>,
+        pub owner: Option<Vec<u8>>,
+        pub user: Option<Vec<u8>>,
+    }
+
+    impl PutChoice {
+        pub fn parts(&self) -> PutParts {
+            PutParts {
+                path: self.path.bytes(),
+                owner: self.owner.bytes(),
+                user: self.user.bytes(),
+            }
+        }
+
+        /// The request; a mode above `0o7777` breaks its rule (16 bits of choice), a time's
+        /// nanoseconds are mostly within a second.
+        pub fn request<'a>(&self, parts: &'a PutParts) -> PutRequest<'a> {
+            PutRequest {
+                path: Bytes(&parts.path),
+                kind: if self.tree {
+                    TransferKind::Tree
+                } else {
+                    TransferKind::File
+                },
+                mode: self.mode.map(u32::from),
+                owner: parts.owner.as_deref().map(Bytes),
+                mtime: self.mtime.map(|(secs, nanos)| Timestamp {
+                    secs,
+                    nanos: if nanos & 1 == 0 {
+                        nanos % 1_000_000_000
+                    } else {
+                        nanos
+                    },
+                }),
+                size: self.size,
+                create_parents: self.create_parents,
+                no_clobber: self.no_clobber,
+                user: parts.user.as_deref().map(Bytes),
+            }
+        }
+    }
+
+    /// A get request's fields, owned.
+    #[derive(Arbitrary, Debug, Clone, Copy)]
+    pub struct GetChoice {
+        pub path: PathChoice,
+        pub tree: bool,
+        pub user: UserChoice,
+    }
+
+    impl GetChoice {
+        pub fn request<'a>(&self, path: &'a [u8], user: Option<&'a [u8]>) -> GetRequest<'a> {
+            GetRequest {
+                path: Bytes(path),
+                kind: if self.tree {
+                    TransferKind::Tree
+                } else {
+                    TransferKind::File
+                },
+                user: user.map(Bytes),
+            }
+        }
+    }
+}

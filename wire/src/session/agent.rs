@@ -885,8 +885,10 @@ impl AgentSession {
         self.enter_closing(now);
     }
 
-    /// Nothing but a proof already earned is owed once the conversation failed.
+    /// Nothing but a proof already earned is owed once the conversation failed (or a put was
+    /// abandoned): not even a keepalive that fell due.
     fn clear_queue(&mut self) {
+        self.keepalive_queued = false;
         self.started = None;
         self.file_ready = None;
         self.file_done = None;
@@ -911,7 +913,7 @@ impl AgentSession {
     /// The command exited at `now`. Output still flows until the driver calls
     /// [`AgentSession::finish`], as [`AgentSession::output_phase`] directs.
     pub fn child_exited(&mut self, status: ExitStatus, now: Micros) -> Result<(), SessionError> {
-        if self.state != State::Running || self.exit.is_some() {
+        if self.state != State::Running || self.op != Op::Exec || self.exit.is_some() {
             return Err(SessionError::InvalidState);
         }
         self.exit = Some((status, now));
@@ -940,7 +942,10 @@ impl AgentSession {
         len: usize,
         now: Micros,
     ) -> Result<usize, SessionError> {
-        if self.state != State::Running || kind == DataKind::Stdin {
+        // NOTE: a command's output only: during a transfer it would reach a client that
+        // refuses it (found by the protocol-4 fuzz model).
+        let output = matches!(kind, DataKind::Stdout | DataKind::Stderr);
+        if self.state != State::Running || self.op != Op::Exec || !output {
             return Err(SessionError::InvalidState);
         }
         let at_us = now.saturating_sub(self.started_at);
@@ -976,7 +981,7 @@ impl AgentSession {
         bytes: u64,
         out: &mut [u8],
     ) -> Result<usize, SessionError> {
-        if self.state != State::Running {
+        if self.state != State::Running || self.op != Op::Exec {
             return Err(SessionError::InvalidState);
         }
         let n = encode_agent_frame(&AgentFrame::OutputDropped(Dropped { stream, bytes }), out)?;
@@ -1003,7 +1008,8 @@ impl AgentSession {
 
     /// Like [`AgentSession::finish`], with what the driver knows about the command's end.
     pub fn finish_with(&mut self, now: Micros, facts: EndFacts) -> Result<(), SessionError> {
-        let (State::Running, Some((status, ended))) = (self.state, self.exit) else {
+        let (State::Running, Op::Exec, Some((status, ended))) = (self.state, self.op, self.exit)
+        else {
             return Err(SessionError::InvalidState);
         };
         self.exited = Some(Termination {
@@ -1101,7 +1107,10 @@ impl AgentSession {
         match sent {
             AgentFrame::Hello(_) => self.hello = false,
             AgentFrame::Authenticated(_) => self.authenticated = None,
-            AgentFrame::Done(_) => self.done = None,
+            AgentFrame::Done(_) => {
+                self.done = None;
+                self.final_sent();
+            }
             AgentFrame::Error(_) => {
                 // The error is the last frame: drop anything else.
                 self.error = None;
@@ -1109,14 +1118,23 @@ impl AgentSession {
                 self.clear_queue();
             }
             AgentFrame::FileReady(_) => self.file_ready = None,
-            AgentFrame::FileDone(_) => self.file_done = None,
-            AgentFrame::ClockSet(_) => self.clock_set = None,
+            AgentFrame::FileDone(_) => {
+                self.file_done = None;
+                self.final_sent();
+            }
+            AgentFrame::ClockSet(_) => {
+                self.clock_set = None;
+                self.final_sent();
+            }
             AgentFrame::Started(_) => self.started = None,
             AgentFrame::StdinCredit(_) => {
                 self.in_window -= self.owed;
                 self.owed = 0;
             }
-            AgentFrame::Exited(_) => self.exited = None,
+            AgentFrame::Exited(_) => {
+                self.exited = None;
+                self.final_sent();
+            }
             AgentFrame::Keepalive => self.keepalive_queued = false,
             AgentFrame::Stdout(_)
             | AgentFrame::Stderr(_)
@@ -1128,6 +1146,14 @@ impl AgentSession {
             | AgentFrame::Mount(_)
             | AgentFrame::Interface(_) => {}
         }
+    }
+
+    /// The final frame is encoded: stdin consumed from now on is owed to nobody. NOTE: credit
+    /// after the final frame is a frame after the end, which a client refuses (found by the
+    /// protocol-4 fuzz model; an exec's record had it too).
+    fn final_sent(&mut self) {
+        self.in_window = 0;
+        self.owed = 0;
     }
 
     fn agent_hello(&self) -> AgentHello<'static> {

@@ -7,6 +7,11 @@
 //! nothing more — never a panic, never a silent accept. A half-close mid-operation ends the
 //! input and nothing else.
 //!
+//! Protocol 4's requests join them: a put (its content as stdin within the window, then its
+//! digest, never an EOF; a close before the digest abandons it), a get, an info, a shutdown, a
+//! time sync, a reseed (none after pieces of an exec request); controls are for an exec alone,
+//! and nothing at all may follow a request the driver answers in one go.
+//!
 //! `tests.rs` breaks each rule once by hand and the simulated pair (`sim.rs`) only runs valid
 //! conversations; this covers the orders in between.
 
@@ -15,7 +20,8 @@ use proptest::prelude::*;
 use super::*;
 use crate::limits::{MAX_FRAME, MAX_FRAME_BODY};
 use crate::msg::*;
-use crate::{decode_agent_frame, encode_client_frame, split_frame, Bytes};
+use crate::ops::{FileHeader, GetRequest, PutRequest, ShutdownRequest, Timestamp, TransferKind};
+use crate::{decode_agent_frame, encode_client_frame, split_frame, ByteArray, Bytes};
 
 /// A small stdin window, so credit is exceeded by a handful of frames.
 const WINDOW: usize = 100;
@@ -33,6 +39,11 @@ enum Sent {
     Cancel(Option<u32>),
     /// A piece of the request's argv or environment (see [`PIECES`]).
     Part(usize),
+    Put,
+    PutEnd,
+    Get,
+    /// An info, a shutdown, a time sync or a reseed (0–3): answered in one go.
+    Simple(u8),
 }
 
 /// The pieces a client may send before its exec: whole entries, an argv entry the next piece
@@ -56,6 +67,13 @@ impl Sent {
             Sent::Resize => FrameKind::Resize,
             Sent::Cancel(_) => FrameKind::Cancel,
             Sent::Part(_) => FrameKind::ExecPart,
+            Sent::Put => FrameKind::Put,
+            Sent::PutEnd => FrameKind::PutEnd,
+            Sent::Get => FrameKind::Get,
+            Sent::Simple(0) => FrameKind::Info,
+            Sent::Simple(1) => FrameKind::Shutdown,
+            Sent::Simple(2) => FrameKind::TimeSync,
+            Sent::Simple(_) => FrameKind::Reseed,
         }
     }
 
@@ -85,6 +103,30 @@ impl Sent {
                 list: PIECES[index].0,
                 data: Bytes(PIECES[index].1),
             }),
+            Sent::Put => ClientFrame::Put(PutRequest {
+                path: Bytes(b"/srv/f"),
+                kind: TransferKind::File,
+                mode: Some(0o600),
+                owner: None,
+                mtime: None,
+                size: None,
+                create_parents: false,
+                no_clobber: false,
+                user: None,
+            }),
+            Sent::PutEnd => ClientFrame::PutEnd(ByteArray([7; 32])),
+            Sent::Get => ClientFrame::Get(GetRequest {
+                path: Bytes(b"/srv/f"),
+                kind: TransferKind::Tree,
+                user: None,
+            }),
+            Sent::Simple(0) => ClientFrame::Info,
+            Sent::Simple(1) => ClientFrame::Shutdown(ShutdownRequest {
+                reboot: true,
+                grace_ms: 10,
+            }),
+            Sent::Simple(2) => ClientFrame::TimeSync(Timestamp { secs: 1, nanos: 2 }),
+            Sent::Simple(_) => ClientFrame::Reseed(Bytes(&data[..8])),
         };
         let mut buf = vec![0u8; MAX_FRAME];
         let n = encode_client_frame(&frame, &mut buf).expect("a valid frame encodes");
@@ -93,6 +135,14 @@ impl Sent {
 }
 
 const SIZE: WindowSize = WindowSize { rows: 24, cols: 80 };
+
+const HEADER: FileHeader = FileHeader {
+    size: 0,
+    mode: 0o040755,
+    mtime: Timestamp { secs: 0, nanos: 0 },
+    uid: 0,
+    gid: 0,
+};
 
 fn sent() -> impl Strategy<Value = Sent> {
     prop_oneof![
@@ -105,6 +155,10 @@ fn sent() -> impl Strategy<Value = Sent> {
         1 => Just(Sent::Resize),
         1 => any::<Option<u32>>().prop_map(Sent::Cancel),
         2 => prop_oneof![3 => 0usize..3, 1 => Just(3usize)].prop_map(Sent::Part),
+        1 => Just(Sent::Put),
+        2 => Just(Sent::PutEnd),
+        1 => Just(Sent::Get),
+        1 => (0u8..4).prop_map(Sent::Simple),
     ]
 }
 
@@ -149,7 +203,11 @@ struct Grammar {
     hello: bool,
     /// Pieces of the request taken.
     parts: bool,
+    /// The request taken: an exec's stdin mode (for the others see `op`).
     exec: Option<StdinMode>,
+    op: Option<Op>,
+    /// A put's digest came.
+    put_ended: bool,
     started: bool,
     eof: bool,
     /// Stdin taken, and credited back (as the agent's credit frames say).
@@ -157,9 +215,19 @@ struct Grammar {
     credit: usize,
 }
 
+/// The request a conversation carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Exec,
+    Put,
+    Get,
+    /// Answered in one go by the driver.
+    Simple,
+}
+
 impl Grammar {
     fn phase(&self) -> Phase {
-        match (self.hello, self.exec, self.started) {
+        match (self.hello, self.op, self.started) {
             (false, _, _) => Phase::Hello,
             (true, None, _) => Phase::Idle,
             (true, Some(_), false) => Phase::Starting,
@@ -181,14 +249,27 @@ impl Grammar {
                 ErrorCode::InvalidRequest,
             )
         };
-        let piped = self.exec == Some(StdinMode::Pipe) && !self.eof;
-        let operation = matches!(self.phase(), Phase::Starting | Phase::Running);
+        let put = self.op == Some(Op::Put) && !self.put_ended;
+        let piped = (self.exec == Some(StdinMode::Pipe) && !self.eof) || put;
+        let operation =
+            matches!(self.phase(), Phase::Starting | Phase::Running) && self.op == Some(Op::Exec);
         match (self.phase(), frame) {
             (Phase::Hello, Sent::Hello) => self.hello = true,
             // An environment entry with an empty key is refused where it starts.
             (Phase::Idle, Sent::Part(3)) => return invalid("environment entry is not KEY=VALUE"),
             (Phase::Idle, Sent::Part(_)) => self.parts = true,
-            (Phase::Idle, Sent::Exec(mode)) => self.exec = Some(mode),
+            (Phase::Idle, Sent::Exec(mode)) => {
+                self.exec = Some(mode);
+                self.op = Some(Op::Exec);
+            }
+            // After pieces, only their exec.
+            (Phase::Idle, Sent::Put | Sent::Get | Sent::Simple(_)) if self.parts => {
+                return unexpected
+            }
+            (Phase::Idle, Sent::Put) => self.op = Some(Op::Put),
+            (Phase::Idle, Sent::Get) => self.op = Some(Op::Get),
+            (Phase::Idle, Sent::Simple(_)) => self.op = Some(Op::Simple),
+            (Phase::Starting | Phase::Running, Sent::PutEnd) if put => self.put_ended = true,
             (Phase::Starting | Phase::Running, Sent::Stdin(n)) if piped => {
                 if self.stdin - self.credit + n > WINDOW {
                     return Expect::Breach(
@@ -198,7 +279,7 @@ impl Grammar {
                 }
                 self.stdin += n;
             }
-            (Phase::Starting | Phase::Running, Sent::Eof) if piped => self.eof = true,
+            (Phase::Starting | Phase::Running, Sent::Eof) if piped && !put => self.eof = true,
             (_, Sent::Signal(number)) if operation && !(1..=64).contains(&number) => {
                 return invalid("no such signal")
             }
@@ -317,6 +398,13 @@ fn converse(frames: &[Sent], driver: &Driver) -> Result<(), TestCaseError> {
                 (Some(AgentEvent::ExecPart { list, data }), Sent::Part(index)) => {
                     prop_assert_eq!((list, data), PIECES[index]);
                 }
+                (Some(AgentEvent::Put(_)), Sent::Put)
+                | (Some(AgentEvent::PutEnd(_)), Sent::PutEnd)
+                | (Some(AgentEvent::Get(_)), Sent::Get)
+                | (Some(AgentEvent::Info), Sent::Simple(0))
+                | (Some(AgentEvent::Shutdown(_)), Sent::Simple(1))
+                | (Some(AgentEvent::TimeSync(_)), Sent::Simple(2))
+                | (Some(AgentEvent::Reseed(_)), Sent::Simple(3)) => {}
                 (event, frame) => {
                     return Err(TestCaseError::fail(format!("{frame:?} gave {event:?}")));
                 }
@@ -328,9 +416,13 @@ fn converse(frames: &[Sent], driver: &Driver) -> Result<(), TestCaseError> {
             break;
         }
         // The driver's turn.
-        if start_now && grammar.exec.is_some() && !grammar.started {
-            session.started(9, 0).expect("the exec was taken");
-            grammar.started = true;
+        if start_now && !grammar.started {
+            match grammar.op {
+                Some(Op::Exec) => session.started(9, 0).expect("the exec was taken"),
+                Some(Op::Put | Op::Get) => session.file_ready(HEADER, 0).expect("taken"),
+                _ => {}
+            }
+            grammar.started = matches!(grammar.op, Some(Op::Exec | Op::Put | Op::Get));
         }
         if consume && grammar.started {
             session.stdin_consumed(unconsumed);
@@ -347,6 +439,19 @@ fn converse(frames: &[Sent], driver: &Driver) -> Result<(), TestCaseError> {
             // The client's stream ends: mid-operation a half-close (no more input, stdin ends,
             // nothing is refused and nothing is owed less), before one the end.
             let phase = grammar.phase();
+            if grammar.op == Some(Op::Put) && !grammar.put_ended {
+                // Before its digest: the put is abandoned, nothing more is sent.
+                prop_assert_eq!(
+                    session.handle_eof(),
+                    Err(SessionError::Disconnected {
+                        phase,
+                        mid_frame: false
+                    })
+                );
+                prop_assert!(session.is_closed() && !session.has_queued());
+                input_closed = true;
+                break;
+            }
             prop_assert_eq!(session.handle_eof(), Ok(()));
             if matches!(phase, Phase::Starting | Phase::Running) {
                 prop_assert!(session.input_closed() && !session.is_closing());

@@ -18,6 +18,14 @@
 //! client that half-closes its side once it has nothing more to send (the record still comes),
 //! and an output cap the agent's driver applies (head, `OutputDropped`, tail, in order with the
 //! data).
+//!
+//! Protocol 4 in the scenarios: puts (random content within credit, before the agent's checks
+//! passed too; the right digest or a wrong one; a destination that exists; a tree with entries
+//! left out; a client that goes away before its digest, after which nothing may be committed),
+//! gets (random content, entries left out at known offsets, a missing file), infos (the system,
+//! then mounts and interfaces, cut at `MAX_INFO_ITEMS`), time syncs, reseeds and shutdowns. The
+//! agent's driver keeps a model file system: what a put committed is compared byte for byte, and
+//! both ends' SHA-256 (`sha2`) must agree.
 
 use std::collections::VecDeque;
 use std::vec::Vec;
@@ -25,11 +33,17 @@ use std::vec::Vec;
 use super::*;
 use crate::limits::{MAX_DATA, MAX_FRAME, MAX_INLINE_LIST, NONCE_LEN};
 use crate::msg::{
-    Ending, ErrorCode, ExecRequest, ExitStatus, ListKind, Security, StdinMode, StrList, Stream,
-    StreamRecord, TreeKill, WindowSize, DEFAULT_KILL_GRACE_MS,
+    AgentFrame, Ending, ErrorCode, ExecRequest, ExitStatus, ListKind, Security, StdinMode, StrList,
+    Stream, StreamRecord, TreeKill, WindowSize, DEFAULT_KILL_GRACE_MS,
+};
+use crate::ops::{
+    FileHeader, FileSummary, GetRequest, InterfaceInfo, MountInfo, PutRequest, ShutdownRequest,
+    SkipReason, SystemInfo, Timestamp, TransferKind, DIGEST_LEN,
 };
 use crate::recv::RecvBuf;
+use crate::{ByteArray, Bytes};
 use crate::{DataKind, DATA_HEADROOM};
+use sha2::{Digest, Sha256};
 
 /// A small, fast, seedable PRNG (xorshift64*): the schedule of a failing run is replayed from
 /// its seed.
@@ -106,6 +120,194 @@ pub enum Program {
         /// the grace.
         ignores_term: bool,
     },
+    /// Not a program: the client writes a file.
+    Put(PutScenario),
+    /// Not a program: the client reads a file.
+    Get(GetScenario),
+    /// Not a program: the client asks about the guest, which has this many mounts and
+    /// interfaces (the agent sends at most `MAX_INFO_ITEMS` of them).
+    Info { mounts: usize, interfaces: usize },
+    /// Not a program: the client sets the guest's clock to `to`; it said `previous`.
+    TimeSync { to: Timestamp, previous: Timestamp },
+    /// Not a program: the client adds these bytes to the guest's entropy pool.
+    Reseed { random: Vec<u8> },
+    /// Not a program: the client powers the guest off (or reboots it).
+    Shutdown(ShutdownRequest),
+}
+
+impl Program {
+    /// Whether this is one of protocol 4's operations, not a command.
+    pub fn is_operation(&self) -> bool {
+        matches!(
+            self,
+            Program::Put(_)
+                | Program::Get(_)
+                | Program::Info { .. }
+                | Program::TimeSync { .. }
+                | Program::Reseed { .. }
+                | Program::Shutdown(_)
+        )
+    }
+}
+
+/// A put: its content and how it goes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PutScenario {
+    pub content: Vec<u8>,
+    /// The client sends another digest than its content's: nothing may be committed.
+    pub wrong_digest: bool,
+    /// The request carries the content's size.
+    pub declare_size: bool,
+    /// A tree: the agent leaves these entries out once it has written this much.
+    pub tree: Option<Vec<(usize, Vec<u8>)>>,
+    /// The destination exists and the client said no clobber: refused before any content is
+    /// taken.
+    pub exists: bool,
+    /// The agent's checks take this long (µs): content arrives before `FileReady`.
+    pub checks_us: u64,
+    /// The client goes away (before its digest) once this many content bytes are out.
+    pub vanish_at: Option<usize>,
+}
+
+/// A get: the file's content and how it goes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GetScenario {
+    pub content: Vec<u8>,
+    /// A tree: these entries are left out, at these offsets of the stream.
+    pub tree: Option<Vec<(usize, Vec<u8>)>>,
+    /// The file does not exist.
+    pub missing: bool,
+}
+
+impl core::fmt::Debug for PutScenario {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "put {} bytes (wrong digest {}, size declared {}, tree {:?}, exists {}, checks {} µs, \
+             vanish at {:?})",
+            self.content.len(),
+            self.wrong_digest,
+            self.declare_size,
+            self.tree.as_ref().map(|entries| entries.len()),
+            self.exists,
+            self.checks_us,
+            self.vanish_at
+        )
+    }
+}
+
+impl core::fmt::Debug for GetScenario {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "get {} bytes (tree {:?}, missing {})",
+            self.content.len(),
+            self.tree.as_ref().map(|entries| entries.len()),
+            self.missing
+        )
+    }
+}
+
+/// Where the simulated transfers go.
+const PUT_PATH: &[u8] = b"/srv/put";
+const GET_PATH: &[u8] = b"/srv/get";
+/// The modification time every simulated file has.
+const SIM_MTIME: Timestamp = Timestamp {
+    secs: 1_700_000_000,
+    nanos: 5,
+};
+
+impl PutScenario {
+    /// The digest the client sends.
+    fn digest(&self) -> [u8; DIGEST_LEN] {
+        let mut digest = sha256(&self.content);
+        if self.wrong_digest {
+            digest[0] ^= 1;
+        }
+        digest
+    }
+
+    fn request(&self) -> PutRequest<'static> {
+        PutRequest {
+            path: Bytes(PUT_PATH),
+            kind: if self.tree.is_some() {
+                TransferKind::Tree
+            } else {
+                TransferKind::File
+            },
+            mode: None,
+            owner: None,
+            mtime: Some(SIM_MTIME),
+            size: (self.declare_size && self.tree.is_none()).then_some(self.content.len() as u64),
+            create_parents: true,
+            no_clobber: self.exists,
+            user: None,
+        }
+    }
+
+    /// The destination as the agent will write it.
+    fn header(&self) -> FileHeader {
+        let (size, mode) = match (&self.tree, self.declare_size) {
+            (Some(_), _) => (0, 0o040755),
+            (None, true) => (self.content.len() as u64, 0o100644),
+            (None, false) => (0, 0o100644),
+        };
+        FileHeader {
+            size,
+            mode,
+            mtime: SIM_MTIME,
+            uid: 0,
+            gid: 0,
+        }
+    }
+}
+
+impl GetScenario {
+    fn request(&self) -> GetRequest<'static> {
+        GetRequest {
+            path: Bytes(GET_PATH),
+            kind: if self.tree.is_some() {
+                TransferKind::Tree
+            } else {
+                TransferKind::File
+            },
+            user: None,
+        }
+    }
+
+    fn header(&self) -> FileHeader {
+        FileHeader {
+            size: if self.tree.is_some() {
+                0
+            } else {
+                self.content.len() as u64
+            },
+            mode: if self.tree.is_some() {
+                0o040755
+            } else {
+                0o100600
+            },
+            mtime: SIM_MTIME,
+            uid: 1000,
+            gid: 1000,
+        }
+    }
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; DIGEST_LEN] {
+    Sha256::digest(data).into()
+}
+
+/// Entries a tree leaves out: up to three, at offsets within `len`, in order.
+fn random_skips(rng: &mut Rng, len: usize) -> Vec<(usize, Vec<u8>)> {
+    let mut offsets: Vec<usize> = (0..rng.below(4)).map(|_| rng.below(len + 1)).collect();
+    offsets.sort_unstable();
+    offsets
+        .into_iter()
+        .enumerate()
+        .map(|(i, at)| (at, std::format!("dev/node{i}").into_bytes()))
+        .collect()
 }
 
 /// How a [`Program::Wait`] ends.
@@ -161,6 +363,14 @@ pub struct Outcome {
     /// bytes dropped.
     pub drops: Vec<(Stream, usize, u64)>,
     pub end: End,
+    /// A put's or get's header (a get's content is in `stdout`).
+    pub header: Option<FileHeader>,
+    /// A tree's entries left out: how much content had come before each, and its path.
+    pub skipped: Vec<(usize, Vec<u8>)>,
+    /// An info's frames: `system`, then each mount's target and each interface's name.
+    pub info: Vec<Vec<u8>>,
+    /// What the agent committed (a put's file): the agent's side of the outcome.
+    pub committed: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,8 +379,14 @@ pub enum End {
     Exited(Record),
     /// The agent's error frame.
     Refused(ErrorCode),
-    /// The kill-all's report.
+    /// The report of a kill-all, an info, a reseed or a shutdown.
     Done(u32),
+    /// A transfer's summary.
+    FileDone(FileSummary),
+    /// A time sync's answer: the clock before.
+    ClockSet(Timestamp),
+    /// The client went away mid-put, before its digest (it reports nothing else).
+    Vanished,
 }
 
 /// A termination record without its duration.
@@ -215,7 +431,104 @@ const SIM_KILL_GRACE_MS: u32 = 3;
 
 impl Scenario {
     pub fn random(rng: &mut Rng, mode: Mode) -> Scenario {
-        let program = match rng.below(10) {
+        let program = if rng.chance(30) {
+            Self::random_operation(rng)
+        } else {
+            Self::random_program(rng)
+        };
+        let stdin = match program {
+            Program::Cat | Program::Head { .. } => {
+                let len = if rng.chance(10) { 0 } else { rng.size(200_000) };
+                Some(rng.bytes(len))
+            }
+            _ => None,
+        };
+        let (argv, env) = random_lists(rng, &program);
+        // The cap applies where the expected output does not depend on the schedule.
+        let max_output = match program {
+            Program::Print { .. } | Program::Cat if rng.chance(30) => 1 + rng.size(60_000) as u64,
+            _ => 0,
+        };
+        // A client that goes away mid-put has closed already.
+        let vanishes = matches!(&program, Program::Put(put) if put.vanish_at.is_some());
+        let half_close = !matches!(program, Program::Missing) && !vanishes && rng.chance(30);
+        let no_eof = half_close && matches!(program, Program::Cat) && rng.chance(50);
+        Scenario {
+            program,
+            stdin,
+            mode,
+            argv,
+            env,
+            max_output,
+            half_close,
+            no_eof,
+        }
+    }
+
+    /// One of protocol 4's operations.
+    fn random_operation(rng: &mut Rng) -> Program {
+        match rng.below(20) {
+            0..=6 => {
+                let len = if rng.chance(10) { 0 } else { rng.size(200_000) };
+                let content = rng.bytes(len);
+                let tree = rng.chance(20).then(|| random_skips(rng, len));
+                let vanish_at =
+                    (len > 0 && tree.is_none() && rng.chance(15)).then(|| rng.below(len));
+                Program::Put(PutScenario {
+                    wrong_digest: vanish_at.is_none() && rng.chance(15),
+                    declare_size: rng.chance(50),
+                    tree,
+                    exists: vanish_at.is_none() && rng.chance(8),
+                    checks_us: if rng.chance(30) {
+                        rng.below(20_000) as u64
+                    } else {
+                        0
+                    },
+                    vanish_at,
+                    content,
+                })
+            }
+            7..=11 => {
+                let len = if rng.chance(10) { 0 } else { rng.size(200_000) };
+                Program::Get(GetScenario {
+                    tree: rng.chance(25).then(|| random_skips(rng, len)),
+                    missing: rng.chance(8),
+                    content: rng.bytes(len),
+                })
+            }
+            12 | 13 => {
+                let many = rng.chance(10);
+                Program::Info {
+                    mounts: rng.below(if many { 300 } else { 8 }),
+                    interfaces: rng.below(if many { 300 } else { 4 }),
+                }
+            }
+            14 | 15 => {
+                let mut stamp = || Timestamp {
+                    secs: rng.next() as i64 >> 20,
+                    nanos: rng.below(1_000_000_000) as u32,
+                };
+                Program::TimeSync {
+                    to: stamp(),
+                    previous: stamp(),
+                }
+            }
+            16 | 17 => {
+                let len = 1 + rng.below(crate::limits::MAX_RESEED);
+                Program::Reseed {
+                    random: rng.bytes(len),
+                }
+            }
+            _ => Program::Shutdown(ShutdownRequest {
+                reboot: rng.chance(50),
+                grace_ms: rng.below(crate::limits::MAX_SHUTDOWN_GRACE_MS as usize + 1) as u32,
+            }),
+        }
+    }
+
+    /// A command (or a kill-all).
+    fn random_program(rng: &mut Rng) -> Program {
+        match rng.below(10) {
             0 | 1 => {
                 let out = rng.size(100_000);
                 let err = if rng.chance(50) { rng.size(20_000) } else { 0 };
@@ -245,31 +558,6 @@ impl Scenario {
                 count: rng.below(10) as u32,
             },
             _ => Self::random_wait(rng),
-        };
-        let stdin = match program {
-            Program::Cat | Program::Head { .. } => {
-                let len = if rng.chance(10) { 0 } else { rng.size(200_000) };
-                Some(rng.bytes(len))
-            }
-            _ => None,
-        };
-        let (argv, env) = random_lists(rng, &program);
-        // The cap applies where the expected output does not depend on the schedule.
-        let max_output = match program {
-            Program::Print { .. } | Program::Cat if rng.chance(30) => 1 + rng.size(60_000) as u64,
-            _ => 0,
-        };
-        let half_close = !matches!(program, Program::Missing) && rng.chance(30);
-        let no_eof = half_close && matches!(program, Program::Cat) && rng.chance(50);
-        Scenario {
-            program,
-            stdin,
-            mode,
-            argv,
-            env,
-            max_output,
-            half_close,
-            no_eof,
         }
     }
 
@@ -441,6 +729,12 @@ impl Scenario {
                 (Vec::new(), Vec::new(), End::Exited(end), true)
             }
             Program::KillAll { count } => (Vec::new(), Vec::new(), End::Done(*count), false),
+            Program::Put(_)
+            | Program::Get(_)
+            | Program::Info { .. }
+            | Program::TimeSync { .. }
+            | Program::Reseed { .. }
+            | Program::Shutdown(_) => return self.expected_operation(),
             Program::Wait {
                 greeting,
                 resizes,
@@ -476,6 +770,7 @@ impl Scenario {
             stderr,
             drops: Vec::new(),
             end,
+            ..Outcome::default()
         };
         if self.max_output > 0 {
             // Each stream's head and tail, the middle dropped and counted.
@@ -509,6 +804,86 @@ impl Scenario {
     }
 }
 
+impl Scenario {
+    /// What a protocol-4 operation must end with.
+    fn expected_operation(&self) -> Outcome {
+        let mut outcome = Outcome::default();
+        match &self.program {
+            Program::Put(put) => {
+                let summary = FileSummary {
+                    bytes: put.content.len() as u64,
+                    sha256: ByteArray(sha256(&put.content)),
+                };
+                if put.vanish_at.is_some() {
+                    outcome.end = End::Vanished;
+                } else if put.exists {
+                    outcome.end = End::Refused(ErrorCode::AlreadyExists);
+                } else {
+                    outcome.header = Some(put.header());
+                    outcome.skipped = put
+                        .tree
+                        .iter()
+                        .flatten()
+                        .map(|(_, path)| (0, path.clone()))
+                        .collect();
+                    if put.wrong_digest {
+                        outcome.end = End::Refused(ErrorCode::IntegrityMismatch);
+                    } else {
+                        outcome.end = End::FileDone(summary);
+                        outcome.committed = Some(put.content.clone());
+                    }
+                }
+            }
+            Program::Get(get) if get.missing => outcome.end = End::Refused(ErrorCode::NotFound),
+            Program::Get(get) => {
+                outcome.header = Some(get.header());
+                outcome.stdout = get.content.clone();
+                outcome.skipped = get.tree.clone().unwrap_or_default();
+                outcome.end = End::FileDone(FileSummary {
+                    bytes: get.content.len() as u64,
+                    sha256: ByteArray(sha256(&get.content)),
+                });
+            }
+            Program::Info { mounts, interfaces } => {
+                outcome.info = info_items(*mounts, *interfaces);
+                let items = outcome.info.len() - 1;
+                outcome.end = End::Done(items as u32);
+            }
+            Program::TimeSync { previous, .. } => outcome.end = End::ClockSet(*previous),
+            Program::Reseed { random } => outcome.end = End::Done(random.len() as u32),
+            Program::Shutdown(_) => outcome.end = End::Done(0),
+            _ => unreachable!("not an operation of protocol 4"),
+        }
+        outcome
+    }
+}
+
+impl Default for Outcome {
+    fn default() -> Outcome {
+        Outcome {
+            started: false,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            drops: Vec::new(),
+            end: End::Refused(ErrorCode::Internal),
+            header: None,
+            skipped: Vec::new(),
+            info: Vec::new(),
+            committed: None,
+        }
+    }
+}
+
+/// What an info operation reports (and the client receives): the system, then the mounts, then
+/// the interfaces, at most `MAX_INFO_ITEMS` of those.
+fn info_items(mounts: usize, interfaces: usize) -> Vec<Vec<u8>> {
+    let mut items = vec![b"system".to_vec()];
+    items.extend((0..mounts).map(|i| std::format!("/mnt/{i}").into_bytes()));
+    items.extend((0..interfaces).map(|i| std::format!("eth{i}").into_bytes()));
+    items.truncate(1 + crate::limits::MAX_INFO_ITEMS);
+    items
+}
+
 /// Up to three terminal sizes.
 fn random_sizes(rng: &mut Rng) -> Vec<WindowSize> {
     (0..rng.below(4))
@@ -533,8 +908,8 @@ fn program_name(program: &Program) -> &'static [u8] {
         Program::Killed { .. } => b"killed\0",
         Program::Missing => b"missing\0",
         Program::Flood { .. } => b"flood\0",
-        Program::KillAll { .. } => b"",
         Program::Wait { .. } => b"wait\0",
+        _ => b"",
     }
 }
 
@@ -543,7 +918,8 @@ fn program_name(program: &Program) -> &'static [u8] {
 fn random_lists(rng: &mut Rng, program: &Program) -> (Vec<u8>, Vec<u8>) {
     let mut argv = program_name(program).to_vec();
     let mut env = Vec::new();
-    if matches!(program, Program::KillAll { .. }) {
+    if argv.is_empty() {
+        // Not a command.
         return (argv, env);
     }
     let (argv_len, env_len) = match rng.below(200) {
@@ -678,9 +1054,45 @@ struct Agent {
     argv_parts: Vec<u8>,
     env_parts: Vec<u8>,
     command: Option<Command>,
+    /// A protocol-4 operation in progress.
+    task: Option<Task>,
+    /// The model file system's put destination: what a put committed.
+    committed: Option<Vec<u8>>,
     /// The client half-closed: nothing more is read.
     input_closed: bool,
     closed: bool,
+}
+
+/// A protocol-4 operation the agent's driver carries out.
+enum Task {
+    Put(PutTask),
+    Get(GetTask),
+    /// The frames an info still sends (the system's first), and how many went.
+    Info {
+        items: Vec<Vec<u8>>,
+        sent: usize,
+    },
+}
+
+/// A put in progress: content is held until the checks passed, then written at the pace the
+/// "disk" takes it, into a temporary file that only a right digest commits.
+struct PutTask {
+    scenario: PutScenario,
+    /// When the checks pass; `FileReady` goes out then.
+    ready_at: Micros,
+    ready: bool,
+    /// Content received, not yet written.
+    held: VecDeque<u8>,
+    written: Vec<u8>,
+    digest: Option<[u8; DIGEST_LEN]>,
+    skipped_sent: usize,
+}
+
+/// A get in progress.
+struct GetTask {
+    scenario: GetScenario,
+    sent: usize,
+    skipped_sent: usize,
 }
 
 /// The model command: its pipes are queues.
@@ -894,7 +1306,8 @@ impl Command {
                 core_dumped: false,
             }),
             Program::Flood { .. } => Some(ExitStatus::Code(0)),
-            Program::Missing | Program::KillAll { .. } | Program::Wait { .. } => None,
+            // Waits, or not a command at all.
+            _ => None,
         }
     }
 
@@ -970,13 +1383,7 @@ pub fn run(scenario: &Scenario, seed: u64, max_steps: usize) -> Result<Run, Stri
         frame: vec![0u8; MAX_FRAME],
         scenario: scenario.clone(),
         stdin: scenario.stdin.clone().map(|bytes| (bytes, 0)),
-        outcome: Outcome {
-            started: false,
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            drops: Vec::new(),
-            end: End::Refused(ErrorCode::Internal),
-        },
+        outcome: Outcome::default(),
         authenticated: false,
         ended: None,
         resizes_sent: 0,
@@ -997,6 +1404,8 @@ pub fn run(scenario: &Scenario, seed: u64, max_steps: usize) -> Result<Run, Stri
         argv_parts: Vec::new(),
         env_parts: Vec::new(),
         command: None,
+        task: None,
+        committed: None,
         input_closed: false,
         closed: false,
     };
@@ -1009,8 +1418,10 @@ pub fn run(scenario: &Scenario, seed: u64, max_steps: usize) -> Result<Run, Stri
     for step in 0..max_steps {
         now += rng.below(50) as u64;
         if client.ended.is_some() && agent.closed {
+            let mut outcome = client.outcome;
+            outcome.committed = agent.committed.take();
             return Ok(Run {
-                outcome: client.outcome,
+                outcome,
                 client_end: client.ended.unwrap_or(Ok(())),
                 authenticated: client.authenticated,
                 steps: step,
@@ -1060,6 +1471,17 @@ fn client_step(
         // The host library closes its socket once the operation is over.
         c2a.closed = true;
         a2c.bytes.clear();
+        return Ok(());
+    }
+    if client.vanishes() {
+        // Gone mid-put, whatever was still in its outbox with it (maybe half a frame): it
+        // reports nothing else.
+        client.outcome = Outcome {
+            end: End::Vanished,
+            ..Outcome::default()
+        };
+        client.ended = Some(Ok(()));
+        c2a.closed = true;
         return Ok(());
     }
     // The agent's liveness (and the handshake's deadline): a keepalive that does not come
@@ -1163,7 +1585,37 @@ fn client_step(
                 client.outcome.end = End::Refused(err.code);
                 client.ended = Some(Ok(()));
             }
-            Some(other) => return Err(format!("the client heard {other:?}")),
+            Some(ClientEvent::FileReady(header)) => {
+                if !client.authenticated {
+                    return Err("a file header before the agent proved itself".into());
+                }
+                client.outcome.header = Some(header);
+            }
+            Some(ClientEvent::FileData(data)) => client.outcome.stdout.extend_from_slice(data),
+            Some(ClientEvent::Skipped(skipped)) => {
+                let at = client.outcome.stdout.len();
+                client.outcome.skipped.push((at, skipped.path.0.to_vec()));
+            }
+            Some(ClientEvent::FileDone(summary)) => {
+                // The client checks a get's content against the agent's digest itself.
+                if matches!(client.scenario.program, Program::Get(_))
+                    && (sha256(&client.outcome.stdout) != summary.sha256.0
+                        || client.outcome.stdout.len() as u64 != summary.bytes)
+                {
+                    return Err("the content differs from its summary".into());
+                }
+                client.outcome.end = End::FileDone(summary);
+                client.ended = Some(Ok(()));
+            }
+            Some(ClientEvent::SystemInfo(_)) => client.outcome.info.push(b"system".to_vec()),
+            Some(ClientEvent::Mount(mount)) => client.outcome.info.push(mount.target.0.to_vec()),
+            Some(ClientEvent::Interface(interface)) => {
+                client.outcome.info.push(interface.name.as_bytes().to_vec())
+            }
+            Some(ClientEvent::ClockSet(previous)) => {
+                client.outcome.end = End::ClockSet(previous);
+                client.ended = Some(Ok(()));
+            }
         }
         client.recv.consume(consumed);
         if client.ended.is_some() {
@@ -1188,6 +1640,20 @@ fn output_at(session: &ClientSession, last_at: &mut u64) -> Result<(), String> {
 }
 
 impl Client {
+    /// A put's client goes away once its share of the content is out (and the agent proved
+    /// itself: the run checks every conversation was authenticated).
+    fn vanishes(&self) -> bool {
+        let Program::Put(PutScenario {
+            vanish_at: Some(at),
+            ..
+        }) = &self.scenario.program
+        else {
+            return false;
+        };
+        let sent = self.stdin.as_ref().map_or(0, |(_, sent)| *sent);
+        self.authenticated && sent >= *at && !self.session.is_finished()
+    }
+
     /// The client will send nothing more: its operation, its stdin (and EOF, unless the
     /// half-close is its EOF) and its controls are out.
     fn has_sent_everything(&self) -> bool {
@@ -1229,7 +1695,21 @@ fn send_stdin(client: &mut Client, rng: &mut Rng) -> Result<(), String> {
             .extend_from_slice(&client.frame[..written.written]);
     }
     if *sent == bytes.len() && client.session.stdin_open() && !client.scenario.no_eof {
-        let _ = client.session.close_stdin();
+        match &client.scenario.program {
+            // A client that will go away never sends its digest.
+            Program::Put(put) if put.vanish_at.is_some() => {}
+            // A put's content ends with its digest.
+            Program::Put(put) => {
+                let n = client
+                    .session
+                    .end_put(&put.digest(), &mut client.frame)
+                    .map_err(|e| format!("end_put: {e}"))?;
+                client.out.buf.extend_from_slice(&client.frame[..n]);
+            }
+            _ => {
+                let _ = client.session.close_stdin();
+            }
+        }
     }
     Ok(())
 }
@@ -1240,6 +1720,26 @@ fn send_stdin(client: &mut Client, rng: &mut Rng) -> Result<(), String> {
 fn send_controls(client: &mut Client, rng: &mut Rng) -> Result<(), String> {
     let running = client.session.phase() == Phase::Running;
     let mut frame = [0u8; 64];
+    if !matches!(client.scenario.program, Program::Wait { .. }) {
+        // Now and then a harmless signal: controls are for commands, the client refuses them
+        // for anything else.
+        if !running || !rng.chance(1) {
+            return Ok(());
+        }
+        let result = client.session.send_signal(IGNORED_SIGNALS[3], &mut frame);
+        if client.scenario.program.is_operation() {
+            return match result {
+                Err(SessionError::InvalidState) => Ok(()),
+                other => Err(format!(
+                    "a signal during {:?}: {other:?}",
+                    client.scenario.program
+                )),
+            };
+        }
+        let n = result.map_err(|e| format!("a signal: {e}"))?;
+        client.out.buf.extend_from_slice(&frame[..n]);
+        return Ok(());
+    }
     let n = match client.scenario.program.clone() {
         Program::Wait {
             greeting,
@@ -1286,8 +1786,6 @@ fn send_controls(client: &mut Client, rng: &mut Rng) -> Result<(), String> {
                 }
             }
         }
-        Program::Wait { .. } => return Ok(()),
-        _ if running && rng.chance(1) => client.session.send_signal(IGNORED_SIGNALS[3], &mut frame),
         _ => return Ok(()),
     }
     .map_err(|e| format!("a control: {e}"))?;
@@ -1320,8 +1818,19 @@ fn start_operation(client: &mut Client, rng: &mut Rng) -> Result<(), String> {
             .map_err(|e| format!("client poll_transmit: {e}"))?;
         client.out.buf.extend_from_slice(&client.frame[..n]);
     }
-    let n = match client.scenario.program {
+    let scenario = client.scenario.clone();
+    let n = match &scenario.program {
         Program::KillAll { .. } => client.session.start_kill_all(&mut client.frame),
+        Program::Put(put) => {
+            // The content goes as stdin, within credit, before the agent's checks passed too.
+            client.stdin = Some((put.content.clone(), 0));
+            client.session.start_put(&put.request(), &mut client.frame)
+        }
+        Program::Get(get) => client.session.start_get(&get.request(), &mut client.frame),
+        Program::Info { .. } => client.session.start_info(&mut client.frame),
+        Program::TimeSync { to, .. } => client.session.start_time_sync(*to, &mut client.frame),
+        Program::Reseed { random } => client.session.start_reseed(random, &mut client.frame),
+        Program::Shutdown(request) => client.session.start_shutdown(*request, &mut client.frame),
         _ => {
             let scenario = client.scenario.clone();
             let request = scenario.request();
@@ -1354,10 +1863,21 @@ fn agent_step(
     // comes, while the final frame waits to go out too: that frame is still owed.
     if !agent.input_closed {
         if c2a.closed && c2a.bytes.is_empty() {
-            agent
-                .session
-                .handle_eof()
-                .map_err(|e| format!("handle_eof: {e}"))?;
+            let put = matches!(agent.task, Some(Task::Put(_)));
+            match agent.session.handle_eof() {
+                // A client gone before its put's digest abandoned it: nothing is committed,
+                // nothing more is sent.
+                Err(SessionError::Disconnected { .. }) if put => {
+                    if !agent.session.is_closed() || agent.session.has_queued() {
+                        return Err("an abandoned put left something to send".into());
+                    }
+                    agent.task = None;
+                    agent.closed = true;
+                    a2c.closed = true;
+                    return Ok(());
+                }
+                result => result.map_err(|e| format!("handle_eof: {e}"))?,
+            }
             if agent.session.input_closed() {
                 // A half-close mid-operation: no more input (stdin ends), the command runs on
                 // (or what is owed goes out).
@@ -1390,6 +1910,9 @@ fn agent_step(
             command.discard_stdin(&mut agent.session);
         }
     }
+    if let Some(Task::Put(put)) = agent.task.as_mut() {
+        put.step(&mut agent.session, rng, now)?;
+    }
     if agent.out.is_empty() {
         let n = agent
             .session
@@ -1411,6 +1934,8 @@ fn agent_step(
             if finished {
                 agent.command = None;
             }
+        } else if agent.task.is_some() {
+            move_task(agent, rng, now)?;
         }
     }
     agent.out.push(a2c, rng);
@@ -1435,8 +1960,6 @@ fn receive(agent: &mut Agent, c2a: &mut Wire, rng: &mut Rng, now: Micros) -> Res
         match input.event {
             None if consumed == 0 => break,
             None | Some(AgentEvent::Hello) | Some(AgentEvent::Authenticated) => {}
-            // The simulated client only runs commands and kill-alls (`ops_tests` and the
-            // transcripts cover the rest).
             Some(
                 event @ (AgentEvent::Put(_)
                 | AgentEvent::PutEnd(_)
@@ -1445,7 +1968,13 @@ fn receive(agent: &mut Agent, c2a: &mut Wire, rng: &mut Rng, now: Micros) -> Res
                 | AgentEvent::Shutdown(_)
                 | AgentEvent::TimeSync(_)
                 | AgentEvent::Reseed(_)),
-            ) => return Err(format!("the agent received {event:?}")),
+            ) => operation_event(
+                &mut agent.session,
+                &mut agent.task,
+                &agent.program,
+                event,
+                now,
+            )?,
             Some(AgentEvent::ExecPart { list, data }) => match list {
                 ListKind::Argv => agent.argv_parts.extend_from_slice(data),
                 ListKind::Env => agent.env_parts.extend_from_slice(data),
@@ -1495,6 +2024,11 @@ fn receive(agent: &mut Agent, c2a: &mut Wire, rng: &mut Rng, now: Micros) -> Res
                         .started(4242, now)
                         .map_err(|e| format!("started: {e}"))?;
                     agent.command = Some(Command::new(program, request, now));
+                }
+            }
+            Some(AgentEvent::Stdin(data)) if matches!(agent.task, Some(Task::Put(_))) => {
+                if let Some(Task::Put(put)) = agent.task.as_mut() {
+                    put.held.extend(data);
                 }
             }
             Some(AgentEvent::Stdin(data)) => match agent.command.as_mut() {
@@ -1633,4 +2167,251 @@ fn move_output(
         .map_err(|e| format!("agent poll_transmit: {e}"))?;
     out.buf.extend_from_slice(&frame[..n]);
     Ok(true)
+}
+
+/// A protocol-4 request reached the agent's driver: check it is the scenario's, then answer or
+/// begin the task.
+fn operation_event(
+    session: &mut AgentSession,
+    task: &mut Option<Task>,
+    program: &Program,
+    event: AgentEvent<'_>,
+    now: Micros,
+) -> Result<(), String> {
+    let answer = |result: Result<(), SessionError>| result.map_err(|e| format!("{event:?}: {e}"));
+    match (event, program.clone()) {
+        (AgentEvent::Put(request), Program::Put(put)) if request == put.request() => {
+            if put.exists {
+                let refusal = Refusal::os(ErrorCode::AlreadyExists, 17, "the file exists");
+                answer(session.refuse(refusal, now))?;
+            } else {
+                *task = Some(Task::Put(PutTask {
+                    ready_at: now + put.checks_us,
+                    scenario: put,
+                    ready: false,
+                    held: VecDeque::new(),
+                    written: Vec::new(),
+                    digest: None,
+                    skipped_sent: 0,
+                }));
+            }
+        }
+        (AgentEvent::PutEnd(digest), Program::Put(_)) => match task.as_mut() {
+            Some(Task::Put(put)) if put.digest.is_none() => put.digest = Some(digest),
+            _ => return Err("a digest without a put in progress".into()),
+        },
+        (AgentEvent::Get(request), Program::Get(get)) if request == get.request() => {
+            if get.missing {
+                let refusal = Refusal::os(ErrorCode::NotFound, 2, "no such file");
+                answer(session.refuse(refusal, now))?;
+            } else {
+                answer(session.file_ready(get.header(), now))?;
+                *task = Some(Task::Get(GetTask {
+                    scenario: get,
+                    sent: 0,
+                    skipped_sent: 0,
+                }));
+            }
+        }
+        (AgentEvent::Info, Program::Info { mounts, interfaces }) => {
+            // All of them: the session stops the driver at the protocol's bound.
+            let mut items = vec![b"system".to_vec()];
+            items.extend((0..mounts).map(|i| std::format!("/mnt/{i}").into_bytes()));
+            items.extend((0..interfaces).map(|i| std::format!("eth{i}").into_bytes()));
+            *task = Some(Task::Info { items, sent: 0 });
+        }
+        (AgentEvent::TimeSync(to), Program::TimeSync { to: want, previous }) if to == want => {
+            answer(session.clock_set(previous, now))?;
+        }
+        (AgentEvent::Reseed(random), Program::Reseed { random: want }) if random == want => {
+            answer(session.done(random.len() as u32, now))?;
+        }
+        (AgentEvent::Shutdown(request), Program::Shutdown(want)) if request == want => {
+            answer(session.done(0, now))?;
+        }
+        (event, program) => return Err(format!("the agent received {event:?} for {program:?}")),
+    }
+    Ok(())
+}
+
+impl PutTask {
+    /// The checks pass in their time; then held content is written at the disk's pace.
+    fn step(
+        &mut self,
+        session: &mut AgentSession,
+        rng: &mut Rng,
+        now: Micros,
+    ) -> Result<(), String> {
+        if !self.ready {
+            if now < self.ready_at || session.is_closing() {
+                return Ok(());
+            }
+            session
+                .file_ready(self.scenario.header(), now)
+                .map_err(|e| format!("file_ready: {e}"))?;
+            self.ready = true;
+        }
+        let n = rng.size(PIPE_CAPACITY).min(self.held.len());
+        self.written.extend(self.held.drain(..n));
+        session.stdin_consumed(n);
+        Ok(())
+    }
+}
+
+/// One frame of a protocol-4 task (nothing else is queued): a tree's left-out entry, a get's
+/// content, an info frame; or its end once everything went.
+fn move_task(agent: &mut Agent, rng: &mut Rng, now: Micros) -> Result<(), String> {
+    let Agent {
+        task,
+        session,
+        frame,
+        out,
+        committed,
+        ..
+    } = agent;
+    let encoded = |result: Result<usize, SessionError>, what: &str| {
+        result.map_err(|e| format!("{what}: {e}"))
+    };
+    let finished = match task.as_mut() {
+        None => return Ok(()),
+        Some(Task::Put(put)) => {
+            if !put.ready {
+                return Ok(());
+            }
+            let skips = put.scenario.tree.as_deref().unwrap_or(&[]);
+            if let Some((at, path)) = skips.get(put.skipped_sent) {
+                if put.written.len() >= *at {
+                    let n = encoded(
+                        session.encode_skipped(path, SkipReason::Special, frame),
+                        "encode_skipped",
+                    )?;
+                    out.buf.extend_from_slice(&frame[..n]);
+                    put.skipped_sent += 1;
+                }
+                return Ok(());
+            }
+            let Some(digest) = put.digest else {
+                return Ok(());
+            };
+            if !put.held.is_empty() {
+                return Ok(());
+            }
+            // Everything is written: only the right digest (and size) commits it.
+            let written = core::mem::take(&mut put.written);
+            let size = put.scenario.request().size;
+            let sha = sha256(&written);
+            if sha == digest && size.is_none_or(|size| size == written.len() as u64) {
+                let summary = FileSummary {
+                    bytes: written.len() as u64,
+                    sha256: ByteArray(sha),
+                };
+                *committed = Some(written);
+                session
+                    .file_done(summary, now)
+                    .map_err(|e| format!("file_done: {e}"))?;
+            } else {
+                let refusal = Refusal::new(ErrorCode::IntegrityMismatch, "digest differs");
+                session
+                    .refuse(refusal, now)
+                    .map_err(|e| format!("refuse: {e}"))?;
+            }
+            true
+        }
+        Some(Task::Get(get)) => {
+            let content = &get.scenario.content;
+            let skips = get.scenario.tree.as_deref().unwrap_or(&[]);
+            let next_skip = skips.get(get.skipped_sent);
+            if let Some((_, path)) = next_skip.filter(|(at, _)| *at == get.sent) {
+                let n = encoded(
+                    session.encode_skipped(path, SkipReason::HardLink, frame),
+                    "encode_skipped",
+                )?;
+                out.buf.extend_from_slice(&frame[..n]);
+                get.skipped_sent += 1;
+                return Ok(());
+            }
+            if get.sent < content.len() {
+                let until = next_skip.map_or(content.len(), |(at, _)| *at);
+                let n = rng.size(MAX_DATA).min(until - get.sent);
+                frame[DATA_HEADROOM..DATA_HEADROOM + n]
+                    .copy_from_slice(&content[get.sent..get.sent + n]);
+                let start = encoded(session.frame_file_data(frame, n), "frame_file_data")?;
+                out.buf.extend_from_slice(&frame[start..DATA_HEADROOM + n]);
+                get.sent += n;
+                return Ok(());
+            }
+            let summary = FileSummary {
+                bytes: content.len() as u64,
+                sha256: ByteArray(sha256(content)),
+            };
+            session
+                .file_done(summary, now)
+                .map_err(|e| format!("file_done: {e}"))?;
+            true
+        }
+        Some(Task::Info { items, sent }) => {
+            let item = items.get(*sent).map(Vec::as_slice);
+            let info = match item {
+                None => None,
+                Some(b"system") => Some(AgentFrame::SystemInfo(SystemInfo {
+                    kernel_release: "6.1.0",
+                    kernel_version: "#1",
+                    machine: "x86_64",
+                    hostname: "sim",
+                    uptime_ms: now / 1000,
+                    now: SIM_MTIME,
+                    cpus: 2,
+                    cpu_model: "model",
+                    load: [0, 1, 2],
+                    memory_total: 1 << 30,
+                    memory_available: 1 << 29,
+                    processes: 3,
+                    agent_pid: 1,
+                    agent_rss: 1 << 20,
+                })),
+                Some(target) if target.starts_with(b"/mnt") => Some(AgentFrame::Mount(MountInfo {
+                    source: Bytes(b"/dev/vda"),
+                    target: Bytes(target),
+                    fstype: "ext4",
+                    read_only: false,
+                    total: 100,
+                    free: 50,
+                    available: 40,
+                })),
+                Some(name) => Some(AgentFrame::Interface(InterfaceInfo {
+                    name: core::str::from_utf8(name).map_err(|_| "an interface name")?,
+                    up: true,
+                    mtu: 1500,
+                    mac: Bytes(&[2, 0, 0, 0, 0, 1]),
+                    addresses: StrList::new(b"10.0.2.15/24\0"),
+                    rx_bytes: 1,
+                    tx_bytes: 2,
+                })),
+            };
+            let result = info.map(|info| session.encode_info(&info, frame));
+            match result {
+                Some(Ok(n)) => {
+                    out.buf.extend_from_slice(&frame[..n]);
+                    *sent += 1;
+                    return Ok(());
+                }
+                // Past the protocol's bound the rest is left out.
+                Some(Err(SessionError::InvalidState)) if *sent > crate::limits::MAX_INFO_ITEMS => {}
+                Some(Err(err)) => return Err(format!("encode_info: {err}")),
+                None => {}
+            }
+            session
+                .done(*sent as u32 - 1, now)
+                .map_err(|e| format!("done: {e}"))?;
+            true
+        }
+    };
+    if finished {
+        *task = None;
+        let n = session
+            .poll_transmit(frame)
+            .map_err(|e| format!("agent poll_transmit: {e}"))?;
+        out.buf.extend_from_slice(&frame[..n]);
+    }
+    Ok(())
 }

@@ -79,7 +79,7 @@ fn ferry_max_data() -> usize {
 /// What the simulation covered, to show it covers what it says.
 #[derive(Debug, Default)]
 struct Seen {
-    programs: [usize; 8],
+    programs: [usize; 14],
     /// Requests in pieces; at the limits.
     pieces: usize,
     largest: usize,
@@ -107,6 +107,12 @@ fn simulate(mode: Mode, salt: u64) {
             Program::Flood { .. } => 5,
             Program::KillAll { .. } => 6,
             Program::Wait { .. } => 7,
+            Program::Put(_) => 8,
+            Program::Get(_) => 9,
+            Program::Info { .. } => 10,
+            Program::TimeSync { .. } => 11,
+            Program::Reseed { .. } => 12,
+            Program::Shutdown(_) => 13,
         }] += 1;
         let limits = crate::limits::MAX_INLINE_LIST;
         seen.pieces += usize::from(scenario.argv.len() > limits || scenario.env.len() > limits);
@@ -2754,5 +2760,163 @@ mod v3 {
             rest = &rest[used..];
         }
         assert!(record.expect("the record").output_dropped);
+    }
+}
+
+mod protocol4_fuzz_findings {
+    //! Flaws the protocol-4 fuzz models and the simulated pair found in the agent's session,
+    //! each pinned once.
+
+    use super::super::*;
+    use super::edges::{agent, client_frame, feed_agent, opening};
+    use crate::limits::{MAX_FRAME, MAX_FRAME_BODY};
+    use crate::msg::*;
+    use crate::ops::{FileHeader, FileSummary, GetRequest, PutRequest, Timestamp, TransferKind};
+    use crate::{decode_agent_frame, split_frame, ByteArray, Bytes, DataKind, DATA_HEADROOM};
+
+    const HEADER: FileHeader = FileHeader {
+        size: 3,
+        mode: 0o100644,
+        mtime: Timestamp { secs: 0, nanos: 0 },
+        uid: 0,
+        gid: 0,
+    };
+
+    const PUT: PutRequest<'static> = PutRequest {
+        path: Bytes(b"/srv/file"),
+        kind: TransferKind::File,
+        mode: None,
+        owner: None,
+        mtime: None,
+        size: None,
+        create_parents: false,
+        no_clobber: false,
+        user: None,
+    };
+
+    /// The kinds of the frames in `bytes`.
+    fn kinds(mut bytes: &[u8]) -> Vec<FrameKind> {
+        let mut kinds = Vec::new();
+        while let Ok(Some((body, used))) = split_frame(bytes, MAX_FRAME_BODY) {
+            kinds.push(FrameKind::of_agent(&decode_agent_frame(body).unwrap()));
+            bytes = &bytes[used..];
+        }
+        kinds
+    }
+
+    fn sent(session: &mut AgentSession) -> Vec<FrameKind> {
+        let mut out = vec![0u8; MAX_FRAME];
+        let n = session.poll_transmit(&mut out).unwrap();
+        kinds(&out[..n])
+    }
+
+    /// An agent that has taken the opening and `frames`; its hello and proof are sent.
+    fn agent_given(frames: &[ClientFrame<'_>]) -> AgentSession {
+        let mut session = agent();
+        let mut bytes = opening().client;
+        for frame in frames {
+            bytes.extend(client_frame(*frame));
+        }
+        feed_agent(&mut session, &bytes).unwrap();
+        sent(&mut session);
+        session
+    }
+
+    /// Stdin consumed after the final frame went out is owed to nobody: no credit follows the
+    /// termination record (or a put's summary), which a client refuses as a frame after the end.
+    #[test]
+    fn no_credit_after_the_final_frame() {
+        let mut exec = agent_given(&[
+            ClientFrame::Exec(super::edges::EXEC),
+            ClientFrame::Stdin(Bytes(b"abc")),
+        ]);
+        exec.started(7, 0).unwrap();
+        assert_eq!(sent(&mut exec), [FrameKind::Started]);
+        exec.child_exited(ExitStatus::Code(0), 1).unwrap();
+        exec.finish(2).unwrap();
+        assert_eq!(sent(&mut exec), [FrameKind::Exited]);
+        exec.stdin_consumed(3);
+        assert_eq!(sent(&mut exec), []);
+        assert!(!exec.has_queued() && exec.is_closed());
+
+        let mut put = agent_given(&[
+            ClientFrame::Put(PUT),
+            ClientFrame::Stdin(Bytes(b"abc")),
+            ClientFrame::PutEnd(ByteArray([0; 32])),
+        ]);
+        put.file_ready(HEADER, 0).unwrap();
+        assert_eq!(sent(&mut put), [FrameKind::FileReady]);
+        let summary = FileSummary {
+            bytes: 3,
+            sha256: ByteArray([0; 32]),
+        };
+        put.file_done(summary, 1).unwrap();
+        assert_eq!(sent(&mut put), [FrameKind::FileDone]);
+        put.stdin_consumed(3);
+        assert_eq!(sent(&mut put), []);
+    }
+
+    /// A command's output, its exit and its record belong to an exec: during a get or a put
+    /// the session refuses them (a client would refuse the frames).
+    #[test]
+    fn output_and_exit_only_for_an_exec() {
+        let get = GetRequest {
+            path: Bytes(b"/srv/file"),
+            kind: TransferKind::File,
+            user: None,
+        };
+        for request in [ClientFrame::Get(get), ClientFrame::Put(PUT)] {
+            let mut session = agent_given(&[request]);
+            session.file_ready(HEADER, 0).unwrap();
+            let mut buf = vec![0u8; DATA_HEADROOM + 3];
+            assert_eq!(
+                session.frame_output(&mut buf, DataKind::Stdout, 3, 1),
+                Err(SessionError::InvalidState)
+            );
+            let mut out = vec![0u8; MAX_FRAME];
+            assert_eq!(
+                session.encode_output_dropped(Stream::Stdout, 1, &mut out),
+                Err(SessionError::InvalidState)
+            );
+            assert_eq!(
+                session.child_exited(ExitStatus::Code(0), 1),
+                Err(SessionError::InvalidState)
+            );
+            assert_eq!(session.finish(2), Err(SessionError::InvalidState));
+        }
+    }
+
+    /// A client that goes away before its put's digest abandoned the put: nothing is sent to
+    /// it any more, not even a keepalive that fell due just before.
+    #[test]
+    fn an_abandoned_put_sends_nothing_more() {
+        let mut config = AgentConfig::DEFAULT;
+        config.limits.keepalive_ms = 1;
+        let mut session = super::edges::agent_with(config, Some(super::edges::secret()));
+        let bytes = [
+            opening_with_config(config),
+            client_frame(ClientFrame::Put(PUT)),
+        ]
+        .concat();
+        feed_agent(&mut session, &bytes).unwrap();
+        sent(&mut session);
+        session.file_ready(HEADER, 0).unwrap();
+        assert_eq!(sent(&mut session), [FrameKind::FileReady]);
+        session.handle_timeout(5_000).unwrap();
+        assert!(session.has_queued(), "a keepalive is due");
+        assert!(matches!(
+            session.handle_eof(),
+            Err(SessionError::Disconnected { .. })
+        ));
+        assert!(session.is_closed());
+        assert!(
+            !session.has_queued(),
+            "something queued for a client that is gone"
+        );
+        assert_eq!(sent(&mut session), []);
+    }
+
+    fn opening_with_config(config: AgentConfig) -> Vec<u8> {
+        super::edges::opening_with(config, Some(super::edges::secret())).client
     }
 }
