@@ -355,14 +355,17 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
         ferry_rates.push(stdin_upload_rate(&client, options.stream_bytes)?);
         raw_rates.push(raw_socket_upload(options.stream_bytes)?);
     }
-    rows.push(upload_row(
+    rows.push(transfer_row(
         &format!(
             "stdin upload {} through `exec -i -- cat >/dev/null`",
             bytes(options.stream_bytes)
         ),
         &ferry_rates,
         &raw_rates,
+        "raw Unix socket → relay → pipe → `cat`",
     ));
+
+    crate::bench_files::local_file_rows(&client, options.stream_bytes, rows)?;
 
     // Work happens in forked connection processes: the listener must not have grown.
     rows.push(Row::not_grown(
@@ -589,16 +592,16 @@ fn raw_socket_stream(total: u64) -> Result<f64> {
     Ok(total as f64 / elapsed.as_secs_f64())
 }
 
-/// A row of upload rates (best of each), ferry against the raw copy of the same bytes: the
-/// target is 80% of it.
-pub fn upload_row(metric: &str, ferry_rates: &[f64], raw_rates: &[f64]) -> Row {
+/// A row of transfer rates (best of each), ferry against the raw copy of the same bytes (which
+/// `baseline` describes): the target is 80% of it.
+pub fn transfer_row(metric: &str, ferry_rates: &[f64], raw_rates: &[f64], baseline: &str) -> Row {
     let ferry_best = ferry_rates.iter().cloned().fold(0.0, f64::max);
     let raw_best = raw_rates.iter().cloned().fold(0.0, f64::max);
     let ratio = ferry_best / raw_best;
     Row {
         metric: format!("{metric} (best of {})", ferry_rates.len()),
         ferry: format!("{:.0} MB/s", ferry_best / 1e6),
-        baseline: format!("{:.0} MB/s raw copy", raw_best / 1e6),
+        baseline: format!("{:.0} MB/s {baseline}", raw_best / 1e6),
         ratio: format!("{:.0}%", ratio * 100.0),
         target: "≥ 80%".into(),
         verdict: Verdict::from(ratio >= 0.80),

@@ -1,14 +1,24 @@
-//! `cargo xtask bench --vm`: boot figures, and exec and stream over the real virtio-vsock path,
-//! with the agent as PID 1 in QEMU.
+//! `cargo xtask bench --vm`: boot figures, and exec, stream and transfers over the real
+//! virtio-vsock path, with the agent as PID 1 in QEMU.
+//!
+//! The transfer rows (put, get, stdin) move 256 MiB, not the local rows' 1 GiB: the TCG guest
+//! moves tens of MB/s. Each is measured against a raw vsock copy of the same bytes between the
+//! host and `vsock-probe send|recv` in the guest (qemu-tests' `src/bin/vsock-probe.rs`), started
+//! through ferry before its clock starts, the host connecting the way the client connects to the
+//! agent.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferry_host::{Client, Command, ConnectOptions, Target};
+use ferry_host::{Client, Command, ConnectOptions, Event, Target};
 
 use crate::bench::{
-    bytes, micros, percentiles, stream_rate, BenchOptions, IdleMemory, Rollup, Row, Verdict,
+    bytes, micros, percentiles, stdin_upload_rate, stream_rate, transfer_row, BenchOptions,
+    IdleMemory, Rollup, Row, Verdict,
 };
+use crate::bench_files;
 use crate::ready::ReadyInfo;
 use crate::vm::{Vm, VmOptions};
 
@@ -44,7 +54,92 @@ pub fn vm_rows(_options: &BenchOptions, rows: &mut Vec<Row>) -> Result<()> {
     let measured = guest_rows(&vm, rows).and_then(|()| exec_cgroup_rows(&vm, rows));
     vm.poweroff();
     vm.shutdown()?;
+    measured?;
+    transfer_rows(rows)
+}
+
+/// Guest memory for the transfer rows: the tmpfs root holds a get source and a put destination of
+/// [`VM_STREAM_BYTES`] each, besides the kernel and the image.
+const TRANSFER_VM_MEMORY_MB: u32 = 1024;
+
+/// Put, get and stdin of [`VM_STREAM_BYTES`] over vsock, each next to a raw vsock copy of the
+/// same bytes between the host and `vsock-probe` in the guest, trials interleaved, best of 3. A
+/// guest of its own: the files need more memory than the other rows' guests have.
+fn transfer_rows(rows: &mut Vec<Row>) -> Result<()> {
+    let vm = Vm::boot(&VmOptions {
+        memory_mb: TRANSFER_VM_MEMORY_MB,
+        ..VmOptions::default()
+    })?;
+    let measured = guest_transfer_rows(&vm, rows);
+    vm.poweroff();
+    vm.shutdown()?;
     measured
+}
+
+/// The guest's files for the transfer rows (its root is tmpfs; /tmp is everyone's, sticky).
+const GUEST_PUT: &str = "/tmp/bench-put";
+const GUEST_RAW_PUT: &str = "/tmp/bench-raw-put";
+const GUEST_GET: &str = "/tmp/bench-get";
+
+fn guest_transfer_rows(vm: &Vm, rows: &mut Vec<Row>) -> Result<()> {
+    let client = guest_client(vm)?;
+    let mut raw = RawVsock::new(vm, &client)?;
+    let size = bytes(VM_STREAM_BYTES);
+    let pattern = bench_files::pattern(1 << 20);
+    let remove = |path: &str| -> Result<()> {
+        let output = client.output(Command::new("rm").arg(path))?;
+        if !output.success() {
+            bail!("rm {path} in the guest: {:?}", output.status);
+        }
+        Ok(())
+    };
+
+    let (mut ferry_rates, mut raw_rates) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        ferry_rates.push(bench_files::ferry_put(
+            &client,
+            GUEST_PUT,
+            &pattern,
+            VM_STREAM_BYTES,
+        )?);
+        remove(GUEST_PUT)?;
+        raw_rates.push(raw.upload(GUEST_RAW_PUT, "", VM_STREAM_BYTES)?);
+        remove(GUEST_RAW_PUT)?;
+    }
+    rows.push(transfer_row(
+        &format!("VM put {size} to a file on the guest's tmpfs, vsock"),
+        &ferry_rates,
+        &raw_rates,
+        "raw vsock → `vsock-probe recv` → file, fsynced",
+    ));
+
+    // The get source, put once (untimed).
+    bench_files::ferry_put(&client, GUEST_GET, &pattern, VM_STREAM_BYTES)?;
+    let (mut ferry_rates, mut raw_rates) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        ferry_rates.push(bench_files::ferry_get(&client, GUEST_GET, VM_STREAM_BYTES)?);
+        raw_rates.push(raw.download(GUEST_GET, VM_STREAM_BYTES)?);
+    }
+    remove(GUEST_GET)?;
+    rows.push(transfer_row(
+        &format!("VM get {size} of a file on the guest's tmpfs, vsock"),
+        &ferry_rates,
+        &raw_rates,
+        "file → `vsock-probe send` → raw vsock",
+    ));
+
+    let (mut ferry_rates, mut raw_rates) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        ferry_rates.push(stdin_upload_rate(&client, VM_STREAM_BYTES)?);
+        raw_rates.push(raw.upload("-", " | cat >/dev/null", VM_STREAM_BYTES)?);
+    }
+    rows.push(transfer_row(
+        &format!("VM stdin upload {size} through `exec -i -- cat >/dev/null`, vsock"),
+        &ferry_rates,
+        &raw_rates,
+        "raw vsock → `vsock-probe recv` → pipe → `cat`",
+    ));
+    Ok(())
 }
 
 /// What a per-exec cgroup costs an exec: the same `/bin/true` round trip against this guest and
@@ -279,4 +374,133 @@ fn guest_idle_memory(client: &Client) -> Result<IdleMemory> {
         bail!("no smaps_rollup for PID 1 in {text:?}");
     }
     IdleMemory::from_rollups(&rollups)
+}
+
+/// The first guest port the raw vsock baselines listen on; each trial takes the next one, so no
+/// trial meets a connection the daemon still tears down from the one before.
+const RAW_PORT_BASE: u32 = 20000;
+
+/// The raw vsock copies: `vsock-probe` (the full image's `/bin/vsock-probe`) listening in the
+/// guest, started through ferry before the clock starts, and the host connecting to it the way
+/// the client connects to the agent (the hybrid-vsock `CONNECT` or AF_VSOCK).
+struct RawVsock<'a> {
+    client: &'a Client,
+    target: Target,
+    options: ConnectOptions,
+    next_port: u32,
+}
+
+impl<'a> RawVsock<'a> {
+    fn new(vm: &Vm, client: &'a Client) -> Result<RawVsock<'a>> {
+        Ok(RawVsock {
+            client,
+            target: vm.target().parse()?,
+            options: vm.connect_options(ConnectOptions::default().connect_timeout)?,
+            next_port: RAW_PORT_BASE,
+        })
+    }
+
+    /// Starts `sh -c SCRIPT` in the guest, with `{port}` in it replaced by a fresh port, and
+    /// waits for `vsock-probe` to say `listening` on stderr. Returns the execution and a stream
+    /// connected to the port.
+    fn start(&mut self, script: &str) -> Result<(ferry_host::Execution, UnixStream, Instant)> {
+        let port = self.next_port;
+        self.next_port += 1;
+        let mut command = Command::new("sh");
+        command.args(["-c", &script.replace("{port}", &port.to_string())]);
+        let mut execution = self.client.spawn(&command)?;
+        let mut stderr = Vec::new();
+        while !stderr.ends_with(b"listening\n") {
+            match execution.next_event()? {
+                Some(Event::Stderr(data)) => stderr.extend_from_slice(data),
+                Some(Event::Stdout(_)) => {}
+                other => bail!(
+                    "vsock-probe did not listen: {other:?}; stderr {}",
+                    String::from_utf8_lossy(&stderr)
+                ),
+            }
+        }
+        let started = Instant::now();
+        let target = match &self.target {
+            Target::Hvsock { path, .. } => Target::Hvsock {
+                path: path.clone(),
+                port,
+            },
+            Target::Vsock { cid, .. } => Target::Vsock { cid: *cid, port },
+            Target::Unix(_) => bail!("a guest's target is vsock"),
+        };
+        let stream = target.open_stream(&self.options)?;
+        stream.set_read_timeout(Some(TRANSFER_TIMEOUT))?;
+        stream.set_write_timeout(Some(TRANSFER_TIMEOUT))?;
+        Ok((execution, stream, started))
+    }
+
+    /// `total` pattern bytes to `vsock-probe recv PORT DESTINATION` (`-` for its stdout, piped as
+    /// `script_tail` says): bytes per second from the connect until the guest answered that
+    /// everything was written (and fsynced, for a file).
+    fn upload(&mut self, destination: &str, script_tail: &str, total: u64) -> Result<f64> {
+        let pattern = bench_files::pattern(1 << 20);
+        let (execution, mut stream, started) = self.start(&format!(
+            "/bin/vsock-probe recv {{port}} {destination}{script_tail}"
+        ))?;
+        stream.write_all(&total.to_le_bytes())?;
+        bench_files::write_pattern(&mut stream, &pattern, total)?;
+        let mut answer = [0u8; 8];
+        stream
+            .read_exact(&mut answer)
+            .context("the guest's count")?;
+        let elapsed = started.elapsed();
+        drop(stream);
+        finish(execution)?;
+        if u64::from_le_bytes(answer) != total {
+            bail!(
+                "the guest received {} of {total} bytes",
+                u64::from_le_bytes(answer)
+            );
+        }
+        Ok(total as f64 / elapsed.as_secs_f64())
+    }
+
+    /// `vsock-probe send PORT SOURCE`'s bytes, counted and dropped: bytes per second from the
+    /// connect until EOF.
+    fn download(&mut self, source: &str, total: u64) -> Result<f64> {
+        let (execution, mut stream, started) =
+            self.start(&format!("exec /bin/vsock-probe send {{port}} {source}"))?;
+        let mut buf = vec![0u8; bench_files::CHUNK];
+        let mut received = 0u64;
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            received += n as u64;
+        }
+        let elapsed = started.elapsed();
+        finish(execution)?;
+        if received != total {
+            bail!("received {received} of {total} bytes from the guest");
+        }
+        Ok(total as f64 / elapsed.as_secs_f64())
+    }
+}
+
+/// How long one raw transfer may stall before the trial fails.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Waits for a guest-side `vsock-probe` to exit, successfully.
+fn finish(mut execution: ferry_host::Execution) -> Result<()> {
+    let mut stderr = Vec::new();
+    loop {
+        match execution.next_event()? {
+            Some(Event::Stderr(data)) => stderr.extend_from_slice(data),
+            Some(Event::Stdout(_)) => {}
+            Some(Event::Exited(end)) if end.success() => return Ok(()),
+            Some(Event::Exited(end)) => bail!(
+                "vsock-probe failed ({:?}): {}",
+                end.status,
+                String::from_utf8_lossy(&stderr)
+            ),
+            None => bail!("no termination record from vsock-probe"),
+        }
+    }
 }

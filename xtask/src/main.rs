@@ -1,6 +1,7 @@
 //! `cargo xtask`: ferry's build, image, VM and benchmark automation (no shell scripts).
 
 mod bench;
+mod bench_files;
 mod bench_vm;
 mod build_agent;
 mod cpio;
