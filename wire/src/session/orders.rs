@@ -440,7 +440,9 @@ fn converse(frames: &[Sent], driver: &Driver) -> Result<(), TestCaseError> {
             // nothing is refused and nothing is owed less), before one the end.
             let phase = grammar.phase();
             if grammar.op == Some(Op::Put) && !grammar.put_ended {
-                // Before its digest: the put is abandoned, nothing more is sent.
+                // Before its digest: the put is abandoned, the session is closed (a hello or
+                // proof never sent may stay queued, as for any client that is gone: the driver
+                // closes without sending it).
                 prop_assert_eq!(
                     session.handle_eof(),
                     Err(SessionError::Disconnected {
@@ -448,7 +450,7 @@ fn converse(frames: &[Sent], driver: &Driver) -> Result<(), TestCaseError> {
                         mid_frame: false
                     })
                 );
-                prop_assert!(session.is_closed() && !session.has_queued());
+                prop_assert!(session.is_closed());
                 input_closed = true;
                 break;
             }
