@@ -277,6 +277,40 @@ fn stdin_and_stdout_and_the_digest_line() {
     assert_eq!(output.stdout, sha256sum.stdout);
 }
 
+/// A get into a device or a fifo writes into it, as `cp` does: it is never renamed over (as
+/// root, `ferry cp :/x /dev/null` once replaced the machine's /dev/null with a file).
+#[test]
+fn a_get_into_a_device_or_a_fifo_writes_into_it() {
+    use std::os::unix::fs::FileTypeExt;
+    let agent = Agent::start();
+    let dir = fresh_dir("ferry-cp");
+    let src = dir.join("src");
+    std::fs::write(&src, b"into the pipe\n").unwrap();
+    let fifo = dir.join("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).unwrap())
+    };
+    let output = cp(&agent, &[&guest(&src), text(&fifo)]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(reader.join().unwrap(), b"into the pipe\n");
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    assert_eq!(names(&dir), ["fifo", "src"], "no temporary left beside it");
+
+    // A null device of our own (root only: mknod), the way /dev/null is.
+    let null = dir.join("null");
+    let made = Command::new("mknod").arg(&null).args(["c", "1", "3"]).status();
+    if !made.is_ok_and(|status| status.success()) {
+        eprintln!("skipping the device half: mknod needs root");
+        return;
+    }
+    let output = cp(&agent, &[&guest(&src), text(&null)]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(std::fs::metadata(&null).unwrap().file_type().is_char_device());
+}
+
 /// A local directory as destination means DIR/NAME; a guest one ending in '/' too.
 #[test]
 fn directories_as_destinations_take_the_sources_name() {

@@ -385,6 +385,20 @@ fn get_file(client: &Client, args: &CpArgs, src: &[u8], dst: Option<PathBuf>) ->
             Err(err) => failed(&what, &err),
         };
     };
+    // A device or a fifo at the destination (`/dev/null`, a named pipe) is written into, as
+    // `cp` does: never renamed over (as root that would replace the device with a file).
+    if fs::metadata(&target).is_ok_and(|meta| !meta.is_file() && !meta.is_dir()) {
+        let sink = match fs::OpenOptions::new().write(true).open(&target) {
+            Ok(sink) => sink,
+            Err(err) => return local_failure(&target, &err),
+        };
+        let result = download.copy_to(sink);
+        bar.finish();
+        return match result {
+            Ok(done) => report(args, &done, &target.display().to_string(), false),
+            Err(err) => failed(&what, &err),
+        };
+    }
     let mut staged = match Staged::file(&target) {
         Ok(staged) => staged,
         Err(err) => return local_failure(&target, &err),
