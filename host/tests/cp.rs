@@ -301,14 +301,20 @@ fn a_get_into_a_device_or_a_fifo_writes_into_it() {
 
     // A null device of our own (root only: mknod), the way /dev/null is.
     let null = dir.join("null");
-    let made = Command::new("mknod").arg(&null).args(["c", "1", "3"]).status();
+    let made = Command::new("mknod")
+        .arg(&null)
+        .args(["c", "1", "3"])
+        .status();
     if !made.is_ok_and(|status| status.success()) {
         eprintln!("skipping the device half: mknod needs root");
         return;
     }
     let output = cp(&agent, &[&guest(&src), text(&null)]);
     assert!(output.status.success(), "{}", stderr(&output));
-    assert!(std::fs::metadata(&null).unwrap().file_type().is_char_device());
+    assert!(std::fs::metadata(&null)
+        .unwrap()
+        .file_type()
+        .is_char_device());
 }
 
 /// A local directory as destination means DIR/NAME; a guest one ending in '/' too.
