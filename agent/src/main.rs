@@ -41,7 +41,6 @@ mod spawn;
 mod successor;
 mod sys;
 // Not wired to the connection yet (`ferry cp -r`): dead code in the agent until then.
-#[allow(dead_code)]
 mod tar;
 mod users;
 

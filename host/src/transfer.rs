@@ -82,7 +82,11 @@ impl Put {
     }
 
     /// Unpacks a tar stream (ustar with pax headers) into the directory `path`: regular files,
-    /// directories and symbolic links, with their modes and times.
+    /// directories and symbolic links, with their modes and times. A new directory appears
+    /// whole once the stream checked out (it is unpacked beside its place); into an existing
+    /// one (unless [`Put::no_clobber`]) entries are merged as they arrive, and a failure leaves
+    /// what was unpacked so far. Entries that would land outside `path` fail the put
+    /// ([`crate::ErrorCode::PathEscape`]).
     pub fn tree(path: impl AsRef<OsStr>) -> Put {
         Put::new(path.as_ref(), TransferKind::Tree)
     }
@@ -105,8 +109,9 @@ impl Put {
         put
     }
 
-    /// The file's permission bits (at most `0o7777`; default `0o644`). Not for a tree: its
-    /// entries carry their own.
+    /// The file's permission bits (at most `0o7777`; default `0o644`). For a tree: the
+    /// destination directory's, when the put creates it (default `0o755`); its entries carry
+    /// their own.
     pub fn mode(&mut self, mode: u32) -> &mut Put {
         self.mode = Some(mode);
         self
@@ -119,7 +124,8 @@ impl Put {
         self
     }
 
-    /// The file's modification time (default: when it is written).
+    /// The file's modification time (default: when it is written); for a tree, the
+    /// destination directory's when the put creates it.
     pub fn mtime(&mut self, mtime: SystemTime) -> &mut Put {
         self.mtime = Some(timestamp(mtime));
         self

@@ -330,12 +330,18 @@ fn refusals_come_before_any_write() {
         refused(&put_request(&under_file), b"x"),
         ErrorCode::WrongFileType
     );
-    // A tree: not yet.
+    // A tree onto a file (or into an existing directory with no clobbering).
     let request = PutRequest {
         kind: TransferKind::Tree,
+        ..put_request(&path)
+    };
+    assert_eq!(refused(&request, b""), ErrorCode::WrongFileType);
+    let request = PutRequest {
+        kind: TransferKind::Tree,
+        no_clobber: true,
         ..put_request(dir.to_str().unwrap())
     };
-    assert_eq!(refused(&request, b""), ErrorCode::Unsupported);
+    assert_eq!(refused(&request, b""), ErrorCode::AlreadyExists);
     assert_eq!(std::fs::read(&path).unwrap(), b"old");
     assert_eq!(names(&dir), ["file"]);
 

@@ -20,13 +20,14 @@ pub struct PutRequest<'a> {
     pub path: Bytes<'a>,
     /// A file, or a tar stream.
     pub kind: TransferKind,
-    /// The file's permission bits (at most `0o7777`); `None`: `0o644` (a tree's entries carry
-    /// their own).
+    /// The file's permission bits (at most `0o7777`); `None`: `0o644`. For a tree, the
+    /// directory's when the put creates it (`None`: `0o755`); its entries carry their own.
     pub mode: Option<u32>,
     /// The file's owner, `NAME[:GROUP]` or `UID[:GID]`; `None`: the user the transfer runs as.
     /// Changing it is the policy's to allow, like running as another user.
     pub owner: Option<Bytes<'a>>,
-    /// The file's modification time; `None`: when it is written.
+    /// The file's modification time; `None`: when it is written. For a tree, the directory's
+    /// when the put creates it.
     pub mtime: Option<Timestamp>,
     /// The content's size when known: checked against the agent's maximum file size and the
     /// free space before a byte is written, and the content must then have exactly this size.
@@ -117,6 +118,8 @@ pub enum SkipReason {
     HardLink,
     /// A tar entry type the agent does not write.
     UnknownType,
+    /// An entry the user may not read, or one that vanished while the tree was read.
+    Unreadable,
 }
 
 /// Power the guest off or reboot it: every process gets `SIGTERM`, then `SIGKILL` after the
@@ -220,9 +223,11 @@ impl PutRequest<'_> {
         if self.mtime.is_some_and(|t| t.nanos >= 1_000_000_000) {
             return Err(RequestError::invalid("mtime nanoseconds out of range"));
         }
-        if self.kind == TransferKind::Tree && (self.mode.is_some() || self.size.is_some()) {
+        // A tree's mode and time are its directory's (when the put creates it); the entries
+        // carry their own sizes, and are the user's.
+        if self.kind == TransferKind::Tree && (self.size.is_some() || self.owner.is_some()) {
             return Err(RequestError::invalid(
-                "a tree carries its own modes and sizes",
+                "a tree carries its own sizes, and its entries are the user's",
             ));
         }
         Ok(())

@@ -1383,6 +1383,15 @@ fn golden_transfer_frames() {
         6, b'd', b'/', b'f', b'i', b'f', b'o',
         0x00,                               // SkipReason::Special
     ]);
+    // Every reason's byte: the enum is append-only.
+    for (reason, byte) in [
+        (SkipReason::Special, 0),
+        (SkipReason::HardLink, 1),
+        (SkipReason::UnknownType, 2),
+        (SkipReason::Unreadable, 3),
+    ] {
+        golden_agent(AgentFrame::Skipped(Skipped { path: Bytes(b"x"), reason }), &[4, 0, 0, 0, 0x0E, 1, b'x', byte]);
+    }
     let mut done = vec![37, 0, 0, 0, 0x0F, 0x80, 0x80, 0x04, 32];
     done.extend_from_slice(&[0x11; DIGEST_LEN]);
     golden_agent(AgentFrame::FileDone(FileSummary { bytes: 65536, sha256: ByteArray([0x11; DIGEST_LEN]) }), &done);
@@ -1537,6 +1546,27 @@ fn transfer_requests_are_validated_at_their_edges() {
         }),
         Err(ErrorCode::InvalidRequest),
         "a tree carries its own sizes"
+    );
+    assert_eq!(
+        put(PutRequest {
+            kind: TransferKind::Tree,
+            size: None,
+            owner: None,
+            ..PUT
+        }),
+        Ok(()),
+        "a tree's mode is its directory's"
+    );
+    assert_eq!(
+        put(PutRequest {
+            kind: TransferKind::Tree,
+            size: None,
+            mode: None,
+            owner: Some(Bytes(b"app")),
+            ..PUT
+        }),
+        Err(ErrorCode::InvalidRequest),
+        "a tree's entries are the user's"
     );
     assert!(GET.validate_within(&limits).is_ok());
     let get = GetRequest {

@@ -1,6 +1,6 @@
-//! File transfer (protocol 4's put and get of one file), in the connection process, as the
-//! request's user: the process drops its privileges to that user before it touches a file (it
-//! serves only this connection), so the kernel's permission checks are the user's own.
+//! File transfer (protocol 4's put and get of a file or a tree), in the connection process, as
+//! the request's user: the process drops its privileges to that user before it touches a file
+//! (it serves only this connection), so the kernel's permission checks are the user's own.
 //!
 //! A put is atomic: the content goes to a temporary file in the destination's directory, and
 //! only content that matches its declared size and its SHA-256 replaces the destination (by
@@ -16,8 +16,22 @@
 //! the header's size is what `fstat` said, the summary counts and hashes what was sent (a file
 //! that grows or shrinks meanwhile is sent as read; the client checks the digest of what it
 //! received). A client that takes nothing for the final-send timeout ends the connection.
+//!
+//! Trees travel as tar streams ([`crate::tar`]), through the same loops. A tree put into a new
+//! destination is unpacked into a temporary directory beside it (`.NAME.ferry-XXXXXXXX`, 0700)
+//! that takes the destination's name (`RENAME_NOREPLACE`) only once the stream's SHA-256 and
+//! size matched and the directories got their modes: atomic, and a failed or abandoned put
+//! removes what it had unpacked (a killed process leaves the temporary directory). Into an
+//! existing directory (not with `no_clobber`: [`ErrorCode::AlreadyExists`]) it merges, NOT
+//! atomically: entries land as they arrive, and a failure leaves what was unpacked so far.
+//! The destination's mode (default 0755) and time are the request's when the put creates it;
+//! an existing one keeps its own. `max_file_size` applies to each file of the tree, checked at
+//! its header. An owner is refused for a tree (its entries are the user's). Skipped entries
+//! go to the client as `Skipped` frames in the stream's order.
 
+use core::cell::Cell;
 use core::ffi::CStr;
+use core::mem::MaybeUninit;
 
 use ferry_wire::session::{AgentEvent, AgentSession, Micros, Refusal};
 use ferry_wire::{
@@ -25,13 +39,14 @@ use ferry_wire::{
 };
 use rustix::event::PollFlags;
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, Timespec, Timestamps, CWD};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RawDir, RenameFlags, Timespec, Timestamps, CWD};
 use rustix::io::Errno;
 
-use super::io::{Link, Received};
+use super::io::{Link, Outbox, Received};
 use super::start::{is_root, Prepared};
 use super::End;
 use crate::sha::Sha256;
+use crate::tar::{Extractor, Skipped, TarError, TreeWriter};
 use crate::users::{self, Credentials};
 use crate::{clock, policy, spawn, sys};
 
@@ -44,6 +59,7 @@ const PARENT_MODE: u32 = 0o755;
 /// against the policy: who it runs as, and where.
 pub struct Transfer<'b> {
     kind: Kind,
+    tree: bool,
     /// The path and its NUL, at the front of the connection's path buffer.
     path: &'b mut [u8],
     credentials: Credentials,
@@ -55,6 +71,7 @@ enum Kind {
 }
 
 struct PutOptions {
+    tree: bool,
     mode: u32,
     mtime: Option<Timestamp>,
     size: Option<u64>,
@@ -71,6 +88,8 @@ impl<'b> Transfer<'b> {
         buf: &'b mut [u8],
         prepared: Prepared,
     ) -> Result<Self, Refusal> {
+        let tree = request.kind == TransferKind::Tree;
+        // The session refused an owner for a tree: its entries are the user's.
         let owner = match request.owner {
             Some(owner) => {
                 let owner = users::authorize(policy::current(), Some(owner.0), is_root())?;
@@ -78,8 +97,10 @@ impl<'b> Transfer<'b> {
             }
             None => None,
         };
+        let default_mode = if tree { PARENT_MODE } else { DEFAULT_MODE };
         let options = PutOptions {
-            mode: request.mode.unwrap_or(DEFAULT_MODE),
+            tree,
+            mode: request.mode.unwrap_or(default_mode),
             mtime: request.mtime,
             size: request.size,
             create_parents: request.create_parents,
@@ -115,12 +136,6 @@ impl<'b> Transfer<'b> {
         buf: &'b mut [u8],
         prepared: Prepared,
     ) -> Result<Self, Refusal> {
-        if transfer == TransferKind::Tree {
-            return Err(Refusal::new(
-                ErrorCode::Unsupported,
-                "tree transfers are not supported by this agent",
-            ));
-        }
         // The session checked it: absolute, no NUL, within MAX_PATH (the buffer's size less
         // its NUL).
         let too_long = Refusal::new(ErrorCode::LimitExceeded, "path too long");
@@ -130,6 +145,7 @@ impl<'b> Transfer<'b> {
         nul.fill(0);
         Ok(Transfer {
             kind,
+            tree: transfer == TransferKind::Tree,
             path: path_buf,
             credentials: prepared.identity(user)?,
         })
@@ -156,8 +172,22 @@ pub fn run(
             // Modes are exactly those asked for (or documented), whatever the agent's umask.
             rustix::process::umask(Mode::empty());
             match transfer.kind {
-                Kind::Put(options) => put(link, session, transfer.path, &options, &mut moved),
-                Kind::Get => get(link, session, transfer.path, stall_timeout, &mut moved),
+                Kind::Put(options) => put(
+                    link,
+                    session,
+                    transfer.path,
+                    &options,
+                    stall_timeout,
+                    &mut moved,
+                ),
+                Kind::Get => get(
+                    link,
+                    session,
+                    transfer.path,
+                    transfer.tree,
+                    stall_timeout,
+                    &mut moved,
+                ),
             }
         });
     let end = match result {
@@ -185,9 +215,35 @@ fn failure(errno: Errno, message: &'static str) -> Refusal {
 }
 
 const NOT_A_FILE: Refusal = Refusal::new(ErrorCode::WrongFileType, "not a regular file");
+const NOT_A_DIR: Refusal = Refusal::new(ErrorCode::WrongFileType, "not a directory");
 
-fn is_regular(mode: u32) -> bool {
-    FileType::from_raw_mode(mode) == FileType::RegularFile
+/// A tar stream's failure as the client is told it.
+fn tar_failure(err: TarError) -> Refusal {
+    let code = match err {
+        TarError::Io(errno) => return failure(errno, err.as_str()),
+        TarError::PathEscape | TarError::SymlinkInPath => ErrorCode::PathEscape,
+        TarError::PathTooLong | TarError::TooDeep | TarError::ExtensionTooLarge => {
+            ErrorCode::LimitExceeded
+        }
+        _ => ErrorCode::BadArchive,
+    };
+    Refusal::new(code, err.as_str())
+}
+
+/// Sends a tree's note about an entry it left out, behind what the outbox holds; `false` when
+/// the client does not take it within the stall timeout.
+fn send_note(
+    sock: BorrowedFd<'_>,
+    outbox: &mut Outbox<'_>,
+    session: &mut AgentSession,
+    note: Option<Skipped<'_>>,
+    stall_timeout: Micros,
+) -> bool {
+    let Some(note) = note else { return true };
+    let deadline = clock::monotonic_us().saturating_add(stall_timeout);
+    outbox.put_when_sent(sock, deadline, |out| {
+        session.encode_skipped(note.path, note.reason, out)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -199,6 +255,7 @@ fn put(
     session: &mut AgentSession,
     path: &mut [u8],
     options: &PutOptions,
+    stall_timeout: Micros,
     moved: &mut u64,
 ) -> Result<End, Refusal> {
     // `/DIR.../NAME\0`: the directory is opened, NAME is written through it.
@@ -210,14 +267,17 @@ fn put(
     }
     let dir = open_dir(dir_path, options.create_parents)?;
     let dir = dir.as_fd();
+    let tree = options.tree;
+    let mut exists = true;
     match rustix::fs::statat(dir, name, AtFlags::empty()) {
-        Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::Directory => {
+        Ok(stat) if tree && !is_dir(stat.st_mode) => return Err(NOT_A_DIR),
+        Ok(stat) if !tree && is_dir(stat.st_mode) => {
             return Err(Refusal::new(
                 ErrorCode::WrongFileType,
                 "the destination is a directory",
             ))
         }
-        Ok(stat) if !is_regular(stat.st_mode) => return Err(NOT_A_FILE),
+        Ok(stat) if !tree && !is_regular(stat.st_mode) => return Err(NOT_A_FILE),
         Ok(_) if options.no_clobber => {
             return Err(Refusal::new(
                 ErrorCode::AlreadyExists,
@@ -225,7 +285,7 @@ fn put(
             ))
         }
         Ok(_) => {}
-        Err(Errno::NOENT) => {}
+        Err(Errno::NOENT) => exists = false,
         Err(errno) => return Err(failure(errno, "cannot reach the destination")),
     }
     let max = policy::current().max_file_size;
@@ -234,7 +294,7 @@ fn put(
         "larger than the agent's max_file_size",
     );
     if let Some(size) = options.size {
-        if max > 0 && size > max {
+        if !tree && max > 0 && size > max {
             return Err(too_large);
         }
         if let Ok(space) = rustix::fs::fstatvfs(dir) {
@@ -243,11 +303,37 @@ fn put(
             }
         }
     }
-    let mut temp = Temp::create(dir, name)?;
+    // A tree merged into an existing directory has no temporary.
+    let temp = match exists && tree {
+        true => None,
+        false => Some(Temp::create(dir, name, tree)?),
+    };
+    let merged = match &temp {
+        Some(_) => None,
+        None => Some(
+            rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|errno| failure(errno, "cannot open the destination"))?,
+        ),
+    };
+    // What is written into: the temporary file or directory, or the merged one.
+    let target = match (&temp, &merged) {
+        (Some(temp), _) => temp.file.as_fd(),
+        (None, Some(merged)) => merged.as_fd(),
+        (None, None) => return Err(NOT_A_DIR),
+    };
+    let mut extractor = tree.then(|| Extractor::new(target));
+    if let Some(extractor) = extractor.as_mut() {
+        extractor.limit_file_size(max);
+    }
     let (uid, gid) = match options.owner {
         Some((uid, gid)) => {
             rustix::fs::fchown(
-                &temp.file,
+                target,
                 Some(rustix::process::Uid::from_raw(uid)),
                 Some(rustix::process::Gid::from_raw(gid)),
             )
@@ -260,9 +346,12 @@ fn put(
         ),
     };
     let now = sys::clock_gettime(rustix::time::ClockId::Realtime);
-    let header = FileHeader {
+    let mut header = FileHeader {
         size: options.size.unwrap_or(0),
-        mode: FileType::RegularFile.as_raw_mode() | options.mode,
+        mode: match tree {
+            true => FileType::Directory.as_raw_mode(),
+            false => FileType::RegularFile.as_raw_mode(),
+        } | options.mode,
         mtime: options.mtime.unwrap_or(Timestamp {
             secs: now.tv_sec,
             nanos: now.tv_nsec as u32,
@@ -270,6 +359,12 @@ fn put(
         uid,
         gid,
     };
+    if let Some(merged) = &merged {
+        // An existing directory keeps its own.
+        let stat = rustix::fs::fstat(merged)
+            .map_err(|errno| failure(errno, "cannot open the destination"))?;
+        header = stat_header(&stat, 0);
+    }
     if session.file_ready(header, clock::monotonic_us()).is_err() {
         return Ok(End::ClientGone);
     }
@@ -287,7 +382,7 @@ fn put(
                 None if consumed == 0 => break,
                 Some(AgentEvent::Stdin(data)) => {
                     total = total.saturating_add(data.len() as u64);
-                    if max > 0 && total > max {
+                    if !tree && max > 0 && total > max {
                         return Err(too_large);
                     }
                     if options.size.is_some_and(|size| total > size) {
@@ -296,9 +391,25 @@ fn put(
                             "more content than its declared size",
                         ));
                     }
-                    write_all(temp.file.as_fd(), data)
-                        .map_err(|errno| failure(errno, "cannot write the file"))?;
                     hasher.update(data);
+                    match extractor.as_mut() {
+                        None => write_all(target, data)
+                            .map_err(|errno| failure(errno, "cannot write the file"))?,
+                        // Fed at once; it stops after each entry it skips, whose note goes
+                        // first.
+                        Some(extractor) => {
+                            let mut rest = data;
+                            while !rest.is_empty() {
+                                let fed = extractor.feed(rest).map_err(tar_failure)?;
+                                rest = rest.get(fed..).unwrap_or_default();
+                                let note = extractor.take_skipped();
+                                let (sock, outbox) = (link.sock, &mut link.outbox);
+                                if !send_note(sock, outbox, session, note, stall_timeout) {
+                                    return Ok(End::ClientGone);
+                                }
+                            }
+                        }
+                    }
                     *moved = total;
                     session.stdin_consumed(data.len());
                 }
@@ -317,8 +428,15 @@ fn put(
                             "the content does not match its SHA-256",
                         ));
                     }
-                    temp.commit(name, options)
-                        .map_err(|errno| failure(errno, "cannot commit the file"))?;
+                    if let Some(extractor) = extractor.as_mut() {
+                        extractor.finish().map_err(tar_failure)?;
+                    }
+                    let committed = match &temp {
+                        Some(temp) => temp.commit(name, options),
+                        // Merged: what was unpacked reaches the disk.
+                        None => rustix::fs::syncfs(target),
+                    };
+                    committed.map_err(|errno| failure(errno, "cannot commit the file"))?;
                     let summary = FileSummary {
                         bytes: total,
                         sha256: ByteArray(sha256),
@@ -423,7 +541,8 @@ fn write_all(file: BorrowedFd<'_>, mut data: &[u8]) -> Result<(), Errno> {
     Ok(())
 }
 
-/// The temporary file a put writes, in the destination's directory.
+/// The temporary file (or, for a tree, directory) a put writes, in the destination's
+/// directory.
 struct Temp<'d> {
     dir: BorrowedFd<'d>,
     file: OwnedFd,
@@ -432,7 +551,7 @@ struct Temp<'d> {
     /// `.NAME.ferry-XXXXXXXX` and its NUL.
     name: heapless::Vec<u8, 256>,
     /// The name exists in the directory: it is removed unless the commit renamed it.
-    named: bool,
+    named: Cell<bool>,
 }
 
 /// A destination's name is cut to this in its temporary file's name (`NAME_MAX` is 255).
@@ -440,7 +559,7 @@ const TEMP_NAME_PART: usize = 230;
 
 impl<'d> Temp<'d> {
     #[inline(never)]
-    fn create(dir: BorrowedFd<'d>, dest: &CStr) -> Result<Temp<'d>, Refusal> {
+    fn create(dir: BorrowedFd<'d>, dest: &CStr, tree: bool) -> Result<Temp<'d>, Refusal> {
         let fail = |errno| failure(errno, "cannot create a temporary file");
         let mut name = heapless::Vec::new();
         let dest = dest.to_bytes();
@@ -463,6 +582,23 @@ impl<'d> Temp<'d> {
         ] {
             let _ = name.extend_from_slice(part);
         }
+        let path = sys::cstr_with_nul(&name).ok_or(fail(Errno::INVAL))?;
+        if tree {
+            rustix::fs::mkdirat(dir, path, Mode::RWXU).map_err(fail)?;
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let opened = rustix::fs::openat(dir, path, flags, Mode::empty());
+            let temp = opened.map(|file| Temp {
+                dir,
+                file,
+                named: Cell::new(true),
+                anonymous: false,
+                name: name.clone(),
+            });
+            if temp.is_err() {
+                remove_tree(dir, path, 0);
+            }
+            return temp.map_err(fail);
+        }
         let mode = Mode::from_raw_mode(0o600);
         let flags = OFlags::WRONLY | OFlags::CLOEXEC;
         let anonymous = rustix::fs::openat(dir, c".", flags | OFlags::TMPFILE, mode);
@@ -471,7 +607,6 @@ impl<'d> Temp<'d> {
             Ok(file) if proc_path(file.as_fd(), &mut [0u8; 32]).is_some() => (file, true),
             // The file system has no O_TMPFILE (or an old kernel says EISDIR), or no /proc.
             Ok(_) | Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
-                let path = sys::cstr_with_nul(&name).ok_or(fail(Errno::INVAL))?;
                 let flags = flags | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW;
                 (
                     rustix::fs::openat(dir, path, flags, mode).map_err(fail)?,
@@ -483,16 +618,17 @@ impl<'d> Temp<'d> {
         Ok(Temp {
             dir,
             file,
-            named: !anonymous,
+            named: Cell::new(!anonymous),
             anonymous,
             name,
         })
     }
 
     /// The content checked out: the file gets its mode and time, is synced, and replaces
-    /// the destination (or, with `no_clobber`, takes its name only if nothing has it).
+    /// the destination (or, with `no_clobber`, takes its name only if nothing has it). A
+    /// tree's directory takes a name nothing has, and its file system is synced.
     #[inline(never)]
-    fn commit(&mut self, dest: &CStr, options: &PutOptions) -> Result<(), Errno> {
+    fn commit(&self, dest: &CStr, options: &PutOptions) -> Result<(), Errno> {
         rustix::fs::fchmod(&self.file, Mode::from_raw_mode(options.mode))?;
         if let Some(mtime) = options.mtime {
             let times = Timestamps {
@@ -507,7 +643,10 @@ impl<'d> Temp<'d> {
             };
             rustix::fs::futimens(&self.file, &times)?;
         }
-        rustix::fs::fsync(&self.file)?;
+        match options.tree {
+            true => rustix::fs::syncfs(&self.file)?,
+            false => rustix::fs::fsync(&self.file)?,
+        }
         let temp = sys::cstr_with_nul(&self.name).ok_or(Errno::INVAL)?;
         if self.anonymous {
             let mut buf = [0u8; 32];
@@ -515,25 +654,29 @@ impl<'d> Temp<'d> {
             // No clobbering: linking fails on any existing name, atomically.
             let target = if options.no_clobber { dest } else { temp };
             rustix::fs::linkat(CWD, proc, self.dir, target, AtFlags::SYMLINK_FOLLOW)?;
-            self.named = !options.no_clobber;
+            self.named.set(!options.no_clobber);
         }
-        if self.named {
-            let flags = if options.no_clobber {
+        if self.named.get() {
+            let flags = if options.no_clobber || options.tree {
                 RenameFlags::NOREPLACE
             } else {
                 RenameFlags::empty()
             };
-            match rustix::fs::renameat_with(self.dir, temp, self.dir, dest, flags) {
+            let renamed = match rustix::fs::renameat_with(self.dir, temp, self.dir, dest, flags) {
                 // No RENAME_NOREPLACE here: a link fails on an existing name just as well
-                // (the temporary name goes on drop).
+                // (the temporary name goes on drop). A directory cannot be linked: the
+                // destination was checked missing.
+                Err(Errno::INVAL) if options.tree => {
+                    rustix::fs::renameat(self.dir, temp, self.dir, dest)
+                }
                 Err(Errno::INVAL) if options.no_clobber => {
-                    rustix::fs::linkat(self.dir, temp, self.dir, dest, AtFlags::empty())?
+                    return rustix::fs::linkat(self.dir, temp, self.dir, dest, AtFlags::empty())
+                        .and_then(|()| rustix::fs::fsync(self.dir));
                 }
-                other => {
-                    other?;
-                    self.named = false;
-                }
-            }
+                other => other,
+            };
+            renamed?;
+            self.named.set(false);
         }
         rustix::fs::fsync(self.dir)
     }
@@ -541,10 +684,32 @@ impl<'d> Temp<'d> {
 
 impl Drop for Temp<'_> {
     fn drop(&mut self) {
-        if let (true, Some(name)) = (self.named, sys::cstr_with_nul(&self.name)) {
-            let _ = rustix::fs::unlinkat(self.dir, name, AtFlags::empty());
+        if let (true, Some(name)) = (self.named.get(), sys::cstr_with_nul(&self.name)) {
+            remove_tree(self.dir, name, 0);
         }
     }
+}
+
+/// Removes `name` in `dir`, a directory with everything in it (`rm -r`), never following a
+/// link. Best effort: what cannot be removed stays.
+fn remove_tree(dir: BorrowedFd<'_>, name: &CStr, depth: u32) {
+    // Deeper than any unpacked tree (`tar::MAX_DEPTH`): not ours.
+    if depth > 80 || rustix::fs::unlinkat(dir, name, AtFlags::empty()) != Err(Errno::ISDIR) {
+        return;
+    }
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    if let Ok(sub) = rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        // A directory whose mode was applied early (0555) must still be emptied.
+        let _ = rustix::fs::fchmod(&sub, Mode::RWXU);
+        let mut buf = [MaybeUninit::<u8>::uninit(); 512];
+        let mut entries = RawDir::new(&sub, &mut buf);
+        while let Some(Ok(entry)) = entries.next() {
+            if !matches!(entry.file_name().to_bytes(), b"." | b"..") {
+                remove_tree(sub.as_fd(), entry.file_name(), depth + 1);
+            }
+        }
+    }
+    let _ = rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR);
 }
 
 /// `/proc/self/fd/N` for `file`, in `buf`, if `/proc` shows it.
@@ -564,6 +729,7 @@ fn get(
     link: &mut Link<'_, '_>,
     session: &mut AgentSession,
     path: &[u8],
+    tree: bool,
     stall_timeout: Micros,
     moved: &mut u64,
 ) -> Result<End, Refusal> {
@@ -572,24 +738,20 @@ fn get(
     // Checked before the open too: opening a device can have effects (a tape rewinds, a
     // watchdog arms), and a FIFO's open would wait for a writer.
     let stat = rustix::fs::statat(CWD, path, AtFlags::empty()).map_err(fail)?;
-    if !is_regular(stat.st_mode) {
-        return Err(NOT_A_FILE);
-    }
+    let wrong = |stat: &rustix::fs::Stat| match tree {
+        true if !is_dir(stat.st_mode) => Err(NOT_A_DIR),
+        false if !is_regular(stat.st_mode) => Err(NOT_A_FILE),
+        _ => Ok(()),
+    };
+    wrong(&stat)?;
     let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
     let file = rustix::fs::openat(CWD, path, flags, Mode::empty()).map_err(fail)?;
     let stat = rustix::fs::fstat(&file).map_err(fail)?;
-    if !is_regular(stat.st_mode) {
-        return Err(NOT_A_FILE);
-    }
-    let header = FileHeader {
-        size: stat.st_size.unsigned_abs(),
-        mode: stat.st_mode,
-        mtime: Timestamp {
-            secs: stat.st_mtime,
-            nanos: stat.st_mtime_nsec as u32,
-        },
-        uid: stat.st_uid,
-        gid: stat.st_gid,
+    wrong(&stat)?;
+    let header = stat_header(&stat, if tree { 0 } else { stat.st_size.unsigned_abs() });
+    let mut source = match tree {
+        true => Source::Tree(TreeWriter::new(file.as_fd()).map_err(tar_failure)?),
+        false => Source::File(file),
     };
     let mut progress_at = clock::monotonic_us();
     if session.file_ready(header, progress_at).is_err() {
@@ -598,13 +760,20 @@ fn get(
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     loop {
-        if !link.outbox.refill(session) {
+        // A tree's notes go between its data frames, when the outbox is empty.
+        if !link.outbox.refill(session) && !link.outbox.put(|out| source.encode_note(session, out))
+        {
             let read = link.outbox.file_data(session, |space| {
-                let n = read_some(file.as_fd(), space)?;
+                let n = match &mut source {
+                    Source::File(file) => read_some(file.as_fd(), space).map_err(fail)?,
+                    Source::Tree(writer) => writer.read(space).map_err(tar_failure)?,
+                };
                 hasher.update(space.get(..n).unwrap_or(&[]));
                 Ok(n)
             });
-            match read.map_err(fail)? {
+            match read? {
+                // Or a tree's note is waiting.
+                0 if link.outbox.put(|out| source.encode_note(session, out)) => {}
                 0 => {
                     let summary = FileSummary {
                         bytes: total,
@@ -664,6 +833,54 @@ fn get(
         }
         let _ = session.handle_timeout(clock::monotonic_us());
     }
+}
+
+/// What a get reads: a file, or a directory as a tar stream.
+// The writer's buffers are the large variant; the value lives once, on the stack.
+#[allow(clippy::large_enum_variant)]
+enum Source {
+    File(OwnedFd),
+    Tree(TreeWriter),
+}
+
+impl Source {
+    /// Encodes a tree's note about the entry it just left out, if there is one (0 bytes if
+    /// not).
+    fn encode_note(
+        &mut self,
+        session: &mut AgentSession,
+        out: &mut [u8],
+    ) -> Result<usize, ferry_wire::session::SessionError> {
+        match self {
+            Source::Tree(writer) => match writer.take_skipped() {
+                Some(note) => session.encode_skipped(note.path, note.reason, out),
+                None => Ok(0),
+            },
+            Source::File(_) => Ok(0),
+        }
+    }
+}
+
+/// A file's header for `FileReady`, from its `stat`.
+fn stat_header(stat: &rustix::fs::Stat, size: u64) -> FileHeader {
+    FileHeader {
+        size,
+        mode: stat.st_mode,
+        mtime: Timestamp {
+            secs: stat.st_mtime,
+            nanos: stat.st_mtime_nsec as u32,
+        },
+        uid: stat.st_uid,
+        gid: stat.st_gid,
+    }
+}
+
+fn is_regular(mode: u32) -> bool {
+    FileType::from_raw_mode(mode) == FileType::RegularFile
+}
+
+fn is_dir(mode: u32) -> bool {
+    FileType::from_raw_mode(mode) == FileType::Directory
 }
 
 /// Reads what `file` gives into `buf` (0 at its end).

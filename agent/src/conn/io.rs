@@ -3,8 +3,8 @@
 //! session's business.
 
 use ferry_wire::limits::MAX_DATA;
-use ferry_wire::session::{AgentSession, Micros, SessionError};
-use ferry_wire::{DataKind, RecvBuf, DATA_HEADROOM};
+use ferry_wire::session::{AgentSession, Micros, Refusal, SessionError};
+use ferry_wire::{DataKind, ErrorCode, RecvBuf, DATA_HEADROOM};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fd::BorrowedFd;
 use rustix::io::Errno;
@@ -77,12 +77,18 @@ impl<'s, 'b> Link<'s, 'b> {
     /// Blocks until the socket is ready for `flags` (or has hung up), a signal arrives, or
     /// `deadline` passes.
     pub fn wait(&self, flags: PollFlags, deadline: Option<Micros>) -> Result<(), Errno> {
-        let mut fds = [PollFd::from_borrowed_fd(self.sock, flags)];
-        let timeout = deadline.map(clock::timeout_until);
-        match poll(&mut fds, timeout.as_ref()) {
-            Ok(_) | Err(Errno::INTR) => Ok(()),
-            Err(errno) => Err(errno),
-        }
+        wait(self.sock, flags, deadline)
+    }
+}
+
+/// Blocks until `sock` is ready for `flags` (or has hung up), a signal arrives, or `deadline`
+/// passes.
+fn wait(sock: BorrowedFd<'_>, flags: PollFlags, deadline: Option<Micros>) -> Result<(), Errno> {
+    let mut fds = [PollFd::from_borrowed_fd(sock, flags)];
+    let timeout = deadline.map(clock::timeout_until);
+    match poll(&mut fds, timeout.as_ref()) {
+        Ok(_) | Err(Errno::INTR) => Ok(()),
+        Err(errno) => Err(errno),
     }
 }
 
@@ -205,20 +211,41 @@ impl<'b> Outbox<'b> {
     pub fn file_data(
         &mut self,
         session: &mut AgentSession,
-        fill: impl FnOnce(&mut [u8]) -> Result<usize, Errno>,
-    ) -> Result<usize, Errno> {
-        let space = self
-            .buf
-            .get_mut(DATA_HEADROOM..DATA_HEADROOM + MAX_DATA)
-            .ok_or(Errno::NOBUFS)?;
-        let n = fill(space)?.min(MAX_DATA);
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, Refusal>,
+    ) -> Result<usize, Refusal> {
+        let internal = Refusal::new(ErrorCode::Internal, "cannot frame the content");
+        let space = self.buf.get_mut(DATA_HEADROOM..DATA_HEADROOM + MAX_DATA);
+        let n = fill(space.ok_or(internal)?)?.min(MAX_DATA);
         if n > 0 {
-            self.start = session
-                .frame_file_data(self.buf, n)
-                .map_err(|_| Errno::NOBUFS)?;
+            self.start = session.frame_file_data(self.buf, n).map_err(|_| internal)?;
             self.end = DATA_HEADROOM + n;
         }
         Ok(n)
+    }
+
+    /// Puts the frame `encode` writes into the outbox once what it holds was sent, waiting
+    /// until `deadline` for `sock` to take it; `false` when it does not (the client is gone or
+    /// stopped reading).
+    pub fn put_when_sent(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        deadline: Micros,
+        encode: impl FnOnce(&mut [u8]) -> Result<usize, SessionError>,
+    ) -> bool {
+        loop {
+            if self.flush(sock).is_err() {
+                return false;
+            }
+            if self.is_empty() {
+                self.put(encode);
+                return true;
+            }
+            if clock::monotonic_us() >= deadline
+                || wait(sock, PollFlags::OUT, Some(deadline)).is_err()
+            {
+                return false;
+            }
+        }
     }
 
     /// The bytes still to send.

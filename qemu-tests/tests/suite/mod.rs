@@ -131,6 +131,7 @@ macro_rules! scenario_tests {
             raw::requests_out_of_place_are_refused,
             raw::stdin_beyond_credit_is_refused,
             files::a_put_and_a_get_round_trip,
+            files::a_tree_round_trips_and_escapes_are_refused,
             bombs::commands_run_as_nobody_unless_root_is_allowed,
             peers::the_guest_itself_is_refused_before_the_hello,
             trees::a_disconnect_kills_the_whole_tree_setsid_included,

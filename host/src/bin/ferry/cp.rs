@@ -45,8 +45,11 @@ get keeps the guest file's. A get writes a temporary file beside the destination
 it into place only once the agent's SHA-256 and byte count matched ours: a failure leaves
 nothing behind. With -r, a directory travels as a tar stream: regular files, directories and
 symbolic links, with their modes and times (devices, sockets and fifos are skipped, with a
-note); a get unpacks it into a new directory renamed into place at the end, refusing entries
-that would land outside it.
+note); the agent and the CLI refuse entries that would land outside the destination. A new
+destination directory is unpacked beside its place and renamed into it at the end (atomic: a
+failure leaves nothing), taking the source directory's mode and time; an existing one is
+merged into, NOT atomically: entries land as they arrive, and a failure leaves what was
+unpacked so far (--no-clobber refuses an existing destination instead).
 
 Exit status: 0 on success, 1 when the transfer failed, 255 for usage errors and when the agent
 cannot be reached.")]
@@ -314,6 +317,7 @@ fn report(args: &CpArgs, done: &Transferred, local_name: &str, data_on_stdout: b
             SkipReason::Special => "special file",
             SkipReason::HardLink => "hard link",
             SkipReason::UnknownType => "unknown entry type",
+            SkipReason::Unreadable => "unreadable or vanished",
         };
         eprintln!(
             "ferry: skipped {} ({why})",
@@ -556,14 +560,14 @@ fn put_tree(client: &Client, args: &CpArgs, src: Option<PathBuf>, dst: &[u8]) ->
     if args.mode.is_some() {
         return usage("--mode applies to a file; a tree's entries keep their own");
     }
-    match fs::metadata(&root) {
-        Ok(metadata) if metadata.is_dir() => {}
+    let root_metadata = match fs::metadata(&root) {
+        Ok(metadata) if metadata.is_dir() => metadata,
         Ok(_) => {
             eprintln!("ferry: {}: not a directory", root.display());
             return ExitCode::from(EXIT_FAILED);
         }
         Err(err) => return local_failure(&root, &err),
-    }
+    };
     let name = root
         .canonicalize()
         .ok()
@@ -576,6 +580,11 @@ fn put_tree(client: &Client, args: &CpArgs, src: Option<PathBuf>, dst: &[u8]) ->
     let progress = Progress::new();
     let mut put = Put::tree(OsStr::from_bytes(&dst));
     configure_put(&mut put, args, &progress);
+    // The directory's own mode and time, for a destination the put creates.
+    put.mode(root_metadata.mode() & 0o7777);
+    if let Ok(mtime) = root_metadata.modified() {
+        put.mtime(mtime);
+    }
     let mut upload = match client.upload(&put) {
         Ok(upload) => upload,
         Err(err) => return failed(&what, &err),
