@@ -249,6 +249,11 @@ fn send_note(
 // ---------------------------------------------------------------------------------------------
 // Put.
 
+/// A file put is synced every this many bytes: the commit's `fsync`, during which the client
+/// hears no keepalive, then has at most this much to write (3 keepalive intervals of silence
+/// would make the client give up).
+const SYNC_EVERY: u64 = 64 << 20;
+
 #[inline(never)]
 fn put(
     link: &mut Link<'_, '_>,
@@ -393,8 +398,16 @@ fn put(
                     }
                     hasher.update(data);
                     match extractor.as_mut() {
-                        None => write_all(target, data)
-                            .map_err(|errno| failure(errno, "cannot write the file"))?,
+                        None => {
+                            write_all(target, data)
+                                .map_err(|errno| failure(errno, "cannot write the file"))?;
+                            // Dirty data stays bounded: the commit's fsync (the client hears
+                            // nothing meanwhile) never has more than this to write.
+                            if total / SYNC_EVERY != (total - data.len() as u64) / SYNC_EVERY {
+                                rustix::fs::fdatasync(target)
+                                    .map_err(|errno| failure(errno, "cannot write the file"))?;
+                            }
+                        }
                         // Fed at once; it stops after each entry it skips, whose note goes
                         // first.
                         Some(extractor) => {
