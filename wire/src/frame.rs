@@ -92,7 +92,12 @@ fn encode<T: Serialize>(frame: &T, out: &mut [u8]) -> Result<usize, EncodeError>
 
 /// Decodes a client frame body (without its length prefix).
 pub fn decode_client_frame(body: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
-    decode(body)
+    // By hand, exactly as postcard would (see `decode.rs`): smaller in the agent.
+    match crate::decode::client_frame(body) {
+        Some((frame, 0)) => Ok(frame),
+        Some(_) => Err(DecodeError::TrailingBytes),
+        None => Err(DecodeError::Malformed),
+    }
 }
 
 /// Decodes an agent frame body (without its length prefix).

@@ -85,6 +85,7 @@
 #![forbid(unsafe_code)]
 
 mod bytes;
+mod decode;
 mod frame;
 pub mod limits;
 mod msg;

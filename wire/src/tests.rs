@@ -1591,3 +1591,170 @@ fn transfer_requests_are_validated_at_their_edges() {
         Err(ErrorCode::LimitExceeded)
     );
 }
+
+/// What postcard itself makes of a client frame body: the frame, or why not.
+fn postcard_client_frame(body: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
+    match postcard::take_from_bytes::<ClientFrame<'_>>(body) {
+        Ok((frame, [])) => Ok(frame),
+        Ok(_) => Err(DecodeError::TrailingBytes),
+        Err(_) => Err(DecodeError::Malformed),
+    }
+}
+
+/// Bodies of every client frame with each optional part both ways, integers at their edges.
+fn client_bodies() -> Vec<Vec<u8>> {
+    let proof = [7u8; MAC_LEN];
+    let mut put_all = PUT;
+    put_all.mode = Some(u32::MAX);
+    put_all.owner = Some(Bytes(b"root:root"));
+    put_all.mtime = Some(Timestamp {
+        secs: i64::MIN,
+        nanos: 999_999_999,
+    });
+    put_all.size = Some(u64::MAX);
+    put_all.create_parents = true;
+    put_all.user = Some(Bytes(b"nobody"));
+    let mut put_none = PUT;
+    put_none.mode = None;
+    put_none.owner = None;
+    put_none.mtime = None;
+    put_none.size = None;
+    let mut exec = exec_with(b"sh\0-c\0x\0", b"A=1\0", Some(b"/tmp"));
+    exec.user = Some(Bytes(b"1:2"));
+    exec.pty = Some(WindowSize {
+        rows: u16::MAX,
+        cols: 80,
+    });
+    exec.timeout_ms = u64::MAX;
+    exec.kill_grace_ms = Some(u32::MAX);
+    exec.kill_tree_on_exit = true;
+    exec.clean_env = true;
+    exec.stdin = StdinMode::Pipe;
+    exec.max_output = 1 << 40;
+    let frames = [
+        ClientFrame::Hello(ClientHello::CURRENT),
+        ClientFrame::Exec(exec_with(b"a\0", b"", None)),
+        ClientFrame::Exec(exec),
+        ClientFrame::Stdin(Bytes(&[0x80; 200])),
+        ClientFrame::StdinEof,
+        ClientFrame::Auth(ClientProof {
+            nonce: ByteArray([9; NONCE_LEN]),
+            mac: Bytes(&proof),
+        }),
+        ClientFrame::KillAll,
+        ClientFrame::Signal(255),
+        ClientFrame::Resize(WindowSize { rows: 1, cols: 300 }),
+        ClientFrame::Cancel(Cancel { grace_ms: None }),
+        ClientFrame::Cancel(Cancel {
+            grace_ms: Some(1 << 28),
+        }),
+        ClientFrame::ExecPart(ExecPart {
+            list: ListKind::Env,
+            data: Bytes(b"B=2\0"),
+        }),
+        ClientFrame::Put(PUT),
+        ClientFrame::Put(put_all),
+        ClientFrame::Put(put_none),
+        ClientFrame::PutEnd(ByteArray([0xab; DIGEST_LEN])),
+        ClientFrame::Get(GET),
+        ClientFrame::Get(GetRequest {
+            path: Bytes(b"/"),
+            kind: TransferKind::File,
+            user: Some(Bytes(b"u")),
+        }),
+        ClientFrame::Info,
+        ClientFrame::Shutdown(ShutdownRequest {
+            reboot: true,
+            grace_ms: u32::MAX,
+        }),
+        ClientFrame::TimeSync(Timestamp { secs: -1, nanos: 0 }),
+        ClientFrame::TimeSync(Timestamp {
+            secs: i64::MAX,
+            nanos: u32::MAX,
+        }),
+        ClientFrame::Reseed(Bytes(b"r")),
+    ];
+    frames
+        .iter()
+        .map(|frame| encode_client(frame)[HEADER_LEN..].to_vec())
+        .collect()
+}
+
+/// The hand-written client frame decoder (`decode.rs`) accepts, refuses and decodes exactly as
+/// postcard does: every variant, each cut short at every length, each byte replaced by the
+/// values varints, booleans, options and tags turn on, and bytes appended.
+#[test]
+fn hand_decoder_matches_postcard() {
+    let mut checked = 0;
+    for body in client_bodies() {
+        assert_eq!(decode_client_frame(&body), postcard_client_frame(&body));
+        assert!(decode_client_frame(&body).is_ok());
+        for len in 0..body.len() {
+            let cut = &body[..len];
+            assert_eq!(
+                decode_client_frame(cut),
+                postcard_client_frame(cut),
+                "{cut:?}"
+            );
+        }
+        for at in 0..body.len() {
+            for value in [0, 1, 2, 3, 4, 15, 16, 17, 0x7f, 0x80, 0x81, 0xfe, 0xff] {
+                let mut mutated = body.clone();
+                mutated[at] = value;
+                assert_eq!(
+                    decode_client_frame(&mutated),
+                    postcard_client_frame(&mutated),
+                    "{mutated:?}"
+                );
+                mutated.push(0);
+                assert_eq!(
+                    decode_client_frame(&mutated),
+                    postcard_client_frame(&mutated)
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 1000);
+    // Varints at and past their types' edges, in every integer position of a few frames.
+    let over = |tag: u8, varint: &[u8]| [&[tag][..], varint].concat();
+    for varint in [
+        &[0xff, 0xff, 0x03][..],
+        &[0xff, 0xff, 0x04],
+        &[0xff, 0xff, 0xff, 0xff, 0x0f],
+        &[0xff, 0xff, 0xff, 0xff, 0x10],
+        &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+        &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02],
+        &[
+            0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00,
+        ],
+        &[0x80, 0x00],
+    ] {
+        for body in [
+            over(7, &[varint, &[1]].concat()),
+            over(8, &[&[1], varint].concat()),
+            over(14, &[&[0], varint].concat()),
+            over(15, &[varint, &[0]].concat()),
+            over(15, &[&[0], varint].concat()),
+            over(2, varint),
+            [varint, &[0]].concat(),
+        ] {
+            assert_eq!(
+                decode_client_frame(&body),
+                postcard_client_frame(&body),
+                "{body:?}"
+            );
+        }
+    }
+}
+
+proptest! {
+    /// Any bytes after any tag: the same answer from both decoders.
+    #[test]
+    fn hand_decoder_matches_postcard_on_garbage(
+        tag in 0u8..20, rest in proptest::collection::vec(any::<u8>(), 0..96)
+    ) {
+        let body = [&[tag][..], &rest].concat();
+        prop_assert_eq!(decode_client_frame(&body), postcard_client_frame(&body));
+    }
+}
