@@ -180,6 +180,8 @@ fn a_large_file_round_trips_in_bounded_memory() {
         meta(&local).modified().unwrap()
     );
     assert_eq!(names(&dir), ["back", "big", "remote"]);
+    // Hundreds of MiB: not left behind on success (a failure keeps them to look at).
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A CLI killed halfway through a put: the destination keeps its old content, nothing is left
@@ -219,6 +221,7 @@ fn a_cli_killed_mid_put_leaves_the_old_file() {
     let output = cp(&agent, &[text(&local), &guest(&destination)]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(sha256_file(&destination), sha256_file(&local));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

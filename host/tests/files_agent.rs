@@ -657,6 +657,7 @@ fn large_files_stream_both_ways_in_bounded_memory() {
         mib_s(get_took)
     );
     assert!(peak < 1024, "a connection process reached {peak} KiB");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A client that asks for a large file and reads nothing: the agent serves others meanwhile,
