@@ -743,16 +743,11 @@ fn get(
     // Checked before the open too: opening a device can have effects (a tape rewinds, a
     // watchdog arms), and a FIFO's open would wait for a writer.
     let stat = rustix::fs::statat(CWD, path, AtFlags::empty()).map_err(fail)?;
-    let wrong = |stat: &rustix::fs::Stat| match tree {
-        true if !is_dir(stat.st_mode) => Err(NOT_A_DIR),
-        false if !is_regular(stat.st_mode) => Err(NOT_A_FILE),
-        _ => Ok(()),
-    };
-    wrong(&stat)?;
+    wrong_type(stat.st_mode, tree)?;
     let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
     let file = rustix::fs::openat(CWD, path, flags, Mode::empty()).map_err(fail)?;
     let stat = rustix::fs::fstat(&file).map_err(fail)?;
-    wrong(&stat)?;
+    wrong_type(stat.st_mode, tree)?;
     let header = stat_header(&stat, if tree { 0 } else { stat.st_size.unsigned_abs() });
     let mut source = match tree {
         true => Source::Tree(TreeWriter::new(file.as_fd()).map_err(tar_failure)?),
@@ -837,6 +832,16 @@ fn get(
             }
         }
         let _ = session.handle_timeout(clock::monotonic_us());
+    }
+}
+
+/// A get's source that is not of the type asked for.
+#[inline(never)]
+fn wrong_type(mode: u32, tree: bool) -> Result<(), Refusal> {
+    match tree {
+        true if !is_dir(mode) => Err(NOT_A_DIR),
+        false if !is_regular(mode) => Err(NOT_A_FILE),
+        _ => Ok(()),
     }
 }
 
