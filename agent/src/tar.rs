@@ -1023,25 +1023,27 @@ fn normalize(
         return Err(TarError::PathEscape);
     }
     let (mut len, mut slash, mut depth) = (0, None, 0);
-    for component in pieces.iter().flat_map(|piece| piece.split(|&b| b == b'/')) {
-        match component {
-            b"" | b"." => continue,
-            b".." => return Err(TarError::PathEscape),
-            _ => {}
+    for piece in pieces {
+        for component in piece.split(|&b| b == b'/') {
+            match component {
+                b"" | b"." => continue,
+                b".." => return Err(TarError::PathEscape),
+                _ => {}
+            }
+            depth += 1;
+            if depth > MAX_DEPTH {
+                return Err(TarError::TooDeep);
+            }
+            if len > 0 {
+                slash = Some(len);
+                *out.get_mut(len).ok_or(TarError::PathTooLong)? = b'/';
+                len += 1;
+            }
+            let end = len + component.len();
+            let slot = out.get_mut(len..end).ok_or(TarError::PathTooLong)?;
+            slot.copy_from_slice(component);
+            len = end;
         }
-        depth += 1;
-        if depth > MAX_DEPTH {
-            return Err(TarError::TooDeep);
-        }
-        if len > 0 {
-            slash = Some(len);
-            *out.get_mut(len).ok_or(TarError::PathTooLong)? = b'/';
-            len += 1;
-        }
-        let end = len + component.len();
-        let slot = out.get_mut(len..end).ok_or(TarError::PathTooLong)?;
-        slot.copy_from_slice(component);
-        len = end;
     }
     // Room for the NUL: at most `MAX_PATH - 1` bytes of path.
     *out.get_mut(len).ok_or(TarError::PathTooLong)? = 0;

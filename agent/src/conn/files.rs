@@ -562,7 +562,7 @@ struct Temp<'d> {
     /// `O_TMPFILE`: no name until the commit links it.
     anonymous: bool,
     /// `.NAME.ferry-XXXXXXXX` and its NUL.
-    name: heapless::Vec<u8, 256>,
+    name: [u8; 256],
     /// The name exists in the directory: it is removed unless the commit renamed it.
     named: Cell<bool>,
 }
@@ -574,59 +574,46 @@ impl<'d> Temp<'d> {
     #[inline(never)]
     fn create(dir: BorrowedFd<'d>, dest: &CStr, tree: bool) -> Result<Temp<'d>, Refusal> {
         let fail = |errno| failure(errno, "cannot create a temporary file");
-        let mut name = heapless::Vec::new();
-        let dest = dest.to_bytes();
         let random = crate::auth::nonce().map_err(fail)?;
         let mut hex = [0u8; 8];
-        for (pair, byte) in hex.chunks_mut(2).zip(random) {
-            for (digit, nibble) in pair.iter_mut().zip([byte >> 4, byte & 15]) {
-                *digit = b"0123456789abcdef"
-                    .get(usize::from(nibble))
-                    .copied()
-                    .unwrap_or(b'0');
-            }
+        for (at, digit) in hex.iter_mut().enumerate() {
+            let byte = random.get(at / 2).copied().unwrap_or(0);
+            let nibble = if at % 2 == 0 { byte >> 4 } else { byte & 15 };
+            *digit = b"0123456789abcdef"
+                .get(usize::from(nibble))
+                .copied()
+                .unwrap_or(b'0');
         }
-        for part in [
-            b".",
-            dest.get(..TEMP_NAME_PART).unwrap_or(dest),
-            b".ferry-",
-            &hex,
-            b"\0",
-        ] {
-            let _ = name.extend_from_slice(part);
-        }
-        let path = sys::cstr_with_nul(&name).ok_or(fail(Errno::INVAL))?;
-        if tree {
+        let mut name = [0u8; 256];
+        let dest = dest.to_bytes();
+        let dest = dest.get(..TEMP_NAME_PART).unwrap_or(dest);
+        let path = crate::cstr::join(&mut name, &[b".", dest, b".ferry-", &hex]);
+        let path = path.ok_or(fail(Errno::INVAL))?;
+        let (file, anonymous) = if tree {
             rustix::fs::mkdirat(dir, path, Mode::RWXU).map_err(fail)?;
             let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-            let opened = rustix::fs::openat(dir, path, flags, Mode::empty());
-            let temp = opened.map(|file| Temp {
-                dir,
-                file,
-                named: Cell::new(true),
-                anonymous: false,
-                name: name.clone(),
-            });
-            if temp.is_err() {
-                remove_tree(dir, path, 0);
+            match rustix::fs::openat(dir, path, flags, Mode::empty()) {
+                Ok(file) => (file, false),
+                Err(errno) => {
+                    remove_tree(dir, path, 0);
+                    return Err(fail(errno));
+                }
             }
-            return temp.map_err(fail);
-        }
-        let mode = Mode::from_raw_mode(0o600);
-        let flags = OFlags::WRONLY | OFlags::CLOEXEC;
-        let anonymous = rustix::fs::openat(dir, c".", flags | OFlags::TMPFILE, mode);
-        let (file, anonymous) = match anonymous {
-            // Linked at the commit through /proc, which must be there.
-            Ok(file) if proc_path(file.as_fd(), &mut [0u8; 32]).is_some() => (file, true),
-            // The file system has no O_TMPFILE (or an old kernel says EISDIR), or no /proc.
-            Ok(_) | Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
-                let flags = flags | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW;
-                (
-                    rustix::fs::openat(dir, path, flags, mode).map_err(fail)?,
-                    false,
-                )
+        } else {
+            let mode = Mode::from_raw_mode(0o600);
+            let flags = OFlags::WRONLY | OFlags::CLOEXEC;
+            match rustix::fs::openat(dir, c".", flags | OFlags::TMPFILE, mode) {
+                // Linked at the commit through /proc, which must be there.
+                Ok(file) if proc_path(file.as_fd(), &mut [0u8; 32]).is_some() => (file, true),
+                // The file system has no O_TMPFILE (or an old kernel says EISDIR), or no
+                // /proc.
+                Ok(_) | Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
+                    let flags = flags | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW;
+                    let file = rustix::fs::openat(dir, path, flags, mode).map_err(fail)?;
+                    (file, false)
+                }
+                Err(errno) => return Err(fail(errno)),
             }
-            Err(errno) => return Err(fail(errno)),
         };
         Ok(Temp {
             dir,
@@ -635,6 +622,11 @@ impl<'d> Temp<'d> {
             anonymous,
             name,
         })
+    }
+
+    /// The temporary name.
+    fn name(&self) -> Result<&CStr, Errno> {
+        CStr::from_bytes_until_nul(&self.name).map_err(|_| Errno::INVAL)
     }
 
     /// The content checked out: the file gets its mode and time, is synced, and replaces
@@ -660,7 +652,7 @@ impl<'d> Temp<'d> {
             true => rustix::fs::syncfs(&self.file)?,
             false => rustix::fs::fsync(&self.file)?,
         }
-        let temp = sys::cstr_with_nul(&self.name).ok_or(Errno::INVAL)?;
+        let temp = self.name()?;
         if self.anonymous {
             let mut buf = [0u8; 32];
             let proc = proc_path(self.file.as_fd(), &mut buf).ok_or(Errno::NOENT)?;
@@ -697,7 +689,7 @@ impl<'d> Temp<'d> {
 
 impl Drop for Temp<'_> {
     fn drop(&mut self) {
-        if let (true, Some(name)) = (self.named.get(), sys::cstr_with_nul(&self.name)) {
+        if let (true, Ok(name)) = (self.named.get(), self.name()) {
             remove_tree(self.dir, name, 0);
         }
     }
@@ -751,16 +743,11 @@ fn get(
     // Checked before the open too: opening a device can have effects (a tape rewinds, a
     // watchdog arms), and a FIFO's open would wait for a writer.
     let stat = rustix::fs::statat(CWD, path, AtFlags::empty()).map_err(fail)?;
-    let wrong = |stat: &rustix::fs::Stat| match tree {
-        true if !is_dir(stat.st_mode) => Err(NOT_A_DIR),
-        false if !is_regular(stat.st_mode) => Err(NOT_A_FILE),
-        _ => Ok(()),
-    };
-    wrong(&stat)?;
+    wrong_type(stat.st_mode, tree)?;
     let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
     let file = rustix::fs::openat(CWD, path, flags, Mode::empty()).map_err(fail)?;
     let stat = rustix::fs::fstat(&file).map_err(fail)?;
-    wrong(&stat)?;
+    wrong_type(stat.st_mode, tree)?;
     let header = stat_header(&stat, if tree { 0 } else { stat.st_size.unsigned_abs() });
     let mut source = match tree {
         true => Source::Tree(TreeWriter::new(file.as_fd()).map_err(tar_failure)?),
@@ -845,6 +832,16 @@ fn get(
             }
         }
         let _ = session.handle_timeout(clock::monotonic_us());
+    }
+}
+
+/// A get's source that is not of the type asked for.
+#[inline(never)]
+fn wrong_type(mode: u32, tree: bool) -> Result<(), Refusal> {
+    match tree {
+        true if !is_dir(mode) => Err(NOT_A_DIR),
+        false if !is_regular(mode) => Err(NOT_A_FILE),
+        _ => Ok(()),
     }
 }
 
