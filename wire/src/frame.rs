@@ -65,7 +65,12 @@ pub fn encode_client_frame(frame: &ClientFrame<'_>, out: &mut [u8]) -> Result<us
 
 /// Encodes an agent frame (header and body) into `out`; returns the bytes written.
 pub fn encode_agent_frame(frame: &AgentFrame<'_>, out: &mut [u8]) -> Result<usize, EncodeError> {
-    encode(frame, out)
+    // By hand, exactly as postcard would (see `encode.rs`): smaller in the agent.
+    let body_space = out
+        .get_mut(HEADER_LEN..)
+        .ok_or(EncodeError::BufferTooSmall)?;
+    let body_len = crate::encode::agent_frame(frame, body_space).ok_or(full(body_space))?;
+    finish(out, body_len)
 }
 
 fn encode<T: Serialize>(frame: &T, out: &mut [u8]) -> Result<usize, EncodeError> {
@@ -74,15 +79,24 @@ fn encode<T: Serialize>(frame: &T, out: &mut [u8]) -> Result<usize, EncodeError>
         .ok_or(EncodeError::BufferTooSmall)?;
     let body_len = match postcard::to_slice(frame, body_space) {
         Ok(body) => body.len(),
-        Err(postcard::Error::SerializeBufferFull) => {
-            return Err(if body_space.len() >= MAX_FRAME_BODY {
-                EncodeError::TooLarge
-            } else {
-                EncodeError::BufferTooSmall
-            })
-        }
+        Err(postcard::Error::SerializeBufferFull) => return Err(full(body_space)),
         Err(_) => return Err(EncodeError::TooLarge),
     };
+    finish(out, body_len)
+}
+
+/// Why a body did not fit `body_space`: the buffer, or (when it could hold the largest body)
+/// the frame.
+fn full(body_space: &[u8]) -> EncodeError {
+    if body_space.len() >= MAX_FRAME_BODY {
+        EncodeError::TooLarge
+    } else {
+        EncodeError::BufferTooSmall
+    }
+}
+
+/// Writes the length prefix of the `body_len` bytes after it.
+fn finish(out: &mut [u8], body_len: usize) -> Result<usize, EncodeError> {
     if body_len > MAX_FRAME_BODY {
         return Err(EncodeError::TooLarge);
     }
@@ -175,7 +189,7 @@ pub fn frame_data_in_place(
 }
 
 /// LEB128 as postcard writes it; returns the bytes used (`out` holds 10 for any `u64`).
-fn encode_varint(mut value: u64, out: &mut [u8]) -> usize {
+pub(crate) fn encode_varint(mut value: u64, out: &mut [u8]) -> usize {
     let mut i = 0;
     while let Some(slot) = out.get_mut(i) {
         let byte = (value & 0x7f) as u8;
