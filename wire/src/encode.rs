@@ -11,30 +11,38 @@
 //! `tests::hand_encoder_matches_postcard` holds it to that over every variant, edge values and
 //! random frames. A field added to an agent message must be added here too, in its order.
 
-use crate::frame::encode_varint;
 use crate::msg::*;
 use crate::ops::*;
 
 /// Writes `frame`'s body into `out`; `None` when it does not fit.
 pub(crate) fn agent_frame(frame: &AgentFrame<'_>, out: &mut [u8]) -> Option<usize> {
-    let mut w = Writer {
-        out,
-        at: 0,
-        full: false,
-    };
+    let mut w = Writer::new(out);
     w.agent_frame(frame);
-    (!w.full).then_some(w.at)
+    w.written()
 }
 
 /// An output buffer and how much of it is written; once something did not fit, `full` stays
 /// set and nothing more is written (one check at the end instead of one per field).
-struct Writer<'o> {
+pub(crate) struct Writer<'o> {
     out: &'o mut [u8],
     at: usize,
     full: bool,
 }
 
-impl Writer<'_> {
+impl<'o> Writer<'o> {
+    pub(crate) fn new(out: &'o mut [u8]) -> Self {
+        Writer {
+            out,
+            at: 0,
+            full: false,
+        }
+    }
+
+    /// The bytes written, or `None` when something did not fit.
+    pub(crate) fn written(&self) -> Option<usize> {
+        (!self.full).then_some(self.at)
+    }
+
     // Out of line: every field writes through it.
     #[inline(never)]
     fn raw(&mut self, data: &[u8]) {
@@ -51,7 +59,7 @@ impl Writer<'_> {
         }
     }
 
-    fn byte(&mut self, byte: u8) {
+    pub(crate) fn byte(&mut self, byte: u8) {
         self.raw(&[byte]);
     }
 
@@ -59,12 +67,15 @@ impl Writer<'_> {
         self.byte(value.into());
     }
 
-    /// Any unsigned integer (`u16`, `u32`, `u64`, a length) as postcard's varint.
+    /// Any unsigned integer (`u16`, `u32`, `u64`, a length) as postcard's varint: LEB128,
+    /// seven bits a byte from the lowest, the high bit set on all but the last.
     #[inline(never)]
-    fn varint(&mut self, value: u64) {
-        let mut buf = [0u8; 10];
-        let n = encode_varint(value, &mut buf);
-        self.raw(buf.get(..n).unwrap_or_default());
+    pub(crate) fn varint(&mut self, mut value: u64) {
+        while value > 0x7f {
+            self.byte(value as u8 | 0x80);
+            value >>= 7;
+        }
+        self.byte(value as u8);
     }
 
     fn u32(&mut self, value: u32) {

@@ -5,6 +5,7 @@ use core::fmt;
 
 use serde::Serialize;
 
+use crate::encode::Writer;
 use crate::limits::{DATA_OVERHEAD, HEADER_LEN, MAX_DATA, MAX_FRAME_BODY};
 use crate::msg::{AgentFrame, ClientFrame};
 
@@ -173,35 +174,22 @@ pub fn frame_data_in_place(
     if buf.len() < DATA_HEADROOM + len {
         return Err(EncodeError::BufferTooSmall);
     }
-    // Tag, then (output only) the timestamp, then the length: one varint buffer, in order.
+    // Tag, then (output only) the timestamp, then the length: written as `encode.rs` writes
+    // them, into one buffer, in order.
     let mut prefix = [0u8; DATA_OVERHEAD];
-    prefix[0] = kind.tag();
-    let mut at = 1;
+    let mut w = Writer::new(&mut prefix);
+    w.byte(kind.tag());
     if matches!(kind, DataKind::Stdout | DataKind::Stderr) {
-        at += encode_varint(at_us, &mut prefix[at..]);
+        w.varint(at_us);
     }
-    at += encode_varint(len as u64, &mut prefix[at..]);
+    w.varint(len as u64);
+    // DATA_OVERHEAD holds the tag and two varints of any value.
+    let at = w.written().ok_or(EncodeError::TooLarge)?;
     let body_len = at + len;
     let start = DATA_HEADROOM - (HEADER_LEN + at);
     buf[start..start + HEADER_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
     buf[start + HEADER_LEN..DATA_HEADROOM].copy_from_slice(&prefix[..at]);
     Ok(start)
-}
-
-/// LEB128 as postcard writes it; returns the bytes used (`out` holds 10 for any `u64`).
-pub(crate) fn encode_varint(mut value: u64, out: &mut [u8]) -> usize {
-    let mut i = 0;
-    while let Some(slot) = out.get_mut(i) {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        i += 1;
-        if value == 0 {
-            *slot = byte;
-            return i;
-        }
-        *slot = byte | 0x80;
-    }
-    i
 }
 
 /// Cuts one frame off the front of `buf` without copying: `Ok(Some((body, consumed)))` when a
