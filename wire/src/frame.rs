@@ -5,6 +5,7 @@ use core::fmt;
 
 use serde::Serialize;
 
+use crate::encode::Writer;
 use crate::limits::{DATA_OVERHEAD, HEADER_LEN, MAX_DATA, MAX_FRAME_BODY};
 use crate::msg::{AgentFrame, ClientFrame};
 
@@ -65,7 +66,12 @@ pub fn encode_client_frame(frame: &ClientFrame<'_>, out: &mut [u8]) -> Result<us
 
 /// Encodes an agent frame (header and body) into `out`; returns the bytes written.
 pub fn encode_agent_frame(frame: &AgentFrame<'_>, out: &mut [u8]) -> Result<usize, EncodeError> {
-    encode(frame, out)
+    // By hand, exactly as postcard would (see `encode.rs`): smaller in the agent.
+    let body_space = out
+        .get_mut(HEADER_LEN..)
+        .ok_or(EncodeError::BufferTooSmall)?;
+    let body_len = crate::encode::agent_frame(frame, body_space).ok_or(full(body_space))?;
+    finish(out, body_len)
 }
 
 fn encode<T: Serialize>(frame: &T, out: &mut [u8]) -> Result<usize, EncodeError> {
@@ -74,15 +80,24 @@ fn encode<T: Serialize>(frame: &T, out: &mut [u8]) -> Result<usize, EncodeError>
         .ok_or(EncodeError::BufferTooSmall)?;
     let body_len = match postcard::to_slice(frame, body_space) {
         Ok(body) => body.len(),
-        Err(postcard::Error::SerializeBufferFull) => {
-            return Err(if body_space.len() >= MAX_FRAME_BODY {
-                EncodeError::TooLarge
-            } else {
-                EncodeError::BufferTooSmall
-            })
-        }
+        Err(postcard::Error::SerializeBufferFull) => return Err(full(body_space)),
         Err(_) => return Err(EncodeError::TooLarge),
     };
+    finish(out, body_len)
+}
+
+/// Why a body did not fit `body_space`: the buffer, or (when it could hold the largest body)
+/// the frame.
+fn full(body_space: &[u8]) -> EncodeError {
+    if body_space.len() >= MAX_FRAME_BODY {
+        EncodeError::TooLarge
+    } else {
+        EncodeError::BufferTooSmall
+    }
+}
+
+/// Writes the length prefix of the `body_len` bytes after it.
+fn finish(out: &mut [u8], body_len: usize) -> Result<usize, EncodeError> {
     if body_len > MAX_FRAME_BODY {
         return Err(EncodeError::TooLarge);
     }
@@ -159,35 +174,22 @@ pub fn frame_data_in_place(
     if buf.len() < DATA_HEADROOM + len {
         return Err(EncodeError::BufferTooSmall);
     }
-    // Tag, then (output only) the timestamp, then the length: one varint buffer, in order.
+    // Tag, then (output only) the timestamp, then the length: written as `encode.rs` writes
+    // them, into one buffer, in order.
     let mut prefix = [0u8; DATA_OVERHEAD];
-    prefix[0] = kind.tag();
-    let mut at = 1;
+    let mut w = Writer::new(&mut prefix);
+    w.byte(kind.tag());
     if matches!(kind, DataKind::Stdout | DataKind::Stderr) {
-        at += encode_varint(at_us, &mut prefix[at..]);
+        w.varint(at_us);
     }
-    at += encode_varint(len as u64, &mut prefix[at..]);
+    w.varint(len as u64);
+    // DATA_OVERHEAD holds the tag and two varints of any value.
+    let at = w.written().ok_or(EncodeError::TooLarge)?;
     let body_len = at + len;
     let start = DATA_HEADROOM - (HEADER_LEN + at);
     buf[start..start + HEADER_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
     buf[start + HEADER_LEN..DATA_HEADROOM].copy_from_slice(&prefix[..at]);
     Ok(start)
-}
-
-/// LEB128 as postcard writes it; returns the bytes used (`out` holds 10 for any `u64`).
-fn encode_varint(mut value: u64, out: &mut [u8]) -> usize {
-    let mut i = 0;
-    while let Some(slot) = out.get_mut(i) {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        i += 1;
-        if value == 0 {
-            *slot = byte;
-            return i;
-        }
-        *slot = byte | 0x80;
-    }
-    i
 }
 
 /// Cuts one frame off the front of `buf` without copying: `Ok(Some((body, consumed)))` when a

@@ -86,6 +86,7 @@
 
 mod bytes;
 mod decode;
+mod encode;
 mod frame;
 pub mod limits;
 mod msg;

@@ -1758,3 +1758,282 @@ proptest! {
         prop_assert_eq!(decode_client_frame(&body), postcard_client_frame(&body));
     }
 }
+
+/// What postcard itself writes for an agent frame: the length prefix and its body, or `None`
+/// when it does not fit `len` bytes.
+fn postcard_agent_frame(frame: &AgentFrame<'_>, len: usize) -> Option<Vec<u8>> {
+    let mut body = vec![0u8; len.saturating_sub(HEADER_LEN)];
+    let used = postcard::to_slice(frame, &mut body).ok()?.len();
+    (len >= HEADER_LEN).then(|| [&(used as u32).to_le_bytes()[..], &body[..used]].concat())
+}
+
+/// The values one agent frame of each variant is built from.
+#[derive(Debug, Clone)]
+struct AgentValues {
+    big: u64,
+    n: u32,
+    half: u16,
+    secs: i64,
+    small: u8,
+    flag: bool,
+    /// Picks each enum's variant (modulo its count).
+    pick: usize,
+    bytes: Vec<u8>,
+    text: String,
+}
+
+/// Every agent frame variant (and every variant of the enums in them) built from `v`.
+fn every_agent_frame(v: &AgentValues) -> Vec<AgentFrame<'_>> {
+    let code = match decode_agent_frame(&[6, (v.pick % 25) as u8, 0, 0]) {
+        Ok(AgentFrame::Error(e)) => e.code,
+        other => panic!("{other:?}"),
+    };
+    let ending = [
+        Ending::Exited,
+        Ending::TimedOut,
+        Ending::Cancelled,
+        Ending::RuntimeLimit,
+        Ending::OutputLimit,
+    ][v.pick % 5];
+    let tree_kill = [TreeKill::None, TreeKill::Cgroup, TreeKill::ProcessGroup][v.pick % 3];
+    let stream = [Stream::Stdout, Stream::Stderr][v.pick % 2];
+    let reason = [
+        SkipReason::Special,
+        SkipReason::HardLink,
+        SkipReason::UnknownType,
+        SkipReason::Unreadable,
+    ][v.pick % 4];
+    let record = StreamRecord {
+        bytes: v.big,
+        dropped: v.big / 3,
+    };
+    let stamp = Timestamp {
+        secs: v.secs,
+        nanos: v.n,
+    };
+    let digest = [v.small; DIGEST_LEN];
+    let termination = |status| Termination {
+        status,
+        duration_us: v.big,
+        output_dropped: v.flag,
+        ending,
+        tree_kill,
+        stdout: record,
+        stderr: StreamRecord {
+            bytes: v.n.into(),
+            dropped: v.big,
+        },
+        pipes_held: !v.flag,
+        oom_killed: v.flag,
+        peak_memory: v.big / 7,
+    };
+    let text = v.text.as_str();
+    let bytes = Bytes(&v.bytes);
+    vec![
+        AgentFrame::Hello(AgentHello {
+            magic: [v.small, 0, 0xff, b'Y'],
+            min_version: v.half,
+            version: v.half / 3,
+            agent_version: text,
+            limits: Limits {
+                max_frame_body: v.n,
+                max_user: v.n / 3,
+                keepalive_ms: v.n / 5,
+                ..Limits::CURRENT
+            },
+            nonce: ByteArray([v.small; NONCE_LEN]),
+            security: [Security::Authenticated, Security::Insecure][v.pick % 2],
+            bounds: Bounds {
+                max_runtime_s: v.big,
+                max_output: v.big / 2,
+                max_file_size: v.big / 3,
+                max_connections: v.n,
+                handshake_timeout_ms: v.n / 2,
+                memory_max: v.big / 5,
+                pids_max: v.n / 3,
+                cgroup: v.flag,
+                default_uid: v.n / 5,
+                default_gid: v.n / 7,
+            },
+        }),
+        AgentFrame::Started(Started { pid: v.n }),
+        AgentFrame::Stdout(crate::Output {
+            at_us: v.big,
+            data: bytes,
+        }),
+        AgentFrame::Stderr(crate::Output {
+            at_us: v.big / 3,
+            data: bytes,
+        }),
+        AgentFrame::StdinCredit(v.n),
+        AgentFrame::Exited(termination(ExitStatus::Code(v.small))),
+        AgentFrame::Exited(termination(ExitStatus::Signal {
+            number: v.small,
+            core_dumped: v.flag,
+        })),
+        AgentFrame::Error(ErrorFrame {
+            code,
+            errno: v.n,
+            message: text,
+        }),
+        AgentFrame::Ready(ReadyReport {
+            cid: v.n,
+            init_started_us: v.big,
+            modules_us: v.big / 2,
+            listening_us: v.big / 3,
+            module_times: StrList(bytes),
+        }),
+        AgentFrame::Authenticated(AgentProof {
+            mac: ByteArray([v.small; MAC_LEN]),
+        }),
+        AgentFrame::Done(DoneReport { count: v.n }),
+        AgentFrame::Keepalive,
+        AgentFrame::OutputDropped(Dropped {
+            stream,
+            bytes: v.big,
+        }),
+        AgentFrame::FileReady(FileHeader {
+            size: v.big,
+            mode: v.n,
+            mtime: stamp,
+            uid: v.n / 3,
+            gid: v.half.into(),
+        }),
+        AgentFrame::FileData(bytes),
+        AgentFrame::Skipped(Skipped {
+            path: bytes,
+            reason,
+        }),
+        AgentFrame::FileDone(FileSummary {
+            bytes: v.big,
+            sha256: ByteArray(digest),
+        }),
+        AgentFrame::SystemInfo(SystemInfo {
+            kernel_release: text,
+            kernel_version: "#1 SMP",
+            machine: text,
+            hostname: "",
+            uptime_ms: v.big,
+            now: stamp,
+            cpus: v.n,
+            cpu_model: text,
+            load: [v.n, v.n / 2, v.half.into()],
+            memory_total: v.big,
+            memory_available: v.big / 2,
+            processes: v.n / 3,
+            agent_pid: v.n,
+            agent_rss: v.big / 5,
+        }),
+        AgentFrame::Mount(MountInfo {
+            source: bytes,
+            target: Bytes(b"/"),
+            fstype: text,
+            read_only: v.flag,
+            total: v.big,
+            free: v.big / 2,
+            available: v.big / 4,
+        }),
+        AgentFrame::Interface(InterfaceInfo {
+            name: text,
+            up: v.flag,
+            mtu: v.n,
+            mac: bytes,
+            addresses: StrList(bytes),
+            rx_bytes: v.big,
+            tx_bytes: v.big / 2,
+        }),
+        AgentFrame::ClockSet(stamp),
+    ]
+}
+
+/// The hand encoder's frame, or `None` when it refused the buffer.
+fn hand_agent_frame(frame: &AgentFrame<'_>, len: usize) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let n = encode_agent_frame(frame, &mut buf).ok()?;
+    Some(buf[..n].to_vec())
+}
+
+fn check_hand_encoder(v: &AgentValues) {
+    let frames = every_agent_frame(v);
+    // Every variant is here (the last one's tag is the highest).
+    assert_eq!(
+        frames.iter().map(|f| encode_agent(f)[HEADER_LEN]).max(),
+        Some(19)
+    );
+    for frame in &frames {
+        let expected = postcard_agent_frame(frame, MAX_FRAME).expect("fits");
+        assert_eq!(encode_agent(frame), expected, "{frame:?}");
+        // Each shorter buffer is refused by both, the exact one accepted.
+        for len in 0..=expected.len() {
+            assert_eq!(
+                hand_agent_frame(frame, len),
+                postcard_agent_frame(frame, len),
+                "{frame:?} in {len}"
+            );
+        }
+    }
+}
+
+/// The hand-written agent frame encoder (`encode.rs`) writes exactly postcard's bytes: every
+/// variant, every enum's variants, integers at their varint edges, and every buffer size up to
+/// the frame's.
+#[test]
+fn hand_encoder_matches_postcard() {
+    let edges: [(u64, u32, u16, i64); 8] = [
+        (0, 0, 0, 0),
+        (1, 1, 1, -1),
+        (127, 127, 127, 63),
+        (128, 128, 128, -64),
+        (16_383, 16_383, 16_383, -65),
+        (16_384, 16_384, 16_384, 64),
+        (u64::MAX, u32::MAX, u16::MAX, i64::MIN),
+        (u64::MAX / 2, u32::MAX / 2, u16::MAX / 2, i64::MAX),
+    ];
+    for (i, (big, n, half, secs)) in edges.into_iter().enumerate() {
+        for pick in 0..25 {
+            check_hand_encoder(&AgentValues {
+                big,
+                n,
+                half,
+                secs,
+                small: [0, 1, 0x7f, 0x80, 0xff][pick % 5],
+                flag: pick % 2 == 1,
+                pick,
+                bytes: vec![pick as u8; [0, 1, 127, 128, 300][(i + pick) % 5]],
+                text: "é".repeat(pick * 7),
+            });
+        }
+    }
+    // The largest data frame is written whole, one byte more is too large for both.
+    let data = vec![0x80; MAX_DATA];
+    let frame = AgentFrame::FileData(Bytes(&data));
+    assert_eq!(
+        encode_agent(&frame),
+        postcard_agent_frame(&frame, MAX_FRAME).unwrap()
+    );
+    let over = vec![0u8; MAX_FRAME_BODY];
+    let frame = AgentFrame::FileData(Bytes(&over));
+    let mut buf = vec![0u8; MAX_FRAME + 16];
+    assert_eq!(
+        encode_agent_frame(&frame, &mut buf),
+        Err(EncodeError::TooLarge)
+    );
+}
+
+proptest! {
+    /// Random values in every variant: the same bytes as postcard.
+    #[test]
+    fn hand_encoder_matches_postcard_on_random_frames(
+        big in any::<u64>(), n in any::<u32>(), half in any::<u16>(), secs in any::<i64>(),
+        small in any::<u8>(), flag in any::<bool>(), pick in 0usize..1000, bytes in arb_bytes(),
+        text in "\\PC{0,40}"
+    ) {
+        let v = AgentValues { big, n, half, secs, small, flag, pick, bytes, text };
+        for frame in &every_agent_frame(&v) {
+            let expected = postcard_agent_frame(frame, MAX_FRAME).expect("fits");
+            prop_assert_eq!(&encode_agent(frame), &expected);
+            let cut = expected.len() - 1 - (pick % expected.len().min(8));
+            prop_assert_eq!(hand_agent_frame(frame, cut), None);
+        }
+    }
+}
