@@ -735,6 +735,19 @@ impl<'a> Run<'a> {
             {
                 return fail(self, result, unexpected)
             }
+            // An info's count must be the frames that came.
+            (AgentFrame::Done(report), _)
+                if self.op == Op::Running(Kind::Info)
+                    && report.count as usize != self.info_items =>
+            {
+                return fail(
+                    self,
+                    result,
+                    SessionError::InvalidRequest {
+                        message: "info's count does not match its frames",
+                    },
+                )
+            }
             (AgentFrame::Done(report), _)
                 if matches!(self.op, Op::Sent(Kind::Simple) | Op::Running(Kind::Info)) =>
             {

@@ -741,6 +741,16 @@ impl ClientSession {
                     Operation::Sent(Op::Simple) | Operation::Running(Op::Info)
                 ) =>
             {
+                // An info's `Done` counts the mounts and interfaces sent: one lost or invented
+                // on the way is a broken stream, not a smaller guest.
+                let counted = self.info_items as u64;
+                if self.operation == Operation::Running(Op::Info)
+                    && u64::from(report.count) != counted
+                {
+                    return Err(SessionError::InvalidRequest {
+                        message: "info's count does not match its frames",
+                    });
+                }
                 self.operation = Operation::Done;
                 ClientEvent::Done(report)
             }

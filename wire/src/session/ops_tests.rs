@@ -738,3 +738,37 @@ fn transfers_are_kept_alive_and_credited() {
     pair.deliver_to_client().unwrap();
     assert_eq!(pair.client.stdin_credit(), STDIN_WINDOW);
 }
+
+/// An info's `Done` must count the frames that came: a client refuses any other count.
+#[test]
+fn an_info_count_that_does_not_match_is_refused() {
+    for count in [0, 2] {
+        let mut pair = Pair::new();
+        pair.start(|client, out| client.start_info(out)).unwrap();
+        let mut out = vec![0u8; MAX_FRAME];
+        let n = pair
+            .agent
+            .encode_info(&AgentFrame::SystemInfo(system_info()), &mut out)
+            .unwrap();
+        pair.bytes_to_client(&out[..n]).unwrap();
+        let mount = AgentFrame::Mount(MountInfo {
+            source: Bytes(b"proc"),
+            target: Bytes(b"/proc"),
+            fstype: "proc",
+            read_only: false,
+            total: 0,
+            free: 0,
+            available: 0,
+        });
+        let n = pair.agent.encode_info(&mount, &mut out).unwrap();
+        pair.bytes_to_client(&out[..n]).unwrap();
+        let done = agent_frame(AgentFrame::Done(DoneReport { count }));
+        assert!(
+            matches!(
+                pair.bytes_to_client(&done),
+                Err(SessionError::InvalidRequest { .. })
+            ),
+            "count {count}"
+        );
+    }
+}
