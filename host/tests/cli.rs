@@ -6,14 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::process::{Command, Output, Stdio};
 
-use common::Agent;
-
-fn ferry(agent: &Agent) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    command.env("FERRY_CONNECT", agent.target_url());
-    command.env("FERRY_SECRET_FILE", agent.secret_path());
-    command
-}
+use common::{ferry, stderr, Agent};
 
 fn run(agent: &Agent, args: &[&str]) -> Output {
     ferry(agent)
@@ -21,10 +14,6 @@ fn run(agent: &Agent, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 #[test]

@@ -13,36 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{children, fresh_dir, Agent};
+use common::{children, cp, ferry, fresh_dir, guest, names, stderr, text, Agent};
 use sha2::{Digest, Sha256};
-
-fn ferry(agent: &Agent) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    command.env("FERRY_CONNECT", agent.target_url());
-    command.env("FERRY_SECRET_FILE", agent.secret_path());
-    command
-}
-
-fn cp(agent: &Agent, args: &[&str]) -> Output {
-    ferry(agent)
-        .arg("cp")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn text(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn guest(path: &Path) -> String {
-    format!(":{}", path.display())
-}
 
 fn sha256_file(path: &Path) -> String {
     let mut file = std::fs::File::open(path).unwrap();
@@ -84,15 +56,6 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
     line.trim().trim_end_matches(" kB").parse().ok()
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 /// Runs `ferry cp ARGS` and samples the peak resident memory of the CLI (its VmHWM, read

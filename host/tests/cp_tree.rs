@@ -11,34 +11,11 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{fresh_dir, Agent};
+use common::{cp, fresh_dir, guest, names, stderr, text, Agent};
 use ferry_host::{ErrorCode, Get, Put};
-
-fn cp(agent: &Agent, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .env("FERRY_CONNECT", agent.target_url())
-        .env("FERRY_SECRET_FILE", agent.secret_path())
-        .arg("cp")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn text(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn guest(path: &Path) -> String {
-    format!(":{}", path.display())
-}
 
 fn set_mtime(path: &Path, secs: u64) {
     let when = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
@@ -272,16 +249,6 @@ fn put_raw(agent: &Agent, put: &Put, stream: &[u8]) -> Result<(), ErrorCode> {
         Ok(_) => Ok(()),
         Err(err) => Err(err.remote_code().unwrap_or_else(|| panic!("{err}"))),
     }
-}
-
-/// Names in `dir`, sorted.
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 /// Streams that try to write outside the destination: each is refused with `PathEscape`,

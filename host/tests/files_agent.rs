@@ -15,7 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{children, fresh_dir, secret_path, Agent};
+use common::{children, fresh_dir, names, secret_path, Agent};
 use ferry_wire::{Bytes, ClientFrame, ErrorCode, GetRequest, PutRequest, Timestamp, TransferKind};
 use frames::{Outcome, Transfer};
 use sha2::{Digest, Sha256};
@@ -81,16 +81,6 @@ fn pattern(len: usize) -> Vec<u8> {
 
 fn path_in(dir: &Path, name: &str) -> String {
     dir.join(name).to_str().unwrap().to_owned()
-}
-
-/// The names in `dir`, sorted.
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {

@@ -63,9 +63,7 @@ fn refusal(client: &Client, user: &str) -> (ErrorCode, String) {
 
 /// The `ferry` CLI, pointed at `agent` with its secret.
 fn ferry(agent: &Agent) -> std::process::Command {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
-    command.env("FERRY_CONNECT", agent.target_url());
-    command.env("FERRY_SECRET_FILE", agent.secret_path());
+    let mut command = common::ferry(agent);
     command.stdin(Stdio::null());
     command
 }

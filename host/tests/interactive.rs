@@ -20,15 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::Agent;
+use common::{ferry, Agent};
 use ferry_host::{Ending, Event, Stream, TreeKill, WindowSize};
-
-fn ferry(agent: &Agent) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    command.env("FERRY_CONNECT", agent.target_url());
-    command.env("FERRY_SECRET_FILE", agent.secret_path());
-    command
-}
 
 fn run(agent: &Agent, args: &[&str]) -> Output {
     ferry(agent)

@@ -159,9 +159,7 @@ fn value(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Json {
 }
 
 fn ferry(agent: &Agent) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    command.env("FERRY_CONNECT", agent.target_url());
-    command.env("FERRY_SECRET_FILE", agent.secret_path());
+    let mut command = common::ferry(agent);
     command.stdin(Stdio::null());
     command
 }

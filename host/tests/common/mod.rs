@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)] // test support: a panic is how a test fails
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -283,4 +283,51 @@ pub fn wait_group_gone(pgid: u32, within: Duration) -> Result<(), Vec<(u32, char
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The `ferry` CLI pointed at `agent` (its socket and secret); stdin is left to the caller.
+/// Only the test binaries that build it (feature `cli`) may call this.
+// `option_env!`: this module is compiled into every test binary, built with the CLI or not.
+#[allow(clippy::option_env_unwrap)]
+pub fn ferry(agent: &Agent) -> Command {
+    let binary = option_env!("CARGO_BIN_EXE_ferry").expect("the ferry binary (feature cli)");
+    let mut command = Command::new(binary);
+    command.env("FERRY_CONNECT", agent.target_url());
+    command.env("FERRY_SECRET_FILE", agent.secret_path());
+    command
+}
+
+/// `ferry cp ARGS` against `agent`, stdin closed.
+pub fn cp(agent: &Agent, args: &[&str]) -> Output {
+    ferry(agent)
+        .arg("cp")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A command's stderr, as text.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A local path as a CLI argument.
+pub fn text(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A path as the CLI's guest path (`:PATH`): the test agent's guest is this machine.
+pub fn guest(path: &Path) -> String {
+    format!(":{}", path.display())
+}
+
+/// The names in `dir`, sorted.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
