@@ -481,6 +481,7 @@ fn variant_tags_are_pinned() {
     for (index, frame) in client.iter().enumerate() {
         assert_eq!(encode_client(frame)[HEADER_LEN], index as u8, "{frame:?}");
     }
+    assert_eq!(client.len(), usize::from(CLIENT_VARIANTS));
     let hello = AgentHello {
         magic: MAGIC,
         min_version: MIN_PROTOCOL_VERSION,
@@ -554,6 +555,7 @@ fn variant_tags_are_pinned() {
     for (index, frame) in agent.iter().enumerate() {
         assert_eq!(encode_agent(frame)[HEADER_LEN], index as u8, "{frame:?}");
     }
+    assert_eq!(agent.len(), usize::from(AGENT_VARIANTS));
     // The security mode's byte, at the end of the hello's fixed part.
     for (index, security) in [Security::Authenticated, Security::Insecure]
         .into_iter()
@@ -1233,18 +1235,23 @@ proptest! {
         let _ = split_frame(&bytes, MAX_FRAME_BODY);
     }
 
-    /// Every tag byte beyond the last variant is refused, not misread. (Protocol 3 has ten
-    /// client variants and twelve agent ones: `[6, x]` is a signal and `[10]` a keepalive.)
+    /// Every tag byte beyond the last variant is refused, not misread. (Protocol 4 has
+    /// seventeen client variants and twenty agent ones: `[13]` is an info request and `[10]` a
+    /// keepalive.)
     #[test]
-    fn unknown_tags_are_malformed(tag in 10u8..=255, rest in arb_bytes()) {
+    fn unknown_tags_are_malformed(tag in CLIENT_VARIANTS..=255, rest in arb_bytes()) {
         let mut body = vec![tag];
         body.extend(rest);
         prop_assert!(decode_client_frame(&body).is_err());
-        if tag >= 12 {
+        if tag >= AGENT_VARIANTS {
             prop_assert!(decode_agent_frame(&body).is_err());
         }
     }
 }
+
+/// How many variants each frame enum has (`variant_tags_are_pinned` lists them all).
+const CLIENT_VARIANTS: u8 = 17;
+const AGENT_VARIANTS: u8 = 20;
 
 const PUT: PutRequest<'static> = PutRequest {
     path: Bytes(b"/tmp/f"),
