@@ -105,8 +105,10 @@ pub mod ops {
                     .then(|| invalid("mtime nanoseconds out of range"))
             })
             .or_else(|| {
-                (put.kind == TransferKind::Tree && (put.mode.is_some() || put.size.is_some()))
-                    .then(|| invalid("a tree carries its own modes and sizes"))
+                (put.kind == TransferKind::Tree && (put.size.is_some() || put.owner.is_some()))
+                    .then(|| {
+                        invalid("a tree carries its own sizes, and its entries are the user's")
+                    })
             })
     }
 
