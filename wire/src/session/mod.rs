@@ -417,6 +417,8 @@ pub(crate) fn truncate_str(text: &str, max: usize) -> &str {
 #[cfg(test)]
 mod auth_tests;
 #[cfg(test)]
+mod keepalive_tests;
+#[cfg(test)]
 mod ops_tests;
 #[cfg(test)]
 mod orders;
