@@ -1,0 +1,3 @@
+//! Detached jobs: the supervising process (see ARCHITECTURE.md).
+
+mod spool;
