@@ -1,3 +1,4 @@
 //! Detached jobs: the supervising process (see ARCHITECTURE.md).
 
+mod link;
 mod spool;
