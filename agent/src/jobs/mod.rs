@@ -1,4 +1,5 @@
 //! Detached jobs: the supervising process (see ARCHITECTURE.md).
 
 mod link;
+mod record;
 mod spool;
