@@ -72,9 +72,14 @@ pub fn error_code(index: u32) -> ErrorCode {
 /// What a runner said, as far as the supervisor cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunnerFrame<'a> {
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     /// Output of stream 0 (stdout) or 1 (stderr).
-    Output { stream: usize, data: &'a [u8] },
+    Output {
+        stream: usize,
+        data: &'a [u8],
+    },
     StdinCredit(u32),
     Exited(Termination),
     /// The exec was refused, or failed.
@@ -385,16 +390,16 @@ mod tests {
 
     fn termination(seed: u64) -> Termination {
         Termination {
-            status: if seed % 2 == 0 {
+            status: if seed.is_multiple_of(2) {
                 ExitStatus::Code(seed as u8)
             } else {
                 ExitStatus::Signal {
                     number: seed as u8,
-                    core_dumped: seed % 3 == 0,
+                    core_dumped: seed.is_multiple_of(3),
                 }
             },
             duration_us: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            output_dropped: seed % 5 == 0,
+            output_dropped: seed.is_multiple_of(5),
             ending: [
                 Ending::Exited,
                 Ending::TimedOut,
@@ -412,8 +417,8 @@ mod tests {
                 bytes: seed >> 3,
                 dropped: seed,
             },
-            pipes_held: seed % 7 == 0,
-            oom_killed: seed % 11 == 0,
+            pipes_held: seed.is_multiple_of(7),
+            oom_killed: seed.is_multiple_of(11),
             peak_memory: seed.rotate_left(13),
         }
     }

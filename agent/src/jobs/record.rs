@@ -13,6 +13,9 @@ pub const MAX_RECORD: usize = ferry_wire::limits::MAX_FRAME + 256;
 /// The most output one record carries.
 pub const MAX_OUTPUT: usize = 32 * 1024;
 
+/// The tag of an output record: the stream's byte and the data follow.
+pub const OUTPUT_TAG: u8 = tag::OUTPUT;
+
 /// "All users' jobs" in a request's `viewer`.
 pub const ANY_VIEWER: u32 = u32::MAX;
 
@@ -554,7 +557,9 @@ mod tests {
         }
         let n = Request::Stdin(b"abc").encode(&mut buf).unwrap();
         assert_eq!(request(&buf[..n]), Some(Incoming::Stdin(b"abc")));
-        let n = Request::Control(Control::Signal(2)).encode(&mut buf).unwrap();
+        let n = Request::Control(Control::Signal(2))
+            .encode(&mut buf)
+            .unwrap();
         let Some(Incoming::Control(ControlFrame(frame))) = request(&buf[..n]) else {
             panic!("not a control");
         };

@@ -134,7 +134,9 @@ impl Spool {
         }
         let (offset, room) = self.place(stream, at);
         let available = room.min(total - at);
-        let n = usize::try_from(available).unwrap_or(usize::MAX).min(buf.len());
+        let n = usize::try_from(available)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
         let Some(part) = buf.get_mut(..n) else {
             return Err(Errno::INVAL);
         };
