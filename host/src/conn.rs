@@ -316,6 +316,16 @@ pub(crate) enum Received {
     Interface(crate::system::Interface),
     /// The guest's clock before a time sync set it.
     ClockSet(ferry_wire::Timestamp),
+    // NOTE: read by the jobs API (host/src/jobs.rs, issue 12), which lands next.
+    /// A detached job started.
+    #[allow(dead_code)]
+    Detached(ferry_wire::JobStarted),
+    /// A job of a listing.
+    #[allow(dead_code)]
+    Job(Box<crate::job_record::JobInfo>),
+    /// An attachment began.
+    #[allow(dead_code)]
+    Attached(ferry_wire::AttachHeader),
 }
 
 /// A connection and its receive buffer; the reading side.
@@ -510,6 +520,11 @@ impl Connection {
                     Received::Interface(crate::system::Interface::from_wire(&interface))
                 }
                 ClientEvent::ClockSet(previous) => Received::ClockSet(previous),
+                ClientEvent::Detached(job) => Received::Detached(job),
+                ClientEvent::Job(job) => {
+                    Received::Job(Box::new(crate::job_record::JobInfo::from_wire(&job)))
+                }
+                ClientEvent::Attached(header) => Received::Attached(header),
             };
             if matches!(
                 received,

@@ -17,6 +17,7 @@ mod command;
 mod conn;
 mod error;
 mod exec;
+mod job_record;
 mod secret;
 mod sys;
 mod system;
@@ -30,10 +31,11 @@ pub use command::{Command, Stdin};
 pub use conn::AgentInfo;
 pub use error::{errno_name, Error, ErrorCode, RemoteError};
 pub use exec::{Controller, Event, Execution, Output, PumpError, StdinWriter, Termination};
+pub use ferry_wire::{AttachHeader, JobStarted, JobState, Resume, SkipReason, TransferKind};
 pub use ferry_wire::{
     Bounds, Ending, ExitStatus, Limits, Security, Stream, StreamRecord, TreeKill, WindowSize,
 };
-pub use ferry_wire::{SkipReason, TransferKind};
+pub use job_record::JobInfo;
 pub use secret::{read_secret_file, secret_from_env, Secret, SECRET_FILE_ENV};
 pub use sys::vsock;
 pub use system::{rfc3339, AgentReport, ClockStep, Interface, Mount, SystemReport};

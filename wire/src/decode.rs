@@ -9,6 +9,7 @@
 //! a client message must be added here too.
 
 use crate::bytes::{ByteArray, Bytes};
+use crate::jobs::*;
 use crate::msg::*;
 use crate::ops::*;
 
@@ -132,7 +133,7 @@ impl<'a> Reader<'a> {
     }
 
     fn client_frame(&mut self) -> Option<ClientFrame<'a>> {
-        Some(match self.variant(17)? {
+        Some(match self.variant(23)? {
             0 => ClientFrame::Hello(ClientHello {
                 magic: [self.byte()?, self.byte()?, self.byte()?, self.byte()?],
                 min_version: self.u16()?,
@@ -189,7 +190,36 @@ impl<'a> Reader<'a> {
                 grace_ms: self.u32()?,
             }),
             15 => ClientFrame::TimeSync(self.timestamp()?),
-            _ => ClientFrame::Reseed(self.bytes()?),
+            16 => ClientFrame::Reseed(self.bytes()?),
+            17 => ClientFrame::StartJob(JobStart {
+                name: self.option_bytes()?,
+            }),
+            18 => ClientFrame::Jobs(JobQuery {
+                user: self.option_bytes()?,
+            }),
+            19 => ClientFrame::Attach(AttachRequest {
+                job: self.bytes()?,
+                user: self.option_bytes()?,
+                since_stdout: self.u64()?,
+                since_stderr: self.u64()?,
+                follow: self.bool()?,
+                stdin: self.bool()?,
+            }),
+            20 => ClientFrame::Wait(self.job_request()?),
+            21 => ClientFrame::Kill(KillJob {
+                job: self.bytes()?,
+                user: self.option_bytes()?,
+                signal: self.byte()?,
+                grace_ms: self.option_u32()?,
+            }),
+            _ => ClientFrame::Remove(self.job_request()?),
+        })
+    }
+
+    fn job_request(&mut self) -> Option<JobRequest<'a>> {
+        Some(JobRequest {
+            job: self.bytes()?,
+            user: self.option_bytes()?,
         })
     }
 

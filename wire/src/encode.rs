@@ -11,6 +11,7 @@
 //! `tests::hand_encoder_matches_postcard` holds it to that over every variant, edge values and
 //! random frames. A field added to an agent message must be added here too, in its order.
 
+use crate::jobs::*;
 use crate::msg::*;
 use crate::ops::*;
 
@@ -129,6 +130,9 @@ impl<'o> Writer<'o> {
             AgentFrame::Mount(_) => 17,
             AgentFrame::Interface(_) => 18,
             AgentFrame::ClockSet(_) => 19,
+            AgentFrame::Detached(_) => 20,
+            AgentFrame::Job(_) => 21,
+            AgentFrame::Attached(_) => 22,
         };
         self.byte(tag);
         match frame {
@@ -195,6 +199,47 @@ impl<'o> Writer<'o> {
                 self.varint(interface.tx_bytes);
             }
             AgentFrame::ClockSet(previous) => self.timestamp(previous),
+            AgentFrame::Detached(started) => {
+                self.u32(started.id);
+                self.u32(started.pid);
+            }
+            AgentFrame::Job(job) => self.job(job),
+            AgentFrame::Attached(header) => {
+                self.u32(header.id);
+                for resume in [header.stdout, header.stderr] {
+                    self.varint(resume.from);
+                    self.varint(resume.lost);
+                }
+                self.bool(header.stdin);
+                self.bool(header.running);
+            }
+        }
+    }
+
+    fn job(&mut self, job: &JobRecord<'_>) {
+        self.u32(job.id);
+        match job.name {
+            Some(name) => {
+                self.byte(1);
+                self.bytes(name.0);
+            }
+            None => self.byte(0),
+        }
+        self.bytes(job.argv.as_bytes());
+        self.u32(job.uid);
+        self.u32(job.gid);
+        self.u32(job.pid);
+        self.byte(job.state as u8);
+        self.timestamp(&job.started);
+        self.varint(job.duration_us);
+        self.varint(job.stdout_bytes);
+        self.varint(job.stderr_bytes);
+        match &job.termination {
+            Some(end) => {
+                self.byte(1);
+                self.termination(end);
+            }
+            None => self.byte(0),
         }
     }
 

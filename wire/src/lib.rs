@@ -88,6 +88,7 @@ mod bytes;
 mod decode;
 mod encode;
 mod frame;
+mod jobs;
 pub mod limits;
 mod msg;
 mod ops;
@@ -99,6 +100,10 @@ pub use frame::{
     decode_agent_frame, decode_client_frame, encode_agent_frame, encode_client_frame,
     frame_data_in_place, split_frame, DataKind, DecodeError, EncodeError, FrameTooLarge,
     DATA_HEADROOM,
+};
+pub use jobs::{
+    check_job_name, check_job_ref, parse_job_id, AttachHeader, AttachRequest, JobQuery, JobRecord,
+    JobRequest, JobStart, JobStarted, JobState, KillJob, Resume,
 };
 pub use msg::{
     AgentFrame, AgentHello, AgentProof, Bounds, Cancel, ClientFrame, ClientHello, ClientProof,

@@ -46,6 +46,14 @@ pub const MAX_SHUTDOWN_GRACE_MS: u32 = 600_000;
 pub const MAX_INFO_ITEMS: usize = 256;
 /// The most bytes of a readiness report's module times.
 pub const MAX_MODULE_TIMES: usize = 1024;
+/// The longest job name (protocol 5).
+pub const MAX_JOB_NAME: usize = 64;
+/// A job record's argv is cut to this many bytes (on an entry boundary).
+pub const MAX_JOB_ARGV: usize = 1024;
+/// The most jobs any agent's registry holds (its policy's `max_jobs` is at most this).
+pub const MAX_JOBS: usize = 256;
+/// The highest signal number a request may name.
+pub const MAX_SIGNAL: u8 = 64;
 
 /// How many stdin bytes a client may have in flight before the agent grants more credit.
 /// It bounds what the agent buffers for one command's stdin.

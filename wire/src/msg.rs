@@ -9,6 +9,7 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::bytes::{ByteArray, Bytes};
+use crate::jobs::*;
 use crate::limits::*;
 use crate::ops::*;
 
@@ -73,6 +74,25 @@ pub enum ClientFrame<'a> {
     /// them (privileged, like shutdown). Answered with [`AgentFrame::Done`].
     #[serde(borrow)]
     Reseed(Bytes<'a>),
+    /// The [`ClientFrame::Exec`] that follows starts a detached job (protocol 5). Answered with
+    /// [`AgentFrame::Detached`].
+    #[serde(borrow)]
+    StartJob(JobStart<'a>),
+    /// List the jobs ([`AgentFrame::Job`] each, then [`AgentFrame::Done`]).
+    #[serde(borrow)]
+    Jobs(JobQuery<'a>),
+    /// Follow a job's output (and, if granted, feed its stdin).
+    #[serde(borrow)]
+    Attach(AttachRequest<'a>),
+    /// Wait for a job to end: answered with its [`AgentFrame::Exited`].
+    #[serde(borrow)]
+    Wait(JobRequest<'a>),
+    /// Signal a job's tree. Answered with [`AgentFrame::Done`].
+    #[serde(borrow)]
+    Kill(KillJob<'a>),
+    /// Forget an ended job and its output. Answered with [`AgentFrame::Done`].
+    #[serde(borrow)]
+    Remove(JobRequest<'a>),
 }
 
 /// See [`ClientFrame::Cancel`].
@@ -190,6 +210,13 @@ pub enum AgentFrame<'a> {
     Interface(InterfaceInfo<'a>),
     /// The guest's clock was set; this is what it said before. The last frame of a time sync.
     ClockSet(Timestamp),
+    /// A job was started and runs on without this connection; the last frame of its start.
+    Detached(JobStarted),
+    /// A job of the registry (listing).
+    #[serde(borrow)]
+    Job(JobRecord<'a>),
+    /// An attachment begins: where each stream resumes, and whether stdin was granted.
+    Attached(AttachHeader),
 }
 
 /// The client's proof of the secret: an HMAC-SHA-256 over the conversation so far.
@@ -794,6 +821,12 @@ pub enum ErrorCode {
     Io,
     /// A tree's tar stream is not valid.
     BadArchive,
+    /// No job has this id or name (or the request's user may not see it).
+    NoSuchJob,
+    /// The job still runs (it cannot be removed).
+    JobRunning,
+    /// The job has ended (it cannot be signalled).
+    JobEnded,
 }
 
 impl ErrorCode {
@@ -825,6 +858,9 @@ impl ErrorCode {
             ErrorCode::PathEscape => "path escapes the destination",
             ErrorCode::Io => "input/output error",
             ErrorCode::BadArchive => "invalid tar stream",
+            ErrorCode::NoSuchJob => "no such job",
+            ErrorCode::JobRunning => "the job is still running",
+            ErrorCode::JobEnded => "the job has ended",
         }
     }
 }

@@ -275,7 +275,7 @@ fn check_path(path: &[u8], limits: &Limits) -> Result<(), RequestError> {
     Ok(())
 }
 
-fn check_user(user: Option<Bytes<'_>>, limits: &Limits) -> Result<(), RequestError> {
+pub(crate) fn check_user(user: Option<Bytes<'_>>, limits: &Limits) -> Result<(), RequestError> {
     let Some(Bytes(user)) = user else {
         return Ok(());
     };

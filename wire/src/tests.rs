@@ -477,6 +477,12 @@ fn variant_tags_are_pinned() {
         }),
         ClientFrame::TimeSync(Timestamp::default()),
         ClientFrame::Reseed(Bytes(b"r")),
+        ClientFrame::StartJob(JobStart { name: None }),
+        ClientFrame::Jobs(JobQuery { user: None }),
+        ClientFrame::Attach(ATTACH),
+        ClientFrame::Wait(JOB),
+        ClientFrame::Kill(KILL),
+        ClientFrame::Remove(JOB),
     ];
     for (index, frame) in client.iter().enumerate() {
         assert_eq!(encode_client(frame)[HEADER_LEN], index as u8, "{frame:?}");
@@ -551,6 +557,9 @@ fn variant_tags_are_pinned() {
         AgentFrame::Mount(MOUNT),
         AgentFrame::Interface(INTERFACE),
         AgentFrame::ClockSet(Timestamp::default()),
+        AgentFrame::Detached(JobStarted { id: 1, pid: 2 }),
+        AgentFrame::Job(JOB_RECORD),
+        AgentFrame::Attached(ATTACHED),
     ];
     for (index, frame) in agent.iter().enumerate() {
         assert_eq!(encode_agent(frame)[HEADER_LEN], index as u8, "{frame:?}");
@@ -1250,8 +1259,8 @@ proptest! {
 }
 
 /// How many variants each frame enum has (`variant_tags_are_pinned` lists them all).
-const CLIENT_VARIANTS: u8 = 17;
-const AGENT_VARIANTS: u8 = 20;
+const CLIENT_VARIANTS: u8 = 23;
+const AGENT_VARIANTS: u8 = 23;
 
 const PUT: PutRequest<'static> = PutRequest {
     path: Bytes(b"/tmp/f"),
@@ -1680,6 +1689,35 @@ fn client_bodies() -> Vec<Vec<u8>> {
             nanos: u32::MAX,
         }),
         ClientFrame::Reseed(Bytes(b"r")),
+        ClientFrame::StartJob(JobStart { name: None }),
+        ClientFrame::StartJob(JobStart {
+            name: Some(Bytes(b"web")),
+        }),
+        ClientFrame::Jobs(JobQuery { user: None }),
+        ClientFrame::Jobs(JobQuery {
+            user: Some(Bytes(b"root")),
+        }),
+        ClientFrame::Attach(ATTACH),
+        ClientFrame::Attach(AttachRequest {
+            job: Bytes(b"4294967295"),
+            user: Some(Bytes(b"0:0")),
+            since_stdout: u64::MAX,
+            since_stderr: 1 << 35,
+            follow: false,
+            stdin: true,
+        }),
+        ClientFrame::Wait(JOB),
+        ClientFrame::Kill(KILL),
+        ClientFrame::Kill(KillJob {
+            job: Bytes(b"x"),
+            user: Some(Bytes(b"u")),
+            signal: 255,
+            grace_ms: Some(u32::MAX),
+        }),
+        ClientFrame::Remove(JobRequest {
+            job: Bytes(b"17"),
+            user: Some(Bytes(b"nobody")),
+        }),
     ];
     frames
         .iter()
@@ -1950,6 +1988,42 @@ fn every_agent_frame(v: &AgentValues) -> Vec<AgentFrame<'_>> {
             tx_bytes: v.big / 2,
         }),
         AgentFrame::ClockSet(stamp),
+        AgentFrame::Detached(JobStarted {
+            id: v.n,
+            pid: v.n / 3,
+        }),
+        AgentFrame::Job(JobRecord {
+            id: v.n,
+            name: v.flag.then_some(bytes),
+            argv: StrList(bytes),
+            uid: v.n / 3,
+            gid: v.half.into(),
+            pid: v.n / 5,
+            state: [
+                JobState::Running,
+                JobState::Exited,
+                JobState::Killed,
+                JobState::Lost,
+            ][usize::from(v.small % 4)],
+            started: stamp,
+            duration_us: v.big,
+            stdout_bytes: v.big / 2,
+            stderr_bytes: v.big / 3,
+            termination: (!v.flag).then(|| termination(ExitStatus::Code(v.small))),
+        }),
+        AgentFrame::Attached(AttachHeader {
+            id: v.n,
+            stdout: Resume {
+                from: v.big,
+                lost: v.big / 2,
+            },
+            stderr: Resume {
+                from: v.big / 3,
+                lost: 0,
+            },
+            stdin: v.flag,
+            running: !v.flag,
+        }),
     ]
 }
 
@@ -1965,7 +2039,7 @@ fn check_hand_encoder(v: &AgentValues) {
     // Every variant is here (the last one's tag is the highest).
     assert_eq!(
         frames.iter().map(|f| encode_agent(f)[HEADER_LEN]).max(),
-        Some(19)
+        Some(AGENT_VARIANTS - 1)
     );
     for frame in &frames {
         let expected = postcard_agent_frame(frame, MAX_FRAME).expect("fits");
@@ -2043,4 +2117,134 @@ proptest! {
             prop_assert_eq!(hand_agent_frame(frame, cut), None);
         }
     }
+}
+
+const JOB: JobRequest<'static> = JobRequest {
+    job: Bytes(b"web"),
+    user: None,
+};
+
+const KILL: KillJob<'static> = KillJob {
+    job: Bytes(b"7"),
+    user: None,
+    signal: 0,
+    grace_ms: None,
+};
+
+const ATTACH: AttachRequest<'static> = AttachRequest {
+    job: Bytes(b"7"),
+    user: None,
+    since_stdout: 0,
+    since_stderr: 300,
+    follow: true,
+    stdin: false,
+};
+
+const ATTACHED: AttachHeader = AttachHeader {
+    id: 7,
+    stdout: Resume { from: 0, lost: 0 },
+    stderr: Resume {
+        from: 1000,
+        lost: 200,
+    },
+    stdin: true,
+    running: true,
+};
+
+const JOB_RECORD: JobRecord<'static> = JobRecord {
+    id: 7,
+    name: Some(Bytes(b"web")),
+    argv: StrList::new(b"sleep\x009\0"),
+    uid: 65534,
+    gid: 65534,
+    pid: 42,
+    state: JobState::Running,
+    started: Timestamp {
+        secs: 978_307_200,
+        nanos: 0,
+    },
+    duration_us: 1_000_000,
+    stdout_bytes: 128,
+    stderr_bytes: 0,
+    termination: None,
+};
+
+#[rustfmt::skip]
+#[test]
+fn golden_job_requests() {
+    golden_client(ClientFrame::StartJob(JobStart { name: Some(Bytes(b"web")) }), &[
+        6, 0, 0, 0,                         // body length
+        0x11,                               // ClientFrame::StartJob
+        0x01, 0x03, b'w', b'e', b'b',       // Some(name)
+    ]);
+    golden_client(ClientFrame::Jobs(JobQuery { user: None }), &[
+        2, 0, 0, 0,
+        0x12,                               // ClientFrame::Jobs
+        0x00,                               // user: None
+    ]);
+    golden_client(ClientFrame::Attach(ATTACH), &[
+        9, 0, 0, 0,
+        0x13,                               // ClientFrame::Attach
+        0x01, b'7',                         // job
+        0x00,                               // user: None
+        0x00,                               // since_stdout
+        0xAC, 0x02,                         // since_stderr = 300
+        0x01,                               // follow
+        0x00,                               // stdin
+    ]);
+    golden_client(ClientFrame::Wait(JOB), &[
+        6, 0, 0, 0,
+        0x14,                               // ClientFrame::Wait
+        0x03, b'w', b'e', b'b',
+        0x00,
+    ]);
+    golden_client(ClientFrame::Kill(KILL), &[
+        6, 0, 0, 0,
+        0x15,                               // ClientFrame::Kill
+        0x01, b'7',
+        0x00,                               // user
+        0x00,                               // signal 0: the tree, as a cancel
+        0x00,                               // grace: None
+    ]);
+    golden_client(ClientFrame::Remove(JOB), &[
+        6, 0, 0, 0,
+        0x16,                               // ClientFrame::Remove
+        0x03, b'w', b'e', b'b',
+        0x00,
+    ]);
+}
+
+#[rustfmt::skip]
+#[test]
+fn golden_job_answers() {
+    golden_agent(AgentFrame::Detached(JobStarted { id: 7, pid: 300 }), &[
+        4, 0, 0, 0,
+        0x14,                               // AgentFrame::Detached
+        0x07,                               // id
+        0xAC, 0x02,                         // pid 300
+    ]);
+    golden_agent(AgentFrame::Attached(ATTACHED), &[
+        10, 0, 0, 0,
+        0x16,                               // AgentFrame::Attached
+        0x07,                               // id
+        0x00, 0x00,                         // stdout from, lost
+        0xE8, 0x07, 0xC8, 0x01,             // stderr from 1000, lost 200
+        0x01, 0x01,                         // stdin granted, running
+    ]);
+    golden_agent(AgentFrame::Job(JOB_RECORD), &[
+        37, 0, 0, 0,
+        0x15,                               // AgentFrame::Job
+        0x07,                               // id
+        0x01, 0x03, b'w', b'e', b'b',       // name
+        0x08, b's', b'l', b'e', b'e', b'p', 0, b'9', 0, // argv
+        0xFE, 0xFF, 0x03,                   // uid 65534
+        0xFE, 0xFF, 0x03,                   // gid
+        0x2A,                               // pid 42
+        0x00,                               // Running
+        0x80, 0xA2, 0xFE, 0xA4, 0x07, 0x00, // started: zigzag(978307200), 0 ns
+        0xC0, 0x84, 0x3D,                   // duration 1 s
+        0x80, 0x01,                         // stdout bytes
+        0x00,                               // stderr bytes
+        0x00,                               // termination: None
+    ]);
 }

@@ -373,6 +373,20 @@ fn handshake<'b>(
                     }
                     return Handshake::Refused;
                 }
+                Some(
+                    AgentEvent::StartJob(_)
+                    | AgentEvent::Jobs(_)
+                    | AgentEvent::Attach(_)
+                    | AgentEvent::Wait(_)
+                    | AgentEvent::Kill(_)
+                    | AgentEvent::Remove(_),
+                ) => {
+                    // TODO(issue 12): the job supervisor.
+                    link.inbox.consume(consumed);
+                    let refusal = Refusal::new(ErrorCode::Unsupported, "jobs are not built yet");
+                    let _ = session.refuse(refusal, clock::monotonic_us());
+                    return Handshake::Refused;
+                }
                 // The hello and the proof are handled by the session (our proof is queued);
                 // they yield nothing else before a request.
                 _ => {}

@@ -700,7 +700,13 @@ impl Pump<'_, '_, '_> {
                     | AgentEvent::Info
                     | AgentEvent::Shutdown(_)
                     | AgentEvent::TimeSync(_)
-                    | AgentEvent::Reseed(_),
+                    | AgentEvent::Reseed(_)
+                    | AgentEvent::StartJob(_)
+                    | AgentEvent::Jobs(_)
+                    | AgentEvent::Attach(_)
+                    | AgentEvent::Wait(_)
+                    | AgentEvent::Kill(_)
+                    | AgentEvent::Remove(_),
                 ) => {}
             }
             self.link.inbox.consume(consumed);

@@ -3,9 +3,12 @@
 //! output.
 
 use crate::frame::{decode_client_frame, encode_agent_frame, frame_data_in_place, split_frame};
+use crate::jobs::{
+    AttachHeader, AttachRequest, JobQuery, JobRecord, JobRequest, JobStart, JobStarted, KillJob,
+};
 use crate::limits::HEADER_LEN;
 use crate::limits::{MAC_LEN, MAX_FRAME_BODY, MAX_MESSAGE, NONCE_LEN, STDIN_WINDOW};
-use crate::limits::{MAX_INFO_ITEMS, MAX_RESEED};
+use crate::limits::{MAX_INFO_ITEMS, MAX_JOBS, MAX_RESEED, MAX_SIGNAL};
 use crate::msg::{
     AgentFrame, AgentHello, AgentProof, Bounds, ClientFrame, DoneReport, Dropped, Ending,
     ErrorCode, ErrorFrame, ExitStatus, Limits, ListCheck, ListKind, Security, Started, StdinMode,
@@ -174,6 +177,25 @@ pub enum AgentEvent<'a> {
     TimeSync(Timestamp),
     /// Add these bytes (1 to [`MAX_RESEED`]) to the entropy pool: [`AgentSession::done`].
     Reseed(&'a [u8]),
+    /// The exec that follows starts a detached job (keep the name: the event borrows the
+    /// input). Its [`AgentEvent::Exec`] comes next with [`AgentSession::is_job`]; answer it
+    /// with [`AgentSession::detached`] or [`AgentSession::refuse`].
+    StartJob(JobStart<'a>),
+    /// List the jobs the request's user may see: [`AgentSession::encode_job`] each, then
+    /// [`AgentSession::done`].
+    Jobs(JobQuery<'a>),
+    /// Attach to a job: [`AgentSession::attached`] (or refuse), then its output with
+    /// [`AgentSession::frame_output`] and [`AgentSession::encode_output_dropped`], stdin and
+    /// controls as for an exec, and last [`AgentSession::job_ended`] or (not following, the
+    /// retained output sent) [`AgentSession::done`].
+    Attach(AttachRequest<'a>),
+    /// Wait for a job: [`AgentSession::waiting`] while it runs (keepalives flow), then
+    /// [`AgentSession::job_ended`]; or refuse.
+    Wait(JobRequest<'a>),
+    /// Signal a job's tree: [`AgentSession::done`] or refuse.
+    Kill(KillJob<'a>),
+    /// Forget an ended job: [`AgentSession::done`] or refuse.
+    Remove(JobRequest<'a>),
 }
 
 /// What only the driver knows about a command's end, for its termination record.
@@ -226,6 +248,11 @@ enum Op {
     Simple,
     Info,
     Clock,
+    /// A detached job's exec, answered with `detached`.
+    Job,
+    JobList,
+    Attach,
+    Wait,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,6 +329,12 @@ pub struct AgentSession {
     put_ended: bool,
     /// Info frames encoded so far.
     info_items: usize,
+    /// A `StartJob` came: only its exec request may follow.
+    job_start: bool,
+    detached: Option<JobStarted>,
+    attached: Option<AttachHeader>,
+    /// Job records encoded so far.
+    job_items: usize,
 }
 
 impl AgentSession {
@@ -345,6 +378,10 @@ impl AgentSession {
             clock_set: None,
             put_ended: false,
             info_items: 0,
+            job_start: false,
+            detached: None,
+            attached: None,
+            job_items: 0,
         };
         // The transcript starts with our hello, hashed now, so the order of hashing never
         // depends on when the driver sends it. It always fits: its strings are bounded.
@@ -398,6 +435,8 @@ impl AgentSession {
             || self.file_ready.is_some()
             || self.file_done.is_some()
             || self.clock_set.is_some()
+            || self.detached.is_some()
+            || self.attached.is_some()
             || self.exited.is_some()
             || self.keepalive_queued
             || self.credit_due()
@@ -573,9 +612,57 @@ impl AgentSession {
                 | ClientFrame::Info
                 | ClientFrame::Shutdown(_)
                 | ClientFrame::TimeSync(_)
-                | ClientFrame::Reseed(_),
-            ) if self.parts_seen => {
+                | ClientFrame::Reseed(_)
+                | ClientFrame::StartJob(_)
+                | ClientFrame::Jobs(_)
+                | ClientFrame::Attach(_)
+                | ClientFrame::Wait(_)
+                | ClientFrame::Kill(_)
+                | ClientFrame::Remove(_),
+            ) if self.parts_seen || self.job_start => {
                 Err(unexpected("expected the exec request its pieces belong to"))
+            }
+            (State::AwaitRequest, ClientFrame::ExecPart(_)) if self.job_start => Err(
+                invalid_message("a job's request must fit in one exec frame"),
+            ),
+            (State::AwaitRequest, ClientFrame::StartJob(start)) => {
+                start.validate().map_err(invalid_request)?;
+                self.job_start = true;
+                Ok(AgentEvent::StartJob(start))
+            }
+            (State::AwaitRequest, ClientFrame::Jobs(query)) => {
+                query
+                    .validate_within(&self.config.limits)
+                    .map_err(invalid_request)?;
+                self.begin(State::Operating, Op::JobList);
+                Ok(AgentEvent::Jobs(query))
+            }
+            (State::AwaitRequest, ClientFrame::Attach(request)) => {
+                request
+                    .validate_within(&self.config.limits)
+                    .map_err(invalid_request)?;
+                self.begin(State::Starting, Op::Attach);
+                Ok(AgentEvent::Attach(request))
+            }
+            (State::AwaitRequest, ClientFrame::Wait(request)) => {
+                request
+                    .validate_within(&self.config.limits)
+                    .map_err(invalid_request)?;
+                self.begin(State::Starting, Op::Wait);
+                Ok(AgentEvent::Wait(request))
+            }
+            (State::AwaitRequest, ClientFrame::Kill(kill)) => {
+                kill.validate_within(&self.config.limits)
+                    .map_err(invalid_request)?;
+                self.begin(State::Operating, Op::Simple);
+                Ok(AgentEvent::Kill(kill))
+            }
+            (State::AwaitRequest, ClientFrame::Remove(request)) => {
+                request
+                    .validate_within(&self.config.limits)
+                    .map_err(invalid_request)?;
+                self.begin(State::Operating, Op::Simple);
+                Ok(AgentEvent::Remove(request))
             }
             (State::AwaitRequest, ClientFrame::KillAll) => {
                 self.begin(State::Operating, Op::Simple);
@@ -633,8 +720,13 @@ impl AgentSession {
                 let valid = exec
                     .validate_after(&self.config.limits, self.argv_check, self.env_check)
                     .map_err(invalid_request)?;
-                self.begin(State::Starting, Op::Exec);
-                self.stdin_piped = exec.stdin == StdinMode::Pipe;
+                if self.job_start {
+                    // The job's stdin is for whoever attaches to it, not its starter.
+                    self.begin(State::Starting, Op::Job);
+                } else {
+                    self.begin(State::Starting, Op::Exec);
+                    self.stdin_piped = exec.stdin == StdinMode::Pipe;
+                }
                 Ok(AgentEvent::Exec(valid))
             }
             (State::AwaitRequest, _) => Err(unexpected("expected a request")),
@@ -649,7 +741,7 @@ impl AgentSession {
                 Ok(AgentEvent::Stdin(data.0))
             }
             (State::Starting | State::Running, ClientFrame::StdinEof)
-                if self.stdin_open() && self.op == Op::Exec =>
+                if self.stdin_open() && matches!(self.op, Op::Exec | Op::Attach) =>
             {
                 self.stdin_eof = true;
                 Ok(AgentEvent::StdinEof)
@@ -661,8 +753,8 @@ impl AgentSession {
                 self.put_ended = true;
                 Ok(AgentEvent::PutEnd(digest.0))
             }
-            // Controls are for commands alone.
-            (State::Starting | State::Running, _) if self.op != Op::Exec => {
+            // Controls are for commands alone (a job's, through an attachment).
+            (State::Starting | State::Running, _) if !matches!(self.op, Op::Exec | Op::Attach) => {
                 Err(unexpected("unexpected frame"))
             }
             (State::Starting | State::Running, ClientFrame::Signal(number)) => {
@@ -830,6 +922,84 @@ impl AgentSession {
         Ok(())
     }
 
+    /// Whether the exec of [`AgentEvent::Exec`] starts a detached job ([`AgentEvent::StartJob`]
+    /// came first): answer with [`AgentSession::detached`].
+    pub fn is_job(&self) -> bool {
+        self.op == Op::Job
+    }
+
+    /// The job's command started and the job is registered: queues [`AgentFrame::Detached`],
+    /// the last frame of the job's start.
+    pub fn detached(&mut self, job: JobStarted, now: Micros) -> Result<(), SessionError> {
+        if self.state != State::Starting || self.op != Op::Job {
+            return Err(SessionError::InvalidState);
+        }
+        self.detached = Some(job);
+        self.enter_closing(now);
+        Ok(())
+    }
+
+    /// Encodes one [`AgentFrame::Job`] of a listing into `out` (at most [`MAX_JOBS`]); returns
+    /// the bytes written. [`AgentSession::done`] ends the listing.
+    pub fn encode_job(
+        &mut self,
+        job: &JobRecord<'_>,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        if self.state != State::Operating || self.op != Op::JobList || self.job_items >= MAX_JOBS {
+            return Err(SessionError::InvalidState);
+        }
+        let n = encode_agent_frame(&AgentFrame::Job(*job), out)?;
+        self.job_items += 1;
+        Ok(n)
+    }
+
+    /// The attachment begins: queues [`AgentFrame::Attached`]. `job_started_at` is when the
+    /// job started on the driver's clock (output carries its time since then); stdin is
+    /// credited from here on when `header.stdin`.
+    pub fn attached(
+        &mut self,
+        header: AttachHeader,
+        job_started_at: Micros,
+        now: Micros,
+    ) -> Result<(), SessionError> {
+        if self.state != State::Starting || self.op != Op::Attach {
+            return Err(SessionError::InvalidState);
+        }
+        self.state = State::Running;
+        self.attached = Some(header);
+        self.stdin_piped = header.stdin;
+        self.started_at = job_started_at;
+        self.next_keepalive = self.keepalive_after(now);
+        Ok(())
+    }
+
+    /// The job waited for still runs: keepalives flow until [`AgentSession::job_ended`].
+    pub fn waiting(&mut self, now: Micros) -> Result<(), SessionError> {
+        if self.state != State::Starting || self.op != Op::Wait {
+            return Err(SessionError::InvalidState);
+        }
+        self.state = State::Running;
+        self.next_keepalive = self.keepalive_after(now);
+        Ok(())
+    }
+
+    /// The job attached to (after its output) or waited for has ended: queues its
+    /// [`AgentFrame::Exited`], the last frame.
+    pub fn job_ended(&mut self, end: Termination, now: Micros) -> Result<(), SessionError> {
+        let allowed = match self.op {
+            Op::Attach => self.state == State::Running,
+            Op::Wait => matches!(self.state, State::Starting | State::Running),
+            _ => false,
+        };
+        if !allowed {
+            return Err(SessionError::InvalidState);
+        }
+        self.exited = Some(end);
+        self.enter_closing(now);
+        Ok(())
+    }
+
     /// The requested command was executed as `pid`; `started_at` is when spawning began (the
     /// termination record's duration counts from it).
     pub fn started(&mut self, pid: u32, started_at: Micros) -> Result<(), SessionError> {
@@ -855,9 +1025,18 @@ impl AgentSession {
 
     /// The operation asked for by [`AgentEvent::KillAll`] is done; `count` processes were
     /// affected (0 when unknown). Queues the last frame.
+    /// A job listing's count is the records encoded, whatever `count` says; an attachment that
+    /// does not follow ends with it (count 0) once the retained output is sent.
     pub fn done(&mut self, count: u32, now: Micros) -> Result<(), SessionError> {
         let info_complete = self.op == Op::Info && self.info_items > 0;
-        if self.state != State::Operating || !(self.op == Op::Simple || info_complete) {
+        let (allowed, count) = match (self.state, self.op) {
+            (State::Operating, Op::Simple) => (true, count),
+            (State::Operating, Op::Info) => (info_complete, count),
+            (State::Operating, Op::JobList) => (true, self.job_items as u32),
+            (State::Running, Op::Attach) => (true, 0),
+            _ => (false, count),
+        };
+        if !allowed {
             return Err(SessionError::InvalidState);
         }
         self.done = Some(DoneReport { count });
@@ -893,6 +1072,8 @@ impl AgentSession {
         self.file_ready = None;
         self.file_done = None;
         self.clock_set = None;
+        self.detached = None;
+        self.attached = None;
         self.in_window = 0;
         self.owed = 0;
     }
@@ -945,7 +1126,8 @@ impl AgentSession {
         // NOTE: a command's output only: during a transfer it would reach a client that
         // refuses it (found by the protocol-4 fuzz model).
         let output = matches!(kind, DataKind::Stdout | DataKind::Stderr);
-        if self.state != State::Running || self.op != Op::Exec || !output {
+        let op = matches!(self.op, Op::Exec | Op::Attach);
+        if self.state != State::Running || !op || !output {
             return Err(SessionError::InvalidState);
         }
         let at_us = now.saturating_sub(self.started_at);
@@ -981,7 +1163,7 @@ impl AgentSession {
         bytes: u64,
         out: &mut [u8],
     ) -> Result<usize, SessionError> {
-        if self.state != State::Running || self.op != Op::Exec {
+        if self.state != State::Running || !matches!(self.op, Op::Exec | Op::Attach) {
             return Err(SessionError::InvalidState);
         }
         let n = encode_agent_frame(&AgentFrame::OutputDropped(Dropped { stream, bytes }), out)?;
@@ -1084,6 +1266,9 @@ impl AgentSession {
         if let Some(header) = self.file_ready {
             return Some(AgentFrame::FileReady(header));
         }
+        if let Some(header) = self.attached {
+            return Some(AgentFrame::Attached(header));
+        }
         if self.credit_due() {
             return Some(AgentFrame::StdinCredit(self.owed as u32));
         }
@@ -1098,6 +1283,9 @@ impl AgentSession {
         }
         if let Some(previous) = self.clock_set {
             return Some(AgentFrame::ClockSet(previous));
+        }
+        if let Some(job) = self.detached {
+            return Some(AgentFrame::Detached(job));
         }
         self.exited.map(AgentFrame::Exited)
     }
@@ -1126,6 +1314,11 @@ impl AgentSession {
                 self.clock_set = None;
                 self.final_sent();
             }
+            AgentFrame::Detached(_) => {
+                self.detached = None;
+                self.final_sent();
+            }
+            AgentFrame::Attached(_) => self.attached = None,
             AgentFrame::Started(_) => self.started = None,
             AgentFrame::StdinCredit(_) => {
                 self.in_window -= self.owed;
@@ -1144,7 +1337,8 @@ impl AgentSession {
             | AgentFrame::Skipped(_)
             | AgentFrame::SystemInfo(_)
             | AgentFrame::Mount(_)
-            | AgentFrame::Interface(_) => {}
+            | AgentFrame::Interface(_)
+            | AgentFrame::Job(_) => {}
         }
     }
 
@@ -1166,9 +1360,6 @@ impl AgentSession {
         )
     }
 }
-
-/// The highest signal number Linux has (`SIGRTMAX`).
-const MAX_SIGNAL: u8 = 64;
 
 fn invalid_message(message: &'static str) -> (Refusal, SessionError) {
     (

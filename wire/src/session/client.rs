@@ -2,6 +2,9 @@
 //! proof, one operation, its output, stdin within credit.
 
 use crate::frame::{decode_agent_frame, encode_client_frame, frame_data_in_place, split_frame};
+use crate::jobs::{
+    AttachHeader, AttachRequest, JobQuery, JobRecord, JobRequest, JobStart, JobStarted, KillJob,
+};
 use crate::limits::MAX_RESEED;
 use crate::limits::{
     HEADER_LEN, MAC_LEN, MAX_DATA, MAX_FRAME, MAX_FRAME_BODY, MAX_INLINE_LIST, NONCE_LEN,
@@ -94,6 +97,15 @@ pub enum ClientEvent<'a> {
     Interface(InterfaceInfo<'a>),
     /// The guest's clock was set; it said this before. Last.
     ClockSet(Timestamp),
+    /// The job was started and runs detached: its id. Last.
+    Detached(JobStarted),
+    /// A job of a listing ([`ClientEvent::Done`] counts them).
+    Job(JobRecord<'a>),
+    /// An attachment begins: where each stream resumes, and whether stdin was granted. The
+    /// job's output follows as [`ClientEvent::Stdout`] / [`ClientEvent::Stderr`], bytes lost
+    /// on the way as [`ClientEvent::OutputDropped`], and [`ClientEvent::Exited`] (the job
+    /// ended) or [`ClientEvent::Done`] (not following) last.
+    Attached(AttachHeader),
 }
 
 /// How much of a stdin write a session took.
@@ -126,6 +138,14 @@ enum Op {
     Simple,
     Info,
     Clock,
+    /// A detached job's start: one `Detached`.
+    Job,
+    /// A job listing: `Job` records, then `Done`.
+    JobList,
+    /// `Attached`, output, then `Exited` or `Done`.
+    Attach,
+    /// `Exited`.
+    Wait,
 }
 
 /// The client's protocol state: no buffers, no I/O, no clock.
@@ -169,6 +189,8 @@ pub struct ClientSession {
     /// A put's end (its digest) was sent.
     put_ended: bool,
     info_items: usize,
+    /// Job records received in a listing.
+    job_items: usize,
 }
 
 impl ClientSession {
@@ -197,6 +219,7 @@ impl ClientSession {
             heard_at: None,
             put_ended: false,
             info_items: 0,
+            job_items: 0,
         }
     }
 
@@ -423,7 +446,7 @@ impl ClientSession {
     fn control(&mut self, frame: &ClientFrame<'_>, out: &mut [u8]) -> Result<usize, SessionError> {
         let exec = matches!(
             self.operation,
-            Operation::Sent(Op::Exec) | Operation::Running(Op::Exec)
+            Operation::Sent(Op::Exec | Op::Attach) | Operation::Running(Op::Exec | Op::Attach)
         );
         if !exec || self.failed {
             return Err(SessionError::InvalidState);
@@ -515,6 +538,93 @@ impl ClientSession {
             });
         }
         self.begin(&ClientFrame::TimeSync(now), Op::Clock, out)
+    }
+
+    /// Starts `request` as a detached job named `name` (see [`crate::check_job_name`]):
+    /// [`ClientEvent::Detached`] answers with its id once the command started. A job's request
+    /// must fit in one exec frame, and its starter sends no stdin (an attachment may).
+    pub fn start_job(
+        &mut self,
+        name: Option<&[u8]>,
+        request: &ExecRequest<'_>,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let limits = self.operation_allowed()?;
+        let start = JobStart {
+            name: name.map(Bytes),
+        };
+        start.validate().map_err(invalid)?;
+        request.validate_within(&limits).map_err(invalid)?;
+        if request.argv.as_bytes().len() > MAX_INLINE_LIST
+            || request.env.as_bytes().len() > MAX_INLINE_LIST
+        {
+            return Err(SessionError::InvalidRequest {
+                message: "a job's request must fit in one exec frame",
+            });
+        }
+        let hello_len = self.encode_pending_hello(out)?;
+        let mut n = hello_len;
+        for frame in [ClientFrame::StartJob(start), ClientFrame::Exec(*request)] {
+            n += encode_client_frame(&frame, out.get_mut(n..).unwrap_or(&mut []))?;
+        }
+        self.hello_sent = true;
+        self.operation = Operation::Sent(Op::Job);
+        Ok(n)
+    }
+
+    /// Encodes a job listing request: [`ClientEvent::Job`] each, then [`ClientEvent::Done`].
+    pub fn start_jobs(
+        &mut self,
+        query: &JobQuery<'_>,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let limits = self.operation_allowed()?;
+        query.validate_within(&limits).map_err(invalid)?;
+        self.begin(&ClientFrame::Jobs(*query), Op::JobList, out)
+    }
+
+    /// Encodes an attach request: [`ClientEvent::Attached`] first.
+    pub fn start_attach(
+        &mut self,
+        request: &AttachRequest<'_>,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let limits = self.operation_allowed()?;
+        request.validate_within(&limits).map_err(invalid)?;
+        self.begin(&ClientFrame::Attach(*request), Op::Attach, out)
+    }
+
+    /// Encodes a wait for a job: its [`ClientEvent::Exited`] once it ended.
+    pub fn start_wait(
+        &mut self,
+        request: &JobRequest<'_>,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let limits = self.operation_allowed()?;
+        request.validate_within(&limits).map_err(invalid)?;
+        self.begin(&ClientFrame::Wait(*request), Op::Wait, out)
+    }
+
+    /// Encodes a kill of a job's tree: [`ClientEvent::Done`].
+    pub fn start_kill(
+        &mut self,
+        request: &KillJob<'_>,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let limits = self.operation_allowed()?;
+        request.validate_within(&limits).map_err(invalid)?;
+        self.begin(&ClientFrame::Kill(*request), Op::Simple, out)
+    }
+
+    /// Encodes the removal of an ended job: [`ClientEvent::Done`].
+    pub fn start_remove(
+        &mut self,
+        request: &JobRequest<'_>,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let limits = self.operation_allowed()?;
+        request.validate_within(&limits).map_err(invalid)?;
+        self.begin(&ClientFrame::Remove(*request), Op::Simple, out)
     }
 
     /// Encodes a reseed with `random` (1 to [`MAX_RESEED`] bytes).
@@ -738,6 +848,54 @@ impl ClientSession {
             (AgentFrame::Done(report), _)
                 if matches!(
                     self.operation,
+                    Operation::Sent(Op::JobList) | Operation::Running(Op::JobList)
+                ) =>
+            {
+                if u64::from(report.count) != self.job_items as u64 {
+                    return Err(SessionError::InvalidRequest {
+                        message: "the job listing's count does not match its records",
+                    });
+                }
+                self.operation = Operation::Done;
+                ClientEvent::Done(report)
+            }
+            (AgentFrame::Done(report), _) if self.operation == Operation::Running(Op::Attach) => {
+                self.operation = Operation::Done;
+                self.stdin_open = false;
+                ClientEvent::Done(report)
+            }
+            (AgentFrame::Job(job), _)
+                if matches!(
+                    self.operation,
+                    Operation::Sent(Op::JobList) | Operation::Running(Op::JobList)
+                ) =>
+            {
+                if self.job_items >= crate::limits::MAX_JOBS {
+                    return Err(SessionError::InvalidRequest {
+                        message: "too many job records",
+                    });
+                }
+                self.job_items += 1;
+                self.operation = Operation::Running(Op::JobList);
+                ClientEvent::Job(job)
+            }
+            (AgentFrame::Detached(job), _) if self.operation == Operation::Sent(Op::Job) => {
+                self.operation = Operation::Done;
+                ClientEvent::Detached(job)
+            }
+            (AgentFrame::Attached(header), _) if self.operation == Operation::Sent(Op::Attach) => {
+                self.operation = Operation::Running(Op::Attach);
+                self.stdin_open = header.stdin;
+                self.pty = true;
+                ClientEvent::Attached(header)
+            }
+            (AgentFrame::Exited(end), _) if self.operation == Operation::Sent(Op::Wait) => {
+                self.operation = Operation::Done;
+                ClientEvent::Exited(end)
+            }
+            (AgentFrame::Done(report), _)
+                if matches!(
+                    self.operation,
                     Operation::Sent(Op::Simple) | Operation::Running(Op::Info)
                 ) =>
             {
@@ -758,16 +916,20 @@ impl ClientSession {
                 self.operation = Operation::Running(Op::Exec);
                 ClientEvent::Started { pid: started.pid }
             }
-            (AgentFrame::Stdout(output), _) if self.operation == Operation::Running(Op::Exec) => {
+            (AgentFrame::Stdout(output), _)
+                if matches!(self.operation, Operation::Running(Op::Exec | Op::Attach)) =>
+            {
                 self.last_output_at = output.at_us;
                 ClientEvent::Stdout(output.data.0)
             }
-            (AgentFrame::Stderr(output), _) if self.operation == Operation::Running(Op::Exec) => {
+            (AgentFrame::Stderr(output), _)
+                if matches!(self.operation, Operation::Running(Op::Exec | Op::Attach)) =>
+            {
                 self.last_output_at = output.at_us;
                 ClientEvent::Stderr(output.data.0)
             }
             (AgentFrame::OutputDropped(dropped), _)
-                if self.operation == Operation::Running(Op::Exec) =>
+                if matches!(self.operation, Operation::Running(Op::Exec | Op::Attach)) =>
             {
                 ClientEvent::OutputDropped(dropped)
             }
@@ -826,7 +988,10 @@ impl ClientSession {
                 return Ok(None)
             }
             (AgentFrame::StdinCredit(n), _)
-                if matches!(self.operation, Operation::Running(Op::Exec | Op::Put)) =>
+                if matches!(
+                    self.operation,
+                    Operation::Running(Op::Exec | Op::Put | Op::Attach)
+                ) =>
             {
                 let n = n as usize;
                 if n > self.in_flight {
@@ -838,7 +1003,9 @@ impl ClientSession {
                     available: self.stdin_credit(),
                 }
             }
-            (AgentFrame::Exited(end), _) if self.operation == Operation::Running(Op::Exec) => {
+            (AgentFrame::Exited(end), _)
+                if matches!(self.operation, Operation::Running(Op::Exec | Op::Attach)) =>
+            {
                 self.operation = Operation::Done;
                 self.stdin_open = false;
                 ClientEvent::Exited(end)

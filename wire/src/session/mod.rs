@@ -129,6 +129,24 @@ pub enum FrameKind {
     Interface,
     /// A clock report.
     ClockSet,
+    /// A job's start.
+    StartJob,
+    /// A job listing request.
+    Jobs,
+    /// An attach request.
+    Attach,
+    /// A wait request.
+    Wait,
+    /// A job kill request.
+    Kill,
+    /// A job removal request.
+    Remove,
+    /// A detached job's id.
+    Detached,
+    /// A job record.
+    Job,
+    /// An attachment's header.
+    Attached,
 }
 
 impl FrameKind {
@@ -171,6 +189,15 @@ impl FrameKind {
             FrameKind::Mount => "a mount",
             FrameKind::Interface => "an interface",
             FrameKind::ClockSet => "a clock report",
+            FrameKind::StartJob => "a job start",
+            FrameKind::Jobs => "a job listing request",
+            FrameKind::Attach => "an attach request",
+            FrameKind::Wait => "a wait request",
+            FrameKind::Kill => "a job kill request",
+            FrameKind::Remove => "a job removal request",
+            FrameKind::Detached => "a detached job",
+            FrameKind::Job => "a job record",
+            FrameKind::Attached => "an attachment header",
         }
     }
 
@@ -194,6 +221,12 @@ impl FrameKind {
             ClientFrame::Shutdown(_) => FrameKind::Shutdown,
             ClientFrame::TimeSync(_) => FrameKind::TimeSync,
             ClientFrame::Reseed(_) => FrameKind::Reseed,
+            ClientFrame::StartJob(_) => FrameKind::StartJob,
+            ClientFrame::Jobs(_) => FrameKind::Jobs,
+            ClientFrame::Attach(_) => FrameKind::Attach,
+            ClientFrame::Wait(_) => FrameKind::Wait,
+            ClientFrame::Kill(_) => FrameKind::Kill,
+            ClientFrame::Remove(_) => FrameKind::Remove,
         }
     }
 
@@ -220,6 +253,9 @@ impl FrameKind {
             AgentFrame::Mount(_) => FrameKind::Mount,
             AgentFrame::Interface(_) => FrameKind::Interface,
             AgentFrame::ClockSet(_) => FrameKind::ClockSet,
+            AgentFrame::Detached(_) => FrameKind::Detached,
+            AgentFrame::Job(_) => FrameKind::Job,
+            AgentFrame::Attached(_) => FrameKind::Attached,
         }
     }
 }
@@ -416,6 +452,8 @@ pub(crate) fn truncate_str(text: &str, max: usize) -> &str {
 
 #[cfg(test)]
 mod auth_tests;
+#[cfg(test)]
+mod jobs_tests;
 #[cfg(test)]
 mod ops_tests;
 #[cfg(test)]

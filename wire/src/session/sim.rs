@@ -1616,6 +1616,10 @@ fn client_step(
                 client.outcome.end = End::ClockSet(previous);
                 client.ended = Some(Ok(()));
             }
+            // No simulated client asks for jobs (they have tests of their own: jobs_tests.rs).
+            Some(ClientEvent::Detached(_) | ClientEvent::Job(_) | ClientEvent::Attached(_)) => {
+                return Err("a job frame nobody asked for".into());
+            }
         }
         client.recv.consume(consumed);
         if client.ended.is_some() {
@@ -2057,6 +2061,14 @@ fn receive(agent: &mut Agent, c2a: &mut Wire, rng: &mut Rng, now: Micros) -> Res
                     command.terminate(Ending::Cancelled, grace, now);
                 }
             }
+            Some(
+                AgentEvent::StartJob(_)
+                | AgentEvent::Jobs(_)
+                | AgentEvent::Attach(_)
+                | AgentEvent::Wait(_)
+                | AgentEvent::Kill(_)
+                | AgentEvent::Remove(_),
+            ) => return Err("a job request nobody sent".into()),
         }
         agent.recv.consume(consumed);
     }
