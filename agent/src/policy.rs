@@ -181,7 +181,7 @@ pub const MAX_LINE: usize = 512;
 /// The most connections `max_connections` may allow.
 pub const MAX_CONNECTIONS: u32 = 1024;
 /// The most jobs `max_jobs` may allow: the registry's capacity.
-pub const MAX_JOBS: u32 = 256;
+pub const MAX_JOBS: u32 = ferry_wire::limits::MAX_JOBS as u32;
 /// The largest `job_spool_head` or `job_spool_ring`: 64 MiB per stream.
 pub const MAX_JOB_SPOOL: u64 = 64 << 20;
 /// The largest `cpu_max`: 1024 CPUs, fully.

@@ -48,19 +48,56 @@ pub enum Received<'a> {
     Gone,
 }
 
+/// Receives the next record into `buf` without blocking: its length, `Ok(None)` when nothing
+/// came yet, `Err` when the supervisor is gone.
+pub fn receive_raw(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Option<usize>, ()> {
+    let take = buf.len().min(record::MAX_RECORD);
+    let space = buf.get_mut(..take).ok_or(())?;
+    match rustix::net::recv(sock, space, RecvFlags::DONTWAIT) {
+        Ok((0, _)) => Err(()),
+        Ok((n, _)) => Ok(Some(n.min(take))),
+        Err(Errno::AGAIN | Errno::INTR) => Ok(None),
+        Err(_) => Err(()),
+    }
+}
+
 /// Receives the next record into `buf` without blocking.
 pub fn receive<'a>(sock: BorrowedFd<'_>, buf: &'a mut [u8]) -> Received<'a> {
-    let take = buf.len().min(record::MAX_RECORD);
-    let Some(space) = buf.get_mut(..take) else {
-        return Received::Gone;
-    };
-    match rustix::net::recv(sock, &mut *space, RecvFlags::DONTWAIT) {
-        Ok((0, _)) => Received::Gone,
-        Ok((n, _)) => match space.get(..n).and_then(record::answer) {
+    match receive_raw(sock, buf) {
+        Ok(Some(n)) => match buf.get(..n).and_then(record::answer) {
             Some(answer) => Received::Answer(answer),
             None => Received::Gone,
         },
-        Err(Errno::AGAIN | Errno::INTR) => Received::Nothing,
-        Err(_) => Received::Gone,
+        Ok(None) => Received::Nothing,
+        Err(()) => Received::Gone,
+    }
+}
+
+/// Sends one record made of `head` and `data` (an exec frame, stdin bytes) without copying
+/// them together.
+pub fn send_parts(sock: BorrowedFd<'_>, head: &[u8], data: &[u8]) -> Result<(), Errno> {
+    let iov = [
+        rustix::io::IoSlice::new(head),
+        rustix::io::IoSlice::new(data),
+    ];
+    let mut control = SendAncillaryBuffer::default();
+    rustix::net::sendmsg(sock, &iov, &mut control, SendFlags::NOSIGNAL)?;
+    Ok(())
+}
+
+/// Waits until `deadline` (monotonic µs) for the next record (or the end); whether one may
+/// be there.
+pub fn readable_by(sock: BorrowedFd<'_>, deadline: u64) -> bool {
+    use rustix::event::{PollFd, PollFlags};
+    loop {
+        let mut fds = [PollFd::from_borrowed_fd(sock, PollFlags::IN)];
+        let timeout = crate::clock::timeout_until(deadline);
+        let _ = rustix::event::poll(&mut fds, Some(&timeout));
+        if !fds[0].revents().is_empty() {
+            return true;
+        }
+        if crate::clock::monotonic_us() >= deadline {
+            return false;
+        }
     }
 }

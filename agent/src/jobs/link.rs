@@ -33,7 +33,7 @@ mod client_tag {
 }
 
 /// Every `ErrorCode`, by its variant index.
-pub const ERROR_CODES: [ErrorCode; 25] = [
+pub const ERROR_CODES: [ErrorCode; 28] = [
     ErrorCode::UnsupportedVersion,
     ErrorCode::Malformed,
     ErrorCode::FrameTooLarge,
@@ -59,6 +59,9 @@ pub const ERROR_CODES: [ErrorCode; 25] = [
     ErrorCode::PathEscape,
     ErrorCode::Io,
     ErrorCode::BadArchive,
+    ErrorCode::NoSuchJob,
+    ErrorCode::JobRunning,
+    ErrorCode::JobEnded,
 ];
 
 /// The code with variant index `index` (unknown ones are `Internal`).

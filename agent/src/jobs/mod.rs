@@ -16,9 +16,6 @@
 //! as for a dropped connection; the listener forks a new, empty supervisor. A runner dies → its
 //! job is `Lost` (its exec cgroup is killed).
 
-// The connection side is wired once protocol 5's messages land.
-#![allow(dead_code)]
-
 pub mod client;
 pub mod link;
 pub mod record;
@@ -45,10 +42,9 @@ use crate::{cgroup, clock, log};
 /// The error codes of job requests the wire names.
 pub mod codes {
     use ferry_wire::ErrorCode;
-    // NOTE: until protocol 5's codes land: stand-ins.
-    pub const NO_SUCH_JOB: ErrorCode = ErrorCode::NotFound;
-    pub const JOB_RUNNING: ErrorCode = ErrorCode::Busy;
-    pub const JOB_ENDED: ErrorCode = ErrorCode::InvalidRequest;
+    pub const NO_SUCH_JOB: ErrorCode = ErrorCode::NoSuchJob;
+    pub const JOB_RUNNING: ErrorCode = ErrorCode::JobRunning;
+    pub const JOB_ENDED: ErrorCode = ErrorCode::JobEnded;
 }
 
 /// Connection processes talking to the supervisor at once (attachers, waiters, requests).
@@ -198,7 +194,7 @@ pub fn serve(channel: OwnedFd, serving: &Serving) -> ! {
 
 /// What a job request names: an id in decimal, or a name.
 fn find(jobs: &[Job], job: &[u8]) -> Option<usize> {
-    let id = crate::config::parse_u32(job);
+    let id = ferry_wire::parse_job_id(job);
     jobs.iter()
         .position(|j| Some(j.id) == id || (id.is_none() && j.name.as_slice() == job))
 }
@@ -974,7 +970,7 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
             sup.close_attachers_of_missing();
             answer(sup, Answer::Done { count: 0 }, out)
         }
-        Request::Stdin(_) | Request::Control(_) => Role::Finished,
+        Request::Control(_) => Role::Finished,
     }
 }
 
@@ -1288,7 +1284,9 @@ mod tests {
         assert!(said[0].contains("Cancelled"), "{said:?}");
         let (said, _) = ask(&channel, &list);
         assert!(said[0].contains("state: 2"), "killed: {said:?}");
-        // Garbage: that peer goes, the supervisor serves on.
+        // Garbage on the channel itself (no descriptor, a long record): ignored.
+        rustix::net::send(&channel, &[0xee; 3000], SendFlags::empty()).unwrap();
+        // Garbage on a private line: that peer goes, the supervisor serves on.
         let sock = client::open(channel.as_fd()).unwrap();
         rustix::net::send(&sock, b"\xff\x01garbage", SendFlags::empty()).unwrap();
         let mut buf = [0u8; 64];

@@ -16,6 +16,9 @@ pub const MAX_OUTPUT: usize = 32 * 1024;
 /// The tag of an output record: the stream's byte and the data follow.
 pub const OUTPUT_TAG: u8 = tag::OUTPUT;
 
+/// The tag of a stdin record: the data follows.
+pub const STDIN_TAG: u8 = tag::STDIN;
+
 /// "All users' jobs" in a request's `viewer`.
 pub const ANY_VIEWER: u32 = u32::MAX;
 
@@ -75,8 +78,6 @@ pub enum Request<'a> {
         viewer: u32,
         job: &'a [u8],
     },
-    /// Stdin for the attached job (only from its stdin owner).
-    Stdin(&'a [u8]),
     /// A control for the attached job, as the runner's frame ([`super::link::Control`]).
     Control(super::link::Control),
 }
@@ -202,9 +203,6 @@ impl Request<'_> {
             }
             Request::Remove { viewer, job } => {
                 w.byte(tag::REMOVE).u64(viewer.into()).bytes(job);
-            }
-            Request::Stdin(data) => {
-                w.byte(tag::STDIN).raw(data);
             }
             Request::Control(control) => {
                 // The runner's own frame, ready to relay.
@@ -555,8 +553,11 @@ mod tests {
                 let _ = super::answer(&buf[..cut]);
             }
         }
-        let n = Request::Stdin(b"abc").encode(&mut buf).unwrap();
-        assert_eq!(request(&buf[..n]), Some(Incoming::Stdin(b"abc")));
+        // Stdin goes as its tag and the bytes (sent in two pieces, one record).
+        assert_eq!(
+            request(&[STDIN_TAG, b'a', b'b', b'c']),
+            Some(Incoming::Stdin(b"abc"))
+        );
         let n = Request::Control(Control::Signal(2))
             .encode(&mut buf)
             .unwrap();
