@@ -179,7 +179,7 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool, policy: &Policy, serving:
                 Ok(ForkedSupervisor::Supervisor(channel)) => {
                     children.forget();
                     drop((listener, reserve, jobs_channel));
-                    crate::jobs::serve(channel, serving)
+                    crate::jobs::serve(channel, serving, listener_pid)
                 }
                 Ok(ForkedSupervisor::Listener { pidfd, channel }) => {
                     children.supervisor = Some(pidfd);

@@ -579,12 +579,16 @@ fn a_job_of_another_user_is_refused_unless_the_policy_allows() {
     );
 }
 
-/// The supervisor's pid: the agent's child that is neither a spare nor a connection (it has
-/// no listening socket): found as the child whose own children are the runners.
+/// The agent's jobs' supervisor, waited for (it may just have been forked again).
 fn supervisor_of(agent: &Agent) -> u32 {
-    let comm_children = common::children(agent.pid());
-    // The supervisor is forked first: the lowest pid of the agent's children.
-    *comm_children.iter().min().unwrap()
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(pid) = common::jobs_supervisor(agent.pid()) {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no jobs' supervisor");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]
@@ -593,9 +597,9 @@ fn a_killed_supervisor_ends_its_jobs_and_a_new_one_serves() {
     let id = start_job(&agent, None, &exec(&sh("sleep 60"))).unwrap();
     assert_eq!(id, 1);
     let supervisor = supervisor_of(&agent);
-    let runners = common::children(supervisor);
+    let runners = common::all_children(supervisor);
     assert_eq!(runners.len(), 1, "one runner");
-    let sleep_group = common::children(runners[0]);
+    let sleep_group = common::all_children(runners[0]);
     assert_eq!(sleep_group.len(), 1);
     unsafe_kill(supervisor);
     // The runner sees its client gone and kills its command's tree.
@@ -620,7 +624,7 @@ fn a_killed_runner_leaves_its_job_lost() {
     let agent = insecure(&[]);
     let id = start_job(&agent, None, &exec(&sh("sleep 60"))).unwrap();
     let supervisor = supervisor_of(&agent);
-    let runner = common::children(supervisor)[0];
+    let runner = common::all_children(supervisor)[0];
     unsafe_kill(runner);
     let said = wait(&agent, &id.to_string());
     assert_eq!(refused(&said), ErrorCode::Internal);

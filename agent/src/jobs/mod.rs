@@ -161,10 +161,16 @@ struct Supervisor {
 
 /// Runs the supervisor forever (the listener's fork). `serving` is the agent's; runners serve
 /// insecurely over their private socketpairs.
-pub fn serve(channel: OwnedFd, serving: &Serving) -> ! {
+pub fn serve(channel: OwnedFd, serving: &Serving, listener: rustix::process::Pid) -> ! {
     // Service mode: the supervisor ends with its listener (and its runners then kill their
     // commands, as for a dropped connection).
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
+    if rustix::process::getppid() != Some(listener) {
+        // The listener died before the death signal was armed.
+        sys::exit(0);
+    }
+    // Told apart from the spares in `ps` (and by tests that count them).
+    let _ = rustix::thread::set_name(c"ferry-jobs");
     let _ = rustix::io::ioctl_fionbio(&channel, true);
     let policy = policy::current();
     let mut sup = Supervisor {
@@ -357,6 +363,9 @@ impl Supervisor {
                         attach.blocked = false;
                     }
                 }
+                // Every other end of the channel is closed: the listener is gone (it holds
+                // one for as long as this supervisor lives), and so is everyone it served.
+                Slot::Channel if flags.contains(PollFlags::HUP) => sys::exit(0),
                 Slot::Channel => self.accept_peer(),
             }
         }
@@ -1089,6 +1098,7 @@ fn pump_listing(
 /// supervisor holds the other end).
 fn run_runner(sock: OwnedFd, serving: &Serving) -> ! {
     let _ = rustix::process::set_parent_process_death_signal(None);
+    let _ = rustix::thread::set_name(c"ferry-job");
     let prepared = crate::conn::prepare();
     let report = match rustix::fs::open(
         c"/dev/null",
@@ -1118,13 +1128,14 @@ mod tests {
             config: ferry_wire::session::AgentConfig::DEFAULT,
             secret: None,
         };
+        let parent = rustix::process::getpid();
         // SAFETY: the child runs only the agent's own code, which neither allocates nor takes
         // locks a test thread could hold, and ends with `exit`.
         #[allow(unsafe_code)]
         match unsafe { sys::fork() }.unwrap() {
             sys::Forked::Child => {
                 drop(ours);
-                serve(theirs, &serving)
+                serve(theirs, &serving, parent)
             }
             sys::Forked::Parent(pid) => (ours, pid),
         }
