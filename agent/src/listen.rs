@@ -166,8 +166,6 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool, policy: &Policy, serving:
     let mut reserve = Reserve::open();
     let mut children = Children::new();
     let mut leftovers = Leftovers::new();
-    // The channel to the jobs' supervisor (its end for connection processes).
-    let mut jobs_channel: Option<OwnedFd> = None;
     // Start-up is over: the stack it used goes.
     sys::trim_resident_memory();
     loop {
@@ -178,13 +176,10 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool, policy: &Policy, serving:
             match fork_supervisor() {
                 Ok(ForkedSupervisor::Supervisor(channel)) => {
                     children.forget();
-                    drop((listener, reserve, jobs_channel));
+                    drop((listener, reserve));
                     crate::jobs::serve(channel, serving, listener_pid)
                 }
-                Ok(ForkedSupervisor::Listener { pidfd, channel }) => {
-                    children.supervisor = Some(pidfd);
-                    jobs_channel = Some(channel);
-                }
+                Ok(ForkedSupervisor::Listener(channel)) => children.supervisor = Some(channel),
                 Err(errno) => log::error(b"cannot start the jobs' supervisor", errno),
             }
         }
@@ -194,9 +189,10 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool, policy: &Policy, serving:
                     // The other children's report pipes and the reserve are the listener's: a
                     // spare (and the connection it becomes) holds only its own pipe, and the
                     // jobs' channel.
+                    let channel = children.supervisor.take();
                     children.forget();
                     drop(reserve);
-                    if let Some(channel) = jobs_channel {
+                    if let Some(channel) = channel {
                         crate::jobs::set_channel(channel);
                     }
                     spare(listener, report, listener_pid, &gate, serving)
@@ -422,7 +418,9 @@ struct Children {
     ended: heapless::Vec<(u32, bool), { MAX_CONNECTIONS as usize + SPARES }>,
     /// A shutdown a connection process acknowledged at the last [`Children::wait`].
     power: Option<PowerRequest>,
-    /// The jobs' supervisor's pidfd, while it lives (readable once it exited).
+    /// The connection processes' end of the channel to the jobs' supervisor, while it lives:
+    /// it hangs up once the supervisor's end is closed (only the supervisor holds it), that
+    /// is, once the supervisor died.
     supervisor: Option<OwnedFd>,
 }
 
@@ -486,8 +484,9 @@ impl Children {
             if let Some(listener) = listener {
                 let _ = fds.push(PollFd::new(listener, PollFlags::IN));
             }
-            if let Some(pidfd) = &self.supervisor {
-                let _ = fds.push(PollFd::new(pidfd, PollFlags::IN));
+            if let Some(channel) = &self.supervisor {
+                // Nothing is ever sent to this end: only its hangup wakes us.
+                let _ = fds.push(PollFd::new(channel, PollFlags::empty()));
             }
             if poll(&mut fds, timeout).is_err() {
                 return false;
@@ -625,8 +624,8 @@ impl Leftovers {
 enum ForkedSupervisor {
     /// The new supervisor, with its end of the channel.
     Supervisor(OwnedFd),
-    /// The listener, with the supervisor's pidfd and the connection processes' end.
-    Listener { pidfd: OwnedFd, channel: OwnedFd },
+    /// The listener, with the connection processes' end of the channel.
+    Listener(OwnedFd),
 }
 
 /// Forks the jobs' supervisor with a fresh channel.
@@ -641,20 +640,9 @@ fn fork_supervisor() -> Result<ForkedSupervisor, Errno> {
             drop(ours);
             Ok(ForkedSupervisor::Supervisor(theirs))
         }
-        sys::Forked::Parent(pid) => {
+        sys::Forked::Parent(_) => {
             drop(theirs);
-            let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty());
-            match pidfd {
-                Ok(pidfd) => Ok(ForkedSupervisor::Listener {
-                    pidfd,
-                    channel: ours,
-                }),
-                Err(errno) => {
-                    // Unwatched, it could not be replaced: it goes.
-                    let _ = rustix::process::kill_process(pid, Signal::KILL);
-                    Err(errno)
-                }
-            }
+            Ok(ForkedSupervisor::Listener(ours))
         }
     }
 }
