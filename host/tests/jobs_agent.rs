@@ -679,3 +679,23 @@ fn unsafe_kill(pid: u32) {
         .unwrap();
     assert!(status.success());
 }
+
+/// An ended job's replay longer than one turn of the supervisor (eight records) comes whole,
+/// with nothing else to wake it (it once waited for another event).
+#[test]
+fn a_long_replay_of_an_ended_job_ends() {
+    let agent = insecure(&[]);
+    let id = start_job(&agent, None, &exec(&sh("head -c 1000000 /dev/zero"))).unwrap();
+    exited(&wait(&agent, &id.to_string()));
+    let started = Instant::now();
+    let said = attach(&agent, &id.to_string());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(exited(&said).status, ExitStatus::Code(0));
+    let kept = 64 * 1024 + 256 * 1024;
+    assert_eq!(stream(&said, 0).len(), kept);
+    assert!(said.contains(&Said::Dropped(0, 1_000_000 - kept as u64)));
+}

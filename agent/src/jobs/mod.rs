@@ -157,6 +157,8 @@ struct Supervisor {
     jobs: heapless::Vec<Job, { MAX_JOBS as usize }>,
     next_id: u32,
     max_jobs: usize,
+    /// An attacher has more to send than one turn sends: the next poll does not wait.
+    more: bool,
 }
 
 /// Runs the supervisor forever (the listener's fork). `serving` is the agent's; runners serve
@@ -183,6 +185,7 @@ pub fn serve(channel: OwnedFd, serving: &Serving, listener: rustix::process::Pid
         jobs: heapless::Vec::new(),
         next_id: 1,
         max_jobs: policy.max_jobs.clamp(1, MAX_JOBS) as usize,
+        more: false,
     };
     // Records in and out: mapped once, touched only as far as records go.
     let mut scratch = ScratchPages::new(2 * MAX_RECORD);
@@ -333,7 +336,11 @@ impl Supervisor {
                     let _ = slots.push(Slot::Runner(i));
                 }
             }
-            match poll(&mut fds, None) {
+            // NOTE: an attacher cut short by its per-turn bound has nothing to wake the poll
+            // (an ended job's replay): the poll must not wait then.
+            let zero = rustix::event::Timespec::default();
+            let timeout = self.more.then_some(&zero);
+            match poll(&mut fds, timeout) {
                 Ok(_) | Err(Errno::INTR) => {}
                 Err(errno) => {
                     log::error(b"jobs: poll", errno);
@@ -629,11 +636,14 @@ impl Supervisor {
 
     /// Sends each attacher and lister what its socket takes now.
     fn pump_peers(&mut self, buf: &mut [u8]) {
+        self.more = false;
         for peer in self.peers.iter_mut() {
             let sock = peer.sock.as_fd();
             peer.role = match peer.role {
                 Role::Attached(attach) if !attach.blocked => {
-                    pump_attacher(attach, &self.jobs, sock, buf)
+                    let (role, more) = pump_attacher(attach, &self.jobs, sock, buf);
+                    self.more |= more;
+                    role
                 }
                 Role::Listing {
                     after,
@@ -985,9 +995,14 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
 
 /// Sends an attacher what its socket takes: output from its cursors, losses, and at the end the
 /// job's record (or `Done` without `follow`). Returns its next role.
-fn pump_attacher(mut attach: Attach, jobs: &[Job], sock: BorrowedFd<'_>, buf: &mut [u8]) -> Role {
+fn pump_attacher(
+    mut attach: Attach,
+    jobs: &[Job],
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> (Role, bool) {
     let Some(job) = jobs.iter().find(|j| j.id == attach.job) else {
-        return Role::Finished;
+        return (Role::Finished, false);
     };
     // A bounded number of records per turn: the others get theirs too.
     for _ in 0..8 {
@@ -996,7 +1011,7 @@ fn pump_attacher(mut attach: Attach, jobs: &[Job], sock: BorrowedFd<'_>, buf: &m
             let stream = (attach.turn + k) % 2;
             let at = attach.at.get(stream).copied().unwrap_or(u64::MAX);
             let Some(data) = buf.get_mut(2..2 + MAX_OUTPUT) else {
-                return Role::Finished;
+                return (Role::Finished, false);
             };
             let (record_len, advance) = match job.spool.read(stream, at, data) {
                 Ok(Chunk::Data(n)) => {
@@ -1013,7 +1028,7 @@ fn pump_attacher(mut attach: Attach, jobs: &[Job], sock: BorrowedFd<'_>, buf: &m
                     (dropped.encode(buf).unwrap_or(0), lost)
                 }
                 Ok(Chunk::End) => continue,
-                Err(_) => return Role::Finished,
+                Err(_) => return (Role::Finished, false),
             };
             match send_record(sock, buf.get(..record_len).unwrap_or(&[])) {
                 Ok(()) => {
@@ -1026,15 +1041,15 @@ fn pump_attacher(mut attach: Attach, jobs: &[Job], sock: BorrowedFd<'_>, buf: &m
                 }
                 Err(Errno::AGAIN) => {
                     attach.blocked = true;
-                    return Role::Attached(attach);
+                    return (Role::Attached(attach), false);
                 }
-                Err(_) => return Role::Finished,
+                Err(_) => return (Role::Finished, false),
             }
         }
         if !sent {
             // Caught up with both streams.
             let last = match (job.running(), attach.follow, job.termination) {
-                (true, true, _) => return Role::Attached(attach),
+                (true, true, _) => return (Role::Attached(attach), false),
                 (true, false, _) => Answer::Done { count: 0 },
                 (false, _, Some(t)) => Answer::Ended(t),
                 (false, _, None) => refusal(
@@ -1045,13 +1060,14 @@ fn pump_attacher(mut attach: Attach, jobs: &[Job], sock: BorrowedFd<'_>, buf: &m
             return match send_answer(sock, &last, buf) {
                 Err(Errno::AGAIN) => {
                     attach.blocked = true;
-                    Role::Attached(attach)
+                    (Role::Attached(attach), false)
                 }
-                _ => Role::Finished,
+                _ => (Role::Finished, false),
             };
         }
     }
-    Role::Attached(attach)
+    // The bound cut it short: more next turn, at once.
+    (Role::Attached(attach), true)
 }
 
 /// Lists the jobs `viewer` may see, as the socket takes them, then `Done`.
