@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use ferry_host::{Client, ConnectOptions, Target};
 
+pub mod json;
+
 /// The static musl agent: `FERRY_AGENT_BIN` (set by `cargo xtask test`), or built here once.
 pub fn agent_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
