@@ -528,7 +528,16 @@ impl Run {
             ..AttachOptions::default()
         };
         match job.attach(options) {
-            Ok(attachment) => self.follow(attachment),
+            Ok(attachment) => {
+                if self.interactive && !attachment.header().stdin {
+                    eprintln!(
+                        "ferry: job {}: another attachment took its stdin first; following \
+                         without it",
+                        started.id
+                    );
+                }
+                self.follow(attachment)
+            }
             Err(err) => fail(&format_args!("job {}: {err}", started.id)),
         }
     }
