@@ -166,17 +166,39 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool, policy: &Policy, serving:
     let mut reserve = Reserve::open();
     let mut children = Children::new();
     let mut leftovers = Leftovers::new();
+    // The channel to the jobs' supervisor (its end for connection processes).
+    let mut jobs_channel: Option<OwnedFd> = None;
     // Start-up is over: the stack it used goes.
     sys::trim_resident_memory();
     loop {
         let mut failure = None;
+        // Before the spares, which inherit its channel: the jobs' supervisor, forked again if
+        // it died (old spares keep the dead channel and answer job requests with an error).
+        if children.supervisor.is_none() {
+            match fork_supervisor() {
+                Ok(ForkedSupervisor::Supervisor(channel)) => {
+                    children.forget();
+                    drop((listener, reserve, jobs_channel));
+                    crate::jobs::serve(channel, serving)
+                }
+                Ok(ForkedSupervisor::Listener { pidfd, channel }) => {
+                    children.supervisor = Some(pidfd);
+                    jobs_channel = Some(channel);
+                }
+                Err(errno) => log::error(b"cannot start the jobs' supervisor", errno),
+            }
+        }
         while children.spares() < SPARES && children.len() < max {
             match fork_spare() {
                 Ok(Forked::Spare(report)) => {
                     // The other children's report pipes and the reserve are the listener's: a
-                    // spare (and the connection it becomes) holds only its own pipe.
+                    // spare (and the connection it becomes) holds only its own pipe, and the
+                    // jobs' channel.
                     children.forget();
                     drop(reserve);
+                    if let Some(channel) = jobs_channel {
+                        crate::jobs::set_channel(channel);
+                    }
                     spare(listener, report, listener_pid, &gate, serving)
                 }
                 Ok(Forked::Listener(taken, pid)) => children.add_spare(taken, pid),
@@ -400,6 +422,8 @@ struct Children {
     ended: heapless::Vec<(u32, bool), { MAX_CONNECTIONS as usize + SPARES }>,
     /// A shutdown a connection process acknowledged at the last [`Children::wait`].
     power: Option<PowerRequest>,
+    /// The jobs' supervisor's pidfd, while it lives (readable once it exited).
+    supervisor: Option<OwnedFd>,
 }
 
 struct ChildProcess {
@@ -417,6 +441,7 @@ impl Children {
             all: heapless::Vec::new(),
             ended: heapless::Vec::new(),
             power: None,
+            supervisor: None,
         }
     }
 
@@ -442,6 +467,7 @@ impl Children {
     /// Closes every pipe (in a new spare: they are the listener's).
     fn forget(&mut self) {
         self.all.clear();
+        self.supervisor = None;
     }
 
     /// Blocks until a child has news (a spare took a connection or died, a connection
@@ -451,16 +477,28 @@ impl Children {
         const CAPACITY: usize = MAX_CONNECTIONS as usize + SPARES;
         let mut ready = heapless::Vec::<bool, CAPACITY>::new();
         let clients_waiting;
+        let mut ready_supervisor_gone = false;
         {
-            let mut fds = heapless::Vec::<PollFd<'_>, { CAPACITY + 1 }>::new();
+            let mut fds = heapless::Vec::<PollFd<'_>, { CAPACITY + 2 }>::new();
             for child in &self.all {
                 let _ = fds.push(PollFd::new(&child.report, PollFlags::IN));
             }
             if let Some(listener) = listener {
                 let _ = fds.push(PollFd::new(listener, PollFlags::IN));
             }
+            if let Some(pidfd) = &self.supervisor {
+                let _ = fds.push(PollFd::new(pidfd, PollFlags::IN));
+            }
             if poll(&mut fds, timeout).is_err() {
                 return false;
+            }
+            if self.supervisor.is_some() && fds.last().is_some_and(|fd| !fd.revents().is_empty()) {
+                log::Line::new()
+                    .push(b"the jobs' supervisor died: its jobs end; starting a new one")
+                    .emit_limited();
+                // A pause, so a supervisor that keeps dying cannot turn into a fork storm.
+                clock::sleep_ms(50);
+                ready_supervisor_gone = true;
             }
             for fd in fds.iter().take(self.all.len()) {
                 let _ = ready.push(!fd.revents().is_empty());
@@ -469,6 +507,9 @@ impl Children {
                 && fds
                     .get(self.all.len())
                     .is_some_and(|fd| fd.revents().contains(PollFlags::IN));
+        }
+        if ready_supervisor_gone {
+            self.supervisor = None;
         }
         let mut ready = ready.into_iter();
         let ended = &mut self.ended;
@@ -575,6 +616,44 @@ impl Leftovers {
             let Some(pid) = self.0.pop_front() else { break };
             if remove(pid) == Err(Errno::BUSY) {
                 let _ = self.0.push_back(pid);
+            }
+        }
+    }
+}
+
+/// Each side of [`fork_supervisor`].
+enum ForkedSupervisor {
+    /// The new supervisor, with its end of the channel.
+    Supervisor(OwnedFd),
+    /// The listener, with the supervisor's pidfd and the connection processes' end.
+    Listener { pidfd: OwnedFd, channel: OwnedFd },
+}
+
+/// Forks the jobs' supervisor with a fresh channel.
+fn fork_supervisor() -> Result<ForkedSupervisor, Errno> {
+    let (theirs, ours) = crate::jobs::new_channel()?;
+    // SAFETY: the agent is single-threaded and installs no signal handlers; the child runs the
+    // agent's own code (see `sys::fork`).
+    #[allow(unsafe_code)]
+    let forked = unsafe { sys::fork() }?;
+    match forked {
+        sys::Forked::Child => {
+            drop(ours);
+            Ok(ForkedSupervisor::Supervisor(theirs))
+        }
+        sys::Forked::Parent(pid) => {
+            drop(theirs);
+            let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty());
+            match pidfd {
+                Ok(pidfd) => Ok(ForkedSupervisor::Listener {
+                    pidfd,
+                    channel: ours,
+                }),
+                Err(errno) => {
+                    // Unwatched, it could not be replaced: it goes.
+                    let _ = rustix::process::kill_process(pid, Signal::KILL);
+                    Err(errno)
+                }
             }
         }
     }
