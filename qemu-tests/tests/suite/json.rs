@@ -1,5 +1,6 @@
 //! A small JSON reader for the CLI's `--json` documents (the library writes JSON by hand, and
-//! the tests read it with their own code, not the writer's).
+//! the tests read it with their own code, not the writer's). Also included on its own by
+//! `host/tests/common`.
 
 use std::collections::BTreeMap;
 
