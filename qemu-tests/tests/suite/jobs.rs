@@ -14,12 +14,55 @@ use super::json::{parse, Json};
 use super::trees::{until_gone, until_running};
 use super::Fixture;
 
+/// `ferry ARGS`, failing the scenario (instead of hanging the suite) when it has not ended
+/// within [`CLI_LIMIT`].
 fn run(fixture: &Fixture, args: &[&str]) -> Output {
-    ferry(fixture, args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap()
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = ferry(fixture, args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let stdout = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = out.read_to_end(&mut bytes);
+        bytes
+    });
+    let stderr = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = err.read_to_end(&mut bytes);
+        bytes
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > CLI_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (out, err) = (stdout.join().unwrap(), stderr.join().unwrap());
+            panic!(
+                "ferry {args:?} did not end within {CLI_LIMIT:?}; it printed {} bytes, stderr {:?}",
+                out.len(),
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
 }
+
+/// The longest any one CLI run of these scenarios may take in an emulated guest.
+const CLI_LIMIT: Duration = Duration::from_secs(120);
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
