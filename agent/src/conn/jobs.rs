@@ -316,6 +316,9 @@ fn list(link: &mut Link<'_, '_>, session: &mut AgentSession, sock: BorrowedFd<'_
             Some(Answer::Job(job)) => {
                 let record = job_record(&job);
                 let stall = clock::monotonic_us() + 30_000_000;
+                // NOTE: what the session queued goes first: the agent's proof before the first
+                // record (a client believes nothing before it).
+                link.outbox.refill(session);
                 let put = link
                     .outbox
                     .put_when_sent(link.sock, stall, |out| session.encode_job(&record, out));

@@ -10,6 +10,11 @@ use std::time::{Duration, Instant};
 
 use ferry_host::{Client, ConnectOptions, Target};
 
+/// The JSON reader the scenario suite uses too (`host/tests/agent.rs` loads both copies).
+#[allow(clippy::duplicate_mod)]
+#[path = "../../../qemu-tests/tests/suite/json.rs"]
+pub mod json;
+
 /// The static musl agent: `FERRY_AGENT_BIN` (set by `cargo xtask test`), or built here once.
 pub fn agent_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
