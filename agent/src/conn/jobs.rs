@@ -344,7 +344,9 @@ fn follow(link: &mut Link<'_, '_>, session: &mut AgentSession, sock: BorrowedFd<
     let mut buf = [0u8; RECORD_BUF];
     let mut begun = false;
     loop {
-        if !link.outbox.refill(session) && session.is_closing() {
+        // The final frame is out of the session (closing, or ended with the connection kept
+        // for the next request): the caller sends it and goes on.
+        if !link.outbox.refill(session) && (session.is_closing() || session.can_continue()) {
             return End::Closing;
         }
         if link.flush().is_err() {
