@@ -1039,6 +1039,40 @@ pub fn take_conn_buffers() -> Option<&'static mut ConnBuffers> {
     Some(unsafe { &mut *core::ptr::addr_of_mut!(CONN_BUFFERS) })
 }
 
+/// A value in the binary's zero-filled data (`.bss`, so its initial value must be all zeros or
+/// uninitialized, like an empty `heapless::Vec`): its pages cost memory only once touched.
+/// Handed out once per process as `&'static mut`. For large bounded tables that a stack frame
+/// would keep resident whole (a frame's pages are probed on entry, used or not).
+pub struct TakeOnce<T> {
+    taken: AtomicBool,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the value is reachable only through `take`, which hands out one `&mut` per process;
+// `T: Send` because that one `&mut` may be taken on any thread.
+unsafe impl<T: Send> Sync for TakeOnce<T> {}
+
+impl<T> TakeOnce<T> {
+    pub const fn new(value: T) -> Self {
+        TakeOnce {
+            taken: AtomicBool::new(false),
+            value: UnsafeCell::new(value),
+        }
+    }
+
+    /// The value, the first time; `None` afterwards.
+    // A `&mut` out of `&self` is the point: the flag makes it the only one.
+    #[allow(clippy::mut_from_ref)]
+    pub fn take(&'static self) -> Option<&'static mut T> {
+        if self.taken.swap(true, Ordering::Relaxed) {
+            return None;
+        }
+        // SAFETY: the flag above lets exactly one `&mut` exist in this process. A forked child
+        // gets its own copy of both the memory and the flag.
+        Some(unsafe { &mut *self.value.get() })
+    }
+}
+
 const PAGE: usize = 4096;
 
 /// The agent's machine code: `[__executable_start, etext)`, whole pages.
@@ -1220,6 +1254,9 @@ impl ScratchPages {
         Ok(unsafe { core::slice::from_raw_parts_mut(self.base, self.len) })
     }
 }
+
+// SAFETY: a `ScratchPages` owns its mapping alone; moving it moves that ownership.
+unsafe impl Send for ScratchPages {}
 
 impl Drop for ScratchPages {
     fn drop(&mut self) {

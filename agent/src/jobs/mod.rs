@@ -114,6 +114,8 @@ struct Runner {
     sock: OwnedFd,
     inbox: ScratchPages,
     have: usize,
+    /// What the last poll found.
+    ready: PollFlags,
 }
 
 #[derive(Clone, Copy)]
@@ -148,13 +150,27 @@ struct Attach {
 struct Peer {
     sock: OwnedFd,
     role: Role,
+    /// What the last poll found.
+    ready: PollFlags,
 }
+
+/// The registry's tables: in `.bss`, not on the stack, so that only the entries in use cost
+/// memory (the stack frame of a full registry's tables was kept resident whole).
+struct Tables {
+    peers: heapless::Vec<Peer, MAX_PEERS>,
+    jobs: heapless::Vec<Job, { MAX_JOBS as usize }>,
+}
+
+static TABLES: sys::TakeOnce<Tables> = sys::TakeOnce::new(Tables {
+    peers: heapless::Vec::new(),
+    jobs: heapless::Vec::new(),
+});
 
 struct Supervisor {
     channel: Option<OwnedFd>,
     serving: Serving,
-    peers: heapless::Vec<Peer, MAX_PEERS>,
-    jobs: heapless::Vec<Job, { MAX_JOBS as usize }>,
+    peers: &'static mut heapless::Vec<Peer, MAX_PEERS>,
+    jobs: &'static mut heapless::Vec<Job, { MAX_JOBS as usize }>,
     next_id: u32,
     max_jobs: usize,
     /// An attacher has more to send than one turn sends: the next poll does not wait.
@@ -175,14 +191,17 @@ pub fn serve(channel: OwnedFd, serving: &Serving, listener: rustix::process::Pid
     let _ = rustix::thread::set_name(c"ferry-jobs");
     let _ = rustix::io::ioctl_fionbio(&channel, true);
     let policy = policy::current();
+    let Some(Tables { peers, jobs }) = TABLES.take() else {
+        sys::exit(70);
+    };
     let mut sup = Supervisor {
         channel: Some(channel),
         serving: Serving {
             config: serving.config,
             secret: None,
         },
-        peers: heapless::Vec::new(),
-        jobs: heapless::Vec::new(),
+        peers,
+        jobs,
         next_id: 1,
         max_jobs: policy.max_jobs.clamp(1, MAX_JOBS) as usize,
         more: false,
@@ -299,28 +318,18 @@ impl Job {
     }
 }
 
-/// The slots of one poll.
-#[derive(Clone, Copy)]
-enum Slot {
-    Channel,
-    Peer(usize),
-    Runner(usize),
-}
-
 impl Supervisor {
     fn turn(&mut self, buf: &mut [u8]) {
         const CAPACITY: usize = 1 + MAX_PEERS + MAX_JOBS as usize;
-        let mut ready = heapless::Vec::<(Slot, PollFlags), CAPACITY>::new();
+        let listening = self.channel.is_some() && !self.peers.is_full();
+        let mut revents = heapless::Vec::<PollFlags, CAPACITY>::new();
         {
+            // In this order: the channel (if listened to), each peer, each runner.
             let mut fds = heapless::Vec::<PollFd<'_>, CAPACITY>::new();
-            let mut slots = heapless::Vec::<Slot, CAPACITY>::new();
-            if let Some(channel) = &self.channel {
-                if !self.peers.is_full() {
-                    let _ = fds.push(PollFd::new(channel, PollFlags::IN));
-                    let _ = slots.push(Slot::Channel);
-                }
+            if let Some(channel) = self.channel.as_ref().filter(|_| listening) {
+                let _ = fds.push(PollFd::new(channel, PollFlags::IN));
             }
-            for (i, peer) in self.peers.iter().enumerate() {
+            for peer in self.peers.iter() {
                 let mut flags = PollFlags::IN;
                 if let Role::Attached(Attach { blocked: true, .. }) | Role::Listing { .. } =
                     peer.role
@@ -328,13 +337,9 @@ impl Supervisor {
                     flags |= PollFlags::OUT;
                 }
                 let _ = fds.push(PollFd::new(&peer.sock, flags));
-                let _ = slots.push(Slot::Peer(i));
             }
-            for (i, job) in self.jobs.iter().enumerate() {
-                if let Some(runner) = &job.runner {
-                    let _ = fds.push(PollFd::new(&runner.sock, PollFlags::IN));
-                    let _ = slots.push(Slot::Runner(i));
-                }
+            for runner in self.jobs.iter().filter_map(|job| job.runner.as_ref()) {
+                let _ = fds.push(PollFd::new(&runner.sock, PollFlags::IN));
             }
             // NOTE: an attacher cut short by its per-turn bound has nothing to wake the poll
             // (an ended job's replay): the poll must not wait then.
@@ -347,34 +352,50 @@ impl Supervisor {
                     clock::sleep_ms(100);
                 }
             }
-            for (slot, fd) in slots.iter().zip(&fds) {
-                if !fd.revents().is_empty() {
-                    let _ = ready.push((*slot, fd.revents()));
-                }
+            for fd in fds.iter() {
+                let _ = revents.push(fd.revents());
             }
         }
+        let mut revents = revents.into_iter();
+        let mut next = || revents.next().unwrap_or(PollFlags::empty());
+        let channel = if listening {
+            next()
+        } else {
+            PollFlags::empty()
+        };
+        for peer in self.peers.iter_mut() {
+            peer.ready = next();
+        }
+        for runner in self.jobs.iter_mut().filter_map(|job| job.runner.as_mut()) {
+            runner.ready = next();
+        }
         // Runners first (their output reaches attachers this turn), then peers, then the
-        // channel; indices stay valid because nothing is removed until the sweep at the end.
-        for (slot, flags) in &ready {
-            match *slot {
-                Slot::Runner(i) => self.runner_ready(i, buf),
-                Slot::Peer(i) if flags.intersects(PollFlags::IN | PollFlags::HUP) => {
-                    self.peer_readable(i, buf)
-                }
-                Slot::Peer(i) => {
-                    if let Some(Peer {
-                        role: Role::Attached(attach),
-                        ..
-                    }) = self.peers.get_mut(i)
-                    {
-                        attach.blocked = false;
-                    }
-                }
-                // Every other end of the channel is closed: the listener is gone (it holds
-                // one for as long as this supervisor lives), and so is everyone it served.
-                Slot::Channel if flags.contains(PollFlags::HUP) => sys::exit(0),
-                Slot::Channel => self.accept_peer(),
+        // channel. A job removed meanwhile shifts the others: one may wait for the next turn.
+        for i in 0..self.jobs.len() {
+            let ready = self.jobs.get(i).and_then(|job| job.runner.as_ref());
+            if ready.is_some_and(|runner| !runner.ready.is_empty()) {
+                self.runner_ready(i, buf);
             }
+        }
+        // Peers are only added (at the end) and removed (by the sweep) after this.
+        for i in 0..self.peers.len() {
+            let Some(peer) = self.peers.get_mut(i) else {
+                break;
+            };
+            if peer.ready.intersects(PollFlags::IN | PollFlags::HUP) {
+                self.peer_readable(i, buf);
+            } else if let (false, Role::Attached(attach)) = (peer.ready.is_empty(), &mut peer.role)
+            {
+                attach.blocked = false;
+            }
+        }
+        // Every other end of the channel is closed: the listener is gone (it holds one for as
+        // long as this supervisor lives), and so is everyone it served.
+        if channel.contains(PollFlags::HUP) {
+            sys::exit(0);
+        }
+        if !channel.is_empty() {
+            self.accept_peer();
         }
         self.pump_peers(buf);
         self.sweep();
@@ -398,6 +419,7 @@ impl Supervisor {
                         let _ = self.peers.push(Peer {
                             sock,
                             role: Role::New,
+                            ready: PollFlags::empty(),
                         });
                     }
                 }
@@ -425,11 +447,11 @@ impl Supervisor {
         let next = match (role, record::request(record)) {
             (Role::New, Some(Incoming::Request(request))) => handle_request(request, i, out, self),
             (Role::Attached(attach), Some(Incoming::Stdin(data))) => {
-                relay_stdin(&mut self.jobs, attach.job, owner, data, out);
+                relay_stdin(self.jobs, attach.job, owner, data, out);
                 role
             }
             (Role::Attached(attach), Some(Incoming::Control(frame))) => {
-                if let Some(runner) = find_running(&mut self.jobs, attach.job) {
+                if let Some(runner) = find_running(self.jobs, attach.job) {
                     if is_control(frame.0) {
                         let _ = send_frame(runner.sock.as_fd(), frame.0);
                     }
@@ -627,7 +649,7 @@ impl Supervisor {
     }
 
     fn credit_owner(&mut self, owner: i32, n: u32, buf: &mut [u8]) {
-        for peer in &self.peers {
+        for peer in self.peers.iter() {
             if rustix::fd::AsRawFd::as_raw_fd(&peer.sock) == owner {
                 let _ = send_answer(peer.sock.as_fd(), &Answer::Credit(n), buf);
             }
@@ -641,7 +663,7 @@ impl Supervisor {
             let sock = peer.sock.as_fd();
             peer.role = match peer.role {
                 Role::Attached(attach) if !attach.blocked => {
-                    let (role, more) = pump_attacher(attach, &self.jobs, sock, buf);
+                    let (role, more) = pump_attacher(attach, self.jobs, sock, buf);
                     self.more |= more;
                     role
                 }
@@ -649,7 +671,7 @@ impl Supervisor {
                     after,
                     count,
                     viewer,
-                } => pump_listing(after, count, viewer, &self.jobs, sock, buf),
+                } => pump_listing(after, count, viewer, self.jobs, sock, buf),
                 role => role,
             };
         }
@@ -768,6 +790,7 @@ impl Supervisor {
                 sock: ours,
                 inbox: ScratchPages::new(RUNNER_INBOX),
                 have: 0,
+                ready: PollFlags::empty(),
             }),
             starting: true,
             killed: false,
@@ -890,7 +913,7 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
             follow,
             stdin,
         } => {
-            let i = match lookup(&sup.jobs, viewer, job) {
+            let i = match lookup(sup.jobs, viewer, job) {
                 Ok(i) => i,
                 Err(refusal) => return answer(sup, refused(refusal), out),
             };
@@ -924,7 +947,7 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
             })
         }
         Request::Wait { viewer, job } => {
-            let i = match lookup(&sup.jobs, viewer, job) {
+            let i = match lookup(sup.jobs, viewer, job) {
                 Ok(i) => i,
                 Err(refusal) => return answer(sup, refused(refusal), out),
             };
@@ -953,7 +976,7 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
             signal,
             grace_ms,
         } => {
-            let i = match lookup(&sup.jobs, viewer, job) {
+            let i = match lookup(sup.jobs, viewer, job) {
                 Ok(i) => i,
                 Err(refusal) => return answer(sup, refused(refusal), out),
             };
@@ -974,7 +997,7 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
             answer(sup, Answer::Done { count: 0 }, out)
         }
         Request::Remove { viewer, job } => {
-            let i = match lookup(&sup.jobs, viewer, job) {
+            let i = match lookup(sup.jobs, viewer, job) {
                 Ok(i) => i,
                 Err(refusal) => return answer(sup, refused(refusal), out),
             };
