@@ -784,20 +784,25 @@ pub fn reset_inherited_ignored_signals() -> io::Result<()> {
 /// The highest signal number Linux has (`_NSIG`); real-time signals run up to it.
 pub const MAX_SIGNAL: u8 = 64;
 
-/// `kill(-pgid, number)`: sends signal `number` (1..=[`MAX_SIGNAL`], real-time signals
-/// included) to the process group `pgid`; `EINVAL` for any other number. rustix names only the
-/// standard signals safely, and a client may send any.
-pub fn kill_process_group_raw(pgid: Pid, number: u8) -> io::Result<()> {
+/// Signal `number` (1..=[`MAX_SIGNAL`], real-time signals included) as rustix's `Signal`, to
+/// send to another process; `None` for any other number. rustix names only the standard
+/// signals safely, and a client may send any.
+pub fn signal_to_send(number: u8) -> Option<Signal> {
     if !(1..=MAX_SIGNAL).contains(&number) {
-        return Err(io::Errno::INVAL);
+        return None;
     }
     // SAFETY: 1..=64 are valid, non-zero signal numbers on Linux. rustix's other condition is
     // about the libc's reserved real-time signals (musl's 32–34): the `Signal` must not send,
-    // block or handle them in a way that upsets the libc's own use. It is used once, to send
-    // a signal to another process group; the agent starts no threads and so never makes musl
-    // install its handlers for them, and a command's group is its own session, not the
-    // agent's.
-    let signal = unsafe { Signal::from_raw_unchecked(i32::from(number)) };
+    // block or handle them in a way that upsets the libc's own use. It is only sent to other
+    // processes (a command's group or tree, never the agent's); the agent starts no threads and
+    // so never makes musl install its handlers for them.
+    Some(unsafe { Signal::from_raw_unchecked(i32::from(number)) })
+}
+
+/// `kill(-pgid, number)`: sends signal `number` ([`signal_to_send`]) to the process group
+/// `pgid`; `EINVAL` for a number that is not a signal.
+pub fn kill_process_group_raw(pgid: Pid, number: u8) -> io::Result<()> {
+    let signal = signal_to_send(number).ok_or(io::Errno::INVAL)?;
     rustix::process::kill_process_group(pgid, signal)
 }
 
