@@ -22,7 +22,7 @@ pub mod record;
 mod spool;
 
 use ferry_wire::session::Refusal;
-use ferry_wire::{ErrorCode, Termination};
+use ferry_wire::{ClientFrame, ErrorCode, Termination};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::io::Errno;
@@ -446,16 +446,8 @@ impl Supervisor {
         let owner = rustix::fd::AsRawFd::as_raw_fd(&peer.sock);
         let next = match (role, record::request(record)) {
             (Role::New, Some(Incoming::Request(request))) => handle_request(request, i, out, self),
-            (Role::Attached(attach), Some(Incoming::Stdin(data))) => {
-                relay_stdin(self.jobs, attach.job, owner, data, out);
-                role
-            }
-            (Role::Attached(attach), Some(Incoming::Control(frame))) => {
-                if let Some(runner) = find_running(self.jobs, attach.job) {
-                    if is_control(frame.0) {
-                        let _ = send_frame(runner.sock.as_fd(), frame.0);
-                    }
-                }
+            (Role::Attached(attach), Some(Incoming::Relay(frame))) => {
+                relay(self.jobs, attach.job, owner, frame);
                 role
             }
             // Garbage, or a record out of place: the peer goes.
@@ -813,10 +805,17 @@ impl Supervisor {
     }
 }
 
+/// The client frame `frame` (header and body) holds, if it holds exactly one.
+fn client_frame(frame: &[u8]) -> Option<ferry_wire::ClientFrame<'_>> {
+    match ferry_wire::split_frame(frame, ferry_wire::limits::MAX_FRAME) {
+        Ok(Some((body, used))) if used == frame.len() => ferry_wire::decode_client_frame(body).ok(),
+        _ => None,
+    }
+}
+
 /// The argv of an exec frame (cut on an entry boundary to the spool's room for it).
 fn exec_argv(exec: &[u8]) -> &[u8] {
-    let body = exec.get(4..).unwrap_or(&[]);
-    let Ok(ferry_wire::ClientFrame::Exec(request)) = ferry_wire::decode_client_frame(body) else {
+    let Some(ferry_wire::ClientFrame::Exec(request)) = client_frame(exec) else {
         return &[];
     };
     let argv = request.argv.as_bytes();
@@ -828,40 +827,25 @@ fn exec_argv(exec: &[u8]) -> &[u8] {
     cut.get(..end).unwrap_or(&[])
 }
 
-/// Whether `frame` is one of the controls a runner may be sent.
-fn is_control(frame: &[u8]) -> bool {
-    matches!(ferry_wire::split_frame(frame, 64), Ok(Some((body, used))) if used == frame.len()
-        && matches!(body.first(), Some(3 | 6 | 7 | 8)))
-}
-
-fn find_running(jobs: &mut [Job], id: u32) -> Option<&mut Runner> {
-    jobs.iter_mut()
-        .find(|j| j.id == id)
-        .and_then(|j| j.runner.as_mut())
-}
-
-/// Forwards an attacher's stdin to the job's runner, if that attacher owns the job's stdin.
-fn relay_stdin(jobs: &mut [Job], id: u32, owner: i32, data: &[u8], buf: &mut [u8]) {
-    let Some(job) = jobs.iter_mut().find(|j| j.id == id) else {
+/// Relays an attacher's frame to its job's runner as it is: stdin (from the attacher that
+/// holds the job's stdin only) or a control (a signal, a resize, a cancel); anything else,
+/// or a job that has ended, and it goes nowhere.
+fn relay(jobs: &mut [Job], id: u32, owner: i32, frame: &[u8]) {
+    use link::client_tag::{CANCEL, RESIZE, SIGNAL, STDIN, STDIN_EOF};
+    let Some(job) = jobs.iter().find(|j| j.id == id) else {
         return;
     };
-    if job.stdin_owner != Some(owner) {
-        return;
-    }
-    let Some(runner) = job.runner.as_mut() else {
-        return;
+    let Some(runner) = &job.runner else { return };
+    let relayed = match ferry_wire::split_frame(frame, ferry_wire::limits::MAX_FRAME) {
+        Ok(Some((body, used))) if used == frame.len() => match body.first() {
+            Some(&(STDIN | STDIN_EOF)) => job.stdin_owner == Some(owner),
+            Some(&(SIGNAL | RESIZE | CANCEL)) => true,
+            _ => false,
+        },
+        _ => false,
     };
-    let headroom = ferry_wire::DATA_HEADROOM;
-    for chunk in data.chunks(ferry_wire::limits::MAX_DATA) {
-        let Some(dest) = buf.get_mut(headroom..headroom + chunk.len()) else {
-            return;
-        };
-        dest.copy_from_slice(chunk);
-        let kind = ferry_wire::DataKind::Stdin;
-        if let Ok(start) = ferry_wire::frame_data_in_place(buf, kind, chunk.len(), 0) {
-            let frame = buf.get(start..headroom + chunk.len()).unwrap_or(&[]);
-            let _ = send_frame(runner.sock.as_fd(), frame);
-        }
+    if relayed {
+        let _ = send_frame(runner.sock.as_fd(), frame);
     }
 }
 
@@ -891,36 +875,36 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
             )),
         }
     };
-    match request {
+    let (viewer, frame) = match request {
         Request::Start {
             uid,
             gid,
             name,
             exec,
-        } => match sup.start(uid, gid, name, exec) {
-            Ok(id) => Role::Starting(id),
-            Err(refusal) => answer(sup, refused(refusal), out),
-        },
-        Request::List { viewer } => Role::Listing {
+        } => {
+            return match sup.start(uid, gid, name, exec) {
+                Ok(id) => Role::Starting(id),
+                Err(refusal) => answer(sup, refused(refusal), out),
+            }
+        }
+        Request::Frame { viewer, frame } => (viewer, frame),
+    };
+    match client_frame(frame) {
+        Some(ClientFrame::Jobs(_)) => Role::Listing {
             after: 0,
             count: 0,
             viewer,
         },
-        Request::Attach {
-            viewer,
-            job,
-            since,
-            follow,
-            stdin,
-        } => {
-            let i = match lookup(sup.jobs, viewer, job) {
+        Some(ClientFrame::Attach(request)) => {
+            let since = [request.since_stdout, request.since_stderr];
+            let i = match lookup(sup.jobs, viewer, request.job.0) {
                 Ok(i) => i,
                 Err(refusal) => return answer(sup, refused(refusal), out),
             };
             let Some(job) = sup.jobs.get_mut(i) else {
                 return Role::Finished;
             };
-            let granted = stdin && job.running() && job.stdin_owner.is_none();
+            let granted = request.stdin && job.running() && job.stdin_owner.is_none();
             if granted {
                 job.stdin_owner = owner;
             }
@@ -941,13 +925,13 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
             Role::Attached(Attach {
                 job: id,
                 at: [from0, from1],
-                follow,
+                follow: request.follow,
                 blocked: false,
                 turn: 0,
             })
         }
-        Request::Wait { viewer, job } => {
-            let i = match lookup(sup.jobs, viewer, job) {
+        Some(ClientFrame::Wait(request)) => {
+            let i = match lookup(sup.jobs, viewer, request.job.0) {
                 Ok(i) => i,
                 Err(refusal) => return answer(sup, refused(refusal), out),
             };
@@ -970,13 +954,8 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
                 ),
             }
         }
-        Request::Kill {
-            viewer,
-            job,
-            signal,
-            grace_ms,
-        } => {
-            let i = match lookup(sup.jobs, viewer, job) {
+        Some(ClientFrame::Kill(request)) => {
+            let i = match lookup(sup.jobs, viewer, request.job.0) {
                 Ok(i) => i,
                 Err(refusal) => return answer(sup, refused(refusal), out),
             };
@@ -986,9 +965,20 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
             let Some(runner) = job.runner.as_ref().filter(|_| job.state == State::Running) else {
                 return answer(sup, refusal(codes::JOB_ENDED, "the job has ended"), out);
             };
-            let control = match signal {
-                0 => Control::Cancel { grace_ms },
-                n => Control::Signal(n),
+            let control = match request.signal {
+                0 => Control::Cancel {
+                    grace_ms: request.grace_ms,
+                },
+                n => {
+                    // The whole tree: each process of the job's exec cgroup (setsid escapees
+                    // included); the runner signals the command's process group too (all
+                    // there is without a cgroup). The runner lives, so its pid names its
+                    // cgroup still.
+                    if let Some(signal) = sys::signal_to_send(n) {
+                        let _ = cgroup::signal_exec(job.runner_pid, signal);
+                    }
+                    Control::Signal(n)
+                }
             };
             let mut frame = [0u8; 16];
             let n = link::control_frame(control, &mut frame).unwrap_or(0);
@@ -996,8 +986,8 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
             job.killed = true;
             answer(sup, Answer::Done { count: 0 }, out)
         }
-        Request::Remove { viewer, job } => {
-            let i = match lookup(sup.jobs, viewer, job) {
+        Some(ClientFrame::Remove(request)) => {
+            let i = match lookup(sup.jobs, viewer, request.job.0) {
                 Ok(i) => i,
                 Err(refusal) => return answer(sup, refused(refusal), out),
             };
@@ -1012,7 +1002,7 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
             sup.close_attachers_of_missing();
             answer(sup, Answer::Done { count: 0 }, out)
         }
-        Request::Control(_) => Role::Finished,
+        _ => Role::Finished,
     }
 }
 
@@ -1158,7 +1148,10 @@ fn run_runner(sock: OwnedFd, serving: &Serving) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_wire::{ClientFrame, ExecRequest, ExitStatus, StdinMode, StrList};
+    use ferry_wire::{
+        AttachRequest, Bytes, ExecRequest, ExitStatus, JobQuery, JobRequest, KillJob, StdinMode,
+        StrList,
+    };
 
     /// A supervisor in a forked process; its channel's end for connection processes.
     fn supervisor() -> (OwnedFd, rustix::process::Pid) {
@@ -1241,22 +1234,48 @@ mod tests {
         ask(channel, &request).0
     }
 
-    fn attach(channel: &OwnedFd, viewer: u32, job: &[u8]) -> (Vec<String>, [Vec<u8>; 2]) {
-        let request = Request::Attach {
+    /// [`ask`] with a client's request frame, as a connection process passes it on.
+    fn ask_frame(
+        channel: &OwnedFd,
+        viewer: u32,
+        frame: &ClientFrame<'_>,
+    ) -> (Vec<String>, [Vec<u8>; 2]) {
+        let mut buf = vec![0u8; 1024];
+        let n = ferry_wire::encode_client_frame(frame, &mut buf).unwrap();
+        let request = Request::Frame {
             viewer,
-            job,
-            since: [0, 0],
+            frame: &buf[..n],
+        };
+        ask(channel, &request)
+    }
+
+    fn attach(channel: &OwnedFd, viewer: u32, job: &[u8]) -> (Vec<String>, [Vec<u8>; 2]) {
+        let request = AttachRequest {
+            job: Bytes(job),
+            user: None,
+            since_stdout: 0,
+            since_stderr: 0,
             follow: true,
             stdin: false,
         };
-        ask(channel, &request)
+        ask_frame(channel, viewer, &ClientFrame::Attach(request))
+    }
+
+    fn list(channel: &OwnedFd, viewer: u32) -> Vec<String> {
+        ask_frame(channel, viewer, &ClientFrame::Jobs(JobQuery { user: None })).0
+    }
+
+    fn job(job: &[u8]) -> JobRequest<'_> {
+        JobRequest {
+            job: Bytes(job),
+            user: None,
+        }
     }
 
     #[test]
     fn a_supervisor_serves_jobs_from_start_to_removal() {
         let (channel, pid) = supervisor();
-        let list = Request::List { viewer: ANY_VIEWER };
-        assert_eq!(ask(&channel, &list).0, ["Done { count: 0 }"]);
+        assert_eq!(list(&channel, ANY_VIEWER), ["Done { count: 0 }"]);
         let said = start(
             &channel,
             b"t1",
@@ -1282,36 +1301,32 @@ mod tests {
         // A start that fails is the exec's error, and leaves no entry.
         let said = start(&channel, b"", b"/nonexistent/program\0");
         assert!(said[0].contains("NotFound"), "{said:?}");
-        let (said, _) = ask(&channel, &list);
+        let said = list(&channel, ANY_VIEWER);
         assert_eq!(said.len(), 2, "{said:?}");
         assert!(said[0].contains("id: 1,") && said[1] == "Done { count: 1 }");
         // Another user's job.
         let (said, _) = attach(&channel, 1234, b"t1");
         assert!(said[0].contains("PermissionDenied"), "{said:?}");
-        let (said, _) = ask(&channel, &Request::List { viewer: 1234 });
-        assert_eq!(said, ["Done { count: 0 }"]);
+        assert_eq!(list(&channel, 1234), ["Done { count: 0 }"]);
         // Wait on an ended job: its record at once; kill: ended; remove: gone.
-        let wait = Request::Wait {
-            viewer: ANY_VIEWER,
-            job: b"t1",
+        let wait = |id: &[u8]| ask_frame(&channel, ANY_VIEWER, &ClientFrame::Wait(job(id))).0;
+        assert!(wait(b"t1")[0].starts_with("Ended("));
+        let kill = |job: &[u8]| {
+            let kill = KillJob {
+                job: Bytes(job),
+                user: None,
+                signal: 0,
+                grace_ms: Some(100),
+            };
+            ask_frame(&channel, ANY_VIEWER, &ClientFrame::Kill(kill)).0
         };
-        assert!(ask(&channel, &wait).0[0].starts_with("Ended("));
-        let kill = |job: &'static [u8]| Request::Kill {
-            viewer: ANY_VIEWER,
-            job,
-            signal: 0,
-            grace_ms: Some(100),
-        };
-        let said = ask(&channel, &kill(b"t1")).0;
+        let said = kill(b"t1");
         assert!(
             said[0].contains(&format!("{:?}", codes::JOB_ENDED)),
             "{said:?}"
         );
-        let remove = |job: &'static [u8]| Request::Remove {
-            viewer: ANY_VIEWER,
-            job,
-        };
-        assert_eq!(ask(&channel, &remove(b"t1")).0, ["Done { count: 0 }"]);
+        let remove = |id: &[u8]| ask_frame(&channel, ANY_VIEWER, &ClientFrame::Remove(job(id))).0;
+        assert_eq!(remove(b"t1"), ["Done { count: 0 }"]);
         let (said, _) = attach(&channel, ANY_VIEWER, b"t1");
         assert!(
             said[0].contains(&format!("{:?}", codes::NO_SUCH_JOB)),
@@ -1320,19 +1335,15 @@ mod tests {
         // A running job: not removed; killed (its tree); waited for.
         let said = start(&channel, b"sleeper", b"/bin/sh\0-c\0sleep 30; echo never\0");
         assert!(said[0].starts_with("Started { id: 3,"), "{said:?}");
-        let said = ask(&channel, &remove(b"sleeper")).0;
+        let said = remove(b"sleeper");
         assert!(
             said[0].contains(&format!("{:?}", codes::JOB_RUNNING)),
             "{said:?}"
         );
-        assert_eq!(ask(&channel, &kill(b"sleeper")).0, ["Done { count: 0 }"]);
-        let wait = Request::Wait {
-            viewer: ANY_VIEWER,
-            job: b"3",
-        };
-        let said = ask(&channel, &wait).0;
+        assert_eq!(kill(b"sleeper"), ["Done { count: 0 }"]);
+        let said = wait(b"3");
         assert!(said[0].contains("Cancelled"), "{said:?}");
-        let (said, _) = ask(&channel, &list);
+        let said = list(&channel, ANY_VIEWER);
         assert!(said[0].contains("state: 2"), "killed: {said:?}");
         // Garbage on the channel itself (no descriptor, a long record): ignored.
         rustix::net::send(&channel, &[0xee; 3000], SendFlags::empty()).unwrap();
@@ -1346,7 +1357,21 @@ mod tests {
                 .0,
             0
         );
-        assert_eq!(ask(&channel, &list).0.len(), 2);
+        // A frame that is no job request, a cut one, or two: that peer goes too.
+        assert!(ask_frame(&channel, ANY_VIEWER, &ClientFrame::StdinEof)
+            .0
+            .is_empty());
+        let mut two = vec![0u8; 64];
+        let n = ferry_wire::encode_client_frame(&ClientFrame::Wait(job(b"3")), &mut two).unwrap();
+        two.truncate(n);
+        for frame in [&two[..n - 1], &[two.clone(), two.clone()].concat()] {
+            let request = Request::Frame {
+                viewer: ANY_VIEWER,
+                frame,
+            };
+            assert!(ask(&channel, &request).0.is_empty());
+        }
+        assert_eq!(list(&channel, ANY_VIEWER).len(), 2);
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
     }
