@@ -298,6 +298,18 @@ impl Job {
         }
     }
 
+    /// What a waiter or a caught-up attacher of the ended job is told: its record, or that
+    /// there is none.
+    fn end_answer(&self) -> Answer<'static> {
+        match self.termination {
+            Some(t) => Answer::Ended(t),
+            None => refusal(
+                ErrorCode::Internal,
+                "the job's runner died: its end is unknown",
+            ),
+        }
+    }
+
     /// The job's end: the runner is gone, with its record or without.
     fn end(&mut self, termination: Option<Termination>) {
         self.runner = None;
@@ -607,14 +619,7 @@ impl Supervisor {
         for peer in self.peers.iter_mut() {
             if let Role::Waiting(id) = peer.role {
                 if id == job.id {
-                    let answer = match job.termination {
-                        Some(t) => Answer::Ended(t),
-                        None => refusal(
-                            ErrorCode::Internal,
-                            "the job's runner died: its end is unknown",
-                        ),
-                    };
-                    let _ = send_answer(peer.sock.as_fd(), &answer, buf);
+                    let _ = send_answer(peer.sock.as_fd(), &job.end_answer(), buf);
                     peer.role = Role::Finished;
                 }
             }
@@ -864,17 +869,6 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
         let _ = send(sup, &answer, out);
         Role::Finished
     };
-    // The job a request names, if the viewer may see it.
-    let lookup = |jobs: &[Job], viewer: u32, job: &[u8]| -> Result<usize, Refusal> {
-        let i = find(jobs, job).ok_or(Refusal::new(codes::NO_SUCH_JOB, "no such job"))?;
-        match jobs.get(i) {
-            Some(j) if j.visible_to(viewer) => Ok(i),
-            _ => Err(Refusal::new(
-                ErrorCode::PermissionDenied,
-                "the job belongs to another user",
-            )),
-        }
-    };
     let (viewer, frame) = match request {
         Request::Start {
             uid,
@@ -889,27 +883,44 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
         }
         Request::Frame { viewer, frame } => (viewer, frame),
     };
-    match client_frame(frame) {
-        Some(ClientFrame::Jobs(_)) => Role::Listing {
-            after: 0,
-            count: 0,
-            viewer,
-        },
-        Some(ClientFrame::Attach(request)) => {
-            let since = [request.since_stdout, request.since_stderr];
-            let i = match lookup(sup.jobs, viewer, request.job.0) {
-                Ok(i) => i,
-                Err(refusal) => return answer(sup, refused(refusal), out),
-            };
-            let Some(job) = sup.jobs.get_mut(i) else {
-                return Role::Finished;
-            };
+    let Some(frame) = client_frame(frame) else {
+        return Role::Finished;
+    };
+    let job = match frame {
+        ClientFrame::Jobs(_) => {
+            return Role::Listing {
+                after: 0,
+                count: 0,
+                viewer,
+            }
+        }
+        ClientFrame::Attach(request) => request.job,
+        ClientFrame::Wait(request) | ClientFrame::Remove(request) => request.job,
+        ClientFrame::Kill(request) => request.job,
+        _ => return Role::Finished,
+    };
+    // The job the request names, if the viewer may see it.
+    let Some(i) = find(sup.jobs, job.0) else {
+        return answer(sup, refusal(codes::NO_SUCH_JOB, "no such job"), out);
+    };
+    let Some(job) = sup.jobs.get_mut(i) else {
+        return Role::Finished;
+    };
+    if !job.visible_to(viewer) {
+        let denied = refusal(
+            ErrorCode::PermissionDenied,
+            "the job belongs to another user",
+        );
+        return answer(sup, denied, out);
+    }
+    match frame {
+        ClientFrame::Attach(request) => {
             let granted = request.stdin && job.running() && job.stdin_owner.is_none();
             if granted {
                 job.stdin_owner = owner;
             }
-            let (from0, lost0) = job.spool.resume(0, since[0]);
-            let (from1, lost1) = job.spool.resume(1, since[1]);
+            let (from0, lost0) = job.spool.resume(0, request.since_stdout);
+            let (from1, lost1) = job.spool.resume(1, request.since_stderr);
             let header = Answer::Attached {
                 id: job.id,
                 from: [from0, from1],
@@ -930,38 +941,12 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
                 turn: 0,
             })
         }
-        Some(ClientFrame::Wait(request)) => {
-            let i = match lookup(sup.jobs, viewer, request.job.0) {
-                Ok(i) => i,
-                Err(refusal) => return answer(sup, refused(refusal), out),
-            };
-            match sup.jobs.get(i) {
-                Some(j) if j.running() => Role::Waiting(j.id),
-                Some(Job {
-                    termination: Some(t),
-                    ..
-                }) => {
-                    let t = *t;
-                    answer(sup, Answer::Ended(t), out)
-                }
-                _ => answer(
-                    sup,
-                    refusal(
-                        ErrorCode::Internal,
-                        "the job's runner died: its end is unknown",
-                    ),
-                    out,
-                ),
-            }
+        ClientFrame::Wait(_) if job.running() => Role::Waiting(job.id),
+        ClientFrame::Wait(_) => {
+            let end = job.end_answer();
+            answer(sup, end, out)
         }
-        Some(ClientFrame::Kill(request)) => {
-            let i = match lookup(sup.jobs, viewer, request.job.0) {
-                Ok(i) => i,
-                Err(refusal) => return answer(sup, refused(refusal), out),
-            };
-            let Some(job) = sup.jobs.get_mut(i) else {
-                return Role::Finished;
-            };
+        ClientFrame::Kill(request) => {
             let Some(runner) = job.runner.as_ref().filter(|_| job.state == State::Running) else {
                 return answer(sup, refusal(codes::JOB_ENDED, "the job has ended"), out);
             };
@@ -986,23 +971,17 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
             job.killed = true;
             answer(sup, Answer::Done { count: 0 }, out)
         }
-        Some(ClientFrame::Remove(request)) => {
-            let i = match lookup(sup.jobs, viewer, request.job.0) {
-                Ok(i) => i,
-                Err(refusal) => return answer(sup, refused(refusal), out),
-            };
-            if sup.jobs.get(i).is_some_and(|j| j.running()) {
-                return answer(
-                    sup,
-                    refusal(codes::JOB_RUNNING, "the job is still running"),
-                    out,
-                );
-            }
+        _ if job.running() => answer(
+            sup,
+            refusal(codes::JOB_RUNNING, "the job is still running"),
+            out,
+        ),
+        _ => {
+            // A removal.
             let _ = sup.jobs.remove(i);
             sup.close_attachers_of_missing();
             answer(sup, Answer::Done { count: 0 }, out)
         }
-        _ => Role::Finished,
     }
 }
 
@@ -1061,14 +1040,10 @@ fn pump_attacher(
         }
         if !sent {
             // Caught up with both streams.
-            let last = match (job.running(), attach.follow, job.termination) {
-                (true, true, _) => return (Role::Attached(attach), false),
-                (true, false, _) => Answer::Done { count: 0 },
-                (false, _, Some(t)) => Answer::Ended(t),
-                (false, _, None) => refusal(
-                    ErrorCode::Internal,
-                    "the job's runner died: its end is unknown",
-                ),
+            let last = match (job.running(), attach.follow) {
+                (true, true) => return (Role::Attached(attach), false),
+                (true, false) => Answer::Done { count: 0 },
+                (false, _) => job.end_answer(),
             };
             return match send_answer(sock, &last, buf) {
                 Err(Errno::AGAIN) => {
