@@ -270,18 +270,27 @@ pub fn kill_tree(leader: Pid) -> TreeKill {
 /// is reused between the read and the signal gets a SIGTERM meant for it; the SIGKILL after the
 /// grace is exhaustive and race-free.
 pub fn terminate_tree(leader: Pid) -> TreeKill {
-    let mut buf = [0u8; 48];
-    let by_cgroup = COMMANDS.get().zip(EXEC.get()).is_some_and(|(commands, _)| {
-        exec_path(&mut buf, own_pid(), b"")
-            .and_then(|name| open_dir(commands.dir.as_fd(), name).ok())
-            .is_some_and(|dir| signal_each_in(dir.as_fd(), Signal::TERM).is_ok())
-    });
+    let by_cgroup = EXEC.get().is_some() && signal_exec(own_pid(), Signal::TERM).is_ok();
     let _ = rustix::process::kill_process_group(leader, Signal::TERM);
     if by_cgroup {
         TreeKill::Cgroup
     } else {
         TreeKill::ProcessGroup
     }
+}
+
+/// Sends `signal` to every process in the exec cgroup of connection process `pid` (a job's
+/// `kill --signal`, a cancel's SIGTERM): `cgroup.kill` for SIGKILL where the kernel has it, else
+/// each process listed in `cgroup.procs` in turn (see [`terminate_tree`] for that one's race).
+/// `Err(NOSYS)` without the commands' cgroup, `Err(NOENT)` without that exec cgroup.
+pub fn signal_exec(pid: u32, signal: Signal) -> Result<(), Errno> {
+    if signal == Signal::KILL && kill_exec(pid).is_ok() {
+        return Ok(());
+    }
+    let commands = COMMANDS.get().ok_or(Errno::NOSYS)?;
+    let mut buf = [0u8; 48];
+    let name = exec_path(&mut buf, pid, b"").ok_or(Errno::NAMETOOLONG)?;
+    signal_each_in(open_dir(commands.dir.as_fd(), name)?.as_fd(), signal)
 }
 
 /// For a request that asked for it (`kill_tree_on_exit`): once the command itself has ended,

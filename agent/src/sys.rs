@@ -784,20 +784,25 @@ pub fn reset_inherited_ignored_signals() -> io::Result<()> {
 /// The highest signal number Linux has (`_NSIG`); real-time signals run up to it.
 pub const MAX_SIGNAL: u8 = 64;
 
-/// `kill(-pgid, number)`: sends signal `number` (1..=[`MAX_SIGNAL`], real-time signals
-/// included) to the process group `pgid`; `EINVAL` for any other number. rustix names only the
-/// standard signals safely, and a client may send any.
-pub fn kill_process_group_raw(pgid: Pid, number: u8) -> io::Result<()> {
+/// Signal `number` (1..=[`MAX_SIGNAL`], real-time signals included) as rustix's `Signal`, to
+/// send to another process; `None` for any other number. rustix names only the standard
+/// signals safely, and a client may send any.
+pub fn signal_to_send(number: u8) -> Option<Signal> {
     if !(1..=MAX_SIGNAL).contains(&number) {
-        return Err(io::Errno::INVAL);
+        return None;
     }
     // SAFETY: 1..=64 are valid, non-zero signal numbers on Linux. rustix's other condition is
     // about the libc's reserved real-time signals (musl's 32–34): the `Signal` must not send,
-    // block or handle them in a way that upsets the libc's own use. It is used once, to send
-    // a signal to another process group; the agent starts no threads and so never makes musl
-    // install its handlers for them, and a command's group is its own session, not the
-    // agent's.
-    let signal = unsafe { Signal::from_raw_unchecked(i32::from(number)) };
+    // block or handle them in a way that upsets the libc's own use. It is only sent to other
+    // processes (a command's group or tree, never the agent's); the agent starts no threads and
+    // so never makes musl install its handlers for them.
+    Some(unsafe { Signal::from_raw_unchecked(i32::from(number)) })
+}
+
+/// `kill(-pgid, number)`: sends signal `number` ([`signal_to_send`]) to the process group
+/// `pgid`; `EINVAL` for a number that is not a signal.
+pub fn kill_process_group_raw(pgid: Pid, number: u8) -> io::Result<()> {
+    let signal = signal_to_send(number).ok_or(io::Errno::INVAL)?;
     rustix::process::kill_process_group(pgid, signal)
 }
 
@@ -1039,6 +1044,40 @@ pub fn take_conn_buffers() -> Option<&'static mut ConnBuffers> {
     Some(unsafe { &mut *core::ptr::addr_of_mut!(CONN_BUFFERS) })
 }
 
+/// A value in the binary's zero-filled data (`.bss`, so its initial value must be all zeros or
+/// uninitialized, like an empty `heapless::Vec`): its pages cost memory only once touched.
+/// Handed out once per process as `&'static mut`. For large bounded tables that a stack frame
+/// would keep resident whole (a frame's pages are probed on entry, used or not).
+pub struct TakeOnce<T> {
+    taken: AtomicBool,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the value is reachable only through `take`, which hands out one `&mut` per process;
+// `T: Send` because that one `&mut` may be taken on any thread.
+unsafe impl<T: Send> Sync for TakeOnce<T> {}
+
+impl<T> TakeOnce<T> {
+    pub const fn new(value: T) -> Self {
+        TakeOnce {
+            taken: AtomicBool::new(false),
+            value: UnsafeCell::new(value),
+        }
+    }
+
+    /// The value, the first time; `None` afterwards.
+    // A `&mut` out of `&self` is the point: the flag makes it the only one.
+    #[allow(clippy::mut_from_ref)]
+    pub fn take(&'static self) -> Option<&'static mut T> {
+        if self.taken.swap(true, Ordering::Relaxed) {
+            return None;
+        }
+        // SAFETY: the flag above lets exactly one `&mut` exist in this process. A forked child
+        // gets its own copy of both the memory and the flag.
+        Some(unsafe { &mut *self.value.get() })
+    }
+}
+
 const PAGE: usize = 4096;
 
 /// The agent's machine code: `[__executable_start, etext)`, whole pages.
@@ -1220,6 +1259,9 @@ impl ScratchPages {
         Ok(unsafe { core::slice::from_raw_parts_mut(self.base, self.len) })
     }
 }
+
+// SAFETY: a `ScratchPages` owns its mapping alone; moving it moves that ownership.
+unsafe impl Send for ScratchPages {}
 
 impl Drop for ScratchPages {
     fn drop(&mut self) {

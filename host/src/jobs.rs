@@ -306,7 +306,9 @@ impl JobHandle {
 
     /// Signals the job's tree. `None`: ends it as a cancel does (`SIGTERM` to every process of
     /// its tree, `SIGKILL` after `grace`, by default the job's own kill grace); `Some(n)`:
-    /// signal `n` (1–64) to its process group, and `grace` must be `None`. An ended job is
+    /// signal `n` (1–64) to every process of its tree (its exec cgroup, setsid escapees
+    /// included, and its process group; the process group alone where the guest has no cgroup
+    /// v2), and `grace` must be `None`. An ended job is
     /// [`crate::ErrorCode::JobEnded`].
     pub fn kill(&self, signal: Option<i32>, grace: Option<Duration>) -> Result<(), Error> {
         let signal = match signal {

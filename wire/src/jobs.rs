@@ -51,7 +51,8 @@ pub struct KillJob<'a> {
     /// See [`JobQuery::user`].
     pub user: Option<Bytes<'a>>,
     /// 0: end the tree as a cancel does (`SIGTERM`, then `SIGKILL` after the grace); else this
-    /// signal (1–64) to the job's process group.
+    /// signal (1–64) to every process of the job's tree (its exec cgroup, and its process
+    /// group).
     pub signal: u8,
     /// Milliseconds between `SIGTERM` and `SIGKILL` for signal 0; `None`: the job's own
     /// [`crate::ExecRequest::kill_grace_ms`].

@@ -13,7 +13,6 @@ use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use super::io::{Link, Output, Received as LinkReceived};
 use super::End;
 use crate::jobs::client::{self, Received};
-use crate::jobs::link::Control;
 use crate::jobs::record::{Answer, JobInfo, Request, ANY_VIEWER, MAX_OUTPUT};
 use crate::sys::SetOnce;
 use crate::{clock, policy, users};
@@ -136,98 +135,36 @@ enum Kind {
     Wait,
     /// One `Done` or a refusal.
     Simple,
-}
-
-/// The request record for `event` into `out`: its length and kind.
-fn prepare(event: &AgentEvent<'_>, out: &mut [u8]) -> Result<(usize, Kind), Refusal> {
-    let (request, user, kind) = match *event {
-        AgentEvent::Jobs(query) => (Request::List { viewer: 0 }, query.user, Kind::List),
-        AgentEvent::Attach(a) => (
-            Request::Attach {
-                viewer: 0,
-                job: a.job.0,
-                since: [a.since_stdout, a.since_stderr],
-                follow: a.follow,
-                stdin: a.stdin,
-            },
-            a.user,
-            Kind::Attach,
-        ),
-        AgentEvent::Wait(w) => (
-            Request::Wait {
-                viewer: 0,
-                job: w.job.0,
-            },
-            w.user,
-            Kind::Wait,
-        ),
-        AgentEvent::Kill(k) => (
-            Request::Kill {
-                viewer: 0,
-                job: k.job.0,
-                signal: k.signal,
-                grace_ms: k.grace_ms,
-            },
-            k.user,
-            Kind::Simple,
-        ),
-        AgentEvent::Remove(r) => (
-            Request::Remove {
-                viewer: 0,
-                job: r.job.0,
-            },
-            r.user,
-            Kind::Simple,
-        ),
-        _ => return Err(Refusal::new(ErrorCode::Internal, "not a job request")),
-    };
-    let who = viewer(user)?;
-    let request = match request {
-        Request::List { .. } => Request::List { viewer: who },
-        Request::Attach {
-            job,
-            since,
-            follow,
-            stdin,
-            ..
-        } => Request::Attach {
-            viewer: who,
-            job,
-            since,
-            follow,
-            stdin,
-        },
-        Request::Wait { job, .. } => Request::Wait { viewer: who, job },
-        Request::Kill {
-            job,
-            signal,
-            grace_ms,
-            ..
-        } => Request::Kill {
-            viewer: who,
-            job,
-            signal,
-            grace_ms,
-        },
-        Request::Remove { job, .. } => Request::Remove { viewer: who, job },
-        other => other,
-    };
-    let n = request
-        .encode(out)
-        .ok_or(Refusal::new(ErrorCode::Internal, "job request too long"))?;
-    Ok((n, kind))
+    /// Not a job request.
+    Other,
 }
 
 /// A job request copied out of the receive buffer, ready to send.
 pub struct Asked {
-    record: [u8; 256],
+    record: [u8; 320],
     prepared: Result<(usize, Kind), Refusal>,
 }
 
-/// Copies a job request other than a start into its record.
-pub fn ask(event: &AgentEvent<'_>) -> Asked {
-    let mut record = [0u8; 256];
-    let prepared = prepare(event, &mut record);
+/// Copies a job request other than a start into its record: `event`, as the session decoded
+/// it from `frame` (the client's whole frame, which goes to the supervisor as it is).
+pub fn ask(event: &AgentEvent<'_>, frame: &[u8]) -> Asked {
+    let mut record = [0u8; 320];
+    let (user, kind) = match *event {
+        AgentEvent::Jobs(query) => (query.user, Kind::List),
+        AgentEvent::Attach(attach) => (attach.user, Kind::Attach),
+        AgentEvent::Wait(wait) => (wait.user, Kind::Wait),
+        AgentEvent::Kill(kill) => (kill.user, Kind::Simple),
+        AgentEvent::Remove(remove) => (remove.user, Kind::Simple),
+        _ => (None, Kind::Other),
+    };
+    let prepared = viewer(user).and_then(|viewer| {
+        let request = Request::Frame { viewer, frame };
+        match (kind, request.encode(&mut record)) {
+            (Kind::Other, _) => Err(Refusal::new(ErrorCode::Internal, "not a job request")),
+            (_, Some(n)) => Ok((n, kind)),
+            (_, None) => Err(Refusal::new(ErrorCode::Internal, "job request too long")),
+        }
+    });
     Asked { record, prepared }
 }
 
@@ -250,7 +187,7 @@ pub fn serve(asked: Asked, link: &mut Link<'_, '_>, session: &mut AgentSession) 
                 let _ = session.waiting(now());
                 follow(link, session, sock.as_fd())
             }
-            Kind::Simple => {
+            Kind::Simple | Kind::Other => {
                 let mut buf = [0u8; 512];
                 match receive(sock.as_fd(), &mut buf, now() + ANSWER_TIMEOUT_US) {
                     Some(Answer::Done { .. }) => {
@@ -500,24 +437,21 @@ fn client_frames(
             return Err(End::Closing);
         };
         let consumed = input.consumed;
-        let control = match input.event {
+        let relayed = match input.event {
             None if consumed == 0 => return Ok(()),
-            Some(AgentEvent::Stdin(data)) => {
-                let _ = client::send_parts(sock, &[crate::jobs::record::STDIN_TAG], data);
-                None
-            }
-            Some(AgentEvent::StdinEof) => Some(Control::StdinEof),
-            Some(AgentEvent::Signal(number)) => Some(Control::Signal(number)),
-            Some(AgentEvent::Resize(size)) => Some(Control::Resize {
-                rows: size.rows,
-                cols: size.cols,
-            }),
-            Some(AgentEvent::Cancel { grace_ms }) => Some(Control::Cancel { grace_ms }),
-            _ => None,
+            Some(
+                AgentEvent::Stdin(_)
+                | AgentEvent::StdinEof
+                | AgentEvent::Signal(_)
+                | AgentEvent::Resize(_)
+                | AgentEvent::Cancel { .. },
+            ) => true,
+            _ => false,
         };
-        if let Some(control) = control {
-            let mut record = [0u8; 32];
-            let _ = client::send(sock, &Request::Control(control), &mut record);
+        if relayed {
+            // The client's own frame: the runner's session reads it as the attacher's did.
+            let frame = link.inbox.data().get(..consumed).unwrap_or(&[]);
+            let _ = client::send_parts(sock, &[crate::jobs::record::RELAY_TAG], frame);
         }
         link.inbox.consume(consumed);
     }

@@ -440,7 +440,8 @@ fn handshake<'b>(
                 ) => {
                     *audit = Some(Audit::new(jobs::name(&event), b"", None));
                     // The request is copied into its record before the inbox moves on.
-                    let asked = jobs::ask(&event);
+                    let frame = link.inbox.data().get(..consumed).unwrap_or(&[]);
+                    let asked = jobs::ask(&event, frame);
                     link.inbox.consume(consumed);
                     let end = jobs::serve(asked, link, session);
                     return match end {

@@ -8,7 +8,7 @@ use rustix::net::{
     SocketType,
 };
 
-use super::record::{self, Answer, Request};
+use super::record::{self, Answer};
 
 /// Opens a private line to the supervisor over `channel`; `Err` when there is none (no
 /// supervisor, or a dead one: its channel's end is closed).
@@ -32,8 +32,14 @@ pub fn open(channel: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
     Ok(ours)
 }
 
-/// Sends one request record.
-pub fn send(sock: BorrowedFd<'_>, request: &Request<'_>, buf: &mut [u8]) -> Result<(), Errno> {
+/// Sends one request record (the supervisor's tests; a connection process sends its records
+/// from its own buffers).
+#[cfg(test)]
+pub fn send(
+    sock: BorrowedFd<'_>,
+    request: &record::Request<'_>,
+    buf: &mut [u8],
+) -> Result<(), Errno> {
     let n = request.encode(buf).ok_or(Errno::MSGSIZE)?;
     rustix::net::send(sock, buf.get(..n).unwrap_or(&[]), SendFlags::NOSIGNAL)?;
     Ok(())

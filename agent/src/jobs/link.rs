@@ -23,9 +23,10 @@ mod agent_tag {
     pub const ERROR: u32 = 6;
 }
 
-/// `ClientFrame` variant indices the supervisor writes.
-mod client_tag {
+/// `ClientFrame` variant indices the supervisor writes, or relays from attachers.
+pub mod client_tag {
     pub const HELLO: u8 = 0;
+    pub const STDIN: u8 = 2;
     pub const STDIN_EOF: u8 = 3;
     pub const SIGNAL: u8 = 6;
     pub const RESIZE: u8 = 7;
@@ -295,26 +296,19 @@ pub fn client_hello(out: &mut [u8]) -> Option<usize> {
     })
 }
 
-/// A control the supervisor relays to a runner.
+/// A control the supervisor sends a runner (a job's kill); attachers' controls are relayed as
+/// their clients' frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
-    StdinEof,
     Signal(u8),
-    Resize { rows: u16, cols: u16 },
     Cancel { grace_ms: Option<u32> },
 }
 
 /// `control` as a whole client frame.
 pub fn control_frame(control: Control, out: &mut [u8]) -> Option<usize> {
     client_frame(out, |w| match control {
-        Control::StdinEof => {
-            w.byte(client_tag::STDIN_EOF);
-        }
         Control::Signal(number) => {
             w.byte(client_tag::SIGNAL).byte(number);
-        }
-        Control::Resize { rows, cols } => {
-            w.byte(client_tag::RESIZE).u64(rows.into()).u64(cols.into());
         }
         Control::Cancel { grace_ms: None } => {
             w.byte(client_tag::CANCEL).byte(0);
@@ -360,18 +354,7 @@ mod tests {
             client(&ClientFrame::Hello(ClientHello::CURRENT))
         );
         let cases = [
-            (Control::StdinEof, ClientFrame::StdinEof),
             (Control::Signal(64), ClientFrame::Signal(64)),
-            (
-                Control::Resize {
-                    rows: 300,
-                    cols: u16::MAX,
-                },
-                ClientFrame::Resize(WindowSize {
-                    rows: 300,
-                    cols: u16::MAX,
-                }),
-            ),
             (
                 Control::Cancel { grace_ms: None },
                 ClientFrame::Cancel(Cancel { grace_ms: None }),
@@ -389,6 +372,22 @@ mod tests {
             assert_eq!(mine(|out| control_frame(control, out)), client(&frame));
         }
         assert_eq!(control_frame(Control::Signal(1), &mut [0u8; 5]), None);
+        // The tags of the frames relayed from attachers.
+        for (frame, tag) in [
+            (ClientFrame::Stdin(Bytes(b"x")), client_tag::STDIN),
+            (ClientFrame::StdinEof, client_tag::STDIN_EOF),
+            (ClientFrame::Signal(2), client_tag::SIGNAL),
+            (
+                ClientFrame::Resize(WindowSize { rows: 1, cols: 2 }),
+                client_tag::RESIZE,
+            ),
+            (
+                ClientFrame::Cancel(Cancel { grace_ms: None }),
+                client_tag::CANCEL,
+            ),
+        ] {
+            assert_eq!(client(&frame)[4], tag, "{frame:?}");
+        }
     }
 
     fn termination(seed: u64) -> Termination {

@@ -22,7 +22,7 @@ pub mod record;
 mod spool;
 
 use ferry_wire::session::Refusal;
-use ferry_wire::{ErrorCode, Termination};
+use ferry_wire::{ClientFrame, ErrorCode, Termination};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::io::Errno;
@@ -114,6 +114,8 @@ struct Runner {
     sock: OwnedFd,
     inbox: ScratchPages,
     have: usize,
+    /// What the last poll found.
+    ready: PollFlags,
 }
 
 #[derive(Clone, Copy)]
@@ -148,13 +150,27 @@ struct Attach {
 struct Peer {
     sock: OwnedFd,
     role: Role,
+    /// What the last poll found.
+    ready: PollFlags,
 }
+
+/// The registry's tables: in `.bss`, not on the stack, so that only the entries in use cost
+/// memory (the stack frame of a full registry's tables was kept resident whole).
+struct Tables {
+    peers: heapless::Vec<Peer, MAX_PEERS>,
+    jobs: heapless::Vec<Job, { MAX_JOBS as usize }>,
+}
+
+static TABLES: sys::TakeOnce<Tables> = sys::TakeOnce::new(Tables {
+    peers: heapless::Vec::new(),
+    jobs: heapless::Vec::new(),
+});
 
 struct Supervisor {
     channel: Option<OwnedFd>,
     serving: Serving,
-    peers: heapless::Vec<Peer, MAX_PEERS>,
-    jobs: heapless::Vec<Job, { MAX_JOBS as usize }>,
+    peers: &'static mut heapless::Vec<Peer, MAX_PEERS>,
+    jobs: &'static mut heapless::Vec<Job, { MAX_JOBS as usize }>,
     next_id: u32,
     max_jobs: usize,
     /// An attacher has more to send than one turn sends: the next poll does not wait.
@@ -175,14 +191,17 @@ pub fn serve(channel: OwnedFd, serving: &Serving, listener: rustix::process::Pid
     let _ = rustix::thread::set_name(c"ferry-jobs");
     let _ = rustix::io::ioctl_fionbio(&channel, true);
     let policy = policy::current();
+    let Some(Tables { peers, jobs }) = TABLES.take() else {
+        sys::exit(70);
+    };
     let mut sup = Supervisor {
         channel: Some(channel),
         serving: Serving {
             config: serving.config,
             secret: None,
         },
-        peers: heapless::Vec::new(),
-        jobs: heapless::Vec::new(),
+        peers,
+        jobs,
         next_id: 1,
         max_jobs: policy.max_jobs.clamp(1, MAX_JOBS) as usize,
         more: false,
@@ -279,6 +298,18 @@ impl Job {
         }
     }
 
+    /// What a waiter or a caught-up attacher of the ended job is told: its record, or that
+    /// there is none.
+    fn end_answer(&self) -> Answer<'static> {
+        match self.termination {
+            Some(t) => Answer::Ended(t),
+            None => refusal(
+                ErrorCode::Internal,
+                "the job's runner died: its end is unknown",
+            ),
+        }
+    }
+
     /// The job's end: the runner is gone, with its record or without.
     fn end(&mut self, termination: Option<Termination>) {
         self.runner = None;
@@ -299,28 +330,18 @@ impl Job {
     }
 }
 
-/// The slots of one poll.
-#[derive(Clone, Copy)]
-enum Slot {
-    Channel,
-    Peer(usize),
-    Runner(usize),
-}
-
 impl Supervisor {
     fn turn(&mut self, buf: &mut [u8]) {
         const CAPACITY: usize = 1 + MAX_PEERS + MAX_JOBS as usize;
-        let mut ready = heapless::Vec::<(Slot, PollFlags), CAPACITY>::new();
+        let listening = self.channel.is_some() && !self.peers.is_full();
+        let mut revents = heapless::Vec::<PollFlags, CAPACITY>::new();
         {
+            // In this order: the channel (if listened to), each peer, each runner.
             let mut fds = heapless::Vec::<PollFd<'_>, CAPACITY>::new();
-            let mut slots = heapless::Vec::<Slot, CAPACITY>::new();
-            if let Some(channel) = &self.channel {
-                if !self.peers.is_full() {
-                    let _ = fds.push(PollFd::new(channel, PollFlags::IN));
-                    let _ = slots.push(Slot::Channel);
-                }
+            if let Some(channel) = self.channel.as_ref().filter(|_| listening) {
+                let _ = fds.push(PollFd::new(channel, PollFlags::IN));
             }
-            for (i, peer) in self.peers.iter().enumerate() {
+            for peer in self.peers.iter() {
                 let mut flags = PollFlags::IN;
                 if let Role::Attached(Attach { blocked: true, .. }) | Role::Listing { .. } =
                     peer.role
@@ -328,13 +349,9 @@ impl Supervisor {
                     flags |= PollFlags::OUT;
                 }
                 let _ = fds.push(PollFd::new(&peer.sock, flags));
-                let _ = slots.push(Slot::Peer(i));
             }
-            for (i, job) in self.jobs.iter().enumerate() {
-                if let Some(runner) = &job.runner {
-                    let _ = fds.push(PollFd::new(&runner.sock, PollFlags::IN));
-                    let _ = slots.push(Slot::Runner(i));
-                }
+            for runner in self.jobs.iter().filter_map(|job| job.runner.as_ref()) {
+                let _ = fds.push(PollFd::new(&runner.sock, PollFlags::IN));
             }
             // NOTE: an attacher cut short by its per-turn bound has nothing to wake the poll
             // (an ended job's replay): the poll must not wait then.
@@ -347,34 +364,50 @@ impl Supervisor {
                     clock::sleep_ms(100);
                 }
             }
-            for (slot, fd) in slots.iter().zip(&fds) {
-                if !fd.revents().is_empty() {
-                    let _ = ready.push((*slot, fd.revents()));
-                }
+            for fd in fds.iter() {
+                let _ = revents.push(fd.revents());
             }
         }
+        let mut revents = revents.into_iter();
+        let mut next = || revents.next().unwrap_or(PollFlags::empty());
+        let channel = if listening {
+            next()
+        } else {
+            PollFlags::empty()
+        };
+        for peer in self.peers.iter_mut() {
+            peer.ready = next();
+        }
+        for runner in self.jobs.iter_mut().filter_map(|job| job.runner.as_mut()) {
+            runner.ready = next();
+        }
         // Runners first (their output reaches attachers this turn), then peers, then the
-        // channel; indices stay valid because nothing is removed until the sweep at the end.
-        for (slot, flags) in &ready {
-            match *slot {
-                Slot::Runner(i) => self.runner_ready(i, buf),
-                Slot::Peer(i) if flags.intersects(PollFlags::IN | PollFlags::HUP) => {
-                    self.peer_readable(i, buf)
-                }
-                Slot::Peer(i) => {
-                    if let Some(Peer {
-                        role: Role::Attached(attach),
-                        ..
-                    }) = self.peers.get_mut(i)
-                    {
-                        attach.blocked = false;
-                    }
-                }
-                // Every other end of the channel is closed: the listener is gone (it holds
-                // one for as long as this supervisor lives), and so is everyone it served.
-                Slot::Channel if flags.contains(PollFlags::HUP) => sys::exit(0),
-                Slot::Channel => self.accept_peer(),
+        // channel. A job removed meanwhile shifts the others: one may wait for the next turn.
+        for i in 0..self.jobs.len() {
+            let ready = self.jobs.get(i).and_then(|job| job.runner.as_ref());
+            if ready.is_some_and(|runner| !runner.ready.is_empty()) {
+                self.runner_ready(i, buf);
             }
+        }
+        // Peers are only added (at the end) and removed (by the sweep) after this.
+        for i in 0..self.peers.len() {
+            let Some(peer) = self.peers.get_mut(i) else {
+                break;
+            };
+            if peer.ready.intersects(PollFlags::IN | PollFlags::HUP) {
+                self.peer_readable(i, buf);
+            } else if let (false, Role::Attached(attach)) = (peer.ready.is_empty(), &mut peer.role)
+            {
+                attach.blocked = false;
+            }
+        }
+        // Every other end of the channel is closed: the listener is gone (it holds one for as
+        // long as this supervisor lives), and so is everyone it served.
+        if channel.contains(PollFlags::HUP) {
+            sys::exit(0);
+        }
+        if !channel.is_empty() {
+            self.accept_peer();
         }
         self.pump_peers(buf);
         self.sweep();
@@ -398,6 +431,7 @@ impl Supervisor {
                         let _ = self.peers.push(Peer {
                             sock,
                             role: Role::New,
+                            ready: PollFlags::empty(),
                         });
                     }
                 }
@@ -424,16 +458,8 @@ impl Supervisor {
         let owner = rustix::fd::AsRawFd::as_raw_fd(&peer.sock);
         let next = match (role, record::request(record)) {
             (Role::New, Some(Incoming::Request(request))) => handle_request(request, i, out, self),
-            (Role::Attached(attach), Some(Incoming::Stdin(data))) => {
-                relay_stdin(&mut self.jobs, attach.job, owner, data, out);
-                role
-            }
-            (Role::Attached(attach), Some(Incoming::Control(frame))) => {
-                if let Some(runner) = find_running(&mut self.jobs, attach.job) {
-                    if is_control(frame.0) {
-                        let _ = send_frame(runner.sock.as_fd(), frame.0);
-                    }
-                }
+            (Role::Attached(attach), Some(Incoming::Relay(frame))) => {
+                relay(self.jobs, attach.job, owner, frame);
                 role
             }
             // Garbage, or a record out of place: the peer goes.
@@ -593,14 +619,7 @@ impl Supervisor {
         for peer in self.peers.iter_mut() {
             if let Role::Waiting(id) = peer.role {
                 if id == job.id {
-                    let answer = match job.termination {
-                        Some(t) => Answer::Ended(t),
-                        None => refusal(
-                            ErrorCode::Internal,
-                            "the job's runner died: its end is unknown",
-                        ),
-                    };
-                    let _ = send_answer(peer.sock.as_fd(), &answer, buf);
+                    let _ = send_answer(peer.sock.as_fd(), &job.end_answer(), buf);
                     peer.role = Role::Finished;
                 }
             }
@@ -627,7 +646,7 @@ impl Supervisor {
     }
 
     fn credit_owner(&mut self, owner: i32, n: u32, buf: &mut [u8]) {
-        for peer in &self.peers {
+        for peer in self.peers.iter() {
             if rustix::fd::AsRawFd::as_raw_fd(&peer.sock) == owner {
                 let _ = send_answer(peer.sock.as_fd(), &Answer::Credit(n), buf);
             }
@@ -641,7 +660,7 @@ impl Supervisor {
             let sock = peer.sock.as_fd();
             peer.role = match peer.role {
                 Role::Attached(attach) if !attach.blocked => {
-                    let (role, more) = pump_attacher(attach, &self.jobs, sock, buf);
+                    let (role, more) = pump_attacher(attach, self.jobs, sock, buf);
                     self.more |= more;
                     role
                 }
@@ -649,7 +668,7 @@ impl Supervisor {
                     after,
                     count,
                     viewer,
-                } => pump_listing(after, count, viewer, &self.jobs, sock, buf),
+                } => pump_listing(after, count, viewer, self.jobs, sock, buf),
                 role => role,
             };
         }
@@ -768,6 +787,7 @@ impl Supervisor {
                 sock: ours,
                 inbox: ScratchPages::new(RUNNER_INBOX),
                 have: 0,
+                ready: PollFlags::empty(),
             }),
             starting: true,
             killed: false,
@@ -790,10 +810,17 @@ impl Supervisor {
     }
 }
 
+/// The client frame `frame` (header and body) holds, if it holds exactly one.
+fn client_frame(frame: &[u8]) -> Option<ferry_wire::ClientFrame<'_>> {
+    match ferry_wire::split_frame(frame, ferry_wire::limits::MAX_FRAME) {
+        Ok(Some((body, used))) if used == frame.len() => ferry_wire::decode_client_frame(body).ok(),
+        _ => None,
+    }
+}
+
 /// The argv of an exec frame (cut on an entry boundary to the spool's room for it).
 fn exec_argv(exec: &[u8]) -> &[u8] {
-    let body = exec.get(4..).unwrap_or(&[]);
-    let Ok(ferry_wire::ClientFrame::Exec(request)) = ferry_wire::decode_client_frame(body) else {
+    let Some(ferry_wire::ClientFrame::Exec(request)) = client_frame(exec) else {
         return &[];
     };
     let argv = request.argv.as_bytes();
@@ -805,40 +832,25 @@ fn exec_argv(exec: &[u8]) -> &[u8] {
     cut.get(..end).unwrap_or(&[])
 }
 
-/// Whether `frame` is one of the controls a runner may be sent.
-fn is_control(frame: &[u8]) -> bool {
-    matches!(ferry_wire::split_frame(frame, 64), Ok(Some((body, used))) if used == frame.len()
-        && matches!(body.first(), Some(3 | 6 | 7 | 8)))
-}
-
-fn find_running(jobs: &mut [Job], id: u32) -> Option<&mut Runner> {
-    jobs.iter_mut()
-        .find(|j| j.id == id)
-        .and_then(|j| j.runner.as_mut())
-}
-
-/// Forwards an attacher's stdin to the job's runner, if that attacher owns the job's stdin.
-fn relay_stdin(jobs: &mut [Job], id: u32, owner: i32, data: &[u8], buf: &mut [u8]) {
-    let Some(job) = jobs.iter_mut().find(|j| j.id == id) else {
+/// Relays an attacher's frame to its job's runner as it is: stdin (from the attacher that
+/// holds the job's stdin only) or a control (a signal, a resize, a cancel); anything else,
+/// or a job that has ended, and it goes nowhere.
+fn relay(jobs: &mut [Job], id: u32, owner: i32, frame: &[u8]) {
+    use link::client_tag::{CANCEL, RESIZE, SIGNAL, STDIN, STDIN_EOF};
+    let Some(job) = jobs.iter().find(|j| j.id == id) else {
         return;
     };
-    if job.stdin_owner != Some(owner) {
-        return;
-    }
-    let Some(runner) = job.runner.as_mut() else {
-        return;
+    let Some(runner) = &job.runner else { return };
+    let relayed = match ferry_wire::split_frame(frame, ferry_wire::limits::MAX_FRAME) {
+        Ok(Some((body, used))) if used == frame.len() => match body.first() {
+            Some(&(STDIN | STDIN_EOF)) => job.stdin_owner == Some(owner),
+            Some(&(SIGNAL | RESIZE | CANCEL)) => true,
+            _ => false,
+        },
+        _ => false,
     };
-    let headroom = ferry_wire::DATA_HEADROOM;
-    for chunk in data.chunks(ferry_wire::limits::MAX_DATA) {
-        let Some(dest) = buf.get_mut(headroom..headroom + chunk.len()) else {
-            return;
-        };
-        dest.copy_from_slice(chunk);
-        let kind = ferry_wire::DataKind::Stdin;
-        if let Ok(start) = ferry_wire::frame_data_in_place(buf, kind, chunk.len(), 0) {
-            let frame = buf.get(start..headroom + chunk.len()).unwrap_or(&[]);
-            let _ = send_frame(runner.sock.as_fd(), frame);
-        }
+    if relayed {
+        let _ = send_frame(runner.sock.as_fd(), frame);
     }
 }
 
@@ -857,52 +869,58 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
         let _ = send(sup, &answer, out);
         Role::Finished
     };
-    // The job a request names, if the viewer may see it.
-    let lookup = |jobs: &[Job], viewer: u32, job: &[u8]| -> Result<usize, Refusal> {
-        let i = find(jobs, job).ok_or(Refusal::new(codes::NO_SUCH_JOB, "no such job"))?;
-        match jobs.get(i) {
-            Some(j) if j.visible_to(viewer) => Ok(i),
-            _ => Err(Refusal::new(
-                ErrorCode::PermissionDenied,
-                "the job belongs to another user",
-            )),
-        }
-    };
-    match request {
+    let (viewer, frame) = match request {
         Request::Start {
             uid,
             gid,
             name,
             exec,
-        } => match sup.start(uid, gid, name, exec) {
-            Ok(id) => Role::Starting(id),
-            Err(refusal) => answer(sup, refused(refusal), out),
-        },
-        Request::List { viewer } => Role::Listing {
-            after: 0,
-            count: 0,
-            viewer,
-        },
-        Request::Attach {
-            viewer,
-            job,
-            since,
-            follow,
-            stdin,
         } => {
-            let i = match lookup(&sup.jobs, viewer, job) {
-                Ok(i) => i,
-                Err(refusal) => return answer(sup, refused(refusal), out),
-            };
-            let Some(job) = sup.jobs.get_mut(i) else {
-                return Role::Finished;
-            };
-            let granted = stdin && job.running() && job.stdin_owner.is_none();
+            return match sup.start(uid, gid, name, exec) {
+                Ok(id) => Role::Starting(id),
+                Err(refusal) => answer(sup, refused(refusal), out),
+            }
+        }
+        Request::Frame { viewer, frame } => (viewer, frame),
+    };
+    let Some(frame) = client_frame(frame) else {
+        return Role::Finished;
+    };
+    let job = match frame {
+        ClientFrame::Jobs(_) => {
+            return Role::Listing {
+                after: 0,
+                count: 0,
+                viewer,
+            }
+        }
+        ClientFrame::Attach(request) => request.job,
+        ClientFrame::Wait(request) | ClientFrame::Remove(request) => request.job,
+        ClientFrame::Kill(request) => request.job,
+        _ => return Role::Finished,
+    };
+    // The job the request names, if the viewer may see it.
+    let Some(i) = find(sup.jobs, job.0) else {
+        return answer(sup, refusal(codes::NO_SUCH_JOB, "no such job"), out);
+    };
+    let Some(job) = sup.jobs.get_mut(i) else {
+        return Role::Finished;
+    };
+    if !job.visible_to(viewer) {
+        let denied = refusal(
+            ErrorCode::PermissionDenied,
+            "the job belongs to another user",
+        );
+        return answer(sup, denied, out);
+    }
+    match frame {
+        ClientFrame::Attach(request) => {
+            let granted = request.stdin && job.running() && job.stdin_owner.is_none();
             if granted {
                 job.stdin_owner = owner;
             }
-            let (from0, lost0) = job.spool.resume(0, since[0]);
-            let (from1, lost1) = job.spool.resume(1, since[1]);
+            let (from0, lost0) = job.spool.resume(0, request.since_stdout);
+            let (from1, lost1) = job.spool.resume(1, request.since_stderr);
             let header = Answer::Attached {
                 id: job.id,
                 from: [from0, from1],
@@ -918,54 +936,34 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
             Role::Attached(Attach {
                 job: id,
                 at: [from0, from1],
-                follow,
+                follow: request.follow,
                 blocked: false,
                 turn: 0,
             })
         }
-        Request::Wait { viewer, job } => {
-            let i = match lookup(&sup.jobs, viewer, job) {
-                Ok(i) => i,
-                Err(refusal) => return answer(sup, refused(refusal), out),
-            };
-            match sup.jobs.get(i) {
-                Some(j) if j.running() => Role::Waiting(j.id),
-                Some(Job {
-                    termination: Some(t),
-                    ..
-                }) => {
-                    let t = *t;
-                    answer(sup, Answer::Ended(t), out)
-                }
-                _ => answer(
-                    sup,
-                    refusal(
-                        ErrorCode::Internal,
-                        "the job's runner died: its end is unknown",
-                    ),
-                    out,
-                ),
-            }
+        ClientFrame::Wait(_) if job.running() => Role::Waiting(job.id),
+        ClientFrame::Wait(_) => {
+            let end = job.end_answer();
+            answer(sup, end, out)
         }
-        Request::Kill {
-            viewer,
-            job,
-            signal,
-            grace_ms,
-        } => {
-            let i = match lookup(&sup.jobs, viewer, job) {
-                Ok(i) => i,
-                Err(refusal) => return answer(sup, refused(refusal), out),
-            };
-            let Some(job) = sup.jobs.get_mut(i) else {
-                return Role::Finished;
-            };
+        ClientFrame::Kill(request) => {
             let Some(runner) = job.runner.as_ref().filter(|_| job.state == State::Running) else {
                 return answer(sup, refusal(codes::JOB_ENDED, "the job has ended"), out);
             };
-            let control = match signal {
-                0 => Control::Cancel { grace_ms },
-                n => Control::Signal(n),
+            let control = match request.signal {
+                0 => Control::Cancel {
+                    grace_ms: request.grace_ms,
+                },
+                n => {
+                    // The whole tree: each process of the job's exec cgroup (setsid escapees
+                    // included); the runner signals the command's process group too (all
+                    // there is without a cgroup). The runner lives, so its pid names its
+                    // cgroup still.
+                    if let Some(signal) = sys::signal_to_send(n) {
+                        let _ = cgroup::signal_exec(job.runner_pid, signal);
+                    }
+                    Control::Signal(n)
+                }
             };
             let mut frame = [0u8; 16];
             let n = link::control_frame(control, &mut frame).unwrap_or(0);
@@ -973,23 +971,17 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
             job.killed = true;
             answer(sup, Answer::Done { count: 0 }, out)
         }
-        Request::Remove { viewer, job } => {
-            let i = match lookup(&sup.jobs, viewer, job) {
-                Ok(i) => i,
-                Err(refusal) => return answer(sup, refused(refusal), out),
-            };
-            if sup.jobs.get(i).is_some_and(|j| j.running()) {
-                return answer(
-                    sup,
-                    refusal(codes::JOB_RUNNING, "the job is still running"),
-                    out,
-                );
-            }
+        _ if job.running() => answer(
+            sup,
+            refusal(codes::JOB_RUNNING, "the job is still running"),
+            out,
+        ),
+        _ => {
+            // A removal.
             let _ = sup.jobs.remove(i);
             sup.close_attachers_of_missing();
             answer(sup, Answer::Done { count: 0 }, out)
         }
-        Request::Control(_) => Role::Finished,
     }
 }
 
@@ -1048,14 +1040,10 @@ fn pump_attacher(
         }
         if !sent {
             // Caught up with both streams.
-            let last = match (job.running(), attach.follow, job.termination) {
-                (true, true, _) => return (Role::Attached(attach), false),
-                (true, false, _) => Answer::Done { count: 0 },
-                (false, _, Some(t)) => Answer::Ended(t),
-                (false, _, None) => refusal(
-                    ErrorCode::Internal,
-                    "the job's runner died: its end is unknown",
-                ),
+            let last = match (job.running(), attach.follow) {
+                (true, true) => return (Role::Attached(attach), false),
+                (true, false) => Answer::Done { count: 0 },
+                (false, _) => job.end_answer(),
             };
             return match send_answer(sock, &last, buf) {
                 Err(Errno::AGAIN) => {
@@ -1135,7 +1123,10 @@ fn run_runner(sock: OwnedFd, serving: &Serving) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_wire::{ClientFrame, ExecRequest, ExitStatus, StdinMode, StrList};
+    use ferry_wire::{
+        AttachRequest, Bytes, ExecRequest, ExitStatus, JobQuery, JobRequest, KillJob, StdinMode,
+        StrList,
+    };
 
     /// A supervisor in a forked process; its channel's end for connection processes.
     fn supervisor() -> (OwnedFd, rustix::process::Pid) {
@@ -1218,22 +1209,48 @@ mod tests {
         ask(channel, &request).0
     }
 
-    fn attach(channel: &OwnedFd, viewer: u32, job: &[u8]) -> (Vec<String>, [Vec<u8>; 2]) {
-        let request = Request::Attach {
+    /// [`ask`] with a client's request frame, as a connection process passes it on.
+    fn ask_frame(
+        channel: &OwnedFd,
+        viewer: u32,
+        frame: &ClientFrame<'_>,
+    ) -> (Vec<String>, [Vec<u8>; 2]) {
+        let mut buf = vec![0u8; 1024];
+        let n = ferry_wire::encode_client_frame(frame, &mut buf).unwrap();
+        let request = Request::Frame {
             viewer,
-            job,
-            since: [0, 0],
+            frame: &buf[..n],
+        };
+        ask(channel, &request)
+    }
+
+    fn attach(channel: &OwnedFd, viewer: u32, job: &[u8]) -> (Vec<String>, [Vec<u8>; 2]) {
+        let request = AttachRequest {
+            job: Bytes(job),
+            user: None,
+            since_stdout: 0,
+            since_stderr: 0,
             follow: true,
             stdin: false,
         };
-        ask(channel, &request)
+        ask_frame(channel, viewer, &ClientFrame::Attach(request))
+    }
+
+    fn list(channel: &OwnedFd, viewer: u32) -> Vec<String> {
+        ask_frame(channel, viewer, &ClientFrame::Jobs(JobQuery { user: None })).0
+    }
+
+    fn job(job: &[u8]) -> JobRequest<'_> {
+        JobRequest {
+            job: Bytes(job),
+            user: None,
+        }
     }
 
     #[test]
     fn a_supervisor_serves_jobs_from_start_to_removal() {
         let (channel, pid) = supervisor();
-        let list = Request::List { viewer: ANY_VIEWER };
-        assert_eq!(ask(&channel, &list).0, ["Done { count: 0 }"]);
+        assert_eq!(list(&channel, ANY_VIEWER), ["Done { count: 0 }"]);
         let said = start(
             &channel,
             b"t1",
@@ -1259,36 +1276,32 @@ mod tests {
         // A start that fails is the exec's error, and leaves no entry.
         let said = start(&channel, b"", b"/nonexistent/program\0");
         assert!(said[0].contains("NotFound"), "{said:?}");
-        let (said, _) = ask(&channel, &list);
+        let said = list(&channel, ANY_VIEWER);
         assert_eq!(said.len(), 2, "{said:?}");
         assert!(said[0].contains("id: 1,") && said[1] == "Done { count: 1 }");
         // Another user's job.
         let (said, _) = attach(&channel, 1234, b"t1");
         assert!(said[0].contains("PermissionDenied"), "{said:?}");
-        let (said, _) = ask(&channel, &Request::List { viewer: 1234 });
-        assert_eq!(said, ["Done { count: 0 }"]);
+        assert_eq!(list(&channel, 1234), ["Done { count: 0 }"]);
         // Wait on an ended job: its record at once; kill: ended; remove: gone.
-        let wait = Request::Wait {
-            viewer: ANY_VIEWER,
-            job: b"t1",
+        let wait = |id: &[u8]| ask_frame(&channel, ANY_VIEWER, &ClientFrame::Wait(job(id))).0;
+        assert!(wait(b"t1")[0].starts_with("Ended("));
+        let kill = |job: &[u8]| {
+            let kill = KillJob {
+                job: Bytes(job),
+                user: None,
+                signal: 0,
+                grace_ms: Some(100),
+            };
+            ask_frame(&channel, ANY_VIEWER, &ClientFrame::Kill(kill)).0
         };
-        assert!(ask(&channel, &wait).0[0].starts_with("Ended("));
-        let kill = |job: &'static [u8]| Request::Kill {
-            viewer: ANY_VIEWER,
-            job,
-            signal: 0,
-            grace_ms: Some(100),
-        };
-        let said = ask(&channel, &kill(b"t1")).0;
+        let said = kill(b"t1");
         assert!(
             said[0].contains(&format!("{:?}", codes::JOB_ENDED)),
             "{said:?}"
         );
-        let remove = |job: &'static [u8]| Request::Remove {
-            viewer: ANY_VIEWER,
-            job,
-        };
-        assert_eq!(ask(&channel, &remove(b"t1")).0, ["Done { count: 0 }"]);
+        let remove = |id: &[u8]| ask_frame(&channel, ANY_VIEWER, &ClientFrame::Remove(job(id))).0;
+        assert_eq!(remove(b"t1"), ["Done { count: 0 }"]);
         let (said, _) = attach(&channel, ANY_VIEWER, b"t1");
         assert!(
             said[0].contains(&format!("{:?}", codes::NO_SUCH_JOB)),
@@ -1297,19 +1310,15 @@ mod tests {
         // A running job: not removed; killed (its tree); waited for.
         let said = start(&channel, b"sleeper", b"/bin/sh\0-c\0sleep 30; echo never\0");
         assert!(said[0].starts_with("Started { id: 3,"), "{said:?}");
-        let said = ask(&channel, &remove(b"sleeper")).0;
+        let said = remove(b"sleeper");
         assert!(
             said[0].contains(&format!("{:?}", codes::JOB_RUNNING)),
             "{said:?}"
         );
-        assert_eq!(ask(&channel, &kill(b"sleeper")).0, ["Done { count: 0 }"]);
-        let wait = Request::Wait {
-            viewer: ANY_VIEWER,
-            job: b"3",
-        };
-        let said = ask(&channel, &wait).0;
+        assert_eq!(kill(b"sleeper"), ["Done { count: 0 }"]);
+        let said = wait(b"3");
         assert!(said[0].contains("Cancelled"), "{said:?}");
-        let (said, _) = ask(&channel, &list);
+        let said = list(&channel, ANY_VIEWER);
         assert!(said[0].contains("state: 2"), "killed: {said:?}");
         // Garbage on the channel itself (no descriptor, a long record): ignored.
         rustix::net::send(&channel, &[0xee; 3000], SendFlags::empty()).unwrap();
@@ -1323,7 +1332,21 @@ mod tests {
                 .0,
             0
         );
-        assert_eq!(ask(&channel, &list).0.len(), 2);
+        // A frame that is no job request, a cut one, or two: that peer goes too.
+        assert!(ask_frame(&channel, ANY_VIEWER, &ClientFrame::StdinEof)
+            .0
+            .is_empty());
+        let mut two = vec![0u8; 64];
+        let n = ferry_wire::encode_client_frame(&ClientFrame::Wait(job(b"3")), &mut two).unwrap();
+        two.truncate(n);
+        for frame in [&two[..n - 1], &[two.clone(), two.clone()].concat()] {
+            let request = Request::Frame {
+                viewer: ANY_VIEWER,
+                frame,
+            };
+            assert!(ask(&channel, &request).0.is_empty());
+        }
+        assert_eq!(list(&channel, ANY_VIEWER).len(), 2);
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
     }

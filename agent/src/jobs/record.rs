@@ -1,8 +1,11 @@
 //! The private records between a connection process and the supervisor, one per
 //! `SOCK_SEQPACKET` message (so a record is never split or merged). Internal, not the wire
 //! protocol: both ends are this binary. A tag byte, then varints and length-prefixed bytes
-//! ([`link::Reader`]); output and stdin data is the rest of the record. Decoding is total: a
-//! record that does not read is `None`, and the supervisor drops the peer that sent it.
+//! ([`link::Reader`]); output data is the rest of the record. A request other than a start,
+//! and an attacher's stdin and controls, carry the client's own frame, which the supervisor
+//! reads with `ferry_wire`'s decoder (or relays to the runner as it is): no second codec for
+//! them. Decoding is total: a record that does not read is `None`, and the supervisor drops the
+//! peer that sent it.
 
 use ferry_wire::{ErrorCode, Termination};
 
@@ -16,21 +19,16 @@ pub const MAX_OUTPUT: usize = 32 * 1024;
 /// The tag of an output record: the stream's byte and the data follow.
 pub const OUTPUT_TAG: u8 = tag::OUTPUT;
 
-/// The tag of a stdin record: the data follows.
-pub const STDIN_TAG: u8 = tag::STDIN;
+/// The tag of a relayed record: an attacher's frame for the job (stdin, a control) follows.
+pub const RELAY_TAG: u8 = tag::RELAY;
 
 /// "All users' jobs" in a request's `viewer`.
 pub const ANY_VIEWER: u32 = u32::MAX;
 
 mod tag {
     pub const START: u8 = 1;
-    pub const LIST: u8 = 2;
-    pub const ATTACH: u8 = 3;
-    pub const WAIT: u8 = 4;
-    pub const KILL: u8 = 5;
-    pub const REMOVE: u8 = 6;
-    pub const STDIN: u8 = 7;
-    pub const CONTROL: u8 = 8;
+    pub const FRAME: u8 = 2;
+    pub const RELAY: u8 = 3;
 
     pub const STARTED: u8 = 21;
     pub const REFUSED: u8 = 22;
@@ -43,8 +41,8 @@ mod tag {
     pub const ENDED: u8 = 29;
 }
 
-/// What a connection process asks. `viewer` is the uid whose jobs it may see, or
-/// [`ANY_VIEWER`]; `job` an id in decimal or a name.
+/// What a connection process asks first. `viewer` is the uid whose jobs it may see, or
+/// [`ANY_VIEWER`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request<'a> {
     /// A detached job: `exec` is the whole exec frame (header and body) the client sent.
@@ -54,32 +52,9 @@ pub enum Request<'a> {
         name: &'a [u8],
         exec: &'a [u8],
     },
-    List {
-        viewer: u32,
-    },
-    Attach {
-        viewer: u32,
-        job: &'a [u8],
-        since: [u64; 2],
-        follow: bool,
-        stdin: bool,
-    },
-    Wait {
-        viewer: u32,
-        job: &'a [u8],
-    },
-    Kill {
-        viewer: u32,
-        job: &'a [u8],
-        signal: u8,
-        grace_ms: Option<u32>,
-    },
-    Remove {
-        viewer: u32,
-        job: &'a [u8],
-    },
-    /// A control for the attached job, as the runner's frame ([`super::link::Control`]).
-    Control(super::link::Control),
+    /// Any other job request: the client's whole frame (`Jobs`, `Attach`, `Wait`, `Kill`,
+    /// `Remove`), which the session validated.
+    Frame { viewer: u32, frame: &'a [u8] },
 }
 
 /// A job as listed.
@@ -168,110 +143,40 @@ impl Request<'_> {
                     .bytes(name)
                     .raw(exec);
             }
-            Request::List { viewer } => {
-                w.byte(tag::LIST).u64(viewer.into());
-            }
-            Request::Attach {
-                viewer,
-                job,
-                since,
-                follow,
-                stdin,
-            } => {
-                w.byte(tag::ATTACH)
-                    .u64(viewer.into())
-                    .bytes(job)
-                    .u64(since[0])
-                    .u64(since[1])
-                    .byte(follow.into())
-                    .byte(stdin.into());
-            }
-            Request::Wait { viewer, job } => {
-                w.byte(tag::WAIT).u64(viewer.into()).bytes(job);
-            }
-            Request::Kill {
-                viewer,
-                job,
-                signal,
-                grace_ms,
-            } => {
-                w.byte(tag::KILL)
-                    .u64(viewer.into())
-                    .bytes(job)
-                    .byte(signal)
-                    .u64(grace_ms.map_or(0, |g| u64::from(g) + 1));
-            }
-            Request::Remove { viewer, job } => {
-                w.byte(tag::REMOVE).u64(viewer.into()).bytes(job);
-            }
-            Request::Control(control) => {
-                // The runner's own frame, ready to relay.
-                let mut frame = [0u8; 16];
-                let n = super::link::control_frame(control, &mut frame).unwrap_or(0);
-                w.byte(tag::CONTROL).raw(frame.get(..n).unwrap_or(&[]));
+            Request::Frame { viewer, frame } => {
+                w.byte(tag::FRAME).u64(viewer.into()).raw(frame);
             }
         }
         w.finish()
     }
 }
 
-/// A request record; `None` when it is not one. A control comes back as its runner frame's
-/// bytes ([`ControlFrame`]).
+/// A request record; `None` when it is not one.
 pub fn request(record: &[u8]) -> Option<Incoming<'_>> {
     let mut r = Reader(record);
-    let tag = r.byte()?;
-    let viewer = |r: &mut Reader<'_>| r.u32();
-    let request = match tag {
+    let request = match r.byte()? {
         tag::START => Request::Start {
             uid: r.u32()?,
             gid: r.u32()?,
             name: r.bytes()?,
-            exec: core::mem::take(&mut r.0),
+            exec: r.0,
         },
-        tag::LIST => Request::List {
-            viewer: viewer(&mut r)?,
+        tag::FRAME => Request::Frame {
+            viewer: r.u32()?,
+            frame: r.0,
         },
-        tag::ATTACH => Request::Attach {
-            viewer: viewer(&mut r)?,
-            job: r.bytes()?,
-            since: [r.u64()?, r.u64()?],
-            follow: r.bool()?,
-            stdin: r.bool()?,
-        },
-        tag::WAIT => Request::Wait {
-            viewer: viewer(&mut r)?,
-            job: r.bytes()?,
-        },
-        tag::KILL => Request::Kill {
-            viewer: viewer(&mut r)?,
-            job: r.bytes()?,
-            signal: r.byte()?,
-            grace_ms: match r.u64()? {
-                0 => None,
-                n => Some(u32::try_from(n - 1).ok()?),
-            },
-        },
-        tag::REMOVE => Request::Remove {
-            viewer: viewer(&mut r)?,
-            job: r.bytes()?,
-        },
-        tag::STDIN => return Some(Incoming::Stdin(core::mem::take(&mut r.0))),
-        tag::CONTROL => return Some(Incoming::Control(ControlFrame(core::mem::take(&mut r.0)))),
+        tag::RELAY => return Some(Incoming::Relay(r.0)),
         _ => return None,
     };
-    r.0.is_empty().then_some(Incoming::Request(request))
+    Some(Incoming::Request(request))
 }
-
-/// A control's runner frame, relayed as it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ControlFrame<'a>(pub &'a [u8]);
 
 /// A record as the supervisor reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Incoming<'a> {
     Request(Request<'a>),
-    Stdin(&'a [u8]),
-    Control(ControlFrame<'a>),
+    /// An attacher's frame for the job's runner (stdin or a control), as the client sent it.
+    Relay(&'a [u8]),
 }
 
 impl Answer<'_> {
@@ -407,7 +312,6 @@ pub fn answer(record: &[u8]) -> Option<Answer<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::link::Control;
     use ferry_wire::{Ending, ExitStatus, StreamRecord, TreeKill};
 
     const T: Termination = Termination {
@@ -446,33 +350,13 @@ mod tests {
                 name: b"",
                 exec: b"",
             },
-            Request::List { viewer: ANY_VIEWER },
-            Request::Attach {
+            Request::Frame {
+                viewer: ANY_VIEWER,
+                frame: b"\x01\x00\x00\x00\x20",
+            },
+            Request::Frame {
                 viewer: 7,
-                job: b"12",
-                since: [u64::MAX, 0],
-                follow: true,
-                stdin: false,
-            },
-            Request::Wait {
-                viewer: 0,
-                job: b"x",
-            },
-            Request::Kill {
-                viewer: 1,
-                job: b"y",
-                signal: 0,
-                grace_ms: None,
-            },
-            Request::Kill {
-                viewer: 1,
-                job: b"y",
-                signal: 15,
-                grace_ms: Some(u32::MAX),
-            },
-            Request::Remove {
-                viewer: 3,
-                job: b"4",
+                frame: b"",
             },
         ]
     }
@@ -553,18 +437,11 @@ mod tests {
                 let _ = super::answer(&buf[..cut]);
             }
         }
-        // Stdin goes as its tag and the bytes (sent in two pieces, one record).
+        // A relayed frame goes as its tag and the bytes (sent in two pieces, one record).
         assert_eq!(
-            request(&[STDIN_TAG, b'a', b'b', b'c']),
-            Some(Incoming::Stdin(b"abc"))
+            request(&[RELAY_TAG, b'a', b'b', b'c']),
+            Some(Incoming::Relay(b"abc"))
         );
-        let n = Request::Control(Control::Signal(2))
-            .encode(&mut buf)
-            .unwrap();
-        let Some(Incoming::Control(ControlFrame(frame))) = request(&buf[..n]) else {
-            panic!("not a control");
-        };
-        assert_eq!(frame, &[2, 0, 0, 0, 6, 2]);
         assert_eq!(Answer::Done { count: 1 }.encode(&mut [0u8; 1]), None);
     }
 

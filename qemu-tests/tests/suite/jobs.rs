@@ -265,6 +265,30 @@ pub fn kill_ends_a_jobs_tree_setsid_escapees_included(fixture: &Fixture) {
     clean_up(fixture, &[id]);
 }
 
+pub fn kill_with_a_signal_reaches_a_jobs_whole_tree(fixture: &Fixture) {
+    const SCENARIO: &str = "kill_with_a_signal_reaches_a_jobs_whole_tree";
+    if !in_guest(fixture, SCENARIO) {
+        return;
+    }
+    let client = fixture.client();
+    // TERM goes to each process of the exec cgroup; KILL through `cgroup.kill`. Either way the
+    // setsid escapee, outside the job's process group, gets it too.
+    for (signal, marker, code) in [("TERM", "100791", 143), ("KILL", "100792", 137)] {
+        let script = format!("setsid sleep {marker} & sleep {marker} & exec sleep {marker}");
+        let id = detach(fixture, &["--", "sh", "-c", &script]);
+        until_running(&client, marker, 3);
+        let killed = run(fixture, &["kill", &id, "--signal", signal]);
+        assert_eq!(killed.status.code(), Some(0), "{}", stderr(&killed));
+        assert_eq!(run(fixture, &["wait", &id]).status.code(), Some(code));
+        let gone = until_gone(&client, marker, Duration::from_secs(5))
+            .unwrap_or_else(|left| panic!("{signal}: left 5 s after the signal: {left:?}"));
+        say(&format!(
+            "{SCENARIO}: {signal}: every process gone {gone:.2?} after the job's end"
+        ));
+        clean_up(fixture, &[id]);
+    }
+}
+
 pub fn sixty_four_jobs_run_and_the_sixty_fifth_is_refused(fixture: &Fixture) {
     let ids: Vec<String> = (0..64)
         .map(|_| detach(fixture, &["--", "sleep", "100654"]))

@@ -149,6 +149,7 @@ macro_rules! scenario_tests {
             jobs::a_wrapped_spool_says_exactly_what_was_lost,
             jobs::wait_exits_with_the_jobs_status,
             jobs::kill_ends_a_jobs_tree_setsid_escapees_included,
+            jobs::kill_with_a_signal_reaches_a_jobs_whole_tree,
         );
         // Alone on the agent's machine (they reach every command); the VM's agent only.
         $crate::suite::scenario_tests!(@alone $fixture;

@@ -39,8 +39,8 @@ pub struct KillArgs {
     #[command(flatten)]
     job: JobArgs,
 
-    /// Send this signal (TERM, SIGUSR1, 9, …) to the job's process group instead of ending its
-    /// whole tree
+    /// Send this one signal (TERM, SIGUSR1, 9, …) to every process of the job's tree instead of
+    /// ending it
     #[arg(short = 's', long, value_name = "SIG", value_parser = parse_signal, conflicts_with = "grace")]
     signal: Option<i32>,
 
