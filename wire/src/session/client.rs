@@ -287,11 +287,13 @@ impl ClientSession {
     }
 
     fn liveness_deadline(&self) -> Option<Micros> {
-        // Not for a kill-all: the agent does it in one go, without keepalives.
+        // Not for a kill-all: the agent does it in one go, without keepalives. An attachment
+        // and a wait have them (a wait may last as long as its job: a silent agent must not
+        // hold it forever).
         let running = matches!(
             self.operation,
-            Operation::Sent(Op::Exec | Op::Put | Op::Get)
-                | Operation::Running(Op::Exec | Op::Put | Op::Get)
+            Operation::Sent(Op::Exec | Op::Put | Op::Get | Op::Attach | Op::Wait)
+                | Operation::Running(Op::Exec | Op::Put | Op::Get | Op::Attach | Op::Wait)
         );
         let (_, limits) = self.agent?;
         let interval = u64::from(limits.keepalive_ms).saturating_mul(1000);
