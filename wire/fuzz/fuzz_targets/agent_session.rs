@@ -28,7 +28,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use ferry_wire::limits::{HEADER_LEN, MAX_INFO_ITEMS, NONCE_LEN};
+use ferry_wire::limits::{HEADER_LEN, MAX_INFO_ITEMS, MAX_JOBS, NONCE_LEN};
 use ferry_wire::limits::{
     MAX_ARGS, MAX_ARGV_BYTES, MAX_ARG_LEN, MAX_DATA, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_FRAME,
     MAX_FRAME_BODY, MAX_MESSAGE, MAX_PATH, MAX_USER, STDIN_WINDOW,
@@ -43,6 +43,11 @@ use ferry_wire::{
     ErrorCode, ExecRequest, ExitStatus, FileHeader, FileSummary, InterfaceInfo, Limits, ListKind,
     MountInfo, ShutdownRequest, SkipReason, StdinMode, StrList, Stream, StreamRecord, SystemInfo,
     Termination, Timestamp, TreeKill, DATA_HEADROOM, MAGIC,
+};
+use ferry_wire::{AttachHeader, JobRecord, JobStarted, JobState, Resume, WindowSize};
+use ferry_wire_fuzz::jobs::{
+    attach_refusal, kill_refusal, query_refusal, request_refusal, start_refusal, JobRequestChoice,
+    NameChoice,
 };
 use ferry_wire_fuzz::ops::{
     get_refusal, put_refusal, reseed_refusal, shutdown_refusal, time_sync_refusal, GetChoice,
@@ -154,6 +159,22 @@ enum Step {
     EncodeInfo { kind: u8, times: u8, room: u8 },
     /// The clock was set; it said this before.
     ClockSet { secs: i64, nanos: u32 },
+    /// A job's command started and the job is registered (`detached`).
+    Detached { id: u32, pid: u32 },
+    /// `times` records of a job listing (`encode_job`), into a buffer of `room` bytes.
+    EncodeJob { times: u8, room: u8, ended: bool },
+    /// The attachment begins (`attached`): the job started `ago` microseconds before now.
+    Attached {
+        stdin: bool,
+        running: bool,
+        from: u64,
+        lost: u64,
+        ago: u32,
+    },
+    /// The job waited for still runs (`waiting`).
+    Waiting,
+    /// The job attached to or waited for has ended (`job_ended`).
+    JobEnded { code: u8, facts: Facts },
 }
 
 /// A client frame the fuzzer builds (its fields its choices).
@@ -191,6 +212,18 @@ enum Frame {
     StdinEof,
     Signal(u8),
     Cancel(Option<u32>),
+    /// A piece of a request's list: `len` bytes of entries.
+    ExecPart {
+        env: bool,
+        len: u8,
+    },
+    Resize,
+    StartJob(NameChoice),
+    Jobs(JobRequestChoice),
+    Attach(JobRequestChoice),
+    Wait(JobRequestChoice),
+    Kill(JobRequestChoice),
+    Remove(JobRequestChoice),
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -233,6 +266,20 @@ fuzz_target!(|data: &[u8]| {
             times: 1,
             room: 0,
         },
+        Step::Detached { id: 3, pid: 40 },
+        Step::Attached {
+            stdin: true,
+            running: true,
+            from: 0,
+            lost: 0,
+            ago: 500,
+        },
+        Step::Waiting,
+        Step::EncodeJob {
+            times: 1,
+            room: 0,
+            ended: false,
+        },
         Step::Done { count: 1 },
         Step::ClockSet { secs: 5, nanos: 0 },
         Step::StdinConsumed { share: 255 },
@@ -251,6 +298,16 @@ fuzz_target!(|data: &[u8]| {
             signal: None,
         },
         Step::Output { kind: 1, len: 5 },
+        Step::JobEnded {
+            code: 3,
+            facts: Facts {
+                ending: 0,
+                tree_kill: 0,
+                pipes_held: false,
+                oom_killed: false,
+                peak_memory: 0,
+            },
+        },
         Step::Finish {
             facts: Some(Facts {
                 ending: 1,
@@ -339,6 +396,14 @@ enum Op {
     Simple,
     Info,
     Clock,
+    /// A detached job's exec, answered with `detached`.
+    Job,
+    /// A job listing: records, then `done` counting them.
+    JobList,
+    /// `attached`, output, then `job_ended` or `done`.
+    Attach,
+    /// `waiting`, then `job_ended`.
+    Wait,
 }
 
 /// What the protocol says the session must be doing.
@@ -387,6 +452,19 @@ struct Model {
     env_parts: Vec<u8>,
     /// Any piece came (even an empty one): only the exec request may follow.
     parts_seen: bool,
+    /// The job requests' part of the model.
+    job: JobModel,
+}
+
+/// What the model knows of a job operation.
+#[derive(Default)]
+struct JobModel {
+    /// A job start came: only its exec request (in one frame) may follow.
+    start: bool,
+    /// Job records encoded.
+    items: usize,
+    /// An attachment header is owed (not yet sent).
+    attached_owed: Option<AttachHeader>,
 }
 
 /// The agent's stream as a client sees it.
@@ -402,6 +480,10 @@ struct StreamCheck {
     file_ready: bool,
     /// Info frames sent.
     info_frames: usize,
+    /// An attachment header went out.
+    attached: bool,
+    /// Job records sent.
+    job_records: usize,
 }
 
 impl<'a> Run<'a> {
@@ -492,6 +574,7 @@ impl<'a> Run<'a> {
                 argv_parts: Vec::new(),
                 parts_seen: false,
                 env_parts: Vec::new(),
+                job: JobModel::default(),
             },
             sent: Vec::new(),
             checked: 0,
@@ -541,13 +624,17 @@ impl<'a> Run<'a> {
             }
             Step::Done { count } => {
                 let result = self.session.done(count, self.now);
-                // A kill-all, a shutdown, a reseed; an info once its system frame went.
-                let answers = match self.model.op {
-                    Op::Simple => true,
-                    Op::Info => self.model.info_items > 0,
-                    _ => false,
+                // A kill-all, a shutdown, a reseed, a job's kill or removal; an info once its
+                // system frame went; a job listing (counting its records, whatever the driver
+                // says); an attachment that does not follow (count 0).
+                let (answers, count) = match (self.model.state, self.model.op) {
+                    (State::Operating, Op::Simple) => (true, count),
+                    (State::Operating, Op::Info) => (self.model.info_items > 0, count),
+                    (State::Operating, Op::JobList) => (true, self.model.job.items as u32),
+                    (State::Running, Op::Attach) => (true, 0),
+                    _ => (false, count),
                 };
-                if self.model.state == State::Operating && answers {
+                if answers {
                     assert_eq!(result, Ok(()));
                     self.model.owed_final = Some(AgentFrame::Done(DoneReport { count }));
                     self.enter_closing();
@@ -719,6 +806,11 @@ impl<'a> Run<'a> {
                     }
                 }
             }
+            step @ (Step::Detached { .. }
+            | Step::EncodeJob { .. }
+            | Step::Attached { .. }
+            | Step::Waiting
+            | Step::JobEnded { .. }) => self.job_step(step),
             Step::ClockSet { secs, nanos } => {
                 let previous = Timestamp { secs, nanos };
                 let result = self.session.clock_set(previous, self.now);
@@ -789,6 +881,7 @@ impl<'a> Run<'a> {
         }));
         self.model.started_owed = None;
         self.model.file_ready_owed = None;
+        self.model.job.attached_owed = None;
         self.model.stdin_unconsumed = 0;
         self.enter_closing();
     }
@@ -917,7 +1010,7 @@ impl<'a> Run<'a> {
                 }
             }
             (State::AwaitAuth, _) => unauthenticated(),
-            // After pieces, only their exec request.
+            // After pieces (or a job start), only their exec request.
             (
                 State::AwaitRequest,
                 ClientFrame::KillAll
@@ -926,8 +1019,30 @@ impl<'a> Run<'a> {
                 | ClientFrame::Info
                 | ClientFrame::Shutdown(_)
                 | ClientFrame::TimeSync(_)
-                | ClientFrame::Reseed(_),
-            ) if self.model.parts_seen => unexpected(kind),
+                | ClientFrame::Reseed(_)
+                | ClientFrame::StartJob(_)
+                | ClientFrame::Jobs(_)
+                | ClientFrame::Attach(_)
+                | ClientFrame::Wait(_)
+                | ClientFrame::Kill(_)
+                | ClientFrame::Remove(_),
+            ) if self.model.parts_seen || self.model.job.start => unexpected(kind),
+            // A job's request comes whole.
+            (State::AwaitRequest, ClientFrame::ExecPart(_)) if self.model.job.start => {
+                request_breach((
+                    ErrorCode::InvalidRequest,
+                    "a job's request must fit in one exec frame",
+                ))
+            }
+            (
+                State::AwaitRequest,
+                request @ (ClientFrame::StartJob(_)
+                | ClientFrame::Jobs(_)
+                | ClientFrame::Attach(_)
+                | ClientFrame::Wait(_)
+                | ClientFrame::Kill(_)
+                | ClientFrame::Remove(_)),
+            ) => refused_or(self.job_request_refusal(&request), used),
             (State::AwaitRequest, ClientFrame::KillAll | ClientFrame::Info) => Expect::Event(used),
             (State::AwaitRequest, ClientFrame::Put(put)) => {
                 refused_or(put_refusal(&put, &self.config.limits), used)
@@ -969,9 +1084,10 @@ impl<'a> Run<'a> {
                     Expect::Event(used)
                 }
             }
-            // A put's content ends with its digest, an exec's stdin with an EOF.
+            // A put's content ends with its digest, an exec's (or an attachment's) stdin with
+            // an EOF.
             (State::Starting | State::Running, ClientFrame::StdinEof)
-                if stdin_open && self.model.op == Op::Exec =>
+                if stdin_open && matches!(self.model.op, Op::Exec | Op::Attach) =>
             {
                 Expect::Event(used)
             }
@@ -980,8 +1096,12 @@ impl<'a> Run<'a> {
             {
                 Expect::Event(used)
             }
-            // Controls are for commands alone.
-            (State::Starting | State::Running, _) if self.model.op != Op::Exec => unexpected(kind),
+            // Controls are for commands alone (a job's, through an attachment).
+            (State::Starting | State::Running, _)
+                if !matches!(self.model.op, Op::Exec | Op::Attach) =>
+            {
+                unexpected(kind)
+            }
             (State::Starting | State::Running, ClientFrame::Signal(number)) => {
                 if (1..=64).contains(&number) {
                     Expect::Event(used)
@@ -1102,8 +1222,16 @@ impl<'a> Run<'a> {
                     whole.validate().is_ok(),
                     "a valid exec is valid by ours too"
                 );
-                self.begin(State::Starting, Op::Exec);
-                self.model.stdin_piped = request.stdin == StdinMode::Pipe;
+                if self.model.job.start {
+                    // The job's stdin is for whoever attaches to it, not its starter.
+                    assert!(!valid.has_parts(), "a job's request in pieces");
+                    assert!(self.session.is_job());
+                    self.begin(State::Starting, Op::Job);
+                } else {
+                    assert!(!self.session.is_job());
+                    self.begin(State::Starting, Op::Exec);
+                    self.model.stdin_piped = request.stdin == StdinMode::Pipe;
+                }
             }
             AgentEvent::Stdin(data) => {
                 assert!(self.model.stdin_piped && !self.model.stdin_eof);
@@ -1113,7 +1241,7 @@ impl<'a> Run<'a> {
                 assert!(self.model.stdin_received <= self.window() + self.stream.credit_total);
             }
             AgentEvent::StdinEof => {
-                assert_eq!(self.model.op, Op::Exec);
+                assert!(matches!(self.model.op, Op::Exec | Op::Attach));
                 assert!(self.model.stdin_piped && !self.model.stdin_eof);
                 self.model.stdin_eof = true;
             }
@@ -1126,14 +1254,20 @@ impl<'a> Run<'a> {
                 }
             }
             AgentEvent::Signal(number) => {
-                assert_eq!(self.model.op, Op::Exec);
+                assert!(matches!(self.model.op, Op::Exec | Op::Attach));
                 assert!(matches!(self.model.state, State::Starting | State::Running));
                 assert!((1..=64).contains(&number), "signal {number}");
             }
             AgentEvent::Resize(_) | AgentEvent::Cancel { .. } => {
-                assert_eq!(self.model.op, Op::Exec);
+                assert!(matches!(self.model.op, Op::Exec | Op::Attach));
                 assert!(matches!(self.model.state, State::Starting | State::Running));
             }
+            event @ (AgentEvent::StartJob(_)
+            | AgentEvent::Jobs(_)
+            | AgentEvent::Attach(_)
+            | AgentEvent::Wait(_)
+            | AgentEvent::Kill(_)
+            | AgentEvent::Remove(_)) => self.on_job_event(event),
         }
     }
 
@@ -1166,6 +1300,10 @@ impl<'a> Run<'a> {
                         "a file header withheld"
                     );
                     assert!(!self.model.proof_owed, "a proof withheld");
+                    assert!(
+                        self.model.job.attached_owed.is_none(),
+                        "an attachment header withheld"
+                    );
                     assert!(!self.model.keepalive_owed, "a keepalive withheld");
                     assert!(self.model.owed_final.is_none(), "a final frame withheld");
                 }
@@ -1208,7 +1346,8 @@ impl<'a> Run<'a> {
         }
         let result = self.session.frame_output(&mut buf, kind, len, self.now);
         let output = matches!(kind, DataKind::Stdout | DataKind::Stderr);
-        if self.model.state != State::Running || self.model.op != Op::Exec || !output {
+        let op = matches!(self.model.op, Op::Exec | Op::Attach);
+        if self.model.state != State::Running || !op || !output {
             assert_eq!(result, Err(SessionError::InvalidState));
             return;
         }
@@ -1266,7 +1405,7 @@ impl<'a> Run<'a> {
         };
         let mut out = vec![0u8; room];
         let result = self.session.encode_output_dropped(stream, bytes, &mut out);
-        if self.model.state != State::Running || self.model.op != Op::Exec {
+        if self.model.state != State::Running || !matches!(self.model.op, Op::Exec | Op::Attach) {
             assert_eq!(result, Err(SessionError::InvalidState));
             return;
         }
@@ -1394,6 +1533,14 @@ impl<'a> Run<'a> {
                     match self.model.op {
                         Op::Simple => {}
                         Op::Info => assert!(self.stream.info_frames > 0, "done before the system"),
+                        Op::JobList => assert_eq!(
+                            report.count as usize, self.stream.job_records,
+                            "a listing's count is its records"
+                        ),
+                        Op::Attach => {
+                            assert!(self.stream.attached, "done before Attached");
+                            assert_eq!(report.count, 0);
+                        }
                         op => panic!("done for {op:?}"),
                     }
                     let owed = self.model.owed_final.take();
@@ -1407,26 +1554,36 @@ impl<'a> Run<'a> {
                     self.stream.started = true;
                 }
                 AgentFrame::Stdout(_) | AgentFrame::Stderr(_) => {
-                    assert!(self.stream.started, "output before Started");
+                    assert!(
+                        self.stream.started || self.stream.attached,
+                        "output before Started or Attached"
+                    );
                 }
                 AgentFrame::OutputDropped(_) => {
                     assert!(
-                        self.stream.started,
-                        "an output-dropped notice before Started"
+                        self.stream.started || self.stream.attached,
+                        "an output-dropped notice before Started or Attached"
                     );
                 }
                 AgentFrame::Keepalive => {
+                    // A wait's keepalives come with nothing before them.
                     assert!(
-                        self.stream.started || self.stream.file_ready,
-                        "a keepalive before Started or FileReady"
+                        self.stream.started
+                            || self.stream.file_ready
+                            || self.stream.attached
+                            || self.model.op == Op::Wait,
+                        "a keepalive before Started, FileReady or Attached"
                     );
+                    assert!(self.stream.authenticated || self.secret.is_none());
                     assert!(self.model.keepalive_owed, "a keepalive that was not due");
                     self.model.keepalive_owed = false;
                 }
                 AgentFrame::StdinCredit(n) => {
                     assert!(
-                        self.stream.started || (self.stream.file_ready && self.model.op == Op::Put),
-                        "credit before Started or a put's FileReady"
+                        self.stream.started
+                            || self.stream.attached
+                            || (self.stream.file_ready && self.model.op == Op::Put),
+                        "credit before Started, Attached or a put's FileReady"
                     );
                     assert!(n > 0, "empty credit");
                     self.stream.credit_total += u64::from(n);
@@ -1437,7 +1594,13 @@ impl<'a> Run<'a> {
                     );
                 }
                 AgentFrame::Exited(end) => {
-                    assert!(self.stream.started);
+                    // An exec's after Started, an attachment's after Attached; a wait's alone.
+                    assert!(
+                        self.stream.started
+                            || self.stream.attached
+                            || (self.model.op == Op::Wait
+                                && (self.stream.authenticated || self.secret.is_none()))
+                    );
                     if self.model.stdin_unconsumed == 0 {
                         assert_eq!(self.stream.credit_total, self.model.stdin_received);
                     }
@@ -1516,6 +1679,10 @@ impl<'a> Run<'a> {
                         "too many items"
                     );
                 }
+                frame
+                @ (AgentFrame::Detached(_) | AgentFrame::Job(_) | AgentFrame::Attached(_)) => {
+                    self.check_job_frame(frame)
+                }
                 AgentFrame::ClockSet(previous) => {
                     assert!(self.stream.authenticated || self.secret.is_none());
                     assert_eq!(self.model.op, Op::Clock);
@@ -1542,6 +1709,10 @@ impl<'a> Run<'a> {
             "a file header never sent"
         );
         assert!(!self.model.proof_owed);
+        assert!(
+            self.model.job.attached_owed.is_none(),
+            "an attachment header never sent"
+        );
         assert!(
             !self.model.keepalive_owed,
             "a keepalive owed and never sent"
@@ -1695,6 +1866,47 @@ impl Run<'_> {
             Frame::StdinEof => encode(&ClientFrame::StdinEof),
             Frame::Signal(number) => encode(&ClientFrame::Signal(number)),
             Frame::Cancel(grace_ms) => encode(&ClientFrame::Cancel(Cancel { grace_ms })),
+            Frame::ExecPart { env, len } => {
+                let entries: Vec<u8> = (0..len)
+                    .map(|i| if i % 4 == 3 { 0 } else { b'a' + i % 26 })
+                    .collect();
+                let (list, data) = if env {
+                    (ListKind::Env, [&b"K="[..], &entries].concat())
+                } else {
+                    (ListKind::Argv, entries)
+                };
+                encode(&ClientFrame::ExecPart(ferry_wire::ExecPart {
+                    list,
+                    data: Bytes(&data),
+                }))
+            }
+            Frame::Resize => encode(&ClientFrame::Resize(WindowSize { rows: 24, cols: 80 })),
+            Frame::StartJob(name) => {
+                let name = name.bytes();
+                encode(&ClientFrame::StartJob(ferry_wire::JobStart {
+                    name: name.as_deref().map(Bytes),
+                }))
+            }
+            Frame::Jobs(choice) => {
+                let parts = choice.parts();
+                encode(&ClientFrame::Jobs(choice.query(&parts)))
+            }
+            Frame::Attach(choice) => {
+                let parts = choice.parts();
+                encode(&ClientFrame::Attach(choice.attach(&parts)))
+            }
+            Frame::Wait(choice) => {
+                let parts = choice.parts();
+                encode(&ClientFrame::Wait(choice.request(&parts)))
+            }
+            Frame::Kill(choice) => {
+                let parts = choice.parts();
+                encode(&ClientFrame::Kill(choice.kill(&parts)))
+            }
+            Frame::Remove(choice) => {
+                let parts = choice.parts();
+                encode(&ClientFrame::Remove(choice.request(&parts)))
+            }
         };
         self.inbox.extend_from_slice(&bytes);
         self.handle_inbox();
@@ -1964,7 +2176,7 @@ enum Expect {
 }
 
 fn error_code(n: u8) -> ErrorCode {
-    const CODES: [ErrorCode; 25] = [
+    const CODES: [ErrorCode; 28] = [
         ErrorCode::UnsupportedVersion,
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
@@ -1990,6 +2202,257 @@ fn error_code(n: u8) -> ErrorCode {
         ErrorCode::PathEscape,
         ErrorCode::Io,
         ErrorCode::BadArchive,
+        ErrorCode::NoSuchJob,
+        ErrorCode::JobRunning,
+        ErrorCode::JobEnded,
     ];
     CODES[usize::from(n) % CODES.len()]
+}
+
+/// Protocol 5's detached jobs: their requests, events, driver calls and frames.
+impl Run<'_> {
+    /// Why the agent must refuse a job request, if it must (the model's own rules).
+    fn job_request_refusal(&self, frame: &ClientFrame<'_>) -> Option<RequestRefusal> {
+        let limits = &self.config.limits;
+        match frame {
+            ClientFrame::StartJob(start) => start_refusal(start.name.map(|name| name.0)),
+            ClientFrame::Jobs(query) => query_refusal(query, limits),
+            ClientFrame::Attach(request) => attach_refusal(request, limits),
+            ClientFrame::Wait(request) | ClientFrame::Remove(request) => {
+                request_refusal(request, limits)
+            }
+            ClientFrame::Kill(kill) => kill_refusal(kill, limits),
+            other => panic!("{other:?} is no job request"),
+        }
+    }
+
+    fn on_job_event(&mut self, event: AgentEvent<'_>) {
+        let limits = self.config.limits;
+        match event {
+            AgentEvent::StartJob(start) => {
+                // The exec follows; nothing has begun yet (the handshake deadline runs on).
+                assert_eq!(self.model.state, State::AwaitRequest);
+                assert!(!self.model.job.start && !self.model.parts_seen);
+                assert_eq!(start_refusal(start.name.map(|name| name.0)), None);
+                self.model.job.start = true;
+            }
+            AgentEvent::Jobs(query) => {
+                assert_eq!(query_refusal(&query, &limits), None);
+                self.begin(State::Operating, Op::JobList);
+            }
+            AgentEvent::Attach(request) => {
+                assert_eq!(attach_refusal(&request, &limits), None);
+                self.begin(State::Starting, Op::Attach);
+            }
+            AgentEvent::Wait(request) => {
+                assert_eq!(request_refusal(&request, &limits), None);
+                self.begin(State::Starting, Op::Wait);
+            }
+            AgentEvent::Kill(kill) => {
+                assert_eq!(kill_refusal(&kill, &limits), None);
+                self.begin(State::Operating, Op::Simple);
+            }
+            AgentEvent::Remove(request) => {
+                assert_eq!(request_refusal(&request, &limits), None);
+                self.begin(State::Operating, Op::Simple);
+            }
+            other => panic!("{other:?} is no job event"),
+        }
+    }
+
+    /// The driver's job calls: each allowed in one state of one operation only.
+    fn job_step(&mut self, step: Step) {
+        let (state, op) = (self.model.state, self.model.op);
+        match step {
+            Step::Detached { id, pid } => {
+                let job = JobStarted { id, pid };
+                let result = self.session.detached(job, self.now);
+                if (state, op) == (State::Starting, Op::Job) {
+                    assert_eq!(result, Ok(()));
+                    self.model.owed_final = Some(AgentFrame::Detached(job));
+                    self.enter_closing();
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
+            Step::EncodeJob { times, room, ended } => {
+                for _ in 0..=times {
+                    if !self.encode_job(room, ended) {
+                        break;
+                    }
+                }
+            }
+            Step::Attached {
+                stdin,
+                running,
+                from,
+                lost,
+                ago,
+            } => {
+                let header = AttachHeader {
+                    id: 1,
+                    stdout: Resume { from, lost },
+                    stderr: Resume {
+                        from: lost,
+                        lost: from,
+                    },
+                    stdin,
+                    running,
+                };
+                let job_started_at = self.now.saturating_sub(u64::from(ago));
+                let result = self.session.attached(header, job_started_at, self.now);
+                if (state, op) == (State::Starting, Op::Attach) {
+                    assert_eq!(result, Ok(()));
+                    self.model.state = State::Running;
+                    self.model.job.attached_owed = Some(header);
+                    self.model.stdin_piped = stdin;
+                    self.model.started_at = job_started_at;
+                    self.model.next_keepalive = self.keepalive_after(self.now);
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
+            Step::Waiting => {
+                let result = self.session.waiting(self.now);
+                if (state, op) == (State::Starting, Op::Wait) {
+                    assert_eq!(result, Ok(()));
+                    self.model.state = State::Running;
+                    self.model.next_keepalive = self.keepalive_after(self.now);
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
+            Step::JobEnded { code, facts } => {
+                let facts = facts.end_facts();
+                let end = Termination {
+                    status: ExitStatus::Code(code),
+                    duration_us: u64::from(code) * 1000,
+                    output_dropped: code & 1 == 1,
+                    ending: facts.ending,
+                    tree_kill: facts.tree_kill,
+                    stdout: StreamRecord {
+                        bytes: u64::from(code),
+                        dropped: 0,
+                    },
+                    stderr: StreamRecord::default(),
+                    pipes_held: facts.pipes_held,
+                    oom_killed: facts.oom_killed,
+                    peak_memory: facts.peak_memory,
+                };
+                let result = self.session.job_ended(end, self.now);
+                let allowed = match op {
+                    Op::Attach => state == State::Running,
+                    Op::Wait => matches!(state, State::Starting | State::Running),
+                    _ => false,
+                };
+                if allowed {
+                    assert_eq!(result, Ok(()));
+                    self.model.owed_final = Some(AgentFrame::Exited(end));
+                    self.enter_closing();
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
+            other => panic!("{other:?} is no job step"),
+        }
+    }
+
+    /// One record of a job listing; returns whether it was encoded.
+    fn encode_job(&mut self, room: u8, ended: bool) -> bool {
+        let before = self.sent.len();
+        self.transmit(0);
+        if self.sent.len() > before {
+            return false;
+        }
+        let termination = ended.then(|| Termination {
+            status: ExitStatus::Signal {
+                number: 9,
+                core_dumped: false,
+            },
+            duration_us: 7,
+            output_dropped: false,
+            ending: Ending::Cancelled,
+            tree_kill: TreeKill::ProcessGroup,
+            stdout: StreamRecord::default(),
+            stderr: StreamRecord::default(),
+            pipes_held: false,
+            oom_killed: false,
+            peak_memory: 0,
+        });
+        let record = JobRecord {
+            id: self.model.job.items as u32 + 1,
+            name: ended.then_some(Bytes(b"web")),
+            argv: StrList::new(b"sleep\09\0"),
+            uid: 1000,
+            gid: 1000,
+            pid: 40,
+            state: if ended {
+                JobState::Killed
+            } else {
+                JobState::Running
+            },
+            started: Timestamp { secs: 1, nanos: 2 },
+            duration_us: 3,
+            stdout_bytes: 4,
+            stderr_bytes: 5,
+            termination,
+        };
+        let room = if room == 0 {
+            MAX_FRAME
+        } else {
+            usize::from(room)
+        };
+        let mut out = vec![0u8; room];
+        let result = self.session.encode_job(&record, &mut out);
+        let allowed = self.model.state == State::Operating
+            && self.model.op == Op::JobList
+            && self.model.job.items < MAX_JOBS;
+        if !allowed {
+            assert_eq!(result, Err(SessionError::InvalidState));
+            return false;
+        }
+        let n = match result {
+            Ok(n) => n,
+            Err(err) => {
+                // Nothing counted when nothing was encoded.
+                assert_eq!(err, SessionError::BufferTooSmall);
+                assert!(room < 128);
+                return false;
+            }
+        };
+        let (body, used) = split_frame(&out[..n], MAX_FRAME_BODY)
+            .expect("within the limit")
+            .expect("a whole frame");
+        assert_eq!(used, n);
+        assert_eq!(decode_agent_frame(body), Ok(AgentFrame::Job(record)));
+        self.model.job.items += 1;
+        self.sent.extend_from_slice(&out[..n]);
+        self.check_stream();
+        true
+    }
+
+    /// A job frame of the agent's stream.
+    fn check_job_frame(&mut self, frame: AgentFrame<'_>) {
+        assert!(self.stream.authenticated || self.secret.is_none());
+        match frame {
+            AgentFrame::Detached(job) => {
+                assert_eq!(self.model.op, Op::Job);
+                let owed = self.model.owed_final.take();
+                assert_eq!(owed, Some(AgentFrame::Detached(job)));
+                self.stream.final_seen = true;
+            }
+            AgentFrame::Job(_) => {
+                assert_eq!(self.model.op, Op::JobList);
+                self.stream.job_records += 1;
+                assert!(self.stream.job_records <= MAX_JOBS, "too many records");
+            }
+            AgentFrame::Attached(header) => {
+                assert_eq!(self.model.op, Op::Attach);
+                assert!(!self.stream.attached, "a second header");
+                assert_eq!(Some(header), self.model.job.attached_owed.take());
+                self.stream.attached = true;
+            }
+            other => panic!("{other:?} is no job frame"),
+        }
+    }
 }
