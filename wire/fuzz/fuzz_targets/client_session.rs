@@ -198,13 +198,13 @@ fuzz_target!(|data: &[u8]| {
     // frame), send, take the rest, write stdin, close, end.
     for step in [
         Step::ReceiveFrame,
-        Step::StartExec {
+        job_start_for(wire).unwrap_or(Step::StartExec {
             request: 0,
             pipe: true,
             room: 0,
             size: 0,
             shape: 0,
-        },
+        }),
         Step::Transmit { room: 0 },
         Step::Receive {
             len: 0,
@@ -1745,4 +1745,42 @@ fn job_exec_request<'a>(
         kill_tree_on_exit: shape & 2 != 0,
         max_output: u64::from(shape) << 10,
     }
+}
+
+/// The job operation a stream answers (its first job frame says which), so that a seeded job
+/// conversation is replayed by the client that asked for it: a start, a listing, an attach that
+/// asks for stdin.
+fn job_start_for(wire: &[u8]) -> Option<Step> {
+    let (frames, _) = whole_frames(wire);
+    let choice = |job: u16| JobRequestChoice {
+        job: ferry_wire_fuzz::jobs::JobChoice(job),
+        user: ferry_wire_fuzz::ops::UserChoice(0),
+        since_stdout: 0,
+        since_stderr: 0,
+        follow: true,
+        stdin: true,
+        signal: 0,
+        grace_ms: None,
+    };
+    frames
+        .iter()
+        .find_map(|body| match decode_agent_frame(body) {
+            Ok(AgentFrame::Detached(_)) => Some(Step::StartJob {
+                name: NameChoice(Some(ferry_wire_fuzz::jobs::JobChoice(0))),
+                request: 0,
+                pipe: false,
+                room: 0,
+                size: 0,
+                shape: 0,
+            }),
+            Ok(AgentFrame::Job(_)) => Some(Step::StartJobs {
+                request: choice(0),
+                room: 0,
+            }),
+            Ok(AgentFrame::Attached(_)) => Some(Step::StartAttach {
+                request: choice(0),
+                room: 0,
+            }),
+            _ => None,
+        })
 }

@@ -639,7 +639,8 @@ const TRANSCRIPTS: &[Transcript] = &[
     },
     Transcript {
         name: "job_attach",
-        // Another connection attaches to `web` from the start of each stream. Its stderr's
+        // Another connection attaches to `web` from the start of each stream, asking for its
+        // stdin (granted: nobody else holds it; it sends none here). Its stderr's
         // first 10 bytes are no longer retained (the header says so); stdout is replayed from
         // the spool's head, then the ring overran (4096 bytes the attacher never gets), then
         // the live tail and the job's record. Output is stamped with the time since the job
@@ -650,7 +651,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             since_stdout: 0,
             since_stderr: 0,
             follow: true,
-            stdin: false,
+            stdin: true,
         }),
         agent_secret: Some(SECRET),
         client_secret: Some(SECRET),
@@ -662,7 +663,7 @@ const TRANSCRIPTS: &[Transcript] = &[
                     id: 1,
                     stdout: Resume { from: 0, lost: 0 },
                     stderr: Resume { from: 10, lost: 10 },
-                    stdin: false,
+                    stdin: true,
                     running: true,
                 },
                 500_000,
@@ -688,7 +689,7 @@ const TRANSCRIPTS: &[Transcript] = &[
         events: &[
             "hello v4 agent golden Authenticated",
             "authenticated",
-            "attached 1: stdout from 0 lost 0, stderr from 10 lost 10, stdin=false running=true",
+            "attached 1: stdout from 0 lost 0, stderr from 10 lost 10, stdin=true running=true",
             "stdout \"one\\n\" at 1500000us",
             "output dropped Stdout 4096",
             "stderr \"two\\n\" at 2100000us",
