@@ -319,6 +319,10 @@ fn serving(policy: &policy::Policy, is_init: bool) -> Option<auth::Serving> {
     let config = ferry_wire::session::AgentConfig {
         agent_version: AGENT_VERSION,
         handshake_timeout: handshake_ms.saturating_mul(1000),
+        limits: ferry_wire::Limits {
+            idle_ms: policy.idle_timeout_ms,
+            ..ferry_wire::Limits::CURRENT
+        },
         bounds: ferry_wire::Bounds {
             max_runtime_s: policy.max_runtime_s,
             max_output: policy.max_output,

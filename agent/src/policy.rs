@@ -58,6 +58,9 @@ pub struct Policy {
     /// `handshake_timeout`: milliseconds a client has for its hello, proof and request
     /// (default 5000).
     pub handshake_timeout_ms: u32,
+    /// `idle_timeout`: milliseconds a connection may idle after an operation before the agent
+    /// closes it (protocol 5 keep-alive; 0: one operation per connection; default 30000).
+    pub idle_timeout_ms: u32,
 
     // --- Limits on each request (0: none).
     /// `max_runtime`: seconds a command may run before its group is killed (written as a
@@ -117,6 +120,7 @@ impl Policy {
             unprivileged_default: true,
             max_connections: 64,
             handshake_timeout_ms: 5_000,
+            idle_timeout_ms: ferry_wire::limits::DEFAULT_IDLE_MS,
             max_runtime_s: 0,
             max_output: 0,
             max_file_size: 0,
@@ -222,6 +226,7 @@ enum Key {
     RunAsAgentUser,
     MaxConnections,
     HandshakeTimeout,
+    IdleTimeout,
     MaxRuntime,
     MaxOutput,
     MaxFileSize,
@@ -240,7 +245,7 @@ enum Key {
 
 /// Every key of docs/policy.md. [`Policy::apply`] looks keys up in this table: a `match` on the
 /// strings compiles to byte-by-byte comparisons, about 2 KB of code.
-const KEYS: [(&[u8], Key); 25] = [
+const KEYS: [(&[u8], Key); 26] = [
     (b"secret_file", Key::SecretFile),
     (b"insecure", Key::Insecure),
     (b"allow_cid", Key::AllowCid),
@@ -252,6 +257,7 @@ const KEYS: [(&[u8], Key); 25] = [
     (b"run_as_agent_user", Key::RunAsAgentUser),
     (b"max_connections", Key::MaxConnections),
     (b"handshake_timeout", Key::HandshakeTimeout),
+    (b"idle_timeout", Key::IdleTimeout),
     (b"max_runtime", Key::MaxRuntime),
     (b"max_output", Key::MaxOutput),
     (b"max_file_size", Key::MaxFileSize),
@@ -298,6 +304,10 @@ impl Policy {
                 let ms = parse_duration_ms(value)?;
                 let ms = u32::try_from(ms).map_err(|_| PolicyError::OutOfRange)?;
                 self.handshake_timeout_ms = in_range(ms, 1, u32::MAX)?;
+            }
+            Key::IdleTimeout => {
+                let ms = parse_duration_ms(value)?;
+                self.idle_timeout_ms = u32::try_from(ms).map_err(|_| PolicyError::OutOfRange)?;
             }
             Key::MaxRuntime => self.max_runtime_s = parse_runtime_s(value)?,
             Key::MaxOutput => self.max_output = parse_bytes(value)?,
@@ -864,6 +874,12 @@ mod tests {
         assert_eq!(ms("4294967295ms"), Ok(u32::MAX));
         assert_eq!(ms("4294967296ms"), Err(PolicyError::OutOfRange));
         assert_eq!(ms("0s"), Err(PolicyError::OutOfRange));
+        let idle = |text: &str| applied("idle_timeout", text).map(|p| p.idle_timeout_ms);
+        assert_eq!(Policy::defaults().idle_timeout_ms, 30_000);
+        assert_eq!(idle("1s"), Ok(1_000));
+        assert_eq!(idle("0s"), Ok(0), "0 turns keep-alive off");
+        assert_eq!(idle("4294967296ms"), Err(PolicyError::OutOfRange));
+        assert_eq!(idle("5"), Err(PolicyError::BadValue));
         assert_eq!(ms("99999999999999999999s"), Err(PolicyError::BadValue));
         assert_eq!(ms("9999999999999999999h"), Err(PolicyError::OutOfRange));
         for bad in ["5", "s", "5 s", "5S", "5sec", "-5s", "1.5s", ""] {

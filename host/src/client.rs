@@ -1,11 +1,12 @@
-//! The entry point: a client bound to one agent. Every operation opens its own connection
-//! (the protocol carries one operation per connection), so a `Client` is cheap to share.
+//! The entry point: a client bound to one agent. It keeps up to `ConnectOptions::max_idle`
+//! idle connections (protocol 5 keep-alive: an operation on one pays no connect, hello or
+//! proof), shared by its clones and threads; an operation takes one, or opens its own.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::command::Command;
-use crate::conn::{open_timed, AgentInfo, BufferPool, Connection, Operation, Received};
+use crate::conn::{open_timed, AgentInfo, BufferPool, Connection, IdlePool, Operation, Received};
 use crate::error::Error;
 use crate::exec::{Execution, Output};
 use crate::target::{ConnectOptions, Target};
@@ -17,6 +18,8 @@ pub struct Client {
     target: Target,
     options: ConnectOptions,
     buffers: Arc<BufferPool>,
+    /// Connections whose operation ended cleanly, for the next operations.
+    idle: Arc<IdlePool>,
 }
 
 /// The answer to a health check.
@@ -46,6 +49,7 @@ impl Client {
     pub fn new(target: &Target, options: ConnectOptions) -> Client {
         Client {
             target: target.clone(),
+            idle: Arc::new(IdlePool::new(options.max_idle)),
             options,
             buffers: Arc::default(),
         }
@@ -71,13 +75,9 @@ impl Client {
         // The session checks the request against the protocol's limits before anything is
         // sent; an agent with tighter ones refuses with `LimitExceeded`.
         let request = command.request()?;
-        let (conn, info) = Connection::open_with(
-            &self.target,
-            &self.options,
-            Some(&self.buffers),
-            Operation::Exec(&request),
-        )
-        .map_err(|err| command.explain(err))?;
+        let (conn, info) = self
+            .open_operation(Operation::Exec(&request))
+            .map_err(|err| command.explain(err))?;
         Execution::start(conn, info, command.stdin_mode())
     }
 
@@ -86,12 +86,7 @@ impl Client {
     /// processes were signalled when the agent knows (0 otherwise). An agent without a cgroup
     /// for its commands refuses with [`crate::ErrorCode::Unsupported`].
     pub fn kill_all(&self) -> Result<u32, Error> {
-        let (mut conn, _info) = Connection::open_with(
-            &self.target,
-            &self.options,
-            Some(&self.buffers),
-            Operation::KillAll,
-        )?;
+        let (mut conn, _info) = self.open_operation(Operation::KillAll)?;
         match conn.receive()? {
             Received::Done(count) => Ok(count),
             other => Err(crate::conn::out_of_order(
@@ -115,12 +110,7 @@ impl Client {
     /// content produced as it goes (a tar stream being built). [`Upload::finish`] ends it.
     pub fn upload(&self, put: &Put) -> Result<Upload, Error> {
         let request = put.request()?;
-        let (conn, _info) = Connection::open_with(
-            &self.target,
-            &self.options,
-            Some(&self.buffers),
-            Operation::Put(&request),
-        )?;
+        let (conn, _info) = self.open_operation(Operation::Put(&request))?;
         Ok(Upload::new(conn, put))
     }
 
@@ -137,21 +127,32 @@ impl Client {
     /// ([`Download`] is a [`std::io::Read`]) or [`Download::copy_to`] a writer.
     pub fn download(&self, get: &Get) -> Result<Download, Error> {
         let request = get.request()?;
-        let (conn, _info) = Connection::open_with(
-            &self.target,
-            &self.options,
-            Some(&self.buffers),
-            Operation::Get(&request),
-        )?;
+        let (conn, _info) = self.open_operation(Operation::Get(&request))?;
         Download::start(conn, get)
     }
 
-    /// Opens a connection for `operation` (its request goes out behind the handshake).
+    /// Starts `operation` on an idle connection, else on a new one (its request goes out
+    /// behind the handshake).
     pub(crate) fn open_operation(
         &self,
         operation: Operation<'_, '_>,
     ) -> Result<(Connection, AgentInfo), Error> {
-        Connection::open_with(&self.target, &self.options, Some(&self.buffers), operation)
+        operation.validate()?;
+        if let Some(reused) = self.idle.reuse(operation, Some(&self.buffers))? {
+            return Ok(reused);
+        }
+        let (mut conn, info) =
+            Connection::open_with(&self.target, &self.options, Some(&self.buffers), operation)?;
+        // The agent ends the connection after a transfer (it drops to the request's user) and
+        // after a shutdown: those are not kept.
+        let ends = matches!(
+            operation,
+            Operation::Put(_) | Operation::Get(_) | Operation::Shutdown(_)
+        );
+        if !ends {
+            conn.keep_idle_in(&self.idle);
+        }
+        Ok((conn, info))
     }
 
     /// Runs `command` to the end and returns everything it printed and how it ended.

@@ -328,6 +328,116 @@ pub(crate) enum Received {
     Attached(ferry_wire::AttachHeader),
 }
 
+/// A [`crate::Client`]'s idle connections (protocol 5 keep-alive): each one's operation ended
+/// cleanly (its final frame read, nothing owed, nothing else holding it), newest last.
+pub(crate) struct IdlePool {
+    idle: Mutex<Vec<Idle>>,
+    max: usize,
+}
+
+/// A connection waiting for its next operation.
+struct Idle {
+    shared: Arc<Shared>,
+    recv: RecvBuf<Box<[u8]>>,
+    info: AgentInfo,
+    epoch: Instant,
+    /// When its last operation ended.
+    since: Instant,
+}
+
+impl Idle {
+    /// Whether the agent still keeps it: younger than the agent's idle deadline less a margin
+    /// (so the agent's close does not cross our request, mostly), and neither readable nor
+    /// closed now (an idle agent sends nothing; a byte or an EOF means it is going away).
+    fn usable(&self) -> bool {
+        let idle = Duration::from_millis(u64::from(self.info.limits.idle_ms));
+        let margin = (idle / 2).min(IDLE_MARGIN);
+        self.since.elapsed() < idle.saturating_sub(margin)
+            && crate::sys::wait_readable(self.shared.stream.as_fd(), Duration::ZERO)
+                .is_ok_and(|readable| !readable)
+    }
+}
+
+/// How much sooner than the agent's idle deadline a pooled connection is given up.
+const IDLE_MARGIN: Duration = Duration::from_secs(1);
+
+impl IdlePool {
+    pub fn new(max: usize) -> IdlePool {
+        IdlePool {
+            idle: Mutex::new(Vec::new()),
+            max,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Idle>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Starts `operation` on an idle connection, when one is still good: `None` means connect
+    /// afresh. A connection whose agent closed it before answering (an EOF or a reset before
+    /// the first byte of the answer) is given up for the next one, or a fresh connection.
+    ///
+    /// NOTE: why retrying is safe enough: the agent closes an idle connection only while it
+    /// waits for a request (its idle deadline, or after an operation that ends the
+    /// connection), and once it has read a request it always answers before it closes. So no
+    /// answer at all means the request was never read, unless the connection process died
+    /// right between reading and answering (killed), where the request may have begun.
+    pub fn reuse(
+        self: &Arc<Self>,
+        operation: Operation<'_, '_>,
+        buffers: Option<&Arc<BufferPool>>,
+    ) -> Result<Option<(Connection, AgentInfo)>, Error> {
+        loop {
+            let Some(idle) = self.lock().pop() else {
+                return Ok(None);
+            };
+            if !idle.usable() {
+                continue;
+            }
+            let info = idle.info.clone();
+            let mut conn = Connection {
+                shared: idle.shared,
+                recv: idle.recv,
+                pool: buffers.cloned(),
+                handed_out: 0,
+                epoch: idle.epoch,
+                reader: None,
+                idle: None,
+                info: Some(idle.info),
+            };
+            {
+                let mut state = conn.shared.lock();
+                state.closed = false;
+                state.reader = None;
+            }
+            let opening = Opening::encode(&mut conn.shared.lock().session, operation)?;
+            if (&conn.shared.stream).write_all(opening.bytes()).is_err() {
+                continue;
+            }
+            if !conn.answer_arrives()? {
+                continue;
+            }
+            conn.idle = Some(Arc::clone(self));
+            return Ok(Some((conn, info)));
+        }
+    }
+
+    fn keep(&self, idle: Idle) {
+        let mut pool = self.lock();
+        if pool.len() < self.max {
+            pool.push(idle);
+        }
+    }
+}
+
+impl std::fmt::Debug for IdlePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IdlePool({} idle)", self.lock().len())
+    }
+}
+
 /// A connection and its receive buffer; the reading side.
 pub(crate) struct Connection {
     shared: Arc<Shared>,
@@ -341,6 +451,10 @@ pub(crate) struct Connection {
     epoch: Instant,
     /// This side's copy of [`State::reader`], so noting the same reader again costs no lock.
     reader: Option<ThreadId>,
+    /// Where the connection waits for its next operation once this one ended cleanly.
+    idle: Option<Arc<IdlePool>>,
+    /// The agent's hello, kept for the connection's next operations.
+    info: Option<AgentInfo>,
 }
 
 impl Connection {
@@ -389,12 +503,15 @@ impl Connection {
             handed_out: 0,
             epoch,
             reader: None,
+            idle: None,
+            info: None,
         };
         // The agent speaks first: its hello carries the challenge our proof answers.
         let info = match conn.receive()? {
             Received::Hello(info) => info,
             other => return Err(out_of_order(&other, "instead of a hello")),
         };
+        conn.info = Some(info.clone());
         let opening = Opening::encode(&mut conn.shared.lock().session, operation)?;
         let mut stream = &conn.shared.stream;
         let timed_write = !opened.timeouts_set && opening.bytes().len() > UNTIMED_OPENING;
@@ -422,6 +539,43 @@ impl Connection {
             stream.set_write_timeout(None).map_err(Error::Io)?;
         }
         Ok((conn, info))
+    }
+
+    /// Once this connection's operation ended cleanly, it waits in `pool` for the next one.
+    pub fn keep_idle_in(&mut self, pool: &Arc<IdlePool>) {
+        if pool.max > 0 {
+            self.idle = Some(Arc::clone(pool));
+        }
+    }
+
+    /// Waits for the first byte of the agent's answer on a reused connection: `false` when the
+    /// agent closed it instead (an EOF, a reset), before answering.
+    fn answer_arrives(&self) -> Result<bool, Error> {
+        let fd = self.shared.stream.as_fd();
+        // An agent alive a moment ago answers at once; one that keeps silent this long is
+        // frozen (as three missed keepalives say while an operation runs).
+        let keepalive_ms = self
+            .info
+            .as_ref()
+            .map_or(0, |info| info.limits.keepalive_ms);
+        let keepalive = u64::from(keepalive_ms.max(1000));
+        let bound = Duration::from_millis(keepalive.saturating_mul(3));
+        if !crate::sys::wait_readable(fd, bound).map_err(Error::Io)? {
+            return Err(Error::AgentSilent);
+        }
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        Ok(socket2::SockRef::from(&self.shared.stream)
+            .peek(&mut byte)
+            .is_ok_and(|n| n > 0))
+    }
+
+    /// Whether the connection can carry another operation: its operation ended cleanly
+    /// (the final frame read, nothing left unread behind it), the agent keeps it, and no stdin
+    /// writer or controller still holds it (one could reach the next operation).
+    fn reusable(&mut self) -> bool {
+        Arc::strong_count(&self.shared) == 1
+            && self.recv.data().len() == self.handed_out
+            && self.shared.lock().session.is_reusable()
     }
 
     /// What the reader and a stdin writer share.
@@ -508,6 +662,9 @@ impl Connection {
                 }
                 ClientEvent::Refused(err) => {
                     self.shared.wake_writers(&state);
+                    // Consumed: a refusal that leaves the connection reusable leaves nothing
+                    // unread in it.
+                    self.handed_out = taken.consumed;
                     return Err(refused(&err));
                 }
                 ClientEvent::SystemInfo(info) => {
@@ -591,6 +748,20 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        if let (Some(pool), Some(info)) = (self.idle.take(), self.info.take()) {
+            if self.reusable() {
+                let mut recv = std::mem::replace(&mut self.recv, RecvBuf::new(Box::default()));
+                recv.consume(std::mem::take(&mut self.handed_out));
+                pool.keep(Idle {
+                    shared: Arc::clone(&self.shared),
+                    recv,
+                    info,
+                    epoch: self.epoch,
+                    since: Instant::now(),
+                });
+                return;
+            }
+        }
         self.shared.close();
         if let Some(pool) = self.pool.take() {
             let recv = std::mem::replace(&mut self.recv, RecvBuf::new(Box::default()));

@@ -271,6 +271,9 @@ impl Execution {
     fn finish(&mut self) {
         self.done = true;
         self.conn.shared().close();
+        // A writer nobody took holds the connection: without it, the connection can carry
+        // the client's next operation.
+        self.stdin = None;
     }
 
     /// Receives until something is for the caller, feeding stdin as credit comes back.

@@ -120,6 +120,10 @@ pub struct ConnectOptions {
     /// every connection and talks only to an agent that proves it too; without one, only to an
     /// agent started `--insecure`.
     pub secret: Option<Secret>,
+    /// How many idle connections a [`crate::Client`] keeps for its next operations (protocol
+    /// 5 keep-alive: an operation on one pays no connect, hello or proof). 0: a connection per
+    /// operation.
+    pub max_idle: usize,
 }
 
 impl Default for ConnectOptions {
@@ -129,6 +133,7 @@ impl Default for ConnectOptions {
             hvsock_retries: 5,
             hvsock_retry_delay: Duration::from_millis(20),
             secret: None,
+            max_idle: 4,
         }
     }
 }
@@ -418,6 +423,7 @@ pub(crate) mod tests {
             hvsock_retries: 2,
             hvsock_retry_delay: Duration::from_millis(1),
             secret: None,
+            max_idle: 4,
         }
     }
 

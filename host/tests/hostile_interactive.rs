@@ -265,6 +265,13 @@ fn assert_serving(socket: &Path, after: &str) {
     );
 }
 
+/// An agent with keep-alive off (`idle_timeout=0`): each finished connection ends, so what
+/// these tests count is what hostile clients left behind, not idle connections (keep-alive's
+/// own teardown is `keepalive.rs`'s).
+fn one_operation_agent() -> Agent {
+    Agent::start_with(&["--set", "idle_timeout=0s"])
+}
+
 /// Every connection process has ended: only the listener's two spares are left.
 fn assert_connections_ended(agent: &Agent, after: &str) {
     let left = wait_children(agent.pid(), 2, Duration::from_secs(5));
@@ -288,7 +295,7 @@ fn pty(rows: u16, cols: u16) -> Option<WindowSize> {
 /// command's end is reported as it happened, and others are served meanwhile.
 #[test]
 fn control_floods_stay_bounded_and_others_are_served() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     // While it runs: harmless signals (SIGWINCH, SIGCONT), resizes of a terminal, and
     // cancels whose SIGKILL stays far away for a command that ignores SIGTERM.
     let (mut raw, bytes) = request(
@@ -359,7 +366,7 @@ fn control_floods_stay_bounded_and_others_are_served() {
 /// killed (a breach); 64, the last real-time signal, is delivered.
 #[test]
 fn signal_numbers_out_of_range_are_refused() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     for number in [0u8, 65, 255] {
         let (mut raw, bytes) = request(&agent.socket, "exec sleep 30", |_| {});
         raw.send(&bytes);
@@ -385,7 +392,7 @@ fn signal_numbers_out_of_range_are_refused() {
 /// A resize without a terminal is ignored; 0x0 and 65535x65535 reach a terminal as they are.
 #[test]
 fn resizes_without_a_terminal_and_at_the_extremes() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     let (mut raw, bytes) = request(&agent.socket, "sleep 0.3; echo fine", |_| {});
     raw.send(&bytes);
     raw.send_frame(&ClientFrame::Resize(WindowSize { rows: 0, cols: 0 }));
@@ -417,7 +424,7 @@ fn resizes_without_a_terminal_and_at_the_extremes() {
 /// says Cancelled each time.
 #[test]
 fn cancels_with_every_grace() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     let ignorer = "trap '' TERM; echo armed; sleep 100";
     // Wait for "armed" so the trap is set before the cancel.
     let armed = |raw: &mut Raw| {
@@ -500,7 +507,7 @@ fn cancels_with_every_grace() {
 /// not wrap into an early one); a grace of 0 kills a SIGTERM-ignorer at the timeout.
 #[test]
 fn timeouts_at_the_edges() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     let seen = run_to_end(&agent.socket, "exec sleep 100", |r| r.timeout_ms = 1);
     let end = termination(&seen);
     assert_eq!((end.ending, end.status), (Ending::TimedOut, killed_by(15)));
@@ -600,7 +607,7 @@ fn numbers(from: u32, to: u32, newline: &str) -> Vec<u8> {
 /// record.
 #[test]
 fn output_caps_are_exact_on_both_streams_and_a_terminal() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     let out = numbers(1, 60_000, "\n");
     let err = numbers(60_000, 1, "\n");
     for cap in [1u64, 2, 3, 65_536, 131_072, 131_073, u64::MAX] {
@@ -671,7 +678,7 @@ fn output_caps_are_exact_on_both_streams_and_a_terminal() {
 /// spinning at pipe speed for as long as the writer lived.)
 #[test]
 fn a_capped_writer_that_outlives_its_command_is_cut_off() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     let (mut raw, bytes) = request(&agent.socket, "yes flood & echo parent-done", |r| {
         r.max_output = 1024;
     });
@@ -733,7 +740,7 @@ fn exec_frame(argv: &[u8], env: &[u8]) -> Vec<u8> {
 /// connection process is left, and the agent serves the next.
 #[test]
 fn pieces_then_a_disconnect_or_the_limit() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     // Whole pieces of 1000-byte entries (an entry is at most 128 KiB).
     let big: Vec<u8> = (0..MAX_DATA)
         .map(|i| if i % 1000 == 999 { 0 } else { b'a' })
@@ -790,7 +797,7 @@ fn pieces_then_a_disconnect_or_the_limit() {
 /// it is refused only for want of one).
 #[test]
 fn bug_killall_after_exec_pieces_is_taken_as_a_killall() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     let (mut raw, mut session) = Raw::open(&agent.socket);
     let bytes = [
         opening(&mut session),
@@ -818,7 +825,7 @@ fn bug_killall_after_exec_pieces_is_taken_as_a_killall() {
 /// gets one.
 #[test]
 fn pieces_out_of_order_tiny_and_unterminated() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
 
     let (mut raw, bytes) = request(&agent.socket, "exec sleep 30", |_| {});
     raw.send(&bytes);
@@ -928,7 +935,7 @@ fn pieces_out_of_order_tiny_and_unterminated() {
 /// the terminal, and a writer that ignores SIGHUP is accounted for (`pipes_held`).
 #[test]
 fn terminal_commands_that_close_or_outlive_their_terminal() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     let at = Instant::now();
     let seen = run_to_end(
         &agent.socket,
@@ -990,7 +997,7 @@ fn a_terminal_command_inherits_only_its_terminal_and_the_umask() {
 /// half-close then a full close: the tree is killed.
 #[test]
 fn half_close_on_a_terminal_then_wait_or_close() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     let (mut raw, bytes) = request(&agent.socket, "sleep 0.5; echo done", |r| {
         r.pty = pty(24, 80);
         r.stdin = StdinMode::Pipe;
@@ -1020,7 +1027,7 @@ fn half_close_on_a_terminal_then_wait_or_close() {
 /// whole (keepalives queued meanwhile do not cut into a data frame).
 #[test]
 fn a_stalled_reader_of_a_terminal_flood() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     let (mut raw, bytes) = request(&agent.socket, "exec yes 0123456789abcdef", |r| {
         r.pty = pty(24, 80);
         r.stdin = StdinMode::Pipe;
@@ -1065,7 +1072,7 @@ fn a_stalled_reader_of_a_terminal_flood() {
 /// queued meanwhile (output, keepalives) arrive whole, then the record.
 #[test]
 fn a_client_that_never_reads_for_20_seconds() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     let (mut raw, bytes) = request(
         &agent.socket,
         "head -c 4000000 /dev/zero; sleep 21; echo end",
@@ -1174,7 +1181,7 @@ fn text(bytes: &[u8]) -> String {
 /// timeout of 0 is no timeout.
 #[test]
 fn the_cli_without_a_terminal_and_with_garbage() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     let output = ferry(
         &agent,
         &["exec", "-t", "--", "sh", "-c", "tty; stty size"],
@@ -1238,7 +1245,7 @@ fn the_cli_without_a_terminal_and_with_garbage() {
 /// (attack-log B2: they used to wait for ever, and so did the CLI).
 #[test]
 fn it_with_stdin_at_its_end_ends() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     let output = ferry(
         &agent,
         &["exec", "-it", "--", "sh", "-c", "cat; echo after"],
@@ -1257,7 +1264,7 @@ fn it_with_stdin_at_its_end_ends() {
 /// ignores SIGTERM, and the SIGKILL after the grace ends it (attack-log B3).
 #[test]
 fn sigterm_ends_a_cli_whose_terminal_command_ignores_it() {
-    let agent = Agent::start();
+    let agent = one_operation_agent();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .env("FERRY_CONNECT", agent.target_url())
         .env("FERRY_SECRET_FILE", agent.secret_path())

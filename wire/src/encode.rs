@@ -261,6 +261,7 @@ impl<'o> Writer<'o> {
             l.max_user,
             l.max_arg_len,
             l.keepalive_ms,
+            l.idle_ms,
         ] {
             self.u32(value);
         }

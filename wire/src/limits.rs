@@ -63,6 +63,10 @@ pub const STDIN_WINDOW: usize = 128 * 1024;
 /// client that hears nothing for three intervals gives up.
 pub const KEEPALIVE_MS: u32 = 5_000;
 
+/// How long (milliseconds) an agent keeps an idle connection open after an operation by
+/// default (protocol 5, [`crate::Limits::idle_ms`]; the policy's `idle_timeout`).
+pub const DEFAULT_IDLE_MS: u32 = 30_000;
+
 /// Room every encoded exec request needs beyond its strings: tags, lengths, flags, the
 /// terminal size, the timeouts and the output cap.
 const EXEC_OVERHEAD: usize = 96;

@@ -16,9 +16,9 @@ use crate::ops::*;
 /// Opens every hello, so a peer that speaks something else is told apart from a version mismatch.
 pub const MAGIC: [u8; 4] = *b"FRRY";
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The oldest protocol version this crate still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 4;
+pub const MIN_PROTOCOL_VERSION: u16 = 5;
 
 /// Everything a client sends to the agent.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,6 +355,10 @@ pub struct Limits {
     pub max_arg_len: u32,
     /// How often the agent sends [`AgentFrame::Keepalive`] while an operation runs (0: never).
     pub keepalive_ms: u32,
+    /// Protocol 5: how long (milliseconds) a connection may idle after an operation's final
+    /// frame before the agent closes it, silently; another request may come meanwhile. 0: one
+    /// operation per connection, closed after its final frame.
+    pub idle_ms: u32,
 }
 
 impl Limits {
@@ -371,6 +375,7 @@ impl Limits {
         max_user: MAX_USER as u32,
         max_arg_len: MAX_ARG_LEN as u32,
         keepalive_ms: KEEPALIVE_MS,
+        idle_ms: 0,
     };
 }
 

@@ -41,8 +41,8 @@ fn golden_client_hello() {
         7, 0, 0, 0,             // body length
         0x00,                   // ClientFrame::Hello
         b'F', b'R', b'R', b'Y', // magic
-        0x04,                   // min_version
-        0x04,                   // max_version
+        0x05,                   // min_version
+        0x05,                   // max_version
     ]);
 }
 
@@ -201,19 +201,19 @@ const GOLDEN_BOUNDS: Bounds = Bounds {
 fn golden_agent_hello() {
     golden_agent(AgentFrame::Hello(AgentHello {
         magic: MAGIC,
-        min_version: 4,
-        version: 4,
+        min_version: 5,
+        version: 5,
         agent_version: "0.1.0",
-        limits: Limits::CURRENT,
+        limits: Limits { idle_ms: 30_000, ..Limits::CURRENT },
         nonce: ByteArray([7; NONCE_LEN]),
         security: Security::Authenticated,
         bounds: GOLDEN_BOUNDS,
     }), &[
-        95, 0, 0, 0,                       // body length
+        98, 0, 0, 0,                       // body length
         0x00,                              // AgentFrame::Hello
         b'F', b'R', b'R', b'Y',            // magic
-        0x04,                              // min_version
-        0x04,                              // version
+        0x05,                              // min_version
+        0x05,                              // version
         5, b'0', b'.', b'1', b'.', b'0',   // agent_version
         0x8E, 0x80, 0x04,                  // limits.max_frame_body: 65550
         0x80, 0x80, 0x04,                  // limits.max_data: 65536
@@ -226,6 +226,7 @@ fn golden_agent_hello() {
         0x40,                              // limits.max_user: 64
         0x80, 0x80, 0x08,                  // limits.max_arg_len: 131072
         0x88, 0x27,                        // limits.keepalive_ms: 5000
+        0xB0, 0xEA, 0x01,                  // limits.idle_ms: 30000 (protocol 5)
         32,                                // nonce: length (a ByteArray: exactly 32 decodes)
         7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
         7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
@@ -244,15 +245,15 @@ fn golden_agent_hello() {
     // An insecure agent, the rest alike: only the security byte differs.
     let insecure = encode_agent(&AgentFrame::Hello(AgentHello {
         magic: MAGIC,
-        min_version: 4,
-        version: 4,
+        min_version: 5,
+        version: 5,
         agent_version: "0.1.0",
-        limits: Limits::CURRENT,
+        limits: Limits { idle_ms: 30_000, ..Limits::CURRENT },
         nonce: ByteArray([7; NONCE_LEN]),
         security: Security::Insecure,
         bounds: GOLDEN_BOUNDS,
     }));
-    assert_eq!(insecure[4 + 1 + 4 + 2 + 6 + 30 + 1 + 32], 0x01, "security: Security::Insecure");
+    assert_eq!(insecure[4 + 1 + 4 + 2 + 6 + 33 + 1 + 32], 0x01, "security: Security::Insecure");
 }
 
 #[rustfmt::skip]
@@ -571,7 +572,7 @@ fn variant_tags_are_pinned() {
         .enumerate()
     {
         let bytes = encode_agent(&AgentFrame::Hello(AgentHello { security, ..hello }));
-        let at = HEADER_LEN + 1 + 4 + 1 + 1 + 1 + 30 + 1 + NONCE_LEN;
+        let at = HEADER_LEN + 1 + 4 + 1 + 1 + 1 + 31 + 1 + NONCE_LEN;
         assert_eq!(bytes[at], index as u8, "{security:?}");
     }
     // And the stdin modes (before the user and the five 1-byte defaults after it).
@@ -1188,7 +1189,7 @@ proptest! {
         let frame = match which {
             0 => AgentFrame::Hello(AgentHello {
                 magic: MAGIC, min_version: small as u16, version: n as u16, agent_version: &s,
-                limits: Limits { max_user: n, keepalive_ms: n / 3, ..Limits::CURRENT },
+                limits: Limits { max_user: n, keepalive_ms: n / 3, idle_ms: n / 7, ..Limits::CURRENT },
                 nonce: ByteArray(nonce),
                 security: if flag { Security::Authenticated } else { Security::Insecure },
                 bounds: Bounds {
@@ -1884,6 +1885,7 @@ fn every_agent_frame(v: &AgentValues) -> Vec<AgentFrame<'_>> {
                 max_frame_body: v.n,
                 max_user: v.n / 3,
                 keepalive_ms: v.n / 5,
+                idle_ms: v.n / 9,
                 ..Limits::CURRENT
             },
             nonce: ByteArray([v.small; NONCE_LEN]),

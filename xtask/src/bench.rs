@@ -304,11 +304,19 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
     rows.push(IdleMemory::from_rollups(&rollups)?.row("agent idle RSS (listening)"));
 
     let target = Target::Unix(agent.socket.clone());
-    let client = Client::new(&target, agent.options.clone());
+    // A connection per exec (the pool off): connect, hello and proof every time.
+    let fresh = ferry_host::ConnectOptions {
+        max_idle: 0,
+        ..agent.options.clone()
+    };
+    let client = Client::new(&target, fresh);
     let (ferry, local, hello) = exec_round_trips(&client, Path::new("/bin/true"), options.runs)?;
     let ratio = ferry.p50.as_secs_f64() / local.p50.as_secs_f64();
     rows.push(Row {
-        metric: format!("exec /bin/true p50 ({} runs)", options.runs),
+        metric: format!(
+            "exec /bin/true p50, fresh connection ({} runs)",
+            options.runs
+        ),
         ferry: micros(ferry.p50),
         baseline: format!("{} fork+exec+wait", micros(local.p50)),
         ratio: format!("{ratio:.2}×"),
@@ -317,6 +325,32 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
     });
     rows.push(Row {
         metric: format!("exec /bin/true p99 ({} runs)", options.runs),
+        ferry: micros(ferry.p99),
+        baseline: format!("{} fork+exec+wait", micros(local.p99)),
+        ratio: format!("{:.2}×", ferry.p99.as_secs_f64() / local.p99.as_secs_f64()),
+        target: String::new(),
+        verdict: Verdict::Info,
+    });
+    // Protocol 5: every exec on the client's kept-alive connection.
+    let reused = Client::new(&target, agent.options.clone());
+    let (ferry, local, _) = exec_round_trips(&reused, Path::new("/bin/true"), options.runs)?;
+    let ratio = ferry.p50.as_secs_f64() / local.p50.as_secs_f64();
+    rows.push(Row {
+        metric: format!(
+            "exec /bin/true round trip on a reused connection p50 ({} runs)",
+            options.runs
+        ),
+        ferry: micros(ferry.p50),
+        baseline: format!("{} fork+exec+wait", micros(local.p50)),
+        ratio: format!("{ratio:.2}×"),
+        target: "≤ 1.05×".into(),
+        verdict: Verdict::from(ratio <= 1.05),
+    });
+    rows.push(Row {
+        metric: format!(
+            "exec /bin/true round trip on a reused connection p99 ({} runs)",
+            options.runs
+        ),
         ferry: micros(ferry.p99),
         baseline: format!("{} fork+exec+wait", micros(local.p99)),
         ratio: format!("{:.2}×", ferry.p99.as_secs_f64() / local.p99.as_secs_f64()),

@@ -95,7 +95,7 @@ enum End {
 fn converse(
     sock: rustix::fd::BorrowedFd<'_>,
     buffers: &'static mut ConnBuffers,
-    prepared: Prepared,
+    mut prepared: Prepared,
     successor: &mut Successor,
     serving: &Serving,
     auth: AgentAuth,
@@ -112,50 +112,81 @@ fn converse(
     } = buffers;
     let mut session = AgentSession::new(serving.config, clock::monotonic_us(), auth);
     let mut link = Link::new(sock, recv, out);
-    let storage = Storage { argv, envp, cwd };
-    let mut audit = None;
     // A request in pieces is put together here; its buffers go with the connection.
     let mut pieces = pieces::Pieces::new();
-    let handshake = handshake(
-        &mut link,
-        &mut session,
-        storage,
-        prepared,
-        successor,
-        &mut audit,
-        &mut pieces,
-    );
-    successor.release();
-    let mut spent_stack = None;
-    let (end, retired) = match handshake {
-        Handshake::Started(mut child) => {
-            spent_stack = child.spent_stack.take();
-            let buffers = pump::Buffers {
-                stdin,
-                stdout_tail,
-                stderr_tail,
-            };
-            pump::run(&mut link, &mut session, child, buffers)
-        }
-        Handshake::Transfer(transfer) => {
-            let stall = serving.config.final_send_timeout;
-            let (end, moved) = files::run(transfer, &mut link, &mut session, stall);
-            if let Some(audit) = audit.as_mut() {
-                audit.bytes = Some(moved);
+    // Protocol 5: one operation after another, each from a clean slate. NOTE: whatever an
+    // operation holds (pipes, pidfd, the child's stack, a terminal, a transfer's files) is
+    // released at the end of its iteration, before the next request is read; an operation
+    // that changed this process for good (a transfer dropped to its user and left the exec
+    // cgroup, a shutdown) or left processes in the exec cgroup ends the connection instead.
+    loop {
+        let default_user = prepared.default_user();
+        let storage = Storage {
+            argv: &mut *argv,
+            envp: &mut *envp,
+            cwd: &mut *cwd,
+        };
+        pieces.clear();
+        let mut audit = None;
+        let mut last = false;
+        let handshake = handshake(
+            &mut link,
+            &mut session,
+            storage,
+            prepared,
+            successor,
+            &mut audit,
+            &mut pieces,
+            &mut last,
+        );
+        successor.release();
+        let mut spent_stack = None;
+        let (end, retired) = match handshake {
+            Handshake::Started(mut child) => {
+                spent_stack = child.spent_stack.take();
+                let leader = child.pid;
+                let buffers = pump::Buffers {
+                    stdin: &mut *stdin,
+                    stdout_tail: &mut *stdout_tail,
+                    stderr_tail: &mut *stderr_tail,
+                };
+                let ran = pump::run(&mut link, &mut session, child, buffers);
+                // The next exec needs an empty exec cgroup with no OOM kill in its past.
+                last |= crate::cgroup::tree_remains(leader)
+                    || crate::cgroup::exec_memory_facts().oom_killed;
+                ran
             }
-            (end, pump::Retired::new())
+            Handshake::Transfer(transfer) => {
+                // It drops this process to the request's user and leaves the exec cgroup.
+                last = true;
+                let stall = serving.config.final_send_timeout;
+                let (end, moved) = files::run(transfer, &mut link, &mut session, stall);
+                if let Some(audit) = audit.as_mut() {
+                    audit.bytes = Some(moved);
+                }
+                (end, pump::Retired::new())
+            }
+            Handshake::Refused => (End::Closing, pump::Retired::new()),
+            Handshake::Gone => (End::ClientGone, pump::Retired::new()),
+        };
+        if end == End::Closing {
+            send_final(&mut link, &mut session);
         }
-        Handshake::Refused => (End::Closing, pump::Retired::new()),
-        Handshake::Gone => (End::ClientGone, pump::Retired::new()),
-    };
-    if end == End::Closing {
-        send_final(&mut link, &mut session);
+        if let Some(audit) = audit {
+            audit.emit(&session, end, link.sock);
+        }
+        // Finished pipes, the reaped pidfd and the child's stack go only now, after the final
+        // frame (the stack is kept for the next command).
+        drop(retired);
+        let go_on = end == End::Closing && !last && session.can_continue() && link.flush().is_ok();
+        if !go_on || !link.outbox.is_empty() {
+            return;
+        }
+        prepared = start::prepare_next(spent_stack, default_user);
+        if session.next_operation(clock::monotonic_us()).is_err() {
+            return;
+        }
     }
-    if let Some(audit) = audit {
-        audit.emit(&session, end, link.sock);
-    }
-    // Finished pipes, the reaped pidfd and the child's stack go only now, after the final frame.
-    drop((retired, spent_stack));
 }
 
 /// The record of one operation, for its audit line: who asked for what, as whom, how it ended.
@@ -254,7 +285,9 @@ impl ToOwnedIn for [u8] {
     }
 }
 
-/// The hello exchange and the request, up to the command's start.
+/// The hello exchange and the request, up to the command's start; `last` is set when the
+/// operation ends the connection.
+#[allow(clippy::too_many_arguments)]
 fn handshake<'b>(
     link: &mut Link<'_, '_>,
     session: &mut AgentSession,
@@ -263,6 +296,7 @@ fn handshake<'b>(
     successor: &mut Successor,
     audit: &mut Option<Audit>,
     pieces: &mut pieces::Pieces,
+    last: &mut bool,
 ) -> Handshake<'b> {
     loop {
         let now = clock::monotonic_us();
@@ -369,6 +403,7 @@ fn handshake<'b>(
                     let follow_up = system::answer(&event, session);
                     link.inbox.consume(consumed);
                     if let Some(follow_up) = follow_up {
+                        *last = matches!(follow_up, system::FollowUp::Shutdown(_));
                         system::follow_up(follow_up, link, session, successor);
                     }
                     return Handshake::Refused;

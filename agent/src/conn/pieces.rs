@@ -30,6 +30,12 @@ impl Pieces {
         }
     }
 
+    /// Forgets the last request's pieces (its buffers stay mapped for the next one).
+    pub fn clear(&mut self) {
+        self.argv = 0;
+        self.env = 0;
+    }
+
     /// Appends `data` to `list`.
     pub fn append(&mut self, list: ListKind, data: &[u8]) -> Result<(), Refusal> {
         let buffers = self.assembly.buffers().map_err(no_memory)?;

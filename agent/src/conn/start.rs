@@ -52,7 +52,29 @@ pub fn prepare() -> Prepared {
     }
 }
 
+/// Prepares the next operation on a kept-alive connection (protocol 5), after the last one
+/// released everything it held: fresh pipes, the last command's stack again (its child has
+/// left it), the default user resolved for the first.
+pub fn prepare_next(
+    stack: Option<sys::ChildStack>,
+    default_user: Option<users::Credentials>,
+) -> Prepared {
+    Prepared {
+        stdout: output_pipe().ok(),
+        stderr: output_pipe().ok(),
+        null: open_null().ok(),
+        stack,
+        oom_score: bounds::OomScore::open(),
+        default_user,
+    }
+}
+
 impl Prepared {
+    /// The default user resolved ahead, for the next operation on this connection.
+    pub fn default_user(&self) -> Option<users::Credentials> {
+        self.default_user.clone()
+    }
+
     /// Who a request that asks for `requested` (or the default) runs as; see [`identity`].
     pub fn identity(self, requested: Option<&[u8]>) -> Result<users::Credentials, Refusal> {
         identity(requested, self.default_user)

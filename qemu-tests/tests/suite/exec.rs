@@ -13,7 +13,13 @@ pub fn health_reports_versions_and_limits(fixture: &Fixture) {
     assert_eq!(health.info.protocol_version, ferry_wire::PROTOCOL_VERSION);
     // The agent shares the workspace's version with every crate that includes this suite.
     assert_eq!(health.info.agent_version, env!("CARGO_PKG_VERSION"));
-    assert_eq!(health.info.limits, ferry_wire::Limits::CURRENT);
+    assert_eq!(
+        health.info.limits,
+        ferry_wire::Limits {
+            idle_ms: ferry_wire::limits::DEFAULT_IDLE_MS,
+            ..ferry_wire::Limits::CURRENT
+        }
+    );
 }
 
 pub fn a_command_leads_a_session_of_its_own(fixture: &Fixture) {

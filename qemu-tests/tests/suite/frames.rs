@@ -69,6 +69,9 @@ pub struct Raw<S> {
     pub recv: RecvBuf<Vec<u8>>,
     /// How long any read waits unless told otherwise: a test that waits this long has failed.
     patience: Duration,
+    /// The last frame ended its operation (protocol 5: the agent then keeps the connection
+    /// for the next one instead of closing it).
+    pub ended: bool,
     seen: PhantomData<fn() -> S>,
 }
 
@@ -78,6 +81,7 @@ impl<S> Raw<S> {
         stream.set_read_timeout(Some(patience)).unwrap();
         stream.set_write_timeout(Some(patience)).unwrap();
         Raw {
+            ended: false,
             stream,
             recv: RecvBuf::new(vec![0; MAX_FRAME]),
             patience,
@@ -129,6 +133,14 @@ impl<S: for<'a> From<AgentFrame<'a>>> Raw<S> {
             let next = next.expect("the agent sent a frame larger than the protocol's");
             if let Some(body) = next {
                 let frame = decode_agent_frame(body).expect("the agent sent an undecodable frame");
+                self.ended = matches!(
+                    frame,
+                    AgentFrame::Exited(_)
+                        | AgentFrame::Done(_)
+                        | AgentFrame::FileDone(_)
+                        | AgentFrame::ClockSet(_)
+                        | AgentFrame::Error(_)
+                );
                 return Ok(Some(frame.into()));
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -149,9 +161,11 @@ impl<S: for<'a> From<AgentFrame<'a>>> Raw<S> {
             .expect("the agent neither answered nor closed")
     }
 
-    /// Everything the agent sends until it closes the connection.
+    /// Everything the agent sends until it closes the connection, or until the operation's
+    /// last frame (protocol 5: the agent keeps the connection for the next operation).
     pub fn frames_until_closed(&mut self) -> Vec<S> {
-        std::iter::from_fn(|| self.next_frame()).collect()
+        self.ended = false;
+        std::iter::from_fn(|| (!self.ended).then(|| self.next_frame()).flatten()).collect()
     }
 }
 

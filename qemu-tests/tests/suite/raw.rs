@@ -148,10 +148,15 @@ impl Raw {
     }
 
     /// Every event of `session` until the agent closes.
+    /// Events until the operation's last (protocol 5: the agent keeps the connection open
+    /// after it), or the connection's end.
     fn events_until_closed(&mut self, session: &mut ClientSession) -> Vec<Seen> {
         let mut events = Vec::new();
         while let Some(event) = self.next_event(session).unwrap() {
             events.push(event);
+            if session.is_finished() {
+                break;
+            }
         }
         events
     }
@@ -199,8 +204,11 @@ pub fn a_hello_only_connection_is_answered_and_closed(fixture: &Fixture) {
     let (mut raw, mut session) = Raw::greeted(fixture);
     assert_eq!(
         session.agent_limits(),
-        Some(ferry_wire::Limits::CURRENT),
-        "the limits the agent announced"
+        Some(ferry_wire::Limits {
+            idle_ms: ferry_wire::limits::DEFAULT_IDLE_MS,
+            ..ferry_wire::Limits::CURRENT
+        }),
+        "the limits the agent announced (protocol 5: the policy's idle_timeout)"
     );
     let proof = proof(&session);
     // Our hello and proof, no request: the agent proves the secret in turn.

@@ -1,6 +1,7 @@
 //! The agent's side of a conversation: open with a hello and a challenge, check the client's
-//! proof, take one request, account stdin credit, and end with exactly one final frame after all
-//! output.
+//! proof, take a request, account stdin credit, and end it with exactly one final frame after
+//! all output; then (protocol 5, `Limits::idle_ms`) take the next request on the same
+//! connection, or close.
 
 use crate::frame::{decode_client_frame, encode_agent_frame, frame_data_in_place, split_frame};
 use crate::jobs::{
@@ -268,6 +269,10 @@ enum State {
     Running,
     /// The final frame is queued or being sent.
     Closing,
+    /// The operation's final frame is encoded and the connection stays open (protocol 5): the
+    /// driver sends it, releases the operation's resources, then calls
+    /// [`AgentSession::next_operation`]. Input waits in the driver's buffer meanwhile.
+    Ended,
     /// Nothing more to do (the client left, or the final send timed out).
     Closed,
 }
@@ -278,6 +283,8 @@ enum State {
 ///  (hello queued) AwaitHello ─Hello─► AwaitAuth ─Auth─► AwaitRequest ─Exec─► Starting ─started─► Running
 ///        (insecure agent: Hello ──────────────────────►)    └─KillAll─► Operating ─done─► Closing
 ///  Running ─child_exited…finish─► Closing;  any breach, refuse, handshake timeout ─► Closing
+///  Closing ─final frame encoded─► Ended ─next_operation─► AwaitRequest (idle deadline) ─► …
+///     (idle_ms 0, a breach, the client's EOF: Closing ─► closed; the idle deadline: closed, silently)
 /// ```
 #[derive(Debug, Clone)]
 pub struct AgentSession {
@@ -335,6 +342,12 @@ pub struct AgentSession {
     attached: Option<AttachHeader>,
     /// Job records encoded so far.
     job_items: usize,
+    /// The final frame leaves the connection open for another operation (protocol 5): a
+    /// success, or a request refused before it started, with `idle_ms` > 0.
+    keep: bool,
+    /// An operation was served: an expired deadline while awaiting a request is the idle
+    /// deadline (closed silently), not the handshake's.
+    served: bool,
 }
 
 impl AgentSession {
@@ -342,13 +355,40 @@ impl AgentSession {
     /// the handshake deadline starts at `now`.
     pub fn new(config: AgentConfig, now: Micros, auth: AgentAuth) -> AgentSession {
         let mut session = AgentSession {
-            config,
             state: State::AwaitHello,
             deadline: Some(now.saturating_add(config.handshake_timeout)),
             nonce: auth.nonce,
             secret: auth.secret,
-            transcript: Transcript::default(),
             hello: true,
+            ..AgentSession::fresh(config, now)
+        };
+        // The transcript starts with our hello, hashed now, so the order of hashing never
+        // depends on when the driver sends it. It always fits: its strings are bounded.
+        let mut body = [0u8; AGENT_HELLO_MAX];
+        if let Ok(n) = encode_agent_frame(&AgentFrame::Hello(session.agent_hello()), &mut body) {
+            session
+                .transcript
+                .update(body.get(HEADER_LEN..n).unwrap_or(&[]));
+        }
+        session
+    }
+
+    /// A session with every per-operation field as an operation begins; the connection's own
+    /// fields (state, deadline, nonce, secret, transcript, `served`) are set by the caller.
+    ///
+    /// NOTE: every field of the session gets its value for a new operation here, and
+    /// [`AgentSession::next_operation`] starts each operation from it: a new per-operation
+    /// field is reset by being given its initial value here; a field that must outlive an
+    /// operation is carried over in `next_operation`, by name.
+    fn fresh(config: AgentConfig, now: Micros) -> AgentSession {
+        AgentSession {
+            config,
+            state: State::AwaitRequest,
+            deadline: None,
+            nonce: [0; NONCE_LEN],
+            secret: None,
+            transcript: Transcript::default(),
+            hello: false,
             authenticated: None,
             error: None,
             refused: None,
@@ -382,16 +422,38 @@ impl AgentSession {
             detached: None,
             attached: None,
             job_items: 0,
-        };
-        // The transcript starts with our hello, hashed now, so the order of hashing never
-        // depends on when the driver sends it. It always fits: its strings are bounded.
-        let mut body = [0u8; AGENT_HELLO_MAX];
-        if let Ok(n) = encode_agent_frame(&AgentFrame::Hello(session.agent_hello()), &mut body) {
-            session
-                .transcript
-                .update(body.get(HEADER_LEN..n).unwrap_or(&[]));
+            keep: false,
+            served: false,
         }
-        session
+    }
+
+    /// Whether the operation's final frame is encoded and the connection may carry another
+    /// (protocol 5): send what the outbox holds, release everything the operation held, then
+    /// call [`AgentSession::next_operation`].
+    pub fn can_continue(&self) -> bool {
+        self.state == State::Ended
+    }
+
+    /// Begins the wait for the next request on this connection, at `now`: every
+    /// per-operation field is reset, and the connection closes (silently: no error frame, a
+    /// request that crossed it would read one as its answer) unless a request begins within
+    /// `idle_ms`. Only after [`AgentSession::can_continue`].
+    pub fn next_operation(&mut self, now: Micros) -> Result<(), SessionError> {
+        if self.state != State::Ended {
+            return Err(SessionError::InvalidState);
+        }
+        let idle = u64::from(self.config.limits.idle_ms).saturating_mul(1000);
+        let fresh = AgentSession::fresh(self.config, now);
+        *self = AgentSession {
+            state: State::AwaitRequest,
+            deadline: Some(now.saturating_add(idle)),
+            nonce: self.nonce,
+            secret: self.secret.take(),
+            transcript: core::mem::take(&mut self.transcript),
+            served: true,
+            ..fresh
+        };
+        Ok(())
     }
 
     /// Whether clients must prove the secret.
@@ -410,7 +472,7 @@ impl AgentSession {
             State::AwaitRequest => Phase::Idle,
             State::Starting | State::Operating => Phase::Starting,
             State::Running => Phase::Running,
-            State::Closing | State::Closed => Phase::Done,
+            State::Closing | State::Ended | State::Closed => Phase::Done,
         }
     }
 
@@ -467,6 +529,7 @@ impl AgentSession {
                 (a, b) => a.or(b),
             },
             State::Starting | State::Operating | State::Closed => None,
+            // Ended: the final frame's send deadline still holds until `next_operation`.
             _ => self.deadline,
         }
     }
@@ -476,13 +539,18 @@ impl AgentSession {
     pub fn handle_timeout(&mut self, now: Micros) -> Result<(), SessionError> {
         let expired = self.deadline.is_some_and(|deadline| now >= deadline);
         match self.state {
+            // The idle deadline after an operation: closed without a word.
+            State::AwaitRequest if expired && self.served => {
+                self.state = State::Closed;
+                Err(SessionError::TimedOut { phase: Phase::Idle })
+            }
             State::AwaitHello | State::AwaitAuth | State::AwaitRequest if expired => {
                 let phase = self.phase();
                 let refusal = Refusal::new(ErrorCode::ProtocolViolation, "handshake timed out");
                 self.close_with(refusal, now);
                 Err(SessionError::TimedOut { phase })
             }
-            State::Closing if expired => {
+            State::Closing | State::Ended if expired => {
                 self.state = State::Closed;
                 Err(SessionError::TimedOut { phase: Phase::Done })
             }
@@ -509,6 +577,10 @@ impl AgentSession {
         input: &'a [u8],
         now: Micros,
     ) -> Result<Input<AgentEvent<'a>>, SessionError> {
+        if self.state == State::Ended {
+            // The next request waits until the driver has released the last one.
+            return Ok(Input::NEED_MORE);
+        }
         let split = match split_frame(input, MAX_FRAME_BODY) {
             Ok(split) => split,
             Err(_) if self.state == State::AwaitAuth => {
@@ -804,7 +876,8 @@ impl AgentSession {
     /// A put's content is only complete with its digest: a client that closes before it has
     /// abandoned the put ([`SessionError::Disconnected`]; nothing is written, nothing is sent).
     pub fn handle_eof(&mut self) -> Result<(), SessionError> {
-        if self.op == Op::Put && !self.put_ended && !self.is_closing() {
+        if self.op == Op::Put && !self.put_ended && !self.is_closing() && self.state != State::Ended
+        {
             let phase = self.phase();
             self.state = State::Closed;
             self.clear_queue();
@@ -821,7 +894,11 @@ impl AgentSession {
                 self.stdin_eof = true;
                 Ok(())
             }
-            State::AwaitHello | State::AwaitAuth | State::AwaitRequest | State::Closed => {
+            State::AwaitHello
+            | State::AwaitAuth
+            | State::AwaitRequest
+            | State::Ended
+            | State::Closed => {
                 self.state = State::Closed;
                 Ok(())
             }
@@ -883,7 +960,7 @@ impl AgentSession {
             return Err(SessionError::InvalidState);
         }
         self.file_done = Some(summary);
-        self.enter_closing(now);
+        self.enter_closing(now, true);
         Ok(())
     }
 
@@ -918,7 +995,7 @@ impl AgentSession {
             return Err(SessionError::InvalidState);
         }
         self.clock_set = Some(previous);
-        self.enter_closing(now);
+        self.enter_closing(now, true);
         Ok(())
     }
 
@@ -935,7 +1012,7 @@ impl AgentSession {
             return Err(SessionError::InvalidState);
         }
         self.detached = Some(job);
-        self.enter_closing(now);
+        self.enter_closing(now, true);
         Ok(())
     }
 
@@ -996,7 +1073,7 @@ impl AgentSession {
             return Err(SessionError::InvalidState);
         }
         self.exited = Some(end);
-        self.enter_closing(now);
+        self.enter_closing(now, true);
         Ok(())
     }
 
@@ -1016,10 +1093,14 @@ impl AgentSession {
     /// Ends the conversation with an error frame (a request that could not run, a failure in the
     /// agent). Not after the final frame is queued.
     pub fn refuse(&mut self, refusal: Refusal, now: Micros) -> Result<(), SessionError> {
-        if self.is_closing() {
+        if self.is_closing() || self.state == State::Ended {
             return Err(SessionError::InvalidState);
         }
+        // A request refused before it started leaves the connection open; a failure while it
+        // runs ends it.
+        let before_start = matches!(self.state, State::Starting | State::Operating);
         self.close_with(refusal, now);
+        self.keep = before_start && self.config.limits.idle_ms > 0;
         Ok(())
     }
 
@@ -1040,7 +1121,7 @@ impl AgentSession {
             return Err(SessionError::InvalidState);
         }
         self.done = Some(DoneReport { count });
-        self.enter_closing(now);
+        self.enter_closing(now, true);
         Ok(())
     }
 
@@ -1061,7 +1142,7 @@ impl AgentSession {
         // still sent (it comes before the error): the client can then tell a refusal from
         // this agent from an impostor's, whatever the driver's schedule was.
         self.clear_queue();
-        self.enter_closing(now);
+        self.enter_closing(now, false);
     }
 
     /// Nothing but a proof already earned is owed once the conversation failed (or a put was
@@ -1078,8 +1159,11 @@ impl AgentSession {
         self.owed = 0;
     }
 
-    fn enter_closing(&mut self, now: Micros) {
+    /// The final frame is queued; with `reusable`, the connection may carry another operation
+    /// once it is sent (when the agent allows that at all).
+    fn enter_closing(&mut self, now: Micros, reusable: bool) {
         self.state = State::Closing;
+        self.keep = reusable && self.config.limits.idle_ms > 0;
         self.keepalive_queued = false;
         self.next_keepalive = None;
         self.deadline = Some(now.saturating_add(self.config.final_send_timeout));
@@ -1206,7 +1290,7 @@ impl AgentSession {
             oom_killed: facts.oom_killed,
             peak_memory: facts.peak_memory,
         });
-        self.enter_closing(now);
+        self.enter_closing(now, true);
         Ok(())
     }
 
@@ -1304,6 +1388,7 @@ impl AgentSession {
                 self.error = None;
                 self.exited = None;
                 self.clear_queue();
+                self.operation_over();
             }
             AgentFrame::FileReady(_) => self.file_ready = None,
             AgentFrame::FileDone(_) => {
@@ -1348,6 +1433,16 @@ impl AgentSession {
     fn final_sent(&mut self) {
         self.in_window = 0;
         self.owed = 0;
+        self.operation_over();
+    }
+
+    /// The operation's final frame is encoded: the connection goes on (see
+    /// [`AgentSession::can_continue`]) if the operation ended so and the client's stream has
+    /// not ended; otherwise it closes once the frame is sent.
+    fn operation_over(&mut self) {
+        if self.state == State::Closing && self.keep && !self.input_closed {
+            self.state = State::Ended;
+        }
     }
 
     fn agent_hello(&self) -> AgentHello<'static> {
@@ -1492,6 +1587,7 @@ mod tests {
             max_user: u32::MAX,
             max_arg_len: u32::MAX,
             keepalive_ms: u32::MAX,
+            idle_ms: u32::MAX,
         };
         let bounds = Bounds {
             max_runtime_s: u64::MAX,

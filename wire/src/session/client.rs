@@ -1,5 +1,6 @@
 //! The client's side of a conversation: the agent's hello, our hello and proof, the agent's
-//! proof, one operation, its output, stdin within credit.
+//! proof, an operation, its output, stdin within credit; then (protocol 5, when the agent
+//! announces `idle_ms`) another operation on the same connection.
 
 use crate::frame::{decode_agent_frame, encode_client_frame, frame_data_in_place, split_frame};
 use crate::jobs::{
@@ -79,7 +80,10 @@ pub enum ClientEvent<'a> {
     },
     /// The command ended; the last event of the operation.
     Exited(Termination),
-    /// The agent refused the hello or failed the operation; the last event of the connection.
+    /// The agent refused the hello or failed the operation; the last event of the operation,
+    /// and of the connection unless the refusal left it reusable
+    /// ([`ClientSession::is_reusable`]: a request refused before it started, nothing else of
+    /// it sent).
     Refused(ErrorFrame<'a>),
     /// A put or a get was checked and begins (a get's content follows).
     FileReady(FileHeader),
@@ -154,6 +158,7 @@ enum Op {
 ///  new ──► agent's hello ─► HelloAccepted (our hello + proof queued) ─► start_exec (one write:
 ///  hello, proof, request) ─► Authenticated ─► Started ─► Stdout/Stderr/StdinCredit … ─► Exited
 ///                                          (any time: Refused, the last event)
+///  protocol 5: after the final event, is_reusable() ─► start_* again (no hello, no proof)
 /// ```
 #[derive(Debug, Clone)]
 pub struct ClientSession {
@@ -191,6 +196,13 @@ pub struct ClientSession {
     info_items: usize,
     /// Job records received in a listing.
     job_items: usize,
+    /// The operation's final frame came and the agent keeps the connection: another
+    /// operation may start (protocol 5).
+    reusable: bool,
+    /// Something beyond the request was sent for this operation (stdin, its end, a control,
+    /// the request's pieces): after a refusal it may still be on its way, so the connection is
+    /// not reused.
+    op_traffic: bool,
 }
 
 impl ClientSession {
@@ -201,13 +213,28 @@ impl ClientSession {
         ClientSession {
             nonce: auth.nonce,
             secret: auth.secret,
+            hello_deadline: hello_timeout.map(|t| now.saturating_add(t)),
+            ..ClientSession::fresh()
+        }
+    }
+
+    /// A session with every per-operation field as an operation begins (and the connection's
+    /// own fields as a new connection has them).
+    ///
+    /// NOTE: [`ClientSession::reset_operation`] starts each operation on a connection from
+    /// here: a new per-operation field is reset by being given its initial value here; a field
+    /// that must outlive an operation is carried over there, by name.
+    fn fresh() -> ClientSession {
+        ClientSession {
+            nonce: [0; NONCE_LEN],
+            secret: None,
             transcript: Transcript::default(),
             hello_queued: false,
             hello_sent: false,
             proof: None,
             authenticated: false,
             agent: None,
-            hello_deadline: hello_timeout.map(|t| now.saturating_add(t)),
+            hello_deadline: None,
             operation: Operation::None,
             stdin_open: false,
             eof_queued: false,
@@ -220,7 +247,66 @@ impl ClientSession {
             put_ended: false,
             info_items: 0,
             job_items: 0,
+            reusable: false,
+            op_traffic: false,
         }
+    }
+
+    /// Resets every per-operation field for the next operation on this connection.
+    fn reset_operation(&mut self) {
+        let window = self
+            .agent
+            .map_or(0, |(_, limits)| limits.stdin_window as usize)
+            .min(crate::limits::STDIN_WINDOW);
+        *self = ClientSession {
+            nonce: self.nonce,
+            secret: self.secret.take(),
+            transcript: core::mem::take(&mut self.transcript),
+            hello_queued: self.hello_queued,
+            hello_sent: self.hello_sent,
+            proof: self.proof,
+            authenticated: self.authenticated,
+            agent: self.agent,
+            hello_deadline: self.hello_deadline,
+            failed: self.failed,
+            // Credit opens with the agent's whole window again: it forgot what it owed.
+            credit: window,
+            ..ClientSession::fresh()
+        };
+    }
+
+    /// Whether the last operation ended and the agent keeps the connection (protocol 5, its
+    /// `idle_ms` > 0): another operation may start on it, without a hello or a proof. A
+    /// driver keeps such a connection for its next operation (younger than `idle_ms`: the
+    /// agent closes it then, silently).
+    pub fn is_reusable(&self) -> bool {
+        !self.failed && self.operation == Operation::Done && self.reusable
+    }
+
+    /// The operation ended: the final frame came.
+    fn operation_done(&mut self) {
+        self.operation = Operation::Done;
+        self.stdin_open = false;
+        self.reusable = self.agent.is_some_and(|(_, limits)| limits.idle_ms > 0);
+    }
+
+    /// Whether `err`, the answer to a request that has not started, leaves the connection to
+    /// another operation: the agent refused the request (not a breach of the protocol, not the
+    /// handshake), and nothing of the operation is still on its way to the agent.
+    fn refusal_keeps(&self, err: &ErrorFrame<'_>) -> bool {
+        let breach = matches!(
+            err.code,
+            ErrorCode::UnsupportedVersion
+                | ErrorCode::Malformed
+                | ErrorCode::FrameTooLarge
+                | ErrorCode::ProtocolViolation
+                | ErrorCode::Unauthenticated
+        );
+        self.authenticated
+            && !self.op_traffic
+            && !breach
+            && matches!(self.operation, Operation::Sent(_))
+            && self.agent.is_some_and(|(_, limits)| limits.idle_ms > 0)
     }
 
     /// When the agent read the last output chunk: microseconds since its command started, on
@@ -233,6 +319,7 @@ impl ClientSession {
     pub fn phase(&self) -> Phase {
         match (self.agent, self.operation) {
             _ if self.failed => Phase::Done,
+            (_, Operation::Done) if self.reusable => Phase::Idle,
             (_, Operation::Done) => Phase::Done,
             (None, _) => Phase::Hello,
             (_, Operation::Running(_)) => Phase::Running,
@@ -248,9 +335,11 @@ impl ClientSession {
         self.authenticated
     }
 
-    /// Whether the conversation is over: nothing more will be sent or accepted.
+    /// Whether the operation is over (its final frame came, or the connection failed): nothing
+    /// more of it will be sent or accepted. The connection may carry another:
+    /// [`ClientSession::is_reusable`].
     pub fn is_finished(&self) -> bool {
-        self.phase() == Phase::Done
+        self.failed || self.operation == Operation::Done
     }
 
     /// The agent's limits, once its hello arrived.
@@ -389,6 +478,8 @@ impl ClientSession {
                 });
                 n += encode_client_frame(&part, out.get_mut(n..).unwrap_or(&mut []))?;
             }
+            // The pieces go before the request: a refusal may come before the agent read them.
+            self.op_traffic |= !pieces.is_empty();
             *packed = StrList::new(inline);
         }
         n += encode_client_frame(
@@ -453,7 +544,9 @@ impl ClientSession {
         if !exec || self.failed {
             return Err(SessionError::InvalidState);
         }
-        Ok(encode_client_frame(frame, out)?)
+        let n = encode_client_frame(frame, out)?;
+        self.op_traffic = true;
+        Ok(n)
     }
 
     /// Asks the agent to end every command it runs, once the agent's hello is in; like
@@ -495,6 +588,7 @@ impl ClientSession {
         }
         let n = encode_client_frame(&ClientFrame::PutEnd(ByteArray(*sha256)), out)?;
         self.put_ended = true;
+        self.op_traffic = true;
         self.stdin_open = false;
         Ok(n)
     }
@@ -651,8 +745,13 @@ impl ClientSession {
         Ok(n)
     }
 
-    /// The agent's limits, when an operation may start now.
-    fn operation_allowed(&self) -> Result<Limits, SessionError> {
+    /// The agent's limits, when an operation may start now: on a new connection once the
+    /// agent's hello is in, or after an operation that left the connection reusable (whose
+    /// state is then reset for the next one).
+    fn operation_allowed(&mut self) -> Result<Limits, SessionError> {
+        if self.is_reusable() {
+            self.reset_operation();
+        }
         if self.operation != Operation::None || self.failed {
             return Err(SessionError::InvalidState);
         }
@@ -722,6 +821,7 @@ impl ClientSession {
     }
 
     fn charge(&mut self, n: usize) {
+        self.op_traffic = true;
         self.credit -= n;
         self.in_flight += n;
     }
@@ -739,6 +839,7 @@ impl ClientSession {
         }
         if self.stdin_open && !self.is_finished() {
             self.eof_queued = true;
+            self.op_traffic = true;
         }
         Ok(())
     }
@@ -858,12 +959,11 @@ impl ClientSession {
                         message: "the job listing's count does not match its records",
                     });
                 }
-                self.operation = Operation::Done;
+                self.operation_done();
                 ClientEvent::Done(report)
             }
             (AgentFrame::Done(report), _) if self.operation == Operation::Running(Op::Attach) => {
-                self.operation = Operation::Done;
-                self.stdin_open = false;
+                self.operation_done();
                 ClientEvent::Done(report)
             }
             (AgentFrame::Job(job), _)
@@ -882,7 +982,7 @@ impl ClientSession {
                 ClientEvent::Job(job)
             }
             (AgentFrame::Detached(job), _) if self.operation == Operation::Sent(Op::Job) => {
-                self.operation = Operation::Done;
+                self.operation_done();
                 ClientEvent::Detached(job)
             }
             (AgentFrame::Attached(header), _) if self.operation == Operation::Sent(Op::Attach) => {
@@ -892,7 +992,7 @@ impl ClientSession {
                 ClientEvent::Attached(header)
             }
             (AgentFrame::Exited(end), _) if self.operation == Operation::Sent(Op::Wait) => {
-                self.operation = Operation::Done;
+                self.operation_done();
                 ClientEvent::Exited(end)
             }
             (AgentFrame::Done(report), _)
@@ -911,7 +1011,7 @@ impl ClientSession {
                         message: "info's count does not match its frames",
                     });
                 }
-                self.operation = Operation::Done;
+                self.operation_done();
                 ClientEvent::Done(report)
             }
             (AgentFrame::Started(started), _) if self.operation == Operation::Sent(Op::Exec) => {
@@ -955,8 +1055,7 @@ impl ClientSession {
                 if self.operation == Operation::Running(Op::Get)
                     || (self.operation == Operation::Running(Op::Put) && self.put_ended) =>
             {
-                self.operation = Operation::Done;
-                self.stdin_open = false;
+                self.operation_done();
                 ClientEvent::FileDone(summary)
             }
             (AgentFrame::SystemInfo(info), _) if self.operation == Operation::Sent(Op::Info) => {
@@ -982,7 +1081,7 @@ impl ClientSession {
                 ClientEvent::Interface(interface)
             }
             (AgentFrame::ClockSet(previous), _) if self.operation == Operation::Sent(Op::Clock) => {
-                self.operation = Operation::Done;
+                self.operation_done();
                 ClientEvent::ClockSet(previous)
             }
             // Proof of life, nothing more (an operation runs, the agent's proof came first).
@@ -1008,9 +1107,13 @@ impl ClientSession {
             (AgentFrame::Exited(end), _)
                 if matches!(self.operation, Operation::Running(Op::Exec | Op::Attach)) =>
             {
-                self.operation = Operation::Done;
-                self.stdin_open = false;
+                self.operation_done();
                 ClientEvent::Exited(end)
+            }
+            // A request refused before it started (protocol 5): the connection stays.
+            (AgentFrame::Error(err), Phase::Starting) if self.refusal_keeps(&err) => {
+                self.operation_done();
+                ClientEvent::Refused(err)
             }
             // An error may end any phase but the finished one (a busy agent says so instead of
             // its hello); it is the connection's last frame.

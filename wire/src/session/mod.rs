@@ -455,6 +455,8 @@ mod auth_tests;
 #[cfg(test)]
 mod jobs_tests;
 #[cfg(test)]
+mod keepalive_tests;
+#[cfg(test)]
 mod ops_tests;
 #[cfg(test)]
 mod orders;

@@ -224,7 +224,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Exit(ExitStatus::Code(0), 1500),
         ],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "authenticated",
             "started 7",
             "stdout \"hi\\n\"",
@@ -245,7 +245,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Exit(ExitStatus::Code(0), 2000),
         ],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "authenticated",
             "started 8",
             "credit 0",
@@ -270,7 +270,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             ),
         ],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "authenticated",
             "started 9",
             "exited Signal { number: 9, core_dumped: false } 30us dropped=false Exited tree_kill=None out=0/0 err=0/0 \
@@ -289,7 +289,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             "no such file or directory",
         )],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "authenticated",
             "refused NotFound errno 2 \"no such file or directory\"",
         ],
@@ -327,7 +327,7 @@ const TRANSCRIPTS: &[Transcript] = &[
         sends: &[],
         acts: &[],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "refused Unauthenticated errno 0 \"authentication failed\"",
         ],
     },
@@ -339,7 +339,7 @@ const TRANSCRIPTS: &[Transcript] = &[
         sends: &[],
         acts: &[Act::Done(3)],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "authenticated",
             "done 3",
         ],
@@ -369,7 +369,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Exit(ExitStatus::Code(0), 700),
         ],
         events: &[
-            "hello v4 agent golden Insecure",
+            "hello v5 agent golden Insecure",
             "started 10",
             "stdout \"uid=65534(nobody)\\n\"",
             "exited Code(0) 700us dropped=false Exited tree_kill=None out=18/0 err=0/0 held=false oom=false peak=0",
@@ -431,7 +431,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             }),
         ],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "authenticated",
             "started 11",
             "stdout \"y\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\\ny\\r\" at 12000us",
@@ -457,7 +457,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Exit(ExitStatus::Code(0), 900),
         ],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "authenticated",
             "started 12",
             "stdout \"300\\n\"",
@@ -492,7 +492,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             }),
         ],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "authenticated",
             "started 13",
             "exited Signal { number: 15, core_dumped: false } 400us dropped=false Cancelled \
@@ -527,7 +527,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::FileDone(FileSummary { bytes: 6, sha256: crate::ByteArray(HELLO_SHA256) }),
         ],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "authenticated",
             "file ready: size 6 mode 100644 mtime 1700000000.000000000 owner 65534:65534",
             "credit 0",
@@ -557,7 +557,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::FileDone(FileSummary { bytes: 11, sha256: crate::ByteArray([0x5A; 32]) }),
         ],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "authenticated",
             "file ready: size 0 mode 40755 mtime 1700000000.000000000 owner 0:0",
             "file data \"(tar bytes)\"",
@@ -600,7 +600,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             Act::Done(1),
         ],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "authenticated",
             "SystemInfo(SystemInfo { kernel_release: \"6.1.0-golden\", kernel_version: \"#1 SMP\", machine: \"x86_64\", hostname: \"vm\", uptime_ms: 1234, now: Timestamp { secs: 1700000000, nanos: 5 }, cpus: 2, cpu_model: \"golden cpu\", load: [1, 2, 3], memory_total: 268435456, memory_available: 209715200, processes: 4, agent_pid: 1, agent_rss: 163840 })",
             "Mount(MountInfo { source: Bytes(len=6), target: Bytes(len=1), fstype: \"rootfs\", read_only: false, total: 1048576, free: 524288, available: 524288 })",
