@@ -632,7 +632,7 @@ const TRANSCRIPTS: &[Transcript] = &[
         sends: &[],
         acts: &[Act::Detached(JobStarted { id: 1, pid: 20 })],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "authenticated",
             "detached 1 pid 20",
         ],
@@ -687,7 +687,7 @@ const TRANSCRIPTS: &[Transcript] = &[
             }),
         ],
         events: &[
-            "hello v4 agent golden Authenticated",
+            "hello v5 agent golden Authenticated",
             "authenticated",
             "attached 1: stdout from 0 lost 0, stderr from 10 lost 10, stdin=true running=true",
             "stdout \"one\\n\" at 1500000us",
