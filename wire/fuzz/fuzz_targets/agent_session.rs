@@ -79,6 +79,9 @@ struct Setup {
     max_path: u8,
     /// The longest user (0: the protocol's).
     max_user: u8,
+    /// Keep-alive connections (protocol 5): the idle deadline in units of 4 ms (0: none, the
+    /// protocol's default).
+    idle: u8,
 }
 
 /// What the driver knows about a command's end ([`EndFacts`]).
@@ -175,6 +178,8 @@ enum Step {
     Waiting,
     /// The job attached to or waited for has ended (`job_ended`).
     JobEnded { code: u8, facts: Facts },
+    /// The operation's resources are released: wait for the next request (protocol 5).
+    NextOperation,
 }
 
 /// A client frame the fuzzer builds (its fields its choices).
@@ -240,6 +245,7 @@ fuzz_target!(|data: &[u8]| {
         max_arg_len: 0,
         max_path: 0,
         max_user: 0,
+        idle: 0,
     });
     let steps: Vec<Step> = arbitrary_steps(&mut u);
     let mut run = Run::new(&setup, wire);
@@ -322,6 +328,10 @@ fuzz_target!(|data: &[u8]| {
             digest: 1,
         },
         Step::Transmit { room: 0 },
+        // A kept connection takes its next request (pipelined ones wait in the inbox).
+        Step::NextOperation,
+        Step::Receive { len: 0 },
+        Step::Transmit { room: 0 },
         Step::Eof,
     ] {
         run.step(step);
@@ -358,6 +368,8 @@ enum State {
     Starting,
     Running,
     Closing,
+    /// The final frame went and the connection stays (protocol 5): `next_operation` next.
+    Ended,
     Closed,
 }
 
@@ -383,6 +395,9 @@ struct Run<'a> {
     client_hello: Vec<u8>,
     /// A client session that made the same (right) proof: it checks the agent's.
     prover: Option<ClientSession>,
+    /// An operation was served (protocol 5): the deadline while awaiting a request is the
+    /// idle one.
+    served: bool,
 }
 
 /// Which operation the connection carries.
@@ -454,6 +469,45 @@ struct Model {
     parts_seen: bool,
     /// The job requests' part of the model.
     job: JobModel,
+    /// The final frame leaves the connection open for another operation (protocol 5).
+    keep: bool,
+}
+
+impl Model {
+    /// The model as a connection (or, after `next_operation`, an operation) begins.
+    fn new(state: State, deadline: Option<Micros>) -> Model {
+        Model {
+            state,
+            op: Op::None,
+            put_ended: false,
+            file_ready_owed: None,
+            info_items: 0,
+            deadline,
+            stdin_piped: false,
+            stdin_eof: false,
+            stdin_received: 0,
+            stdin_unconsumed: 0,
+            started_at: START,
+            exit: None,
+            drained: 0,
+            dropped: false,
+            owed_final: None,
+            hello_owed: state == State::AwaitHello,
+            proof_owed: false,
+            started_owed: None,
+            input_closed: false,
+            next_keepalive: None,
+            keepalive_owed: false,
+            grace_over: false,
+            stdout: StreamRecord::default(),
+            stderr: StreamRecord::default(),
+            argv_parts: Vec::new(),
+            parts_seen: false,
+            env_parts: Vec::new(),
+            job: JobModel::default(),
+            keep: false,
+        }
+    }
 }
 
 /// What the model knows of a job operation.
@@ -513,6 +567,7 @@ impl<'a> Run<'a> {
         if setup.max_user != 0 {
             limits.max_user = u32::from(setup.max_user);
         }
+        limits.idle_ms = u32::from(setup.idle) * 4;
         let config = AgentConfig {
             agent_version: if setup.long_version {
                 LONG_VERSION
@@ -546,36 +601,7 @@ impl<'a> Run<'a> {
             wire,
             received: 0,
             inbox: Vec::new(),
-            model: Model {
-                state: State::AwaitHello,
-                op: Op::None,
-                put_ended: false,
-                file_ready_owed: None,
-                info_items: 0,
-                deadline: Some(START + config.handshake_timeout),
-                stdin_piped: false,
-                stdin_eof: false,
-                stdin_received: 0,
-                stdin_unconsumed: 0,
-                started_at: START,
-                exit: None,
-                drained: 0,
-                dropped: false,
-                owed_final: None,
-                hello_owed: true,
-                proof_owed: false,
-                started_owed: None,
-                input_closed: false,
-                next_keepalive: None,
-                keepalive_owed: false,
-                grace_over: false,
-                stdout: StreamRecord::default(),
-                stderr: StreamRecord::default(),
-                argv_parts: Vec::new(),
-                parts_seen: false,
-                env_parts: Vec::new(),
-                job: JobModel::default(),
-            },
+            model: Model::new(State::AwaitHello, Some(START + config.handshake_timeout)),
             sent: Vec::new(),
             checked: 0,
             stream: StreamCheck::default(),
@@ -583,6 +609,7 @@ impl<'a> Run<'a> {
             agent_hello,
             client_hello: Vec::new(),
             prover: None,
+            served: false,
         }
     }
 
@@ -600,7 +627,7 @@ impl<'a> Run<'a> {
             State::AwaitRequest => Phase::Idle,
             State::Starting | State::Operating => Phase::Starting,
             State::Running => Phase::Running,
-            State::Closing | State::Closed => Phase::Done,
+            State::Closing | State::Ended | State::Closed => Phase::Done,
         }
     }
 
@@ -647,11 +674,15 @@ impl<'a> Run<'a> {
                 let message = if long { LONG_MESSAGE } else { "refused" };
                 let refusal = Refusal::os(code, errno, message);
                 let result = self.session.refuse(refusal, self.now);
-                if self.closing() {
+                if self.closing() || self.model.state == State::Ended {
                     assert_eq!(result, Err(SessionError::InvalidState));
                 } else {
+                    // A request refused before it started leaves the connection open.
+                    let before_start =
+                        matches!(self.model.state, State::Starting | State::Operating);
                     assert_eq!(result, Ok(()));
                     self.fail(code, errno, message);
+                    self.model.keep = before_start && self.config.limits.idle_ms > 0;
                 }
             }
             Step::StdinConsumed { share } => {
@@ -719,7 +750,11 @@ impl<'a> Run<'a> {
             Step::Advance { micros } => self.advance(micros),
             Step::Eof => {
                 let result = self.session.handle_eof();
-                if self.model.op == Op::Put && !self.model.put_ended && !self.closing() {
+                if self.model.op == Op::Put
+                    && !self.model.put_ended
+                    && !self.closing()
+                    && self.model.state != State::Ended
+                {
                     // The put's content is incomplete without its digest: abandoned. Nothing
                     // is written and nothing more is sent (a hello or proof not sent yet
                     // aside, as for any client that is gone).
@@ -806,6 +841,7 @@ impl<'a> Run<'a> {
                     }
                 }
             }
+            Step::NextOperation => self.next_operation(),
             step @ (Step::Detached { .. }
             | Step::EncodeJob { .. }
             | Step::Attached { .. }
@@ -837,7 +873,14 @@ impl<'a> Run<'a> {
         self.check_output_phase();
     }
 
+    /// The final frame is queued: a success (`enter_closing`) leaves the connection open when
+    /// the agent keeps connections.
     fn enter_closing(&mut self) {
+        self.enter_closing_keep(true);
+    }
+
+    fn enter_closing_keep(&mut self, reusable: bool) {
+        self.model.keep = reusable && self.config.limits.idle_ms > 0;
         self.model.state = State::Closing;
         self.model.deadline = Some(self.now.saturating_add(self.config.final_send_timeout));
         self.model.keepalive_owed = false;
@@ -883,7 +926,7 @@ impl<'a> Run<'a> {
         self.model.file_ready_owed = None;
         self.model.job.attached_owed = None;
         self.model.stdin_unconsumed = 0;
-        self.enter_closing();
+        self.enter_closing_keep(false);
     }
 
     fn receive(&mut self, len: u16) {
@@ -951,6 +994,10 @@ impl<'a> Run<'a> {
 
     /// What the session must do with the front of the inbox.
     fn expect_input(&mut self, inbox: &[u8]) -> Expect {
+        if self.model.state == State::Ended {
+            // The next request waits until the driver has released the last operation.
+            return Expect::NeedMore;
+        }
         let split = split_frame(inbox, MAX_FRAME_BODY);
         if self.closing() {
             return match split {
@@ -1438,6 +1485,11 @@ impl<'a> Run<'a> {
             .is_some_and(|deadline| self.now >= deadline);
         let result = self.session.handle_timeout(self.now);
         match self.model.state {
+            // The idle deadline after an operation: closed without a word.
+            State::AwaitRequest if expired && self.served => {
+                assert_eq!(result, Err(SessionError::TimedOut { phase: Phase::Idle }));
+                self.model.state = State::Closed;
+            }
             State::AwaitHello | State::AwaitAuth | State::AwaitRequest if expired => {
                 assert_eq!(
                     result,
@@ -1447,7 +1499,7 @@ impl<'a> Run<'a> {
                 );
                 self.fail(ErrorCode::ProtocolViolation, 0, "");
             }
-            State::Closing if expired => {
+            State::Closing | State::Ended if expired => {
                 assert_eq!(result, Err(SessionError::TimedOut { phase: Phase::Done }));
                 self.model.state = State::Closed;
             }
@@ -1546,6 +1598,7 @@ impl<'a> Run<'a> {
                     let owed = self.model.owed_final.take();
                     assert_eq!(owed, Some(AgentFrame::Done(report)));
                     self.stream.final_seen = true;
+                    self.operation_over();
                 }
                 AgentFrame::Started(started) => {
                     assert!(self.stream.hello && !self.stream.started);
@@ -1607,6 +1660,7 @@ impl<'a> Run<'a> {
                     let owed = self.model.owed_final.take();
                     assert_eq!(owed, Some(AgentFrame::Exited(end)));
                     self.stream.final_seen = true;
+                    self.operation_over();
                 }
                 AgentFrame::Error(err) => {
                     assert!(!self.model.hello_owed, "the owed hello goes first");
@@ -1624,6 +1678,7 @@ impl<'a> Run<'a> {
                         assert!(owed.message.starts_with(err.message));
                     }
                     self.stream.final_seen = true;
+                    self.operation_over();
                 }
                 AgentFrame::Ready(_) => panic!("a readiness report on an exec connection"),
                 AgentFrame::FileReady(header) => {
@@ -1660,6 +1715,7 @@ impl<'a> Run<'a> {
                     let owed = self.model.owed_final.take();
                     assert_eq!(owed, Some(AgentFrame::FileDone(summary)));
                     self.stream.final_seen = true;
+                    self.operation_over();
                 }
                 AgentFrame::SystemInfo(_) => {
                     assert!(self.stream.authenticated || self.secret.is_none());
@@ -1689,6 +1745,7 @@ impl<'a> Run<'a> {
                     let owed = self.model.owed_final.take();
                     assert_eq!(owed, Some(AgentFrame::ClockSet(previous)));
                     self.stream.final_seen = true;
+                    self.operation_over();
                 }
             }
         }
@@ -2440,6 +2497,7 @@ impl Run<'_> {
                 let owed = self.model.owed_final.take();
                 assert_eq!(owed, Some(AgentFrame::Detached(job)));
                 self.stream.final_seen = true;
+                self.operation_over();
             }
             AgentFrame::Job(_) => {
                 assert_eq!(self.model.op, Op::JobList);
@@ -2454,5 +2512,37 @@ impl Run<'_> {
             }
             other => panic!("{other:?} is no job frame"),
         }
+    }
+}
+
+/// Protocol 5's keep-alive connections: after an operation's final frame the connection may
+/// carry another.
+impl Run<'_> {
+    /// The final frame is encoded: the connection goes on if the operation ended so and the
+    /// client's stream has not ended.
+    fn operation_over(&mut self) {
+        if self.model.state == State::Closing && self.model.keep && !self.model.input_closed {
+            self.model.state = State::Ended;
+        }
+    }
+
+    /// `next_operation`: only once the final frame went on a connection that stays; then every
+    /// per-operation fact starts over, and the idle deadline runs.
+    fn next_operation(&mut self) {
+        let result = self.session.next_operation(self.now);
+        if self.model.state != State::Ended {
+            assert_eq!(result, Err(SessionError::InvalidState));
+            return;
+        }
+        assert_eq!(result, Ok(()));
+        let idle = u64::from(self.config.limits.idle_ms) * 1000;
+        self.model = Model::new(State::AwaitRequest, Some(self.now.saturating_add(idle)));
+        self.served = true;
+        self.stream = StreamCheck {
+            frames: self.stream.frames,
+            hello: self.stream.hello,
+            authenticated: self.stream.authenticated,
+            ..StreamCheck::default()
+        };
     }
 }
