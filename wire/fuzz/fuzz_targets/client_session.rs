@@ -333,6 +333,11 @@ struct Run<'a> {
     info_items: usize,
     /// The job operations' part of the model.
     job: JobModel,
+    /// The last operation ended and the agent keeps the connection (protocol 5).
+    reusable: bool,
+    /// Something beyond the request went for this operation (pieces, stdin, its end, a
+    /// control): a refusal then ends the connection.
+    op_traffic: bool,
 }
 
 /// What the model knows of a job operation, and of the client's stream for one.
@@ -359,7 +364,24 @@ impl<'a> Run<'a> {
             nonce: AGENT_NONCE,
             secret: Some(secret),
         };
-        let mut reference = AgentSession::new(AGENT_CONFIG, START, auth_agent);
+        // The reference agent keeps connections as the stream's hello says (protocol 5), so a
+        // seeded keep-alive conversation proves itself too.
+        let idle_ms = whole_frames(wire)
+            .0
+            .first()
+            .and_then(|body| match decode_agent_frame(body) {
+                Ok(AgentFrame::Hello(hello)) => Some(hello.limits.idle_ms),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let config = AgentConfig {
+            limits: Limits {
+                idle_ms,
+                ..AGENT_CONFIG.limits
+            },
+            ..AGENT_CONFIG
+        };
+        let mut reference = AgentSession::new(config, START, auth_agent);
         let mut hello = vec![0u8; MAX_FRAME];
         let n = reference.poll_transmit(&mut hello).expect("the hello");
         Run {
@@ -404,12 +426,15 @@ impl<'a> Run<'a> {
             stream_put_end: false,
             info_items: 0,
             job: JobModel::default(),
+            reusable: false,
+            op_traffic: false,
         }
     }
 
     fn phase(&self) -> Phase {
         match (self.agent, self.op) {
             _ if self.failed => Phase::Done,
+            (_, Op::Done) if self.reusable => Phase::Idle,
             (_, Op::Done) => Phase::Done,
             (None, _) => Phase::Hello,
             (_, Op::Running(_)) => Phase::Running,
@@ -420,7 +445,12 @@ impl<'a> Run<'a> {
     }
 
     fn stdin_open(&self) -> bool {
-        self.stdin_piped && !self.eof_queued && self.phase() != Phase::Done
+        self.stdin_piped && !self.eof_queued && !self.finished()
+    }
+
+    /// The operation is over (its final frame came, or the connection failed).
+    fn finished(&self) -> bool {
+        self.failed || self.op == Op::Done
     }
 
     fn step(&mut self, step: Step) {
@@ -462,8 +492,9 @@ impl<'a> Run<'a> {
                     assert_eq!(result, Err(SessionError::InvalidState));
                 } else {
                     assert_eq!(result, Ok(()));
-                    if self.stdin_piped && self.phase() != Phase::Done {
+                    if self.stdin_piped && !self.finished() {
                         self.eof_queued = true;
+                        self.op_traffic = true;
                     }
                 }
             }
@@ -523,6 +554,7 @@ impl<'a> Run<'a> {
                     assert_eq!(result, Ok(frame.len()));
                     assert_eq!(out[..frame.len()], frame[..]);
                     self.put_ended = true;
+                    self.op_traffic = true;
                     self.stdin_piped = false;
                     self.sent.extend_from_slice(&frame);
                     self.check_stream();
@@ -835,7 +867,7 @@ impl<'a> Run<'a> {
             {
                 let input = result.expect("done");
                 assert_eq!(input.event, Some(ClientEvent::Done(report)));
-                self.op = Op::Done;
+                self.op_done();
                 input
             }
             (AgentFrame::Started(started), _) if self.op == Op::Sent(Kind::Exec) => {
@@ -873,7 +905,7 @@ impl<'a> Run<'a> {
             {
                 let input = result.expect("file done");
                 assert_eq!(input.event, Some(ClientEvent::FileDone(summary)));
-                self.op = Op::Done;
+                self.op_done();
                 self.stdin_piped = false;
                 input
             }
@@ -909,7 +941,7 @@ impl<'a> Run<'a> {
             (AgentFrame::ClockSet(previous), _) if self.op == Op::Sent(Kind::Clock) => {
                 let input = result.expect("clock set");
                 assert_eq!(input.event, Some(ClientEvent::ClockSet(previous)));
-                self.op = Op::Done;
+                self.op_done();
                 input
             }
             (AgentFrame::Stdout(out), _)
@@ -969,8 +1001,16 @@ impl<'a> Run<'a> {
             {
                 let input = result.expect("exited");
                 assert_eq!(input.event, Some(ClientEvent::Exited(end)));
-                self.op = Op::Done;
+                self.op_done();
                 self.stdin_piped = false;
+                input
+            }
+            // A request refused before it started leaves a kept connection open (protocol 5).
+            (AgentFrame::Error(err), Phase::Starting) if self.refusal_keeps(&err) => {
+                let input = result.expect("refused");
+                assert_eq!(input.event, Some(ClientEvent::Refused(err)));
+                self.op_done();
+                assert!(self.session.is_reusable());
                 input
             }
             (
@@ -1011,6 +1051,7 @@ impl<'a> Run<'a> {
     }
 
     fn start_exec(&mut self, request: u8, pipe: bool, room: u16, size: u16, shape: u8) {
+        self.reuse();
         // A session that may not start an operation refuses before it looks at the request:
         // no need to build a large one.
         let allowed = self.op == Op::None && !self.failed && self.agent.is_some();
@@ -1058,6 +1099,8 @@ impl<'a> Run<'a> {
                 self.stdin_piped = pipe;
                 self.pty = request.pty.is_some();
                 self.exec_lists = Some((argv.clone(), env.clone()));
+                // Pieces go before the request: a refusal may come before the agent read them.
+                self.op_traffic |= argv.len() > MAX_INLINE_LIST || env.len() > MAX_INLINE_LIST;
                 self.sent.extend_from_slice(&out[..n]);
                 self.check_stream();
             }
@@ -1114,6 +1157,7 @@ impl<'a> Run<'a> {
         };
         assert_eq!(result, expected, "{frame:?}");
         if let Ok(n) = result {
+            self.op_traffic = true;
             assert_eq!(out[..n], encoded[..], "{frame:?} encoded as it is");
             self.sent.extend_from_slice(&out[..n]);
             self.check_stream();
@@ -1121,6 +1165,7 @@ impl<'a> Run<'a> {
     }
 
     fn start_kill_all(&mut self, room: u16) {
+        self.reuse();
         let room = if room == 0 {
             MAX_FRAME
         } else {
@@ -1154,6 +1199,7 @@ impl<'a> Run<'a> {
         room: u16,
         start: impl FnOnce(&mut ClientSession, &mut [u8]) -> Result<usize, SessionError>,
     ) {
+        self.reuse();
         let room = if room == 0 {
             MAX_FRAME
         } else {
@@ -1235,6 +1281,7 @@ impl<'a> Run<'a> {
     }
 
     fn charge(&mut self, n: u64) {
+        self.op_traffic = true;
         self.credit -= n;
         self.in_flight += n;
         self.check_stream();
@@ -1559,6 +1606,7 @@ impl Run<'_> {
         size: u16,
         shape: u8,
     ) {
+        self.reuse();
         let allowed = self.op == Op::None && !self.failed && self.agent.is_some();
         let size = if allowed { size } else { 0 };
         let (argv, env) = request_lists(request, size, shape);
@@ -1635,7 +1683,7 @@ impl Run<'_> {
         match frame {
             // A listing's count is its records; an attachment's `Done` ends it unfollowed.
             AgentFrame::Done(report) if self.op == Op::Running(Kind::Attach) => {
-                self.op = Op::Done;
+                self.op_done();
                 self.stdin_piped = false;
                 Ok(ClientEvent::Done(report))
             }
@@ -1645,7 +1693,7 @@ impl Run<'_> {
                         message: "the job listing's count does not match its records",
                     });
                 }
-                self.op = Op::Done;
+                self.op_done();
                 Ok(ClientEvent::Done(report))
             }
             AgentFrame::Job(record) => {
@@ -1659,7 +1707,7 @@ impl Run<'_> {
                 Ok(ClientEvent::Job(record))
             }
             AgentFrame::Detached(job) => {
-                self.op = Op::Done;
+                self.op_done();
                 Ok(ClientEvent::Detached(job))
             }
             AgentFrame::Attached(header) => {
@@ -1671,7 +1719,7 @@ impl Run<'_> {
                 Ok(ClientEvent::Attached(header))
             }
             AgentFrame::Exited(end) => {
-                self.op = Op::Done;
+                self.op_done();
                 Ok(ClientEvent::Exited(end))
             }
             other => panic!("{other:?} answers no job operation"),
@@ -1749,7 +1797,7 @@ fn job_exec_request<'a>(
 
 /// The job operation a stream answers (its first job frame says which), so that a seeded job
 /// conversation is replayed by the client that asked for it: a start, a listing, an attach that
-/// asks for stdin.
+/// asks for stdin, a wait.
 fn job_start_for(wire: &[u8]) -> Option<Step> {
     let (frames, _) = whole_frames(wire);
     let choice = |job: u16| JobRequestChoice {
@@ -1762,6 +1810,9 @@ fn job_start_for(wire: &[u8]) -> Option<Step> {
         signal: 0,
         grace_ms: None,
     };
+    let started = frames
+        .iter()
+        .any(|body| matches!(decode_agent_frame(body), Ok(AgentFrame::Started(_))));
     frames
         .iter()
         .find_map(|body| match decode_agent_frame(body) {
@@ -1781,6 +1832,82 @@ fn job_start_for(wire: &[u8]) -> Option<Step> {
                 request: choice(0),
                 room: 0,
             }),
+            // A record with nothing before it answers a wait.
+            Ok(AgentFrame::Exited(_)) if !started => Some(Step::StartWait {
+                request: choice(0),
+                room: 0,
+            }),
             _ => None,
         })
+}
+
+/// Protocol 5's keep-alive connections: after an operation's final frame, another may start on
+/// the same connection when the agent announced `idle_ms`.
+impl Run<'_> {
+    /// The operation's final frame came.
+    fn op_done(&mut self) {
+        self.op = Op::Done;
+        self.stdin_piped = false;
+        self.reusable = self.agent.is_some_and(|limits| limits.idle_ms > 0);
+    }
+
+    /// Whether `err`, the answer to a request that has not started, leaves the connection to
+    /// another operation: a refusal (no breach), after the agent's proof, with nothing else of
+    /// the operation on its way, from an agent that keeps connections.
+    fn refusal_keeps(&self, err: &ferry_wire::ErrorFrame<'_>) -> bool {
+        use ferry_wire::ErrorCode;
+        let breach = matches!(
+            err.code,
+            ErrorCode::UnsupportedVersion
+                | ErrorCode::Malformed
+                | ErrorCode::FrameTooLarge
+                | ErrorCode::ProtocolViolation
+                | ErrorCode::Unauthenticated
+        );
+        self.authenticated
+            && !self.op_traffic
+            && !breach
+            && matches!(self.op, Op::Sent(_))
+            && self.agent.is_some_and(|limits| limits.idle_ms > 0)
+    }
+
+    /// Any `start_*` on a reusable connection first starts every per-operation fact over
+    /// (the agent's whole window is credit again), whether the request is then accepted or not.
+    fn reuse(&mut self) {
+        assert_eq!(
+            self.session.is_reusable(),
+            !self.failed && self.op == Op::Done && self.reusable
+        );
+        if !self.session.is_reusable() {
+            return;
+        }
+        let window = self
+            .agent
+            .map_or(0, |limits| u64::from(limits.stdin_window))
+            .min(STDIN_WINDOW as u64);
+        self.op = Op::None;
+        self.stdin_piped = false;
+        self.eof_queued = false;
+        self.eof_sent = false;
+        self.credit = window;
+        self.in_flight = 0;
+        self.pty = false;
+        self.heard_at = None;
+        self.put_ended = false;
+        self.info_items = 0;
+        self.job = JobModel::default();
+        self.reusable = false;
+        self.op_traffic = false;
+        // The client's stream, per operation.
+        self.stream_op = false;
+        self.stream_exec = None;
+        self.stream_eof = false;
+        self.stdin_total = 0;
+        self.credit_granted = 0;
+        self.exec_lists = None;
+        self.stream_argv.clear();
+        self.stream_env.clear();
+        self.stream_put = false;
+        self.stream_put_end = false;
+    }
 }

@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 use std::vec::Vec;
 
 use super::*;
-use crate::jobs::{AttachHeader, AttachRequest, JobStarted, Resume};
+use crate::jobs::{AttachHeader, AttachRequest, JobRequest, JobStarted, Resume};
 use crate::limits::{MAX_FRAME, MAX_INLINE_LIST, NONCE_LEN};
 use crate::msg::{
     ClientFrame, Ending, ErrorCode, ExecRequest, ExitStatus, ListKind, StdinMode, StrList, Stream,
@@ -66,8 +66,10 @@ enum Act {
     Detached(JobStarted),
     /// The attachment begins; the job started at this time on the driver's clock.
     Attached(AttachHeader, u64),
-    /// The job attached to has ended.
+    /// The job attached to (or waited for) has ended.
     JobEnded(Termination),
+    /// The job waited for still runs.
+    Waiting,
 }
 
 /// What the client does beyond the operation.
@@ -95,6 +97,7 @@ enum Operation {
     /// A detached job with this name, and its exec.
     StartJob(&'static [u8], ExecRequest<'static>),
     Attach(AttachRequest<'static>),
+    Wait(JobRequest<'static>),
 }
 
 impl Operation {
@@ -698,6 +701,44 @@ const TRANSCRIPTS: &[Transcript] = &[
              held=false oom=false peak=0",
         ],
     },
+    Transcript {
+        name: "job_wait_kept",
+        // An agent that keeps connections (protocol 5: `idle_ms` 30000 in its hello) answers a
+        // wait for `web`: keepalives while the job runs, then its record; the connection stays
+        // open for the client's next operation.
+        operation: Operation::Wait(JobRequest {
+            job: Bytes(b"web"),
+            user: None,
+        }),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
+        sends: &[],
+        acts: &[
+            Act::Waiting,
+            Act::At(5_000_000),
+            Act::Tick,
+            Act::At(6_000_000),
+            Act::JobEnded(Termination {
+                status: ExitStatus::Code(2),
+                duration_us: 6_500_000,
+                output_dropped: false,
+                ending: Ending::Exited,
+                tree_kill: TreeKill::None,
+                stdout: StreamRecord { bytes: 12, dropped: 0 },
+                stderr: StreamRecord { bytes: 0, dropped: 0 },
+                pipes_held: false,
+                oom_killed: false,
+                peak_memory: 0,
+            }),
+        ],
+        events: &[
+            "hello v5 agent golden Authenticated",
+            "authenticated",
+            "keepalive",
+            "exited Code(2) 6500000us dropped=false Exited tree_kill=None out=12/0 err=0/0 \
+             held=false oom=false peak=0",
+        ],
+    },
 ];
 
 fn secret(bytes: Option<&[u8]>) -> Option<Secret> {
@@ -709,7 +750,7 @@ fn agent_session(t: &Transcript) -> AgentSession {
         nonce: AGENT_NONCE,
         secret: secret(t.agent_secret),
     };
-    AgentSession::new(CONFIG, 0, auth)
+    AgentSession::new(config(t), 0, auth)
 }
 
 fn client_session(t: &Transcript) -> ClientSession {
@@ -732,6 +773,7 @@ fn start(
         Operation::Info => return session.start_info(out),
         Operation::StartJob(name, request) => return session.start_job(Some(name), &request, out),
         Operation::Attach(request) => return session.start_attach(&request, out),
+        Operation::Wait(request) => return session.start_wait(&request, out),
         _ => {}
     }
     match t.operation.request() {
@@ -746,6 +788,17 @@ fn client_buffer(t: &Transcript) -> Vec<u8> {
         ClientSession::exec_buffer_len(&request)
     });
     vec![0u8; len]
+}
+
+/// The transcripts whose agent keeps connections (protocol 5): idle for up to 30 s.
+const KEPT: &[&str] = &["job_wait_kept"];
+
+fn config(t: &Transcript) -> AgentConfig {
+    let mut config = CONFIG;
+    if KEPT.contains(&t.name) {
+        config.limits.idle_ms = 30_000;
+    }
+    config
 }
 
 const CONFIG: AgentConfig = AgentConfig {
@@ -892,7 +945,8 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
                 | AgentEvent::Put(_)
                 | AgentEvent::Get(_)
                 | AgentEvent::Info
-                | AgentEvent::Attach(_),
+                | AgentEvent::Attach(_)
+                | AgentEvent::Wait(_),
             ) => operation_seen = true,
             Some(AgentEvent::Stdin(data)) => stdin_received += data.len(),
             _ => {}
@@ -967,11 +1021,12 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
                 session.attached(header, started_at, now).expect("attached")
             }
             Act::JobEnded(end) => session.job_ended(end, now).expect("ended"),
+            Act::Waiting => session.waiting(now).expect("waiting"),
         }
         flush(&mut session, &mut sent);
     }
     assert!(
-        session.is_closed(),
+        session.is_closed() || (KEPT.contains(&t.name) && session.can_continue()),
         "{}: the conversation did not end",
         t.name
     );
