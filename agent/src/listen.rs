@@ -170,13 +170,31 @@ pub fn serve_forever(listener: OwnedFd, is_init: bool, policy: &Policy, serving:
     sys::trim_resident_memory();
     loop {
         let mut failure = None;
+        // Before the spares, which inherit its channel: the jobs' supervisor, forked again if
+        // it died (old spares keep the dead channel and answer job requests with an error).
+        if children.supervisor.is_none() {
+            match fork_supervisor() {
+                Ok(ForkedSupervisor::Supervisor(channel)) => {
+                    children.forget();
+                    drop((listener, reserve));
+                    crate::jobs::serve(channel, serving, listener_pid)
+                }
+                Ok(ForkedSupervisor::Listener(channel)) => children.supervisor = Some(channel),
+                Err(errno) => log::error(b"cannot start the jobs' supervisor", errno),
+            }
+        }
         while children.spares() < SPARES && children.len() < max {
             match fork_spare() {
                 Ok(Forked::Spare(report)) => {
                     // The other children's report pipes and the reserve are the listener's: a
-                    // spare (and the connection it becomes) holds only its own pipe.
+                    // spare (and the connection it becomes) holds only its own pipe, and the
+                    // jobs' channel.
+                    let channel = children.supervisor.take();
                     children.forget();
                     drop(reserve);
+                    if let Some(channel) = channel {
+                        crate::jobs::set_channel(channel);
+                    }
                     spare(listener, report, listener_pid, &gate, serving)
                 }
                 Ok(Forked::Listener(taken, pid)) => children.add_spare(taken, pid),
@@ -400,6 +418,10 @@ struct Children {
     ended: heapless::Vec<(u32, bool), { MAX_CONNECTIONS as usize + SPARES }>,
     /// A shutdown a connection process acknowledged at the last [`Children::wait`].
     power: Option<PowerRequest>,
+    /// The connection processes' end of the channel to the jobs' supervisor, while it lives:
+    /// it hangs up once the supervisor's end is closed (only the supervisor holds it), that
+    /// is, once the supervisor died.
+    supervisor: Option<OwnedFd>,
 }
 
 struct ChildProcess {
@@ -417,6 +439,7 @@ impl Children {
             all: heapless::Vec::new(),
             ended: heapless::Vec::new(),
             power: None,
+            supervisor: None,
         }
     }
 
@@ -442,6 +465,7 @@ impl Children {
     /// Closes every pipe (in a new spare: they are the listener's).
     fn forget(&mut self) {
         self.all.clear();
+        self.supervisor = None;
     }
 
     /// Blocks until a child has news (a spare took a connection or died, a connection
@@ -451,16 +475,29 @@ impl Children {
         const CAPACITY: usize = MAX_CONNECTIONS as usize + SPARES;
         let mut ready = heapless::Vec::<bool, CAPACITY>::new();
         let clients_waiting;
+        let mut ready_supervisor_gone = false;
         {
-            let mut fds = heapless::Vec::<PollFd<'_>, { CAPACITY + 1 }>::new();
+            let mut fds = heapless::Vec::<PollFd<'_>, { CAPACITY + 2 }>::new();
             for child in &self.all {
                 let _ = fds.push(PollFd::new(&child.report, PollFlags::IN));
             }
             if let Some(listener) = listener {
                 let _ = fds.push(PollFd::new(listener, PollFlags::IN));
             }
+            if let Some(channel) = &self.supervisor {
+                // Nothing is ever sent to this end: only its hangup wakes us.
+                let _ = fds.push(PollFd::new(channel, PollFlags::empty()));
+            }
             if poll(&mut fds, timeout).is_err() {
                 return false;
+            }
+            if self.supervisor.is_some() && fds.last().is_some_and(|fd| !fd.revents().is_empty()) {
+                log::Line::new()
+                    .push(b"the jobs' supervisor died: its jobs end; starting a new one")
+                    .emit_limited();
+                // A pause, so a supervisor that keeps dying cannot turn into a fork storm.
+                clock::sleep_ms(50);
+                ready_supervisor_gone = true;
             }
             for fd in fds.iter().take(self.all.len()) {
                 let _ = ready.push(!fd.revents().is_empty());
@@ -469,6 +506,9 @@ impl Children {
                 && fds
                     .get(self.all.len())
                     .is_some_and(|fd| fd.revents().contains(PollFlags::IN));
+        }
+        if ready_supervisor_gone {
+            self.supervisor = None;
         }
         let mut ready = ready.into_iter();
         let ended = &mut self.ended;
@@ -576,6 +616,33 @@ impl Leftovers {
             if remove(pid) == Err(Errno::BUSY) {
                 let _ = self.0.push_back(pid);
             }
+        }
+    }
+}
+
+/// Each side of [`fork_supervisor`].
+enum ForkedSupervisor {
+    /// The new supervisor, with its end of the channel.
+    Supervisor(OwnedFd),
+    /// The listener, with the connection processes' end of the channel.
+    Listener(OwnedFd),
+}
+
+/// Forks the jobs' supervisor with a fresh channel.
+fn fork_supervisor() -> Result<ForkedSupervisor, Errno> {
+    let (theirs, ours) = crate::jobs::new_channel()?;
+    // SAFETY: the agent is single-threaded and installs no signal handlers; the child runs the
+    // agent's own code (see `sys::fork`).
+    #[allow(unsafe_code)]
+    let forked = unsafe { sys::fork() }?;
+    match forked {
+        sys::Forked::Child => {
+            drop(ours);
+            Ok(ForkedSupervisor::Supervisor(theirs))
+        }
+        sys::Forked::Parent(_) => {
+            drop(theirs);
+            Ok(ForkedSupervisor::Listener(ours))
         }
     }
 }

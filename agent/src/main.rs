@@ -31,6 +31,7 @@ mod crash;
 mod cstr;
 mod file;
 mod init;
+mod jobs;
 mod listen;
 mod log;
 mod policy;

@@ -100,6 +100,19 @@ pub struct Policy {
     /// `PROGRAM reboot` (nothing else is tried when it fails); `None`: `poweroff` or `reboot`
     /// from the system's directories, else a signal to PID 1 (systemd's convention).
     pub power_command: Option<heapless::Vec<u8, MAX_POLICY_PATH>>,
+
+    // --- Detached jobs (`ferry exec --detach`).
+    /// `max_jobs`: jobs the registry keeps, running or finished (default 64, at most
+    /// [`MAX_JOBS`]); a new job evicts the oldest finished one, and is refused `Busy` when all
+    /// run.
+    pub max_jobs: u32,
+    /// `job_spool_head`: the first bytes of each stream a job keeps (default 64 KiB).
+    pub job_spool_head: u64,
+    /// `job_spool_ring`: the most recent bytes of each stream a job keeps (default 256 KiB).
+    pub job_spool_ring: u64,
+    /// `jobs_any_user`: any user's request may see, attach, wait, kill and remove every job
+    /// (default false: only its own, unless it resolves to root).
+    pub jobs_any_user: bool,
 }
 
 impl Policy {
@@ -135,6 +148,10 @@ impl Policy {
             exec_cgroups: true,
             allow_shutdown: None,
             power_command: None,
+            max_jobs: 64,
+            job_spool_head: 64 * 1024,
+            job_spool_ring: 256 * 1024,
+            jobs_any_user: false,
         }
     }
 }
@@ -167,6 +184,10 @@ pub fn current() -> &'static Policy {
 pub const MAX_LINE: usize = 512;
 /// The most connections `max_connections` may allow.
 pub const MAX_CONNECTIONS: u32 = 1024;
+/// The most jobs `max_jobs` may allow: the registry's capacity.
+pub const MAX_JOBS: u32 = ferry_wire::limits::MAX_JOBS as u32;
+/// The largest `job_spool_head` or `job_spool_ring`: 64 MiB per stream.
+pub const MAX_JOB_SPOOL: u64 = 64 << 20;
 /// The largest `cpu_max`: 1024 CPUs, fully.
 pub const MAX_CPU_PERCENT: u32 = 100 * 1024;
 /// What an `rlimit_*` of `unlimited` is stored as (the kernel's `RLIM_INFINITY`).
@@ -241,11 +262,15 @@ enum Key {
     RlimitCore,
     AllowShutdown,
     PowerCommand,
+    MaxJobs,
+    JobSpoolHead,
+    JobSpoolRing,
+    JobsAnyUser,
 }
 
 /// Every key of docs/policy.md. [`Policy::apply`] looks keys up in this table: a `match` on the
 /// strings compiles to byte-by-byte comparisons, about 2 KB of code.
-const KEYS: [(&[u8], Key); 26] = [
+const KEYS: [(&[u8], Key); 30] = [
     (b"secret_file", Key::SecretFile),
     (b"insecure", Key::Insecure),
     (b"allow_cid", Key::AllowCid),
@@ -272,6 +297,10 @@ const KEYS: [(&[u8], Key); 26] = [
     (b"rlimit_core", Key::RlimitCore),
     (b"allow_shutdown", Key::AllowShutdown),
     (b"power_command", Key::PowerCommand),
+    (b"max_jobs", Key::MaxJobs),
+    (b"job_spool_head", Key::JobSpoolHead),
+    (b"job_spool_ring", Key::JobSpoolRing),
+    (b"jobs_any_user", Key::JobsAnyUser),
 ];
 
 /// Kernel command-line parameters under `ferry.` that are not policy keys (see `config`).
@@ -323,6 +352,14 @@ impl Policy {
             Key::RlimitCore => self.rlimit_core = Some(parse_rlimit(value, true)?),
             Key::AllowShutdown => self.allow_shutdown = Some(parse_bool(value)?),
             Key::PowerCommand => self.power_command = Some(parse_path(value)?),
+            Key::MaxJobs => self.max_jobs = in_range(number(value)?, 1, MAX_JOBS)?,
+            Key::JobSpoolHead => {
+                self.job_spool_head = in_range(parse_bytes(value)?, 0, MAX_JOB_SPOOL)?
+            }
+            Key::JobSpoolRing => {
+                self.job_spool_ring = in_range(parse_bytes(value)?, 1, MAX_JOB_SPOOL)?
+            }
+            Key::JobsAnyUser => self.jobs_any_user = parse_bool(value)?,
         }
         Ok(())
     }
@@ -510,7 +547,7 @@ fn number(value: &[u8]) -> Result<u32, PolicyError> {
     crate::config::parse_u32(value).ok_or(PolicyError::BadValue)
 }
 
-fn in_range(value: u32, min: u32, max: u32) -> Result<u32, PolicyError> {
+fn in_range<T: PartialOrd>(value: T, min: T, max: T) -> Result<T, PolicyError> {
     if (min..=max).contains(&value) {
         Ok(value)
     } else {
@@ -865,6 +902,24 @@ mod tests {
         );
         assert_eq!(refused("max_connections", "0"), PolicyError::OutOfRange);
         assert_eq!(refused("max_connections", "1025"), PolicyError::OutOfRange);
+        assert_eq!(Policy::defaults().max_jobs, 64);
+        assert_eq!(applied("max_jobs", "256").unwrap().max_jobs, MAX_JOBS);
+        assert_eq!(refused("max_jobs", "0"), PolicyError::OutOfRange);
+        assert_eq!(refused("max_jobs", "257"), PolicyError::OutOfRange);
+        let defaults = Policy::defaults();
+        assert_eq!(
+            (defaults.job_spool_head, defaults.job_spool_ring),
+            (65536, 262144)
+        );
+        assert_eq!(applied("job_spool_head", "0").unwrap().job_spool_head, 0);
+        assert_eq!(
+            applied("job_spool_ring", "1k").unwrap().job_spool_ring,
+            1024
+        );
+        assert_eq!(refused("job_spool_ring", "0"), PolicyError::OutOfRange);
+        assert_eq!(refused("job_spool_head", "65M"), PolicyError::OutOfRange);
+        assert!(!defaults.jobs_any_user);
+        assert!(applied("jobs_any_user", "true").unwrap().jobs_any_user);
 
         let ms = |text: &str| applied("handshake_timeout", text).map(|p| p.handshake_timeout_ms);
         assert_eq!(ms("500ms"), Ok(500));

@@ -316,15 +316,11 @@ pub(crate) enum Received {
     Interface(crate::system::Interface),
     /// The guest's clock before a time sync set it.
     ClockSet(ferry_wire::Timestamp),
-    // NOTE: read by the jobs API (host/src/jobs.rs, issue 12), which lands next.
     /// A detached job started.
-    #[allow(dead_code)]
     Detached(ferry_wire::JobStarted),
     /// A job of a listing.
-    #[allow(dead_code)]
     Job(Box<crate::job_record::JobInfo>),
     /// An attachment began.
-    #[allow(dead_code)]
     Attached(ferry_wire::AttachHeader),
 }
 
@@ -796,6 +792,18 @@ pub(crate) enum Operation<'r, 'a> {
     TimeSync(&'r std::sync::OnceLock<ferry_wire::Timestamp>),
     /// Feed the guest's entropy pool.
     Reseed(&'r [u8]),
+    /// Run a command as a detached job, optionally named.
+    StartJob(Option<&'r [u8]>, &'r ExecRequest<'a>),
+    /// List the jobs.
+    Jobs(ferry_wire::JobQuery<'a>),
+    /// Follow a job's output.
+    Attach(ferry_wire::AttachRequest<'a>),
+    /// Wait for a job's end.
+    Wait(ferry_wire::JobRequest<'a>),
+    /// Signal a job's tree.
+    Kill(ferry_wire::KillJob<'a>),
+    /// Forget an ended job.
+    Remove(ferry_wire::JobRequest<'a>),
 }
 
 impl Operation<'_, '_> {
@@ -806,6 +814,17 @@ impl Operation<'_, '_> {
             Operation::Exec(request) => request.validate().map(|_| ()),
             Operation::Put(request) => request.validate_within(&Limits::CURRENT),
             Operation::Get(request) => request.validate_within(&Limits::CURRENT),
+            Operation::StartJob(name, request) => ferry_wire::JobStart {
+                name: name.map(ferry_wire::Bytes),
+            }
+            .validate()
+            .and_then(|()| request.validate().map(|_| ())),
+            Operation::Jobs(query) => query.validate_within(&Limits::CURRENT),
+            Operation::Attach(request) => request.validate_within(&Limits::CURRENT),
+            Operation::Wait(request) | Operation::Remove(request) => {
+                request.validate_within(&Limits::CURRENT)
+            }
+            Operation::Kill(request) => request.validate_within(&Limits::CURRENT),
             Operation::None
             | Operation::KillAll
             | Operation::Info
@@ -831,6 +850,12 @@ impl Operation<'_, '_> {
                 session.start_time_sync(now, out)
             }
             Operation::Reseed(random) => session.start_reseed(random, out),
+            Operation::StartJob(name, request) => session.start_job(name, request, out),
+            Operation::Jobs(query) => session.start_jobs(&query, out),
+            Operation::Attach(request) => session.start_attach(&request, out),
+            Operation::Wait(request) => session.start_wait(&request, out),
+            Operation::Kill(request) => session.start_kill(&request, out),
+            Operation::Remove(request) => session.start_remove(&request, out),
             Operation::None => session.poll_transmit(out),
         }
     }

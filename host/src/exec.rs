@@ -154,11 +154,9 @@ impl Execution {
         };
         let writer = match stdin {
             crate::Stdin::Null => None,
-            crate::Stdin::Pipe | crate::Stdin::Bytes(_) => Some(StdinWriter {
-                shared: Arc::clone(conn.shared()),
-                frame: vec![0u8; MAX_FRAME],
-                closed: false,
-            }),
+            crate::Stdin::Pipe | crate::Stdin::Bytes(_) => {
+                Some(StdinWriter::new(Arc::clone(conn.shared())))
+            }
         };
         let mut execution = Execution {
             conn,
@@ -203,9 +201,7 @@ impl Execution {
     /// A handle that signals, resizes or cancels this command from any thread, while another
     /// reads its events (which needs `&mut self`).
     pub fn controller(&self) -> Controller {
-        Controller {
-            shared: Arc::clone(self.conn.shared()),
-        }
+        Controller::new(Arc::clone(self.conn.shared()))
     }
 
     /// Sends `signal` (1–64, e.g. `libc::SIGTERM`) to the command's process group. See
@@ -385,6 +381,11 @@ impl std::fmt::Debug for Controller {
 }
 
 impl Controller {
+    /// A controller of the operation on `shared`'s connection (an exec, an attachment).
+    pub(crate) fn new(shared: Arc<Shared>) -> Controller {
+        Controller { shared }
+    }
+
     /// Sends `signal` (1–64, e.g. `libc::SIGTERM`) to the command's process group; anything
     /// else is [`Error::InvalidRequest`]. With a terminal, `^C` is better sent as the byte it
     /// is (3) on stdin: the guest's terminal then signals its foreground job, as a local one
@@ -460,6 +461,16 @@ impl std::fmt::Debug for StdinWriter {
 }
 
 impl StdinWriter {
+    /// A writer of the stdin of the operation on `shared`'s connection (an exec, an
+    /// attachment that was granted stdin).
+    pub(crate) fn new(shared: Arc<Shared>) -> StdinWriter {
+        StdinWriter {
+            shared,
+            frame: vec![0u8; MAX_FRAME],
+            closed: false,
+        }
+    }
+
     /// Sends EOF: the command reads the end of its input once it has read what was sent.
     pub fn close(&mut self) -> io::Result<()> {
         if std::mem::replace(&mut self.closed, true) {

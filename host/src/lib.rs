@@ -18,6 +18,7 @@ mod conn;
 mod error;
 mod exec;
 mod job_record;
+mod jobs;
 mod secret;
 mod sys;
 mod system;
@@ -31,11 +32,16 @@ pub use command::{Command, Stdin};
 pub use conn::AgentInfo;
 pub use error::{errno_name, Error, ErrorCode, RemoteError};
 pub use exec::{Controller, Event, Execution, Output, PumpError, StdinWriter, Termination};
+pub use ferry_wire::Timestamp;
 pub use ferry_wire::{AttachHeader, JobStarted, JobState, Resume, SkipReason, TransferKind};
 pub use ferry_wire::{
     Bounds, Ending, ExitStatus, Limits, Security, Stream, StreamRecord, TreeKill, WindowSize,
 };
 pub use job_record::JobInfo;
+pub use jobs::{
+    ending_name, job_state_name, jobs_to_json, AttachEvent, AttachOptions, AttachedOutput,
+    Attachment, JobHandle,
+};
 pub use secret::{read_secret_file, secret_from_env, Secret, SECRET_FILE_ENV};
 pub use sys::vsock;
 pub use system::{rfc3339, AgentReport, ClockStep, Interface, Mount, SystemReport};

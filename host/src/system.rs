@@ -427,26 +427,27 @@ impl SystemReport {
 /// A JSON writer just big enough for the report: no serializer library (serde_json needs
 /// serde's `std` or `alloc`, and features unify with the no_std agent's build).
 #[derive(Default)]
-struct Json {
-    text: String,
+pub(crate) struct Json {
+    /// The document so far.
+    pub(crate) text: String,
     /// Whether the innermost open container has an element yet.
     nonempty: Vec<bool>,
 }
 
 impl Json {
-    fn open(&mut self, bracket: char) -> &mut Self {
+    pub(crate) fn open(&mut self, bracket: char) -> &mut Self {
         self.text.push(bracket);
         self.nonempty.push(false);
         self
     }
 
-    fn close(&mut self, bracket: char) {
+    pub(crate) fn close(&mut self, bracket: char) {
         self.nonempty.pop();
         self.text.push(bracket);
     }
 
     /// A comma when needed.
-    fn item(&mut self) -> &mut Self {
+    pub(crate) fn item(&mut self) -> &mut Self {
         if let Some(nonempty) = self.nonempty.last_mut() {
             if *nonempty {
                 self.text.push(',');
@@ -456,32 +457,36 @@ impl Json {
         self
     }
 
-    fn field(&mut self, name: &str) -> &mut Self {
+    pub(crate) fn field(&mut self, name: &str) -> &mut Self {
         self.item().string(name);
         self.text.push(':');
         self
     }
 
-    fn raw(&mut self, text: &str) {
+    pub(crate) fn raw(&mut self, text: &str) {
         self.text.push_str(text);
     }
 
-    fn number(&mut self, value: impl Into<u64>) {
+    pub(crate) fn number(&mut self, value: impl Into<u64>) {
         let _ = write!(self.text, "{}", value.into());
     }
 
-    fn boolean(&mut self, value: bool) {
+    pub(crate) fn boolean(&mut self, value: bool) {
         self.raw(if value { "true" } else { "false" });
     }
 
+    pub(crate) fn null(&mut self) {
+        self.raw("null");
+    }
+
     /// Milliseconds as seconds with three decimals.
-    fn millis(&mut self, ms: i64) {
+    pub(crate) fn millis(&mut self, ms: i64) {
         let sign = if ms < 0 { "-" } else { "" };
         let ms = ms.unsigned_abs();
         let _ = write!(self.text, "{sign}{}.{:03}", ms / 1000, ms % 1000);
     }
 
-    fn string(&mut self, value: &str) {
+    pub(crate) fn string(&mut self, value: &str) {
         self.text.push('"');
         for c in value.chars() {
             match c {

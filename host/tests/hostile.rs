@@ -1372,7 +1372,8 @@ fn a_second_agent_on_a_live_socket_fails_and_leaves_it_alone() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// What each connection process holds, beyond the agent's own 0, 1 and 2: its socket, the read
+/// What each connection process holds, beyond the agent's own 0, 1 and 2: its socket, the jobs'
+/// channel, the read
 /// ends of the command's stdout and stderr, the command's pidfd, and its own report pipe (kept
 /// so the listener counts it until it ends); nothing of the listener's (a spare forked while
 /// another waited used to keep that one's report pipe).
@@ -1407,9 +1408,10 @@ fn a_connection_process_holds_only_its_own_descriptors() {
         raw.send(&request);
         let pgid = raw.started();
         let connection = parent_of(pgid);
+        // The sockets: its client's, and the jobs' channel (see ARCHITECTURE.md).
         assert_eq!(
             kinds(connection),
-            ["anon_inode", "pipe", "pipe", "pipe", "socket"],
+            ["anon_inode", "pipe", "pipe", "pipe", "socket", "socket"],
             "connection process {connection}"
         );
         held.push(raw);

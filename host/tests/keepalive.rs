@@ -262,3 +262,47 @@ fn garbage_after_a_good_operation_is_a_breach() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Job operations ride the pooled connection like the rest: a start, a listing, a wait, a
+/// removal, a kill refused (the job ended) and an attachment, then an exec on the same
+/// connection process.
+#[test]
+fn job_operations_keep_the_connection() {
+    let agent = Agent::start();
+    let client = agent.client();
+    let first = connection_pid(&client);
+    let started = client
+        .start_job(
+            Command::new("sh").args(["-c", "echo out; exit 4"]),
+            Some("kept"),
+        )
+        .expect("start");
+    assert_eq!(connection_pid(&client), first, "after a job's start");
+    let end = client.job("kept").wait().expect("wait");
+    assert_eq!(end.status, ferry_host::ExitStatus::Code(4));
+    let listed = client.jobs(None).expect("jobs");
+    assert!(listed.iter().any(|job| job.id == started.id), "{listed:?}");
+    assert_eq!(connection_pid(&client), first, "after a wait and a listing");
+    // Refused operations keep it too.
+    assert!(
+        client.job("kept").kill(None, None).is_err(),
+        "the job ended"
+    );
+    assert_eq!(connection_pid(&client), first, "after a refused kill");
+    assert!(client.job("no-such-job").wait().is_err());
+    assert_eq!(connection_pid(&client), first, "after a refused wait");
+    let attached = client
+        .job(started.id.to_string())
+        .attach(Default::default())
+        .expect("attach")
+        .collect()
+        .expect("the replay");
+    assert_eq!(attached.stdout, b"out\n");
+    assert_eq!(connection_pid(&client), first, "after an attachment");
+    client.job("kept").remove().expect("remove");
+    assert_eq!(
+        connection_pid(&client),
+        first,
+        "after refusals, an attachment, a removal"
+    );
+}

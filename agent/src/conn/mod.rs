@@ -13,6 +13,7 @@
 mod cap;
 mod files;
 mod io;
+mod jobs;
 mod pieces;
 mod pump;
 mod start;
@@ -298,6 +299,8 @@ fn handshake<'b>(
     pieces: &mut pieces::Pieces,
     last: &mut bool,
 ) -> Handshake<'b> {
+    // A detached job's name, from its `StartJob`, for the exec that follows.
+    let mut job_name = heapless::Vec::<u8, { ferry_wire::limits::MAX_JOB_NAME }>::new();
     loop {
         let now = clock::monotonic_us();
         loop {
@@ -323,6 +326,19 @@ fn handshake<'b>(
                         let _ = session.refuse(refusal, clock::monotonic_us());
                         return Handshake::Refused;
                     }
+                }
+                Some(AgentEvent::Exec(valid)) if session.is_job() => {
+                    let request = valid.request();
+                    let program = request.argv.as_bytes().split(|b| *b == 0).next();
+                    *audit = Some(Audit::new(
+                        b"job",
+                        program.unwrap_or(&[]),
+                        request.user.map(|u| u.0),
+                    ));
+                    let frame = link.inbox.data().get(..consumed).unwrap_or(&[]);
+                    jobs::start(session, frame, &job_name, request.user.map(|u| u.0));
+                    link.inbox.consume(consumed);
+                    return Handshake::Refused;
                 }
                 Some(AgentEvent::Exec(valid)) => {
                     let request = valid.request();
@@ -408,19 +424,29 @@ fn handshake<'b>(
                     }
                     return Handshake::Refused;
                 }
+                Some(AgentEvent::StartJob(start)) => {
+                    // Its exec follows (the session allows nothing else).
+                    job_name.clear();
+                    if let Some(name) = start.name {
+                        let _ = job_name.extend_from_slice(name.0);
+                    }
+                }
                 Some(
-                    AgentEvent::StartJob(_)
-                    | AgentEvent::Jobs(_)
+                    event @ (AgentEvent::Jobs(_)
                     | AgentEvent::Attach(_)
                     | AgentEvent::Wait(_)
                     | AgentEvent::Kill(_)
-                    | AgentEvent::Remove(_),
+                    | AgentEvent::Remove(_)),
                 ) => {
-                    // TODO(issue 12): the job supervisor.
+                    *audit = Some(Audit::new(jobs::name(&event), b"", None));
+                    // The request is copied into its record before the inbox moves on.
+                    let asked = jobs::ask(&event);
                     link.inbox.consume(consumed);
-                    let refusal = Refusal::new(ErrorCode::Unsupported, "jobs are not built yet");
-                    let _ = session.refuse(refusal, clock::monotonic_us());
-                    return Handshake::Refused;
+                    let end = jobs::serve(asked, link, session);
+                    return match end {
+                        End::Closing => Handshake::Refused,
+                        End::ClientGone => Handshake::Gone,
+                    };
                 }
                 // The hello and the proof are handled by the session (our proof is queued);
                 // they yield nothing else before a request.

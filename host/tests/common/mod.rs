@@ -10,6 +10,11 @@ use std::time::{Duration, Instant};
 
 use ferry_host::{Client, ConnectOptions, Target};
 
+/// The JSON reader the scenario suite uses too (`host/tests/agent.rs` loads both copies).
+#[allow(clippy::duplicate_mod)]
+#[path = "../../../qemu-tests/tests/suite/json.rs"]
+pub mod json;
+
 /// The static musl agent: `FERRY_AGENT_BIN` (set by `cargo xtask test`), or built here once.
 pub fn agent_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
@@ -238,13 +243,34 @@ pub fn is_listening(path: &Path) -> bool {
     })
 }
 
-/// The direct children of `pid`.
+/// The direct children of `pid`; of an agent, its spares and connection processes (its jobs'
+/// supervisor, `ferry-jobs`, is not counted: see [`jobs_supervisor`]).
 pub fn children(pid: u32) -> Vec<u32> {
+    all_children(pid)
+        .into_iter()
+        .filter(|child| !is_jobs_supervisor(*child))
+        .collect()
+}
+
+/// Every direct child of `pid`.
+pub fn all_children(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .unwrap_or_default()
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect()
+}
+
+fn is_jobs_supervisor(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| comm.trim() == "ferry-jobs")
+}
+
+/// The agent's jobs' supervisor (named `ferry-jobs`), once it runs.
+pub fn jobs_supervisor(agent: u32) -> Option<u32> {
+    all_children(agent)
+        .into_iter()
+        .find(|child| is_jobs_supervisor(*child))
 }
 
 /// Every process (zombies included) whose process group is `pgid`, with its state letter.

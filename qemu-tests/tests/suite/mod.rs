@@ -29,6 +29,8 @@ pub mod exec;
 pub mod files;
 pub mod frames;
 pub mod interactive;
+pub mod jobs;
+pub mod json;
 pub mod lifecycle;
 pub mod peers;
 pub mod raw;
@@ -143,6 +145,10 @@ macro_rules! scenario_tests {
             interactive::sigterm_to_the_cli_is_forwarded_and_exits_143,
             interactive::output_caps_keep_the_exact_head_and_tail,
             interactive::argv_as_large_as_linux_takes,
+            jobs::a_detached_job_is_followed_from_another_client_byte_for_byte,
+            jobs::a_wrapped_spool_says_exactly_what_was_lost,
+            jobs::wait_exits_with_the_jobs_status,
+            jobs::kill_ends_a_jobs_tree_setsid_escapees_included,
         );
         // Alone on the agent's machine (they reach every command); the VM's agent only.
         $crate::suite::scenario_tests!(@alone $fixture;
@@ -150,6 +156,8 @@ macro_rules! scenario_tests {
             bombs::a_memory_bomb_meets_its_cgroups_oom_killer,
             trees::a_normal_end_leaves_daemons_and_their_cgroup_until_they_end,
             trees::execs_leave_no_cgroup_behind,
+            // The registry's bound: no other scenario's job may hold a slot meanwhile.
+            jobs::sixty_four_jobs_run_and_the_sixty_fifth_is_refused,
         );
         $crate::suite::scenario_tests!(@cases $fixture;
             every driver:

@@ -678,8 +678,11 @@ impl<'a> Run<'a> {
                     assert_eq!(result, Err(SessionError::InvalidState));
                 } else {
                     // A request refused before it started leaves the connection open.
+                    // A wait sends nothing after its request: its refusal keeps the
+                    // connection whenever it comes.
                     let before_start =
-                        matches!(self.model.state, State::Starting | State::Operating);
+                        matches!(self.model.state, State::Starting | State::Operating)
+                            || self.model.op == Op::Wait;
                     assert_eq!(result, Ok(()));
                     self.fail(code, errno, message);
                     self.model.keep = before_start && self.config.limits.idle_ms > 0;

@@ -1097,8 +1097,11 @@ impl AgentSession {
             return Err(SessionError::InvalidState);
         }
         // A request refused before it started leaves the connection open; a failure while it
-        // runs ends it.
-        let before_start = matches!(self.state, State::Starting | State::Operating);
+        // runs ends it. A wait sends nothing after its request, so nothing of it can still be
+        // on its way: its refusal (the job is unknown, the supervisor went away) keeps the
+        // connection whenever it comes, as the client sees it (its wait never "starts").
+        let before_start =
+            matches!(self.state, State::Starting | State::Operating) || self.op == Op::Wait;
         self.close_with(refusal, now);
         self.keep = before_start && self.config.limits.idle_ms > 0;
         Ok(())

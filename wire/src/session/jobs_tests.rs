@@ -524,8 +524,9 @@ fn driver_calls_out_of_place_are_refused() {
 }
 
 /// A wait lasts as long as its job, with keepalives: an agent silent for three of their
-/// intervals is gone, as during an exec (found by the protocol-5 fuzz model: the client kept no
-/// liveness deadline for a wait or an attachment, so a vanished agent held it forever).
+/// intervals is gone, as during an exec (found while writing the protocol-5 fuzz model: the
+/// client kept no liveness deadline for a wait or an attachment, so a vanished agent held it
+/// forever).
 #[test]
 fn a_silent_agent_ends_a_wait_and_an_attachment() {
     let interval = u64::from(Limits::CURRENT.keepalive_ms) * 1000;
@@ -546,4 +547,33 @@ fn a_silent_agent_ends_a_wait_and_an_attachment() {
         );
         assert!(pair.client.is_finished());
     }
+}
+
+/// A wait refused after `waiting` (the supervisor went away) keeps the connection on both
+/// ends: the client's wait never left its starting phase, and it sent nothing after it.
+#[test]
+fn a_refused_wait_keeps_the_connection_on_both_ends() {
+    let config = AgentConfig {
+        limits: Limits {
+            idle_ms: 1_000,
+            ..AgentConfig::DEFAULT.limits
+        },
+        ..AgentConfig::DEFAULT
+    };
+    let mut pair = Pair {
+        client: client_with(Some(secret())),
+        agent: super::tests::edges::agent_with(config, Some(secret())),
+        got: Vec::new(),
+        heard: Vec::new(),
+    };
+    pair.deliver_to_client().unwrap();
+    pair.start(|client, out| client.start_wait(&job_ref(b"12"), out))
+        .unwrap();
+    pair.agent.waiting(0).unwrap();
+    let refusal = agent::Refusal::new(ErrorCode::NoSuchJob, "no such job");
+    pair.agent.refuse(refusal, 0).unwrap();
+    pair.deliver_to_client().unwrap();
+    assert_eq!(pair.heard, ["refused NoSuchJob"]);
+    assert!(pair.agent.can_continue(), "the agent keeps it");
+    assert!(pair.client.is_reusable(), "and so does the client");
 }

@@ -16,6 +16,7 @@ use std::thread;
 use std::time::Duration;
 
 mod cp;
+mod jobs;
 mod signals;
 mod sysops;
 mod term;
@@ -23,8 +24,9 @@ mod units;
 
 use clap::{Parser, Subcommand};
 use ferry_host::{
-    errno_name, read_secret_file, AgentInfo, Client, Command, ConnectOptions, Controller, Ending,
-    Error, ErrorCode, Event, ExitStatus, Security, Stdin, Stream, Target, Termination, TreeKill,
+    errno_name, read_secret_file, AgentInfo, AttachEvent, AttachOptions, Attachment, Client,
+    Command, ConnectOptions, Controller, Ending, Error, ErrorCode, Event, Execution, ExitStatus,
+    Security, Stdin, StdinWriter, Stream, Target, Termination, TreeKill,
 };
 use signals::{Caught, Forwarding, Keys};
 
@@ -93,6 +95,17 @@ enum Cmd {
     TimeSync,
     /// Add random bytes of the host's to the guest's entropy pool
     Reseed(sysops::ReseedArgs),
+    /// List the detached jobs (`exec --detach`) the user may see
+    Jobs(jobs::JobsArgs),
+    /// Wait until a job ends; exit with its status (as exec does)
+    Wait(jobs::JobArgs),
+    /// End a job's whole tree (SIGTERM, SIGKILL after the grace), or send it a signal
+    Kill(jobs::KillArgs),
+    /// Follow a job's output from the start (or from offsets), then its exit status. ^C
+    /// detaches; the job runs on
+    Attach(jobs::AttachArgs),
+    /// Forget an ended job and its output
+    Rm(jobs::JobArgs),
 }
 
 #[derive(clap::Args)]
@@ -126,6 +139,18 @@ struct ExecArgs {
     /// the agent's policy decides who may be asked for
     #[arg(short = 'u', long = "user", value_name = "USER[:GROUP]")]
     user: Option<OsString>,
+
+    /// Start the command as a detached job and print its id (one line on stdout, nothing else)
+    /// once it started; it runs on after ferry exits. Its stdin (with -i) stays open for
+    /// `ferry attach -i`
+    #[arg(short = 'd', long)]
+    detach: bool,
+
+    /// Name the job (letters, digits, '.', '_', '-'; not only digits), unique while it exists,
+    /// to refer to it instead of its id. Without --detach: start it as a job and follow it as
+    /// exec does (if ferry goes away, the job runs on)
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
 
     /// The program and its arguments (a bare name is looked up in the guest's PATH)
     // NOTE: no `allow_hyphen_values`: an unknown option before the program is a usage error
@@ -241,6 +266,11 @@ fn main() -> ExitCode {
         Cmd::Shutdown(args) => sysops::shutdown(&client, args),
         Cmd::TimeSync => sysops::time_sync(&client),
         Cmd::Reseed(args) => sysops::reseed(&client, args),
+        Cmd::Jobs(args) => jobs::list(&client, args),
+        Cmd::Wait(args) => jobs::wait(&client, args),
+        Cmd::Kill(args) => jobs::kill(&client, args),
+        Cmd::Attach(args) => jobs::attach(&client, args),
+        Cmd::Rm(args) => jobs::remove(&client, args),
     }
 }
 
@@ -341,6 +371,10 @@ fn exec(client: &Client, args: ExecArgs) -> ExitCode {
         interactive: args.interactive,
         tty: args.tty,
         timeout: args.bounds.timeout,
+        job_name: args.name.clone(),
+        user: args.user.clone(),
+        forward_signals: true,
+        attached: args.name.is_some(),
     };
     let place = Place {
         env: &args.env,
@@ -348,6 +382,9 @@ fn exec(client: &Client, args: ExecArgs) -> ExitCode {
         user: args.user.as_ref(),
     };
     configure(&mut command, &run, &place, &args.bounds);
+    if args.detach {
+        return jobs::detach(client, &command, &run.program, args.name.as_deref());
+    }
     run.start(client, &command)
 }
 
@@ -369,6 +406,10 @@ fn shell(client: &Client, args: ShellArgs) -> ExitCode {
         interactive: true,
         tty: true,
         timeout: args.bounds.timeout,
+        job_name: None,
+        user: None,
+        forward_signals: true,
+        attached: false,
     };
     let place = Place {
         env: &args.env,
@@ -442,6 +483,14 @@ struct Run {
     interactive: bool,
     tty: bool,
     timeout: Option<Duration>,
+    /// `exec --name`: run it as this named job, attached.
+    job_name: Option<String>,
+    /// The user job operations act as (`-u`).
+    user: Option<OsString>,
+    /// Our signals go to the command (not for `ferry attach`: ^C detaches).
+    forward_signals: bool,
+    /// What is followed is a job (its spool, not the command's pipes).
+    attached: bool,
 }
 
 /// Per stream: bytes received, and bytes received before the agent said it dropped some (the
@@ -454,11 +503,49 @@ struct Received {
 
 impl Run {
     fn start(&self, client: &Client, command: &Command) -> ExitCode {
-        let mut execution = match client.spawn(command) {
-            Ok(execution) => execution,
+        if let Some(name) = &self.job_name {
+            return self.start_job(client, command, name);
+        }
+        match client.spawn(command) {
+            Ok(execution) => self.follow(execution),
+            Err(err) => start_failure(&self.program, &err),
+        }
+    }
+
+    /// `exec --name`: the command as a named job, followed as an exec is (its stdin, our
+    /// signals, its status); if ferry goes away, the job runs on.
+    fn start_job(&self, client: &Client, command: &Command, name: &str) -> ExitCode {
+        let started = match client.start_job(command, Some(name)) {
+            Ok(started) => started,
             Err(err) => return start_failure(&self.program, &err),
         };
-        warn_if_insecure(execution.agent());
+        let mut job = client.job(started.id.to_string());
+        if let Some(user) = &self.user {
+            job = job.user(user);
+        }
+        let options = AttachOptions {
+            stdin: self.interactive,
+            ..AttachOptions::default()
+        };
+        match job.attach(options) {
+            Ok(attachment) => {
+                if self.interactive && !attachment.header().stdin {
+                    eprintln!(
+                        "ferry: job {}: another attachment took its stdin first; following \
+                         without it",
+                        started.id
+                    );
+                }
+                self.follow(attachment)
+            }
+            Err(err) => fail(&format_args!("job {}: {err}", started.id)),
+        }
+    }
+
+    /// Streams what `running` does to our stdout and stderr, feeds it our stdin, forwards our
+    /// signals (unless attached by `ferry attach`), and exits with its status.
+    fn follow(&self, mut running: impl Follow) -> ExitCode {
+        warn_if_insecure(running.agent());
 
         // Keys travel as bytes only when ours are read raw into the command's terminal.
         let stdin = io::stdin();
@@ -468,18 +555,21 @@ impl Run {
         } else {
             Keys::AsSignals
         };
-        let controller = execution.controller();
+        let controller = running.controller();
         let tty = self.tty;
         let resizes = if self.tty { local_terminal() } else { None };
         // Declared before the raw mode: dropped after it, so a signal during the restore is
         // still handled.
-        let _forwarding =
+        let _forwarding = if self.forward_signals {
             match Forwarding::start(keys, resizes.as_ref().map(AsFd::as_fd), move |caught| {
                 forward(&controller, tty, caught)
             }) {
-                Ok(forwarding) => forwarding,
+                Ok(forwarding) => Some(forwarding),
                 Err(err) => return fail(&format_args!("cannot handle signals: {err}")),
-            };
+            }
+        } else {
+            None
+        };
         let raw = if raw_terminal {
             match term::RawMode::enter(stdin.as_fd()) {
                 Ok(raw) => Some(raw),
@@ -491,7 +581,7 @@ impl Run {
             None
         };
 
-        if let Some(mut writer) = execution.take_stdin() {
+        if let Some(mut writer) = running.take_stdin() {
             // Detached: it may sit in read(0) after the command ended; exiting ends it. At the
             // end of our stdin it sends EOF, and the command runs on (a half-close).
             thread::spawn(move || {
@@ -529,19 +619,28 @@ impl Run {
         };
         let mut received = [Received::default(), Received::default()];
         let end = loop {
-            let (stream, len, written) = match execution.next_event() {
-                Ok(Some(Event::Stdout(data))) => {
+            let (stream, len, written) = match running.next_step() {
+                Ok(Some(Step::Output(Stream::Stdout, data))) => {
                     (Stream::Stdout, data.len(), stdout.write_all(data))
                 }
-                Ok(Some(Event::Stderr(data))) => {
+                Ok(Some(Step::Output(Stream::Stderr, data))) => {
                     (Stream::Stderr, data.len(), stderr.write_all(data))
                 }
-                Ok(Some(Event::Exited(end))) => break Ok(end),
+                Ok(Some(Step::Lost {
+                    stream,
+                    offset,
+                    bytes,
+                })) => {
+                    report_lost(stream, offset, bytes);
+                    continue;
+                }
+                Ok(Some(Step::Exited(end))) => break Ok(Some(end)),
+                Ok(Some(Step::StillRunning)) => break Ok(None),
                 Ok(None) => break Err(Error::Disconnected("while the command was running")),
                 Err(err) => break Err(err),
             };
             let account = &mut received[stream_index(stream)];
-            if account.head.is_none() && execution.dropped(stream) > 0 {
+            if account.head.is_none() && running.capped(stream) > 0 {
                 // The notice came just before this chunk: it is the tail's first.
                 account.head = Some(account.bytes);
             }
@@ -549,7 +648,8 @@ impl Run {
             if let Err(err) = written {
                 drop(raw);
                 if err.kind() == io::ErrorKind::BrokenPipe {
-                    // Dropping the execution disconnects: the agent ends the command.
+                    // Dropping an execution disconnects: the agent ends the command (a job
+                    // runs on).
                     return ExitCode::from(EXIT_BROKEN_PIPE);
                 }
                 return fail(&format_args!("writing the command's output: {err}"));
@@ -558,7 +658,9 @@ impl Run {
         // Before anything is printed: our lines need a cooked terminal.
         drop(raw);
         match end {
-            Ok(end) => self.report(&end, &received),
+            Ok(Some(end)) => self.report(&end, &received),
+            // Attached without following, and the job runs on.
+            Ok(None) => ExitCode::SUCCESS,
             Err(err) => fail(&err),
         }
     }
@@ -579,6 +681,11 @@ impl Run {
                     record.dropped,
                     account.bytes - head
                 ),
+                None if self.attached => eprintln!(
+                    "ferry: {name}: {} bytes dropped by the agent (the job's output cap or its \
+                     drain limit)",
+                    record.dropped
+                ),
                 None => eprintln!(
                     "ferry: {name}: {} bytes dropped (written after the command ended, past \
                      the agent's drain limit)",
@@ -586,47 +693,145 @@ impl Run {
                 ),
             }
         }
-        if end.output_dropped && end.stdout.dropped == 0 && end.stderr.dropped == 0 {
-            eprintln!("ferry: warning: the agent dropped some of the command's output");
+        report_end(end, self.timeout)
+    }
+}
+
+/// Says on stderr what a termination record holds beyond the exit status and the dropped
+/// output, and picks our status: exec's rules (also `ferry wait`'s).
+fn report_end(end: &Termination, timeout: Option<Duration>) -> ExitCode {
+    if end.output_dropped && end.stdout.dropped == 0 && end.stderr.dropped == 0 {
+        eprintln!("ferry: warning: the agent dropped some of the command's output");
+    }
+    if end.pipes_held {
+        eprintln!(
+            "ferry: warning: processes the command started were still running with its \
+             output open; what they write from now on is lost"
+        );
+    }
+    if end.oom_killed {
+        eprintln!("ferry: the out-of-memory killer killed a process of the command");
+    }
+    if let ExitStatus::Signal {
+        core_dumped: true, ..
+    } = end.status
+    {
+        eprintln!("ferry: the remote command dumped core");
+    }
+    let tree = match end.tree_kill {
+        TreeKill::None => "",
+        TreeKill::Cgroup => " (its whole tree was killed)",
+        TreeKill::ProcessGroup => " (its process group was killed)",
+    };
+    match end.ending {
+        Ending::Exited | Ending::Cancelled => {}
+        Ending::TimedOut => {
+            let after = timeout
+                .map(|timeout| format!(" after {timeout:?}"))
+                .unwrap_or_default();
+            eprintln!("ferry: the command timed out{after}{tree}");
+            return ExitCode::from(EXIT_TIMED_OUT);
         }
-        if end.pipes_held {
-            eprintln!(
-                "ferry: warning: processes the command started were still running with its \
-                 output open; what they write from now on is lost"
-            );
+        Ending::RuntimeLimit => {
+            eprintln!("ferry: the agent's maximum runtime ended the command{tree}");
         }
-        if end.oom_killed {
-            eprintln!("ferry: the out-of-memory killer killed a process of the command");
+        Ending::OutputLimit => {
+            eprintln!("ferry: the agent's maximum output ended the command{tree}");
         }
-        if let ExitStatus::Signal {
-            core_dumped: true, ..
-        } = end.status
-        {
-            eprintln!("ferry: the remote command dumped core");
-        }
-        let tree = match end.tree_kill {
-            TreeKill::None => "",
-            TreeKill::Cgroup => " (its whole tree was killed)",
-            TreeKill::ProcessGroup => " (its process group was killed)",
-        };
-        match end.ending {
-            Ending::Exited | Ending::Cancelled => {}
-            Ending::TimedOut => {
-                let after = self
-                    .timeout
-                    .map(|timeout| format!(" after {timeout:?}"))
-                    .unwrap_or_default();
-                eprintln!("ferry: the command timed out{after}{tree}");
-                return ExitCode::from(EXIT_TIMED_OUT);
-            }
-            Ending::RuntimeLimit => {
-                eprintln!("ferry: the agent's maximum runtime ended the command{tree}");
-            }
-            Ending::OutputLimit => {
-                eprintln!("ferry: the agent's maximum output ended the command{tree}");
-            }
-        }
-        ExitCode::from(end.status.shell_code())
+    }
+    ExitCode::from(end.status.shell_code())
+}
+
+/// Says on stderr that the job's spool no longer had some of a stream's bytes.
+fn report_lost(stream: Stream, offset: u64, bytes: u64) {
+    let name = match stream {
+        Stream::Stdout => "stdout",
+        Stream::Stderr => "stderr",
+    };
+    eprintln!(
+        "ferry: {name}: {bytes} bytes lost at offsets {offset}..{} (the job's spool no longer \
+         held them)",
+        offset.saturating_add(bytes)
+    );
+}
+
+/// What the run loop follows: an exec's events, or an attached job's.
+trait Follow {
+    fn agent(&self) -> &AgentInfo;
+    fn controller(&self) -> Controller;
+    fn take_stdin(&mut self) -> Option<StdinWriter>;
+    fn next_step(&mut self) -> Result<Option<Step<'_>>, Error>;
+    /// Bytes of `stream` dropped under the request's output cap so far (see
+    /// [`ferry_host::Execution::dropped`]).
+    fn capped(&self, stream: Stream) -> u64;
+}
+
+/// One thing a followed command did.
+enum Step<'a> {
+    Output(Stream, &'a [u8]),
+    Lost {
+        stream: Stream,
+        offset: u64,
+        bytes: u64,
+    },
+    Exited(Termination),
+    /// An attachment without follow ended, and the job runs on.
+    StillRunning,
+}
+
+impl Follow for Execution {
+    fn agent(&self) -> &AgentInfo {
+        Execution::agent(self)
+    }
+    fn controller(&self) -> Controller {
+        Execution::controller(self)
+    }
+    fn take_stdin(&mut self) -> Option<StdinWriter> {
+        Execution::take_stdin(self)
+    }
+    fn next_step(&mut self) -> Result<Option<Step<'_>>, Error> {
+        Ok(self.next_event()?.map(|event| match event {
+            Event::Stdout(data) => Step::Output(Stream::Stdout, data),
+            Event::Stderr(data) => Step::Output(Stream::Stderr, data),
+            Event::Exited(end) => Step::Exited(end),
+        }))
+    }
+    fn capped(&self, stream: Stream) -> u64 {
+        self.dropped(stream)
+    }
+}
+
+impl Follow for Attachment {
+    fn agent(&self) -> &AgentInfo {
+        Attachment::agent(self)
+    }
+    fn controller(&self) -> Controller {
+        Attachment::controller(self)
+    }
+    fn take_stdin(&mut self) -> Option<StdinWriter> {
+        Attachment::take_stdin(self)
+    }
+    fn next_step(&mut self) -> Result<Option<Step<'_>>, Error> {
+        Ok(self.next_event()?.map(|event| match event {
+            AttachEvent::Stdout { data, .. } => Step::Output(Stream::Stdout, data),
+            AttachEvent::Stderr { data, .. } => Step::Output(Stream::Stderr, data),
+            AttachEvent::Lost {
+                stream,
+                offset,
+                bytes,
+            } => Step::Lost {
+                stream,
+                offset,
+                bytes,
+            },
+            AttachEvent::Exited(end) => Step::Exited(end),
+            AttachEvent::StillRunning => Step::StillRunning,
+        }))
+    }
+    fn capped(&self, _stream: Stream) -> u64 {
+        // The spool keeps what the runner received: an output cap's drops show only in the
+        // record.
+        0
     }
 }
 
