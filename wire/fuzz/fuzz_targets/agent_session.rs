@@ -28,7 +28,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use ferry_wire::limits::{HEADER_LEN, MAX_INFO_ITEMS, NONCE_LEN};
+use ferry_wire::limits::{HEADER_LEN, MAX_INFO_ITEMS, MAX_JOBS, NONCE_LEN};
 use ferry_wire::limits::{
     MAX_ARGS, MAX_ARGV_BYTES, MAX_ARG_LEN, MAX_DATA, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_FRAME,
     MAX_FRAME_BODY, MAX_MESSAGE, MAX_PATH, MAX_USER, STDIN_WINDOW,
@@ -43,6 +43,11 @@ use ferry_wire::{
     ErrorCode, ExecRequest, ExitStatus, FileHeader, FileSummary, InterfaceInfo, Limits, ListKind,
     MountInfo, ShutdownRequest, SkipReason, StdinMode, StrList, Stream, StreamRecord, SystemInfo,
     Termination, Timestamp, TreeKill, DATA_HEADROOM, MAGIC,
+};
+use ferry_wire::{AttachHeader, JobRecord, JobStarted, JobState, Resume, WindowSize};
+use ferry_wire_fuzz::jobs::{
+    attach_refusal, kill_refusal, query_refusal, request_refusal, start_refusal, JobRequestChoice,
+    NameChoice,
 };
 use ferry_wire_fuzz::ops::{
     get_refusal, put_refusal, reseed_refusal, shutdown_refusal, time_sync_refusal, GetChoice,
@@ -74,6 +79,9 @@ struct Setup {
     max_path: u8,
     /// The longest user (0: the protocol's).
     max_user: u8,
+    /// Keep-alive connections (protocol 5): the idle deadline in units of 4 ms (0: none, the
+    /// protocol's default).
+    idle: u8,
 }
 
 /// What the driver knows about a command's end ([`EndFacts`]).
@@ -154,6 +162,24 @@ enum Step {
     EncodeInfo { kind: u8, times: u8, room: u8 },
     /// The clock was set; it said this before.
     ClockSet { secs: i64, nanos: u32 },
+    /// A job's command started and the job is registered (`detached`).
+    Detached { id: u32, pid: u32 },
+    /// `times` records of a job listing (`encode_job`), into a buffer of `room` bytes.
+    EncodeJob { times: u8, room: u8, ended: bool },
+    /// The attachment begins (`attached`): the job started `ago` microseconds before now.
+    Attached {
+        stdin: bool,
+        running: bool,
+        from: u64,
+        lost: u64,
+        ago: u32,
+    },
+    /// The job waited for still runs (`waiting`).
+    Waiting,
+    /// The job attached to or waited for has ended (`job_ended`).
+    JobEnded { code: u8, facts: Facts },
+    /// The operation's resources are released: wait for the next request (protocol 5).
+    NextOperation,
 }
 
 /// A client frame the fuzzer builds (its fields its choices).
@@ -191,6 +217,18 @@ enum Frame {
     StdinEof,
     Signal(u8),
     Cancel(Option<u32>),
+    /// A piece of a request's list: `len` bytes of entries.
+    ExecPart {
+        env: bool,
+        len: u8,
+    },
+    Resize,
+    StartJob(NameChoice),
+    Jobs(JobRequestChoice),
+    Attach(JobRequestChoice),
+    Wait(JobRequestChoice),
+    Kill(JobRequestChoice),
+    Remove(JobRequestChoice),
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -207,6 +245,7 @@ fuzz_target!(|data: &[u8]| {
         max_arg_len: 0,
         max_path: 0,
         max_user: 0,
+        idle: 0,
     });
     let steps: Vec<Step> = arbitrary_steps(&mut u);
     let mut run = Run::new(&setup, wire);
@@ -233,6 +272,20 @@ fuzz_target!(|data: &[u8]| {
             times: 1,
             room: 0,
         },
+        Step::Detached { id: 3, pid: 40 },
+        Step::Attached {
+            stdin: true,
+            running: true,
+            from: 0,
+            lost: 0,
+            ago: 500,
+        },
+        Step::Waiting,
+        Step::EncodeJob {
+            times: 1,
+            room: 0,
+            ended: false,
+        },
         Step::Done { count: 1 },
         Step::ClockSet { secs: 5, nanos: 0 },
         Step::StdinConsumed { share: 255 },
@@ -251,6 +304,16 @@ fuzz_target!(|data: &[u8]| {
             signal: None,
         },
         Step::Output { kind: 1, len: 5 },
+        Step::JobEnded {
+            code: 3,
+            facts: Facts {
+                ending: 0,
+                tree_kill: 0,
+                pipes_held: false,
+                oom_killed: false,
+                peak_memory: 0,
+            },
+        },
         Step::Finish {
             facts: Some(Facts {
                 ending: 1,
@@ -264,6 +327,10 @@ fuzz_target!(|data: &[u8]| {
             bytes: 3,
             digest: 1,
         },
+        Step::Transmit { room: 0 },
+        // A kept connection takes its next request (pipelined ones wait in the inbox).
+        Step::NextOperation,
+        Step::Receive { len: 0 },
         Step::Transmit { room: 0 },
         Step::Eof,
     ] {
@@ -301,6 +368,8 @@ enum State {
     Starting,
     Running,
     Closing,
+    /// The final frame went and the connection stays (protocol 5): `next_operation` next.
+    Ended,
     Closed,
 }
 
@@ -326,6 +395,9 @@ struct Run<'a> {
     client_hello: Vec<u8>,
     /// A client session that made the same (right) proof: it checks the agent's.
     prover: Option<ClientSession>,
+    /// An operation was served (protocol 5): the deadline while awaiting a request is the
+    /// idle one.
+    served: bool,
 }
 
 /// Which operation the connection carries.
@@ -339,6 +411,14 @@ enum Op {
     Simple,
     Info,
     Clock,
+    /// A detached job's exec, answered with `detached`.
+    Job,
+    /// A job listing: records, then `done` counting them.
+    JobList,
+    /// `attached`, output, then `job_ended` or `done`.
+    Attach,
+    /// `waiting`, then `job_ended`.
+    Wait,
 }
 
 /// What the protocol says the session must be doing.
@@ -387,6 +467,58 @@ struct Model {
     env_parts: Vec<u8>,
     /// Any piece came (even an empty one): only the exec request may follow.
     parts_seen: bool,
+    /// The job requests' part of the model.
+    job: JobModel,
+    /// The final frame leaves the connection open for another operation (protocol 5).
+    keep: bool,
+}
+
+impl Model {
+    /// The model as a connection (or, after `next_operation`, an operation) begins.
+    fn new(state: State, deadline: Option<Micros>) -> Model {
+        Model {
+            state,
+            op: Op::None,
+            put_ended: false,
+            file_ready_owed: None,
+            info_items: 0,
+            deadline,
+            stdin_piped: false,
+            stdin_eof: false,
+            stdin_received: 0,
+            stdin_unconsumed: 0,
+            started_at: START,
+            exit: None,
+            drained: 0,
+            dropped: false,
+            owed_final: None,
+            hello_owed: state == State::AwaitHello,
+            proof_owed: false,
+            started_owed: None,
+            input_closed: false,
+            next_keepalive: None,
+            keepalive_owed: false,
+            grace_over: false,
+            stdout: StreamRecord::default(),
+            stderr: StreamRecord::default(),
+            argv_parts: Vec::new(),
+            parts_seen: false,
+            env_parts: Vec::new(),
+            job: JobModel::default(),
+            keep: false,
+        }
+    }
+}
+
+/// What the model knows of a job operation.
+#[derive(Default)]
+struct JobModel {
+    /// A job start came: only its exec request (in one frame) may follow.
+    start: bool,
+    /// Job records encoded.
+    items: usize,
+    /// An attachment header is owed (not yet sent).
+    attached_owed: Option<AttachHeader>,
 }
 
 /// The agent's stream as a client sees it.
@@ -402,6 +534,10 @@ struct StreamCheck {
     file_ready: bool,
     /// Info frames sent.
     info_frames: usize,
+    /// An attachment header went out.
+    attached: bool,
+    /// Job records sent.
+    job_records: usize,
 }
 
 impl<'a> Run<'a> {
@@ -431,6 +567,7 @@ impl<'a> Run<'a> {
         if setup.max_user != 0 {
             limits.max_user = u32::from(setup.max_user);
         }
+        limits.idle_ms = u32::from(setup.idle) * 4;
         let config = AgentConfig {
             agent_version: if setup.long_version {
                 LONG_VERSION
@@ -464,35 +601,7 @@ impl<'a> Run<'a> {
             wire,
             received: 0,
             inbox: Vec::new(),
-            model: Model {
-                state: State::AwaitHello,
-                op: Op::None,
-                put_ended: false,
-                file_ready_owed: None,
-                info_items: 0,
-                deadline: Some(START + config.handshake_timeout),
-                stdin_piped: false,
-                stdin_eof: false,
-                stdin_received: 0,
-                stdin_unconsumed: 0,
-                started_at: START,
-                exit: None,
-                drained: 0,
-                dropped: false,
-                owed_final: None,
-                hello_owed: true,
-                proof_owed: false,
-                started_owed: None,
-                input_closed: false,
-                next_keepalive: None,
-                keepalive_owed: false,
-                grace_over: false,
-                stdout: StreamRecord::default(),
-                stderr: StreamRecord::default(),
-                argv_parts: Vec::new(),
-                parts_seen: false,
-                env_parts: Vec::new(),
-            },
+            model: Model::new(State::AwaitHello, Some(START + config.handshake_timeout)),
             sent: Vec::new(),
             checked: 0,
             stream: StreamCheck::default(),
@@ -500,6 +609,7 @@ impl<'a> Run<'a> {
             agent_hello,
             client_hello: Vec::new(),
             prover: None,
+            served: false,
         }
     }
 
@@ -517,7 +627,7 @@ impl<'a> Run<'a> {
             State::AwaitRequest => Phase::Idle,
             State::Starting | State::Operating => Phase::Starting,
             State::Running => Phase::Running,
-            State::Closing | State::Closed => Phase::Done,
+            State::Closing | State::Ended | State::Closed => Phase::Done,
         }
     }
 
@@ -541,13 +651,17 @@ impl<'a> Run<'a> {
             }
             Step::Done { count } => {
                 let result = self.session.done(count, self.now);
-                // A kill-all, a shutdown, a reseed; an info once its system frame went.
-                let answers = match self.model.op {
-                    Op::Simple => true,
-                    Op::Info => self.model.info_items > 0,
-                    _ => false,
+                // A kill-all, a shutdown, a reseed, a job's kill or removal; an info once its
+                // system frame went; a job listing (counting its records, whatever the driver
+                // says); an attachment that does not follow (count 0).
+                let (answers, count) = match (self.model.state, self.model.op) {
+                    (State::Operating, Op::Simple) => (true, count),
+                    (State::Operating, Op::Info) => (self.model.info_items > 0, count),
+                    (State::Operating, Op::JobList) => (true, self.model.job.items as u32),
+                    (State::Running, Op::Attach) => (true, 0),
+                    _ => (false, count),
                 };
-                if self.model.state == State::Operating && answers {
+                if answers {
                     assert_eq!(result, Ok(()));
                     self.model.owed_final = Some(AgentFrame::Done(DoneReport { count }));
                     self.enter_closing();
@@ -560,11 +674,18 @@ impl<'a> Run<'a> {
                 let message = if long { LONG_MESSAGE } else { "refused" };
                 let refusal = Refusal::os(code, errno, message);
                 let result = self.session.refuse(refusal, self.now);
-                if self.closing() {
+                if self.closing() || self.model.state == State::Ended {
                     assert_eq!(result, Err(SessionError::InvalidState));
                 } else {
+                    // A request refused before it started leaves the connection open.
+                    // A wait sends nothing after its request: its refusal keeps the
+                    // connection whenever it comes.
+                    let before_start =
+                        matches!(self.model.state, State::Starting | State::Operating)
+                            || self.model.op == Op::Wait;
                     assert_eq!(result, Ok(()));
                     self.fail(code, errno, message);
+                    self.model.keep = before_start && self.config.limits.idle_ms > 0;
                 }
             }
             Step::StdinConsumed { share } => {
@@ -632,7 +753,11 @@ impl<'a> Run<'a> {
             Step::Advance { micros } => self.advance(micros),
             Step::Eof => {
                 let result = self.session.handle_eof();
-                if self.model.op == Op::Put && !self.model.put_ended && !self.closing() {
+                if self.model.op == Op::Put
+                    && !self.model.put_ended
+                    && !self.closing()
+                    && self.model.state != State::Ended
+                {
                     // The put's content is incomplete without its digest: abandoned. Nothing
                     // is written and nothing more is sent (a hello or proof not sent yet
                     // aside, as for any client that is gone).
@@ -719,6 +844,12 @@ impl<'a> Run<'a> {
                     }
                 }
             }
+            Step::NextOperation => self.next_operation(),
+            step @ (Step::Detached { .. }
+            | Step::EncodeJob { .. }
+            | Step::Attached { .. }
+            | Step::Waiting
+            | Step::JobEnded { .. }) => self.job_step(step),
             Step::ClockSet { secs, nanos } => {
                 let previous = Timestamp { secs, nanos };
                 let result = self.session.clock_set(previous, self.now);
@@ -745,7 +876,14 @@ impl<'a> Run<'a> {
         self.check_output_phase();
     }
 
+    /// The final frame is queued: a success (`enter_closing`) leaves the connection open when
+    /// the agent keeps connections.
     fn enter_closing(&mut self) {
+        self.enter_closing_keep(true);
+    }
+
+    fn enter_closing_keep(&mut self, reusable: bool) {
+        self.model.keep = reusable && self.config.limits.idle_ms > 0;
         self.model.state = State::Closing;
         self.model.deadline = Some(self.now.saturating_add(self.config.final_send_timeout));
         self.model.keepalive_owed = false;
@@ -789,8 +927,9 @@ impl<'a> Run<'a> {
         }));
         self.model.started_owed = None;
         self.model.file_ready_owed = None;
+        self.model.job.attached_owed = None;
         self.model.stdin_unconsumed = 0;
-        self.enter_closing();
+        self.enter_closing_keep(false);
     }
 
     fn receive(&mut self, len: u16) {
@@ -858,6 +997,10 @@ impl<'a> Run<'a> {
 
     /// What the session must do with the front of the inbox.
     fn expect_input(&mut self, inbox: &[u8]) -> Expect {
+        if self.model.state == State::Ended {
+            // The next request waits until the driver has released the last operation.
+            return Expect::NeedMore;
+        }
         let split = split_frame(inbox, MAX_FRAME_BODY);
         if self.closing() {
             return match split {
@@ -917,7 +1060,7 @@ impl<'a> Run<'a> {
                 }
             }
             (State::AwaitAuth, _) => unauthenticated(),
-            // After pieces, only their exec request.
+            // After pieces (or a job start), only their exec request.
             (
                 State::AwaitRequest,
                 ClientFrame::KillAll
@@ -926,8 +1069,30 @@ impl<'a> Run<'a> {
                 | ClientFrame::Info
                 | ClientFrame::Shutdown(_)
                 | ClientFrame::TimeSync(_)
-                | ClientFrame::Reseed(_),
-            ) if self.model.parts_seen => unexpected(kind),
+                | ClientFrame::Reseed(_)
+                | ClientFrame::StartJob(_)
+                | ClientFrame::Jobs(_)
+                | ClientFrame::Attach(_)
+                | ClientFrame::Wait(_)
+                | ClientFrame::Kill(_)
+                | ClientFrame::Remove(_),
+            ) if self.model.parts_seen || self.model.job.start => unexpected(kind),
+            // A job's request comes whole.
+            (State::AwaitRequest, ClientFrame::ExecPart(_)) if self.model.job.start => {
+                request_breach((
+                    ErrorCode::InvalidRequest,
+                    "a job's request must fit in one exec frame",
+                ))
+            }
+            (
+                State::AwaitRequest,
+                request @ (ClientFrame::StartJob(_)
+                | ClientFrame::Jobs(_)
+                | ClientFrame::Attach(_)
+                | ClientFrame::Wait(_)
+                | ClientFrame::Kill(_)
+                | ClientFrame::Remove(_)),
+            ) => refused_or(self.job_request_refusal(&request), used),
             (State::AwaitRequest, ClientFrame::KillAll | ClientFrame::Info) => Expect::Event(used),
             (State::AwaitRequest, ClientFrame::Put(put)) => {
                 refused_or(put_refusal(&put, &self.config.limits), used)
@@ -969,9 +1134,10 @@ impl<'a> Run<'a> {
                     Expect::Event(used)
                 }
             }
-            // A put's content ends with its digest, an exec's stdin with an EOF.
+            // A put's content ends with its digest, an exec's (or an attachment's) stdin with
+            // an EOF.
             (State::Starting | State::Running, ClientFrame::StdinEof)
-                if stdin_open && self.model.op == Op::Exec =>
+                if stdin_open && matches!(self.model.op, Op::Exec | Op::Attach) =>
             {
                 Expect::Event(used)
             }
@@ -980,8 +1146,12 @@ impl<'a> Run<'a> {
             {
                 Expect::Event(used)
             }
-            // Controls are for commands alone.
-            (State::Starting | State::Running, _) if self.model.op != Op::Exec => unexpected(kind),
+            // Controls are for commands alone (a job's, through an attachment).
+            (State::Starting | State::Running, _)
+                if !matches!(self.model.op, Op::Exec | Op::Attach) =>
+            {
+                unexpected(kind)
+            }
             (State::Starting | State::Running, ClientFrame::Signal(number)) => {
                 if (1..=64).contains(&number) {
                     Expect::Event(used)
@@ -1102,8 +1272,16 @@ impl<'a> Run<'a> {
                     whole.validate().is_ok(),
                     "a valid exec is valid by ours too"
                 );
-                self.begin(State::Starting, Op::Exec);
-                self.model.stdin_piped = request.stdin == StdinMode::Pipe;
+                if self.model.job.start {
+                    // The job's stdin is for whoever attaches to it, not its starter.
+                    assert!(!valid.has_parts(), "a job's request in pieces");
+                    assert!(self.session.is_job());
+                    self.begin(State::Starting, Op::Job);
+                } else {
+                    assert!(!self.session.is_job());
+                    self.begin(State::Starting, Op::Exec);
+                    self.model.stdin_piped = request.stdin == StdinMode::Pipe;
+                }
             }
             AgentEvent::Stdin(data) => {
                 assert!(self.model.stdin_piped && !self.model.stdin_eof);
@@ -1113,7 +1291,7 @@ impl<'a> Run<'a> {
                 assert!(self.model.stdin_received <= self.window() + self.stream.credit_total);
             }
             AgentEvent::StdinEof => {
-                assert_eq!(self.model.op, Op::Exec);
+                assert!(matches!(self.model.op, Op::Exec | Op::Attach));
                 assert!(self.model.stdin_piped && !self.model.stdin_eof);
                 self.model.stdin_eof = true;
             }
@@ -1126,14 +1304,20 @@ impl<'a> Run<'a> {
                 }
             }
             AgentEvent::Signal(number) => {
-                assert_eq!(self.model.op, Op::Exec);
+                assert!(matches!(self.model.op, Op::Exec | Op::Attach));
                 assert!(matches!(self.model.state, State::Starting | State::Running));
                 assert!((1..=64).contains(&number), "signal {number}");
             }
             AgentEvent::Resize(_) | AgentEvent::Cancel { .. } => {
-                assert_eq!(self.model.op, Op::Exec);
+                assert!(matches!(self.model.op, Op::Exec | Op::Attach));
                 assert!(matches!(self.model.state, State::Starting | State::Running));
             }
+            event @ (AgentEvent::StartJob(_)
+            | AgentEvent::Jobs(_)
+            | AgentEvent::Attach(_)
+            | AgentEvent::Wait(_)
+            | AgentEvent::Kill(_)
+            | AgentEvent::Remove(_)) => self.on_job_event(event),
         }
     }
 
@@ -1166,6 +1350,10 @@ impl<'a> Run<'a> {
                         "a file header withheld"
                     );
                     assert!(!self.model.proof_owed, "a proof withheld");
+                    assert!(
+                        self.model.job.attached_owed.is_none(),
+                        "an attachment header withheld"
+                    );
                     assert!(!self.model.keepalive_owed, "a keepalive withheld");
                     assert!(self.model.owed_final.is_none(), "a final frame withheld");
                 }
@@ -1208,7 +1396,8 @@ impl<'a> Run<'a> {
         }
         let result = self.session.frame_output(&mut buf, kind, len, self.now);
         let output = matches!(kind, DataKind::Stdout | DataKind::Stderr);
-        if self.model.state != State::Running || self.model.op != Op::Exec || !output {
+        let op = matches!(self.model.op, Op::Exec | Op::Attach);
+        if self.model.state != State::Running || !op || !output {
             assert_eq!(result, Err(SessionError::InvalidState));
             return;
         }
@@ -1266,7 +1455,7 @@ impl<'a> Run<'a> {
         };
         let mut out = vec![0u8; room];
         let result = self.session.encode_output_dropped(stream, bytes, &mut out);
-        if self.model.state != State::Running || self.model.op != Op::Exec {
+        if self.model.state != State::Running || !matches!(self.model.op, Op::Exec | Op::Attach) {
             assert_eq!(result, Err(SessionError::InvalidState));
             return;
         }
@@ -1299,6 +1488,11 @@ impl<'a> Run<'a> {
             .is_some_and(|deadline| self.now >= deadline);
         let result = self.session.handle_timeout(self.now);
         match self.model.state {
+            // The idle deadline after an operation: closed without a word.
+            State::AwaitRequest if expired && self.served => {
+                assert_eq!(result, Err(SessionError::TimedOut { phase: Phase::Idle }));
+                self.model.state = State::Closed;
+            }
             State::AwaitHello | State::AwaitAuth | State::AwaitRequest if expired => {
                 assert_eq!(
                     result,
@@ -1308,7 +1502,7 @@ impl<'a> Run<'a> {
                 );
                 self.fail(ErrorCode::ProtocolViolation, 0, "");
             }
-            State::Closing if expired => {
+            State::Closing | State::Ended if expired => {
                 assert_eq!(result, Err(SessionError::TimedOut { phase: Phase::Done }));
                 self.model.state = State::Closed;
             }
@@ -1394,11 +1588,20 @@ impl<'a> Run<'a> {
                     match self.model.op {
                         Op::Simple => {}
                         Op::Info => assert!(self.stream.info_frames > 0, "done before the system"),
+                        Op::JobList => assert_eq!(
+                            report.count as usize, self.stream.job_records,
+                            "a listing's count is its records"
+                        ),
+                        Op::Attach => {
+                            assert!(self.stream.attached, "done before Attached");
+                            assert_eq!(report.count, 0);
+                        }
                         op => panic!("done for {op:?}"),
                     }
                     let owed = self.model.owed_final.take();
                     assert_eq!(owed, Some(AgentFrame::Done(report)));
                     self.stream.final_seen = true;
+                    self.operation_over();
                 }
                 AgentFrame::Started(started) => {
                     assert!(self.stream.hello && !self.stream.started);
@@ -1407,26 +1610,36 @@ impl<'a> Run<'a> {
                     self.stream.started = true;
                 }
                 AgentFrame::Stdout(_) | AgentFrame::Stderr(_) => {
-                    assert!(self.stream.started, "output before Started");
+                    assert!(
+                        self.stream.started || self.stream.attached,
+                        "output before Started or Attached"
+                    );
                 }
                 AgentFrame::OutputDropped(_) => {
                     assert!(
-                        self.stream.started,
-                        "an output-dropped notice before Started"
+                        self.stream.started || self.stream.attached,
+                        "an output-dropped notice before Started or Attached"
                     );
                 }
                 AgentFrame::Keepalive => {
+                    // A wait's keepalives come with nothing before them.
                     assert!(
-                        self.stream.started || self.stream.file_ready,
-                        "a keepalive before Started or FileReady"
+                        self.stream.started
+                            || self.stream.file_ready
+                            || self.stream.attached
+                            || self.model.op == Op::Wait,
+                        "a keepalive before Started, FileReady or Attached"
                     );
+                    assert!(self.stream.authenticated || self.secret.is_none());
                     assert!(self.model.keepalive_owed, "a keepalive that was not due");
                     self.model.keepalive_owed = false;
                 }
                 AgentFrame::StdinCredit(n) => {
                     assert!(
-                        self.stream.started || (self.stream.file_ready && self.model.op == Op::Put),
-                        "credit before Started or a put's FileReady"
+                        self.stream.started
+                            || self.stream.attached
+                            || (self.stream.file_ready && self.model.op == Op::Put),
+                        "credit before Started, Attached or a put's FileReady"
                     );
                     assert!(n > 0, "empty credit");
                     self.stream.credit_total += u64::from(n);
@@ -1437,13 +1650,20 @@ impl<'a> Run<'a> {
                     );
                 }
                 AgentFrame::Exited(end) => {
-                    assert!(self.stream.started);
+                    // An exec's after Started, an attachment's after Attached; a wait's alone.
+                    assert!(
+                        self.stream.started
+                            || self.stream.attached
+                            || (self.model.op == Op::Wait
+                                && (self.stream.authenticated || self.secret.is_none()))
+                    );
                     if self.model.stdin_unconsumed == 0 {
                         assert_eq!(self.stream.credit_total, self.model.stdin_received);
                     }
                     let owed = self.model.owed_final.take();
                     assert_eq!(owed, Some(AgentFrame::Exited(end)));
                     self.stream.final_seen = true;
+                    self.operation_over();
                 }
                 AgentFrame::Error(err) => {
                     assert!(!self.model.hello_owed, "the owed hello goes first");
@@ -1461,6 +1681,7 @@ impl<'a> Run<'a> {
                         assert!(owed.message.starts_with(err.message));
                     }
                     self.stream.final_seen = true;
+                    self.operation_over();
                 }
                 AgentFrame::Ready(_) => panic!("a readiness report on an exec connection"),
                 AgentFrame::FileReady(header) => {
@@ -1497,6 +1718,7 @@ impl<'a> Run<'a> {
                     let owed = self.model.owed_final.take();
                     assert_eq!(owed, Some(AgentFrame::FileDone(summary)));
                     self.stream.final_seen = true;
+                    self.operation_over();
                 }
                 AgentFrame::SystemInfo(_) => {
                     assert!(self.stream.authenticated || self.secret.is_none());
@@ -1516,12 +1738,17 @@ impl<'a> Run<'a> {
                         "too many items"
                     );
                 }
+                frame
+                @ (AgentFrame::Detached(_) | AgentFrame::Job(_) | AgentFrame::Attached(_)) => {
+                    self.check_job_frame(frame)
+                }
                 AgentFrame::ClockSet(previous) => {
                     assert!(self.stream.authenticated || self.secret.is_none());
                     assert_eq!(self.model.op, Op::Clock);
                     let owed = self.model.owed_final.take();
                     assert_eq!(owed, Some(AgentFrame::ClockSet(previous)));
                     self.stream.final_seen = true;
+                    self.operation_over();
                 }
             }
         }
@@ -1542,6 +1769,10 @@ impl<'a> Run<'a> {
             "a file header never sent"
         );
         assert!(!self.model.proof_owed);
+        assert!(
+            self.model.job.attached_owed.is_none(),
+            "an attachment header never sent"
+        );
         assert!(
             !self.model.keepalive_owed,
             "a keepalive owed and never sent"
@@ -1695,6 +1926,47 @@ impl Run<'_> {
             Frame::StdinEof => encode(&ClientFrame::StdinEof),
             Frame::Signal(number) => encode(&ClientFrame::Signal(number)),
             Frame::Cancel(grace_ms) => encode(&ClientFrame::Cancel(Cancel { grace_ms })),
+            Frame::ExecPart { env, len } => {
+                let entries: Vec<u8> = (0..len)
+                    .map(|i| if i % 4 == 3 { 0 } else { b'a' + i % 26 })
+                    .collect();
+                let (list, data) = if env {
+                    (ListKind::Env, [&b"K="[..], &entries].concat())
+                } else {
+                    (ListKind::Argv, entries)
+                };
+                encode(&ClientFrame::ExecPart(ferry_wire::ExecPart {
+                    list,
+                    data: Bytes(&data),
+                }))
+            }
+            Frame::Resize => encode(&ClientFrame::Resize(WindowSize { rows: 24, cols: 80 })),
+            Frame::StartJob(name) => {
+                let name = name.bytes();
+                encode(&ClientFrame::StartJob(ferry_wire::JobStart {
+                    name: name.as_deref().map(Bytes),
+                }))
+            }
+            Frame::Jobs(choice) => {
+                let parts = choice.parts();
+                encode(&ClientFrame::Jobs(choice.query(&parts)))
+            }
+            Frame::Attach(choice) => {
+                let parts = choice.parts();
+                encode(&ClientFrame::Attach(choice.attach(&parts)))
+            }
+            Frame::Wait(choice) => {
+                let parts = choice.parts();
+                encode(&ClientFrame::Wait(choice.request(&parts)))
+            }
+            Frame::Kill(choice) => {
+                let parts = choice.parts();
+                encode(&ClientFrame::Kill(choice.kill(&parts)))
+            }
+            Frame::Remove(choice) => {
+                let parts = choice.parts();
+                encode(&ClientFrame::Remove(choice.request(&parts)))
+            }
         };
         self.inbox.extend_from_slice(&bytes);
         self.handle_inbox();
@@ -1964,7 +2236,7 @@ enum Expect {
 }
 
 fn error_code(n: u8) -> ErrorCode {
-    const CODES: [ErrorCode; 25] = [
+    const CODES: [ErrorCode; 28] = [
         ErrorCode::UnsupportedVersion,
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
@@ -1990,6 +2262,290 @@ fn error_code(n: u8) -> ErrorCode {
         ErrorCode::PathEscape,
         ErrorCode::Io,
         ErrorCode::BadArchive,
+        ErrorCode::NoSuchJob,
+        ErrorCode::JobRunning,
+        ErrorCode::JobEnded,
     ];
     CODES[usize::from(n) % CODES.len()]
+}
+
+/// Protocol 5's detached jobs: their requests, events, driver calls and frames.
+impl Run<'_> {
+    /// Why the agent must refuse a job request, if it must (the model's own rules).
+    fn job_request_refusal(&self, frame: &ClientFrame<'_>) -> Option<RequestRefusal> {
+        let limits = &self.config.limits;
+        match frame {
+            ClientFrame::StartJob(start) => start_refusal(start.name.map(|name| name.0)),
+            ClientFrame::Jobs(query) => query_refusal(query, limits),
+            ClientFrame::Attach(request) => attach_refusal(request, limits),
+            ClientFrame::Wait(request) | ClientFrame::Remove(request) => {
+                request_refusal(request, limits)
+            }
+            ClientFrame::Kill(kill) => kill_refusal(kill, limits),
+            other => panic!("{other:?} is no job request"),
+        }
+    }
+
+    fn on_job_event(&mut self, event: AgentEvent<'_>) {
+        let limits = self.config.limits;
+        match event {
+            AgentEvent::StartJob(start) => {
+                // The exec follows; nothing has begun yet (the handshake deadline runs on).
+                assert_eq!(self.model.state, State::AwaitRequest);
+                assert!(!self.model.job.start && !self.model.parts_seen);
+                assert_eq!(start_refusal(start.name.map(|name| name.0)), None);
+                self.model.job.start = true;
+            }
+            AgentEvent::Jobs(query) => {
+                assert_eq!(query_refusal(&query, &limits), None);
+                self.begin(State::Operating, Op::JobList);
+            }
+            AgentEvent::Attach(request) => {
+                assert_eq!(attach_refusal(&request, &limits), None);
+                self.begin(State::Starting, Op::Attach);
+            }
+            AgentEvent::Wait(request) => {
+                assert_eq!(request_refusal(&request, &limits), None);
+                self.begin(State::Starting, Op::Wait);
+            }
+            AgentEvent::Kill(kill) => {
+                assert_eq!(kill_refusal(&kill, &limits), None);
+                self.begin(State::Operating, Op::Simple);
+            }
+            AgentEvent::Remove(request) => {
+                assert_eq!(request_refusal(&request, &limits), None);
+                self.begin(State::Operating, Op::Simple);
+            }
+            other => panic!("{other:?} is no job event"),
+        }
+    }
+
+    /// The driver's job calls: each allowed in one state of one operation only.
+    fn job_step(&mut self, step: Step) {
+        let (state, op) = (self.model.state, self.model.op);
+        match step {
+            Step::Detached { id, pid } => {
+                let job = JobStarted { id, pid };
+                let result = self.session.detached(job, self.now);
+                if (state, op) == (State::Starting, Op::Job) {
+                    assert_eq!(result, Ok(()));
+                    self.model.owed_final = Some(AgentFrame::Detached(job));
+                    self.enter_closing();
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
+            Step::EncodeJob { times, room, ended } => {
+                for _ in 0..=times {
+                    if !self.encode_job(room, ended) {
+                        break;
+                    }
+                }
+            }
+            Step::Attached {
+                stdin,
+                running,
+                from,
+                lost,
+                ago,
+            } => {
+                let header = AttachHeader {
+                    id: 1,
+                    stdout: Resume { from, lost },
+                    stderr: Resume {
+                        from: lost,
+                        lost: from,
+                    },
+                    stdin,
+                    running,
+                };
+                let job_started_at = self.now.saturating_sub(u64::from(ago));
+                let result = self.session.attached(header, job_started_at, self.now);
+                if (state, op) == (State::Starting, Op::Attach) {
+                    assert_eq!(result, Ok(()));
+                    self.model.state = State::Running;
+                    self.model.job.attached_owed = Some(header);
+                    self.model.stdin_piped = stdin;
+                    self.model.started_at = job_started_at;
+                    self.model.next_keepalive = self.keepalive_after(self.now);
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
+            Step::Waiting => {
+                let result = self.session.waiting(self.now);
+                if (state, op) == (State::Starting, Op::Wait) {
+                    assert_eq!(result, Ok(()));
+                    self.model.state = State::Running;
+                    self.model.next_keepalive = self.keepalive_after(self.now);
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
+            Step::JobEnded { code, facts } => {
+                let facts = facts.end_facts();
+                let end = Termination {
+                    status: ExitStatus::Code(code),
+                    duration_us: u64::from(code) * 1000,
+                    output_dropped: code & 1 == 1,
+                    ending: facts.ending,
+                    tree_kill: facts.tree_kill,
+                    stdout: StreamRecord {
+                        bytes: u64::from(code),
+                        dropped: 0,
+                    },
+                    stderr: StreamRecord::default(),
+                    pipes_held: facts.pipes_held,
+                    oom_killed: facts.oom_killed,
+                    peak_memory: facts.peak_memory,
+                };
+                let result = self.session.job_ended(end, self.now);
+                let allowed = match op {
+                    Op::Attach => state == State::Running,
+                    Op::Wait => matches!(state, State::Starting | State::Running),
+                    _ => false,
+                };
+                if allowed {
+                    assert_eq!(result, Ok(()));
+                    self.model.owed_final = Some(AgentFrame::Exited(end));
+                    self.enter_closing();
+                } else {
+                    assert_eq!(result, Err(SessionError::InvalidState));
+                }
+            }
+            other => panic!("{other:?} is no job step"),
+        }
+    }
+
+    /// One record of a job listing; returns whether it was encoded.
+    fn encode_job(&mut self, room: u8, ended: bool) -> bool {
+        let before = self.sent.len();
+        self.transmit(0);
+        if self.sent.len() > before {
+            return false;
+        }
+        let termination = ended.then(|| Termination {
+            status: ExitStatus::Signal {
+                number: 9,
+                core_dumped: false,
+            },
+            duration_us: 7,
+            output_dropped: false,
+            ending: Ending::Cancelled,
+            tree_kill: TreeKill::ProcessGroup,
+            stdout: StreamRecord::default(),
+            stderr: StreamRecord::default(),
+            pipes_held: false,
+            oom_killed: false,
+            peak_memory: 0,
+        });
+        let record = JobRecord {
+            id: self.model.job.items as u32 + 1,
+            name: ended.then_some(Bytes(b"web")),
+            argv: StrList::new(b"sleep\09\0"),
+            uid: 1000,
+            gid: 1000,
+            pid: 40,
+            state: if ended {
+                JobState::Killed
+            } else {
+                JobState::Running
+            },
+            started: Timestamp { secs: 1, nanos: 2 },
+            duration_us: 3,
+            stdout_bytes: 4,
+            stderr_bytes: 5,
+            termination,
+        };
+        let room = if room == 0 {
+            MAX_FRAME
+        } else {
+            usize::from(room)
+        };
+        let mut out = vec![0u8; room];
+        let result = self.session.encode_job(&record, &mut out);
+        let allowed = self.model.state == State::Operating
+            && self.model.op == Op::JobList
+            && self.model.job.items < MAX_JOBS;
+        if !allowed {
+            assert_eq!(result, Err(SessionError::InvalidState));
+            return false;
+        }
+        let n = match result {
+            Ok(n) => n,
+            Err(err) => {
+                // Nothing counted when nothing was encoded.
+                assert_eq!(err, SessionError::BufferTooSmall);
+                assert!(room < 128);
+                return false;
+            }
+        };
+        let (body, used) = split_frame(&out[..n], MAX_FRAME_BODY)
+            .expect("within the limit")
+            .expect("a whole frame");
+        assert_eq!(used, n);
+        assert_eq!(decode_agent_frame(body), Ok(AgentFrame::Job(record)));
+        self.model.job.items += 1;
+        self.sent.extend_from_slice(&out[..n]);
+        self.check_stream();
+        true
+    }
+
+    /// A job frame of the agent's stream.
+    fn check_job_frame(&mut self, frame: AgentFrame<'_>) {
+        assert!(self.stream.authenticated || self.secret.is_none());
+        match frame {
+            AgentFrame::Detached(job) => {
+                assert_eq!(self.model.op, Op::Job);
+                let owed = self.model.owed_final.take();
+                assert_eq!(owed, Some(AgentFrame::Detached(job)));
+                self.stream.final_seen = true;
+                self.operation_over();
+            }
+            AgentFrame::Job(_) => {
+                assert_eq!(self.model.op, Op::JobList);
+                self.stream.job_records += 1;
+                assert!(self.stream.job_records <= MAX_JOBS, "too many records");
+            }
+            AgentFrame::Attached(header) => {
+                assert_eq!(self.model.op, Op::Attach);
+                assert!(!self.stream.attached, "a second header");
+                assert_eq!(Some(header), self.model.job.attached_owed.take());
+                self.stream.attached = true;
+            }
+            other => panic!("{other:?} is no job frame"),
+        }
+    }
+}
+
+/// Protocol 5's keep-alive connections: after an operation's final frame the connection may
+/// carry another.
+impl Run<'_> {
+    /// The final frame is encoded: the connection goes on if the operation ended so and the
+    /// client's stream has not ended.
+    fn operation_over(&mut self) {
+        if self.model.state == State::Closing && self.model.keep && !self.model.input_closed {
+            self.model.state = State::Ended;
+        }
+    }
+
+    /// `next_operation`: only once the final frame went on a connection that stays; then every
+    /// per-operation fact starts over, and the idle deadline runs.
+    fn next_operation(&mut self) {
+        let result = self.session.next_operation(self.now);
+        if self.model.state != State::Ended {
+            assert_eq!(result, Err(SessionError::InvalidState));
+            return;
+        }
+        assert_eq!(result, Ok(()));
+        let idle = u64::from(self.config.limits.idle_ms) * 1000;
+        self.model = Model::new(State::AwaitRequest, Some(self.now.saturating_add(idle)));
+        self.served = true;
+        self.stream = StreamCheck {
+            frames: self.stream.frames,
+            hello: self.stream.hello,
+            authenticated: self.stream.authenticated,
+            ..StreamCheck::default()
+        };
+    }
 }

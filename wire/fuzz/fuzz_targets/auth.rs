@@ -3,8 +3,8 @@
 //! opening (our hello and proof) is what a `ClientSession` with the same secret and nonce sends
 //! after that hello; only a stream starting with exactly those bytes may bring
 //! `AgentEvent::Authenticated` (and so any request — `KillAll`, `Exec` or a piece of one,
-//! protocol 4's put, get, info, shutdown, time sync, reseed). Every refusal after
-//! the client's hello was accepted is the one `Unauthenticated` error frame, byte for byte the
+//! protocol 4's put, get, info, shutdown, time sync, reseed, protocol 5's job start, listing,
+//! attach, wait, kill, removal). Every refusal after the client's hello was accepted is the one `Unauthenticated` error frame, byte for byte the
 //! same, and nothing else is sent.
 //!
 //! The input's first byte picks how the stream is made, so the fuzzer works near the opening
@@ -90,14 +90,20 @@ fuzz_target!(|data: &[u8]| {
                         | AgentEvent::Info
                         | AgentEvent::Shutdown(_)
                         | AgentEvent::TimeSync(_)
-                        | AgentEvent::Reseed(_),
+                        | AgentEvent::Reseed(_)
+                        | AgentEvent::Jobs(_)
+                        | AgentEvent::Attach(_)
+                        | AgentEvent::Wait(_)
+                        | AgentEvent::Kill(_)
+                        | AgentEvent::Remove(_),
                     ) => {
                         assert!(authenticated && right, "an operation without the proof");
                         // Accepted requests are the driver's; nothing more is read.
                         break;
                     }
-                    // A piece of a request comes before it, after the proof alone.
-                    Some(AgentEvent::ExecPart { .. }) => {
+                    // A piece of a request (or a job start) comes before it, after the proof
+                    // alone.
+                    Some(AgentEvent::ExecPart { .. } | AgentEvent::StartJob(_)) => {
                         assert!(
                             authenticated && right,
                             "a piece of a request without the proof"

@@ -31,7 +31,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use ferry_wire::limits::{
     HEADER_LEN, MAX_DATA, MAX_FRAME, MAX_FRAME_BODY, NONCE_LEN, STDIN_WINDOW,
 };
-use ferry_wire::limits::{MAX_INFO_ITEMS, MAX_INLINE_LIST};
+use ferry_wire::limits::{MAX_INFO_ITEMS, MAX_INLINE_LIST, MAX_JOBS};
 use ferry_wire::session::{
     AgentAuth, AgentConfig, AgentEvent, AgentSession, ClientAuth, ClientEvent, ClientSession,
     FrameKind, Micros, Phase, Secret, SessionError,
@@ -41,6 +41,10 @@ use ferry_wire::{
     ByteArray, Bytes, Cancel, ClientFrame, ClientHello, ExecRequest, Limits, ListKind, Security,
     ShutdownRequest, StdinMode, StrList, Timestamp, WindowSize, DATA_HEADROOM, MAGIC,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use ferry_wire_fuzz::jobs::{
+    attach_refusal, kill_refusal, query_refusal, request_refusal, start_refusal, JobRequestChoice,
+    NameChoice,
 };
 use ferry_wire_fuzz::ops::{
     get_refusal, put_refusal, reseed_refusal, shutdown_refusal, time_sync_refusal, GetChoice,
@@ -144,6 +148,37 @@ enum Step {
         len: u16,
         room: u16,
     },
+    /// Start a detached job: a name, and a request as `StartExec` builds it (one large enough
+    /// to need pieces is refused: a job's request comes whole).
+    StartJob {
+        name: NameChoice,
+        request: u8,
+        pipe: bool,
+        room: u16,
+        size: u16,
+        shape: u8,
+    },
+    /// Start a job listing, an attach, a wait, a kill or a removal.
+    StartJobs {
+        request: JobRequestChoice,
+        room: u16,
+    },
+    StartAttach {
+        request: JobRequestChoice,
+        room: u16,
+    },
+    StartWait {
+        request: JobRequestChoice,
+        room: u16,
+    },
+    StartKill {
+        request: JobRequestChoice,
+        room: u16,
+    },
+    StartRemove {
+        request: JobRequestChoice,
+        room: u16,
+    },
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -163,13 +198,13 @@ fuzz_target!(|data: &[u8]| {
     // frame), send, take the rest, write stdin, close, end.
     for step in [
         Step::ReceiveFrame,
-        Step::StartExec {
+        job_start_for(wire).unwrap_or(Step::StartExec {
             request: 0,
             pipe: true,
             room: 0,
             size: 0,
             shape: 0,
-        },
+        }),
         Step::Transmit { room: 0 },
         Step::Receive {
             len: 0,
@@ -220,6 +255,14 @@ enum Kind {
     Simple,
     Info,
     Clock,
+    /// A detached job's start: one `Detached`.
+    Job,
+    /// A job listing: records, then `Done` counting them.
+    JobList,
+    /// `Attached`, output, then `Exited` or `Done`.
+    Attach,
+    /// `Exited`.
+    Wait,
 }
 
 /// Where the operation stands, as the model sees it.
@@ -288,6 +331,26 @@ struct Run<'a> {
     stream_put_end: bool,
     /// Mounts and interfaces accepted.
     info_items: usize,
+    /// The job operations' part of the model.
+    job: JobModel,
+    /// The last operation ended and the agent keeps the connection (protocol 5).
+    reusable: bool,
+    /// Something beyond the request went for this operation (pieces, stdin, its end, a
+    /// control): a refusal then ends the connection.
+    op_traffic: bool,
+}
+
+/// What the model knows of a job operation, and of the client's stream for one.
+#[derive(Default)]
+struct JobModel {
+    /// Job records accepted in a listing.
+    items: usize,
+    /// Stdin was granted to the attachment.
+    stdin_granted: bool,
+    /// A job start went on the stream: its exec must follow, whole.
+    stream_start: bool,
+    /// An attach request went on the stream.
+    stream_attach: bool,
 }
 
 impl<'a> Run<'a> {
@@ -301,7 +364,24 @@ impl<'a> Run<'a> {
             nonce: AGENT_NONCE,
             secret: Some(secret),
         };
-        let mut reference = AgentSession::new(AGENT_CONFIG, START, auth_agent);
+        // The reference agent keeps connections as the stream's hello says (protocol 5), so a
+        // seeded keep-alive conversation proves itself too.
+        let idle_ms = whole_frames(wire)
+            .0
+            .first()
+            .and_then(|body| match decode_agent_frame(body) {
+                Ok(AgentFrame::Hello(hello)) => Some(hello.limits.idle_ms),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let config = AgentConfig {
+            limits: Limits {
+                idle_ms,
+                ..AGENT_CONFIG.limits
+            },
+            ..AGENT_CONFIG
+        };
+        let mut reference = AgentSession::new(config, START, auth_agent);
         let mut hello = vec![0u8; MAX_FRAME];
         let n = reference.poll_transmit(&mut hello).expect("the hello");
         Run {
@@ -345,12 +425,16 @@ impl<'a> Run<'a> {
             stream_put: false,
             stream_put_end: false,
             info_items: 0,
+            job: JobModel::default(),
+            reusable: false,
+            op_traffic: false,
         }
     }
 
     fn phase(&self) -> Phase {
         match (self.agent, self.op) {
             _ if self.failed => Phase::Done,
+            (_, Op::Done) if self.reusable => Phase::Idle,
             (_, Op::Done) => Phase::Done,
             (None, _) => Phase::Hello,
             (_, Op::Running(_)) => Phase::Running,
@@ -361,7 +445,12 @@ impl<'a> Run<'a> {
     }
 
     fn stdin_open(&self) -> bool {
-        self.stdin_piped && !self.eof_queued && self.phase() != Phase::Done
+        self.stdin_piped && !self.eof_queued && !self.finished()
+    }
+
+    /// The operation is over (its final frame came, or the connection failed).
+    fn finished(&self) -> bool {
+        self.failed || self.op == Op::Done
     }
 
     fn step(&mut self, step: Step) {
@@ -403,8 +492,9 @@ impl<'a> Run<'a> {
                     assert_eq!(result, Err(SessionError::InvalidState));
                 } else {
                     assert_eq!(result, Ok(()));
-                    if self.stdin_piped && self.phase() != Phase::Done {
+                    if self.stdin_piped && !self.finished() {
                         self.eof_queued = true;
+                        self.op_traffic = true;
                     }
                 }
             }
@@ -464,6 +554,7 @@ impl<'a> Run<'a> {
                     assert_eq!(result, Ok(frame.len()));
                     assert_eq!(out[..frame.len()], frame[..]);
                     self.put_ended = true;
+                    self.op_traffic = true;
                     self.stdin_piped = false;
                     self.sent.extend_from_slice(&frame);
                     self.check_stream();
@@ -531,6 +622,12 @@ impl<'a> Run<'a> {
                     |session, out| session.start_reseed(&random, out),
                 );
             }
+            step @ (Step::StartJob { .. }
+            | Step::StartJobs { .. }
+            | Step::StartAttach { .. }
+            | Step::StartWait { .. }
+            | Step::StartKill { .. }
+            | Step::StartRemove { .. }) => self.job_step(step),
             Step::Eof => {
                 let left = self.inbox.len();
                 let phase = self.phase();
@@ -558,7 +655,8 @@ impl<'a> Run<'a> {
 
     /// What `poll_timeout` must say: the handshake's deadline until the agent proved itself,
     /// then (once it was heard with `handle_input_at`) three keepalive intervals after it was
-    /// last heard, while an exec, a put or a get runs (the others have no keepalives).
+    /// last heard, while an exec, a put, a get, an attachment or a wait runs (the others have no
+    /// keepalives).
     fn expected_timeout(&self) -> Option<Micros> {
         if self.failed {
             return None;
@@ -568,8 +666,8 @@ impl<'a> Run<'a> {
         }
         let running = matches!(
             self.op,
-            Op::Sent(Kind::Exec | Kind::Put | Kind::Get)
-                | Op::Running(Kind::Exec | Kind::Put | Kind::Get)
+            Op::Sent(Kind::Exec | Kind::Put | Kind::Get | Kind::Attach | Kind::Wait)
+                | Op::Running(Kind::Exec | Kind::Put | Kind::Get | Kind::Attach | Kind::Wait)
         );
         let interval = u64::from(self.agent?.keepalive_ms) * 1000;
         let heard = self.heard_at.filter(|_| running && interval > 0)?;
@@ -735,6 +833,22 @@ impl<'a> Run<'a> {
             {
                 return fail(self, result, unexpected)
             }
+            // A job's frames, and a listing's or an attachment's end.
+            (
+                frame @ (AgentFrame::Done(_)
+                | AgentFrame::Job(_)
+                | AgentFrame::Detached(_)
+                | AgentFrame::Attached(_)
+                | AgentFrame::Exited(_)),
+                _,
+            ) if self.job_answer(&frame) => match self.job_frame_event(frame) {
+                Ok(expected) => {
+                    let input = result.expect("a job's frame");
+                    assert_eq!(input.event, Some(expected));
+                    input
+                }
+                Err(expected) => return fail(self, result, expected),
+            },
             // An info's count must be the frames that came.
             (AgentFrame::Done(report), _)
                 if self.op == Op::Running(Kind::Info)
@@ -753,7 +867,7 @@ impl<'a> Run<'a> {
             {
                 let input = result.expect("done");
                 assert_eq!(input.event, Some(ClientEvent::Done(report)));
-                self.op = Op::Done;
+                self.op_done();
                 input
             }
             (AgentFrame::Started(started), _) if self.op == Op::Sent(Kind::Exec) => {
@@ -791,7 +905,7 @@ impl<'a> Run<'a> {
             {
                 let input = result.expect("file done");
                 assert_eq!(input.event, Some(ClientEvent::FileDone(summary)));
-                self.op = Op::Done;
+                self.op_done();
                 self.stdin_piped = false;
                 input
             }
@@ -827,22 +941,28 @@ impl<'a> Run<'a> {
             (AgentFrame::ClockSet(previous), _) if self.op == Op::Sent(Kind::Clock) => {
                 let input = result.expect("clock set");
                 assert_eq!(input.event, Some(ClientEvent::ClockSet(previous)));
-                self.op = Op::Done;
+                self.op_done();
                 input
             }
-            (AgentFrame::Stdout(out), _) if self.op == Op::Running(Kind::Exec) => {
+            (AgentFrame::Stdout(out), _)
+                if matches!(self.op, Op::Running(Kind::Exec | Kind::Attach)) =>
+            {
                 let input = result.expect("stdout");
                 assert_eq!(input.event, Some(ClientEvent::Stdout(out.data.0)));
                 assert_eq!(self.session.last_output_at(), out.at_us);
                 input
             }
-            (AgentFrame::Stderr(out), _) if self.op == Op::Running(Kind::Exec) => {
+            (AgentFrame::Stderr(out), _)
+                if matches!(self.op, Op::Running(Kind::Exec | Kind::Attach)) =>
+            {
                 let input = result.expect("stderr");
                 assert_eq!(input.event, Some(ClientEvent::Stderr(out.data.0)));
                 assert_eq!(self.session.last_output_at(), out.at_us);
                 input
             }
-            (AgentFrame::OutputDropped(dropped), _) if self.op == Op::Running(Kind::Exec) => {
+            (AgentFrame::OutputDropped(dropped), _)
+                if matches!(self.op, Op::Running(Kind::Exec | Kind::Attach)) =>
+            {
                 let input = result.expect("output dropped");
                 assert_eq!(input.event, Some(ClientEvent::OutputDropped(dropped)));
                 input
@@ -853,7 +973,7 @@ impl<'a> Run<'a> {
                 input
             }
             (AgentFrame::StdinCredit(n), _)
-                if matches!(self.op, Op::Running(Kind::Exec | Kind::Put)) =>
+                if matches!(self.op, Op::Running(Kind::Exec | Kind::Put | Kind::Attach)) =>
             {
                 let n = u64::from(n);
                 if n > self.in_flight {
@@ -876,11 +996,21 @@ impl<'a> Run<'a> {
                 );
                 input
             }
-            (AgentFrame::Exited(end), _) if self.op == Op::Running(Kind::Exec) => {
+            (AgentFrame::Exited(end), _)
+                if matches!(self.op, Op::Running(Kind::Exec | Kind::Attach)) =>
+            {
                 let input = result.expect("exited");
                 assert_eq!(input.event, Some(ClientEvent::Exited(end)));
-                self.op = Op::Done;
+                self.op_done();
                 self.stdin_piped = false;
+                input
+            }
+            // A request refused before it started leaves a kept connection open (protocol 5).
+            (AgentFrame::Error(err), Phase::Starting) if self.refusal_keeps(&err) => {
+                let input = result.expect("refused");
+                assert_eq!(input.event, Some(ClientEvent::Refused(err)));
+                self.op_done();
+                assert!(self.session.is_reusable());
                 input
             }
             (
@@ -921,6 +1051,7 @@ impl<'a> Run<'a> {
     }
 
     fn start_exec(&mut self, request: u8, pipe: bool, room: u16, size: u16, shape: u8) {
+        self.reuse();
         // A session that may not start an operation refuses before it looks at the request:
         // no need to build a large one.
         let allowed = self.op == Op::None && !self.failed && self.agent.is_some();
@@ -968,6 +1099,8 @@ impl<'a> Run<'a> {
                 self.stdin_piped = pipe;
                 self.pty = request.pty.is_some();
                 self.exec_lists = Some((argv.clone(), env.clone()));
+                // Pieces go before the request: a refusal may come before the agent read them.
+                self.op_traffic |= argv.len() > MAX_INLINE_LIST || env.len() > MAX_INLINE_LIST;
                 self.sent.extend_from_slice(&out[..n]);
                 self.check_stream();
             }
@@ -1012,7 +1145,10 @@ impl<'a> Run<'a> {
                 message: "the command has no terminal",
             }),
             _ if self.failed
-                || !matches!(self.op, Op::Sent(Kind::Exec) | Op::Running(Kind::Exec)) =>
+                || !matches!(
+                    self.op,
+                    Op::Sent(Kind::Exec | Kind::Attach) | Op::Running(Kind::Exec | Kind::Attach)
+                ) =>
             {
                 Err(SessionError::InvalidState)
             }
@@ -1021,6 +1157,7 @@ impl<'a> Run<'a> {
         };
         assert_eq!(result, expected, "{frame:?}");
         if let Ok(n) = result {
+            self.op_traffic = true;
             assert_eq!(out[..n], encoded[..], "{frame:?} encoded as it is");
             self.sent.extend_from_slice(&out[..n]);
             self.check_stream();
@@ -1028,6 +1165,7 @@ impl<'a> Run<'a> {
     }
 
     fn start_kill_all(&mut self, room: u16) {
+        self.reuse();
         let room = if room == 0 {
             MAX_FRAME
         } else {
@@ -1061,6 +1199,7 @@ impl<'a> Run<'a> {
         room: u16,
         start: impl FnOnce(&mut ClientSession, &mut [u8]) -> Result<usize, SessionError>,
     ) {
+        self.reuse();
         let room = if room == 0 {
             MAX_FRAME
         } else {
@@ -1142,6 +1281,7 @@ impl<'a> Run<'a> {
     }
 
     fn charge(&mut self, n: u64) {
+        self.op_traffic = true;
         self.credit -= n;
         self.in_flight += n;
         self.check_stream();
@@ -1175,6 +1315,7 @@ impl<'a> Run<'a> {
                 }
                 ClientFrame::ExecPart(part) => {
                     assert!(self.stream_hello && !self.stream_op);
+                    assert!(!self.job.stream_start, "a job's request in pieces");
                     assert!(self.stream_auth || !self.secure, "a piece before the proof");
                     assert!(!part.data.0.is_empty() && part.data.0.len() <= MAX_DATA);
                     match part.list {
@@ -1206,14 +1347,22 @@ impl<'a> Run<'a> {
                     };
                     assert!(whole.validate().is_ok());
                     self.stream_op = true;
-                    self.stream_exec = Some(request.stdin);
+                    if !self.job.stream_start {
+                        self.stream_exec = Some(request.stdin);
+                    }
                 }
                 ClientFrame::Signal(number) => {
-                    assert!(self.stream_exec.is_some(), "a signal before the exec");
+                    assert!(
+                        self.stream_exec.is_some() || self.job.stream_attach,
+                        "a signal before the exec or attach"
+                    );
                     assert!((1..=64).contains(&number));
                 }
                 ClientFrame::Resize(_) | ClientFrame::Cancel(_) => {
-                    assert!(self.stream_exec.is_some(), "a control before the exec");
+                    assert!(
+                        self.stream_exec.is_some() || self.job.stream_attach,
+                        "a control before the exec or attach"
+                    );
                 }
                 ClientFrame::KillAll => {
                     assert!(self.stream_hello && !self.stream_op);
@@ -1226,8 +1375,9 @@ impl<'a> Run<'a> {
                 ClientFrame::Stdin(data) => {
                     assert!(
                         self.stream_exec == Some(StdinMode::Pipe)
-                            || (self.stream_put && !self.stream_put_end),
-                        "stdin without a pipe or after the put's digest"
+                            || (self.stream_put && !self.stream_put_end)
+                            || (self.job.stream_attach && self.job.stdin_granted),
+                        "stdin without a pipe, after the put's digest, or not granted"
                     );
                     assert!(!self.stream_eof, "stdin after EOF");
                     assert!(!data.0.is_empty() && data.0.len() <= MAX_DATA);
@@ -1241,10 +1391,10 @@ impl<'a> Run<'a> {
                     );
                 }
                 ClientFrame::StdinEof => {
-                    assert_eq!(
-                        self.stream_exec,
-                        Some(StdinMode::Pipe),
-                        "an EOF, not for an exec"
+                    assert!(
+                        self.stream_exec == Some(StdinMode::Pipe)
+                            || (self.job.stream_attach && self.job.stdin_granted),
+                        "an EOF, not for an exec or a granted attachment"
                     );
                     assert!(!self.stream_eof, "a second EOF");
                     self.stream_eof = true;
@@ -1280,6 +1430,12 @@ impl<'a> Run<'a> {
                     assert_eq!(refusal, None, "an invalid request sent");
                     self.stream_op = true;
                 }
+                frame @ (ClientFrame::StartJob(_)
+                | ClientFrame::Jobs(_)
+                | ClientFrame::Attach(_)
+                | ClientFrame::Wait(_)
+                | ClientFrame::Kill(_)
+                | ClientFrame::Remove(_)) => self.check_job_request(frame),
             }
         }
     }
@@ -1355,5 +1511,403 @@ impl Run<'_> {
             };
             self.right_proof = Some(proof.mac.0.to_vec());
         }
+    }
+}
+
+/// Protocol 5's detached jobs: starting them, the agent's answers, and the client's stream.
+impl Run<'_> {
+    fn job_step(&mut self, step: Step) {
+        let limits = self.agent;
+        let message = |refusal: Option<(ferry_wire::ErrorCode, &'static str)>| {
+            refusal.map(|(_, message)| message)
+        };
+        match step {
+            Step::StartJob {
+                name,
+                request,
+                pipe,
+                room,
+                size,
+                shape,
+            } => self.start_job(name, request, pipe, room, size, shape),
+            Step::StartJobs { request, room } => {
+                let parts = request.parts();
+                let query = request.query(&parts);
+                let refusal = message(limits.and_then(|l| query_refusal(&query, &l)));
+                self.start(
+                    Kind::JobList,
+                    &ClientFrame::Jobs(query),
+                    refusal,
+                    room,
+                    |session, out| session.start_jobs(&query, out),
+                );
+            }
+            Step::StartAttach { request, room } => {
+                let parts = request.parts();
+                let attach = request.attach(&parts);
+                let refusal = message(limits.and_then(|l| attach_refusal(&attach, &l)));
+                self.start(
+                    Kind::Attach,
+                    &ClientFrame::Attach(attach),
+                    refusal,
+                    room,
+                    |session, out| session.start_attach(&attach, out),
+                );
+            }
+            Step::StartWait { request, room } => {
+                let parts = request.parts();
+                let wait = request.request(&parts);
+                let refusal = message(limits.and_then(|l| request_refusal(&wait, &l)));
+                self.start(
+                    Kind::Wait,
+                    &ClientFrame::Wait(wait),
+                    refusal,
+                    room,
+                    |session, out| session.start_wait(&wait, out),
+                );
+            }
+            Step::StartKill { request, room } => {
+                let parts = request.parts();
+                let kill = request.kill(&parts);
+                let refusal = message(limits.and_then(|l| kill_refusal(&kill, &l)));
+                self.start(
+                    Kind::Simple,
+                    &ClientFrame::Kill(kill),
+                    refusal,
+                    room,
+                    |session, out| session.start_kill(&kill, out),
+                );
+            }
+            Step::StartRemove { request, room } => {
+                let parts = request.parts();
+                let remove = request.request(&parts);
+                let refusal = message(limits.and_then(|l| request_refusal(&remove, &l)));
+                self.start(
+                    Kind::Simple,
+                    &ClientFrame::Remove(remove),
+                    refusal,
+                    room,
+                    |session, out| session.start_remove(&remove, out),
+                );
+            }
+            other => panic!("{other:?} is no job step"),
+        }
+    }
+
+    /// `start_job`: refused where no operation may start, then for its name, then for its
+    /// request (as `start_exec` would), then for a request too large for one frame; else the
+    /// job start and its exec, behind our hello and proof when owed. Its starter has no stdin.
+    fn start_job(
+        &mut self,
+        name: NameChoice,
+        request: u8,
+        pipe: bool,
+        room: u16,
+        size: u16,
+        shape: u8,
+    ) {
+        self.reuse();
+        let allowed = self.op == Op::None && !self.failed && self.agent.is_some();
+        let size = if allowed { size } else { 0 };
+        let (argv, env) = request_lists(request, size, shape);
+        let request = job_exec_request(&argv, &env, request, pipe, size, shape);
+        let name = name.bytes();
+        let room = if room == 0 {
+            2 * MAX_FRAME
+        } else {
+            usize::from(room)
+        };
+        let mut out = vec![0u8; room];
+        let result = self.session.start_job(name.as_deref(), &request, &mut out);
+        let Some(limits) = self.agent.filter(|_| allowed) else {
+            assert_eq!(result, Err(SessionError::InvalidState));
+            return;
+        };
+        let refusal = start_refusal(name.as_deref())
+            .map(|(_, message)| message)
+            .or_else(|| request.validate_within(&limits).err().map(|e| e.message))
+            .or_else(|| {
+                (argv.len() > MAX_INLINE_LIST || env.len() > MAX_INLINE_LIST)
+                    .then_some("a job's request must fit in one exec frame")
+            });
+        if let Some(message) = refusal {
+            assert_eq!(result, Err(SessionError::InvalidRequest { message }));
+            return;
+        }
+        let start = ClientFrame::StartJob(ferry_wire::JobStart {
+            name: name.as_deref().map(Bytes),
+        });
+        let encoded = [encode(&start), encode(&ClientFrame::Exec(request))].concat();
+        let n = match result {
+            Ok(n) => n,
+            Err(err) => {
+                // Our hello and proof take at most 128 bytes.
+                assert_eq!(err, SessionError::BufferTooSmall);
+                assert!(room < encoded.len() + 128, "a job start in {room} bytes");
+                return;
+            }
+        };
+        assert!(n >= encoded.len() && out[n - encoded.len()..n] == encoded[..]);
+        self.sent.extend_from_slice(&out[..n]);
+        self.hello_sent = true;
+        self.op = Op::Sent(Kind::Job);
+        self.exec_lists = Some((argv.clone(), env.clone()));
+        self.check_stream();
+    }
+
+    /// Whether `frame` answers the job operation under way (else the other rules judge it).
+    fn job_answer(&self, frame: &AgentFrame<'_>) -> bool {
+        match frame {
+            AgentFrame::Done(_) => matches!(
+                self.op,
+                Op::Sent(Kind::JobList) | Op::Running(Kind::JobList) | Op::Running(Kind::Attach)
+            ),
+            AgentFrame::Job(_) => {
+                matches!(
+                    self.op,
+                    Op::Sent(Kind::JobList) | Op::Running(Kind::JobList)
+                )
+            }
+            AgentFrame::Detached(_) => self.op == Op::Sent(Kind::Job),
+            AgentFrame::Attached(_) => self.op == Op::Sent(Kind::Attach),
+            AgentFrame::Exited(_) => self.op == Op::Sent(Kind::Wait),
+            _ => false,
+        }
+    }
+
+    /// The event a job frame must give (the model moves on), or the error it must be.
+    fn job_frame_event<'f>(
+        &mut self,
+        frame: AgentFrame<'f>,
+    ) -> Result<ClientEvent<'f>, SessionError> {
+        match frame {
+            // A listing's count is its records; an attachment's `Done` ends it unfollowed.
+            AgentFrame::Done(report) if self.op == Op::Running(Kind::Attach) => {
+                self.op_done();
+                self.stdin_piped = false;
+                Ok(ClientEvent::Done(report))
+            }
+            AgentFrame::Done(report) => {
+                if report.count as usize != self.job.items {
+                    return Err(SessionError::InvalidRequest {
+                        message: "the job listing's count does not match its records",
+                    });
+                }
+                self.op_done();
+                Ok(ClientEvent::Done(report))
+            }
+            AgentFrame::Job(record) => {
+                if self.job.items >= MAX_JOBS {
+                    return Err(SessionError::InvalidRequest {
+                        message: "too many job records",
+                    });
+                }
+                self.job.items += 1;
+                self.op = Op::Running(Kind::JobList);
+                Ok(ClientEvent::Job(record))
+            }
+            AgentFrame::Detached(job) => {
+                self.op_done();
+                Ok(ClientEvent::Detached(job))
+            }
+            AgentFrame::Attached(header) => {
+                self.op = Op::Running(Kind::Attach);
+                self.stdin_piped = header.stdin;
+                self.job.stdin_granted = header.stdin;
+                // A job may have a terminal: a resize is the agent's to ignore.
+                self.pty = true;
+                Ok(ClientEvent::Attached(header))
+            }
+            AgentFrame::Exited(end) => {
+                self.op_done();
+                Ok(ClientEvent::Exited(end))
+            }
+            other => panic!("{other:?} answers no job operation"),
+        }
+    }
+
+    /// A job request on the client's stream: after our hello (and proof), alone, valid by the
+    /// model's rules; a job start only before its exec (with no pieces).
+    fn check_job_request(&mut self, frame: ClientFrame<'_>) {
+        assert!(self.stream_hello && !self.stream_op);
+        assert!(
+            self.stream_auth || !self.secure,
+            "a job request before the proof"
+        );
+        assert!(!self.job.stream_start, "only its exec follows a job start");
+        let limits = self.agent.expect("the agent's hello came");
+        let refusal = match frame {
+            ClientFrame::StartJob(start) => {
+                assert!(self.stream_argv.is_empty() && self.stream_env.is_empty());
+                self.job.stream_start = true;
+                start_refusal(start.name.map(|name| name.0))
+            }
+            ClientFrame::Jobs(query) => query_refusal(&query, &limits),
+            ClientFrame::Attach(request) => {
+                self.job.stream_attach = true;
+                attach_refusal(&request, &limits)
+            }
+            ClientFrame::Wait(request) | ClientFrame::Remove(request) => {
+                request_refusal(&request, &limits)
+            }
+            ClientFrame::Kill(kill) => kill_refusal(&kill, &limits),
+            other => panic!("{other:?} is no job request"),
+        };
+        assert_eq!(refusal, None, "an invalid job request sent");
+        // A job start's operation is its exec, which follows.
+        self.stream_op = !self.job.stream_start;
+    }
+}
+
+/// A job's exec request, built as `start_exec` builds one.
+fn job_exec_request<'a>(
+    argv: &'a [u8],
+    env: &'a [u8],
+    request: u8,
+    pipe: bool,
+    size: u16,
+    shape: u8,
+) -> ExecRequest<'a> {
+    ExecRequest {
+        argv: StrList::new(argv),
+        env: StrList::new(env),
+        clean_env: request & 8 != 0,
+        cwd: (request & 16 != 0).then_some(Bytes(b"/tmp")),
+        stdin: if pipe {
+            StdinMode::Pipe
+        } else {
+            StdinMode::Null
+        },
+        user: match request >> 5 {
+            0..=3 => None,
+            4 => Some(Bytes(b"")),
+            5 => Some(Bytes(b"a\0b")),
+            _ => Some(Bytes(b"nobody")),
+        },
+        pty: (shape & 128 != 0).then_some(WindowSize {
+            rows: u16::from(shape),
+            cols: size,
+        }),
+        timeout_ms: u64::from(size) * 1000,
+        kill_grace_ms: (shape & 1 != 0).then_some(u32::from(size)),
+        kill_tree_on_exit: shape & 2 != 0,
+        max_output: u64::from(shape) << 10,
+    }
+}
+
+/// The job operation a stream answers (its first job frame says which), so that a seeded job
+/// conversation is replayed by the client that asked for it: a start, a listing, an attach that
+/// asks for stdin, a wait.
+fn job_start_for(wire: &[u8]) -> Option<Step> {
+    let (frames, _) = whole_frames(wire);
+    let choice = |job: u16| JobRequestChoice {
+        job: ferry_wire_fuzz::jobs::JobChoice(job),
+        user: ferry_wire_fuzz::ops::UserChoice(0),
+        since_stdout: 0,
+        since_stderr: 0,
+        follow: true,
+        stdin: true,
+        signal: 0,
+        grace_ms: None,
+    };
+    let started = frames
+        .iter()
+        .any(|body| matches!(decode_agent_frame(body), Ok(AgentFrame::Started(_))));
+    frames
+        .iter()
+        .find_map(|body| match decode_agent_frame(body) {
+            Ok(AgentFrame::Detached(_)) => Some(Step::StartJob {
+                name: NameChoice(Some(ferry_wire_fuzz::jobs::JobChoice(0))),
+                request: 0,
+                pipe: false,
+                room: 0,
+                size: 0,
+                shape: 0,
+            }),
+            Ok(AgentFrame::Job(_)) => Some(Step::StartJobs {
+                request: choice(0),
+                room: 0,
+            }),
+            Ok(AgentFrame::Attached(_)) => Some(Step::StartAttach {
+                request: choice(0),
+                room: 0,
+            }),
+            // A record with nothing before it answers a wait.
+            Ok(AgentFrame::Exited(_)) if !started => Some(Step::StartWait {
+                request: choice(0),
+                room: 0,
+            }),
+            _ => None,
+        })
+}
+
+/// Protocol 5's keep-alive connections: after an operation's final frame, another may start on
+/// the same connection when the agent announced `idle_ms`.
+impl Run<'_> {
+    /// The operation's final frame came.
+    fn op_done(&mut self) {
+        self.op = Op::Done;
+        self.stdin_piped = false;
+        self.reusable = self.agent.is_some_and(|limits| limits.idle_ms > 0);
+    }
+
+    /// Whether `err`, the answer to a request that has not started, leaves the connection to
+    /// another operation: a refusal (no breach), after the agent's proof, with nothing else of
+    /// the operation on its way, from an agent that keeps connections.
+    fn refusal_keeps(&self, err: &ferry_wire::ErrorFrame<'_>) -> bool {
+        use ferry_wire::ErrorCode;
+        let breach = matches!(
+            err.code,
+            ErrorCode::UnsupportedVersion
+                | ErrorCode::Malformed
+                | ErrorCode::FrameTooLarge
+                | ErrorCode::ProtocolViolation
+                | ErrorCode::Unauthenticated
+        );
+        self.authenticated
+            && !self.op_traffic
+            && !breach
+            && matches!(self.op, Op::Sent(_))
+            && self.agent.is_some_and(|limits| limits.idle_ms > 0)
+    }
+
+    /// Any `start_*` on a reusable connection first starts every per-operation fact over
+    /// (the agent's whole window is credit again), whether the request is then accepted or not.
+    fn reuse(&mut self) {
+        assert_eq!(
+            self.session.is_reusable(),
+            !self.failed && self.op == Op::Done && self.reusable
+        );
+        if !self.session.is_reusable() {
+            return;
+        }
+        let window = self
+            .agent
+            .map_or(0, |limits| u64::from(limits.stdin_window))
+            .min(STDIN_WINDOW as u64);
+        self.op = Op::None;
+        self.stdin_piped = false;
+        self.eof_queued = false;
+        self.eof_sent = false;
+        self.credit = window;
+        self.in_flight = 0;
+        self.pty = false;
+        self.heard_at = None;
+        self.put_ended = false;
+        self.info_items = 0;
+        self.job = JobModel::default();
+        self.reusable = false;
+        self.op_traffic = false;
+        // The client's stream, per operation.
+        self.stream_op = false;
+        self.stream_exec = None;
+        self.stream_eof = false;
+        self.stdin_total = 0;
+        self.credit_granted = 0;
+        self.exec_lists = None;
+        self.stream_argv.clear();
+        self.stream_env.clear();
+        self.stream_put = false;
+        self.stream_put_end = false;
     }
 }

@@ -2,17 +2,19 @@
 //! trip (encode → decode gives the same frame, and re-encoding gives the same bytes); the data
 //! frames built in place must match the encoder byte for byte (output with its timestamp); a
 //! request's lists checked in pieces must give the answer of the whole; protocol 4's requests
-//! are validated as the model's own rules say (`ferry_wire_fuzz::ops`); nothing may panic.
+//! and protocol 5's job requests are validated as the model's own rules say
+//! (`ferry_wire_fuzz::ops`, `ferry_wire_fuzz::jobs`); nothing may panic.
 
 #![no_main]
 
 use ferry_wire::limits::{HEADER_LEN, MAX_DATA, MAX_FRAME, MAX_FRAME_BODY};
+use ferry_wire::{check_job_name, check_job_ref, parse_job_id};
 use ferry_wire::{
     decode_agent_frame, decode_client_frame, encode_agent_frame, encode_client_frame,
     frame_data_in_place, split_frame, AgentFrame, ClientFrame, DataKind, ExecRequest, Limits,
     ListCheck, ListKind, RequestError, StrList, DATA_HEADROOM,
 };
-use ferry_wire_fuzz::ops;
+use ferry_wire_fuzz::{jobs, ops};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -103,6 +105,58 @@ fn check_client(body: &[u8]) {
         }
         ClientFrame::TimeSync(time) => {
             assert_eq!(time.is_valid(), ops::time_sync_refusal(&time).is_none())
+        }
+        _ => {}
+    }
+    check_job_request(&frame);
+}
+
+/// Protocol 5's job requests: each `validate*` (and the reference and name checks) gives the
+/// model's answer.
+fn check_job_request(frame: &ClientFrame<'_>) {
+    let limits = Limits::CURRENT;
+    let verdict = |result: Result<(), RequestError>| result.err().map(|e| (e.code, e.message));
+    let job_ref = |job: &[u8]| {
+        assert_eq!(verdict(check_job_ref(job)), jobs::ref_refusal(job));
+        assert_eq!(parse_job_id(job), jobs::job_id(job));
+        assert_eq!(verdict(check_job_name(job)), jobs::name_refusal(job));
+    };
+    match *frame {
+        ClientFrame::StartJob(start) => {
+            if let Some(name) = start.name {
+                job_ref(name.0);
+            }
+            assert_eq!(
+                verdict(start.validate()),
+                jobs::start_refusal(start.name.map(|name| name.0))
+            );
+        }
+        ClientFrame::Jobs(query) => {
+            assert_eq!(
+                verdict(query.validate_within(&limits)),
+                jobs::query_refusal(&query, &limits)
+            )
+        }
+        ClientFrame::Attach(request) => {
+            job_ref(request.job.0);
+            assert_eq!(
+                verdict(request.validate_within(&limits)),
+                jobs::attach_refusal(&request, &limits)
+            )
+        }
+        ClientFrame::Wait(request) | ClientFrame::Remove(request) => {
+            job_ref(request.job.0);
+            assert_eq!(
+                verdict(request.validate_within(&limits)),
+                jobs::request_refusal(&request, &limits)
+            )
+        }
+        ClientFrame::Kill(kill) => {
+            job_ref(kill.job.0);
+            assert_eq!(
+                verdict(kill.validate_within(&limits)),
+                jobs::kill_refusal(&kill, &limits)
+            )
         }
         _ => {}
     }

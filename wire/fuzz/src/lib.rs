@@ -250,3 +250,202 @@ pub mod ops {
         }
     }
 }
+
+/// The protocol-5 job requests' rules (`ferry_wire::jobs`), written apart from their
+/// `validate*` and `check_job_*` functions, and requests built from the fuzzer's choices: mostly
+/// plausible references, names and users, with every rule broken now and then.
+pub mod jobs {
+    use arbitrary::Arbitrary;
+    use ferry_wire::limits::{MAX_JOB_NAME, MAX_USER};
+    use ferry_wire::{AttachRequest, Bytes, ErrorCode, JobQuery, JobRequest, KillJob, Limits};
+
+    use crate::ops::{RequestRefusal, LIMIT};
+
+    fn invalid(message: &'static str) -> RequestRefusal {
+        (ErrorCode::InvalidRequest, message)
+    }
+
+    /// Why a job name must be refused: its length (1 to 64), then its bytes (letters, digits,
+    /// `.`, `_`, `-`, and not `-` first), then digits alone (those are ids).
+    pub fn name_refusal(name: &[u8]) -> Option<RequestRefusal> {
+        if !(1..=MAX_JOB_NAME).contains(&name.len()) {
+            return Some(invalid("a job name has 1 to 64 bytes"));
+        }
+        let bad = |b: &u8| !(b.is_ascii_alphanumeric() || *b == b'.' || *b == b'_' || *b == b'-');
+        if name.iter().any(bad) || name[0] == b'-' {
+            return Some(invalid(
+                "a job name is letters, digits, '.', '_' and '-', not first",
+            ));
+        }
+        if name.iter().all(u8::is_ascii_digit) {
+            return Some(invalid("a job name is not only digits"));
+        }
+        None
+    }
+
+    /// The id a reference written in digits names: 1 to `u32::MAX`, without a leading zero.
+    pub fn job_id(job: &[u8]) -> Option<u32> {
+        if job.is_empty() || !job.iter().all(u8::is_ascii_digit) || job[0] == b'0' {
+            return None;
+        }
+        // Ten digits at most fit a u64 without overflow.
+        if job.len() > 10 {
+            return None;
+        }
+        let value = job.iter().fold(0u64, |n, b| n * 10 + u64::from(b - b'0'));
+        u32::try_from(value).ok()
+    }
+
+    /// Why a job reference must be refused: digits that are no id, or a name that is none.
+    pub fn ref_refusal(job: &[u8]) -> Option<RequestRefusal> {
+        if !job.is_empty() && job.iter().all(u8::is_ascii_digit) {
+            return job_id(job).is_none().then(|| invalid("no such job id"));
+        }
+        name_refusal(job)
+    }
+
+    /// A user: as for the other requests (non-empty, without NUL, within both limits).
+    pub fn user_refusal(user: Option<Bytes<'_>>, limits: &Limits) -> Option<RequestRefusal> {
+        let Bytes(user) = user?;
+        if user.len() > (limits.max_user as usize).min(MAX_USER) {
+            return Some(LIMIT);
+        }
+        if user.is_empty() || user.contains(&0) {
+            return Some(invalid("user is empty or contains NUL"));
+        }
+        None
+    }
+
+    /// Why a job start must be refused: its name.
+    pub fn start_refusal(name: Option<&[u8]>) -> Option<RequestRefusal> {
+        name.and_then(name_refusal)
+    }
+
+    /// Why a listing must be refused: its user.
+    pub fn query_refusal(query: &JobQuery<'_>, limits: &Limits) -> Option<RequestRefusal> {
+        user_refusal(query.user, limits)
+    }
+
+    /// Why a wait or a removal must be refused: the reference, then the user.
+    pub fn request_refusal(request: &JobRequest<'_>, limits: &Limits) -> Option<RequestRefusal> {
+        ref_refusal(request.job.0).or_else(|| user_refusal(request.user, limits))
+    }
+
+    /// Why an attach must be refused: the reference, then the user.
+    pub fn attach_refusal(request: &AttachRequest<'_>, limits: &Limits) -> Option<RequestRefusal> {
+        ref_refusal(request.job.0).or_else(|| user_refusal(request.user, limits))
+    }
+
+    /// Why a kill must be refused: the reference, the user, then a signal beyond 64 (0 is the
+    /// tree's end, as a cancel).
+    pub fn kill_refusal(kill: &KillJob<'_>, limits: &Limits) -> Option<RequestRefusal> {
+        ref_refusal(kill.job.0)
+            .or_else(|| user_refusal(kill.user, limits))
+            .or_else(|| (kill.signal > 64).then(|| invalid("no such signal")))
+    }
+
+    /// A job reference (or, for a start, a name): mostly an id or a plain name, sometimes at
+    /// an edge (the largest id, one beyond, a leading zero, 0, 64 and 65 bytes, digits alone,
+    /// a leading `-`, a byte outside the set, empty).
+    #[derive(Arbitrary, Debug, Clone, Copy)]
+    pub struct JobChoice(pub u16);
+
+    impl JobChoice {
+        pub fn bytes(self) -> Vec<u8> {
+            let n = usize::from(self.0 >> 4);
+            match self.0 & 15 {
+                0..=2 => b"web".to_vec(),
+                3 | 4 => (1 + n % 300).to_string().into_bytes(),
+                5 => b"4294967295".to_vec(),
+                6 => b"4294967296".to_vec(),
+                7 => b"012".to_vec(),
+                8 => b"0".to_vec(),
+                9 => vec![b'j'; 60 + n % 8],
+                10 => b"build-1.x_y".to_vec(),
+                11 => b"-x".to_vec(),
+                12 => b"a/b".to_vec(),
+                13 => Vec::new(),
+                14 => vec![b'9'; 1 + n % 14],
+                _ => [&b"w"[..], &[(self.0 >> 8) as u8]].concat(),
+            }
+        }
+    }
+
+    /// A start's name: none mostly, else a [`JobChoice`]'s bytes.
+    #[derive(Arbitrary, Debug, Clone, Copy)]
+    pub struct NameChoice(pub Option<JobChoice>);
+
+    impl NameChoice {
+        pub fn bytes(self) -> Option<Vec<u8>> {
+            self.0.map(JobChoice::bytes)
+        }
+    }
+
+    /// A job request's fields (a wait, a removal, an attach, a kill), owned.
+    #[derive(Arbitrary, Debug, Clone, Copy)]
+    pub struct JobRequestChoice {
+        pub job: JobChoice,
+        pub user: crate::ops::UserChoice,
+        pub since_stdout: u64,
+        pub since_stderr: u64,
+        pub follow: bool,
+        pub stdin: bool,
+        pub signal: u8,
+        pub grace_ms: Option<u32>,
+    }
+
+    /// What a [`JobRequestChoice`] borrows from.
+    pub struct JobParts {
+        pub job: Vec<u8>,
+        pub user: Option<Vec<u8>>,
+    }
+
+    impl JobRequestChoice {
+        pub fn parts(&self) -> JobParts {
+            JobParts {
+                job: self.job.bytes(),
+                user: self.user.bytes(),
+            }
+        }
+
+        pub fn query<'a>(&self, parts: &'a JobParts) -> JobQuery<'a> {
+            JobQuery {
+                user: parts.user.as_deref().map(Bytes),
+            }
+        }
+
+        pub fn request<'a>(&self, parts: &'a JobParts) -> JobRequest<'a> {
+            JobRequest {
+                job: Bytes(&parts.job),
+                user: parts.user.as_deref().map(Bytes),
+            }
+        }
+
+        /// An attach; small offsets mostly (the top bit of a choice keeps it whole).
+        pub fn attach<'a>(&self, parts: &'a JobParts) -> AttachRequest<'a> {
+            let offset = |n: u64| if n >> 63 == 1 { n } else { n % 4096 };
+            AttachRequest {
+                job: Bytes(&parts.job),
+                user: parts.user.as_deref().map(Bytes),
+                since_stdout: offset(self.since_stdout),
+                since_stderr: offset(self.since_stderr),
+                follow: self.follow,
+                stdin: self.stdin,
+            }
+        }
+
+        /// A kill; a signal within 0–64 mostly, beyond now and then.
+        pub fn kill<'a>(&self, parts: &'a JobParts) -> KillJob<'a> {
+            KillJob {
+                job: Bytes(&parts.job),
+                user: parts.user.as_deref().map(Bytes),
+                signal: if self.signal & 0x80 == 0 {
+                    self.signal % 65
+                } else {
+                    self.signal
+                },
+                grace_ms: self.grace_ms,
+            }
+        }
+    }
+}

@@ -376,11 +376,13 @@ impl ClientSession {
     }
 
     fn liveness_deadline(&self) -> Option<Micros> {
-        // Not for a kill-all: the agent does it in one go, without keepalives.
+        // Not for a kill-all: the agent does it in one go, without keepalives. An attachment
+        // and a wait have them (a wait may last as long as its job: a silent agent must not
+        // hold it forever).
         let running = matches!(
             self.operation,
-            Operation::Sent(Op::Exec | Op::Put | Op::Get)
-                | Operation::Running(Op::Exec | Op::Put | Op::Get)
+            Operation::Sent(Op::Exec | Op::Put | Op::Get | Op::Attach | Op::Wait)
+                | Operation::Running(Op::Exec | Op::Put | Op::Get | Op::Attach | Op::Wait)
         );
         let (_, limits) = self.agent?;
         let interval = u64::from(limits.keepalive_ms).saturating_mul(1000);
@@ -463,6 +465,7 @@ impl ClientSession {
         let hello_len = self.encode_pending_hello(out)?;
         let mut n = hello_len;
         let mut last = *request;
+        let mut pieces_sent = false;
         for (list, packed) in [
             (ListKind::Argv, &mut last.argv),
             (ListKind::Env, &mut last.env),
@@ -476,14 +479,18 @@ impl ClientSession {
                 });
                 n += encode_client_frame(&part, out.get_mut(n..).unwrap_or(&mut []))?;
             }
-            // The pieces go before the request: a refusal may come before the agent read them.
-            self.op_traffic |= !pieces.is_empty();
+            pieces_sent |= !pieces.is_empty();
             *packed = StrList::new(inline);
         }
         n += encode_client_frame(
             &ClientFrame::Exec(last),
             out.get_mut(n..).unwrap_or(&mut []),
         )?;
+        // The pieces go before the request: a refusal may come before the agent read them.
+        // NOTE: only once all of it is encoded: a start refused for its buffer sent nothing
+        // (found while writing the protocol-5 fuzz model: it kept a later refusal from
+        // leaving the connection reusable).
+        self.op_traffic |= pieces_sent;
         self.hello_sent = true;
         self.operation = Operation::Sent(Op::Exec);
         self.stdin_open = request.stdin == StdinMode::Pipe;

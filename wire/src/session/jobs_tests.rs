@@ -523,6 +523,32 @@ fn driver_calls_out_of_place_are_refused() {
     assert!(pair.bytes_to_client(&out[..n]).is_err());
 }
 
+/// A wait lasts as long as its job, with keepalives: an agent silent for three of their
+/// intervals is gone, as during an exec (found while writing the protocol-5 fuzz model: the
+/// client kept no liveness deadline for a wait or an attachment, so a vanished agent held it
+/// forever).
+#[test]
+fn a_silent_agent_ends_a_wait_and_an_attachment() {
+    let interval = u64::from(Limits::CURRENT.keepalive_ms) * 1000;
+    for attach in [false, true] {
+        let mut pair = Pair::new();
+        if attach {
+            pair.start(|client, out| client.start_attach(&attach_request(b"web", false), out))
+                .unwrap();
+        } else {
+            pair.start(|client, out| client.start_wait(&job_ref(b"web"), out))
+                .unwrap();
+        }
+        assert_eq!(pair.client.poll_timeout(), Some(3 * interval), "{attach}");
+        assert_eq!(pair.client.handle_timeout(3 * interval - 1), Ok(()));
+        assert_eq!(
+            pair.client.handle_timeout(3 * interval),
+            Err(SessionError::AgentSilent)
+        );
+        assert!(pair.client.is_finished());
+    }
+}
+
 /// A wait refused after `waiting` (the supervisor went away) keeps the connection on both
 /// ends: the client's wait never left its starting phase, and it sent nothing after it.
 #[test]

@@ -341,3 +341,38 @@ fn a_request_while_the_last_operation_runs_is_refused() {
     pair.agent.next_operation(0).unwrap();
     assert!(pair.agent_reads(0).unwrap()[0].starts_with("Exec"));
 }
+
+/// A start refused for its buffer sent nothing, not even the pieces it had encoded: a later
+/// request refused before it started still leaves the connection reusable (the client counted
+/// the unsent pieces as traffic; found while writing the protocol-5 fuzz model).
+#[test]
+fn a_start_that_did_not_fit_leaves_no_traffic_behind() {
+    let mut pair = Pair::new(IDLE_MS);
+    let argv = vec![b'a'; crate::limits::MAX_INLINE_LIST * 2]
+        .into_iter()
+        .chain([0])
+        .collect::<Vec<u8>>();
+    let large = ExecRequest {
+        argv: StrList::new(&argv),
+        ..exec(StdinMode::Null)
+    };
+    // Room for our hello and the pieces, not for the exec frame after them.
+    let mut small = vec![0u8; ClientSession::exec_buffer_len(&large) - MAX_FRAME + 1_000];
+    assert_eq!(
+        pair.client.start_exec(&large, &mut small),
+        Err(SessionError::BufferTooSmall)
+    );
+    pair.start(&exec(StdinMode::Null));
+    pair.agent_reads(0).unwrap();
+    let refusal = Refusal::os(ErrorCode::NotFound, 2, "no such file");
+    pair.agent.refuse(refusal, 0).unwrap();
+    pair.agent_sends();
+    assert!(pair.agent.can_continue());
+    pair.agent.next_operation(0).unwrap();
+    assert!(matches!(
+        pair.client_reads().as_slice(),
+        [ClientEvent::Refused(_)]
+    ));
+    assert!(pair.client.is_reusable(), "the unsent pieces counted");
+    pair.run_exec(10);
+}

@@ -26,11 +26,23 @@
 //! then mounts and interfaces, cut at `MAX_INFO_ITEMS`), time syncs, reseeds and shutdowns. The
 //! agent's driver keeps a model file system: what a put committed is compared byte for byte, and
 //! both ends' SHA-256 (`sha2`) must agree.
+//!
+//! Protocol 5's jobs in the scenarios, against a model registry in the agent's driver: a job's
+//! start (its name in use or not), a listing (cut at `MAX_JOBS`, its `Done` counting what went
+//! whatever the driver says), an attachment (the retained output in random chunks with a gap's
+//! notice where the ring overran, then the live output and the job's record, or `Done` when it
+//! does not follow; a harmless signal relayed now and then), a wait that lasts (keepalives keep
+//! the client's liveness check content) or finds the job ended, kills and removals the registry
+//! grants or refuses, and unknown jobs.
 
 use std::collections::VecDeque;
 use std::vec::Vec;
 
 use super::*;
+use crate::jobs::{
+    AttachHeader, AttachRequest, JobQuery, JobRecord, JobRequest, JobStarted, JobState, KillJob,
+    Resume,
+};
 use crate::limits::{MAX_DATA, MAX_FRAME, MAX_INLINE_LIST, NONCE_LEN};
 use crate::msg::{
     AgentFrame, Ending, ErrorCode, ExecRequest, ExitStatus, ListKind, Security, StdinMode, StrList,
@@ -133,6 +145,8 @@ pub enum Program {
     Reseed { random: Vec<u8> },
     /// Not a program: the client powers the guest off (or reboots it).
     Shutdown(ShutdownRequest),
+    /// Not a program: a job operation (protocol 5) against the agent's model registry.
+    Job(JobScenario),
 }
 
 impl Program {
@@ -146,6 +160,7 @@ impl Program {
                 | Program::TimeSync { .. }
                 | Program::Reseed { .. }
                 | Program::Shutdown(_)
+                | Program::Job(_)
         )
     }
 }
@@ -371,6 +386,8 @@ pub struct Outcome {
     pub info: Vec<Vec<u8>>,
     /// What the agent committed (a put's file): the agent's side of the outcome.
     pub committed: Option<Vec<u8>>,
+    /// An attachment's header.
+    pub attached: Option<AttachHeader>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -387,6 +404,8 @@ pub enum End {
     ClockSet(Timestamp),
     /// The client went away mid-put, before its digest (it reports nothing else).
     Vanished,
+    /// A detached job started.
+    Detached(JobStarted),
 }
 
 /// A termination record without its duration.
@@ -431,7 +450,9 @@ const SIM_KILL_GRACE_MS: u32 = 3;
 
 impl Scenario {
     pub fn random(rng: &mut Rng, mode: Mode) -> Scenario {
-        let program = if rng.chance(30) {
+        let program = if rng.chance(6) {
+            Program::Job(JobScenario::random(rng))
+        } else if rng.chance(30) {
             Self::random_operation(rng)
         } else {
             Self::random_program(rng)
@@ -734,7 +755,8 @@ impl Scenario {
             | Program::Info { .. }
             | Program::TimeSync { .. }
             | Program::Reseed { .. }
-            | Program::Shutdown(_) => return self.expected_operation(),
+            | Program::Shutdown(_)
+            | Program::Job(_) => return self.expected_operation(),
             Program::Wait {
                 greeting,
                 resizes,
@@ -852,6 +874,7 @@ impl Scenario {
             Program::TimeSync { previous, .. } => outcome.end = End::ClockSet(*previous),
             Program::Reseed { random } => outcome.end = End::Done(random.len() as u32),
             Program::Shutdown(_) => outcome.end = End::Done(0),
+            Program::Job(job) => return job.expected(),
             _ => unreachable!("not an operation of protocol 4"),
         }
         outcome
@@ -870,6 +893,7 @@ impl Default for Outcome {
             skipped: Vec::new(),
             info: Vec::new(),
             committed: None,
+            attached: None,
         }
     }
 }
@@ -1072,6 +1096,8 @@ enum Task {
         items: Vec<Vec<u8>>,
         sent: usize,
     },
+    /// A job operation in progress.
+    Job(JobTask),
 }
 
 /// A put in progress: content is held until the checks passed, then written at the pace the
@@ -1616,9 +1642,18 @@ fn client_step(
                 client.outcome.end = End::ClockSet(previous);
                 client.ended = Some(Ok(()));
             }
-            // No simulated client asks for jobs (they have tests of their own: jobs_tests.rs).
-            Some(ClientEvent::Detached(_) | ClientEvent::Job(_) | ClientEvent::Attached(_)) => {
-                return Err("a job frame nobody asked for".into());
+            Some(ClientEvent::Detached(job)) => {
+                client.outcome.end = End::Detached(job);
+                client.ended = Some(Ok(()));
+            }
+            Some(ClientEvent::Job(record)) => {
+                client.outcome.info.push(record.id.to_string().into_bytes())
+            }
+            Some(ClientEvent::Attached(header)) => {
+                if !client.authenticated {
+                    return Err("attached before the agent proved itself".into());
+                }
+                client.outcome.attached = Some(header);
             }
         }
         client.recv.consume(consumed);
@@ -1731,7 +1766,12 @@ fn send_controls(client: &mut Client, rng: &mut Rng) -> Result<(), String> {
             return Ok(());
         }
         let result = client.session.send_signal(IGNORED_SIGNALS[3], &mut frame);
-        if client.scenario.program.is_operation() {
+        // An attachment relays it to its job (the model job ignores it).
+        let attach = matches!(
+            client.scenario.program,
+            Program::Job(JobScenario::Attach { .. })
+        );
+        if client.scenario.program.is_operation() && !attach {
             return match result {
                 Err(SessionError::InvalidState) => Ok(()),
                 other => Err(format!(
@@ -1835,6 +1875,7 @@ fn start_operation(client: &mut Client, rng: &mut Rng) -> Result<(), String> {
         Program::TimeSync { to, .. } => client.session.start_time_sync(*to, &mut client.frame),
         Program::Reseed { random } => client.session.start_reseed(random, &mut client.frame),
         Program::Shutdown(request) => client.session.start_shutdown(*request, &mut client.frame),
+        Program::Job(job) => job.start(&mut client.session, &mut client.frame),
         _ => {
             let scenario = client.scenario.clone();
             let request = scenario.request();
@@ -1990,6 +2031,15 @@ fn receive(agent: &mut Agent, c2a: &mut Wire, rng: &mut Rng, now: Micros) -> Res
                     .map_err(|e| format!("done: {e}"))?,
                 _ => return Err("the agent received a kill-all".into()),
             },
+            Some(AgentEvent::Exec(valid)) if agent.session.is_job() => {
+                let Agent {
+                    session,
+                    task,
+                    program,
+                    ..
+                } = agent;
+                job_event(session, task, program, AgentEvent::Exec(valid), now)?
+            }
             Some(AgentEvent::Exec(valid)) => {
                 let request = valid.request();
                 // The driver appends the exec's own lists to the pieces: the whole request.
@@ -2062,13 +2112,19 @@ fn receive(agent: &mut Agent, c2a: &mut Wire, rng: &mut Rng, now: Micros) -> Res
                 }
             }
             Some(
-                AgentEvent::StartJob(_)
+                event @ (AgentEvent::StartJob(_)
                 | AgentEvent::Jobs(_)
                 | AgentEvent::Attach(_)
                 | AgentEvent::Wait(_)
                 | AgentEvent::Kill(_)
-                | AgentEvent::Remove(_),
-            ) => return Err("a job request nobody sent".into()),
+                | AgentEvent::Remove(_)),
+            ) => job_event(
+                &mut agent.session,
+                &mut agent.task,
+                &agent.program,
+                event,
+                now,
+            )?,
         }
         agent.recv.consume(consumed);
     }
@@ -2417,6 +2473,7 @@ fn move_task(agent: &mut Agent, rng: &mut Rng, now: Micros) -> Result<(), String
                 .map_err(|e| format!("done: {e}"))?;
             true
         }
+        Some(Task::Job(job)) => job.step(session, frame, out, rng, now)?,
     };
     if finished {
         *task = None;
@@ -2426,4 +2483,467 @@ fn move_task(agent: &mut Agent, rng: &mut Rng, now: Micros) -> Result<(), String
         out.buf.extend_from_slice(&frame[..n]);
     }
     Ok(())
+}
+
+/// A job operation (protocol 5) against the model registry of the agent's driver, which holds
+/// the job `web` (id 1) as the scenario says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobScenario {
+    /// Start a detached job, named `web` or not; `taken`: that name is in use.
+    Start {
+        named: bool,
+        taken: bool,
+    },
+    /// List the registry's `count` jobs (the session stops the driver at `MAX_JOBS`).
+    List {
+        count: usize,
+    },
+    /// Attach to `web`: its retained stdout, with `lost` bytes that fell out of the ring after
+    /// its first `cut` bytes; following, the live output then the record (the job exits with
+    /// `code`); not following, `Done` once the retained output went.
+    Attach {
+        retained: Vec<u8>,
+        cut: usize,
+        lost: u64,
+        live: Vec<u8>,
+        follow: bool,
+        code: u8,
+        unknown: bool,
+    },
+    /// Wait for `web`, which ends `after_us` from the request (keepalives meanwhile; 0: it
+    /// has ended already).
+    Wait {
+        after_us: u64,
+        code: u8,
+        unknown: bool,
+    },
+    /// Kill or remove job 1: the registry's answer (`None`: done).
+    Kill {
+        answer: Option<ErrorCode>,
+    },
+    Remove {
+        answer: Option<ErrorCode>,
+    },
+}
+
+/// A job's exec in the simulation.
+const JOB_REQUEST: ExecRequest<'static> = ExecRequest {
+    argv: StrList::new(b"job\0"),
+    env: StrList::new(b""),
+    clean_env: false,
+    cwd: None,
+    stdin: StdinMode::Pipe,
+    user: None,
+    pty: None,
+    timeout_ms: 0,
+    kill_grace_ms: None,
+    kill_tree_on_exit: false,
+    max_output: 0,
+};
+
+const JOB_STARTED: JobStarted = JobStarted { id: 1, pid: 4242 };
+
+impl JobScenario {
+    fn random(rng: &mut Rng) -> JobScenario {
+        let code = rng.below(256) as u8;
+        let unknown = rng.chance(10);
+        match rng.below(6) {
+            0 => JobScenario::Start {
+                named: rng.chance(70),
+                taken: rng.chance(20),
+            },
+            1 => JobScenario::List {
+                count: if rng.chance(10) {
+                    crate::limits::MAX_JOBS + rng.below(20)
+                } else {
+                    rng.below(8)
+                },
+            },
+            2 => {
+                let len = if rng.chance(10) { 0 } else { rng.size(100_000) };
+                let live = if rng.chance(30) { 0 } else { rng.size(50_000) };
+                JobScenario::Attach {
+                    cut: rng.below(len + 1),
+                    retained: rng.bytes(len),
+                    lost: if rng.chance(50) {
+                        rng.size(1 << 20) as u64
+                    } else {
+                        0
+                    },
+                    live: rng.bytes(live),
+                    follow: rng.chance(70),
+                    code,
+                    unknown,
+                }
+            }
+            3 => JobScenario::Wait {
+                after_us: if rng.chance(20) {
+                    0
+                } else {
+                    rng.below(200_000) as u64
+                },
+                code,
+                unknown,
+            },
+            4 => JobScenario::Kill {
+                answer: [
+                    None,
+                    None,
+                    Some(ErrorCode::NoSuchJob),
+                    Some(ErrorCode::JobEnded),
+                ][rng.below(4)],
+            },
+            _ => JobScenario::Remove {
+                answer: [
+                    None,
+                    None,
+                    Some(ErrorCode::NoSuchJob),
+                    Some(ErrorCode::JobRunning),
+                ][rng.below(4)],
+            },
+        }
+    }
+
+    fn header(follow: bool) -> AttachHeader {
+        AttachHeader {
+            id: 1,
+            stdout: Resume { from: 0, lost: 0 },
+            stderr: Resume::default(),
+            stdin: false,
+            running: follow,
+        }
+    }
+
+    fn record(code: u8, stdout: u64) -> Record {
+        Record {
+            status: ExitStatus::Code(code),
+            output_dropped: false,
+            ending: Ending::Exited,
+            tree_kill: TreeKill::None,
+            stdout: StreamRecord {
+                bytes: stdout,
+                dropped: 0,
+            },
+            stderr: StreamRecord::default(),
+            pipes_held: false,
+            peak_memory: 0,
+        }
+    }
+
+    fn termination(code: u8, stdout: u64) -> crate::Termination {
+        let record = JobScenario::record(code, stdout);
+        crate::Termination {
+            status: record.status,
+            duration_us: 5,
+            output_dropped: record.output_dropped,
+            ending: record.ending,
+            tree_kill: record.tree_kill,
+            stdout: record.stdout,
+            stderr: record.stderr,
+            pipes_held: record.pipes_held,
+            oom_killed: false,
+            peak_memory: record.peak_memory,
+        }
+    }
+
+    /// What the client must see.
+    fn expected(&self) -> Outcome {
+        let mut outcome = Outcome::default();
+        outcome.end = match self {
+            JobScenario::Start { named, taken } if *named && *taken => {
+                End::Refused(ErrorCode::AlreadyExists)
+            }
+            JobScenario::Start { .. } => End::Detached(JOB_STARTED),
+            JobScenario::List { count } => {
+                let listed = (*count).min(crate::limits::MAX_JOBS);
+                outcome.info = (1..=listed).map(|id| id.to_string().into_bytes()).collect();
+                End::Done(listed as u32)
+            }
+            JobScenario::Attach { unknown: true, .. } | JobScenario::Wait { unknown: true, .. } => {
+                End::Refused(ErrorCode::NoSuchJob)
+            }
+            JobScenario::Attach {
+                retained,
+                cut,
+                lost,
+                live,
+                follow,
+                code,
+                ..
+            } => {
+                outcome.attached = Some(JobScenario::header(*follow));
+                outcome.stdout = retained.clone();
+                if *lost > 0 {
+                    outcome.drops = vec![(Stream::Stdout, *cut, *lost)];
+                }
+                if *follow {
+                    outcome.stdout.extend_from_slice(live);
+                    let total = retained.len() as u64 + lost + live.len() as u64;
+                    End::Exited(JobScenario::record(*code, total))
+                } else {
+                    End::Done(0)
+                }
+            }
+            JobScenario::Wait { code, .. } => End::Exited(JobScenario::record(*code, 0)),
+            JobScenario::Kill { answer } | JobScenario::Remove { answer } => match answer {
+                None => End::Done(0),
+                Some(code) => End::Refused(*code),
+            },
+        };
+        outcome
+    }
+
+    /// The client starts it.
+    fn start(&self, session: &mut ClientSession, out: &mut [u8]) -> Result<usize, SessionError> {
+        let job = JobRequest {
+            job: Bytes(b"web"),
+            user: None,
+        };
+        match self {
+            JobScenario::Start { named, .. } => {
+                session.start_job(named.then_some(&b"web"[..]), &JOB_REQUEST, out)
+            }
+            JobScenario::List { .. } => session.start_jobs(&JobQuery { user: None }, out),
+            JobScenario::Attach { follow, .. } => session.start_attach(
+                &AttachRequest {
+                    job: Bytes(b"web"),
+                    user: None,
+                    since_stdout: 0,
+                    since_stderr: 0,
+                    follow: *follow,
+                    stdin: false,
+                },
+                out,
+            ),
+            JobScenario::Wait { .. } => session.start_wait(&job, out),
+            JobScenario::Kill { .. } => session.start_kill(
+                &KillJob {
+                    job: Bytes(b"1"),
+                    user: None,
+                    signal: 0,
+                    grace_ms: None,
+                },
+                out,
+            ),
+            JobScenario::Remove { .. } => session.start_remove(
+                &JobRequest {
+                    job: Bytes(b"1"),
+                    user: None,
+                },
+                out,
+            ),
+        }
+    }
+}
+
+/// A job operation the agent's driver carries out.
+struct JobTask {
+    job: JobScenario,
+    /// Records or retained bytes sent; the gap's notice went; live bytes sent.
+    sent: usize,
+    dropped: bool,
+    live_sent: usize,
+    /// When a waited-for job ends.
+    until: Micros,
+}
+
+/// A job request reached the agent's driver: check it is the scenario's, then answer it from
+/// the model registry or begin its task.
+fn job_event(
+    session: &mut AgentSession,
+    task_slot: &mut Option<Task>,
+    program: &Program,
+    event: AgentEvent<'_>,
+    now: Micros,
+) -> Result<(), String> {
+    let Program::Job(job) = program.clone() else {
+        return Err(format!("the agent received {event:?} for {program:?}"));
+    };
+    let answer = |result: Result<(), SessionError>| result.map_err(|e| format!("{event:?}: {e}"));
+    let refuse = |session: &mut AgentSession, code| {
+        session
+            .refuse(Refusal::new(code, "the registry says no"), now)
+            .map_err(|e| format!("refuse: {e}"))
+    };
+    let task = |job: &JobScenario, until| {
+        Some(Task::Job(JobTask {
+            job: job.clone(),
+            sent: 0,
+            dropped: false,
+            live_sent: 0,
+            until,
+        }))
+    };
+    match (event, &job) {
+        (AgentEvent::StartJob(start), JobScenario::Start { named, .. }) => {
+            if start.name.map(|name| name.0) != named.then_some(&b"web"[..]) {
+                return Err(format!("a job start named {:?}", start.name));
+            }
+        }
+        (AgentEvent::Exec(valid), JobScenario::Start { named, taken }) => {
+            if *valid.request() != JOB_REQUEST {
+                return Err("another job request".into());
+            }
+            if *named && *taken {
+                refuse(session, ErrorCode::AlreadyExists)?;
+            } else {
+                answer(session.detached(JOB_STARTED, now))?;
+            }
+        }
+        (AgentEvent::Jobs(_), JobScenario::List { .. }) => *task_slot = task(&job, now),
+        (
+            AgentEvent::Attach(request),
+            JobScenario::Attach {
+                unknown, follow, ..
+            },
+        ) => {
+            if request.follow != *follow || request.job.0 != b"web" {
+                return Err("another attach request".into());
+            }
+            if *unknown {
+                refuse(session, ErrorCode::NoSuchJob)?;
+            } else {
+                let header = JobScenario::header(*follow);
+                answer(session.attached(header, now.saturating_sub(1_000), now))?;
+                *task_slot = task(&job, now);
+            }
+        }
+        (
+            AgentEvent::Wait(_),
+            JobScenario::Wait {
+                after_us,
+                code,
+                unknown,
+            },
+        ) => {
+            if *unknown {
+                refuse(session, ErrorCode::NoSuchJob)?;
+            } else if *after_us == 0 {
+                answer(session.job_ended(JobScenario::termination(*code, 0), now))?;
+            } else {
+                answer(session.waiting(now))?;
+                *task_slot = task(&job, now + after_us);
+            }
+        }
+        (AgentEvent::Kill(_), JobScenario::Kill { answer: reply })
+        | (AgentEvent::Remove(_), JobScenario::Remove { answer: reply }) => match reply {
+            None => answer(session.done(0, now))?,
+            Some(code) => refuse(session, *code)?,
+        },
+        (event, job) => return Err(format!("the agent received {event:?} for {job:?}")),
+    }
+    Ok(())
+}
+
+impl JobTask {
+    /// One frame of the task (nothing else is queued), or its end; returns whether it ended.
+    fn step(
+        &mut self,
+        session: &mut AgentSession,
+        frame: &mut [u8],
+        out: &mut Outbox,
+        rng: &mut Rng,
+        now: Micros,
+    ) -> Result<bool, String> {
+        let mut output = |session: &mut AgentSession, data: &[u8]| -> Result<(), String> {
+            frame[DATA_HEADROOM..DATA_HEADROOM + data.len()].copy_from_slice(data);
+            let start = session
+                .frame_output(frame, DataKind::Stdout, data.len(), now)
+                .map_err(|e| format!("frame_output: {e}"))?;
+            out.buf
+                .extend_from_slice(&frame[start..DATA_HEADROOM + data.len()]);
+            Ok(())
+        };
+        match &self.job {
+            JobScenario::List { count } => {
+                if self.sent < *count {
+                    let record = JobRecord {
+                        id: self.sent as u32 + 1,
+                        name: None,
+                        argv: StrList::new(b"job\0"),
+                        uid: 0,
+                        gid: 0,
+                        pid: 4242,
+                        state: JobState::Running,
+                        started: SIM_MTIME,
+                        duration_us: 1,
+                        stdout_bytes: 0,
+                        stderr_bytes: 0,
+                        termination: None,
+                    };
+                    match session.encode_job(&record, frame) {
+                        Ok(n) => {
+                            out.buf.extend_from_slice(&frame[..n]);
+                            self.sent += 1;
+                            return Ok(false);
+                        }
+                        // Past the protocol's bound the rest is left out.
+                        Err(SessionError::InvalidState) if self.sent >= crate::limits::MAX_JOBS => {
+                        }
+                        Err(err) => return Err(format!("encode_job: {err}")),
+                    }
+                }
+                // The driver counts all; the session counts what went.
+                session
+                    .done(*count as u32, now)
+                    .map_err(|e| format!("done: {e}"))?;
+                Ok(true)
+            }
+            JobScenario::Attach {
+                retained,
+                cut,
+                lost,
+                live,
+                follow,
+                code,
+                ..
+            } => {
+                // The head up to the gap, the gap's notice, the rest of what is retained.
+                if *lost > 0 && !self.dropped && self.sent == *cut {
+                    let n = session
+                        .encode_output_dropped(Stream::Stdout, *lost, frame)
+                        .map_err(|e| format!("encode_output_dropped: {e}"))?;
+                    out.buf.extend_from_slice(&frame[..n]);
+                    self.dropped = true;
+                    return Ok(false);
+                }
+                let until = if self.sent < *cut {
+                    *cut
+                } else {
+                    retained.len()
+                };
+                if self.sent < until {
+                    let n = rng.size(MAX_DATA).min(until - self.sent);
+                    output(session, &retained[self.sent..self.sent + n])?;
+                    self.sent += n;
+                    return Ok(false);
+                }
+                if !follow {
+                    session.done(0, now).map_err(|e| format!("done: {e}"))?;
+                    return Ok(true);
+                }
+                if self.live_sent < live.len() {
+                    let n = rng.size(MAX_DATA).min(live.len() - self.live_sent);
+                    output(session, &live[self.live_sent..self.live_sent + n])?;
+                    self.live_sent += n;
+                    return Ok(false);
+                }
+                let total = retained.len() as u64 + lost + live.len() as u64;
+                session
+                    .job_ended(JobScenario::termination(*code, total), now)
+                    .map_err(|e| format!("job_ended: {e}"))?;
+                Ok(true)
+            }
+            JobScenario::Wait { code, .. } => {
+                if now < self.until {
+                    return Ok(false);
+                }
+                session
+                    .job_ended(JobScenario::termination(*code, 0), now)
+                    .map_err(|e| format!("job_ended: {e}"))?;
+                Ok(true)
+            }
+            other => Err(format!("no task for {other:?}")),
+        }
+    }
 }

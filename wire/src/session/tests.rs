@@ -79,7 +79,7 @@ fn ferry_max_data() -> usize {
 /// What the simulation covered, to show it covers what it says.
 #[derive(Debug, Default)]
 struct Seen {
-    programs: [usize; 14],
+    programs: [usize; 15],
     /// Requests in pieces; at the limits.
     pieces: usize,
     largest: usize,
@@ -113,6 +113,7 @@ fn simulate(mode: Mode, salt: u64) {
             Program::TimeSync { .. } => 11,
             Program::Reseed { .. } => 12,
             Program::Shutdown(_) => 13,
+            Program::Job(_) => 14,
         }] += 1;
         let limits = crate::limits::MAX_INLINE_LIST;
         seen.pieces += usize::from(scenario.argv.len() > limits || scenario.env.len() > limits);

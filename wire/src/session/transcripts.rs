@@ -13,11 +13,13 @@ use std::sync::LazyLock;
 use std::vec::Vec;
 
 use super::*;
+use crate::jobs::{AttachHeader, AttachRequest, JobRequest, JobStarted, Resume};
 use crate::limits::{MAX_FRAME, MAX_INLINE_LIST, NONCE_LEN};
 use crate::msg::{
     ClientFrame, Ending, ErrorCode, ExecRequest, ExitStatus, ListKind, StdinMode, StrList, Stream,
     TreeKill, WindowSize,
 };
+use crate::msg::{StreamRecord, Termination};
 use crate::ops::{
     FileHeader, FileSummary, GetRequest, MountInfo, PutRequest, SkipReason, SystemInfo, Timestamp,
     TransferKind,
@@ -60,6 +62,14 @@ enum Act {
     FileDone(FileSummary),
     /// An info frame (system, mount or interface).
     Info(AgentFrame<'static>),
+    /// The job was started and registered.
+    Detached(JobStarted),
+    /// The attachment begins; the job started at this time on the driver's clock.
+    Attached(AttachHeader, u64),
+    /// The job attached to (or waited for) has ended.
+    JobEnded(Termination),
+    /// The job waited for still runs.
+    Waiting,
 }
 
 /// What the client does beyond the operation.
@@ -84,12 +94,16 @@ enum Operation {
     Put(PutRequest<'static>),
     Get(GetRequest<'static>),
     Info,
+    /// A detached job with this name, and its exec.
+    StartJob(&'static [u8], ExecRequest<'static>),
+    Attach(AttachRequest<'static>),
+    Wait(JobRequest<'static>),
 }
 
 impl Operation {
     fn request(&self) -> Option<ExecRequest<'static>> {
         match *self {
-            Operation::Exec(request) => Some(request),
+            Operation::Exec(request) | Operation::StartJob(_, request) => Some(request),
             Operation::Built(build) => Some(build()),
             _ => None,
         }
@@ -596,6 +610,135 @@ const TRANSCRIPTS: &[Transcript] = &[
             "done 1",
         ],
     },
+    Transcript {
+        name: "job_start",
+        // A detached job named `web`: the start and its exec (whole, in one frame), answered
+        // with the job's id once its command runs. Its stdin is for an attacher.
+        operation: Operation::StartJob(
+            b"web",
+            ExecRequest {
+                argv: StrList::new(b"./build.sh\0"),
+                env: StrList::new(b"LANG=C\0"),
+                clean_env: false,
+                cwd: None,
+                stdin: StdinMode::Null,
+                user: None,
+                pty: None,
+                timeout_ms: 0,
+                kill_grace_ms: None,
+                kill_tree_on_exit: false,
+                max_output: 0,
+            },
+        ),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
+        sends: &[],
+        acts: &[Act::Detached(JobStarted { id: 1, pid: 20 })],
+        events: &[
+            "hello v5 agent golden Authenticated",
+            "authenticated",
+            "detached 1 pid 20",
+        ],
+    },
+    Transcript {
+        name: "job_attach",
+        // Another connection attaches to `web` from the start of each stream, asking for its
+        // stdin (granted: nobody else holds it; it sends none here). Its stderr's
+        // first 10 bytes are no longer retained (the header says so); stdout is replayed from
+        // the spool's head, then the ring overran (4096 bytes the attacher never gets), then
+        // the live tail and the job's record. Output is stamped with the time since the job
+        // started (at 500000 µs on the agent's clock).
+        operation: Operation::Attach(AttachRequest {
+            job: Bytes(b"web"),
+            user: None,
+            since_stdout: 0,
+            since_stderr: 0,
+            follow: true,
+            stdin: true,
+        }),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
+        sends: &[],
+        acts: &[
+            Act::At(2_000_000),
+            Act::Attached(
+                AttachHeader {
+                    id: 1,
+                    stdout: Resume { from: 0, lost: 0 },
+                    stderr: Resume { from: 10, lost: 10 },
+                    stdin: true,
+                    running: true,
+                },
+                500_000,
+            ),
+            Act::Stdout(b"one\n"),
+            Act::Dropped(Stream::Stdout, 4096),
+            Act::At(2_600_000),
+            Act::Stderr(b"two\n"),
+            Act::Stdout(b"three\n"),
+            Act::JobEnded(Termination {
+                status: ExitStatus::Code(0),
+                duration_us: 2_050_000,
+                output_dropped: false,
+                ending: Ending::Exited,
+                tree_kill: TreeKill::None,
+                stdout: StreamRecord { bytes: 4106, dropped: 0 },
+                stderr: StreamRecord { bytes: 14, dropped: 0 },
+                pipes_held: false,
+                oom_killed: false,
+                peak_memory: 0,
+            }),
+        ],
+        events: &[
+            "hello v5 agent golden Authenticated",
+            "authenticated",
+            "attached 1: stdout from 0 lost 0, stderr from 10 lost 10, stdin=true running=true",
+            "stdout \"one\\n\" at 1500000us",
+            "output dropped Stdout 4096",
+            "stderr \"two\\n\" at 2100000us",
+            "stdout \"three\\n\" at 2100000us",
+            "exited Code(0) 2050000us dropped=false Exited tree_kill=None out=4106/0 err=14/0 \
+             held=false oom=false peak=0",
+        ],
+    },
+    Transcript {
+        name: "job_wait_kept",
+        // An agent that keeps connections (protocol 5: `idle_ms` 30000 in its hello) answers a
+        // wait for `web`: keepalives while the job runs, then its record; the connection stays
+        // open for the client's next operation.
+        operation: Operation::Wait(JobRequest {
+            job: Bytes(b"web"),
+            user: None,
+        }),
+        agent_secret: Some(SECRET),
+        client_secret: Some(SECRET),
+        sends: &[],
+        acts: &[
+            Act::Waiting,
+            Act::At(5_000_000),
+            Act::Tick,
+            Act::At(6_000_000),
+            Act::JobEnded(Termination {
+                status: ExitStatus::Code(2),
+                duration_us: 6_500_000,
+                output_dropped: false,
+                ending: Ending::Exited,
+                tree_kill: TreeKill::None,
+                stdout: StreamRecord { bytes: 12, dropped: 0 },
+                stderr: StreamRecord { bytes: 0, dropped: 0 },
+                pipes_held: false,
+                oom_killed: false,
+                peak_memory: 0,
+            }),
+        ],
+        events: &[
+            "hello v5 agent golden Authenticated",
+            "authenticated",
+            "keepalive",
+            "exited Code(2) 6500000us dropped=false Exited tree_kill=None out=12/0 err=0/0 \
+             held=false oom=false peak=0",
+        ],
+    },
 ];
 
 fn secret(bytes: Option<&[u8]>) -> Option<Secret> {
@@ -607,7 +750,7 @@ fn agent_session(t: &Transcript) -> AgentSession {
         nonce: AGENT_NONCE,
         secret: secret(t.agent_secret),
     };
-    AgentSession::new(CONFIG, 0, auth)
+    AgentSession::new(config(t), 0, auth)
 }
 
 fn client_session(t: &Transcript) -> ClientSession {
@@ -628,6 +771,9 @@ fn start(
         Operation::Put(put) => return session.start_put(&put, out),
         Operation::Get(get) => return session.start_get(&get, out),
         Operation::Info => return session.start_info(out),
+        Operation::StartJob(name, request) => return session.start_job(Some(name), &request, out),
+        Operation::Attach(request) => return session.start_attach(&request, out),
+        Operation::Wait(request) => return session.start_wait(&request, out),
         _ => {}
     }
     match t.operation.request() {
@@ -642,6 +788,17 @@ fn client_buffer(t: &Transcript) -> Vec<u8> {
         ClientSession::exec_buffer_len(&request)
     });
     vec![0u8; len]
+}
+
+/// The transcripts whose agent keeps connections (protocol 5): idle for up to 30 s.
+const KEPT: &[&str] = &["job_wait_kept"];
+
+fn config(t: &Transcript) -> AgentConfig {
+    let mut config = CONFIG;
+    if KEPT.contains(&t.name) {
+        config.limits.idle_ms = 30_000;
+    }
+    config
 }
 
 const CONFIG: AgentConfig = AgentConfig {
@@ -784,7 +941,12 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
                 );
             }
             Some(
-                AgentEvent::KillAll | AgentEvent::Put(_) | AgentEvent::Get(_) | AgentEvent::Info,
+                AgentEvent::KillAll
+                | AgentEvent::Put(_)
+                | AgentEvent::Get(_)
+                | AgentEvent::Info
+                | AgentEvent::Attach(_)
+                | AgentEvent::Wait(_),
             ) => operation_seen = true,
             Some(AgentEvent::Stdin(data)) => stdin_received += data.len(),
             _ => {}
@@ -851,11 +1013,20 @@ fn agent_bytes(t: &Transcript, client: &[u8]) -> Vec<u8> {
                 let n = session.encode_info(&info, &mut frame).expect("info");
                 sent.extend_from_slice(&frame[..n]);
             }
+            Act::Detached(job) => {
+                assert!(session.is_job(), "{}", t.name);
+                session.detached(job, now).expect("detached");
+            }
+            Act::Attached(header, started_at) => {
+                session.attached(header, started_at, now).expect("attached")
+            }
+            Act::JobEnded(end) => session.job_ended(end, now).expect("ended"),
+            Act::Waiting => session.waiting(now).expect("waiting"),
         }
         flush(&mut session, &mut sent);
     }
     assert!(
-        session.is_closed(),
+        session.is_closed() || (KEPT.contains(&t.name) && session.can_continue()),
         "{}: the conversation did not end",
         t.name
     );
@@ -925,6 +1096,17 @@ fn client_events(t: &Transcript, agent: &[u8]) -> (Vec<String>, Vec<u8>) {
                 format!("output dropped {:?} {}", dropped.stream, dropped.bytes)
             }
             ClientEvent::Done(report) => format!("done {}", report.count),
+            ClientEvent::Detached(job) => format!("detached {} pid {}", job.id, job.pid),
+            ClientEvent::Attached(header) => format!(
+                "attached {}: stdout from {} lost {}, stderr from {} lost {}, stdin={} running={}",
+                header.id,
+                header.stdout.from,
+                header.stdout.lost,
+                header.stderr.from,
+                header.stderr.lost,
+                header.stdin,
+                header.running
+            ),
             ClientEvent::Refused(err) => {
                 format!(
                     "refused {:?} errno {} {:?}",
