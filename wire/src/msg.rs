@@ -25,7 +25,8 @@ pub const MIN_PROTOCOL_VERSION: u16 = 5;
 pub enum ClientFrame<'a> {
     /// The client's first frame, in answer to the agent's hello.
     Hello(ClientHello),
-    /// Run a program. One connection carries one operation.
+    /// Run a program. A connection carries one operation at a time (protocol 5: several, one
+    /// after another).
     #[serde(borrow)]
     Exec(ExecRequest<'a>),
     /// Bytes for the command's stdin, within the credit the agent granted.
