@@ -114,11 +114,17 @@ fn converse(
     let mut link = Link::new(sock, recv, out);
     // A request in pieces is put together here; its buffers go with the connection.
     let mut pieces = pieces::Pieces::new();
+    // What the last operation left to close (pipes at EOF, the reaped pidfd): closed while the
+    // next command starts up, or before this process waits for a request, whichever comes
+    // first, so a client that sends request after request never waits for those `close`s.
+    let mut leftovers = pump::Retired::new();
+    // The peer, for the audit lines: asked once, after the first operation.
+    let mut peer = None;
     // Protocol 5: one operation after another, each from a clean slate. NOTE: whatever an
     // operation holds (pipes, pidfd, the child's stack, a terminal, a transfer's files) is
-    // released at the end of its iteration, before the next request is read; an operation
-    // that changed this process for good (a transfer dropped to its user and left the exec
-    // cgroup, a shutdown) or left processes in the exec cgroup ends the connection instead.
+    // released by the end of the next operation's start at the latest; an operation that
+    // changed this process for good (a transfer dropped to its user and left the exec cgroup,
+    // a shutdown) or left processes in the exec cgroup ends the connection instead.
     loop {
         let default_user = prepared.default_user();
         let storage = Storage {
@@ -138,23 +144,28 @@ fn converse(
             &mut audit,
             &mut pieces,
             &mut last,
+            &mut leftovers,
         );
         successor.release();
-        let mut spent_stack = None;
+        let mut next = None;
+        let mut leader = None;
         let (end, retired) = match handshake {
             Handshake::Started(mut child) => {
-                spent_stack = child.spent_stack.take();
-                let leader = child.pid;
+                // While the command starts up (an `execve` and a dynamic loader take far
+                // longer), `Started` goes out, and this process tidies up after the last
+                // operation and makes the next one's pipes: off the client's path.
+                link.outbox.refill(&mut session);
+                let _ = link.flush();
+                leftovers.clear();
+                let stack = child.spent_stack.take();
+                next = Some(start::prepare_next(stack, default_user.clone()));
+                leader = Some(child.pid);
                 let buffers = pump::Buffers {
                     stdin: &mut *stdin,
                     stdout_tail: &mut *stdout_tail,
                     stderr_tail: &mut *stderr_tail,
                 };
-                let ran = pump::run(&mut link, &mut session, child, buffers);
-                // The next exec needs an empty exec cgroup with no OOM kill in its past.
-                last |= crate::cgroup::tree_remains(leader)
-                    || crate::cgroup::exec_memory_facts().oom_killed;
-                ran
+                pump::run(&mut link, &mut session, child, buffers)
             }
             Handshake::Transfer(transfer) => {
                 // It drops this process to the request's user and leaves the exec cgroup.
@@ -172,17 +183,25 @@ fn converse(
         if end == End::Closing {
             send_final(&mut link, &mut session);
         }
-        if let Some(audit) = audit {
-            audit.emit(&session, end, link.sock);
+        // Checked once the final frame is out: the next exec needs an empty exec cgroup with
+        // no OOM kill in its past.
+        if let Some(leader) = leader {
+            last |= crate::cgroup::exec_cgroup_spent(leader);
         }
-        // Finished pipes, the reaped pidfd and the child's stack go only now, after the final
-        // frame (the stack is kept for the next command).
-        drop(retired);
+        if let Some(audit) = audit {
+            let peer = peer.get_or_insert_with(|| auth::peer_label(link.sock));
+            audit.emit(&session, end, peer);
+        }
+        // Finished pipes and the reaped pidfd go only now, after the final frame, or later.
+        leftovers = retired;
         let go_on = end == End::Closing && !last && session.can_continue() && link.flush().is_ok();
         if !go_on || !link.outbox.is_empty() {
             return;
         }
-        prepared = start::prepare_next(spent_stack, default_user);
+        prepared = match next {
+            Some(prepared) => prepared,
+            None => start::prepare_next(None, default_user),
+        };
         if session.next_operation(clock::monotonic_us()).is_err() {
             return;
         }
@@ -202,31 +221,31 @@ struct Audit {
 }
 
 impl Audit {
-    fn new(operation: &'static [u8], program: &[u8], user: Option<&[u8]>) -> Audit {
+    fn new(operation: &'static [u8], program: &[u8], user: Option<&[u8]>, now: u64) -> Audit {
         Audit {
             operation,
             program: program.to_owned_in(),
             user: user.unwrap_or(b"(default)").to_owned_in(),
-            started_us: clock::monotonic_us(),
+            started_us: now,
             bytes: None,
         }
     }
 
     /// A put's or a get's: `path=` instead of `program=`, and the bytes moved.
-    fn transfer(operation: &'static [u8], path: &[u8], user: Option<Bytes<'_>>) -> Audit {
-        let mut audit = Audit::new(operation, path, user.map(|user| user.0));
+    fn transfer(operation: &'static [u8], path: &[u8], user: Option<Bytes<'_>>, now: u64) -> Audit {
+        let mut audit = Audit::new(operation, path, user.map(|user| user.0), now);
         audit.bytes = Some(0);
         audit
     }
 
     /// One line, rate-limited: `audit: exec peer=vsock 2:1234 user=(default) program=uname
     /// result=exit 0 ms=7`.
-    fn emit(&self, session: &AgentSession, end: End, sock: rustix::fd::BorrowedFd<'_>) {
+    fn emit(&self, session: &AgentSession, end: End, peer: &[u8]) {
         let mut line = log::Line::new();
         line.push(b"audit: ")
             .push(self.operation)
             .push(b" peer=")
-            .push(&auth::peer_label(sock))
+            .push(peer)
             .push(b" user=")
             .push(&self.user);
         if !self.program.is_empty() {
@@ -297,9 +316,11 @@ fn handshake<'b>(
     audit: &mut Option<Audit>,
     pieces: &mut pieces::Pieces,
     last: &mut bool,
+    leftovers: &mut pump::Retired,
 ) -> Handshake<'b> {
+    // Read again only after waiting: what arrives meanwhile is handled within microseconds.
+    let mut now = clock::monotonic_us();
     loop {
-        let now = clock::monotonic_us();
         loop {
             let input = match session.handle_input(link.inbox.data(), now) {
                 Ok(input) => input,
@@ -332,7 +353,7 @@ fn handshake<'b>(
                         Ok((lists, _)) => lists.argv.split(|b| *b == 0).next().unwrap_or(&[]),
                         Err(_) => &[],
                     };
-                    *audit = Some(Audit::new(b"exec", program, request.user.map(|u| u.0)));
+                    *audit = Some(Audit::new(b"exec", program, request.user.map(|u| u.0), now));
                     // The next spare is forked while our child starts, off the path the client
                     // waits on.
                     let started = lists.and_then(|(lists, index)| {
@@ -365,7 +386,7 @@ fn handshake<'b>(
                     };
                 }
                 Some(AgentEvent::KillAll) => {
-                    *audit = Some(Audit::new(b"kill-all", b"", None));
+                    *audit = Some(Audit::new(b"kill-all", b"", None, now));
                     link.inbox.consume(consumed);
                     let now = clock::monotonic_us();
                     let _ = match crate::cgroup::kill_all_commands() {
@@ -382,13 +403,13 @@ fn handshake<'b>(
                     return Handshake::Refused;
                 }
                 Some(AgentEvent::Put(put)) => {
-                    *audit = Some(Audit::transfer(b"put", put.path.0, put.user));
+                    *audit = Some(Audit::transfer(b"put", put.path.0, put.user, now));
                     let transfer = files::Transfer::put(&put, storage.cwd, prepared);
                     link.inbox.consume(consumed);
                     return transfer_or_refusal(session, transfer);
                 }
                 Some(AgentEvent::Get(get)) => {
-                    *audit = Some(Audit::transfer(b"get", get.path.0, get.user));
+                    *audit = Some(Audit::transfer(b"get", get.path.0, get.user, now));
                     let transfer = files::Transfer::get(&get, storage.cwd, prepared);
                     link.inbox.consume(consumed);
                     return transfer_or_refusal(session, transfer);
@@ -399,7 +420,7 @@ fn handshake<'b>(
                     | AgentEvent::TimeSync(_)
                     | AgentEvent::Reseed(_)),
                 ) => {
-                    *audit = Some(Audit::new(system::name(&event), b"", None));
+                    *audit = Some(Audit::new(system::name(&event), b"", None, now));
                     let follow_up = system::answer(&event, session);
                     link.inbox.consume(consumed);
                     if let Some(follow_up) = follow_up {
@@ -442,8 +463,10 @@ fn handshake<'b>(
                 return Handshake::Gone;
             }
         }
-        // Nothing to do but wait for the client: never keep the next one waiting on this one.
+        // Nothing to do but wait for the client: never keep the next one waiting on this one,
+        // and tidy up first.
         successor.release();
+        leftovers.clear();
         let flags = if link.outbox.is_empty() {
             PollFlags::IN
         } else {
@@ -452,7 +475,8 @@ fn handshake<'b>(
         if link.wait(flags, session.poll_timeout()).is_err() {
             return Handshake::Gone;
         }
-        if session.handle_timeout(clock::monotonic_us()).is_err() {
+        now = clock::monotonic_us();
+        if session.handle_timeout(now).is_err() {
             return Handshake::Refused;
         }
     }

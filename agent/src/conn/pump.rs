@@ -63,6 +63,7 @@ pub fn run(
         prefer_stderr: false,
         pid: child.pid,
         pidfd: Some(child.pidfd),
+        now: clock::monotonic_us(),
         exited: false,
         retired: Retired::new(),
         limits: child.limits,
@@ -88,6 +89,9 @@ struct Pump<'l, 's, 'b> {
     pid: Pid,
     /// `None` once the command is reaped.
     pidfd: Option<OwnedFd>,
+    /// The monotonic clock when the last `poll` returned: what this iteration's work goes by
+    /// (each clock read is a syscall).
+    now: u64,
     exited: bool,
     retired: Retired,
     /// The policy's limits and the request's.
@@ -252,7 +256,7 @@ impl Pump<'_, '_, '_> {
                     oom_killed: memory.oom_killed,
                     peak_memory: memory.peak_memory,
                 };
-                return match self.session.finish_with(clock::monotonic_us(), facts) {
+                return match self.session.finish_with(self.now, facts) {
                     Ok(()) => End::Closing,
                     Err(_) => End::ClientGone,
                 };
@@ -351,7 +355,7 @@ impl Pump<'_, '_, '_> {
     /// Reads the next output chunk into the empty outbox (or a stream's tail), as the
     /// session's output phase allows.
     fn read_output(&mut self) {
-        let now = clock::monotonic_us();
+        let now = self.now;
         let phase = self.session.output_phase(now);
         if phase == OutputPhase::Closed {
             self.close_output();
@@ -520,6 +524,7 @@ impl Pump<'_, '_, '_> {
         let Ok(events) = set.poll(deadline) else {
             return Err(self.kill(End::ClientGone));
         };
+        self.now = clock::monotonic_us();
 
         if events.of(Slot::Stdout).intersects(READABLE) {
             self.stdout.ready = true;
@@ -541,7 +546,7 @@ impl Pump<'_, '_, '_> {
             return Err(self.kill(End::ClientGone));
         }
         if deadline.is_some() {
-            let now = clock::monotonic_us();
+            let now = self.now;
             let due = |at: Option<u64>| at.is_some_and(|at| now >= at);
             if due(runtime) {
                 // Ran too long: its end (SIGKILL) comes through the pidfd like any other.
@@ -569,7 +574,7 @@ impl Pump<'_, '_, '_> {
         let Ok(Some(status)) = status else { return };
         let _ = self
             .session
-            .child_exited(start::exit_status(&status), clock::monotonic_us());
+            .child_exited(start::exit_status(&status), self.now);
         self.exited = true;
         if let Some(pidfd) = self.pidfd.take() {
             let _ = self.retired.push(pidfd);
@@ -644,7 +649,7 @@ impl Pump<'_, '_, '_> {
 
     /// Hands every whole buffered frame to the session, and does what it says.
     fn handle_frames(&mut self) -> Result<(), End> {
-        let now = clock::monotonic_us();
+        let now = self.now;
         loop {
             let Ok(input) = self.session.handle_input(self.link.inbox.data(), now) else {
                 // A breach: the session queued the error frame.
