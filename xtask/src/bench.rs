@@ -135,6 +135,13 @@ impl LocalAgent {
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("agent.sock");
         let mut command = Command::new(binary);
+        // The environment a guest's agent has, not cargo's: its commands inherit it, and the
+        // `LD_LIBRARY_PATH` that `cargo run` sets sends every dynamic loader through four
+        // directories first (≈150 µs per `/bin/true`, which the local baseline never pays).
+        command.env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            command.env("PATH", path);
+        }
         command
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()));
@@ -176,6 +183,30 @@ impl LocalAgent {
 
     fn rss_kib(&self) -> Result<u64> {
         status_kib(self.child.id(), "VmRSS")
+    }
+
+    /// Waits (up to a second) until the agent is at rest: its listener's children are no more
+    /// than its spares plus `open` kept connections, each asleep (a spare in `accept`, a kept
+    /// connection awaiting its next request), so nothing the last operations started still
+    /// runs in the background.
+    fn settle(&self, open: usize) {
+        let pid = self.child.id();
+        let asleep = |child: &str| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| Some(stat.get(stat.rfind(')')? + 2..)?.starts_with('S')))
+                .unwrap_or(true)
+        };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            let children: Vec<&str> = children.split_whitespace().collect();
+            if children.len() <= SPARES + open && children.iter().all(|child| asleep(child)) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// The preforked spares (the listener's children while no connection is open).
@@ -310,7 +341,12 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
         ..agent.options.clone()
     };
     let client = Client::new(&target, fresh);
-    let (ferry, local) = exec_round_trips(&client, Path::new("/bin/true"), options.runs)?;
+    let settle = |open| {
+        let agent = &agent;
+        move || agent.settle(open)
+    };
+    let (ferry, local) =
+        exec_round_trips(&client, Path::new("/bin/true"), options.runs, settle(0))?;
     let ratio = ferry.p50.as_secs_f64() / local.p50.as_secs_f64();
     rows.push(Row {
         metric: format!(
@@ -333,7 +369,8 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
     });
     // Protocol 5: every exec on the client's kept-alive connection.
     let reused = Client::new(&target, agent.options.clone());
-    let (ferry, local) = exec_round_trips(&reused, Path::new("/bin/true"), options.runs)?;
+    let (ferry, local) =
+        exec_round_trips(&reused, Path::new("/bin/true"), options.runs, settle(1))?;
     let ratio = ferry.p50.as_secs_f64() / local.p50.as_secs_f64();
     rows.push(Row {
         metric: format!(
@@ -488,12 +525,17 @@ pub fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
 /// (a fresh connection's replacement spare, the agent's tidying after its answer) is paid by the
 /// next operation of its own kind, not by the other side's.
 const BLOCK: usize = 20;
+/// The spares a listener keeps forked ahead.
+const SPARES: usize = 2;
 
-/// `program` through `client` and locally, `runs` times each, in alternating blocks.
+/// `program` through `client` and locally, `runs` times each, in alternating blocks; after
+/// each block `settle` waits until what it left in the background (the spares the listener
+/// forks after fresh connections) has ended, so the other side's block does not pay for it.
 fn exec_round_trips(
     client: &Client,
     program: &Path,
     runs: usize,
+    settle: impl Fn(),
 ) -> Result<(Percentiles, Percentiles)> {
     let command = ferry_host::Command::new(program);
     let mut ferry = Vec::with_capacity(runs);
@@ -516,6 +558,7 @@ fn exec_round_trips(
                 ferry.push(elapsed);
             }
         }
+        settle();
         for j in i..i + block {
             let started = Instant::now();
             crate::sys::fork_exec_wait(program)?;
@@ -524,6 +567,7 @@ fn exec_round_trips(
                 local.push(elapsed);
             }
         }
+        settle();
     }
     Ok((percentiles(ferry), percentiles(local)))
 }
