@@ -118,8 +118,6 @@ fn converse(
     // next command starts up, or before this process waits for a request, whichever comes
     // first, so a client that sends request after request never waits for those `close`s.
     let mut leftovers = pump::Retired::new();
-    // The peer, for the audit lines: asked once, after the first operation.
-    let mut peer = None;
     // Protocol 5: one operation after another, each from a clean slate. NOTE: whatever an
     // operation holds (pipes, pidfd, the child's stack, a terminal, a transfer's files) is
     // released by the end of the next operation's start at the latest; an operation that
@@ -189,8 +187,7 @@ fn converse(
             last |= crate::cgroup::exec_cgroup_spent(leader);
         }
         if let Some(audit) = audit {
-            let peer = peer.get_or_insert_with(|| auth::peer_label(link.sock));
-            audit.emit(&session, end, peer);
+            audit.emit(&session, end, link.sock);
         }
         // Finished pipes and the reaped pidfd go only now, after the final frame, or later.
         leftovers = retired;
@@ -240,12 +237,12 @@ impl Audit {
 
     /// One line, rate-limited: `audit: exec peer=vsock 2:1234 user=(default) program=uname
     /// result=exit 0 ms=7`.
-    fn emit(&self, session: &AgentSession, end: End, peer: &[u8]) {
+    fn emit(&self, session: &AgentSession, end: End, sock: rustix::fd::BorrowedFd<'_>) {
         let mut line = log::Line::new();
         line.push(b"audit: ")
             .push(self.operation)
             .push(b" peer=")
-            .push(peer)
+            .push(&auth::peer_label(sock))
             .push(b" user=")
             .push(&self.user);
         if !self.program.is_empty() {
