@@ -299,6 +299,14 @@ pub fn kill_tree_on_exit(leader: Pid) -> Option<TreeKill> {
     tree_remains(leader).then(|| kill_tree(leader))
 }
 
+/// Whether this connection's exec cgroup cannot serve another command (protocol 5): processes
+/// of the last command's tree `leader` remain, or the OOM killer hit it (a later command's tree
+/// kill and memory facts must be its own). Never without an exec cgroup: each command's tree
+/// is then its own process group, and no record reads a shared counter.
+pub fn exec_cgroup_spent(leader: Pid) -> bool {
+    EXEC.get().is_some() && (tree_remains(leader) || exec_memory_facts().oom_killed)
+}
+
 /// Whether any process of the command's tree still runs: its exec cgroup is populated, or its
 /// process group has a member.
 pub fn tree_remains(leader: Pid) -> bool {

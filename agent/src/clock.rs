@@ -23,7 +23,12 @@ fn to_us(t: Timespec) -> u64 {
 
 /// A poll timeout from now until `deadline_us` (monotonic); zero once it has passed.
 pub fn timeout_until(deadline_us: u64) -> Timespec {
-    let left = deadline_us.saturating_sub(monotonic_us());
+    timeout_between(monotonic_us(), deadline_us)
+}
+
+/// A poll timeout from `now_us` until `deadline_us`; zero once it has passed.
+pub fn timeout_between(now_us: u64, deadline_us: u64) -> Timespec {
+    let left = deadline_us.saturating_sub(now_us);
     Timespec {
         tv_sec: (left / 1_000_000) as i64,
         tv_nsec: ((left % 1_000_000) * 1_000) as i64,

@@ -343,14 +343,13 @@ struct Idle {
 
 impl Idle {
     /// Whether the agent still keeps it: younger than the agent's idle deadline less a margin
-    /// (so the agent's close does not cross our request, mostly), and neither readable nor
-    /// closed now (an idle agent sends nothing; a byte or an EOF means it is going away).
+    /// (so the agent's close does not cross our request, mostly). A connection the agent
+    /// closed anyway is found by the request's answer (see [`IdlePool::reuse`]): a `poll` here
+    /// would cost every operation a syscall to spare a rare one a write.
     fn usable(&self) -> bool {
         let idle = Duration::from_millis(u64::from(self.info.limits.idle_ms));
         let margin = (idle / 2).min(IDLE_MARGIN);
         self.since.elapsed() < idle.saturating_sub(margin)
-            && crate::sys::wait_readable(self.shared.stream.as_fd(), Duration::ZERO)
-                .is_ok_and(|readable| !readable)
     }
 }
 
@@ -544,9 +543,10 @@ impl Connection {
         }
     }
 
-    /// Waits for the first byte of the agent's answer on a reused connection: `false` when the
-    /// agent closed it instead (an EOF, a reset), before answering.
-    fn answer_arrives(&self) -> Result<bool, Error> {
+    /// Waits for the first bytes of the agent's answer on a reused connection and takes them
+    /// into the receive buffer (no `MSG_PEEK` and second read): `false` when the agent closed
+    /// it instead (an EOF, a reset), before answering.
+    fn answer_arrives(&mut self) -> Result<bool, Error> {
         let fd = self.shared.stream.as_fd();
         // An agent alive a moment ago answers at once; one that keeps silent this long is
         // frozen (as three missed keepalives say while an operation runs).
@@ -559,10 +559,20 @@ impl Connection {
         if !crate::sys::wait_readable(fd, bound).map_err(Error::Io)? {
             return Err(Error::AgentSilent);
         }
-        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        Ok(socket2::SockRef::from(&self.shared.stream)
-            .peek(&mut byte)
-            .is_ok_and(|n| n > 0))
+        let spare = self
+            .recv
+            .spare_at_least(MAX_FRAME)
+            .map_err(|err| session_error(err.into()))?;
+        loop {
+            match (&self.shared.stream).read(spare) {
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Ok(n @ 1..) => {
+                    self.recv.commit(n);
+                    return Ok(true);
+                }
+                Ok(0) | Err(_) => return Ok(false),
+            }
+        }
     }
 
     /// Whether the connection can carry another operation: its operation ended cleanly

@@ -1373,10 +1373,11 @@ fn a_second_agent_on_a_live_socket_fails_and_leaves_it_alone() {
 }
 
 /// What each connection process holds, beyond the agent's own 0, 1 and 2: its socket, the jobs'
-/// channel, the read
-/// ends of the command's stdout and stderr, the command's pidfd, and its own report pipe (kept
-/// so the listener counts it until it ends); nothing of the listener's (a spare forked while
-/// another waited used to keep that one's report pipe).
+/// channel, the read ends of the command's stdout and stderr, the command's pidfd, its own
+/// report pipe (kept so the listener counts it until it ends), and the next operation's stdout
+/// and stderr pipes and `/dev/null` (made while the command starts, right after `Started`);
+/// nothing of the listener's (a spare forked while another waited used to keep that one's
+/// report pipe).
 #[test]
 fn a_connection_process_holds_only_its_own_descriptors() {
     let agent = Agent::start();
@@ -1408,10 +1409,24 @@ fn a_connection_process_holds_only_its_own_descriptors() {
         raw.send(&request);
         let pgid = raw.started();
         let connection = parent_of(pgid);
-        // The sockets: its client's, and the jobs' channel (see ARCHITECTURE.md).
+        let expected = [
+            "/dev/null",
+            "anon_inode",
+            "pipe",
+            "pipe",
+            "pipe",
+            "pipe",
+            "pipe",
+            "pipe",
+            "pipe",
+            "socket",
+            // The jobs' channel (see ARCHITECTURE.md).
+            "socket",
+        ];
+        wait_until(Duration::from_secs(5), || kinds(connection) == expected);
         assert_eq!(
             kinds(connection),
-            ["anon_inode", "pipe", "pipe", "pipe", "socket", "socket"],
+            expected,
             "connection process {connection}"
         );
         held.push(raw);

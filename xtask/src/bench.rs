@@ -135,6 +135,13 @@ impl LocalAgent {
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("agent.sock");
         let mut command = Command::new(binary);
+        // The environment a guest's agent has, not cargo's: its commands inherit it, and the
+        // `LD_LIBRARY_PATH` that `cargo run` sets sends every dynamic loader through four
+        // directories first (≈150 µs per `/bin/true`, which the local baseline never pays).
+        command.env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            command.env("PATH", path);
+        }
         command
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()));
@@ -176,6 +183,30 @@ impl LocalAgent {
 
     fn rss_kib(&self) -> Result<u64> {
         status_kib(self.child.id(), "VmRSS")
+    }
+
+    /// Waits (up to a second) until the agent is at rest: its listener's children are no more
+    /// than its spares plus `open` kept connections, each asleep (a spare in `accept`, a kept
+    /// connection awaiting its next request), so nothing the last operations started still
+    /// runs in the background.
+    fn settle(&self, open: usize) {
+        let pid = self.child.id();
+        let asleep = |child: &str| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| Some(stat.get(stat.rfind(')')? + 2..)?.starts_with('S')))
+                .unwrap_or(true)
+        };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            let children: Vec<&str> = children.split_whitespace().collect();
+            if children.len() <= SPARES + open && children.iter().all(|child| asleep(child)) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// The preforked spares (the listener's children while no connection is open).
@@ -310,7 +341,12 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
         ..agent.options.clone()
     };
     let client = Client::new(&target, fresh);
-    let (ferry, local, hello) = exec_round_trips(&client, Path::new("/bin/true"), options.runs)?;
+    let settle = |open| {
+        let agent = &agent;
+        move || agent.settle(open)
+    };
+    let (ferry, local) =
+        exec_round_trips(&client, Path::new("/bin/true"), options.runs, settle(0))?;
     let ratio = ferry.p50.as_secs_f64() / local.p50.as_secs_f64();
     rows.push(Row {
         metric: format!(
@@ -333,7 +369,8 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
     });
     // Protocol 5: every exec on the client's kept-alive connection.
     let reused = Client::new(&target, agent.options.clone());
-    let (ferry, local, _) = exec_round_trips(&reused, Path::new("/bin/true"), options.runs)?;
+    let (ferry, local) =
+        exec_round_trips(&reused, Path::new("/bin/true"), options.runs, settle(1))?;
     let ratio = ferry.p50.as_secs_f64() / local.p50.as_secs_f64();
     rows.push(Row {
         metric: format!(
@@ -357,6 +394,7 @@ fn local_rows(agent_bin: &Path, options: &BenchOptions, rows: &mut Vec<Row>) -> 
         target: String::new(),
         verdict: Verdict::Info,
     });
+    let hello = handshakes(&client, options.runs)?;
     rows.push(Row::info(
         format!("connect + handshake p50 / p99 ({} runs)", options.runs),
         format!("{} / {}", micros(hello.p50), micros(hello.p99)),
@@ -482,41 +520,69 @@ pub fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
     }
 }
 
-/// Alternates ferry, local and hello-only runs so drift on the machine hits all sides alike.
+/// Round trips per block: ferry's and the local runs alternate block by block, so drift on the
+/// machine hits both sides alike, while whatever an operation leaves running in the background
+/// (a fresh connection's replacement spare, the agent's tidying after its answer) is paid by the
+/// next operation of its own kind, not by the other side's.
+const BLOCK: usize = 20;
+/// The spares a listener keeps forked ahead.
+const SPARES: usize = 2;
+
+/// `program` through `client` and locally, `runs` times each, in alternating blocks; after
+/// each block `settle` waits until what it left in the background (the spares the listener
+/// forks after fresh connections) has ended, so the other side's block does not pay for it.
 fn exec_round_trips(
     client: &Client,
     program: &Path,
     runs: usize,
-) -> Result<(Percentiles, Percentiles, Percentiles)> {
+    settle: impl Fn(),
+) -> Result<(Percentiles, Percentiles)> {
     let command = ferry_host::Command::new(program);
     let mut ferry = Vec::with_capacity(runs);
     let mut local = Vec::with_capacity(runs);
-    let mut hellos = Vec::with_capacity(runs);
     let warmup = runs / 20 + 10;
-    for i in 0..runs + warmup {
-        let started = Instant::now();
-        let output = client.output(&command)?;
-        let ferry_time = started.elapsed();
-        if !output.success() {
-            bail!(
-                "{} failed through ferry: {:?}",
-                program.display(),
-                output.status
-            );
+    for i in (0..runs + warmup).step_by(BLOCK) {
+        let block = BLOCK.min(runs + warmup - i);
+        for j in i..i + block {
+            let started = Instant::now();
+            let output = client.output(&command)?;
+            let elapsed = started.elapsed();
+            if !output.success() {
+                bail!(
+                    "{} failed through ferry: {:?}",
+                    program.display(),
+                    output.status
+                );
+            }
+            if j >= warmup {
+                ferry.push(elapsed);
+            }
         }
-        let started = Instant::now();
-        crate::sys::fork_exec_wait(program)?;
-        let local_time = started.elapsed();
+        settle();
+        for j in i..i + block {
+            let started = Instant::now();
+            crate::sys::fork_exec_wait(program)?;
+            let elapsed = started.elapsed();
+            if j >= warmup {
+                local.push(elapsed);
+            }
+        }
+        settle();
+    }
+    Ok((percentiles(ferry), percentiles(local)))
+}
+
+/// A connection, its hello and proof, and its close (`Client::health`), `runs` times.
+fn handshakes(client: &Client, runs: usize) -> Result<Percentiles> {
+    let mut hellos = Vec::with_capacity(runs);
+    for i in 0..runs + runs / 20 + 10 {
         let started = Instant::now();
         client.health()?;
-        let hello_time = started.elapsed();
-        if i >= warmup {
-            ferry.push(ferry_time);
-            local.push(local_time);
-            hellos.push(hello_time);
+        if i >= runs / 20 + 10 {
+            hellos.push(started.elapsed());
         }
     }
-    Ok((percentiles(ferry), percentiles(local), percentiles(hellos)))
+    Ok(percentiles(hellos))
 }
 
 /// What authentication costs an exec: the same exec against the authenticated agent and an
@@ -524,9 +590,14 @@ fn exec_round_trips(
 fn auth_overhead_row(agent_bin: &Path, secure: &Client, runs: usize) -> Result<Row> {
     let insecure_agent = LocalAgent::start(agent_bin, true)?;
     thread::sleep(Duration::from_millis(200));
+    // A connection per exec on both sides (`secure` has its pool off): authentication is paid
+    // once per connection, so a kept-alive one would hide it.
     let insecure = Client::new(
         &Target::Unix(insecure_agent.socket.clone()),
-        insecure_agent.options.clone(),
+        ConnectOptions {
+            max_idle: 0,
+            ..insecure_agent.options.clone()
+        },
     );
     let command = ferry_host::Command::new("/bin/true");
     let (mut with, mut without) = (Vec::with_capacity(runs), Vec::with_capacity(runs));

@@ -115,11 +115,15 @@ fn converse(
     let mut link = Link::new(sock, recv, out);
     // A request in pieces is put together here; its buffers go with the connection.
     let mut pieces = pieces::Pieces::new();
+    // What the last operation left to close (pipes at EOF, the reaped pidfd): closed while the
+    // next command starts up, or before this process waits for a request, whichever comes
+    // first, so a client that sends request after request never waits for those `close`s.
+    let mut leftovers = pump::Retired::new();
     // Protocol 5: one operation after another, each from a clean slate. NOTE: whatever an
     // operation holds (pipes, pidfd, the child's stack, a terminal, a transfer's files) is
-    // released at the end of its iteration, before the next request is read; an operation
-    // that changed this process for good (a transfer dropped to its user and left the exec
-    // cgroup, a shutdown) or left processes in the exec cgroup ends the connection instead.
+    // released by the end of the next operation's start at the latest; an operation that
+    // changed this process for good (a transfer dropped to its user and left the exec cgroup,
+    // a shutdown) or left processes in the exec cgroup ends the connection instead.
     loop {
         let default_user = prepared.default_user();
         let storage = Storage {
@@ -139,23 +143,28 @@ fn converse(
             &mut audit,
             &mut pieces,
             &mut last,
+            &mut leftovers,
         );
         successor.release();
-        let mut spent_stack = None;
+        let mut next = None;
+        let mut leader = None;
         let (end, retired) = match handshake {
             Handshake::Started(mut child) => {
-                spent_stack = child.spent_stack.take();
-                let leader = child.pid;
+                // While the command starts up (an `execve` and a dynamic loader take far
+                // longer), `Started` goes out, and this process tidies up after the last
+                // operation and makes the next one's pipes: off the client's path.
+                link.outbox.refill(&mut session);
+                let _ = link.flush();
+                leftovers.clear();
+                let stack = child.spent_stack.take();
+                next = Some(start::prepare_next(stack, default_user.clone()));
+                leader = Some(child.pid);
                 let buffers = pump::Buffers {
                     stdin: &mut *stdin,
                     stdout_tail: &mut *stdout_tail,
                     stderr_tail: &mut *stderr_tail,
                 };
-                let ran = pump::run(&mut link, &mut session, child, buffers);
-                // The next exec needs an empty exec cgroup with no OOM kill in its past.
-                last |= crate::cgroup::tree_remains(leader)
-                    || crate::cgroup::exec_memory_facts().oom_killed;
-                ran
+                pump::run(&mut link, &mut session, child, buffers)
             }
             Handshake::Transfer(transfer) => {
                 // It drops this process to the request's user and leaves the exec cgroup.
@@ -173,17 +182,24 @@ fn converse(
         if end == End::Closing {
             send_final(&mut link, &mut session);
         }
+        // Checked once the final frame is out: the next exec needs an empty exec cgroup with
+        // no OOM kill in its past.
+        if let Some(leader) = leader {
+            last |= crate::cgroup::exec_cgroup_spent(leader);
+        }
         if let Some(audit) = audit {
             audit.emit(&session, end, link.sock);
         }
-        // Finished pipes, the reaped pidfd and the child's stack go only now, after the final
-        // frame (the stack is kept for the next command).
-        drop(retired);
+        // Finished pipes and the reaped pidfd go only now, after the final frame, or later.
+        leftovers = retired;
         let go_on = end == End::Closing && !last && session.can_continue() && link.flush().is_ok();
         if !go_on || !link.outbox.is_empty() {
             return;
         }
-        prepared = start::prepare_next(spent_stack, default_user);
+        prepared = match next {
+            Some(prepared) => prepared,
+            None => start::prepare_next(None, default_user),
+        };
         if session.next_operation(clock::monotonic_us()).is_err() {
             return;
         }
@@ -203,19 +219,19 @@ struct Audit {
 }
 
 impl Audit {
-    fn new(operation: &'static [u8], program: &[u8], user: Option<&[u8]>) -> Audit {
+    fn new(operation: &'static [u8], program: &[u8], user: Option<&[u8]>, now: u64) -> Audit {
         Audit {
             operation,
             program: program.to_owned_in(),
             user: user.unwrap_or(b"(default)").to_owned_in(),
-            started_us: clock::monotonic_us(),
+            started_us: now,
             bytes: None,
         }
     }
 
     /// A put's or a get's: `path=` instead of `program=`, and the bytes moved.
-    fn transfer(operation: &'static [u8], path: &[u8], user: Option<Bytes<'_>>) -> Audit {
-        let mut audit = Audit::new(operation, path, user.map(|user| user.0));
+    fn transfer(operation: &'static [u8], path: &[u8], user: Option<Bytes<'_>>, now: u64) -> Audit {
+        let mut audit = Audit::new(operation, path, user.map(|user| user.0), now);
         audit.bytes = Some(0);
         audit
     }
@@ -298,11 +314,13 @@ fn handshake<'b>(
     audit: &mut Option<Audit>,
     pieces: &mut pieces::Pieces,
     last: &mut bool,
+    leftovers: &mut pump::Retired,
 ) -> Handshake<'b> {
     // A detached job's name, from its `StartJob`, for the exec that follows.
     let mut job_name = heapless::Vec::<u8, { ferry_wire::limits::MAX_JOB_NAME }>::new();
+    // Read again only after waiting: what arrives meanwhile is handled within microseconds.
+    let mut now = clock::monotonic_us();
     loop {
-        let now = clock::monotonic_us();
         loop {
             let input = match session.handle_input(link.inbox.data(), now) {
                 Ok(input) => input,
@@ -334,6 +352,7 @@ fn handshake<'b>(
                         b"job",
                         program.unwrap_or(&[]),
                         request.user.map(|u| u.0),
+                        now,
                     ));
                     let frame = link.inbox.data().get(..consumed).unwrap_or(&[]);
                     jobs::start(session, frame, &job_name, request.user.map(|u| u.0));
@@ -348,7 +367,7 @@ fn handshake<'b>(
                         Ok((lists, _)) => lists.argv.split(|b| *b == 0).next().unwrap_or(&[]),
                         Err(_) => &[],
                     };
-                    *audit = Some(Audit::new(b"exec", program, request.user.map(|u| u.0)));
+                    *audit = Some(Audit::new(b"exec", program, request.user.map(|u| u.0), now));
                     // The next spare is forked while our child starts, off the path the client
                     // waits on.
                     let started = lists.and_then(|(lists, index)| {
@@ -381,7 +400,7 @@ fn handshake<'b>(
                     };
                 }
                 Some(AgentEvent::KillAll) => {
-                    *audit = Some(Audit::new(b"kill-all", b"", None));
+                    *audit = Some(Audit::new(b"kill-all", b"", None, now));
                     link.inbox.consume(consumed);
                     let now = clock::monotonic_us();
                     let _ = match crate::cgroup::kill_all_commands() {
@@ -398,13 +417,13 @@ fn handshake<'b>(
                     return Handshake::Refused;
                 }
                 Some(AgentEvent::Put(put)) => {
-                    *audit = Some(Audit::transfer(b"put", put.path.0, put.user));
+                    *audit = Some(Audit::transfer(b"put", put.path.0, put.user, now));
                     let transfer = files::Transfer::put(&put, storage.cwd, prepared);
                     link.inbox.consume(consumed);
                     return transfer_or_refusal(session, transfer);
                 }
                 Some(AgentEvent::Get(get)) => {
-                    *audit = Some(Audit::transfer(b"get", get.path.0, get.user));
+                    *audit = Some(Audit::transfer(b"get", get.path.0, get.user, now));
                     let transfer = files::Transfer::get(&get, storage.cwd, prepared);
                     link.inbox.consume(consumed);
                     return transfer_or_refusal(session, transfer);
@@ -415,7 +434,7 @@ fn handshake<'b>(
                     | AgentEvent::TimeSync(_)
                     | AgentEvent::Reseed(_)),
                 ) => {
-                    *audit = Some(Audit::new(system::name(&event), b"", None));
+                    *audit = Some(Audit::new(system::name(&event), b"", None, now));
                     let follow_up = system::answer(&event, session);
                     link.inbox.consume(consumed);
                     if let Some(follow_up) = follow_up {
@@ -438,7 +457,7 @@ fn handshake<'b>(
                     | AgentEvent::Kill(_)
                     | AgentEvent::Remove(_)),
                 ) => {
-                    *audit = Some(Audit::new(jobs::name(&event), b"", None));
+                    *audit = Some(Audit::new(jobs::name(&event), b"", None, now));
                     // The request is copied into its record before the inbox moves on.
                     let frame = link.inbox.data().get(..consumed).unwrap_or(&[]);
                     let asked = jobs::ask(&event, frame);
@@ -469,8 +488,10 @@ fn handshake<'b>(
                 return Handshake::Gone;
             }
         }
-        // Nothing to do but wait for the client: never keep the next one waiting on this one.
+        // Nothing to do but wait for the client: never keep the next one waiting on this one,
+        // and tidy up first.
         successor.release();
+        leftovers.clear();
         let flags = if link.outbox.is_empty() {
             PollFlags::IN
         } else {
@@ -479,7 +500,8 @@ fn handshake<'b>(
         if link.wait(flags, session.poll_timeout()).is_err() {
             return Handshake::Gone;
         }
-        if session.handle_timeout(clock::monotonic_us()).is_err() {
+        now = clock::monotonic_us();
+        if session.handle_timeout(now).is_err() {
             return Handshake::Refused;
         }
     }

@@ -63,6 +63,7 @@ pub fn run(
         prefer_stderr: false,
         pid: child.pid,
         pidfd: Some(child.pidfd),
+        now: clock::monotonic_us(),
         exited: false,
         retired: Retired::new(),
         limits: child.limits,
@@ -88,6 +89,9 @@ struct Pump<'l, 's, 'b> {
     pid: Pid,
     /// `None` once the command is reaped.
     pidfd: Option<OwnedFd>,
+    /// The monotonic clock when the last `poll` returned: what this iteration's work goes by
+    /// (each clock read is a syscall).
+    now: u64,
     exited: bool,
     retired: Retired,
     /// The policy's limits and the request's.
@@ -111,6 +115,8 @@ struct OutputPipe<'r> {
     fd: Option<OwnedFd>,
     /// `poll` said it is readable (or hung up) since the last read found it empty.
     ready: bool,
+    /// `poll` said it hung up with nothing in it: at its EOF, no `read` needed to know.
+    hung_up: bool,
     /// Its head and tail (see `cap`).
     cap: Cap<'r>,
     /// The stream ended: what is left is its `OutputDropped` (if anything was dropped) and
@@ -126,9 +132,19 @@ impl<'r> OutputPipe<'r> {
             ended: fd.is_none(),
             fd,
             ready: false,
+            hung_up: false,
             cap: Cap::new(cap, ring),
             dropped_notice: None,
         }
+    }
+
+    /// Notes what `poll` said of it.
+    fn saw(&mut self, events: PollFlags) {
+        if events.intersects(READABLE) {
+            self.ready = true;
+        }
+        // A pipe reports `POLLIN` while it holds anything.
+        self.hung_up = events == PollFlags::HUP;
     }
 
     /// Ends the stream (at its EOF, or closed by the drain); its descriptor, if still open.
@@ -194,9 +210,10 @@ impl<'a> PollSet<'a> {
         }
     }
 
-    /// Blocks until something is ready, a signal arrives, or `deadline` passes.
-    fn poll(mut self, deadline: Option<u64>) -> Result<Events, Errno> {
-        let timeout = deadline.map(clock::timeout_until);
+    /// Blocks until something is ready, a signal arrives, or `deadline` passes (counted from
+    /// `now`, a moment ago).
+    fn poll(mut self, deadline: Option<u64>, now: u64) -> Result<Events, Errno> {
+        let timeout = deadline.map(|deadline| clock::timeout_between(now, deadline));
         match poll(&mut self.fds, timeout.as_ref()) {
             Ok(_) | Err(Errno::INTR) => {}
             Err(errno) => return Err(errno),
@@ -252,7 +269,7 @@ impl Pump<'_, '_, '_> {
                     oom_killed: memory.oom_killed,
                     peak_memory: memory.peak_memory,
                 };
-                return match self.session.finish_with(clock::monotonic_us(), facts) {
+                return match self.session.finish_with(self.now, facts) {
                     Ok(()) => End::Closing,
                     Err(_) => End::ClientGone,
                 };
@@ -351,7 +368,7 @@ impl Pump<'_, '_, '_> {
     /// Reads the next output chunk into the empty outbox (or a stream's tail), as the
     /// session's output phase allows.
     fn read_output(&mut self) {
-        let now = clock::monotonic_us();
+        let now = self.now;
         let phase = self.session.output_phase(now);
         if phase == OutputPhase::Closed {
             self.close_output();
@@ -375,6 +392,7 @@ impl Pump<'_, '_, '_> {
             .max_output
             .map(|max| max.saturating_sub(produced));
         let bound = |n: u64| left.map_or(n, |left| left.min(n));
+        let terminal = self.limits.terminal;
         for kind in order {
             let pipe = match kind {
                 DataKind::Stderr => &mut self.stderr,
@@ -390,6 +408,9 @@ impl Pump<'_, '_, '_> {
                 Next::Tail(_) => None,
             };
             let (output, live) = match (left, head) {
+                // Not a terminal's: its master may still have output on its way from the slave,
+                // which only a `read` flushes.
+                _ if pipe.hung_up && !terminal => (Output::Eof, None),
                 (Some(0), _) => (read_one_byte(fd), None),
                 (_, Some(head)) => {
                     let at_most = usize::try_from(bound(head)).unwrap_or(MAX_DATA);
@@ -517,16 +538,13 @@ impl Pump<'_, '_, '_> {
             self.pidfd.as_ref().map(AsFd::as_fd),
             PollFlags::IN,
         );
-        let Ok(events) = set.poll(deadline) else {
+        let Ok(events) = set.poll(deadline, self.now) else {
             return Err(self.kill(End::ClientGone));
         };
+        self.now = clock::monotonic_us();
 
-        if events.of(Slot::Stdout).intersects(READABLE) {
-            self.stdout.ready = true;
-        }
-        if events.of(Slot::Stderr).intersects(READABLE) {
-            self.stderr.ready = true;
-        }
+        self.stdout.saw(events.of(Slot::Stdout));
+        self.stderr.saw(events.of(Slot::Stderr));
         if events.of(Slot::Pidfd).intersects(READABLE) {
             self.collect_exit();
         }
@@ -541,7 +559,7 @@ impl Pump<'_, '_, '_> {
             return Err(self.kill(End::ClientGone));
         }
         if deadline.is_some() {
-            let now = clock::monotonic_us();
+            let now = self.now;
             let due = |at: Option<u64>| at.is_some_and(|at| now >= at);
             if due(runtime) {
                 // Ran too long: its end (SIGKILL) comes through the pidfd like any other.
@@ -569,7 +587,7 @@ impl Pump<'_, '_, '_> {
         let Ok(Some(status)) = status else { return };
         let _ = self
             .session
-            .child_exited(start::exit_status(&status), clock::monotonic_us());
+            .child_exited(start::exit_status(&status), self.now);
         self.exited = true;
         if let Some(pidfd) = self.pidfd.take() {
             let _ = self.retired.push(pidfd);
@@ -644,7 +662,7 @@ impl Pump<'_, '_, '_> {
 
     /// Hands every whole buffered frame to the session, and does what it says.
     fn handle_frames(&mut self) -> Result<(), End> {
-        let now = clock::monotonic_us();
+        let now = self.now;
         loop {
             let Ok(input) = self.session.handle_input(self.link.inbox.data(), now) else {
                 // A breach: the session queued the error frame.
@@ -932,10 +950,40 @@ mod tests {
         set.add(Slot::Stdout, None, PollFlags::IN);
         set.add(Slot::Stderr, Some(idle.as_fd()), PollFlags::IN);
         set.add(Slot::Pidfd, Some(read.as_fd()), PollFlags::IN);
-        let events = set.poll(Some(0)).unwrap();
+        let events = set.poll(Some(0), 0).unwrap();
         assert!(events.of(Slot::Pidfd).contains(PollFlags::IN));
         assert!(events.of(Slot::Stderr).is_empty());
         assert!(events.of(Slot::Stdout).is_empty(), "not polled");
         assert!(events.of(Slot::Socket).is_empty(), "not polled");
+    }
+
+    #[test]
+    fn a_pipe_is_at_its_eof_without_a_read_only_when_hung_up_and_empty() {
+        let mut ring = vec![0u8; super::super::cap::MAX_TAIL];
+        let ring: &mut Ring = ring.as_mut_slice().try_into().unwrap();
+        let (read, write) = pipe();
+        let mut output = OutputPipe::new(DataKind::Stdout, Some(read), u64::MAX, ring);
+        let poll_it = |output: &mut OutputPipe<'_>| {
+            let mut set = PollSet::new();
+            set.add(
+                Slot::Stdout,
+                output.fd.as_ref().map(AsFd::as_fd),
+                PollFlags::IN,
+            );
+            output.saw(set.poll(Some(0), 0).unwrap().of(Slot::Stdout));
+        };
+        // Written and closed: readable first, whatever the hang-up.
+        rustix::io::write(&write, b"last words").unwrap();
+        drop(write);
+        poll_it(&mut output);
+        assert!(output.ready && !output.hung_up);
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            read_pipe(output.fd.as_ref().unwrap().as_fd(), &mut buf),
+            Output::Read(10)
+        );
+        // Drained: nothing left but the hang-up.
+        poll_it(&mut output);
+        assert!(output.hung_up);
     }
 }
