@@ -136,7 +136,13 @@ fn attach_without_follow_prints_what_is_kept_and_leaves_the_job_running() {
     assert_eq!(output.stdout, b"started\n");
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(job_entry(&agent, &id).get("state").text(), "running");
+    // The default said out loud, and both at once is a usage error.
+    let both = ferry(&agent, &["attach", &id, "--follow", "--no-follow"]);
+    assert_eq!(both.status.code(), Some(255), "{}", stderr(&both));
     assert_eq!(ferry(&agent, &["kill", &id]).status.code(), Some(0));
+    let followed = ferry(&agent, &["attach", "-f", &id]);
+    assert_eq!(followed.stdout, b"started\n");
+    assert_eq!(followed.status.code(), Some(143), "{}", stderr(&followed));
 }
 
 #[test]

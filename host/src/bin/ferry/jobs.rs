@@ -70,8 +70,12 @@ pub struct AttachArgs {
 
     /// Print what the agent holds and exit (0 while the job runs, its status once it ended)
     /// instead of following the job to its end
-    #[arg(long)]
+    #[arg(long, conflicts_with = "follow")]
     no_follow: bool,
+
+    /// Follow the job to its end (the default; the flag says it explicitly)
+    #[arg(short = 'f', long)]
+    follow: bool,
 
     /// Forward this process's stdin to the job (one attachment at a time may; the job must have
     /// been started with -i)
