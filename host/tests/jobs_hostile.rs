@@ -586,3 +586,115 @@ fn attachments_do_not_hold_up_the_next_client() {
         ExitStatus::Signal { number: 15, .. }
     ));
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A flood (one huge line of NULs), an attacher that stops reading, another that reads: the
+/// reader gets everything the spool holds, the supervisor stays small and keeps serving.
+#[test]
+fn a_stalled_attacher_holds_up_neither_the_flood_nor_the_others() {
+    let agent = insecure(&["--set", "job_spool_head=64K", "--set", "job_spool_ring=1M"]);
+    let script = "head -c 200000000 /dev/zero";
+    let id = start_job(&agent, Some("flood"), &exec(&sh(script))).unwrap();
+    let sup = supervisor(&agent);
+    let before = rss_kib(sup);
+    // Attached and never read.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut c = attach_with(&agent, "flood", (0, 0), true, false);
+        assert!(matches!(c.next(), Some(Said::Attached(_))));
+        stalled.push(c);
+    }
+    let started = Instant::now();
+    let said = wait(&agent, "flood");
+    assert_eq!(exited(&said).status, ExitStatus::Code(0), "{said:?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // A reader from past the end, and one from u64::MAX: told where the streams are.
+    let tail = attach_with(&agent, &id.to_string(), (u64::MAX, u64::MAX), true, false).all();
+    let Said::Attached(header) = tail[0] else {
+        panic!("{tail:?}")
+    };
+    assert_eq!(header.stdout.from, 200_000_000, "{header:?}");
+    assert!(stream(&tail, 0).is_empty());
+    // A full reader: the head, the loss, the ring; exactly.
+    let all = attach_with(&agent, "flood", (0, 0), true, false).all();
+    let out = stream(&all, 0);
+    let Said::Attached(header) = all[0] else {
+        panic!("{all:?}")
+    };
+    let dropped: u64 = all
+        .iter()
+        .filter_map(|s| match s {
+            Said::Dropped(0, n) => Some(*n),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(out.len() as u64 + dropped + header.stdout.lost, 200_000_000);
+    assert!(out.iter().all(|b| *b == 0));
+    let after = rss_kib(sup);
+    assert!(
+        after < before + 8 * 1024,
+        "supervisor RSS {before} KiB → {after} KiB"
+    );
+    drop(stalled);
+}
+
+/// Names at the 64-byte edge and just past it; a name that reads as an id (the wire's checks,
+/// the same in the agent's session).
+#[test]
+fn names_at_the_edge() {
+    let agent = insecure(&[]);
+    let name = "n".repeat(64);
+    let id = start_job(&agent, Some(&name), &exec(b"/bin/true\0")).unwrap();
+    assert_eq!(exited(&wait(&agent, &name)).status, ExitStatus::Code(0));
+    assert_eq!(
+        exited(&wait(&agent, &id.to_string())).status,
+        ExitStatus::Code(0)
+    );
+    // The client's session refuses to send a name past it; a hand-made request is refused.
+    let long = "n".repeat(65);
+    let mut c = Conversation::open(&agent);
+    let mut out = vec![0u8; 4096];
+    let refused_locally = c
+        .session
+        .start_job(Some(long.as_bytes()), &exec(b"/bin/true\0"), &mut out)
+        .is_err();
+    assert!(refused_locally);
+    // A name that is a number would shadow ids: refused before it is sent.
+    let numeric = c
+        .session
+        .start_job(Some(b"12"), &exec(b"/bin/true\0"), &mut out)
+        .is_err();
+    assert!(numeric);
+    // Nothing was sent: the connection still takes a request.
+    c.start(|s, out| s.start_exec(&exec(b"/bin/true\0"), out).unwrap());
+    assert_eq!(exited(&c.all()).status, ExitStatus::Code(0));
+}
+
+/// The idle deadline is for a connection between operations: an attachment quieter than it
+/// runs on to the job's end; after it, on the same connection, garbage is a breach that closes
+/// the connection, and the agent serves the next client.
+#[test]
+fn idle_timeout_spares_a_quiet_attachment_and_garbage_after_a_job_op_closes() {
+    let agent = insecure(&["--set", "idle_timeout=1s"]);
+    let id = start_job(&agent, None, &exec(&sh("sleep 2.5; echo late"))).unwrap();
+    let mut c = attach_with(&agent, &id.to_string(), (0, 0), true, false);
+    let said = c.all();
+    assert_eq!(exited(&said).status, ExitStatus::Code(0), "{said:?}");
+    assert_eq!(stream(&said, 0), b"late\n");
+    // Kept: garbage now.
+    c.sock.write_all(&[0xff; 64]).unwrap();
+    let mut rest = Vec::new();
+    let _ = c.sock.read_to_end(&mut rest);
+    let said = simple(&agent, |s, out| {
+        s.start_exec(&exec(b"/bin/true\0"), out).unwrap()
+    });
+    assert_eq!(exited(&said).status, ExitStatus::Code(0));
+}
