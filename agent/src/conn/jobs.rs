@@ -69,6 +69,20 @@ fn gone() -> Refusal {
     Refusal::new(ErrorCode::Internal, "the job supervisor did not answer")
 }
 
+/// A request could not be sent: the supervisor refused the line before reading it (`Busy`:
+/// every line taken) and closed it, or it is gone.
+fn unsent(sock: BorrowedFd<'_>) -> Refusal {
+    let mut buf = [0u8; 512];
+    match client::receive(sock, &mut buf) {
+        Received::Answer(Answer::Refused {
+            code,
+            errno,
+            message,
+        }) => refused(code, errno, message),
+        _ => gone(),
+    }
+}
+
 /// Starts the detached job `frame` (the whole exec frame) asks for, named `name`: queues
 /// `Detached` or the refusal.
 pub fn start(session: &mut AgentSession, frame: &[u8], name: &[u8], user: Option<&[u8]>) {
@@ -85,7 +99,7 @@ pub fn start(session: &mut AgentSession, frame: &[u8], name: &[u8], user: Option
         };
         let n = request.encode(&mut head).ok_or(gone())?;
         client::send_parts(sock.as_fd(), head.get(..n).unwrap_or(&[]), frame)
-            .map_err(|_| gone())?;
+            .map_err(|_| unsent(sock.as_fd()))?;
         let mut buf = [0u8; 512];
         // The runner's start is an exec's: bounded by the spawn, not by the command.
         match receive(sock.as_fd(), &mut buf, now() + ANSWER_TIMEOUT_US) {
@@ -179,7 +193,7 @@ pub fn serve(asked: Asked, link: &mut Link<'_, '_>, session: &mut AgentSession) 
             record.get(..len).unwrap_or(&[]),
             rustix::net::SendFlags::NOSIGNAL,
         )
-        .map_err(|_| gone())?;
+        .map_err(|_| unsent(sock.as_fd()))?;
         Ok(match kind {
             Kind::List => list(link, session, sock.as_fd()),
             Kind::Attach => follow(link, session, sock.as_fd()),
@@ -265,6 +279,14 @@ fn list(link: &mut Link<'_, '_>, session: &mut AgentSession, sock: BorrowedFd<'_
             }
             Some(Answer::Done { count }) => {
                 let _ = session.done(count, clock::monotonic_us());
+                return End::Closing;
+            }
+            Some(Answer::Refused {
+                code,
+                errno,
+                message,
+            }) => {
+                let _ = session.refuse(refused(code, errno, message), clock::monotonic_us());
                 return End::Closing;
             }
             _ => {

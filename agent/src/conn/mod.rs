@@ -354,6 +354,9 @@ fn handshake<'b>(
                         request.user.map(|u| u.0),
                         now,
                     ));
+                    // NOTE: before waiting on the supervisor (its runner's start): the next
+                    // client must not wait on this one.
+                    successor.release();
                     let frame = link.inbox.data().get(..consumed).unwrap_or(&[]);
                     jobs::start(session, frame, &job_name, request.user.map(|u| u.0));
                     link.inbox.consume(consumed);
@@ -462,6 +465,10 @@ fn handshake<'b>(
                     let frame = link.inbox.data().get(..consumed).unwrap_or(&[]);
                     let asked = jobs::ask(&event, frame);
                     link.inbox.consume(consumed);
+                    // NOTE: an attachment or a wait lasts as long as its job: the next client
+                    // must not wait for a spare until then (a request that came with the hello
+                    // reaches here before any wait released it).
+                    successor.release();
                     let end = jobs::serve(asked, link, session);
                     return match end {
                         End::Closing => Handshake::Refused,

@@ -108,6 +108,12 @@ struct Job {
     killed: bool,
     /// The peer whose stdin goes to the job (by its socket's fd number).
     stdin_owner: Option<i32>,
+    /// Stdin bytes relayed to the runner and not yet credited back: the runner's window holds
+    /// them whoever sent them, so stdin is granted anew only when none are (a new owner's
+    /// session gives it the whole window).
+    stdin_in_flight: usize,
+    /// An owner closed the job's stdin: nobody is granted it again.
+    stdin_closed: bool,
 }
 
 struct Runner {
@@ -333,7 +339,9 @@ impl Job {
 impl Supervisor {
     fn turn(&mut self, buf: &mut [u8]) {
         const CAPACITY: usize = 1 + MAX_PEERS + MAX_JOBS as usize;
-        let listening = self.channel.is_some() && !self.peers.is_full();
+        // NOTE: listened to even when every peer's slot is taken: the next is refused `Busy`
+        // at once (not left waiting for a slot, maybe for as long as a job runs).
+        let listening = self.channel.is_some();
         let mut revents = heapless::Vec::<PollFlags, CAPACITY>::new();
         {
             // In this order: the channel (if listened to), each peer, each runner.
@@ -427,12 +435,22 @@ impl Supervisor {
         for message in control.drain() {
             if let RecvAncillaryMessage::ScmRights(fds) = message {
                 for sock in fds {
-                    if rustix::io::ioctl_fionbio(&sock, true).is_ok() {
-                        let _ = self.peers.push(Peer {
-                            sock,
-                            role: Role::New,
-                            ready: PollFlags::empty(),
-                        });
+                    if rustix::io::ioctl_fionbio(&sock, true).is_err() {
+                        continue;
+                    }
+                    let peer = Peer {
+                        sock,
+                        role: Role::New,
+                        ready: PollFlags::empty(),
+                    };
+                    if let Err(peer) = self.peers.push(peer) {
+                        // Its request is not read: the refusal answers it.
+                        let busy = refusal(
+                            ErrorCode::Busy,
+                            "too many job requests at once (256): try again",
+                        );
+                        let mut buf = [0u8; 128];
+                        let _ = send_answer(peer.sock.as_fd(), &busy, &mut buf);
                     }
                 }
             }
@@ -541,6 +559,7 @@ impl Supervisor {
                     self.answer_starter(i, &answer, buf);
                 }
                 RunnerFrame::StdinCredit(n) => {
+                    job.stdin_in_flight = job.stdin_in_flight.saturating_sub(n as usize);
                     if let Some(owner) = job.stdin_owner {
                         self.credit_owner(owner, n, buf);
                     }
@@ -792,6 +811,8 @@ impl Supervisor {
             starting: true,
             killed: false,
             stdin_owner: None,
+            stdin_in_flight: 0,
+            stdin_closed: false,
         };
         // Never full: room was made above.
         let _ = self.jobs.push(job);
@@ -837,13 +858,26 @@ fn exec_argv(exec: &[u8]) -> &[u8] {
 /// or a job that has ended, and it goes nowhere.
 fn relay(jobs: &mut [Job], id: u32, owner: i32, frame: &[u8]) {
     use link::client_tag::{CANCEL, RESIZE, SIGNAL, STDIN, STDIN_EOF};
-    let Some(job) = jobs.iter().find(|j| j.id == id) else {
+    let Some(job) = jobs.iter_mut().find(|j| j.id == id) else {
         return;
     };
     let Some(runner) = &job.runner else { return };
+    let owns = job.stdin_owner == Some(owner);
     let relayed = match ferry_wire::split_frame(frame, ferry_wire::limits::MAX_FRAME) {
         Ok(Some((body, used))) if used == frame.len() => match body.first() {
-            Some(&(STDIN | STDIN_EOF)) => job.stdin_owner == Some(owner),
+            Some(&STDIN) if owns => {
+                // The bytes after the tag and their length's varint (the connection process's
+                // session checked the frame).
+                let data = body.get(1..).unwrap_or(&[]);
+                let varint = data.iter().take_while(|b| **b & 0x80 != 0).count() + 1;
+                let n = data.len().saturating_sub(varint);
+                job.stdin_in_flight = job.stdin_in_flight.saturating_add(n);
+                true
+            }
+            Some(&STDIN_EOF) if owns => {
+                job.stdin_closed = true;
+                true
+            }
             Some(&(SIGNAL | RESIZE | CANCEL)) => true,
             _ => false,
         },
@@ -915,7 +949,13 @@ fn handle_request(request: Request<'_>, peer: usize, out: &mut [u8], sup: &mut S
     }
     match frame {
         ClientFrame::Attach(request) => {
-            let granted = request.stdin && job.running() && job.stdin_owner.is_none();
+            // NOTE: not while a previous owner's bytes are in the runner's window (the new
+            // owner would overflow it: a breach, and the job lost) nor after its EOF.
+            let granted = request.stdin
+                && job.running()
+                && job.stdin_owner.is_none()
+                && job.stdin_in_flight == 0
+                && !job.stdin_closed;
             if granted {
                 job.stdin_owner = owner;
             }
