@@ -15,6 +15,8 @@ use ferry_host::{Client, ConnectOptions, Target};
 #[path = "../../../qemu-tests/tests/suite/json.rs"]
 pub mod json;
 
+pub mod jobs;
+
 /// The static musl agent: `FERRY_AGENT_BIN` (set by `cargo xtask test`), or built here once.
 pub fn agent_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
