@@ -20,7 +20,8 @@ pub struct Sha256 {
     buffered: usize,
     /// Bytes hashed so far.
     len: u64,
-    /// The CPU has the SHA extensions.
+    /// The CPU has the SHA extensions (x86_64 only; elsewhere always the software rounds).
+    #[cfg(target_arch = "x86_64")]
     accelerated: bool,
 }
 
@@ -35,6 +36,7 @@ impl Sha256 {
             buf: [0; BLOCK],
             buffered: 0,
             len: 0,
+            #[cfg(target_arch = "x86_64")]
             accelerated: accelerated(),
         }
     }
@@ -97,7 +99,9 @@ impl Sha256 {
     }
 }
 
-/// Whether this CPU has the SHA extensions (and the SSSE3 and SSE4.1 the rounds use).
+/// Whether this CPU has the SHA extensions (and the SSSE3 and SSE4.1 the rounds use). Other
+/// architectures always take the software rounds (only the tests ask there).
+#[cfg(any(target_arch = "x86_64", test))]
 fn accelerated() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

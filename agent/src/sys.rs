@@ -1080,23 +1080,6 @@ impl<T> TakeOnce<T> {
 
 const PAGE: usize = 4096;
 
-/// The agent's machine code: `[__executable_start, etext)`, whole pages.
-fn text_pages() -> (*mut c_void, usize) {
-    extern "C" {
-        static __executable_start: u8;
-        static etext: u8;
-    }
-    // Both symbols are defined by the linker for every executable; only their addresses are
-    // taken (safe since Rust 2024's rules for `addr_of!` on extern statics), nothing is read.
-    let (start, end) = (
-        ptr::addr_of!(__executable_start) as usize,
-        ptr::addr_of!(etext) as usize,
-    );
-    let start = start & !(PAGE - 1);
-    let end = end.saturating_add(PAGE - 1) & !(PAGE - 1);
-    (start as *mut c_void, end.saturating_sub(start))
-}
-
 /// Gives back the stack pages start-up left resident below the caller's frame (policy, passwd
 /// and cgroup parsing used tens of KiB of stack once); the listener's loop never goes that deep.
 #[inline(never)]
@@ -1142,15 +1125,106 @@ pub fn prefault_stack() {
 /// In a spare: maps the agent's code now, while it waits, rather than a page fault at a time
 /// on the path a client waits on (a forked child starts with none of its parent's file-backed
 /// pages mapped).
+///
+/// NOTE: only the executable segments, found through the agent's own program headers: the
+/// image is not one mapping. A linker may leave unmapped gaps between segments (rust-lld aligns
+/// each to arm64's 64 KiB maximum page size), and touching one is a segfault: a spare that
+/// read from the image's start to `etext` died before every connection on arm64.
 pub fn prefault_code() {
-    let (text, text_len) = text_pages();
-    let mut at = text as usize;
-    let end = at.saturating_add(text_len);
-    while at < end {
-        // SAFETY: `at` is inside our mapped, readable code; a volatile read only faults the page in.
-        unsafe { ptr::read_volatile(at as *const u8) };
-        at = at.saturating_add(PAGE);
+    extern "C" {
+        /// This executable's ELF header (defined by GNU ld and lld whenever the first loadable
+        /// segment maps it, which both do for the agent).
+        static __ehdr_start: u8;
     }
+    let ehdr = ptr::addr_of!(__ehdr_start);
+    let mut header = [0u8; ELF64_EHDR_LEN];
+    // SAFETY: `__ehdr_start` is the start of this executable's ELF header, 64 bytes that its
+    // first loadable segment maps read-only for the life of the process; a copy is taken.
+    unsafe { ptr::copy_nonoverlapping(ehdr, header.as_mut_ptr(), ELF64_EHDR_LEN) };
+    let Some(table) = ProgramHeaders::parse(&header) else {
+        return;
+    };
+    let mut phdrs = [0u8; ELF64_PHDR_LEN * MAX_PHDRS];
+    let Some(phdrs) = phdrs.get_mut(..table.len()) else {
+        return;
+    };
+    // SAFETY: the program header table lies at `e_phoff` in the same first segment (the
+    // kernel's loader hands the same address to the process as `AT_PHDR`); `parse` checked its
+    // length fits `MAX_PHDRS` entries. A copy is taken.
+    unsafe {
+        ptr::copy_nonoverlapping(
+            ehdr.wrapping_add(table.offset),
+            phdrs.as_mut_ptr(),
+            phdrs.len(),
+        )
+    };
+    for (start, len) in executable_segments(phdrs, ehdr as usize) {
+        let mut at = start & !(PAGE - 1);
+        let end = start.saturating_add(len);
+        while at < end {
+            // SAFETY: `at` is inside one of our executable segments, mapped readable for the
+            // life of the process; a volatile read only faults the page in.
+            unsafe { ptr::read_volatile(at as *const u8) };
+            at = at.saturating_add(PAGE);
+        }
+    }
+}
+
+const ELF64_EHDR_LEN: usize = 64;
+const ELF64_PHDR_LEN: usize = 56;
+/// More program headers than a static executable has (the agent has 5 or 6).
+const MAX_PHDRS: usize = 16;
+
+/// Where the program header table is, from an ELF64 header.
+struct ProgramHeaders {
+    offset: usize,
+    count: usize,
+}
+
+impl ProgramHeaders {
+    fn parse(header: &[u8; ELF64_EHDR_LEN]) -> Option<ProgramHeaders> {
+        if header.get(..5)? != b"\x7fELF\x02" {
+            return None;
+        }
+        let offset = usize::try_from(u64::from_ne_bytes(*header.get(32..)?.first_chunk()?)).ok()?;
+        let entry = u16::from_ne_bytes(*header.get(54..)?.first_chunk()?);
+        let count = usize::from(u16::from_ne_bytes(*header.get(56..)?.first_chunk()?));
+        (usize::from(entry) == ELF64_PHDR_LEN && count <= MAX_PHDRS)
+            .then_some(ProgramHeaders { offset, count })
+    }
+
+    fn len(&self) -> usize {
+        self.count * ELF64_PHDR_LEN
+    }
+}
+
+/// The executable `PT_LOAD` segments of the image whose ELF header is mapped at `base`, as
+/// `(address, length)`: their link-time addresses moved by the load bias (zero for the static,
+/// non-PIE agent; `base` minus the address of the segment at file offset 0 in general).
+fn executable_segments(phdrs: &[u8], base: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    const PT_LOAD: u32 = 1;
+    const PF_X: u32 = 1;
+    fn word(phdr: &[u8], at: usize) -> u32 {
+        phdr.get(at..)
+            .and_then(|bytes| bytes.first_chunk())
+            .map_or(0, |bytes| u32::from_ne_bytes(*bytes))
+    }
+    fn dword(phdr: &[u8], at: usize) -> usize {
+        phdr.get(at..)
+            .and_then(|bytes| bytes.first_chunk())
+            .map_or(0, |bytes| u64::from_ne_bytes(*bytes) as usize)
+    }
+    // p_type at 0, p_flags at 4, p_offset at 8, p_vaddr at 16, p_memsz at 40.
+    let loads = phdrs
+        .chunks_exact(ELF64_PHDR_LEN)
+        .filter(|phdr| word(phdr, 0) == PT_LOAD);
+    let bias = loads
+        .clone()
+        .find(|phdr| dword(phdr, 8) == 0)
+        .map(|phdr| base.wrapping_sub(dword(phdr, 16)));
+    loads
+        .filter(|phdr| word(phdr, 4) & PF_X != 0)
+        .filter_map(move |phdr| Some((dword(phdr, 16).wrapping_add(bias?), dword(phdr, 40))))
 }
 
 /// Marks every descriptor above 2 close-on-exec. The agent's own are close-on-exec from the
@@ -1275,6 +1349,58 @@ impl Drop for ScratchPages {
 
 #[cfg(test)]
 mod tests {
+    /// One program header: type, flags, offset, address, size.
+    fn phdr(kind: u32, flags: u32, offset: u64, vaddr: u64, memsz: u64) -> [u8; 56] {
+        let mut bytes = [0u8; 56];
+        bytes[0..4].copy_from_slice(&kind.to_ne_bytes());
+        bytes[4..8].copy_from_slice(&flags.to_ne_bytes());
+        bytes[8..16].copy_from_slice(&offset.to_ne_bytes());
+        bytes[16..24].copy_from_slice(&vaddr.to_ne_bytes());
+        bytes[40..48].copy_from_slice(&memsz.to_ne_bytes());
+        bytes
+    }
+
+    #[test]
+    fn only_executable_segments_are_prefaulted_gaps_skipped() {
+        // rust-lld's arm64 layout: read-only data, then code 64 KiB further on, then data.
+        let table = [
+            phdr(6, 4, 0x40, 0x20_0040, 0x118), // PT_PHDR
+            phdr(1, 4, 0, 0x20_0000, 0x2d82),
+            phdr(1, 5, 0x2d90, 0x21_2d90, 0x2_1ea8),
+            phdr(1, 6, 0x2_4c38, 0x24_4c38, 0x1b_8b89),
+            phdr(0x6474_e551, 6, 0, 0, 0), // PT_GNU_STACK
+        ]
+        .concat();
+        let static_exe: Vec<_> = super::executable_segments(&table, 0x20_0000).collect();
+        assert_eq!(static_exe, [(0x21_2d90, 0x2_1ea8)]);
+        // Loaded elsewhere (a PIE): moved by the same bias.
+        let moved: Vec<_> = super::executable_segments(&table, 0x5555_0020_0000).collect();
+        assert_eq!(moved, [(0x5555_0021_2d90, 0x2_1ea8)]);
+        // No segment maps the header: nothing is known, nothing is touched.
+        assert_eq!(super::executable_segments(&table[56 * 2..], 0).count(), 0);
+        assert_eq!(super::executable_segments(&[], 0).count(), 0);
+    }
+
+    #[test]
+    fn program_headers_are_found_in_the_elf_header() {
+        let mut header = [0u8; super::ELF64_EHDR_LEN];
+        header[..5].copy_from_slice(b"\x7fELF\x02");
+        header[32..40].copy_from_slice(&64u64.to_ne_bytes());
+        header[54..56].copy_from_slice(&56u16.to_ne_bytes());
+        header[56..58].copy_from_slice(&5u16.to_ne_bytes());
+        let table = super::ProgramHeaders::parse(&header).expect("valid");
+        assert_eq!((table.offset, table.len()), (64, 5 * 56));
+        header[56..58].copy_from_slice(&17u16.to_ne_bytes());
+        assert!(super::ProgramHeaders::parse(&header).is_none(), "too many");
+        header[4] = 1; // ELFCLASS32
+        assert!(super::ProgramHeaders::parse(&header).is_none());
+    }
+
+    #[test]
+    fn prefaulting_our_own_code_does_not_fault() {
+        super::prefault_code();
+    }
+
     use super::*;
     use rustix::process::{WaitId, WaitIdOptions};
 

@@ -1,5 +1,5 @@
-//! The host tools the VM harness needs, checked and (on Debian) installed when missing: QEMU,
-//! Debian's static busybox, the musl target, and `vhost-device-vsock` when the kernel offers no
+//! The host tools the VM harness needs, checked and (on Debian) installed when missing: QEMU
+//! for the guest's architecture, Debian's static busybox, the musl target, and `vhost-device-vsock` when the kernel offers no
 //! usable `/dev/vhost-vsock`.
 
 use std::os::unix::fs::MetadataExt;
@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::build_agent::AGENT_TARGET;
+use crate::arch::Arch;
 use crate::util::run;
 
 /// The vhost-user vsock daemon, pinned: its command-line syntax changes between releases.
@@ -28,11 +28,14 @@ pub struct Tools {
     pub vhost_device_vsock: Option<PathBuf>,
 }
 
-/// Checks every tool the VM harness needs and installs the missing ones.
-pub fn ensure_tools() -> Result<Tools> {
+/// Checks every tool the VM harness needs for `arch`'s guests and installs the missing ones.
+/// The host's busybox-static is needed for every architecture: it lists the applets the image
+/// links (see [`crate::initramfs`]).
+pub fn ensure_tools(arch: Arch) -> Result<Tools> {
+    let (qemu_program, qemu_package) = arch.qemu();
     let mut apt = Vec::new();
-    if find_program("qemu-system-x86_64").is_none() {
-        apt.push("qemu-system-x86");
+    if find_program(qemu_program).is_none() {
+        apt.push(qemu_package);
     }
     if !busybox_static_installed() {
         apt.push("busybox-static");
@@ -41,10 +44,11 @@ pub fn ensure_tools() -> Result<Tools> {
         apt_update()?;
         apt_install(&apt)?;
     }
-    let qemu = find_program("qemu-system-x86_64")
-        .context("qemu-system-x86_64 is still missing after installing qemu-system-x86")?;
+    let qemu = find_program(qemu_program).with_context(|| {
+        format!("{qemu_program} is still missing after installing {qemu_package}")
+    })?;
     ensure_busybox()?;
-    ensure_musl_target()?;
+    ensure_musl_target(arch)?;
 
     let vhost_vsock = vhost_vsock_usable();
     let vhost_device_vsock = if vhost_vsock {
@@ -133,10 +137,14 @@ fn debian_package_installed(package: &str) -> bool {
         .is_ok_and(|out| out.status.success() && out.stdout.ends_with(b"install ok installed"))
 }
 
+/// Whether this process runs as root (owns `/proc/self`).
+pub fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
 /// Root runs apt directly; anyone else goes through sudo.
 fn privileged(program: &str) -> Command {
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    if root {
+    if running_as_root() {
         Command::new(program)
     } else {
         let mut cmd = Command::new("sudo");
@@ -145,22 +153,23 @@ fn privileged(program: &str) -> Command {
     }
 }
 
-/// The agent's target, added through rustup when missing.
-pub fn ensure_musl_target() -> Result<()> {
+/// The agent's target for `arch`, added through rustup when missing.
+pub fn ensure_musl_target(arch: Arch) -> Result<()> {
+    let target = arch.agent_target();
     let Ok(output) = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
     else {
         // No rustup: the toolchain is managed some other way; the agent build will say so.
-        eprintln!("deps: rustup not found; assuming the {AGENT_TARGET} target is available");
+        eprintln!("deps: rustup not found; assuming the {target} target is available");
         return Ok(());
     };
     let installed = String::from_utf8_lossy(&output.stdout);
-    if installed.lines().any(|line| line.trim() == AGENT_TARGET) {
+    if installed.lines().any(|line| line.trim() == target) {
         return Ok(());
     }
-    eprintln!("deps: rustup target add {AGENT_TARGET}");
-    run(Command::new("rustup").args(["target", "add", AGENT_TARGET]))
+    eprintln!("deps: rustup target add {target}");
+    run(Command::new("rustup").args(["target", "add", target]))
 }
 
 fn ensure_vhost_device_vsock() -> Result<PathBuf> {

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::arch::Arch;
 use crate::deps::ensure_tools;
-use crate::kernel::vm_dir;
+use crate::kernel::arch_dir;
 use crate::util::{cargo, project_root, run};
 use crate::vm::{
     die_with_parent, install_signal_handlers, interrupted, shell_code, signal_group, Vm, VmOptions,
@@ -23,6 +24,8 @@ pub const DEFAULT_E2E_TIMEOUT: Duration = Duration::from_secs(1500);
 /// Knobs for [`run_e2e`].
 #[derive(Debug, Clone)]
 pub struct E2eOptions {
+    /// The guests' architecture.
+    pub arch: Arch,
     /// The whole run, builds included; on expiry the tests are killed and the guest torn down.
     pub timeout: Duration,
 }
@@ -30,6 +33,7 @@ pub struct E2eOptions {
 impl Default for E2eOptions {
     fn default() -> Self {
         E2eOptions {
+            arch: Arch::default(),
             timeout: DEFAULT_E2E_TIMEOUT,
         }
     }
@@ -186,21 +190,25 @@ pub fn run_e2e(options: &E2eOptions) -> Result<()> {
     let started = Instant::now();
     let deadline = started + options.timeout;
     install_signal_handlers();
-    ensure_tools()?;
+    ensure_tools(options.arch)?;
     let ferry = build_ferry_cli()?;
     // Built before the boot, so the guest does not idle through a compile.
     let example = build_epoll_example()?;
 
     // The full image: busybox is there for the scenarios that run sh, cat, uname...
     let vm = Vm::boot(&VmOptions {
+        arch: options.arch,
         ready_timeout: remaining(deadline)?.min(VmOptions::default().ready_timeout),
         ..VmOptions::default()
     })?;
-    eprintln!("e2e: {}", vm.ready().summary());
+    eprintln!("e2e ({}): {}", options.arch, vm.ready().summary());
     let full_ready = vm.ready().clone();
-    let suite = run_suite(&vm, &example, &ferry, deadline);
+    let suite = run_suite(&vm, options.arch, &example, &ferry, deadline);
     if let Err(err) = suite {
-        let err = anyhow!("{err:#}\n{}", save_console(&vm, "e2e-console.log"));
+        let err = anyhow!(
+            "{err:#}\n{}",
+            save_console(&vm, options.arch, "e2e-console.log")
+        );
         let _ = vm.shutdown();
         return Err(err);
     }
@@ -209,6 +217,7 @@ pub fn run_e2e(options: &E2eOptions) -> Result<()> {
 
     // The agent-only image must boot and answer on its own.
     let vm = Vm::boot(&VmOptions {
+        arch: options.arch,
         minimal: true,
         ready_timeout: remaining(deadline)?.min(VmOptions::default().ready_timeout),
         ..VmOptions::default()
@@ -216,7 +225,10 @@ pub fn run_e2e(options: &E2eOptions) -> Result<()> {
     eprintln!("e2e (minimal image): {}", vm.ready().summary());
     let health = check_health(&ferry, &vm, deadline);
     if let Err(err) = health {
-        let err = anyhow!("{err:#}\n{}", save_console(&vm, "e2e-minimal-console.log"));
+        let err = anyhow!(
+            "{err:#}\n{}",
+            save_console(&vm, options.arch, "e2e-minimal-console.log")
+        );
         let _ = vm.shutdown();
         return Err(err);
     }
@@ -225,9 +237,10 @@ pub fn run_e2e(options: &E2eOptions) -> Result<()> {
 
     // A guest of its own for what reboots and powers off (the suite's guest is shared).
     let ready_timeout = remaining(deadline)?.min(VmOptions::default().ready_timeout);
-    crate::e2e_system::run(&ferry, ready_timeout)?;
+    crate::e2e_system::run(options.arch, &ferry, ready_timeout)?;
     eprintln!(
-        "e2e: passed in {:.0} s; boot-to-ready {:.0} ms (full), {:.0} ms (minimal); /init → listening {:.1} ms ({:.1} ms without modules)",
+        "e2e ({}): passed in {:.0} s; boot-to-ready {:.0} ms (full), {:.0} ms (minimal); /init → listening {:.1} ms ({:.1} ms without modules)",
+        options.arch,
         started.elapsed().as_secs_f64(),
         full_ready.boot_to_ready.as_secs_f64() * 1e3,
         minimal_ready.boot_to_ready.as_secs_f64() * 1e3,
@@ -247,10 +260,12 @@ fn remaining(deadline: Instant) -> Result<Duration> {
 
 /// `cargo test -p qemu-tests --features qemu` against the booted guest, with the prebuilt
 /// example for the suite's example driver and the prebuilt CLI for its CLI scenarios.
-fn run_suite(vm: &Vm, example: &Path, ferry: &Path, deadline: Instant) -> Result<()> {
+fn run_suite(vm: &Vm, arch: Arch, example: &Path, ferry: &Path, deadline: Instant) -> Result<()> {
     let mut command = cargo();
     command
         .args(["test", "-p", "qemu-tests", "--features", "qemu"])
+        // What the scenarios check against (`uname -m`, architecture-specific numbers).
+        .env("FERRY_GUEST_ARCH", arch.name())
         .env("FERRY_CONNECT", vm.target())
         .env("FERRY_SECRET_FILE", vm.secret_path())
         .env("FERRY_EXAMPLE_BIN", example)
@@ -288,8 +303,8 @@ fn check_health(ferry: &Path, vm: &Vm, deadline: Instant) -> Result<()> {
 }
 
 /// Copies the guest console next to the other VM files and returns a message with its tail.
-fn save_console(vm: &Vm, name: &str) -> String {
-    let saved = vm_dir().join(name);
+fn save_console(vm: &Vm, arch: Arch, name: &str) -> String {
+    let saved = arch_dir(arch).join(name);
     let path = match std::fs::copy(vm.console_log(), &saved) {
         Ok(_) => saved,
         Err(_) => vm.console_log().to_path_buf(),

@@ -11,14 +11,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::arch::Arch;
 use crate::vm::{Vm, VmOptions};
 
 /// The hostname the guest is booted with (`ferry.hostname=`).
 const HOSTNAME: &str = "ferry-e2e-guest";
 
-/// Boots the guest and runs the scenarios; the console is in the error on failure.
-pub fn run(ferry: &Path, ready_timeout: Duration) -> Result<()> {
+/// Boots an `arch` guest and runs the scenarios; the console is in the error on failure.
+pub fn run(arch: Arch, ferry: &Path, ready_timeout: Duration) -> Result<()> {
     let mut vm = Vm::boot(&VmOptions {
+        arch,
         reboot: true,
         kernel_args: vec![format!("ferry.hostname={HOSTNAME}")],
         ready_timeout,

@@ -1,6 +1,8 @@
 //! `cargo xtask initramfs`: the guest image, a newc cpio with the agent as `/init`, the vsock
 //! modules and their load order, and (unless minimal) Debian's static busybox with its applet links,
-//! `/bin/vsock-probe` and vsock's loopback transport (for the peer-check scenario).
+//! `/bin/vsock-probe` and vsock's loopback transport (for the peer-check scenario). One image per
+//! guest architecture: x86_64's busybox is the host's `busybox-static`, arm64's the same Debian
+//! package for arm64, fetched with a private apt state (see [`crate::foreign_apt`]).
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -10,14 +12,15 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::build_agent::{build_agent, build_vsock_probe};
+use crate::arch::Arch;
+use crate::build_agent::{build_agent_for, build_vsock_probe};
 use crate::cpio::CpioWriter;
 use crate::deps::{self, BUSYBOX};
-use crate::kernel::{ensure_kernel, vm_dir, Kernel, Module};
+use crate::kernel::{arch_dir, ensure_kernel, foreign_apt, Kernel, Module};
 
 /// Where [`build_initramfs`] writes by default.
-pub fn default_path(minimal: bool) -> PathBuf {
-    vm_dir().join(if minimal {
+pub fn default_path(arch: Arch, minimal: bool) -> PathBuf {
+    arch_dir(arch).join(if minimal {
         "initramfs-minimal.cpio"
     } else {
         "initramfs.cpio"
@@ -31,33 +34,38 @@ pub struct Initramfs {
     pub kernel: Kernel,
 }
 
-/// Builds the agent, fetches the kernel if needed and writes the image to `out` (default
+/// Builds `arch`'s agent, fetches its kernel if needed and writes the image to `out` (default
 /// [`default_path`]). `minimal`: the agent and modules only, no busybox.
-pub fn build_initramfs(minimal: bool, out: Option<&Path>) -> Result<Initramfs> {
-    deps::ensure_musl_target()?;
-    if !minimal {
+pub fn build_initramfs(arch: Arch, minimal: bool, out: Option<&Path>) -> Result<Initramfs> {
+    deps::ensure_musl_target(arch)?;
+    let busybox = if minimal {
+        None
+    } else {
+        // The host's busybox lists the applets for every architecture's image.
         deps::ensure_busybox()?;
-    }
-    let agent = build_agent()?;
+        Some(guest_busybox(arch)?)
+    };
+    let agent = build_agent_for(arch)?;
     let probe = if minimal {
         None
     } else {
-        Some(build_vsock_probe()?)
+        Some(build_vsock_probe(arch)?)
     };
-    let kernel = ensure_kernel()?;
-    let path = out.map_or_else(|| default_path(minimal), Path::to_path_buf);
+    let kernel = ensure_kernel(arch)?;
+    let path = out.map_or_else(|| default_path(arch, minimal), Path::to_path_buf);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
     // Per process: two xtasks may build the same image at once.
     let partial = path.with_extension(format!("cpio.partial-{}", std::process::id()));
-    write_image(&partial, &agent, probe.as_deref(), &kernel)
+    let extras = busybox.as_deref().zip(probe.as_deref());
+    write_image(&partial, &agent, extras, &kernel)
         .with_context(|| format!("writing {}", partial.display()))?;
     std::fs::rename(&partial, &path).with_context(|| format!("renaming to {}", path.display()))?;
     let size = std::fs::metadata(&path)?.len();
     eprintln!(
-        "initramfs: {} ({size} bytes, kernel {}, modules {})",
+        "initramfs ({arch}): {} ({size} bytes, kernel {}, modules {})",
         path.display(),
         kernel.release,
         image_modules(&kernel, minimal)
@@ -78,9 +86,28 @@ fn image_modules(kernel: &Kernel, minimal: bool) -> &[Module] {
     }
 }
 
-/// `probe`: the full image's `/bin/vsock-probe`; `None` for the agent-only image.
-fn write_image(path: &Path, agent: &Path, probe: Option<&Path>, kernel: &Kernel) -> Result<()> {
-    let minimal = probe.is_none();
+/// The static busybox the full image ships for `arch`: the host's own for its architecture,
+/// Debian's `busybox-static` for `arch` (fetched and unpacked under target/) otherwise.
+fn guest_busybox(arch: Arch) -> Result<PathBuf> {
+    if arch.is_host() {
+        return Ok(PathBuf::from(BUSYBOX));
+    }
+    let unpacked = arch_dir(arch).join("busybox");
+    let binary = unpacked.join(BUSYBOX.trim_start_matches('/'));
+    if !binary.exists() {
+        foreign_apt(arch).fetch_and_unpack("busybox-static", &unpacked)?;
+    }
+    Ok(binary)
+}
+
+/// `extras`: the full image's busybox and `/bin/vsock-probe`; `None` for the agent-only image.
+fn write_image(
+    path: &Path,
+    agent: &Path,
+    extras: Option<(&Path, &Path)>,
+    kernel: &Kernel,
+) -> Result<()> {
+    let minimal = extras.is_none();
     let file = File::create(path)?;
     let mut image = Image {
         cpio: CpioWriter::new(BufWriter::new(file)),
@@ -121,8 +148,9 @@ fn write_image(path: &Path, agent: &Path, probe: Option<&Path>, kernel: &Kernel)
         .cpio
         .file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
 
-    if !minimal {
-        let busybox = std::fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX}"))?;
+    if let Some((busybox, probe)) = extras {
+        let busybox =
+            std::fs::read(busybox).with_context(|| format!("reading {}", busybox.display()))?;
         image.dir("bin")?;
         image.cpio.file("bin/busybox", 0o755, &busybox)?;
         for applet in busybox_applets()? {
@@ -135,8 +163,6 @@ fn write_image(path: &Path, agent: &Path, probe: Option<&Path>, kernel: &Kernel)
             }
             image.cpio.symlink(&applet, "/bin/busybox")?;
         }
-    }
-    if let Some(probe) = probe {
         let bytes = std::fs::read(probe).with_context(|| format!("reading {}", probe.display()))?;
         image.dir("bin")?;
         image.cpio.file("bin/vsock-probe", 0o755, &bytes)?;
@@ -167,7 +193,9 @@ impl Image {
     }
 }
 
-/// The applet paths, relative to `/` (`bin/sh`, `usr/bin/env`, ...), from the busybox we ship.
+/// The applet paths, relative to `/` (`bin/sh`, `usr/bin/env`, ...), from the host's busybox:
+/// the other architectures' image ships the same Debian package version built for them, with
+/// the same configuration and so the same applets (the host cannot run their binary to ask).
 fn busybox_applets() -> Result<Vec<String>> {
     let output = Command::new(BUSYBOX)
         .arg("--list-full")

@@ -1,9 +1,13 @@
-//! The guest kernel: Debian bookworm's cloud kernel, fetched as a package, unpacked without install
-//! hooks and cached under `target/ferry-vm/`, plus the vsock modules the agent loads at boot.
+//! The guest kernel: Debian bookworm's cloud kernel for the guest's architecture, fetched as a
+//! package, unpacked without install hooks and cached under `target/ferry-vm/`, plus the vsock
+//! modules the agent loads at boot.
 //!
-//! Why this kernel: it is small, built for VMs, signed and maintained by Debian, and its bzImage is
-//! LZ4-compressed, so the uncompressed `vmlinux` is cheap to extract and boot directly (PVH), which
-//! is the fastest path under TCG. virtio and vsock are modules in it, hence the module list.
+//! Why this kernel: it is small, built for VMs, signed and maintained by Debian. On x86_64 its
+//! bzImage is LZ4-compressed, so the uncompressed `vmlinux` is cheap to extract and boot directly
+//! (PVH), which is the fastest path under TCG. On arm64 Debian ships the `Image` itself
+//! (uncompressed, 27 MB), which QEMU's `virt` boots as is (a gzip-compressed one would do too:
+//! QEMU inflates it). virtio, virtio_mmio, virtio_pci and vsock are modules in both, hence the
+//! module list.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -11,10 +15,14 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::arch::Arch;
+use crate::foreign_apt::ForeignApt;
 use crate::util::{project_root, run};
 
 /// The metapackage whose dependency names the current versioned cloud kernel.
-const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
+fn kernel_metapackage(arch: Arch) -> String {
+    format!("linux-image-cloud-{}", arch.debian())
+}
 
 /// The modules virtio-vsock needs on the `microvm` machine (its devices sit on virtio-mmio), in
 /// their natural load order. Those built into the kernel have no `.ko` and are skipped;
@@ -50,8 +58,9 @@ pub const FULL_IMAGE_MODULES: &[&str] = &["vsock_loopback"];
 pub struct Kernel {
     /// The kernel release, e.g. `6.1.0-56-cloud-amd64`.
     pub release: String,
-    /// The uncompressed ELF kernel, for QEMU's `-kernel` (PVH entry).
-    pub vmlinux: PathBuf,
+    /// What QEMU's `-kernel` boots: x86_64's uncompressed ELF `vmlinux` (PVH entry), arm64's
+    /// `Image`.
+    pub boot_image: PathBuf,
     /// The modules to load, dependencies first, each an uncompressed `.ko`: [`VSOCK_MODULES`].
     pub modules: Vec<Module>,
     /// The full image's modules: [`VSOCK_MODULES`] then [`FULL_IMAGE_MODULES`], in load order.
@@ -71,21 +80,76 @@ pub fn vm_dir() -> PathBuf {
     project_root().join("target").join("ferry-vm")
 }
 
-/// Fetches and unpacks the kernel package if it is not cached yet, extracts `vmlinux` and collects
-/// the vsock modules in load order.
-pub fn ensure_kernel() -> Result<Kernel> {
-    let dir = vm_dir();
+/// Where one architecture's kernel, images and foreign packages are cached: x86_64's directly
+/// in [`vm_dir`] (as before there were two), the others in a subdirectory of it.
+pub fn arch_dir(arch: Arch) -> PathBuf {
+    match arch {
+        Arch::X86_64 => vm_dir(),
+        Arch::Aarch64 => vm_dir().join(arch.name()),
+    }
+}
+
+/// The apt state that fetches `arch`'s packages when the host is another architecture.
+pub fn foreign_apt(arch: Arch) -> ForeignApt {
+    ForeignApt::new(arch_dir(arch).join("apt"), arch.debian())
+}
+
+/// Fetches and unpacks `arch`'s kernel package if it is not cached yet, prepares the image QEMU
+/// boots and collects the vsock modules in load order.
+pub fn ensure_kernel(arch: Arch) -> Result<Kernel> {
+    let dir = arch_dir(arch);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let unpacked = dir.join("kernel");
     if find_release(&unpacked).is_err() {
-        fetch_and_unpack(&dir, &unpacked)?;
+        if arch.is_host() {
+            fetch_and_unpack(arch, &dir, &unpacked)?;
+        } else {
+            let apt = foreign_apt(arch);
+            let package = apt.depends_on(&kernel_metapackage(arch))?;
+            apt.fetch_and_unpack(&package, &unpacked)?;
+        }
     }
     let release = find_release(&unpacked)?;
+    let vmlinuz = unpacked.join("boot").join(format!("vmlinuz-{release}"));
+    let boot_image = match arch {
+        Arch::X86_64 => ensure_vmlinux(&dir, &release, &vmlinuz)?,
+        Arch::Aarch64 => {
+            let head = read_prefix(&vmlinuz, 0x40)?;
+            ensure!(
+                is_arm64_image(&head) || head.starts_with(&[0x1f, 0x8b]),
+                "{} is neither an arm64 Image nor gzip-compressed",
+                vmlinuz.display()
+            );
+            vmlinuz
+        }
+    };
 
+    let modules_dir = dir.join(format!("modules-{release}"));
+    let modules = collect_modules(&unpacked, &release, &modules_dir, VSOCK_MODULES)?;
+    let full: Vec<&str> = VSOCK_MODULES
+        .iter()
+        .chain(FULL_IMAGE_MODULES)
+        .copied()
+        .collect();
+    let full_modules = collect_modules(&unpacked, &release, &modules_dir, &full)?;
+    Ok(Kernel {
+        release,
+        boot_image,
+        modules,
+        full_modules,
+    })
+}
+
+/// The arm64 boot protocol's header: `ARM\x64` at offset 0x38 (Documentation/arch/arm64/booting.rst).
+fn is_arm64_image(head: &[u8]) -> bool {
+    head.get(0x38..0x3c) == Some(b"ARM\x64")
+}
+
+/// x86_64: the uncompressed ELF from the bzImage, extracted once into `dir`.
+fn ensure_vmlinux(dir: &Path, release: &str, bzimage_path: &Path) -> Result<PathBuf> {
     let vmlinux = dir.join(format!("vmlinux-{release}"));
     if !vmlinux.exists() {
-        let bzimage_path = unpacked.join("boot").join(format!("vmlinuz-{release}"));
-        let bzimage = std::fs::read(&bzimage_path)
+        let bzimage = std::fs::read(bzimage_path)
             .with_context(|| format!("reading {}", bzimage_path.display()))?;
         let elf = extract_vmlinux(&bzimage)
             .with_context(|| format!("extracting vmlinux from {}", bzimage_path.display()))?;
@@ -105,21 +169,7 @@ pub fn ensure_kernel() -> Result<Kernel> {
         "{} is not an ELF file; delete it to extract it again",
         vmlinux.display()
     );
-
-    let modules_dir = dir.join(format!("modules-{release}"));
-    let modules = collect_modules(&unpacked, &release, &modules_dir, VSOCK_MODULES)?;
-    let full: Vec<&str> = VSOCK_MODULES
-        .iter()
-        .chain(FULL_IMAGE_MODULES)
-        .copied()
-        .collect();
-    let full_modules = collect_modules(&unpacked, &release, &modules_dir, &full)?;
-    Ok(Kernel {
-        release,
-        vmlinux,
-        modules,
-        full_modules,
-    })
+    Ok(vmlinux)
 }
 
 /// The release of the unpacked kernel: the one directory under `lib/modules/`.
@@ -148,13 +198,14 @@ fn find_release(unpacked: &Path) -> Result<String> {
 
 /// `apt-get download` of the versioned cloud kernel, then `dpkg-deb -x`: no maintainer scripts
 /// run and nothing outside `target/` is touched.
-fn fetch_and_unpack(dir: &Path, unpacked: &Path) -> Result<()> {
-    let package = match kernel_package() {
+fn fetch_and_unpack(arch: Arch, dir: &Path, unpacked: &Path) -> Result<()> {
+    let metapackage = kernel_metapackage(arch);
+    let package = match kernel_package(&metapackage) {
         Ok(package) => package,
         Err(_) => {
             // A fresh machine may have no package lists yet.
             crate::deps::apt_update()?;
-            kernel_package()?
+            kernel_package(&metapackage)?
         }
     };
     eprintln!("kernel: fetching {package}");
@@ -195,27 +246,28 @@ fn fetch_and_unpack(dir: &Path, unpacked: &Path) -> Result<()> {
 }
 
 /// The real package behind the metapackage, e.g. `linux-image-6.1.0-56-cloud-amd64`.
-fn kernel_package() -> Result<String> {
+fn kernel_package(metapackage: &str) -> Result<String> {
     let output = Command::new("apt-cache")
-        .args(["depends", KERNEL_METAPACKAGE])
+        .args(["depends", metapackage])
         .output()
         .context("running apt-cache")?;
     if !output.status.success() {
         bail!(
-            "apt-cache depends {KERNEL_METAPACKAGE}: {}",
+            "apt-cache depends {metapackage}: {}",
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    parse_depends_package(&String::from_utf8_lossy(&output.stdout))
-        .with_context(|| format!("no linux-image dependency of {KERNEL_METAPACKAGE}"))
+    parse_depends_package(&String::from_utf8_lossy(&output.stdout), metapackage)
+        .with_context(|| format!("no linux-image dependency of {metapackage}"))
 }
 
-fn parse_depends_package(apt_cache: &str) -> Option<String> {
+/// The versioned `linux-image-*` in `apt-cache depends METAPACKAGE`'s output.
+pub fn parse_depends_package(apt_cache: &str, metapackage: &str) -> Option<String> {
     apt_cache
         .lines()
         .filter_map(|line| line.trim().strip_prefix("Depends:"))
         .map(str::trim)
-        .find(|name| name.starts_with("linux-image-") && *name != KERNEL_METAPACKAGE)
+        .find(|name| name.starts_with("linux-image-") && *name != metapackage)
         .map(str::to_owned)
 }
 
@@ -749,10 +801,19 @@ mod tests {
     #[test]
     fn versioned_package_is_found() {
         let apt = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n";
+        let meta = kernel_metapackage(Arch::X86_64);
         assert_eq!(
-            parse_depends_package(apt).as_deref(),
+            parse_depends_package(apt, &meta).as_deref(),
             Some("linux-image-6.1.0-56-cloud-amd64")
         );
-        assert_eq!(parse_depends_package("linux-image-cloud-amd64\n"), None);
+        assert_eq!(
+            parse_depends_package("linux-image-cloud-amd64\n", &meta),
+            None
+        );
+        let apt = "linux-image-cloud-arm64\n  Depends: linux-image-6.1.0-56-cloud-arm64\n";
+        assert_eq!(
+            parse_depends_package(apt, &kernel_metapackage(Arch::Aarch64)).as_deref(),
+            Some("linux-image-6.1.0-56-cloud-arm64")
+        );
     }
 }

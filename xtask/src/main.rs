@@ -1,5 +1,6 @@
 //! `cargo xtask`: ferry's build, image, VM and benchmark automation (no shell scripts).
 
+mod arch;
 mod bench;
 mod bench_files;
 mod bench_vm;
@@ -8,6 +9,7 @@ mod cpio;
 mod deps;
 mod e2e;
 mod e2e_system;
+mod foreign_apt;
 mod fuzz;
 mod initramfs;
 mod kernel;
@@ -19,6 +21,8 @@ mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+
+use crate::arch::Arch;
 
 #[derive(Parser)]
 #[command(
@@ -33,10 +37,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Build the static agent (musl, no_std) and check its size against the budget.
-    BuildAgent,
+    BuildAgent {
+        /// The guest architecture to build for.
+        #[arg(long, value_enum, default_value_t)]
+        arch: Arch,
+    },
     /// Build the guest image: a newc cpio with the agent as /init, the vsock modules and (unless
     /// --minimal) a static busybox; fetches the Debian cloud kernel into target/ferry-vm/.
     Initramfs {
+        /// The guest architecture (its agent, kernel modules and busybox).
+        #[arg(long, value_enum, default_value_t)]
+        arch: Arch,
         /// Only the agent and the kernel modules: no busybox, no shell.
         #[arg(long)]
         minimal: bool,
@@ -47,6 +58,10 @@ enum Command {
     /// Boot the agent as PID 1 in QEMU. With a command: run it in the guest through ferry, power
     /// off, exit with its status. Without: print FERRY_CONNECT=... and run until Ctrl-C/SIGTERM.
     Vm {
+        /// The guest architecture: x86_64 boots QEMU `microvm`, aarch64 `virt` (TCG on an
+        /// x86_64 host).
+        #[arg(long, value_enum, default_value_t)]
+        arch: Arch,
         /// Boot the agent-only image (no busybox: `ferry health` works, `sh` does not).
         #[arg(long)]
         minimal: bool,
@@ -60,12 +75,15 @@ enum Command {
     /// The QEMU end-to-end suite: install or check the tools, build, boot, run qemu-tests, then
     /// check the agent-only image; everything torn down after.
     E2e {
+        /// The guest architecture.
+        #[arg(long, value_enum, default_value_t)]
+        arch: Arch,
         /// Wall-clock limit for the whole run.
         #[arg(long, default_value_t = e2e::DEFAULT_E2E_TIMEOUT.as_secs())]
         timeout_secs: u64,
     },
     /// Everything CI runs: build the agent, run every crate's tests against it, a few seconds
-    /// of each wire fuzz target, then the QEMU end-to-end suite.
+    /// of each wire fuzz target, then the QEMU end-to-end suite on x86_64 and on aarch64.
     Test {
         /// Skip the QEMU end-to-end suite.
         #[arg(long)]
@@ -106,18 +124,20 @@ enum Command {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::BuildAgent => {
-            build_agent::build_agent()?;
+        Command::BuildAgent { arch } => {
+            build_agent::build_agent_for(arch)?;
         }
-        Command::Initramfs { minimal, out } => {
-            initramfs::build_initramfs(minimal, out.as_deref())?;
+        Command::Initramfs { arch, minimal, out } => {
+            initramfs::build_initramfs(arch, minimal, out.as_deref())?;
         }
         Command::Vm {
+            arch,
             minimal,
             ready_timeout_secs,
             command,
         } => {
             let options = vm::VmOptions {
+                arch,
                 minimal,
                 ready_timeout: std::time::Duration::from_secs(ready_timeout_secs),
                 ..vm::VmOptions::default()
@@ -125,7 +145,8 @@ fn main() -> Result<()> {
             let code = e2e::run_vm(&options, &command)?;
             std::process::exit(code);
         }
-        Command::E2e { timeout_secs } => e2e::run_e2e(&e2e::E2eOptions {
+        Command::E2e { arch, timeout_secs } => e2e::run_e2e(&e2e::E2eOptions {
+            arch,
             timeout: std::time::Duration::from_secs(timeout_secs),
         })?,
         Command::Test { skip_e2e } => test::run_test(skip_e2e)?,

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::arch::Arch;
 use crate::deps::{ensure_tools, Tools};
 use crate::initramfs::build_initramfs;
 use crate::kernel::vm_dir;
@@ -36,6 +37,8 @@ pub const CONSOLE_TAIL_LINES: usize = 60;
 /// How to boot.
 #[derive(Debug, Clone)]
 pub struct VmOptions {
+    /// The guest's architecture: x86_64 boots QEMU `microvm`, aarch64 `virt`.
+    pub arch: Arch,
     /// Boot the image with only the agent and modules (no busybox).
     pub minimal: bool,
     pub memory_mb: u32,
@@ -55,6 +58,7 @@ pub struct VmOptions {
 impl Default for VmOptions {
     fn default() -> Self {
         VmOptions {
+            arch: Arch::default(),
             minimal: false,
             memory_mb: 256,
             cpus: 1,
@@ -100,8 +104,8 @@ impl Vm {
     /// announcement. On failure everything started is torn down and the error carries the tail of
     /// the guest console.
     pub fn boot(options: &VmOptions) -> Result<Vm> {
-        let tools = ensure_tools()?;
-        let image = build_initramfs(options.minimal, None)?;
+        let tools = ensure_tools(options.arch)?;
+        let image = build_initramfs(options.arch, options.minimal, None)?;
         let run = RunDir::create()?;
         let console_log = options
             .console_log
@@ -165,12 +169,13 @@ impl Vm {
         let initrd = run.dir.join("initrd.cpio");
         write_secret_and_initrd(&image.path, &vm.secret, &initrd)?;
         let config = QemuConfig {
-            kernel: image.kernel.vmlinux.clone(),
+            arch: options.arch,
+            kernel: image.kernel.boot_image.clone(),
             initrd,
             console_log: vm.console_log.clone(),
             memory_mb: options.memory_mb,
             cpus: options.cpus,
-            cmdline: [kernel_cmdline(host_tsc_khz(), ready_port)]
+            cmdline: [kernel_cmdline(options.arch, host_tsc_khz(), ready_port)]
                 .into_iter()
                 .chain(options.kernel_args.iter().cloned())
                 .collect::<Vec<_>>()
@@ -491,6 +496,7 @@ fn start_daemon(tools: &Tools, dir: &Path, vhost_socket: &Path, hybrid: &Path) -
 /// Everything the QEMU command line is made of.
 #[derive(Debug, Clone)]
 struct QemuConfig {
+    arch: Arch,
     kernel: PathBuf,
     initrd: PathBuf,
     console_log: PathBuf,
@@ -503,8 +509,11 @@ struct QemuConfig {
     reboot: bool,
 }
 
-/// The QEMU arguments: microvm (no PCI, no firmware, no option ROMs) booting the uncompressed
-/// kernel directly, which is the fastest path under TCG.
+/// The QEMU arguments. x86_64: microvm (no PCI, no firmware, no option ROMs) booting the
+/// uncompressed kernel directly, which is the fastest path under TCG. aarch64: `virt`, whose
+/// devices sit on virtio-mmio too (as Firecracker's on arm64), booting the `Image` directly (no
+/// firmware), console on its PL011, power-off and reset through PSCI. KVM only for a guest of
+/// the host's own architecture; a foreign one runs under TCG whatever the vsock backend.
 fn qemu_args(config: &QemuConfig) -> Result<Vec<String>> {
     for path in [
         &config.kernel,
@@ -522,19 +531,26 @@ fn qemu_args(config: &QemuConfig) -> Result<Vec<String>> {
     let memory = format!("{}M", config.memory_mb);
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
+    let machine = match config.arch {
+        Arch::X86_64 => "microvm",
+        Arch::Aarch64 => "virt",
+    };
+    let kvm = matches!(config.backend, Backend::VhostVsock { .. }) && config.arch.is_host();
     match config.backend {
         Backend::VhostUser => {
             // vhost-user maps guest memory into the daemon: it must be shared (pitfall 4).
-            push(&["-M", "microvm,memory-backend=mem"]);
+            push(&["-M", &format!("{machine},memory-backend=mem")]);
             push(&[
                 "-object",
                 &format!("memory-backend-memfd,id=mem,size={memory},share=on"),
             ]);
-            push(&["-accel", "tcg", "-cpu", "max"]);
         }
-        Backend::VhostVsock { .. } => {
-            push(&["-M", "microvm", "-accel", "kvm", "-cpu", "host"]);
-        }
+        Backend::VhostVsock { .. } => push(&["-M", machine]),
+    }
+    if kvm {
+        push(&["-accel", "kvm", "-cpu", "host"]);
+    } else {
+        push(&["-accel", "tcg", "-cpu", tcg_cpu(config.arch)]);
     }
     push(&["-m", &memory, "-smp", &config.cpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-nographic"]);
@@ -565,15 +581,32 @@ fn qemu_args(config: &QemuConfig) -> Result<Vec<String>> {
     Ok(args)
 }
 
-/// The guest kernel's command line. `quiet` because every console byte is slow under TCG;
-/// `tsc_early_khz` because microvm under TCG otherwise hangs calibrating the TSC (pitfall 3);
-/// `panic=-1` so a guest panic ends QEMU instead of hanging it.
-fn kernel_cmdline(tsc_khz: Option<u64>, ready_port: u32) -> String {
-    let mut cmdline = String::from("console=ttyS0 panic=-1 quiet");
-    if let Some(khz) = tsc_khz {
-        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+/// The CPU QEMU emulates under TCG.
+fn tcg_cpu(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "max",
+        // `max` with pointer authentication's QARMA algorithm costs every function call a
+        // block cipher under TCG; QEMU's own cheaper algorithm keeps the features.
+        Arch::Aarch64 => "max,pauth-impdef=on",
     }
-    cmdline.push_str(" mitigations=off cryptomgr.notests tsc=reliable no_timer_check audit=0");
+}
+
+/// The guest kernel's command line. `quiet` because every console byte is slow under TCG;
+/// on x86_64 `tsc_early_khz` because microvm under TCG otherwise hangs calibrating the TSC
+/// (pitfall 3), with the other x86 clock flags; `panic=-1` so a guest panic ends QEMU instead of
+/// hanging it.
+fn kernel_cmdline(arch: Arch, tsc_khz: Option<u64>, ready_port: u32) -> String {
+    let mut cmdline = format!("console={} panic=-1 quiet", arch.console());
+    if arch == Arch::X86_64 {
+        if let Some(khz) = tsc_khz {
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
+    cmdline.push_str(" mitigations=off cryptomgr.notests");
+    if arch == Arch::X86_64 {
+        cmdline.push_str(" tsc=reliable no_timer_check");
+    }
+    cmdline.push_str(" audit=0");
     cmdline.push_str(&format!(" ferry.ready={ready_port}"));
     // The secret's path, never the secret: the command line is readable by every guest process.
     cmdline.push_str(&format!(" ferry.secret_file={GUEST_SECRET}"));
@@ -773,12 +806,15 @@ mod tests {
     #[test]
     fn cmdline_has_the_boot_flags_and_the_ready_port() {
         assert_eq!(
-            kernel_cmdline(Some(2_599_998), 10_123),
+            kernel_cmdline(Arch::X86_64, Some(2_599_998), 10_123),
             "console=ttyS0 panic=-1 quiet tsc_early_khz=2599998 mitigations=off \
              cryptomgr.notests tsc=reliable no_timer_check audit=0 ferry.ready=10123 \
              ferry.secret_file=/etc/ferry/secret ferry.allow_users=root"
         );
-        assert!(!kernel_cmdline(None, 1).contains("tsc_early_khz"));
+        assert!(!kernel_cmdline(Arch::X86_64, None, 1).contains("tsc_early_khz"));
+        let arm = kernel_cmdline(Arch::Aarch64, Some(2_599_998), 1);
+        assert!(arm.starts_with("console=ttyAMA0 panic=-1 quiet"), "{arm}");
+        assert!(!arm.contains("tsc"), "{arm}");
     }
 
     #[test]
@@ -790,6 +826,7 @@ mod tests {
 
     fn config(backend: Backend) -> QemuConfig {
         QemuConfig {
+            arch: Arch::X86_64,
             kernel: "/k/vmlinux".into(),
             initrd: "/k/initrd.cpio".into(),
             console_log: "/r/console.log".into(),
@@ -835,6 +872,34 @@ mod tests {
         assert!(args.contains("-accel kvm"), "{args}");
         assert!(args.contains("vhost-vsock-device,guest-cid=42"));
         assert!(!args.contains("memfd"));
+    }
+
+    #[test]
+    fn aarch64_boots_virt_under_tcg_on_a_foreign_host() {
+        for backend in [Backend::VhostUser, Backend::VhostVsock { cid: 42 }] {
+            let args = qemu_args(&QemuConfig {
+                arch: Arch::Aarch64,
+                ..config(backend)
+            })
+            .expect("valid")
+            .join(" ");
+            assert!(args.contains("-M virt"), "{args}");
+            assert!(!args.contains("microvm"), "{args}");
+            if !Arch::Aarch64.is_host() {
+                assert!(args.contains("-accel tcg -cpu max"), "{args}");
+            }
+        }
+        let args = qemu_args(&QemuConfig {
+            arch: Arch::Aarch64,
+            ..config(Backend::VhostUser)
+        })
+        .expect("valid")
+        .join(" ");
+        assert!(args.contains("-M virt,memory-backend=mem"), "{args}");
+        assert!(
+            args.contains("vhost-user-vsock-device,chardev=vsock"),
+            "{args}"
+        );
     }
 
     #[test]
