@@ -27,7 +27,7 @@ pub fn run(arch: Arch, ferry: &Path, ready_timeout: Duration) -> Result<()> {
         ..VmOptions::default()
     })?;
     eprintln!("e2e (system): {}", vm.ready().summary());
-    let result = scenarios(&mut vm, ferry);
+    let result = scenarios(&mut vm, arch, ferry);
     if let Err(err) = result {
         let tail = vm.console_tail(crate::vm::CONSOLE_TAIL_LINES);
         let _ = vm.shutdown();
@@ -36,8 +36,8 @@ pub fn run(arch: Arch, ferry: &Path, ready_timeout: Duration) -> Result<()> {
     vm.shutdown()
 }
 
-fn scenarios(vm: &mut Vm, ferry: &Path) -> Result<()> {
-    info_agrees_with_the_guest(vm, ferry).context("info")?;
+fn scenarios(vm: &mut Vm, arch: Arch, ferry: &Path) -> Result<()> {
+    info_agrees_with_the_guest(vm, arch, ferry).context("info")?;
     loopback_answers(vm, ferry).context("loopback")?;
     time_sync_from_2001(vm, ferry).context("time-sync")?;
     reseed_keeps_the_pool(vm, ferry).context("reseed")?;
@@ -88,8 +88,10 @@ fn client(vm: &Vm) -> Result<ferry_host::Client> {
     ))
 }
 
-fn info_agrees_with_the_guest(vm: &Vm, ferry: &Path) -> Result<()> {
+fn info_agrees_with_the_guest(vm: &Vm, arch: Arch, ferry: &Path) -> Result<()> {
     let report = client(vm)?.info()?;
+    ensure!(report.machine == arch.name(), "machine {}", report.machine);
+    ensure!(guest(vm, ferry, &["uname", "-m"])?.trim() == arch.name());
     ensure!(report.hostname == HOSTNAME, "hostname {}", report.hostname);
     ensure!(guest(vm, ferry, &["hostname"])?.trim() == HOSTNAME);
     ensure!(report.agent.pid == 1 && report.agent.mode == "init");

@@ -22,6 +22,20 @@ pub fn health_reports_versions_and_limits(fixture: &Fixture) {
     );
 }
 
+/// The machine the agent runs on is the one the harness built it for: `FERRY_GUEST_ARCH` (set
+/// by `cargo xtask e2e --arch`), or this host's own architecture for an agent run here. The
+/// agent's `uname` (info) and a command's agree with it; on aarch64 this is also the first
+/// exec through the agent's arm64 `clone` trampoline.
+pub fn the_machine_is_the_architecture_built_for(fixture: &Fixture) {
+    let expected =
+        std::env::var("FERRY_GUEST_ARCH").unwrap_or_else(|_| std::env::consts::ARCH.to_owned());
+    let client = fixture.client();
+    assert_eq!(client.info().unwrap().machine, expected);
+    let output = client.output(Command::new("uname").arg("-m")).unwrap();
+    assert_eq!(output.status, ExitStatus::Code(0));
+    assert_eq!(String::from_utf8(output.stdout).unwrap().trim(), expected);
+}
+
 pub fn a_command_leads_a_session_of_its_own(fixture: &Fixture) {
     let client = fixture.client();
     let output = client.output(Command::new("uname").arg("-a")).unwrap();

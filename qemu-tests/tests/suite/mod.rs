@@ -112,6 +112,7 @@ macro_rules! scenario_tests {
     ($fixture:ident) => {
         $crate::suite::scenario_tests!(@each $fixture;
             exec::health_reports_versions_and_limits,
+            exec::the_machine_is_the_architecture_built_for,
             exec::a_command_leads_a_session_of_its_own,
             exec::commands_start_with_default_signal_state,
             exec::core_dumps_and_durations_are_reported,
