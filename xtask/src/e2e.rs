@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::deps::ensure_tools;
 use crate::kernel::vm_dir;
+use crate::machine::Machine;
 use crate::util::{cargo, project_root, run};
 use crate::vm::{
     die_with_parent, install_signal_handlers, interrupted, shell_code, signal_group, Vm, VmOptions,
@@ -25,12 +26,15 @@ pub const DEFAULT_E2E_TIMEOUT: Duration = Duration::from_secs(1500);
 pub struct E2eOptions {
     /// The whole run, builds included; on expiry the tests are killed and the guest torn down.
     pub timeout: Duration,
+    /// The QEMU machine every guest of the run boots on.
+    pub machine: Machine,
 }
 
 impl Default for E2eOptions {
     fn default() -> Self {
         E2eOptions {
             timeout: DEFAULT_E2E_TIMEOUT,
+            machine: Machine::default(),
         }
     }
 }
@@ -192,11 +196,13 @@ pub fn run_e2e(options: &E2eOptions) -> Result<()> {
     let example = build_epoll_example()?;
 
     // The full image: busybox is there for the scenarios that run sh, cat, uname...
+    let machine = options.machine;
     let vm = Vm::boot(&VmOptions {
+        machine,
         ready_timeout: remaining(deadline)?.min(VmOptions::default().ready_timeout),
         ..VmOptions::default()
     })?;
-    eprintln!("e2e: {}", vm.ready().summary());
+    eprintln!("e2e ({machine}): {}", vm.ready().summary());
     let full_ready = vm.ready().clone();
     let suite = run_suite(&vm, &example, &ferry, deadline);
     if let Err(err) = suite {
@@ -210,10 +216,11 @@ pub fn run_e2e(options: &E2eOptions) -> Result<()> {
     // The agent-only image must boot and answer on its own.
     let vm = Vm::boot(&VmOptions {
         minimal: true,
+        machine,
         ready_timeout: remaining(deadline)?.min(VmOptions::default().ready_timeout),
         ..VmOptions::default()
     })?;
-    eprintln!("e2e (minimal image): {}", vm.ready().summary());
+    eprintln!("e2e ({machine}, minimal image): {}", vm.ready().summary());
     let health = check_health(&ferry, &vm, deadline);
     if let Err(err) = health {
         let err = anyhow!("{err:#}\n{}", save_console(&vm, "e2e-minimal-console.log"));
@@ -225,9 +232,9 @@ pub fn run_e2e(options: &E2eOptions) -> Result<()> {
 
     // A guest of its own for what reboots and powers off (the suite's guest is shared).
     let ready_timeout = remaining(deadline)?.min(VmOptions::default().ready_timeout);
-    crate::e2e_system::run(&ferry, ready_timeout)?;
+    crate::e2e_system::run(&ferry, machine, ready_timeout)?;
     eprintln!(
-        "e2e: passed in {:.0} s; boot-to-ready {:.0} ms (full), {:.0} ms (minimal); /init → listening {:.1} ms ({:.1} ms without modules)",
+        "e2e ({machine}): passed in {:.0} s; boot-to-ready {:.0} ms (full), {:.0} ms (minimal); /init → listening {:.1} ms ({:.1} ms without modules)",
         started.elapsed().as_secs_f64(),
         full_ready.boot_to_ready.as_secs_f64() * 1e3,
         minimal_ready.boot_to_ready.as_secs_f64() * 1e3,

@@ -14,14 +14,18 @@ use crate::build_agent::{build_agent, build_vsock_probe};
 use crate::cpio::CpioWriter;
 use crate::deps::{self, BUSYBOX};
 use crate::kernel::{ensure_kernel, vm_dir, Kernel, Module};
+use crate::machine::Transport;
 
-/// Where [`build_initramfs`] writes by default.
-pub fn default_path(minimal: bool) -> PathBuf {
-    vm_dir().join(if minimal {
-        "initramfs-minimal.cpio"
-    } else {
-        "initramfs.cpio"
-    })
+/// Where [`build_initramfs`] writes by default: `initramfs[-minimal][-pci].cpio`.
+pub fn default_path(minimal: bool, transport: Transport) -> PathBuf {
+    let mut name = String::from("initramfs");
+    if minimal {
+        name.push_str("-minimal");
+    }
+    if transport == Transport::Pci {
+        name.push_str("-pci");
+    }
+    vm_dir().join(format!("{name}.cpio"))
 }
 
 /// A built image and the kernel it was built for.
@@ -32,8 +36,13 @@ pub struct Initramfs {
 }
 
 /// Builds the agent, fetches the kernel if needed and writes the image to `out` (default
-/// [`default_path`]). `minimal`: the agent and modules only, no busybox.
-pub fn build_initramfs(minimal: bool, out: Option<&Path>) -> Result<Initramfs> {
+/// [`default_path`]). `minimal`: the agent and modules only, no busybox. `transport`: the bus
+/// the guest's vsock device sits on, whose modules the image loads.
+pub fn build_initramfs(
+    minimal: bool,
+    transport: Transport,
+    out: Option<&Path>,
+) -> Result<Initramfs> {
     deps::ensure_musl_target()?;
     if !minimal {
         deps::ensure_busybox()?;
@@ -45,22 +54,24 @@ pub fn build_initramfs(minimal: bool, out: Option<&Path>) -> Result<Initramfs> {
         Some(build_vsock_probe()?)
     };
     let kernel = ensure_kernel()?;
-    let path = out.map_or_else(|| default_path(minimal), Path::to_path_buf);
+    let modules = kernel.modules(transport, minimal)?;
+    let path = out.map_or_else(|| default_path(minimal, transport), Path::to_path_buf);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
     // Per process: two xtasks may build the same image at once.
     let partial = path.with_extension(format!("cpio.partial-{}", std::process::id()));
-    write_image(&partial, &agent, probe.as_deref(), &kernel)
+    write_image(&partial, &agent, probe.as_deref(), &modules)
         .with_context(|| format!("writing {}", partial.display()))?;
     std::fs::rename(&partial, &path).with_context(|| format!("renaming to {}", path.display()))?;
     let size = std::fs::metadata(&path)?.len();
     eprintln!(
-        "initramfs: {} ({size} bytes, kernel {}, modules {})",
+        "initramfs: {} ({size} bytes, kernel {}, {} modules {})",
         path.display(),
         kernel.release,
-        image_modules(&kernel, minimal)
+        transport.name(),
+        modules
             .iter()
             .map(|m| m.name.as_str())
             .collect::<Vec<_>>()
@@ -69,17 +80,8 @@ pub fn build_initramfs(minimal: bool, out: Option<&Path>) -> Result<Initramfs> {
     Ok(Initramfs { path, kernel })
 }
 
-/// The modules an image carries and loads: the full image adds vsock's loopback transport.
-fn image_modules(kernel: &Kernel, minimal: bool) -> &[Module] {
-    if minimal {
-        &kernel.modules
-    } else {
-        &kernel.full_modules
-    }
-}
-
 /// `probe`: the full image's `/bin/vsock-probe`; `None` for the agent-only image.
-fn write_image(path: &Path, agent: &Path, probe: Option<&Path>, kernel: &Kernel) -> Result<()> {
+fn write_image(path: &Path, agent: &Path, probe: Option<&Path>, modules: &[Module]) -> Result<()> {
     let minimal = probe.is_none();
     let file = File::create(path)?;
     let mut image = Image {
@@ -98,7 +100,7 @@ fn write_image(path: &Path, agent: &Path, probe: Option<&Path>, kernel: &Kernel)
 
     image.dir("lib/modules")?;
     let mut list = String::new();
-    for module in image_modules(kernel, minimal) {
+    for module in modules {
         let bytes = std::fs::read(&module.path)
             .with_context(|| format!("reading {}", module.path.display()))?;
         image

@@ -11,6 +11,7 @@ mod e2e_system;
 mod fuzz;
 mod initramfs;
 mod kernel;
+mod machine;
 mod ready;
 mod sys;
 mod test;
@@ -40,7 +41,10 @@ enum Command {
         /// Only the agent and the kernel modules: no busybox, no shell.
         #[arg(long)]
         minimal: bool,
-        /// Where to write the image (default target/ferry-vm/initramfs[-minimal].cpio).
+        /// The machine the image is for: its vsock device's bus decides the modules it loads.
+        #[arg(long, value_enum, default_value_t)]
+        machine: machine::Machine,
+        /// Where to write the image (default target/ferry-vm/initramfs[-minimal][-pci].cpio).
         #[arg(long, value_name = "PATH")]
         out: Option<std::path::PathBuf>,
     },
@@ -50,6 +54,10 @@ enum Command {
         /// Boot the agent-only image (no busybox: `ferry health` works, `sh` does not).
         #[arg(long)]
         minimal: bool,
+        /// The QEMU machine: microvm (virtio-mmio) or q35 (PCI: vhost-vsock-pci, or
+        /// vhost-user-vsock-pci without /dev/vhost-vsock).
+        #[arg(long, value_enum, default_value_t)]
+        machine: machine::Machine,
         /// Give up when the agent has not announced itself this long after QEMU started.
         #[arg(long, default_value_t = 60)]
         ready_timeout_secs: u64,
@@ -63,9 +71,12 @@ enum Command {
         /// Wall-clock limit for the whole run.
         #[arg(long, default_value_t = e2e::DEFAULT_E2E_TIMEOUT.as_secs())]
         timeout_secs: u64,
+        /// The QEMU machine the guests boot on (see `vm --machine`).
+        #[arg(long, value_enum, default_value_t)]
+        machine: machine::Machine,
     },
     /// Everything CI runs: build the agent, run every crate's tests against it, a few seconds
-    /// of each wire fuzz target, then the QEMU end-to-end suite.
+    /// of each wire fuzz target, then the QEMU end-to-end suite on every machine type.
     Test {
         /// Skip the QEMU end-to-end suite.
         #[arg(long)]
@@ -109,24 +120,34 @@ fn main() -> Result<()> {
         Command::BuildAgent => {
             build_agent::build_agent()?;
         }
-        Command::Initramfs { minimal, out } => {
-            initramfs::build_initramfs(minimal, out.as_deref())?;
+        Command::Initramfs {
+            minimal,
+            machine,
+            out,
+        } => {
+            initramfs::build_initramfs(minimal, machine.transport(), out.as_deref())?;
         }
         Command::Vm {
             minimal,
+            machine,
             ready_timeout_secs,
             command,
         } => {
             let options = vm::VmOptions {
                 minimal,
+                machine,
                 ready_timeout: std::time::Duration::from_secs(ready_timeout_secs),
                 ..vm::VmOptions::default()
             };
             let code = e2e::run_vm(&options, &command)?;
             std::process::exit(code);
         }
-        Command::E2e { timeout_secs } => e2e::run_e2e(&e2e::E2eOptions {
+        Command::E2e {
+            timeout_secs,
+            machine,
+        } => e2e::run_e2e(&e2e::E2eOptions {
             timeout: std::time::Duration::from_secs(timeout_secs),
+            machine,
         })?,
         Command::Test { skip_e2e } => test::run_test(skip_e2e)?,
         Command::Fuzz {

@@ -3,10 +3,12 @@
 use anyhow::{Context, Result};
 
 use crate::build_agent::build_agent;
+use crate::machine::Machine;
 use crate::util::{cargo, run};
 
 /// Builds the static agent, runs every crate's tests against that very binary, then a few seconds
-/// of each wire fuzz target, then (unless told not to) the QEMU end-to-end suite.
+/// of each wire fuzz target, then (unless told not to) the QEMU end-to-end suite on every machine
+/// type.
 pub fn run_test(skip_e2e: bool) -> Result<()> {
     let agent = build_agent()?;
     run(cargo()
@@ -20,5 +22,19 @@ pub fn run_test(skip_e2e: bool) -> Result<()> {
         eprintln!("skipping the QEMU end-to-end suite (--skip-e2e)");
         return Ok(());
     }
-    crate::e2e::run_e2e(&crate::e2e::E2eOptions::default())
+    // Every machine type, so both virtio transports (mmio and PCI) and their modules are
+    // exercised; the default machine first.
+    for machine in Machine::ALL {
+        let started = std::time::Instant::now();
+        crate::e2e::run_e2e(&crate::e2e::E2eOptions {
+            machine,
+            ..crate::e2e::E2eOptions::default()
+        })
+        .with_context(|| format!("the QEMU end-to-end suite on {machine}"))?;
+        eprintln!(
+            "test: e2e on {machine} took {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }

@@ -23,6 +23,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::deps::{ensure_tools, Tools};
 use crate::initramfs::build_initramfs;
 use crate::kernel::vm_dir;
+use crate::machine::Machine;
 use crate::ready::{ReadyInfo, ReadyListener};
 
 /// The port the agent listens on (its default, `ferry.listen=vsock:1024`).
@@ -38,6 +39,8 @@ pub const CONSOLE_TAIL_LINES: usize = 60;
 pub struct VmOptions {
     /// Boot the image with only the agent and modules (no busybox).
     pub minimal: bool,
+    /// The QEMU machine, and with it the vsock device's bus.
+    pub machine: Machine,
     pub memory_mb: u32,
     pub cpus: u32,
     /// Where the guest's serial console goes; default `console.log` in the run directory.
@@ -56,6 +59,7 @@ impl Default for VmOptions {
     fn default() -> Self {
         VmOptions {
             minimal: false,
+            machine: Machine::default(),
             memory_mb: 256,
             cpus: 1,
             console_log: None,
@@ -101,7 +105,7 @@ impl Vm {
     /// the guest console.
     pub fn boot(options: &VmOptions) -> Result<Vm> {
         let tools = ensure_tools()?;
-        let image = build_initramfs(options.minimal, None)?;
+        let image = build_initramfs(options.minimal, options.machine.transport(), None)?;
         let run = RunDir::create()?;
         let console_log = options
             .console_log
@@ -176,6 +180,7 @@ impl Vm {
                 .collect::<Vec<_>>()
                 .join(" "),
             backend,
+            machine: options.machine,
             vhost_socket: run.dir.join("vhost.sock"),
             reboot: options.reboot,
         };
@@ -498,13 +503,15 @@ struct QemuConfig {
     cpus: u32,
     cmdline: String,
     backend: Backend,
+    machine: Machine,
     vhost_socket: PathBuf,
     /// Let a guest reboot (no `-no-reboot`).
     reboot: bool,
 }
 
-/// The QEMU arguments: microvm (no PCI, no firmware, no option ROMs) booting the uncompressed
-/// kernel directly, which is the fastest path under TCG.
+/// The QEMU arguments. The kernel is the uncompressed one, booted directly (PVH), which is the
+/// fastest path under TCG: on microvm (no PCI, no firmware, no option ROMs) with the vsock device
+/// on virtio-mmio, or on q35 (firmware, ACPI, PCIe) with it on PCI.
 fn qemu_args(config: &QemuConfig) -> Result<Vec<String>> {
     for path in [
         &config.kernel,
@@ -520,12 +527,14 @@ fn qemu_args(config: &QemuConfig) -> Result<Vec<String>> {
         }
     }
     let memory = format!("{}M", config.memory_mb);
+    let machine = config.machine.qemu_name();
+    let device = config.machine.transport().device_suffix();
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
     match config.backend {
         Backend::VhostUser => {
             // vhost-user maps guest memory into the daemon: it must be shared (pitfall 4).
-            push(&["-M", "microvm,memory-backend=mem"]);
+            push(&["-M", &format!("{machine},memory-backend=mem")]);
             push(&[
                 "-object",
                 &format!("memory-backend-memfd,id=mem,size={memory},share=on"),
@@ -533,7 +542,7 @@ fn qemu_args(config: &QemuConfig) -> Result<Vec<String>> {
             push(&["-accel", "tcg", "-cpu", "max"]);
         }
         Backend::VhostVsock { .. } => {
-            push(&["-M", "microvm", "-accel", "kvm", "-cpu", "host"]);
+            push(&["-M", machine, "-accel", "kvm", "-cpu", "host"]);
         }
     }
     push(&["-m", &memory, "-smp", &config.cpus.to_string()]);
@@ -556,10 +565,10 @@ fn qemu_args(config: &QemuConfig) -> Result<Vec<String>> {
             "-chardev",
             &format!("socket,id=vsock,path={}", config.vhost_socket.display()),
             "-device",
-            "vhost-user-vsock-device,chardev=vsock",
+            &format!("vhost-user-vsock-{device},chardev=vsock"),
         ]),
         Backend::VhostVsock { cid } => {
-            push(&["-device", &format!("vhost-vsock-device,guest-cid={cid}")])
+            push(&["-device", &format!("vhost-vsock-{device},guest-cid={cid}")])
         }
     }
     Ok(args)
@@ -797,6 +806,7 @@ mod tests {
             cpus: 1,
             cmdline: "console=ttyS0".into(),
             backend,
+            machine: Machine::Microvm,
             vhost_socket: "/r/vhost.sock".into(),
             reboot: false,
         }
@@ -835,6 +845,27 @@ mod tests {
         assert!(args.contains("-accel kvm"), "{args}");
         assert!(args.contains("vhost-vsock-device,guest-cid=42"));
         assert!(!args.contains("memfd"));
+    }
+
+    #[test]
+    fn q35_puts_the_vsock_device_on_pci() {
+        let q35 = |backend| QemuConfig {
+            machine: Machine::Q35,
+            ..config(backend)
+        };
+        let args = qemu_args(&q35(Backend::VhostUser))
+            .expect("valid")
+            .join(" ");
+        assert!(args.contains("-M q35,memory-backend=mem"), "{args}");
+        assert!(
+            args.contains("vhost-user-vsock-pci,chardev=vsock"),
+            "{args}"
+        );
+        let args = qemu_args(&q35(Backend::VhostVsock { cid: 7 }))
+            .expect("valid")
+            .join(" ");
+        assert!(args.contains("-M q35 -accel kvm"), "{args}");
+        assert!(args.contains("vhost-vsock-pci,guest-cid=7"), "{args}");
     }
 
     #[test]
