@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::arch::Arch;
 use crate::deps::ensure_tools;
 use crate::kernel::arch_dir;
+use crate::machine::Machine;
 use crate::util::{cargo, project_root, run};
 use crate::vm::{
     die_with_parent, install_signal_handlers, interrupted, shell_code, signal_group, Vm, VmOptions,
@@ -28,6 +29,8 @@ pub struct E2eOptions {
     pub arch: Arch,
     /// The whole run, builds included; on expiry the tests are killed and the guest torn down.
     pub timeout: Duration,
+    /// The QEMU machine every guest of the run boots on.
+    pub machine: Machine,
 }
 
 impl Default for E2eOptions {
@@ -35,6 +38,7 @@ impl Default for E2eOptions {
         E2eOptions {
             arch: Arch::default(),
             timeout: DEFAULT_E2E_TIMEOUT,
+            machine: Machine::default(),
         }
     }
 }
@@ -196,12 +200,15 @@ pub fn run_e2e(options: &E2eOptions) -> Result<()> {
     let example = build_epoll_example()?;
 
     // The full image: busybox is there for the scenarios that run sh, cat, uname...
+    let arch = options.arch;
+    let machine = options.machine.check_arch(arch)?;
     let vm = Vm::boot(&VmOptions {
         arch: options.arch,
+        machine,
         ready_timeout: remaining(deadline)?.min(VmOptions::default().ready_timeout),
         ..VmOptions::default()
     })?;
-    eprintln!("e2e ({}): {}", options.arch, vm.ready().summary());
+    eprintln!("e2e ({arch}, {machine}): {}", vm.ready().summary());
     let full_ready = vm.ready().clone();
     let suite = run_suite(&vm, options.arch, &example, &ferry, deadline);
     if let Err(err) = suite {
@@ -219,10 +226,14 @@ pub fn run_e2e(options: &E2eOptions) -> Result<()> {
     let vm = Vm::boot(&VmOptions {
         arch: options.arch,
         minimal: true,
+        machine,
         ready_timeout: remaining(deadline)?.min(VmOptions::default().ready_timeout),
         ..VmOptions::default()
     })?;
-    eprintln!("e2e (minimal image): {}", vm.ready().summary());
+    eprintln!(
+        "e2e ({arch}, {machine}, minimal image): {}",
+        vm.ready().summary()
+    );
     let health = check_health(&ferry, &vm, deadline);
     if let Err(err) = health {
         let err = anyhow!(
@@ -237,10 +248,9 @@ pub fn run_e2e(options: &E2eOptions) -> Result<()> {
 
     // A guest of its own for what reboots and powers off (the suite's guest is shared).
     let ready_timeout = remaining(deadline)?.min(VmOptions::default().ready_timeout);
-    crate::e2e_system::run(options.arch, &ferry, ready_timeout)?;
+    crate::e2e_system::run(&ferry, machine, ready_timeout)?;
     eprintln!(
-        "e2e ({}): passed in {:.0} s; boot-to-ready {:.0} ms (full), {:.0} ms (minimal); /init → listening {:.1} ms ({:.1} ms without modules)",
-        options.arch,
+        "e2e ({arch}, {machine}): passed in {:.0} s; boot-to-ready {:.0} ms (full), {:.0} ms (minimal); /init → listening {:.1} ms ({:.1} ms without modules)",
         started.elapsed().as_secs_f64(),
         full_ready.boot_to_ready.as_secs_f64() * 1e3,
         minimal_ready.boot_to_ready.as_secs_f64() * 1e3,

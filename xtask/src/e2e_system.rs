@@ -12,21 +12,25 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::arch::Arch;
+use crate::machine::Machine;
 use crate::vm::{Vm, VmOptions};
 
 /// The hostname the guest is booted with (`ferry.hostname=`).
 const HOSTNAME: &str = "ferry-e2e-guest";
 
-/// Boots an `arch` guest and runs the scenarios; the console is in the error on failure.
-pub fn run(arch: Arch, ferry: &Path, ready_timeout: Duration) -> Result<()> {
+/// Boots a guest on `machine` (of the machine's architecture) and runs the scenarios; the
+/// console is in the error on failure.
+pub fn run(ferry: &Path, machine: Machine, ready_timeout: Duration) -> Result<()> {
+    let arch = machine.arch();
     let mut vm = Vm::boot(&VmOptions {
         arch,
+        machine,
         reboot: true,
         kernel_args: vec![format!("ferry.hostname={HOSTNAME}")],
         ready_timeout,
         ..VmOptions::default()
     })?;
-    eprintln!("e2e (system): {}", vm.ready().summary());
+    eprintln!("e2e ({arch}, {machine}, system): {}", vm.ready().summary());
     let result = scenarios(&mut vm, arch, ferry);
     if let Err(err) = result {
         let tail = vm.console_tail(crate::vm::CONSOLE_TAIL_LINES);

@@ -17,14 +17,19 @@ use crate::build_agent::{build_agent_for, build_vsock_probe};
 use crate::cpio::CpioWriter;
 use crate::deps::{self, BUSYBOX};
 use crate::kernel::{arch_dir, ensure_kernel, foreign_apt, Kernel, Module};
+use crate::machine::Transport;
 
-/// Where [`build_initramfs`] writes by default.
-pub fn default_path(arch: Arch, minimal: bool) -> PathBuf {
-    arch_dir(arch).join(if minimal {
-        "initramfs-minimal.cpio"
-    } else {
-        "initramfs.cpio"
-    })
+/// Where [`build_initramfs`] writes by default: `initramfs[-minimal][-pci].cpio` in the
+/// architecture's directory.
+pub fn default_path(arch: Arch, minimal: bool, transport: Transport) -> PathBuf {
+    let mut name = String::from("initramfs");
+    if minimal {
+        name.push_str("-minimal");
+    }
+    if transport == Transport::Pci {
+        name.push_str("-pci");
+    }
+    arch_dir(arch).join(format!("{name}.cpio"))
 }
 
 /// A built image and the kernel it was built for.
@@ -35,8 +40,14 @@ pub struct Initramfs {
 }
 
 /// Builds `arch`'s agent, fetches its kernel if needed and writes the image to `out` (default
-/// [`default_path`]). `minimal`: the agent and modules only, no busybox.
-pub fn build_initramfs(arch: Arch, minimal: bool, out: Option<&Path>) -> Result<Initramfs> {
+/// [`default_path`]). `minimal`: the agent and modules only, no busybox. `transport`: the bus
+/// the guest's vsock device sits on, whose modules the image loads.
+pub fn build_initramfs(
+    arch: Arch,
+    minimal: bool,
+    transport: Transport,
+    out: Option<&Path>,
+) -> Result<Initramfs> {
     deps::ensure_musl_target(arch)?;
     let busybox = if minimal {
         None
@@ -52,7 +63,8 @@ pub fn build_initramfs(arch: Arch, minimal: bool, out: Option<&Path>) -> Result<
         Some(build_vsock_probe(arch)?)
     };
     let kernel = ensure_kernel(arch)?;
-    let path = out.map_or_else(|| default_path(arch, minimal), Path::to_path_buf);
+    let modules = kernel.modules(transport, minimal)?;
+    let path = out.map_or_else(|| default_path(arch, minimal, transport), Path::to_path_buf);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
@@ -60,30 +72,22 @@ pub fn build_initramfs(arch: Arch, minimal: bool, out: Option<&Path>) -> Result<
     // Per process: two xtasks may build the same image at once.
     let partial = path.with_extension(format!("cpio.partial-{}", std::process::id()));
     let extras = busybox.as_deref().zip(probe.as_deref());
-    write_image(&partial, &agent, extras, &kernel)
+    write_image(&partial, &agent, extras, &modules)
         .with_context(|| format!("writing {}", partial.display()))?;
     std::fs::rename(&partial, &path).with_context(|| format!("renaming to {}", path.display()))?;
     let size = std::fs::metadata(&path)?.len();
     eprintln!(
-        "initramfs ({arch}): {} ({size} bytes, kernel {}, modules {})",
+        "initramfs ({arch}): {} ({size} bytes, kernel {}, {} modules {})",
         path.display(),
         kernel.release,
-        image_modules(&kernel, minimal)
+        transport.name(),
+        modules
             .iter()
             .map(|m| m.name.as_str())
             .collect::<Vec<_>>()
             .join(",")
     );
     Ok(Initramfs { path, kernel })
-}
-
-/// The modules an image carries and loads: the full image adds vsock's loopback transport.
-fn image_modules(kernel: &Kernel, minimal: bool) -> &[Module] {
-    if minimal {
-        &kernel.modules
-    } else {
-        &kernel.full_modules
-    }
 }
 
 /// The static busybox the full image ships for `arch`: the host's own for its architecture,
@@ -105,9 +109,8 @@ fn write_image(
     path: &Path,
     agent: &Path,
     extras: Option<(&Path, &Path)>,
-    kernel: &Kernel,
+    modules: &[Module],
 ) -> Result<()> {
-    let minimal = extras.is_none();
     let file = File::create(path)?;
     let mut image = Image {
         cpio: CpioWriter::new(BufWriter::new(file)),
@@ -125,7 +128,7 @@ fn write_image(
 
     image.dir("lib/modules")?;
     let mut list = String::new();
-    for module in image_modules(kernel, minimal) {
+    for module in modules {
         let bytes = std::fs::read(&module.path)
             .with_context(|| format!("reading {}", module.path.display()))?;
         image

@@ -17,6 +17,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::arch::Arch;
 use crate::foreign_apt::ForeignApt;
+use crate::machine::Transport;
 use crate::util::{project_root, run};
 
 /// The metapackage whose dependency names the current versioned cloud kernel.
@@ -24,24 +25,24 @@ fn kernel_metapackage(arch: Arch) -> String {
     format!("linux-image-cloud-{}", arch.debian())
 }
 
-/// The modules virtio-vsock needs on the `microvm` machine (its devices sit on virtio-mmio), in
-/// their natural load order. Those built into the kernel have no `.ko` and are skipped;
-/// dependencies found in `depends=` are added and ordered first. Every module costs boot time
-/// (the agent reports each one's in the readiness report), so only what the machine needs.
+/// The modules virtio-vsock needs, in their natural load order, around the transport's own
+/// ([`MMIO_TRANSPORT_MODULES`] or [`PCI_TRANSPORT_MODULES`], inserted after `virtio`). Those built
+/// into the kernel have no `.ko` and are skipped; dependencies found in `depends=` are added and
+/// ordered first. Every module costs boot time (the agent reports each one's in the readiness
+/// report), so only what the machine needs.
 pub const VSOCK_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
-    "virtio_mmio",
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
 ];
 
+/// The virtio-mmio transport, for `microvm` (and Firecracker-like machines).
+pub const MMIO_TRANSPORT_MODULES: &[&str] = &["virtio_mmio"];
+
 /// The virtio-pci transport, for machines whose devices sit on PCI (q35, with
-/// `vhost-vsock-pci`): inserted before `virtio_mmio` in [`VSOCK_MODULES`] when such a machine
-/// is booted.
-// TODO(q35): used once the harness boots a PCI machine.
-#[allow(dead_code)]
+/// `vhost-vsock-pci`).
 pub const PCI_TRANSPORT_MODULES: &[&str] = &[
     "virtio_pci_modern_dev",
     "virtio_pci_legacy_dev",
@@ -61,10 +62,43 @@ pub struct Kernel {
     /// What QEMU's `-kernel` boots: x86_64's uncompressed ELF `vmlinux` (PVH entry), arm64's
     /// `Image`.
     pub boot_image: PathBuf,
-    /// The modules to load, dependencies first, each an uncompressed `.ko`: [`VSOCK_MODULES`].
-    pub modules: Vec<Module>,
-    /// The full image's modules: [`VSOCK_MODULES`] then [`FULL_IMAGE_MODULES`], in load order.
-    pub full_modules: Vec<Module>,
+    /// The unpacked package.
+    unpacked: PathBuf,
+    /// Where the decompressed modules are cached.
+    modules_dir: PathBuf,
+}
+
+impl Kernel {
+    /// The modules an image for `transport` loads, dependencies first, each an uncompressed
+    /// `.ko`: [`VSOCK_MODULES`] with the transport's, and for the full image (not `minimal`)
+    /// [`FULL_IMAGE_MODULES`] too.
+    pub fn modules(&self, transport: Transport, minimal: bool) -> Result<Vec<Module>> {
+        collect_modules(
+            &self.unpacked,
+            &self.release,
+            &self.modules_dir,
+            &module_list(transport, minimal),
+        )
+    }
+}
+
+/// The wanted modules, in natural order: virtio, the transport, vsock, then the full image's.
+fn module_list(transport: Transport, minimal: bool) -> Vec<&'static str> {
+    let transport = match transport {
+        Transport::Mmio => MMIO_TRANSPORT_MODULES,
+        Transport::Pci => PCI_TRANSPORT_MODULES,
+    };
+    let (virtio, vsock) = VSOCK_MODULES.split_at(2);
+    let mut list: Vec<&str> = virtio
+        .iter()
+        .chain(transport)
+        .chain(vsock)
+        .copied()
+        .collect();
+    if !minimal {
+        list.extend(FULL_IMAGE_MODULES);
+    }
+    list
 }
 
 /// One kernel module, uncompressed.
@@ -125,19 +159,17 @@ pub fn ensure_kernel(arch: Arch) -> Result<Kernel> {
     };
 
     let modules_dir = dir.join(format!("modules-{release}"));
-    let modules = collect_modules(&unpacked, &release, &modules_dir, VSOCK_MODULES)?;
-    let full: Vec<&str> = VSOCK_MODULES
-        .iter()
-        .chain(FULL_IMAGE_MODULES)
-        .copied()
-        .collect();
-    let full_modules = collect_modules(&unpacked, &release, &modules_dir, &full)?;
-    Ok(Kernel {
+    let kernel = Kernel {
         release,
         boot_image,
-        modules,
-        full_modules,
-    })
+        unpacked,
+        modules_dir,
+    };
+    // Fail here, not at image time, if the package lacks a module any machine needs.
+    for transport in [Transport::Mmio, Transport::Pci] {
+        kernel.modules(transport, false)?;
+    }
+    Ok(kernel)
 }
 
 /// The arm64 boot protocol's header: `ARM\x64` at offset 0x38 (Documentation/arch/arm64/booting.rst).
@@ -767,18 +799,17 @@ mod tests {
                 "virtio_mmio",
             ]
         );
-        let order = order_modules(VSOCK_MODULES, &depends).expect("acyclic");
-        // The microvm list has no PCI transport.
+        // Each transport's list has its own modules and not the other's.
+        let order = order_modules(&module_list(Transport::Mmio, true), &depends).expect("acyclic");
         for pci in PCI_TRANSPORT_MODULES {
             assert!(!order.iter().any(|n| n == pci), "{pci}");
         }
-        let with_pci: Vec<&str> = PCI_TRANSPORT_MODULES
-            .iter()
-            .chain(VSOCK_MODULES)
-            .copied()
-            .collect();
-        let order = order_modules(&with_pci, &depends).expect("acyclic");
-        for (name, deps) in &depends {
+        assert!(order.iter().any(|n| n == "virtio_mmio"));
+        let order = order_modules(&module_list(Transport::Pci, true), &depends).expect("acyclic");
+        assert!(!order.iter().any(|n| n == "virtio_mmio"));
+        let full = module_list(Transport::Pci, false);
+        assert!(full.contains(&"vsock_loopback"), "{full:?}");
+        for (name, deps) in depends.iter().filter(|(name, _)| *name != "virtio_mmio") {
             let at = order.iter().position(|n| n == name).expect("every module");
             for dep in deps {
                 assert!(order.iter().position(|n| n == dep).expect("dep") < at);

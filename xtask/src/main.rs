@@ -13,6 +13,7 @@ mod foreign_apt;
 mod fuzz;
 mod initramfs;
 mod kernel;
+mod machine;
 mod ready;
 mod sys;
 mod test;
@@ -23,6 +24,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::arch::Arch;
+use crate::machine::Machine;
 
 #[derive(Parser)]
 #[command(
@@ -51,7 +53,11 @@ enum Command {
         /// Only the agent and the kernel modules: no busybox, no shell.
         #[arg(long)]
         minimal: bool,
-        /// Where to write the image (default target/ferry-vm/initramfs[-minimal].cpio).
+        /// The machine the image is for: its vsock device's bus decides the modules it loads
+        /// (default: the architecture's first, microvm or virt).
+        #[arg(long, value_enum)]
+        machine: Option<Machine>,
+        /// Where to write the image (default target/ferry-vm/[aarch64/]initramfs[-minimal][-pci].cpio).
         #[arg(long, value_name = "PATH")]
         out: Option<std::path::PathBuf>,
     },
@@ -65,6 +71,11 @@ enum Command {
         /// Boot the agent-only image (no busybox: `ferry health` works, `sh` does not).
         #[arg(long)]
         minimal: bool,
+        /// The QEMU machine. x86_64: microvm (virtio-mmio, the default) or q35 (PCI:
+        /// vhost-vsock-pci, or vhost-user-vsock-pci without /dev/vhost-vsock). aarch64: virt
+        /// (virtio-mmio, the default) or virt-pci (the same machine, the device on PCI).
+        #[arg(long, value_enum)]
+        machine: Option<Machine>,
         /// Give up when the agent has not announced itself this long after QEMU started.
         #[arg(long, default_value_t = 60)]
         ready_timeout_secs: u64,
@@ -81,9 +92,13 @@ enum Command {
         /// Wall-clock limit for the whole run.
         #[arg(long, default_value_t = e2e::DEFAULT_E2E_TIMEOUT.as_secs())]
         timeout_secs: u64,
+        /// The QEMU machine the guests boot on (see `vm --machine`).
+        #[arg(long, value_enum)]
+        machine: Option<Machine>,
     },
     /// Everything CI runs: build the agent, run every crate's tests against it, a few seconds
-    /// of each wire fuzz target, then the QEMU end-to-end suite on x86_64 and on aarch64.
+    /// of each wire fuzz target, then the QEMU end-to-end suite on both architectures' machine
+    /// types (x86_64 microvm and q35, aarch64 virt and virt-pci).
     Test {
         /// Skip the QEMU end-to-end suite.
         #[arg(long)]
@@ -127,27 +142,40 @@ fn main() -> Result<()> {
         Command::BuildAgent { arch } => {
             build_agent::build_agent_for(arch)?;
         }
-        Command::Initramfs { arch, minimal, out } => {
-            initramfs::build_initramfs(arch, minimal, out.as_deref())?;
+        Command::Initramfs {
+            arch,
+            minimal,
+            machine,
+            out,
+        } => {
+            let machine = machine_for(arch, machine)?;
+            initramfs::build_initramfs(arch, minimal, machine.transport(), out.as_deref())?;
         }
         Command::Vm {
             arch,
             minimal,
+            machine,
             ready_timeout_secs,
             command,
         } => {
             let options = vm::VmOptions {
                 arch,
                 minimal,
+                machine: machine_for(arch, machine)?,
                 ready_timeout: std::time::Duration::from_secs(ready_timeout_secs),
                 ..vm::VmOptions::default()
             };
             let code = e2e::run_vm(&options, &command)?;
             std::process::exit(code);
         }
-        Command::E2e { arch, timeout_secs } => e2e::run_e2e(&e2e::E2eOptions {
+        Command::E2e {
+            arch,
+            timeout_secs,
+            machine,
+        } => e2e::run_e2e(&e2e::E2eOptions {
             arch,
             timeout: std::time::Duration::from_secs(timeout_secs),
+            machine: machine_for(arch, machine)?,
         })?,
         Command::Test { skip_e2e } => test::run_test(skip_e2e)?,
         Command::Fuzz {
@@ -171,4 +199,11 @@ fn main() -> Result<()> {
         })?,
     }
     Ok(())
+}
+
+/// `--machine`, or the architecture's default; refused when it belongs to another architecture.
+fn machine_for(arch: Arch, machine: Option<Machine>) -> Result<Machine> {
+    machine
+        .unwrap_or(Machine::default_for(arch))
+        .check_arch(arch)
 }

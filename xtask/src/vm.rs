@@ -24,6 +24,7 @@ use crate::arch::Arch;
 use crate::deps::{ensure_tools, Tools};
 use crate::initramfs::build_initramfs;
 use crate::kernel::vm_dir;
+use crate::machine::Machine;
 use crate::ready::{ReadyInfo, ReadyListener};
 
 /// The port the agent listens on (its default, `ferry.listen=vsock:1024`).
@@ -41,6 +42,8 @@ pub struct VmOptions {
     pub arch: Arch,
     /// Boot the image with only the agent and modules (no busybox).
     pub minimal: bool,
+    /// The QEMU machine, and with it the vsock device's bus.
+    pub machine: Machine,
     pub memory_mb: u32,
     pub cpus: u32,
     /// Where the guest's serial console goes; default `console.log` in the run directory.
@@ -60,6 +63,7 @@ impl Default for VmOptions {
         VmOptions {
             arch: Arch::default(),
             minimal: false,
+            machine: Machine::default(),
             memory_mb: 256,
             cpus: 1,
             console_log: None,
@@ -104,8 +108,9 @@ impl Vm {
     /// announcement. On failure everything started is torn down and the error carries the tail of
     /// the guest console.
     pub fn boot(options: &VmOptions) -> Result<Vm> {
+        let machine = options.machine.check_arch(options.arch)?;
         let tools = ensure_tools(options.arch)?;
-        let image = build_initramfs(options.arch, options.minimal, None)?;
+        let image = build_initramfs(options.arch, options.minimal, machine.transport(), None)?;
         let run = RunDir::create()?;
         let console_log = options
             .console_log
@@ -169,7 +174,6 @@ impl Vm {
         let initrd = run.dir.join("initrd.cpio");
         write_secret_and_initrd(&image.path, &vm.secret, &initrd)?;
         let config = QemuConfig {
-            arch: options.arch,
             kernel: image.kernel.boot_image.clone(),
             initrd,
             console_log: vm.console_log.clone(),
@@ -181,6 +185,7 @@ impl Vm {
                 .collect::<Vec<_>>()
                 .join(" "),
             backend,
+            machine,
             vhost_socket: run.dir.join("vhost.sock"),
             reboot: options.reboot,
         };
@@ -496,7 +501,6 @@ fn start_daemon(tools: &Tools, dir: &Path, vhost_socket: &Path, hybrid: &Path) -
 /// Everything the QEMU command line is made of.
 #[derive(Debug, Clone)]
 struct QemuConfig {
-    arch: Arch,
     kernel: PathBuf,
     initrd: PathBuf,
     console_log: PathBuf,
@@ -504,16 +508,19 @@ struct QemuConfig {
     cpus: u32,
     cmdline: String,
     backend: Backend,
+    machine: Machine,
     vhost_socket: PathBuf,
     /// Let a guest reboot (no `-no-reboot`).
     reboot: bool,
 }
 
-/// The QEMU arguments. x86_64: microvm (no PCI, no firmware, no option ROMs) booting the
-/// uncompressed kernel directly, which is the fastest path under TCG. aarch64: `virt`, whose
-/// devices sit on virtio-mmio too (as Firecracker's on arm64), booting the `Image` directly (no
-/// firmware), console on its PL011, power-off and reset through PSCI. KVM only for a guest of
-/// the host's own architecture; a foreign one runs under TCG whatever the vsock backend.
+/// The QEMU arguments. x86_64: the uncompressed kernel, booted directly (PVH), which is the
+/// fastest path under TCG: on microvm (no PCI, no firmware, no option ROMs) with the vsock device
+/// on virtio-mmio, or on q35 (firmware, ACPI, PCIe) with it on PCI. aarch64: `virt` booting the
+/// `Image` directly (no firmware), console on its PL011, power-off and reset through PSCI, the
+/// vsock device on one of its virtio-mmio slots or (virt-pci) on its PCIe host bridge. KVM only
+/// for a guest of the host's own architecture; a foreign one runs under TCG whatever the vsock
+/// backend.
 fn qemu_args(config: &QemuConfig) -> Result<Vec<String>> {
     for path in [
         &config.kernel,
@@ -529,13 +536,12 @@ fn qemu_args(config: &QemuConfig) -> Result<Vec<String>> {
         }
     }
     let memory = format!("{}M", config.memory_mb);
+    let machine = config.machine.qemu_name();
+    let device = config.machine.transport().device_suffix();
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
-    let machine = match config.arch {
-        Arch::X86_64 => "microvm",
-        Arch::Aarch64 => "virt",
-    };
-    let kvm = matches!(config.backend, Backend::VhostVsock { .. }) && config.arch.is_host();
+    let arch = config.machine.arch();
+    let kvm = matches!(config.backend, Backend::VhostVsock { .. }) && arch.is_host();
     match config.backend {
         Backend::VhostUser => {
             // vhost-user maps guest memory into the daemon: it must be shared (pitfall 4).
@@ -550,7 +556,7 @@ fn qemu_args(config: &QemuConfig) -> Result<Vec<String>> {
     if kvm {
         push(&["-accel", "kvm", "-cpu", "host"]);
     } else {
-        push(&["-accel", "tcg", "-cpu", tcg_cpu(config.arch)]);
+        push(&["-accel", "tcg", "-cpu", tcg_cpu(arch)]);
     }
     push(&["-m", &memory, "-smp", &config.cpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-nographic"]);
@@ -572,10 +578,10 @@ fn qemu_args(config: &QemuConfig) -> Result<Vec<String>> {
             "-chardev",
             &format!("socket,id=vsock,path={}", config.vhost_socket.display()),
             "-device",
-            "vhost-user-vsock-device,chardev=vsock",
+            &format!("vhost-user-vsock-{device},chardev=vsock"),
         ]),
         Backend::VhostVsock { cid } => {
-            push(&["-device", &format!("vhost-vsock-device,guest-cid={cid}")])
+            push(&["-device", &format!("vhost-vsock-{device},guest-cid={cid}")])
         }
     }
     Ok(args)
@@ -826,7 +832,6 @@ mod tests {
 
     fn config(backend: Backend) -> QemuConfig {
         QemuConfig {
-            arch: Arch::X86_64,
             kernel: "/k/vmlinux".into(),
             initrd: "/k/initrd.cpio".into(),
             console_log: "/r/console.log".into(),
@@ -834,6 +839,7 @@ mod tests {
             cpus: 1,
             cmdline: "console=ttyS0".into(),
             backend,
+            machine: Machine::Microvm,
             vhost_socket: "/r/vhost.sock".into(),
             reboot: false,
         }
@@ -875,31 +881,52 @@ mod tests {
     }
 
     #[test]
-    fn aarch64_boots_virt_under_tcg_on_a_foreign_host() {
-        for backend in [Backend::VhostUser, Backend::VhostVsock { cid: 42 }] {
-            let args = qemu_args(&QemuConfig {
-                arch: Arch::Aarch64,
-                ..config(backend)
-            })
+    fn q35_puts_the_vsock_device_on_pci() {
+        let q35 = |backend| QemuConfig {
+            machine: Machine::Q35,
+            ..config(backend)
+        };
+        let args = qemu_args(&q35(Backend::VhostUser))
             .expect("valid")
             .join(" ");
-            assert!(args.contains("-M virt"), "{args}");
-            assert!(!args.contains("microvm"), "{args}");
+        assert!(args.contains("-M q35,memory-backend=mem"), "{args}");
+        assert!(
+            args.contains("vhost-user-vsock-pci,chardev=vsock"),
+            "{args}"
+        );
+        let args = qemu_args(&q35(Backend::VhostVsock { cid: 7 }))
+            .expect("valid")
+            .join(" ");
+        assert!(args.contains("-M q35 -accel kvm"), "{args}");
+        assert!(args.contains("vhost-vsock-pci,guest-cid=7"), "{args}");
+    }
+
+    #[test]
+    fn aarch64_boots_virt_under_tcg_on_a_foreign_host() {
+        for (machine, device) in [(Machine::Virt, "device"), (Machine::VirtPci, "pci")] {
+            let on = |backend| QemuConfig {
+                machine,
+                ..config(backend)
+            };
+            let args = qemu_args(&on(Backend::VhostUser)).expect("valid").join(" ");
+            assert!(args.contains("-M virt,memory-backend=mem"), "{args}");
+            assert!(
+                args.contains(&format!("vhost-user-vsock-{device},chardev=vsock")),
+                "{args}"
+            );
+            let args = qemu_args(&on(Backend::VhostVsock { cid: 7 }))
+                .expect("valid")
+                .join(" ");
+            assert!(args.contains("-M virt "), "{args}");
+            assert!(
+                args.contains(&format!("vhost-vsock-{device},guest-cid=7")),
+                "{args}"
+            );
+            // No KVM for a foreign architecture, whatever the vsock backend.
             if !Arch::Aarch64.is_host() {
                 assert!(args.contains("-accel tcg -cpu max"), "{args}");
             }
         }
-        let args = qemu_args(&QemuConfig {
-            arch: Arch::Aarch64,
-            ..config(Backend::VhostUser)
-        })
-        .expect("valid")
-        .join(" ");
-        assert!(args.contains("-M virt,memory-backend=mem"), "{args}");
-        assert!(
-            args.contains("vhost-user-vsock-device,chardev=vsock"),
-            "{args}"
-        );
     }
 
     #[test]
