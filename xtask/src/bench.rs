@@ -189,6 +189,7 @@ impl LocalAgent {
         use std::io::{Read as _, Write as _};
         use std::os::unix::fs::OpenOptionsExt;
         let mode = if insecure { "insecure" } else { "secure" };
+        remove_stale_agent_dirs();
         let dir = project_root()
             .join("target")
             .join(format!("bench-{}-{mode}", std::process::id()));
@@ -380,6 +381,28 @@ impl Rollup {
         Rollup::parse(&std::fs::read_to_string(format!(
             "/proc/{pid}/smaps_rollup"
         ))?)
+    }
+}
+
+/// The directories of agents whose bench was killed (`target/bench-PID-MODE`, PID gone): their
+/// secret and socket.
+fn remove_stale_agent_dirs() {
+    let Ok(entries) = std::fs::read_dir(project_root().join("target")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("bench-"))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

@@ -87,8 +87,14 @@ pub fn run_peers(options: &PeersOptions) -> Result<()> {
     sys::become_subreaper()?;
     let started = Instant::now();
     let measured = measure(options);
-    let strays = sweep_children(SWEEP_GRACE);
+    let mut strays = sweep_children(SWEEP_GRACE);
     let report = measured?;
+    // And nothing listens any more on the ports the ssh servers had.
+    for port in &report.ports {
+        if TcpStream::connect(("127.0.0.1", *port)).is_ok() {
+            strays.push(format!("something still listens on 127.0.0.1:{port}"));
+        }
+    }
     let section = render_section(&report, options);
     print!("{section}");
     bench::write_section(bench::PEERS_SECTION, &section)?;
@@ -101,7 +107,7 @@ pub fn run_peers(options: &PeersOptions) -> Result<()> {
     );
     if !strays.is_empty() {
         bail!(
-            "the teardown left processes running, killed now: {}",
+            "the teardown left processes or ports behind (processes killed now): {}",
             strays.join(", ")
         );
     }
@@ -114,6 +120,8 @@ struct Report {
     versions: Vec<(String, String)>,
     warmup: usize,
     font: PathBuf,
+    /// The ssh servers' ports, checked closed after the teardown.
+    ports: Vec<u16>,
 }
 
 impl Report {
@@ -147,6 +155,8 @@ pub struct DaemonFigures {
     /// is kept open and idle (after the exec rounds).
     pub kept_processes: usize,
     pub kept_pss: u64,
+    /// Their VmRSS summed (pages shared between them counted in each).
+    pub kept_rss: u64,
     pub binary: u64,
     /// Distinct files mapped executable in the running daemon (its binary and every shared
     /// library) and their summed size.
@@ -277,6 +287,7 @@ fn measure(options: &PeersOptions) -> Result<Report> {
             }
         }
     }
+    let ports = vec![sshd.port, dropbear.port];
     // Orderly teardown: clients first (their connections close), then the daemons.
     drop(qemu_ga);
     drop(ferry_lib);
@@ -294,6 +305,7 @@ fn measure(options: &PeersOptions) -> Result<Report> {
         versions,
         warmup: warmup(options.runs),
         font: root.font.clone(),
+        ports,
     })
 }
 
@@ -1286,11 +1298,7 @@ fn idle_rss(pid: u32) -> Result<u64> {
 
 fn daemon_figures(pid: u32, binary: &Path, idle_rss: u64) -> Result<DaemonFigures> {
     let tree = process_tree(pid);
-    let kept_pss = tree
-        .iter()
-        .filter_map(|&p| Rollup::of(p).ok())
-        .map(|r| r.pss)
-        .sum();
+    let rollups: Vec<Rollup> = tree.iter().filter_map(|&p| Rollup::of(p).ok()).collect();
     let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
         .with_context(|| format!("reading /proc/{pid}/maps"))?;
     let files = mapped_executables(&maps);
@@ -1301,8 +1309,9 @@ fn daemon_figures(pid: u32, binary: &Path, idle_rss: u64) -> Result<DaemonFigure
         .sum();
     Ok(DaemonFigures {
         idle_rss,
-        kept_processes: tree.len(),
-        kept_pss,
+        kept_processes: rollups.len(),
+        kept_pss: rollups.iter().map(|r| r.pss).sum(),
+        kept_rss: rollups.iter().map(|r| r.rss).sum(),
         binary: fs::metadata(binary)?.len(),
         mapped_files: files.len(),
         mapped_bytes,
@@ -1536,8 +1545,9 @@ pub fn table_rows(peers: &[PeerResult], total: u64) -> Vec<TableRow> {
                 (Some(d), _) => vec![
                     kib(d.idle_rss),
                     format!(
-                        "{} PSS, {} process{}",
+                        "{} PSS ({} RSS summed), {} process{}",
                         kib(d.kept_pss),
+                        kib(d.kept_rss),
                         d.kept_processes,
                         if d.kept_processes == 1 { "" } else { "es" }
                     ),
@@ -1643,7 +1653,7 @@ fn render_section(report: &Report, options: &PeersOptions) -> String {
          client connected (ferry's agent also keeps preforked spare connection processes, \
          counted in the next column).\n\
          - **one kept connection**: the summed PSS (shared pages split between the processes \
-         that map them) of every process of the daemon's tree while one client connection is \
+         that map them; the summed RSS beside it counts them in each) of every process of the daemon's tree while one client connection is \
          kept open and idle, after the exec rounds: sshd's listener and the connection's process \
          (for a root login sshd keeps no separate privileged monitor); dropbear's listener and \
          connection process; \
@@ -1741,6 +1751,7 @@ mod tests {
             idle_rss: 232,
             kept_processes: 4,
             kept_pss: 500,
+            kept_rss: 900,
             binary: 159_192,
             mapped_files: 1,
             mapped_bytes: 159_192,
@@ -1757,7 +1768,10 @@ mod tests {
         assert_eq!(rows[1].cells[1], "950 µs");
         assert_eq!(rows[1].cells[4], "1.00×");
         assert_eq!(rows[1].cells[7], "232 KiB");
-        assert_eq!(rows[1].cells[8], "500 KiB PSS, 4 processes");
+        assert_eq!(
+            rows[1].cells[8],
+            "500 KiB PSS (900 KiB RSS summed), 4 processes"
+        );
         assert_eq!(rows[1].cells[9], "159 KB");
         assert_eq!(rows[2].cells[4], "1.95×");
         assert_eq!(rows[2].cells[7], "(the same agent)");
