@@ -1461,10 +1461,11 @@ pub struct TableRow {
     pub cells: Vec<String>,
 }
 
-pub const HEADER: [&str; 11] = [
+pub const HEADER: [&str; 12] = [
     "peer",
     "exec p50",
     "exec p99",
+    "p50 − local spawn",
     "p50 ÷ local spawn",
     "p50 ÷ ferry library",
     "stdout stream",
@@ -1474,6 +1475,19 @@ pub const HEADER: [&str; 11] = [
     "binary",
     "with its libraries",
 ];
+
+/// What a peer adds to a local spawn at p50, signed (noise can put ferry a little below it).
+fn overhead_cell(seconds: f64) -> String {
+    let micros = seconds * 1e6;
+    if micros.is_nan() {
+        return "—".into();
+    }
+    if micros.abs() >= 10_000.0 {
+        format!("{:+.1} ms", micros / 1e3)
+    } else {
+        format!("{micros:+.0} µs")
+    }
+}
 
 fn mb_s(rate: f64) -> String {
     format!("{:.0} MB/s", rate / 1e6)
@@ -1561,6 +1575,7 @@ pub fn table_rows(peers: &[PeerResult], total: u64) -> Vec<TableRow> {
                 peer.label.clone(),
                 micros(pct.p50),
                 micros(pct.p99),
+                overhead_cell(mine - local),
                 format!("{:.2}×", mine / local),
                 format!("{:.2}×", mine / ferry),
                 transfer_cell(&peer.streams, total),
@@ -1647,7 +1662,9 @@ fn render_section(report: &Report, options: &PeersOptions) -> String {
     let _ = writeln!(out, "What the columns count:\n");
     let _ = writeln!(
         out,
-        "- **p50 ÷ local spawn**: the peer's exec p50 over the local fork+exec+wait p50 of the \
+        "- **p50 − local spawn**: what the peer adds to a local spawn at p50 (its own cost, \
+         the floor taken out; noise can make it slightly negative).\n\
+         - **p50 ÷ local spawn**: the peer's exec p50 over the local fork+exec+wait p50 of the \
          same run; **p50 ÷ ferry library**: over ferry's library p50 (>1: slower than ferry).\n\
          - **idle RSS**: VmRSS of the listening process right after it started, before any \
          client connected (ferry's agent also keeps preforked spare connection processes, \
@@ -1763,24 +1780,29 @@ mod tests {
         qga.uploads = vec![Moved::Rate(2e7)];
         qga.upload_how = "file write".into();
         let rows = table_rows(&[local, ferry, cli, qga], 256 << 20);
-        assert_eq!(rows[0].cells[3], "1.00×");
-        assert_eq!(rows[0].cells[5], "2000 MB/s (1500–2000)");
+        // Columns from 3 on: overhead, ÷ local, ÷ ferry, stream, upload, RSS, kept, binary.
+        assert_eq!(rows[0].cells[3], "+0 µs");
+        assert_eq!(rows[1].cells[3], "+300 µs");
+        assert_eq!(rows[0].cells[4], "1.00×");
+        assert_eq!(rows[0].cells[6], "2000 MB/s (1500–2000)");
         assert_eq!(rows[1].cells[1], "950 µs");
-        assert_eq!(rows[1].cells[4], "1.00×");
-        assert_eq!(rows[1].cells[7], "232 KiB");
+        assert_eq!(rows[1].cells[5], "1.00×");
+        assert_eq!(rows[1].cells[8], "232 KiB");
         assert_eq!(
-            rows[1].cells[8],
+            rows[1].cells[9],
             "500 KiB PSS (900 KiB RSS summed), 4 processes"
         );
-        assert_eq!(rows[1].cells[9], "159 KB");
-        assert_eq!(rows[2].cells[4], "1.95×");
-        assert_eq!(rows[2].cells[7], "(the same agent)");
+        assert_eq!(rows[1].cells[10], "159 KB");
+        assert_eq!(rows[2].cells[5], "1.95×");
+        assert_eq!(rows[2].cells[8], "(the same agent)");
         assert_eq!(
-            rows[3].cells[5],
+            rows[3].cells[6],
             "not streamed: output capped, 16 MiB of 256 MiB returned"
         );
-        assert_eq!(rows[3].cells[6], "20 MB/s, file write");
-        assert_eq!(rows[3].cells[7], "");
+        assert_eq!(rows[3].cells[7], "20 MB/s, file write");
+        assert_eq!(rows[3].cells[8], "");
+        assert_eq!(overhead_cell(-0.000_004), "-4 µs");
+        assert_eq!(overhead_cell(0.012_34), "+12.3 ms");
 
         let table = render_table(&rows);
         let lines: Vec<&str> = table.lines().collect();
