@@ -107,27 +107,89 @@ pub fn run_bench(options: &BenchOptions) -> Result<()> {
     }
     let table = render(&rows, options);
     print!("{table}");
+    write_section(LOCAL_SECTION, &table)
+}
+
+/// BENCHMARKS.md's sections, each owned by one command: `cargo xtask bench` rewrites its own and
+/// `cargo xtask bench --peers` its own, each keeping the other's.
+pub const LOCAL_SECTION: &str = "local";
+pub const PEERS_SECTION: &str = "peers";
+const DOC_TITLE: &str = "# ferry benchmarks\n\n";
+
+/// Replaces section `name` of BENCHMARKS.md with `body` (see [`update_section`]).
+pub fn write_section(name: &str, body: &str) -> Result<()> {
     let path = project_root().join("BENCHMARKS.md");
-    std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
-    eprintln!("wrote {}", path.display());
+    let doc = match std::fs::read_to_string(&path) {
+        Ok(doc) => doc,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+    };
+    std::fs::write(&path, update_section(&doc, name, body))
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote the {name} section of {}", path.display());
     Ok(())
 }
 
-/// The agent as an ordinary process on a Unix socket, killed on drop.
-struct LocalAgent {
+fn markers(name: &str) -> (String, String) {
+    (
+        format!(
+            "<!-- bench:{name} begin (written by cargo xtask bench; edits inside are lost) -->\n"
+        ),
+        format!("<!-- bench:{name} end -->\n"),
+    )
+}
+
+/// `doc` with section `name` (between its begin and end markers) replaced by `body`, or appended
+/// when it has none. A document without any section (written before sections existed) is taken
+/// as the local section whole, under the title.
+pub fn update_section(doc: &str, name: &str, body: &str) -> String {
+    let (begin, end) = markers(name);
+    let mut body = body.to_owned();
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+    if let Some(start) = doc.find(&begin) {
+        if let Some(stop) = doc[start..].find(&end).map(|at| start + at) {
+            return format!("{}{begin}{body}{}", &doc[..start], &doc[stop..]);
+        }
+    }
+    let mut doc = doc.to_owned();
+    if doc.trim().is_empty() {
+        doc = DOC_TITLE.to_owned();
+    } else if !doc.contains("<!-- bench:") {
+        let old = doc.strip_prefix(DOC_TITLE).unwrap_or(&doc).to_owned();
+        let (local_begin, local_end) = markers(LOCAL_SECTION);
+        doc = format!("{DOC_TITLE}{local_begin}{old}");
+        if !doc.ends_with('\n') {
+            doc.push('\n');
+        }
+        doc.push_str(&local_end);
+        if name == LOCAL_SECTION {
+            return update_section(&doc, name, &body);
+        }
+    }
+    if !doc.ends_with("\n\n") {
+        doc.push('\n');
+    }
+    format!("{doc}{begin}{body}{end}")
+}
+
+/// The agent as an ordinary process on a Unix socket, killed on drop (and with us).
+pub struct LocalAgent {
     child: Child,
     dir: PathBuf,
-    socket: PathBuf,
+    pub socket: PathBuf,
     /// The options a client needs: the agent's secret (none when it runs `--insecure`).
-    options: ConnectOptions,
+    pub options: ConnectOptions,
 }
 
 impl LocalAgent {
     /// An agent with a fresh secret of its own, or `insecure`.
-    fn start(binary: &Path, insecure: bool) -> Result<LocalAgent> {
+    pub fn start(binary: &Path, insecure: bool) -> Result<LocalAgent> {
         use std::io::{Read as _, Write as _};
         use std::os::unix::fs::OpenOptionsExt;
         let mode = if insecure { "insecure" } else { "secure" };
+        remove_stale_agent_dirs();
         let dir = project_root()
             .join("target")
             .join(format!("bench-{}-{mode}", std::process::id()));
@@ -161,8 +223,13 @@ impl LocalAgent {
             command.arg("--secret-file").arg(&secret);
             options.secret = Some(ferry_host::read_secret_file(&secret)?);
         }
+        crate::vm::die_with_parent(&mut command, true);
+        // Its audit log (a line per operation) into a file, as a deployment keeps it, not onto
+        // the table's terminal.
+        let log = std::fs::File::create(dir.join("agent.log"))?;
         let child = command
             .stdin(Stdio::null())
+            .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         let agent = LocalAgent {
@@ -183,6 +250,18 @@ impl LocalAgent {
 
     fn rss_kib(&self) -> Result<u64> {
         status_kib(self.child.id(), "VmRSS")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The secret file a CLI passes with `--secret-file` (none when `--insecure`).
+    pub fn secret_file(&self) -> Option<PathBuf> {
+        self.options
+            .secret
+            .as_ref()
+            .map(|_| self.dir.join("secret"))
     }
 
     /// Waits (up to a second) until the agent is at rest: its listener's children are no more
@@ -298,22 +377,45 @@ impl Rollup {
         Ok(rollup)
     }
 
-    fn of(pid: u32) -> Result<Rollup> {
+    pub fn of(pid: u32) -> Result<Rollup> {
         Rollup::parse(&std::fs::read_to_string(format!(
             "/proc/{pid}/smaps_rollup"
         ))?)
     }
 }
 
+/// The directories of agents whose bench was killed (`target/bench-PID-MODE`, PID gone): their
+/// secret and socket.
+fn remove_stale_agent_dirs() {
+    let Ok(entries) = std::fs::read_dir(project_root().join("target")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("bench-"))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 impl Drop for LocalAgent {
     fn drop(&mut self) {
+        crate::vm::signal_group(self.child.id(), libc::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-fn status_kib(pid: u32, field: &str) -> Result<u64> {
+pub fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -658,7 +760,7 @@ pub fn stream_rate(client: &Client, command: &ferry_host::Command, total: u64) -
 
 /// The same producer and the same socket type without ferry: `head` into a pipe, a relay
 /// copying 64 KiB reads into a Unix socket, a reader counting. Bytes per second.
-fn raw_socket_stream(total: u64) -> Result<f64> {
+pub fn raw_socket_stream(total: u64) -> Result<f64> {
     let started = Instant::now();
     let mut producer = Command::new("head")
         .args(["-c", &total.to_string(), "/dev/zero"])
@@ -750,7 +852,7 @@ pub fn stdin_upload_rate(client: &Client, total: u64) -> Result<f64> {
 
 /// The same bytes the same way without ferry: a writer into a Unix socket, a relay copying
 /// 64 KiB reads into `cat >/dev/null`'s stdin pipe. Bytes per second until `cat` exited.
-fn raw_socket_upload(total: u64) -> Result<f64> {
+pub fn raw_socket_upload(total: u64) -> Result<f64> {
     let started = Instant::now();
     let mut consumer = Command::new("sh")
         .args(["-c", "cat >/dev/null"])
@@ -801,7 +903,7 @@ pub fn bytes(n: u64) -> String {
 
 fn render(rows: &[Row], options: &BenchOptions) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "# ferry benchmarks\n");
+    let _ = writeln!(out, "## ferry against its local baselines\n");
     let _ = writeln!(
         out,
         "Written by `cargo xtask bench{}` on {} ({} CPUs). Baselines run in the same process,",
@@ -836,7 +938,7 @@ fn render(rows: &[Row], options: &BenchOptions) -> String {
     out
 }
 
-fn machine() -> String {
+pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -855,6 +957,39 @@ fn machine() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sections_keep_each_other() {
+        // A document from before sections: its text becomes the local section.
+        let legacy = "# ferry benchmarks\n\nold local table\n";
+        let with_peers = update_section(legacy, PEERS_SECTION, "peers v1");
+        assert!(with_peers.starts_with("# ferry benchmarks\n\n<!-- bench:local begin"));
+        assert!(with_peers.contains("old local table\n<!-- bench:local end -->\n"));
+        assert!(with_peers.contains("peers v1\n<!-- bench:peers end -->\n"));
+        assert_eq!(with_peers.matches("# ferry benchmarks").count(), 1);
+
+        let local = update_section(&with_peers, LOCAL_SECTION, "new local\n");
+        assert!(!local.contains("old local table"));
+        assert!(local.contains("new local\n<!-- bench:local end -->"));
+        assert!(local.contains("peers v1\n"), "the peers section is kept");
+        let peers = update_section(&local, PEERS_SECTION, "peers v2\n");
+        assert!(peers.contains("new local\n"), "the local section is kept");
+        assert!(peers.contains("peers v2\n") && !peers.contains("peers v1"));
+        // Idempotent: the same body again changes nothing.
+        assert_eq!(update_section(&peers, PEERS_SECTION, "peers v2\n"), peers);
+
+        // Legacy, and the local bench first: no duplicate of the old text.
+        let local_first = update_section(legacy, LOCAL_SECTION, "fresh\n");
+        assert!(!local_first.contains("old local table"));
+        assert_eq!(local_first.matches("bench:local begin").count(), 1);
+        // An empty document gets the title and the section.
+        let fresh = update_section("", PEERS_SECTION, "p\n");
+        assert!(fresh.starts_with("# ferry benchmarks\n\n<!-- bench:peers begin"));
+        // Text a reader added outside the sections stays.
+        let noted = format!("{peers}\nA note.\n");
+        let again = update_section(&noted, LOCAL_SECTION, "x\n");
+        assert!(again.ends_with("A note.\n"));
+    }
 
     #[test]
     fn smaps_rollup_fields_are_summed() {

@@ -3,6 +3,9 @@
 mod arch;
 mod bench;
 mod bench_files;
+mod bench_peers;
+mod bench_plot;
+mod bench_qga;
 mod bench_vm;
 mod build_agent;
 mod cpio;
@@ -122,17 +125,23 @@ enum Command {
         #[arg(value_name = "TARGET")]
         targets: Vec<String>,
     },
-    /// Measure ferry next to its baselines; print the table and write BENCHMARKS.md.
+    /// Measure ferry next to its baselines; print the table and write BENCHMARKS.md (each of
+    /// `bench` and `bench --peers` rewrites its own section of it).
     Bench {
-        /// Exec round trips per side.
+        /// Exec round trips per side (with --peers: rounds, each one exec of every peer).
         #[arg(long, default_value_t = 2000)]
         runs: usize,
-        /// MiB per stream throughput trial.
-        #[arg(long, default_value_t = 1024)]
-        stream_mib: u64,
-        /// Also boot the guest and measure over real virtio-vsock.
+        /// MiB per stream throughput trial (default 1024; with --peers 256).
         #[arg(long)]
+        stream_mib: Option<u64>,
+        /// Also boot the guest and measure over real virtio-vsock.
+        #[arg(long, conflicts_with = "peers")]
         vm: bool,
+        /// Instead: ferry side by side with qemu-guest-agent, OpenSSH and dropbear (Debian
+        /// packages unpacked under target/, run as plain processes here), interleaved round by
+        /// round; writes a table and docs/bench-peers.png.
+        #[arg(long)]
+        peers: bool,
     },
 }
 
@@ -191,10 +200,20 @@ fn main() -> Result<()> {
         Command::Bench {
             runs,
             stream_mib,
+            vm: _,
+            peers: true,
+        } => bench_peers::run_peers(&bench_peers::PeersOptions {
+            runs,
+            stream_bytes: stream_mib.unwrap_or(256) << 20,
+        })?,
+        Command::Bench {
+            runs,
+            stream_mib,
             vm,
+            peers: false,
         } => bench::run_bench(&bench::BenchOptions {
             runs,
-            stream_bytes: stream_mib << 20,
+            stream_bytes: stream_mib.unwrap_or(1024) << 20,
             vm,
         })?,
     }
