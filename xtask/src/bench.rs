@@ -89,7 +89,39 @@ impl Verdict {
     }
 }
 
+/// Holds the checkout's benchmark lock (`target/bench.lock`) while alive, or fails at once if
+/// another benchmark holds it: two at once would share `target/bench-peers/root` and
+/// BENCHMARKS.md, and each would measure the other's load. The kernel drops the lock with the
+/// process, however it ends.
+pub fn exclusive() -> Result<std::fs::File> {
+    lock_exclusive(&project_root().join("target").join("bench.lock"))
+}
+
+fn lock_exclusive(path: &Path) -> Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another `cargo xtask bench` is running in this checkout (it holds {}); one at a \
+             time: they would spoil each other's figures",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(err)) => {
+            Err(err).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 pub fn run_bench(options: &BenchOptions) -> Result<()> {
+    let _one_at_a_time = exclusive()?;
     let agent_bin = build_agent()?;
     let mut rows = Vec::new();
     let size = std::fs::metadata(&agent_bin)?.len();
@@ -956,6 +988,18 @@ pub fn machine() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_second_bench_is_refused_until_the_first_ends() {
+        let dir = std::env::temp_dir().join(format!("ferry-bench-lock-{}", std::process::id()));
+        let path = dir.join("bench.lock");
+        let first = super::lock_exclusive(&path).expect("first");
+        let second = super::lock_exclusive(&path).expect_err("second");
+        assert!(format!("{second:#}").contains("another `cargo xtask bench`"));
+        drop(first);
+        drop(super::lock_exclusive(&path).expect("after the first ended"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     use super::*;
 
     #[test]

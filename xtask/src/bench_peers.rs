@@ -83,6 +83,7 @@ pub fn run_peers(options: &PeersOptions) -> Result<()> {
     if options.runs == 0 || options.stream_bytes == 0 {
         bail!("--runs and the stream size must be positive");
     }
+    let _one_at_a_time = bench::exclusive()?;
     install_signal_handlers();
     sys::become_subreaper()?;
     let started = Instant::now();
