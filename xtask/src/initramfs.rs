@@ -16,8 +16,9 @@ use crate::arch::Arch;
 use crate::build_agent::{build_agent_for, build_vsock_probe};
 use crate::cpio::CpioWriter;
 use crate::deps::{self, BUSYBOX};
-use crate::kernel::{arch_dir, ensure_kernel, foreign_apt, Kernel, Module};
+use crate::kernel::{arch_dir, ensure_kernel, fetch_lock, foreign_apt, Kernel, Module};
 use crate::machine::Transport;
+use crate::util::with_lock;
 
 /// Where [`build_initramfs`] writes by default: `initramfs[-minimal][-pci].cpio` in the
 /// architecture's directory.
@@ -99,7 +100,13 @@ fn guest_busybox(arch: Arch) -> Result<PathBuf> {
     let unpacked = arch_dir(arch).join("busybox");
     let binary = unpacked.join(BUSYBOX.trim_start_matches('/'));
     if !binary.exists() {
-        foreign_apt(arch).fetch_and_unpack("busybox-static", &unpacked)?;
+        with_lock(&fetch_lock(arch), || {
+            // Another xtask may have fetched it while this one waited.
+            if binary.exists() {
+                return Ok(());
+            }
+            foreign_apt(arch).fetch_and_unpack("busybox-static", &unpacked)
+        })?;
     }
     Ok(binary)
 }

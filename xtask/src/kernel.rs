@@ -18,7 +18,7 @@ use anyhow::{bail, ensure, Context, Result};
 use crate::arch::Arch;
 use crate::foreign_apt::ForeignApt;
 use crate::machine::Transport;
-use crate::util::{project_root, run};
+use crate::util::{project_root, run, with_lock};
 
 /// The metapackage whose dependency names the current versioned cloud kernel.
 fn kernel_metapackage(arch: Arch) -> String {
@@ -123,6 +123,12 @@ pub fn arch_dir(arch: Arch) -> PathBuf {
     }
 }
 
+/// Held while `arch`'s packages are fetched and unpacked: two first runs at once would share the
+/// download directory and the apt state's lock.
+pub fn fetch_lock(arch: Arch) -> PathBuf {
+    arch_dir(arch).join("fetch.lock")
+}
+
 /// The apt state that fetches `arch`'s packages when the host is another architecture.
 pub fn foreign_apt(arch: Arch) -> ForeignApt {
     ForeignApt::new(arch_dir(arch).join("apt"), arch.debian())
@@ -135,13 +141,19 @@ pub fn ensure_kernel(arch: Arch) -> Result<Kernel> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let unpacked = dir.join("kernel");
     if find_release(&unpacked).is_err() {
-        if arch.is_host() {
-            fetch_and_unpack(arch, &dir, &unpacked)?;
-        } else {
-            let apt = foreign_apt(arch);
-            let package = apt.depends_on(&kernel_metapackage(arch))?;
-            apt.fetch_and_unpack(&package, &unpacked)?;
-        }
+        with_lock(&fetch_lock(arch), || {
+            // Another xtask may have fetched it while this one waited.
+            if find_release(&unpacked).is_ok() {
+                return Ok(());
+            }
+            if arch.is_host() {
+                fetch_and_unpack(arch, &dir, &unpacked)
+            } else {
+                let apt = foreign_apt(arch);
+                let package = apt.depends_on(&kernel_metapackage(arch))?;
+                apt.fetch_and_unpack(&package, &unpacked)
+            }
+        })?;
     }
     let release = find_release(&unpacked)?;
     let vmlinuz = unpacked.join("boot").join(format!("vmlinuz-{release}"));

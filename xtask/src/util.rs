@@ -1,6 +1,6 @@
 //! Small helpers shared by the subcommands: the project root, running processes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -28,4 +28,63 @@ pub fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Opens (creating it if missing) a lock file, for `flock`-style locks through
+/// [`std::fs::File::lock`]: the kernel drops them with the process, however it ends.
+pub fn open_lock_file(path: &Path) -> Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Runs `f` holding an exclusive lock on the file `path`, waiting for another xtask that holds
+/// it: for work two at once would break, such as two first runs fetching the same packages into
+/// the same directory.
+pub fn with_lock<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let file = open_lock_file(path)?;
+    if let Err(std::fs::TryLockError::WouldBlock) = file.try_lock() {
+        eprintln!("waiting for another xtask (it holds {})", path.display());
+        file.lock()
+            .with_context(|| format!("locking {}", path.display()))?;
+    }
+    let result = f();
+    drop(file);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn with_lock_waits_for_the_holder() {
+        let dir = std::env::temp_dir().join(format!("ferry-lock-{}", std::process::id()));
+        let path = dir.join("fetch.lock");
+        let holder = super::open_lock_file(&path).expect("open");
+        holder.lock().expect("lock");
+        let released = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (path, released) = (path.clone(), Arc::clone(&released));
+            std::thread::spawn(move || {
+                super::with_lock(&path, || Ok(released.load(Ordering::SeqCst))).expect("with_lock")
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        released.store(true, Ordering::SeqCst);
+        drop(holder);
+        assert!(
+            waiter.join().expect("thread"),
+            "ran before the holder let go"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
