@@ -155,12 +155,25 @@ pub fn write_section(name: &str, body: &str) -> Result<()> {
 }
 
 fn markers(name: &str) -> (String, String) {
+    let command = if name == PEERS_SECTION {
+        "cargo xtask bench --peers"
+    } else {
+        "cargo xtask bench"
+    };
     (
-        format!(
-            "<!-- bench:{name} begin (written by cargo xtask bench; edits inside are lost) -->\n"
-        ),
+        format!("<!-- bench:{name} begin (written by {command}; edits inside are lost) -->\n"),
         format!("<!-- bench:{name} end -->\n"),
     )
+}
+
+/// Where section `name`'s begin marker line starts and ends in `doc`: found by its name, not
+/// its whole text, so a marker written with other words is still the section's.
+fn find_begin(doc: &str, name: &str) -> Option<(usize, usize)> {
+    let start = doc.find(&format!("<!-- bench:{name} begin"))?;
+    let line_end = doc[start..]
+        .find('\n')
+        .map_or(doc.len(), |at| start + at + 1);
+    Some((start, line_end))
 }
 
 /// `doc` with section `name` (between its begin and end markers) replaced by `body`, or appended
@@ -172,8 +185,8 @@ pub fn update_section(doc: &str, name: &str, body: &str) -> String {
     if !body.ends_with('\n') {
         body.push('\n');
     }
-    if let Some(start) = doc.find(&begin) {
-        if let Some(stop) = doc[start..].find(&end).map(|at| start + at) {
+    if let Some((start, after)) = find_begin(doc, name) {
+        if let Some(stop) = doc[after..].find(&end).map(|at| after + at) {
             return format!("{}{begin}{body}{}", &doc[..start], &doc[stop..]);
         }
     }
@@ -1013,6 +1026,16 @@ mod tests {
         assert!(peers.contains("peers v2\n") && !peers.contains("peers v1"));
         // Idempotent: the same body again changes nothing.
         assert_eq!(update_section(&peers, PEERS_SECTION, "peers v2\n"), peers);
+        assert!(peers.contains("(written by cargo xtask bench --peers;"));
+        // A begin marker in other words (an older file's) is still found and rewritten.
+        let reworded = peers.replace(
+            "written by cargo xtask bench --peers;",
+            "written by an older xtask;",
+        );
+        let again = update_section(&reworded, PEERS_SECTION, "peers v3\n");
+        assert_eq!(again.matches("bench:peers begin").count(), 1, "{again}");
+        assert!(again.contains("(written by cargo xtask bench --peers;"));
+        assert!(again.contains("peers v3\n") && !again.contains("peers v2"));
 
         // Legacy, and the local bench first: no duplicate of the old text.
         let local_first = update_section(legacy, LOCAL_SECTION, "fresh\n");
