@@ -21,6 +21,8 @@ pub fn build_agent() -> Result<PathBuf> {
 /// Builds `ferry-agent` in release mode for `arch`'s static target, checks its size against the
 /// budget and returns the binary's path.
 pub fn build_agent_for(arch: Arch) -> Result<PathBuf> {
+    // `cargo xtask test` on a fresh machine starts here: the target is added when missing.
+    crate::deps::ensure_musl_target(arch)?;
     let target = arch.agent_target();
     run(cargo().args([
         "build",

@@ -1,6 +1,6 @@
 //! The host tools the VM harness needs, checked and (on Debian) installed when missing: QEMU
-//! for the guest's architecture, Debian's static busybox, the musl target, and `vhost-device-vsock` when the kernel offers no
-//! usable `/dev/vhost-vsock`.
+//! for the guest's architecture, Debian's static busybox, the musl target, and
+//! `vhost-device-vsock` when the kernel offers no usable `/dev/vhost-vsock`.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

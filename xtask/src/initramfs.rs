@@ -49,7 +49,6 @@ pub fn build_initramfs(
     transport: Transport,
     out: Option<&Path>,
 ) -> Result<Initramfs> {
-    deps::ensure_musl_target(arch)?;
     let busybox = if minimal {
         None
     } else {
