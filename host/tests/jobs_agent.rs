@@ -7,51 +7,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::Agent;
-use ferry_wire::session::ClientSession;
 use ferry_wire::{
-    Bytes, ErrorCode, ExitStatus, JobQuery, JobRequest, JobState, KillJob, StdinMode, Termination,
+    Bytes, ErrorCode, ExitStatus, JobQuery, JobRequest, JobState, KillJob, StdinMode,
 };
 
 use common::jobs::*;
 
 fn attach(agent: &Agent, job: &str) -> Vec<Said> {
     attach_with(agent, job, (0, 0), true, false).all()
-}
-
-/// The output of one stream in a conversation, put together.
-fn stream(said: &[Said], which: u8) -> Vec<u8> {
-    said.iter()
-        .filter_map(|s| match s {
-            Said::Output(k, data) if *k == which => Some(data.as_slice()),
-            _ => None,
-        })
-        .flatten()
-        .copied()
-        .collect()
-}
-
-fn simple(agent: &Agent, op: impl FnOnce(&mut ClientSession, &mut [u8]) -> usize) -> Vec<Said> {
-    let mut c = Conversation::open(agent);
-    c.start(op);
-    c.all()
-}
-
-fn wait(agent: &Agent, job: &str) -> Vec<Said> {
-    let request = JobRequest {
-        job: Bytes(job.as_bytes()),
-        user: None,
-    };
-    simple(agent, |s, out| s.start_wait(&request, out).unwrap())
-}
-
-fn kill(agent: &Agent, job: &str) -> Vec<Said> {
-    let request = KillJob {
-        job: Bytes(job.as_bytes()),
-        user: None,
-        signal: 0,
-        grace_ms: Some(200),
-    };
-    simple(agent, |s, out| s.start_kill(&request, out).unwrap())
 }
 
 fn remove(agent: &Agent, job: &str) -> Vec<Said> {
@@ -71,13 +34,6 @@ fn refused(said: &[Said]) -> ErrorCode {
     match said {
         [Said::Refused(code, _)] => *code,
         other => panic!("not refused: {other:?}"),
-    }
-}
-
-fn exited(said: &[Said]) -> Termination {
-    match said.last() {
-        Some(Said::Exited(t)) => *t,
-        other => panic!("no record: {other:?} in {said:?}"),
     }
 }
 
@@ -362,23 +318,12 @@ fn a_job_of_another_user_is_refused_unless_the_policy_allows() {
 }
 
 /// The agent's jobs' supervisor, waited for (it may just have been forked again).
-fn supervisor_of(agent: &Agent) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(pid) = common::jobs_supervisor(agent.pid()) {
-            return pid;
-        }
-        assert!(Instant::now() < deadline, "no jobs' supervisor");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn a_killed_supervisor_ends_its_jobs_and_a_new_one_serves() {
     let agent = insecure(&[]);
     let id = start_job(&agent, None, &exec(&sh("sleep 60"))).unwrap();
     assert_eq!(id, 1);
-    let supervisor = supervisor_of(&agent);
+    let supervisor = supervisor(&agent);
     let runners = common::all_children(supervisor);
     assert_eq!(runners.len(), 1, "one runner");
     let sleep_group = common::all_children(runners[0]);
@@ -405,7 +350,7 @@ fn a_killed_supervisor_ends_its_jobs_and_a_new_one_serves() {
 fn a_killed_runner_leaves_its_job_lost() {
     let agent = insecure(&[]);
     let id = start_job(&agent, None, &exec(&sh("sleep 60"))).unwrap();
-    let supervisor = supervisor_of(&agent);
+    let supervisor = supervisor(&agent);
     let runner = common::all_children(supervisor)[0];
     unsafe_kill(runner);
     let said = wait(&agent, &id.to_string());

@@ -9,56 +9,9 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::Agent;
-use ferry_wire::session::ClientSession;
-use ferry_wire::{
-    AttachRequest, Bytes, ErrorCode, ExecRequest, ExitStatus, JobRequest, KillJob, StdinMode,
-    Termination,
-};
+use ferry_wire::{AttachRequest, Bytes, ErrorCode, ExecRequest, ExitStatus, StdinMode};
 
 use common::jobs::*;
-
-/// The output of one stream in a conversation, put together.
-fn stream(said: &[Said], which: u8) -> Vec<u8> {
-    said.iter()
-        .filter_map(|s| match s {
-            Said::Output(k, data) if *k == which => Some(data.as_slice()),
-            _ => None,
-        })
-        .flatten()
-        .copied()
-        .collect()
-}
-
-fn simple(agent: &Agent, op: impl FnOnce(&mut ClientSession, &mut [u8]) -> usize) -> Vec<Said> {
-    let mut c = Conversation::open(agent);
-    c.start(op);
-    c.all()
-}
-
-fn wait(agent: &Agent, job: &str) -> Vec<Said> {
-    let request = JobRequest {
-        job: Bytes(job.as_bytes()),
-        user: None,
-    };
-    simple(agent, |s, out| s.start_wait(&request, out).unwrap())
-}
-
-fn kill(agent: &Agent, job: &str) -> Vec<Said> {
-    let request = KillJob {
-        job: Bytes(job.as_bytes()),
-        user: None,
-        signal: 0,
-        grace_ms: Some(200),
-    };
-    simple(agent, |s, out| s.start_kill(&request, out).unwrap())
-}
-
-fn exited(said: &[Said]) -> Termination {
-    match said.last() {
-        Some(Said::Exited(t)) => *t,
-        other => panic!("no record: {other:?} in {said:?}"),
-    }
-}
 
 fn piped(argv: &[u8]) -> ExecRequest<'_> {
     ExecRequest {
@@ -180,17 +133,6 @@ fn signal(pid: u32, signal: &str) {
         .status()
         .unwrap();
     assert!(status.success());
-}
-
-fn supervisor(agent: &Agent) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(pid) = common::jobs_supervisor(agent.pid()) {
-            return pid;
-        }
-        assert!(Instant::now() < deadline, "no supervisor");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The CLI with a bound: its output, and whether it ended within `within`.

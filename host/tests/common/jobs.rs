@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::Agent;
 use ferry_wire::session::{ClientAuth, ClientEvent, ClientSession};
 use ferry_wire::{
-    AttachHeader, AttachRequest, Bytes, ErrorCode, ExecRequest, JobState, RecvBuf, StdinMode,
-    StrList, Termination,
+    AttachHeader, AttachRequest, Bytes, ErrorCode, ExecRequest, JobRequest, JobState, KillJob,
+    RecvBuf, StdinMode, StrList, Termination,
 };
 
 /// What one conversation said, owned.
@@ -227,4 +227,62 @@ pub fn attach_with(
     };
     c.start(|s, out| s.start_attach(&request, out).unwrap());
     c
+}
+
+/// The output of one stream in a conversation, put together.
+pub fn stream(said: &[Said], which: u8) -> Vec<u8> {
+    said.iter()
+        .filter_map(|s| match s {
+            Said::Output(k, data) if *k == which => Some(data.as_slice()),
+            _ => None,
+        })
+        .flatten()
+        .copied()
+        .collect()
+}
+
+/// One request on a connection of its own, and everything answered to it.
+pub fn simple(agent: &Agent, op: impl FnOnce(&mut ClientSession, &mut [u8]) -> usize) -> Vec<Said> {
+    let mut c = Conversation::open(agent);
+    c.start(op);
+    c.all()
+}
+
+pub fn wait(agent: &Agent, job: &str) -> Vec<Said> {
+    let request = JobRequest {
+        job: Bytes(job.as_bytes()),
+        user: None,
+    };
+    simple(agent, |s, out| s.start_wait(&request, out).unwrap())
+}
+
+/// A tree kill (signal 0) with a 200 ms grace.
+pub fn kill(agent: &Agent, job: &str) -> Vec<Said> {
+    let request = KillJob {
+        job: Bytes(job.as_bytes()),
+        user: None,
+        signal: 0,
+        grace_ms: Some(200),
+    };
+    simple(agent, |s, out| s.start_kill(&request, out).unwrap())
+}
+
+/// The exit record a conversation ended with.
+pub fn exited(said: &[Said]) -> Termination {
+    match said.last() {
+        Some(Said::Exited(t)) => *t,
+        other => panic!("no record: {other:?} in {said:?}"),
+    }
+}
+
+/// The agent's jobs' supervisor, once it is there (the listener forks it at start).
+pub fn supervisor(agent: &Agent) -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(pid) = super::jobs_supervisor(agent.pid()) {
+            return pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no jobs' supervisor");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
